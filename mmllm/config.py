@@ -1,0 +1,438 @@
+"""Typed configuration: dataclasses loaded from YAML, with ``key.sub=value`` overrides.
+
+Three kinds of file:
+
+* ``configs/assemblies/*.yaml`` -> :class:`AssemblyConfig` (which parts, how they are joined);
+* ``configs/stages/*.yaml``     -> :class:`StageConfig` (data, what learns, losses, optimisation);
+* ``configs/lora/*.yaml``       -> :class:`LoraConfig`.
+
+Unknown keys are errors that name the offending key path and list the valid ones. Component
+options (everything beside ``kind`` in an ``llm``/``encoders``/``decoders`` entry) are checked
+against the chosen kind's own options dataclass when the model is assembled.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODALITIES: tuple[str, ...] = ("image", "audio", "video")
+STAGES: tuple[str, ...] = ("encode-align", "decode-align", "instruct")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message names the key and the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Generic dataclass <-> dict machinery
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp`` or raise a ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {args}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {_type_name(tp)}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_tp, val_tp = args or (Any, Any)
+        return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    if origin in (list, tuple):
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise a ConfigError that lists valid keys."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        path = ", ".join(f"{where}.{k}" if where else k for k in unknown)
+        raise ConfigError(f"unknown key(s) {path}; valid keys here are: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{where}.{name}" if where else name)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        path = ", ".join(f"{where}.{k}" if where else k for k in missing)
+        raise ConfigError(f"missing required key(s): {path}")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where or cls.__name__}: {exc}") from exc
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain-data form of a config (for YAML/JSON), components flattened back to ``kind`` + options."""
+    if isinstance(obj, ComponentSpec):
+        return {"kind": obj.kind, **copy.deepcopy(obj.options)}
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Assembly
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComponentSpec:
+    """A registry component: ``kind`` picks the family; the rest of the YAML mapping is its options."""
+
+    kind: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> ComponentSpec:
+        if isinstance(value, ComponentSpec):
+            return value
+        if not isinstance(value, dict) or "kind" not in value:
+            raise ConfigError(f"{where}: expected a mapping with a 'kind' key, got {value!r}")
+        options = dict(value)
+        kind = options.pop("kind")
+        if not isinstance(kind, str):
+            raise ConfigError(f"{where}.kind: expected a string, got {kind!r}")
+        return cls(kind=kind, options=options)
+
+
+@dataclass
+class InputProjectionConfig:
+    """Encoder features (B, T, D_enc) -> LLM embeddings (B, num_tokens, D_llm)."""
+
+    kind: typing.Literal["linear", "mlp", "resampler"] = "linear"
+    input_dim: int = 0  # 0 = the encoder's output width; if set, it must agree (checked at assembly)
+    hidden_dim: int = 0  # mlp/resampler width; 0 = LLM hidden size
+    num_layers: int = 2  # mlp depth / resampler cross-attention blocks
+    num_tokens: int = 0  # resampler queries; 0 keeps the encoder's token count (linear/mlp only)
+    num_heads: int = 4
+    dropout: float = 0.0
+
+
+@dataclass
+class OutputProjectionConfig:
+    """Signal-token hidden states (B, k, D_llm) -> decoder conditioning (B, L, D_dec)."""
+
+    hidden_dim: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    dropout: float = 0.0
+    # 0 = take from the decoder's conditioning shape; if set, must agree (checked at assembly)
+    num_queries: int = 0
+    output_dim: int = 0
+    use_token_embeddings: bool = True  # add the signal tokens' input embeddings to their hidden states
+
+
+DEFAULT_SIGNAL_TOKENS = {"image": 4, "audio": 8, "video": 24}
+
+
+@dataclass
+class AssemblyConfig:
+    name: str
+    llm: ComponentSpec
+    encoders: dict[str, ComponentSpec] = field(default_factory=dict)
+    decoders: dict[str, ComponentSpec] = field(default_factory=dict)
+    input_projections: dict[str, InputProjectionConfig] = field(default_factory=dict)
+    output_projections: dict[str, OutputProjectionConfig] = field(default_factory=dict)
+    signal_tokens: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SIGNAL_TOKENS))
+    max_length: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for section in ("encoders", "decoders", "input_projections", "output_projections", "signal_tokens"):
+            for modality in getattr(self, section):
+                if modality not in MODALITIES:
+                    raise ConfigError(
+                        f"{section}.{modality}: unknown modality; valid modalities are {', '.join(MODALITIES)}"
+                    )
+        for modality in self.encoders:
+            self.input_projections.setdefault(modality, InputProjectionConfig())
+        for modality in self.decoders:
+            self.output_projections.setdefault(modality, OutputProjectionConfig())
+            self.signal_tokens.setdefault(modality, DEFAULT_SIGNAL_TOKENS[modality])
+        self.signal_tokens = {m: n for m, n in self.signal_tokens.items() if m in self.decoders}
+        for modality, n in self.signal_tokens.items():
+            if n < 1:
+                raise ConfigError(f"signal_tokens.{modality}: must be >= 1, got {n}")
+        extra = sorted(set(self.input_projections) - set(self.encoders))
+        if extra:
+            raise ConfigError(f"input_projections.{extra[0]} is set but encoders.{extra[0]} is not")
+        extra = sorted(set(self.output_projections) - set(self.decoders))
+        if extra:
+            raise ConfigError(f"output_projections.{extra[0]} is set but decoders.{extra[0]} is not")
+
+
+def parse_assembly(data: dict[str, Any], where: str = "assembly") -> AssemblyConfig:
+    data = dict(data)
+    if "llm" in data:
+        data["llm"] = ComponentSpec.parse(data["llm"], f"{where}.llm")
+    for section in ("encoders", "decoders"):
+        if section in data:
+            if not isinstance(data[section], dict):
+                raise ConfigError(f"{where}.{section}: expected a mapping modality -> component")
+            data[section] = {
+                m: ComponentSpec.parse(v, f"{where}.{section}.{m}") for m, v in (data[section] or {}).items()
+            }
+    try:
+        return from_dict(AssemblyConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA and stages
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class DatasetConfig:
+    path: str
+    format: typing.Literal["mmllm-pairs", "mmllm-chat"] = "mmllm-pairs"
+    weight: float = 1.0
+    root: str | None = None  # media paths resolve against this (default: the file's folder)
+
+
+@dataclass
+class TrainableConfig:
+    """What learns. ``None`` means the stage's default (see ``STAGE_DEFAULT_TRAINABLE``)."""
+
+    input_projections: bool | None = None
+    output_projections: bool | None = None
+    signal_embeddings: bool | None = None
+    lora: bool | None = None
+
+
+STAGE_DEFAULT_TRAINABLE: dict[str, dict[str, bool]] = {
+    "encode-align": {"input_projections": True, "output_projections": False, "signal_embeddings": False, "lora": False},
+    "decode-align": {"input_projections": False, "output_projections": True, "signal_embeddings": True, "lora": False},
+    "instruct": {"input_projections": True, "output_projections": True, "signal_embeddings": True, "lora": True},
+}
+
+
+@dataclass
+class LossConfig:
+    ce: float = 1.0  # next-token cross-entropy on answer/caption/signal tokens
+    mse: float = 1.0  # output projection vs the decoder's own conditioning of the caption
+    denoise: float = 0.0  # diffusion loss through the frozen UNet (needs target media)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 0
+    decay: typing.Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class StageConfig:
+    stage: typing.Literal["encode-align", "decode-align", "instruct"]
+    assembly: str
+    data: list[DatasetConfig]
+    output_dir: str
+    init_from: str | None = None  # the previous stage's checkpoint directory
+    lora: str | None = None  # a configs/lora/*.yaml (instruct stage)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 100
+    seed: int = 0
+    mixed_precision: typing.Literal["no", "bf16", "fp16"] = "no"
+    grad_checkpointing: bool = False
+    log_every: int = 10
+    save_every: int = 0  # 0 = only at the end
+    keep_last: int = 2
+    num_workers: int = 0
+    report_to: str = "tensorboard"  # or "none"
+    # ``assembly.some.key=value`` command-line overrides, applied to the assembly YAML
+    assembly_overrides: list[str] = field(default_factory=list)
+
+    def resolved_trainable(self) -> dict[str, bool]:
+        out = dict(STAGE_DEFAULT_TRAINABLE[self.stage])
+        for key, value in dataclasses.asdict(self.trainable).items():
+            if value is not None:
+                out[key] = value
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Files and overrides
+# --------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (check the path; relative paths resolve from {Path.cwd()})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict, returning a copy."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty key segment")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        node = data
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a mapping")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def resolve_path(base: Path, value: str | None) -> str | None:
+    """Resolve ``value`` against ``base`` (a config file's folder) unless it is absolute or exists as given."""
+    if value is None:
+        return None
+    p = Path(value).expanduser()
+    if p.is_absolute() or p.exists():
+        return str(p)
+    candidate = base / p
+    return str(candidate) if candidate.exists() else str(p)
+
+
+def load_assembly(path: str | Path, overrides: list[str] | None = None) -> AssemblyConfig:
+    data = apply_overrides(read_yaml(path), overrides or [])
+    return parse_assembly(data, where=str(path))
+
+
+def load_lora(path: str | Path) -> LoraConfig:
+    try:
+        return from_dict(LoraConfig, read_yaml(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
+    """Load a stage YAML. Relative paths inside it resolve against the YAML's folder, then the CWD."""
+    overrides = overrides or []
+    to_assembly = [o[len("assembly."):] for o in overrides if o.startswith("assembly.")]
+    data = apply_overrides(read_yaml(path), [o for o in overrides if not o.startswith("assembly.")])
+    data["assembly_overrides"] = list(data.get("assembly_overrides", [])) + to_assembly
+    try:
+        cfg = from_dict(StageConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    base = Path(path).resolve().parent
+    cfg.assembly = resolve_path(base, cfg.assembly)
+    cfg.lora = resolve_path(base, cfg.lora)
+    for ds in cfg.data:
+        ds.path = resolve_path(base, ds.path)
+    return cfg

@@ -1,0 +1,175 @@
+"""Stage datasets, a deterministic mixture sampler, and the collator.
+
+* :class:`StageDataset` turns records into model-ready samples; a sample that cannot be read
+  (missing/corrupt media, too long, malformed) comes back as an error record and is skipped and
+  counted by the collator -- it never crashes an epoch.
+* :class:`MixtureSampler` is stateless: the samples of (step, micro-batch, rank) are a pure
+  function of the seed, so resuming at step ``s`` reads exactly what an uninterrupted run would,
+  and ``W`` processes with batch ``b`` read exactly what one process with batch ``W*b`` reads.
+* :func:`collate` right-pads, stacks media per modality in placeholder order, and lists the
+  signal-group captions per modality in the order the groups appear.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mmllm.data.formats import CaptionPair, Conversation, read_records
+from mmllm.data.media import MediaError, load_media
+from mmllm.data.template import IGNORE, TokenSpec, encode_conversation, pair_to_conversation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleError:
+    id: str
+    error: str
+
+
+class StageDataset(Dataset):
+    def __init__(
+        self,
+        conversations: list[Conversation],
+        tokenizer: Any,
+        spec: TokenSpec,
+        preprocess: dict[str, Callable[[list[Any]], torch.Tensor]],
+        load_output_media: bool = False,
+    ):
+        self.conversations = conversations
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.preprocess = preprocess
+        self.load_output_media = load_output_media
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | SampleError:
+        conv = self.conversations[index]
+        try:
+            enc = encode_conversation(conv, self.tokenizer, self.spec)
+            media = []
+            for ref in enc.media:
+                if ref.modality not in self.preprocess:
+                    raise ValueError(f"{ref.modality} input but the assembly has no encoders.{ref.modality}")
+                media.append((ref.modality, self.preprocess[ref.modality]([load_media(ref.modality, ref.path)])))
+            outputs = []
+            for out in enc.outputs:
+                target = None
+                if self.load_output_media and out.path is not None:
+                    target = load_media(out.modality, out.path)
+                outputs.append((out.modality, out.caption, target))
+        except (MediaError, ValueError, OSError) as exc:
+            log.warning("skipping sample %s (%s): %s", conv.id, conv.source, exc)
+            return SampleError(conv.id, str(exc))
+        return {"id": enc.id, "input_ids": enc.input_ids, "labels": enc.labels, "media": media, "outputs": outputs}
+
+
+def load_stage_records(
+    datasets: list[Any], stage: str
+) -> tuple[list[list[Conversation]], list[float], list[str]]:
+    """Read every configured dataset into conversations for ``stage``; returns (per-dataset, weights, errors)."""
+    per_dataset, weights, errors = [], [], []
+    for ds in datasets:
+        records, errs = read_records(ds.path, ds.format, ds.root)
+        errors += errs
+        convs = []
+        for rec in records:
+            if isinstance(rec, CaptionPair):
+                try:
+                    convs.append(pair_to_conversation(rec, stage))
+                except ValueError as exc:
+                    errors.append(str(exc))
+            else:
+                convs.append(rec)
+        if not convs:
+            raise ValueError(f"{ds.path}: no usable records ({len(errs)} malformed)")
+        per_dataset.append(convs)
+        weights.append(ds.weight)
+    return per_dataset, weights, errors
+
+
+class MixtureSampler:
+    """Deterministic, stateless sample order over several datasets.
+
+    ``weight`` scales how much of each dataset one epoch holds (2.0 = every sample twice, 0.5 = a
+    random half). The epoch's virtual list is shuffled with a seed derived from (seed, epoch).
+    """
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int):
+        if not sizes or any(n <= 0 for n in sizes):
+            raise ValueError(f"every dataset must be non-empty, got sizes {sizes}")
+        self.seed = seed
+        rng = np.random.default_rng([seed, 7])
+        virtual: list[tuple[int, int]] = []
+        for d, (n, w) in enumerate(zip(sizes, weights)):
+            if w <= 0:
+                continue
+            count = max(1, round(n * w))
+            reps = math.ceil(count / n)
+            idx = np.concatenate([rng.permutation(n) for _ in range(reps)])[:count]
+            virtual += [(d, int(i)) for i in idx]
+        if not virtual:
+            raise ValueError("all dataset weights are zero")
+        self.virtual = virtual
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    @property
+    def epoch_size(self) -> int:
+        return len(self.virtual)
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.virtual))}
+        return self._perm_cache[epoch]
+
+    def at(self, position: int) -> tuple[int, int]:
+        epoch, offset = divmod(position, len(self.virtual))
+        return self.virtual[int(self._perm(epoch)[offset])]
+
+    def micro_batch(self, step: int, micro: int, accum: int, rank: int, world: int, batch: int) -> list[tuple[int, int]]:
+        start = ((step * accum + micro) * world + rank) * batch
+        return [self.at(start + j) for j in range(batch)]
+
+
+def collate(samples: list[dict[str, Any] | SampleError], pad_id: int) -> dict[str, Any]:
+    good = [s for s in samples if not isinstance(s, SampleError)]
+    skipped = [s for s in samples if isinstance(s, SampleError)]
+    batch: dict[str, Any] = {"ids": [s["id"] for s in good], "skipped": [(s.id, s.error) for s in skipped]}
+    if not good:
+        return batch
+    length = max(len(s["input_ids"]) for s in good)
+    ids = torch.full((len(good), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(good), length), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(good), length), dtype=torch.long)
+    media: dict[str, list[torch.Tensor]] = {}
+    captions: dict[str, list[str]] = {}
+    targets: dict[str, list[Any]] = {}
+    for row, s in enumerate(good):
+        n = len(s["input_ids"])
+        ids[row, :n] = torch.tensor(s["input_ids"])
+        labels[row, :n] = torch.tensor(s["labels"])
+        mask[row, :n] = 1
+        for modality, tensor in s["media"]:
+            media.setdefault(modality, []).append(tensor)
+        for modality, caption, target in s["outputs"]:
+            captions.setdefault(modality, []).append(caption)
+            targets.setdefault(modality, []).append(target)
+    batch.update(
+        input_ids=ids,
+        labels=labels,
+        attention_mask=mask,
+        media={m: torch.cat(v) for m, v in media.items()},
+        signal_captions=captions,
+        signal_media=targets,
+    )
+    return batch

@@ -1,0 +1,277 @@
+"""Decoding and encoding of media files, with errors that say what is wrong and where.
+
+Decoded forms used throughout mmllm:
+
+* image -> ``PIL.Image.Image`` in RGB (EXIF orientation applied; grayscale, RGBA, palette converted);
+* audio -> :class:`Audio` (float32 ``(samples, channels)`` in [-1, 1] and its sample rate);
+* video -> :class:`Video` (RGB PIL frames and fps).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
+AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg"}
+VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
+MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before decoding them
+
+
+class MediaError(ValueError):
+    """A media file cannot be used; the message names the file and the reason."""
+
+
+@dataclass
+class Audio:
+    waveform: np.ndarray  # float32 (samples, channels)
+    sample_rate: int
+
+    def __post_init__(self) -> None:
+        if self.waveform.ndim == 1:
+            self.waveform = self.waveform[:, None]
+        self.waveform = np.asarray(self.waveform, dtype=np.float32)
+
+    @property
+    def duration(self) -> float:
+        return self.waveform.shape[0] / float(self.sample_rate)
+
+    def mono(self) -> np.ndarray:
+        return self.waveform.mean(axis=1)
+
+    def resampled(self, rate: int) -> Audio:
+        return Audio(resample(self.waveform, self.sample_rate, rate), rate)
+
+
+@dataclass
+class Video:
+    frames: list[Image.Image] = field(default_factory=list)
+    fps: float = 8.0
+
+    def sample_frames(self, n: int) -> list[Image.Image]:
+        """``n`` frames evenly spaced over the clip (repeating frames of a short clip)."""
+        if not self.frames:
+            raise MediaError("video has no frames")
+        idx = np.linspace(0, len(self.frames) - 1, n).round().astype(int)
+        return [self.frames[i] for i in idx]
+
+
+def resample(waveform: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
+    """Polyphase resampling along axis 0 (anti-aliased)."""
+    if src_rate == dst_rate:
+        return waveform.astype(np.float32)
+    from scipy.signal import resample_poly
+
+    frac = Fraction(dst_rate, src_rate).limit_denominator(1000)
+    out = resample_poly(waveform, frac.numerator, frac.denominator, axis=0)
+    return out.astype(np.float32)
+
+
+def _check_file(path: Path, kind: str) -> None:
+    if not path.exists():
+        raise MediaError(f"{kind} file not found: {path}")
+    if not path.is_file():
+        raise MediaError(f"{kind} path is not a file: {path}")
+    if path.stat().st_size == 0:
+        raise MediaError(f"{kind} file is empty: {path}")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    path = Path(path)
+    _check_file(path, "image")
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_IMAGE_PIXELS:
+                raise MediaError(
+                    f"image too large: {path} is {img.width}x{img.height} "
+                    f"(> {MAX_IMAGE_PIXELS} pixels); downscale it first"
+                )
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA", "P", "PA"):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGB", rgba.size, (255, 255, 255))
+                background.paste(rgba, mask=rgba.getchannel("A"))
+                return background
+            return img.convert("RGB")
+    except MediaError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise MediaError(f"cannot decode image {path}: {exc}") from exc
+
+
+def load_audio(path: str | Path) -> Audio:
+    import soundfile as sf
+
+    path = Path(path)
+    _check_file(path, "audio")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        try:
+            return _load_audio_av(path)
+        except Exception:
+            raise MediaError(f"cannot decode audio {path}: {exc}") from exc
+    if data.shape[0] == 0:
+        raise MediaError(f"audio file has no samples: {path}")
+    return Audio(data, int(rate))
+
+
+def _load_audio_av(path: Path) -> Audio:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = next(s for s in container.streams if s.type == "audio")
+        chunks = []
+        for frame in container.decode(stream):
+            arr = frame.to_ndarray()
+            if arr.dtype != np.float32:
+                arr = arr.astype(np.float32) / max(np.iinfo(arr.dtype).max, 1) if arr.dtype.kind == "i" else arr
+            if frame.format.is_planar:
+                arr = arr.T
+            else:
+                arr = arr.reshape(-1, len(frame.layout.channels))
+            chunks.append(arr)
+        rate = stream.rate
+    if not chunks:
+        raise MediaError(f"audio file has no samples: {path}")
+    return Audio(np.concatenate(chunks, axis=0), int(rate))
+
+
+def load_video(path: str | Path, max_frames: int = 512) -> Video:
+    import av
+
+    path = Path(path)
+    _check_file(path, "video")
+    frames: list[Image.Image] = []
+    try:
+        with av.open(str(path)) as container:
+            stream = next((s for s in container.streams if s.type == "video"), None)
+            if stream is None:
+                raise MediaError(f"no video stream in {path}")
+            fps = float(stream.average_rate or stream.guessed_rate or 8.0)
+            for frame in container.decode(stream):
+                frames.append(frame.to_image().convert("RGB"))
+                if len(frames) >= max_frames:
+                    break
+    except MediaError:
+        raise
+    except Exception as exc:
+        raise MediaError(f"cannot decode video {path}: {exc}") from exc
+    if not frames:
+        raise MediaError(f"video has no frames: {path}")
+    return Video(frames, fps)
+
+
+def load_media(modality: str, path: str | Path):
+    loaders = {"image": load_image, "audio": load_audio, "video": load_video}
+    if modality not in loaders:
+        raise MediaError(f"unknown modality {modality!r}; valid: {', '.join(loaders)}")
+    return loaders[modality](path)
+
+
+# --------------------------------------------------------------------------------------------
+# Writers (atomic: write to a temporary file in the same folder, then rename)
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_target(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def save_image(image: Image.Image, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    from PIL.PngImagePlugin import PngInfo
+
+    path = Path(path)
+    tmp = _atomic_target(path)
+    info = PngInfo()
+    for k, v in (metadata or {}).items():
+        info.add_text(k, str(v))
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_audio(audio: Audio, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """16-bit PCM WAV; metadata goes into the RIFF INFO comment."""
+    import soundfile as sf
+
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        with sf.SoundFile(tmp, "w", samplerate=audio.sample_rate, channels=audio.waveform.shape[1],
+                          subtype="PCM_16", format="WAV") as fh:
+            if metadata:
+                fh.comment = "; ".join(f"{k}={v}" for k, v in metadata.items())[:1000]
+            fh.write(np.clip(audio.waveform, -1.0, 1.0))
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_video(video: Video, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """MP4 (H.264) when the suffix is .mp4 and an encoder is available, else an animated GIF."""
+    path = Path(path)
+    if path.suffix.lower() == ".mp4":
+        try:
+            return _save_mp4(video, path, metadata)
+        except Exception as exc:  # no H.264 encoder in this build of PyAV
+            log.warning("MP4 encoding failed (%s); writing GIF instead", exc)
+            path = path.with_suffix(".gif")
+    tmp = _atomic_target(path)
+    try:
+        frames = video.frames
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                       duration=int(1000 / max(video.fps, 1)), loop=0,
+                       comment=("; ".join(f"{k}={v}" for k, v in (metadata or {}).items())).encode()[:255])
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _save_mp4(video: Video, path: Path, metadata: dict[str, str] | None) -> Path:
+    import av
+
+    tmp = _atomic_target(path)
+    try:
+        w, h = video.frames[0].size
+        # H.264 with yuv420p needs even sizes; upscale small clips so players show them.
+        scale = max(1, 128 // max(min(w, h), 1))
+        W, H = (w * scale) // 2 * 2, (h * scale) // 2 * 2
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            for k, v in (metadata or {}).items():
+                container.metadata[k] = str(v)
+            stream = container.add_stream("libx264", rate=Fraction(video.fps).limit_denominator(1000))
+            stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
+            for img in video.frames:
+                frame = av.VideoFrame.from_image(img.convert("RGB").resize((W, H), Image.NEAREST))
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        _commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

@@ -1,0 +1,173 @@
+"""Conversations -> token ids, labels, media order and signal groups.
+
+The LLM's own chat template renders the conversation. Labels cover exactly what the assistant
+says (its reply, its signal tokens and the template's end-of-turn marker); everything else is
+``-100``. Each media placeholder id is expanded to the number of tokens its input projection
+yields, and truncation never cuts inside an expanded media span or a signal-token group: the cut
+moves back to the span's start and the media/outputs past it are dropped with the text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmllm.data.formats import CaptionPair, Conversation, MediaRef, Message, OutputRef
+
+IGNORE = -100
+
+GENERATE_PROMPTS = {
+    "image": "Generate an image: {caption}",
+    "audio": "Generate a sound: {caption}",
+    "video": "Generate a video: {caption}",
+}
+
+
+@dataclass
+class TokenSpec:
+    """What the template needs to know about the assembled model."""
+
+    placeholder_ids: dict[str, int]
+    media_tokens: dict[str, int]  # modality -> projected tokens per item
+    signal_tokens: dict[str, list[str]]  # modality -> its signal token strings
+    signal_ids: dict[str, list[int]]
+    max_length: int
+
+
+@dataclass
+class EncodedSample:
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    media: list[MediaRef] = field(default_factory=list)
+    outputs: list[OutputRef] = field(default_factory=list)
+    truncated: bool = False
+
+
+class ContextLengthError(ValueError):
+    pass
+
+
+def pair_to_conversation(pair: CaptionPair, stage: str) -> Conversation:
+    """encode-align: media -> caption. decode-align: caption -> signal tokens."""
+    if stage == "encode-align":
+        if pair.media is None:
+            raise ValueError(f"{pair.source}: encode-align needs a 'media' path for each caption")
+        msgs = [
+            Message("user", f"<{pair.modality}>", [MediaRef(pair.modality, pair.media)]),
+            Message("assistant", pair.caption),
+        ]
+    elif stage == "decode-align":
+        msgs = [
+            Message("user", GENERATE_PROMPTS[pair.modality].format(caption=pair.caption)),
+            Message("assistant", "", outputs=[OutputRef(pair.modality, pair.caption, pair.media)]),
+        ]
+    else:
+        raise ValueError(f"caption pairs are for the alignment stages, not {stage!r}; use mmllm-chat data")
+    return Conversation(pair.id, msgs, pair.source)
+
+
+def _template_messages(conv: Conversation, spec: TokenSpec) -> list[dict[str, str]]:
+    out = []
+    for msg in conv.messages:
+        content = msg.content
+        if msg.outputs:
+            signals = "".join("".join(spec.signal_tokens[o.modality]) for o in msg.outputs)
+            content = f"{content} {signals}" if content.strip() else signals
+        out.append({"role": msg.role, "content": content})
+    return out
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    if not messages:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _tokens(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+
+def expand_placeholders(
+    ids: list[int], labels: list[int], spec: TokenSpec
+) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """Each placeholder id -> ``media_tokens[m]`` copies; returns ids, labels and the media spans."""
+    by_id = {v: k for k, v in spec.placeholder_ids.items()}
+    out_ids, out_labels, spans = [], [], []
+    for tid, lab in zip(ids, labels):
+        m = by_id.get(tid)
+        if m is None:
+            out_ids.append(tid)
+            out_labels.append(lab)
+            continue
+        if m not in spec.media_tokens:
+            raise ValueError(f"the text holds a <{m}> placeholder but the assembly has no encoders.{m}")
+        n = spec.media_tokens[m]
+        spans.append((len(out_ids), len(out_ids) + n))
+        out_ids += [tid] * n
+        out_labels += [IGNORE] * n
+    return out_ids, out_labels, spans
+
+
+def signal_spans(ids: list[int], spec: TokenSpec) -> list[tuple[int, int]]:
+    firsts = {v[0]: len(v) for v in spec.signal_ids.values()}
+    return [(i, i + firsts[t]) for i, t in enumerate(ids) if t in firsts]
+
+
+def encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> EncodedSample:
+    messages = _template_messages(conv, spec)
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""  # text already tokenized
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise ValueError("the tokenizer's chat template is not prefix-stable; cannot place labels")
+        context = _tokens(tokenizer, prompt[len(done):])
+        reply = _tokens(tokenizer, full[len(prompt):])
+        ids += context + reply
+        labels += [IGNORE] * len(context) + reply
+        done = full
+    # Placeholders must never be learned as outputs.
+    placeholder = set(spec.placeholder_ids.values())
+    labels = [IGNORE if t in placeholder else lab for t, lab in zip(ids, labels)]
+    ids, labels, spans = expand_placeholders(ids, labels, spec)
+    media = conv.media_refs()
+    if len(spans) != len(media):
+        raise ValueError(f"{conv.source}: {len(spans)} placeholders in the text but {len(media)} media items")
+    outputs = [o for m in conv.messages for o in m.outputs]
+    sig = signal_spans(ids, spec)
+    if len(sig) != len(outputs):
+        raise ValueError(f"{conv.source}: {len(sig)} signal groups in the text but {len(outputs)} outputs")
+    truncated = False
+    if len(ids) > spec.max_length:
+        cut = spec.max_length
+        for start, end in spans + sig:
+            if start < cut < end:
+                cut = min(cut, start)
+        ids, labels = ids[:cut], labels[:cut]
+        media = [m for m, (s, _) in zip(media, spans) if s < cut]
+        outputs = [o for o, (s, _) in zip(outputs, sig) if s < cut]
+        truncated = True
+        if all(lab == IGNORE for lab in labels[1:]):
+            raise ContextLengthError(
+                f"{conv.source}: nothing left to learn after truncating to max_length={spec.max_length}"
+            )
+    return EncodedSample(conv.id, ids, labels, media, outputs, truncated)
+
+
+def encode_prompt(
+    messages: list[dict[str, str]], tokenizer: Any, spec: TokenSpec
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Inference: a conversation up to the next assistant turn -> expanded ids and media spans."""
+    text = _render(tokenizer, messages, add_generation_prompt=True)
+    ids = _tokens(tokenizer, text)
+    ids, _, spans = expand_placeholders(ids, [IGNORE] * len(ids), spec)
+    if len(ids) > spec.max_length:
+        raise ContextLengthError(
+            f"prompt is {len(ids)} tokens after media expansion; the context holds max_length={spec.max_length}"
+        )
+    return ids, spans

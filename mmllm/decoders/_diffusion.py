@@ -1,0 +1,292 @@
+"""What the diffusers-backed decoders share: options, freezing, seeds, schedulers and the training loss.
+
+Kept to the parts that really are the same in every family; each family file still reads on its own.
+
+* :class:`DiffusionOptions` -- the option keys every family has (``model`` or ``tiny``, steps, guidance,
+  dtype, scheduler choice and ``prediction_type`` override);
+* :func:`row_generators` -- one ``torch.Generator`` per batch row, so a request draws the same noise
+  alone or inside a batch;
+* :func:`prediction_target` / :func:`denoising_mse` -- the diffusion loss through a frozen denoiser,
+  honouring the scheduler's ``prediction_type`` (``epsilon``, ``v_prediction`` or ``sample``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmllm.config import from_dict
+from mmllm.decoders.base import MediaDecoder
+
+log = logging.getLogger(__name__)
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+# Inference schedulers a config may name (exact diffusers class names). Stochastic samplers
+# (DDPM, Euler ancestral) draw per-step noise from the per-row generators.
+SCHEDULERS: tuple[str, ...] = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
+    "UniPCMultistepScheduler",
+)
+
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+
+
+@dataclass
+class DiffusionOptions:
+    """Options every diffusion decoder family takes; families subclass this and add their own."""
+
+    model: str | None = None  # hub id or local dir for ``from_pretrained`` (safetensors only)
+    tiny: dict[str, Any] | None = None  # sizes for an in-process random-weight build (tests, toy runs)
+    steps: int = 25
+    guidance: float = 7.5  # classifier-free guidance scale; <= 1 turns guidance off
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    scheduler: str | None = None  # inference scheduler class name (see SCHEDULERS); None keeps the model's
+    scheduler_prediction_type: str | None = None  # override the scheduler's prediction_type
+
+    def __post_init__(self) -> None:
+        if (self.model is None) == (self.tiny is None):
+            raise ValueError("set exactly one of 'model' (hub id or local dir) and 'tiny' (in-process sizes)")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        parse_dtype(self.dtype)
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}")
+        if (
+            self.scheduler_prediction_type is not None
+            and self.scheduler_prediction_type not in PREDICTION_TYPES
+        ):
+            raise ValueError(
+                f"unknown scheduler_prediction_type {self.scheduler_prediction_type!r}; "
+                f"valid: {', '.join(PREDICTION_TYPES)}"
+            )
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_tiny(cls: type, tiny: dict[str, Any]) -> Any:
+    """Check a ``tiny:`` mapping against the family's tiny-size dataclass (unknown keys are errors)."""
+    return from_dict(cls, tiny, "tiny")
+
+
+def freeze(*modules: nn.Module | None) -> None:
+    """Eval mode and no gradients: the decoder's parts never learn."""
+    for module in modules:
+        if module is not None:
+            module.eval()
+            module.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global RNG inside the block only (random init of tiny models stays reproducible)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def resolve_seeds(seeds: list[int] | None, batch: int) -> list[int]:
+    """Seeds per row; ``None`` means row ``i`` uses seed ``i``."""
+    if seeds is None:
+        return list(range(batch))
+    if len(seeds) != batch:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {batch}")
+    return [int(s) for s in seeds]
+
+
+def row_generators(seeds: list[int] | None, batch: int, device: torch.device) -> list[torch.Generator]:
+    """One generator per row, seeded from ``seeds[i]``: a row's noise does not depend on its batch."""
+    return [torch.Generator(device=device).manual_seed(s) for s in resolve_seeds(seeds, batch)]
+
+
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def make_scheduler(scheduler: Any, name: str | None, prediction_type: str | None) -> Any:
+    """Swap the scheduler class and/or override ``prediction_type``, keeping the rest of its config."""
+    if name is None and prediction_type is None:
+        return scheduler
+    import diffusers
+
+    cls = getattr(diffusers, name) if name is not None else type(scheduler)
+    overrides = {"prediction_type": prediction_type} if prediction_type is not None else {}
+    return cls.from_config(scheduler.config, **overrides)
+
+
+def training_scheduler(scheduler: Any) -> Any:
+    """A DDPM scheduler with the same betas and prediction type, for ``add_noise`` / ``get_velocity``.
+
+    Multistep samplers (DPM-Solver, UniPC) index ``add_noise`` through the sigmas of their current
+    *inference* schedule; training needs the fixed training schedule, as in diffusers' training scripts.
+    """
+    from diffusers import DDPMScheduler
+
+    if "prediction_type" not in scheduler.config or "num_train_timesteps" not in scheduler.config:
+        raise ValueError(
+            f"{type(scheduler).__name__} is not a DDPM-family scheduler; the denoising loss needs one"
+        )
+    keys = (
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "prediction_type",
+        "rescale_betas_zero_snr",
+    )
+    config = {k: scheduler.config[k] for k in keys if k in scheduler.config}
+    return DDPMScheduler.from_config(config)
+
+
+def prediction_target(
+    scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> torch.Tensor:
+    """What the denoiser is trained to predict, by ``scheduler.config.prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(
+        f"unsupported prediction_type {kind!r} for the denoising loss; valid: {', '.join(PREDICTION_TYPES)}"
+    )
+
+
+def denoising_mse(
+    predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    scheduler: Any,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Noise ``latents`` at random training timesteps and score ``predict(noisy, t)`` against the target.
+
+    ``scheduler`` should be a :func:`training_scheduler`. ``predict`` closes over the conditioning,
+    so gradients reach it while the (frozen) denoiser's weights stay untouched.
+    """
+    latents = latents.detach()
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(
+        0,
+        scheduler.config.num_train_timesteps,
+        (latents.shape[0],),
+        generator=generator,
+        device=latents.device,
+    )
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    prediction = predict(noisy, timesteps)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def tiny_text_tokenizer(max_length: int, vocab_size: int = 512) -> Any:
+    """The in-process tokenizer, adding ``<|bos|> ... <|eos|>`` like CLIP and RoBERTa tokenizers do."""
+    from tokenizers.processors import TemplateProcessing
+
+    from mmllm.tiny_tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(vocab_size=vocab_size, model_max_length=max_length)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        pair=f"{bos} $A {eos} $B {eos}",
+        special_tokens=[(bos, tokenizer.bos_token_id), (eos, tokenizer.eos_token_id)],
+    )
+    return tokenizer
+
+
+def check_conditioning(conditioning: torch.Tensor, shape: tuple[int, int], name: str) -> None:
+    if conditioning.dim() != 3 or tuple(conditioning.shape[1:]) != tuple(shape):
+        raise ValueError(
+            f"{name}: conditioning must have shape (batch, {shape[0]}, {shape[1]}), "
+            f"got {tuple(conditioning.shape)}"
+        )
+
+
+def warn_remote_code(options: DiffusionOptions, name: str) -> None:
+    if options.trust_remote_code:
+        log.warning("%s: trust_remote_code=True lets the model repository run its own Python code", name)
+
+
+class FrozenDiffusionDecoder(MediaDecoder):
+    """Common plumbing: frozen parts always in eval mode, a conditioning shape, a pipeline built once."""
+
+    def __init__(self, conditioning_shape: tuple[int, int]) -> None:
+        super().__init__()
+        self._conditioning_shape = (int(conditioning_shape[0]), int(conditioning_shape[1]))
+        self._pipeline: Any = None
+
+    @property
+    def conditioning_shape(self) -> tuple[int, int]:
+        return self._conditioning_shape
+
+    def train(self, mode: bool = True) -> FrozenDiffusionDecoder:
+        """A frozen decoder stays in eval mode (no dropout) whatever the training loop asks."""
+        return super().train(False)
+
+    @property
+    def pipeline(self) -> Any:
+        """The diffusers pipeline over this module's own parts; built on first use and kept."""
+        if self._pipeline is None:
+            self._pipeline = self._build_pipeline()
+            self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
+
+    def _build_pipeline(self) -> Any:
+        raise NotImplementedError
+
+    def _negative(self, negative: torch.Tensor | None, batch: int, guidance: float) -> torch.Tensor | None:
+        """Negative conditioning for classifier-free guidance: None when guidance is off; the empty
+        prompt's encoding when not given; one row broadcast to the batch."""
+        if guidance <= 1.0:
+            return None
+        if negative is None:
+            negative = self.condition([""])
+        check_conditioning(negative, self.conditioning_shape, f"{type(self).__name__} negative")
+        if negative.shape[0] == 1:
+            negative = negative.expand(batch, -1, -1)
+        if negative.shape[0] != batch:
+            raise ValueError(f"negative conditioning has {negative.shape[0]} rows for a batch of {batch}")
+        device, dtype = self._device_dtype()
+        return negative.detach().to(device, dtype)
+
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        param = next(self.parameters())
+        return param.device, param.dtype
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "class": type(self).__name__,
+            "modality": self.modality,
+            "conditioning_shape": list(self.conditioning_shape),
+            "parameters": sum(p.numel() for p in self.parameters()),
+        }

@@ -1,0 +1,58 @@
+"""The interface every media decoder implements.
+
+A decoder wraps a frozen diffusers pipeline that accepts ``prompt_embeds``. It exposes:
+
+* :attr:`conditioning_shape` -- ``(tokens, dim)`` of one item's conditioning, known at assembly;
+* :meth:`condition` -- captions -> the conditioning tensor made by the pipeline's *own* text
+  encoder: the target the output projection learns to match;
+* :meth:`generate` -- conditioning (and optional negative conditioning for classifier-free
+  guidance) -> decoded media (PIL images, :class:`~mmllm.data.media.Audio`, or
+  :class:`~mmllm.data.media.Video`);
+* :meth:`denoising_loss` -- the diffusion training loss through the frozen denoiser, honouring
+  the scheduler's ``prediction_type``.
+
+The pipeline object is built once, lazily, from the submodules registered on this module, and kept.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class MediaDecoder(nn.Module, ABC):
+    modality: str = ""
+
+    @property
+    @abstractmethod
+    def conditioning_shape(self) -> tuple[int, int]:
+        """(tokens, dim) of one item's conditioning."""
+
+    @abstractmethod
+    def condition(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> conditioning ``(batch, *conditioning_shape)`` from the pipeline's text encoder."""
+
+    @abstractmethod
+    def generate(
+        self,
+        conditioning: torch.Tensor,
+        *,
+        negative_conditioning: torch.Tensor | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        seeds: list[int] | None = None,
+    ) -> list[Any]:
+        """Conditioning ``(batch, L, D)`` -> one decoded media item per row."""
+
+    def denoising_loss(self, conditioning: torch.Tensor, media: list[Any], seed: int | None = None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no denoising loss; set losses.denoise: 0")
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in eval mode (dropout, batch-norm) whatever the parent model does."""
+        return super().train(False)
+
+    def describe(self) -> dict[str, Any]:
+        return {"class": type(self).__name__}

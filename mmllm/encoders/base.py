@@ -1,0 +1,68 @@
+"""The interface every media encoder implements.
+
+An encoder is frozen; it turns a batch of decoded media into features of shape
+``(batch, num_tokens, output_dim)``. Raw media reach it as produced by :mod:`mmllm.data.media`:
+
+* image: a ``PIL.Image.Image`` in RGB;
+* audio: an :class:`mmllm.data.media.Audio` (float32 waveform ``(samples, channels)`` and its rate);
+* video: a :class:`mmllm.data.media.Video` (a list of RGB PIL frames and their fps).
+
+``preprocess`` does everything the encoder's own pipeline would (resize, normalise, resample,
+down-mix, frame sampling) and returns one tensor batch; ``forward`` runs the tower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class MediaEncoder(nn.Module, ABC):
+    modality: str = ""
+
+    @property
+    @abstractmethod
+    def output_dim(self) -> int:
+        """Width of each output token."""
+
+    @property
+    @abstractmethod
+    def num_tokens(self) -> int:
+        """Number of output tokens per item."""
+
+    @abstractmethod
+    def preprocess(self, items: list[Any]) -> torch.Tensor:
+        """Decoded media -> one input batch for :meth:`forward` (on CPU)."""
+
+    @abstractmethod
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Input batch -> features ``(batch, num_tokens, output_dim)``."""
+
+    def train(self, mode: bool = True):
+        """Frozen parts stay in eval mode (dropout, batch-norm) whatever the parent model does."""
+        return super().train(False)
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this encoder and its preprocessing (feeds :meth:`fingerprint`)."""
+        return {"class": type(self).__name__}
+
+    def fingerprint(self) -> str:
+        """Hash of the component identity, its weights and preprocessing: a feature cache key part."""
+        h = hashlib.sha256(json.dumps(self.describe(), sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+            h.update(str(tuple(tensor.shape)).encode())
+        return h.hexdigest()[:16]
+
+    @torch.no_grad()
+    def encode(self, items: list[Any]) -> torch.Tensor:
+        device = next(self.parameters()).device
+        dtype = next(self.parameters()).dtype
+        x = self.preprocess(items).to(device=device, dtype=dtype)
+        return self.forward(x)

@@ -1,0 +1,312 @@
+"""The LLM core: load it (hub id, local dir, GGUF file, or a tiny in-process Llama), freeze it,
+and add the signal tokens and media placeholders.
+
+Only the *new* rows learn. Instead of resizing the embedding matrix and the LM head and hoping a
+gradient mask holds (NExT-GPT trained both whole matrices by accident), the original modules stay
+frozen and untouched, and two thin wrappers add the new rows as separate parameters:
+
+* :class:`ExtendedEmbedding` -- ids below ``first_new_id`` read the frozen table; signal-token ids
+  read the trainable ``signal`` rows; placeholder ids read a zero buffer (their embeddings are
+  replaced by projected media features anyway);
+* :class:`ExtendedLMHead` -- logits over the original vocabulary (frozen) concatenated with the
+  signal-token logits. With tied embeddings the signal rows are one shared parameter.
+
+Token ids: the tokenizer's original ids, then the signal tokens of each output modality, then the
+placeholders ``<image>``, ``<audio>``, ``<video>``. Placeholders are never predicted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmllm.config import MODALITIES, ConfigError
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDERS = {m: f"<{m}>" for m in MODALITIES}
+SIGNAL_PREFIX = {"image": "img", "audio": "aud", "video": "vid"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def signal_token_strings(modality: str, count: int) -> list[str]:
+    return [f"<{SIGNAL_PREFIX[modality]}_{i}>" for i in range(count)]
+
+
+def resolve_location(value: str) -> Path:
+    """A path, or ``pkg:PACKAGE/relative/path`` for files shipped inside an installed wheel."""
+    if value.startswith("pkg:"):
+        package, _, rel = value[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"{value}: package {package!r} is not installed (run `make setup`)")
+        return Path(list(spec.submodule_search_locations)[0]) / rel
+    return Path(value).expanduser()
+
+
+class ExtendedEmbedding(nn.Module):
+    def __init__(self, base: nn.Embedding, first_new_id: int, signal: nn.Parameter, num_placeholders: int):
+        super().__init__()
+        self.base = base
+        self.first_new_id = first_new_id
+        self.signal = signal
+        self.register_buffer(
+            "placeholder", torch.zeros(num_placeholders, base.embedding_dim, dtype=base.weight.dtype), persistent=False
+        )
+
+    @property
+    def weight(self) -> torch.Tensor:  # for code that inspects dtype/device/width
+        return self.base.weight
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.base.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        is_new = ids >= self.first_new_id
+        out = self.base(ids.masked_fill(is_new, 0))
+        if bool(is_new.any()):
+            extra = torch.cat([self.signal.to(out.dtype), self.placeholder.to(out.dtype)])
+            new = extra[(ids - self.first_new_id).clamp(0, extra.shape[0] - 1)]
+            out = torch.where(is_new.unsqueeze(-1), new, out)
+        return out
+
+
+class ExtendedLMHead(nn.Module):
+    def __init__(self, base: nn.Linear, first_new_id: int, signal: nn.Parameter):
+        super().__init__()
+        self.base = base
+        self.first_new_id = first_new_id
+        self.signal = signal
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        bias = self.base.bias[: self.first_new_id] if self.base.bias is not None else None
+        logits = F.linear(hidden, self.base.weight[: self.first_new_id], bias)
+        return torch.cat([logits, F.linear(hidden, self.signal.to(hidden.dtype))], dim=-1)
+
+
+class LLMCore(nn.Module):
+    """A frozen causal LM plus its tokenizer, with signal tokens and placeholders added."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, describe: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self._describe = describe
+        self.model.requires_grad_(False)
+        self.model.eval()
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.signal_ids: dict[str, list[int]] = {}
+        self.placeholder_ids: dict[str, int] = {}
+        self.first_new_id: int | None = None
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self._describe)
+
+    def add_tokens(self, signal_tokens: dict[str, int], seed: int = 0) -> None:
+        """Add signal tokens (per output modality) and the media placeholders; wrap embeddings/head."""
+        if self.first_new_id is not None:
+            raise RuntimeError("signal tokens were already added")
+        tok = self.tokenizer
+        first = len(tok)
+        base_emb: nn.Embedding = self.model.get_input_embeddings()
+        if first > base_emb.num_embeddings:
+            raise ConfigError(
+                f"tokenizer has {first} tokens but the LLM's embedding table has {base_emb.num_embeddings} rows"
+            )
+        signal_strings = [s for m, n in signal_tokens.items() for s in signal_token_strings(m, n)]
+        placeholder_strings = [PLACEHOLDERS[m] for m in MODALITIES]
+        added = tok.add_special_tokens(
+            {"additional_special_tokens": signal_strings + placeholder_strings}, replace_extra_special_tokens=False
+        )
+        if added != len(signal_strings) + len(placeholder_strings):
+            raise ConfigError(
+                "some signal/placeholder tokens already exist in the tokenizer; "
+                f"expected to add {len(signal_strings) + len(placeholder_strings)}, added {added}"
+            )
+        ids = tok.convert_tokens_to_ids(signal_strings + placeholder_strings)
+        if ids != list(range(first, first + len(ids))):
+            raise RuntimeError(f"new token ids are not contiguous from {first}: {ids}")
+        for m, n in signal_tokens.items():
+            self.signal_ids[m] = tok.convert_tokens_to_ids(signal_token_strings(m, n))
+        self.placeholder_ids = {m: tok.convert_tokens_to_ids(PLACEHOLDERS[m]) for m in MODALITIES}
+        self.first_new_id = first
+
+        # New rows start at the mean of the existing ones plus small noise (seeded).
+        weight = base_emb.weight.detach().float()
+        gen = torch.Generator().manual_seed(seed)
+        n_signal = len(signal_strings)
+        noise = torch.randn(n_signal, weight.shape[1], generator=gen) * weight.std() * 0.1
+        signal = nn.Parameter((weight[:first].mean(0, keepdim=True) + noise).to(base_emb.weight.dtype))
+        head = self.model.get_output_embeddings()
+        tied = head is not None and head.weight is base_emb.weight
+        self.model.set_input_embeddings(ExtendedEmbedding(base_emb, first, signal, len(placeholder_strings)))
+        if head is not None:
+            if tied:
+                head_signal = signal
+            else:
+                hw = head.weight.detach().float()
+                head_signal = nn.Parameter((hw[:first].mean(0, keepdim=True) + noise).to(head.weight.dtype))
+            self.model.set_output_embeddings(ExtendedLMHead(head, first, head_signal))
+        # The wrappers own the new rows; nothing may re-tie or resize behind our back.
+        self.model.config.tie_word_embeddings = False
+        self.model.requires_grad_(False)
+        log.info("added %d signal tokens and %d placeholders from id %d (tied head: %s)",
+                 n_signal, len(placeholder_strings), first, tied)
+
+    # -- parameter groups -------------------------------------------------------------------
+    def signal_parameters(self) -> dict[str, nn.Parameter]:
+        out = {"embed_signal": self.model.get_input_embeddings().signal}
+        head = self.model.get_output_embeddings()
+        if head is not None and head.signal is not out["embed_signal"]:
+            out["head_signal"] = head.signal
+        return out
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the logits: original vocabulary plus signal tokens (placeholders excluded)."""
+        return int(self.first_new_id + sum(len(v) for v in self.signal_ids.values()))
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def decoder(self) -> nn.Module:
+        """The transformer body (without LM head): returns last hidden states."""
+        return self.model.get_decoder()
+
+    def lm_head(self) -> nn.Module:
+        return self.model.get_output_embeddings()
+
+
+# --------------------------------------------------------------------------------------------
+# Loaders (registry kinds)
+# --------------------------------------------------------------------------------------------
+
+
+def _gguf_cache_dir(gguf_path: Path, cache_root: Path) -> Path:
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+    return cache_root / f"{gguf_path.stem}-{key}"
+
+
+def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
+    """Dequantize a GGUF file once into a safetensors model dir (reloads in well under a second)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    out = _gguf_cache_dir(gguf_path, cache_root)
+    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        return out
+    log.info("dequantizing %s once into %s (about 30 s)", gguf_path.name, out)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
+    real_missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if real_missing or unexpected:
+        raise RuntimeError(f"GGUF conversion: missing {real_missing}, unexpected {unexpected}")
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out)
+    return out
+
+
+class HFCausalLM:
+    """Any ``AutoModelForCausalLM``: a hub id, a local dir, or a GGUF file (``gguf_file``)."""
+
+    @dataclass
+    class Options:
+        name_or_path: str
+        gguf_file: str | None = None
+        revision: str | None = None
+        dtype: str = "float32"
+        trust_remote_code: bool = False
+        gguf_cache: str = "~/.cache/mmllm/gguf"
+
+    @classmethod
+    def from_options(cls, o: Options, where: str = "llm") -> LLMCore:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if o.dtype not in DTYPES:
+            raise ConfigError(f"llm.dtype: {o.dtype!r} is not one of {list(DTYPES)}")
+        location: str | Path = o.name_or_path
+        local = resolve_location(o.name_or_path)
+        if o.gguf_file:
+            gguf = resolve_location(o.gguf_file)
+            if not gguf.is_absolute():
+                gguf = local / gguf
+            if not gguf.is_file():
+                raise ConfigError(f"llm.gguf_file: {gguf} not found")
+            location = convert_gguf(gguf, Path(o.gguf_cache).expanduser())
+        elif local.exists():
+            location = local
+        kwargs = {"revision": o.revision, "trust_remote_code": o.trust_remote_code}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[o.dtype], **kwargs)
+        except OSError as exc:
+            raise ConfigError(f"llm.name_or_path: cannot load {o.name_or_path!r}: {exc}") from exc
+        return LLMCore(model, tokenizer, {"kind": "hf-causal-lm", "name_or_path": o.name_or_path,
+                                          "gguf_file": o.gguf_file, "dtype": o.dtype})
+
+
+class TinyLlama:
+    """A small Llama built in-process from a config (random weights, seeded), with the tiny tokenizer."""
+
+    @dataclass
+    class Options:
+        hidden_size: int = 64
+        num_layers: int = 2
+        num_heads: int = 4
+        num_kv_heads: int = 2
+        intermediate_size: int = 128
+        vocab_size: int = 512
+        max_position_embeddings: int = 512
+        tie_word_embeddings: bool = True
+        init_std: float = 0.02  # weight init; larger gives a random core sharper, more steerable logits
+        seed: int = 0
+
+    @classmethod
+    def from_options(cls, o: Options, where: str = "llm") -> LLMCore:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from mmllm.tiny_tokenizer import build_tiny_tokenizer
+
+        tokenizer = build_tiny_tokenizer(o.vocab_size, o.max_position_embeddings)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=o.hidden_size,
+            num_hidden_layers=o.num_layers,
+            num_attention_heads=o.num_heads,
+            num_key_value_heads=o.num_kv_heads,
+            intermediate_size=o.intermediate_size,
+            max_position_embeddings=o.max_position_embeddings,
+            tie_word_embeddings=o.tie_word_embeddings,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            initializer_range=o.init_std,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(o.seed)
+            model = LlamaForCausalLM(config)
+        return LLMCore(model, tokenizer, {"kind": "tiny-llama", **o.__dict__})

@@ -1,0 +1,306 @@
+"""AnyToAnyModel: the assembled model -- splice media in, compute the stage losses, generate out.
+
+Assembly (:meth:`AnyToAnyModel.assemble`) builds every part through the registry and checks every
+dimension that must agree *before* any training: encoder width -> input projection -> LLM hidden
+size, and output projection -> decoder conditioning shape. Errors name the keys on both sides.
+
+The placeholder contract (as transformers' Llava): each ``<image>`` in the text is expanded by
+the collator into as many placeholder ids as the input projection yields tokens; here the
+projected features replace them with ``masked_scatter``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmllm import registry
+from mmllm.config import (
+    AssemblyConfig,
+    ConfigError,
+    LoraConfig,
+    LossConfig,
+    parse_assembly,
+    to_dict,
+)
+from mmllm.decoders.base import MediaDecoder
+from mmllm.encoders.base import MediaEncoder
+from mmllm.llm import LLMCore
+from mmllm.projections import InputProjection, OutputProjection
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def seeded(seed: int, where: str):
+    """Build under a fixed RNG derived from (seed, where), so a rebuilt random part is identical."""
+    offset = int(hashlib.sha256(where.encode()).hexdigest()[:8], 16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed((seed * 1_000_003 + offset) % (2**63))
+        yield
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    # per output modality, one entry per emitted signal-token group
+    conditioning: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    media: dict[str, list[Any]] = field(default_factory=dict)
+
+
+class AnyToAnyModel(nn.Module):
+    def __init__(
+        self,
+        config: AssemblyConfig,
+        llm: LLMCore,
+        encoders: dict[str, MediaEncoder],
+        decoders: dict[str, MediaDecoder],
+        input_projections: dict[str, InputProjection],
+        output_projections: dict[str, OutputProjection],
+        checks: list[str],
+    ):
+        super().__init__()
+        self.config = config
+        self.llm = llm
+        self.encoders = nn.ModuleDict(encoders)
+        self.decoders = nn.ModuleDict(decoders)
+        self.input_projections = nn.ModuleDict(input_projections)
+        self.output_projections = nn.ModuleDict(output_projections)
+        self.checks = checks
+        self.lora_config: LoraConfig | None = None
+        self._peft_model = None  # a PeftModel wrapping llm.model (same modules), when LoRA is on
+
+    # ------------------------------------------------------------------ assembly
+    @classmethod
+    def assemble(cls, config: AssemblyConfig) -> AnyToAnyModel:
+        checks: list[str] = []
+        with seeded(config.seed, "llm"):
+            llm: LLMCore = registry.build("llm", config.llm, "llm")
+        llm.add_tokens(config.signal_tokens, seed=config.seed)
+        hidden = llm.hidden_size
+        encoders: dict[str, MediaEncoder] = {}
+        decoders: dict[str, MediaDecoder] = {}
+        in_proj: dict[str, InputProjection] = {}
+        out_proj: dict[str, OutputProjection] = {}
+        for m, spec in config.encoders.items():
+            with seeded(config.seed, f"encoders.{m}"):
+                enc = registry.build("encoder", spec, f"encoders.{m}")
+            if enc.modality != m:
+                raise ConfigError(f"encoders.{m}: kind {spec.kind!r} encodes {enc.modality}, not {m}")
+            pc = config.input_projections[m]
+            if pc.input_dim and pc.input_dim != enc.output_dim:
+                raise ConfigError(
+                    f"input_projections.{m}.input_dim={pc.input_dim} disagrees with "
+                    f"encoders.{m} ({spec.kind}) output_dim={enc.output_dim}"
+                )
+            encoders[m] = enc.requires_grad_(False).eval()
+            with seeded(config.seed, f"input_projections.{m}"):
+                try:
+                    in_proj[m] = InputProjection(enc.output_dim, enc.num_tokens, hidden, pc)
+                except ValueError as exc:
+                    raise ConfigError(f"input_projections.{m}: {exc}") from exc
+            checks.append(
+                f"encoders.{m} ({spec.kind}) -> ({enc.num_tokens}, {enc.output_dim}) -> "
+                f"input_projections.{m} ({pc.kind}) -> ({in_proj[m].num_tokens}, {hidden}) = llm hidden size {hidden}"
+            )
+        for m, spec in config.decoders.items():
+            with seeded(config.seed, f"decoders.{m}"):
+                dec = registry.build("decoder", spec, f"decoders.{m}")
+            if dec.modality != m:
+                raise ConfigError(f"decoders.{m}: kind {spec.kind!r} decodes {dec.modality}, not {m}")
+            L, D = dec.conditioning_shape
+            oc = config.output_projections[m]
+            wanted = (oc.num_queries or L, oc.output_dim or D)
+            if wanted != (L, D):
+                raise ConfigError(
+                    f"output_projections.{m} produces ({wanted[0]}, {wanted[1]}) (num_queries, output_dim) but "
+                    f"decoders.{m} ({spec.kind}) conditioning_shape is ({L}, {D}); "
+                    f"set output_projections.{m}.num_queries/output_dim to 0 (derive) or to ({L}, {D})"
+                )
+            decoders[m] = dec.requires_grad_(False).eval()
+            with seeded(config.seed, f"output_projections.{m}"):
+                out_proj[m] = OutputProjection(hidden, config.signal_tokens[m], (L, D), oc)
+            checks.append(
+                f"llm hidden {hidden} x {config.signal_tokens[m]} signal tokens -> output_projections.{m} -> "
+                f"({L}, {D}) = decoders.{m} ({spec.kind}) conditioning_shape"
+            )
+        return cls(config, llm, encoders, decoders, in_proj, out_proj, checks)
+
+    # ------------------------------------------------------------------ LoRA
+    def add_lora(self, cfg: LoraConfig) -> None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        if self._peft_model is not None:
+            raise RuntimeError("LoRA is already attached")
+        peft_cfg = PeftLoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+            bias="none", task_type="CAUSAL_LM",
+        )
+        try:
+            with seeded(self.config.seed, "lora"):
+                self._peft_model = get_peft_model(self.llm.model, peft_cfg)
+        except ValueError as exc:
+            raise ConfigError(f"lora.target_modules {cfg.target_modules}: {exc}") from exc
+        self.lora_config = cfg
+
+    def lora_parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.llm.model.named_parameters() if "lora_" in n}
+
+    # ------------------------------------------------------------------ parameter groups
+    def glue_parameters(self) -> dict[str, dict[str, nn.Parameter]]:
+        """Everything that can learn, grouped by what the stage YAML calls it."""
+        return {
+            "input_projections": {f"input_projections.{n}": p for n, p in self.input_projections.named_parameters()},
+            "output_projections": {
+                f"output_projections.{n}": p for n, p in self.output_projections.named_parameters()
+            },
+            "signal_embeddings": {f"llm.{n}": p for n, p in self.llm.signal_parameters().items()},
+            "lora": {f"lora.{n}": p for n, p in self.lora_parameters().items()},
+        }
+
+    def learned_state_dict(self) -> dict[str, torch.Tensor]:
+        """Projections and signal rows (LoRA is saved separately, in PEFT's format)."""
+        out = {}
+        for group in ("input_projections", "output_projections", "signal_embeddings"):
+            for name, p in self.glue_parameters()[group].items():
+                out[name] = p.detach().cpu().contiguous()
+        return out
+
+    def load_learned_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
+        """Strict: every key must be present with the same shape; extra keys are refused."""
+        expected = {}
+        for group in ("input_projections", "output_projections", "signal_embeddings"):
+            expected.update(self.glue_parameters()[group])
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ConfigError(
+                f"{source}: learned weights do not match this assembly: "
+                f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+            )
+        with torch.no_grad():
+            for name, p in expected.items():
+                if tuple(state[name].shape) != tuple(p.shape):
+                    raise ConfigError(f"{source}: {name} has shape {tuple(state[name].shape)}, expected {tuple(p.shape)}")
+                p.copy_(state[name].to(p.dtype))
+
+    # ------------------------------------------------------------------ forward pieces
+    @property
+    def device(self) -> torch.device:
+        return self.llm.model.get_input_embeddings().weight.device
+
+    def embed_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Token embeddings with each modality's placeholder run replaced by projected features."""
+        embeds = self.llm.embed(input_ids)
+        for m, inputs in media.items():
+            mask = input_ids == self.llm.placeholder_ids[m]
+            n_slots = int(mask.sum())
+            if m not in self.encoders:
+                raise ConfigError(f"the batch holds {m} inputs but the assembly has no encoders.{m}")
+            if inputs.shape[0] == 0 and n_slots == 0:
+                continue
+            enc_dtype = next(self.encoders[m].parameters()).dtype
+            with torch.no_grad():
+                feats = self.encoders[m](inputs.to(self.device, enc_dtype))
+            proj = self.input_projections[m](feats.to(embeds.dtype))
+            if proj.shape[0] * proj.shape[1] != n_slots:
+                raise ValueError(
+                    f"{m}: {proj.shape[0]} items x {proj.shape[1]} tokens = {proj.shape[0] * proj.shape[1]} "
+                    f"features but {n_slots} placeholder slots in the batch"
+                )
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), proj.reshape(-1, proj.shape[-1]).to(embeds.dtype))
+        return embeds
+
+    def signal_states(
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor, modality: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states and input embeddings at this modality's signal tokens, as (G, k, D) groups."""
+        ids = torch.tensor(self.llm.signal_ids[modality], device=input_ids.device)
+        mask = torch.isin(input_ids, ids)
+        k = len(ids)
+        n = int(mask.sum())
+        if n % k:
+            raise ValueError(f"{modality}: {n} signal tokens is not a whole number of groups of {k}")
+        return hidden[mask].reshape(-1, k, hidden.shape[-1]), embeds[mask].reshape(-1, k, embeds.shape[-1])
+
+    def forward(self, batch: dict[str, Any], losses: LossConfig | None = None) -> dict[str, torch.Tensor]:
+        losses = losses or LossConfig()
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        labels = batch["labels"].to(self.device)
+        embeds = self.embed_inputs(input_ids, batch.get("media", {}))
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.llm.decoder()(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+
+        out: dict[str, torch.Tensor] = {}
+        total = hidden.new_zeros((), dtype=torch.float32)
+        # Next-token CE, logits only where a label exists (cheaper than the full vocabulary x sequence).
+        shift_labels = labels[:, 1:]
+        sel = shift_labels != -100
+        if losses.ce and bool(sel.any()):
+            logits = self.llm.lm_head()(hidden[:, :-1][sel])
+            out["ce"] = F.cross_entropy(logits.float(), shift_labels[sel])
+            total = total + losses.ce * out["ce"]
+        for m, captions in batch.get("signal_captions", {}).items():
+            if not captions:
+                continue
+            h, e = self.signal_states(input_ids, hidden, embeds, m)
+            if h.shape[0] != len(captions):
+                raise ValueError(f"{m}: {h.shape[0]} signal groups but {len(captions)} target captions")
+            pred = self.output_projections[m](h, e)
+            if losses.mse:
+                target = batch.get("signal_targets", {}).get(m)
+                if target is None:
+                    with torch.no_grad():
+                        target = self.decoders[m].condition(list(captions))
+                out[f"mse_{m}"] = F.mse_loss(pred.float(), target.to(pred.device).float())
+                total = total + losses.mse * out[f"mse_{m}"]
+            media = batch.get("signal_media", {}).get(m)
+            if losses.denoise and media and all(x is not None for x in media):
+                out[f"denoise_{m}"] = self.decoders[m].denoising_loss(pred, media, seed=batch.get("step", 0))
+                total = total + losses.denoise * out[f"denoise_{m}"]
+        out["loss"] = total
+        return out
+
+    # ------------------------------------------------------------------ save / load
+    def describe(self) -> dict[str, Any]:
+        return {"assembly": to_dict(self.config), "lora": to_dict(self.lora_config) if self.lora_config else None}
+
+    def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        from mmllm.training.checkpoint import save_model_checkpoint
+
+        return save_model_checkpoint(self, Path(directory), extra or {})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, trainable_lora: bool = False) -> AnyToAnyModel:
+        from mmllm.training.checkpoint import load_model_checkpoint
+
+        return load_model_checkpoint(Path(directory), trainable_lora=trainable_lora)
+
+    @classmethod
+    def from_assembly_dict(cls, data: dict[str, Any]) -> AnyToAnyModel:
+        return cls.assemble(parse_assembly(data))
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def generate(self, *args: Any, **kwargs: Any) -> list[GenerationResult]:
+        from mmllm.inference.generate import generate
+
+        return generate(self, *args, **kwargs)
+
+
+def describe_json(model: AnyToAnyModel) -> str:
+    return json.dumps(model.describe(), indent=2, default=str)

@@ -1,0 +1,298 @@
+"""Checkpoints: one layout whatever the stage, written atomically, verified on load.
+
+::
+
+    CKPT/
+      mmllm.json                 format version, resolved assembly (+ LoRA, stage) config, token additions
+      learned.safetensors        input/output projections and signal-token rows (all of them, always)
+      adapter/                   the LoRA adapter in PEFT's own format (when LoRA is on)
+      training_state/            optimizer, scheduler, RNG and data position (for --resume)
+      manifest.json              sha256 of every file above
+
+A checkpoint is written into a temporary sibling folder, fsynced, and renamed into place, so a
+kill during the write leaves the previous checkpoint intact. On load, every file is checked
+against the manifest; a truncated or altered file is refused with its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmllm.config import ConfigError, from_dict, parse_assembly, to_dict
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE = "mmllm.json"
+LEARNED_FILE = "learned.safetensors"
+ADAPTER_DIR = "adapter"
+STATE_DIR = "training_state"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ConfigError):
+    pass
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(root: Path) -> None:
+    files = {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    (root / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
+
+
+def verify_manifest(root: Path) -> None:
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{root}: no {MANIFEST}; this is not a complete mmllm checkpoint")
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise CheckpointError(f"{manifest}: unreadable manifest ({exc})") from exc
+    for rel, digest in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed in the manifest but missing; the checkpoint is incomplete")
+        if _sha256(path) != digest:
+            raise CheckpointError(f"{path}: contents do not match the manifest (truncated or modified); refusing it")
+
+
+def atomic_dir(final: Path, fill) -> Path:
+    """Call ``fill(tmp_dir)``, then fsync and rename ``tmp_dir`` to ``final`` (replacing it)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}")
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        write_manifest(tmp)
+        _fsync_tree(tmp)
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{time.time_ns()}")
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+def _token_additions(model) -> dict[str, Any]:
+    return {"first_new_id": model.llm.first_new_id, "signal_ids": model.llm.signal_ids,
+            "placeholder_ids": model.llm.placeholder_ids}
+
+
+def _write_model_files(model, root: Path, extra: dict[str, Any]) -> None:
+    meta = {"format_version": FORMAT_VERSION, **model.describe(), "tokens": _token_additions(model), **extra}
+    (root / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    save_file(model.learned_state_dict(), str(root / LEARNED_FILE), metadata={"format": "pt"})
+    if model._peft_model is not None:
+        model._peft_model.save_pretrained(str(root / ADAPTER_DIR))
+
+
+def save_model_checkpoint(model, directory: Path, extra: dict[str, Any]) -> Path:
+    return atomic_dir(directory, lambda tmp: _write_model_files(model, tmp, extra))
+
+
+def read_meta(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE}; is this an mmllm checkpoint directory?")
+    meta = json.loads(path.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    return meta
+
+
+def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify: bool = True):
+    from mmllm.config import LoraConfig
+    from mmllm.model import AnyToAnyModel
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    if verify:
+        verify_manifest(directory)
+    meta = read_meta(directory)
+    assembly = dict(meta["assembly"])
+    llm = dict(assembly["llm"])
+    if llm.get("kind") == "hf-causal-lm" and str(llm.get("name_or_path", "")).startswith("./"):
+        llm["name_or_path"] = str(directory / llm["name_or_path"][2:])  # an exported (merged) LLM
+        assembly["llm"] = llm
+    model = AnyToAnyModel.assemble(parse_assembly(assembly, where=f"{directory}/{CONFIG_FILE}"))
+    tokens = _token_additions(model)
+    saved = {k: meta["tokens"][k] for k in tokens}
+    if json.loads(json.dumps(tokens)) != saved:
+        raise CheckpointError(f"{directory}: token additions differ from the rebuilt tokenizer: {saved} vs {tokens}")
+    if (directory / ADAPTER_DIR).is_dir():
+        attach_adapter(model, directory / ADAPTER_DIR, from_dict(LoraConfig, meta["lora"]), trainable_lora)
+    model.load_learned_state_dict(load_file(str(directory / LEARNED_FILE)), str(directory / LEARNED_FILE))
+    return model
+
+
+def attach_adapter(model, adapter_dir: Path, lora_cfg, trainable: bool = False) -> None:
+    from peft import set_peft_model_state_dict
+
+    model.add_lora(lora_cfg)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing LoRA weights")
+    state = load_file(str(weights))
+    result = set_peft_model_state_dict(model._peft_model, state)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{weights}: missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
+    for p in model.lora_parameters().values():
+        p.requires_grad_(trainable)
+
+
+# --------------------------------------------------------------------------------------------
+# Training state (for --resume)
+# --------------------------------------------------------------------------------------------
+
+
+def save_training_state(root: Path, optimizer, scheduler, step: int, extra: dict[str, Any]) -> None:
+    state = root / STATE_DIR
+    state.mkdir(parents=True, exist_ok=True)
+    torch.save(optimizer.state_dict(), state / "optimizer.pt")
+    torch.save(scheduler.state_dict(), state / "scheduler.pt")
+    torch.save(
+        {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        state / "rng.pt",
+    )
+    (state / "progress.json").write_text(json.dumps({"step": step, **extra}, indent=1))
+
+
+def load_training_state(root: Path, optimizer, scheduler) -> dict[str, Any]:
+    """Restore optimizer, scheduler and RNG from a checkpoint this library wrote (manifest-verified)."""
+    state = Path(root) / STATE_DIR
+    if not (state / "progress.json").is_file():
+        raise CheckpointError(f"{root}: no {STATE_DIR}/ to resume from (it was saved without training state)")
+    optimizer.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
+    rng = torch.load(state / "rng.pt", weights_only=False)  # our own file, hash-verified by the manifest
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((state / "progress.json").read_text())
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete ``step-*`` checkpoint under ``output_dir`` (incomplete ones are skipped)."""
+    candidates = sorted(Path(output_dir).glob("step-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    for c in candidates:
+        try:
+            verify_manifest(c)
+            return c
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint %s: %s", c, exc)
+    return None
+
+
+def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    steps = sorted(Path(output_dir).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    for old in steps[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_merged(checkpoint: Path, out: Path) -> Path:
+    """A copy with LoRA merged into the LLM, saved as a plain HF model dir under ``out/llm``."""
+    model = load_model_checkpoint(checkpoint)
+    meta = read_meta(checkpoint)
+
+    def fill(tmp: Path) -> None:
+        llm = model.llm
+        base_model = model._peft_model.merge_and_unload() if model._peft_model is not None else llm.model
+        emb, head = base_model.get_input_embeddings(), base_model.get_output_embeddings()
+        base_model.set_input_embeddings(emb.base)
+        if head is not None:
+            base_model.set_output_embeddings(head.base)
+        tied = head is not None and head.base.weight is emb.base.weight
+        base_model.config.tie_word_embeddings = tied
+        tokenizer = _base_tokenizer(llm)
+        base_model.save_pretrained(str(tmp / "llm"))
+        tokenizer.save_pretrained(str(tmp / "llm"))
+        meta_out = dict(meta)
+        meta_out["assembly"] = dict(meta["assembly"])
+        meta_out["assembly"]["llm"] = {"kind": "hf-causal-lm", "name_or_path": "./llm",
+                                       "dtype": meta["assembly"]["llm"].get("dtype", "float32")}
+        meta_out["lora"] = None
+        meta_out["merged_from"] = str(checkpoint)
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta_out, indent=2, default=str))
+        save_file(model.learned_state_dict(), str(tmp / LEARNED_FILE), metadata={"format": "pt"})
+
+    return atomic_dir(out, fill)
+
+
+def _base_tokenizer(llm):
+    """The tokenizer without mmllm's additions (they are re-added, with the same ids, on load)."""
+    import copy
+
+    tok = copy.deepcopy(llm.tokenizer)
+    backend = tok.backend_tokenizer if hasattr(tok, "backend_tokenizer") else None
+    if backend is None:
+        raise CheckpointError("export needs a fast tokenizer")
+    from tokenizers import Tokenizer
+
+    data = json.loads(backend.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["id"] < llm.first_new_id]
+    from transformers import PreTrainedTokenizerFast
+
+    base = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        bos_token=tok.bos_token, eos_token=tok.eos_token, pad_token=tok.pad_token, unk_token=tok.unk_token,
+        model_max_length=tok.model_max_length,
+    )
+    base.chat_template = tok.chat_template
+    return base
+
+
+def stage_meta(stage_cfg) -> dict[str, Any]:
+    return {"stage": to_dict(stage_cfg)}

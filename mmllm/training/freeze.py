@@ -1,0 +1,70 @@
+"""The one place that decides what learns, and logs it per component."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from mmllm.model import AnyToAnyModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ComponentCount:
+    name: str
+    trainable: int
+    frozen: int
+
+
+def apply_trainable(model: AnyToAnyModel, flags: dict[str, bool]) -> list[ComponentCount]:
+    """Freeze everything, then unfreeze exactly the groups whose flag is true."""
+    model.requires_grad_(False)
+    groups = model.glue_parameters()
+    unknown = sorted(set(flags) - set(groups))
+    if unknown:
+        raise ValueError(f"unknown trainable group(s) {unknown}; valid: {sorted(groups)}")
+    if flags.get("lora") and not groups["lora"]:
+        raise ValueError("trainable.lora is true but no LoRA adapter is attached (set the stage's `lora:` file)")
+    for group, params in groups.items():
+        for p in params.values():
+            p.requires_grad_(bool(flags.get(group, False)))
+    report = count_parameters(model)
+    for row in report:
+        log.info("%-28s %s  trainable %12s  frozen %12s", row.name,
+                 "TRAINABLE" if row.trainable else "frozen   ", f"{row.trainable:,}", f"{row.frozen:,}")
+    return report
+
+
+def count_parameters(model: AnyToAnyModel) -> list[ComponentCount]:
+    """Per component: trainable and frozen parameter counts (shared parameters counted once)."""
+    seen: set[int] = set()
+    rows: list[ComponentCount] = []
+
+    def add(name: str, params: list[nn.Parameter]) -> None:
+        t = f = 0
+        for p in params:
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.requires_grad:
+                t += p.numel()
+            else:
+                f += p.numel()
+        rows.append(ComponentCount(name, t, f))
+
+    groups = model.glue_parameters()
+    add("llm.signal_embeddings", list(groups["signal_embeddings"].values()))
+    add("llm.lora", list(groups["lora"].values()))
+    add("llm (original weights)", list(model.llm.parameters()))
+    for m, mod in model.encoders.items():
+        add(f"encoders.{m}", list(mod.parameters()))
+    for m, mod in model.input_projections.items():
+        add(f"input_projections.{m}", list(mod.parameters()))
+    for m, mod in model.output_projections.items():
+        add(f"output_projections.{m}", list(mod.parameters()))
+    for m, mod in model.decoders.items():
+        add(f"decoders.{m}", list(mod.parameters()))
+    return rows

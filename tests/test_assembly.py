@@ -1,0 +1,75 @@
+"""Assembly-time checks: parts chosen by exact name, every dimension agreeing before any training."""
+
+import pytest
+import torch
+
+from mmllm.config import ConfigError, load_assembly, parse_assembly, to_dict
+from mmllm.model import AnyToAnyModel
+from tests.conftest import TINY
+
+
+def _tiny(**edits):
+    data = to_dict(load_assembly(TINY))
+    for path, value in edits.items():
+        node = data
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return parse_assembly(data)
+
+
+def test_output_projection_disagreeing_with_decoder_fails_naming_both():
+    cfg = _tiny(output_projections__image__num_queries=77, output_projections__image__output_dim=768)
+    with pytest.raises(ConfigError) as err:
+        AnyToAnyModel.assemble(cfg)
+    msg = str(err.value)
+    assert "output_projections.image" in msg and "(77, 768)" in msg
+    assert "decoders.image (sd-image)" in msg and "(16, 32)" in msg
+
+
+def test_input_projection_width_disagreeing_with_encoder_fails_naming_both():
+    with pytest.raises(ConfigError, match=r"input_projections\.audio\.input_dim=99.*encoders\.audio \(hf-audio\)"):
+        AnyToAnyModel.assemble(_tiny(input_projections__audio__input_dim=99))
+
+
+def test_unknown_kind_lists_valid_kinds_without_guessing():
+    with pytest.raises(ConfigError, match="unknown encoder kind 'clip'.*frames-video, hf-audio, open-clip"):
+        AnyToAnyModel.assemble(_tiny(encoders__image__kind="clip"))
+
+
+def test_unknown_component_option_is_refused():
+    with pytest.raises(ConfigError, match="decoders.image.*stepz"):
+        AnyToAnyModel.assemble(_tiny(decoders__image__stepz=3))
+
+
+def test_assembly_is_deterministic_from_the_seed(tiny_assembly):
+    a = AnyToAnyModel.assemble(tiny_assembly).state_dict()
+    b = AnyToAnyModel.assemble(tiny_assembly).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_signal_tokens_only_new_rows_learn(tiny_model):
+    llm = tiny_model.llm
+    n_signal = sum(tiny_model.config.signal_tokens.values())
+    assert llm.vocab_size == llm.first_new_id + n_signal
+    params = llm.signal_parameters()
+    assert list(params) == ["embed_signal"]  # tied core: one shared block of new rows
+    assert params["embed_signal"].shape == (n_signal, llm.hidden_size)
+    emb = llm.model.get_input_embeddings()
+    assert emb.base.weight.shape[0] == llm.first_new_id  # the original table is not resized
+    ids = torch.tensor([[5, llm.signal_ids["image"][0], llm.placeholder_ids["image"]]])
+    out = llm.embed(ids)
+    assert torch.equal(out[0, 0], emb.base.weight[5])
+    assert torch.equal(out[0, 1], params["embed_signal"][0])
+    assert torch.count_nonzero(out[0, 2]) == 0
+    logits = llm.lm_head()(torch.randn(2, llm.hidden_size))
+    assert logits.shape == (2, llm.vocab_size)
+
+
+def test_untied_core_gets_its_own_head_rows(tiny_assembly):
+    data = to_dict(tiny_assembly)
+    data["llm"]["tie_word_embeddings"] = False
+    model = AnyToAnyModel.assemble(parse_assembly(data))
+    assert set(model.llm.signal_parameters()) == {"embed_signal", "head_signal"}

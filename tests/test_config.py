@@ -1,0 +1,57 @@
+import pytest
+
+from mmllm.config import (
+    ConfigError,
+    apply_overrides,
+    load_assembly,
+    load_stage,
+    parse_assembly,
+    to_dict,
+)
+from tests.conftest import REPO, TINY
+
+
+def test_tiny_assembly_loads_and_round_trips(tiny_assembly):
+    assert tiny_assembly.llm.kind == "tiny-llama"
+    assert set(tiny_assembly.encoders) == {"image", "audio", "video"}
+    again = parse_assembly(to_dict(tiny_assembly))
+    assert to_dict(again) == to_dict(tiny_assembly)
+
+
+def test_unknown_key_names_the_path_and_lists_valid_keys():
+    data = to_dict(load_assembly(TINY))
+    data["input_projections"]["image"]["num_tokns"] = 3
+    with pytest.raises(ConfigError, match=r"input_projections\.image\.num_tokns.*valid keys.*num_tokens"):
+        parse_assembly(data)
+
+
+def test_unknown_modality_is_refused():
+    data = to_dict(load_assembly(TINY))
+    data["encoders"]["smell"] = data["encoders"]["image"]
+    with pytest.raises(ConfigError, match="smell.*valid modalities"):
+        parse_assembly(data)
+
+
+def test_overrides_parse_yaml_values_and_nest():
+    data = apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr=3e-4", "schedule.decay=linear", "x=[1, 2]"])
+    assert data == {"optim": {"lr": 3e-4}, "schedule": {"decay": "linear"}, "x": [1, 2]}
+    with pytest.raises(ConfigError):
+        apply_overrides({}, ["no-equals-sign"])
+
+
+def test_stage_config_resolves_paths_and_routes_assembly_overrides():
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["max_steps=3", "assembly.llm.num_layers=1"])
+    assert cfg.max_steps == 3
+    assert cfg.assembly_overrides == ["llm.num_layers=1"]
+    assert cfg.assembly.endswith("assemblies/tiny.yaml")
+    assert cfg.resolved_trainable() == {
+        "input_projections": True, "output_projections": False, "signal_embeddings": False, "lora": False}
+
+
+def test_bad_values_and_missing_files_are_reported():
+    with pytest.raises(ConfigError, match="not found"):
+        load_stage("configs/stages/nope.yaml")
+    with pytest.raises(ConfigError, match="max_steps: expected an integer"):
+        load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["max_steps=many"])
+    with pytest.raises(ConfigError, match="decay.*not one of"):
+        load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["schedule.decay=zigzag"])

@@ -1,0 +1,256 @@
+"""Tiny in-process diffusion decoders (SD image, AudioLDM audio, text-to-video) against the interface."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mmllm.config import ComponentSpec, ConfigError
+from mmllm.data.media import Audio, Video
+from mmllm.decoders._diffusion import prediction_target, training_scheduler
+from mmllm.registry import build
+
+YAML_PATH = Path(__file__).resolve().parents[1] / "configs" / "assemblies" / "_tiny_decoders.yaml"
+ENTRIES = yaml.safe_load(YAML_PATH.read_text())["decoders"]
+MODALITIES = ["image", "audio", "video"]
+EXPECTED_SHAPES = {"image": (16, 32), "audio": (1, 16), "video": (16, 32)}
+CAPTIONS = ["a red circle", "a blue square"]
+
+
+def build_entry(modality: str, **changes) -> torch.nn.Module:
+    entry = {**ENTRIES[modality], **changes}
+    where = f"decoders.{modality}"
+    return build("decoder", ComponentSpec.parse(entry, where), where)
+
+
+@pytest.fixture(scope="module")
+def decoders() -> dict[str, torch.nn.Module]:
+    return {m: build_entry(m) for m in MODALITIES}
+
+
+def as_array(item) -> np.ndarray:
+    """Comparable pixels / samples of one generated media item."""
+    if isinstance(item, Image.Image):
+        return np.asarray(item, dtype=np.float32)
+    if isinstance(item, Audio):
+        return item.waveform
+    return np.stack([np.asarray(f, dtype=np.float32) for f in item.frames])
+
+
+def state(decoder: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+
+
+# ------------------------------------------------------------------------------------------------ building
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_builds_frozen_with_known_shape(decoders, modality):
+    decoder = decoders[modality]
+    assert decoder.modality == modality
+    assert decoder.conditioning_shape == EXPECTED_SHAPES[modality]
+    params = list(decoder.parameters())
+    assert params and not any(p.requires_grad for p in params)
+    decoder.train()
+    assert not any(m.training for m in decoder.modules())
+    assert decoder.pipeline is decoder.pipeline  # built once and kept
+    assert decoder.describe()["conditioning_shape"] == list(EXPECTED_SHAPES[modality])
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_tiny_options_match_yaml_and_build(decoders, modality):
+    cls = type(decoders[modality])
+    assert {k: v for k, v in ENTRIES[modality].items() if k != "kind"} == cls.tiny_options()
+    decoder = cls.from_options(cls.Options(**cls.tiny_options()))
+    assert decoder.conditioning_shape == EXPECTED_SHAPES[modality]
+    # same tiny sizes and seed -> same weights as the YAML build
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(decoder.state_dict().values(), decoders[modality].state_dict().values(), strict=True)
+    )
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_unknown_option_key_is_named(modality):
+    with pytest.raises(ConfigError, match=rf"decoders\.{modality}\.bogus_key"):
+        build_entry(modality, bogus_key=1)
+    with pytest.raises(ConfigError, match=r"tiny\.bogus_size"):
+        build_entry(modality, tiny={"bogus_size": 3})
+
+
+def test_model_and_tiny_are_exclusive():
+    with pytest.raises(ConfigError, match="exactly one"):
+        build_entry("image", model="some/repo")
+    with pytest.raises(ConfigError, match="scheduler_prediction_type"):
+        build_entry("image", scheduler_prediction_type="flow")
+    with pytest.raises(ConfigError, match=r"decoders\.video.*width must be a positive multiple of 8"):
+        build_entry("video", width=30)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_model_dir_round_trip(decoders, modality, tmp_path):
+    """The ``model:`` path: a saved pipeline dir reloads (safetensors, offline) into the same decoder."""
+    decoder = decoders[modality]
+    decoder.pipeline.save_pretrained(tmp_path)
+    entry = {k: v for k, v in ENTRIES[modality].items() if k != "tiny"}
+    where = f"decoders.{modality}"
+    loaded = build("decoder", ComponentSpec.parse({**entry, "model": str(tmp_path)}, where), where)
+    assert loaded.conditioning_shape == decoder.conditioning_shape
+    assert not any(p.requires_grad for p in loaded.parameters())
+    cond = decoder.condition(CAPTIONS)
+    torch.testing.assert_close(loaded.condition(CAPTIONS), cond)
+    np.testing.assert_allclose(
+        as_array(loaded.generate(cond[:1], seeds=[4])[0]),
+        as_array(decoder.generate(cond[:1], seeds=[4])[0]),
+        atol=1e-5,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ condition
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_condition_shape_and_content(decoders, modality):
+    decoder = decoders[modality]
+    cond = decoder.condition(CAPTIONS)
+    assert cond.shape == (2, *decoder.conditioning_shape)
+    assert torch.isfinite(cond).all()
+    assert not torch.allclose(cond[0], cond[1])
+    assert torch.allclose(decoder.condition(CAPTIONS[:1])[0], cond[0], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ generate
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_generate_types_and_seed_batch_invariance(decoders, modality):
+    decoder = decoders[modality]
+    cond = decoder.condition(CAPTIONS)
+    batch = decoder.generate(cond, seeds=[11, 12])
+    assert len(batch) == 2
+    if modality == "image":
+        assert all(isinstance(x, Image.Image) and x.size == (32, 32) and x.mode == "RGB" for x in batch)
+    elif modality == "audio":
+        assert all(isinstance(x, Audio) for x in batch)
+        assert all(x.sample_rate == decoder.vocoder.config.sampling_rate == 16000 for x in batch)
+        assert all(x.waveform.shape == (1024, 1) and np.isfinite(x.waveform).all() for x in batch)
+    else:
+        assert all(isinstance(x, Video) and len(x.frames) == 4 and x.fps == 8.0 for x in batch)
+        assert all(f.size == (32, 32) and f.mode == "RGB" for x in batch for f in x.frames)
+    alone = decoder.generate(cond[1:], seeds=[12])
+    np.testing.assert_allclose(as_array(alone[0]), as_array(batch[1]), atol=1e-5)
+    other_seed = decoder.generate(cond[1:], seeds=[13])
+    assert not np.allclose(as_array(other_seed[0]), as_array(batch[1]))
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_generate_without_guidance_and_with_explicit_negative(decoders, modality):
+    decoder = decoders[modality]
+    cond = decoder.condition(CAPTIONS)
+    plain = decoder.generate(cond, guidance=1.0, steps=1, seeds=[0, 1])
+    assert len(plain) == 2
+    negative = decoder.condition([""])  # one row, broadcast to the batch
+    explicit = decoder.generate(cond, negative_conditioning=negative, seeds=[3, 4])
+    implicit = decoder.generate(cond, seeds=[3, 4])
+    for a, b in zip(explicit, implicit, strict=True):
+        np.testing.assert_allclose(as_array(a), as_array(b), atol=1e-5)
+
+
+def test_generate_rejects_wrong_shape(decoders):
+    with pytest.raises(ValueError, match="conditioning must have shape"):
+        decoders["image"].generate(torch.zeros(1, 7, 32))
+
+
+def test_scheduler_swap_generates():
+    decoder = build_entry("image", scheduler="DPMSolverMultistepScheduler")
+    assert type(decoder.pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    images = decoder.generate(decoder.condition(CAPTIONS[:1]), steps=2, seeds=[0])
+    assert images[0].size == (32, 32)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def sample_media(decoder, modality: str, n: int) -> list:
+    rng = np.random.default_rng(0)
+    if modality == "image":
+        return [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(n)]
+    if modality == "audio":
+        t = np.arange(800) / 8000.0  # 0.1 s at 8 kHz: resampled, then cropped to 0.064 s
+        return [Audio(np.sin(2 * math.pi * 440 * (i + 1) * t).astype(np.float32), 8000) for i in range(n)]
+    frames = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(6)]
+    return [Video(frames=frames, fps=8.0) for _ in range(n)]
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_denoising_loss_reaches_conditioning_only(decoders, modality):
+    decoder = decoders[modality]
+    before = state(decoder)
+    cond = decoder.condition(CAPTIONS).clone().requires_grad_(True)
+    media = sample_media(decoder, modality, 2)
+    loss = decoder.denoising_loss(cond, media, seed=0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert cond.grad is not None and cond.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in decoder.parameters())
+    after = state(decoder)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    again = decoder.denoising_loss(cond.detach(), media, seed=0)
+    assert torch.allclose(again, loss.detach())
+
+
+def test_denoising_loss_honours_prediction_type_override():
+    decoder = build_entry("image", scheduler_prediction_type="v_prediction")
+    assert decoder.scheduler.config.prediction_type == "v_prediction"
+    assert decoder.noise_scheduler.config.prediction_type == "v_prediction"
+    loss = decoder.denoising_loss(decoder.condition(CAPTIONS[:1]), sample_media(decoder, "image", 1), seed=1)
+    assert torch.isfinite(loss)
+
+
+def test_audio_log_mel_shape(decoders):
+    decoder = decoders["audio"]
+    mel = decoder.log_mel(sample_media(decoder, "audio", 1)[0])
+    assert mel.shape == (decoder.frames, decoder.vocoder.config.model_in_dim) == (64, 16)
+    assert torch.isfinite(mel).all() and mel.min() >= math.log(1e-5) - 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ helper
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_prediction_target(kind):
+    from diffusers import DDIMScheduler
+
+    scheduler = training_scheduler(DDIMScheduler(beta_schedule="scaled_linear", prediction_type=kind))
+    assert scheduler.config.prediction_type == kind
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(3, 4, 5, 5, generator=gen), torch.randn(3, 4, 5, 5, generator=gen)
+    timesteps = torch.tensor([0, 500, 999])
+    target = prediction_target(scheduler, latents, noise, timesteps)
+    abar = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    expected = {
+        "epsilon": noise,
+        "v_prediction": abar.sqrt() * noise - (1 - abar).sqrt() * latents,
+        "sample": latents,
+    }[kind]
+    torch.testing.assert_close(target, expected)
+
+
+def test_prediction_target_rejects_unknown_type():
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler()
+    scheduler.register_to_config(prediction_type="flow_prediction")
+    x = torch.zeros(1, 4, 2, 2)
+    with pytest.raises(ValueError, match="flow_prediction"):
+        prediction_target(scheduler, x, x, torch.tensor([1]))

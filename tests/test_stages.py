@@ -1,0 +1,141 @@
+"""The three stages on the tiny assembly: exactly the declared parameters learn, the loss goes
+down, every frozen part is bit-identical afterwards, checkpoints reload exactly, resume is exact."""
+
+import pytest
+import torch
+
+from mmllm.config import load_stage
+from mmllm.data.dataset import StageDataset, collate, load_stage_records
+from mmllm.model import AnyToAnyModel
+from mmllm.training.freeze import apply_trainable
+from mmllm.training.loop import build_model, token_spec, train
+from tests.conftest import REPO
+
+STAGES = {"encode-align": "encode_align", "decode-align": "decode_align", "instruct": "instruct"}
+EXPECTED_GROUPS = {
+    "encode-align": {"input_projections"},
+    "decode-align": {"output_projections", "signal_embeddings"},
+    "instruct": {"input_projections", "output_projections", "signal_embeddings", "lora"},
+}
+
+
+def stage_cfg(stage, sample_data, out, **overrides):
+    data = "pairs" if stage != "instruct" else "chat"
+    fmt = "mmllm-pairs" if stage != "instruct" else "mmllm-chat"
+    items = [f"output_dir={out}", "report_to=none", f"data=[{{path: {sample_data[data]}, format: {fmt}}}]",
+             "init_from=null"]
+    items += [f"{k}={v}" for k, v in overrides.items()]
+    return load_stage(REPO / "configs/stages/tiny" / f"{STAGES[stage]}.yaml", items)
+
+
+def fixed_batch_loss(model, cfg):
+    """Mean loss over the whole (small) data set in one batch: a fixed yardstick."""
+    per, _, _ = load_stage_records(cfg.data, cfg.stage)
+    pre = {m: e.preprocess for m, e in model.encoders.items()}
+    ds = StageDataset(per[0], model.llm.tokenizer, token_spec(model), pre)
+    batch = collate([ds[i] for i in range(len(ds))], model.llm.tokenizer.pad_token_id)
+    model.eval()
+    with torch.no_grad():
+        return {k: float(v) for k, v in model(batch, cfg.losses).items()}
+
+
+def frozen_snapshot(model):
+    trainable = {id(p) for group in model.glue_parameters().values() for p in group.values()}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if id(p) not in trainable}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_exactly_the_declared_parameters_require_grad(stage, sample_data, tmp_path):
+    cfg = stage_cfg(stage, sample_data, tmp_path)
+    model = build_model(cfg)
+    apply_trainable(model, cfg.resolved_trainable())
+    groups = model.glue_parameters()
+    expected = {id(p) for g in EXPECTED_GROUPS[stage] for p in groups[g].values()}
+    actual = {id(p) for p in model.parameters() if p.requires_grad}
+    assert actual == expected and expected
+    # the original LLM matrices, encoders and decoders never learn
+    emb = model.llm.model.get_input_embeddings()
+    assert not emb.base.weight.requires_grad
+    assert not any(p.requires_grad for p in model.encoders.parameters())
+    assert not any(p.requires_grad for p in model.decoders.parameters())
+
+
+@pytest.fixture(scope="module")
+def chain(sample_data, tmp_path_factory):
+    """Train encode-align -> decode-align -> instruct, each from the previous checkpoint."""
+    root = tmp_path_factory.mktemp("chain")
+    results, previous = {}, None
+    for stage in STAGES:
+        cfg = stage_cfg(stage, sample_data, root / stage, max_steps=16, save_every=8,
+                        **({"init_from": previous} if previous else {}))
+        before_model = build_model(cfg)
+        before = fixed_batch_loss(before_model, cfg)
+        frozen = frozen_snapshot(before_model)
+        result = train(cfg)
+        after_model = AnyToAnyModel.from_pretrained(result.final_checkpoint)
+        results[stage] = dict(cfg=cfg, result=result, before=before, after=fixed_batch_loss(after_model, cfg),
+                              frozen=frozen, model=after_model)
+        previous = result.final_checkpoint
+    return results
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_each_stage_lowers_its_loss(chain, stage):
+    before, after = chain[stage]["before"], chain[stage]["after"]
+    assert after["loss"] < 0.9 * before["loss"], (before, after)
+    if stage != "encode-align":
+        for key in (k for k in before if k.startswith("mse_")):
+            assert after[key] < before[key], (key, before, after)
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_frozen_parts_are_bit_identical_after_training(chain, stage):
+    frozen, model = chain[stage]["frozen"], chain[stage]["model"]
+    now = dict(model.named_parameters())
+    assert frozen, "nothing frozen?"
+    for name, value in frozen.items():
+        assert torch.equal(now[name], value), name
+
+
+def test_checkpoint_reloads_to_bit_identical_learned_weights(chain):
+    model = chain["instruct"]["model"]
+    again = AnyToAnyModel.from_pretrained(chain["instruct"]["result"].final_checkpoint)
+    a, b = model.learned_state_dict(), again.learned_state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    la, lb = model.lora_parameters(), again.lora_parameters()
+    assert la and la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+
+
+def test_checkpoint_layout_is_the_same_for_every_stage(chain):
+    for stage, entry in chain.items():
+        files = {p.name for p in entry["result"].final_checkpoint.iterdir()}
+        assert {"mmllm.json", "learned.safetensors", "manifest.json", "training_state"} <= files, stage
+        assert ("adapter" in files) == (stage == "instruct")
+
+
+def test_resume_equals_an_uninterrupted_run(sample_data, tmp_path):
+    full = train(stage_cfg("instruct", sample_data, tmp_path / "full", max_steps=6, save_every=3))
+    part = stage_cfg("instruct", sample_data, tmp_path / "part", max_steps=3, save_every=3)
+    train(part)
+    resumed = train(stage_cfg("instruct", sample_data, tmp_path / "part", max_steps=6, save_every=3), resume=True)
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
+    a = AnyToAnyModel.from_pretrained(full.final_checkpoint)
+    b = AnyToAnyModel.from_pretrained(resumed.final_checkpoint)
+    for k, v in a.learned_state_dict().items():
+        torch.testing.assert_close(b.learned_state_dict()[k], v, rtol=0, atol=1e-6)
+    for k, v in a.lora_parameters().items():
+        torch.testing.assert_close(b.lora_parameters()[k], v, rtol=0, atol=1e-6)
+
+
+def test_tampered_checkpoint_is_refused_naming_the_file(chain, tmp_path):
+    import shutil
+
+    from mmllm.training.checkpoint import CheckpointError
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(chain["decode-align"]["result"].final_checkpoint, copy)
+    with open(copy / "learned.safetensors", "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\x00\x01\x02\x03")
+    with pytest.raises(CheckpointError, match="learned.safetensors"):
+        AnyToAnyModel.from_pretrained(copy)

@@ -1,0 +1,119 @@
+"""Conversations -> ids/labels: labels only on what the assistant says, media spans expanded and
+never cut, signal groups appended, counts checked."""
+
+import pytest
+import torch
+
+from mmllm.data.dataset import MixtureSampler, StageDataset, collate
+from mmllm.data.formats import CaptionPair, Conversation, MediaRef, Message, OutputRef
+from mmllm.data.template import IGNORE, encode_conversation, pair_to_conversation
+from mmllm.training.loop import token_spec
+
+
+@pytest.fixture
+def spec(tiny_model):
+    return token_spec(tiny_model)
+
+
+def _conv(tmp_path):
+    return Conversation("c", [
+        Message("user", "<image> and <audio>: what?", [MediaRef("image", tmp_path / "a.png"),
+                                                       MediaRef("audio", tmp_path / "b.wav")]),
+        Message("assistant", "a red circle"),
+        Message("user", "draw it"),
+        Message("assistant", "ok", outputs=[OutputRef("image", "a red circle"), OutputRef("audio", "a beep")]),
+    ])
+
+
+def test_labels_cover_only_assistant_replies_and_signals(tiny_model, spec, tmp_path):
+    tok = tiny_model.llm.tokenizer
+    enc = encode_conversation(_conv(tmp_path), tok, spec)
+    assert len(enc.input_ids) == len(enc.labels)
+    labelled = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE]
+    text = tok.decode(labelled)
+    assert "a red circle" in text and "ok" in text
+    assert "what" not in text and "draw it" not in text
+    # both signal groups, whole and in order, are learned
+    sig = spec.signal_ids["image"] + spec.signal_ids["audio"]
+    assert [t for t in labelled if t in sig] == sig
+    # placeholders expanded to the projection's token counts, never labelled
+    ph = spec.placeholder_ids
+    assert enc.input_ids.count(ph["image"]) == spec.media_tokens["image"]
+    assert enc.input_ids.count(ph["audio"]) == spec.media_tokens["audio"]
+    assert all(lab == IGNORE for t, lab in zip(enc.input_ids, enc.labels) if t in ph.values())
+
+
+def _two_turns(tmp_path):
+    return Conversation("c", [
+        Message("user", "<image> what?", [MediaRef("image", tmp_path / "a.png")]),
+        Message("assistant", "a red circle"),
+        Message("user", "and <audio>?", [MediaRef("audio", tmp_path / "b.wav")]),
+        Message("assistant", "a beep", outputs=[OutputRef("image", "a red circle")]),
+    ])
+
+
+def test_truncation_never_cuts_inside_a_media_span(tiny_model, spec, tmp_path):
+    tok = tiny_model.llm.tokenizer
+    full = encode_conversation(_two_turns(tmp_path), tok, spec)
+    ph = spec.placeholder_ids["audio"]
+    start = full.input_ids.index(ph)
+    spec.max_length = start + 3  # would cut inside the audio span
+    enc = encode_conversation(_two_turns(tmp_path), tok, spec)
+    assert enc.truncated and len(enc.input_ids) == start
+    assert ph not in enc.input_ids
+    assert [m.modality for m in enc.media] == ["image"]  # the cut media item is dropped with its span
+    assert enc.outputs == []
+    spec.max_length = 4  # nothing the assistant says survives: an error, not a silent empty sample
+    with pytest.raises(ValueError, match="nothing left to learn"):
+        encode_conversation(_two_turns(tmp_path), tok, spec)
+
+
+def test_mismatched_placeholders_and_media_are_errors(tiny_model, spec, tmp_path):
+    conv = Conversation("c", [Message("user", "<image> <image>", [MediaRef("image", tmp_path / "a.png")]),
+                              Message("assistant", "x")])
+    with pytest.raises(ValueError, match="2 placeholders.*1 media"):
+        encode_conversation(conv, tiny_model.llm.tokenizer, spec)
+
+
+def test_pairs_become_stage_conversations(tmp_path):
+    pair = CaptionPair("p", "audio", "a beep", tmp_path / "x.wav")
+    ea = pair_to_conversation(pair, "encode-align")
+    assert ea.messages[0].content == "<audio>" and ea.messages[1].content == "a beep"
+    da = pair_to_conversation(pair, "decode-align")
+    assert "a beep" in da.messages[0].content and da.messages[1].outputs[0].caption == "a beep"
+    with pytest.raises(ValueError):
+        pair_to_conversation(CaptionPair("p", "image", "x"), "encode-align")
+
+
+def test_collate_orders_media_and_captions_and_skips_bad_samples(tiny_model, spec, sample_data):
+    from mmllm.data.formats import read_records
+
+    chats, errors = read_records(sample_data["chat"], "mmllm-chat")
+    assert not errors
+    bad = Conversation("bad", [Message("user", "<image>", [MediaRef("image", sample_data["chat"].parent / "nope.png")]),
+                               Message("assistant", "x")])
+    pre = {m: e.preprocess for m, e in tiny_model.encoders.items()}
+    ds = StageDataset(chats + [bad], tiny_model.llm.tokenizer, spec, pre)
+    items = [ds[i] for i in range(len(ds))]
+    batch = collate(items, tiny_model.llm.tokenizer.pad_token_id)
+    assert batch["skipped"] and batch["skipped"][0][0] == "bad" and "not found" in batch["skipped"][0][1]
+    n_good = len(ds) - 1
+    assert batch["input_ids"].shape[0] == n_good
+    for m, t in batch["media"].items():
+        slots = int((batch["input_ids"] == spec.placeholder_ids[m]).sum())
+        assert slots == t.shape[0] * spec.media_tokens[m]
+    for m, caps in batch["signal_captions"].items():
+        groups = int(torch.isin(batch["input_ids"], torch.tensor(spec.signal_ids[m])).sum()) // len(spec.signal_ids[m])
+        assert groups == len(caps)
+    out = tiny_model(batch)
+    assert torch.isfinite(out["loss"]) and "ce" in out and "mse_image" in out
+
+
+def test_sampler_is_stateless_and_splits_global_batches_across_ranks():
+    s = MixtureSampler([5, 3], [1.0, 2.0], seed=1)
+    assert s.epoch_size == 11
+    one = s.micro_batch(step=3, micro=0, accum=1, rank=0, world=1, batch=4)
+    two = s.micro_batch(3, 0, 1, 0, 2, 2) + s.micro_batch(3, 0, 1, 1, 2, 2)
+    assert one == two
+    assert MixtureSampler([5, 3], [1.0, 2.0], seed=1).micro_batch(3, 0, 1, 0, 1, 4) == one
+    assert MixtureSampler([5, 3], [1.0, 2.0], seed=2).micro_batch(3, 0, 1, 0, 1, 4) != one
