@@ -248,6 +248,7 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
     meta = read_meta(checkpoint)
 
     def fill(tmp: Path) -> None:
+        save_file(model.learned_state_dict(), str(tmp / LEARNED_FILE), metadata={"format": "pt"})
         llm = model.llm
         base_model = model._peft_model.merge_and_unload() if model._peft_model is not None else llm.model
         emb, head = base_model.get_input_embeddings(), base_model.get_output_embeddings()
@@ -266,7 +267,6 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
         meta_out["lora"] = None
         meta_out["merged_from"] = str(checkpoint)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta_out, indent=2, default=str))
-        save_file(model.learned_state_dict(), str(tmp / LEARNED_FILE), metadata={"format": "pt"})
 
     return atomic_dir(out, fill)
 

@@ -1,0 +1,60 @@
+"""The CLI on the tiny assembly: inspect, train (with overrides), export --merge-lora."""
+
+import json
+
+import torch
+
+from mmllm.cli import main
+from mmllm.model import AnyToAnyModel
+from tests.conftest import REPO, TINY
+
+
+def test_inspect_prints_parts_checks_and_per_stage_counts(capsys, tmp_path):
+    out_json = tmp_path / "inspect.json"
+    assert main(["inspect", "--config", str(TINY), "--lora", str(REPO / "configs/lora/tiny.yaml"),
+                 "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    for needle in ("encoders.image: open-clip", "decoders.audio: audioldm-audio", "dimension checks passed",
+                   "stage encode-align", "stage decode-align", "stage instruct"):
+        assert needle in text
+    data = json.loads(out_json.read_text())
+    ea, inst = data["stages"]["encode-align"], data["stages"]["instruct"]
+    assert ea["input_projections.image"]["trainable"] > 0 and ea["output_projections.image"]["trainable"] == 0
+    assert inst["llm.lora"]["trainable"] > 0
+    assert all(v["trainable"] == 0 for k, v in inst.items() if k.startswith(("encoders.", "decoders.")))
+    assert inst["llm (original weights)"]["trainable"] == 0
+
+
+def test_inspect_reports_a_dimension_mismatch_as_an_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("image: {hidden_dim: 64,", "image: {num_queries: 77, hidden_dim: 64,"))
+    assert main(["inspect", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "output_projections.image" in err and "decoders.image" in err
+
+
+def _train_cli(stage, data, out, *extra):
+    name = {"encode-align": "encode_align", "decode-align": "decode_align", "instruct": "instruct"}[stage]
+    fmt = "mmllm-chat" if stage == "instruct" else "mmllm-pairs"
+    args = ["train", "--config", str(REPO / f"configs/stages/tiny/{name}.yaml"), f"output_dir={out}",
+            "report_to=tensorboard", f"data=[{{path: {data}, format: {fmt}}}]", "init_from=null", *extra]
+    assert main(args) == 0
+    return out / f"step-{[a for a in extra if a.startswith('max_steps=')][0].split('=')[1]}"
+
+
+def test_train_then_export_merged_lora_gives_the_same_outputs(sample_data, tmp_path):
+    ckpt = _train_cli("instruct", sample_data["chat"], tmp_path / "run", "max_steps=3", "optim.lr=0.05")
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*")), "no TensorBoard events written"
+    merged = tmp_path / "merged"
+    assert main(["export", "--checkpoint", str(ckpt), "--output", str(merged), "--merge-lora"]) == 0
+    assert (merged / "llm" / "config.json").is_file() and not (merged / "adapter").exists()
+    a = AnyToAnyModel.from_pretrained(ckpt).eval()
+    b = AnyToAnyModel.from_pretrained(merged).eval()
+    assert b.lora_config is None
+    ids = torch.tensor([[3, 40, 41, 42, a.llm.signal_ids["image"][0]]])
+    with torch.no_grad():
+        la = a.llm.lm_head()(a.llm.decoder()(inputs_embeds=a.llm.embed(ids)).last_hidden_state)
+        lb = b.llm.lm_head()(b.llm.decoder()(inputs_embeds=b.llm.embed(ids)).last_hidden_state)
+    torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
+    for k, v in a.learned_state_dict().items():
+        assert torch.equal(v, b.learned_state_dict()[k])
