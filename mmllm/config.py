@@ -266,12 +266,31 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+# Dataset file layouts mmllm reads (see mmllm/data/formats.py, nextgpt.py, llava.py and data/README.md).
+DataFormat = typing.Literal["mmllm-pairs", "mmllm-chat", "nextgpt-pairs", "nextgpt-t2x", "nextgpt-mosit", "llava"]
+
+
 @dataclass
 class DatasetConfig:
     path: str
-    format: typing.Literal["mmllm-pairs", "mmllm-chat"] = "mmllm-pairs"
+    format: DataFormat = "mmllm-pairs"
     weight: float = 1.0
     root: str | None = None  # media paths resolve against this (default: the file's folder)
+    # A media path that leaves ``root`` (``../``, an absolute path elsewhere) is refused unless this is true.
+    allow_outside_root: bool = False
+    # NExT-GPT: folder of precomputed caption-embedding ``.npy`` files (their ``embed_path``); null = compute
+    # the decoders' conditioning targets with the decoders' own text encoders.
+    embeddings: str | None = None
+
+
+@dataclass
+class CacheConfig:
+    """Precomputed outputs of the frozen parts, filled by ``mmllm cache --config C`` (see mmllm/data/cache.py)."""
+
+    dir: str | None = None  # null = no cache; relative paths resolve from the working directory
+    encoders: bool = True  # read cached encoder features for media inputs
+    targets: bool = True  # read cached decoder conditioning targets for output captions
+    shard_mb: int = 256  # size of one safetensors shard written by ``mmllm cache``
 
 
 @dataclass
@@ -300,7 +319,9 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    name: typing.Literal["adamw", "sgd"] = "adamw"
     lr: float = 1e-3
+    momentum: float = 0.0  # sgd only
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -334,9 +355,12 @@ class StageConfig:
     grad_checkpointing: bool = False
     log_every: int = 10
     save_every: int = 0  # 0 = only at the end
-    keep_last: int = 2
+    keep_last: int = 2  # newest step-* checkpoints kept (0 = all)
+    keep_best: bool = False  # also keep the one with the lowest mean train loss since its previous save
+    max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient
     num_workers: int = 0
     report_to: str = "tensorboard"  # or "none"
+    cache: CacheConfig = field(default_factory=CacheConfig)
     # ``assembly.some.key=value`` command-line overrides, applied to the assembly YAML
     assembly_overrides: list[str] = field(default_factory=list)
 
@@ -435,4 +459,6 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     cfg.lora = resolve_path(base, cfg.lora)
     for ds in cfg.data:
         ds.path = resolve_path(base, ds.path)
+        ds.root = resolve_path(base, ds.root)
+        ds.embeddings = resolve_path(base, ds.embeddings)
     return cfg

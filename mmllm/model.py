@@ -200,19 +200,30 @@ class AnyToAnyModel(nn.Module):
     def device(self) -> torch.device:
         return self.llm.model.get_input_embeddings().weight.device
 
-    def embed_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Token embeddings with each modality's placeholder run replaced by projected features."""
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        media: dict[str, torch.Tensor],
+        media_features: dict[str, dict[str, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with each modality's placeholder run replaced by projected features.
+
+        ``media[m]`` are encoder inputs; ``media_features[m]`` (from the feature cache, see
+        mmllm/data/dataset.py) are precomputed encoder outputs ``{"features": (n, T, D), "index": (n,)}``
+        at positions ``index`` among all of the batch's ``m`` items, which skip the encoder.
+        """
         embeds = self.llm.embed(input_ids)
-        for m, inputs in media.items():
+        media_features = media_features or {}
+        for m in [*media, *(k for k in media_features if k not in media)]:
             mask = input_ids == self.llm.placeholder_ids[m]
             n_slots = int(mask.sum())
             if m not in self.encoders:
                 raise ConfigError(f"the batch holds {m} inputs but the assembly has no encoders.{m}")
-            if inputs.shape[0] == 0 and n_slots == 0:
+            feats = self._encoder_features(m, media.get(m), media_features.get(m))
+            if feats is None and n_slots == 0:
                 continue
-            enc_dtype = next(self.encoders[m].parameters()).dtype
-            with torch.no_grad():
-                feats = self.encoders[m](inputs.to(self.device, enc_dtype))
+            if feats is None:
+                raise ValueError(f"{m}: no inputs but {n_slots} placeholder slots in the batch")
             proj = self.input_projections[m](feats.to(embeds.dtype))
             if proj.shape[0] * proj.shape[1] != n_slots:
                 raise ValueError(
@@ -221,6 +232,50 @@ class AnyToAnyModel(nn.Module):
                 )
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), proj.reshape(-1, proj.shape[-1]).to(embeds.dtype))
         return embeds
+
+    # --- precomputed encoder features and conditioning targets (mmllm.data.precomputed) -----------
+    def _encoder_features(
+        self, m: str, inputs: torch.Tensor | None, cached: dict[str, torch.Tensor] | None
+    ) -> torch.Tensor | None:
+        """Encoder outputs of all ``m`` items in placeholder order: computed from ``inputs``, and
+        taken from ``cached["features"]`` at positions ``cached["index"]``."""
+        enc_dtype = next(self.encoders[m].parameters()).dtype
+        computed = None
+        if inputs is not None and inputs.shape[0] > 0:
+            with torch.no_grad():
+                computed = self.encoders[m](inputs.to(self.device, enc_dtype))
+        if cached is None or cached["features"].shape[0] == 0:
+            return computed
+        feats, index = cached["features"].to(self.device, enc_dtype), cached["index"].to(self.device)
+        if computed is None:
+            return feats
+        if tuple(computed.shape[1:]) != tuple(feats.shape[1:]):
+            raise ValueError(f"{m}: cached encoder features have shape {tuple(feats.shape[1:])} but encoders.{m} "
+                             f"gives {tuple(computed.shape[1:])}; rebuild the cache with `mmllm cache`")
+        out = computed.new_empty((computed.shape[0] + feats.shape[0], *computed.shape[1:]))
+        rest = torch.ones(out.shape[0], dtype=torch.bool, device=out.device)
+        rest[index] = False
+        out[index] = feats.to(out.dtype)
+        out[rest] = computed
+        return out
+
+    def signal_targets(self, m: str, captions: list[str], given: list[torch.Tensor | None] | None) -> torch.Tensor:
+        """The decoder's conditioning of each caption; rows given precomputed (cache, NExT-GPT .npy) are used."""
+        given = list(given) if given is not None else [None] * len(captions)
+        if len(given) != len(captions):
+            raise ValueError(f"{m}: {len(given)} precomputed targets for {len(captions)} captions")
+        missing = [i for i, t in enumerate(given) if t is None]
+        if missing:
+            with torch.no_grad():
+                rows = self.decoders[m].condition([captions[i] for i in missing])
+            for i, row in zip(missing, rows):
+                given[i] = row
+        shape = tuple(self.decoders[m].conditioning_shape)
+        bad = [tuple(t.shape) for t in given if tuple(t.shape) != shape]
+        if bad:
+            raise ValueError(f"{m}: precomputed conditioning targets of shape {bad[0]}, decoders.{m} expects {shape}")
+        return torch.stack([t.to(self.device, torch.float32) for t in given])
+    # --- end of precomputed inputs -------------------------------------------------------------
 
     def signal_states(
         self, input_ids: torch.Tensor, hidden: torch.Tensor, embeds: torch.Tensor, modality: str
@@ -234,16 +289,28 @@ class AnyToAnyModel(nn.Module):
             raise ValueError(f"{modality}: {n} signal tokens is not a whole number of groups of {k}")
         return hidden[mask].reshape(-1, k, hidden.shape[-1]), embeds[mask].reshape(-1, k, embeds.shape[-1])
 
-    def forward(self, batch: dict[str, Any], losses: LossConfig | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict[str, Any], losses: LossConfig | None = None, normalizers: dict[str, float] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The weighted stage loss and its parts.
+
+        Each part is a *sum* over its units (label tokens for ``ce``, signal groups for ``mse_*`` /
+        ``denoise_*``) divided by ``normalizers[part]`` -- the unit count of the whole optimiser
+        step across micro-batches and processes -- or by the local count when none is given. That
+        makes W processes with batch b compute exactly the loss of one process with batch W*b.
+        """
         losses = losses or LossConfig()
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         labels = batch["labels"].to(self.device)
-        embeds = self.embed_inputs(input_ids, batch.get("media", {}))
+        embeds = self.embed_inputs(input_ids, batch.get("media", {}), batch.get("media_features"))
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.llm.decoder()(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
         ).last_hidden_state
+
+        def norm(part: str, local: int) -> float:
+            return float(normalizers[part]) if normalizers and part in normalizers else float(max(local, 1))
 
         out: dict[str, torch.Tensor] = {}
         total = hidden.new_zeros((), dtype=torch.float32)
@@ -252,7 +319,8 @@ class AnyToAnyModel(nn.Module):
         sel = shift_labels != -100
         if losses.ce and bool(sel.any()):
             logits = self.llm.lm_head()(hidden[:, :-1][sel])
-            out["ce"] = F.cross_entropy(logits.float(), shift_labels[sel])
+            ce_sum = F.cross_entropy(logits.float(), shift_labels[sel], reduction="sum")
+            out["ce"] = ce_sum / norm("ce", int(sel.sum()))
             total = total + losses.ce * out["ce"]
         for m, captions in batch.get("signal_captions", {}).items():
             if not captions:
@@ -262,15 +330,14 @@ class AnyToAnyModel(nn.Module):
                 raise ValueError(f"{m}: {h.shape[0]} signal groups but {len(captions)} target captions")
             pred = self.output_projections[m](h, e)
             if losses.mse:
-                target = batch.get("signal_targets", {}).get(m)
-                if target is None:
-                    with torch.no_grad():
-                        target = self.decoders[m].condition(list(captions))
-                out[f"mse_{m}"] = F.mse_loss(pred.float(), target.to(pred.device).float())
+                target = self.signal_targets(m, list(captions), batch.get("signal_targets", {}).get(m))
+                per_group = F.mse_loss(pred.float(), target.to(pred.device).float(), reduction="none")
+                out[f"mse_{m}"] = per_group.flatten(1).mean(1).sum() / norm(f"mse_{m}", len(captions))
                 total = total + losses.mse * out[f"mse_{m}"]
             media = batch.get("signal_media", {}).get(m)
             if losses.denoise and media and all(x is not None for x in media):
-                out[f"denoise_{m}"] = self.decoders[m].denoising_loss(pred, media, seed=batch.get("step", 0))
+                mean = self.decoders[m].denoising_loss(pred, media, seed=batch.get("step", 0))
+                out[f"denoise_{m}"] = mean * len(media) / norm(f"denoise_{m}", len(media))
                 total = total + losses.denoise * out[f"denoise_{m}"]
         out["loss"] = total
         return out

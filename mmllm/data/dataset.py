@@ -2,12 +2,19 @@
 
 * :class:`StageDataset` turns records into model-ready samples; a sample that cannot be read
   (missing/corrupt media, too long, malformed) comes back as an error record and is skipped and
-  counted by the collator -- it never crashes an epoch.
+  counted by the collator -- it never crashes an epoch. With a
+  :class:`~mmllm.data.precomputed.Precomputed` it returns cached encoder features instead of
+  encoder inputs, and precomputed conditioning targets, where they are found.
 * :class:`MixtureSampler` is stateless: the samples of (step, micro-batch, rank) are a pure
   function of the seed, so resuming at step ``s`` reads exactly what an uninterrupted run would,
   and ``W`` processes with batch ``b`` read exactly what one process with batch ``W*b`` reads.
 * :func:`collate` right-pads, stacks media per modality in placeholder order, and lists the
-  signal-group captions per modality in the order the groups appear.
+  signal-group captions per modality in the order the groups appear. Batch keys:
+
+  - ``media[m]``: encoder inputs of the items of modality ``m`` that are computed;
+  - ``media_features[m]``: ``{"features": (n, tokens, dim), "index": (n,)}`` -- cached encoder
+    outputs and their positions among all ``m`` items (the model fills the rest from ``media[m]``);
+  - ``signal_targets[m]``: per caption, a precomputed conditioning target or None (computed).
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mmllm.data.formats import CaptionPair, Conversation, read_records
+from mmllm.data.formats import PAIR_FORMATS, CaptionPair, Conversation, read_dataset
 from mmllm.data.media import MediaError, load_media
+from mmllm.data.precomputed import Precomputed
 from mmllm.data.template import IGNORE, TokenSpec, encode_conversation, pair_to_conversation
 
 log = logging.getLogger(__name__)
@@ -43,32 +51,41 @@ class StageDataset(Dataset):
         spec: TokenSpec,
         preprocess: dict[str, Callable[[list[Any]], torch.Tensor]],
         load_output_media: bool = False,
+        precomputed: Precomputed | None = None,
     ):
         self.conversations = conversations
         self.tokenizer = tokenizer
         self.spec = spec
         self.preprocess = preprocess
         self.load_output_media = load_output_media
+        self.precomputed = precomputed
 
     def __len__(self) -> int:
         return len(self.conversations)
 
     def __getitem__(self, index: int) -> dict[str, Any] | SampleError:
         conv = self.conversations[index]
+        pre = self.precomputed
         try:
             enc = encode_conversation(conv, self.tokenizer, self.spec)
-            media = []
+            media: list[tuple[str, str, torch.Tensor]] = []  # (modality, "inputs" | "features", tensor)
             for ref in enc.media:
                 if ref.modality not in self.preprocess:
                     raise ValueError(f"{ref.modality} input but the assembly has no encoders.{ref.modality}")
-                media.append((ref.modality, self.preprocess[ref.modality]([load_media(ref.modality, ref.path)])))
+                feats = pre.features(ref.modality, ref.path) if pre is not None else None
+                if feats is not None:
+                    media.append((ref.modality, "features", feats))
+                else:
+                    item = load_media(ref.modality, ref.path)
+                    media.append((ref.modality, "inputs", self.preprocess[ref.modality]([item])))
             outputs = []
             for out in enc.outputs:
                 target = None
                 if self.load_output_media and out.path is not None:
                     target = load_media(out.modality, out.path)
-                outputs.append((out.modality, out.caption, target))
-        except (MediaError, ValueError, OSError) as exc:
+                cond = pre.target(out.modality, out.caption, out.embedding) if pre is not None else None
+                outputs.append((out.modality, out.caption, target, cond))
+        except (MediaError, ValueError, OSError, RuntimeError, EOFError) as exc:  # the data's fault, not ours
             log.warning("skipping sample %s (%s): %s", conv.id, conv.source, exc)
             return SampleError(conv.id, str(exc))
         return {"id": enc.id, "input_ids": enc.input_ids, "labels": enc.labels, "media": media, "outputs": outputs}
@@ -80,7 +97,11 @@ def load_stage_records(
     """Read every configured dataset into conversations for ``stage``; returns (per-dataset, weights, errors)."""
     per_dataset, weights, errors = [], [], []
     for ds in datasets:
-        records, errs = read_records(ds.path, ds.format, ds.root)
+        if stage == "instruct" and ds.format in PAIR_FORMATS:
+            raise ValueError(f"{ds.path}: format {ds.format} holds caption pairs, which are for the alignment "
+                             "stages; the instruct stage reads conversations (mmllm-chat, nextgpt-t2x, "
+                             "nextgpt-mosit, llava)")
+        records, errs = read_dataset(ds)
         errors += errs
         convs = []
         for rec in records:
@@ -92,7 +113,8 @@ def load_stage_records(
             else:
                 convs.append(rec)
         if not convs:
-            raise ValueError(f"{ds.path}: no usable records ({len(errs)} malformed)")
+            raise ValueError(f"{ds.path}: no usable records ({len(errs)} malformed); `mmllm data check` lists "
+                             "what is wrong with them")
         per_dataset.append(convs)
         weights.append(ds.weight)
     return per_dataset, weights, errors
@@ -152,18 +174,28 @@ def collate(samples: list[dict[str, Any] | SampleError], pad_id: int) -> dict[st
     labels = torch.full((len(good), length), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(good), length), dtype=torch.long)
     media: dict[str, list[torch.Tensor]] = {}
+    features: dict[str, list[torch.Tensor]] = {}
+    positions: dict[str, list[int]] = {}
+    count: dict[str, int] = {}
     captions: dict[str, list[str]] = {}
     targets: dict[str, list[Any]] = {}
+    conditioning: dict[str, list[torch.Tensor | None]] = {}
     for row, s in enumerate(good):
         n = len(s["input_ids"])
         ids[row, :n] = torch.tensor(s["input_ids"])
         labels[row, :n] = torch.tensor(s["labels"])
         mask[row, :n] = 1
-        for modality, tensor in s["media"]:
-            media.setdefault(modality, []).append(tensor)
-        for modality, caption, target in s["outputs"]:
+        for modality, kind, tensor in s["media"]:
+            if kind == "features":
+                features.setdefault(modality, []).append(tensor)
+                positions.setdefault(modality, []).append(count.get(modality, 0))
+            else:
+                media.setdefault(modality, []).append(tensor)
+            count[modality] = count.get(modality, 0) + 1
+        for modality, caption, target, cond in s["outputs"]:
             captions.setdefault(modality, []).append(caption)
             targets.setdefault(modality, []).append(target)
+            conditioning.setdefault(modality, []).append(cond)
     batch.update(
         input_ids=ids,
         labels=labels,
@@ -172,4 +204,12 @@ def collate(samples: list[dict[str, Any] | SampleError], pad_id: int) -> dict[st
         signal_captions=captions,
         signal_media=targets,
     )
+    if features:
+        batch["media_features"] = {
+            m: {"features": torch.stack(v), "index": torch.tensor(positions[m], dtype=torch.long)}
+            for m, v in features.items()
+        }
+    given = {m: v for m, v in conditioning.items() if any(t is not None for t in v)}
+    if given:
+        batch["signal_targets"] = given
     return batch

@@ -1,9 +1,16 @@
-"""mmllm's own data formats (JSONL), read into one normal form: a :class:`Conversation`.
+"""Dataset files -> one normal form: :class:`Conversation` (or :class:`CaptionPair` for the alignment stages).
+
+This module holds the normal form, the shared reading machinery (JSON Lines or a JSON array, with the
+line of every record; media paths checked against the data root) and mmllm's own JSONL formats.
+The readers of other layouts live beside it: :mod:`mmllm.data.nextgpt` (``nextgpt-pairs``,
+``nextgpt-t2x``, ``nextgpt-mosit``) and :mod:`mmllm.data.llava` (``llava``).
 
 ``mmllm-pairs`` -- one media item and its caption per line (the alignment stages)::
 
     {"id": "img-001", "modality": "image", "media": "images/001.png", "caption": "a red circle"}
     {"id": "cap-007", "modality": "image", "caption": "a blue square"}   # caption only: decode-align
+
+    optional: "embedding": "embed/001.npy" -- a precomputed conditioning target for the caption.
 
 ``mmllm-chat`` -- conversations with media in and out (the instruct stage)::
 
@@ -18,14 +25,20 @@ Each ``<image>``/``<audio>``/``<video>`` in a message's content takes the next p
 message's ``media`` list. An assistant ``outputs`` entry becomes that modality's signal tokens at
 the end of the reply; its ``caption`` is what the decoder's own text encoder turns into the
 output projection's target, and its optional ``media`` is the target for the denoising loss.
-Media paths resolve relative to the data file's folder (or the dataset's ``root``).
+
+Media paths resolve relative to the dataset's ``root`` (default: the data file's folder). A path
+that leaves the root (``../``, or an absolute path elsewhere) is refused unless the dataset sets
+``allow_outside_root: true``. The check is lexical: symbolic links that you placed *inside* the
+root (say ``images -> /mnt/storage/coco``) are followed as you intended.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,10 +48,11 @@ from mmllm.config import MODALITIES
 log = logging.getLogger(__name__)
 
 PLACEHOLDER_RE = re.compile(r"<(image|audio|video)>")
+MAX_LOGGED_ERRORS = 20  # per file; the rest are counted, not logged one by one
 
 
 class DataFormatError(ValueError):
-    """A malformed record; the message names the file and line."""
+    """A malformed record; the message names the file and line and says how to fix it."""
 
 
 @dataclass
@@ -51,7 +65,8 @@ class MediaRef:
 class OutputRef:
     modality: str
     caption: str
-    path: Path | None = None
+    path: Path | None = None  # target media (denoising loss)
+    embedding: Path | None = None  # a precomputed conditioning target (.npy), e.g. NExT-GPT's
 
 
 @dataclass
@@ -71,6 +86,9 @@ class Conversation:
     def media_refs(self) -> list[MediaRef]:
         return [r for msg in self.messages for r in msg.media]
 
+    def output_refs(self) -> list[OutputRef]:
+        return [o for msg in self.messages for o in msg.outputs]
+
 
 @dataclass
 class CaptionPair:
@@ -79,44 +97,141 @@ class CaptionPair:
     caption: str
     media: Path | None = None
     source: str = ""
+    embedding: Path | None = None  # a precomputed conditioning target for the caption (.npy)
+    # stage -> (user text, assistant text) replacing the default prompt of that stage; the
+    # encode-align user text holds the media placeholder (NExT-GPT's comprehension/generation files)
+    prompts: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
-def _resolve(root: Path, value: str, where: str) -> Path:
-    if not isinstance(value, str) or not value:
-        raise DataFormatError(f"{where}: expected a media path string, got {value!r}")
-    p = Path(value)
-    return p if p.is_absolute() else root / p
+# --------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------
 
 
-def iter_jsonl(path: Path):
+@dataclass
+class MediaRoot:
+    """Resolves media paths against a data root, refusing those that leave it unless allowed."""
+
+    root: Path
+    allow_outside: bool = False
+
+    def __post_init__(self) -> None:
+        self.root = Path(os.path.abspath(Path(self.root).expanduser()))
+
+    def resolve(self, value: Any, where: str) -> Path:
+        if not isinstance(value, str) or not value.strip():
+            raise DataFormatError(f"{where}: expected a media path string, got {value!r}")
+        p = Path(value.strip()).expanduser()
+        full = Path(os.path.abspath(p if p.is_absolute() else self.root / p))
+        if not self.allow_outside and not full.is_relative_to(self.root):
+            raise DataFormatError(
+                f"{where}: media path {value!r} resolves to {full}, outside the data root {self.root}; "
+                "move the file under the root, point the dataset's `root:` at a folder that holds it, "
+                "or set `allow_outside_root: true` on the dataset if this is intended"
+            )
+        return full
+
+
+# --------------------------------------------------------------------------------------------
+# Reading JSON Lines or a JSON array, keeping line numbers
+# --------------------------------------------------------------------------------------------
+
+
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
     """(line number, record or DataFormatError) for each non-blank line."""
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                yield lineno, DataFormatError(f"{path}:{lineno}: not valid JSON ({exc.msg})")
+                yield lineno, DataFormatError(
+                    f"{path}:{lineno}: not valid JSON ({exc.msg}); mmllm reads JSON Lines (one object "
+                    "per line) or one JSON array of objects"
+                )
                 continue
             if not isinstance(rec, dict):
-                yield lineno, DataFormatError(f"{path}:{lineno}: expected a JSON object")
+                yield lineno, DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
                 continue
             yield lineno, rec
 
 
-def parse_pair(rec: dict[str, Any], root: Path, where: str) -> CaptionPair:
+def _iter_json_array(path: Path, text: str, start: int) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[\s,]*")
+    pos, line, counted = start + 1, 1 + text.count("\n", 0, start), start
+    while True:
+        pos = ws.match(text, pos).end()
+        line += text.count("\n", counted, pos)
+        counted = pos
+        if pos >= len(text):
+            yield line, DataFormatError(f"{path}:{line}: the JSON array is not closed with ']'")
+            return
+        if text[pos] == "]":
+            return
+        try:
+            rec, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            yield exc.lineno, DataFormatError(
+                f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); records after it "
+                "cannot be read until it is fixed"
+            )
+            return
+        if isinstance(rec, dict):
+            yield line, rec
+        else:
+            yield line, DataFormatError(f"{path}:{line}: expected a JSON object, got {type(rec).__name__}")
+        pos = end
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
+    """Records of a JSON Lines file or of a JSON array file, with the line each starts on."""
+    with open(path, encoding="utf-8-sig") as fh:
+        head = fh.read(4096).lstrip()
+    if head.startswith("["):
+        text = path.read_text(encoding="utf-8-sig")
+        yield from _iter_json_array(path, text, text.index("["))
+    else:
+        yield from iter_jsonl(path)
+
+
+# --------------------------------------------------------------------------------------------
+# mmllm's own formats
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReadContext:
+    """What a record parser needs besides the record: where media and embeddings live."""
+
+    path: Path
+    media: MediaRoot
+    embeddings: Path | None = None
+    state: dict[str, Any] = field(default_factory=dict)  # per-file memo of a reader (e.g. media subfolders)
+
+    def embedding(self, name: Any, where: str) -> Path | None:
+        """A precomputed-embedding file name -> its path in the ``embeddings`` folder (None if unset)."""
+        if self.embeddings is None or not name:
+            return None
+        if not isinstance(name, str):
+            raise DataFormatError(f"{where}: expected an embedding file name, got {name!r}")
+        return self.embeddings / Path(name).name
+
+
+def parse_pair(rec: dict[str, Any], ctx: ReadContext, where: str) -> CaptionPair:
     modality = rec.get("modality")
     if modality not in MODALITIES:
         raise DataFormatError(f"{where}: modality {modality!r} is not one of {', '.join(MODALITIES)}")
     caption = rec.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         raise DataFormatError(f"{where}: missing or empty 'caption'")
-    media = _resolve(root, rec["media"], where) if rec.get("media") else None
-    return CaptionPair(str(rec.get("id", where)), modality, caption.strip(), media, where)
+    media = ctx.media.resolve(rec["media"], f"{where}.media") if rec.get("media") else None
+    embedding = ctx.media.resolve(rec["embedding"], f"{where}.embedding") if rec.get("embedding") else None
+    return CaptionPair(str(rec.get("id", where)), modality, caption.strip(), media, where, embedding)
 
 
-def parse_message(rec: dict[str, Any], root: Path, where: str) -> Message:
+def parse_message(rec: dict[str, Any], ctx: ReadContext, where: str) -> Message:
     role = rec.get("role")
     if role not in ("system", "user", "assistant"):
         raise DataFormatError(f"{where}: role {role!r} is not system/user/assistant")
@@ -131,7 +246,7 @@ def parse_message(rec: dict[str, Any], root: Path, where: str) -> Message:
         raise DataFormatError(
             f"{where}: content has {len(slots)} media placeholder(s) {slots} but 'media' lists {len(paths)} path(s)"
         )
-    media = [MediaRef(m, _resolve(root, p, f"{where}.media[{i}]")) for i, (m, p) in enumerate(zip(slots, paths))]
+    media = [MediaRef(m, ctx.media.resolve(p, f"{where}.media[{i}]")) for i, (m, p) in enumerate(zip(slots, paths))]
     outputs = []
     for j, out in enumerate(rec.get("outputs", []) or []):
         w = f"{where}.outputs[{j}]"
@@ -142,38 +257,88 @@ def parse_message(rec: dict[str, Any], root: Path, where: str) -> Message:
         caption = out.get("caption")
         if not isinstance(caption, str) or not caption.strip():
             raise DataFormatError(f"{w}: missing or empty 'caption'")
-        target = _resolve(root, out["media"], w) if out.get("media") else None
-        outputs.append(OutputRef(out["modality"], caption.strip(), target))
+        target = ctx.media.resolve(out["media"], f"{w}.media") if out.get("media") else None
+        embedding = ctx.media.resolve(out["embedding"], f"{w}.embedding") if out.get("embedding") else None
+        outputs.append(OutputRef(out["modality"], caption.strip(), target, embedding))
     return Message(role, content, media, outputs)
 
 
-def parse_chat(rec: dict[str, Any], root: Path, where: str) -> Conversation:
+def parse_chat(rec: dict[str, Any], ctx: ReadContext, where: str) -> Conversation:
     messages = rec.get("messages")
     if not isinstance(messages, list) or not messages:
         raise DataFormatError(f"{where}: expected a non-empty 'messages' list")
-    parsed = [parse_message(m if isinstance(m, dict) else {}, root, f"{where}.messages[{i}]")
+    parsed = [parse_message(m if isinstance(m, dict) else {}, ctx, f"{where}.messages[{i}]")
               for i, m in enumerate(messages)]
-    if not any(m.role == "assistant" for m in parsed):
-        raise DataFormatError(f"{where}: no assistant message to learn from")
-    return Conversation(str(rec.get("id", where)), parsed, where)
+    return checked_conversation(Conversation(str(rec.get("id", where)), parsed, where))
 
 
-def read_records(path: str | Path, fmt: str, root: str | Path | None = None) -> tuple[list[Any], list[str]]:
-    """Read a JSONL file in ``fmt``; returns (records, errors). Malformed lines are reported, not fatal."""
+def checked_conversation(conv: Conversation) -> Conversation:
+    if not any(m.role == "assistant" for m in conv.messages):
+        raise DataFormatError(f"{conv.source}: no assistant message to learn from")
+    return conv
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------
+
+Parser = Callable[[dict[str, Any], ReadContext, str], "CaptionPair | Conversation"]
+
+
+def _parsers() -> dict[str, Parser]:
+    from mmllm.data import llava, nextgpt
+
+    return {
+        "mmllm-pairs": parse_pair,
+        "mmllm-chat": parse_chat,
+        "nextgpt-pairs": nextgpt.parse_pair,
+        "nextgpt-t2x": nextgpt.parse_t2x,
+        "nextgpt-mosit": nextgpt.parse_mosit,
+        "llava": llava.parse_llava,
+    }
+
+
+PAIR_FORMATS = ("mmllm-pairs", "nextgpt-pairs")  # records are CaptionPairs (the alignment stages)
+
+
+def read_records(
+    path: str | Path,
+    fmt: str,
+    root: str | Path | None = None,
+    *,
+    allow_outside_root: bool = False,
+    embeddings: str | Path | None = None,
+) -> tuple[list[Any], list[str]]:
+    """Read a data file in ``fmt``; returns (records, errors). Malformed records are reported, not fatal."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    base = Path(root) if root else path.parent
-    parse = {"mmllm-pairs": parse_pair, "mmllm-chat": parse_chat}[fmt]
+    parsers = _parsers()
+    if fmt not in parsers:
+        raise ValueError(f"unknown data format {fmt!r}; valid formats: {', '.join(parsers)}")
+    parse = parsers[fmt]
+    ctx = ReadContext(path, MediaRoot(Path(root) if root else path.parent, allow_outside_root),
+                      Path(os.path.abspath(Path(embeddings).expanduser())) if embeddings else None)
     records, errors = [], []
-    for lineno, rec in iter_jsonl(path):
+    for lineno, rec in iter_records(path):
         if isinstance(rec, DataFormatError):
             errors.append(str(rec))
             continue
         try:
-            records.append(parse(rec, base, f"{path}:{lineno}"))
-        except (DataFormatError, KeyError) as exc:
-            errors.append(str(exc))
-    for err in errors:
+            records.append(parse(rec, ctx, f"{path}:{lineno}"))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # one bad record never stops the file
+            msg = str(exc) if isinstance(exc, DataFormatError) else f"{path}:{lineno}: malformed record ({exc!r})"
+            errors.append(msg)
+    for err in errors[:MAX_LOGGED_ERRORS]:
         log.warning("skipping record: %s", err)
+    if len(errors) > MAX_LOGGED_ERRORS:
+        log.warning("%s: %d more malformed record(s) skipped; `mmllm data check` lists them all",
+                    path, len(errors) - MAX_LOGGED_ERRORS)
     return records, errors
+
+
+def read_dataset(ds: Any) -> tuple[list[Any], list[str]]:
+    """:func:`read_records` for a :class:`mmllm.config.DatasetConfig`."""
+    return read_records(ds.path, ds.format, getattr(ds, "root", None),
+                        allow_outside_root=getattr(ds, "allow_outside_root", False),
+                        embeddings=getattr(ds, "embeddings", None))

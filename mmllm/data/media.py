@@ -2,9 +2,17 @@
 
 Decoded forms used throughout mmllm:
 
-* image -> ``PIL.Image.Image`` in RGB (EXIF orientation applied; grayscale, RGBA, palette converted);
-* audio -> :class:`Audio` (float32 ``(samples, channels)`` in [-1, 1] and its sample rate);
-* video -> :class:`Video` (RGB PIL frames and fps).
+* image -> ``PIL.Image.Image`` in RGB (EXIF orientation applied; grayscale and 16-bit grayscale
+  scaled to 8 bits; RGBA, LA and palette images with transparency composited on white; the first
+  frame of an animated file);
+* audio -> :class:`Audio` (float32 ``(samples, channels)`` in [-1, 1] and its sample rate; any
+  channel count and rate -- encoders down-mix and resample to their own rate with :func:`resample`);
+* video -> :class:`Video` (RGB PIL frames and fps). A long clip is decoded with a stride so that
+  at most ``max_frames`` frames, evenly spread over the *whole* clip, are kept; a short one keeps
+  every frame and :meth:`Video.sample_frames` repeats frames to fill what an encoder asks.
+
+:data:`MEDIA_DECODE_VERSION` names this behaviour; it is part of the feature cache's fingerprint,
+so bump it whenever decoding changes what an encoder would see.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"}
 AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg"}
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before decoding them
+MAX_VIDEO_FRAMES = 64  # frames kept per clip, evenly spread over its whole length
+MEDIA_DECODE_VERSION = "2"  # bump when decoding changes (invalidates cached encoder features)
 
 
 class MediaError(ValueError):
@@ -66,12 +76,14 @@ class Video:
 
 
 def resample(waveform: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
-    """Polyphase resampling along axis 0 (anti-aliased)."""
+    """Polyphase resampling along axis 0 (anti-aliased); exact ratio unless it is very uneven."""
     if src_rate == dst_rate:
         return waveform.astype(np.float32)
     from scipy.signal import resample_poly
 
-    frac = Fraction(dst_rate, src_rate).limit_denominator(1000)
+    frac = Fraction(dst_rate, src_rate)
+    if max(frac.numerator, frac.denominator) > 50_000:  # e.g. 7919 Hz: approximate within 0.1 %
+        frac = frac.limit_denominator(1000)
     out = resample_poly(waveform, frac.numerator, frac.denominator, axis=0)
     return out.astype(np.float32)
 
@@ -96,16 +108,24 @@ def load_image(path: str | Path) -> Image.Image:
                     f"(> {MAX_IMAGE_PIXELS} pixels); downscale it first"
                 )
             img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA", "P", "PA"):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGB", rgba.size, (255, 255, 255))
-                background.paste(rgba, mask=rgba.getchannel("A"))
-                return background
-            return img.convert("RGB")
+            return _to_rgb(img)
     except MediaError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise MediaError(f"cannot decode image {path}: {exc}") from exc
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / 32-bit grayscale: scale to 8 bits
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return img.convert("RGB")
 
 
 def load_audio(path: str | Path) -> Audio:
@@ -120,9 +140,17 @@ def load_audio(path: str | Path) -> Audio:
             return _load_audio_av(path)
         except Exception:
             raise MediaError(f"cannot decode audio {path}: {exc}") from exc
+    return _checked_audio(path, data, int(rate))
+
+
+def _checked_audio(path: Path, data: np.ndarray, rate: int) -> Audio:
     if data.shape[0] == 0:
         raise MediaError(f"audio file has no samples: {path}")
-    return Audio(data, int(rate))
+    if rate <= 0:
+        raise MediaError(f"audio file has sample rate {rate}: {path}")
+    if not np.isfinite(data).all():
+        raise MediaError(f"audio file holds NaN or infinite samples: {path}")
+    return Audio(data, rate)
 
 
 def _load_audio_av(path: Path) -> Audio:
@@ -143,32 +171,39 @@ def _load_audio_av(path: Path) -> Audio:
         rate = stream.rate
     if not chunks:
         raise MediaError(f"audio file has no samples: {path}")
-    return Audio(np.concatenate(chunks, axis=0), int(rate))
+    return _checked_audio(path, np.concatenate(chunks, axis=0), int(rate))
 
 
-def load_video(path: str | Path, max_frames: int = 512) -> Video:
+def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
+    """Decode a clip, keeping at most ``max_frames`` frames evenly spread over its whole length."""
     import av
 
     path = Path(path)
     _check_file(path, "video")
-    frames: list[Image.Image] = []
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    kept: list[tuple[int, Image.Image]] = []
     try:
         with av.open(str(path)) as container:
             stream = next((s for s in container.streams if s.type == "video"), None)
             if stream is None:
                 raise MediaError(f"no video stream in {path}")
             fps = float(stream.average_rate or stream.guessed_rate or 8.0)
-            for frame in container.decode(stream):
-                frames.append(frame.to_image().convert("RGB"))
-                if len(frames) >= max_frames:
-                    break
+            stride = max(1, -(-int(stream.frames or 0) // max_frames))  # known length: ceil(frames / max)
+            for index, frame in enumerate(container.decode(stream)):
+                if index % stride:
+                    continue
+                kept.append((index, frame.to_image().convert("RGB")))
+                if len(kept) > max_frames:  # longer than announced: keep every other frame, double the stride
+                    kept = kept[::2]
+                    stride *= 2
     except MediaError:
         raise
     except Exception as exc:
         raise MediaError(f"cannot decode video {path}: {exc}") from exc
-    if not frames:
+    if not kept:
         raise MediaError(f"video has no frames: {path}")
-    return Video(frames, fps)
+    return Video([img for _, img in kept[:max_frames]], fps / stride)  # fps of the frames kept
 
 
 def load_media(modality: str, path: str | Path):

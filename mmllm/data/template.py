@@ -49,21 +49,28 @@ class ContextLengthError(ValueError):
 
 
 def pair_to_conversation(pair: CaptionPair, stage: str) -> Conversation:
-    """encode-align: media -> caption. decode-align: caption -> signal tokens."""
+    """encode-align: media -> caption. decode-align: caption -> signal tokens.
+
+    A pair that carries its own prompt for the stage (NExT-GPT's comprehension / generation files)
+    uses it; otherwise the defaults: the bare placeholder, and :data:`GENERATE_PROMPTS`.
+    """
+    user, reply = pair.prompts.get(stage, (None, ""))
     if stage == "encode-align":
         if pair.media is None:
             raise ValueError(f"{pair.source}: encode-align needs a 'media' path for each caption")
         msgs = [
-            Message("user", f"<{pair.modality}>", [MediaRef(pair.modality, pair.media)]),
+            Message("user", user or f"<{pair.modality}>", [MediaRef(pair.modality, pair.media)]),
             Message("assistant", pair.caption),
         ]
     elif stage == "decode-align":
         msgs = [
-            Message("user", GENERATE_PROMPTS[pair.modality].format(caption=pair.caption)),
-            Message("assistant", "", outputs=[OutputRef(pair.modality, pair.caption, pair.media)]),
+            Message("user", user or GENERATE_PROMPTS[pair.modality].format(caption=pair.caption)),
+            Message("assistant", reply,
+                    outputs=[OutputRef(pair.modality, pair.caption, pair.media, pair.embedding)]),
         ]
     else:
-        raise ValueError(f"caption pairs are for the alignment stages, not {stage!r}; use mmllm-chat data")
+        raise ValueError(f"caption pairs are for the alignment stages, not {stage!r}; use conversation data "
+                         "(mmllm-chat, nextgpt-t2x, nextgpt-mosit, llava)")
     return Conversation(pair.id, msgs, pair.source)
 
 
@@ -72,6 +79,10 @@ def _template_messages(conv: Conversation, spec: TokenSpec) -> list[dict[str, st
     for msg in conv.messages:
         content = msg.content
         if msg.outputs:
+            for o in msg.outputs:
+                if o.modality not in spec.signal_tokens:
+                    raise ValueError(f"{conv.source}: the conversation asks for a {o.modality} output but the "
+                                     f"assembly has no decoders.{o.modality}")
             signals = "".join("".join(spec.signal_tokens[o.modality]) for o in msg.outputs)
             content = f"{content} {signals}" if content.strip() else signals
         out.append({"role": msg.role, "content": content})

@@ -13,8 +13,6 @@ down-mix, frame sampling) and returns one tensor batch; ``forward`` runs the tow
 
 from __future__ import annotations
 
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -52,13 +50,10 @@ class MediaEncoder(nn.Module, ABC):
         return {"class": type(self).__name__}
 
     def fingerprint(self) -> str:
-        """Hash of the component identity, its weights and preprocessing: a feature cache key part."""
-        h = hashlib.sha256(json.dumps(self.describe(), sort_keys=True, default=str).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
-            h.update(str(tuple(tensor.shape)).encode())
-        return h.hexdigest()[:16]
+        """Identity of this encoder's outputs: class, describe(), every weight, media decoding version."""
+        from mmllm.data.fingerprint import encoder_fingerprint
+
+        return encoder_fingerprint(self)
 
     @torch.no_grad()
     def encode(self, items: list[Any]) -> torch.Tensor:

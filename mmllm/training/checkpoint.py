@@ -234,12 +234,31 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
+BEST_FILE = "best.json"
+
+
+def record_best(output_dir: Path, checkpoint: Path, metric: float, enabled: bool) -> None:
+    """Point ``best.json`` at ``checkpoint`` when its metric beats the recorded best."""
+    if not enabled:
+        return
+    path = Path(output_dir) / BEST_FILE
+    best = json.loads(path.read_text()) if path.is_file() else None
+    if best is None or metric < best["metric"] or not (Path(output_dir) / best["checkpoint"]).is_dir():
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"checkpoint": checkpoint.name, "metric": metric}))
+        os.replace(tmp, path)
+
+
 def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` step-* checkpoints, never the one best.json names."""
     if keep_last <= 0:
         return
+    best_file = Path(output_dir) / BEST_FILE
+    best = json.loads(best_file.read_text())["checkpoint"] if best_file.is_file() else None
     steps = sorted(Path(output_dir).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != best:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def export_merged(checkpoint: Path, out: Path) -> Path:

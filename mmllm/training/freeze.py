@@ -19,8 +19,8 @@ class ComponentCount:
     frozen: int
 
 
-def apply_trainable(model: AnyToAnyModel, flags: dict[str, bool]) -> list[ComponentCount]:
-    """Freeze everything, then unfreeze exactly the groups whose flag is true."""
+def apply_trainable(model: AnyToAnyModel, flags: dict[str, bool], log_table: bool = True) -> list[ComponentCount]:
+    """Freeze everything, then unfreeze exactly the groups whose flag is true; log the result."""
     model.requires_grad_(False)
     groups = model.glue_parameters()
     unknown = sorted(set(flags) - set(groups))
@@ -32,7 +32,7 @@ def apply_trainable(model: AnyToAnyModel, flags: dict[str, bool]) -> list[Compon
         for p in params.values():
             p.requires_grad_(bool(flags.get(group, False)))
     report = count_parameters(model)
-    for row in report:
+    for row in report if log_table else []:
         log.info("%-28s %s  trainable %12s  frozen %12s", row.name,
                  "TRAINABLE" if row.trainable else "frozen   ", f"{row.trainable:,}", f"{row.frozen:,}")
     return report

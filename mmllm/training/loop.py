@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mmllm.config import StageConfig, load_assembly, load_lora, to_dict
 from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records
+from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
 from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
@@ -87,7 +89,10 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
 
     out_dir = Path(cfg.output_dir)
     if accelerator is None:
+        _reset_single_process_state()
         accelerator = Accelerator(
+            # Without an accelerator device, say so: Accelerate then runs multi-process CPU on gloo.
+            cpu=not _has_accelerator_device(),
             mixed_precision=cfg.mixed_precision,
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_dir=str(out_dir),
@@ -105,8 +110,10 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)
     spec = token_spec(model)
     preprocess = {m: enc.preprocess for m, enc in model.encoders.items()}
+    precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
     datasets = [
-        StageDataset(convs, model.llm.tokenizer, spec, preprocess, load_output_media=cfg.losses.denoise > 0)
+        StageDataset(convs, model.llm.tokenizer, spec, preprocess, load_output_media=cfg.losses.denoise > 0,
+                     precomputed=precomputed)
         for convs in per_dataset
     ]
     sampler = MixtureSampler([len(d) for d in datasets], weights, cfg.seed)
@@ -116,8 +123,12 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"stage {cfg.stage}: nothing is trainable; check the stage's `trainable:` flags")
-    optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    if cfg.optim.name == "sgd":
+        optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                    weight_decay=cfg.optim.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
     start_step, losses, skipped = 0, [], 0
@@ -145,59 +156,129 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
 
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                desc=cfg.stage, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    parts_keys = _part_keys(_unwrap(accelerator, model))
+    nonfinite_in_row, since_save = 0, []
     model.train()
     for step in bar:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss, parts = 0.0, {}
+        batches = []
         for micro in range(cfg.grad_accum):
             picks = sampler.micro_batch(step, micro, cfg.grad_accum, rank, world, cfg.batch_size)
-            batch = collate([datasets[d][i] for d, i in picks], pad_id)
-            skipped += len(batch["skipped"])
-            if "input_ids" not in batch:
-                continue
-            batch["step"] = step
-            with accelerator.autocast():
-                out = model(batch, cfg.losses)
-            loss = out["loss"] / cfg.grad_accum
+            batches.append(collate([datasets[d][i] for d, i in picks], pad_id))
+            skipped += len(batches[-1]["skipped"])
+        normalizers = _global_counts(accelerator, batches, parts_keys)
+        optimizer.zero_grad(set_to_none=True)
+        step_loss, parts = torch.zeros((), device=accelerator.device), {}
+        for batch in batches:
+            if "input_ids" in batch:
+                batch["step"] = step
+                with accelerator.autocast():
+                    out = model(batch, cfg.losses, normalizers)
+                # DDP averages gradients over processes; the normalizers already span them all.
+                loss = out["loss"] * world
+            else:  # every sample of this micro-batch was unreadable: a zero step keeps processes in lockstep
+                out, loss = {}, sum(p.sum() * 0.0 for p in params)
             accelerator.backward(loss)
-            step_loss += float(loss.detach())
+            step_loss += loss.detach().float() / world
             for k, v in out.items():
-                parts[k] = parts.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-        if cfg.optim.max_grad_norm:
-            accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        optimizer.step()
+                parts[k] = parts.get(k, 0.0) + float(v.detach())
+        step_loss = float(accelerator.reduce(step_loss, "sum"))
+        if not _all_finite(accelerator, step_loss, params):
+            nonfinite_in_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            ids = [i for b in batches for i in b["ids"]]
+            log.warning("step %d: non-finite loss or gradient (%s); step skipped; samples on this process: %s",
+                        step + 1, step_loss, ids)
+            if nonfinite_in_row >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}, "
+                    f"samples {ids}); lower optim.lr, check the data, or try mixed_precision=no"
+                )
+        else:
+            nonfinite_in_row = 0
+            if cfg.optim.max_grad_norm:
+                accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            optimizer.step()
         scheduler.step()
-        step_loss = float(accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean"))
         losses.append(step_loss)
+        since_save.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", skipped=skipped)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            accelerator.log({f"train/{k}": v for k, v in parts.items()} | {"train/lr": scheduler.get_last_lr()[0]},
-                            step=step + 1)
+            accelerator.log({f"train/{k}": v for k, v in parts.items()}
+                            | {"train/lr": scheduler.get_last_lr()[0], "train/skipped": skipped}, step=step + 1)
         done = step + 1 == cfg.max_steps
         if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped)
+            finite = [x for x in since_save if math.isfinite(x)]
+            metric = sum(finite) / len(finite) if finite else float("inf")
+            save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped, metric)
+            since_save = []
     bar.close()
-    accelerator.end_training()
     final = out_dir / f"step-{cfg.max_steps}"
     if accelerator.is_main_process:
         _link_final(out_dir, final)
+        log.info("stage %s finished: %d samples skipped as unreadable; precomputed lookups: %s",
+                 cfg.stage, skipped, precomputed.stats() or "none")
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes trackers and, when distributed, the process group
     return TrainResult(out_dir, final, losses, skipped, cfg.max_steps)
 
 
-def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped) -> None:
+def _reset_single_process_state() -> None:
+    """Accelerate keeps one global state per process; let one process run several stages with
+    different settings (e.g. mixed precision) one after another. Never reset a distributed run."""
+    from accelerate.state import AcceleratorState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's own tests do the same
+
+
+def _has_accelerator_device() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return bool(torch.cuda.is_available() or (mps and mps.is_available()) or (xpu and xpu.is_available()))
+
+
+def _part_keys(model: AnyToAnyModel) -> list[str]:
+    return ["ce"] + [f"{kind}_{m}" for m in sorted(model.decoders) for kind in ("mse", "denoise")]
+
+
+def _global_counts(accelerator, batches: list[dict[str, Any]], keys: list[str]) -> dict[str, float]:
+    """Units (label tokens, signal groups) per loss part over the whole step, summed over processes."""
+    local = dict.fromkeys(keys, 0.0)
+    for b in batches:
+        if "labels" not in b:
+            continue
+        local["ce"] += float((b["labels"][:, 1:] != -100).sum())
+        for m, caps in b["signal_captions"].items():
+            local[f"mse_{m}"] += len(caps)
+            local[f"denoise_{m}"] += len(caps)
+    vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=accelerator.device)
+    vec = accelerator.reduce(vec, "sum")
+    return {k: float(v) for k, v in zip(keys, vec.tolist()) if v > 0}
+
+
+def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> bool:
+    bad = 0.0 if math.isfinite(loss) else 1.0
+    for p in params:
+        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+            bad = 1.0
+            break
+    return float(accelerator.reduce(torch.tensor(bad, device=accelerator.device), "sum")) == 0.0
+
+
+def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped, metric) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         inner = _unwrap(accelerator, model)
-        extra = ckpt.stage_meta(cfg) | {"step": step}
+        extra = ckpt.stage_meta(cfg) | {"step": step, "metric": metric}
 
         def fill(tmp: Path) -> None:
             ckpt._write_model_files(inner, tmp, extra)
             ckpt.save_training_state(tmp, optimizer, scheduler, step, {"losses": losses, "skipped": skipped})
 
         path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
+        ckpt.record_best(out_dir, path, metric, enabled=cfg.keep_best)
         ckpt.prune_checkpoints(out_dir, cfg.keep_last)
-        log.info("saved %s", path)
+        log.info("saved %s (mean train loss since the last save %.4f)", path, metric)
     accelerator.wait_for_everyone()
 
 
@@ -226,7 +307,7 @@ def check_output_dir(out_dir: Path) -> None:
     """Fail before training if the output dir cannot be written."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-probe"
+        probe = out_dir / f".write-probe-{os.getpid()}"  # per process: ranks probe at the same time
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as exc:

@@ -1,0 +1,130 @@
+"""``mmllm cache``: compute what the frozen parts produce for a stage's data, once, into its cache.
+
+For the stage's conversations: the encoder features of every media input (one entry per distinct
+file content) and, when the stage has an MSE loss, the decoder conditioning target of every output
+caption (one per distinct caption). Entries already cached under the current fingerprint are
+skipped, so the command is incremental; files that cannot be read are reported and skipped.
+Media are decoded and preprocessed one by one, exactly as :class:`~mmllm.data.dataset.StageDataset`
+does, then run through the frozen part in batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmllm.config import ConfigError, to_dict
+from mmllm.data.cache import FeatureCache
+from mmllm.data.dataset import load_stage_records
+from mmllm.data.fingerprint import decoder_fingerprint, encoder_fingerprint, file_hash, text_hash
+from mmllm.data.media import MediaError, load_media
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheBuildReport:
+    directory: Path
+    computed: Counter = field(default_factory=Counter)  # "encoder/image" -> entries written now
+    present: Counter = field(default_factory=Counter)  # entries that were already cached
+    failed: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [f"feature cache {self.directory}"]
+        for key in sorted(set(self.computed) | set(self.present)):
+            lines.append(f"  {key}: {self.computed[key]} computed, {self.present[key]} already cached")
+        if self.failed:
+            lines.append(f"  {len(self.failed)} item(s) could not be read and were skipped:")
+            lines += [f"    - {f}" for f in self.failed[:20]]
+        return "\n".join(lines)
+
+
+def _batches(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), max(1, size))]
+
+
+def build_cache(cfg: Any, model: Any, batch_size: int = 16, device: str = "cpu") -> CacheBuildReport:
+    if not cfg.cache.dir:
+        raise ConfigError("the stage config sets no cache.dir: add `cache: {dir: PATH}` or pass cache.dir=PATH")
+    cache = FeatureCache(cfg.cache.dir)
+    report = CacheBuildReport(cache.directory)
+    per_dataset, _, _ = load_stage_records(cfg.data, cfg.stage)
+    convs = [c for d in per_dataset for c in d]
+    model.to(device)
+    if cfg.cache.encoders:
+        for m, encoder in model.encoders.items():
+            paths = list(dict.fromkeys(r.path for c in convs for r in c.media_refs() if r.modality == m))
+            if paths:
+                _encoder_section(cache, cfg, model, m, encoder, paths, batch_size, report)
+    if cfg.cache.targets and cfg.losses.mse:
+        for m, decoder in model.decoders.items():
+            captions = list(dict.fromkeys(o.caption for c in convs for o in c.output_refs() if o.modality == m))
+            if captions:
+                _condition_section(cache, cfg, model, m, decoder, captions, batch_size, report)
+    elif cfg.cache.targets:
+        log.info("stage %s has no MSE loss: no conditioning targets needed", cfg.stage)
+    return report
+
+
+def _component(model: Any, section: str, m: str, module: Any) -> dict[str, Any]:
+    spec = getattr(model.config, section)[m]
+    return {"part": f"{section}.{m}", "spec": to_dict(spec), "describe": module.describe()}
+
+
+def _encoder_section(cache: FeatureCache, cfg: Any, model: Any, m: str, encoder: Any, paths: list[Path],
+                     batch_size: int, report: CacheBuildReport) -> None:
+    fp = encoder_fingerprint(encoder)
+    section = cache.section("encoder", m, fp)
+    todo: dict[str, Path] = {}
+    for path in paths:
+        try:
+            key = file_hash(path)
+        except OSError as exc:
+            report.failed.append(f"{path}: {exc}")
+            continue
+        if section is not None and key in section:
+            report.present[f"encoder/{m}"] += 1
+        else:
+            todo.setdefault(key, path)
+    dtype = next(encoder.parameters()).dtype
+    with cache.writer("encoder", m, fp, _component(model, "encoders", m, encoder), cfg.cache.shard_mb) as writer:
+        for batch in _batches(list(todo.items()), batch_size):
+            keys, inputs = [], []
+            for key, path in batch:
+                try:
+                    inputs.append(encoder.preprocess([load_media(m, path)]))
+                    keys.append(key)
+                except (MediaError, OSError, ValueError, RuntimeError) as exc:
+                    report.failed.append(f"{path}: {exc}")
+            if not inputs:
+                continue
+            with torch.no_grad():
+                feats = encoder(torch.cat(inputs).to(model.device, dtype))
+            for key, row in zip(keys, feats):
+                writer.add(key, row)
+            report.computed[f"encoder/{m}"] += len(keys)
+
+
+def _condition_section(cache: FeatureCache, cfg: Any, model: Any, m: str, decoder: Any, captions: list[str],
+                       batch_size: int, report: CacheBuildReport) -> None:
+    fp = decoder_fingerprint(decoder)
+    section = cache.section("condition", m, fp)
+    todo = {}
+    for caption in captions:
+        key = text_hash(caption)
+        if section is not None and key in section:
+            report.present[f"condition/{m}"] += 1
+        else:
+            todo.setdefault(key, caption)
+    with cache.writer("condition", m, fp, _component(model, "decoders", m, decoder), cfg.cache.shard_mb) as writer:
+        for batch in _batches(list(todo.items()), batch_size):
+            with torch.no_grad():
+                rows = decoder.condition([caption for _, caption in batch])
+            for (key, _), row in zip(batch, rows):
+                writer.add(key, row)
+            report.computed[f"condition/{m}"] += len(batch)

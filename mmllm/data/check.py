@@ -1,0 +1,210 @@
+"""``mmllm data check``: what a stage's data holds and what is wrong with it, without training.
+
+For every dataset of a stage config: records read and malformed (with file:line), conversations
+for the stage, media inputs and outputs per modality, media files that are missing or cannot be
+decoded, samples longer than the context (truncated, or left with nothing to learn), and
+precomputed caption embeddings that are missing or do not fit the decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmllm.data.formats import PAIR_FORMATS, CaptionPair, Conversation, read_dataset
+from mmllm.data.media import MediaError, load_media
+from mmllm.data.precomputed import EmbeddingShapeError, load_embedding
+from mmllm.data.template import TokenSpec, encode_conversation, pair_to_conversation
+
+SHOW = 10  # examples listed per kind of problem in the text report
+
+
+@dataclass
+class DatasetCheck:
+    path: str
+    format: str
+    weight: float
+    records: int = 0
+    conversations: int = 0
+    malformed: list[str] = field(default_factory=list)
+    inputs: Counter = field(default_factory=Counter)  # modality -> media inputs
+    outputs: Counter = field(default_factory=Counter)  # modality -> outputs (signal groups)
+    missing: list[str] = field(default_factory=list)  # "file (referenced at file:line)"
+    unreadable: list[str] = field(default_factory=list)
+    too_long: list[str] = field(default_factory=list)  # longer than max_length (truncated)
+    unusable: list[str] = field(default_factory=list)  # would be skipped in training
+    embeddings: Counter = field(default_factory=Counter)  # used / missing / wrong_shape / unreadable
+    embedding_problems: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> int:
+        return (len(self.malformed) + len(self.missing) + len(self.unreadable) + len(self.unusable)
+                + len(self.embedding_problems))
+
+
+@dataclass
+class CheckReport:
+    stage: str
+    max_length: int
+    decoded: bool
+    datasets: list[DatasetCheck]
+
+    @property
+    def ok(self) -> bool:
+        return all(d.problems == 0 for d in self.datasets)
+
+    def to_dict(self) -> dict[str, Any]:
+        datasets = [{f.name: dict(v) if isinstance(v := getattr(d, f.name), Counter) else v
+                     for f in dataclasses.fields(d)} for d in self.datasets]
+        return {"stage": self.stage, "max_length": self.max_length, "decoded": self.decoded, "ok": self.ok,
+                "datasets": datasets}
+
+    def format(self) -> str:
+        lines = [f"data check for stage {self.stage} (max_length {self.max_length}, media "
+                 f"{'decoded' if self.decoded else 'checked for existence only'})"]
+        total_in: Counter = Counter()
+        total_out: Counter = Counter()
+        for d in self.datasets:
+            total_in.update(d.inputs)
+            total_out.update(d.outputs)
+            lines.append(f"\n{d.path} [{d.format}, weight {d.weight:g}]")
+            lines.append(f"  records {d.records}, conversations for {self.stage} {d.conversations}, "
+                         f"malformed {len(d.malformed)}")
+            lines.append(f"  media in:  {_counts(d.inputs)}")
+            lines.append(f"  media out: {_counts(d.outputs)}")
+            if d.embeddings:
+                lines.append(f"  precomputed caption embeddings: {_counts(d.embeddings)}")
+            for title, items in (("malformed records", d.malformed), ("missing files", d.missing),
+                                 ("unreadable files", d.unreadable), ("over the context length", d.too_long),
+                                 ("unusable samples (skipped in training)", d.unusable),
+                                 ("embedding problems", d.embedding_problems)):
+                if items:
+                    lines.append(f"  {title}: {len(items)}")
+                    lines += [f"    - {item}" for item in items[:SHOW]]
+                    if len(items) > SHOW:
+                        lines.append(f"    ... and {len(items) - SHOW} more (--json lists all)")
+        lines.append(f"\ntotal media in: {_counts(total_in)}; out: {_counts(total_out)}")
+        lines.append("OK" if self.ok else f"{sum(d.problems for d in self.datasets)} problem(s) found")
+        return "\n".join(lines)
+
+    def write_json(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1, default=str))
+
+
+def _counts(c: Counter) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"
+
+
+class _MediaProbe:
+    """Each file checked (and decoded) once, however many records name it."""
+
+    def __init__(self, decode: bool):
+        self.decode = decode
+        self.seen: dict[tuple[str, Path], str | None] = {}
+
+    def problem(self, modality: str, path: Path) -> str | None:
+        key = (modality, path)
+        if key not in self.seen:
+            self.seen[key] = self._probe(modality, path)
+        return self.seen[key]
+
+    def _probe(self, modality: str, path: Path) -> str | None:
+        if not path.is_file():
+            return "missing"
+        if self.decode:
+            try:
+                load_media(modality, path)
+            except (MediaError, OSError, ValueError, RuntimeError) as exc:
+                return str(exc)
+        elif path.stat().st_size == 0:
+            return "empty file"
+        return None
+
+
+def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditioning_shapes: dict[str, tuple],
+                  probe: _MediaProbe) -> DatasetCheck:
+    out = DatasetCheck(str(ds.path), ds.format, ds.weight)
+    if stage == "instruct" and ds.format in PAIR_FORMATS:
+        out.malformed.append(f"{ds.path}: format {ds.format} holds caption pairs; the instruct stage needs "
+                             "conversations")
+        return out
+    try:
+        records, errors = read_dataset(ds)
+    except (OSError, ValueError) as exc:
+        out.malformed.append(str(exc))
+        return out
+    out.records = len(records) + len(errors)
+    out.malformed += errors
+    full = dataclasses.replace(spec, max_length=10**9)
+    for rec in records:
+        try:
+            conv = pair_to_conversation(rec, stage) if isinstance(rec, CaptionPair) else rec
+        except ValueError as exc:
+            out.malformed.append(str(exc))
+            continue
+        out.conversations += 1
+        _check_conversation(conv, out, tokenizer, spec, full, conditioning_shapes, probe)
+    return out
+
+
+def _check_conversation(conv: Conversation, out: DatasetCheck, tokenizer: Any, spec: TokenSpec, full: TokenSpec,
+                        conditioning_shapes: dict[str, tuple], probe: _MediaProbe) -> None:
+    bad_media = False
+    files = [(r.modality, r.path) for r in conv.media_refs()] + \
+        [(o.modality, o.path) for o in conv.output_refs() if o.path is not None]
+    for ref in conv.media_refs():
+        out.inputs[ref.modality] += 1
+    for o in conv.output_refs():
+        out.outputs[o.modality] += 1
+        if o.embedding is not None and o.modality in conditioning_shapes:
+            _check_embedding(o.embedding, conditioning_shapes[o.modality], conv, out)
+    for modality, path in files:
+        problem = probe.problem(modality, path)
+        if problem == "missing":
+            out.missing.append(f"{path} ({modality}, referenced at {conv.source})")
+        elif problem is not None:
+            out.unreadable.append(f"{path} ({modality}, referenced at {conv.source}): {problem}")
+        bad_media = bad_media or problem is not None
+    try:
+        length = len(encode_conversation(conv, tokenizer, full).input_ids)
+        if length > spec.max_length:
+            out.too_long.append(f"{conv.id} at {conv.source}: {length} tokens > max_length {spec.max_length}")
+        encode_conversation(conv, tokenizer, spec)
+    except ValueError as exc:
+        reason = str(exc)
+        out.unusable.append(f"{conv.id}: {reason}" if reason.startswith(conv.source) else
+                            f"{conv.id} at {conv.source}: {reason}")
+        return
+    if bad_media:
+        out.unusable.append(f"{conv.id} at {conv.source}: a media file is missing or unreadable")
+
+
+def _check_embedding(path: Path, shape: tuple, conv: Conversation, out: DatasetCheck) -> None:
+    try:
+        load_embedding(path, shape)
+    except FileNotFoundError:
+        out.embeddings["missing"] += 1
+        out.embedding_problems.append(f"{path} not found (referenced at {conv.source}); the target is computed")
+    except EmbeddingShapeError as exc:
+        out.embeddings["wrong_shape"] += 1
+        out.embedding_problems.append(f"{exc} (referenced at {conv.source}); the target is computed")
+    except ValueError as exc:
+        out.embeddings["unreadable"] += 1
+        out.embedding_problems.append(f"{exc} (referenced at {conv.source})")
+    else:
+        out.embeddings["used"] += 1
+
+
+def check_stage_data(cfg: Any, model: Any, decode: bool = True) -> CheckReport:
+    """Check every dataset of stage config ``cfg`` against the assembled ``model`` (tokenizer, sizes)."""
+    from mmllm.training.loop import token_spec
+
+    spec = token_spec(model)
+    shapes = {m: tuple(d.conditioning_shape) for m, d in model.decoders.items()}
+    probe = _MediaProbe(decode)
+    checks = [check_dataset(ds, cfg.stage, model.llm.tokenizer, spec, shapes, probe) for ds in cfg.data]
+    return CheckReport(cfg.stage, spec.max_length, decode, checks)

@@ -1,0 +1,219 @@
+"""Precomputed outputs of the frozen parts, as a training stage reads them.
+
+Two sources, looked up per sample by :class:`~mmllm.data.dataset.StageDataset`:
+
+* the feature cache (:mod:`mmllm.data.cache`, filled by ``mmllm cache``): encoder features for
+  media inputs, keyed by file content; conditioning targets for output captions, keyed by text;
+* precomputed caption embeddings named by the data (NExT-GPT's ``.npy`` files), used as
+  conditioning targets when their shape matches the decoder's ``conditioning_shape``.
+
+Whatever is not found is computed by the model as usual. Nothing stale is used silently: a
+cache section made by a different component (another fingerprint) is reported with a warning
+when the stage opens the cache and again the first time a sample falls back because of it, and
+every lookup is counted (:meth:`Precomputed.stats`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmllm.data.cache import FeatureCache, Section
+from mmllm.data.fingerprint import decoder_fingerprint, encoder_fingerprint, file_hash, text_hash
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Precomputed:
+    cache: FeatureCache | None
+    encoder_fingerprints: dict[str, str]  # modality -> fingerprint (only modalities read from the cache)
+    decoder_fingerprints: dict[str, str]
+    feature_shapes: dict[str, tuple[int, int]]  # modality -> (num_tokens, output_dim) of its encoder
+    conditioning_shapes: dict[str, tuple[int, int]]  # modality -> the decoder's conditioning_shape
+    use_targets: bool = True  # False when the stage has no MSE loss: targets are not needed
+    counts: Counter = field(default_factory=Counter)
+    _warned: set[str] = field(default_factory=set)
+
+    # ------------------------------------------------------------------ encoder features
+    def features(self, modality: str, path: Path) -> torch.Tensor | None:
+        """Cached encoder features ``(tokens, dim)`` of a media file, or None (compute them)."""
+        fp = self.encoder_fingerprints.get(modality)
+        if self.cache is None or fp is None or not Path(path).is_file():
+            return None
+        key = file_hash(path)
+        return self._lookup("encoder", modality, fp, key, self.feature_shapes[modality], str(path))
+
+    # ------------------------------------------------------------------ conditioning targets
+    def target(self, modality: str, caption: str, embedding: Path | None) -> torch.Tensor | None:
+        """A precomputed conditioning target ``(tokens, dim)`` for an output, or None (compute it)."""
+        if not self.use_targets or modality not in self.conditioning_shapes:
+            return None
+        if embedding is not None:
+            target = self._embedding(modality, embedding)
+            if target is not None:
+                return target
+        fp = self.decoder_fingerprints.get(modality)
+        if self.cache is None or fp is None:
+            return None
+        return self._lookup("condition", modality, fp, text_hash(caption), self.conditioning_shapes[modality],
+                            repr(caption[:60]))
+
+    def _embedding(self, modality: str, path: Path) -> torch.Tensor | None:
+        shape = self.conditioning_shapes[modality]
+        try:
+            target = load_embedding(path, shape)
+        except FileNotFoundError:
+            self.counts[f"embedding/{modality}/missing"] += 1
+            self._warn(f"missing-{path.parent}", "precomputed caption embedding %s not found; computing the "
+                       "target with decoders.%s (further missing files in %s are counted, not logged)",
+                       path, modality, path.parent)
+            return None
+        except EmbeddingShapeError as exc:
+            self.counts[f"embedding/{modality}/wrong_shape"] += 1
+            self._warn(f"shape-{modality}-{exc.shape}", "%s; ignoring these embeddings and computing the targets "
+                       "with decoders.%s's own text encoder", exc, modality)
+            return None
+        except ValueError as exc:
+            self.counts[f"embedding/{modality}/unreadable"] += 1
+            self._warn(f"bad-{path}", "%s; computing the target with decoders.%s", exc, modality)
+            return None
+        self.counts[f"embedding/{modality}/used"] += 1
+        return target
+
+    # ------------------------------------------------------------------ shared
+    def _lookup(self, kind: str, modality: str, fp: str, key: str, shape: tuple[int, int],
+                what: str) -> torch.Tensor | None:
+        assert self.cache is not None
+        section = self.cache.section(kind, modality, fp)
+        tensor = section.get(key) if section is not None else None
+        if tensor is not None and tuple(tensor.shape) == tuple(shape):
+            self.counts[f"{kind}/{modality}/hit"] += 1
+            return tensor
+        if tensor is not None:  # same fingerprint, wrong shape: a damaged cache
+            self.counts[f"{kind}/{modality}/stale"] += 1
+            self._warn(f"shape-{kind}-{modality}", "feature cache %s: %s entry for %s has shape %s, expected %s; "
+                       "recomputing; rebuild the cache with `mmllm cache`", self.cache.directory, kind, what,
+                       tuple(tensor.shape), tuple(shape))
+            return None
+        stale = [s for s in self.cache.others(kind, modality, fp) if key in s]
+        if stale:
+            self.counts[f"{kind}/{modality}/stale"] += 1
+            self._warn(f"stale-{kind}-{modality}", "feature cache %s holds %s %s output for %s, but made by a "
+                       "different component (fingerprint %s, this model's is %s): NOT using it, recomputing; run "
+                       "`mmllm cache --config <this stage>` to refresh", self.cache.directory, modality, kind,
+                       what, stale[0].fingerprint, fp)
+        else:
+            self.counts[f"{kind}/{modality}/miss"] += 1
+            self._warn(f"miss-{kind}-{modality}", "feature cache %s has no %s %s output for %s; computing it (and "
+                       "further misses) on the fly; run `mmllm cache --config <this stage>` to fill the cache",
+                       self.cache.directory, modality, kind, what)
+        return None
+
+    def _warn(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(msg, *args)
+
+    def stats(self) -> dict[str, int]:
+        """Lookups so far: ``<kind>/<modality>/<hit|miss|stale>`` and ``embedding/<modality>/<outcome>``."""
+        return dict(sorted(self.counts.items()))
+
+
+# --------------------------------------------------------------------------------------------
+# precomputed caption embeddings (.npy)
+# --------------------------------------------------------------------------------------------
+
+
+class EmbeddingShapeError(ValueError):
+    def __init__(self, path: Path, shape: tuple[int, ...], expected: tuple[int, int]):
+        self.shape = tuple(shape)
+        super().__init__(
+            f"precomputed caption embedding {path} has shape {self.shape}, but the decoder's conditioning_shape "
+            f"is {tuple(expected)}: it was made for a different decoder (NExT-GPT's are (77, 768) for SD 1.5, "
+            f"(77, 1024) for ZeroScope, (512,) for AudioLDM)"
+        )
+
+
+def load_embedding(path: Path, shape: tuple[int, int]) -> torch.Tensor:
+    """A ``.npy`` caption embedding as a ``shape`` float tensor; a leading batch axis of 1 and a 1-D
+    ``(dim,)`` for a ``(1, dim)`` shape are accepted. Pickled arrays are refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"cannot read precomputed embedding {path}: {exc} (pickled .npy files are refused)") from exc
+    except OSError as exc:
+        raise ValueError(f"cannot read precomputed embedding {path}: {exc}") from exc
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"precomputed embedding {path} has dtype {arr.dtype}, expected floats")
+    if arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim == 1 and shape[0] == 1:
+        arr = arr[None, :]
+    if tuple(arr.shape) != tuple(shape):
+        raise EmbeddingShapeError(path, arr.shape, shape)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"precomputed embedding {path} holds NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# opening for a stage
+# --------------------------------------------------------------------------------------------
+
+
+def open_precomputed(cfg: Any, model: Any) -> Precomputed:
+    """The stage's precomputed sources: its ``cache:`` folder (if any) and the data's own embeddings."""
+    cache = None
+    cache_cfg = getattr(cfg, "cache", None)
+    if cache_cfg is not None and cache_cfg.dir:
+        directory = Path(cache_cfg.dir)
+        if not (directory / "index.json").is_file():
+            log.warning("cache.dir %s holds no feature cache; everything is computed on the fly; run "
+                        "`mmllm cache --config <this stage>` first", directory)
+        else:
+            cache = FeatureCache(directory)
+    use_targets = bool(cfg.losses.mse)
+    enc_fps: dict[str, str] = {}
+    dec_fps: dict[str, str] = {}
+    if cache is not None:
+        if cache_cfg.encoders:
+            enc_fps = {m: encoder_fingerprint(e) for m, e in model.encoders.items()}
+        if cache_cfg.targets and use_targets:
+            dec_fps = {m: decoder_fingerprint(d) for m, d in model.decoders.items()}
+        report_sections(cache, enc_fps, dec_fps)
+    return Precomputed(
+        cache=cache,
+        encoder_fingerprints=enc_fps,
+        decoder_fingerprints=dec_fps,
+        feature_shapes={m: (e.num_tokens, e.output_dim) for m, e in model.encoders.items()},
+        conditioning_shapes={m: tuple(d.conditioning_shape) for m, d in model.decoders.items()},
+        use_targets=use_targets,
+    )
+
+
+def report_sections(cache: FeatureCache, enc_fps: dict[str, str], dec_fps: dict[str, str]) -> None:
+    for kind, fps in (("encoder", enc_fps), ("condition", dec_fps)):
+        for m, fp in fps.items():
+            part = f"{'encoders' if kind == 'encoder' else 'decoders'}.{m}"
+            section: Section | None = cache.section(kind, m, fp)
+            others = cache.others(kind, m, fp)
+            if section is not None:
+                log.info("feature cache %s: %s matches (%d entries, fingerprint %s)", cache.directory, part,
+                         len(section), fp)
+            elif others:
+                log.warning("feature cache %s: STALE for %s: it was computed by a different component "
+                            "(fingerprint %s; this model's is %s); not using it, recomputing on the fly; run "
+                            "`mmllm cache --config <this stage>` to refresh", cache.directory, part,
+                            others[0].fingerprint, fp)
+            else:
+                log.info("feature cache %s: nothing cached for %s", cache.directory, part)

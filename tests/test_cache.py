@@ -1,0 +1,171 @@
+"""The feature cache on the tiny assembly: what `mmllm cache` writes is what training reads (hit, same
+loss); what is not there is computed (miss), also inside a batch that mixes both; a cache made by a
+different component is never used (stale, with a warning); a damaged cache is recomputed or refused."""
+
+import copy
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from mmllm.cli import main
+from mmllm.config import load_stage
+from mmllm.data.cache import CacheError, FeatureCache
+from mmllm.data.cache_build import build_cache
+from mmllm.data.dataset import StageDataset, collate, load_stage_records
+from mmllm.data.fingerprint import decoder_fingerprint, encoder_fingerprint
+from mmllm.data.precomputed import open_precomputed
+from mmllm.model import AnyToAnyModel
+from mmllm.training.loop import token_spec
+from tests.conftest import REPO
+
+STAGE_FILES = {"encode-align": "encode_align", "decode-align": "decode_align"}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_assembly):
+    return AnyToAnyModel.assemble(tiny_assembly)
+
+
+@pytest.fixture
+def data(sample_data, tmp_path):
+    """A private copy of the sample pairs and media (tests change files)."""
+    root = tmp_path / "data"
+    shutil.copytree(sample_data["pairs"].parent / "media", root / "media")
+    shutil.copy(sample_data["pairs"], root / "pairs.jsonl")
+    return root
+
+
+def cfg_for(stage, data, cache, *extra):
+    return load_stage(REPO / "configs/stages/tiny" / f"{STAGE_FILES[stage]}.yaml", [
+        f"output_dir={data.parent / 'out'}", "report_to=none", "init_from=null", f"cache.dir={cache}",
+        f"data=[{{path: {data / 'pairs.jsonl'}, format: mmllm-pairs}}]", *extra])
+
+
+def batch_of(cfg, model, precomputed):
+    (convs,), _, _ = load_stage_records(cfg.data, cfg.stage)
+    pre = {m: e.preprocess for m, e in model.encoders.items()}
+    ds = StageDataset(convs, model.llm.tokenizer, token_spec(model), pre, precomputed=precomputed)
+    return collate([ds[i] for i in range(len(ds))], model.llm.tokenizer.pad_token_id)
+
+
+def loss(model, batch, cfg):
+    with torch.no_grad():
+        return {k: float(v) for k, v in model(batch, cfg.losses).items()}
+
+
+def test_hit_encoder_features_skip_the_encoder_and_give_the_same_loss(model, data, tmp_path):
+    cfg = cfg_for("encode-align", data, tmp_path / "cache")
+    report = build_cache(cfg, model)
+    assert dict(report.computed) == {"encoder/image": 8, "encoder/video": 8, "encoder/audio": 3}
+    again = build_cache(cfg, model)  # incremental: nothing left to compute
+    assert not again.computed and sum(again.present.values()) == 19
+    assert not list((tmp_path / "cache").glob("*.tmp")) and not list((tmp_path / "cache").glob(".*.tmp"))
+
+    pre = open_precomputed(cfg, model)
+    cached = batch_of(cfg, model, pre)
+    assert cached["media"] == {} and set(cached["media_features"]) == {"image", "audio", "video"}
+    assert pre.stats() == {"encoder/audio/hit": 3, "encoder/image/hit": 8, "encoder/video/hit": 8}
+    plain = batch_of(cfg, model, None)
+    assert loss(model, cached, cfg) == pytest.approx(loss(model, plain, cfg), rel=1e-5)
+    model.encoders["image"].forward = None  # would fail if called: cached features skip the encoder
+    try:
+        model(cached, cfg.losses)
+    finally:
+        del model.encoders["image"].forward
+
+
+def test_hit_conditioning_targets_match_the_decoders_own(model, data, tmp_path):
+    cfg = cfg_for("decode-align", data, tmp_path / "cache")
+    assert dict(build_cache(cfg, model).computed) == {"condition/image": 8, "condition/video": 8, "condition/audio": 3}
+    pre = open_precomputed(cfg, model)
+    cached = batch_of(cfg, model, pre)
+    for m, rows in cached["signal_targets"].items():
+        expected = model.decoders[m].condition(cached["signal_captions"][m])
+        assert torch.allclose(torch.stack(rows), expected, atol=1e-6)
+    assert loss(model, cached, cfg) == pytest.approx(loss(model, batch_of(cfg, model, None), cfg), rel=1e-5)
+
+
+def test_miss_is_computed_also_inside_a_batch_mixing_cached_and_new_items(model, data, tmp_path, caplog):
+    cfg = cfg_for("encode-align", data, tmp_path / "cache")
+    build_cache(cfg, model)
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(data / "media/new.png")
+    lines = data.joinpath("pairs.jsonl").read_text().splitlines()
+    lines.insert(1, json.dumps({"id": "new", "modality": "image", "media": "media/new.png", "caption": "new"}))
+    data.joinpath("pairs.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level(logging.WARNING):
+        pre = open_precomputed(cfg, model)
+        cached = batch_of(cfg, model, pre)
+    assert pre.stats()["encoder/image/miss"] == 1 and pre.stats()["encoder/image/hit"] == 8
+    assert cached["media"]["image"].shape[0] == 1 and cached["media_features"]["image"]["index"].tolist() == [
+        0, 2, 3, 4, 5, 6, 7, 8]  # the new image is the 2nd image of the batch
+    assert "has no image encoder output" in caplog.text and "mmllm cache" in caplog.text
+    assert loss(model, cached, cfg) == pytest.approx(loss(model, batch_of(cfg, model, None), cfg), rel=1e-5)
+
+
+def test_stale_cache_is_never_used_silently(model, data, tmp_path, caplog):
+    cfg = cfg_for("encode-align", data, tmp_path / "cache")
+    build_cache(cfg, model)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():  # a change deep inside a tensor (past what MediaEncoder.fingerprint samples)
+        weight = next(p for p in changed.encoders["image"].parameters() if p.numel() > 2048)
+        weight.view(-1)[-1] += 1.0
+    assert encoder_fingerprint(changed.encoders["image"]) != encoder_fingerprint(model.encoders["image"])
+    assert encoder_fingerprint(changed.encoders["audio"]) == encoder_fingerprint(model.encoders["audio"])
+    with caplog.at_level(logging.WARNING):
+        pre = open_precomputed(cfg, changed)
+        batch = batch_of(cfg, changed, pre)
+    assert "STALE for encoders.image" in caplog.text and "NOT using it" in caplog.text
+    assert pre.stats()["encoder/image/stale"] == 8 and "encoder/image/hit" not in pre.stats()
+    assert batch["media"]["image"].shape[0] == 8 and "image" not in batch["media_features"]
+    assert pre.stats()["encoder/audio/hit"] == 3  # untouched parts still hit
+    assert loss(changed, batch, cfg) == pytest.approx(loss(changed, batch_of(cfg, changed, None), cfg), rel=1e-5)
+    # a media file whose content changed under the same name is a miss, not a stale hit
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(data / "media/red_circle.png")
+    pre = open_precomputed(cfg, model)
+    batch_of(cfg, model, pre)
+    assert pre.stats()["encoder/image/miss"] == 1 and pre.stats()["encoder/image/hit"] == 7
+
+
+def test_decoder_fingerprint_follows_the_text_side_not_call_state(model):
+    decoder = model.decoders["image"]
+    before = decoder_fingerprint(decoder)
+    decoder.condition(["a red circle"])  # sets padding/truncation state on the tokenizer
+    assert decoder_fingerprint(decoder) == before
+    changed = copy.deepcopy(decoder)
+    with torch.no_grad():
+        next(changed.text_encoder.parameters()).view(-1)[-1] += 1.0
+    assert decoder_fingerprint(changed) != before
+
+
+def test_damaged_cache_is_recomputed_or_refused_with_the_file_named(model, data, tmp_path, caplog):
+    cfg = cfg_for("encode-align", data, tmp_path / "cache")
+    build_cache(cfg, model)
+    shard = next((tmp_path / "cache").glob("encoder-image-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING):
+        pre = open_precomputed(cfg, model)
+        batch = batch_of(cfg, model, pre)
+    assert shard.name in caplog.text and pre.stats()["encoder/image/miss"] == 8
+    assert batch["media"]["image"].shape[0] == 8
+    (tmp_path / "cache/index.json").write_text("{not json")
+    with pytest.raises(CacheError, match="index.json"):
+        FeatureCache(tmp_path / "cache")
+
+
+def test_cache_command(data, tmp_path, capsys):
+    args = ["cache", "--config", str(REPO / "configs/stages/tiny/decode_align.yaml"), "init_from=null",
+            f"data=[{{path: {data / 'pairs.jsonl'}, format: mmllm-pairs}}]"]
+    assert main([*args, f"cache.dir={tmp_path / 'c'}"]) == 0
+    out = capsys.readouterr().out
+    assert "condition/image: 8 computed" in out and "condition/audio: 3 computed" in out
+    index = json.loads((tmp_path / "c/index.json").read_text())
+    assert {(s["kind"], s["modality"]) for s in index["sections"].values()} == {
+        ("condition", "image"), ("condition", "audio"), ("condition", "video")}
+    assert main([*args, f"cache.dir={tmp_path / 'c'}"]) == 0
+    assert "condition/image: 0 computed, 8 already cached" in capsys.readouterr().out
+    assert main(args) == 2  # no cache.dir: a configuration error, said plainly
+    assert "cache.dir" in capsys.readouterr().err

@@ -1,0 +1,203 @@
+"""Every data format read into the normal form; every malformed record reported with file:line and
+skipped; media paths outside the data root refused unless allowed. No model, all fast."""
+
+import json
+
+import pytest
+
+from mmllm.config import DatasetConfig
+from mmllm.data.dataset import load_stage_records
+from mmllm.data.formats import read_records
+from mmllm.data.template import pair_to_conversation
+from tests.conftest import REPO
+
+MEDIA = REPO / "data/samples/media"
+EXAMPLES = {
+    "mmllm-pairs.jsonl": "mmllm-pairs",
+    "mmllm-chat.jsonl": "mmllm-chat",
+    "nextgpt/cc3m.json": "nextgpt-pairs",
+    "nextgpt/audiocap_comprehension.json": "nextgpt-pairs",
+    "nextgpt/webvid_generation.json": "nextgpt-pairs",
+    "nextgpt/image_t2x.json": "nextgpt-t2x",
+    "nextgpt/mosit.json": "nextgpt-mosit",
+    "llava/llava_instruct.json": "llava",
+}
+
+
+def _write(path, records, array=True):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if array:
+        path.write_text(json.dumps(records, indent=4))
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _touch(root, *names):
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+
+
+@pytest.mark.parametrize("name", list(EXAMPLES))
+def test_documented_examples_read_cleanly_and_name_existing_media(name):
+    records, errors = read_records(REPO / "data/examples" / name, EXAMPLES[name], MEDIA)
+    assert records and not errors
+    for rec in records:
+        paths = [rec.media] if hasattr(rec, "caption") else [r.path for r in rec.media_refs()] + [
+            o.path for o in rec.output_refs() if o.path]
+        assert all(p is None or p.is_file() for p in paths), paths
+
+
+def test_nextgpt_pairs_raw_comprehension_and_generation_with_subfolders_and_embeddings(tmp_path):
+    _touch(tmp_path, "images/001.jpg", "audios/7.wav", "videos/v.mp4")
+    raw = _write(tmp_path / "cc3m.json", [{"caption": "a dog ", "id": "001", "image_name": "001.jpg"}])
+    comp = _write(tmp_path / "audiocap_comprehension.json", [{"input_audio": "7.wav", "conversations": [
+        {"from": "human", "value": "<audio>\nWhat is it?"}, {"from": "gpt", "value": "a train horn"}]}])
+    gen = _write(tmp_path / "webvid_generation.json", [{
+        "output_video": "v.mp4", "video_captions": "waves on a beach", "video_caption_embeddings": "v.mp4.npy",
+        "conversations": [{"from": "human", "value": "make a clip of waves on a beach"},
+                          {"from": "gpt", "value": "Sure thing! <video>"}]}])
+    (pair,), errors = read_records(raw, "nextgpt-pairs", embeddings=tmp_path / "embed")
+    assert not errors and pair.modality == "image" and pair.caption == "a dog"
+    assert pair.media == tmp_path / "images/001.jpg" and pair.embedding == tmp_path / "embed/001.jpg.npy"
+    (c,), _ = read_records(comp, "nextgpt-pairs")
+    ea = pair_to_conversation(c, "encode-align")
+    assert ea.messages[0].content == "<audio>\nWhat is it?" and ea.messages[1].content == "a train horn"
+    assert ea.messages[0].media[0].path == tmp_path / "audios/7.wav"
+    (g,), _ = read_records(gen, "nextgpt-pairs", embeddings=tmp_path / "embed")
+    da = pair_to_conversation(g, "decode-align")
+    assert da.messages[0].content == "make a clip of waves on a beach"
+    assert da.messages[1].content == "Sure thing!"  # the <video> marker is replaced by signal tokens
+    out = da.messages[1].outputs[0]
+    assert (out.modality, out.caption, out.embedding) == ("video", "waves on a beach", tmp_path / "embed/v.mp4.npy")
+    assert pair_to_conversation(g, "encode-align").messages[0].content == "<video>"  # no prompt for that stage
+
+
+def test_nextgpt_t2x_old_and_new_layouts(tmp_path):
+    path = _write(tmp_path / "audio_t2x.json", [
+        {"mm_name": "34706.wav", "output_modality": "audio", "conversation": [
+            {"from": "human", "value": "I need an engine sound.", "input_modality": "text"},
+            {"from": "gpt", "value": "Here you are.", "caption": "an engine works", "output_modality": "audio"}]},
+        {"audio_captions": ["rain falls"], "audio_caption_embeddings": ["r.wav.npy"], "conversations": [
+            {"from": "human", "value": "Rain, please."},
+            {"from": "gpt", "value": "Listen <audio> and relax."}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello.",
+                                                              "caption": "", "output_modality": "text"}]},
+        {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y <image>"}]},
+    ])
+    convs, errors = read_records(path, "nextgpt-t2x", embeddings=tmp_path)
+    old, new, text = convs
+    assert [m.role for m in old.messages] == ["user", "assistant"]
+    out = old.messages[1].outputs[0]
+    assert (out.modality, out.caption, out.embedding.name) == ("audio", "an engine works", "34706.wav.npy")
+    out = new.messages[1].outputs[0]
+    assert new.messages[1].content == "Listen and relax."
+    assert (out.modality, out.caption, out.embedding.name) == ("audio", "rain falls", "r.wav.npy")
+    assert text.messages[1].outputs == []
+    assert len(errors) == 1 and f"{path}:" in errors[0] and "no caption" in errors[0]
+
+
+def test_nextgpt_mosit_inputs_outputs_and_lists(tmp_path):
+    _touch(tmp_path, "rain.wav", "a.jpg", "clouds.jpg")
+    path = _write(tmp_path / "mosit.json", [
+        {"image_list": ["a.jpg"], "conversation": [
+            {"from": "human", "value": "Hear <Audio>thunder and rain</Audio> and see <image>", "audio_list": ["rain.wav"]},
+            {"from": "gpt", "value": "A storm! <Image>dark storm\nclouds</Image> <Video>lightning</Video>",
+             "image_list": ["clouds.jpg"]},
+            {"from": "human", "value": "Another?"},
+            {"from": "gpt", "value": "Sure <image>", "caption": "a rainbow"}]},
+        {"conversation": [{"from": "human", "value": "look <Image>a cat</Image>"}, {"from": "gpt", "value": "ok"}]},
+    ])
+    (conv,), errors = read_records(path, "nextgpt-mosit")
+    user, reply, _, last = conv.messages
+    assert user.content == "Hear <audio> and see <image>"
+    assert [(r.modality, r.path.name) for r in user.media] == [("audio", "rain.wav"), ("image", "a.jpg")]
+    assert reply.content == "A storm!"
+    assert [(o.modality, o.caption, o.path and o.path.name) for o in reply.outputs] == [
+        ("image", "dark storm clouds", "clouds.jpg"), ("video", "lightning", None)]
+    assert [(o.modality, o.caption) for o in last.outputs] == [("image", "a rainbow")]
+    assert len(errors) == 1 and f"{path}:" in errors[0] and "image_list" in errors[0]
+
+
+def test_llava_conversations_placeholders_and_text_only(tmp_path):
+    _touch(tmp_path, "coco/1.jpg", "coco/2.jpg")
+    path = _write(tmp_path / "llava.json", [
+        {"id": "a", "image": "coco/1.jpg", "conversations": [
+            {"from": "human", "value": "What is this?\n<image>"}, {"from": "gpt", "value": "A bus."}]},
+        {"id": "b", "image": "coco/2.jpg", "conversations": [
+            {"from": "human", "value": "Describe it."}, {"from": "gpt", "value": "A cat."}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+        {"id": "d", "image": ["coco/1.jpg", "coco/2.jpg"], "conversations": [
+            {"from": "human", "value": "<image> vs <image> vs <image>"}, {"from": "gpt", "value": "x"}]},
+        {"id": "e", "conversations": [{"from": "robot", "value": "beep"}]},
+    ])
+    convs, errors = read_records(path, "llava")
+    a, b, c = convs
+    assert a.messages[0].media[0].path == tmp_path / "coco/1.jpg"
+    assert b.messages[0].content.startswith("<image>\n") and b.messages[0].media[0].path.name == "2.jpg"
+    assert c.media_refs() == [] and c.messages[1].role == "assistant"
+    assert len(errors) == 2
+    assert f"{path}:" in errors[0] and "3 <image> placeholder(s)" in errors[0] and "2 file(s)" in errors[0]
+    assert "'robot'" in errors[1]
+
+
+def test_errors_name_file_and_line_and_reading_goes_on(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"caption": "ok", "image_name": "a.jpg"},\n  {"caption": "x"},\n  7,\n'
+                    '  {"caption": "fine", "image_name": "b.jpg"}\n]\n')
+    records, errors = read_records(path, "nextgpt-pairs")
+    assert [r.caption for r in records] == ["ok", "fine"]
+    assert errors[0].startswith(f"{path}:3:") and "not a NExT-GPT pair record" in errors[0]
+    assert errors[1].startswith(f"{path}:4:") and "expected a JSON object" in errors[1]
+    broken = tmp_path / "broken.json"
+    broken.write_text('[\n {"caption": "ok", "image_name": "a.jpg"},\n {"caption": oops}\n]')
+    records, errors = read_records(broken, "nextgpt-pairs")
+    assert len(records) == 1 and errors[0].startswith(f"{broken}:3:") and "not valid JSON" in errors[0]
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text('{"modality": "image", "caption": "a", "media": "a.png"}\nnot json\n{"modality": "smell"}\n')
+    records, errors = read_records(jsonl, "mmllm-pairs")
+    assert len(records) == 1 and errors[0].startswith(f"{jsonl}:2:") and errors[1].startswith(f"{jsonl}:3:")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        read_records(tmp_path / "nope.json", "llava")
+
+
+def test_paths_outside_the_root_are_refused_unless_allowed(tmp_path):
+    root = tmp_path / "data"
+    _touch(tmp_path, "secret.png", "data/ok.png")
+    (root / "linked").symlink_to(tmp_path)  # a link the user placed inside the root is followed
+    lines = [{"modality": "image", "caption": c, "media": m} for c, m in
+             [("ok", "ok.png"), ("up", "../secret.png"), ("abs", str(tmp_path / "secret.png")),
+              ("link", "linked/secret.png")]]
+    path = _write(root / "pairs.jsonl", lines, array=False)
+    records, errors = read_records(path, "mmllm-pairs")
+    assert [r.caption for r in records] == ["ok", "link"]
+    assert len(errors) == 2 and all("outside the data root" in e and "allow_outside_root" in e for e in errors)
+    assert errors[0].startswith(f"{path}:2.media:")
+    records, errors = read_records(path, "mmllm-pairs", allow_outside_root=True)
+    assert len(records) == 4 and not errors
+    ds = DatasetConfig(path=str(path), format="mmllm-pairs", allow_outside_root=True)
+    per, _, errs = load_stage_records([ds], "encode-align")
+    assert len(per[0]) == 4 and not errs
+
+
+def test_pair_formats_are_refused_for_the_instruct_stage(tmp_path):
+    path = _write(tmp_path / "p.jsonl", [{"modality": "image", "caption": "a"}], array=False)
+    with pytest.raises(ValueError, match="instruct stage reads conversations"):
+        load_stage_records([DatasetConfig(path=str(path), format="mmllm-pairs")], "instruct")
+
+
+WEIRD = [{}, {"conversations": 5}, {"conversations": [{"from": "human", "value": 3}]}, {"conversation": [7]},
+         {"image": 5, "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
+         {"image_list": {"a": 1}, "conversation": [{"from": "human", "value": "<Image>x</Image>"}]},
+         {"caption": None, "image_name": "a.jpg"}, {"input_image": "a.jpg", "conversations": []},
+         {"output_image": "a.jpg", "image_captions": ["a", "b"], "conversations": []},
+         {"messages": [{"role": "user", "content": "<image>", "media": [1]}]}, {"modality": "image", "caption": 3}]
+
+
+@pytest.mark.parametrize("fmt", sorted({*EXAMPLES.values()}))
+def test_odd_records_are_errors_with_their_line_never_exceptions(tmp_path, fmt):
+    path = _write(tmp_path / "odd.jsonl", WEIRD, array=False)
+    records, errors = read_records(path, fmt)
+    assert records == [] and len(errors) == len(WEIRD)
+    assert all(e.startswith(f"{path}:{i + 1}") for i, e in enumerate(errors))

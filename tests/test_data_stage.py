@@ -1,0 +1,163 @@
+"""A stage's data on the tiny assembly: several data sets mixed by weight with different modalities in
+one batch; bad samples skipped and counted without stopping training; NExT-GPT's precomputed caption
+embeddings used as targets when they fit the decoder and refused, loudly, when not; `mmllm data check`."""
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmllm.cli import main
+from mmllm.config import load_stage
+from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records
+from mmllm.data.precomputed import open_precomputed
+from mmllm.model import AnyToAnyModel
+from mmllm.training.loop import token_spec, train
+from tests.conftest import REPO
+
+STAGE_FILES = {"encode-align": "encode_align", "decode-align": "decode_align", "instruct": "instruct"}
+
+
+@pytest.fixture(scope="module")
+def model(tiny_assembly):
+    return AnyToAnyModel.assemble(tiny_assembly)
+
+
+def stage_cfg(stage, datasets, out, *extra):
+    items = ", ".join("{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}" for d in datasets)
+    return load_stage(REPO / "configs/stages/tiny" / f"{STAGE_FILES[stage]}.yaml",
+                      [f"output_dir={out}", "report_to=none", "init_from=null", f"data=[{items}]", *extra])
+
+
+def split_pairs(sample_data, tmp_path):
+    """The sample pairs as two files: images (8) and sounds (3), media under the samples' root."""
+    lines = [json.loads(x) for x in sample_data["pairs"].read_text().splitlines()]
+    files = {}
+    for m in ("image", "audio"):
+        files[m] = tmp_path / f"{m}.jsonl"
+        files[m].write_text("".join(json.dumps(x) + "\n" for x in lines if x["modality"] == m))
+    return files, sample_data["pairs"].parent
+
+
+def datasets_for(cfg, model, precomputed=None):
+    per, weights, errors = load_stage_records(cfg.data, cfg.stage)
+    pre = {m: e.preprocess for m, e in model.encoders.items()}
+    return [StageDataset(c, model.llm.tokenizer, token_spec(model), pre, precomputed=precomputed) for c in per], \
+        weights, errors
+
+
+def test_a_stage_mixes_datasets_by_weight_with_modalities_side_by_side(model, sample_data, tmp_path):
+    files, root = split_pairs(sample_data, tmp_path)
+    cfg = stage_cfg("encode-align", [{"path": files["image"], "format": "mmllm-pairs", "root": root, "weight": 1.0},
+                                     {"path": files["audio"], "format": "mmllm-pairs", "root": root, "weight": 2.0}],
+                    tmp_path / "out")
+    datasets, weights, errors = datasets_for(cfg, model)
+    assert [len(d) for d in datasets] == [8, 3] and weights == [1.0, 2.0] and not errors
+    sampler = MixtureSampler([len(d) for d in datasets], weights, seed=0)
+    epoch = [sampler.at(i) for i in range(sampler.epoch_size)]
+    assert sampler.epoch_size == 14 and sum(d == 1 for d, _ in epoch) == 6  # the sounds twice over
+    for step in range(sampler.epoch_size):
+        picks = sampler.micro_batch(step, 0, 1, 0, 1, 4)
+        if len({d for d, _ in picks}) == 2:
+            break
+    batch = collate([datasets[d][i] for d, i in picks], model.llm.tokenizer.pad_token_id)
+    assert set(batch["media"]) == {"image", "audio"} and not batch["skipped"]
+    spec = token_spec(model)
+    for m, inputs in batch["media"].items():
+        assert int((batch["input_ids"] == spec.placeholder_ids[m]).sum()) == inputs.shape[0] * spec.media_tokens[m]
+    assert torch.isfinite(model(batch, cfg.losses)["loss"])
+
+
+def test_bad_samples_are_skipped_and_counted_never_crashing_training(sample_data, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(sample_data["pairs"].parent / "media", root / "media")
+    (root / "media/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    lines = [json.loads(x) for x in sample_data["pairs"].read_text().splitlines() if '"image"' in x][:3]
+    lines += [{"id": "broken", "modality": "image", "media": "media/broken.png", "caption": "a broken image"},
+              {"id": "gone", "modality": "image", "media": "media/gone.png", "caption": "a missing image"},
+              {"id": "escape", "modality": "image", "media": "../../etc/passwd", "caption": "refused"}]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = stage_cfg("encode-align", [{"path": root / "pairs.jsonl", "format": "mmllm-pairs"}], tmp_path / "out",
+                    "max_steps=3", "batch_size=4", "save_every=0")
+    result = train(cfg)
+    assert result.steps == 3 and all(np.isfinite(result.losses))
+    assert result.skipped >= 2  # each epoch of 5 samples holds both unreadable ones; 12 picks > 2 epochs
+
+
+def _npy_generation(tmp_path, shape_ok, shape_bad):
+    media = tmp_path / "gen" / "images"
+    media.mkdir(parents=True)
+    for name, colour in (("a.png", (200, 0, 0)), ("b.png", (0, 0, 200))):
+        Image.new("RGB", (32, 32), colour).save(media / name)
+    records = [{"output_image": n, "image_captions": c, "image_caption_embeddings": f"{n}.npy", "conversations": [
+        {"from": "human", "value": f"draw {c}"}, {"from": "gpt", "value": "Here. <image>"}]}
+        for n, c in (("a.png", "a red square"), ("b.png", "a blue square"))]
+    (tmp_path / "gen/gen.json").write_text(json.dumps(records))
+    embed = tmp_path / "embed"
+    embed.mkdir()
+    good = np.random.default_rng(0).standard_normal(shape_ok).astype(np.float32)
+    np.save(embed / "a.png.npy", good)
+    np.save(embed / "b.png.npy", np.zeros(shape_bad, np.float32))
+    return tmp_path / "gen/gen.json", embed, good
+
+
+def test_precomputed_caption_embeddings_are_targets_when_they_fit(model, tmp_path, caplog):
+    shape = model.decoders["image"].conditioning_shape
+    path, embed, good = _npy_generation(tmp_path, shape, (77, 768))
+    cfg = stage_cfg("decode-align", [{"path": path, "format": "nextgpt-pairs", "embeddings": embed}], tmp_path / "o")
+    pre = open_precomputed(cfg, model)
+    (ds,), _, _ = datasets_for(cfg, model, pre)
+    with caplog.at_level(logging.WARNING):
+        batch = collate([ds[0], ds[1]], model.llm.tokenizer.pad_token_id)
+    given = batch["signal_targets"]["image"]
+    assert torch.equal(given[0], torch.from_numpy(good)) and given[1] is None
+    assert "has shape (77, 768)" in caplog.text and f"conditioning_shape is {tuple(shape)}" in caplog.text
+    assert pre.stats() == {"embedding/image/used": 1, "embedding/image/wrong_shape": 1}
+    targets = model.signal_targets("image", batch["signal_captions"]["image"], given)
+    assert torch.equal(targets[0], torch.from_numpy(good))
+    assert torch.allclose(targets[1], model.decoders["image"].condition(["a blue square"])[0])
+    assert torch.isfinite(model(batch, cfg.losses)["mse_image"])
+
+
+def test_data_check_reports_counts_missing_unreadable_and_too_long(sample_data, tmp_path, capsys):
+    media = sample_data["pairs"].parent / "media"
+    root = tmp_path / "llava"
+    root.mkdir()
+    for name in ("red_circle.png", "blue_square.png"):
+        shutil.copy(media / name, root / name)
+    (root / "bad.png").write_text("not an image")
+    long_reply = " ".join(["blue"] * 200)
+    records = [
+        {"id": "ok", "image": "red_circle.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A red circle."}]},
+        {"id": "long", "image": "blue_square.png", "conversations": [
+            {"from": "human", "value": "<image>\nDescribe it at length."}, {"from": "gpt", "value": long_reply}]},
+        {"id": "hopeless", "conversations": [
+            {"from": "human", "value": long_reply}, {"from": "gpt", "value": "ok"}]},
+        {"id": "gone", "image": "gone.png", "conversations": [
+            {"from": "human", "value": "<image>\nAnd this?"}, {"from": "gpt", "value": "?"}]},
+        {"id": "bad", "image": "bad.png", "conversations": [
+            {"from": "human", "value": "<image>\nAnd this?"}, {"from": "gpt", "value": "?"}]},
+        {"id": "broken", "conversations": "nope"},
+    ]
+    (root / "llava.json").write_text(json.dumps(records, indent=1))
+    chat = sample_data["chat"]
+    data = f"data=[{{path: {root / 'llava.json'}, format: llava}}, {{path: {chat}, format: mmllm-chat, weight: 0.5}}]"
+    report = tmp_path / "report.json"
+    code = main(["data", "check", "--config", str(REPO / "configs/stages/tiny/instruct.yaml"), "--json",
+                 str(report), "init_from=null", data])
+    text = capsys.readouterr().out
+    assert code == 1 and "problem(s) found" in text
+    llava, chats = json.loads(report.read_text())["datasets"]
+    assert llava["records"] == 6 and llava["conversations"] == 5 and llava["inputs"] == {"image": 4}
+    assert len(llava["malformed"]) == 1 and "llava.json:" in llava["malformed"][0]
+    assert len(llava["missing"]) == 1 and "gone.png" in llava["missing"][0]
+    assert len(llava["unreadable"]) == 1 and "bad.png" in llava["unreadable"][0]
+    assert {x.split(" ")[0] for x in llava["too_long"]} == {"long", "hopeless"}
+    assert {x.split(" ")[0].rstrip(":") for x in llava["unusable"]} == {"hopeless", "gone", "bad"}
+    assert chats["malformed"] == [] and chats["inputs"] and chats["outputs"]["image"] >= 8
+    assert "media in:  image 4" in text
