@@ -1,0 +1,121 @@
+"""Surviving faults: kill -9 and --resume, a kill during a checkpoint write, non-finite steps,
+retention, and an unwritable output directory reported before training."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmllm.model import AnyToAnyModel
+from mmllm.training import checkpoint as ckpt
+from mmllm.training.loop import train
+from tests.conftest import REPO
+from tests.test_stages import stage_cfg
+
+
+def _cli(sample_data, out, *extra):
+    return [sys.executable, "-m", "mmllm.cli", "train", "--config", str(REPO / "configs/stages/tiny/instruct.yaml"),
+            f"output_dir={out}", "report_to=none", "init_from=null", "max_steps=8", "save_every=1", "keep_last=3",
+            f"data=[{{path: {sample_data['chat']}, format: mmllm-chat}}]", *extra]
+
+
+def test_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_run(sample_data, tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    full = subprocess.run(_cli(sample_data, tmp_path / "full"), cwd=REPO, env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    kill_after = random.Random(os.getpid()).randint(2, 6)  # a checkpoint step; the kill lands a little later
+    proc = subprocess.Popen(_cli(sample_data, tmp_path / "cut"), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (tmp_path / "cut" / f"step-{kill_after}").exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    time.sleep(random.Random(kill_after).uniform(0.0, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "step-8").exists()
+    resumed = subprocess.run(_cli(sample_data, tmp_path / "cut", "--resume"), cwd=REPO, env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    a = tmp_path / "full" / "step-8"
+    b = tmp_path / "cut" / "step-8"
+    for name in ("learned.safetensors", "adapter/adapter_model.safetensors"):
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
+    la = json.loads((a / "training_state/progress.json").read_text())["losses"]
+    lb = json.loads((b / "training_state/progress.json").read_text())["losses"]
+    assert lb == pytest.approx(la, rel=1e-6)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tiny_model, tmp_path):
+    target = tmp_path / "step-1"
+    tiny_model.save_pretrained(target)
+    before = (target / "learned.safetensors").read_bytes()
+
+    def dies_halfway(tmp):
+        (tmp / "learned.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt("killed mid-write")
+
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_dir(target, dies_halfway)
+    assert (target / "learned.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["step-1"]  # no temp dir left behind
+    AnyToAnyModel.from_pretrained(target)  # still verifies and loads
+
+
+def test_incomplete_checkpoints_are_skipped_when_resuming(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "step-2")
+    tiny_model.save_pretrained(tmp_path / "step-4")
+    (tmp_path / "step-4" / "learned.safetensors").write_bytes(b"truncated")
+    (tmp_path / ".step-6.tmp-1-2").mkdir()  # what a kill -9 during a write leaves
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-2"
+
+
+def test_non_finite_steps_are_skipped_and_a_run_of_them_stops_training(sample_data, tmp_path, monkeypatch, caplog):
+    real_forward = AnyToAnyModel.forward
+
+    def poisoned(self, batch, losses=None, normalizers=None):
+        out = real_forward(self, batch, losses, normalizers)
+        if batch["step"] in poisoned.steps:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    poisoned.steps = {1}
+    monkeypatch.setattr(AnyToAnyModel, "forward", poisoned)
+    result = train(stage_cfg("decode-align", sample_data, tmp_path / "a", max_steps=4, save_every=1, keep_last=0))
+    assert "step 2: non-finite loss or gradient" in caplog.text
+    assert "img-" in caplog.text or "vid-" in caplog.text  # the sample ids are named
+    s1 = load_file(str(tmp_path / "a/step-1/learned.safetensors"))
+    s2 = load_file(str(tmp_path / "a/step-2/learned.safetensors"))
+    assert all(torch.equal(s1[k], s2[k]) for k in s1), "a non-finite step must not change the weights"
+    assert torch.isfinite(torch.tensor(result.losses[-1]))
+
+    poisoned.steps = set(range(100))
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+        train(stage_cfg("decode-align", sample_data, tmp_path / "b", max_steps=10, max_nonfinite_steps=3))
+
+
+def test_keep_last_and_keep_best_retention(sample_data, tmp_path):
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=6, save_every=1, keep_last=2, keep_best=True))
+    best = json.loads((tmp_path / "best.json").read_text())["checkpoint"]
+    kept = sorted(p.name for p in tmp_path.glob("step-*"))
+    assert {"step-5", "step-6", best} == set(kept)
+    metrics = {p.name: json.loads((p / "mmllm.json").read_text())["metric"] for p in tmp_path.glob("step-*")}
+    assert metrics[best] == min(metrics.values())
+
+
+def test_unwritable_output_dir_is_reported_before_training(sample_data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match="cannot write to output_dir"):
+        train(stage_cfg("decode-align", sample_data, blocker / "run"))
