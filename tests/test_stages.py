@@ -139,3 +139,32 @@ def test_tampered_checkpoint_is_refused_naming_the_file(chain, tmp_path):
         fh.write(b"\x00\x01\x02\x03")
     with pytest.raises(CheckpointError, match="learned.safetensors"):
         AnyToAnyModel.from_pretrained(copy)
+
+
+def test_gradient_checkpointing_gives_the_same_step(sample_data, tmp_path):
+    plain = train(stage_cfg("instruct", sample_data, tmp_path / "a", max_steps=2))
+    ckpt = train(stage_cfg("instruct", sample_data, tmp_path / "b", max_steps=2, grad_checkpointing=True))
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
+
+
+def test_bf16_mixed_precision_trains(sample_data, tmp_path):
+    result = train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3, mixed_precision="bf16"))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_denoising_loss_trains_the_output_projection_through_the_frozen_unet(sample_data, tmp_path):
+    cfg = stage_cfg("instruct", sample_data, tmp_path, max_steps=2, **{"losses.denoise": 1.0, "losses.mse": 0.0})
+    model = build_model(cfg)
+    apply_trainable(model, cfg.resolved_trainable())
+    per, _, _ = load_stage_records(cfg.data, cfg.stage)
+    pre = {m: e.preprocess for m, e in model.encoders.items()}
+    ds = StageDataset(per[0], model.llm.tokenizer, token_spec(model), pre, load_output_media=True)
+    with_target = [ds[i] for i, c in enumerate(per[0]) if any(o.path for m in c.messages for o in m.outputs)]
+    batch = collate(with_target, model.llm.tokenizer.pad_token_id)
+    out = model(batch, cfg.losses)
+    assert "denoise_image" in out and torch.isfinite(out["denoise_image"])
+    out["loss"].backward()
+    grads = [p.grad for p in model.output_projections["image"].parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in model.decoders.parameters())
