@@ -358,7 +358,6 @@ class StageConfig:
     keep_last: int = 2  # newest step-* checkpoints kept (0 = all)
     keep_best: bool = False  # also keep the one with the lowest mean train loss since its previous save
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient
-    num_workers: int = 0
     report_to: str = "tensorboard"  # or "none"
     cache: CacheConfig = field(default_factory=CacheConfig)
     # ``assembly.some.key=value`` command-line overrides, applied to the assembly YAML
