@@ -5,7 +5,7 @@ PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow lint demo clean
+.PHONY: setup test test-slow test-browser lint demo clean
 
 setup: .setup-stamp
 
@@ -20,6 +20,11 @@ test: setup
 
 test-slow: setup
 	$(PYTHON) -m pytest -q -m slow
+
+# The gallery rendered in headless Chromium (Debian's package; installed here if missing).
+test-browser: setup
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+	$(PYTHON) -m pytest -q -m slow tests/test_infer_browser.py
 
 lint: setup
 	$(PYTHON) -m ruff check mmllm tests scripts

@@ -1,4 +1,4 @@
-"""``mmllm`` command line: train, infer, inspect, export, demo."""
+"""``mmllm`` command line: train, infer, inspect, export, demo, data check, cache."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             note = " (no LoRA config given: pass --lora configs/lora/X.yaml to count it)"
         else:
             note = ""
-        rows = apply_trainable(model, flags)
+        rows = apply_trainable(model, flags, log_table=False)
         table[name] = {r.name: {"trainable": r.trainable, "frozen": r.frozen} for r in rows}
         print(f"stage {name}{note}:")
         for r in rows:
@@ -93,6 +93,8 @@ def _load_model(checkpoint: str, device: str, dtype: str):
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
+    """Answer a requests file (or one request given by flags) into --output; exit 1 if any request failed."""
+    import hashlib
     import tempfile
 
     from mmllm.inference.runner import run_requests
@@ -100,27 +102,49 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_dir():
         raise SystemExit(f"--checkpoint {args.checkpoint}: not a directory")
     if bool(args.input) == bool(args.prompt):
-        raise SystemExit("give either --input requests.jsonl or --prompt TEXT")
-    model = _load_model(args.checkpoint, args.device, args.dtype)
-    if args.input:
-        requests = Path(args.input)
-        if not requests.is_file():
-            raise SystemExit(f"--input {requests}: file not found")
-    else:
-        rec = {"id": "prompt", "prompt": args.prompt}
-        for m in ("image", "audio", "video"):
-            if getattr(args, m):
-                rec[m] = str(Path(getattr(args, m)).resolve())
-        requests = Path(tempfile.mkdtemp()) / "request.jsonl"
-        requests.write_text(json.dumps(rec) + "\n")
-    counts = run_requests(model, requests, Path(args.output), batch_size=args.batch_size, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, steps=args.steps, guidance=args.guidance,
-                          fail_fast=args.fail_fast, checkpoint=Path(args.checkpoint))
+        raise SystemExit("give either --input requests.jsonl or --prompt TEXT (with optional --image/--audio/--video)")
+    flag_media = {m: getattr(args, m) for m in ("image", "audio", "video") if getattr(args, m)}
+    if args.input and flag_media:
+        raise SystemExit(f"--{next(iter(flag_media))} goes with --prompt; in a requests file, put media in the request")
+    for name in ("batch_size", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("steps", "decode_batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        raise SystemExit("--temperature must be >= 0 and --top-p in (0, 1]")
+    with tempfile.TemporaryDirectory(prefix="mmllm-infer-") as tmp:
+        if args.input:
+            requests = Path(args.input)
+            if not requests.is_file():
+                raise SystemExit(f"--input {requests}: file not found")
+        else:
+            rec = {"prompt": args.prompt, "seed": args.seed,
+                   **{m: str(Path(p).resolve()) for m, p in flag_media.items()}}
+            # the id names the request and its settings: a re-run into the same --output skips only the same
+            settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "steps", "guidance")}
+            key = {**rec, **settings, "checkpoint": str(Path(args.checkpoint).resolve())}
+            digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+            requests = Path(tmp) / "request.jsonl"
+            requests.write_text(json.dumps({"id": f"prompt-{digest}", **rec}) + "\n")
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        model = _load_model(args.checkpoint, args.device, args.dtype)
+        counts = run_requests(model, requests, Path(args.output), batch_size=args.batch_size, seed=args.seed,
+                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              steps=args.steps, guidance=args.guidance, decode_batch_size=args.decode_batch_size,
+                              fail_fast=args.fail_fast, checkpoint=Path(args.checkpoint))
+    if args.prompt:  # quick use: show the answer's record
+        from mmllm.inference.gallery import latest_records
+
+        for rec in latest_records(Path(args.output) / "results.jsonl"):
+            if rec["id"] == f"prompt-{digest}":
+                print(json.dumps(rec, indent=2))
     log.info("requests: %(done)d done, %(failed)d failed, %(skipped)d already done", counts)
-    if args.prompt:
-        for line in (Path(args.output) / "results.jsonl").read_text().splitlines()[-1:]:
-            print(line)
-    return 1 if counts["failed"] else 0
+    return 1 if counts["failed"] or counts["stopped"] else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -137,6 +161,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mmllm.demo import run_demo
 
     return run_demo(Path(args.output), quick=args.quick)
+
+
+def _stage_model(args: argparse.Namespace):
+    """The stage config and the model its training would use (for `data check` and `cache`)."""
+    from mmllm.config import load_stage
+    from mmllm.training.loop import build_model
+
+    cfg = load_stage(args.config, args.overrides)
+    return cfg, build_model(cfg)
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from mmllm.data.check import check_stage_data
+
+    cfg, model = _stage_model(args)
+    report = check_stage_data(cfg, model, decode=not args.no_decode)
+    print(report.format())
+    if args.json:
+        report.write_json(args.json)
+    return 0 if report.ok else 1
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from mmllm.data.cache_build import build_cache
+
+    cfg, model = _stage_model(args)
+    report = build_cache(cfg, model, batch_size=args.batch_size, device=args.device)
+    print(report.format())
+    return 0
+
+
+def cmd_world(args: argparse.Namespace) -> int:
+    """``mmllm world report``: the toy world's parts measured on seen and held-out combinations."""
+    from mmllm.toyworld.parts import shipped_dir
+    from mmllm.toyworld.report import ReportOptions, format_report, run_report
+
+    parts_dir = Path(args.parts) if args.parts else shipped_dir()
+    if not parts_dir.is_dir():
+        raise SystemExit(f"--parts {parts_dir}: not a directory (train with scripts/pretrain_toy_components.py)")
+    options = ReportOptions(
+        parts_dir=parts_dir,
+        output=Path(args.output),
+        modalities=[m.strip() for m in args.modalities.split(",") if m.strip()],
+        per_combo=args.per_combo,
+        decoder_items=args.decoder_items,
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+    )
+    report = run_report(options)
+    print(format_report(report))
+    log.info("wrote %s", Path(args.output) / "report.json")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,22 +234,31 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("overrides", nargs="*")
     i.set_defaults(fn=cmd_inspect)
 
-    r = sub.add_parser("infer", help="batch inference from a checkpoint")
-    r.add_argument("--checkpoint", required=True)
-    r.add_argument("--input", help="requests JSONL")
-    r.add_argument("--output", required=True)
-    r.add_argument("--prompt")
-    r.add_argument("--image")
-    r.add_argument("--audio")
-    r.add_argument("--video")
+    r = sub.add_parser("infer", help="batch inference from a checkpoint: requests JSONL in, media + results.jsonl "
+                                      "+ index.html out (exit 1 if any request failed)")
+    r.add_argument("--checkpoint", required=True, help="a checkpoint directory (step-N)")
+    r.add_argument("--input", help="requests JSONL (schema: mmllm/inference/runner.py, README)")
+    r.add_argument("--output", required=True, help="output folder; re-running on it skips requests already done")
+    r.add_argument("--prompt", help="one request from the command line instead of --input")
+    r.add_argument("--image", help="with --prompt: an input image")
+    r.add_argument("--audio", help="with --prompt: an input audio file")
+    r.add_argument("--video", help="with --prompt: an input video")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--device", default="cpu")
-    r.add_argument("--dtype", default="float32")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); 1 is fastest for tiny models on a busy machine")
+    r.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
     r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
-    r.add_argument("--guidance", type=float, default=None, help="decoder classifier-free guidance scale")
-    r.add_argument("--fail-fast", action="store_true")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--steps", type=int, default=None, help="decoder denoising steps (default: the decoder's)")
+    r.add_argument("--guidance", type=float, default=None,
+                   help="decoder classifier-free guidance scale (default: the decoder's)")
+    r.add_argument("--decode-batch-size", type=int, default=None,
+                   help="signal groups per decoder call (default: a whole batch's); 1 makes media bit-identical "
+                        "whatever --batch-size, at a speed cost")
+    r.add_argument("--fail-fast", action="store_true", help="stop at the first failed request")
     r.set_defaults(fn=cmd_infer)
 
     e = sub.add_parser("export", help="write a copy with the LoRA adapter merged into the LLM")
@@ -185,6 +271,33 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="outputs")
     d.add_argument("--quick", action="store_true", help="fewer steps (for tests)")
     d.set_defaults(fn=cmd_demo)
+
+    data = sub.add_parser("data", help="inspect a stage's data").add_subparsers(dest="data_command", required=True)
+    dc = data.add_parser("check", help="counts per modality, missing/unreadable files, over-long samples; no training")
+    dc.add_argument("--config", required=True, help="a stage YAML")
+    dc.add_argument("--no-decode", action="store_true", help="only check that media files exist (faster)")
+    dc.add_argument("--json", help="also write the full report here")
+    dc.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    dc.set_defaults(fn=cmd_data_check)
+
+    c = sub.add_parser("cache", help="precompute encoder features and conditioning targets into cache.dir")
+    c.add_argument("--config", required=True, help="a stage YAML with `cache: {dir: PATH}`")
+    c.add_argument("--batch-size", type=int, default=16)
+    c.add_argument("--device", default="cpu")
+    c.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. cache.dir=PATH")
+    c.set_defaults(fn=cmd_cache)
+    w = sub.add_parser("world", help="the toy world: measure its pretrained parts")
+    wsub = w.add_subparsers(dest="world_command", required=True)
+    wr = wsub.add_parser("report", help="judge, retrieval and oracle-decoder accuracy, seen vs held-out")
+    wr.add_argument("--parts", help="folder of trained parts (default: the shipped mmllm/toyworld/weights)")
+    wr.add_argument("--output", default="outputs/world-report")
+    wr.add_argument("--modalities", default="image,audio,video")
+    wr.add_argument("--per-combo", type=int, default=2, help="true items per combination (judge, retrieval)")
+    wr.add_argument("--decoder-items", type=int, default=48, help="generated items per split and modality")
+    wr.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
+    wr.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    wr.add_argument("--seed", type=int, default=0)
+    wr.set_defaults(fn=cmd_world)
     return p
 
 

@@ -1,23 +1,141 @@
 """Batched generation: left-padded prompts with media spliced in, the LLM's KV-cached ``generate``,
-then one more forward over prompt + answer to read the signal tokens' hidden states, the output
-projections, and the decoders -- each fed all of its groups in one batch.
+then a forward over each answer that holds signal tokens to read their hidden states, the output
+projections, and the decoders -- each run on many signal groups per call (:class:`DecodeJob`).
+
+A request's output does not depend on the batch it runs in:
+
+* position ids come from the attention mask (left padding gets position 0 and is masked out), in
+  ``generate`` and in the conditioning forward alike;
+* greedy decoding is the default; sampling (a request's ``temperature > 0``) is done by
+  :class:`RowSampler` with one ``torch.Generator`` per request, seeded from the request's seed,
+  so sampled text is reproducible per request too;
+* each request has its own token limit (:class:`RowLimits`), its own decoder steps/guidance, and
+  its own decoder noise (``seeds=`` per signal group, see :func:`media_seed`);
+* the conditioning forward runs per answer, unpadded, so conditioning is bit-identical too.
+
+Text, token ids and conditioning are exactly the same alone or in a batch (greedy or sampled).
+Media are the same up to float rounding in the decoders' batched kernels (at most one step of
+8/16-bit quantisation, rarely); ``Settings.decode_batch_size=1`` makes them bit-identical.
 
 Signal groups are completed by construction: once ``<img_0>`` is emitted, the logits processor
-forces ``<img_1> .. <img_{k-1}>``, so every group the model starts is a whole group.
+forces ``<img_1> .. <img_{k-1}>``; a group cut off by the token limit is dropped (and logged).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from mmllm.data.media import load_media
-from mmllm.data.template import encode_prompt
+from mmllm.data.media import MediaError, load_media
+from mmllm.data.template import TokenSpec, encode_prompt
 
 log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """One prompt: chat messages whose contents hold ``<image>``-style placeholders, the media items
+    (``(modality, path or decoded item)``) for those placeholders in order, and its own settings
+    (``None`` takes the call's default)."""
+
+    messages: list[dict[str, str]]
+    media: list[tuple[str, Any]] = field(default_factory=list)
+    seed: int = 0
+    max_new_tokens: int | None = None
+    temperature: float | None = None  # 0 or None: greedy
+    top_p: float | None = None
+    steps: int | None = None  # decoder denoising steps
+    guidance: float | None = None  # decoder classifier-free guidance scale
+
+
+@dataclass
+class PreparedRequest:
+    """A request as model inputs: expanded token ids and each modality's preprocessed media."""
+
+    request: Request
+    ids: list[int]
+    media: dict[str, torch.Tensor]  # modality -> (items, ...) in placeholder order
+
+
+@dataclass
+class Settings:
+    """Call-wide defaults for what a :class:`Request` leaves as ``None``."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    steps: int | None = None  # None: the decoder's own default
+    guidance: float | None = None
+    # Signal groups per decoder call (None: all of a batch's groups at once). Batched decoder kernels
+    # round differently from single-item ones (about 1e-6), which can move a pixel or sample by one
+    # step of 8/16-bit quantisation; 1 makes media bit-identical whatever the batch, at a speed cost.
+    decode_batch_size: int | None = None
+
+
+def token_spec(model) -> TokenSpec:
+    from mmllm.training.loop import token_spec as spec_of
+
+    return spec_of(model)
+
+
+def prepare_request(model, request: Request, spec: TokenSpec | None = None) -> PreparedRequest:
+    """Tokenise one request and preprocess its media. Raises ``ContextLengthError``, ``MediaError``
+    or ``ValueError`` with a message a user can act on."""
+    spec = spec or token_spec(model)
+    ids, spans = encode_prompt(request.messages, model.llm.tokenizer, spec)
+    if len(spans) != len(request.media):
+        raise ValueError(f"prompt has {len(spans)} media placeholders but {len(request.media)} media items")
+    media: dict[str, list[torch.Tensor]] = {}
+    for modality, item in request.media:
+        if modality not in model.encoders:
+            raise MediaError(f"{modality} input, but this model has no {modality} encoder "
+                             f"(it reads: {', '.join(model.encoders) or 'text only'})")
+        if isinstance(item, str) or hasattr(item, "__fspath__"):
+            item = load_media(modality, item)
+        try:
+            media.setdefault(modality, []).append(model.encoders[modality].preprocess([item]))
+        except (ValueError, RuntimeError) as exc:
+            raise MediaError(f"{modality} input cannot be preprocessed: {exc}") from exc
+    return PreparedRequest(request, ids, {m: torch.cat(v) for m, v in media.items()})
+
+
+def collate(model, batch: list[PreparedRequest]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Left-padded ids, their attention mask, and each modality's media in row-major placeholder order."""
+    pad = model.llm.tokenizer.pad_token_id
+    length = max(len(p.ids) for p in batch)
+    input_ids = torch.full((len(batch), length), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for i, p in enumerate(batch):
+        input_ids[i, length - len(p.ids):] = torch.tensor(p.ids)
+        mask[i, length - len(p.ids):] = 1
+    media: dict[str, list[torch.Tensor]] = {}
+    for p in batch:
+        for m, tensor in p.media.items():
+            media.setdefault(m, []).append(tensor)
+    return input_ids, mask, {m: torch.cat(v) for m, v in media.items()}
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """The formula ``generate`` uses: count of real tokens so far; padding at position 0."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def media_seed(seed: int, index: int) -> int:
+    """Decoder noise seed of a request's ``index``-th signal group of one modality."""
+    return (seed + 1_000_003 * index) % (2**63)
+
+
+# --------------------------------------------------------------------------------------------
+# Logits processors and stopping criteria
+# --------------------------------------------------------------------------------------------
 
 
 class SignalGroupProcessor:
@@ -36,8 +154,7 @@ class SignalGroupProcessor:
             scores[:, self.inner] = float("-inf")
         if input_ids.shape[1] == 0:  # first step with inputs_embeds: nothing generated yet
             return scores
-        last = input_ids[:, -1].tolist()
-        for row, tok in enumerate(last):
+        for row, tok in enumerate(input_ids[:, -1].tolist()):
             forced = self.next_of.get(tok)
             if forced is not None:
                 scores[row] = float("-inf")
@@ -45,43 +162,188 @@ class SignalGroupProcessor:
         return scores
 
 
-@dataclass
-class Request:
-    """One prompt: chat messages whose contents hold ``<image>``-style placeholders, and the media
-    items (``(modality, path_or_decoded)``) for those placeholders in order."""
+class RowSampler:
+    """Per-request sampling inside a logits processor.
 
-    messages: list[dict[str, str]]
-    media: list[tuple[str, Any]]
-    seed: int = 0
+    ``generate`` runs greedy; for each row with a temperature > 0 this draws the next token from the
+    row's own ``torch.Generator`` (temperature, then top-p) and leaves that token the only finite
+    score, so greedy picks it. One draw per step per row: a request's samples do not depend on the
+    other rows of its batch. Rows with temperature 0 are left alone (greedy).
+    """
+
+    def __init__(self, temperatures: list[float], top_ps: list[float], seeds: list[int]):
+        self.rows = [
+            (row, t, p, torch.Generator().manual_seed(s))
+            for row, (t, p, s) in enumerate(zip(temperatures, top_ps, seeds)) if t > 0
+        ]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, temperature, top_p, generator in self.rows:
+            probs = torch.softmax(scores[row].float().cpu() / temperature, dim=-1)
+            if top_p < 1.0:
+                sorted_p, order = probs.sort(descending=True)
+                drop = sorted_p.cumsum(0) - sorted_p >= top_p  # keep the smallest set reaching top_p
+                probs[order[drop]] = 0.0
+            token = int(torch.multinomial(probs, 1, generator=generator))
+            scores[row] = float("-inf")
+            scores[row, token] = 0.0
+        return scores
 
 
-def _position_ids(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+class RowLimits:
+    """Stops each row at its own ``max_new_tokens`` (``generate`` then pads it)."""
+
+    def __init__(self, limits: list[int]):
+        self.limits = torch.tensor(limits)
+        self.offset: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        if self.offset is None:  # called after each new token: at the first call one is generated
+            self.offset = input_ids.shape[1] - 1
+        return (input_ids.shape[1] - self.offset >= self.limits).to(input_ids.device)
 
 
-def prepare_batch(model, requests: list[Request]) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    from mmllm.training.loop import token_spec
+# --------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------
 
-    spec = token_spec(model)
+
+def _resolved(req: Request, settings: Settings) -> tuple[int, float, float]:
+    limit = req.max_new_tokens if req.max_new_tokens is not None else settings.max_new_tokens
+    temperature = req.temperature if req.temperature is not None else settings.temperature
+    top_p = req.top_p if req.top_p is not None else settings.top_p
+    return limit, temperature, top_p
+
+
+@torch.inference_mode()
+def generate_answers(model, batch: list[PreparedRequest], settings: Settings | None = None) -> list:
+    """LLM answers (text, token ids) and the conditioning of every complete signal group."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    from mmllm.model import GenerationResult
+
+    settings = settings or Settings()
+    if model.training:  # eval() walks every module: worth skipping per batch
+        model.eval()
     tok = model.llm.tokenizer
-    rows, media = [], {}
-    for req in requests:
-        ids, spans = encode_prompt(req.messages, tok, spec)
-        if len(spans) != len(req.media):
-            raise ValueError(f"prompt has {len(spans)} media placeholders but {len(req.media)} media items")
-        for modality, item in req.media:
-            if modality not in model.encoders:
-                raise ValueError(f"{modality} input but the assembly has no encoders.{modality}")
-            raw = load_media(modality, item) if isinstance(item, (str, bytes)) or hasattr(item, "__fspath__") else item
-            media.setdefault(modality, []).append(model.encoders[modality].preprocess([raw]))
-        rows.append(ids)
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding
-        input_ids[i, length - len(r):] = torch.tensor(r)
-        mask[i, length - len(r):] = 1
-    return input_ids, mask, {m: torch.cat(v) for m, v in media.items()}
+    input_ids, mask, media = collate(model, batch)
+    input_ids, mask = input_ids.to(model.device), mask.to(model.device)
+    limits, temperatures, top_ps = zip(*(_resolved(p.request, settings) for p in batch))
+    embeds = model.embed_inputs(input_ids, media)
+    new = model.llm.model.generate(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask),
+        max_new_tokens=max(limits), do_sample=False,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        logits_processor=LogitsProcessorList([
+            SignalGroupProcessor(model.llm.signal_ids),
+            RowSampler(list(temperatures), list(top_ps), [p.request.seed for p in batch]),
+        ]),
+        stopping_criteria=StoppingCriteriaList([RowLimits(list(limits))]),
+    )
+    results = []
+    for row, limit in zip(new.tolist(), limits):
+        answer = _trim(row[:limit], tok.eos_token_id, model.llm.signal_ids)
+        results.append(GenerationResult(text=tok.decode(answer, skip_special_tokens=True).strip(),
+                                        token_ids=answer))
+    _attach_conditioning(model, batch, results)
+    return results
+
+
+def _trim(row: list[int], eos: int | None, signal_ids: dict[str, list[int]]) -> list[int]:
+    """Cut at the first end-of-sequence, then drop a signal group the token limit cut short."""
+    if eos is not None and eos in row:
+        row = row[: row.index(eos)]
+    firsts = {ids[0]: ids for ids in signal_ids.values()}
+    for start in range(max(0, len(row) - max((len(v) for v in firsts.values()), default=0)), len(row)):
+        ids = firsts.get(row[start])
+        if ids is not None and row[start: start + len(ids)] != ids:
+            log.warning("a %d-token signal group was cut off by max_new_tokens; dropped", len(ids))
+            return row[:start]
+    return row
+
+
+def _signal_groups(answer: list[int], signal_ids: dict[str, list[int]]) -> list[tuple[str, int]]:
+    """(modality, start index) of each complete signal group in an answer."""
+    out = []
+    for m, ids in signal_ids.items():
+        k = len(ids)
+        out += [(m, i) for i, t in enumerate(answer) if t == ids[0] and answer[i: i + k] == ids]
+    return sorted(out, key=lambda g: g[1])
+
+
+def _attach_conditioning(model, batch: list[PreparedRequest], results: list) -> None:
+    """Each answer with signal groups: forward its prompt + answer, unpadded and alone (so its
+    conditioning is bit-identical whatever batch it came from), then the output projections."""
+    device = model.device
+    for p, r in zip(batch, results):
+        groups = _signal_groups(r.token_ids, model.llm.signal_ids)
+        if not groups:
+            continue
+        ids = torch.tensor([p.ids + r.token_ids], device=device)
+        embeds = model.embed_inputs(ids, p.media)
+        hidden = model.llm.decoder()(inputs_embeds=embeds, attention_mask=torch.ones_like(ids)).last_hidden_state
+        for m, start in groups:
+            if m not in model.output_projections:
+                log.warning("the model emitted %s signal tokens but has no %s decoder; ignored", m, m)
+                continue
+            s, k = len(p.ids) + start, len(model.llm.signal_ids[m])
+            cond = model.output_projections[m](hidden[:, s: s + k], embeds[:, s: s + k])
+            r.conditioning.setdefault(m, []).append(cond[0])
+
+
+@dataclass
+class DecodeJob:
+    """One signal group to decode: jobs with the same :attr:`key` can share a decoder call."""
+
+    owner: Any  # whatever the caller tracks the request by
+    modality: str
+    index: int  # the group's index among its request's groups of this modality
+    conditioning: torch.Tensor
+    seed: int
+    steps: int | None
+    guidance: float | None
+
+    @property
+    def key(self) -> tuple[str, int | None, float | None]:
+        return self.modality, self.steps, self.guidance
+
+
+def decode_jobs(prepared: PreparedRequest, result, settings: Settings, owner: Any = None) -> list[DecodeJob]:
+    """A result's signal groups as decode jobs, with the request's seed, steps and guidance; also
+    sizes ``result.media[m]`` to hold one item per group (filled in by :func:`run_decoder`'s caller)."""
+    req = prepared.request
+    steps = req.steps if req.steps is not None else settings.steps
+    guidance = req.guidance if req.guidance is not None else settings.guidance
+    jobs = []
+    for m, conds in result.conditioning.items():
+        result.media[m] = [None] * len(conds)
+        jobs += [DecodeJob(owner, m, j, c, media_seed(req.seed, j), steps, guidance) for j, c in enumerate(conds)]
+    return jobs
+
+
+@torch.inference_mode()
+def run_decoder(model, jobs: list[DecodeJob]) -> list[Any]:
+    """One decoder call for jobs sharing a key; one media item per job."""
+    modality, steps, guidance = jobs[0].key
+    if any(j.key != jobs[0].key for j in jobs):
+        raise ValueError("run_decoder needs jobs of one modality, steps and guidance")
+    return model.decoders[modality].generate(torch.stack([j.conditioning for j in jobs]), steps=steps,
+                                             guidance=guidance, seeds=[j.seed for j in jobs])
+
+
+def decode_outputs(model, batch: list[PreparedRequest], results: list, settings: Settings | None = None) -> None:
+    """Decode every signal group of a batch into ``results[i].media``: one decoder call per modality
+    and (steps, guidance), in chunks of ``settings.decode_batch_size`` groups."""
+    settings = settings or Settings()
+    queues: dict[tuple, list[DecodeJob]] = {}
+    for i, (p, r) in enumerate(zip(batch, results)):
+        for job in decode_jobs(p, r, settings, owner=i):
+            queues.setdefault(job.key, []).append(job)
+    for jobs in queues.values():
+        size = settings.decode_batch_size or len(jobs)
+        for chunk in (jobs[k: k + size] for k in range(0, len(jobs), size)):
+            for job, item in zip(chunk, run_decoder(model, chunk)):
+                results[job.owner].media[job.modality][job.index] = item
 
 
 def generate(
@@ -96,75 +358,12 @@ def generate(
     steps: int | None = None,
     guidance: float | None = None,
 ):
-    from mmllm.model import GenerationResult
-
-    model.eval()
-    device = model.device
-    tok = model.llm.tokenizer
-    input_ids, mask, media = prepare_batch(model, requests)
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    embeds = model.embed_inputs(input_ids, media)
-    gen_kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample,
-                                  "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
-    if do_sample:
-        gen_kwargs.update(temperature=temperature, top_p=top_p)
-        torch.manual_seed(requests[0].seed)
-    from transformers import LogitsProcessorList
-
-    new = model.llm.model.generate(
-        inputs_embeds=embeds, attention_mask=mask,
-        logits_processor=LogitsProcessorList([SignalGroupProcessor(model.llm.signal_ids)]), **gen_kwargs,
-    )
-    # Trim each row at its first end-of-sequence.
-    answers: list[list[int]] = []
-    for row in new.tolist():
-        if tok.eos_token_id in row:
-            row = row[: row.index(tok.eos_token_id)]
-        answers.append([t for t in row if t != tok.pad_token_id])
-    results = [GenerationResult(text=tok.decode(a, skip_special_tokens=True).strip(), token_ids=a) for a in answers]
-
-    if any(t in {i for ids in model.llm.signal_ids.values() for i in ids} for a in answers for t in a):
-        _attach_conditioning(model, input_ids, mask, media, answers, results)
-        if decode_media:
-            for m in model.decoders:
-                conds = [c for r in results for c in r.conditioning.get(m, [])]
-                if not conds:
-                    continue
-                seeds = [req.seed + j for req, r in zip(requests, results) for j in range(len(r.conditioning.get(m, [])))]
-                items = model.decoders[m].generate(torch.stack(conds), steps=steps, guidance=guidance, seeds=seeds)
-                it = iter(items)
-                for r in results:
-                    r.media[m] = [next(it) for _ in r.conditioning.get(m, [])]
+    """Answer a batch of requests in one go (raises on the first bad request; the batch runner in
+    :mod:`mmllm.inference.runner` isolates bad requests instead)."""
+    settings = Settings(max_new_tokens, temperature if do_sample else 0.0, top_p, steps, guidance)
+    spec = token_spec(model)
+    batch = [prepare_request(model, r, spec) for r in requests]
+    results = generate_answers(model, batch, settings)
+    if decode_media:
+        decode_outputs(model, batch, results, settings)
     return results
-
-
-def _attach_conditioning(model, input_ids, mask, media, answers, results) -> None:
-    """Forward prompt + answer once; the signal groups' hidden states -> output projections."""
-    device = input_ids.device
-    longest = max(len(a) for a in answers)
-    pad = model.llm.tokenizer.pad_token_id
-    tail = torch.full((len(answers), longest), pad, dtype=torch.long, device=device)
-    tail_mask = torch.zeros_like(tail)
-    for i, a in enumerate(answers):
-        if a:
-            tail[i, : len(a)] = torch.tensor(a, device=device)
-            tail_mask[i, : len(a)] = 1
-    full_ids = torch.cat([input_ids, tail], 1)
-    full_mask = torch.cat([mask, tail_mask], 1)
-    embeds = model.embed_inputs(full_ids, media)
-    hidden = model.llm.decoder()(inputs_embeds=embeds, attention_mask=full_mask,
-                                 position_ids=_position_ids(full_mask)).last_hidden_state
-    for m in model.decoders:
-        if m not in model.llm.signal_ids:
-            continue
-        ids = torch.tensor(model.llm.signal_ids[m], device=device)
-        sig_mask = torch.isin(full_ids, ids) & full_mask.bool()
-        if not bool(sig_mask.any()):
-            continue
-        per_row = sig_mask.sum(1).tolist()
-        h, e = hidden[sig_mask], embeds[sig_mask]
-        k = len(ids)
-        cond = model.output_projections[m](h.reshape(-1, k, h.shape[-1]), e.reshape(-1, k, e.shape[-1]))
-        it = iter(cond)
-        for r, n in zip(results, per_row):
-            r.conditioning[m] = [next(it) for _ in range(n // k)]

@@ -4,16 +4,35 @@ Request schema (one JSON object per line; media paths resolve relative to the re
 
     {"id": "r1", "prompt": "Draw a red circle."}
     {"id": "r2", "prompt": "<image>\\nWhat is this?", "media": ["cat.png"]}
-    {"id": "r3", "prompt": "Describe it.", "image": "cat.png"}        # placeholder prepended for you
-    {"id": "r4", "messages": [{"role": "user", "content": "<audio> what is it?", "media": ["a.wav"]},
+    {"id": "r3", "prompt": "Describe it.", "image": "cat.png"}         # placeholder prepended for you
+    {"id": "r4", "prompt": "Describe them.", "media": ["cat.png", "bell.wav"]}  # modality from the suffix
+    {"id": "r5", "messages": [{"role": "user", "content": "<audio> what is it?", "media": ["a.wav"]},
                              {"role": "assistant", "content": "A bell."},
                              {"role": "user", "content": "Now show it as a picture."}],
-     "seed": 3, "max_new_tokens": 32}
+     "seed": 3, "max_new_tokens": 32, "steps": 10, "guidance": 3.0}
 
-A bad request (malformed line, missing or corrupt media, unknown modality, too long) becomes an
-error record; every other request completes. Requests already done in ``OUT/results.jsonl`` are
-skipped on a re-run, and files are written atomically, so a crash never leaves a half-written
-output that looks done.
+Optional per-request overrides: ``seed`` (default ``--seed``), ``max_new_tokens``, ``temperature``
+(0 = greedy, the default), ``top_p``, decoder ``steps`` and ``guidance``.
+
+A request's outputs do not depend on the batch it runs in (see :mod:`mmllm.inference.generate`).
+A bad request (malformed line, missing / empty / corrupt / unsupported media, unknown modality,
+a prompt longer than the context, ...) becomes an error record; every other request completes. A
+batch that fails as a whole is retried one request at a time, so only the culprit fails.
+
+Outputs under ``OUT``: ``media/`` (PNG, 16-bit WAV, MP4 -- GIF where no H.264 encoder is available
+-- each carrying the request id, seed, prompt and checkpoint fingerprint in its metadata),
+``results.jsonl`` (one record per request, appended as each batch finishes) and ``index.html``.
+Media files are written atomically and a record is appended only after all of its files exist,
+so a crash never leaves something that looks done; a re-run on the same ``OUT`` skips the requests
+already done and retries the failed ones.
+
+Requests go through the LLM ``--batch-size`` at a time; their signal groups then wait in one queue
+per output modality (and decoder steps/guidance) and are decoded ``--decode-batch-size`` at a time
+(default: the batch size), so each decoder runs on full batches even when requests mix modalities.
+
+Record timings (seconds): ``prepare`` (this request's media loading and tokenisation), ``write``
+(its files), ``llm`` -- the wall time of the LLM batch it was part of (``batch_size`` requests) --
+and ``decode`` -- the wall time of the decoder calls its signal groups were part of.
 """
 
 from __future__ import annotations
@@ -31,17 +50,53 @@ from tqdm.auto import tqdm
 
 from mmllm.config import MODALITIES
 from mmllm.data.formats import PLACEHOLDER_RE
-from mmllm.data.media import Audio, MediaError, Video, load_media, save_audio, save_image, save_video
-from mmllm.inference.gallery import write_gallery
-from mmllm.inference.generate import Request, generate
+from mmllm.data.media import (
+    AUDIO_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    VIDEO_EXTENSIONS,
+    Audio,
+    MediaError,
+    Video,
+    load_media,
+    save_audio,
+    save_image,
+    save_video,
+)
+from mmllm.data.template import ContextLengthError
+from mmllm.inference.gallery import latest_records, write_gallery
+from mmllm.inference.generate import (
+    DecodeJob,
+    PreparedRequest,
+    Request,
+    Settings,
+    decode_jobs,
+    generate_answers,
+    prepare_request,
+    run_decoder,
+    token_spec,
+)
 
 log = logging.getLogger(__name__)
 
 MEDIA_SUFFIX = {"image": ".png", "audio": ".wav", "video": ".mp4"}
+EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VIDEO_EXTENSIONS}
+OVERRIDES: dict[str, type] = {"seed": int, "max_new_tokens": int, "temperature": float, "top_p": float,
+                              "steps": int, "guidance": float}
+FIELDS = {"id", "prompt", "messages", "media", *MODALITIES, *OVERRIDES}
+GALLERY_EVERY_S = 30.0  # rewrite index.html at most this often during a run (and always at its end)
 
 
 class RequestError(ValueError):
+    """A request that cannot be run as written; the message says what to change."""
+
+
+class _FailFast(Exception):
     pass
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing requests
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -49,52 +104,115 @@ class ParsedRequest:
     id: str
     request: Request
     prompt_text: str
-    options: dict[str, Any] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+
+
+def _as_list(value: Any, what: str) -> list[str]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+        raise RequestError(f"'{what}' must be a path or a list of paths")
+    return items
+
+
+def modality_of(path: str) -> str:
+    suffix = Path(path).suffix.lower()
+    matches = [m for m, exts in EXTENSIONS.items() if suffix in exts]
+    if len(matches) != 1:
+        why = "could be " + " or ".join(matches) if matches else "is not a known media type"
+        raise RequestError(f"unknown modality for {path!r}: {suffix or 'no suffix'} {why}; "
+                           f"use the 'image'/'audio'/'video' fields or a <modality> placeholder")
+    return matches[0]
+
+
+def _prompt_messages(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    if not isinstance(rec["prompt"], str):
+        raise RequestError("'prompt' must be a string")
+    content = rec["prompt"]
+    paths = _as_list(rec.get("media") or [], "media")
+    if paths and not PLACEHOLDER_RE.search(content):  # no placeholders: one per file, by suffix
+        content = "".join(f"<{modality_of(p)}>" for p in paths) + "\n" + content
+    for m in MODALITIES:  # "image": "x.png" shorthand, placeholders prepended
+        if rec.get(m):
+            extra = _as_list(rec[m], m)
+            content = "".join(f"<{m}>" for _ in extra) + "\n" + content
+            paths = extra + paths
+    return [{"role": "user", "content": content, "media": paths}]
+
+
+def _load(modality: str, path: Path) -> Any:
+    try:
+        return load_media(modality, path)
+    except MediaError as exc:
+        suffix = path.suffix.lower()
+        if path.is_file() and path.stat().st_size and suffix not in EXTENSIONS.get(modality, set()):
+            raise MediaError(f"unsupported {modality} file {path} ({suffix or 'no suffix'}; "
+                             f"supported: {', '.join(sorted(EXTENSIONS[modality]))}): {exc}") from exc
+        raise
 
 
 def parse_request(rec: dict[str, Any], base: Path, default_seed: int) -> ParsedRequest:
-    rid = str(rec.get("id", ""))
-    if not rid:
-        raise RequestError("missing 'id'")
+    """A request record -> messages and decoded media. Raises RequestError / MediaError."""
+    rid = rec["id"]
+    unknown = sorted(set(rec) - FIELDS)
+    if unknown:
+        raise RequestError(f"unknown field(s) {unknown}; valid: {sorted(FIELDS)}")
     if "messages" in rec:
+        if "prompt" in rec or any(rec.get(m) for m in (*MODALITIES, "media")):
+            raise RequestError("give either 'messages' (media inside them) or 'prompt' (+ media), not both")
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise RequestError("'messages' must be a non-empty list")
     elif "prompt" in rec:
-        msgs = [{"role": "user", "content": str(rec["prompt"]), "media": rec.get("media", [])}]
-        for m in MODALITIES:  # "image": "x.png" shorthand
-            if rec.get(m):
-                paths = rec[m] if isinstance(rec[m], list) else [rec[m]]
-                msgs[0]["content"] = "".join(f"<{m}>" for _ in paths) + "\n" + msgs[0]["content"]
-                msgs[0]["media"] = list(paths) + list(msgs[0]["media"] or [])
+        msgs = _prompt_messages(rec)
     else:
         raise RequestError("needs 'prompt' or 'messages'")
-    unknown = sorted(set(rec) - {"id", "prompt", "messages", "media", "seed", "max_new_tokens", *MODALITIES})
-    if unknown:
-        raise RequestError(f"unknown field(s) {unknown}")
-    messages, media = [], []
+    messages, media, inputs = [], [], []
     for i, msg in enumerate(msgs):
         if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
             raise RequestError(f"messages[{i}]: needs a role of system/user/assistant")
-        content = str(msg.get("content", ""))
-        paths = msg.get("media", []) or []
-        paths = [paths] if isinstance(paths, str) else paths
+        content = msg.get("content", "")
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{i}]: 'content' must be a string")
+        paths = _as_list(msg.get("media") or [], f"messages[{i}].media")
         slots = PLACEHOLDER_RE.findall(content)
         if len(slots) != len(paths):
             raise RequestError(f"messages[{i}]: {len(slots)} placeholder(s) but {len(paths)} media path(s)")
         for modality, p in zip(slots, paths):
             path = Path(p) if Path(p).is_absolute() else base / p
-            media.append((modality, load_media(modality, path)))
+            media.append((modality, _load(modality, path)))
+            inputs.append(str(path))
         messages.append({"role": msg["role"], "content": content})
     if messages[-1]["role"] != "user":
         raise RequestError("the last message must be the user's")
-    seed = rec.get("seed", default_seed)
-    if not isinstance(seed, int):
-        raise RequestError("'seed' must be an integer")
+    if not messages[-1]["content"].strip():
+        raise RequestError("the prompt is empty")
     options = {}
-    if "max_new_tokens" in rec:
-        options["max_new_tokens"] = int(rec["max_new_tokens"])
-    return ParsedRequest(rid, Request(messages, media, seed), messages[-1]["content"], options)
+    for key, kind in OVERRIDES.items():
+        if key in rec:
+            value = rec[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise RequestError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            options[key] = kind(value)
+    _check_ranges(options)
+    seed = options.pop("seed", default_seed)
+    return ParsedRequest(rid, Request(messages, media, seed, **options), messages[-1]["content"], inputs)
+
+
+def _check_ranges(options: dict[str, Any]) -> None:
+    rules = {"max_new_tokens": (1, "at least 1"), "steps": (1, "at least 1"), "temperature": (0, "at least 0"),
+             "seed": (0, "at least 0")}
+    for key, (low, text) in rules.items():
+        if key in options and options[key] < low:
+            raise RequestError(f"'{key}' must be {text}, got {options[key]}")
+    if options.get("seed", 0) >= 2**63:
+        raise RequestError(f"'seed' must be below 2**63, got {options['seed']}")
+    if "top_p" in options and not 0 < options["top_p"] <= 1:
+        raise RequestError(f"'top_p' must be in (0, 1], got {options['top_p']}")
+
+
+# --------------------------------------------------------------------------------------------
+# The results file
+# --------------------------------------------------------------------------------------------
 
 
 def _append_record(path: Path, record: dict[str, Any]) -> None:
@@ -104,17 +222,25 @@ def _append_record(path: Path, record: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+def _repair_tail(results: Path) -> None:
+    """Drop a partial last line left by a crash, so the next append starts on a fresh line."""
+    if not results.is_file() or results.stat().st_size == 0:
+        return
+    data = results.read_bytes()
+    if data.endswith(b"\n"):
+        return
+    keep = data.rfind(b"\n") + 1
+    log.warning("%s: dropping a partial last record (an interrupted run)", results)
+    with open(results, "r+b") as fh:
+        fh.truncate(keep)
+
+
 def done_ids(results: Path) -> set[str]:
-    out = set()
-    if results.is_file():
-        for line in results.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line from a crash
-            if not rec.get("error") and all((results.parent / f).is_file() for f in rec.get("files", [])):
-                out.add(rec["id"])
-    return out
+    """Requests whose latest record has no error and all of whose files exist (non-empty)."""
+    out = results.parent
+    return {str(rec["id"]) for rec in latest_records(results)
+            if not rec.get("error") and all((out / f).is_file() and (out / f).stat().st_size
+                                            for f in rec.get("files", []))}
 
 
 def checkpoint_fingerprint(checkpoint: Path) -> str:
@@ -123,24 +249,227 @@ def checkpoint_fingerprint(checkpoint: Path) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
 
 
+def _safe(rid: str) -> str:
+    """A file-name stem for an id: readable, and distinct for distinct ids."""
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in rid)[:60].lstrip(".")
+    return f"{readable}-{hashlib.sha1(rid.encode()).hexdigest()[:8]}"
+
+
 def write_outputs(out: Path, rid: str, result, prompt: str, seed: int, fingerprint: str) -> list[str]:
+    """Save a result's media under ``out/media``; the paths (relative to ``out``) actually written."""
     files = []
-    meta = {"mmllm_id": rid, "seed": str(seed), "prompt": prompt[:500], "checkpoint": fingerprint}
+    # prompt last: GIF and WAV comments are length-limited, and a cut should only shorten the prompt
+    meta = {"mmllm_id": rid, "seed": str(seed), "checkpoint": fingerprint, "prompt": prompt[:500]}
     for modality, items in result.media.items():
         for j, item in enumerate(items):
-            name = Path("media") / f"{_safe(rid)}_{modality}{j}{MEDIA_SUFFIX[modality]}"
+            name = out / "media" / f"{_safe(rid)}_{modality}{j}{MEDIA_SUFFIX[modality]}"
             if isinstance(item, Audio):
-                path = save_audio(item, out / name, meta)
-            elif isinstance(item, Video):
-                path = save_video(item, out / name, meta)
+                path = save_audio(item, name, meta)
+            elif isinstance(item, Video):  # MP4 keeps only standard tags such as "comment"
+                path = save_video(item, name, {"comment": json.dumps(meta)})
             else:
-                path = save_image(item, out / name, meta)
-            files.append(str(path.relative_to(out)))
+                path = save_image(item, name, meta)
+            files.append(path.relative_to(out).as_posix())
     return files
 
 
-def _safe(rid: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in rid)[:80]
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Line:
+    lineno: int
+    id: str
+    record: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def read_lines(requests_file: Path) -> list[_Line]:
+    """Every non-blank line, parsed as far as a JSON object with an id; problems kept as errors."""
+    out: list[_Line] = []
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(requests_file.read_bytes().split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        where = f"{requests_file.name}:{lineno}"
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            out.append(_Line(lineno, f"line-{lineno}", error=f"{where}: malformed request (not valid JSON: {exc})"))
+            continue
+        if not isinstance(rec, dict):
+            out.append(_Line(lineno, f"line-{lineno}", error=f"{where}: malformed request (expected a JSON object)"))
+            continue
+        rid = rec.get("id")
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool) or not str(rid).strip():
+            out.append(_Line(lineno, f"line-{lineno}", error=f"{where}: missing 'id' (a non-empty string)"))
+            continue
+        rid = str(rid)
+        if rid in seen:
+            out.append(_Line(lineno, f"line-{lineno}",
+                             error=f"{where}: duplicate id {rid!r} (first on line {seen[rid]})"))
+            continue
+        seen[rid] = lineno
+        out.append(_Line(lineno, rid, {**rec, "id": rid}))
+    return out
+
+
+@dataclass
+class _InFlight:
+    """A request past the LLM, waiting for its signal groups to be decoded."""
+
+    parsed: ParsedRequest
+    line: int
+    result: Any
+    seconds: dict[str, float]
+    batch_size: int
+    left: int = 0  # groups not decoded yet
+    failed: bool = False
+
+
+class _Run:
+    """One ``run_requests`` call: the LLM batches, the decoder queues, the results file, the progress bar.
+
+    Requests go through the LLM ``batch_size`` at a time. Their signal groups wait in one queue per
+    (modality, steps, guidance) until ``decode_batch_size`` of them are there (or the input ends),
+    so each decoder runs on full batches even when a batch of requests mixes modalities.
+    """
+
+    def __init__(self, model, out: Path, settings: Settings, batch_size: int, fail_fast: bool, fingerprint: str,
+                 total: int):
+        self.model, self.out, self.settings = model, out, settings
+        self.batch_size, self.decode_batch_size = batch_size, settings.decode_batch_size or batch_size
+        self.fail_fast, self.fingerprint = fail_fast, fingerprint
+        self.results = out / "results.jsonl"
+        self.counts = {"done": 0, "failed": 0, "skipped": 0}
+        self.seconds = {"prepare": 0.0, "llm": 0.0, "decode": 0.0, "write": 0.0}
+        self.queues: dict[tuple, list[DecodeJob]] = {}
+        self.spec = token_spec(model)
+        self.bar = tqdm(total=total, desc="infer", unit="req", dynamic_ncols=True)
+
+    def fail(self, rid: str, stage: str, error: str, **extra: Any) -> None:
+        self.counts["failed"] += 1
+        _append_record(self.results, {"id": rid, **extra, "error": error, "error_stage": stage})
+        log.warning("request %s failed (%s): %s", rid, stage, error)
+        self.bar.update(1)
+        self.bar.set_postfix(failed=self.counts["failed"])
+        if self.fail_fast:
+            raise _FailFast(rid)
+
+    # -------------------------------------------------------------- prepare and the LLM
+    def run_batch(self, lines: list[_Line], base: Path, default_seed: int) -> None:
+        ready: list[tuple[ParsedRequest, PreparedRequest, float]] = []
+        line_of: dict[str, int] = {}
+        for line in lines:
+            t0 = time.perf_counter()
+            try:
+                parsed = parse_request(line.record or {}, base, default_seed)
+                prepared = prepare_request(self.model, parsed.request, self.spec)
+            except (RequestError, MediaError, ContextLengthError) as exc:
+                self.fail(line.id, "prepare", str(exc), line=line.lineno)
+                continue
+            except Exception as exc:  # an input nobody foresaw: this request fails, the batch goes on
+                self.fail(line.id, "prepare", f"{type(exc).__name__}: {exc}", line=line.lineno)
+                continue
+            ready.append((parsed, prepared, time.perf_counter() - t0))
+            line_of[parsed.id] = line.lineno
+            self.seconds["prepare"] += ready[-1][2]
+        for (parsed, prepared, prep_s), outcome in zip(ready, self.answer([p for _, p, _ in ready])):
+            if isinstance(outcome, Exception):
+                self.fail(parsed.id, "generate", f"{type(outcome).__name__}: {outcome}", line=line_of[parsed.id],
+                          prompt=parsed.prompt_text)
+                continue
+            result, llm_s = outcome
+            item = _InFlight(parsed, line_of[parsed.id], result, {"prepare": prep_s, "llm": llm_s, "decode": 0.0},
+                             len(ready))
+            self.enqueue(item, prepared)
+        self.drain(force=False)
+
+    def answer(self, batch: list[PreparedRequest]) -> list[Any]:
+        """(result, seconds) per request, or the exception; a failed batch is retried one by one."""
+        if not batch:
+            return []
+        t0 = time.perf_counter()
+        try:
+            results = generate_answers(self.model, batch, self.settings)
+        except Exception as exc:  # any failure of one request must not stop the others
+            if len(batch) == 1:
+                log.debug("request failed", exc_info=True)
+                return [exc]
+            log.warning("a batch of %d failed (%s: %s); retrying its requests one by one",
+                        len(batch), type(exc).__name__, exc)
+            return [self.answer([p])[0] for p in batch]
+        elapsed = time.perf_counter() - t0
+        self.seconds["llm"] += elapsed
+        return [(r, elapsed) for r in results]
+
+    # -------------------------------------------------------------- the decoders
+    def enqueue(self, item: _InFlight, prepared: PreparedRequest) -> None:
+        jobs = decode_jobs(prepared, item.result, self.settings, owner=item)
+        item.left = len(jobs)
+        if not jobs:
+            self.finish(item)
+        for job in jobs:
+            self.queues.setdefault(job.key, []).append(job)
+
+    def drain(self, force: bool) -> None:
+        """Decode full batches of waiting groups (and, when ``force``, the rest)."""
+        for queue in self.queues.values():
+            while len(queue) >= self.decode_batch_size or (force and queue):
+                chunk = [j for j in queue[: self.decode_batch_size] if not j.owner.failed]
+                del queue[: self.decode_batch_size]
+                if chunk:
+                    self.decode(chunk)
+
+    def decode(self, chunk: list[DecodeJob]) -> None:
+        t0 = time.perf_counter()
+        try:
+            items = run_decoder(self.model, chunk)
+        except Exception as exc:  # isolate the culprit: retry one group at a time
+            if len(chunk) > 1:
+                log.warning("a %s decoder batch of %d failed (%s: %s); retrying one by one",
+                            chunk[0].modality, len(chunk), type(exc).__name__, exc)
+                for job in chunk:
+                    if not job.owner.failed:
+                        self.decode([job])
+                return
+            chunk[0].owner.failed = True
+            owner = chunk[0].owner
+            self.fail(owner.parsed.id, "decode", f"{type(exc).__name__}: {exc}", line=owner.line,
+                      prompt=owner.parsed.prompt_text)
+            return
+        elapsed = time.perf_counter() - t0
+        self.seconds["decode"] += elapsed
+        for job, media in zip(chunk, items):
+            owner: _InFlight = job.owner
+            owner.result.media[job.modality][job.index] = media
+            owner.seconds["decode"] += elapsed
+            owner.left -= 1
+            if owner.left == 0 and not owner.failed:
+                self.finish(owner)
+
+    # -------------------------------------------------------------- outputs
+    def finish(self, item: _InFlight) -> None:
+        parsed, result = item.parsed, item.result
+        t0 = time.perf_counter()
+        try:
+            files = write_outputs(self.out, parsed.id, result, parsed.prompt_text, parsed.request.seed,
+                                  self.fingerprint)
+        except Exception as exc:  # e.g. a full disk: this request fails, the run goes on
+            self.fail(parsed.id, "write", f"{type(exc).__name__}: {exc}", line=item.line, prompt=parsed.prompt_text)
+            return
+        seconds = {**item.seconds, "write": time.perf_counter() - t0}
+        self.seconds["write"] += seconds["write"]
+        _append_record(self.results, {
+            "id": parsed.id, "line": item.line, "prompt": parsed.prompt_text, "inputs": parsed.inputs, "text": result.text,
+            "files": files, "seed": parsed.request.seed, "checkpoint": self.fingerprint,
+            "seconds": {k: round(v, 4) for k, v in seconds.items()}, "batch_size": item.batch_size,
+            "error": None,
+        })
+        self.counts["done"] += 1
+        self.bar.update(1)
 
 
 def run_requests(
@@ -151,94 +480,58 @@ def run_requests(
     batch_size: int = 8,
     seed: int = 0,
     max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
     steps: int | None = None,
     guidance: float | None = None,
+    decode_batch_size: int | None = None,
     fail_fast: bool = False,
     checkpoint: Path | None = None,
-) -> dict[str, int]:
+) -> dict[str, Any]:
+    """Answer every request of ``requests_file`` into ``out``.
+
+    Returns counts -- ``done``, ``failed``, ``skipped`` (done in an earlier run), ``stopped`` (1 if
+    ``fail_fast`` stopped the run) -- and ``seconds``: wall time per stage (prepare, llm, decode,
+    write) and in ``total``. ``decode_batch_size`` (default ``batch_size``) is the number of signal
+    groups per decoder call.
+    """
+    if batch_size < 1 or (decode_batch_size is not None and decode_batch_size < 1):
+        raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {decode_batch_size}")
+    requests_file, out = Path(requests_file), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
+    _repair_tail(results)
     skip = done_ids(results)
-    fingerprint = checkpoint_fingerprint(checkpoint) if checkpoint else "none"
-    base = requests_file.parent
-    counts = {"done": 0, "failed": 0, "skipped": 0}
-    pending: list[ParsedRequest] = []
-    lines = requests_file.read_text(encoding="utf-8").splitlines()
-
-    def fail(rid: str, error: str) -> None:
-        counts["failed"] += 1
-        _append_record(results, {"id": rid, "error": error})
-        log.warning("request %s failed: %s", rid, error)
-        if fail_fast:
-            raise RuntimeError(f"request {rid} failed: {error}")
-
-    bar = tqdm(total=len([ln for ln in lines if ln.strip()]), desc="infer", unit="req", dynamic_ncols=True)
+    lines = read_lines(requests_file)
+    todo = [ln for ln in lines if ln.id not in skip or ln.error]
+    settings = Settings(max_new_tokens, temperature, top_p, steps, guidance, decode_batch_size)
+    run = _Run(model, out, settings, batch_size, fail_fast,
+               checkpoint_fingerprint(checkpoint) if checkpoint else "none", len(todo))
+    run.counts["skipped"] = len(lines) - len(todo)
+    if run.counts["skipped"]:
+        log.info("%d request(s) already done in %s: skipped", run.counts["skipped"], results)
     start = time.perf_counter()
-
-    def flush() -> None:
-        if not pending:
-            return
-        groups: dict[int, list[ParsedRequest]] = {}
-        for p in pending:
-            groups.setdefault(p.options.get("max_new_tokens", max_new_tokens), []).append(p)
-        for mnt, group in groups.items():
-            t0 = time.perf_counter()
-            try:
-                outs = generate(model, [p.request for p in group], max_new_tokens=mnt, steps=steps, guidance=guidance)
-            except Exception as exc:  # isolate the culprit: retry one by one
-                if len(group) == 1:
-                    fail(group[0].id, f"{type(exc).__name__}: {exc}")
-                    bar.update(1)
-                    continue
-                outs = None
-            if outs is None:
-                for p in group:
-                    pending_one = [p]
-                    try:
-                        res = generate(model, [p.request], max_new_tokens=mnt, steps=steps, guidance=guidance)[0]
-                        _finish(p, res, time.perf_counter() - t0)
-                    except Exception as exc:
-                        fail(p.id, f"{type(exc).__name__}: {exc}")
-                    bar.update(len(pending_one))
-                continue
-            elapsed = time.perf_counter() - t0
-            for p, res in zip(group, outs):
-                _finish(p, res, elapsed / len(group))
-                bar.update(1)
-        pending.clear()
-        bar.set_postfix(req_s=f"{(counts['done'] + counts['failed']) / (time.perf_counter() - start):.2f}")
-
-    def _finish(p: ParsedRequest, res, seconds: float) -> None:
-        files = write_outputs(out, p.id, res, p.prompt_text, p.request.seed, fingerprint)
-        _append_record(results, {"id": p.id, "prompt": p.prompt_text, "text": res.text, "files": files,
-                                 "seed": p.request.seed, "seconds": round(seconds, 4), "error": None})
-        counts["done"] += 1
-
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            if not isinstance(rec, dict):
-                raise RequestError("expected a JSON object")
-        except (json.JSONDecodeError, RequestError) as exc:
-            fail(f"line-{lineno}", f"{requests_file}:{lineno}: malformed request: {exc}")
-            bar.update(1)
-            continue
-        rid = str(rec.get("id", f"line-{lineno}"))
-        if rid in skip:
-            counts["skipped"] += 1
-            bar.update(1)
-            continue
-        try:
-            pending.append(parse_request(rec, base, seed))
-        except (RequestError, MediaError, ValueError) as exc:
-            fail(rid, str(exc))
-            bar.update(1)
-            continue
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    bar.close()
-    write_gallery(out)
-    return counts
+    stopped = 0
+    try:
+        for line in [ln for ln in todo if ln.error]:
+            run.fail(line.id, "parse", line.error or "", line=line.lineno)
+        good = [ln for ln in todo if not ln.error]
+        shown = time.perf_counter()
+        for i in range(0, len(good), batch_size):
+            run.run_batch(good[i: i + batch_size], requests_file.parent, seed)
+            if time.perf_counter() - shown > GALLERY_EVERY_S:  # a crash still leaves a recent gallery
+                write_gallery(out)
+                shown = time.perf_counter()
+        run.drain(force=True)
+    except _FailFast as exc:
+        log.error("stopping at the first failure (request %s; --fail-fast)", exc)
+        stopped = 1
+    finally:
+        run.bar.close()
+        write_gallery(out)
+    elapsed = time.perf_counter() - start
+    n = run.counts["done"] + run.counts["failed"]
+    log.info("%d request(s) in %.1f s (%.2f req/s): %d done, %d failed, %d skipped; gallery %s", n, elapsed,
+             n / elapsed if elapsed > 0 else 0.0, run.counts["done"], run.counts["failed"], run.counts["skipped"],
+             out / "index.html")
+    return {**run.counts, "stopped": stopped, "seconds": {**run.seconds, "total": elapsed}}

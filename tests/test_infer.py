@@ -1,0 +1,466 @@
+"""Batch inference (`mmllm infer`) on a tiny checkpoint trained to route: text -> image/audio/video
+and image/audio/video -> text end to end through the CLI; outputs and their metadata; the same
+output alone or in a batch; every bad input an error record while the rest completes; resume;
+a failing request or decoder batch isolated; the GIF fallback; the gallery's markup."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from mmllm.cli import main
+from mmllm.data.media import Audio, save_audio, save_video
+from mmllm.data.samples import moving, tone
+from mmllm.inference import runner
+from mmllm.inference.gallery import render_gallery
+from mmllm.inference.generate import Request, Settings, _trim, generate_answers, prepare_request
+from mmllm.inference.runner import checkpoint_fingerprint, run_requests
+from mmllm.inference.tiny import train_tiny_checkpoint
+from mmllm.model import AnyToAnyModel
+
+GENERATE = {"image": "Generate an image: a red circle", "audio": "Generate a sound: a high beep",
+            "video": "Generate a video: a blue square moving left"}
+FILE_SUFFIX = {"image": (".png",), "audio": (".wav",), "video": (".mp4", ".gif")}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Tiny models are overhead-bound: one thread is faster, and robust on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """Train once per session (~15 s), shared by every test module that asks (a marker file in basetemp)."""
+    root = tmp_path_factory.getbasetemp() / "infer-tiny"
+    marker = root / "checkpoint.txt"
+    if not marker.is_file():
+        with torch_threads(1):
+            ckpt = train_tiny_checkpoint(root)
+        marker.write_text(str(ckpt))
+    return Path(marker.read_text())
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory) -> Path:
+    return trained_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def media(ckpt) -> Path:
+    return ckpt.parents[1] / "samples" / "media"  # written by train_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return AnyToAnyModel.from_pretrained(ckpt).eval()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+def write_requests(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def records_by_id(out: Path) -> dict[str, dict]:
+    return {r["id"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+
+
+def read_media(path: Path) -> np.ndarray:
+    if path.suffix == ".wav":
+        return sf.read(path, dtype="int16")[0]
+    if path.suffix in (".mp4", ".gif"):
+        with av.open(str(path)) as c:
+            return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    return np.asarray(Image.open(path))
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_cli_answers_text_to_media_and_media_to_text(ckpt, media, tmp_path):
+    inp = tmp_path / "in"
+    inp.mkdir()
+    (inp / "shape.png").write_bytes((media / "red_circle.png").read_bytes())
+    (inp / "beep.wav").write_bytes((media / "high.wav").read_bytes())
+    save_video(moving("green", "square", "right"), inp / "clip.mp4")
+    requests = write_requests(inp / "requests.jsonl", [
+        {"id": "to-image", "prompt": GENERATE["image"], "seed": 1},
+        {"id": "to-audio", "prompt": GENERATE["audio"]},
+        {"id": "to-video", "prompt": GENERATE["video"]},
+        {"id": "from-image", "prompt": "What is this?", "image": "shape.png"},  # relative to the requests file
+        {"id": "from-audio", "prompt": "What do you hear?", "media": ["beep.wav"]},  # modality from the suffix
+        {"id": "from-video", "messages": [{"role": "user", "content": "Hello"},
+                                          {"role": "assistant", "content": "Hi."},
+                                          {"role": "user", "content": "<video>", "media": ["clip.mp4"]}]},
+    ])
+    out = tmp_path / "out"
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out),
+                 "--batch-size", "4"]) == 0
+    recs = records_by_id(out)
+    assert set(recs) == {"to-image", "to-audio", "to-video", "from-image", "from-audio", "from-video"}
+    assert all(r["error"] is None for r in recs.values())
+    fingerprint = checkpoint_fingerprint(ckpt)
+    for modality in ("image", "audio", "video"):
+        rec = recs[f"to-{modality}"]
+        assert len(rec["files"]) == 1 and rec["files"][0].endswith(FILE_SUFFIX[modality]), rec
+        path = out / rec["files"][0]
+        assert path.is_file()
+        assert set(rec["seconds"]) == {"prepare", "llm", "decode", "write"} and rec["seconds"]["decode"] > 0
+        if modality == "image":
+            img = Image.open(path)
+            assert img.size == (32, 32) and img.mode == "RGB"
+            assert img.text == {"mmllm_id": "to-image", "seed": "1", "prompt": GENERATE["image"],
+                                "checkpoint": fingerprint}
+        elif modality == "audio":
+            with sf.SoundFile(path) as fh:
+                assert fh.subtype == "PCM_16" and fh.samplerate == 16000 and fh.frames > 0
+                assert f"checkpoint={fingerprint}" in fh.comment and "seed=0" in fh.comment
+        else:
+            with av.open(str(path)) as c:
+                meta = json.loads(c.metadata["comment"])
+                assert sum(1 for _ in c.decode(video=0)) == 4
+            assert meta == {"mmllm_id": "to-video", "seed": "0", "prompt": GENERATE["video"],
+                            "checkpoint": fingerprint}
+    for modality in ("image", "audio", "video"):
+        assert recs[f"from-{modality}"]["text"].strip(), recs[f"from-{modality}"]
+    assert recs["from-image"]["inputs"] == [str(inp / "shape.png")]
+    page = (out / "index.html").read_text()
+    assert all(f in page for r in recs.values() for f in r["files"])
+    assert "<script" not in page.lower() and "http" not in page
+
+
+def test_cli_single_request_from_flags_and_rerun_skips_it(ckpt, media, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--output", str(out), "--prompt", "What is this?",
+            "--image", str(media / "red_circle.png")]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["id"].startswith("prompt-") and printed["text"].strip() and printed["error"] is None
+    assert main(args) == 0  # same request: already done
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    assert main([*args[:-4], "--prompt", GENERATE["image"]]) == 0  # another prompt: a new request
+    recs = records_by_id(out)
+    assert len(recs) == 2 and any(r["files"] for r in recs.values())
+    with pytest.raises(SystemExit, match="--image goes with --prompt"):
+        main(["infer", "--checkpoint", str(ckpt), "--output", str(out), "--input", "x.jsonl", "--image", "a.png"])
+
+
+# ------------------------------------------------------------------------------------------ batch invariance
+
+
+def mixed_requests(media: Path) -> list[dict]:
+    return [
+        {"id": "img", "prompt": GENERATE["image"], "seed": 3},
+        {"id": "long", "prompt": "Tell me a long story about shapes and sounds and colours, please. " * 3},
+        {"id": "aud", "prompt": GENERATE["audio"], "seed": 4},
+        {"id": "from-img", "prompt": "What is this?", "image": str(media / "blue_square.png")},
+        {"id": "vid", "prompt": GENERATE["video"], "seed": 5},
+        {"id": "img2", "prompt": "Generate an image: a yellow square", "seed": 6},
+    ]
+
+
+def test_text_and_conditioning_are_identical_alone_or_in_a_batch(model, media):
+    parsed = [runner.parse_request(r, media, 0) for r in mixed_requests(media)]
+    prepared = [prepare_request(model, p.request) for p in parsed]
+    batch = generate_answers(model, prepared, Settings(max_new_tokens=24))
+    assert len({len(p.ids) for p in prepared}) > 2  # really left-padded
+    assert sum(bool(r.conditioning) for r in batch) >= 4
+    for p, in_batch in zip(prepared, batch):
+        alone = generate_answers(model, [p], Settings(max_new_tokens=24))[0]
+        assert alone.token_ids == in_batch.token_ids and alone.text == in_batch.text
+        assert alone.conditioning.keys() == in_batch.conditioning.keys()
+        for m in alone.conditioning:
+            assert all(torch.equal(a, b) for a, b in zip(alone.conditioning[m], in_batch.conditioning[m]))
+
+
+def test_media_files_are_the_same_alone_or_in_a_batch(model, media, tmp_path):
+    requests = write_requests(tmp_path / "requests.jsonl", mixed_requests(media))
+    runs = {"alone": dict(batch_size=1), "batch": dict(batch_size=6),
+            "batch-exact": dict(batch_size=6, decode_batch_size=1)}
+    recs = {}
+    for name, kwargs in runs.items():
+        counts = run_requests(model, requests, tmp_path / name, max_new_tokens=24, **kwargs)
+        assert counts["done"] == 6, counts
+        recs[name] = records_by_id(tmp_path / name)
+    alone = recs["alone"]
+    assert sum(bool(r["files"]) for r in alone.values()) >= 4
+    for name in ("batch", "batch-exact"):
+        for rid, rec in recs[name].items():
+            assert rec["text"] == alone[rid]["text"] and rec["seed"] == alone[rid]["seed"]
+            assert rec["files"] == alone[rid]["files"]
+            for f in rec["files"]:
+                a = read_media(tmp_path / "alone" / f).astype(np.int64)
+                b = read_media(tmp_path / name / f).astype(np.int64)
+                assert a.shape == b.shape
+                if name == "batch-exact":
+                    assert np.array_equal(a, b), f
+                elif f.endswith(".mp4"):  # H.264 is lossy: a one-step change in a frame may move a block a little
+                    assert np.abs(a - b).mean() < 0.5 and np.abs(a - b).max() <= 16, f
+                else:  # batched decoder kernels may round differently: at most one quantisation step
+                    assert np.abs(a - b).max() <= 1, f
+
+
+def test_sampled_text_is_reproducible_per_request(model):
+    reqs = [Request([{"role": "user", "content": "Say something."}], seed=s, temperature=1.0) for s in (1, 2)]
+    reqs.append(Request([{"role": "user", "content": "Something longer to say, with more words in it."}],
+                        seed=3, temperature=0.8, top_p=0.9))
+    prepared = [prepare_request(model, r) for r in reqs]
+    batch = generate_answers(model, prepared, Settings(max_new_tokens=12))
+    for p, in_batch in zip(prepared, batch):
+        assert generate_answers(model, [p], Settings(max_new_tokens=12))[0].token_ids == in_batch.token_ids
+    assert batch[0].token_ids != batch[1].token_ids  # another seed, another sample
+
+
+def test_per_request_token_limit_and_cut_signal_groups(model):
+    short = Request([{"role": "user", "content": "Say something."}], max_new_tokens=3)
+    long = Request([{"role": "user", "content": "Say something."}], max_new_tokens=9)
+    a, b = generate_answers(model, [prepare_request(model, r) for r in (short, long)], Settings())
+    assert len(a.token_ids) <= 3 and b.token_ids[: len(a.token_ids)] == a.token_ids
+    img = model.llm.signal_ids["image"]
+    assert _trim([5, *img, 6, *img[:2]], None, model.llm.signal_ids) == [5, *img, 6]
+    assert _trim([5, *img, 7, 8], 7, model.llm.signal_ids) == [5, *img]
+
+
+# ------------------------------------------------------------------------------------------ bad inputs
+
+
+def huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid PNG header declaring a huge image (no pixel data is needed to be refused)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) +
+                     chunk(b"IEND", b""))
+    return path
+
+
+def test_bad_inputs_become_error_records_and_the_rest_completes(ckpt, media, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    (d / "empty.png").write_bytes(b"")
+    (d / "corrupt.png").write_bytes(np.random.default_rng(0).bytes(300))
+    (d / "notes.txt").write_text("not an image")
+    (d / "thing.xyz").write_bytes(b"\x00" * 10)
+    huge_png(d / "huge.png", 9000, 9000)
+    six = Audio(np.stack([tone("high", rate=11025).mono() * (0.5 + 0.1 * c) for c in range(6)], 1), 11025)
+    save_audio(six, d / "six-channels.wav")
+    save_audio(tone("low", rate=7919), d / "odd-rate.wav")
+    bad = {
+        "missing": ({"prompt": "What is this?", "image": "nowhere.png"}, "not found"),
+        "empty": ({"prompt": "What is this?", "image": "empty.png"}, "empty"),
+        "corrupt": ({"prompt": "What is this?", "image": "corrupt.png"}, "cannot decode"),
+        "unsupported": ({"prompt": "What is this?", "image": "notes.txt"}, "unsupported image file"),
+        "unknown-modality": ({"prompt": "What is this?", "media": ["thing.xyz"]}, "unknown modality"),
+        "unknown-field": ({"prompt": "Smell this.", "smell": "rose.smell"}, "unknown field(s) ['smell']"),
+        "too-long": ({"prompt": "shapes and sounds " * 200}, "max_length=128"),
+        "huge-image": ({"prompt": "What is this?", "image": "huge.png"}, "image too large"),
+        "placeholders": ({"prompt": "<image><image> compare", "media": ["huge.png"]}, "2 placeholder(s) but 1"),
+        "empty-prompt": ({"prompt": "  "}, "the prompt is empty"),
+        "bad-override": ({"prompt": "Hi", "max_new_tokens": "many"}, "'max_new_tokens' must be an integer"),
+        "no-prompt": ({"text": "Hi"}, "unknown field(s) ['text']"),
+    }
+    good = [{"id": "ok-image", "prompt": GENERATE["image"]},
+            {"id": "ok-describe", "prompt": "What is this?", "image": str(media / "red_square.png")},
+            {"id": "six-channels", "prompt": "What do you hear?", "audio": "six-channels.wav"},
+            {"id": "odd-rate", "prompt": "What do you hear?", "audio": "odd-rate.wav"}]
+    lines = [{"id": rid, **rec} for rid, (rec, _) in bad.items()]
+    lines[3:3] = ["{not json", '["a list"]', '{"prompt": "no id"}', '{"id": "ok-image", "prompt": "again"}']
+    requests = write_requests(d / "requests.jsonl", good[:2] + lines + good[2:])
+    out = tmp_path / "out"
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out),
+                 "--batch-size", "4", "--max-new-tokens", "8"]) == 1  # some failed: exit code 1
+    recs = records_by_id(out)
+    for rid, (_, message) in bad.items():
+        assert recs[rid]["error"] and message in recs[rid]["error"], (rid, recs[rid])
+    malformed = sorted(r["error"] for rid, r in recs.items() if rid.startswith("line-"))
+    assert len(malformed) == 4
+    assert any("not valid JSON" in e for e in malformed) and any("expected a JSON object" in e for e in malformed)
+    assert any("missing 'id'" in e for e in malformed) and any("duplicate id 'ok-image'" in e for e in malformed)
+    for rec in good:  # the good ones completed, multi-channel / odd-rate audio normalised by the encoder
+        assert recs[rec["id"]]["error"] is None, recs[rec["id"]]
+    assert recs["ok-image"]["files"] and recs["six-channels"]["text"] and recs["odd-rate"]["text"]
+    page = (out / "index.html").read_text()
+    assert "image too large" in page and page.count('class="error"') == len(bad) + 4
+
+
+def test_fail_fast_stops_at_the_first_failure(model, tmp_path):
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hi"},
+                                                     {"id": "bad", "prompt": "x", "image": "missing.png"},
+                                                     {"id": "c", "prompt": "Hi"}])
+    counts = run_requests(model, requests, tmp_path / "out", batch_size=4, max_new_tokens=4, fail_fast=True)
+    assert counts["stopped"] == 1 and counts["failed"] == 1 and counts["done"] == 0
+    assert list(records_by_id(tmp_path / "out")) == ["bad"]
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def test_rerun_skips_done_requests_and_redoes_failed_torn_or_lost_ones(model, media, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    requests = write_requests(d / "requests.jsonl", [
+        {"id": "img", "prompt": GENERATE["image"]},
+        {"id": "aud", "prompt": GENERATE["audio"]},
+        {"id": "describe", "prompt": "What is this?", "image": "later.png"},  # missing on the first run
+        {"id": "hi", "prompt": "Hello there."},
+        {"id": "vid", "prompt": GENERATE["video"]},
+    ])
+    out = tmp_path / "out"
+    first = run_requests(model, requests, out, batch_size=2, max_new_tokens=8)
+    assert (first["done"], first["failed"]) == (4, 1)
+    recs = records_by_id(out)
+    assert recs["img"]["files"] and recs["aud"]["files"]
+    # after a crash: a torn last line, and a media file that never made it to disk
+    with open(out / "results.jsonl", "a") as fh:
+        fh.write('{"id": "vid", "text": "", "fil')
+    (out / recs["aud"]["files"][0]).unlink()
+    (d / "later.png").write_bytes((media / "red_circle.png").read_bytes())
+    second = run_requests(model, requests, out, batch_size=2, max_new_tokens=8)
+    assert (second["skipped"], second["done"], second["failed"]) == (3, 2, 0)
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert all(json.loads(line) for line in lines) and len(lines) == 4 + 1 + 2
+    assert set(runner.done_ids(out / "results.jsonl")) == {"img", "aud", "describe", "hi", "vid"}
+    assert "5 done, 0 failed" in (out / "index.html").read_text()
+
+
+def test_a_crash_mid_run_resumes_where_it_stopped(model, tmp_path, monkeypatch):
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": f"r{i}", "prompt": f"Hello number {i}."}
+                                                     for i in range(5)])
+    real, calls = runner.write_outputs, []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # not an Exception: stops the run like a kill would
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "write_outputs", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_requests(model, requests, tmp_path / "out", batch_size=2, max_new_tokens=4)
+    monkeypatch.setattr(runner, "write_outputs", real)
+    assert len(runner.done_ids(tmp_path / "out" / "results.jsonl")) == 2
+    counts = run_requests(model, requests, tmp_path / "out", batch_size=2, max_new_tokens=4)
+    assert (counts["skipped"], counts["done"]) == (2, 3)
+
+
+# ------------------------------------------------------------------------------------------ isolation
+
+
+def test_a_failing_request_or_decoder_batch_fails_only_its_culprit(model, tmp_path, monkeypatch):
+    requests = write_requests(tmp_path / "r.jsonl", [
+        {"id": "a", "prompt": GENERATE["image"], "seed": 1},
+        {"id": "boom", "prompt": "boom"},
+        {"id": "b", "prompt": GENERATE["image"], "seed": 13},
+        {"id": "c", "prompt": GENERATE["image"], "seed": 2},
+    ])
+    real_answers, real_decoder = runner.generate_answers, runner.run_decoder
+    llm_batches, decoder_batches = [], []
+
+    def answers(model, batch, settings):
+        llm_batches.append(len(batch))
+        if any(p.request.messages[-1]["content"] == "boom" for p in batch):
+            raise RuntimeError("the LLM choked")
+        return real_answers(model, batch, settings)
+
+    def decoder(model, jobs):
+        decoder_batches.append(len(jobs))
+        if any(j.seed == 13 for j in jobs):
+            raise RuntimeError("the decoder choked")
+        return real_decoder(model, jobs)
+
+    monkeypatch.setattr(runner, "generate_answers", answers)
+    monkeypatch.setattr(runner, "run_decoder", decoder)
+    counts = run_requests(model, requests, tmp_path / "out", batch_size=4, max_new_tokens=8)
+    recs = records_by_id(tmp_path / "out")
+    assert (counts["done"], counts["failed"]) == (2, 2)
+    assert recs["boom"]["error_stage"] == "generate" and "the LLM choked" in recs["boom"]["error"]
+    assert recs["b"]["error_stage"] == "decode" and "the decoder choked" in recs["b"]["error"]
+    assert recs["a"]["files"] and recs["c"]["files"]
+    assert llm_batches == [4, 1, 1, 1, 1] and decoder_batches == [3, 1, 1, 1]
+
+
+
+def test_decoders_get_full_batches_across_llm_batches(model, media, tmp_path, monkeypatch):
+    real, calls = runner.run_decoder, []
+
+    def spy(model, jobs):
+        calls.append((jobs[0].modality, len(jobs)))
+        return real(model, jobs)
+
+    monkeypatch.setattr(runner, "run_decoder", spy)
+    describe = {"prompt": "What is this?", "image": str(media / "green_circle.png")}
+    requests = write_requests(tmp_path / "r.jsonl", [
+        {"id": f"r{i}", **({"prompt": GENERATE["image"], "seed": i} if i % 2 == 0 else describe)} for i in range(7)
+    ])
+    counts = run_requests(model, requests, tmp_path / "out", batch_size=2, max_new_tokens=8)
+    assert counts["done"] == 7
+    assert calls == [("image", 2), ("image", 2)]  # 4 image groups from 4 LLM batches of 2: two full calls
+
+
+def test_video_falls_back_to_gif_and_the_record_names_the_real_file(model, tmp_path, monkeypatch):
+    import mmllm.data.media as media_module
+
+    def no_h264(*args, **kwargs):
+        raise RuntimeError("no H.264 encoder in this build")
+
+    monkeypatch.setattr(media_module, "_save_mp4", no_h264)
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "vid", "prompt": GENERATE["video"]}])
+    assert run_requests(model, requests, tmp_path / "out", max_new_tokens=8)["done"] == 1
+    rec = records_by_id(tmp_path / "out")["vid"]
+    assert len(rec["files"]) == 1 and rec["files"][0].endswith(".gif")
+    gif = Image.open(tmp_path / "out" / rec["files"][0])
+    assert gif.format == "GIF" and gif.n_frames == 4
+    comment = gif.info["comment"].decode()
+    assert '"seed": "0"' in comment and f'"checkpoint": "{rec["checkpoint"]}"' in comment
+    assert f'<img src="{rec["files"][0]}"' in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_gallery_markup_is_self_contained_and_escaped():
+    page = render_gallery([
+        {"id": "b", "line": 2, "prompt": "<b>bold</b>", "text": "a & b", "files": ["media/x.wav", "media/y.mp4"],
+         "seed": 0, "batch_size": 1, "seconds": {"llm": 0.1}, "error": None},
+        {"id": "a", "line": 1, "text": "", "files": ["media/x y.png", "media/z.gif"], "error": None},
+        {"id": "e", "line": 3, "error": "cannot decode <image>", "error_stage": "prepare"},
+    ])
+    assert page.index("<h2>a</h2>") < page.index("<h2>b</h2>") < page.index("<h2>e</h2>")  # input order
+    assert '<img src="media/x%20y.png"' in page and '<img src="media/z.gif"' in page
+    assert '<audio controls preload="auto" src="media/x.wav"' in page
+    assert '<video controls loop muted autoplay playsinline preload="auto" src="media/y.mp4"' in page
+    assert "&lt;b&gt;bold&lt;/b&gt;" in page and "a &amp; b" in page and "cannot decode &lt;image&gt;" in page
+    assert "<script" not in page and "http" not in page and "2 done, 1 failed" in page
+
+
+
+def test_a_modality_the_model_cannot_read_is_an_error_record(ckpt, media, tmp_path):
+    model = AnyToAnyModel.from_pretrained(ckpt).eval()
+    del model.encoders["audio"]  # as if the assembly had no audio encoder
+    requests = write_requests(tmp_path / "r.jsonl", [
+        {"id": "hear", "prompt": "What do you hear?", "audio": str(media / "high.wav")},
+        {"id": "see", "prompt": "What is this?", "image": str(media / "red_circle.png")},
+    ])
+    counts = run_requests(model, requests, tmp_path / "out", max_new_tokens=4)
+    recs = records_by_id(tmp_path / "out")
+    assert (counts["done"], counts["failed"]) == (1, 1)
+    assert "this model has no audio encoder" in recs["hear"]["error"] and recs["see"]["text"]
