@@ -3,7 +3,8 @@
 Kept to the parts that really are the same in every family; each family file still reads on its own.
 
 * :class:`DiffusionOptions` -- the option keys every family has (``model`` or ``tiny``, steps, guidance,
-  dtype, scheduler choice and ``prediction_type`` override);
+  dtype, scheduler choice and ``prediction_type`` override, a ``text_encoder`` taken from elsewhere);
+* :func:`load_pipeline` -- ``from_pretrained`` of a pipeline folder, with those options applied;
 * :func:`row_generators` -- one ``torch.Generator`` per batch row, so a request draws the same noise
   alone or inside a batch;
 * :func:`prediction_target` / :func:`denoising_mse` -- the diffusion loss through a frozen denoiser,
@@ -13,16 +14,20 @@ Kept to the parts that really are the same in every family; each family file sti
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
+import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmllm.config import from_dict
+from mmllm.config import ConfigError, from_dict
 from mmllm.decoders.base import MediaDecoder
 
 log = logging.getLogger(__name__)
@@ -56,7 +61,7 @@ PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 class DiffusionOptions:
     """Options every diffusion decoder family takes; families subclass this and add their own."""
 
-    model: str | None = None  # hub id or local dir for ``from_pretrained`` (safetensors only)
+    model: str | None = None  # hub id, local dir or "package:<module>/<dir>" for ``from_pretrained`` (safetensors)
     tiny: dict[str, Any] | None = None  # sizes for an in-process random-weight build (tests, toy runs)
     steps: int = 25
     guidance: float = 7.5  # classifier-free guidance scale; <= 1 turns guidance off
@@ -64,10 +69,15 @@ class DiffusionOptions:
     trust_remote_code: bool = False
     scheduler: str | None = None  # inference scheduler class name (see SCHEDULERS); None keeps the model's
     scheduler_prediction_type: str | None = None  # override the scheduler's prediction_type
+    # weights of the pipeline's text encoder from elsewhere (hub id, local dir, "package:<module>/<dir>"):
+    # for a pipeline folder that ships its text_encoder/config.json but not the (large, shared) weights
+    text_encoder: str | None = None
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.tiny is None):
             raise ValueError("set exactly one of 'model' (hub id or local dir) and 'tiny' (in-process sizes)")
+        if self.text_encoder is not None and self.model is None:
+            raise ValueError("text_encoder applies to a pipeline loaded from 'model' only")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         parse_dtype(self.dtype)
@@ -81,6 +91,76 @@ class DiffusionOptions:
                 f"unknown scheduler_prediction_type {self.scheduler_prediction_type!r}; "
                 f"valid: {', '.join(PREDICTION_TYPES)}"
             )
+
+
+def resolve_source(value: str) -> str:
+    """``package:<module>/<sub/dir>`` -> that folder inside the installed Python package ``<module>``
+    (found with importlib, never imported); anything else (hub id, path) is returned unchanged."""
+    if not value.startswith("package:"):
+        return value
+    module, _, sub = value[len("package:") :].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{value}: no installed Python package named {module!r}")
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
+    if not path.exists():
+        raise ConfigError(f"{value}: {path} does not exist")
+    return str(path)
+
+
+def _model_index(pipeline_cls: type, source: str) -> dict[str, Any]:
+    local = Path(source) / "model_index.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    return dict(pipeline_cls.load_config(source))
+
+
+def _import_own_components(index: dict[str, Any]) -> None:
+    """diffusers loads a component from a module only if it is already imported; mmllm's own
+    component modules (e.g. the toy world's Griffin-Lim vocoder) are imported here, no others."""
+    for value in index.values():
+        if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+            if value[0] == "mmllm" or value[0].startswith("mmllm."):
+                importlib.import_module(value[0])
+
+
+def load_text_encoder(pipeline_cls: type, source: str, weights: str, dtype: torch.dtype) -> Any:
+    """The pipeline's text encoder class (from model_index.json) and config (its ``text_encoder/``
+    folder, when present: settings such as ``use_attention_mask`` stay), with weights from ``weights``."""
+    import transformers
+
+    library, class_name = _model_index(pipeline_cls, source).get("text_encoder", (None, None))
+    if library != "transformers" or not hasattr(transformers, class_name):
+        raise ConfigError(f"text_encoder: {source} has no transformers text encoder ({library}, {class_name})")
+    cls = getattr(transformers, class_name)
+    try:
+        config = cls.config_class.from_pretrained(source, subfolder="text_encoder")
+    except (OSError, ValueError):
+        config = None
+    try:
+        model, info = cls.from_pretrained(weights, config=config, dtype=dtype, output_loading_info=True)
+    except Exception as exc:  # OSError (not found / offline), ValueError, ...
+        raise ConfigError(f"text_encoder: cannot load {class_name} weights from {weights!r}: {exc}") from exc
+    if info.get("missing_keys"):
+        raise ConfigError(
+            f"text_encoder: {weights!r} lacks {len(info['missing_keys'])} tensor(s) of the {class_name}, "
+            f"e.g. {sorted(info['missing_keys'])[:4]}"
+        )
+    return model
+
+
+def load_pipeline(pipeline_cls: type, options: DiffusionOptions, dtype: torch.dtype, **kwargs: Any) -> Any:
+    """``pipeline_cls.from_pretrained(options.model)`` (safetensors only), honouring ``package:`` sources
+    and the ``text_encoder`` option; ``kwargs`` go to ``from_pretrained`` (components to skip, ...)."""
+    source = resolve_source(options.model)
+    if Path(source).is_dir():
+        _import_own_components(_model_index(pipeline_cls, source))
+    if options.text_encoder is not None:
+        weights = resolve_source(options.text_encoder)
+        kwargs["text_encoder"] = load_text_encoder(pipeline_cls, source, weights, dtype)
+    return pipeline_cls.from_pretrained(
+        source, dtype=dtype, use_safetensors=True, trust_remote_code=options.trust_remote_code, **kwargs
+    )
 
 
 def parse_dtype(name: str) -> torch.dtype:

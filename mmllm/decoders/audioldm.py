@@ -6,6 +6,12 @@ Parts: ``UNet2DConditionModel`` (conditioned through its *class embedding*, not 
 embedding per prompt, shape ``(D,)``; here it is ``(1, D)`` so every decoder's conditioning is
 ``(tokens, dim)``, and it is reshaped to ``(B, D)`` at the pipeline boundary.
 
+The text encoder may also be a plain sentence encoder without a projection (a BERT such as
+all-MiniLM-L6-v2, as in the toy world): its embedding is then the sentence-transformers one, the
+masked mean of the last hidden state, L2-normalised, of width ``hidden_size``. Any vocoder with
+AudioLDM's call contract (log-mel ``(B, T, mel)`` -> waveform ``(B, samples)``) and config keys
+(``sampling_rate``, ``upsample_rates``, ``model_in_dim``) works, e.g. a Griffin-Lim module.
+
 diffusers 0.42 keeps ``AudioLDMPipeline`` under ``pipelines/deprecated`` (it logs a deprecation
 warning when this decoder first builds its pipeline); it still imports as ``diffusers.AudioLDMPipeline``.
 
@@ -32,6 +38,7 @@ from mmllm.decoders._diffusion import (
     check_conditioning,
     denoising_mse,
     freeze,
+    load_pipeline,
     make_scheduler,
     parse_dtype,
     parse_tiny,
@@ -94,11 +101,12 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
         scheduler: Any,
         options: AudioLDMDecoder.Options,
     ) -> None:
-        dim = text_encoder.config.projection_dim
+        self.text_projection = hasattr(text_encoder.config, "projection_dim")  # CLAP; else mean pooling
+        dim = text_encoder.config.projection_dim if self.text_projection else text_encoder.config.hidden_size
         expected = unet.config.projection_class_embeddings_input_dim
         if unet.config.class_embed_type != "simple_projection" or expected != dim:
             raise ValueError(
-                f"UNet class embedding expects {expected}-d input, CLAP text projection is {dim}-d"
+                f"UNet class embedding expects {expected}-d input, the text embedding is {dim}-d"
             )
         super().__init__((1, dim))
         self.unet, self.vae, self.text_encoder, self.vocoder = unet, vae, text_encoder, vocoder
@@ -143,9 +151,7 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
 
         warn_remote_code(options, "audioldm-audio")
         log.info("loading AudioLDM parts from %s", options.model)
-        pipe = AudioLDMPipeline.from_pretrained(
-            options.model, dtype=dtype, use_safetensors=True, trust_remote_code=options.trust_remote_code
-        )
+        pipe = load_pipeline(AudioLDMPipeline, options, dtype)
         return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.vocoder, pipe.scheduler
 
     @staticmethod
@@ -244,12 +250,25 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
 
     @torch.no_grad()
     def condition(self, captions: list[str]) -> torch.Tensor:
-        """Normalised CLAP text embeddings, ``(B, 1, D)`` (the pipeline's own ``_encode_prompt``)."""
+        """Normalised text embeddings, ``(B, 1, D)``: CLAP's projected embedding (the pipeline's own
+        ``_encode_prompt``) or, for a text encoder without projection, the masked mean pooling."""
         if not captions:
             raise ValueError("condition() needs at least one caption")
         device, _ = self._device_dtype()
-        embeds = self.pipeline._encode_prompt(list(captions), device, 1, False)
-        return embeds[:, None, :]
+        if self.text_projection:
+            embeds = self.pipeline._encode_prompt(list(captions), device, 1, False)
+            return embeds[:, None, :]
+        batch = self.tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).to(device)
+        hidden = self.text_encoder(batch.input_ids, attention_mask=batch.attention_mask)[0]
+        mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)[:, None, :]
 
     def generate(
         self,

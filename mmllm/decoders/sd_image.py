@@ -26,6 +26,7 @@ from mmllm.decoders._diffusion import (
     check_conditioning,
     denoising_mse,
     freeze,
+    load_pipeline,
     make_scheduler,
     parse_dtype,
     parse_tiny,
@@ -122,14 +123,13 @@ class StableDiffusionDecoder(FrozenDiffusionDecoder):
 
         warn_remote_code(options, "sd-image")
         log.info("loading Stable Diffusion parts from %s", options.model)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            options.model,
-            dtype=dtype,
+        pipe = load_pipeline(
+            StableDiffusionPipeline,
+            options,
+            dtype,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
-            use_safetensors=True,
-            trust_remote_code=options.trust_remote_code,
         )
         return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
 

@@ -30,6 +30,7 @@ from mmllm.decoders._diffusion import (
     check_conditioning,
     denoising_mse,
     freeze,
+    load_pipeline,
     make_scheduler,
     parse_dtype,
     parse_tiny,
@@ -141,9 +142,7 @@ class TextToVideoDecoder(FrozenDiffusionDecoder):
 
         warn_remote_code(options, "t2v-video")
         log.info("loading text-to-video parts from %s", options.model)
-        pipe = TextToVideoSDPipeline.from_pretrained(
-            options.model, dtype=dtype, use_safetensors=True, trust_remote_code=options.trust_remote_code
-        )
+        pipe = load_pipeline(TextToVideoSDPipeline, options, dtype)
         return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
 
     @staticmethod
