@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -154,7 +156,9 @@ class LLMCore(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         n_signal = len(signal_strings)
         noise = torch.randn(n_signal, weight.shape[1], generator=gen) * weight.std() * 0.1
-        signal = nn.Parameter((weight[:first].mean(0, keepdim=True) + noise).to(base_emb.weight.dtype))
+        # The new rows are fp32 whatever the core's dtype: a bf16 row would round small AdamW updates
+        # away. The wrappers cast them to the activations' dtype on use.
+        signal = nn.Parameter(weight[:first].mean(0, keepdim=True) + noise)
         head = self.model.get_output_embeddings()
         tied = head is not None and head.weight is base_emb.weight
         self.model.set_input_embeddings(ExtendedEmbedding(base_emb, first, signal, len(placeholder_strings)))
@@ -163,7 +167,7 @@ class LLMCore(nn.Module):
                 head_signal = signal
             else:
                 hw = head.weight.detach().float()
-                head_signal = nn.Parameter((hw[:first].mean(0, keepdim=True) + noise).to(head.weight.dtype))
+                head_signal = nn.Parameter(hw[:first].mean(0, keepdim=True) + noise)
             self.model.set_output_embeddings(ExtendedLMHead(head, first, head_signal))
         # The wrappers own the new rows; nothing may re-tie or resize behind our back.
         self.model.config.tie_word_embeddings = False
@@ -223,10 +227,16 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     real_missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if real_missing or unexpected:
         raise RuntimeError(f"GGUF conversion: missing {real_missing}, unexpected {unexpected}")
-    tmp = out.with_name(out.name + ".tmp")
+    # Per-process temp dir: several ranks of a first multi-GPU run may convert at the same time.
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(out)
+    try:
+        tmp.replace(out)
+    except OSError:
+        if not (out / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
     return out
 
 

@@ -174,7 +174,10 @@ class AnyToAnyModel(nn.Module):
         out = {}
         for group in ("input_projections", "output_projections", "signal_embeddings"):
             for name, p in self.glue_parameters()[group].items():
-                out[name] = p.detach().cpu().contiguous()
+                t = p.detach()
+                if hasattr(t, "full_tensor"):  # an FSDP2 shard: gather (every process must call this)
+                    t = t.full_tensor()
+                out[name] = t.cpu().contiguous()
         return out
 
     def load_learned_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
@@ -224,7 +227,7 @@ class AnyToAnyModel(nn.Module):
                 continue
             if feats is None:
                 raise ValueError(f"{m}: no inputs but {n_slots} placeholder slots in the batch")
-            proj = self.input_projections[m](feats.to(embeds.dtype))
+            proj = self.input_projections[m](feats.to(_dtype_of(self.input_projections[m])))
             if proj.shape[0] * proj.shape[1] != n_slots:
                 raise ValueError(
                     f"{m}: {proj.shape[0]} items x {proj.shape[1]} tokens = {proj.shape[0] * proj.shape[1]} "
@@ -328,7 +331,8 @@ class AnyToAnyModel(nn.Module):
             h, e = self.signal_states(input_ids, hidden, embeds, m)
             if h.shape[0] != len(captions):
                 raise ValueError(f"{m}: {h.shape[0]} signal groups but {len(captions)} target captions")
-            pred = self.output_projections[m](h, e)
+            p_dtype = _dtype_of(self.output_projections[m])
+            pred = self.output_projections[m](h.to(p_dtype), e.to(p_dtype))
             if losses.mse:
                 target = self.signal_targets(m, list(captions), batch.get("signal_targets", {}).get(m))
                 per_group = F.mse_loss(pred.float(), target.to(pred.device).float(), reduction="none")
@@ -367,6 +371,11 @@ class AnyToAnyModel(nn.Module):
         from mmllm.inference.generate import generate
 
         return generate(self, *args, **kwargs)
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    """Projections may run in another dtype than the LLM (fp32 glue on a bf16 core)."""
+    return next(module.parameters()).dtype
 
 
 def describe_json(model: AnyToAnyModel) -> str:

@@ -73,3 +73,23 @@ def test_untied_core_gets_its_own_head_rows(tiny_assembly):
     data["llm"]["tie_word_embeddings"] = False
     model = AnyToAnyModel.assemble(parse_assembly(data))
     assert set(model.llm.signal_parameters()) == {"embed_signal", "head_signal"}
+
+
+def test_a_bf16_core_from_a_local_dir_keeps_fp32_signal_rows(tiny_assembly, tmp_path):
+    """hf-causal-lm from a local dir in bfloat16: the new rows stay fp32 (bf16 would round small
+    updates away), the wrappers cast on use, and fp32 projections accept bf16 activations."""
+    from mmllm.llm import TinyLlama
+
+    core = TinyLlama.from_options(TinyLlama.Options(**tiny_assembly.llm.options))
+    core.model.save_pretrained(tmp_path / "llm")
+    core.tokenizer.save_pretrained(tmp_path / "llm")
+    data = to_dict(tiny_assembly)
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(tmp_path / "llm"), "dtype": "bfloat16"}
+    model = AnyToAnyModel.assemble(parse_assembly(data))
+    assert model.llm.model.get_input_embeddings().base.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.llm.signal_parameters().values())
+    ids = torch.tensor([[5, model.llm.signal_ids["image"][0]]])
+    assert model.llm.embed(ids).dtype == torch.bfloat16
+    h = torch.randn(1, model.config.signal_tokens["image"], model.llm.hidden_size, dtype=torch.bfloat16)
+    proj = model.output_projections["image"]
+    assert proj(h.float()).shape[1:] == model.decoders["image"].conditioning_shape

@@ -59,3 +59,21 @@ def test_two_processes_match_one_process_with_twice_the_batch(stage, sample_data
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=TOLERANCE, msg=k)
     # written once, by the main process: one complete checkpoint per save, no stray temp dirs
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith((".", "step-"))) == ["step-4"]
+
+
+def test_a_process_whose_whole_micro_batch_is_unreadable_does_not_hang(sample_data, tmp_path):
+    """batch_size=1 and a missing file: one rank's micro-batch is empty; it must still join the all-reduce."""
+    data = tmp_path / "mixed.jsonl"
+    good = json.loads(sample_data["pairs"].read_text().splitlines()[0])
+    good["media"] = str(sample_data["pairs"].parent / good["media"])
+    bad = dict(good, id="broken", media=str(tmp_path / "missing.png"))
+    data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "mmllm.cli", "train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"),
+           f"output_dir={tmp_path / 'out'}", "report_to=none", "batch_size=1", "max_steps=3",
+           f"data=[{{path: {data}, format: mmllm-pairs, allow_outside_root: true}}]"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "step-3" / "manifest.json").is_file()
+    assert "skipping sample broken" in proc.stderr

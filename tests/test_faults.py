@@ -119,3 +119,16 @@ def test_unwritable_output_dir_is_reported_before_training(sample_data, tmp_path
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match="cannot write to output_dir"):
         train(stage_cfg("decode-align", sample_data, blocker / "run"))
+
+
+def test_stray_folders_and_bare_manifests_do_not_pass_for_checkpoints(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "step-3")
+    (tmp_path / "step-final-backup").mkdir()
+    (tmp_path / "step-9.bak").mkdir()
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-3"
+    ckpt.prune_checkpoints(tmp_path, keep_last=1)  # must not trip over the strays
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "manifest.json").write_text(json.dumps({"format_version": 1, "files": {}}))
+    with pytest.raises(ckpt.CheckpointError, match="does not list mmllm.json"):
+        ckpt.verify_manifest(bare)

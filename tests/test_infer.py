@@ -238,8 +238,9 @@ def test_per_request_token_limit_and_cut_signal_groups(model):
     a, b = generate_answers(model, [prepare_request(model, r) for r in (short, long)], Settings())
     assert len(a.token_ids) <= 3 and b.token_ids[: len(a.token_ids)] == a.token_ids
     img = model.llm.signal_ids["image"]
-    assert _trim([5, *img, 6, *img[:2]], None, model.llm.signal_ids) == [5, *img, 6]
-    assert _trim([5, *img, 7, 8], 7, model.llm.signal_ids) == [5, *img]
+    assert _trim([5, *img, 6, *img[:2]], [], model.llm.signal_ids) == [5, *img, 6]
+    assert _trim([5, *img, 7, 8], [7], model.llm.signal_ids) == [5, *img]
+    assert _trim([5, 9, *img, 7, 8], [7, 9], model.llm.signal_ids) == [5]  # any end-of-turn id ends it
 
 
 # ------------------------------------------------------------------------------------------ bad inputs

@@ -117,3 +117,9 @@ def test_sampler_is_stateless_and_splits_global_batches_across_ranks():
     assert one == two
     assert MixtureSampler([5, 3], [1.0, 2.0], seed=1).micro_batch(3, 0, 1, 0, 1, 4) == one
     assert MixtureSampler([5, 3], [1.0, 2.0], seed=2).micro_batch(3, 0, 1, 0, 1, 4) != one
+
+
+def test_a_conversation_must_open_with_the_user(tiny_model, spec):
+    conv = Conversation("c", [Message("assistant", "hello"), Message("user", "hi"), Message("assistant", "x")])
+    with pytest.raises(ValueError, match="open with a user turn"):
+        encode_conversation(conv, tiny_model.llm.tokenizer, spec)

@@ -126,6 +126,9 @@ def signal_spans(ids: list[int], spec: TokenSpec) -> list[tuple[int, int]]:
 
 
 def encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> EncodedSample:
+    first_turn = next((m.role for m in conv.messages if m.role != "system"), None)
+    if first_turn != "user":
+        raise ValueError(f"{conv.source}: a conversation must open with a user turn (after any system turn)")
     messages = _template_messages(conv, spec)
     ids: list[int] = []
     labels: list[int] = []

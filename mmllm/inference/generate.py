@@ -230,10 +230,11 @@ def generate_answers(model, batch: list[PreparedRequest], settings: Settings | N
     input_ids, mask = input_ids.to(model.device), mask.to(model.device)
     limits, temperatures, top_ps = zip(*(_resolved(p.request, settings) for p in batch))
     embeds = model.embed_inputs(input_ids, media)
+    eos_ids = end_of_turn_ids(model)
     new = model.llm.model.generate(
         inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask),
         max_new_tokens=max(limits), do_sample=False,
-        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, eos_token_id=eos_ids,
         logits_processor=LogitsProcessorList([
             SignalGroupProcessor(model.llm.signal_ids),
             RowSampler(list(temperatures), list(top_ps), [p.request.seed for p in batch]),
@@ -242,17 +243,26 @@ def generate_answers(model, batch: list[PreparedRequest], settings: Settings | N
     )
     results = []
     for row, limit in zip(new.tolist(), limits):
-        answer = _trim(row[:limit], tok.eos_token_id, model.llm.signal_ids)
+        answer = _trim(row[:limit], eos_ids, model.llm.signal_ids)
         results.append(GenerationResult(text=tok.decode(answer, skip_special_tokens=True).strip(),
                                         token_ids=answer))
     _attach_conditioning(model, batch, results)
     return results
 
 
-def _trim(row: list[int], eos: int | None, signal_ids: dict[str, list[int]]) -> list[int]:
-    """Cut at the first end-of-sequence, then drop a signal group the token limit cut short."""
-    if eos is not None and eos in row:
-        row = row[: row.index(eos)]
+def end_of_turn_ids(model) -> list[int]:
+    """The tokenizer's EOS plus every id the model's generation config ends on (e.g. Llama 3's eot)."""
+    ids = [model.llm.tokenizer.eos_token_id]
+    configured = getattr(getattr(model.llm.model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in ids if i is not None})
+
+
+def _trim(row: list[int], eos: list[int], signal_ids: dict[str, list[int]]) -> list[int]:
+    """Cut at the first end-of-sequence token, then drop a signal group the token limit cut short."""
+    ends = [i for i, t in enumerate(row) if t in eos]
+    if ends:
+        row = row[: ends[0]]
     firsts = {ids[0]: ids for ids in signal_ids.values()}
     for start in range(max(0, len(row) - max((len(v) for v in firsts.values()), default=0)), len(row)):
         ids = firsts.get(row[start])
@@ -287,7 +297,9 @@ def _attach_conditioning(model, batch: list[PreparedRequest], results: list) -> 
                 log.warning("the model emitted %s signal tokens but has no %s decoder; ignored", m, m)
                 continue
             s, k = len(p.ids) + start, len(model.llm.signal_ids[m])
-            cond = model.output_projections[m](hidden[:, s: s + k], embeds[:, s: s + k])
+            proj = model.output_projections[m]
+            p_dtype = next(proj.parameters()).dtype
+            cond = proj(hidden[:, s: s + k].to(p_dtype), embeds[:, s: s + k].to(p_dtype))
             r.conditioning.setdefault(m, []).append(cond[0])
 
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -59,11 +60,24 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def step_dirs(output_dir: Path) -> list[Path]:
+    """``step-N`` folders under ``output_dir``, oldest first (anything else there is ignored)."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("step-*") if (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def write_manifest(root: Path) -> None:
@@ -79,6 +93,9 @@ def verify_manifest(root: Path) -> None:
         files = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as exc:
         raise CheckpointError(f"{manifest}: unreadable manifest ({exc})") from exc
+    for required in (CONFIG_FILE, LEARNED_FILE):
+        if required not in files:
+            raise CheckpointError(f"{manifest}: does not list {required}; this is not a complete mmllm checkpoint")
     for rel, digest in files.items():
         path = root / rel
         if not path.is_file():
@@ -102,6 +119,7 @@ def atomic_dir(final: Path, fill) -> Path:
             old = final.with_name(f".{final.name}.old-{time.time_ns()}")
             final.rename(old)
         tmp.rename(final)
+        _fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -120,10 +138,11 @@ def _token_additions(model) -> dict[str, Any]:
             "placeholder_ids": model.llm.placeholder_ids}
 
 
-def _write_model_files(model, root: Path, extra: dict[str, Any]) -> None:
+def _write_model_files(model, root: Path, extra: dict[str, Any], learned: dict | None = None) -> None:
     meta = {"format_version": FORMAT_VERSION, **model.describe(), "tokens": _token_additions(model), **extra}
     (root / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
-    save_file(model.learned_state_dict(), str(root / LEARNED_FILE), metadata={"format": "pt"})
+    learned = model.learned_state_dict() if learned is None else learned
+    save_file(learned, str(root / LEARNED_FILE), metadata={"format": "pt"})
     if model._peft_model is not None:
         model._peft_model.save_pretrained(str(root / ADAPTER_DIR))
 
@@ -169,9 +188,16 @@ def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify:
 
 
 def attach_adapter(model, adapter_dir: Path, lora_cfg, trainable: bool = False) -> None:
+    model.add_lora(lora_cfg)
+    load_adapter_weights(model, adapter_dir)
+    for p in model.lora_parameters().values():
+        p.requires_grad_(trainable)
+
+
+def load_adapter_weights(model, adapter_dir: Path) -> None:
+    """Load a PEFT adapter's weights into the attached LoRA, strictly."""
     from peft import set_peft_model_state_dict
 
-    model.add_lora(lora_cfg)
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing LoRA weights")
@@ -180,8 +206,19 @@ def attach_adapter(model, adapter_dir: Path, lora_cfg, trainable: bool = False) 
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         raise CheckpointError(f"{weights}: missing {missing[:5]}, unexpected {list(result.unexpected_keys)[:5]}")
-    for p in model.lora_parameters().values():
-        p.requires_grad_(trainable)
+
+
+def load_learned_into(model, directory: Path) -> None:
+    """Verified learned rows, projections and LoRA of ``directory`` into an already built ``model``."""
+    directory = Path(directory)
+    verify_manifest(directory)
+    model.load_learned_state_dict(load_file(str(directory / LEARNED_FILE)), str(directory / LEARNED_FILE))
+    adapter = directory / ADAPTER_DIR
+    if adapter.is_dir() != (model._peft_model is not None):
+        raise CheckpointError(f"{directory}: LoRA adapter present={adapter.is_dir()} but the model's LoRA is "
+                              f"{'on' if model._peft_model is not None else 'off'}")
+    if adapter.is_dir():
+        load_adapter_weights(model, adapter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,8 +261,7 @@ def load_training_state(root: Path, optimizer, scheduler) -> dict[str, Any]:
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete ``step-*`` checkpoint under ``output_dir`` (incomplete ones are skipped)."""
-    candidates = sorted(Path(output_dir).glob("step-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
-    for c in candidates:
+    for c in reversed(step_dirs(output_dir)):
         try:
             verify_manifest(c)
             return c
@@ -255,8 +291,7 @@ def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
         return
     best_file = Path(output_dir) / BEST_FILE
     best = json.loads(best_file.read_text())["checkpoint"] if best_file.is_file() else None
-    steps = sorted(Path(output_dir).glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    for old in steps[:-keep_last]:
+    for old in step_dirs(output_dir)[:-keep_last]:
         if old.name != best:
             shutil.rmtree(old, ignore_errors=True)
 

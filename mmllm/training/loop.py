@@ -9,6 +9,7 @@ learned plus the resolved config and the training state needed for an exact ``--
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -137,18 +138,14 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         if last is None:
             log.warning("--resume: no complete checkpoint under %s; starting from step 0", out_dir)
         else:
-            state = AnyToAnyModel.from_pretrained(last, trainable_lora=True)
-            model.load_learned_state_dict(state.learned_state_dict(), str(last))
-            if state.lora_config is not None:
-                with torch.no_grad():
-                    src = state.lora_parameters()
-                    for name, p in model.lora_parameters().items():
-                        p.copy_(src[name])
+            ckpt.load_learned_into(model, last)  # the files only: no second copy of the model
             progress = ckpt.load_training_state(last, optimizer, scheduler)
             start_step, losses, skipped = progress["step"], progress.get("losses", []), progress.get("skipped", 0)
             log.info("resumed from %s at step %d", last, start_step)
 
     model, optimizer = accelerator.prepare(model, optimizer)
+    # FSDP replaces parameters with sharded ones: look them up again after prepare.
+    params = [p for p in model.parameters() if p.requires_grad]
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers(f"{cfg.stage}", config=_flat(to_dict(cfg)))
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -159,6 +156,8 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     parts_keys = _part_keys(_unwrap(accelerator, model))
     nonfinite_in_row, since_save = 0, []
     model.train()
+    _freeze_dropout(_unwrap(accelerator, model))
+    fallback: dict[str, Any] | None = None
     for step in bar:
         batches = []
         for micro in range(cfg.grad_accum):
@@ -168,21 +167,40 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         normalizers = _global_counts(accelerator, batches, parts_keys)
         optimizer.zero_grad(set_to_none=True)
         step_loss, parts = torch.zeros((), device=accelerator.device), {}
-        for batch in batches:
-            if "input_ids" in batch:
-                batch["step"] = step
+        for micro, batch in enumerate(batches):
+            empty = "input_ids" not in batch
+            if empty:
+                # Every sample of this micro-batch was unreadable. Run a real forward with zero weight
+                # so that, under DDP, this process still joins the gradient all-reduce.
+                fallback = fallback or _first_readable_batch(datasets, pad_id)
+                batch = fallback
+            else:
+                fallback = batch
+            batch["step"] = step
+            sync = micro == len(batches) - 1
+            with contextlib.ExitStack() as stack:
+                if not sync:  # accumulate locally; all-reduce once per optimiser step
+                    stack.enter_context(accelerator.no_sync(model))
                 with accelerator.autocast():
                     out = model(batch, cfg.losses, normalizers)
                 # DDP averages gradients over processes; the normalizers already span them all.
-                loss = out["loss"] * world
-            else:  # every sample of this micro-batch was unreadable: a zero step keeps processes in lockstep
-                out, loss = {}, sum(p.sum() * 0.0 for p in params)
-            accelerator.backward(loss)
+                loss = out["loss"] * (0.0 if empty else world)
+                accelerator.backward(loss)
+            if empty:
+                continue
             step_loss += loss.detach().float() / world
             for k, v in out.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach())
         step_loss = float(accelerator.reduce(step_loss, "sum"))
-        if not _all_finite(accelerator, step_loss, params):
+        scaler = accelerator.scaler  # fp16: gradients are scaled until unscaled here
+        if scaler is not None:
+            accelerator.unscale_gradients()
+        if scaler is not None and math.isfinite(step_loss) and not _all_finite(accelerator, step_loss, params):
+            # An fp16 overflow: normal while the loss scale settles. Skip, lower the scale, go on.
+            optimizer.zero_grad(set_to_none=True)
+            scaler.update()
+            log.info("step %d: fp16 gradient overflow; step skipped, loss scale now %s", step + 1, scaler.get_scale())
+        elif not _all_finite(accelerator, step_loss, params):
             nonfinite_in_row += 1
             optimizer.zero_grad(set_to_none=True)
             ids = [i for b in batches for i in b["ids"]]
@@ -196,7 +214,10 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         else:
             nonfinite_in_row = 0
             if cfg.optim.max_grad_norm:
-                accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                if scaler is not None:  # already unscaled above; accelerate would unscale twice
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+                else:
+                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
             optimizer.step()
         scheduler.step()
         losses.append(step_loss)
@@ -237,6 +258,24 @@ def _has_accelerator_device() -> bool:
     return bool(torch.cuda.is_available() or (mps and mps.is_available()) or (xpu and xpu.is_available()))
 
 
+def _freeze_dropout(model: AnyToAnyModel) -> None:
+    """The frozen LLM's own dropout stays off (LoRA's dropout lives in its own modules and stays on):
+    its hidden states must be a function of the input, as the decode-align cache assumes."""
+    for name, module in model.llm.model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "lora_" not in name:
+            module.eval()
+
+
+def _first_readable_batch(datasets: list[StageDataset], pad_id: int) -> dict[str, Any]:
+    """A deterministic stand-in batch (the first readable sample) for a micro-batch with none."""
+    for ds in datasets:
+        for i in range(len(ds)):
+            batch = collate([ds[i]], pad_id)
+            if "input_ids" in batch:
+                return batch
+    raise ValueError("no sample of any dataset can be read; see the warnings above")
+
+
 def _part_keys(model: AnyToAnyModel) -> list[str]:
     return ["ce"] + [f"{kind}_{m}" for m in sorted(model.decoders) for kind in ("mse", "denoise")]
 
@@ -267,12 +306,13 @@ def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> b
 
 def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped, metric) -> None:
     accelerator.wait_for_everyone()
+    inner = _unwrap(accelerator, model)
+    learned = inner.learned_state_dict()  # on every process: gathers sharded (FSDP) parameters
     if accelerator.is_main_process:
-        inner = _unwrap(accelerator, model)
         extra = ckpt.stage_meta(cfg) | {"step": step, "metric": metric}
 
         def fill(tmp: Path) -> None:
-            ckpt._write_model_files(inner, tmp, extra)
+            ckpt._write_model_files(inner, tmp, extra, learned)
             ckpt.save_training_state(tmp, optimizer, scheduler, step, {"losses": losses, "skipped": skipped})
 
         path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
