@@ -195,25 +195,30 @@ def _block_types(config: UNetConfig, suffix: str) -> tuple[tuple[str, ...], tupl
     return down, up
 
 
+def _unet_kwargs(config: UNetConfig, latent_channels: int, suffix: str) -> dict[str, Any]:
+    """What the three denoisers share: sizes, block layout, heads (diffusers reads
+    ``attention_head_dim`` as the number of heads), normalisation groups."""
+    down, up = _block_types(config, suffix)
+    return dict(
+        sample_size=config.sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        block_out_channels=tuple(config.channels),
+        layers_per_block=config.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        attention_head_dim=config.heads,
+        norm_num_groups=config.norm_groups,
+    )
+
+
 def build_image_unet(config: UNetConfig, latent_channels: int, seed: int) -> nn.Module:
     """Stable Diffusion's UNet, cross-attending to MiniLM token embeddings (384-d)."""
     from diffusers import UNet2DConditionModel
 
-    down, up = _block_types(config, "2D")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet2DConditionModel(
-            sample_size=config.sample_size,
-            in_channels=latent_channels,
-            out_channels=latent_channels,
-            block_out_channels=tuple(config.channels),
-            layers_per_block=config.layers_per_block,
-            down_block_types=down,
-            up_block_types=up,
-            cross_attention_dim=TEXT_DIM,
-            attention_head_dim=config.heads,  # diffusers reads this as the number of heads
-            norm_num_groups=config.norm_groups,
-        )
+        return UNet2DConditionModel(**_unet_kwargs(config, latent_channels, "2D"), cross_attention_dim=TEXT_DIM)
 
 
 def build_audio_unet(config: UNetConfig, latent_channels: int, seed: int) -> nn.Module:
@@ -221,20 +226,11 @@ def build_audio_unet(config: UNetConfig, latent_channels: int, seed: int) -> nn.
     time embedding); its attention blocks attend within the latent (no encoder states)."""
     from diffusers import UNet2DConditionModel
 
-    down, up = _block_types(config, "2D")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DConditionModel(
-            sample_size=config.sample_size,
-            in_channels=latent_channels,
-            out_channels=latent_channels,
-            block_out_channels=tuple(config.channels),
-            layers_per_block=config.layers_per_block,
-            down_block_types=down,
-            up_block_types=up,
+            **_unet_kwargs(config, latent_channels, "2D"),
             cross_attention_dim=tuple(config.channels),
-            attention_head_dim=config.heads,
-            norm_num_groups=config.norm_groups,
             class_embed_type="simple_projection",
             projection_class_embeddings_input_dim=TEXT_DIM,
             class_embeddings_concat=True,
@@ -245,21 +241,9 @@ def build_video_unet(config: UNetConfig, latent_channels: int, seed: int) -> nn.
     """ModelScope text-to-video's UNet3D (temporal convolutions and attention), x-attn on MiniLM tokens."""
     from diffusers import UNet3DConditionModel
 
-    down, up = _block_types(config, "3D")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return UNet3DConditionModel(
-            sample_size=config.sample_size,
-            in_channels=latent_channels,
-            out_channels=latent_channels,
-            block_out_channels=tuple(config.channels),
-            layers_per_block=config.layers_per_block,
-            down_block_types=down,
-            up_block_types=up,
-            cross_attention_dim=TEXT_DIM,
-            attention_head_dim=config.heads,
-            norm_num_groups=config.norm_groups,
-        )
+        return UNet3DConditionModel(**_unet_kwargs(config, latent_channels, "3D"), cross_attention_dim=TEXT_DIM)
 
 
 def inference_scheduler() -> Any:
