@@ -18,7 +18,6 @@ placeholders ``<image>``, ``<audio>``, ``<video>``. Placeholders are never predi
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmllm.config import MODALITIES, ConfigError
+from mmllm.locations import resolve_location
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +41,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def signal_token_strings(modality: str, count: int) -> list[str]:
     return [f"<{SIGNAL_PREFIX[modality]}_{i}>" for i in range(count)]
-
-
-def resolve_location(value: str) -> Path:
-    """A path, or ``pkg:PACKAGE/relative/path`` for files shipped inside an installed wheel."""
-    if value.startswith("pkg:"):
-        package, _, rel = value[4:].partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ConfigError(f"{value}: package {package!r} is not installed (run `make setup`)")
-        return Path(list(spec.submodule_search_locations)[0]) / rel
-    return Path(value).expanduser()
 
 
 class ExtendedEmbedding(nn.Module):

@@ -241,7 +241,7 @@ def test_video_decoder_starts_from_the_image_unet(ctx):
 
 
 def test_shipped_entries_parse_against_their_kinds():
-    data = read_yaml(REPO / "configs" / "toyworld" / "assembly_parts.yaml")
+    data = read_yaml(REPO / "configs" / "assemblies" / "default.yaml")
     generated = P.assembly_entries(Path("/weights"))
     for table, section in (("encoder", "encoders"), ("decoder", "decoders")):
         for modality, entry in data[section].items():

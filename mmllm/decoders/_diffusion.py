@@ -29,6 +29,7 @@ from torch import nn
 
 from mmllm.config import ConfigError, from_dict
 from mmllm.decoders.base import MediaDecoder
+from mmllm.locations import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +92,6 @@ class DiffusionOptions:
                 f"unknown scheduler_prediction_type {self.scheduler_prediction_type!r}; "
                 f"valid: {', '.join(PREDICTION_TYPES)}"
             )
-
-
-def resolve_source(value: str) -> str:
-    """``package:<module>/<sub/dir>`` -> that folder inside the installed Python package ``<module>``
-    (found with importlib, never imported); anything else (hub id, path) is returned unchanged."""
-    if not value.startswith("package:"):
-        return value
-    module, _, sub = value[len("package:") :].partition("/")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"{value}: no installed Python package named {module!r}")
-    path = Path(next(iter(spec.submodule_search_locations))) / sub
-    if not path.exists():
-        raise ConfigError(f"{value}: {path} does not exist")
-    return str(path)
 
 
 def _model_index(pipeline_cls: type, source: str) -> dict[str, Any]:

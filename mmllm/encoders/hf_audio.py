@@ -48,6 +48,7 @@ from torch import nn
 from mmllm.config import ConfigError
 from mmllm.data.media import Audio, resample
 from mmllm.encoders.base import MediaEncoder
+from mmllm.locations import resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -553,7 +554,7 @@ def _check_extractor_keys(cls: type, kwargs: dict[str, Any], where: str) -> None
 
 
 def _load(family: type[_Tower], options: HFAudioEncoder.Options, prefix: str) -> tuple[_Tower, Any]:
-    name = options.model
+    name = resolve_source(options.model)
     try:
         tower = family.load(name, options.trust_remote_code)
         extractor = family.extractor_class().from_pretrained(

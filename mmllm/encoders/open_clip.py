@@ -8,7 +8,8 @@ Only the vision tower is kept; the text tower is dropped right after the model i
 
 The architecture comes from one of:
 
-* ``model_name``: an open_clip architecture (``ViT-B-32``), ``hf-hub:org/repo`` or ``local-dir:/path``;
+* ``model_name``: an open_clip architecture (``ViT-B-32``), ``hf-hub:org/repo``, ``local-dir:/path`` or
+  ``local-dir:package:module/sub/dir`` (a folder shipped inside an installed package);
   ``pretrained`` is then an open_clip tag (``laion2b_s34b_b79k``) or a checkpoint file;
 * ``model_config``: an in-process config in the format of open_clip's ``model_configs/*.json``
   (``embed_dim``, ``vision_cfg``, ``text_cfg``); ``pretrained`` may then name a checkpoint file.
@@ -45,6 +46,7 @@ from torch import nn
 
 from mmllm.config import ConfigError
 from mmllm.encoders.base import MediaEncoder
+from mmllm.locations import is_package_path, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +201,12 @@ def _create_clip(options: OpenClipImageEncoder.Options, prefix: str) -> nn.Modul
         "pretrained_text": False,  # never fetch text-tower weights: the text tower is dropped
     }
     if options.model_config is None:
+        name = options.model_name
+        if name.startswith("local-dir:") and is_package_path(name[len("local-dir:"):]):
+            name = "local-dir:" + resolve_source(name[len("local-dir:"):])
+        pretrained = resolve_source(options.pretrained) if options.pretrained else options.pretrained
         try:
-            return open_clip.create_model(options.model_name, pretrained=options.pretrained, **kwargs)
+            return open_clip.create_model(name, pretrained=pretrained, **kwargs)
         except Exception as exc:  # open_clip raises RuntimeError / ValueError / FileNotFoundError / HF errors
             known_arch = options.model_name.replace("/", "-") in open_clip.list_models()
             what = "pretrained" if options.pretrained and known_arch else "model_name"

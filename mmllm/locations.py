@@ -1,0 +1,40 @@
+"""Where shipped files live: ``package:<module>/<sub/path>`` names a path inside an installed Python
+package (found with importlib, never imported), so configs work from any working directory and in
+any install (editable or wheel). ``pkg:`` is accepted as a short alias. Anything else is returned
+unchanged (a hub id or an ordinary path)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from mmllm.config import ConfigError
+
+PREFIXES = ("package:", "pkg:")
+
+
+def is_package_path(value: str) -> bool:
+    return value.startswith(PREFIXES)
+
+
+def package_path(value: str, must_exist: bool = True) -> Path:
+    """``package:module/sub/path`` -> the absolute path inside the installed package ``module``."""
+    prefix = next(p for p in PREFIXES if value.startswith(p))
+    module, _, sub = value[len(prefix) :].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"{value}: no installed Python package named {module!r} (run `make setup`)")
+    path = Path(next(iter(spec.submodule_search_locations))) / sub
+    if must_exist and not path.exists():
+        raise ConfigError(f"{value}: {path} does not exist")
+    return path
+
+
+def resolve_source(value: str) -> str:
+    """A ``package:`` path -> its absolute path as a string; anything else unchanged."""
+    return str(package_path(value)) if is_package_path(value) else value
+
+
+def resolve_location(value: str) -> Path:
+    """A ``package:`` path or a local path (``~`` expanded) -> a Path (need not exist)."""
+    return package_path(value, must_exist=False) if is_package_path(value) else Path(value).expanduser()
