@@ -1,11 +1,11 @@
-# mmllm: `make demo` runs the built-in demo offline; `make test` runs the fast tests.
+# mmllm: `make demo` runs the embedded default offline; `make test` runs the fast tests.
 # Both install what they need first (into the current Python; use a venv if you prefer one).
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-browser lint demo clean
+.PHONY: setup test test-slow test-browser lint demo demo-tiny eval world-report train-default clean
 
 setup: .setup-stamp
 
@@ -31,6 +31,20 @@ lint: setup
 
 demo: setup
 	$(PYTHON) -m mmllm.cli demo --output outputs
+
+demo-tiny: setup
+	$(PYTHON) -m mmllm.cli demo --tiny --output outputs/tiny
+
+# The embedded default's quality numbers (README "The embedded default").
+eval: setup
+	$(PYTHON) -m mmllm.cli eval --output outputs/eval
+
+world-report: setup
+	$(PYTHON) -m mmllm.cli world report --output outputs/world-report
+
+# Retrain the default's glue (about 1 h on 2 CPU cores; resumable).
+train-default: setup
+	scripts/train_default.sh
 
 clean:
 	rm -rf outputs runs .setup-stamp .pytest_cache

@@ -148,19 +148,24 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmllm.training.checkpoint import export_merged
+    from mmllm.training.checkpoint import export_merged, export_weights_only
 
-    if not args.merge_lora:
-        raise SystemExit("export currently writes merged copies only: pass --merge-lora")
-    path = export_merged(Path(args.checkpoint), Path(args.output))
-    log.info("wrote merged model to %s", path)
+    if args.merge_lora:
+        if args.dtype != "float32":
+            raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
+        path = export_merged(Path(args.checkpoint), Path(args.output))
+        log.info("wrote merged model to %s", path)
+    else:
+        path = export_weights_only(Path(args.checkpoint), Path(args.output), args.dtype,
+                                   Path(args.assembly) if args.assembly else None)
+        log.info("wrote the learned weights (%s, no training state) to %s", args.dtype, path)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmllm.demo import run_demo
 
-    return run_demo(Path(args.output), quick=args.quick)
+    return run_demo(Path(args.output), quick=args.quick, tiny=args.tiny)
 
 
 def _stage_model(args: argparse.Namespace):
@@ -216,6 +221,63 @@ def cmd_world(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_world_data(args: argparse.Namespace) -> int:
+    """``mmllm world data``: the three stages' training data, rendered from the world's training combinations."""
+    from mmllm.toyworld.stage_data import StageDataOptions, write_stage_data
+
+    plain = Path(args.plain) if args.plain else None
+    if plain is not None and not plain.is_file():
+        raise SystemExit(f"--plain {plain}: not found (make it with `mmllm world distil --out {plain}`)")
+    counts = write_stage_data(StageDataOptions(out=Path(args.out), seed=args.seed, plain_answers=plain))
+    for name, n in counts.items():
+        print(f"{name:>14}  {n}")
+    return 0
+
+
+def cmd_world_distil(args: argparse.Namespace) -> int:
+    """``mmllm world distil``: the base LLM's own answers to the plain-chat prompts (instruct-stage data)."""
+    from mmllm.config import load_assembly
+    from mmllm.registry import build
+    from mmllm.toyworld.chat_prompts import TRAIN
+    from mmllm.toyworld.stage_data import distil_plain_chat
+
+    assembly = load_assembly(args.assembly)
+    core = build("llm", assembly.llm, "llm")
+    records = distil_plain_chat(core, TRAIN, Path(args.out), max_new_tokens=args.max_new_tokens)
+    log.info("wrote %d answers to %s", len(records), args.out)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``mmllm eval``: x2t, t2x (vs the oracle), routing and text retention of a toy-world model."""
+    from mmllm.model import AnyToAnyModel
+    from mmllm.toyworld.judges import Judge
+    from mmllm.toyworld.model_eval import EvalOptions, format_eval, run_eval
+    from mmllm.toyworld.parts import shipped_dir
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_dir() / "default-glue"
+    if not checkpoint.is_dir():
+        raise SystemExit(f"--checkpoint {checkpoint}: not a directory (train one with scripts/train_default.sh)")
+    parts = Path(args.parts) if args.parts else shipped_dir()
+    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    judges = {m: Judge.load(parts / f"judge-{m}") for m in modalities if (parts / f"judge-{m}").is_dir()}
+    torch_threads(args.threads)
+    model = AnyToAnyModel.from_pretrained(checkpoint)
+    options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size,
+                          steps=args.steps, guidance=args.guidance, modalities=modalities, seed=args.seed)
+    report = run_eval(model, judges, options)
+    print(format_eval(report))
+    log.info("wrote %s", Path(args.output) / "eval.json")
+    return 0
+
+
+def torch_threads(n: int | None) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmllm", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -261,15 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fail-fast", action="store_true", help="stop at the first failed request")
     r.set_defaults(fn=cmd_infer)
 
-    e = sub.add_parser("export", help="write a copy with the LoRA adapter merged into the LLM")
+    e = sub.add_parser("export", help="write an inference copy: learned weights only (optionally fp16), or the "
+                                      "LLM with the LoRA adapter merged in (--merge-lora)")
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--output", required=True)
-    e.add_argument("--merge-lora", action="store_true")
+    e.add_argument("--merge-lora", action="store_true", help="merge LoRA into the LLM and save the LLM with it")
+    e.add_argument("--dtype", default="float32", help="weights-only copy: float32, float16 or bfloat16")
+    e.add_argument("--assembly", help="weights-only copy: record this assembly YAML instead of the checkpoint's")
     e.set_defaults(fn=cmd_export)
 
-    d = sub.add_parser("demo", help="run the built-in demo end to end, offline")
+    d = sub.add_parser("demo", help="the embedded default answering requests in every direction, offline")
     d.add_argument("--output", default="outputs")
-    d.add_argument("--quick", action="store_true", help="fewer steps (for tests)")
+    d.add_argument("--tiny", action="store_true", help="the wiring demo: train the tiny random assembly, then answer")
+    d.add_argument("--quick", action="store_true", help="with --tiny: 4 steps per stage (for tests)")
     d.set_defaults(fn=cmd_demo)
 
     data = sub.add_parser("data", help="inspect a stage's data").add_subparsers(dest="data_command", required=True)
@@ -286,6 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu")
     c.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. cache.dir=PATH")
     c.set_defaults(fn=cmd_cache)
+    ev = sub.add_parser("eval", help="x2t / t2x accuracy vs the oracle, routing and text perplexity of a "
+                                     "model on the toy world's parts (default: the shipped default)")
+    ev.add_argument("--checkpoint", help="a checkpoint directory (default: the shipped default glue)")
+    ev.add_argument("--parts", help="folder holding the judges (default: the shipped mmllm/toyworld/weights)")
+    ev.add_argument("--output", default="outputs/eval")
+    ev.add_argument("--items", type=int, default=48, help="items per modality and split")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--modalities", default="image,audio,video")
+    ev.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
+    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(fn=cmd_eval)
+
     w = sub.add_parser("world", help="the toy world: measure its pretrained parts")
     wsub = w.add_subparsers(dest="world_command", required=True)
     wr = wsub.add_parser("report", help="judge, retrieval and oracle-decoder accuracy, seen vs held-out")
@@ -298,6 +378,16 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     wr.add_argument("--seed", type=int, default=0)
     wr.set_defaults(fn=cmd_world)
+    wd = wsub.add_parser("data", help="write the default's stage data (media + JSONL) from the world's training combos")
+    wd.add_argument("--out", required=True)
+    wd.add_argument("--plain", help="distilled plain chat JSONL (from `mmllm world distil`) to mix in")
+    wd.add_argument("--seed", type=int, default=0)
+    wd.set_defaults(fn=cmd_world_data)
+    wl = wsub.add_parser("distil", help="the base LLM's greedy answers to the plain-chat prompts -> JSONL")
+    wl.add_argument("--assembly", default=str(Path(__file__).resolve().parent.parent / "configs/assemblies/default.yaml"))
+    wl.add_argument("--out", required=True)
+    wl.add_argument("--max-new-tokens", type=int, default=128)
+    wl.set_defaults(fn=cmd_world_distil)
     return p
 
 

@@ -314,6 +314,9 @@ STAGE_DEFAULT_TRAINABLE: dict[str, dict[str, bool]] = {
 class LossConfig:
     ce: float = 1.0  # next-token cross-entropy on answer/caption/signal tokens
     mse: float = 1.0  # output projection vs the decoder's own conditioning of the caption
+    # divide each group's squared error by its target's mean square: decoders whose conditioning is
+    # small (a unit-norm sentence embedding: ~1/D per element) then weigh as much as token-level ones
+    mse_relative: bool = False
     denoise: float = 0.0  # diffusion loss through the frozen UNet (needs target media)
 
 

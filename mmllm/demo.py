@@ -1,18 +1,25 @@
 """``mmllm demo``: the whole data path end to end, offline, on this machine.
 
-Until the embedded default (a real LLM core with the toy world's pretrained parts) ships, the demo
-runs the tiny assembly: it trains the three stages on the shipped sample data
-(``data/samples``), then answers ``data/samples/requests.jsonl`` -- text to image/audio/video and
-image/audio/video to text -- writing media files, ``results.jsonl`` and ``index.html`` under the
-output folder. The tiny parts have random weights, so the outputs show the plumbing, not quality.
+The default demo loads the embedded default -- the real SmolLM2-135M-Instruct core, the toy world's
+pretrained encoders and diffusion decoders, and the glue trained by ``scripts/train_default.sh``
+(``mmllm/toyworld/weights/default-glue``) -- renders a few input media from the toy world, and
+answers a batch of requests covering every direction (text -> image / sound / clip, image / sound /
+clip -> text, image -> clip, text -> image + sound, a multi-turn dialogue, plain chat). It writes the
+media, ``results.jsonl`` and ``index.html`` under the output folder.
+
+``--tiny`` runs the wiring demo instead: it trains the three stages of the tiny random assembly on
+the shipped sample data (``data/samples``) in seconds and answers ``data/samples/requests.jsonl``;
+its outputs show the plumbing, not quality.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from mmllm.config import load_stage
+from mmllm.data.media import save_audio, save_image, save_video
 from mmllm.inference.runner import run_requests
 from mmllm.model import AnyToAnyModel
 from mmllm.training.loop import train
@@ -21,14 +28,75 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("encode_align", "decode_align", "instruct")
+DEMO_SEED = 2026
+
+# The inputs: one item of a seen combination per modality, rendered from the world.
+INPUTS = {
+    "image": ("inputs/blue-square.png", {"colour": "blue", "shape": "square", "size": "large", "position": "top-left"}),
+    "audio": ("inputs/high-buzzy.wav", {"pitch": "high", "timbre": "buzzy", "rhythm": "double"}),
+    "video": ("inputs/orange-triangle.gif", {"colour": "orange", "shape": "triangle", "direction": "up"}),
+}
+REQUESTS = [
+    {"id": "text-to-image", "prompt": "Draw a small purple triangle in the bottom right corner."},
+    {"id": "text-to-audio", "prompt": "Make a sound: a low bright tone beeping four times"},
+    {"id": "text-to-video", "prompt": "Show a clip of a green square moving up."},
+    {"id": "image-to-text", "prompt": "<image>\nDescribe this image.", "media": [INPUTS["image"][0]]},
+    {"id": "audio-to-text", "prompt": "<audio>\nWhat do you hear?", "media": [INPUTS["audio"][0]]},
+    {"id": "video-to-text", "prompt": "<video>\nWhat happens in this clip?", "media": [INPUTS["video"][0]]},
+    {"id": "image-to-video", "prompt": "<image>\nMake a video of the shape in this picture moving down.",
+     "media": [INPUTS["image"][0]]},
+    {"id": "text-to-image-and-audio",
+     "prompt": "Draw a large red circle in the middle. Also, make a sound: a medium pure tone held steadily"},
+    {"id": "dialogue", "messages": [
+        {"role": "user", "content": "Draw a small yellow cross in the top right corner."},
+        {"role": "assistant", "content": "Here is a picture of a small yellow cross in the top right corner."},
+        {"role": "user", "content": "Now make a sound: a high pure tone held steadily"}]},
+    {"id": "plain-chat", "prompt": "What is the capital of Spain?"},
+]
 
 
-def run_demo(out: Path, quick: bool = False) -> int:
+def shipped_default() -> Path:
+    from mmllm.toyworld.parts import shipped_dir
+
+    return shipped_dir() / "default-glue"
+
+
+def write_default_requests(out: Path) -> Path:
+    """Render the demo's input media from the toy world and write its requests file under ``out``."""
+    from mmllm.toyworld.world import World
+
+    world = World()
+    for modality, (rel, attributes) in INPUTS.items():
+        media = world.render(modality, attributes, DEMO_SEED)
+        {"image": save_image, "audio": save_audio, "video": save_video}[modality](media, out / rel)
+    path = out / "requests.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
+    return path
+
+
+def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> int:
+    out = out.resolve()
+    if tiny:
+        return run_tiny_demo(out, quick)
+    checkpoint = shipped_default()
+    if not checkpoint.is_dir():
+        log.warning("the embedded default's trained glue is not installed (%s; scripts/train_default.sh makes "
+                    "it): running the tiny wiring demo instead", checkpoint)
+        return run_tiny_demo(out, quick)
+    log.info("demo: loading the embedded default (SmolLM2-135M-Instruct + the toy world's parts) from %s",
+             checkpoint)
+    model = AnyToAnyModel.from_pretrained(checkpoint)
+    requests = write_default_requests(out)
+    counts = run_requests(model, requests, out, batch_size=len(REQUESTS), checkpoint=checkpoint,
+                          seed=DEMO_SEED, max_new_tokens=64)
+    return _finish(out, counts)
+
+
+def run_tiny_demo(out: Path, quick: bool = False) -> int:
     configs = REPO / "configs" / "stages" / "tiny"
     requests = REPO / "data" / "samples" / "requests.jsonl"
     if not configs.is_dir() or not requests.is_file():
-        raise SystemExit(f"the demo needs the repository's configs/ and data/ next to the package ({REPO})")
-    out = out.resolve()
+        raise SystemExit(f"the tiny demo needs the repository's configs/ and data/ next to the package ({REPO})")
     previous = None
     for name in STAGES:
         overrides = [f"output_dir={out / 'runs' / name}", "report_to=none"]
@@ -43,6 +111,15 @@ def run_demo(out: Path, quick: bool = False) -> int:
         previous = result.final_checkpoint
     model = AnyToAnyModel.from_pretrained(previous)
     counts = run_requests(model, requests, out, batch_size=4, checkpoint=previous)
+    return _finish(out, counts)
+
+
+def _finish(out: Path, counts: dict) -> int:
     log.info("demo: %(done)d requests answered, %(failed)d failed", counts)
+    for line in (out / "results.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        media = ", ".join(Path(f).name for f in rec.get("files", []))
+        log.info("  %-24s %s%s", rec["id"], (rec.get("text") or rec.get("error") or "")[:90],
+                 f"  [{media}]" if media else "")
     log.info("demo: open %s", out / "index.html")
     return 0 if counts["failed"] == 0 else 1

@@ -335,8 +335,11 @@ class AnyToAnyModel(nn.Module):
             pred = self.output_projections[m](h.to(p_dtype), e.to(p_dtype))
             if losses.mse:
                 target = self.signal_targets(m, list(captions), batch.get("signal_targets", {}).get(m))
-                per_group = F.mse_loss(pred.float(), target.to(pred.device).float(), reduction="none")
-                out[f"mse_{m}"] = per_group.flatten(1).mean(1).sum() / norm(f"mse_{m}", len(captions))
+                target = target.to(pred.device).float()
+                per_group = F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
+                if losses.mse_relative:  # scale-free: each group's error over its target's mean square
+                    per_group = per_group / target.pow(2).flatten(1).mean(1).clamp(min=1e-12)
+                out[f"mse_{m}"] = per_group.sum() / norm(f"mse_{m}", len(captions))
                 total = total + losses.mse * out[f"mse_{m}"]
             media = batch.get("signal_media", {}).get(m)
             if losses.denoise and media and all(x is not None for x in media):

@@ -168,3 +168,21 @@ def test_denoising_loss_trains_the_output_projection_through_the_frozen_unet(sam
     grads = [p.grad for p in model.output_projections["image"].parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for p in model.decoders.parameters())
+
+
+def test_relative_mse_divides_each_group_by_its_target_power(sample_data, tmp_path):
+    cfg = stage_cfg("decode-align", sample_data, tmp_path)
+    model = build_model(cfg)
+    per, _, _ = load_stage_records(cfg.data, cfg.stage)
+    pre = {m: e.preprocess for m, e in model.encoders.items()}
+    ds = StageDataset(per[0], model.llm.tokenizer, token_spec(model), pre)
+    sample = next(s for s in (ds[i] for i in range(len(ds))) if isinstance(s, dict) and s["outputs"])
+    batch = collate([sample], model.llm.tokenizer.pad_token_id)
+    (modality, captions), = [(m, c) for m, c in batch["signal_captions"].items() if c]
+    model.eval()
+    with torch.no_grad():
+        absolute = model(batch, cfg.losses)[f"mse_{modality}"]
+        cfg.losses.mse_relative = True
+        relative = model(batch, cfg.losses)[f"mse_{modality}"]
+        power = model.decoders[modality].condition(list(captions)).float().pow(2).mean()
+    torch.testing.assert_close(relative, absolute / power, rtol=1e-5, atol=0)

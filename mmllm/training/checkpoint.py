@@ -325,6 +325,45 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
     return atomic_dir(out, fill)
 
 
+def export_weights_only(checkpoint: Path, out: Path, dtype: str = "float32", assembly: Path | None = None) -> Path:
+    """A copy for inference and shipping: config, learned weights and adapter, no training state,
+    floating-point tensors cast to ``dtype`` (they are cast back to the model's dtype on load).
+    ``assembly`` (a YAML) replaces the recorded assembly, e.g. to point at parts that moved or at
+    the shipped decoders after training with stand-ins; the learned weights must fit it (checked
+    on load). The source checkpoint is verified first; the copy gets its own manifest."""
+    from mmllm.config import load_assembly
+
+    checkpoint = Path(checkpoint)
+    verify_manifest(checkpoint)
+    new_assembly = to_dict(load_assembly(assembly)) if assembly is not None else None
+    target = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
+    if target is None:
+        raise ConfigError(f"--dtype {dtype!r}: use float32, float16 or bfloat16")
+
+    def cast(src: Path, dst: Path) -> None:
+        state = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(str(src)).items()}
+        save_file(state, str(dst), metadata={"format": "pt"})
+
+    def fill(tmp: Path) -> None:
+        meta = read_meta(checkpoint)
+        meta["exported_from"] = {"checkpoint": str(checkpoint), "dtype": dtype}
+        if new_assembly is not None:
+            meta["exported_from"]["assembly"] = str(assembly)
+            meta["assembly"] = new_assembly
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        cast(checkpoint / LEARNED_FILE, tmp / LEARNED_FILE)
+        adapter = checkpoint / ADAPTER_DIR
+        if adapter.is_dir():
+            (tmp / ADAPTER_DIR).mkdir()
+            for f in adapter.iterdir():
+                if f.name == "adapter_model.safetensors":
+                    cast(f, tmp / ADAPTER_DIR / f.name)
+                elif f.is_file():
+                    shutil.copy2(f, tmp / ADAPTER_DIR / f.name)
+
+    return atomic_dir(Path(out), fill)
+
+
 def _base_tokenizer(llm):
     """The tokenizer without mmllm's additions (they are re-added, with the same ids, on load)."""
     import copy

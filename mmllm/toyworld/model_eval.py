@@ -1,0 +1,268 @@
+"""``mmllm eval``: how well an assembled model built on the toy world's parts works, seen vs held-out.
+
+Measured on items of the world's *seen* (training) and *held-out* combinations, per modality:
+
+* ``x2t`` -- media -> text: the model describes a true item; :func:`read_attributes` reads every
+  attribute back from the text (exactly one value named per attribute, or it is wrong);
+* ``t2x`` -- text -> media: the model is asked for the canonical caption's media; the first signal
+  group of that modality is decoded and the world's judge reads it back. Next to it, the oracle:
+  the same decoder given the caption's own conditioning (as in ``mmllm world report``), on the same
+  items and seeds, and the ratio of the two. A request that emits no group of that modality scores 0;
+* ``routing`` -- the right signal groups are emitted exactly when media is asked for, and no
+  others: over the t2x requests (one group of the asked modality), the x2t requests and held-out
+  plain-chat prompts (none), and two-output requests (one group of each asked modality);
+* ``text`` -- perplexity on held-out plain text (paragraphs of CPython's own ``pydoc_data`` topics,
+  which no stage trains on) of the assembled model vs its base core: the same weights with the
+  LoRA adapter disabled and the logits restricted to the base vocabulary.
+
+The accuracy of a modality is the mean over its attributes (``mean``); ``all`` counts items with
+every attribute right.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mmllm.inference.generate import Request
+from mmllm.toyworld.judges import Judge
+from mmllm.toyworld.world import MODALITIES, Item, World, evaluation_items
+
+log = logging.getLogger(__name__)
+
+EVAL_SEED = 9876  # different renderings from the world report's and the stage data's
+SPLITS = {"seen": "train", "held_out": "held_out"}
+DESCRIBE_PROMPT = {"image": "<image>\nDescribe this image.", "audio": "<audio>\nWhat do you hear?",
+                   "video": "<video>\nWhat happens in this clip?"}
+MAKE_PROMPT = {"image": "Draw {c}.", "audio": "Make a sound: {c}", "video": "Show a clip of {c}."}
+TARGETS = {"x2t": {"seen": 0.90, "held_out": 0.75}, "t2x_ratio": {"seen": 0.9, "held_out": 0.8},
+           "routing": 0.97, "perplexity_ratio": 1.10}
+
+
+@dataclass
+class EvalOptions:
+    output: Path
+    items: int = 48  # per modality and split (x2t and t2x)
+    batch_size: int = 16
+    max_new_tokens: int = 48
+    steps: int | None = None  # decoder steps (None: the decoder's own)
+    guidance: float | None = None
+    text_chunks: int = 48  # held-out plain-text passages for perplexity
+    text_tokens: int = 128  # tokens per passage
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    seed: int = 0
+
+
+def read_attributes(world: World, modality: str, text: str) -> dict[str, str | None]:
+    """Every attribute of ``modality`` read from free text: the one value it names, else None."""
+    lowered = text.lower()
+    out: dict[str, str | None] = {}
+    for attr in world.specs[modality].attributes:
+        found = {value for value, phrases in attr.phrases.items() for phrase in phrases
+                 if re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", lowered)}
+        out[attr.name] = found.pop() if len(found) == 1 else None
+    return out
+
+
+def score(predicted: list[dict[str, str | None]], truth: list[dict[str, str]]) -> dict[str, float]:
+    names = list(truth[0]) if truth else []
+    per = {n: float(np.mean([p.get(n) == t[n] for p, t in zip(predicted, truth)])) for n in names}
+    every = float(np.mean([all(p.get(n) == t[n] for n in names) for p, t in zip(predicted, truth)]))
+    return {"mean": float(np.mean(list(per.values()))) if per else 0.0, "all": every, **per}
+
+
+def eval_items(world: World, modality: str, split: str, n: int, seed: int = EVAL_SEED) -> list[Item]:
+    """``n`` items spread evenly over the split's combinations (each combination at least once if n allows)."""
+    combos = world.combos(modality, split)
+    per_combo = max(1, math.ceil(n / len(combos)))
+    items = evaluation_items(world, modality, split, per_combo, seed)
+    # interleave renderings so that a prefix covers every combination
+    ordered = [items[c * per_combo + k] for k in range(per_combo) for c in range(len(combos))]
+    return ordered[:n]
+
+
+def _chunks(seq: list[Any], size: int) -> list[list[Any]]:
+    return [seq[i : i + size] for i in range(0, len(seq), size)]
+
+
+def _generate(model, requests: list[Request], options: EvalOptions, decode: bool, what: str) -> list[Any]:
+    out = []
+    for chunk in tqdm(_chunks(requests, options.batch_size), desc=what, leave=False):
+        out += model.generate(chunk, max_new_tokens=options.max_new_tokens, decode_media=decode,
+                              steps=options.steps, guidance=options.guidance)
+    return out
+
+
+def emitted(result: Any) -> list[str]:
+    """The modalities of the signal groups a generation emitted, one entry per group."""
+    return sorted(m for m, conds in result.conditioning.items() for _ in conds)
+
+
+def held_out_text(tokenizer: Any, chunks: int, tokens: int) -> list[list[int]]:
+    """Passages of CPython's ``pydoc_data`` topics (plain English prose about Python), ``tokens`` each."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    paragraphs = [p.strip() for p in text.split("\n\n") if len(p.split()) >= 40 and not p.startswith(" ")]
+    out = []
+    for p in paragraphs:
+        ids = tokenizer(p, add_special_tokens=False).input_ids
+        if len(ids) >= tokens:
+            out.append(ids[:tokens])
+        if len(out) == chunks:
+            break
+    return out
+
+
+@torch.no_grad()
+def perplexities(model, passages: list[list[int]], batch_size: int = 8) -> dict[str, float]:
+    """Perplexity of the assembled model and of its base core on ``passages`` (equal lengths)."""
+    llm = model.llm
+    first_new = llm.first_new_id
+    totals = {"model": 0.0, "base": 0.0}
+    count = 0
+    for chunk in _chunks(passages, batch_size):
+        ids = torch.tensor(chunk, device=model.device)
+        targets = ids[:, 1:]
+        for which in ("model", "base"):
+            if which == "base" and model._peft_model is not None:
+                with model._peft_model.disable_adapter():
+                    logits = llm.model(input_ids=ids).logits[:, :-1, :first_new]
+            elif which == "base":
+                logits = llm.model(input_ids=ids).logits[:, :-1, :first_new]
+            else:
+                logits = llm.model(input_ids=ids).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+            totals[which] += float(nll)
+        count += targets.numel()
+    ppl = {k: math.exp(v / count) for k, v in totals.items()}
+    ppl["ratio"] = ppl["model"] / ppl["base"]
+    ppl["tokens"] = count
+    return ppl
+
+
+def run_eval(model, judges: dict[str, Judge], options: EvalOptions) -> dict[str, Any]:
+    world = World()
+    model.eval()
+    report: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
+                              "x2t": {}, "t2x": {}, "routing": {}, "text": {}, "samples": []}
+    routes: list[tuple[list[str], list[str], str]] = []  # (expected, emitted, prompt)
+
+    for modality in options.modalities:
+        if modality not in model.encoders and modality not in model.decoders:
+            continue
+        report["x2t"][modality], report["t2x"][modality] = {}, {}
+        for split_name, split in SPLITS.items():
+            items = eval_items(world, modality, split, options.items)
+            if modality in model.encoders:
+                requests = [Request([{"role": "user", "content": DESCRIBE_PROMPT[modality]}], [(modality, i.media)],
+                                    seed=options.seed) for i in items]
+                results = _generate(model, requests, options, False, f"x2t {modality} {split_name}")
+                predicted = [read_attributes(world, modality, r.text) for r in results]
+                report["x2t"][modality][split_name] = score(predicted, [i.attributes for i in items])
+                routes += [([], emitted(r), DESCRIBE_PROMPT[modality]) for r in results]
+                report["samples"] += [{"task": "x2t", "split": split_name, "truth": i.caption, "answer": r.text}
+                                      for i, r in list(zip(items, results))[:3]]
+            if modality in model.decoders and modality in judges:
+                report["t2x"][modality][split_name] = _text_to_media(
+                    model, judges[modality], world, modality, items, options, routes, report["samples"], split_name)
+
+    # routing on held-out plain chat and on two-output requests
+    from mmllm.toyworld.chat_prompts import EVAL as PLAIN
+
+    plain = _generate(model, [Request([{"role": "user", "content": p}], seed=options.seed) for p in PLAIN],
+                      options, False, "plain chat")
+    routes += [([], emitted(r), p) for p, r in zip(PLAIN, plain)]
+    report["samples"] += [{"task": "plain", "prompt": p, "answer": r.text} for p, r in list(zip(PLAIN, plain))[:3]]
+    pairs = [("image", "audio"), ("image", "video"), ("audio", "video")]
+    multi_requests, multi_expected = [], []
+    for k in range(12):
+        a, b = pairs[k % 3]
+        if a not in model.decoders or b not in model.decoders:
+            continue
+        ia = eval_items(world, a, "train", 12)[k]
+        ib = eval_items(world, b, "train", 12)[(k * 5) % 12]
+        ask_b = MAKE_PROMPT[b].format(c=ib.caption)
+        prompt = f"{MAKE_PROMPT[a].format(c=ia.caption)} Also, {ask_b[0].lower()}{ask_b[1:]}"
+        multi_requests.append(Request([{"role": "user", "content": prompt}], seed=options.seed))
+        multi_expected.append(sorted([a, b]))
+    multi = _generate(model, multi_requests, options, False, "two outputs")
+    routes += [(e, emitted(r), q.messages[0]["content"]) for e, r, q in zip(multi_expected, multi, multi_requests)]
+
+    kinds = {"media requests": lambda e: len(e) == 1, "two outputs": lambda e: len(e) == 2,
+             "no media asked": lambda e: len(e) == 0}
+    report["routing"] = {"all": float(np.mean([e == got for e, got, _ in routes])), "n": len(routes)}
+    for name, keep in kinds.items():
+        sel = [e == got for e, got, _ in routes if keep(e)]
+        if sel:
+            report["routing"][name] = float(np.mean(sel))
+    report["routing"]["wrong_examples"] = [{"prompt": p, "expected": e, "emitted": got}
+                                           for e, got, p in routes if e != got][:10]
+
+    passages = held_out_text(model.llm.tokenizer, options.text_chunks, options.text_tokens)
+    report["text"] = perplexities(model, passages)
+
+    options.output.mkdir(parents=True, exist_ok=True)
+    path = options.output / "eval.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+    return report
+
+
+def _text_to_media(model, judge: Judge, world: World, modality: str, items: list[Item], options: EvalOptions,
+                   routes: list, samples: list, split_name: str) -> dict[str, Any]:
+    requests = [Request([{"role": "user", "content": MAKE_PROMPT[modality].format(c=i.caption)}],
+                        seed=options.seed + k) for k, i in enumerate(items)]
+    results = _generate(model, requests, options, True, f"t2x {modality} {split_name}")
+    routes += [([modality], emitted(r), q.messages[0]["content"]) for r, q in zip(results, requests)]
+    made = [r.media.get(modality, [None])[0] if r.media.get(modality) else None for r in results]
+    present = [k for k, m in enumerate(made) if m is not None]
+    predicted: list[dict[str, str | None]] = [{} for _ in items]
+    if present:
+        for k, p in zip(present, judge.predict([made[k] for k in present])):
+            predicted[k] = p
+    model_score = score(predicted, [i.attributes for i in items])
+    # the oracle: the same decoder on the caption's own conditioning, the same seeds
+    decoder = model.decoders[modality]
+    generated = []
+    for chunk_start in range(0, len(items), options.batch_size):
+        chunk = items[chunk_start : chunk_start + options.batch_size]
+        with torch.no_grad():
+            cond = decoder.condition([i.caption for i in chunk])
+            generated += decoder.generate(cond, steps=options.steps, guidance=options.guidance,
+                                          seeds=[options.seed + chunk_start + k for k in range(len(chunk))])
+    oracle = score(judge.predict(generated), [i.attributes for i in items])
+    samples += [{"task": "t2x", "split": split_name, "prompt": q.messages[0]["content"], "answer": r.text}
+                for q, r in list(zip(requests, results))[:2]]
+    return {"model": model_score, "oracle": oracle, "emitted": len(present) / len(items),
+            "ratio": model_score["mean"] / oracle["mean"] if oracle["mean"] else float("nan")}
+
+
+def format_eval(report: dict[str, Any]) -> str:
+    lines = ["direction  modality  split      model   oracle  ratio   target"]
+    for modality, splits in report["x2t"].items():
+        for split, s in splits.items():
+            lines.append(f"x2t        {modality:<9} {split:<10} {s['mean']:6.3f}  {'':6}  {'':6}  "
+                         f">= {TARGETS['x2t'][split]:.2f}")
+    for modality, splits in report["t2x"].items():
+        for split, s in splits.items():
+            lines.append(f"t2x        {modality:<9} {split:<10} {s['model']['mean']:6.3f}  {s['oracle']['mean']:6.3f}  "
+                         f"{s['ratio']:6.3f}  ratio >= {TARGETS['t2x_ratio'][split]:.1f}")
+    r = report["routing"]
+    lines.append(f"routing    {r['all']:.3f} over {r['n']} prompts "
+                 + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float) and k != "all")
+                 + f"  (target >= {TARGETS['routing']})")
+    t = report["text"]
+    lines.append(f"text       perplexity {t['model']:.3f} vs base {t['base']:.3f}: ratio {t['ratio']:.3f} "
+                 f"over {t['tokens']} tokens (target <= {TARGETS['perplexity_ratio']})")
+    return "\n".join(lines)
