@@ -159,3 +159,24 @@ def test_demo_requests_cover_every_direction_and_parse(tmp_path):
     from mmllm.demo import INPUTS
 
     assert not any(world.is_held_out(m, attrs) for m, (_, attrs) in INPUTS.items())
+
+
+def test_weights_only_export_can_record_another_assembly(tmp_path_factory, tmp_path):
+    import yaml
+
+    ckpt = trained_checkpoint(tmp_path_factory)
+    tiny = REPO / "configs" / "assemblies" / "tiny.yaml"
+    out = export_weights_only(ckpt, tmp_path / "repointed", assembly=tiny)
+    assert json.loads((out / "mmllm.json").read_text())["exported_from"]["assembly"] == str(tiny)
+    AnyToAnyModel.from_pretrained(out)
+    # an assembly the learned weights do not fit is refused on load, naming the weights file
+    data = yaml.safe_load(tiny.read_text())
+    data["output_projections"]["image"]["hidden_dim"] = 32
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(data, sort_keys=False))
+    for name in ("_tiny_encoders.yaml", "_tiny_decoders.yaml"):
+        if (tiny.parent / name).is_file():
+            (tmp_path / name).write_text((tiny.parent / name).read_text())
+    bad = export_weights_only(ckpt, tmp_path / "bad", assembly=other)
+    with pytest.raises(ConfigError, match="learned.safetensors"):
+        AnyToAnyModel.from_pretrained(bad)
