@@ -252,7 +252,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``mmllm eval``: x2t, t2x (vs the oracle), routing and text retention of a toy-world model."""
     from mmllm.model import AnyToAnyModel
     from mmllm.toyworld.judges import Judge
-    from mmllm.toyworld.model_eval import EvalOptions, format_eval, run_eval
+    from mmllm.toyworld.model_eval import TASKS, EvalOptions, format_eval, run_eval
     from mmllm.toyworld.parts import shipped_dir
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_dir() / "default-glue"
@@ -264,7 +264,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     torch_threads(args.threads)
     model = AnyToAnyModel.from_pretrained(checkpoint)
     options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size,
-                          steps=args.steps, guidance=args.guidance, modalities=modalities, seed=args.seed)
+                          steps=args.steps, guidance=args.guidance, modalities=modalities, seed=args.seed,
+                          tasks=[t.strip() for t in args.tasks.split(",") if t.strip()])
+    unknown = sorted(set(options.tasks) - set(TASKS))
+    if unknown:
+        raise SystemExit(f"--tasks: unknown {unknown}; valid: {', '.join(TASKS)}")
     report = run_eval(model, judges, options)
     print(format_eval(report))
     log.info("wrote %s", Path(args.output) / "eval.json")
@@ -360,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--items", type=int, default=48, help="items per modality and split")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--modalities", default="image,audio,video")
+    ev.add_argument("--tasks", default="x2t,t2x,routing,text", help="which measurements (comma-separated)")
     ev.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
     ev.add_argument("--guidance", type=float, default=None)
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -44,6 +44,7 @@ SPLITS = {"seen": "train", "held_out": "held_out"}
 DESCRIBE_PROMPT = {"image": "<image>\nDescribe this image.", "audio": "<audio>\nWhat do you hear?",
                    "video": "<video>\nWhat happens in this clip?"}
 MAKE_PROMPT = {"image": "Draw {c}.", "audio": "Make a sound: {c}", "video": "Show a clip of {c}."}
+TASKS = ("x2t", "t2x", "routing", "text")
 TARGETS = {"x2t": {"seen": 0.90, "held_out": 0.75}, "t2x_ratio": {"seen": 0.9, "held_out": 0.8},
            "routing": 0.97, "perplexity_ratio": 1.10}
 
@@ -59,6 +60,7 @@ class EvalOptions:
     text_chunks: int = 48  # held-out plain-text passages for perplexity
     text_tokens: int = 128  # tokens per passage
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
     seed: int = 0
 
 
@@ -163,7 +165,7 @@ def run_eval(model, judges: dict[str, Judge], options: EvalOptions) -> dict[str,
         report["x2t"][modality], report["t2x"][modality] = {}, {}
         for split_name, split in SPLITS.items():
             items = eval_items(world, modality, split, options.items)
-            if modality in model.encoders:
+            if modality in model.encoders and "x2t" in options.tasks:
                 requests = [Request([{"role": "user", "content": DESCRIBE_PROMPT[modality]}], [(modality, i.media)],
                                     seed=options.seed) for i in items]
                 results = _generate(model, requests, options, False, f"x2t {modality} {split_name}")
@@ -172,11 +174,26 @@ def run_eval(model, judges: dict[str, Judge], options: EvalOptions) -> dict[str,
                 routes += [([], emitted(r), DESCRIBE_PROMPT[modality]) for r in results]
                 report["samples"] += [{"task": "x2t", "split": split_name, "truth": i.caption, "answer": r.text}
                                       for i, r in list(zip(items, results))[:3]]
-            if modality in model.decoders and modality in judges:
+            if modality in model.decoders and modality in judges and "t2x" in options.tasks:
                 report["t2x"][modality][split_name] = _text_to_media(
                     model, judges[modality], world, modality, items, options, routes, report["samples"], split_name)
 
-    # routing on held-out plain chat and on two-output requests
+    if "routing" in options.tasks:
+        _routing(model, world, options, routes, report)
+    if "text" in options.tasks:
+        passages = held_out_text(model.llm.tokenizer, options.text_chunks, options.text_tokens)
+        report["text"] = perplexities(model, passages)
+
+    options.output.mkdir(parents=True, exist_ok=True)
+    path = options.output / "eval.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    tmp.replace(path)
+    return report
+
+
+def _routing(model, world: World, options: EvalOptions, routes: list, report: dict[str, Any]) -> None:
+    """Routing over the x2t / t2x requests already run, held-out plain chat and two-output requests."""
     from mmllm.toyworld.chat_prompts import EVAL as PLAIN
 
     plain = _generate(model, [Request([{"role": "user", "content": p}], seed=options.seed) for p in PLAIN],
@@ -207,16 +224,6 @@ def run_eval(model, judges: dict[str, Judge], options: EvalOptions) -> dict[str,
             report["routing"][name] = float(np.mean(sel))
     report["routing"]["wrong_examples"] = [{"prompt": p, "expected": e, "emitted": got}
                                            for e, got, p in routes if e != got][:10]
-
-    passages = held_out_text(model.llm.tokenizer, options.text_chunks, options.text_tokens)
-    report["text"] = perplexities(model, passages)
-
-    options.output.mkdir(parents=True, exist_ok=True)
-    path = options.output / "eval.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
-    return report
 
 
 def _text_to_media(model, judge: Judge, world: World, modality: str, items: list[Item], options: EvalOptions,
@@ -259,10 +266,12 @@ def format_eval(report: dict[str, Any]) -> str:
             lines.append(f"t2x        {modality:<9} {split:<10} {s['model']['mean']:6.3f}  {s['oracle']['mean']:6.3f}  "
                          f"{s['ratio']:6.3f}  ratio >= {TARGETS['t2x_ratio'][split]:.1f}")
     r = report["routing"]
-    lines.append(f"routing    {r['all']:.3f} over {r['n']} prompts "
-                 + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float) and k != "all")
-                 + f"  (target >= {TARGETS['routing']})")
+    if r:
+        lines.append(f"routing    {r['all']:.3f} over {r['n']} prompts ("
+                     + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float) and k != "all")
+                     + f"; target >= {TARGETS['routing']})")
     t = report["text"]
-    lines.append(f"text       perplexity {t['model']:.3f} vs base {t['base']:.3f}: ratio {t['ratio']:.3f} "
-                 f"over {t['tokens']} tokens (target <= {TARGETS['perplexity_ratio']})")
+    if t:
+        lines.append(f"text       perplexity {t['model']:.3f} vs base {t['base']:.3f}: ratio {t['ratio']:.3f} "
+                     f"over {t['tokens']} tokens (target <= {TARGETS['perplexity_ratio']})")
     return "\n".join(lines)
