@@ -248,6 +248,36 @@ def cmd_world_distil(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_refine(args: argparse.Namespace) -> int:
+    """``mmllm refine``: fit the output projections on cached signal-token states (see mmllm/training/refine.py)."""
+    from mmllm.data.formats import read_records
+    from mmllm.model import AnyToAnyModel
+    from mmllm.training.refine import collect_signal_states, describe, refine_output_projections
+
+    torch_threads(args.threads)
+    model = AnyToAnyModel.from_pretrained(args.checkpoint)
+    conversations = []
+    for path in args.data:
+        records, errors = read_records(path, args.format)
+        conversations += records
+        if errors:
+            log.warning("%s: %d malformed record(s) skipped", path, len(errors))
+    if args.limit:
+        conversations = conversations[: args.limit]
+    cache = collect_signal_states(model, conversations, batch_size=args.cache_batch_size)
+    if not cache.hidden:
+        raise SystemExit("the data holds no assistant outputs (signal groups) to refine on")
+    results = refine_output_projections(model, cache, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                        seed=args.seed)
+    path = model.save_pretrained(args.output, extra={"refined_from": str(args.checkpoint),
+                                                     "refine": describe(results)})
+    for r in results:
+        print(f"{r.modality:>6}: {r.groups_train} groups, validation relative MSE {r.val_before:.4f} -> "
+              f"{r.val_after:.4f}")
+    log.info("wrote %s", path)
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     """``mmllm eval``: x2t, t2x (vs the oracle), routing and text retention of a toy-world model."""
     from mmllm.model import AnyToAnyModel
@@ -356,6 +386,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu")
     c.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. cache.dir=PATH")
     c.set_defaults(fn=cmd_cache)
+    rf = sub.add_parser("refine", help="fit the output projections on cached signal-token states of a trained "
+                                       "checkpoint (one LLM forward per conversation, then many cheap steps)")
+    rf.add_argument("--checkpoint", required=True)
+    rf.add_argument("--data", required=True, nargs="+", help="conversation files with assistant outputs")
+    rf.add_argument("--format", default="mmllm-chat")
+    rf.add_argument("--output", required=True, help="the refined checkpoint's directory")
+    rf.add_argument("--steps", type=int, default=3000)
+    rf.add_argument("--batch-size", type=int, default=64)
+    rf.add_argument("--cache-batch-size", type=int, default=8)
+    rf.add_argument("--lr", type=float, default=5e-4)
+    rf.add_argument("--limit", type=int, default=0, help="use the first N conversations (0: all)")
+    rf.add_argument("--threads", type=int, default=None)
+    rf.add_argument("--seed", type=int, default=0)
+    rf.set_defaults(fn=cmd_refine)
+
     ev = sub.add_parser("eval", help="x2t / t2x accuracy vs the oracle, routing and text perplexity of a "
                                      "model on the toy world's parts (default: the shipped default)")
     ev.add_argument("--checkpoint", help="a checkpoint directory (default: the shipped default glue)")
