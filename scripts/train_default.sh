@@ -44,6 +44,14 @@ for stage in encode_align decode_align instruct; do
   previous=$RUNS/$stage/step-$steps
 done
 
+echo "== refining the output projections on cached signal states"
+refined=$RUNS/refined
+if [ ! -f "$refined/manifest.json" ]; then
+  mmllm refine --checkpoint "$previous" --data "$DATA/t2x.jsonl" "$DATA/multi.jsonl" \
+    --steps "$(python -c "print(max(1, round(3000 * $SCALE)))")" --output "$refined"
+fi
+previous=$refined
+
 if [ "$SCALE" = "1" ]; then
   echo "== shipping $previous -> $SHIP (fp16, no training state)"
   mmllm export --checkpoint "$previous" --output "$SHIP" --dtype float16 --assembly configs/assemblies/default.yaml

@@ -22,8 +22,9 @@ def test_refine_fits_only_the_output_projections(tmp_path_factory, sample_data):
             assert cache.hidden[m].shape[1] == k and cache.embeds[m].shape == cache.hidden[m].shape
             assert tuple(cache.targets[m].shape[1:]) == tuple(model.decoders[m].conditioning_shape)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        fit_before = {m: float(relative_mse(model.output_projections[m](cache.hidden[m], cache.embeds[m]),
-                                            cache.targets[m])) for m in cache.hidden}
+        with torch.no_grad():
+            fit_before = {m: float(relative_mse(model.output_projections[m](cache.hidden[m], cache.embeds[m]),
+                                                cache.targets[m])) for m in cache.hidden}
         results = refine_output_projections(model, cache, steps=60, batch_size=8, lr=3e-3, val_fraction=0.0)
         for r in results:
             with torch.no_grad():
