@@ -42,7 +42,7 @@ eval: setup
 world-report: setup
 	$(PYTHON) -m mmllm.cli world report --output outputs/world-report
 
-# Retrain the default's glue (about 1 h on 2 CPU cores; resumable).
+# Retrain the default's glue (about 1.5 h on one CPU core; resumable).
 train-default: setup
 	scripts/train_default.sh
 
