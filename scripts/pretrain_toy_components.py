@@ -30,9 +30,9 @@ while the machine was otherwise idle; two threads ran 1.3-1.7x faster on the par
     vae-image        1500     32    0.26                6.4
     vae-audio        1500     16    0.61 (cold cache)  15.3
     decoder-image    6000     32    0.37               36.7
-    decoder-audio    5000     32    0.53 (cold cache)  44.4
-    decoder-video    1500      8    1.49               37.2
-    total                                             188   -> about 2 h 5 min on 2 cores (/1.5), plus
+    decoder-audio    4000     32    0.53 (cold cache)  35.5
+    decoder-video    1000      8    1.49               24.8
+    total                                             167   -> about 1 h 50 min on 2 cores (/1.5), plus
                                                               ~5-10 min of caption encoding and export
 """
 

@@ -322,14 +322,14 @@ def default_parts() -> list[PartSpec]:
             "decoder-audio",
             "audio",
             "decoder",
-            DecoderSetup("audio", audio_unet, Optim(5000, 32, 5e-4), variants=variants),
+            DecoderSetup("audio", audio_unet, Optim(4000, 32, 5e-4), variants=variants),
             ["vae-audio"],
         ),
         PartSpec(
             "decoder-video",
             "video",
             "decoder",
-            DecoderSetup("video", copy.deepcopy(image_unet), Optim(1500, 8, 3e-4), init_from_image=True),
+            DecoderSetup("video", copy.deepcopy(image_unet), Optim(1000, 8, 3e-4), init_from_image=True),
             ["vae-image", "decoder-image"],
         ),
     ]
