@@ -280,12 +280,13 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``mmllm eval``: x2t, t2x (vs the oracle), routing and text retention of a toy-world model."""
+    from mmllm.demo import shipped_default
     from mmllm.model import AnyToAnyModel
     from mmllm.toyworld.judges import Judge
     from mmllm.toyworld.model_eval import TASKS, EvalOptions, format_eval, run_eval
     from mmllm.toyworld.parts import shipped_dir
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_dir() / "default-glue"
+    checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_default()
     if not checkpoint.is_dir():
         raise SystemExit(f"--checkpoint {checkpoint}: not a directory (train one with scripts/train_default.sh)")
     parts = Path(args.parts) if args.parts else shipped_dir()

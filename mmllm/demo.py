@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from mmllm.config import load_stage
-from mmllm.data.media import save_audio, save_image, save_video
+from mmllm.data.media import save_media
 from mmllm.inference.runner import run_requests
 from mmllm.model import AnyToAnyModel
 from mmllm.training.loop import train
@@ -68,7 +68,7 @@ def write_default_requests(out: Path) -> Path:
     world = World()
     for modality, (rel, attributes) in INPUTS.items():
         media = world.render(modality, attributes, DEMO_SEED)
-        {"image": save_image, "audio": save_audio, "video": save_video}[modality](media, out / rel)
+        save_media(modality, media, out / rel)
     path = out / "requests.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in REQUESTS))
     return path

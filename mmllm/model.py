@@ -292,6 +292,17 @@ class AnyToAnyModel(nn.Module):
             raise ValueError(f"{modality}: {n} signal tokens is not a whole number of groups of {k}")
         return hidden[mask].reshape(-1, k, hidden.shape[-1]), embeds[mask].reshape(-1, k, embeds.shape[-1])
 
+    def hidden_states(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A collated batch -> (input ids, input embeddings with media spliced in, last hidden states)."""
+        input_ids = batch["input_ids"].to(self.device)
+        attention_mask = batch["attention_mask"].to(self.device)
+        embeds = self.embed_inputs(input_ids, batch.get("media", {}), batch.get("media_features"))
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.llm.decoder()(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        return input_ids, embeds, hidden
+
     def forward(
         self, batch: dict[str, Any], losses: LossConfig | None = None, normalizers: dict[str, float] | None = None
     ) -> dict[str, torch.Tensor]:
@@ -303,14 +314,8 @@ class AnyToAnyModel(nn.Module):
         makes W processes with batch b compute exactly the loss of one process with batch W*b.
         """
         losses = losses or LossConfig()
-        input_ids = batch["input_ids"].to(self.device)
-        attention_mask = batch["attention_mask"].to(self.device)
         labels = batch["labels"].to(self.device)
-        embeds = self.embed_inputs(input_ids, batch.get("media", {}), batch.get("media_features"))
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.llm.decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
-        ).last_hidden_state
+        input_ids, embeds, hidden = self.hidden_states(batch)
 
         def norm(part: str, local: int) -> float:
             return float(normalizers[part]) if normalizers and part in normalizers else float(max(local, 1))

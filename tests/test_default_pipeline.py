@@ -14,7 +14,8 @@ from mmllm.config import ConfigError, load_stage
 from mmllm.data.formats import read_records
 from mmllm.locations import resolve_location, resolve_source
 from mmllm.model import AnyToAnyModel
-from mmllm.toyworld.model_eval import EvalOptions, read_attributes, run_eval, score
+from mmllm.toyworld.judges import attribute_accuracy
+from mmllm.toyworld.model_eval import EvalOptions, read_attributes, run_eval
 from mmllm.toyworld.parts import shipped_dir
 from mmllm.toyworld.stage_data import StageDataOptions, write_stage_data
 from mmllm.toyworld.world import World
@@ -80,14 +81,14 @@ def test_default_stage_configs_parse():
         assert cfg.assembly.endswith("default.yaml")
 
 
-def test_read_attributes_and_score():
+def test_read_attributes_and_scoring():
     world = World()
     got = read_attributes(world, "image", "The picture shows a big blue disc in the upper left corner.")
     assert got == {"colour": "blue", "shape": "circle", "size": "large", "position": "top-left"}
     vague = read_attributes(world, "image", "a red or blue square")
     assert vague["colour"] is None and vague["shape"] == "square" and vague["position"] is None
     truth = {"colour": "blue", "shape": "circle", "size": "large", "position": "top-left"}
-    s = score([got, vague], [truth, truth])
+    s = attribute_accuracy([got, vague], [truth, truth])
     assert s["colour"] == 0.5 and s["all"] == 0.5 and s["position"] == 0.5
 
 

@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -284,6 +285,14 @@ def save_video(video: Video, path: str | Path, metadata: dict[str, str] | None =
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def save_media(modality: str, item: Any, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Save one decoded item of ``modality`` (image, audio or video) atomically; returns the path written."""
+    savers = {"image": save_image, "audio": save_audio, "video": save_video}
+    if modality not in savers:
+        raise ValueError(f"unknown modality {modality!r}; valid: {', '.join(savers)}")
+    return savers[modality](item, path, metadata)
 
 
 def _save_mp4(video: Video, path: Path, metadata: dict[str, str] | None) -> Path:

@@ -34,7 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mmllm.inference.generate import Request
-from mmllm.toyworld.judges import Judge
+from mmllm.toyworld.evaluate import decoder_accuracy
+from mmllm.toyworld.judges import Judge, attribute_accuracy
 from mmllm.toyworld.world import MODALITIES, Item, World, evaluation_items
 
 log = logging.getLogger(__name__)
@@ -73,13 +74,6 @@ def read_attributes(world: World, modality: str, text: str) -> dict[str, str | N
                  if re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", lowered)}
         out[attr.name] = found.pop() if len(found) == 1 else None
     return out
-
-
-def score(predicted: list[dict[str, str | None]], truth: list[dict[str, str]]) -> dict[str, float]:
-    names = list(truth[0]) if truth else []
-    per = {n: float(np.mean([p.get(n) == t[n] for p, t in zip(predicted, truth)])) for n in names}
-    every = float(np.mean([all(p.get(n) == t[n] for n in names) for p, t in zip(predicted, truth)]))
-    return {"mean": float(np.mean(list(per.values()))) if per else 0.0, "all": every, **per}
 
 
 def eval_items(world: World, modality: str, split: str, n: int, seed: int = EVAL_SEED) -> list[Item]:
@@ -170,7 +164,7 @@ def run_eval(model, judges: dict[str, Judge], options: EvalOptions) -> dict[str,
                                     seed=options.seed) for i in items]
                 results = _generate(model, requests, options, False, f"x2t {modality} {split_name}")
                 predicted = [read_attributes(world, modality, r.text) for r in results]
-                report["x2t"][modality][split_name] = score(predicted, [i.attributes for i in items])
+                report["x2t"][modality][split_name] = attribute_accuracy(predicted, [i.attributes for i in items])
                 routes += [([], emitted(r), DESCRIBE_PROMPT[modality]) for r in results]
                 report["samples"] += [{"task": "x2t", "split": split_name, "truth": i.caption, "answer": r.text}
                                       for i, r in list(zip(items, results))[:3]]
@@ -234,21 +228,14 @@ def _text_to_media(model, judge: Judge, world: World, modality: str, items: list
     routes += [([modality], emitted(r), q.messages[0]["content"]) for r, q in zip(results, requests)]
     made = [r.media.get(modality, [None])[0] if r.media.get(modality) else None for r in results]
     present = [k for k, m in enumerate(made) if m is not None]
-    predicted: list[dict[str, str | None]] = [{} for _ in items]
+    predicted: list[dict[str, str | None]] = [dict.fromkeys(world.specs[modality].names) for _ in items]
     if present:
         for k, p in zip(present, judge.predict([made[k] for k in present])):
             predicted[k] = p
-    model_score = score(predicted, [i.attributes for i in items])
+    model_score = attribute_accuracy(predicted, [i.attributes for i in items])
     # the oracle: the same decoder on the caption's own conditioning, the same seeds
-    decoder = model.decoders[modality]
-    generated = []
-    for chunk_start in range(0, len(items), options.batch_size):
-        chunk = items[chunk_start : chunk_start + options.batch_size]
-        with torch.no_grad():
-            cond = decoder.condition([i.caption for i in chunk])
-            generated += decoder.generate(cond, steps=options.steps, guidance=options.guidance,
-                                          seeds=[options.seed + chunk_start + k for k in range(len(chunk))])
-    oracle = score(judge.predict(generated), [i.attributes for i in items])
+    oracle, _ = decoder_accuracy(model.decoders[modality], judge, items, options.steps, options.guidance,
+                                 batch_size=options.batch_size, seed=options.seed)
     samples += [{"task": "t2x", "split": split_name, "prompt": q.messages[0]["content"], "answer": r.text}
                 for q, r in list(zip(requests, results))[:2]]
     return {"model": model_score, "oracle": oracle, "emitted": len(present) / len(items),

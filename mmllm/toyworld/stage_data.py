@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from mmllm.data.media import save_audio, save_image, save_video
+from mmllm.data.media import save_media
 from mmllm.toyworld.world import MODALITIES, Combo, World
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class _Media:
                     rel = f"media/{modality}/{'-'.join(combo)}-{k}{SUFFIX[modality]}"
                     if not (out / rel).is_file():
                         media = world.render(modality, world.attributes_of(modality, combo), item_seed)
-                        {"image": save_image, "audio": save_audio, "video": save_video}[modality](media, out / rel)
+                        save_media(modality, media, out / rel)
                     self.files[modality].setdefault(combo, []).append(rel)
 
     def pick(self, modality: str, rng: np.random.Generator) -> tuple[Combo, str]:

@@ -60,11 +60,7 @@ def collect_signal_states(model, conversations: list[Conversation], batch_size: 
         batch = collate(samples, tok.pad_token_id)
         if "input_ids" not in batch or not any(batch["signal_captions"].values()):
             continue
-        ids = batch["input_ids"].to(model.device)
-        mask = batch["attention_mask"].to(model.device)
-        embeds = model.embed_inputs(ids, batch.get("media", {}), batch.get("media_features"))
-        hidden = model.llm.decoder()(inputs_embeds=embeds, attention_mask=mask,
-                                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+        ids, embeds, hidden = model.hidden_states(batch)
         for m, captions in batch["signal_captions"].items():
             if not captions:
                 continue
