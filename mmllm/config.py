@@ -224,7 +224,10 @@ class AssemblyConfig:
         for modality in self.decoders:
             self.output_projections.setdefault(modality, OutputProjectionConfig())
             self.signal_tokens.setdefault(modality, DEFAULT_SIGNAL_TOKENS[modality])
-        self.signal_tokens = {m: n for m, n in self.signal_tokens.items() if m in self.decoders}
+        # Signal-token ids are assigned in this dict's order: MODALITIES order, not the YAML's, so a
+        # config re-dumped with sorted keys keeps the same ids.
+        self.signal_tokens = {m: self.signal_tokens[m] for m in MODALITIES
+                              if m in self.signal_tokens and m in self.decoders}
         for modality, n in self.signal_tokens.items():
             if n < 1:
                 raise ConfigError(f"signal_tokens.{modality}: must be >= 1, got {n}")

@@ -32,6 +32,13 @@ def test_unknown_modality_is_refused():
         parse_assembly(data)
 
 
+def test_signal_token_order_does_not_follow_the_yaml_order():
+    """Signal-token ids are assigned in dict order; a YAML re-dumped with sorted keys keeps them."""
+    data = to_dict(load_assembly(TINY))
+    data["signal_tokens"] = {"video": 2, "image": 3, "audio": 1}
+    assert list(parse_assembly(data).signal_tokens.items()) == [("image", 3), ("audio", 1), ("video", 2)]
+
+
 def test_overrides_parse_yaml_values_and_nest():
     data = apply_overrides({"optim": {"lr": 1.0}}, ["optim.lr=3e-4", "schedule.decay=linear", "x=[1, 2]"])
     assert data == {"optim": {"lr": 3e-4}, "schedule": {"decay": "linear"}, "x": [1, 2]}
