@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,13 +66,8 @@ class EvalOptions:
 
 def read_attributes(world: World, modality: str, text: str) -> dict[str, str | None]:
     """Every attribute of ``modality`` read from free text: the one value it names, else None."""
-    lowered = text.lower()
-    out: dict[str, str | None] = {}
-    for attr in world.specs[modality].attributes:
-        found = {value for value, phrases in attr.phrases.items() for phrase in phrases
-                 if re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", lowered)}
-        out[attr.name] = found.pop() if len(found) == 1 else None
-    return out
+    return {name: next(iter(found)) if len(found) == 1 else None
+            for name, found in world.mentions(modality, text).items()}
 
 
 def eval_items(world: World, modality: str, split: str, n: int, seed: int = EVAL_SEED) -> list[Item]:

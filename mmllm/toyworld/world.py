@@ -236,21 +236,26 @@ class World:
                     out.append(text)
         return out
 
-    def parse(self, modality: str, caption: str) -> dict[str, str]:
-        """Read the attributes back from any caption of the world (exactly one value per attribute)."""
-        spec = self.specs[modality]
-        text = caption.lower()
-        out = {}
-        for attr in spec.attributes:
-            found = {
+    def mentions(self, modality: str, text: str) -> dict[str, set[str]]:
+        """Per attribute of ``modality``, every value whose phrases occur in ``text`` as whole words."""
+        lowered = text.lower()
+        return {
+            attr.name: {
                 value
                 for value, phrases in attr.phrases.items()
                 for phrase in phrases
-                if re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", text)
+                if re.search(rf"(?<![\w-]){re.escape(phrase)}(?![\w-])", lowered)
             }
+            for attr in self.specs[modality].attributes
+        }
+
+    def parse(self, modality: str, caption: str) -> dict[str, str]:
+        """Read the attributes back from any caption of the world (exactly one value per attribute)."""
+        out = {}
+        for name, found in self.mentions(modality, caption).items():
             if len(found) != 1:
-                raise ValueError(f"{modality} caption {caption!r}: {attr.name} is {sorted(found) or 'missing'}")
-            out[attr.name] = found.pop()
+                raise ValueError(f"{modality} caption {caption!r}: {name} is {sorted(found) or 'missing'}")
+            out[name] = found.pop()
         return out
 
     # -- media ----------------------------------------------------------------------------------
