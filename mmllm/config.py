@@ -321,6 +321,10 @@ class LossConfig:
     # small (a unit-norm sentence embedding: ~1/D per element) then weigh as much as token-level ones
     mse_relative: bool = False
     denoise: float = 0.0  # diffusion loss through the frozen UNet (needs target media)
+    # KL(core || model) at every token of the text-only samples (no media, no signal tokens), the
+    # core being the LLM with the LoRA adapter switched off: keeps plain-text skills without pulling
+    # the model towards one greedy answer (as CE on distilled answers does). Needs LoRA.
+    retain: float = 0.0
 
 
 @dataclass

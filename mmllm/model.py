@@ -351,8 +351,31 @@ class AnyToAnyModel(nn.Module):
                 mean = self.decoders[m].denoising_loss(pred, media, seed=batch.get("step", 0))
                 out[f"denoise_{m}"] = mean * len(media) / norm(f"denoise_{m}", len(media))
                 total = total + losses.denoise * out[f"denoise_{m}"]
+        if losses.retain and self._peft_model is not None:
+            rows = self.text_only_rows(input_ids)
+            if bool(rows.any()):
+                mask = batch["attention_mask"].to(self.device)[rows]
+                kl_sum = self._retention_kl(input_ids[rows], mask, hidden[rows])
+                out["retain"] = kl_sum / norm("retain", int(mask.sum()))
+                total = total + losses.retain * out["retain"]
         out["loss"] = total
         return out
+
+    def text_only_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Rows without any added token (signal tokens, media placeholders): plain text the core reads."""
+        return (input_ids < self.llm.first_new_id).all(dim=1)
+
+    def _retention_kl(self, input_ids: torch.Tensor, mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """Sum over attended positions of KL(core || model), the core being the adapter-free LLM."""
+        first_new = self.llm.first_new_id
+        keep = mask.bool()
+        with torch.no_grad(), self._peft_model.disable_adapter():
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+            core = self.llm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
+            core_logp = F.log_softmax(core[keep][:, :first_new].float(), dim=-1)
+        # The model's distribution spans the signal rows too: mass it puts there on plain text is lost.
+        model_logp = F.log_softmax(self.llm.lm_head()(hidden[keep]).float(), dim=-1)[:, :first_new]
+        return (core_logp.exp() * (core_logp - model_logp)).sum()
 
     # ------------------------------------------------------------------ save / load
     def describe(self) -> dict[str, Any]:

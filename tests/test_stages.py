@@ -186,3 +186,43 @@ def test_relative_mse_divides_each_group_by_its_target_power(sample_data, tmp_pa
         relative = model(batch, cfg.losses)[f"mse_{modality}"]
         power = model.decoders[modality].condition(list(captions)).float().pow(2).mean()
     torch.testing.assert_close(relative, absolute / power, rtol=1e-5, atol=0)
+
+
+def test_retention_kl_reads_only_text_rows_and_teaches_the_adapter(sample_data, tmp_path):
+    """losses.retain: KL to the adapter-free core on text-only rows; rows holding added tokens are
+    ignored, it is ~0 while the adapter is untouched, and its gradient reaches the LoRA weights."""
+    from mmllm.config import LossConfig
+
+    cfg = stage_cfg("instruct", sample_data, tmp_path)
+    model = build_model(cfg)
+    apply_trainable(model, cfg.resolved_trainable())
+    tok = model.llm.tokenizer
+    plain = tok("a plain sentence about the weather and the sea", add_special_tokens=False).input_ids
+    signal = plain[:-2] + model.llm.signal_ids["image"][:2]
+    pad = tok.pad_token_id
+
+    def batch(rows):
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, -100)}
+
+    losses = LossConfig(ce=0.0, mse=0.0, retain=1.0)
+    model.eval()
+    untouched = model(batch([plain]), losses)["retain"]
+    with torch.no_grad():  # the untouched adapter differs from the core only by the added rows' share
+        probs = model.llm.model(input_ids=torch.tensor([plain])).logits.float().softmax(-1)
+        added_share = probs[..., model.llm.first_new_id:].sum(-1)
+    torch.testing.assert_close(untouched, -torch.log1p(-added_share).mean(), rtol=1e-4, atol=1e-6)
+    lora = model.lora_parameters()
+    with torch.no_grad():
+        for name, p in lora.items():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    alone = model(batch([plain]), losses)["retain"]
+    with_signal_row = model(batch([plain, signal]), losses)
+    assert float(alone) > 10 * float(untouched) + 1e-4
+    torch.testing.assert_close(with_signal_row["retain"], alone)
+    with_signal_row["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+    assert "retain" not in model(batch([signal]), losses)

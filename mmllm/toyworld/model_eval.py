@@ -57,6 +57,7 @@ class EvalOptions:
     max_new_tokens: int = 48
     steps: int | None = None  # decoder steps (None: the decoder's own)
     guidance: float | None = None
+    two_output_requests: int = 24  # routing: requests that ask for two media at once
     text_chunks: int = 48  # held-out plain-text passages for perplexity
     text_tokens: int = 128  # tokens per passage
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
@@ -190,12 +191,13 @@ def _routing(model, world: World, options: EvalOptions, routes: list, report: di
     report["samples"] += [{"task": "plain", "prompt": p, "answer": r.text} for p, r in list(zip(PLAIN, plain))[:3]]
     pairs = [("image", "audio"), ("image", "video"), ("audio", "video")]
     multi_requests, multi_expected = [], []
-    for k in range(12):
+    n = options.two_output_requests
+    for k in range(n):
         a, b = pairs[k % 3]
         if a not in model.decoders or b not in model.decoders:
             continue
-        ia = eval_items(world, a, "train", 12)[k]
-        ib = eval_items(world, b, "train", 12)[(k * 5) % 12]
+        ia = eval_items(world, a, "train", n)[k]
+        ib = eval_items(world, b, "train", n)[(k * 5 + 1) % n]
         ask_b = MAKE_PROMPT[b].format(c=ib.caption)
         prompt = f"{MAKE_PROMPT[a].format(c=ia.caption)} Also, {ask_b[0].lower()}{ask_b[1:]}"
         multi_requests.append(Request([{"role": "user", "content": prompt}], seed=options.seed))

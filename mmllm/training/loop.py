@@ -154,6 +154,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                desc=cfg.stage, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     parts_keys = _part_keys(_unwrap(accelerator, model))
+    first_new_id = _unwrap(accelerator, model).llm.first_new_id
     nonfinite_in_row, since_save = 0, []
     model.train()
     _freeze_dropout(_unwrap(accelerator, model))
@@ -164,7 +165,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             picks = sampler.micro_batch(step, micro, cfg.grad_accum, rank, world, cfg.batch_size)
             batches.append(collate([datasets[d][i] for d, i in picks], pad_id))
             skipped += len(batches[-1]["skipped"])
-        normalizers = _global_counts(accelerator, batches, parts_keys)
+        normalizers = _global_counts(accelerator, batches, parts_keys, first_new_id)
         optimizer.zero_grad(set_to_none=True)
         step_loss, parts = torch.zeros((), device=accelerator.device), {}
         for micro, batch in enumerate(batches):
@@ -277,16 +278,21 @@ def _first_readable_batch(datasets: list[StageDataset], pad_id: int) -> dict[str
 
 
 def _part_keys(model: AnyToAnyModel) -> list[str]:
-    return ["ce"] + [f"{kind}_{m}" for m in sorted(model.decoders) for kind in ("mse", "denoise")]
+    return ["ce", "retain"] + [f"{kind}_{m}" for m in sorted(model.decoders) for kind in ("mse", "denoise")]
 
 
-def _global_counts(accelerator, batches: list[dict[str, Any]], keys: list[str]) -> dict[str, float]:
-    """Units (label tokens, signal groups) per loss part over the whole step, summed over processes."""
+def _global_counts(
+    accelerator, batches: list[dict[str, Any]], keys: list[str], first_new_id: int | None = None
+) -> dict[str, float]:
+    """Units (label tokens, text-only tokens, signal groups) per loss part over the whole step, summed over processes."""
     local = dict.fromkeys(keys, 0.0)
     for b in batches:
         if "labels" not in b:
             continue
         local["ce"] += float((b["labels"][:, 1:] != -100).sum())
+        if first_new_id is not None:
+            text_only = (b["input_ids"] < first_new_id).all(dim=1)
+            local["retain"] += float(b["attention_mask"][text_only].sum())
         for m, caps in b["signal_captions"].items():
             local[f"mse_{m}"] += len(caps)
             local[f"denoise_{m}"] += len(caps)
