@@ -125,15 +125,15 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tmp_path_factory, tmp_path):
 
     judges = {"image": Judge.load(shipped_dir() / "judge-image")}
     options = EvalOptions(output=tmp_path, items=2, batch_size=2, max_new_tokens=8, steps=1, text_chunks=2,
-                          text_tokens=16, modalities=["image"])
+                          text_tokens=16, modalities=["image"], two_output_requests=3)
     report = run_eval(model, judges, options)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["x2t"]["image"].keys() == {"seen", "held_out"}
     for split in ("seen", "held_out"):
         t2x = saved["t2x"]["image"][split]
         assert 0.0 <= t2x["model"]["mean"] <= 1.0 and 0.0 <= t2x["oracle"]["mean"] <= 1.0
-    # x2t and t2x: 2 items x 2 splits each; 20 plain-chat prompts; 12 two-output requests
-    assert 0.0 <= report["routing"]["all"] <= 1.0 and report["routing"]["n"] == 4 + 4 + 20 + 12
+    # x2t and t2x: 2 items x 2 splits each; 20 plain-chat prompts; 3 two-output requests
+    assert 0.0 <= report["routing"]["all"] <= 1.0 and report["routing"]["n"] == 4 + 4 + 20 + 3
     # no LoRA here: the model differs from its base only by the signal rows' extra logits, which can
     # only add probability mass away from the text's tokens
     assert report["text"]["model"] >= report["text"]["base"] - 1e-6
