@@ -28,11 +28,20 @@ def _free_port() -> int:
 
 
 def _run(stage, sample_data, out, nproc, batch):
-    data = sample_data["chat" if stage == "instruct" else "pairs"]
-    fmt = "mmllm-chat" if stage == "instruct" else "mmllm-pairs"
+    if stage == "instruct":
+        # the text-only conversation again, weighted up, so that the retention KL (normalised over
+        # the whole step's text-only tokens) is part of what the two runs must agree on
+        chat = sample_data["chat"]
+        plain = out.parent / "plain.jsonl"
+        plain.write_text("".join(line + "\n" for line in chat.read_text().splitlines() if '"chat-plain"' in line))
+        data = (f"data=[{{path: {chat}, format: mmllm-chat}}, "
+                f"{{path: {plain}, format: mmllm-chat, weight: 8, allow_outside_root: true}}]")
+        extra = ["losses.retain=1.0"]
+    else:
+        data, extra = f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]", []
     args = ["-m", "mmllm.cli", "train", "--config", str(REPO / f"configs/stages/tiny/{STAGES[stage]}.yaml"),
             f"output_dir={out}", "report_to=none", "init_from=null", f"batch_size={batch}", "max_steps=4",
-            "grad_accum=2", "optim.name=sgd", "optim.lr=0.05", f"data=[{{path: {data}, format: {fmt}}}]"]
+            "grad_accum=2", "optim.name=sgd", "optim.lr=0.05", data, *extra]
     if nproc == 1:
         cmd = [sys.executable, *args]
     else:
