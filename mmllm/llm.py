@@ -43,6 +43,12 @@ def signal_token_strings(modality: str, count: int) -> list[str]:
     return [f"<{SIGNAL_PREFIX[modality]}_{i}>" for i in range(count)]
 
 
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token from an attention mask: the count of real tokens before it (padding at 0).
+    Training, the retention KL and generation all use this, so they see the same positions."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 class ExtendedEmbedding(nn.Module):
     def __init__(self, base: nn.Embedding, first_new_id: int, signal: nn.Parameter, num_placeholders: int):
         super().__init__()

@@ -34,7 +34,7 @@ from mmllm.config import (
 )
 from mmllm.decoders.base import MediaDecoder
 from mmllm.encoders.base import MediaEncoder
-from mmllm.llm import LLMCore
+from mmllm.llm import LLMCore, position_ids
 from mmllm.projections import InputProjection, OutputProjection
 
 log = logging.getLogger(__name__)
@@ -297,9 +297,8 @@ class AnyToAnyModel(nn.Module):
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         embeds = self.embed_inputs(input_ids, batch.get("media", {}), batch.get("media_features"))
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         hidden = self.llm.decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
         ).last_hidden_state
         return input_ids, embeds, hidden
 
@@ -370,8 +369,7 @@ class AnyToAnyModel(nn.Module):
         first_new = self.llm.first_new_id
         keep = mask.bool()
         with torch.no_grad(), self._peft_model.disable_adapter():
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-            core = self.llm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids).logits
+            core = self.llm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
             core_logp = F.log_softmax(core[keep][:, :first_new].float(), dim=-1)
         # The model's distribution spans the signal rows too: mass it puts there on plain text is lost.
         model_logp = F.log_softmax(self.llm.lm_head()(hidden[keep]).float(), dim=-1)[:, :first_new]

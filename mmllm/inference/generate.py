@@ -31,6 +31,7 @@ import torch
 
 from mmllm.data.media import MediaError, load_media
 from mmllm.data.template import TokenSpec, encode_prompt
+from mmllm.llm import position_ids
 
 log = logging.getLogger(__name__)
 
@@ -121,11 +122,6 @@ def collate(model, batch: list[PreparedRequest]) -> tuple[torch.Tensor, torch.Te
         for m, tensor in p.media.items():
             media.setdefault(m, []).append(tensor)
     return input_ids, mask, {m: torch.cat(v) for m, v in media.items()}
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """The formula ``generate`` uses: count of real tokens so far; padding at position 0."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def media_seed(seed: int, index: int) -> int:
