@@ -226,3 +226,4 @@ def test_retention_kl_reads_only_text_rows_and_teaches_the_adapter(sample_data, 
     with_signal_row["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
     assert "retain" not in model(batch([signal]), losses)
+

@@ -149,15 +149,15 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers(f"{cfg.stage}", config=_flat(to_dict(cfg)))
     world, rank = accelerator.num_processes, accelerator.process_index
-    pad_id = _unwrap(accelerator, model).llm.tokenizer.pad_token_id
+    inner = _unwrap(accelerator, model)  # the AnyToAnyModel under any DDP/FSDP wrapper
+    pad_id = inner.llm.tokenizer.pad_token_id
 
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                desc=cfg.stage, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    parts_keys = _part_keys(_unwrap(accelerator, model))
-    first_new_id = _unwrap(accelerator, model).llm.first_new_id
+    parts_keys = _part_keys(inner)
     nonfinite_in_row, since_save = 0, []
     model.train()
-    _freeze_dropout(_unwrap(accelerator, model))
+    _freeze_dropout(inner)
     fallback: dict[str, Any] | None = None
     for step in bar:
         batches = []
@@ -165,7 +165,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             picks = sampler.micro_batch(step, micro, cfg.grad_accum, rank, world, cfg.batch_size)
             batches.append(collate([datasets[d][i] for d, i in picks], pad_id))
             skipped += len(batches[-1]["skipped"])
-        normalizers = _global_counts(accelerator, batches, parts_keys, first_new_id)
+        normalizers = _global_counts(accelerator, batches, parts_keys, inner)
         optimizer.zero_grad(set_to_none=True)
         step_loss, parts = torch.zeros((), device=accelerator.device), {}
         for micro, batch in enumerate(batches):
@@ -282,7 +282,7 @@ def _part_keys(model: AnyToAnyModel) -> list[str]:
 
 
 def _global_counts(
-    accelerator, batches: list[dict[str, Any]], keys: list[str], first_new_id: int | None = None
+    accelerator, batches: list[dict[str, Any]], keys: list[str], model: AnyToAnyModel
 ) -> dict[str, float]:
     """Units (label tokens, text-only tokens, signal groups) per loss part over the whole step, summed over processes."""
     local = dict.fromkeys(keys, 0.0)
@@ -290,9 +290,7 @@ def _global_counts(
         if "labels" not in b:
             continue
         local["ce"] += float((b["labels"][:, 1:] != -100).sum())
-        if first_new_id is not None:
-            text_only = (b["input_ids"] < first_new_id).all(dim=1)
-            local["retain"] += float(b["attention_mask"][text_only].sum())
+        local["retain"] += float(b["attention_mask"][model.text_only_rows(b["input_ids"])].sum())
         for m, caps in b["signal_captions"].items():
             local[f"mse_{m}"] += len(caps)
             local[f"denoise_{m}"] += len(caps)
