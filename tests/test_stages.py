@@ -227,3 +227,8 @@ def test_retention_kl_reads_only_text_rows_and_teaches_the_adapter(sample_data, 
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
     assert "retain" not in model(batch([signal]), losses)
 
+
+def test_retention_without_a_lora_adapter_is_refused_before_training(sample_data, tmp_path):
+    cfg = stage_cfg("decode-align", sample_data, tmp_path, **{"losses.retain": 1.0})
+    with pytest.raises(ValueError, match=r"losses\.retain.*no adapter"):
+        build_model(cfg)

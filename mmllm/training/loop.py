@@ -65,6 +65,9 @@ def build_model(cfg: StageConfig) -> AnyToAnyModel:
         model.add_lora(load_lora(cfg.lora))
     elif flags["lora"] and model.lora_config is None:
         raise ValueError(f"stage {cfg.stage}: trainable.lora is on but no `lora:` file is set")
+    if cfg.losses.retain and model.lora_config is None:
+        raise ValueError(f"stage {cfg.stage}: losses.retain holds a LoRA adapter to the core without it, but "
+                         "the model has no adapter; set `lora:` or losses.retain=0")
     return model
 
 
