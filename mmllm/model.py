@@ -79,6 +79,9 @@ class AnyToAnyModel(nn.Module):
         self.checks = checks
         self.lora_config: LoraConfig | None = None
         self._peft_model = None  # a PeftModel wrapping llm.model (same modules), when LoRA is on
+        # Set by the training loop under FSDP: each sharded module's forward is a collective, so every
+        # process must run the same modules the same number of times, whatever its batch holds.
+        self.sharded = False
 
     # ------------------------------------------------------------------ assembly
     @classmethod
@@ -171,14 +174,15 @@ class AnyToAnyModel(nn.Module):
 
     def learned_state_dict(self) -> dict[str, torch.Tensor]:
         """Projections and signal rows (LoRA is saved separately, in PEFT's format)."""
-        out = {}
-        for group in ("input_projections", "output_projections", "signal_embeddings"):
-            for name, p in self.glue_parameters()[group].items():
-                t = p.detach()
-                if hasattr(t, "full_tensor"):  # an FSDP2 shard: gather (every process must call this)
-                    t = t.full_tensor()
-                out[name] = t.cpu().contiguous()
-        return out
+        groups = self.glue_parameters()
+        return {name: _whole(p) for g in ("input_projections", "output_projections", "signal_embeddings")
+                for name, p in groups[g].items()}
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The LoRA weights under PEFT's own names (for ``save_pretrained(state_dict=...)``); None without LoRA."""
+        if self._peft_model is None:
+            return None
+        return {n: _whole(p) for n, p in self._peft_model.named_parameters() if "lora_" in n}
 
     def load_learned_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
         """Strict: every key must be present with the same shape; extra keys are refused."""
@@ -357,8 +361,22 @@ class AnyToAnyModel(nn.Module):
                 kl_sum = self._retention_kl(input_ids[rows], mask, hidden[rows])
                 out["retain"] = kl_sum / norm("retain", int(mask.sum()))
                 total = total + losses.retain * out["retain"]
-        out["loss"] = total
+            elif self.sharded:  # no text-only row here, but the other processes run the core: join them
+                first = slice(0, 1)
+                total = total + 0.0 * self._retention_kl(
+                    input_ids[first], batch["attention_mask"].to(self.device)[first], hidden[first])
+        out["loss"] = total + self._every_glue_parameter_in_graph()
         return out
+
+    def _every_glue_parameter_in_graph(self) -> torch.Tensor | float:
+        """0 x every trainable projection parameter and signal row, so that each gets a gradient on
+        every process whatever its batch holds. FSDP reduce-scatters the gradients a process *has*: a
+        rank whose batch lacks video would send fewer and break the collective. (LoRA needs nothing:
+        every layer runs on every batch.) Adds exact zeros to the gradients."""
+        params = [*self.input_projections.parameters(), *self.output_projections.parameters(),
+                  *self.llm.signal_parameters().values()]
+        touched = [p.sum() for p in params if p.requires_grad]
+        return sum(touched) * 0.0 if touched else 0.0
 
     def text_only_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Rows without any added token (signal tokens, media placeholders): plain text the core reads."""
@@ -400,6 +418,14 @@ class AnyToAnyModel(nn.Module):
         from mmllm.inference.generate import generate
 
         return generate(self, *args, **kwargs)
+
+
+def _whole(p: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy; an FSDP2 shard is gathered first (a collective: every process calls it)."""
+    t = p.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.cpu().contiguous()
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype:

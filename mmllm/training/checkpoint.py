@@ -138,13 +138,14 @@ def _token_additions(model) -> dict[str, Any]:
             "placeholder_ids": model.llm.placeholder_ids}
 
 
-def _write_model_files(model, root: Path, extra: dict[str, Any], learned: dict | None = None) -> None:
+def _write_model_files(model, root: Path, extra: dict[str, Any], gathered: tuple[dict, dict | None] | None = None) -> None:
+    """``gathered``: (learned, LoRA) state dicts when the caller gathered them (FSDP: on every process)."""
     meta = {"format_version": FORMAT_VERSION, **model.describe(), "tokens": _token_additions(model), **extra}
     (root / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
-    learned = model.learned_state_dict() if learned is None else learned
+    learned, lora = gathered if gathered is not None else (model.learned_state_dict(), model.lora_state_dict())
     save_file(learned, str(root / LEARNED_FILE), metadata={"format": "pt"})
     if model._peft_model is not None:
-        model._peft_model.save_pretrained(str(root / ADAPTER_DIR))
+        model._peft_model.save_pretrained(str(root / ADAPTER_DIR), state_dict=lora)
 
 
 def save_model_checkpoint(model, directory: Path, extra: dict[str, Any]) -> Path:
@@ -226,10 +227,40 @@ def load_learned_into(model, directory: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def save_training_state(root: Path, optimizer, scheduler, step: int, extra: dict[str, Any]) -> None:
+def optimizer_state(model, optimizer) -> dict[str, Any]:
+    """The optimizer's state keyed by parameter name and whole -- FSDP shards gathered -- on the main
+    process (the others get an empty dict). A collective under FSDP: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, _bare_optimizer(optimizer),
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def restore_optimizer_state(model, optimizer, root: Path) -> None:
+    """Load the optimizer state saved under ``root`` into ``optimizer`` as it is now: after
+    ``accelerator.prepare``, so that under FSDP each process keeps the shards of its parameters.
+    Every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    saved = torch.load(Path(root) / STATE_DIR / "optimizer.pt", weights_only=True)
+    opt = _bare_optimizer(optimizer)
+    if any(isinstance(k, int) for k in saved["state"]) or not saved["state"]:
+        # Positional (written before names were used) or stateless (SGD without momentum): the
+        # parameters are in the same order, and no tensor needs sharding.
+        opt.load_state_dict(saved)
+        return
+    set_optimizer_state_dict(model, opt, saved, options=StateDictOptions(full_state_dict=True))
+
+
+def _bare_optimizer(optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+
+
+def save_training_state(root: Path, optim_state: dict[str, Any], scheduler, step: int, extra: dict[str, Any]) -> None:
+    """``optim_state`` from :func:`optimizer_state`; the RNG saved is this (the main) process's."""
     state = root / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
-    torch.save(optimizer.state_dict(), state / "optimizer.pt")
+    torch.save(optim_state, state / "optimizer.pt")
     torch.save(scheduler.state_dict(), state / "scheduler.pt")
     torch.save(
         {
@@ -243,12 +274,12 @@ def save_training_state(root: Path, optimizer, scheduler, step: int, extra: dict
     (state / "progress.json").write_text(json.dumps({"step": step, **extra}, indent=1))
 
 
-def load_training_state(root: Path, optimizer, scheduler) -> dict[str, Any]:
-    """Restore optimizer, scheduler and RNG from a checkpoint this library wrote (manifest-verified)."""
+def load_training_state(root: Path, scheduler) -> dict[str, Any]:
+    """Restore scheduler and RNG from a checkpoint this library wrote (manifest-verified); the
+    optimizer follows after ``prepare`` (:func:`restore_optimizer_state`)."""
     state = Path(root) / STATE_DIR
     if not (state / "progress.json").is_file():
         raise CheckpointError(f"{root}: no {STATE_DIR}/ to resume from (it was saved without training state)")
-    optimizer.load_state_dict(torch.load(state / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
     rng = torch.load(state / "rng.pt", weights_only=False)  # our own file, hash-verified by the manifest
     random.setstate(rng["python"])

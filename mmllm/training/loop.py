@@ -89,7 +89,7 @@ def lr_lambda(cfg: StageConfig):
 
 def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
     out_dir = Path(cfg.output_dir)
     if accelerator is None:
@@ -142,17 +142,22 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             log.warning("--resume: no complete checkpoint under %s; starting from step 0", out_dir)
         else:
             ckpt.load_learned_into(model, last)  # the files only: no second copy of the model
-            progress = ckpt.load_training_state(last, optimizer, scheduler)
+            progress = ckpt.load_training_state(last, scheduler)
             start_step, losses, skipped = progress["step"], progress.get("losses", []), progress.get("skipped", 0)
             log.info("resumed from %s at step %d", last, start_step)
 
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP replaces parameters with sharded ones: look them up again after prepare.
     params = [p for p in model.parameters() if p.requires_grad]
+    if start_step:
+        ckpt.restore_optimizer_state(model, optimizer, last)  # sharded as the parameters now are
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers(f"{cfg.stage}", config=_flat(to_dict(cfg)))
     world, rank = accelerator.num_processes, accelerator.process_index
+    log.info("%d process(es), %s, device %s, mixed precision %s", world, accelerator.distributed_type.value,
+             accelerator.device, accelerator.mixed_precision)
     inner = _unwrap(accelerator, model)  # the AnyToAnyModel under any DDP/FSDP wrapper
+    inner.sharded = accelerator.distributed_type == DistributedType.FSDP
     pad_id = inner.llm.tokenizer.pad_token_id
 
     bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
@@ -305,7 +310,9 @@ def _global_counts(
 def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> bool:
     bad = 0.0 if math.isfinite(loss) else 1.0
     for p in params:
-        if p.grad is not None and not bool(torch.isfinite(p.grad).all()):
+        # an FSDP shard's local part: a DTensor's .all() would be a collective, and ranks leave this loop apart
+        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        if grad is not None and not bool(torch.isfinite(grad).all()):
             bad = 1.0
             break
     return float(accelerator.reduce(torch.tensor(bad, device=accelerator.device), "sum")) == 0.0
@@ -314,13 +321,15 @@ def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> b
 def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped, metric) -> None:
     accelerator.wait_for_everyone()
     inner = _unwrap(accelerator, model)
-    learned = inner.learned_state_dict()  # on every process: gathers sharded (FSDP) parameters
+    # on every process: under FSDP these gather the shards
+    gathered = inner.learned_state_dict(), inner.lora_state_dict()
+    optim_state = ckpt.optimizer_state(model, optimizer)
     if accelerator.is_main_process:
         extra = ckpt.stage_meta(cfg) | {"step": step, "metric": metric}
 
         def fill(tmp: Path) -> None:
-            ckpt._write_model_files(inner, tmp, extra, learned)
-            ckpt.save_training_state(tmp, optimizer, scheduler, step, {"losses": losses, "skipped": skipped})
+            ckpt._write_model_files(inner, tmp, extra, gathered)
+            ckpt.save_training_state(tmp, optim_state, scheduler, step, {"losses": losses, "skipped": skipped})
 
         path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
         ckpt.record_best(out_dir, path, metric, enabled=cfg.keep_best)
