@@ -1,8 +1,11 @@
 """Two processes on CPU (gloo) with per-process batch b match one process with batch 2b: the same
-losses and the same final trainable weights, for every stage. Checkpoints are written once."""
+losses and the same final trainable weights, for every stage, under DDP and under FSDP (the shipped
+configs/accelerate/fsdp.yaml; see tests/fsdp_on_cpu.py). Checkpoints are written once, and an FSDP
+run resumes with its sharded optimizer state restored."""
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,47 +30,100 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(stage, sample_data, out, nproc, batch):
+def _launch(nproc: int, launcher: str) -> list[str]:
+    """The command that runs `mmllm.cli ...` in ``nproc`` processes."""
+    if nproc == 1:
+        return [sys.executable, "-m", "mmllm.cli"]
+    if launcher == "ddp":
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={_free_port()}", "-m", "mmllm.cli"]
+    # the shipped FSDP config as users launch it, on CPU processes without mixed precision
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "configs/accelerate/fsdp.yaml"), f"--num_processes={nproc}", "--mixed_precision=no",
+            f"--main_process_port={_free_port()}", "-m", "tests.fsdp_on_cpu"]
+
+
+def _stage_args(stage, sample_data, out, batch, *extra):
     if stage == "instruct":
         # the text-only conversation again, weighted up, so that the retention KL (normalised over
         # the whole step's text-only tokens) is part of what the two runs must agree on
         chat = sample_data["chat"]
-        plain = out.parent / "plain.jsonl"
+        plain = out.parent / f"{out.name}-plain.jsonl"
         plain.write_text("".join(line + "\n" for line in chat.read_text().splitlines() if '"chat-plain"' in line))
         data = (f"data=[{{path: {chat}, format: mmllm-chat}}, "
                 f"{{path: {plain}, format: mmllm-chat, weight: 8, allow_outside_root: true}}]")
-        extra = ["losses.retain=1.0"]
+        extra = ("losses.retain=1.0", *extra)
     else:
-        data, extra = f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]", []
-    args = ["-m", "mmllm.cli", "train", "--config", str(REPO / f"configs/stages/tiny/{STAGES[stage]}.yaml"),
+        data = f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"
+    return ["train", "--config", str(REPO / f"configs/stages/tiny/{STAGES[stage]}.yaml"),
             f"output_dir={out}", "report_to=none", "init_from=null", f"batch_size={batch}", "max_steps=4",
-            "grad_accum=2", "optim.name=sgd", "optim.lr=0.05", data, *extra]
-    if nproc == 1:
-        cmd = [sys.executable, *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={_free_port()}", *args]
+            "grad_accum=2", data, *extra]
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return out / "step-4"
+    return proc
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_two_processes_match_one_process_with_twice_the_batch(stage, sample_data, tmp_path):
-    one = _run(stage, sample_data, tmp_path / "one", nproc=1, batch=4)
-    two = _run(stage, sample_data, tmp_path / "two", nproc=2, batch=2)
-    la = json.loads((one / "training_state/progress.json").read_text())["losses"]
-    lb = json.loads((two / "training_state/progress.json").read_text())["losses"]
-    assert lb == pytest.approx(la, rel=TOLERANCE)
+def _assert_same_weights(a, b, stage, atol):
     files = ["learned.safetensors"] + (["adapter/adapter_model.safetensors"] if stage == "instruct" else [])
     for name in files:
-        a, b = load_file(str(one / name)), load_file(str(two / name))
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=0, atol=TOLERANCE, msg=k)
+        wa, wb = load_file(str(a / name)), load_file(str(b / name))
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=atol, msg=k)
+
+
+def _losses(checkpoint):
+    return json.loads((checkpoint / "training_state/progress.json").read_text())["losses"]
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(sample_data, tmp_path_factory):
+    """Per stage, the 1-process batch-4 reference run (made once, shared by the DDP and FSDP tests)."""
+    root, done = tmp_path_factory.mktemp("one"), {}
+
+    def get(stage):
+        if stage not in done:
+            out = root / stage
+            _run(_launch(1, "") + _stage_args(stage, sample_data, out, 4, "optim.name=sgd", "optim.lr=0.05"))
+            done[stage] = out / "step-4"
+        return done[stage]
+
+    return get
+
+
+@pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_two_processes_match_one_process_with_twice_the_batch(stage, launcher, sample_data, one_process_runs,
+                                                              tmp_path):
+    one = one_process_runs(stage)
+    proc = _run(_launch(2, launcher) + _stage_args(stage, sample_data, tmp_path / "two", 2,
+                                                   "optim.name=sgd", "optim.lr=0.05"))
+    assert f"2 process(es), {'FSDP' if launcher == 'fsdp' else 'MULTI_'}" in proc.stderr
+    two = tmp_path / "two" / "step-4"
+    assert _losses(two) == pytest.approx(_losses(one), rel=TOLERANCE)
+    _assert_same_weights(one, two, stage, TOLERANCE)
     # written once, by the main process: one complete checkpoint per save, no stray temp dirs
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith((".", "step-"))) == ["step-4"]
+
+
+def test_an_fsdp_run_resumes_with_its_sharded_optimizer_state(sample_data, tmp_path):
+    """AdamW's moments are sharded like the parameters: saved whole, re-sharded on resume. Without
+    them the resumed steps would differ by about lr."""
+    args = ("save_every=2",)
+    _run(_launch(2, "fsdp") + _stage_args("instruct", sample_data, tmp_path / "full", 2, *args))
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    shutil.rmtree(cut / "step-4")  # as if killed after step 2's checkpoint
+    (cut / "final.json").unlink()
+    proc = _run(_launch(2, "fsdp") + _stage_args("instruct", sample_data, cut, 2, *args) + ["--resume"])
+    assert "resumed from" in proc.stderr
+    full, resumed = tmp_path / "full" / "step-4", cut / "step-4"
+    assert _losses(resumed) == pytest.approx(_losses(full), rel=1e-6)
+    _assert_same_weights(full, resumed, "instruct", 1e-6)
 
 
 def test_a_process_whose_whole_micro_batch_is_unreadable_does_not_hang(sample_data, tmp_path):
