@@ -76,8 +76,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is typing.Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        if isinstance(value, bool) or value not in args:
+            hint = (" (YAML reads an unquoted no/yes/off/on as false/true: quote the word, e.g. 'no')"
+                    if isinstance(value, bool) else "")
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{hint}")
         return value
     if tp is bool:
         if isinstance(value, bool):
@@ -361,7 +363,8 @@ class StageConfig:
     grad_accum: int = 1
     max_steps: int = 100
     seed: int = 0
-    mixed_precision: typing.Literal["no", "bf16", "fp16"] = "no"
+    # null = as launched (`accelerate launch --mixed_precision` / its config file), else no
+    mixed_precision: typing.Literal["no", "bf16", "fp16"] | None = None
     grad_checkpointing: bool = False
     log_every: int = 10
     save_every: int = 0  # 0 = only at the end

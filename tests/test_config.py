@@ -62,3 +62,5 @@ def test_bad_values_and_missing_files_are_reported():
         load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["max_steps=many"])
     with pytest.raises(ConfigError, match="decay.*not one of"):
         load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["schedule.decay=zigzag"])
+    with pytest.raises(ConfigError, match="mixed_precision: False is not one of .*quote the word"):
+        load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["mixed_precision=no"])  # YAML's no = false

@@ -1,6 +1,8 @@
 """The three stages on the tiny assembly: exactly the declared parameters learn, the loss goes
 down, every frozen part is bit-identical afterwards, checkpoints reload exactly, resume is exact."""
 
+import logging
+
 import pytest
 import torch
 
@@ -151,6 +153,16 @@ def test_bf16_mixed_precision_trains(sample_data, tmp_path):
     result = train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3, mixed_precision="bf16"))
     assert all(torch.isfinite(torch.tensor(result.losses)))
     assert result.losses[-1] < result.losses[0]
+
+
+@pytest.mark.parametrize("in_yaml", [None, "'no'"])
+def test_mixed_precision_comes_from_the_launcher_unless_the_stage_sets_it(in_yaml, sample_data, tmp_path,
+                                                                          monkeypatch, caplog):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    extra = {"mixed_precision": in_yaml} if in_yaml else {}
+    with caplog.at_level(logging.INFO, logger="mmllm.training.loop"):
+        train(stage_cfg("encode-align", sample_data, tmp_path, max_steps=1, **extra))
+    assert f"mixed precision {'no' if in_yaml else 'bf16'}" in caplog.text
 
 
 def test_denoising_loss_trains_the_output_projection_through_the_frozen_unet(sample_data, tmp_path):
