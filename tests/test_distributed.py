@@ -22,6 +22,7 @@ from tests.test_stages import STAGES
 # reduction-order noise into steps of about lr and hide what this test checks -- that the two
 # runs compute the same gradients.
 TOLERANCE = 1e-5
+BF16_REL = 1e-2  # bf16 rounds to ~0.4% (and FSDP reports the losses in bf16); measured: 0.17% at most
 
 
 def _free_port() -> int:
@@ -108,6 +109,15 @@ def test_two_processes_match_one_process_with_twice_the_batch(stage, launcher, s
     _assert_same_weights(one, two, stage, TOLERANCE)
     # written once, by the main process: one complete checkpoint per save, no stray temp dirs
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith((".", "step-"))) == ["step-4"]
+
+
+def test_fsdp_in_the_shipped_configs_bf16_trains_like_fp32(sample_data, one_process_runs, tmp_path):
+    """Under FSDP's bf16 policy the sharded LLM computes in bf16 while the frozen encoders and decoders
+    (fsdp_ignored_modules) keep their own dtype under autocast; the losses follow the fp32 run."""
+    cmd = [c for c in _launch(2, "fsdp") if c != "--mixed_precision=no"]
+    proc = _run(cmd + _stage_args("instruct", sample_data, tmp_path / "bf16", 2, "optim.name=sgd", "optim.lr=0.05"))
+    assert "2 process(es), FSDP, device cpu:0, mixed precision bf16" in proc.stderr
+    assert _losses(tmp_path / "bf16" / "step-4") == pytest.approx(_losses(one_process_runs("instruct")), rel=BF16_REL)
 
 
 def test_an_fsdp_run_resumes_with_its_sharded_optimizer_state(sample_data, tmp_path):
