@@ -157,6 +157,20 @@ class AnyToAnyModel(nn.Module):
             raise ConfigError(f"lora.target_modules {cfg.target_modules}: {exc}") from exc
         self.lora_config = cfg
 
+    def set_lora_dropout(self, p: float) -> None:
+        """Change the attached adapter's dropout (the one LoRA setting that does not change its weights)."""
+        from dataclasses import replace
+
+        from peft.tuners.lora import LoraLayer
+
+        if self._peft_model is None or self.lora_config is None:
+            raise RuntimeError("no LoRA adapter is attached")
+        for module in self.llm.model.modules():
+            if isinstance(module, LoraLayer):
+                for name in list(module.lora_dropout):
+                    module.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.lora_config = replace(self.lora_config, dropout=p)
+
     def lora_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.llm.model.named_parameters() if "lora_" in n}
 

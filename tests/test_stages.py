@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from mmllm.config import load_stage
+from mmllm.config import ConfigError, load_stage
 from mmllm.data.dataset import StageDataset, collate, load_stage_records
 from mmllm.model import AnyToAnyModel
 from mmllm.training.freeze import apply_trainable
@@ -244,3 +244,16 @@ def test_retention_without_a_lora_adapter_is_refused_before_training(sample_data
     cfg = stage_cfg("decode-align", sample_data, tmp_path, **{"losses.retain": 1.0})
     with pytest.raises(ValueError, match=r"losses\.retain.*no adapter"):
         build_model(cfg)
+
+
+def test_a_continued_adapter_takes_the_stage_files_dropout_and_refuses_another_shape(sample_data, tmp_path):
+    first = train(stage_cfg("instruct", sample_data, tmp_path / "a", max_steps=1))
+    lora = tmp_path / "lora.yaml"
+    lora.write_text("r: 4\nalpha: 8\ndropout: 0.2\ntarget_modules: [v_proj, q_proj]\n")
+    model = build_model(stage_cfg("instruct", sample_data, tmp_path / "b", init_from=first.final_checkpoint, lora=lora))
+    drops = [m for n, m in model.llm.model.named_modules() if n.endswith("lora_dropout.default")]
+    assert drops and all(isinstance(m, torch.nn.Dropout) and m.p == 0.2 for m in drops)
+    assert model.lora_config.dropout == 0.2
+    lora.write_text("r: 8\nalpha: 8\ndropout: 0.0\ntarget_modules: [q_proj, v_proj]\n")
+    with pytest.raises(ConfigError, match=r"r: 4 \(checkpoint\) vs 8"):
+        build_model(stage_cfg("instruct", sample_data, tmp_path / "c", init_from=first.final_checkpoint, lora=lora))

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmllm.config import StageConfig, load_assembly, load_lora, to_dict
+from mmllm.config import ConfigError, LoraConfig, StageConfig, load_assembly, load_lora, to_dict
 from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
@@ -63,12 +63,31 @@ def build_model(cfg: StageConfig) -> AnyToAnyModel:
     flags = cfg.resolved_trainable()
     if cfg.lora and model.lora_config is None:
         model.add_lora(load_lora(cfg.lora))
+    elif cfg.lora:
+        _continue_adapter(model, load_lora(cfg.lora), cfg)
     elif flags["lora"] and model.lora_config is None:
         raise ValueError(f"stage {cfg.stage}: trainable.lora is on but no `lora:` file is set")
     if cfg.losses.retain and model.lora_config is None:
         raise ValueError(f"stage {cfg.stage}: losses.retain holds a LoRA adapter to the core without it, but "
                          "the model has no adapter; set `lora:` or losses.retain=0")
     return model
+
+
+def _continue_adapter(model: AnyToAnyModel, wanted: LoraConfig, cfg: StageConfig) -> None:
+    """init_from carries an adapter and the stage names a `lora:` file: the adapter's shape must be
+    what the file says; its dropout follows the file."""
+    have = model.lora_config
+    differ = [f"{k}: {getattr(have, k)} (checkpoint) vs {getattr(wanted, k)} ({cfg.lora})"
+              for k in ("r", "alpha") if getattr(have, k) != getattr(wanted, k)]
+    if sorted(have.target_modules) != sorted(wanted.target_modules):
+        differ.append(f"target_modules: {have.target_modules} (checkpoint) vs {wanted.target_modules} ({cfg.lora})")
+    if differ:
+        raise ConfigError(f"init_from {cfg.init_from} carries a LoRA adapter that the stage's lora file does not "
+                          f"describe: {'; '.join(differ)}. Continue the adapter as it is (drop `lora:` or "
+                          "make the file match), or start from a checkpoint without one")
+    if wanted.dropout != have.dropout:
+        log.info("LoRA dropout %s -> %s (%s)", have.dropout, wanted.dropout, cfg.lora)
+        model.set_lora_dropout(wanted.dropout)
 
 
 def lr_lambda(cfg: StageConfig):
