@@ -122,6 +122,8 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
     check_output_dir(out_dir)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        _autocast_under_fsdp(accelerator.state.fsdp_plugin)
     set_seed(cfg.seed)
     model = build_model(cfg)
     flags = cfg.resolved_trainable()
@@ -269,6 +271,20 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers and, when distributed, the process group
     return TrainResult(out_dir, final, losses, skipped, cfg.max_steps)
+
+
+def _autocast_under_fsdp(plugin) -> None:
+    """Mixed precision under FSDP is autocast, as on one process: FSDP keeps every parameter in its own
+    dtype and reduces gradients in fp32. Accelerate's bf16 policy would cast all sharded parameters
+    to bf16 -- the frozen core's norms and residual stream, and the learned glue too -- which on the
+    embedded default took the losses well away from fp32 where autocast stays close (README). To
+    halve the frozen core's memory and all-gather traffic, give it `dtype: bfloat16` in the assembly."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if plugin.fsdp_version != 2:
+        raise ConfigError(f"FSDP version {plugin.fsdp_version}: mmllm trains with FSDP2; set `fsdp_version: 2` "
+                          "in the accelerate config (see configs/accelerate/fsdp.yaml)")
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
 
 
 def _reset_single_process_state() -> None:
