@@ -13,7 +13,12 @@ log = logging.getLogger("mmllm")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    # Under torchrun / accelerate launch, the other processes report warnings and errors only: their
+    # INFO lines (parameter tables, progress, "done") would repeat the main process's word for word.
+    level = logging.DEBUG if verbose else logging.INFO
+    if os.environ.get("RANK", "0") != "0":
+        level = logging.WARNING
+    logging.basicConfig(level=level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
