@@ -159,6 +159,20 @@ def test_a_process_whose_whole_micro_batch_is_unreadable_does_not_hang(sample_da
     assert "skipping sample broken" in proc.stderr
 
 
+def test_a_run_saved_by_two_fsdp_processes_resumes_in_one(sample_data, tmp_path):
+    """The optimizer state is saved whole and by parameter name, and the sampler reads the same samples
+    for W processes x batch b as for one with W*b: a 2-process FSDP run continues in one process."""
+    args = ("optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "save_every=2")
+    _run(_launch(1, "") + _stage_args("instruct", sample_data, tmp_path / "one", 4, *args))
+    _run(_launch(2, "fsdp") + _stage_args("instruct", sample_data, tmp_path / "cut", 2, *args))
+    shutil.rmtree(tmp_path / "cut" / "step-4")
+    proc = _run(_launch(1, "") + _stage_args("instruct", sample_data, tmp_path / "cut", 4, *args) + ["--resume"])
+    assert "resumed from" in proc.stderr
+    one, resumed = tmp_path / "one" / "step-4", tmp_path / "cut" / "step-4"
+    assert _losses(resumed) == pytest.approx(_losses(one), rel=TOLERANCE)
+    _assert_same_weights(one, resumed, "instruct", TOLERANCE)
+
+
 def test_fsdp_version_1_is_refused_and_version_2_gets_autocast():
     from types import SimpleNamespace
 
