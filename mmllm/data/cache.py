@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +32,7 @@ from typing import Any
 
 import torch
 
+from mmllm.atomic import atomic_write
 from mmllm.data.fingerprint import CACHE_FORMAT_VERSION
 
 log = logging.getLogger(__name__)
@@ -50,25 +49,6 @@ def section_name(kind: str, modality: str, fingerprint: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"cache section kind must be one of {KINDS}, got {kind!r}")
     return f"{kind}-{modality}-{fingerprint}"
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a shared cache must be readable
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -189,7 +169,7 @@ class FeatureCache:
             entry["shards"] = [*entry.get("shards", []), shard]
             entry["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             text = json.dumps(index, indent=1, sort_keys=True, default=str)
-            _atomic_write(self.directory / INDEX, lambda tmp: tmp.write_text(text))
+            atomic_write(self.directory / INDEX, lambda tmp: tmp.write_text(text))
         self.reload()
 
 
@@ -224,7 +204,7 @@ class CacheWriter:
         shard = f"{self.name}-{uuid.uuid4().hex[:10]}.safetensors"
         meta = {k: str(v) for k, v in self.info.items() if k != "component"}
         tensors = self.buffer
-        _atomic_write(self.cache.directory / shard, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+        atomic_write(self.cache.directory / shard, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
         self.cache.add_shard(self.name, self.info, shard)
         self.written += len(self.buffer)
         log.info("feature cache: wrote %d %s tensor(s) to %s", len(self.buffer), self.name, shard)

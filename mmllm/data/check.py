@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mmllm.atomic import atomic_write_text
 from mmllm.data.formats import PAIR_FORMATS, CaptionPair, Conversation, read_dataset
 from mmllm.data.media import MediaError, load_media
 from mmllm.data.precomputed import EmbeddingShapeError, load_embedding
@@ -92,7 +93,7 @@ class CheckReport:
         return "\n".join(lines)
 
     def write_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1, default=str))
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1, default=str))
 
 
 def _counts(c: Counter) -> str:

@@ -18,8 +18,6 @@ so bump it whenever decoding changes what an encoder would see.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -27,6 +25,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mmllm.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -219,51 +219,27 @@ def load_media(modality: str, path: str | Path):
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_target(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
-def _commit(tmp: Path, path: Path) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def save_image(image: Image.Image, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     from PIL.PngImagePlugin import PngInfo
 
-    path = Path(path)
-    tmp = _atomic_target(path)
     info = PngInfo()
     for k, v in (metadata or {}).items():
         info.add_text(k, str(v))
-    try:
-        image.save(tmp, format="PNG", pnginfo=info)
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def save_audio(audio: Audio, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """16-bit PCM WAV; metadata goes into the RIFF INFO comment."""
     import soundfile as sf
 
-    path = Path(path)
-    tmp = _atomic_target(path)
-    try:
+    def write(tmp: Path) -> None:
         with sf.SoundFile(tmp, "w", samplerate=audio.sample_rate, channels=audio.waveform.shape[1],
                           subtype="PCM_16", format="WAV") as fh:
             if metadata:
                 fh.comment = "; ".join(f"{k}={v}" for k, v in metadata.items())[:1000]
             fh.write(np.clip(audio.waveform, -1.0, 1.0))
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return atomic_write(path, write)
 
 
 def save_video(video: Video, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -275,16 +251,10 @@ def save_video(video: Video, path: str | Path, metadata: dict[str, str] | None =
         except Exception as exc:  # no H.264 encoder in this build of PyAV
             log.warning("MP4 encoding failed (%s); writing GIF instead", exc)
             path = path.with_suffix(".gif")
-    tmp = _atomic_target(path)
-    try:
-        frames = video.frames
-        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
-                       duration=int(1000 / max(video.fps, 1)), loop=0,
-                       comment=("; ".join(f"{k}={v}" for k, v in (metadata or {}).items())).encode()[:255])
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    frames = video.frames
+    return atomic_write(path, lambda tmp: frames[0].save(
+        tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / max(video.fps, 1)),
+        loop=0, comment=("; ".join(f"{k}={v}" for k, v in (metadata or {}).items())).encode()[:255]))
 
 
 def save_media(modality: str, item: Any, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -298,12 +268,12 @@ def save_media(modality: str, item: Any, path: str | Path, metadata: dict[str, s
 def _save_mp4(video: Video, path: Path, metadata: dict[str, str] | None) -> Path:
     import av
 
-    tmp = _atomic_target(path)
-    try:
-        w, h = video.frames[0].size
-        # H.264 with yuv420p needs even sizes; upscale small clips so players show them.
-        scale = max(1, 128 // max(min(w, h), 1))
-        W, H = (w * scale) // 2 * 2, (h * scale) // 2 * 2
+    w, h = video.frames[0].size
+    # H.264 with yuv420p needs even sizes; upscale small clips so players show them.
+    scale = max(1, 128 // max(min(w, h), 1))
+    W, H = (w * scale) // 2 * 2, (h * scale) // 2 * 2
+
+    def write(tmp: Path) -> None:
         with av.open(str(tmp), mode="w", format="mp4") as container:
             for k, v in (metadata or {}).items():
                 container.metadata[k] = str(v)
@@ -315,7 +285,5 @@ def _save_mp4(video: Video, path: Path, metadata: dict[str, str] | None) -> Path
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        _commit(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return atomic_write(path, write)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
+
+from mmllm.atomic import atomic_write_text
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")
@@ -90,11 +90,4 @@ def write_gallery(out: Path) -> Path:
     """Render ``out/results.jsonl`` into ``out/index.html`` (atomically)."""
     out = Path(out)
     page = render_gallery(latest_records(out / "results.jsonl"))
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".index.", suffix=".html")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-        os.replace(tmp, out / "index.html")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return out / "index.html"
+    return atomic_write_text(out / "index.html", page)

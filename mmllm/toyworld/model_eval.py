@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mmllm.atomic import atomic_write_text
 from mmllm.inference.generate import Request
 from mmllm.toyworld.evaluate import decoder_accuracy
 from mmllm.toyworld.judges import Judge, attribute_accuracy
@@ -173,11 +174,7 @@ def run_eval(model, judges: dict[str, Judge], options: EvalOptions) -> dict[str,
         passages = held_out_text(model.llm.tokenizer, options.text_chunks, options.text_tokens)
         report["text"] = perplexities(model, passages)
 
-    options.output.mkdir(parents=True, exist_ok=True)
-    path = options.output / "eval.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(path)
+    atomic_write_text(options.output / "eval.json", json.dumps(report, indent=2))
     return report
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmllm.atomic import atomic_write_text
 from mmllm.data.media import Video, save_audio
 from mmllm.toyworld import parts as P
 from mmllm.toyworld.evaluate import decoder_accuracy, judge_accuracy, retrieval_accuracy
@@ -108,7 +109,7 @@ def run_report(options: ReportOptions) -> dict[str, Any]:
         sheet = contact_sheet(sheet_rows)
         sheet.save(options.output / "contact_sheet.png")
         report["contact_sheet"] = str(options.output / "contact_sheet.png")
-    (options.output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(options.output / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from mmllm.atomic import atomic_write_text
 from mmllm.data.media import save_media
 from mmllm.toyworld.world import MODALITIES, Combo, World
 
@@ -265,13 +265,7 @@ class _Writer:
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(rec) + "\n" for rec in records))
 
 
 def read_plain_answers(path: Path) -> list[dict[str, str]]:

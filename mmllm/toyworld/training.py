@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from mmllm.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,7 @@ class TrainResult:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def train(

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmllm.atomic import atomic_write_text
 from mmllm.config import ConfigError, from_dict, parse_assembly, to_dict
 
 log = logging.getLogger(__name__)
@@ -311,9 +312,7 @@ def record_best(output_dir: Path, checkpoint: Path, metric: float, enabled: bool
     path = Path(output_dir) / BEST_FILE
     best = json.loads(path.read_text()) if path.is_file() else None
     if best is None or metric < best["metric"] or not (Path(output_dir) / best["checkpoint"]).is_dir():
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"checkpoint": checkpoint.name, "metric": metric}))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps({"checkpoint": checkpoint.name, "metric": metric}))
 
 
 def prune_checkpoints(output_dir: Path, keep_last: int) -> None:

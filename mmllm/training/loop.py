@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mmllm.atomic import atomic_write_text
 from mmllm.config import ConfigError, LoraConfig, StageConfig, load_assembly, load_lora, to_dict
 from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records
 from mmllm.data.precomputed import open_precomputed
@@ -374,7 +375,7 @@ def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, s
 
 
 def _link_final(out_dir: Path, final: Path) -> None:
-    (out_dir / "final.json").write_text(json.dumps({"checkpoint": final.name}))
+    atomic_write_text(out_dir / "final.json", json.dumps({"checkpoint": final.name}))
 
 
 def _unwrap(accelerator, model) -> AnyToAnyModel:
