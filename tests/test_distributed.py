@@ -1,6 +1,6 @@
 """Two processes on CPU (gloo) with per-process batch b match one process with batch 2b: the same
 losses and the same final trainable weights, for every stage, under DDP and under FSDP (the shipped
-configs/accelerate/fsdp.yaml; see tests/fsdp_on_cpu.py). Checkpoints are written once, and an FSDP
+configs/accelerate/ddp.yaml and fsdp.yaml; see tests/fsdp_on_cpu.py). Checkpoints are written once, and an FSDP
 run resumes with its sharded optimizer state restored."""
 
 import json
@@ -35,13 +35,12 @@ def _launch(nproc: int, launcher: str) -> list[str]:
     """The command that runs `mmllm.cli ...` in ``nproc`` processes."""
     if nproc == 1:
         return [sys.executable, "-m", "mmllm.cli"]
-    if launcher == "ddp":
-        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-                f"--master_port={_free_port()}", "-m", "mmllm.cli"]
-    # the shipped FSDP config as users launch it, on CPU processes without mixed precision
+    # the shipped config as users launch it, on CPU processes without mixed precision (DDP on CPU is
+    # Accelerate's MULTI_CPU; torchrun is exercised by the unreadable-micro-batch test below)
+    module = "mmllm.cli" if launcher == "ddp" else "tests.fsdp_on_cpu"
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(REPO / "configs/accelerate/fsdp.yaml"), f"--num_processes={nproc}", "--mixed_precision=no",
-            f"--main_process_port={_free_port()}", "-m", "tests.fsdp_on_cpu"]
+            str(REPO / f"configs/accelerate/{launcher}.yaml"), f"--num_processes={nproc}", "--mixed_precision=no",
+            f"--main_process_port={_free_port()}", "-m", module]
 
 
 def _stage_args(stage, sample_data, out, batch, *extra):
@@ -116,11 +115,13 @@ def test_fsdp_with_the_shipped_configs_bf16_computes_what_ddp_computes(sample_da
     """bf16 under FSDP is autocast, as under DDP: FSDP keeps each parameter's dtype (the frozen encoders
     and decoders are left out of it altogether), so the two agree to reduction order and stay near fp32."""
     args = ("optim.name=sgd", "optim.lr=0.05")
-    fsdp = [c for c in _launch(2, "fsdp") if c != "--mixed_precision=no"]
-    proc = _run(fsdp + _stage_args("instruct", sample_data, tmp_path / "fsdp", 2, *args))
-    assert "2 process(es), FSDP, device cpu:0, mixed precision bf16" in proc.stderr
-    _run(_launch(2, "ddp") + _stage_args("instruct", sample_data, tmp_path / "ddp", 2, *args, "mixed_precision=bf16"))
-    bf16_fsdp, bf16_ddp = _losses(tmp_path / "fsdp" / "step-4"), _losses(tmp_path / "ddp" / "step-4")
+    runs = {}
+    for launcher in ("fsdp", "ddp"):  # both shipped configs say bf16
+        cmd = [c for c in _launch(2, launcher) if c != "--mixed_precision=no"]
+        proc = _run(cmd + _stage_args("instruct", sample_data, tmp_path / launcher, 2, *args))
+        assert "mixed precision bf16" in proc.stderr
+        runs[launcher] = _losses(tmp_path / launcher / "step-4")
+    bf16_fsdp, bf16_ddp = runs["fsdp"], runs["ddp"]
     assert bf16_fsdp == pytest.approx(bf16_ddp, rel=1e-6)  # measured: equal
     assert bf16_fsdp == pytest.approx(_losses(one_process_runs("instruct")), rel=BF16_REL)
 
