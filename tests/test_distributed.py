@@ -5,6 +5,7 @@ run resumes with its sharded optimizer state restored."""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -104,6 +105,8 @@ def test_two_processes_match_one_process_with_twice_the_batch(stage, launcher, s
                                                    "optim.name=sgd", "optim.lr=0.05"))
     assert f"2 process(es), {'FSDP' if launcher == 'fsdp' else 'MULTI_'}" in proc.stderr
     assert proc.stderr.count("process(es)") == 1  # the other process logs warnings only
+    held, total = map(float, re.search(r"holds ([\d.]+) of the model's ([\d.]+) MB", proc.stderr).groups())
+    assert held < 0.9 * total if launcher == "fsdp" else held == total  # FSDP shards, DDP replicates
     two = tmp_path / "two" / "step-4"
     assert _losses(two) == pytest.approx(_losses(one), rel=TOLERANCE)
     _assert_same_weights(one, two, stage, TOLERANCE)

@@ -176,8 +176,10 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers(f"{cfg.stage}", config=_flat(to_dict(cfg)))
     world, rank = accelerator.num_processes, accelerator.process_index
-    log.info("%d process(es), %s, device %s, mixed precision %s", world, accelerator.distributed_type.value,
-             accelerator.device, accelerator.mixed_precision)
+    held, total = _parameter_megabytes(model)
+    log.info("%d process(es), %s, device %s, mixed precision %s; this process holds %.1f of the model's "
+             "%.1f MB of parameters", world, accelerator.distributed_type.value, accelerator.device,
+             accelerator.mixed_precision, held, total)
     inner = _unwrap(accelerator, model)  # the AnyToAnyModel under any DDP/FSDP wrapper
     inner.sharded = accelerator.distributed_type == DistributedType.FSDP
     pad_id = inner.llm.tokenizer.pad_token_id
@@ -286,6 +288,16 @@ def _autocast_under_fsdp(plugin) -> None:
         raise ConfigError(f"FSDP version {plugin.fsdp_version}: mmllm trains with FSDP2; set `fsdp_version: 2` "
                           "in the accelerate config (see configs/accelerate/fsdp.yaml)")
     plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+
+
+def _parameter_megabytes(model: torch.nn.Module) -> tuple[float, float]:
+    """(held by this process, whole model): an FSDP shard counts its local part."""
+    held = total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        held += local.numel() * local.element_size()
+        total += p.numel() * p.element_size()  # a DTensor's numel is the whole parameter's
+    return held / 2**20, total / 2**20
 
 
 def _reset_single_process_state() -> None:
