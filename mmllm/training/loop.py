@@ -269,8 +269,8 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     final = out_dir / f"step-{cfg.max_steps}"
     if accelerator.is_main_process:
         _link_final(out_dir, final)
-        log.info("stage %s finished: %d samples skipped as unreadable; precomputed lookups: %s",
-                 cfg.stage, skipped, precomputed.stats() or "none")
+        log.info("stage %s finished: %d samples skipped as unreadable; precomputed lookups: %s; peak memory "
+                 "of this process: %s", cfg.stage, skipped, precomputed.stats() or "none", _peak_memory())
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers and, when distributed, the process group
     return TrainResult(out_dir, final, losses, skipped, cfg.max_steps)
@@ -288,6 +288,14 @@ def _autocast_under_fsdp(plugin) -> None:
         raise ConfigError(f"FSDP version {plugin.fsdp_version}: mmllm trains with FSDP2; set `fsdp_version: 2` "
                           "in the accelerate config (see configs/accelerate/fsdp.yaml)")
     plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+
+
+def _peak_memory() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MB allocated on the GPU"
+    import resource
+
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB resident"  # Linux: KB
 
 
 def _parameter_megabytes(model: torch.nn.Module) -> tuple[float, float]:

@@ -1,0 +1,113 @@
+"""The embedded default's instruct stage on one process, under DDP and under FSDP, side by side in one run.
+
+Each run starts from the shipped glue with LoRA dropout 0 (so that one process with batch 2b and W
+processes with batch b read the same samples and draw no different masks) and trains the same
+steps with the stage's own AdamW. Printed per run: wall time, the parameter MB one process holds,
+its peak memory (resident on CPU, allocated on a GPU), the losses at a few steps, and the largest
+relative loss difference from the one-process fp32 run.
+
+    python scripts/bench/distributed_default.py                          # all runs, 8 steps (~7 min on 2 cores)
+    python scripts/bench/distributed_default.py --runs one-fp32 fsdp-fp32 --steps 4
+
+On a machine without GPUs, FSDP runs through tests/fsdp_on_cpu.py (Accelerate allows FSDP only on
+accelerator devices; torch's FSDP2 runs on gloo). Needs `mmllm world data` first (the script runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STAGE = REPO / "configs/stages/default/instruct.yaml"
+GLUE = REPO / "mmllm/toyworld/weights/default-glue"
+
+# name -> (processes, launcher config or None, mixed precision)
+RUNS = {
+    "one-fp32": (1, None, "no"),
+    "fsdp-fp32": (2, "fsdp", "no"),
+    "one-bf16": (1, None, "bf16"),
+    "ddp-bf16": (2, "ddp", "bf16"),
+    "fsdp-bf16": (2, "fsdp", "bf16"),
+}
+
+
+def command(name: str, args: argparse.Namespace, out: Path, lora: Path) -> tuple[list[str], dict[str, str]]:
+    procs, launcher, precision = RUNS[name]
+    gpus = _gpu_count()
+    threads = max(1, (os.cpu_count() or 1) // procs) if not gpus else 4
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
+               TQDM_DISABLE="1")
+    stage = ["train", "--config", str(STAGE), f"init_from={GLUE}", f"output_dir={out / name}", "report_to=none",
+             f"max_steps={args.steps}", f"batch_size={args.batch // procs}", "save_every=0", f"lora={lora}",
+             f"mixed_precision='{precision}'"]
+    if procs == 1:
+        return [sys.executable, "-m", "mmllm.cli", *stage], env
+    module = "tests.fsdp_on_cpu" if launcher == "fsdp" and not gpus else "mmllm.cli"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(REPO / f"configs/accelerate/{launcher}.yaml"), f"--num_processes={procs}",
+              f"--mixed_precision={precision}", "-m", module]
+    return [*launch, *stage], env
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=8, help="global batch (per process: batch / processes)")
+    ap.add_argument("--out", type=Path, default=REPO / "runs/bench/distributed_default")
+    args = ap.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not (REPO / "runs/default/data/t2x.jsonl").is_file():
+        subprocess.run([sys.executable, "-m", "mmllm.cli", "world", "data", "--out", "runs/default/data",
+                        "--plain", "data/default/plain_chat.jsonl"], cwd=REPO, check=True)
+    lora = args.out / "lora-no-dropout.yaml"
+    lora.write_text((REPO / "configs/lora/default.yaml").read_text().replace("dropout: 0.05", "dropout: 0.0"))
+
+    rows = {}
+    for name in args.runs:
+        cmd, env = command(name, args, args.out, lora)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            print(f"{name}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        ckpt = args.out / name / f"step-{args.steps}"
+        held = re.search(r"holds ([\d.]+) of the model's ([\d.]+) MB", proc.stderr)
+        peak = re.search(r"peak memory of this process: (.+)", proc.stderr)
+        rows[name] = {
+            "seconds": seconds,
+            "held": f"{float(held.group(1)):.0f} / {float(held.group(2)):.0f}" if held else "?",
+            "peak": peak.group(1).strip() if peak else "?",
+            "losses": json.loads((ckpt / "training_state/progress.json").read_text())["losses"],
+        }
+    ref = rows.get("one-fp32", {}).get("losses")
+    shown = sorted({0, len(next(iter(rows.values()))["losses"]) // 2 - 1, args.steps - 1})
+    gpus = _gpu_count()
+    print(f"\nembedded default, instruct stage, {args.steps} steps, global batch {args.batch}, "
+          f"{f'{gpus} GPU(s)' if gpus else 'CPU'}")
+    print(f"{'run':<10} {'wall s':>7} {'param MB held / model':>22} {'peak memory':>28}   "
+          f"losses at steps {', '.join(str(i + 1) for i in shown):<14} max rel diff vs one-fp32")
+    for name, r in rows.items():
+        diff = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref)) if ref else float("nan")
+        losses = " / ".join(f"{r['losses'][i]:.4f}" for i in shown)
+        print(f"{name:<10} {r['seconds']:>7.1f} {r['held']:>22} {r['peak']:>28}   {losses:<30} {diff:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
