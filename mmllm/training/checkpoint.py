@@ -139,7 +139,9 @@ def _token_additions(model) -> dict[str, Any]:
             "placeholder_ids": model.llm.placeholder_ids}
 
 
-def _write_model_files(model, root: Path, extra: dict[str, Any], gathered: tuple[dict, dict | None] | None = None) -> None:
+def _write_model_files(
+    model, root: Path, extra: dict[str, Any], gathered: tuple[dict, dict | None] | None = None
+) -> None:
     """``gathered``: (learned, LoRA) state dicts when the caller gathered them (FSDP: on every process)."""
     meta = {"format_version": FORMAT_VERSION, **model.describe(), "tokens": _token_additions(model), **extra}
     (root / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
