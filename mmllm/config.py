@@ -76,10 +76,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is typing.Literal:
-        if isinstance(value, bool) or value not in args:
-            hint = (" (YAML reads an unquoted no/yes/off/on as false/true: quote the word, e.g. 'no')"
-                    if isinstance(value, bool) else "")
-            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}{hint}")
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare no/off (yes/on) as false (true): take the choice it must have been
+            words = [w for w in (("yes", "on", "true") if value else ("no", "off", "false")) if w in args]
+            if len(words) == 1:
+                return words[0]
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)} (YAML reads an unquoted "
+                              "no/yes/off/on as false/true: quote the word)")
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
     if tp is bool:
         if isinstance(value, bool):

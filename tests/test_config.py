@@ -62,5 +62,11 @@ def test_bad_values_and_missing_files_are_reported():
         load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["max_steps=many"])
     with pytest.raises(ConfigError, match="decay.*not one of"):
         load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["schedule.decay=zigzag"])
-    with pytest.raises(ConfigError, match="mixed_precision: False is not one of .*quote the word"):
-        load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["mixed_precision=no"])  # YAML's no = false
+    with pytest.raises(ConfigError, match="decay: False is not one of .*quote the word"):
+        load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["schedule.decay=no"])
+
+
+def test_a_bare_yaml_no_means_the_word_where_the_choice_has_it():
+    # YAML 1.1 reads `no` as false; `mixed_precision=no` on a shell command line cannot be quoted
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["mixed_precision=no"])
+    assert cfg.mixed_precision == "no"

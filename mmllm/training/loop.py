@@ -242,7 +242,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             if nonfinite_in_row >= cfg.max_nonfinite_steps:
                 raise FloatingPointError(
                     f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}, "
-                    f"samples {ids}); lower optim.lr, check the data, or try mixed_precision=no"
+                    f"samples {ids}); lower optim.lr, check the data, or try mixed_precision=no (fp32)"
                 )
         else:
             nonfinite_in_row = 0
