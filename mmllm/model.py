@@ -169,6 +169,8 @@ class AnyToAnyModel(nn.Module):
             if isinstance(module, LoraLayer):
                 for name in list(module.lora_dropout):
                     module.lora_dropout[name] = nn.Dropout(p) if p > 0 else nn.Identity()
+        for peft_cfg in self._peft_model.peft_config.values():  # what adapter_config.json records
+            peft_cfg.lora_dropout = p
         self.lora_config = replace(self.lora_config, dropout=p)
 
     def lora_parameters(self) -> dict[str, nn.Parameter]:
@@ -375,22 +377,28 @@ class AnyToAnyModel(nn.Module):
                 kl_sum = self._retention_kl(input_ids[rows], mask, hidden[rows])
                 out["retain"] = kl_sum / norm("retain", int(mask.sum()))
                 total = total + losses.retain * out["retain"]
-            elif self.sharded:  # no text-only row here, but the other processes run the core: join them
+            elif self.sharded and normalizers and "retain" in normalizers:
+                # No text-only row here, but some process has one this step (the count spans them all)
+                # and runs the core through the sharded layers: join it, with weight 0.
                 first = slice(0, 1)
                 total = total + 0.0 * self._retention_kl(
                     input_ids[first], batch["attention_mask"].to(self.device)[first], hidden[first])
-        out["loss"] = total + self._every_glue_parameter_in_graph()
+        out["loss"] = total + self._every_trainable_parameter_in_graph(hidden)
         return out
 
-    def _every_glue_parameter_in_graph(self) -> torch.Tensor | float:
-        """0 x every trainable projection parameter and signal row, so that each gets a gradient on
-        every process whatever its batch holds. FSDP reduce-scatters the gradients a process *has*: a
-        rank whose batch lacks video would send fewer and break the collective. (LoRA needs nothing:
-        every layer runs on every batch.) Adds exact zeros to the gradients."""
+    def _every_trainable_parameter_in_graph(self, hidden: torch.Tensor) -> torch.Tensor:
+        """0 x (every trainable projection parameter and signal row, and the hidden states every LoRA
+        weight shapes), so that each trainable parameter gets a gradient on every process whatever its
+        batch holds. FSDP reduce-scatters the gradients a process *has*: a rank whose batch lacks video
+        would send fewer and break the collective. The values are unchanged; the difference is that a
+        parameter no process used in a step gets a zero gradient instead of none, so AdamW applies its
+        momentum and weight decay to it that step, as it does under DDP for a parameter only some
+        processes used."""
         params = [*self.input_projections.parameters(), *self.output_projections.parameters(),
                   *self.llm.signal_parameters().values()]
-        touched = [p.sum() for p in params if p.requires_grad]
-        return sum(touched) * 0.0 if touched else 0.0
+        # in fp32: a half-precision sum could overflow to inf, and inf x 0 is nan
+        touched = sum((p.float().sum() for p in params if p.requires_grad), hidden.float().sum())
+        return touched * 0.0
 
     def text_only_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Rows without any added token (signal tokens, media placeholders): plain text the core reads."""

@@ -235,8 +235,10 @@ def optimizer_state(model, optimizer) -> dict[str, Any]:
     process (the others get an empty dict). A collective under FSDP: every process calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, _bare_optimizer(optimizer),
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    opt = _bare_optimizer(optimizer)
+    if not opt.state:  # no step taken yet (or a stateless optimizer): torch would take a fake one first
+        return opt.state_dict()
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def restore_optimizer_state(model, optimizer, root: Path) -> None:
@@ -247,9 +249,13 @@ def restore_optimizer_state(model, optimizer, root: Path) -> None:
 
     saved = torch.load(Path(root) / STATE_DIR / "optimizer.pt", weights_only=True)
     opt = _bare_optimizer(optimizer)
-    if any(isinstance(k, int) for k in saved["state"]) or not saved["state"]:
-        # Positional (written before names were used) or stateless (SGD without momentum): the
-        # parameters are in the same order, and no tensor needs sharding.
+    positional = any(isinstance(k, int) for k in saved["state"])
+    if positional and any(hasattr(p, "to_local") for g in opt.param_groups for p in g["params"]):
+        raise CheckpointError(f"{root}: its optimizer state was written by an older mmllm, by position and "
+                              "unsharded; resume it on one process or under DDP, not FSDP")
+    if positional or not saved["state"]:
+        # Positional (written before names were used) or empty (no step yet, or SGD without
+        # momentum): the parameters are in the same order, and no tensor needs sharding.
         opt.load_state_dict(saved)
         return
     set_optimizer_state_dict(model, opt, saved, options=StateDictOptions(full_state_dict=True))
