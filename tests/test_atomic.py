@@ -22,10 +22,20 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
 
 
 def test_a_written_file_has_the_permissions_a_plain_open_gives(tmp_path):
-    mask = os.umask(0o022)
-    try:
-        path = atomic_write_text(tmp_path / "index.html", "<html>")
-    finally:
-        os.umask(mask)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    path = atomic_write_text(tmp_path / "index.html", "<html>")
+    plain = tmp_path / "plain.html"
+    plain.write_text("<html>")
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
     assert path.read_text() == "<html>"
+
+
+def test_a_target_that_is_not_a_regular_file_is_written_directly(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        atomic_write_text(fifo, "report")
+        assert os.read(reader, 100) == b"report"
+    finally:
+        os.close(reader)
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
