@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmllm.atomic import atomic_write_text
+from mmllm.atomic import atomic_write_text, fsync_dir
 from mmllm.config import ConfigError, from_dict, parse_assembly, to_dict
 
 log = logging.getLogger(__name__)
@@ -61,15 +61,7 @@ def _fsync_tree(root: Path) -> None:
         if path.is_file():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)
 
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -120,7 +112,7 @@ def atomic_dir(final: Path, fill) -> Path:
             old = final.with_name(f".{final.name}.old-{time.time_ns()}")
             final.rename(old)
         tmp.rename(final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
