@@ -277,11 +277,12 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
 
 
 def _autocast_under_fsdp(plugin) -> None:
-    """Mixed precision under FSDP is autocast, as under DDP: FSDP keeps every parameter in its own dtype
-    and reduces gradients in fp32. Accelerate's bf16 policy would cast every sharded parameter to bf16
-    -- the frozen core's norms and residual stream, and the learned glue too: in the tiny 2-process
-    test that put the losses 0.17% from fp32 (autocast: 0.04%, and exactly DDP's). To halve the frozen
-    core's memory and all-gather traffic, give it `dtype: bfloat16` in the assembly."""
+    """Mixed precision under FSDP is autocast, as under DDP: frozen parameters keep their dtype
+    (Accelerate upcasts trainable ones to fp32) and gradients are reduced in fp32. Accelerate's bf16
+    policy would cast every sharded parameter to bf16 -- the frozen core's norms and residual stream,
+    and the learned glue too: in the tiny 2-process test that put the losses 0.17% from fp32
+    (autocast: 0.04%, and exactly DDP's). To halve the frozen core's memory and all-gather traffic,
+    give it `dtype: bfloat16` in the assembly."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     if plugin.fsdp_version != 2:
@@ -302,10 +303,15 @@ def _parameter_megabytes(model: torch.nn.Module) -> tuple[float, float]:
     """(held by this process, whole model): an FSDP shard counts its local part."""
     held = total = 0
     for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
+        local = _local_part(p)
         held += local.numel() * local.element_size()
         total += p.numel() * p.element_size()  # a DTensor's numel is the whole parameter's
     return held / 2**20, total / 2**20
+
+
+def _local_part(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of an FSDP shard (a DTensor); any other tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _reset_single_process_state() -> None:
@@ -366,9 +372,8 @@ def _global_counts(
 def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> bool:
     bad = 0.0 if math.isfinite(loss) else 1.0
     for p in params:
-        # an FSDP shard's local part: a DTensor's .all() would be a collective, and ranks leave this loop apart
-        grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
-        if grad is not None and not bool(torch.isfinite(grad).all()):
+        # the local part: a DTensor's .all() would be a collective, and ranks leave this loop apart
+        if p.grad is not None and not bool(torch.isfinite(_local_part(p.grad)).all()):
             bad = 1.0
             break
     return float(accelerator.reduce(torch.tensor(bad, device=accelerator.device), "sum")) == 0.0
