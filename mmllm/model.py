@@ -334,6 +334,7 @@ class AnyToAnyModel(nn.Module):
         """
         losses = losses or LossConfig()
         labels = batch["labels"].to(self.device)
+        anchor = self._every_trainable_parameter_in_graph()  # first: see its docstring
         input_ids, embeds, hidden = self.hidden_states(batch)
 
         def norm(part: str, local: int) -> float:
@@ -383,22 +384,27 @@ class AnyToAnyModel(nn.Module):
                 first = slice(0, 1)
                 total = total + 0.0 * self._retention_kl(
                     input_ids[first], batch["attention_mask"].to(self.device)[first], hidden[first])
-        out["loss"] = total + self._every_trainable_parameter_in_graph(hidden)
+        # 0 x the hidden states, which every LoRA weight shapes: LoRA gets a gradient even with ce off
+        out["loss"] = total + anchor + hidden.float().sum() * 0.0
         return out
 
-    def _every_trainable_parameter_in_graph(self, hidden: torch.Tensor) -> torch.Tensor:
-        """0 x (every trainable projection parameter and signal row, and the hidden states every LoRA
-        weight shapes), so that each trainable parameter gets a gradient on every process whatever its
-        batch holds. FSDP reduce-scatters the gradients a process *has*: a rank whose batch lacks video
-        would send fewer and break the collective. The values are unchanged; the difference is that a
-        parameter no process used in a step gets a zero gradient instead of none, so AdamW applies its
-        momentum and weight decay to it that step, as it does under DDP for a parameter only some
-        processes used."""
+    def _every_trainable_parameter_in_graph(self) -> torch.Tensor:
+        """0 x every trainable projection parameter and signal row, so that each gets a gradient on
+        every process whatever its batch holds. FSDP reduce-scatters the gradients a process *has*: a
+        rank whose batch lacks video would send fewer and break the collective. The values are
+        unchanged; the difference is that a parameter no process used in a step gets a zero gradient
+        instead of none, so AdamW applies its momentum and weight decay to it that step, as it does
+        under DDP for a parameter only some processes used.
+
+        ``forward`` builds this term before anything else. Autograd runs the nodes made last first, so
+        these run last, and every projection parameter's gradient becomes ready there, in this fixed
+        order, whatever the batch used: DeepSpeed ZeRO-2 packs gradients into its reduction buckets in
+        the order they become ready, and ranks whose batches differ would otherwise pack them
+        differently and add up the wrong numbers."""
         params = [*self.input_projections.parameters(), *self.output_projections.parameters(),
                   *self.llm.signal_parameters().values()]
         # in fp32: a half-precision sum could overflow to inf, and inf x 0 is nan
-        touched = sum((p.float().sum() for p in params if p.requires_grad), hidden.float().sum())
-        return touched * 0.0
+        return sum((p.float().sum() for p in params if p.requires_grad), torch.zeros((), device=self.device)) * 0.0
 
     def text_only_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Rows without any added token (signal tokens, media placeholders): plain text the core reads."""

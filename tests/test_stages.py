@@ -287,3 +287,29 @@ def test_every_trainable_parameter_gets_a_gradient_and_sharded_processes_run_the
     assert missing == []
     assert len(core_passes) == (1 if sharded else 0)
     assert float(out["loss"]) == 0.0  # the joined pass and the zero terms add nothing
+
+
+def test_gradients_become_ready_in_the_same_order_whatever_the_batch_holds(sample_data, tmp_path):
+    """DeepSpeed ZeRO-2 packs gradients into its reduction buckets in the order they become ready; two
+    processes whose batches hold different modalities must still pack them alike, or the reduction
+    adds up the wrong numbers. An image->text and an audio->text conversation use different input
+    projections, yet every trainable parameter's gradient is ready in the same order."""
+    cfg = stage_cfg("instruct", sample_data, tmp_path)
+    model = build_model(cfg)
+    apply_trainable(model, cfg.resolved_trainable())
+    per, _, _ = load_stage_records(cfg.data, cfg.stage)
+    pre = {m: e.preprocess for m, e in model.encoders.items()}
+    ds = StageDataset(per[0], model.llm.tokenizer, token_spec(model), pre)
+    names = {p: n for n, p in model.named_parameters() if p.requires_grad}
+    order: list[str] = []
+    for p in names:
+        p.register_post_accumulate_grad_hook(lambda p: order.append(names[p]))
+    orders = []
+    for placeholder in ("<image>", "<audio>"):
+        pick = next(i for i, c in enumerate(per[0]) if placeholder in c.messages[0].content)
+        order.clear()
+        model(collate([ds[pick]], model.llm.tokenizer.pad_token_id))["loss"].backward()
+        orders.append(list(order))
+        model.zero_grad(set_to_none=True)
+    assert len(orders[0]) == len(names)
+    assert orders[0] == orders[1]
