@@ -1,6 +1,6 @@
 """Two processes on CPU (gloo) with per-process batch b match one process with batch 2b: the same
 losses and the same final trainable weights, for every stage, under DDP and under FSDP (the shipped
-configs/accelerate/ddp.yaml and fsdp.yaml; see tests/fsdp_on_cpu.py). Checkpoints are written once, and an FSDP
+configs/accelerate/ddp.yaml and fsdp.yaml; see tests.accelerate_on_cpu.py). Checkpoints are written once, and an FSDP
 run resumes with its sharded optimizer state restored."""
 
 import json
@@ -38,7 +38,7 @@ def _launch(nproc: int, launcher: str) -> list[str]:
         return [sys.executable, "-m", "mmllm.cli"]
     # the shipped config as users launch it, on CPU processes without mixed precision (DDP on CPU is
     # Accelerate's MULTI_CPU; torchrun is exercised by the unreadable-micro-batch test below)
-    module = "mmllm.cli" if launcher == "ddp" else "tests.fsdp_on_cpu"
+    module = "mmllm.cli" if launcher == "ddp" else "tests.accelerate_on_cpu"
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(REPO / f"configs/accelerate/{launcher}.yaml"), f"--num_processes={nproc}", "--mixed_precision=no",
             f"--main_process_port={_free_port()}", "-m", module]
@@ -61,10 +61,10 @@ def _stage_args(stage, sample_data, out, batch, *extra):
             "grad_accum=2", data, *extra]
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+def _run(cmd: list[str], expect: int = 0, **env: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == expect, proc.stderr[-3000:]
     return proc
 
 
@@ -96,17 +96,22 @@ def one_process_runs(sample_data, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("launcher", ["ddp", "fsdp"])
-@pytest.mark.parametrize("stage", list(STAGES))
+# ZeRO-2's other two stages take 30 s each and add nothing the instruct stage does not exercise
+_SLOW_ZERO = [pytest.param(s, "deepspeed_zero2", marks=pytest.mark.slow) for s in STAGES if s != "instruct"]
+
+
+@pytest.mark.parametrize(("stage", "launcher"), [(s, launch) for s in STAGES for launch in ("ddp", "fsdp")]
+                         + [("instruct", "deepspeed_zero2")] + _SLOW_ZERO)
 def test_two_processes_match_one_process_with_twice_the_batch(stage, launcher, sample_data, one_process_runs,
                                                               tmp_path):
     one = one_process_runs(stage)
     proc = _run(_launch(2, launcher) + _stage_args(stage, sample_data, tmp_path / "two", 2,
                                                    "optim.name=sgd", "optim.lr=0.05"))
-    assert f"2 process(es), {'FSDP' if launcher == 'fsdp' else 'MULTI_'}" in proc.stderr
+    kind = {"ddp": "MULTI_", "fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}[launcher]
+    assert f"2 process(es), {kind}" in proc.stderr
     assert proc.stderr.count("process(es)") == 1  # the other process logs warnings only
     held, total = map(float, re.search(r"holds ([\d.]+) of the model's ([\d.]+) MB", proc.stderr).groups())
-    assert held < 0.9 * total if launcher == "fsdp" else held == total  # FSDP shards, DDP replicates
+    assert held < 0.9 * total if launcher == "fsdp" else held == total  # FSDP shards; DDP, ZeRO-2 replicate
     two = tmp_path / "two" / "step-4"
     assert _losses(two) == pytest.approx(_losses(one), rel=TOLERANCE)
     _assert_same_weights(one, two, stage, TOLERANCE)
@@ -114,19 +119,20 @@ def test_two_processes_match_one_process_with_twice_the_batch(stage, launcher, s
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith((".", "step-"))) == ["step-4"]
 
 
-def test_fsdp_with_the_shipped_configs_bf16_computes_what_ddp_computes(sample_data, one_process_runs, tmp_path):
-    """bf16 under FSDP is autocast, as under DDP: FSDP keeps each parameter's dtype (the frozen encoders
-    and decoders are left out of it altogether), so the two agree to reduction order and stay near fp32."""
+def test_fsdp_and_zero2_with_the_shipped_configs_bf16_compute_what_ddp_computes(sample_data, one_process_runs, tmp_path):
+    """bf16 under FSDP and DeepSpeed is autocast, as under DDP: each parameter keeps its dtype (FSDP
+    leaves the frozen encoders and decoders out altogether; DeepSpeed's own bf16, which casts the whole
+    module, is replaced), so the three agree to reduction order and stay near fp32."""
     args = ("optim.name=sgd", "optim.lr=0.05")
     runs = {}
-    for launcher in ("fsdp", "ddp"):  # both shipped configs say bf16
+    for launcher in ("fsdp", "ddp", "deepspeed_zero2"):  # the shipped configs say bf16
         cmd = [c for c in _launch(2, launcher) if c != "--mixed_precision=no"]
         proc = _run(cmd + _stage_args("instruct", sample_data, tmp_path / launcher, 2, *args))
-        assert "mixed precision bf16" in proc.stderr
+        assert re.search(r"mixed precision bf16|mixed precision bfloat16 \(autocast\)", proc.stderr)
         runs[launcher] = _losses(tmp_path / launcher / "step-4")
-    bf16_fsdp, bf16_ddp = runs["fsdp"], runs["ddp"]
-    assert bf16_fsdp == pytest.approx(bf16_ddp, rel=1e-6)  # measured: equal
-    assert bf16_fsdp == pytest.approx(_losses(one_process_runs("instruct")), rel=BF16_REL)
+    assert runs["fsdp"] == pytest.approx(runs["ddp"], rel=1e-6)  # measured: equal
+    assert runs["deepspeed_zero2"] == pytest.approx(runs["ddp"], rel=1e-6)
+    assert runs["ddp"] == pytest.approx(_losses(one_process_runs("instruct")), rel=BF16_REL)
 
 
 def test_an_fsdp_run_resumes_with_its_sharded_optimizer_state(sample_data, tmp_path):
@@ -189,3 +195,72 @@ def test_fsdp_version_1_is_refused_and_version_2_gets_autocast():
     _autocast_under_fsdp(plugin)
     assert plugin.mixed_precision_policy.param_dtype is None
     assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
+
+
+def test_a_zero2_run_resumes_with_its_partitioned_optimizer_state(sample_data, tmp_path):
+    """ZeRO-2 partitions AdamW's moments across the processes: saved whole and by name, re-partitioned on
+    resume, so the resumed run ends where the uninterrupted one does."""
+    args = ("save_every=2",)
+    _run(_launch(2, "deepspeed_zero2") + _stage_args("instruct", sample_data, tmp_path / "full", 2, *args))
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    shutil.rmtree(cut / "step-4")
+    (cut / "final.json").unlink()
+    proc = _run(_launch(2, "deepspeed_zero2") + _stage_args("instruct", sample_data, cut, 2, *args) + ["--resume"])
+    assert "resumed from" in proc.stderr
+    full, resumed = tmp_path / "full" / "step-4", cut / "step-4"
+    assert _losses(resumed) == pytest.approx(_losses(full), rel=1e-6)
+    _assert_same_weights(full, resumed, "instruct", 1e-6)
+
+
+def test_optimizer_state_moves_between_one_process_and_zero2(sample_data, tmp_path):
+    """One layout for the optimizer state (torch's, by parameter name, whole): a run saved by one process
+    continues under ZeRO-2, which partitions it, and what ZeRO-2 saves continues in one process again --
+    both ending where an uninterrupted one-process run ends."""
+    args = ("optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.9", "save_every=1", "keep_last=0")
+    _run(_launch(1, "") + _stage_args("instruct", sample_data, tmp_path / "one", 4, *args))
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copytree(tmp_path / "one" / "step-1", cut / "step-1")
+    _run(_launch(2, "deepspeed_zero2") + _stage_args("instruct", sample_data, cut, 2, *args) + ["--resume"])
+    one, zero2 = tmp_path / "one" / "step-4", cut / "step-4"
+    assert _losses(zero2) == pytest.approx(_losses(one), rel=TOLERANCE)
+    _assert_same_weights(one, zero2, "instruct", TOLERANCE)
+    for later in ("step-3", "step-4"):  # back to ZeRO-2's step 2, in one process
+        shutil.rmtree(cut / later)
+    _run(_launch(1, "") + _stage_args("instruct", sample_data, cut, 4, *args) + ["--resume"])
+    assert _losses(cut / "step-4") == pytest.approx(_losses(one), rel=TOLERANCE)
+    _assert_same_weights(one, cut / "step-4", "instruct", TOLERANCE)
+
+
+def test_a_non_finite_loss_on_one_zero2_process_skips_the_step_on_all(sample_data, tmp_path):
+    """Under ZeRO-2 the engine steps; a NaN loss on process 1 alone still skips the update everywhere
+    (the weights after step 2 equal those after step 1), names the samples, and a run of them stops."""
+    launch = _launch(2, "deepspeed_zero2")
+    args = _stage_args("decode-align", sample_data, tmp_path / "a", 2, "save_every=1", "keep_last=0")
+    proc = _run(launch + args, MMLLM_TEST_NAN_LOSS="1:1")
+    assert "step 2: non-finite loss or gradient" in proc.stderr
+    s1, s2, s3 = (load_file(str(tmp_path / f"a/step-{i}/learned.safetensors")) for i in (1, 2, 3))
+    assert all(torch.equal(s1[k], s2[k]) for k in s1), "a skipped step must not change the weights"
+    assert not all(torch.equal(s2[k], s3[k]) for k in s2)
+    args = _stage_args("decode-align", sample_data, tmp_path / "b", 2, "max_nonfinite_steps=2")
+    proc = _run(launch + args, expect=1, MMLLM_TEST_NAN_LOSS="0:0,1,2,3")
+    assert "2 steps in a row had a non-finite loss or gradient" in proc.stderr
+
+
+def test_zero2_takes_the_stage_settings_and_refuses_what_it_cannot_run():
+    from types import SimpleNamespace
+
+    from mmllm.config import ConfigError
+    from mmllm.training import zero
+
+    cfg = SimpleNamespace(batch_size=2, grad_accum=3, optim=SimpleNamespace(max_grad_norm=1.0))
+    ds = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto", "bf16": {"enabled": True}}
+    assert zero.configure(SimpleNamespace(deepspeed_config=ds), cfg, world=4) == "bfloat16 (autocast)"
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"],
+            ds["gradient_clipping"]) == (2, 3, 24, 1.0)
+    assert ds["bf16"] == {"enabled": False} and ds["torch_autocast"]["lower_precision_safe_modules"] == []
+    for bad, match in (({"zero_optimization": {"stage": 3}}, "stage 3"),
+                       ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": "true"}}, "fp16")):
+        with pytest.raises(ConfigError, match=match):
+            zero.configure(SimpleNamespace(deepspeed_config=bad), cfg, world=2)

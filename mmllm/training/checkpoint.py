@@ -223,10 +223,17 @@ def load_learned_into(model, directory: Path) -> None:
 
 
 def optimizer_state(model, optimizer) -> dict[str, Any]:
-    """The optimizer's state keyed by parameter name and whole -- FSDP shards gathered -- on the main
-    process (the others get an empty dict). A collective under FSDP: every process calls it."""
+    """The optimizer's state keyed by parameter name and whole -- FSDP shards or ZeRO partitions
+    gathered -- on the main process (the others may get an empty dict). A collective under FSDP and
+    DeepSpeed: every process calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    from mmllm.training import zero
+
+    if zero.is_engine(model):  # partitioned by DeepSpeed ZeRO
+        import torch.distributed as dist
+
+        return zero.optimizer_state(model, is_main=dist.get_rank() == 0)
     opt = _bare_optimizer(optimizer)
     if not opt.state:  # no step taken yet (or a stateless optimizer): torch would take a fake one first
         return opt.state_dict()
@@ -235,11 +242,16 @@ def optimizer_state(model, optimizer) -> dict[str, Any]:
 
 def restore_optimizer_state(model, optimizer, root: Path) -> None:
     """Load the optimizer state saved under ``root`` into ``optimizer`` as it is now: after
-    ``accelerator.prepare``, so that under FSDP each process keeps the shards of its parameters.
+    ``accelerator.prepare``, so that under FSDP and ZeRO each process keeps its shards or partitions.
     Every process calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    from mmllm.training import zero
+
     saved = torch.load(Path(root) / STATE_DIR / "optimizer.pt", weights_only=True)
+    if zero.is_engine(model):
+        zero.restore_optimizer_state(model, saved, str(root))
+        return
     opt = _bare_optimizer(optimizer)
     positional = any(isinstance(k, int) for k in saved["state"])
     if positional and any(hasattr(p, "to_local") for g in opt.param_groups for p in g["params"]):

@@ -28,6 +28,7 @@ from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
 from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
+from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,12 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
     check_output_dir(out_dir)
+    precision = accelerator.mixed_precision
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if accelerator.distributed_type == DistributedType.FSDP:
         _autocast_under_fsdp(accelerator.state.fsdp_plugin)
+    elif deepspeed:
+        precision = zero.configure(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
     set_seed(cfg.seed)
     model = build_model(cfg)
     flags = cfg.resolved_trainable()
@@ -171,6 +176,8 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP replaces parameters with sharded ones: look them up again after prepare.
     params = [p for p in model.parameters() if p.requires_grad]
+    if deepspeed:
+        zero.after_prepare(model)  # `model` is now the DeepSpeed engine
     if start_step:
         ckpt.restore_optimizer_state(model, optimizer, last)  # sharded as the parameters now are
     if accelerator.is_main_process and cfg.report_to != "none":
@@ -179,7 +186,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     held, total = _parameter_megabytes(model)
     log.info("%d process(es), %s, device %s, mixed precision %s; this process holds %.1f of the model's "
              "%.1f MB of parameters", world, accelerator.distributed_type.value, accelerator.device,
-             accelerator.mixed_precision, held, total)
+             precision, held, total)
     inner = _unwrap(accelerator, model)  # the AnyToAnyModel under any DDP/FSDP wrapper
     inner.sharded = accelerator.distributed_type == DistributedType.FSDP
     pad_id = inner.llm.tokenizer.pad_token_id
@@ -200,6 +207,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         normalizers = _global_counts(accelerator, batches, parts_keys, inner)
         optimizer.zero_grad(set_to_none=True)
         step_loss, parts = torch.zeros((), device=accelerator.device), {}
+        saw_nonfinite = False
         for micro, batch in enumerate(batches):
             empty = "input_ids" not in batch
             if empty:
@@ -218,24 +226,26 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
                     out = model(batch, cfg.losses, normalizers)
                 # DDP averages gradients over processes; the normalizers already span them all.
                 loss = out["loss"] * (0.0 if empty else world)
-                accelerator.backward(loss)
+                if deepspeed:
+                    saw_nonfinite = saw_nonfinite or not bool(torch.isfinite(loss.detach()))
+                    zero.backward(model, loss, boundary=sync, poison=sync and saw_nonfinite)
+                else:
+                    accelerator.backward(loss)
             if empty:
                 continue
             step_loss += loss.detach().float() / world
             for k, v in out.items():
                 parts[k] = parts.get(k, 0.0) + float(v.detach())
         step_loss = float(accelerator.reduce(step_loss, "sum"))
-        scaler = accelerator.scaler  # fp16: gradients are scaled until unscaled here
-        if scaler is not None:
-            accelerator.unscale_gradients()
-        if scaler is not None and math.isfinite(step_loss) and not _all_finite(accelerator, step_loss, params):
-            # An fp16 overflow: normal while the loss scale settles. Skip, lower the scale, go on.
-            optimizer.zero_grad(set_to_none=True)
-            scaler.update()
-            log.info("step %d: fp16 gradient overflow; step skipped, loss scale now %s", step + 1, scaler.get_scale())
-        elif not _all_finite(accelerator, step_loss, params):
+        if deepspeed:
+            outcome = "stepped" if zero.step(model) and math.isfinite(step_loss) else "nonfinite"
+        else:
+            outcome = _clip_and_step(accelerator, optimizer, params, cfg.optim.max_grad_norm, step_loss)
+        if outcome == "overflow":
+            log.info("step %d: fp16 gradient overflow; step skipped, loss scale now %s",
+                     step + 1, accelerator.scaler.get_scale())
+        elif outcome == "nonfinite":
             nonfinite_in_row += 1
-            optimizer.zero_grad(set_to_none=True)
             ids = [i for b in batches for i in b["ids"]]
             log.warning("step %d: non-finite loss or gradient (%s); step skipped; samples on this process: %s",
                         step + 1, step_loss, ids)
@@ -246,12 +256,6 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
                 )
         else:
             nonfinite_in_row = 0
-            if cfg.optim.max_grad_norm:
-                if scaler is not None:  # already unscaled above; accelerate would unscale twice
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-                else:
-                    accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            optimizer.step()
         scheduler.step()
         losses.append(step_loss)
         since_save.append(step_loss)
@@ -274,6 +278,27 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers and, when distributed, the process group
     return TrainResult(out_dir, final, losses, skipped, cfg.max_steps)
+
+
+def _clip_and_step(accelerator, optimizer, params, max_grad_norm: float, step_loss: float) -> str:
+    """Check, clip and step; returns "stepped", "nonfinite" (skipped) or "overflow" (an fp16
+    overflow, skipped: normal while the loss scale settles; the scale is lowered)."""
+    scaler = accelerator.scaler  # fp16: gradients are scaled until unscaled here
+    if scaler is not None:
+        accelerator.unscale_gradients()
+    if not _all_finite(accelerator, step_loss, params):
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None and math.isfinite(step_loss):
+            scaler.update()
+            return "overflow"
+        return "nonfinite"
+    if max_grad_norm:
+        if scaler is not None:  # already unscaled above; accelerate would unscale twice
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    return "stepped"
 
 
 def _autocast_under_fsdp(plugin) -> None:

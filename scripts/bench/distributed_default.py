@@ -9,7 +9,7 @@ relative loss difference from the one-process fp32 run.
     python scripts/bench/distributed_default.py                          # all runs, 8 steps (~7 min on 2 cores)
     python scripts/bench/distributed_default.py --runs one-fp32 fsdp-fp32 --steps 4
 
-On a machine without GPUs, FSDP runs through tests/fsdp_on_cpu.py (Accelerate allows FSDP only on
+On a machine without GPUs, FSDP runs through tests/accelerate_on_cpu.py (Accelerate allows FSDP only on
 accelerator devices; torch's FSDP2 runs on gloo). Needs `mmllm world data` first (the script runs it).
 """
 
@@ -49,7 +49,7 @@ def command(name: str, args: argparse.Namespace, out: Path, lora: Path) -> tuple
              f"mixed_precision='{precision}'"]
     if procs == 1:
         return [sys.executable, "-m", "mmllm.cli", *stage], env
-    module = "tests.fsdp_on_cpu" if launcher == "fsdp" and not gpus else "mmllm.cli"
+    module = "tests.accelerate_on_cpu" if launcher == "fsdp" and not gpus else "mmllm.cli"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / f"configs/accelerate/{launcher}.yaml"), f"--num_processes={procs}",
               f"--mixed_precision={precision}", "-m", module]

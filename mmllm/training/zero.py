@@ -1,0 +1,186 @@
+"""DeepSpeed ZeRO-1/2 under the training loop (``accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml``).
+
+The DeepSpeed engine owns what the loop does itself elsewhere: it reduces and partitions the
+gradients, clips them and steps the optimizer. What this module makes it do the loop's way:
+
+- the stage YAML decides batch size, gradient accumulation and clipping (written into the
+  DeepSpeed config before ``deepspeed.initialize``), and the loop's losses are already normalised
+  over the whole step, so the engine does not divide them by the accumulation count again;
+- mixed precision is autocast, as under DDP and FSDP: DeepSpeed's own bf16 casts every parameter of
+  the module, the frozen encoders, decoders and the core's norms included; fp16 is refused;
+- a step with a non-finite loss or gradient is skipped: the engine checks the gradients it holds
+  (partitioned, never whole on one process) and skips the update itself;
+- the optimizer state is saved whole and by parameter name -- the format of every other mode, so a
+  ZeRO run resumes in one process and the other way round -- and re-partitioned on resume.
+
+ZeRO-3 (which partitions the parameters too) is refused: use FSDP for that.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from typing import Any
+
+import torch
+
+from mmllm.config import ConfigError, StageConfig
+
+log = logging.getLogger(__name__)
+
+
+def is_engine(model: Any) -> bool:
+    """Whether ``model`` is a DeepSpeed engine (without importing DeepSpeed when nothing else did)."""
+    ds = sys.modules.get("deepspeed")
+    return ds is not None and isinstance(model, ds.DeepSpeedEngine)
+
+
+def configure(plugin, cfg: StageConfig, world: int) -> str:
+    """Fill the DeepSpeed config Accelerate hands to ``deepspeed.initialize`` from the stage; returns
+    the precision in effect, for the log. Refuses what the loop cannot run, before any model is built."""
+    ds = plugin.deepspeed_config
+    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    if stage not in (1, 2):
+        raise ConfigError(f"DeepSpeed ZeRO stage {stage}: mmllm trains with ZeRO stage 1 or 2 (`zero_stage: 2` in "
+                          "the accelerate config, as configs/accelerate/deepspeed_zero2.yaml); to shard the "
+                          "parameters too, use FSDP (configs/accelerate/fsdp.yaml)")
+    wanted = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
+              "train_batch_size": cfg.batch_size * cfg.grad_accum * world,
+              "gradient_clipping": float(cfg.optim.max_grad_norm or 0.0)}
+    for key, value in wanted.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and given != value:
+            log.warning("DeepSpeed config %s=%s replaced by the stage's %s (the stage YAML decides batch, "
+                        "accumulation and clipping in every mode)", key, given, value)
+        ds[key] = value
+    if _enabled(ds, "fp16"):
+        raise ConfigError("DeepSpeed fp16 casts every parameter to float16, the frozen encoders and decoders "
+                          "too; use mixed_precision bf16 (autocast) under DeepSpeed, or fp16 under DDP")
+    if _enabled(ds, "bf16"):
+        ds["bf16"] = {"enabled": False}
+        # autocast, as under DDP/FSDP; an empty list keeps every gradient's reduction in fp32
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    autocast = ds.get("torch_autocast", {})
+    return f"{autocast.get('dtype', 'bf16')} (autocast)" if autocast.get("enabled") else "no"
+
+
+def _enabled(ds: dict[str, Any], key: str) -> bool:
+    value = ds.get(key, {}).get("enabled", False)
+    return value is True or str(value).lower() == "true"
+
+
+def after_prepare(engine) -> None:
+    """Let the engine skip a step whose (partitioned) gradients are not finite; in fp32 and bf16 it
+    does not check them unless told."""
+    engine.optimizer.check_grad_overflow = True
+
+
+def backward(engine, loss: torch.Tensor, boundary: bool, poison: bool) -> None:
+    """One micro-batch's backward. ``boundary``: the step's last micro-batch. ``poison``: this process
+    saw a non-finite loss this step; its gradients are made non-finite too, so that the engine's
+    gradient check -- the one way to have it skip the update -- sees it whatever the loss's gradient."""
+    if poison:
+        loss = loss * math.nan
+    engine.set_gradient_accumulation_boundary(boundary)
+    engine.backward(loss, scale_wrt_gas=False)  # the loop's loss is already normalised over the step
+
+
+def step(engine) -> bool:
+    """Clip and step (the engine skips the update when a gradient on any process is not finite);
+    returns whether the update was applied."""
+    skipped = engine.skipped_steps
+    engine.step()
+    return engine.skipped_steps == skipped
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer state: whole and by parameter name
+# --------------------------------------------------------------------------------------------
+
+
+def _groups(engine):
+    """Per ZeRO parameter group: (the model's parameters, this process's flat fp32 partition)."""
+    zero = engine.optimizer
+    return list(zip(zero.bit16_groups, zero.single_partition_of_fp32_groups, strict=True))
+
+
+def _names(engine) -> dict[int, str]:
+    return {id(p): n for n, p in engine.module.named_parameters()}
+
+
+def optimizer_state(engine, is_main: bool) -> dict[str, Any]:
+    """The optimizer state in the layout of torch's full optimizer state dict (what every other mode
+    saves): ``state`` by parameter name, whole; ``param_groups`` listing names. Each process holds
+    its partition of each moment; a collective: every process calls it. The main process gets it."""
+    base, names = engine.optimizer.optimizer, _names(engine)
+    groups = _groups(engine)
+    saved: dict[str, Any] = {"state": {}, "param_groups": []}
+    for (params, flat), group in zip(groups, base.param_groups, strict=True):
+        saved["param_groups"].append({**{k: v for k, v in group.items() if k != "params"},
+                                      "params": [names[id(p)] for p in params]})
+        state = base.state.get(flat, {})
+        for p in params:
+            entry = {}
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == flat.shape:
+                    entry[key] = _gather(p, value).cpu()
+                else:
+                    entry[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
+            if entry:
+                saved["state"][names[id(p)]] = entry
+    return saved if is_main else {}
+
+
+def _gather(p: torch.nn.Parameter, flat_state: torch.Tensor) -> torch.Tensor:
+    """The whole of one parameter's slice of a partitioned flat state (every process calls it)."""
+    import deepspeed.comm as dist
+
+    full = torch.zeros(p.numel(), dtype=flat_state.dtype, device=flat_state.device)
+    mapping = p._hp_mapping
+    if mapping is not None:  # this process's partition holds part of p
+        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+        full.narrow(0, lp.start, lp.numel).copy_(flat_state.narrow(0, hp.start, hp.numel))
+    dist.all_reduce(full, group=p._dp_group)
+    return full.view_as(p)
+
+
+def restore_optimizer_state(engine, saved: dict[str, Any], where: str) -> None:
+    """Load a whole, by-name optimizer state into the engine's partitions (each process keeps its own)."""
+    from mmllm.training.checkpoint import CheckpointError
+
+    if any(isinstance(k, int) for k in saved["state"]):
+        raise CheckpointError(f"{where}: its optimizer state was written by an older mmllm, by position; resume "
+                              "it on one process or under DDP, not DeepSpeed")
+    if not saved["state"]:  # no step taken yet, or a stateless optimizer (SGD without momentum)
+        return
+    base, names = engine.optimizer.optimizer, _names(engine)
+    by_name = {n: g for g in saved["param_groups"] for n in g["params"]}
+    state, groups = {}, []
+    for i, (params, flat) in enumerate(_groups(engine)):
+        missing = [names[id(p)] for p in params if names[id(p)] not in saved["state"]]
+        if missing:
+            raise CheckpointError(f"{where}: no optimizer state for {missing[:5]}; was it saved by another stage "
+                                  "or with other trainable groups?")
+        first = saved["state"][names[id(params[0])]]
+        entry = {}
+        for key, value in first.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                entry[key] = _partition(params, flat, [saved["state"][names[id(p)]][key] for p in params])
+            else:
+                entry[key] = value
+        state[i] = entry
+        groups.append({**{k: v for k, v in by_name[names[id(params[0])]].items() if k != "params"}, "params": [i]})
+    base.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _partition(params: list[torch.nn.Parameter], flat: torch.Tensor, whole: list[torch.Tensor]) -> torch.Tensor:
+    """This process's flat partition of one state, from each parameter's whole tensor."""
+    out = torch.zeros_like(flat)
+    for p, value in zip(params, whole, strict=True):
+        mapping = p._hp_mapping
+        if mapping is None:
+            continue
+        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
+        out.narrow(0, hp.start, hp.numel).copy_(value.reshape(-1).narrow(0, lp.start, lp.numel))
+    return out
