@@ -274,7 +274,8 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     if accelerator.is_main_process:
         _link_final(out_dir, final)
         log.info("stage %s finished: %d samples skipped as unreadable; precomputed lookups: %s; peak memory "
-                 "of this process: %s", cfg.stage, skipped, precomputed.stats() or "none", _peak_memory())
+                 "of this process: %s; it holds %.1f MB of optimizer state", cfg.stage, skipped,
+                 precomputed.stats() or "none", _peak_memory(), _optimizer_megabytes(optimizer))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers and, when distributed, the process group
     return TrainResult(out_dir, final, losses, skipped, cfg.max_steps)
@@ -332,6 +333,14 @@ def _parameter_megabytes(model: torch.nn.Module) -> tuple[float, float]:
         held += local.numel() * local.element_size()
         total += p.numel() * p.element_size()  # a DTensor's numel is the whole parameter's
     return held / 2**20, total / 2**20
+
+
+def _optimizer_megabytes(optimizer) -> float:
+    """The optimizer state this process holds: under FSDP its shards, under ZeRO its partitions."""
+    while hasattr(optimizer, "optimizer"):  # Accelerate's wrapper, DeepSpeed's ZeRO optimizer
+        optimizer = optimizer.optimizer
+    tensors = [_local_part(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def _local_part(t: torch.Tensor) -> torch.Tensor:

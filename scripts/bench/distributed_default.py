@@ -1,16 +1,17 @@
-"""The embedded default's instruct stage on one process, under DDP and under FSDP, side by side in one run.
+"""The embedded default's instruct stage on one process, under DDP, FSDP and ZeRO-2, side by side in one run.
 
 Each run starts from the shipped glue with LoRA dropout 0 (so that one process with batch 2b and W
 processes with batch b read the same samples and draw no different masks) and trains the same
-steps with the stage's own AdamW. Printed per run: wall time, the parameter MB one process holds,
-its peak memory (resident on CPU, allocated on a GPU), the losses at a few steps, and the largest
-relative loss difference from the one-process fp32 run.
+steps with the stage's own AdamW. Printed per run: wall time, the parameter and optimizer-state MB
+one process holds, its peak memory (resident on CPU, allocated on a GPU), the losses at a few steps,
+and the largest relative loss difference from the one-process fp32 run.
 
     python scripts/bench/distributed_default.py                          # all runs, 8 steps (~7 min on 2 cores)
     python scripts/bench/distributed_default.py --runs one-fp32 fsdp-fp32 --steps 4
 
-On a machine without GPUs, FSDP runs through tests/accelerate_on_cpu.py (Accelerate allows FSDP only on
-accelerator devices; torch's FSDP2 runs on gloo). Needs `mmllm world data` first (the script runs it).
+On a machine without GPUs, FSDP and DeepSpeed run through tests/accelerate_on_cpu.py (Accelerate allows
+them only on accelerator devices; torch's FSDP2 and DeepSpeed's CPU accelerator run on gloo). Needs
+`mmllm world data` first (the script runs it).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ RUNS = {
     "one-bf16": (1, None, "bf16"),
     "ddp-bf16": (2, "ddp", "bf16"),
     "fsdp-bf16": (2, "fsdp", "bf16"),
+    "zero2-fp32": (2, "deepspeed_zero2", "no"),
+    "zero2-bf16": (2, "deepspeed_zero2", "bf16"),
 }
 
 
@@ -49,7 +52,7 @@ def command(name: str, args: argparse.Namespace, out: Path, lora: Path) -> tuple
              f"mixed_precision='{precision}'"]
     if procs == 1:
         return [sys.executable, "-m", "mmllm.cli", *stage], env
-    module = "tests.accelerate_on_cpu" if launcher == "fsdp" and not gpus else "mmllm.cli"
+    module = "tests.accelerate_on_cpu" if launcher != "ddp" and not gpus else "mmllm.cli"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(REPO / f"configs/accelerate/{launcher}.yaml"), f"--num_processes={procs}",
               f"--mixed_precision={precision}", "-m", module]
@@ -88,11 +91,13 @@ def main() -> int:
             return 1
         ckpt = args.out / name / f"step-{args.steps}"
         held = re.search(r"holds ([\d.]+) of the model's ([\d.]+) MB", proc.stderr)
-        peak = re.search(r"peak memory of this process: (.+)", proc.stderr)
+        peak = re.search(r"peak memory of this process: ([^;]+)", proc.stderr)
+        optim = re.search(r"holds ([\d.]+) MB of optimizer state", proc.stderr)
         rows[name] = {
             "seconds": seconds,
             "held": f"{float(held.group(1)):.0f} / {float(held.group(2)):.0f}" if held else "?",
             "peak": peak.group(1).strip() if peak else "?",
+            "optim": f"{float(optim.group(1)):.0f}" if optim else "?",
             "losses": json.loads((ckpt / "training_state/progress.json").read_text())["losses"],
         }
     ref = rows.get("one-fp32", {}).get("losses")
@@ -100,12 +105,13 @@ def main() -> int:
     gpus = _gpu_count()
     print(f"\nembedded default, instruct stage, {args.steps} steps, global batch {args.batch}, "
           f"{f'{gpus} GPU(s)' if gpus else 'CPU'}")
-    print(f"{'run':<10} {'wall s':>7} {'param MB held / model':>22} {'peak memory':>28}   "
+    print(f"{'run':<10} {'wall s':>7} {'param MB held / model':>22} {'optim MB':>9} {'peak memory':>28}   "
           f"losses at steps {', '.join(str(i + 1) for i in shown):<14} max rel diff vs one-fp32")
     for name, r in rows.items():
         diff = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref)) if ref else float("nan")
         losses = " / ".join(f"{r['losses'][i]:.4f}" for i in shown)
-        print(f"{name:<10} {r['seconds']:>7.1f} {r['held']:>22} {r['peak']:>28}   {losses:<30} {diff:.2e}")
+        print(f"{name:<10} {r['seconds']:>7.1f} {r['held']:>22} {r['optim']:>9} {r['peak']:>28}   {losses:<30} "
+              f"{diff:.2e}")
     return 0
 
 
