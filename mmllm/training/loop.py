@@ -130,6 +130,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         _autocast_under_fsdp(accelerator.state.fsdp_plugin)
     elif deepspeed:
         precision = zero.configure(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
+        accelerator.gradient_accumulation_steps = cfg.grad_accum  # what the engine is told, so Accelerate agrees
     set_seed(cfg.seed)
     model = build_model(cfg)
     flags = cfg.resolved_trainable()

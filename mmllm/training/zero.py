@@ -71,8 +71,9 @@ def _enabled(ds: dict[str, Any], key: str) -> bool:
 
 
 def after_prepare(engine) -> None:
-    """Let the engine skip a step whose (partitioned) gradients are not finite; in fp32 and bf16 it
-    does not check them unless told."""
+    """Have the engine check its (partitioned) gradients for inf/nan before every update and skip the
+    update if any process has one. Outside fp16 DeepSpeed otherwise notices them only through the norm
+    it computes for clipping (`zero_optimization.compute_grad_norm`, on by default)."""
     engine.optimizer.check_grad_overflow = True
 
 
