@@ -263,6 +263,7 @@ def test_zero2_takes_the_stage_settings_and_refuses_what_it_cannot_run():
             ds["gradient_clipping"]) == (2, 3, 24, 1.0)
     assert ds["bf16"] == {"enabled": False} and ds["torch_autocast"]["lower_precision_safe_modules"] == []
     for bad, match in (({"zero_optimization": {"stage": 3}}, "stage 3"),
-                       ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": "true"}}, "fp16")):
+                       ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": "true"}}, "fp16"),
+                       ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload")):
         with pytest.raises(ConfigError, match=match):
             zero.configure(SimpleNamespace(deepspeed_config=bad), cfg, world=2)

@@ -45,6 +45,11 @@ def configure(plugin, cfg: StageConfig, world: int) -> str:
         raise ConfigError(f"DeepSpeed ZeRO stage {stage}: mmllm trains with ZeRO stage 1 or 2 (`zero_stage: 2` in "
                           "the accelerate config, as configs/accelerate/deepspeed_zero2.yaml); to shard the "
                           "parameters too, use FSDP (configs/accelerate/fsdp.yaml)")
+    offload = {k: ds["zero_optimization"].get(k, {}).get("device", "none") for k in ("offload_optimizer", "offload_param")}
+    if any(str(v).lower() not in ("none", "auto") for v in offload.values()):
+        raise ConfigError(f"DeepSpeed ZeRO offload ({offload}): not supported -- the state it would move is the "
+                          "learned glue's optimizer state, tens of MB; set offload_optimizer_device and "
+                          "offload_param_device to none in the accelerate config")
     wanted = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,
               "train_batch_size": cfg.batch_size * cfg.grad_accum * world,
               "gradient_clipping": float(cfg.optim.max_grad_norm or 0.0)}
