@@ -151,7 +151,7 @@ def test_an_fsdp_run_resumes_with_its_sharded_optimizer_state(sample_data, tmp_p
     _assert_same_weights(full, resumed, "instruct", 1e-6)
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "fsdp"])
+@pytest.mark.parametrize("launcher", ["torchrun", "fsdp", pytest.param("deepspeed_zero2", marks=pytest.mark.slow)])
 def test_a_process_whose_whole_micro_batch_is_unreadable_does_not_hang(launcher, sample_data, tmp_path):
     """batch_size=1 and a missing file: one rank's micro-batch is empty; it must still join the
     collectives (DDP's all-reduce; FSDP's all-gathers and reduce-scatters)."""
@@ -161,7 +161,7 @@ def test_a_process_whose_whole_micro_batch_is_unreadable_does_not_hang(launcher,
     bad = dict(good, id="broken", media=str(tmp_path / "missing.png"))
     data.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
     launch = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-               "-m", "mmllm.cli"] if launcher == "torchrun" else _launch(2, "fsdp"))
+               "-m", "mmllm.cli"] if launcher == "torchrun" else _launch(2, launcher))
     proc = _run(launch + ["train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"),
                           f"output_dir={tmp_path / 'out'}", "report_to=none", "batch_size=1", "max_steps=3",
                           f"data=[{{path: {data}, format: mmllm-pairs, allow_outside_root: true}}]"])
