@@ -197,10 +197,12 @@ def test_fsdp_version_1_is_refused_and_version_2_gets_autocast():
     assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
 
 
-def test_a_zero2_run_resumes_with_its_partitioned_optimizer_state(sample_data, tmp_path):
+@pytest.mark.parametrize("optim", ["adamw", pytest.param("sgd", marks=pytest.mark.slow)])
+def test_a_zero2_run_resumes_with_its_partitioned_optimizer_state(optim, sample_data, tmp_path):
     """ZeRO-2 partitions AdamW's moments across the processes: saved whole and by name, re-partitioned on
-    resume, so the resumed run ends where the uninterrupted one does."""
-    args = ("save_every=2",)
+    resume, so the resumed run ends where the uninterrupted one does. SGD without momentum keeps no
+    state, yet its learning rate at the step the run stopped must still come back."""
+    args = ("save_every=2", f"optim.name={optim}", "optim.momentum=0")
     _run(_launch(2, "deepspeed_zero2") + _stage_args("instruct", sample_data, tmp_path / "full", 2, *args))
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
@@ -264,6 +266,7 @@ def test_zero2_takes_the_stage_settings_and_refuses_what_it_cannot_run():
     assert ds["bf16"] == {"enabled": False} and ds["torch_autocast"]["lower_precision_safe_modules"] == []
     for bad, match in (({"zero_optimization": {"stage": 3}}, "stage 3"),
                        ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": "true"}}, "fp16"),
-                       ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload")):
+                       ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, "offload"),
+                       ({"zero_optimization": {"stage": 2, "round_robin_gradients": True}}, "round_robin")):
         with pytest.raises(ConfigError, match=match):
             zero.configure(SimpleNamespace(deepspeed_config=bad), cfg, world=2)

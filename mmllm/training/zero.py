@@ -59,6 +59,11 @@ def configure(plugin, cfg: StageConfig, world: int) -> str:
             log.warning("DeepSpeed config %s=%s replaced by the stage's %s (the stage YAML decides batch, "
                         "accumulation and clipping in every mode)", key, given, value)
         ds[key] = value
+    if str(ds["zero_optimization"].get("round_robin_gradients", False)).lower() == "true":
+        # DeepSpeed then lays the partitions out in another order than its fragment addresses say
+        # (its own safe_get_full_* helpers read the wrong elements too), and the optimizer state
+        # mmllm saves would be scrambled
+        raise ConfigError("DeepSpeed zero_optimization.round_robin_gradients: not supported; set it to false")
     if _enabled(ds, "fp16"):
         raise ConfigError("DeepSpeed fp16 casts every parameter to float16, the frozen encoders and decoders "
                           "too; use mixed_precision bf16 (autocast) under DeepSpeed, or fp16 under DDP")
@@ -120,9 +125,8 @@ def optimizer_state(engine, is_main: bool) -> dict[str, Any]:
     saves): ``state`` by parameter name, whole; ``param_groups`` listing names. Each process holds
     its partition of each moment; a collective: every process calls it. The main process gets it."""
     base, names = engine.optimizer.optimizer, _names(engine)
-    groups = _groups(engine)
     saved: dict[str, Any] = {"state": {}, "param_groups": []}
-    for (params, flat), group in zip(groups, base.param_groups, strict=True):
+    for (params, flat), group in zip(_groups(engine), base.param_groups, strict=True):
         saved["param_groups"].append({**{k: v for k, v in group.items() if k != "params"},
                                       "params": [names[id(p)] for p in params]})
         state = base.state.get(flat, {})
@@ -130,7 +134,8 @@ def optimizer_state(engine, is_main: bool) -> dict[str, Any]:
             entry = {}
             for key, value in state.items():
                 if torch.is_tensor(value) and value.shape == flat.shape:
-                    entry[key] = _gather(p, value).cpu()
+                    whole = _gather(p, value)  # a collective: on every process, kept on the main one
+                    entry[key] = whole.cpu() if is_main else None
                 else:
                     entry[key] = value.detach().cpu().clone() if torch.is_tensor(value) else value
             if entry:
@@ -152,31 +157,35 @@ def _gather(p: torch.nn.Parameter, flat_state: torch.Tensor) -> torch.Tensor:
 
 
 def restore_optimizer_state(engine, saved: dict[str, Any], where: str) -> None:
-    """Load a whole, by-name optimizer state into the engine's partitions (each process keeps its own)."""
+    """Load a whole, by-name optimizer state into the engine's partitions (each process keeps its own),
+    and the saved hyperparameters (the learning rate of the step it stopped at) into its groups."""
     from mmllm.training.checkpoint import CheckpointError
 
     if any(isinstance(k, int) for k in saved["state"]):
         raise CheckpointError(f"{where}: its optimizer state was written by an older mmllm, by position; resume "
                               "it on one process or under DDP, not DeepSpeed")
-    if not saved["state"]:  # no step taken yet, or a stateless optimizer (SGD without momentum)
-        return
     base, names = engine.optimizer.optimizer, _names(engine)
-    by_name = {n: g for g in saved["param_groups"] for n in g["params"]}
+    saved_groups = {n: g for g in saved["param_groups"] for n in g["params"]}
     state, groups = {}, []
     for i, (params, flat) in enumerate(_groups(engine)):
-        missing = [names[id(p)] for p in params if names[id(p)] not in saved["state"]]
+        wanted = [names[id(p)] for p in params]
+        # an empty state (no step yet, SGD without momentum) still carries the groups' hyperparameters
+        missing = [n for n in wanted if n not in saved_groups or (saved["state"] and n not in saved["state"])]
         if missing:
             raise CheckpointError(f"{where}: no optimizer state for {missing[:5]}; was it saved by another stage "
                                   "or with other trainable groups?")
-        first = saved["state"][names[id(params[0])]]
+        groups.append({**{k: v for k, v in saved_groups[wanted[0]].items() if k != "params"}, "params": [i]})
+        if not saved["state"]:
+            continue
         entry = {}
-        for key, value in first.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                entry[key] = _partition(params, flat, [saved["state"][names[id(p)]][key] for p in params])
+        for key, value in saved["state"][wanted[0]].items():
+            per_element = [saved["state"][n][key] for n in wanted]
+            if all(torch.is_tensor(v) and v.shape == p.shape for v, p in zip(per_element, params, strict=True)) \
+                    and key != "step":
+                entry[key] = _partition(params, flat, per_element)
             else:
-                entry[key] = value
+                entry[key] = value  # the step count, the same for every parameter of a group
         state[i] = entry
-        groups.append({**{k: v for k, v in by_name[names[id(params[0])]].items() if k != "params"}, "params": [i]})
     base.load_state_dict({"state": state, "param_groups": groups})
 
 
