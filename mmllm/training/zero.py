@@ -165,9 +165,18 @@ def restore_optimizer_state(engine, saved: dict[str, Any], where: str) -> None:
         raise CheckpointError(f"{where}: its optimizer state was written by an older mmllm, by position; resume "
                               "it on one process or under DDP, not DeepSpeed")
     base, names = engine.optimizer.optimizer, _names(engine)
+    zero_groups = _groups(engine)
+    if any(isinstance(n, int) for g in saved["param_groups"] for n in g["params"]):
+        # torch's own layout, saved with no state yet (one process before its first step, or SGD
+        # without momentum): the groups are in the order the optimizer was built, as ZeRO's are
+        if len(saved["param_groups"]) != len(zero_groups):
+            raise CheckpointError(f"{where}: {len(saved['param_groups'])} optimizer parameter group(s) saved, "
+                                  f"{len(zero_groups)} now")
+        saved = {"state": {}, "param_groups": [dict(g, params=[names[id(p)] for p in params])
+                                               for g, (params, _) in zip(saved["param_groups"], zero_groups)]}
     saved_groups = {n: g for g in saved["param_groups"] for n in g["params"]}
     state, groups = {}, []
-    for i, (params, flat) in enumerate(_groups(engine)):
+    for i, (params, flat) in enumerate(zero_groups):
         wanted = [names[id(p)] for p in params]
         # an empty state (no step yet, SGD without momentum) still carries the groups' hyperparameters
         missing = [n for n in wanted if n not in saved_groups or (saved["state"] and n not in saved["state"])]
