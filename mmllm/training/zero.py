@@ -45,7 +45,8 @@ def configure(plugin, cfg: StageConfig, world: int) -> str:
         raise ConfigError(f"DeepSpeed ZeRO stage {stage}: mmllm trains with ZeRO stage 1 or 2 (`zero_stage: 2` in "
                           "the accelerate config, as configs/accelerate/deepspeed_zero2.yaml); to shard the "
                           "parameters too, use FSDP (configs/accelerate/fsdp.yaml)")
-    offload = {k: ds["zero_optimization"].get(k, {}).get("device", "none") for k in ("offload_optimizer", "offload_param")}
+    zero_cfg = ds["zero_optimization"]
+    offload = {k: zero_cfg.get(k, {}).get("device", "none") for k in ("offload_optimizer", "offload_param")}
     if any(str(v).lower() not in ("none", "auto") for v in offload.values()):
         raise ConfigError(f"DeepSpeed ZeRO offload ({offload}): not supported -- the state it would move is the "
                           "learned glue's optimizer state, tens of MB; set offload_optimizer_device and "
@@ -59,7 +60,7 @@ def configure(plugin, cfg: StageConfig, world: int) -> str:
             log.warning("DeepSpeed config %s=%s replaced by the stage's %s (the stage YAML decides batch, "
                         "accumulation and clipping in every mode)", key, given, value)
         ds[key] = value
-    if str(ds["zero_optimization"].get("round_robin_gradients", False)).lower() == "true":
+    if str(zero_cfg.get("round_robin_gradients", False)).lower() == "true":
         # DeepSpeed then lays the partitions out in another order than its fragment addresses say
         # (its own safe_get_full_* helpers read the wrong elements too), and the optimizer state
         # mmllm saves would be scrambled
