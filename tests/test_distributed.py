@@ -135,22 +135,6 @@ def test_fsdp_and_zero2_with_the_shipped_configs_bf16_compute_what_ddp_computes(
     assert runs["ddp"] == pytest.approx(_losses(one_process_runs("instruct")), rel=BF16_REL)
 
 
-def test_an_fsdp_run_resumes_with_its_sharded_optimizer_state(sample_data, tmp_path):
-    """AdamW's moments are sharded like the parameters: saved whole, re-sharded on resume. Without
-    them the resumed steps would differ by about lr."""
-    args = ("save_every=2",)
-    _run(_launch(2, "fsdp") + _stage_args("instruct", sample_data, tmp_path / "full", 2, *args))
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "full", cut)
-    shutil.rmtree(cut / "step-4")  # as if killed after step 2's checkpoint
-    (cut / "final.json").unlink()
-    proc = _run(_launch(2, "fsdp") + _stage_args("instruct", sample_data, cut, 2, *args) + ["--resume"])
-    assert "resumed from" in proc.stderr
-    full, resumed = tmp_path / "full" / "step-4", cut / "step-4"
-    assert _losses(resumed) == pytest.approx(_losses(full), rel=1e-6)
-    _assert_same_weights(full, resumed, "instruct", 1e-6)
-
-
 @pytest.mark.parametrize("launcher", ["torchrun", "fsdp", pytest.param("deepspeed_zero2", marks=pytest.mark.slow)])
 def test_a_process_whose_whole_micro_batch_is_unreadable_does_not_hang(launcher, sample_data, tmp_path):
     """batch_size=1 and a missing file: one rank's micro-batch is empty; it must still join the
@@ -197,18 +181,20 @@ def test_fsdp_version_1_is_refused_and_version_2_gets_autocast():
     assert plugin.mixed_precision_policy.reduce_dtype == torch.float32
 
 
-@pytest.mark.parametrize("optim", ["adamw", pytest.param("sgd", marks=pytest.mark.slow)])
-def test_a_zero2_run_resumes_with_its_partitioned_optimizer_state(optim, sample_data, tmp_path):
-    """ZeRO-2 partitions AdamW's moments across the processes: saved whole and by name, re-partitioned on
-    resume, so the resumed run ends where the uninterrupted one does. SGD without momentum keeps no
-    state, yet its learning rate at the step the run stopped must still come back."""
+@pytest.mark.parametrize(("launcher", "optim"), [("fsdp", "adamw"), ("deepspeed_zero2", "adamw"),
+                                                  pytest.param("deepspeed_zero2", "sgd", marks=pytest.mark.slow)])
+def test_a_sharded_run_resumes_with_its_optimizer_state(launcher, optim, sample_data, tmp_path):
+    """FSDP shards AdamW's moments like the parameters, ZeRO-2 partitions them across the processes:
+    saved whole and by name, re-sharded on resume, so the resumed run ends where the uninterrupted one
+    does (without the moments the resumed steps would differ by about lr). SGD without momentum keeps
+    no state, yet its learning rate at the step the run stopped must still come back."""
     args = ("save_every=2", f"optim.name={optim}", "optim.momentum=0")
-    _run(_launch(2, "deepspeed_zero2") + _stage_args("instruct", sample_data, tmp_path / "full", 2, *args))
+    _run(_launch(2, launcher) + _stage_args("instruct", sample_data, tmp_path / "full", 2, *args))
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
-    shutil.rmtree(cut / "step-4")
+    shutil.rmtree(cut / "step-4")  # as if killed after step 2's checkpoint
     (cut / "final.json").unlink()
-    proc = _run(_launch(2, "deepspeed_zero2") + _stage_args("instruct", sample_data, cut, 2, *args) + ["--resume"])
+    proc = _run(_launch(2, launcher) + _stage_args("instruct", sample_data, cut, 2, *args) + ["--resume"])
     assert "resumed from" in proc.stderr
     full, resumed = tmp_path / "full" / "step-4", cut / "step-4"
     assert _losses(resumed) == pytest.approx(_losses(full), rel=1e-6)

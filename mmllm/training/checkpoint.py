@@ -234,7 +234,7 @@ def optimizer_state(model, optimizer) -> dict[str, Any]:
         import torch.distributed as dist
 
         return zero.optimizer_state(model, is_main=dist.get_rank() == 0)
-    opt = _bare_optimizer(optimizer)
+    opt = bare_optimizer(optimizer)
     if not opt.state:  # no step taken yet (or a stateless optimizer): torch would take a fake one first
         return opt.state_dict()
     return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -249,14 +249,15 @@ def restore_optimizer_state(model, optimizer, root: Path) -> None:
     from mmllm.training import zero
 
     saved = torch.load(Path(root) / STATE_DIR / "optimizer.pt", weights_only=True)
-    if zero.is_engine(model):
+    opt = bare_optimizer(optimizer)
+    positional = any(isinstance(k, int) for k in saved["state"])
+    deepspeed = zero.is_engine(model)
+    if positional and (deepspeed or any(hasattr(p, "to_local") for g in opt.param_groups for p in g["params"])):
+        raise CheckpointError(f"{root}: its optimizer state was written by an older mmllm, by position and "
+                              f"unsharded; resume it on one process or under DDP, not {'DeepSpeed' if deepspeed else 'FSDP'}")
+    if deepspeed:
         zero.restore_optimizer_state(model, saved, str(root))
         return
-    opt = _bare_optimizer(optimizer)
-    positional = any(isinstance(k, int) for k in saved["state"])
-    if positional and any(hasattr(p, "to_local") for g in opt.param_groups for p in g["params"]):
-        raise CheckpointError(f"{root}: its optimizer state was written by an older mmllm, by position and "
-                              "unsharded; resume it on one process or under DDP, not FSDP")
     if positional or not saved["state"]:
         # Positional (written before names were used) or empty (no step yet, or SGD without
         # momentum): the parameters are in the same order, and no tensor needs sharding.
@@ -265,8 +266,11 @@ def restore_optimizer_state(model, optimizer, root: Path) -> None:
     set_optimizer_state_dict(model, opt, saved, options=StateDictOptions(full_state_dict=True))
 
 
-def _bare_optimizer(optimizer) -> torch.optim.Optimizer:
-    return getattr(optimizer, "optimizer", optimizer)  # under Accelerate's AcceleratedOptimizer
+def bare_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer under Accelerate's wrapper (and DeepSpeed's ZeRO optimizer, which steps it)."""
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
 
 
 def save_training_state(root: Path, optim_state: dict[str, Any], scheduler, step: int, extra: dict[str, Any]) -> None:

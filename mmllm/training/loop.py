@@ -328,19 +328,17 @@ def _peak_memory() -> str:
 
 def _parameter_megabytes(model: torch.nn.Module) -> tuple[float, float]:
     """(held by this process, whole model): an FSDP shard counts its local part."""
-    held = total = 0
-    for p in model.parameters():
-        local = _local_part(p)
-        held += local.numel() * local.element_size()
-        total += p.numel() * p.element_size()  # a DTensor's numel is the whole parameter's
-    return held / 2**20, total / 2**20
+    params = list(model.parameters())
+    return _megabytes(_local_part(p) for p in params), _megabytes(params)  # a DTensor's numel is the whole's
 
 
 def _optimizer_megabytes(optimizer) -> float:
     """The optimizer state this process holds: under FSDP its shards, under ZeRO its partitions."""
-    while hasattr(optimizer, "optimizer"):  # Accelerate's wrapper, DeepSpeed's ZeRO optimizer
-        optimizer = optimizer.optimizer
-    tensors = [_local_part(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    state = ckpt.bare_optimizer(optimizer).state.values()
+    return _megabytes(_local_part(v) for s in state for v in s.values() if torch.is_tensor(v))
+
+
+def _megabytes(tensors) -> float:
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
