@@ -260,7 +260,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from mmllm.training.refine import collect_signal_states, describe, refine_output_projections
 
     torch_threads(args.threads)
-    model = AnyToAnyModel.from_pretrained(args.checkpoint)
+    model = AnyToAnyModel.from_pretrained(args.checkpoint, decoder_parts="conditioning")  # targets, no generation
     conversations = []
     for path in args.data:
         records, errors = read_records(path, args.format)

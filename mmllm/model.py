@@ -32,7 +32,8 @@ from mmllm.config import (
     parse_assembly,
     to_dict,
 )
-from mmllm.decoders.base import MediaDecoder
+from mmllm.decoders._diffusion import shared_text_encoders
+from mmllm.decoders.base import DECODER_PARTS, MediaDecoder
 from mmllm.encoders.base import MediaEncoder
 from mmllm.llm import LLMCore, position_ids
 from mmllm.projections import InputProjection, OutputProjection
@@ -85,7 +86,12 @@ class AnyToAnyModel(nn.Module):
 
     # ------------------------------------------------------------------ assembly
     @classmethod
-    def assemble(cls, config: AssemblyConfig) -> AnyToAnyModel:
+    def assemble(cls, config: AssemblyConfig, decoder_parts: str = "all") -> AnyToAnyModel:
+        """Build every part and check every dimension. ``decoder_parts`` (one of ``DECODER_PARTS``):
+        what each decoder loads -- ``"all"`` to generate; ``"conditioning"`` (text encoder) for MSE
+        targets; ``"config"`` (no weights) when nothing runs the decoders. The checks are the same."""
+        if decoder_parts not in DECODER_PARTS:
+            raise ValueError(f"decoder_parts must be one of {DECODER_PARTS}, got {decoder_parts!r}")
         checks: list[str] = []
         with seeded(config.seed, "llm"):
             llm: LLMCore = registry.build("llm", config.llm, "llm")
@@ -116,27 +122,28 @@ class AnyToAnyModel(nn.Module):
                 f"encoders.{m} ({spec.kind}) -> ({enc.num_tokens}, {enc.output_dim}) -> "
                 f"input_projections.{m} ({pc.kind}) -> ({in_proj[m].num_tokens}, {hidden}) = llm hidden size {hidden}"
             )
-        for m, spec in config.decoders.items():
-            with seeded(config.seed, f"decoders.{m}"):
-                dec = registry.build("decoder", spec, f"decoders.{m}")
-            if dec.modality != m:
-                raise ConfigError(f"decoders.{m}: kind {spec.kind!r} decodes {dec.modality}, not {m}")
-            L, D = dec.conditioning_shape
-            oc = config.output_projections[m]
-            wanted = (oc.num_queries or L, oc.output_dim or D)
-            if wanted != (L, D):
-                raise ConfigError(
-                    f"output_projections.{m} produces ({wanted[0]}, {wanted[1]}) (num_queries, output_dim) but "
-                    f"decoders.{m} ({spec.kind}) conditioning_shape is ({L}, {D}); "
-                    f"set output_projections.{m}.num_queries/output_dim to 0 (derive) or to ({L}, {D})"
+        with shared_text_encoders():  # one copy of a text encoder several decoders name
+            for m, spec in config.decoders.items():
+                with seeded(config.seed, f"decoders.{m}"):
+                    dec = registry.build("decoder", spec, f"decoders.{m}", parts=decoder_parts)
+                if dec.modality != m:
+                    raise ConfigError(f"decoders.{m}: kind {spec.kind!r} decodes {dec.modality}, not {m}")
+                L, D = dec.conditioning_shape
+                oc = config.output_projections[m]
+                wanted = (oc.num_queries or L, oc.output_dim or D)
+                if wanted != (L, D):
+                    raise ConfigError(
+                        f"output_projections.{m} produces ({wanted[0]}, {wanted[1]}) (num_queries, output_dim) but "
+                        f"decoders.{m} ({spec.kind}) conditioning_shape is ({L}, {D}); "
+                        f"set output_projections.{m}.num_queries/output_dim to 0 (derive) or to ({L}, {D})"
+                    )
+                decoders[m] = dec.requires_grad_(False).eval()
+                with seeded(config.seed, f"output_projections.{m}"):
+                    out_proj[m] = OutputProjection(hidden, config.signal_tokens[m], (L, D), oc)
+                checks.append(
+                    f"llm hidden {hidden} x {config.signal_tokens[m]} signal tokens -> output_projections.{m} -> "
+                    f"({L}, {D}) = decoders.{m} ({spec.kind}) conditioning_shape"
                 )
-            decoders[m] = dec.requires_grad_(False).eval()
-            with seeded(config.seed, f"output_projections.{m}"):
-                out_proj[m] = OutputProjection(hidden, config.signal_tokens[m], (L, D), oc)
-            checks.append(
-                f"llm hidden {hidden} x {config.signal_tokens[m]} signal tokens -> output_projections.{m} -> "
-                f"({L}, {D}) = decoders.{m} ({spec.kind}) conditioning_shape"
-            )
         return cls(config, llm, encoders, decoders, in_proj, out_proj, checks)
 
     # ------------------------------------------------------------------ LoRA
@@ -431,10 +438,13 @@ class AnyToAnyModel(nn.Module):
         return save_model_checkpoint(self, Path(directory), extra or {})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, trainable_lora: bool = False) -> AnyToAnyModel:
+    def from_pretrained(
+        cls, directory: str | Path, trainable_lora: bool = False, decoder_parts: str = "all"
+    ) -> AnyToAnyModel:
+        """A checkpoint (any stage's) with its frozen parts rebuilt; ``decoder_parts`` as in :meth:`assemble`."""
         from mmllm.training.checkpoint import load_model_checkpoint
 
-        return load_model_checkpoint(Path(directory), trainable_lora=trainable_lora)
+        return load_model_checkpoint(Path(directory), trainable_lora=trainable_lora, decoder_parts=decoder_parts)
 
     @classmethod
     def from_assembly_dict(cls, data: dict[str, Any]) -> AnyToAnyModel:

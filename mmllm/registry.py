@@ -48,8 +48,9 @@ def parse_options(table: str, spec: ComponentSpec, where: str) -> Any:
     return from_dict(cls.Options, spec.options, where)
 
 
-def build(table: str, spec: ComponentSpec, where: str) -> Any:
-    """Resolve ``spec.kind`` in ``table``, check its options strictly, and build the component."""
+def build(table: str, spec: ComponentSpec, where: str, **kwargs: Any) -> Any:
+    """Resolve ``spec.kind`` in ``table``, check its options strictly, and build the component
+    (``kwargs`` go to its ``from_options``: a decoder's ``parts``)."""
     cls = resolve(table, spec.kind, where)
     options = from_dict(cls.Options, spec.options, where)
-    return cls.from_options(options, where=where)
+    return cls.from_options(options, where=where, **kwargs)

@@ -94,12 +94,21 @@ def _settings(module: nn.Module) -> dict[str, Any]:
     return out
 
 
+# describe() entries that say what a decoder loaded, not what ``condition`` computes: a cache built by a
+# model assembled with every part is valid for one assembled with the text side only, and vice versa
+LOADING_ONLY = ("parts", "parameters")
+
+
 def decoder_fingerprint(decoder: nn.Module) -> str:
+    if getattr(decoder, "parts", "all") == "config":
+        raise ValueError(f"{type(decoder).__name__} was assembled without its text encoder (parts='config'): "
+                         "it has no conditioning to fingerprint")
     h = hashlib.blake2b(digest_size=12)
     parts = [n for n in TEXT_SIDE if isinstance(getattr(decoder, n, None), nn.Module)]
+    describe = {k: v for k, v in decoder.describe().items() if k not in LOADING_ONLY}
     h.update(_json({"cache": CACHE_FORMAT_VERSION,
                     "class": f"{type(decoder).__module__}.{type(decoder).__qualname__}",
-                    "describe": decoder.describe(), "settings": _settings(decoder), "text_side": parts,
+                    "describe": describe, "settings": _settings(decoder), "text_side": parts,
                     "tokenizer": tokenizer_identity(getattr(decoder, "tokenizer", None)),
                     "tokenizer_2": tokenizer_identity(getattr(decoder, "tokenizer_2", None))}))
     if parts:

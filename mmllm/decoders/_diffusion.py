@@ -4,7 +4,8 @@ Kept to the parts that really are the same in every family; each family file sti
 
 * :class:`DiffusionOptions` -- the option keys every family has (``model`` or ``tiny``, steps, guidance,
   dtype, scheduler choice and ``prediction_type`` override, a ``text_encoder`` taken from elsewhere);
-* :func:`load_pipeline` -- ``from_pretrained`` of a pipeline folder, with those options applied;
+* :func:`load_parts` -- ``from_pretrained`` of a pipeline folder, with those options applied, loading
+  only the parts a stage uses (``DECODER_PARTS``; the others as :class:`NotLoaded`, config only);
 * :func:`row_generators` -- one ``torch.Generator`` per batch row, so a request draws the same noise
   alone or inside a batch;
 * :func:`prediction_target` / :func:`denoising_mse` -- the diffusion loss through a frozen denoiser,
@@ -14,13 +15,16 @@ Kept to the parts that really are the same in every family; each family file sti
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib
 import importlib.util
+import inspect
 import json
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmllm.config import ConfigError, from_dict
-from mmllm.decoders.base import MediaDecoder
+from mmllm.decoders.base import DECODER_PARTS, MediaDecoder
 from mmllm.locations import resolve_source
 
 log = logging.getLogger(__name__)
@@ -110,9 +114,28 @@ def _import_own_components(index: dict[str, Any]) -> None:
                 importlib.import_module(value[0])
 
 
+# text encoders loaded inside shared_text_encoders(), by (class, weights, config, dtype)
+_SHARED_TEXT_ENCODERS: contextvars.ContextVar[dict[tuple[str, ...], Any] | None] = contextvars.ContextVar(
+    "mmllm_shared_text_encoders", default=None
+)
+
+
+@contextlib.contextmanager
+def shared_text_encoders() -> Iterator[None]:
+    """Inside the block (one model's assembly), decoders whose ``text_encoder:`` option names the same
+    weights, with the same class, config and dtype, hold one module between them instead of a copy each
+    (the embedded default's three decoders share one MiniLM). Frozen, so sharing changes no result."""
+    token = _SHARED_TEXT_ENCODERS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_TEXT_ENCODERS.reset(token)
+
+
 def load_text_encoder(pipeline_cls: type, source: str, weights: str, dtype: torch.dtype) -> Any:
     """The pipeline's text encoder class (from model_index.json) and config (its ``text_encoder/``
-    folder, when present: settings such as ``use_attention_mask`` stay), with weights from ``weights``."""
+    folder, when present: settings such as ``use_attention_mask`` stay), with weights from ``weights``;
+    inside :func:`shared_text_encoders`, one already loaded the same way is reused."""
     import transformers
 
     library, class_name = _model_index(pipeline_cls, source).get("text_encoder", (None, None))
@@ -123,6 +146,11 @@ def load_text_encoder(pipeline_cls: type, source: str, weights: str, dtype: torc
         config = cls.config_class.from_pretrained(source, subfolder="text_encoder")
     except (OSError, ValueError):
         config = None
+    shared = _SHARED_TEXT_ENCODERS.get()
+    key = (class_name, weights, config.to_json_string() if config is not None else "", str(dtype))
+    if shared is not None and key in shared:
+        log.info("text_encoder: sharing the %s already loaded from %s", class_name, weights)
+        return shared[key]
     try:
         model, info = cls.from_pretrained(weights, config=config, dtype=dtype, output_loading_info=True)
     except Exception as exc:  # OSError (not found / offline), ValueError, ...
@@ -132,21 +160,76 @@ def load_text_encoder(pipeline_cls: type, source: str, weights: str, dtype: torc
             f"text_encoder: {weights!r} lacks {len(info['missing_keys'])} tensor(s) of the {class_name}, "
             f"e.g. {sorted(info['missing_keys'])[:4]}"
         )
+    if shared is not None:
+        shared[key] = model
     return model
 
 
-def load_pipeline(pipeline_cls: type, options: DiffusionOptions, dtype: torch.dtype, **kwargs: Any) -> Any:
+@dataclass(frozen=True)
+class NotLoaded:
+    """A pipeline part left unloaded because the stage never runs it: its config only, which the
+    decoder's assembly-time checks and sizes read exactly as they read a loaded part's."""
+
+    name: str
+    config: Any
+
+
+def loaded(part: Any) -> Any:
+    """The part itself, or None for a :class:`NotLoaded` one (what a diffusers pipeline takes for "absent")."""
+    return None if isinstance(part, NotLoaded) else part
+
+
+def part_config(pipeline_cls: type, source: str, name: str) -> Any:
+    """One part's config without its weights: a transformers config, or a diffusers config with the
+    class's defaults filled in (as ``register_to_config`` records them on a built model)."""
+    import transformers
+
+    library, class_name = _model_index(pipeline_cls, source)[name]
+    if library == "transformers":
+        return getattr(transformers, class_name).config_class.from_pretrained(source, subfolder=name)
+    cls = getattr(importlib.import_module(library), class_name)
+    defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return SimpleNamespace(**{**defaults, **cls.load_config(source, subfolder=name)})
+
+
+def skipped_parts(parts: str, generation: tuple[str, ...]) -> tuple[str, ...]:
+    """The pipeline parts that ``parts`` (one of DECODER_PARTS) leaves unloaded."""
+    if parts not in DECODER_PARTS:
+        raise ValueError(f"unknown decoder parts {parts!r}; valid: {', '.join(DECODER_PARTS)}")
+    return {"all": (), "conditioning": generation, "config": (*generation, "text_encoder")}[parts]
+
+
+def load_parts(
+    pipeline_cls: type,
+    options: DiffusionOptions,
+    dtype: torch.dtype,
+    names: tuple[str, ...],
+    skip: tuple[str, ...] = (),
+    **kwargs: Any,
+) -> dict[str, Any]:
     """``pipeline_cls.from_pretrained(options.model)`` (safetensors only), honouring ``package:`` sources
-    and the ``text_encoder`` option; ``kwargs`` go to ``from_pretrained`` (components to skip, ...)."""
+    and the ``text_encoder`` option, and returning the parts ``names``; those in ``skip`` are not loaded
+    (their weights are never read) and come back as :class:`NotLoaded`. ``kwargs`` go to ``from_pretrained``."""
     source = resolve_source(options.model)
     if Path(source).is_dir():
         _import_own_components(_model_index(pipeline_cls, source))
-    if options.text_encoder is not None:
+    if options.text_encoder is not None and "text_encoder" not in skip:
         weights = resolve_source(options.text_encoder)
         kwargs["text_encoder"] = load_text_encoder(pipeline_cls, source, weights, dtype)
-    return pipeline_cls.from_pretrained(
+    kwargs.update({name: None for name in skip})
+    pipe = pipeline_cls.from_pretrained(
         source, dtype=dtype, use_safetensors=True, trust_remote_code=options.trust_remote_code, **kwargs
     )
+    if skip:
+        log.info("%s: not loading %s (the stage does not use them)", options.model, ", ".join(skip))
+    return {name: NotLoaded(name, part_config(pipeline_cls, source, name)) if name in skip else getattr(pipe, name)
+            for name in names}
+
+
+def not_loaded(parts: dict[str, Any], skip: tuple[str, ...]) -> dict[str, Any]:
+    """An in-process build's parts with those in ``skip`` dropped to their configs."""
+    return {name: NotLoaded(name, part.config) if name in skip else part for name, part in parts.items()}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -304,12 +387,43 @@ def warn_remote_code(options: DiffusionOptions, name: str) -> None:
 
 
 class FrozenDiffusionDecoder(MediaDecoder):
-    """Common plumbing: frozen parts always in eval mode, a conditioning shape, a pipeline built once."""
+    """Common plumbing: frozen parts always in eval mode, a conditioning shape, a pipeline built once,
+    and the parts loaded (``DECODER_PARTS``)."""
 
-    def __init__(self, conditioning_shape: tuple[int, int]) -> None:
+    # the pipeline parts only generation and the denoising loss run (a family adds its own, e.g. a vocoder)
+    GENERATION_PARTS: tuple[str, ...] = ("unet", "vae")
+
+    def __init__(self, conditioning_shape: tuple[int, int], parts: str = "all") -> None:
         super().__init__()
         self._conditioning_shape = (int(conditioning_shape[0]), int(conditioning_shape[1]))
         self._pipeline: Any = None
+        self._parts = parts
+
+    def _adopt(self, **parts: Any) -> None:
+        """Register the frozen parts as submodules; a :class:`NotLoaded` one as None (so ``self.unet`` is
+        None, and the module's plain attributes, which the cache fingerprint reads, do not change)."""
+        for name, part in parts.items():
+            self.register_module(name, loaded(part))
+            freeze(loaded(part))
+
+    @classmethod
+    def skipped(cls, parts: str) -> tuple[str, ...]:
+        return skipped_parts(parts, cls.GENERATION_PARTS)
+
+    @property
+    def parts(self) -> str:
+        """What this decoder loaded: one of ``DECODER_PARTS``."""
+        return self._parts
+
+    def _require(self, parts: str, action: str) -> None:
+        """Refuse ``action`` when the decoder was assembled without the parts it runs."""
+        if DECODER_PARTS.index(self._parts) < DECODER_PARTS.index(parts):
+            missing = sorted(set(self.skipped(self._parts)) - set(self.skipped(parts)))
+            raise RuntimeError(
+                f"{type(self).__name__} ({self.modality}) was assembled with parts={self._parts!r}, without its "
+                f"{', '.join(missing)}, so it cannot {action}; assemble the model with decoder_parts={parts!r} "
+                f"(`AnyToAnyModel.from_pretrained(dir, decoder_parts={parts!r})`)"
+            )
 
     @property
     def conditioning_shape(self) -> tuple[int, int]:
@@ -354,5 +468,6 @@ class FrozenDiffusionDecoder(MediaDecoder):
             "class": type(self).__name__,
             "modality": self.modality,
             "conditioning_shape": list(self.conditioning_shape),
+            "parts": self._parts,
             "parameters": sum(p.numel() for p in self.parameters()),
         }

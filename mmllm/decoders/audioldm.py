@@ -37,9 +37,9 @@ from mmllm.decoders._diffusion import (
     FrozenDiffusionDecoder,
     check_conditioning,
     denoising_mse,
-    freeze,
-    load_pipeline,
+    load_parts,
     make_scheduler,
+    not_loaded,
     parse_dtype,
     parse_tiny,
     row_generators,
@@ -80,6 +80,7 @@ class TinyAudioLDM:
 class AudioLDMDecoder(FrozenDiffusionDecoder):
     modality = "audio"
     Tiny = TinyAudioLDM
+    GENERATION_PARTS = ("unet", "vae", "vocoder")
 
     @dataclass
     class Options(DiffusionOptions):
@@ -100,6 +101,7 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
         vocoder: Any,
         scheduler: Any,
         options: AudioLDMDecoder.Options,
+        parts: str = "all",
     ) -> None:
         self.text_projection = hasattr(text_encoder.config, "projection_dim")  # CLAP; else mean pooling
         dim = text_encoder.config.projection_dim if self.text_projection else text_encoder.config.hidden_size
@@ -108,9 +110,8 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
             raise ValueError(
                 f"UNet class embedding expects {expected}-d input, the text embedding is {dim}-d"
             )
-        super().__init__((1, dim))
-        self.unet, self.vae, self.text_encoder, self.vocoder = unet, vae, text_encoder, vocoder
-        freeze(unet, vae, text_encoder, vocoder)
+        super().__init__((1, dim), parts)
+        self._adopt(unet=unet, vae=vae, text_encoder=text_encoder, vocoder=vocoder)
         self.tokenizer = tokenizer
         self.scheduler = make_scheduler(scheduler, options.scheduler, options.scheduler_prediction_type)
         self.noise_scheduler = training_scheduler(self.scheduler)
@@ -137,25 +138,27 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
         return {**values, **overrides}
 
     @classmethod
-    def from_options(cls, options: AudioLDMDecoder.Options, where: str = "") -> AudioLDMDecoder:
+    def from_options(cls, options: AudioLDMDecoder.Options, where: str = "", parts: str = "all") -> AudioLDMDecoder:
         dtype = parse_dtype(options.dtype)
+        skip = cls.skipped(parts)
         if options.tiny is not None:
-            parts = cls._build_tiny(parse_tiny(TinyAudioLDM, options.tiny))
+            built = not_loaded(cls._build_tiny(parse_tiny(TinyAudioLDM, options.tiny)), skip)
         else:
-            parts = cls._load(options, dtype)
-        return cls(*parts, options=options).to(dtype)
+            built = cls._load(options, dtype, skip)
+        return cls(**built, options=options, parts=parts).to(dtype)
 
     @staticmethod
-    def _load(options: AudioLDMDecoder.Options, dtype: torch.dtype) -> tuple[Any, ...]:
+    def _load(options: AudioLDMDecoder.Options, dtype: torch.dtype, skip: tuple[str, ...]) -> dict[str, Any]:
         from diffusers import AudioLDMPipeline
 
         warn_remote_code(options, "audioldm-audio")
         log.info("loading AudioLDM parts from %s", options.model)
-        pipe = load_pipeline(AudioLDMPipeline, options, dtype)
-        return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.vocoder, pipe.scheduler
+        return load_parts(
+            AudioLDMPipeline, options, dtype, ("unet", "vae", "text_encoder", "tokenizer", "vocoder", "scheduler"), skip
+        )
 
     @staticmethod
-    def _build_tiny(t: TinyAudioLDM) -> tuple[Any, ...]:
+    def _build_tiny(t: TinyAudioLDM) -> dict[str, Any]:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import (
             ClapTextConfig,
@@ -232,7 +235,8 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
             set_alpha_to_one=False,
             steps_offset=1,
         )
-        return unet, vae, text_encoder, tokenizer, vocoder, scheduler
+        return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "vocoder": vocoder,
+                "scheduler": scheduler}
 
     def _build_pipeline(self) -> Any:
         from diffusers import AudioLDMPipeline
@@ -254,6 +258,7 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
         ``_encode_prompt``) or, for a text encoder without projection, the masked mean pooling."""
         if not captions:
             raise ValueError("condition() needs at least one caption")
+        self._require("conditioning", "encode captions")
         device, _ = self._device_dtype()
         if self.text_projection:
             embeds = self.pipeline._encode_prompt(list(captions), device, 1, False)
@@ -280,6 +285,7 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
         seeds: list[int] | None = None,
     ) -> list[Audio]:
         check_conditioning(conditioning, self.conditioning_shape, "audioldm-audio")
+        self._require("all", "generate audio")
         device, dtype = self._device_dtype()
         guidance = self.options.guidance if guidance is None else guidance
         batch = conditioning.shape[0]
@@ -342,6 +348,7 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
         batch = conditioning.shape[0]
         if len(media) != batch:
             raise ValueError(f"{len(media)} audio clips for {batch} conditioning rows")
+        self._require("all", "compute the denoising loss")
         device, dtype = self._device_dtype()
         generator = seeded_generator(seed, device)
         mels = torch.stack([self.log_mel(a) for a in media])[:, None].to(device, dtype)  # (B, 1, T, mel)

@@ -12,6 +12,11 @@ A decoder wraps a frozen diffusers pipeline that accepts ``prompt_embeds``. It e
   the scheduler's ``prediction_type``.
 
 The pipeline object is built once, lazily, from the submodules registered on this module, and kept.
+
+A decoder is assembled with the parts a stage uses (:data:`DECODER_PARTS`): ``"all"`` to generate or
+for the denoising loss; ``"conditioning"`` (text encoder and tokenizer) for the MSE targets;
+``"config"`` (no weights at all) when only :attr:`conditioning_shape` matters, as in ``encode-align``.
+Every assembly-time check runs in every mode, on the unloaded parts' configs.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+# What a decoder loads, least to most: see the module docstring.
+DECODER_PARTS: tuple[str, ...] = ("config", "conditioning", "all")
 
 
 class MediaDecoder(nn.Module, ABC):

@@ -25,9 +25,9 @@ from mmllm.decoders._diffusion import (
     FrozenDiffusionDecoder,
     check_conditioning,
     denoising_mse,
-    freeze,
-    load_pipeline,
+    load_parts,
     make_scheduler,
+    not_loaded,
     parse_dtype,
     parse_tiny,
     row_generators,
@@ -82,15 +82,15 @@ class StableDiffusionDecoder(FrozenDiffusionDecoder):
         tokenizer: Any,
         scheduler: Any,
         options: StableDiffusionDecoder.Options,
+        parts: str = "all",
     ) -> None:
         hidden = text_encoder.config.hidden_size
         if unet.config.cross_attention_dim != hidden:
             raise ValueError(
                 f"UNet cross_attention_dim {unet.config.cross_attention_dim} != text encoder width {hidden}"
             )
-        super().__init__((tokenizer.model_max_length, hidden))
-        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
-        freeze(unet, vae, text_encoder)
+        super().__init__((tokenizer.model_max_length, hidden), parts)
+        self._adopt(unet=unet, vae=vae, text_encoder=text_encoder)
         self.tokenizer = tokenizer
         self.scheduler = make_scheduler(scheduler, options.scheduler, options.scheduler_prediction_type)
         self.noise_scheduler = training_scheduler(self.scheduler)
@@ -108,33 +108,36 @@ class StableDiffusionDecoder(FrozenDiffusionDecoder):
         return {**values, **overrides}
 
     @classmethod
-    def from_options(cls, options: StableDiffusionDecoder.Options, where: str = "") -> StableDiffusionDecoder:
+    def from_options(
+        cls, options: StableDiffusionDecoder.Options, where: str = "", parts: str = "all"
+    ) -> StableDiffusionDecoder:
         dtype = parse_dtype(options.dtype)
+        skip = cls.skipped(parts)
         if options.tiny is not None:
-            parts = cls._build_tiny(parse_tiny(TinySD, options.tiny))
+            built = not_loaded(cls._build_tiny(parse_tiny(TinySD, options.tiny)), skip)
         else:
-            parts = cls._load(options, dtype)
-        decoder = cls(*parts, options=options)
-        return decoder.to(dtype)
+            built = cls._load(options, dtype, skip)
+        return cls(**built, options=options, parts=parts).to(dtype)
 
     @staticmethod
-    def _load(options: StableDiffusionDecoder.Options, dtype: torch.dtype) -> tuple[Any, ...]:
+    def _load(options: StableDiffusionDecoder.Options, dtype: torch.dtype, skip: tuple[str, ...]) -> dict[str, Any]:
         from diffusers import StableDiffusionPipeline
 
         warn_remote_code(options, "sd-image")
         log.info("loading Stable Diffusion parts from %s", options.model)
-        pipe = load_pipeline(
+        return load_parts(
             StableDiffusionPipeline,
             options,
             dtype,
+            ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+            skip,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
-        return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
 
     @staticmethod
-    def _build_tiny(t: TinySD) -> tuple[Any, ...]:
+    def _build_tiny(t: TinySD) -> dict[str, Any]:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -185,7 +188,7 @@ class StableDiffusionDecoder(FrozenDiffusionDecoder):
             set_alpha_to_one=False,
             steps_offset=1,
         )
-        return unet, vae, text_encoder, tokenizer, scheduler
+        return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
     def _build_pipeline(self) -> Any:
         from diffusers import StableDiffusionPipeline
@@ -208,6 +211,7 @@ class StableDiffusionDecoder(FrozenDiffusionDecoder):
     def condition(self, captions: list[str]) -> torch.Tensor:
         if not captions:
             raise ValueError("condition() needs at least one caption")
+        self._require("conditioning", "encode captions")
         device, _ = self._device_dtype()
         embeds, _ = self.pipeline.encode_prompt(list(captions), device, 1, False)
         return embeds
@@ -222,6 +226,7 @@ class StableDiffusionDecoder(FrozenDiffusionDecoder):
         seeds: list[int] | None = None,
     ) -> list[Image.Image]:
         check_conditioning(conditioning, self.conditioning_shape, "sd-image")
+        self._require("all", "generate images")
         device, dtype = self._device_dtype()
         guidance = self.options.guidance if guidance is None else guidance
         batch = conditioning.shape[0]
@@ -245,6 +250,7 @@ class StableDiffusionDecoder(FrozenDiffusionDecoder):
         check_conditioning(conditioning, self.conditioning_shape, "sd-image")
         if len(media) != conditioning.shape[0]:
             raise ValueError(f"{len(media)} images for {conditioning.shape[0]} conditioning rows")
+        self._require("all", "compute the denoising loss")
         device, dtype = self._device_dtype()
         generator = seeded_generator(seed, device)
         pixels = self.pipeline.image_processor.preprocess(

@@ -29,9 +29,9 @@ from mmllm.decoders._diffusion import (
     FrozenDiffusionDecoder,
     check_conditioning,
     denoising_mse,
-    freeze,
-    load_pipeline,
+    load_parts,
     make_scheduler,
+    not_loaded,
     parse_dtype,
     parse_tiny,
     row_generators,
@@ -94,15 +94,15 @@ class TextToVideoDecoder(FrozenDiffusionDecoder):
         tokenizer: Any,
         scheduler: Any,
         options: TextToVideoDecoder.Options,
+        parts: str = "all",
     ) -> None:
         hidden = text_encoder.config.hidden_size
         if unet.config.cross_attention_dim != hidden:
             raise ValueError(
                 f"UNet cross_attention_dim {unet.config.cross_attention_dim} != text encoder width {hidden}"
             )
-        super().__init__((tokenizer.model_max_length, hidden))
-        self.unet, self.vae, self.text_encoder = unet, vae, text_encoder
-        freeze(unet, vae, text_encoder)
+        super().__init__((tokenizer.model_max_length, hidden), parts)
+        self._adopt(unet=unet, vae=vae, text_encoder=text_encoder)
         self.tokenizer = tokenizer
         self.scheduler = make_scheduler(scheduler, options.scheduler, options.scheduler_prediction_type)
         self.noise_scheduler = training_scheduler(self.scheduler)
@@ -128,25 +128,29 @@ class TextToVideoDecoder(FrozenDiffusionDecoder):
         return {**values, **overrides}
 
     @classmethod
-    def from_options(cls, options: TextToVideoDecoder.Options, where: str = "") -> TextToVideoDecoder:
+    def from_options(
+        cls, options: TextToVideoDecoder.Options, where: str = "", parts: str = "all"
+    ) -> TextToVideoDecoder:
         dtype = parse_dtype(options.dtype)
+        skip = cls.skipped(parts)
         if options.tiny is not None:
-            parts = cls._build_tiny(parse_tiny(TinyT2V, options.tiny))
+            built = not_loaded(cls._build_tiny(parse_tiny(TinyT2V, options.tiny)), skip)
         else:
-            parts = cls._load(options, dtype)
-        return cls(*parts, options=options).to(dtype)
+            built = cls._load(options, dtype, skip)
+        return cls(**built, options=options, parts=parts).to(dtype)
 
     @staticmethod
-    def _load(options: TextToVideoDecoder.Options, dtype: torch.dtype) -> tuple[Any, ...]:
+    def _load(options: TextToVideoDecoder.Options, dtype: torch.dtype, skip: tuple[str, ...]) -> dict[str, Any]:
         from diffusers import TextToVideoSDPipeline
 
         warn_remote_code(options, "t2v-video")
         log.info("loading text-to-video parts from %s", options.model)
-        pipe = load_pipeline(TextToVideoSDPipeline, options, dtype)
-        return pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler
+        return load_parts(
+            TextToVideoSDPipeline, options, dtype, ("unet", "vae", "text_encoder", "tokenizer", "scheduler"), skip
+        )
 
     @staticmethod
-    def _build_tiny(t: TinyT2V) -> tuple[Any, ...]:
+    def _build_tiny(t: TinyT2V) -> dict[str, Any]:
         from diffusers import AutoencoderKL, DDIMScheduler, UNet3DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -197,7 +201,7 @@ class TextToVideoDecoder(FrozenDiffusionDecoder):
             set_alpha_to_one=False,
             steps_offset=1,
         )
-        return unet, vae, text_encoder, tokenizer, scheduler
+        return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
     def _build_pipeline(self) -> Any:
         from diffusers import TextToVideoSDPipeline
@@ -216,6 +220,7 @@ class TextToVideoDecoder(FrozenDiffusionDecoder):
     def condition(self, captions: list[str]) -> torch.Tensor:
         if not captions:
             raise ValueError("condition() needs at least one caption")
+        self._require("conditioning", "encode captions")
         device, _ = self._device_dtype()
         embeds, _ = self.pipeline.encode_prompt(list(captions), device, 1, False)
         return embeds
@@ -230,6 +235,7 @@ class TextToVideoDecoder(FrozenDiffusionDecoder):
         seeds: list[int] | None = None,
     ) -> list[Video]:
         check_conditioning(conditioning, self.conditioning_shape, "t2v-video")
+        self._require("all", "generate videos")
         device, dtype = self._device_dtype()
         guidance = self.options.guidance if guidance is None else guidance
         batch = conditioning.shape[0]
@@ -260,6 +266,7 @@ class TextToVideoDecoder(FrozenDiffusionDecoder):
         batch, frames = conditioning.shape[0], self.options.num_frames
         if len(media) != batch:
             raise ValueError(f"{len(media)} videos for {batch} conditioning rows")
+        self._require("all", "compute the denoising loss")
         device, dtype = self._device_dtype()
         generator = seeded_generator(seed, device)
         images = [frame.convert("RGB") for video in media for frame in video.sample_frames(frames)]

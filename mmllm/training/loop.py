@@ -55,13 +55,23 @@ def token_spec(model: AnyToAnyModel) -> TokenSpec:
     )
 
 
+def decoder_parts(cfg: StageConfig) -> str:
+    """What of each decoder the stage runs: the whole pipeline for the denoising loss, the text encoder
+    for MSE targets, else nothing but the conditioning shape (encode-align never loads a UNet or VAE)."""
+    if cfg.losses.denoise > 0:
+        return "all"
+    return "conditioning" if cfg.losses.mse > 0 else "config"
+
+
 def build_model(cfg: StageConfig) -> AnyToAnyModel:
-    """The stage's model: the previous stage's checkpoint if named, else a fresh assembly."""
+    """The stage's model: the previous stage's checkpoint if named, else a fresh assembly; its decoders
+    hold only what the stage runs (:func:`decoder_parts`)."""
+    parts = decoder_parts(cfg)
     if cfg.init_from:
         log.info("initialising from %s", cfg.init_from)
-        model = AnyToAnyModel.from_pretrained(cfg.init_from, trainable_lora=True)
+        model = AnyToAnyModel.from_pretrained(cfg.init_from, trainable_lora=True, decoder_parts=parts)
     else:
-        model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides))
+        model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts)
     flags = cfg.resolved_trainable()
     if cfg.lora and model.lora_config is None:
         model.add_lora(load_lora(cfg.lora))

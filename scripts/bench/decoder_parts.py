@@ -1,0 +1,92 @@
+"""What each stage of the embedded default holds in memory, by what its decoders load, side by side.
+
+For each stage config, one fresh process per row assembles the stage's model and reports the seconds
+it took, the parameters it holds (the decoders' and the whole model's, shared ones once) and the
+process's peak resident memory:
+
+* ``all, unshared`` -- every decoder part, a text-encoder copy per decoder (what every stage loaded
+  before stages loaded only what they run);
+* ``all`` -- every part, decoders naming the same text encoder sharing one copy (inference, or a
+  stage with a denoising loss);
+* the stage's own (``mmllm.training.loop.decoder_parts``): ``config`` for encode-align (no decoder
+  weights), ``conditioning`` for decode-align and instruct (the text encoder, for the MSE targets).
+
+    python scripts/bench/decoder_parts.py                 # the three default stages (~2 min on 2 cores)
+    python scripts/bench/decoder_parts.py --stages configs/stages/tiny/encode_align.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = [REPO / f"configs/stages/default/{s}.yaml" for s in ("encode_align", "decode_align", "instruct")]
+
+
+def child(stage: Path, parts: str, share: bool) -> dict[str, float]:
+    """Assemble the stage's model in this (fresh) process and measure it."""
+    import mmllm.model
+    from mmllm.config import load_assembly, load_stage
+    from mmllm.model import AnyToAnyModel
+    from mmllm.training.freeze import count_parameters
+    from mmllm.training.loop import decoder_parts
+
+    cfg = load_stage(stage, ["init_from=null"])
+    parts = decoder_parts(cfg) if parts == "stage" else parts
+    if not share:
+        mmllm.model.shared_text_encoders = contextlib.nullcontext
+    start = time.perf_counter()
+    model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts)
+    seconds = time.perf_counter() - start
+    unique = {id(p): p.numel() for p in model.decoders.parameters()}
+    return {
+        "parts": parts,
+        "seconds": seconds,
+        "decoder_params": sum(unique.values()) / 1e6,
+        "model_params": sum(r.trainable + r.frozen for r in count_parameters(model)) / 1e6,
+        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_child(stage: Path, parts: str, share: bool) -> dict[str, float]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, __file__, "--child", str(stage), parts, "share" if share else "copies"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        print(json.dumps(child(Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "share")))
+        return 0
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stages", nargs="+", type=Path, default=STAGES)
+    args = ap.parse_args()
+
+    run_child(args.stages[0], "config", True)  # warm-up: converts the GGUF once, fills the page cache
+    print(f"{'stage':<14} {'decoders load':<22} {'build s':>8} {'decoder M params':>17} {'model M params':>15} "
+          f"{'peak RSS MB':>12}")
+    for stage in args.stages:
+        rows = [("all, unshared", run_child(stage, "all", False)), ("all", run_child(stage, "all", True))]
+        own = run_child(stage, "stage", True)
+        rows.append((f"{own['parts']} (the stage's)", own))
+        base = rows[0][1]
+        for label, r in rows:
+            print(f"{stage.stem:<14} {label:<22} {r['seconds']:>8.1f} {r['decoder_params']:>17.1f} "
+                  f"{r['model_params']:>15.1f} {r['peak_mb']:>12.0f}"
+                  + (f"   x{r['peak_mb'] / base['peak_mb']:.2f} peak" if r is not base else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
