@@ -2,7 +2,7 @@
 
 For each stage config, one fresh process per row assembles the stage's model and reports the seconds
 it took, the parameters it holds (the decoders' and the whole model's, shared ones once) and the
-process's peak resident memory:
+process's resident memory after it (and its peak, which is the LLM's loading):
 
 * ``all, unshared`` -- every decoder part, a text-encoder copy per decoder (what every stage loaded
   before stages loaded only what they run);
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import resource
@@ -28,6 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
 STAGES = [REPO / f"configs/stages/default/{s}.yaml" for s in ("encode_align", "decode_align", "instruct")]
 
 
@@ -52,8 +54,18 @@ def child(stage: Path, parts: str, share: bool) -> dict[str, float]:
         "seconds": seconds,
         "decoder_params": sum(unique.values()) / 1e6,
         "model_params": sum(r.trainable + r.frozen for r in count_parameters(model)) / 1e6,
+        "rss_mb": _resident_mb(),
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+
+
+def _resident_mb() -> float:
+    """This process's resident memory now (after the assembly; its peak is the LLM's loading)."""
+    gc.collect()
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def run_child(stage: Path, parts: str, share: bool) -> dict[str, float]:
@@ -74,17 +86,17 @@ def main() -> int:
     args = ap.parse_args()
 
     run_child(args.stages[0], "config", True)  # warm-up: converts the GGUF once, fills the page cache
-    print(f"{'stage':<14} {'decoders load':<22} {'build s':>8} {'decoder M params':>17} {'model M params':>15} "
-          f"{'peak RSS MB':>12}")
+    print(f"{'stage':<14} {'decoders load':<28} {'build s':>8} {'decoder M params':>17} {'model M params':>15} "
+          f"{'resident MB':>12} {'peak RSS MB':>12}")
     for stage in args.stages:
         rows = [("all, unshared", run_child(stage, "all", False)), ("all", run_child(stage, "all", True))]
         own = run_child(stage, "stage", True)
         rows.append((f"{own['parts']} (the stage's)", own))
         base = rows[0][1]
         for label, r in rows:
-            print(f"{stage.stem:<14} {label:<22} {r['seconds']:>8.1f} {r['decoder_params']:>17.1f} "
-                  f"{r['model_params']:>15.1f} {r['peak_mb']:>12.0f}"
-                  + (f"   x{r['peak_mb'] / base['peak_mb']:.2f} peak" if r is not base else ""))
+            print(f"{stage.stem:<14} {label:<28} {r['seconds']:>8.1f} {r['decoder_params']:>17.1f} "
+                  f"{r['model_params']:>15.1f} {r['rss_mb']:>12.0f} {r['peak_mb']:>12.0f}"
+                  + (f"   resident x{r['rss_mb'] / base['rss_mb']:.2f}" if r is not base else ""))
     return 0
 
 
