@@ -34,7 +34,7 @@ from mmllm.config import (
 )
 from mmllm.decoders._diffusion import shared_text_encoders
 from mmllm.decoders.base import DECODER_PARTS, MediaDecoder
-from mmllm.encoders.base import MediaEncoder
+from mmllm.encoders.base import EncoderShape, MediaEncoder
 from mmllm.llm import LLMCore, position_ids
 from mmllm.projections import InputProjection, OutputProjection
 
@@ -145,6 +145,15 @@ class AnyToAnyModel(nn.Module):
                     f"({L}, {D}) = decoders.{m} ({spec.kind}) conditioning_shape"
                 )
         return cls(config, llm, encoders, decoders, in_proj, out_proj, checks)
+
+    def release_encoders(self) -> int:
+        """Replace each encoder by its :class:`EncoderShape` (for a stage that reads no media: decode-align),
+        freeing its weights before anything moves to a device; the number of parameters freed."""
+        freed = sum(p.numel() for p in self.encoders.parameters())
+        for m, encoder in list(self.encoders.items()):
+            if encoder.runnable:
+                self.encoders[m] = EncoderShape(encoder)
+        return freed
 
     # ------------------------------------------------------------------ LoRA
     def add_lora(self, cfg: LoraConfig) -> None:

@@ -187,7 +187,7 @@ def open_precomputed(cfg: Any, model: Any) -> Precomputed:
     dec_fps: dict[str, str] = {}
     if cache is not None:
         if cache_cfg.encoders:
-            enc_fps = {m: encoder_fingerprint(e) for m, e in model.encoders.items()}
+            enc_fps = {m: encoder_fingerprint(e) for m, e in model.encoders.items() if e.runnable}
         if cache_cfg.targets and use_targets:
             dec_fps = {m: decoder_fingerprint(d) for m, d in model.decoders.items()}
         report_sections(cache, enc_fps, dec_fps)

@@ -22,6 +22,7 @@ from torch import nn
 
 class MediaEncoder(nn.Module, ABC):
     modality: str = ""
+    runnable: bool = True  # False for an EncoderShape: no weights, nothing to run
 
     @property
     @abstractmethod
@@ -61,3 +62,44 @@ class MediaEncoder(nn.Module, ABC):
         dtype = next(self.parameters()).dtype
         x = self.preprocess(items).to(device=device, dtype=dtype)
         return self.forward(x)
+
+
+class EncoderShape(MediaEncoder):
+    """What stays of an encoder in a stage that never runs it (decode-align reads captions only): its
+    modality, token count, width and description, for the input projections and their checks; no
+    weights, so it holds no memory and never moves to a device."""
+
+    runnable = False
+
+    def __init__(self, encoder: MediaEncoder) -> None:
+        super().__init__()
+        self.modality = encoder.modality
+        self._shape = (encoder.num_tokens, encoder.output_dim)
+        self._describe = encoder.describe()
+        self._kind = type(encoder).__name__
+
+    @property
+    def output_dim(self) -> int:
+        return self._shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self._shape[0]
+
+    def _refuse(self, action: str) -> RuntimeError:
+        return RuntimeError(
+            f"the {self.modality} encoder ({self._kind}) was released (this stage reads no {self.modality} "
+            f"input), so it cannot {action}; load the model without release_encoders() to encode media"
+        )
+
+    def preprocess(self, items: list[Any]) -> torch.Tensor:
+        raise self._refuse("preprocess media")
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        raise self._refuse("encode media")
+
+    def describe(self) -> dict[str, Any]:
+        return self._describe
+
+    def fingerprint(self) -> str:
+        raise self._refuse("fingerprint its outputs")

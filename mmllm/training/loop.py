@@ -65,13 +65,17 @@ def decoder_parts(cfg: StageConfig) -> str:
 
 def build_model(cfg: StageConfig) -> AnyToAnyModel:
     """The stage's model: the previous stage's checkpoint if named, else a fresh assembly; its decoders
-    hold only what the stage runs (:func:`decoder_parts`)."""
+    hold only what the stage runs (:func:`decoder_parts`), and decode-align, which reads captions only,
+    releases the encoders' weights."""
     parts = decoder_parts(cfg)
     if cfg.init_from:
         log.info("initialising from %s", cfg.init_from)
         model = AnyToAnyModel.from_pretrained(cfg.init_from, trainable_lora=True, decoder_parts=parts)
     else:
         model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts)
+    if cfg.stage == "decode-align":
+        freed = model.release_encoders()
+        log.info("decode-align reads captions only: the encoders' %s parameters are released", f"{freed:,}")
     flags = cfg.resolved_trainable()
     if cfg.lora and model.lora_config is None:
         model.add_lora(load_lora(cfg.lora))

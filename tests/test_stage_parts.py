@@ -1,6 +1,7 @@
-"""A decoder loads only what the stage runs (``decoder_parts``): ``config`` (shapes), ``conditioning``
-(text encoder), ``all``. The checks and the conditioning are the same in every mode; what a mode lacks
-is refused by name, and its weights are never read."""
+"""A stage holds only the parts it runs. A decoder loads ``config`` (shapes), ``conditioning`` (text
+encoder) or ``all`` (``decoder_parts``): the checks and the conditioning are the same in every mode,
+what a mode lacks is refused by name, and its weights are never read. decode-align, which reads
+captions only, releases the encoders to their shapes."""
 
 from __future__ import annotations
 
@@ -112,15 +113,18 @@ def test_unknown_mode_is_refused():
 
 
 @pytest.mark.parametrize(
-    ("stage", "overrides", "expected"),
+    ("stage", "overrides", "expected", "encoders_run"),
     [
-        ("encode_align", [], "config"),
-        ("decode_align", [], "conditioning"),
-        ("instruct", [], "conditioning"),
-        ("instruct", ["losses.denoise=0.5"], "all"),
+        ("encode_align", [], "config", True),
+        ("decode_align", [], "conditioning", False),
+        ("instruct", [], "conditioning", True),
+        ("instruct", ["losses.denoise=0.5"], "all", True),
     ],
 )
-def test_a_stage_loads_what_its_losses_run(stage, overrides, expected, tmp_path):
+def test_a_stage_holds_what_it_runs(stage, overrides, expected, encoders_run, tmp_path):
+    from mmllm.config import load_assembly
+    from mmllm.model import AnyToAnyModel
+
     cfg = load_stage(REPO / f"configs/stages/tiny/{stage}.yaml", [f"output_dir={tmp_path}", "init_from=null",
                                                                      *overrides])
     assert decoder_parts(cfg) == expected
@@ -128,6 +132,18 @@ def test_a_stage_loads_what_its_losses_run(stage, overrides, expected, tmp_path)
     assert {d.parts for d in model.decoders.values()} == {expected}
     loaded = sum(p.numel() for p in model.decoders.parameters())
     assert (loaded == 0) == (expected == "config")
+    assert all(e.runnable == encoders_run for e in model.encoders.values())
+    assert (sum(p.numel() for p in model.encoders.parameters()) > 0) == encoders_run
+    full = AnyToAnyModel.assemble(load_assembly(cfg.assembly))
+    for m, encoder in model.encoders.items():  # what the input projections and the checks read is kept
+        assert (encoder.modality, encoder.num_tokens, encoder.output_dim) == (
+            m, full.encoders[m].num_tokens, full.encoders[m].output_dim)
+        assert encoder.describe() == full.encoders[m].describe()
+        if not encoders_run:
+            with pytest.raises(RuntimeError, match=f"the {m} encoder .* was released .* cannot preprocess"):
+                encoder.preprocess([None])
+            with pytest.raises(RuntimeError, match="cannot encode media"):
+                encoder(torch.zeros(1))
 
 
 def test_decoders_naming_the_same_text_encoder_share_one_copy(saved, tmp_path):

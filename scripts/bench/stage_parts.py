@@ -1,4 +1,4 @@
-"""What each stage of the embedded default holds in memory, by what its decoders load, side by side.
+"""What each stage of the embedded default holds in memory, by what it loads of its parts, side by side.
 
 For each stage config, one fresh process per row assembles the stage's model and reports the seconds
 it took, the parameters it holds (the decoders' and the whole model's, shared ones once) and the
@@ -8,11 +8,12 @@ process's resident memory after it (and its peak, which is the LLM's loading):
   before stages loaded only what they run);
 * ``all`` -- every part, decoders naming the same text encoder sharing one copy (inference, or a
   stage with a denoising loss);
-* the stage's own (``mmllm.training.loop.decoder_parts``): ``config`` for encode-align (no decoder
-  weights), ``conditioning`` for decode-align and instruct (the text encoder, for the MSE targets).
+* the stage's own (``mmllm.training.loop.build_model``): decoders ``config`` for encode-align (no
+  decoder weights), ``conditioning`` for decode-align and instruct (the text encoder, for the MSE
+  targets); decode-align also releases the encoders (it reads captions only).
 
-    python scripts/bench/decoder_parts.py                 # the three default stages (~2 min on 2 cores)
-    python scripts/bench/decoder_parts.py --stages configs/stages/tiny/encode_align.yaml
+    python scripts/bench/stage_parts.py                 # the three default stages (~2 min on 2 cores)
+    python scripts/bench/stage_parts.py --stages configs/stages/tiny/encode_align.yaml
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -34,25 +36,32 @@ STAGES = [REPO / f"configs/stages/default/{s}.yaml" for s in ("encode_align", "d
 
 
 def child(stage: Path, parts: str, share: bool) -> dict[str, float]:
-    """Assemble the stage's model in this (fresh) process and measure it."""
+    """Assemble the stage's model in this (fresh) process and measure it: ``parts`` "all" assembles every
+    part; "stage" builds what training builds."""
     import mmllm.model
     from mmllm.config import load_assembly, load_stage
     from mmllm.model import AnyToAnyModel
     from mmllm.training.freeze import count_parameters
-    from mmllm.training.loop import decoder_parts
+    from mmllm.training.loop import build_model
 
     cfg = load_stage(stage, ["init_from=null"])
-    parts = decoder_parts(cfg) if parts == "stage" else parts
     if not share:
         mmllm.model.shared_text_encoders = contextlib.nullcontext
     start = time.perf_counter()
-    model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts)
+    if parts == "stage":
+        model = build_model(cfg)
+    else:
+        model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts)
     seconds = time.perf_counter() - start
-    unique = {id(p): p.numel() for p in model.decoders.parameters()}
+
+    def unique(module: Any) -> float:
+        return sum({id(p): p.numel() for p in module.parameters()}.values()) / 1e6
+
     return {
-        "parts": parts,
+        "parts": next(iter(model.decoders.values())).parts,
         "seconds": seconds,
-        "decoder_params": sum(unique.values()) / 1e6,
+        "encoder_params": unique(model.encoders),
+        "decoder_params": unique(model.decoders),
         "model_params": sum(r.trainable + r.frozen for r in count_parameters(model)) / 1e6,
         "rss_mb": _resident_mb(),
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -86,15 +95,16 @@ def main() -> int:
     args = ap.parse_args()
 
     run_child(args.stages[0], "config", True)  # warm-up: converts the GGUF once, fills the page cache
-    print(f"{'stage':<14} {'decoders load':<28} {'build s':>8} {'decoder M params':>17} {'model M params':>15} "
-          f"{'resident MB':>12} {'peak RSS MB':>12}")
+    print(f"{'stage':<14} {'decoders load':<28} {'build s':>8} {'encoder M params':>17} {'decoder M params':>17} "
+          f"{'model M params':>15} {'resident MB':>12} {'peak RSS MB':>12}")
     for stage in args.stages:
         rows = [("all, unshared", run_child(stage, "all", False)), ("all", run_child(stage, "all", True))]
         own = run_child(stage, "stage", True)
         rows.append((f"{own['parts']} (the stage's)", own))
         base = rows[0][1]
         for label, r in rows:
-            print(f"{stage.stem:<14} {label:<28} {r['seconds']:>8.1f} {r['decoder_params']:>17.1f} "
+            print(f"{stage.stem:<14} {label:<28} {r['seconds']:>8.1f} {r['encoder_params']:>17.1f} "
+                  f"{r['decoder_params']:>17.1f} "
                   f"{r['model_params']:>15.1f} {r['rss_mb']:>12.0f} {r['peak_mb']:>12.0f}"
                   + (f"   resident x{r['rss_mb'] / base['rss_mb']:.2f}" if r is not base else ""))
     return 0
