@@ -38,9 +38,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from mmllm.config import STAGE_DEFAULT_TRAINABLE, load_assembly, load_lora, read_yaml
+    from mmllm.config import STAGE_DEFAULT_TRAINABLE, LossConfig, load_assembly, load_lora, read_yaml
     from mmllm.model import AnyToAnyModel
-    from mmllm.training.freeze import apply_trainable
+    from mmllm.training.freeze import apply_trainable, count_parameters
+    from mmllm.training.loop import releases_encoders, stage_decoder_parts
 
     data = read_yaml(args.config)
     if "stage" in data:  # a stage config: inspect its assembly
@@ -73,9 +74,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             note = " (no LoRA config given: pass --lora configs/lora/X.yaml to count it)"
         else:
             note = ""
-        rows = apply_trainable(model, flags, log_table=False)
+        apply_trainable(model, flags, log_table=False)
+        parts = stage_decoder_parts(name, stage.losses if stage else LossConfig())
+        rows = count_parameters(model, parts, encoders=not releases_encoders(name))
         table[name] = {r.name: {"trainable": r.trainable, "frozen": r.frozen} for r in rows}
-        print(f"stage {name}{note}:")
+        held = f"decoders load {parts}" + (", encoders released" if releases_encoders(name) else "")
+        print(f"stage {name} ({held}){note}:")
         for r in rows:
             print(f"  {r.name:<30} trainable {r.trainable:>12,}  frozen {r.frozen:>12,}")
         print(f"  {'total':<30} trainable {sum(r.trainable for r in rows):>12,}  "

@@ -23,6 +23,14 @@ def test_inspect_prints_parts_checks_and_per_stage_counts(capsys, tmp_path):
     assert inst["llm.lora"]["trainable"] > 0
     assert all(v["trainable"] == 0 for k, v in inst.items() if k.startswith(("encoders.", "decoders.")))
     assert inst["llm (original weights)"]["trainable"] == 0
+    # each stage counts what it holds: encode-align no decoder weights, decode-align no encoders,
+    # instruct the decoders' text encoders only
+    da = data["stages"]["decode-align"]
+    assert all(v["frozen"] == 0 for k, v in ea.items() if k.startswith("decoders."))
+    assert all(v["frozen"] == 0 for k, v in da.items() if k.startswith("encoders."))
+    assert all(v["frozen"] > 0 for k, v in inst.items() if k.startswith(("encoders.", "decoders.")))
+    assert "stage encode-align (decoders load config)" in text
+    assert "stage decode-align (decoders load conditioning, encoders released)" in text
 
 
 def test_inspect_reports_a_dimension_mismatch_as_an_error(tmp_path, capsys):

@@ -19,6 +19,7 @@ import yaml
 from mmllm.config import ComponentSpec, ConfigError, load_stage
 from mmllm.data.fingerprint import decoder_fingerprint
 from mmllm.registry import build
+from mmllm.training.freeze import count_parameters
 from mmllm.training.loop import build_model, decoder_parts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +117,7 @@ def test_unknown_mode_is_refused():
     ("stage", "overrides", "expected", "encoders_run"),
     [
         ("encode_align", [], "config", True),
+        ("encode_align", ["losses.mse=1.0"], "config", True),  # no signal tokens in its data: no targets
         ("decode_align", [], "conditioning", False),
         ("instruct", [], "conditioning", True),
         ("instruct", ["losses.denoise=0.5"], "all", True),
@@ -135,6 +137,11 @@ def test_a_stage_holds_what_it_runs(stage, overrides, expected, encoders_run, tm
     assert all(e.runnable == encoders_run for e in model.encoders.values())
     assert (sum(p.numel() for p in model.encoders.parameters()) > 0) == encoders_run
     full = AnyToAnyModel.assemble(load_assembly(cfg.assembly))
+    # `mmllm inspect` counts a stage's holdings on the whole model: the same numbers
+    held = {r.name: r.frozen for r in count_parameters(model) if r.name.startswith(("encoders.", "decoders."))}
+    counted = {r.name: r.frozen for r in count_parameters(full, expected, encoders=encoders_run)
+               if r.name.startswith(("encoders.", "decoders."))}
+    assert held == counted
     for m, encoder in model.encoders.items():  # what the input projections and the checks read is kept
         assert (encoder.modality, encoder.num_tokens, encoder.output_dim) == (
             m, full.encoders[m].num_tokens, full.encoders[m].output_dim)

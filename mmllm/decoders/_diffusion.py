@@ -415,6 +415,11 @@ class FrozenDiffusionDecoder(MediaDecoder):
         """What this decoder loaded: one of ``DECODER_PARTS``."""
         return self._parts
 
+    def parameters_of(self, parts: str) -> list[nn.Parameter]:
+        """The parameters this decoder would hold assembled with ``parts`` (at most what it holds now)."""
+        skip = set(self.skipped(parts))
+        return [p for name, child in self.named_children() if name not in skip for p in child.parameters()]
+
     def _require(self, parts: str, action: str) -> None:
         """Refuse ``action`` when the decoder was assembled without the parts it runs."""
         if DECODER_PARTS.index(self._parts) < DECODER_PARTS.index(parts):

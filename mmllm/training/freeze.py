@@ -38,8 +38,11 @@ def apply_trainable(model: AnyToAnyModel, flags: dict[str, bool], log_table: boo
     return report
 
 
-def count_parameters(model: AnyToAnyModel) -> list[ComponentCount]:
-    """Per component: trainable and frozen parameter counts (shared parameters counted once)."""
+def count_parameters(model: AnyToAnyModel, decoder_parts: str | None = None,
+                     encoders: bool = True) -> list[ComponentCount]:
+    """Per component: trainable and frozen parameter counts (shared parameters counted once). Given
+    ``decoder_parts``, the decoders count what they would hold assembled so; ``encoders=False`` counts
+    them released (what a stage holds, from a model assembled whole)."""
     seen: set[int] = set()
     rows: list[ComponentCount] = []
 
@@ -60,11 +63,12 @@ def count_parameters(model: AnyToAnyModel) -> list[ComponentCount]:
     add("llm.lora", list(groups["lora"].values()))
     add("llm (original weights)", list(model.llm.parameters()))
     for m, mod in model.encoders.items():
-        add(f"encoders.{m}", list(mod.parameters()))
+        add(f"encoders.{m}", list(mod.parameters()) if encoders else [])
     for m, mod in model.input_projections.items():
         add(f"input_projections.{m}", list(mod.parameters()))
     for m, mod in model.output_projections.items():
         add(f"output_projections.{m}", list(mod.parameters()))
     for m, mod in model.decoders.items():
-        add(f"decoders.{m}", list(mod.parameters()))
+        parts = decoder_parts is not None and hasattr(mod, "parameters_of")
+        add(f"decoders.{m}", mod.parameters_of(decoder_parts) if parts else list(mod.parameters()))
     return rows

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmllm.atomic import atomic_write_text
-from mmllm.config import ConfigError, LoraConfig, StageConfig, load_assembly, load_lora, to_dict
+from mmllm.config import ConfigError, LoraConfig, LossConfig, StageConfig, load_assembly, load_lora, to_dict
 from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
@@ -57,10 +57,22 @@ def token_spec(model: AnyToAnyModel) -> TokenSpec:
 
 def decoder_parts(cfg: StageConfig) -> str:
     """What of each decoder the stage runs: the whole pipeline for the denoising loss, the text encoder
-    for MSE targets, else nothing but the conditioning shape (encode-align never loads a UNet or VAE)."""
-    if cfg.losses.denoise > 0:
+    for MSE targets, else nothing but the conditioning shape. encode-align (media -> caption) has no
+    signal tokens, so no decoder ever runs there whatever its loss weights say."""
+    return stage_decoder_parts(cfg.stage, cfg.losses)
+
+
+def releases_encoders(stage: str) -> bool:
+    """decode-align reads captions only: no encoder runs, so their weights are released."""
+    return stage == "decode-align"
+
+
+def stage_decoder_parts(stage: str, losses: LossConfig) -> str:
+    if stage == "encode-align":
+        return "config"
+    if losses.denoise > 0:
         return "all"
-    return "conditioning" if cfg.losses.mse > 0 else "config"
+    return "conditioning" if losses.mse > 0 else "config"
 
 
 def build_model(cfg: StageConfig) -> AnyToAnyModel:
@@ -73,7 +85,7 @@ def build_model(cfg: StageConfig) -> AnyToAnyModel:
         model = AnyToAnyModel.from_pretrained(cfg.init_from, trainable_lora=True, decoder_parts=parts)
     else:
         model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts)
-    if cfg.stage == "decode-align":
+    if releases_encoders(cfg.stage):
         freed = model.release_encoders()
         log.info("decode-align reads captions only: the encoders' %s parameters are released", f"{freed:,}")
     flags = cfg.resolved_trainable()
