@@ -8,6 +8,10 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmllm.training.parts import StageParts
 
 log = logging.getLogger("mmllm")
 
@@ -38,10 +42,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from mmllm.config import STAGE_DEFAULT_TRAINABLE, LossConfig, load_assembly, load_lora, read_yaml
+    from mmllm.config import STAGE_DEFAULT_TRAINABLE, load_assembly, load_lora, read_yaml
     from mmllm.model import AnyToAnyModel
     from mmllm.training.freeze import apply_trainable, count_parameters
-    from mmllm.training.loop import releases_encoders, stage_decoder_parts
 
     data = read_yaml(args.config)
     if "stage" in data:  # a stage config: inspect its assembly
@@ -75,11 +78,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         else:
             note = ""
         apply_trainable(model, flags, log_table=False)
-        parts = stage_decoder_parts(name, stage.losses if stage else LossConfig())
-        rows = count_parameters(model, parts, encoders=not releases_encoders(name))
+        parts, held = _inspected_parts(model, stage)
+        rows = count_parameters(model, parts)
         table[name] = {r.name: {"trainable": r.trainable, "frozen": r.frozen} for r in rows}
-        held = f"decoders load {parts}" + (", encoders released" if releases_encoders(name) else "")
-        print(f"stage {name} ({held}){note}:")
+        print(f"stage {name}{note}: {held}")
         for r in rows:
             print(f"  {r.name:<30} trainable {r.trainable:>12,}  frozen {r.frozen:>12,}")
         print(f"  {'total':<30} trainable {sum(r.trainable for r in rows):>12,}  "
@@ -99,6 +101,26 @@ def _load_model(checkpoint: str, device: str, dtype: str):
     if dtype not in dtypes:
         raise SystemExit(f"--dtype must be one of {list(dtypes)}")
     return model.to(device=device, dtype=dtypes[dtype]).eval()
+
+
+def _inspected_parts(model, stage) -> tuple[StageParts, str]:
+    """What a stage holds of the frozen parts: from its data when ``stage`` is a stage config whose data
+    reads, else the most its losses could need (every decoder as far as the losses go, every encoder)."""
+    from mmllm.config import LossConfig
+    from mmllm.data.dataset import load_stage_records
+    from mmllm.training.parts import StageParts, decoder_parts_for, stage_parts
+
+    if stage is not None:
+        try:
+            parts = stage_parts(stage.losses, load_stage_records(stage.data, stage.stage)[0])
+            return parts, f"holds {parts.describe()}"
+        except (OSError, ValueError) as exc:
+            reason = f"its data does not read ({exc})"
+    else:
+        reason = "no stage data given"
+    wanted = decoder_parts_for(stage.losses if stage is not None else LossConfig())
+    parts = StageParts({m: wanted for m in model.decoders}, frozenset(model.encoders))
+    return parts, f"holds at most {parts.describe()} ({reason})"
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -177,19 +199,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.output), quick=args.quick, tiny=args.tiny)
 
 
-def _stage_model(args: argparse.Namespace):
-    """The stage config and the model its training would use (for `data check` and `cache`)."""
+def _stage_model(args: argparse.Namespace, shapes_only: bool = False):
+    """The stage config and the model its training would use (for `cache`); with ``shapes_only``, with
+    no decoder or encoder weights (for `data check`, which reads the tokenizer and the shapes only, and
+    must report bad data rather than fail on it)."""
     from mmllm.config import load_stage
     from mmllm.training.loop import build_model
+    from mmllm.training.parts import StageParts
 
     cfg = load_stage(args.config, args.overrides)
-    return cfg, build_model(cfg)
+    return cfg, build_model(cfg, StageParts() if shapes_only else None)
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from mmllm.data.check import check_stage_data
 
-    cfg, model = _stage_model(args)
+    cfg, model = _stage_model(args, shapes_only=True)
     report = check_stage_data(cfg, model, decode=not args.no_decode)
     print(report.format())
     if args.json:

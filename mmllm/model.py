@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,16 @@ class AnyToAnyModel(nn.Module):
 
     # ------------------------------------------------------------------ assembly
     @classmethod
-    def assemble(cls, config: AssemblyConfig, decoder_parts: str = "all") -> AnyToAnyModel:
-        """Build every part and check every dimension. ``decoder_parts`` (one of ``DECODER_PARTS``):
-        what each decoder loads -- ``"all"`` to generate; ``"conditioning"`` (text encoder) for MSE
-        targets; ``"config"`` (no weights) when nothing runs the decoders. The checks are the same."""
-        if decoder_parts not in DECODER_PARTS:
-            raise ValueError(f"decoder_parts must be one of {DECODER_PARTS}, got {decoder_parts!r}")
+    def assemble(cls, config: AssemblyConfig, decoder_parts: str | Mapping[str, str] = "all") -> AnyToAnyModel:
+        """Build every part and check every dimension. ``decoder_parts`` (one of ``DECODER_PARTS``, or one
+        per modality, ``"config"`` for a modality not named): what each decoder loads -- ``"all"`` to
+        generate; ``"conditioning"`` (text encoder) for MSE targets; ``"config"`` (no weights) when
+        nothing runs it. The checks are the same."""
+        parts_of = {m: decoder_parts if isinstance(decoder_parts, str) else decoder_parts.get(m, "config")
+                    for m in config.decoders}
+        bad = sorted({p for p in parts_of.values() if p not in DECODER_PARTS})
+        if bad:
+            raise ValueError(f"decoder_parts must be among {DECODER_PARTS}, got {bad}")
         checks: list[str] = []
         with seeded(config.seed, "llm"):
             llm: LLMCore = registry.build("llm", config.llm, "llm")
@@ -125,7 +130,7 @@ class AnyToAnyModel(nn.Module):
         with shared_text_encoders():  # one copy of a text encoder several decoders name
             for m, spec in config.decoders.items():
                 with seeded(config.seed, f"decoders.{m}"):
-                    dec = registry.build("decoder", spec, f"decoders.{m}", parts=decoder_parts)
+                    dec = registry.build("decoder", spec, f"decoders.{m}", parts=parts_of[m])
                 if dec.modality != m:
                     raise ConfigError(f"decoders.{m}: kind {spec.kind!r} decodes {dec.modality}, not {m}")
                 L, D = dec.conditioning_shape
@@ -146,12 +151,14 @@ class AnyToAnyModel(nn.Module):
                 )
         return cls(config, llm, encoders, decoders, in_proj, out_proj, checks)
 
-    def release_encoders(self) -> int:
-        """Replace each encoder by its :class:`EncoderShape` (for a stage that reads no media: decode-align),
-        freeing its weights before anything moves to a device; the number of parameters freed."""
-        freed = sum(p.numel() for p in self.encoders.parameters())
+    def release_encoders(self, keep: Collection[str] = ()) -> int:
+        """Replace each encoder whose modality is not in ``keep`` by its :class:`EncoderShape` (for a stage
+        none of whose samples gives that modality as input), freeing its weights before anything moves to a
+        device; the number of parameters freed."""
+        freed = 0
         for m, encoder in list(self.encoders.items()):
-            if encoder.runnable:
+            if m not in keep and encoder.runnable:
+                freed += sum(p.numel() for p in encoder.parameters())
                 self.encoders[m] = EncoderShape(encoder)
         return freed
 
@@ -278,7 +285,9 @@ class AnyToAnyModel(nn.Module):
     ) -> torch.Tensor | None:
         """Encoder outputs of all ``m`` items in placeholder order: computed from ``inputs``, and
         taken from ``cached["features"]`` at positions ``cached["index"]``."""
-        enc_dtype = next(self.encoders[m].parameters()).dtype
+        encoder = self.encoders[m]
+        # a released encoder (EncoderShape) has no dtype; it refuses to run, by name, below
+        enc_dtype = next(encoder.parameters()).dtype if encoder.runnable else torch.float32
         computed = None
         if inputs is not None and inputs.shape[0] > 0:
             with torch.no_grad():
@@ -448,7 +457,7 @@ class AnyToAnyModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, trainable_lora: bool = False, decoder_parts: str = "all"
+        cls, directory: str | Path, trainable_lora: bool = False, decoder_parts: str | Mapping[str, str] = "all"
     ) -> AnyToAnyModel:
         """A checkpoint (any stage's) with its frozen parts rebuilt; ``decoder_parts`` as in :meth:`assemble`."""
         from mmllm.training.checkpoint import load_model_checkpoint

@@ -254,3 +254,18 @@ def test_prediction_target_rejects_unknown_type():
     x = torch.zeros(1, 4, 2, 2)
     with pytest.raises(ValueError, match="flow_prediction"):
         prediction_target(scheduler, x, x, torch.tensor([1]))
+
+
+def test_text_encoder_from_elsewhere_keeps_its_own_config_when_the_folder_has_none(decoders, tmp_path):
+    """A pipeline folder without ``text_encoder/`` and ``text_encoder:`` naming the weights: the weights'
+    own config is used (not a default-sized one, which transformers returns for a missing subfolder)."""
+    import shutil
+
+    decoder = decoders["image"]
+    decoder.pipeline.save_pretrained(tmp_path / "pipe")
+    shutil.move(tmp_path / "pipe" / "text_encoder", tmp_path / "weights")
+    entry = {k: v for k, v in ENTRIES["image"].items() if k != "tiny"}
+    spec = {**entry, "model": str(tmp_path / "pipe"), "text_encoder": str(tmp_path / "weights")}
+    loaded = build("decoder", ComponentSpec.parse(spec, "decoders.image"), "decoders.image")
+    assert loaded.conditioning_shape == decoder.conditioning_shape
+    torch.testing.assert_close(loaded.condition(CAPTIONS), decoder.condition(CAPTIONS))

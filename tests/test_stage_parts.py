@@ -17,10 +17,12 @@ import torch
 import yaml
 
 from mmllm.config import ComponentSpec, ConfigError, load_stage
+from mmllm.data.dataset import load_stage_records
 from mmllm.data.fingerprint import decoder_fingerprint
 from mmllm.registry import build
 from mmllm.training.freeze import count_parameters
-from mmllm.training.loop import build_model, decoder_parts
+from mmllm.training.loop import build_model
+from mmllm.training.parts import stage_parts
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRIES = yaml.safe_load((REPO / "configs/assemblies/_tiny_decoders.yaml").read_text())["decoders"]
@@ -113,44 +115,74 @@ def test_unknown_mode_is_refused():
         build_entry("image", "everything")
 
 
+def _inputs_outputs(cfg) -> tuple[set[str], set[str]]:
+    per_dataset = load_stage_records(cfg.data, cfg.stage)[0]
+    return ({r.modality for d in per_dataset for c in d for r in c.media_refs()},
+            {o.modality for d in per_dataset for c in d for o in c.output_refs()})
+
+
 @pytest.mark.parametrize(
-    ("stage", "overrides", "expected", "encoders_run"),
+    ("stage", "overrides", "wanted"),
     [
-        ("encode_align", [], "config", True),
-        ("encode_align", ["losses.mse=1.0"], "config", True),  # no signal tokens in its data: no targets
-        ("decode_align", [], "conditioning", False),
-        ("instruct", [], "conditioning", True),
-        ("instruct", ["losses.denoise=0.5"], "all", True),
+        ("encode_align", [], "conditioning"),  # media -> caption: no outputs, so no decoder loads anything
+        ("decode_align", [], "conditioning"),  # caption -> signal tokens: no inputs, so no encoder is kept
+        ("instruct", [], "conditioning"),
+        ("instruct", ["losses.denoise=0.5"], "all"),
+        ("decode_align", ["losses.mse=0"], "config"),
     ],
 )
-def test_a_stage_holds_what_it_runs(stage, overrides, expected, encoders_run, tmp_path):
+def test_a_stage_holds_what_its_data_and_losses_run(stage, overrides, wanted, tmp_path):
     from mmllm.config import load_assembly
     from mmllm.model import AnyToAnyModel
 
     cfg = load_stage(REPO / f"configs/stages/tiny/{stage}.yaml", [f"output_dir={tmp_path}", "init_from=null",
                                                                      *overrides])
-    assert decoder_parts(cfg) == expected
+    inputs, outputs = _inputs_outputs(cfg)
+    assert (stage != "encode_align" or not outputs) and (stage != "decode_align" or not inputs)
     model = build_model(cfg)
-    assert {d.parts for d in model.decoders.values()} == {expected}
-    loaded = sum(p.numel() for p in model.decoders.parameters())
-    assert (loaded == 0) == (expected == "config")
-    assert all(e.runnable == encoders_run for e in model.encoders.values())
-    assert (sum(p.numel() for p in model.encoders.parameters()) > 0) == encoders_run
+    for m, decoder in model.decoders.items():
+        assert decoder.parts == (wanted if m in outputs else "config")
+    for m, encoder in model.encoders.items():
+        assert encoder.runnable == (m in inputs)
+        assert (sum(p.numel() for p in encoder.parameters()) > 0) == (m in inputs)
     full = AnyToAnyModel.assemble(load_assembly(cfg.assembly))
     # `mmllm inspect` counts a stage's holdings on the whole model: the same numbers
+    parts = stage_parts(cfg.losses, load_stage_records(cfg.data, cfg.stage)[0])
     held = {r.name: r.frozen for r in count_parameters(model) if r.name.startswith(("encoders.", "decoders."))}
-    counted = {r.name: r.frozen for r in count_parameters(full, expected, encoders=encoders_run)
+    counted = {r.name: r.frozen for r in count_parameters(full, parts)
                if r.name.startswith(("encoders.", "decoders."))}
     assert held == counted
     for m, encoder in model.encoders.items():  # what the input projections and the checks read is kept
         assert (encoder.modality, encoder.num_tokens, encoder.output_dim) == (
             m, full.encoders[m].num_tokens, full.encoders[m].output_dim)
         assert encoder.describe() == full.encoders[m].describe()
-        if not encoders_run:
+        if not encoder.runnable:
             with pytest.raises(RuntimeError, match=f"the {m} encoder .* was released .* cannot preprocess"):
                 encoder.preprocess([None])
             with pytest.raises(RuntimeError, match="cannot encode media"):
                 encoder(torch.zeros(1))
+
+
+@pytest.mark.parametrize("stage", ["encode_align", "decode_align"])
+def test_an_alignment_stage_on_conversations_keeps_what_they_use(stage, tmp_path, caplog):
+    """Conversation data in an alignment stage may give media inputs to decode-align and ask
+    encode-align for outputs: the stage keeps those encoders and loads those decoders' text side, and
+    trains on every sample (none skipped for a missing part)."""
+    import dataclasses
+
+    from mmllm.training.loop import train
+
+    chat = load_stage(REPO / "configs/stages/tiny/instruct.yaml", [])
+    cfg = load_stage(REPO / f"configs/stages/tiny/{stage}.yaml", [f"output_dir={tmp_path}", "init_from=null",
+                                                                     "max_steps=3", "save_every=0",
+                                                                     "losses.mse=1.0"])
+    cfg = dataclasses.replace(cfg, data=chat.data)
+    inputs, outputs = _inputs_outputs(cfg)
+    assert inputs and outputs
+    with caplog.at_level("WARNING"):
+        result = train(cfg)
+    assert not [r for r in caplog.records if "skipping sample" in r.getMessage()]
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(result.losses)))
 
 
 def test_decoders_naming_the_same_text_encoder_share_one_copy(saved, tmp_path):
@@ -180,3 +212,19 @@ def test_decoders_naming_the_same_text_encoder_share_one_copy(saved, tmp_path):
         a = build_entry("image", "conditioning", data["decoders"]["image"])
     b = build_entry("image", "conditioning", data["decoders"]["image"])
     assert a.text_encoder is not b.text_encoder  # outside one assembly, nothing is shared
+
+
+def test_a_unet_saved_before_diffusers_0_9_has_one_size_in_every_mode(saved, tmp_path):
+    """StableDiffusionPipeline reads such a UNet's sample_size < 64 as 64; an unloaded UNet's config too."""
+    folder = tmp_path / "old"
+    for item in saved["image"].rglob("*"):
+        if item.is_file():
+            (folder / item.relative_to(saved["image"])).parent.mkdir(parents=True, exist_ok=True)
+            (folder / item.relative_to(saved["image"])).write_bytes(item.read_bytes())
+    config = json.loads((folder / "unet/config.json").read_text())
+    assert config["sample_size"] < 64
+    (folder / "unet/config.json").write_text(json.dumps({**config, "_diffusers_version": "0.8.0"}))
+    entry = {k: v for k, v in ENTRIES["image"].items() if k not in ("tiny", "height", "width")}
+    full, text = (build_entry("image", parts, {**entry, "model": str(folder)}) for parts in ("all", "conditioning"))
+    assert (full.height, full.width) == (text.height, text.width) == (64 * full.vae_scale_factor,) * 2
+    assert decoder_fingerprint(full) == decoder_fingerprint(text)

@@ -59,7 +59,7 @@ def build_cache(cfg: Any, model: Any, batch_size: int = 16, device: str = "cpu")
     if cfg.cache.encoders:
         for m, encoder in model.encoders.items():
             paths = list(dict.fromkeys(r.path for c in convs for r in c.media_refs() if r.modality == m))
-            if paths:
+            if paths and encoder.runnable:  # a released encoder: no sample of the stage gives m input
                 _encoder_section(cache, cfg, model, m, encoder, paths, batch_size, report)
     if cfg.cache.targets and cfg.losses.mse:
         for m, decoder in model.decoders.items():

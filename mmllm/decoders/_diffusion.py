@@ -142,10 +142,14 @@ def load_text_encoder(pipeline_cls: type, source: str, weights: str, dtype: torc
     if library != "transformers" or not hasattr(transformers, class_name):
         raise ConfigError(f"text_encoder: {source} has no transformers text encoder ({library}, {class_name})")
     cls = getattr(transformers, class_name)
-    try:
-        config = cls.config_class.from_pretrained(source, subfolder="text_encoder")
-    except (OSError, ValueError):
-        config = None
+    if Path(source).is_dir():  # transformers answers a missing subfolder with a default config, silently
+        folder_config = Path(source) / "text_encoder" / "config.json"
+        config = cls.config_class.from_pretrained(folder_config.parent) if folder_config.is_file() else None
+    else:
+        try:
+            config = cls.config_class.from_pretrained(source, subfolder="text_encoder")
+        except (OSError, ValueError):
+            config = None
     shared = _SHARED_TEXT_ENCODERS.get()
     key = (class_name, weights, config.to_json_string() if config is not None else "", str(dtype))
     if shared is not None and key in shared:
@@ -426,7 +430,8 @@ class FrozenDiffusionDecoder(MediaDecoder):
             missing = sorted(set(self.skipped(self._parts)) - set(self.skipped(parts)))
             raise RuntimeError(
                 f"{type(self).__name__} ({self.modality}) was assembled with parts={self._parts!r}, without its "
-                f"{', '.join(missing)}, so it cannot {action}; assemble the model with decoder_parts={parts!r} "
+                f"{', '.join(missing)}, so it cannot {action} (a training stage loads what its data and losses "
+                f"run); in Python, assemble the model with decoder_parts={parts!r} "
                 f"(`AnyToAnyModel.from_pretrained(dir, decoder_parts={parts!r})`)"
             )
 

@@ -62,5 +62,9 @@ class MediaDecoder(nn.Module, ABC):
         """Frozen parts stay in eval mode (dropout, batch-norm) whatever the parent model does."""
         return super().train(False)
 
+    def parameters_of(self, parts: str) -> list[nn.Parameter]:
+        """The parameters this decoder would hold assembled with ``parts`` (one of DECODER_PARTS)."""
+        return list(self.parameters())
+
     def describe(self) -> dict[str, Any]:
         return {"class": type(self).__name__}

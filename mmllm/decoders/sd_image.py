@@ -14,6 +14,7 @@ YAML::
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,17 @@ class TinySD:
     seed: int = 0  # weight initialisation
 
 
+def pipeline_sample_size(unet_config: Any) -> int:
+    """The UNet's ``sample_size`` as ``StableDiffusionPipeline`` reads it: a UNet saved by diffusers < 0.9
+    with a size under 64 counts as 64 (the pipeline rewrites a loaded UNet's config so). Applied to an
+    unloaded UNet's config too, every ``parts`` mode draws -- and fingerprints -- the same size."""
+    size = unet_config.sample_size
+    saved = re.match(r"(\d+)\.(\d+)", str(getattr(unet_config, "_diffusers_version", "")))
+    if saved and (int(saved[1]), int(saved[2])) < (0, 9) and isinstance(size, int) and size < 64:
+        return 64
+    return size
+
+
 class StableDiffusionDecoder(FrozenDiffusionDecoder):
     modality = "image"
     Tiny = TinySD
@@ -96,8 +108,9 @@ class StableDiffusionDecoder(FrozenDiffusionDecoder):
         self.noise_scheduler = training_scheduler(self.scheduler)
         self.options = options
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.height = options.height or unet.config.sample_size * self.vae_scale_factor
-        self.width = options.width or unet.config.sample_size * self.vae_scale_factor
+        size = pipeline_sample_size(unet.config)
+        self.height = options.height or size * self.vae_scale_factor
+        self.width = options.width or size * self.vae_scale_factor
 
     # ---------------------------------------------------------------------------------- building
 

@@ -88,14 +88,18 @@ class EncoderShape(MediaEncoder):
 
     def _refuse(self, action: str) -> RuntimeError:
         return RuntimeError(
-            f"the {self.modality} encoder ({self._kind}) was released (this stage reads no {self.modality} "
-            f"input), so it cannot {action}; load the model without release_encoders() to encode media"
+            f"the {self.modality} encoder ({self._kind}) was released (no sample of this stage gives "
+            f"{self.modality} input; a training stage keeps the encoder of each modality its data gives as "
+            f"input), so it cannot {action}; in Python, use a model on which release_encoders() was not called"
         )
 
     def preprocess(self, items: list[Any]) -> torch.Tensor:
         raise self._refuse("preprocess media")
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        raise self._refuse("encode media")
+
+    def encode(self, items: list[Any]) -> torch.Tensor:
         raise self._refuse("encode media")
 
     def describe(self) -> dict[str, Any]:

@@ -158,7 +158,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
 
 
 def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify: bool = True,
-                          decoder_parts: str = "all"):
+                          decoder_parts: Any = "all"):
     from mmllm.config import LoraConfig
     from mmllm.model import AnyToAnyModel
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from mmllm.model import AnyToAnyModel
+from mmllm.training.parts import StageParts
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +39,9 @@ def apply_trainable(model: AnyToAnyModel, flags: dict[str, bool], log_table: boo
     return report
 
 
-def count_parameters(model: AnyToAnyModel, decoder_parts: str | None = None,
-                     encoders: bool = True) -> list[ComponentCount]:
+def count_parameters(model: AnyToAnyModel, parts: StageParts | None = None) -> list[ComponentCount]:
     """Per component: trainable and frozen parameter counts (shared parameters counted once). Given
-    ``decoder_parts``, the decoders count what they would hold assembled so; ``encoders=False`` counts
-    them released (what a stage holds, from a model assembled whole)."""
+    ``parts``, what a stage holding only those would hold, counted on a model assembled whole."""
     seen: set[int] = set()
     rows: list[ComponentCount] = []
 
@@ -63,12 +62,12 @@ def count_parameters(model: AnyToAnyModel, decoder_parts: str | None = None,
     add("llm.lora", list(groups["lora"].values()))
     add("llm (original weights)", list(model.llm.parameters()))
     for m, mod in model.encoders.items():
-        add(f"encoders.{m}", list(mod.parameters()) if encoders else [])
+        add(f"encoders.{m}", list(mod.parameters()) if parts is None or m in parts.encoders else [])
     for m, mod in model.input_projections.items():
         add(f"input_projections.{m}", list(mod.parameters()))
     for m, mod in model.output_projections.items():
         add(f"output_projections.{m}", list(mod.parameters()))
     for m, mod in model.decoders.items():
-        parts = decoder_parts is not None and hasattr(mod, "parameters_of")
-        add(f"decoders.{m}", mod.parameters_of(decoder_parts) if parts else list(mod.parameters()))
+        held = mod.parameters_of(parts.decoders.get(m, "config")) if parts is not None else mod.parameters()
+        add(f"decoders.{m}", list(held))
     return rows

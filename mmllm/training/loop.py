@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmllm.atomic import atomic_write_text
-from mmllm.config import ConfigError, LoraConfig, LossConfig, StageConfig, load_assembly, load_lora, to_dict
+from mmllm.config import ConfigError, LoraConfig, StageConfig, load_assembly, load_lora, to_dict
 from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
@@ -30,6 +30,7 @@ from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
+from mmllm.training.parts import StageParts, stage_parts
 
 log = logging.getLogger(__name__)
 
@@ -55,39 +56,20 @@ def token_spec(model: AnyToAnyModel) -> TokenSpec:
     )
 
 
-def decoder_parts(cfg: StageConfig) -> str:
-    """What of each decoder the stage runs: the whole pipeline for the denoising loss, the text encoder
-    for MSE targets, else nothing but the conditioning shape. encode-align (media -> caption) has no
-    signal tokens, so no decoder ever runs there whatever its loss weights say."""
-    return stage_decoder_parts(cfg.stage, cfg.losses)
-
-
-def releases_encoders(stage: str) -> bool:
-    """decode-align reads captions only: no encoder runs, so their weights are released."""
-    return stage == "decode-align"
-
-
-def stage_decoder_parts(stage: str, losses: LossConfig) -> str:
-    if stage == "encode-align":
-        return "config"
-    if losses.denoise > 0:
-        return "all"
-    return "conditioning" if losses.mse > 0 else "config"
-
-
-def build_model(cfg: StageConfig) -> AnyToAnyModel:
-    """The stage's model: the previous stage's checkpoint if named, else a fresh assembly; its decoders
-    hold only what the stage runs (:func:`decoder_parts`), and decode-align, which reads captions only,
-    releases the encoders' weights."""
-    parts = decoder_parts(cfg)
+def build_model(cfg: StageConfig, parts: StageParts | None = None) -> AnyToAnyModel:
+    """The stage's model: the previous stage's checkpoint if named, else a fresh assembly, holding only
+    the frozen parts ``parts`` names (default: what the stage's data and losses run, :func:`stage_parts`)."""
+    if parts is None:
+        parts = stage_parts(cfg.losses, load_stage_records(cfg.data, cfg.stage)[0])
+    log.info("stage %s: %s", cfg.stage, parts.describe())
     if cfg.init_from:
         log.info("initialising from %s", cfg.init_from)
-        model = AnyToAnyModel.from_pretrained(cfg.init_from, trainable_lora=True, decoder_parts=parts)
+        model = AnyToAnyModel.from_pretrained(cfg.init_from, trainable_lora=True, decoder_parts=parts.decoders)
     else:
-        model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts)
-    if releases_encoders(cfg.stage):
-        freed = model.release_encoders()
-        log.info("decode-align reads captions only: the encoders' %s parameters are released", f"{freed:,}")
+        model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts.decoders)
+    freed = model.release_encoders(keep=parts.encoders)
+    if freed:
+        log.info("encoders released (no sample gives them input): %s parameters", f"{freed:,}")
     flags = cfg.resolved_trainable()
     if cfg.lora and model.lora_config is None:
         model.add_lora(load_lora(cfg.lora))
@@ -157,15 +139,15 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     elif deepspeed:
         precision = zero.configure(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
         accelerator.gradient_accumulation_steps = cfg.grad_accum  # what the engine is told, so Accelerate agrees
+    per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data fails before any loading
     set_seed(cfg.seed)
-    model = build_model(cfg)
+    model = build_model(cfg, stage_parts(cfg.losses, per_dataset))
     flags = cfg.resolved_trainable()
     apply_trainable(model, flags)
     if cfg.grad_checkpointing:
         model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.llm.model.enable_input_require_grads()
 
-    per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)
     spec = token_spec(model)
     preprocess = {m: enc.preprocess for m, enc in model.encoders.items()}
     precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings

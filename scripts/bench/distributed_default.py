@@ -1,13 +1,16 @@
-"""The embedded default's instruct stage on one process, under DDP, FSDP and ZeRO-2, side by side in one run.
+"""A stage of the embedded default on one process, under DDP, FSDP and ZeRO-2, side by side in one run.
 
-Each run starts from the shipped glue with LoRA dropout 0 (so that one process with batch 2b and W
-processes with batch b read the same samples and draw no different masks) and trains the same
-steps with the stage's own AdamW. Printed per run: wall time, the parameter and optimizer-state MB
+The instruct stage (the default) starts from the shipped glue with LoRA dropout 0 (so that one process
+with batch 2b and W processes with batch b read the same samples and draw no different masks);
+encode-align (``--stage encode_align``) from a fresh assembly, which loads no decoder weights and no
+MiniLM (the smallest set of files to run it on another machine). Each run trains the same steps with
+the stage's own AdamW. Printed per run: wall time, the parameter and optimizer-state MB
 one process holds, its peak memory (resident on CPU, allocated on a GPU), the losses at a few steps,
 and the largest relative loss difference from the one-process fp32 run.
 
     python scripts/bench/distributed_default.py                          # all runs, 8 steps (~7 min on 2 cores)
     python scripts/bench/distributed_default.py --runs one-fp32 fsdp-fp32 --steps 4
+    python scripts/bench/distributed_default.py --stage encode_align --runs one-fp32 fsdp-fp32 fsdp-bf16
 
 On a machine without GPUs, FSDP and DeepSpeed run through tests/accelerate_on_cpu.py (Accelerate allows
 them only on accelerator devices; torch's FSDP2 and DeepSpeed's CPU accelerator run on gloo). Needs
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-STAGE = REPO / "configs/stages/default/instruct.yaml"
+STAGES = ("instruct", "encode_align")
 GLUE = REPO / "mmllm/toyworld/weights/default-glue"
 
 # name -> (processes, launcher config or None, mixed precision)
@@ -47,9 +50,11 @@ def command(name: str, args: argparse.Namespace, out: Path, lora: Path) -> tuple
     threads = max(1, (os.cpu_count() or 1) // procs) if not gpus else 4
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
                TQDM_DISABLE="1")
-    stage = ["train", "--config", str(STAGE), f"init_from={GLUE}", f"output_dir={out / name}", "report_to=none",
-             f"max_steps={args.steps}", f"batch_size={args.batch // procs}", "save_every=0", f"lora={lora}",
+    stage = ["train", "--config", str(REPO / f"configs/stages/default/{args.stage}.yaml"), f"output_dir={out / name}",
+             "report_to=none", f"max_steps={args.steps}", f"batch_size={args.batch // procs}", "save_every=0",
              f"mixed_precision='{precision}'"]
+    if args.stage == "instruct":
+        stage += [f"init_from={GLUE}", f"lora={lora}"]
     if procs == 1:
         return [sys.executable, "-m", "mmllm.cli", *stage], env
     module = "tests.accelerate_on_cpu" if launcher != "ddp" and not gpus else "mmllm.cli"
@@ -68,11 +73,13 @@ def _gpu_count() -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    ap.add_argument("--stage", choices=STAGES, default="instruct")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--batch", type=int, default=8, help="global batch (per process: batch / processes)")
-    ap.add_argument("--out", type=Path, default=REPO / "runs/bench/distributed_default")
+    ap.add_argument("--out", type=Path, default=None, help="default: runs/bench/distributed_default/STAGE")
     args = ap.parse_args()
 
+    args.out = args.out or REPO / "runs/bench/distributed_default" / args.stage
     args.out.mkdir(parents=True, exist_ok=True)
     if not (REPO / "runs/default/data/t2x.jsonl").is_file():
         subprocess.run([sys.executable, "-m", "mmllm.cli", "world", "data", "--out", "runs/default/data",
@@ -103,7 +110,7 @@ def main() -> int:
     ref = rows.get("one-fp32", {}).get("losses")
     shown = sorted({0, len(next(iter(rows.values()))["losses"]) // 2 - 1, args.steps - 1})
     gpus = _gpu_count()
-    print(f"\nembedded default, instruct stage, {args.steps} steps, global batch {args.batch}, "
+    print(f"\nembedded default, {args.stage} stage, {args.steps} steps, global batch {args.batch}, "
           f"{f'{gpus} GPU(s)' if gpus else 'CPU'}")
     print(f"{'run':<10} {'wall s':>7} {'param MB held / model':>22} {'optim MB':>9} {'peak memory':>28}   "
           f"losses at steps {', '.join(str(i + 1) for i in shown):<14} max rel diff vs one-fp32")
