@@ -197,13 +197,6 @@ def part_config(pipeline_cls: type, source: str, name: str) -> Any:
     return SimpleNamespace(**{**defaults, **cls.load_config(source, subfolder=name)})
 
 
-def skipped_parts(parts: str, generation: tuple[str, ...]) -> tuple[str, ...]:
-    """The pipeline parts that ``parts`` (one of DECODER_PARTS) leaves unloaded."""
-    if parts not in DECODER_PARTS:
-        raise ValueError(f"unknown decoder parts {parts!r}; valid: {', '.join(DECODER_PARTS)}")
-    return {"all": (), "conditioning": generation, "config": (*generation, "text_encoder")}[parts]
-
-
 def load_parts(
     pipeline_cls: type,
     options: DiffusionOptions,
@@ -396,6 +389,7 @@ class FrozenDiffusionDecoder(MediaDecoder):
 
     # the pipeline parts only generation and the denoising loss run (a family adds its own, e.g. a vocoder)
     GENERATION_PARTS: tuple[str, ...] = ("unet", "vae")
+    Tiny: type  # the family's in-process sizes dataclass
 
     def __init__(self, conditioning_shape: tuple[int, int], parts: str = "all") -> None:
         super().__init__()
@@ -411,8 +405,34 @@ class FrozenDiffusionDecoder(MediaDecoder):
             freeze(loaded(part))
 
     @classmethod
+    def from_options(cls, options: DiffusionOptions, where: str = "", parts: str = "all") -> FrozenDiffusionDecoder:
+        """Load (``model:``) or build in-process (``tiny:``, sizes checked against ``cls.Tiny``) the family's
+        parts, those ``parts`` does not use as :class:`NotLoaded`, and assemble the decoder."""
+        dtype = parse_dtype(options.dtype)
+        skip = cls.skipped(parts)
+        if options.tiny is not None:
+            built = not_loaded(cls._build_tiny(parse_tiny(cls.Tiny, options.tiny)), skip)
+        else:
+            built = cls._load(options, dtype, skip)
+        return cls(**built, options=options, parts=parts).to(dtype)
+
+    @staticmethod
+    def _load(options: Any, dtype: torch.dtype, skip: tuple[str, ...]) -> dict[str, Any]:
+        """The family's parts from ``options.model`` (:func:`load_parts`)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _build_tiny(sizes: Any) -> dict[str, Any]:
+        """The family's parts built in-process with random (seeded) weights."""
+        raise NotImplementedError
+
+    @classmethod
     def skipped(cls, parts: str) -> tuple[str, ...]:
-        return skipped_parts(parts, cls.GENERATION_PARTS)
+        """The pipeline parts that ``parts`` (one of DECODER_PARTS) leaves unloaded."""
+        if parts not in DECODER_PARTS:
+            raise ValueError(f"unknown decoder parts {parts!r}; valid: {', '.join(DECODER_PARTS)}")
+        generation = cls.GENERATION_PARTS
+        return {"all": (), "conditioning": generation, "config": (*generation, "text_encoder")}[parts]
 
     @property
     def parts(self) -> str:

@@ -39,9 +39,6 @@ from mmllm.decoders._diffusion import (
     denoising_mse,
     load_parts,
     make_scheduler,
-    not_loaded,
-    parse_dtype,
-    parse_tiny,
     row_generators,
     seeded,
     seeded_generator,
@@ -136,16 +133,6 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
         """The tiny build's options: its entry in configs/assemblies/_tiny_decoders.yaml minus ``kind``."""
         values: dict[str, Any] = {"tiny": {}, "steps": 2, "guidance": 2.0, "audio_length_s": 0.064}
         return {**values, **overrides}
-
-    @classmethod
-    def from_options(cls, options: AudioLDMDecoder.Options, where: str = "", parts: str = "all") -> AudioLDMDecoder:
-        dtype = parse_dtype(options.dtype)
-        skip = cls.skipped(parts)
-        if options.tiny is not None:
-            built = not_loaded(cls._build_tiny(parse_tiny(TinyAudioLDM, options.tiny)), skip)
-        else:
-            built = cls._load(options, dtype, skip)
-        return cls(**built, options=options, parts=parts).to(dtype)
 
     @staticmethod
     def _load(options: AudioLDMDecoder.Options, dtype: torch.dtype, skip: tuple[str, ...]) -> dict[str, Any]:

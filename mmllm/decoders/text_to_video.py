@@ -31,9 +31,6 @@ from mmllm.decoders._diffusion import (
     denoising_mse,
     load_parts,
     make_scheduler,
-    not_loaded,
-    parse_dtype,
-    parse_tiny,
     row_generators,
     seeded,
     seeded_generator,
@@ -126,18 +123,6 @@ class TextToVideoDecoder(FrozenDiffusionDecoder):
             "width": 32,
         }
         return {**values, **overrides}
-
-    @classmethod
-    def from_options(
-        cls, options: TextToVideoDecoder.Options, where: str = "", parts: str = "all"
-    ) -> TextToVideoDecoder:
-        dtype = parse_dtype(options.dtype)
-        skip = cls.skipped(parts)
-        if options.tiny is not None:
-            built = not_loaded(cls._build_tiny(parse_tiny(TinyT2V, options.tiny)), skip)
-        else:
-            built = cls._load(options, dtype, skip)
-        return cls(**built, options=options, parts=parts).to(dtype)
 
     @staticmethod
     def _load(options: TextToVideoDecoder.Options, dtype: torch.dtype, skip: tuple[str, ...]) -> dict[str, Any]:

@@ -12,7 +12,8 @@ and the largest relative loss difference from the one-process fp32 run.
     python scripts/bench/distributed_default.py --runs one-fp32 fsdp-fp32 --steps 4
     python scripts/bench/distributed_default.py --stage encode_align --runs one-fp32 fsdp-fp32 fsdp-bf16
 
-On a machine without GPUs, FSDP and DeepSpeed run through tests/accelerate_on_cpu.py (Accelerate allows
+On GPUs each launched run takes one process per GPU, at most its count here (one GPU: FSDP and ZeRO
+runs of one process). On a machine without GPUs, FSDP and DeepSpeed run through tests/accelerate_on_cpu.py (Accelerate allows
 them only on accelerator devices; torch's FSDP2 and DeepSpeed's CPU accelerator run on gloo). Needs
 `mmllm world data` first (the script runs it).
 """
@@ -47,6 +48,8 @@ RUNS = {
 def command(name: str, args: argparse.Namespace, out: Path, lora: Path) -> tuple[list[str], dict[str, str]]:
     procs, launcher, precision = RUNS[name]
     gpus = _gpu_count()
+    if gpus and launcher is not None:  # one process per GPU (NCCL refuses two on one): FSDP on 1 GPU is 1 process
+        procs = min(procs, gpus)
     threads = max(1, (os.cpu_count() or 1) // procs) if not gpus else 4
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
                TQDM_DISABLE="1")
@@ -55,7 +58,7 @@ def command(name: str, args: argparse.Namespace, out: Path, lora: Path) -> tuple
              f"mixed_precision='{precision}'"]
     if args.stage == "instruct":
         stage += [f"init_from={GLUE}", f"lora={lora}"]
-    if procs == 1:
+    if launcher is None:
         return [sys.executable, "-m", "mmllm.cli", *stage], env
     module = "tests.accelerate_on_cpu" if launcher != "ddp" and not gpus else "mmllm.cli"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
