@@ -65,9 +65,9 @@ class MediaEncoder(nn.Module, ABC):
 
 
 class EncoderShape(MediaEncoder):
-    """What stays of an encoder in a stage that never runs it (decode-align reads captions only): its
-    modality, token count, width and description, for the input projections and their checks; no
-    weights, so it holds no memory and never moves to a device."""
+    """What stays of an encoder in a stage that never runs it (no sample gives its modality as input,
+    as in decode-align on caption pairs): its modality, token count, width and description, for the
+    input projection and its checks; no weights, so it holds no memory and never moves to a device."""
 
     runnable = False
 
