@@ -87,11 +87,17 @@ class AnyToAnyModel(nn.Module):
 
     # ------------------------------------------------------------------ assembly
     @classmethod
-    def assemble(cls, config: AssemblyConfig, decoder_parts: str | Mapping[str, str] = "all") -> AnyToAnyModel:
+    def assemble(
+        cls,
+        config: AssemblyConfig,
+        decoder_parts: str | Mapping[str, str] = "all",
+        encoder_weights: Collection[str] | None = None,
+    ) -> AnyToAnyModel:
         """Build every part and check every dimension. ``decoder_parts`` (one of ``DECODER_PARTS``, or one
         per modality, ``"config"`` for a modality not named): what each decoder loads -- ``"all"`` to
         generate; ``"conditioning"`` (text encoder) for MSE targets; ``"config"`` (no weights) when
-        nothing runs it. The checks are the same."""
+        nothing runs it. ``encoder_weights``: the modalities whose encoder loads its weights (None: all);
+        the others are built as :class:`EncoderShape`, reading no weights. The checks are the same."""
         parts_of = {m: decoder_parts if isinstance(decoder_parts, str) else decoder_parts.get(m, "config")
                     for m in config.decoders}
         bad = sorted({p for p in parts_of.values() if p not in DECODER_PARTS})
@@ -108,7 +114,7 @@ class AnyToAnyModel(nn.Module):
         out_proj: dict[str, OutputProjection] = {}
         for m, spec in config.encoders.items():
             with seeded(config.seed, f"encoders.{m}"):
-                enc = registry.build("encoder", spec, f"encoders.{m}")
+                enc = registry.build("encoder", spec, f"encoders.{m}", weights=encoder_weights is None or m in encoder_weights)
             if enc.modality != m:
                 raise ConfigError(f"encoders.{m}: kind {spec.kind!r} encodes {enc.modality}, not {m}")
             pc = config.input_projections[m]
@@ -457,12 +463,18 @@ class AnyToAnyModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, trainable_lora: bool = False, decoder_parts: str | Mapping[str, str] = "all"
+        cls,
+        directory: str | Path,
+        trainable_lora: bool = False,
+        decoder_parts: str | Mapping[str, str] = "all",
+        encoder_weights: Collection[str] | None = None,
     ) -> AnyToAnyModel:
-        """A checkpoint (any stage's) with its frozen parts rebuilt; ``decoder_parts`` as in :meth:`assemble`."""
+        """A checkpoint (any stage's) with its frozen parts rebuilt; ``decoder_parts`` and
+        ``encoder_weights`` as in :meth:`assemble`."""
         from mmllm.training.checkpoint import load_model_checkpoint
 
-        return load_model_checkpoint(Path(directory), trainable_lora=trainable_lora, decoder_parts=decoder_parts)
+        return load_model_checkpoint(Path(directory), trainable_lora=trainable_lora, decoder_parts=decoder_parts,
+                                     encoder_weights=encoder_weights)
 
     @classmethod
     def from_assembly_dict(cls, data: dict[str, Any]) -> AnyToAnyModel:

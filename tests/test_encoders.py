@@ -29,7 +29,7 @@ from PIL import Image
 from mmllm import registry
 from mmllm.config import ComponentSpec, ConfigError
 from mmllm.data.media import Audio, Video
-from mmllm.encoders.base import MediaEncoder
+from mmllm.encoders.base import EncoderShape, MediaEncoder
 from mmllm.encoders.hf_audio import HFAudioEncoder
 from mmllm.encoders.open_clip import OpenClipImageEncoder
 from mmllm.encoders.video import FramesVideoEncoder
@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "configs" / "assemblies" / "_tiny_encoders.yaml"
 
 
-def build(kind: str, options: dict[str, Any], where: str = "encoders.x") -> Any:
-    return registry.build("encoder", ComponentSpec.parse({"kind": kind, **options}, where), where)
+def build(kind: str, options: dict[str, Any], where: str = "encoders.x", **kwargs: Any) -> Any:
+    return registry.build("encoder", ComponentSpec.parse({"kind": kind, **options}, where), where, **kwargs)
 
 
 def images() -> list[Image.Image]:
@@ -301,3 +301,50 @@ def test_tiny_yaml_builds() -> None:
         encoder = registry.build("encoder", spec, f"encoders.{modality}")
         assert encoder.modality == modality
         assert encoder.encode(items).shape == (len(items), *shape)
+
+
+# ------------------------------------------------------------------------------------------------ no weights
+
+
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("open-clip", OpenClipImageEncoder.tiny_options(tokens="patch")),
+        ("open-clip", OpenClipImageEncoder.tiny_options(tokens="pooled")),
+        ("hf-audio", HFAudioEncoder.tiny_options(family="clap")),
+        ("hf-audio", HFAudioEncoder.tiny_options(family="whisper")),
+        ("hf-audio", HFAudioEncoder.tiny_options(family="ast")),
+        ("frames-video", FramesVideoEncoder.tiny_options("mean")),
+        ("frames-video", FramesVideoEncoder.tiny_options("concat")),
+    ],
+)
+def test_an_encoder_built_without_weights_is_its_shape(kind: str, options: dict[str, Any]) -> None:
+    """What a stage that never runs an encoder holds: shapes and description, no parameters."""
+    full, shape = build(kind, options), build(kind, options, weights=False)
+    assert isinstance(shape, EncoderShape) and not list(shape.parameters())
+    assert (shape.modality, shape.num_tokens, shape.output_dim) == (full.modality, full.num_tokens, full.output_dim)
+    assert shape.describe() == full.describe()
+    with pytest.raises(RuntimeError, match="holds no weights"):
+        shape.encode([])
+
+
+@pytest.mark.parametrize("family", ["clap", "whisper", "ast"])
+def test_an_audio_encoder_without_weights_reads_none(family: str, tmp_path: Path) -> None:
+    _save_tiny_checkpoint(family, tmp_path)
+    for weights in tmp_path.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")  # reading them would fail
+    spec = {"family": family, "model": str(tmp_path), "tokens": "sequence"}
+    shape = build("hf-audio", spec, weights=False)
+    assert (shape.num_tokens, shape.output_dim) == AUDIO_SHAPES[family, "sequence"]
+    with pytest.raises(ConfigError):
+        build("hf-audio", spec)
+
+
+def test_an_open_clip_encoder_without_weights_reads_no_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "tiny.pt").write_bytes(b"not a checkpoint")
+    options = {**OpenClipImageEncoder.tiny_options(tokens="patch"), "pretrained": str(tmp_path / "tiny.pt")}
+    random = build("open-clip", OpenClipImageEncoder.tiny_options(tokens="patch"))
+    shape = build("open-clip", options, weights=False)
+    assert (shape.num_tokens, shape.output_dim) == (random.num_tokens, random.output_dim)
+    with pytest.raises(ConfigError, match="pretrained"):
+        build("open-clip", options)

@@ -65,9 +65,10 @@ class MediaEncoder(nn.Module, ABC):
 
 
 class EncoderShape(MediaEncoder):
-    """What stays of an encoder in a stage that never runs it (no sample gives its modality as input,
-    as in decode-align on caption pairs): its modality, token count, width and description, for the
-    input projection and its checks; no weights, so it holds no memory and never moves to a device."""
+    """An encoder in a stage that never runs it (no sample gives its modality as input, as in
+    decode-align on caption pairs): its modality, token count, width and description, for the input
+    projection and its checks; no weights. Built from the encoder's config on the meta device (each
+    family's ``from_options(..., weights=False)``), or from a loaded encoder by ``release_encoders``."""
 
     runnable = False
 
@@ -88,9 +89,10 @@ class EncoderShape(MediaEncoder):
 
     def _refuse(self, action: str) -> RuntimeError:
         return RuntimeError(
-            f"the {self.modality} encoder ({self._kind}) was released (no sample of this stage gives "
-            f"{self.modality} input; a training stage keeps the encoder of each modality its data gives as "
-            f"input), so it cannot {action}; in Python, use a model on which release_encoders() was not called"
+            f"the {self.modality} encoder ({self._kind}) holds no weights (no sample of this stage gives "
+            f"{self.modality} input; a training stage loads the encoder of each modality its data gives as "
+            f"input), so it cannot {action}; in Python, assemble the model with encoder_weights=None (all) or with "
+            f"{self.modality!r} among them, and do not call release_encoders()"
         )
 
     def preprocess(self, items: list[Any]) -> torch.Tensor:

@@ -47,7 +47,7 @@ from torch import nn
 
 from mmllm.config import ConfigError
 from mmllm.data.media import Audio, resample
-from mmllm.encoders.base import MediaEncoder
+from mmllm.encoders.base import EncoderShape, MediaEncoder
 from mmllm.locations import resolve_source
 
 log = logging.getLogger(__name__)
@@ -447,11 +447,30 @@ class HFAudioEncoder(MediaEncoder):
         )
 
     @classmethod
-    def from_options(cls, options: Options, where: str = "") -> HFAudioEncoder:
+    def from_options(cls, options: Options, where: str = "", weights: bool = True) -> MediaEncoder:
+        """The encoder; with ``weights=False`` its :class:`EncoderShape`, built on the meta device from the
+        config alone (a stage that never runs it reads none of its weights)."""
         prefix = f"{where}." if where else ""
         family = FAMILIES[options.family]
+        if not weights:
+            with torch.device("meta"):
+                return EncoderShape(cls._build(family, options, prefix, weights=False))
+        encoder = cls._build(family, options, prefix)
+        log.info(
+            "%s audio encoder %s: %d Hz, window %.2f s, %d token(s) x %d",
+            options.family,
+            options.model or "(in-process config)",
+            encoder.sampling_rate,
+            encoder.window / encoder.sampling_rate,
+            encoder.num_tokens,
+            encoder.output_dim,
+        )
+        return encoder
+
+    @classmethod
+    def _build(cls, family: type[_Tower], options: Options, prefix: str, weights: bool = True) -> HFAudioEncoder:
         if options.model is not None:
-            tower, extractor = _load(family, options, prefix)
+            tower, extractor = _load(family, options, prefix, weights)
         else:
             config = _make_config(family, options.config or {}, f"{prefix}config")
             tower = family.build(config)
@@ -466,19 +485,9 @@ class HFAudioEncoder(MediaEncoder):
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{prefix}feature_extractor: {exc}") from exc
         try:
-            encoder = cls(tower, extractor, options)
+            return cls(tower, extractor, options)
         except ConfigError as exc:
             raise ConfigError(f"{prefix}{exc}") from exc
-        log.info(
-            "%s audio encoder %s: %d Hz, window %.2f s, %d token(s) x %d",
-            options.family,
-            options.model or "(in-process config)",
-            encoder.sampling_rate,
-            encoder.window / encoder.sampling_rate,
-            encoder.num_tokens,
-            encoder.output_dim,
-        )
-        return encoder
 
     # -- MediaEncoder --------------------------------------------------------------------------
 
@@ -553,10 +562,17 @@ def _check_extractor_keys(cls: type, kwargs: dict[str, Any], where: str) -> None
         )
 
 
-def _load(family: type[_Tower], options: HFAudioEncoder.Options, prefix: str) -> tuple[_Tower, Any]:
+def _load(family: type[_Tower], options: HFAudioEncoder.Options, prefix: str,
+          weights: bool = True) -> tuple[_Tower, Any]:
+    """Tower and feature extractor from ``options.model``; with ``weights=False`` the tower from its config
+    alone (to be built inside ``torch.device("meta")``)."""
     name = resolve_source(options.model)
     try:
-        tower = family.load(name, options.trust_remote_code)
+        if weights:
+            tower = family.load(name, options.trust_remote_code)
+        else:
+            config_class = family.pretrained_class().config_class
+            tower = family.build(config_class.from_pretrained(name, trust_remote_code=options.trust_remote_code))
         extractor = family.extractor_class().from_pretrained(
             name, trust_remote_code=options.trust_remote_code
         )

@@ -45,7 +45,7 @@ from PIL import Image
 from torch import nn
 
 from mmllm.config import ConfigError
-from mmllm.encoders.base import MediaEncoder
+from mmllm.encoders.base import EncoderShape, MediaEncoder
 from mmllm.locations import is_package_path, resolve_source
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,13 @@ class OpenClipImageEncoder(MediaEncoder):
     # -- building ------------------------------------------------------------------------------
 
     @classmethod
-    def from_options(cls, options: Options, where: str = "") -> OpenClipImageEncoder:
+    def from_options(cls, options: Options, where: str = "", weights: bool = True) -> MediaEncoder:
+        """The encoder; with ``weights=False`` its :class:`EncoderShape`, built on the meta device without
+        reading any weights (a stage that never runs it)."""
         prefix = f"{where}." if where else ""
+        if not weights:  # open_clip would log that it initialised the model randomly: it did not, here
+            with torch.device("meta"), _quiet_about("No pretrained weights loaded"):
+                return EncoderShape(cls(_create_clip(options, prefix, load_weights=False).visual, options))
         model = _create_clip(options, prefix)
         visual = model.visual
         del model  # drop the text tower (and logit scale): only the image side is ever used
@@ -191,15 +196,19 @@ class OpenClipImageEncoder(MediaEncoder):
         }
 
 
-def _create_clip(options: OpenClipImageEncoder.Options, prefix: str) -> nn.Module:
-    """Build the full open_clip model (random or pretrained) and wrap its errors in ConfigError."""
+def _create_clip(options: OpenClipImageEncoder.Options, prefix: str, load_weights: bool = True) -> nn.Module:
+    """Build the full open_clip model (random or pretrained) and wrap its errors in ConfigError; with
+    ``load_weights=False`` (inside ``torch.device("meta")``) its structure only, no checkpoint read."""
     import open_clip
 
     kwargs: dict[str, Any] = {
         "force_image_size": options.image_size,
         "force_preprocess_cfg": options.preprocess,
         "pretrained_text": False,  # never fetch text-tower weights: the text tower is dropped
+        "load_weights": load_weights,
     }
+    if not load_weights:
+        kwargs["device"] = torch.get_default_device()
     if options.model_config is None:
         name = options.model_name
         if name.startswith("local-dir:") and is_package_path(name[len("local-dir:"):]):
@@ -228,7 +237,7 @@ def _create_clip(options: OpenClipImageEncoder.Options, prefix: str) -> nn.Modul
         raise ConfigError(f"{prefix}model_config: open_clip could not build it: {exc}") from exc
     if options.pretrained is None:
         log.info("open_clip model_config %s: random weights (no pretrained checkpoint)", options.model_name)
-    else:
+    elif load_weights:
         try:
             open_clip.load_checkpoint(model, options.pretrained, strict=True)
         except Exception as exc:
@@ -239,11 +248,12 @@ def _create_clip(options: OpenClipImageEncoder.Options, prefix: str) -> nn.Modul
 
 
 @contextlib.contextmanager
-def _quiet_about(folder: str) -> Iterator[None]:
-    """Drop open_clip's root-logger messages that name our temporary config folder (they confuse users)."""
+def _quiet_about(text: str) -> Iterator[None]:
+    """Drop open_clip's root-logger messages that contain ``text`` (our temporary config folder's name, or
+    news of a random initialisation that is not one): they confuse users."""
 
     def keep(record: logging.LogRecord) -> bool:
-        return folder not in record.getMessage()
+        return text not in record.getMessage()
 
     root = logging.getLogger()
     root.addFilter(keep)

@@ -29,7 +29,7 @@ import torch
 
 from mmllm.config import ComponentSpec, ConfigError
 from mmllm.data.media import Video
-from mmllm.encoders.base import MediaEncoder
+from mmllm.encoders.base import EncoderShape, MediaEncoder
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,13 @@ class FramesVideoEncoder(MediaEncoder):
         self.eval()
 
     @classmethod
-    def from_options(cls, options: Options, where: str = "") -> FramesVideoEncoder:
+    def from_options(cls, options: Options, where: str = "", weights: bool = True) -> MediaEncoder:
+        """The encoder; with ``weights=False`` its :class:`EncoderShape`, built without reading any weights."""
         from mmllm import registry
 
         image_where = f"{where}.image" if where else "image"
-        image = registry.build("encoder", ComponentSpec.parse(options.image, image_where), image_where)
+        image = registry.build("encoder", ComponentSpec.parse(options.image, image_where), image_where,
+                               weights=weights)
         if getattr(image, "modality", None) != "image":
             raise ConfigError(
                 f"{image_where}.kind: {options.image.get('kind')!r} is a "
@@ -75,6 +77,8 @@ class FramesVideoEncoder(MediaEncoder):
                 "frames-video needs an image encoder"
             )
         encoder = cls(image, options)
+        if not weights:
+            return EncoderShape(encoder)
         log.info(
             "frames-video encoder: %d frames x %s, temporal=%s -> %d token(s) x %d",
             options.num_frames,

@@ -158,7 +158,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
 
 
 def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify: bool = True,
-                          decoder_parts: Any = "all"):
+                          decoder_parts: Any = "all", encoder_weights: Any = None):
     from mmllm.config import LoraConfig
     from mmllm.model import AnyToAnyModel
 
@@ -173,7 +173,8 @@ def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify:
     if llm.get("kind") == "hf-causal-lm" and str(llm.get("name_or_path", "")).startswith("./"):
         llm["name_or_path"] = str(directory / llm["name_or_path"][2:])  # an exported (merged) LLM
         assembly["llm"] = llm
-    model = AnyToAnyModel.assemble(parse_assembly(assembly, where=f"{directory}/{CONFIG_FILE}"), decoder_parts)
+    model = AnyToAnyModel.assemble(parse_assembly(assembly, where=f"{directory}/{CONFIG_FILE}"), decoder_parts,
+                                   encoder_weights)
     tokens = _token_additions(model)
     saved = {k: meta["tokens"][k] for k in tokens}
     if json.loads(json.dumps(tokens)) != saved:

@@ -64,12 +64,11 @@ def build_model(cfg: StageConfig, parts: StageParts | None = None) -> AnyToAnyMo
     log.info("stage %s: %s", cfg.stage, parts.describe())
     if cfg.init_from:
         log.info("initialising from %s", cfg.init_from)
-        model = AnyToAnyModel.from_pretrained(cfg.init_from, trainable_lora=True, decoder_parts=parts.decoders)
+        model = AnyToAnyModel.from_pretrained(cfg.init_from, trainable_lora=True, decoder_parts=parts.decoders,
+                                              encoder_weights=parts.encoders)
     else:
-        model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts.decoders)
-    freed = model.release_encoders(keep=parts.encoders)
-    if freed:
-        log.info("encoders released (no sample gives them input): %s parameters", f"{freed:,}")
+        model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts.decoders,
+                                       parts.encoders)
     flags = cfg.resolved_trainable()
     if cfg.lora and model.lora_config is None:
         model.add_lora(load_lora(cfg.lora))

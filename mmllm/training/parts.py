@@ -2,10 +2,10 @@
 
 A decoder runs only for the modalities some sample asks the model to produce, and then only as far as
 the losses need: its text encoder for the MSE targets, its whole pipeline for the denoising loss. An
-encoder runs only for the modalities some sample gives as input. Everything else is assembled from its
-config alone (decoders) or released after assembly (encoders), so a stage holds no weights it never
-runs: encode-align (media -> caption) loads no decoder weights, decode-align (caption -> signal
-tokens) keeps no encoder.
+encoder runs only for the modalities some sample gives as input. Everything else is built from its
+config alone, reading no weights (a decoder's unloaded parts, an encoder's ``EncoderShape``), so a
+stage holds no weights it never runs: encode-align (media -> caption) loads no decoder weights,
+decode-align (caption -> signal tokens) no encoder weights.
 """
 
 from __future__ import annotations
