@@ -35,7 +35,7 @@ from mmllm.config import (
 )
 from mmllm.decoders._diffusion import shared_text_encoders
 from mmllm.decoders.base import DECODER_PARTS, MediaDecoder
-from mmllm.encoders.base import EncoderShape, MediaEncoder
+from mmllm.encoders.base import MediaEncoder
 from mmllm.llm import LLMCore, position_ids
 from mmllm.projections import InputProjection, OutputProjection
 
@@ -156,17 +156,6 @@ class AnyToAnyModel(nn.Module):
                     f"({L}, {D}) = decoders.{m} ({spec.kind}) conditioning_shape"
                 )
         return cls(config, llm, encoders, decoders, in_proj, out_proj, checks)
-
-    def release_encoders(self, keep: Collection[str] = ()) -> int:
-        """Replace each encoder whose modality is not in ``keep`` by its :class:`EncoderShape` (for a stage
-        none of whose samples gives that modality as input), freeing its weights before anything moves to a
-        device; the number of parameters freed."""
-        freed = 0
-        for m, encoder in list(self.encoders.items()):
-            if m not in keep and encoder.runnable:
-                freed += sum(p.numel() for p in encoder.parameters())
-                self.encoders[m] = EncoderShape(encoder)
-        return freed
 
     # ------------------------------------------------------------------ LoRA
     def add_lora(self, cfg: LoraConfig) -> None:

@@ -68,7 +68,7 @@ class EncoderShape(MediaEncoder):
     """An encoder in a stage that never runs it (no sample gives its modality as input, as in
     decode-align on caption pairs): its modality, token count, width and description, for the input
     projection and its checks; no weights. Built from the encoder's config on the meta device (each
-    family's ``from_options(..., weights=False)``), or from a loaded encoder by ``release_encoders``."""
+    family's ``from_options(..., weights=False)``)."""
 
     runnable = False
 
@@ -92,7 +92,7 @@ class EncoderShape(MediaEncoder):
             f"the {self.modality} encoder ({self._kind}) holds no weights (no sample of this stage gives "
             f"{self.modality} input; a training stage loads the encoder of each modality its data gives as "
             f"input), so it cannot {action}; in Python, assemble the model with encoder_weights=None (all) or with "
-            f"{self.modality!r} among them, and do not call release_encoders()"
+            f"{self.modality!r} among them"
         )
 
     def preprocess(self, items: list[Any]) -> torch.Tensor:
