@@ -200,21 +200,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _stage_model(args: argparse.Namespace, shapes_only: bool = False):
-    """The stage config and the model its training would use (for `cache`); with ``shapes_only``, with
-    no decoder or encoder weights (for `data check`, which reads the tokenizer and the shapes only, and
-    must report bad data rather than fail on it)."""
+    """The stage config, its records and the model its training would use (for `cache`); with
+    ``shapes_only``, no records and no decoder or encoder weights (for `data check`, which reads the
+    tokenizer and the shapes only, and must report bad data rather than fail on it)."""
     from mmllm.config import load_stage
+    from mmllm.data.dataset import load_stage_records
     from mmllm.training.loop import build_model
-    from mmllm.training.parts import StageParts
+    from mmllm.training.parts import StageParts, stage_parts
 
     cfg = load_stage(args.config, args.overrides)
-    return cfg, build_model(cfg, StageParts() if shapes_only else None)
+    if shapes_only:
+        return cfg, None, build_model(cfg, StageParts())
+    per_dataset = load_stage_records(cfg.data, cfg.stage)[0]
+    return cfg, per_dataset, build_model(cfg, stage_parts(cfg.losses, per_dataset))
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from mmllm.data.check import check_stage_data
 
-    cfg, model = _stage_model(args, shapes_only=True)
+    cfg, _, model = _stage_model(args, shapes_only=True)
     report = check_stage_data(cfg, model, decode=not args.no_decode)
     print(report.format())
     if args.json:
@@ -225,8 +229,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from mmllm.data.cache_build import build_cache
 
-    cfg, model = _stage_model(args)
-    report = build_cache(cfg, model, batch_size=args.batch_size, device=args.device)
+    cfg, per_dataset, model = _stage_model(args)  # the records read once, for the model's parts and the cache
+    report = build_cache(cfg, model, batch_size=args.batch_size, device=args.device, per_dataset=per_dataset)
     print(report.format())
     return 0
 

@@ -48,12 +48,16 @@ def _batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i:i + size] for i in range(0, len(items), max(1, size))]
 
 
-def build_cache(cfg: Any, model: Any, batch_size: int = 16, device: str = "cpu") -> CacheBuildReport:
+def build_cache(cfg: Any, model: Any, batch_size: int = 16, device: str = "cpu",
+                per_dataset: list[list[Any]] | None = None) -> CacheBuildReport:
+    """Compute what the stage's records need and the cache lacks; ``per_dataset``: the stage's records
+    if already read (else they are read here)."""
     if not cfg.cache.dir:
         raise ConfigError("the stage config sets no cache.dir: add `cache: {dir: PATH}` or pass cache.dir=PATH")
     cache = FeatureCache(cfg.cache.dir)
     report = CacheBuildReport(cache.directory)
-    per_dataset, _, _ = load_stage_records(cfg.data, cfg.stage)
+    if per_dataset is None:
+        per_dataset = load_stage_records(cfg.data, cfg.stage)[0]
     convs = [c for d in per_dataset for c in d]
     model.to(device)
     if cfg.cache.encoders:
