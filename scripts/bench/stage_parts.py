@@ -10,7 +10,7 @@ process's resident memory after it (and its peak, which is the LLM's loading):
   stage with a denoising loss);
 * the stage's own (``mmllm.training.loop.build_model``): decoders ``config`` for encode-align (no
   decoder weights), ``conditioning`` for decode-align and instruct (the text encoder, for the MSE
-  targets); decode-align also releases the encoders (it reads captions only).
+  targets); an encoder loads no weights where no sample gives it input (decode-align on caption pairs).
 
     python scripts/bench/stage_parts.py                 # the three default stages (~2 min on 2 cores)
     python scripts/bench/stage_parts.py --stages configs/stages/tiny/encode_align.yaml
@@ -28,7 +28,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
@@ -53,16 +52,17 @@ def child(stage: Path, parts: str, share: bool) -> dict[str, float]:
     else:
         model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts)
     seconds = time.perf_counter() - start
+    rows = count_parameters(model)  # shared parameters counted once
 
-    def unique(module: Any) -> float:
-        return sum({id(p): p.numel() for p in module.parameters()}.values()) / 1e6
+    def millions(prefix: str = "") -> float:
+        return sum(r.trainable + r.frozen for r in rows if r.name.startswith(prefix)) / 1e6
 
     return {
         "parts": next(iter(model.decoders.values())).parts,
         "seconds": seconds,
-        "encoder_params": unique(model.encoders),
-        "decoder_params": unique(model.decoders),
-        "model_params": sum(r.trainable + r.frozen for r in count_parameters(model)) / 1e6,
+        "encoder_params": millions("encoders."),
+        "decoder_params": millions("decoders."),
+        "model_params": millions(),
         "rss_mb": _resident_mb(),
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
