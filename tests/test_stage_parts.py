@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -88,12 +89,7 @@ def test_what_a_mode_lacks_is_refused_by_name(modality):
 
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_unused_weights_are_never_read_but_their_configs_are_checked(modality, saved, tmp_path):
-    folder = tmp_path / "pipe"
-    folder.mkdir()
-    for item in saved[modality].rglob("*"):
-        if item.is_file():
-            (folder / item.relative_to(saved[modality])).parent.mkdir(parents=True, exist_ok=True)
-            (folder / item.relative_to(saved[modality])).write_bytes(item.read_bytes())
+    folder = shutil.copytree(saved[modality], tmp_path / "pipe")
     for part in GENERATION[modality] | {"text_encoder"}:
         for weights in (folder / part).glob("*.safetensors"):
             weights.write_bytes(b"not safetensors")  # reading them would fail
@@ -193,11 +189,7 @@ def test_decoders_naming_the_same_text_encoder_share_one_copy(saved, tmp_path):
     from mmllm.model import AnyToAnyModel, parse_assembly
 
     shared = saved["image"] / "text_encoder"  # a CLIPTextModel, as the video pipeline's is
-    video = tmp_path / "video"
-    for item in saved["video"].rglob("*"):
-        if item.is_file():
-            (video / item.relative_to(saved["video"])).parent.mkdir(parents=True, exist_ok=True)
-            (video / item.relative_to(saved["video"])).write_bytes(item.read_bytes())
+    video = shutil.copytree(saved["video"], tmp_path / "video")
     (video / "text_encoder/config.json").write_text((shared / "config.json").read_text())
     data = read_yaml(REPO / "configs/assemblies/tiny.yaml")
     for m, folder in (("image", saved["image"]), ("video", video)):
@@ -216,11 +208,7 @@ def test_decoders_naming_the_same_text_encoder_share_one_copy(saved, tmp_path):
 
 def test_a_unet_saved_before_diffusers_0_9_has_one_size_in_every_mode(saved, tmp_path):
     """StableDiffusionPipeline reads such a UNet's sample_size < 64 as 64; an unloaded UNet's config too."""
-    folder = tmp_path / "old"
-    for item in saved["image"].rglob("*"):
-        if item.is_file():
-            (folder / item.relative_to(saved["image"])).parent.mkdir(parents=True, exist_ok=True)
-            (folder / item.relative_to(saved["image"])).write_bytes(item.read_bytes())
+    folder = shutil.copytree(saved["image"], tmp_path / "old")
     config = json.loads((folder / "unet/config.json").read_text())
     assert config["sample_size"] < 64
     (folder / "unet/config.json").write_text(json.dumps({**config, "_diffusers_version": "0.8.0"}))
