@@ -300,6 +300,9 @@ class CacheConfig:
     dir: str | None = None  # null = no cache; relative paths resolve from the working directory
     encoders: bool = True  # read cached encoder features for media inputs
     targets: bool = True  # read cached decoder conditioning targets for output captions
+    # every encoder output and conditioning target the stage reads must be precomputed (checked before
+    # training); the parts they replace are then not held (an encoder, a decoder's text encoder)
+    require: bool = False
     shard_mb: int = 256  # size of one safetensors shard written by ``mmllm cache``
 
 

@@ -281,8 +281,8 @@ class AnyToAnyModel(nn.Module):
         """Encoder outputs of all ``m`` items in placeholder order: computed from ``inputs``, and
         taken from ``cached["features"]`` at positions ``cached["index"]``."""
         encoder = self.encoders[m]
-        # a released encoder (EncoderShape) has no dtype; it refuses to run, by name, below
-        enc_dtype = next(encoder.parameters()).dtype if encoder.runnable else torch.float32
+        # an EncoderShape has no weights but keeps their dtype; it refuses to run, by name, below
+        enc_dtype = next(encoder.parameters()).dtype if encoder.runnable else encoder.dtype
         computed = None
         if inputs is not None and inputs.shape[0] > 0:
             with torch.no_grad():

@@ -153,7 +153,7 @@ def test_a_stage_holds_what_its_data_and_losses_run(stage, overrides, wanted, tm
             m, full.encoders[m].num_tokens, full.encoders[m].output_dim)
         assert encoder.describe() == full.encoders[m].describe()
         if not encoder.runnable:
-            with pytest.raises(RuntimeError, match=f"the {m} encoder .* holds no weights .* cannot preprocess"):
+            with pytest.raises(RuntimeError, match=f"the {m} encoder .* holds no weights.* cannot preprocess"):
                 encoder.preprocess([None])
             with pytest.raises(RuntimeError, match="cannot encode media"):
                 encoder(torch.zeros(1))

@@ -103,7 +103,7 @@ class Section:
     def __len__(self) -> int:
         return len(self.keys())
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def _handle(self, key: str) -> Any:
         shard = self.keys().get(key)
         if shard is None:
             return None
@@ -111,7 +111,16 @@ class Section:
             from safetensors import safe_open
 
             self._handles[shard] = safe_open(str(self.directory / shard), framework="pt")
-        return self._handles[shard].get_tensor(key)
+        return self._handles[shard]
+
+    def get(self, key: str) -> torch.Tensor | None:
+        handle = self._handle(key)
+        return None if handle is None else handle.get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        """The entry's shape from its shard's header (no tensor read), or None when absent."""
+        handle = self._handle(key)
+        return None if handle is None else tuple(handle.get_slice(key).get_shape())
 
     def __getstate__(self) -> dict[str, Any]:  # data-loader workers reopen shards lazily
         state = self.__dict__.copy()

@@ -17,15 +17,20 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from mmllm.data.cache import FeatureCache, Section
 from mmllm.data.fingerprint import decoder_fingerprint, encoder_fingerprint, file_hash, text_hash
+
+if TYPE_CHECKING:
+    from mmllm.data.formats import Conversation
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,9 @@ class Precomputed:
     feature_shapes: dict[str, tuple[int, int]]  # modality -> (num_tokens, output_dim) of its encoder
     conditioning_shapes: dict[str, tuple[int, int]]  # modality -> the decoder's conditioning_shape
     use_targets: bool = True  # False when the stage has no MSE loss: targets are not needed
+    # parts ("encoder/image", "condition/audio") the stage no longer holds because these sources hold every
+    # output it reads (cache.require): a lookup that fails there is the sample's error, not a fallback
+    required: frozenset[str] = frozenset()
     counts: Counter = field(default_factory=Counter)
     _warned: set[str] = field(default_factory=set)
 
@@ -48,22 +56,67 @@ class Precomputed:
         if self.cache is None or fp is None or not Path(path).is_file():
             return None
         key = file_hash(path)
-        return self._lookup("encoder", modality, fp, key, self.feature_shapes[modality], str(path))
+        found = self._lookup("encoder", modality, fp, key, self.feature_shapes[modality], str(path))
+        if found is None and f"encoder/{modality}" in self.required:
+            raise ValueError(f"{path} is not in the feature cache {self.cache.directory}, and this stage holds no "
+                             f"{modality} encoder (cache.require; the file changed since the run started?); run "
+                             "`mmllm cache --config <this stage>`")
+        return found
 
     # ------------------------------------------------------------------ conditioning targets
     def target(self, modality: str, caption: str, embedding: Path | None) -> torch.Tensor | None:
         """A precomputed conditioning target ``(tokens, dim)`` for an output, or None (compute it)."""
         if not self.use_targets or modality not in self.conditioning_shapes:
             return None
-        if embedding is not None:
-            target = self._embedding(modality, embedding)
-            if target is not None:
-                return target
+        found = self._embedding(modality, embedding) if embedding is not None else None
         fp = self.decoder_fingerprints.get(modality)
-        if self.cache is None or fp is None:
-            return None
-        return self._lookup("condition", modality, fp, text_hash(caption), self.conditioning_shapes[modality],
-                            repr(caption[:60]))
+        if found is None and self.cache is not None and fp is not None:
+            found = self._lookup("condition", modality, fp, text_hash(caption), self.conditioning_shapes[modality],
+                                 repr(caption[:60]))
+        if found is None and f"condition/{modality}" in self.required:
+            raise ValueError(f"no precomputed conditioning target for the {modality} caption {caption[:60]!r}, and "
+                             f"this stage holds no text encoder for decoders.{modality} (cache.require; a cache "
+                             "file or embedding changed since the run started?); run `mmllm cache --config "
+                             "<this stage>`")
+        return found
+
+    # ------------------------------------------------------------------ coverage (cache.require)
+    def coverage(self, conversations: Iterable[Conversation]) -> Coverage:
+        """Which of the encoder features and conditioning targets the conversations read these sources
+        hold, per part; media files are hashed (a progress bar for many)."""
+        paths: dict[str, dict[Path, None]] = {m: {} for m in self.encoder_fingerprints}
+        targets: dict[str, dict[tuple[str, Path | None], None]] = {
+            m: {} for m in self.conditioning_shapes if self.use_targets}
+        for conv in conversations:
+            for ref in conv.media_refs():
+                if ref.modality in paths:
+                    paths[ref.modality][Path(ref.path)] = None
+            for out in conv.output_refs():
+                if out.modality in targets:
+                    targets[out.modality][(out.caption, out.embedding)] = None
+        cov = Coverage()
+        with tqdm(total=sum(map(len, paths.values())), desc="hashing inputs (cache.require)", unit="file",
+                  disable=sum(map(len, paths.values())) < 1000) as bar:
+            for m, found in paths.items():
+                section = self.cache.section("encoder", m, self.encoder_fingerprints[m]) if self.cache else None
+                for path in found:
+                    bar.update()
+                    try:
+                        key = file_hash(path)
+                    except OSError as exc:  # a missing or unreadable file: training skips its samples anyway
+                        cov.unreadable.append(f"{path}: {exc}")
+                        continue
+                    shape = section.shape(key) if section is not None else None
+                    cov.add(f"encoder/{m}", str(path), shape == self.feature_shapes[m])
+        for m, found in targets.items():
+            fp = self.decoder_fingerprints.get(m)
+            section = self.cache.section("condition", m, fp) if self.cache and fp else None
+            for caption, embedding in found:
+                ok = embedding is not None and _loads(embedding, self.conditioning_shapes[m])
+                if not ok and section is not None:
+                    ok = section.shape(text_hash(caption)) == self.conditioning_shapes[m]
+                cov.add(f"condition/{m}", repr(caption[:60]), ok)
+        return cov
 
     def _embedding(self, modality: str, path: Path) -> torch.Tensor | None:
         shape = self.conditioning_shapes[modality]
@@ -124,6 +177,32 @@ class Precomputed:
     def stats(self) -> dict[str, int]:
         """Lookups so far: ``<kind>/<modality>/<hit|miss|stale>`` and ``embedding/<modality>/<outcome>``."""
         return dict(sorted(self.counts.items()))
+
+
+@dataclass
+class Coverage:
+    """Per part (``"encoder/image"``, ``"condition/audio"``): how many distinct items a stage reads and
+    which of them the precomputed sources do not hold."""
+
+    total: Counter = field(default_factory=Counter)
+    missing: dict[str, list[str]] = field(default_factory=dict)
+    unreadable: list[str] = field(default_factory=list)  # media files that could not be hashed
+
+    def add(self, part: str, item: str, found: bool) -> None:
+        self.total[part] += 1
+        if not found:
+            self.missing.setdefault(part, []).append(item)
+
+    def complete(self, part: str) -> bool:
+        return self.total[part] > 0 and not self.missing.get(part)
+
+
+def _loads(path: Path, shape: tuple[int, int]) -> bool:
+    try:
+        load_embedding(path, shape)
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,19 +65,28 @@ class MediaEncoder(nn.Module, ABC):
 
 
 class EncoderShape(MediaEncoder):
-    """An encoder in a stage that never runs it (no sample gives its modality as input, as in
-    decode-align on caption pairs): its modality, token count, width and description, for the input
-    projection and its checks; no weights. Built from the encoder's config on the meta device (each
-    family's ``from_options(..., weights=False)``)."""
+    """An encoder in a stage that never runs it: its modality, token count, width, weight dtype and
+    description, for the input projection and its checks; no weights. Either built from the encoder's
+    config on the meta device (each family's ``from_options(..., weights=False)``) when no sample gives
+    its modality as input, as in decode-align on caption pairs, or put in place of a loaded encoder
+    whose every output the stage reads from the feature cache (``cache.require``). ``reason`` says
+    which, in the refusal."""
 
     runnable = False
+    NO_INPUT = ("no sample of this stage gives {modality} input, and a training stage loads the encoder of each "
+                "modality its data gives as input; in Python, assemble the model with encoder_weights=None (all) "
+                "or with '{modality}' among them")
 
-    def __init__(self, encoder: MediaEncoder) -> None:
+    def __init__(self, encoder: MediaEncoder, reason: str = NO_INPUT) -> None:
         super().__init__()
         self.modality = encoder.modality
         self._shape = (encoder.num_tokens, encoder.output_dim)
         self._describe = encoder.describe()
         self._kind = type(encoder).__name__
+        self._reason = reason.format(modality=encoder.modality)
+        weight = next(encoder.parameters(), None)
+        # what cached features are cast to, as for the loaded encoder (a meta-built one has the dtype too)
+        self.dtype = weight.dtype if weight is not None else torch.float32
 
     @property
     def output_dim(self) -> int:
@@ -89,10 +98,7 @@ class EncoderShape(MediaEncoder):
 
     def _refuse(self, action: str) -> RuntimeError:
         return RuntimeError(
-            f"the {self.modality} encoder ({self._kind}) holds no weights (no sample of this stage gives "
-            f"{self.modality} input; a training stage loads the encoder of each modality its data gives as "
-            f"input), so it cannot {action}; in Python, assemble the model with encoder_weights=None (all) or with "
-            f"{self.modality!r} among them"
+            f"the {self.modality} encoder ({self._kind}) holds no weights, so it cannot {action}: {self._reason}"
         )
 
     def preprocess(self, items: list[Any]) -> torch.Tensor:

@@ -30,7 +30,7 @@ from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
-from mmllm.training.parts import StageParts, stage_parts
+from mmllm.training.parts import StageParts, release_cached, stage_parts
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,9 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data fails before any loading
     set_seed(cfg.seed)
     model = build_model(cfg, stage_parts(cfg.losses, per_dataset))
+    precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
+    if cfg.cache.require:  # checked before training; frees the parts the cache replaces
+        release_cached(model, precomputed, [c for convs in per_dataset for c in convs])
     flags = cfg.resolved_trainable()
     apply_trainable(model, flags)
     if cfg.grad_checkpointing:
@@ -149,7 +152,6 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
 
     spec = token_spec(model)
     preprocess = {m: enc.preprocess for m, enc in model.encoders.items()}
-    precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
     datasets = [
         StageDataset(convs, model.llm.tokenizer, spec, preprocess, load_output_media=cfg.losses.denoise > 0,
                      precomputed=precomputed)

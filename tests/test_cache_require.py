@@ -1,0 +1,96 @@
+"""`cache.require`: a stage whose feature cache holds everything it reads does not hold the frozen parts
+the cache replaces, trains exactly as with them, and refuses an incomplete cache before training."""
+
+import json
+import logging
+
+import pytest
+from PIL import Image
+
+from mmllm.config import ConfigError
+from mmllm.data.cache_build import build_cache
+from mmllm.data.dataset import SampleError, StageDataset, load_stage_records
+from mmllm.data.precomputed import open_precomputed
+from mmllm.encoders.base import EncoderShape
+from mmllm.model import AnyToAnyModel
+from mmllm.training.loop import build_model, token_spec, train
+from mmllm.training.parts import release_cached
+from tests.test_cache import cfg_for, data  # noqa: F401  (the `data` fixture: a private copy of the samples)
+
+STEPS = ["max_steps=3", "batch_size=4", "save_every=0"]
+
+
+def held(model):
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def records(cfg):
+    return [c for convs in load_stage_records(cfg.data, cfg.stage)[0] for c in convs]
+
+
+@pytest.mark.parametrize("stage,freed", [
+    ("encode-align", "encoders.audio, encoders.image, encoders.video"),
+    ("decode-align", "decoders.audio, decoders.image, decoders.video"),
+])
+def test_require_frees_what_the_cache_replaces_and_trains_the_same(stage, freed, data, tmp_path, caplog):  # noqa: F811
+    cache = tmp_path / "cache"
+    cfg = cfg_for(stage, data, cache, *STEPS)
+    build_cache(cfg, build_model(cfg))
+    plain = train(cfg)
+    with caplog.at_level(logging.INFO, logger="mmllm.training.parts"):
+        required = train(cfg_for(stage, data, cache, *STEPS, "cache.require=true", f"output_dir={tmp_path / 'req'}"))
+    assert f"not holding {freed}" in caplog.text.replace(" text encoder", "")
+    assert required.losses == plain.losses and required.skipped == plain.skipped == 0
+
+
+def test_release_frees_parameters_and_keeps_what_the_denoising_loss_runs(tiny_assembly, data, tmp_path):  # noqa: F811
+    cfg = cfg_for("decode-align", data, tmp_path / "cache")
+    model = AnyToAnyModel.assemble(tiny_assembly, {"image": "all", "audio": "conditioning", "video": "conditioning"},
+                                   encoder_weights=["image"])
+    build_cache(cfg, model)
+    pre = open_precomputed(cfg, model)
+    before = held(model)
+    text_encoders = {m: sum(p.numel() for p in d.text_encoder.parameters()) for m, d in model.decoders.items()}
+    assert release_cached(model, pre, records(cfg)) == ["decoders.audio", "decoders.video"]
+    assert model.decoders["image"].parts == "all" and model.decoders["image"].text_encoder is not None
+    for m in ("audio", "video"):
+        assert model.decoders[m].parts == "config" and model.decoders[m].text_encoder is None
+        assert model.decoders[m].conditioning_shape == tuple(pre.conditioning_shapes[m])  # sizes stay
+    assert before - held(model) == text_encoders["audio"] + text_encoders["video"]
+    assert pre.required == {"condition/audio", "condition/video"}
+    assert isinstance(model.encoders["audio"], EncoderShape)  # no sample gives input: never loaded
+
+
+def test_require_refuses_an_incomplete_cache_before_training(data, tmp_path):  # noqa: F811
+    cache = tmp_path / "cache"
+    cfg = cfg_for("encode-align", data, cache, *STEPS, "cache.require=true")
+    build_cache(cfg, build_model(cfg))
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(data / "media/new.png")
+    with open(data / "pairs.jsonl", "a") as fh:
+        fh.write(json.dumps({"id": "new", "modality": "image", "media": "media/new.png", "caption": "new"}) + "\n")
+    with pytest.raises(ConfigError, match=r"encoder/image: 1 of 9 not found, e.g. .*new\.png.*mmllm cache"):
+        train(cfg)
+    assert not list((tmp_path / "out").glob("step-*"))
+    build_cache(cfg, build_model(cfg))  # what `mmllm cache` does: adds the missing one
+    assert train(cfg).skipped == 0
+    with pytest.raises(ConfigError, match="cache.dir is not set"):
+        train(cfg_for("encode-align", data, "null", *STEPS, "cache.require=true"))
+
+
+def test_a_file_changed_after_the_check_is_its_samples_error(tiny_assembly, data, tmp_path):  # noqa: F811
+    cfg = cfg_for("encode-align", data, tmp_path / "cache", "cache.require=true")
+    model = AnyToAnyModel.assemble(tiny_assembly, "config")
+    build_cache(cfg, model)
+    pre = open_precomputed(cfg, model)
+    release_cached(model, pre, records(cfg))
+    assert all(isinstance(e, EncoderShape) for e in model.encoders.values())
+    convs = records(cfg)
+    ds = StageDataset(convs, model.llm.tokenizer, token_spec(model), {m: e.preprocess for m, e in model.encoders.items()},
+                      precomputed=pre)
+    index = next(i for i, c in enumerate(convs) if c.id == "img-red_circle")
+    assert not isinstance(ds[index], SampleError)
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(data / "media/red_circle.png")
+    got = ds[index]
+    assert isinstance(got, SampleError) and "not in the feature cache" in got.error and "mmllm cache" in got.error
+    with pytest.raises(RuntimeError, match="holds no weights, so it cannot encode media: the feature cache held"):
+        model.encoders["image"](None)
