@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,7 +170,10 @@ class AnyToAnyModel(nn.Module):
             bias="none", task_type="CAUSAL_LM",
         )
         try:
-            with seeded(self.config.seed, "lora"):
+            with seeded(self.config.seed, "lora"), warnings.catch_warnings():
+                # peft asks transformers 5's deprecated alias `is_gradient_checkpointing`: noise no user can act on
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                        category=FutureWarning)
                 self._peft_model = get_peft_model(self.llm.model, peft_cfg)
         except ValueError as exc:
             raise ConfigError(f"lora.target_modules {cfg.target_modules}: {exc}") from exc

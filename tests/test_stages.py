@@ -143,9 +143,15 @@ def test_tampered_checkpoint_is_refused_naming_the_file(chain, tmp_path):
         AnyToAnyModel.from_pretrained(copy)
 
 
-def test_gradient_checkpointing_gives_the_same_step(sample_data, tmp_path):
+def test_gradient_checkpointing_gives_the_same_step(sample_data, tmp_path, monkeypatch):
+    import transformers.modeling_utils as hf
+
+    calls, real = [], hf.checkpoint  # what transformers wraps the decoder layers in when checkpointing is on
+    monkeypatch.setattr(hf, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     plain = train(stage_cfg("instruct", sample_data, tmp_path / "a", max_steps=2))
+    assert not calls
     ckpt = train(stage_cfg("instruct", sample_data, tmp_path / "b", max_steps=2, grad_checkpointing=True))
+    assert calls
     assert ckpt.losses == pytest.approx(plain.losses, rel=1e-5)
 
 

@@ -128,7 +128,9 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             mixed_precision=cfg.mixed_precision,
             log_with=None if cfg.report_to == "none" else cfg.report_to,
             project_dir=str(out_dir),
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+            # every trainable parameter is in every step's graph (AnyToAnyModel's zero-weight term over the
+            # projections and signal rows; LoRA runs in every forward): DDP need not search for unused ones
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
     check_output_dir(out_dir)
     precision = accelerator.mixed_precision
@@ -147,7 +149,11 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     flags = cfg.resolved_trainable()
     apply_trainable(model, flags)
     if cfg.grad_checkpointing:
-        model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        core = model.llm.model
+        if hasattr(core, "activation_checkpointing_enable"):  # newer transformers 5 releases; the old name warns
+            core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.llm.model.enable_input_require_grads()
 
     spec = token_spec(model)
