@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,7 +273,11 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
                 )
         else:
             nonfinite_in_row = 0
-        scheduler.step()
+        with warnings.catch_warnings():
+            # the schedule follows the step index, skipped steps included: torch's warning about a first
+            # optimiser step that did not happen (skipped, or an fp16 overflow) says nothing true here
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            scheduler.step()
         losses.append(step_loss)
         since_save.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", skipped=skipped)
