@@ -162,6 +162,7 @@ def test_cache_command(data, tmp_path, capsys):
     assert main([*args, f"cache.dir={tmp_path / 'c'}"]) == 0
     out = capsys.readouterr().out
     assert "condition/image: 8 computed" in out and "condition/audio: 3 computed" in out
+    assert "with cache.require=true it trains without holding" in out
     index = json.loads((tmp_path / "c/index.json").read_text())
     assert {(s["kind"], s["modality"]) for s in index["sections"].values()} == {
         ("condition", "image"), ("condition", "audio"), ("condition", "video")}
