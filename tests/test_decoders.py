@@ -148,7 +148,14 @@ def test_generate_types_and_seed_batch_invariance(decoders, modality):
         assert all(isinstance(x, Video) and len(x.frames) == 4 and x.fps == 8.0 for x in batch)
         assert all(f.size == (32, 32) and f.mode == "RGB" for x in batch for f in x.frames)
     alone = decoder.generate(cond[1:], seeds=[12])
-    np.testing.assert_allclose(as_array(alone[0]), as_array(batch[1]), atol=1e-5)
+    a, b = as_array(alone[0]), as_array(batch[1])
+    # float noise between batch sizes can move a decoded 8-bit pixel by one quantisation step (README: use
+    # --decode-batch-size 1 for bit-identical files); seen once in 3072 pixels
+    if modality == "audio":  # float samples
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    else:
+        np.testing.assert_allclose(a, b, atol=1.0)
+        assert np.mean(a == b) > 0.99
     other_seed = decoder.generate(cond[1:], seeds=[13])
     assert not np.allclose(as_array(other_seed[0]), as_array(batch[1]))
 
