@@ -68,13 +68,46 @@ def test_require_refuses_an_incomplete_cache_before_training(data, tmp_path):  #
     Image.new("RGB", (32, 32), (10, 200, 10)).save(data / "media/new.png")
     with open(data / "pairs.jsonl", "a") as fh:
         fh.write(json.dumps({"id": "new", "modality": "image", "media": "media/new.png", "caption": "new"}) + "\n")
-    with pytest.raises(ConfigError, match=r"encoder/image: 1 of 9 not found, e.g. .*new\.png.*mmllm cache"):
+    with pytest.raises(ConfigError, match=r"encoder/image: 1 of 9 not found \(`mmllm cache .*` adds them\), e.g. "
+                                          r".*new\.png"):
         train(cfg)
     assert not list((tmp_path / "out").glob("step-*"))
     build_cache(cfg, build_model(cfg))  # what `mmllm cache` does: adds the missing one
     assert train(cfg).skipped == 0
     with pytest.raises(ConfigError, match="cache.dir is not set"):
         train(cfg_for("encode-align", data, "null", *STEPS, "cache.require=true"))
+    with pytest.raises(ConfigError, match="holds no feature cache yet; run `mmllm cache"):
+        train(cfg_for("encode-align", data, tmp_path / "never-built", *STEPS, "cache.require=true"))
+
+
+def test_what_training_skips_anyway_does_not_fail_the_check(data, tmp_path, caplog):  # noqa: F811
+    # a file that cannot be decoded is in no cache (`mmllm cache` reports it) and its samples are skipped
+    cache = tmp_path / "cache"
+    cfg = cfg_for("encode-align", data, cache, *STEPS, "batch_size=20", "cache.require=true")
+    (data / "media/broken.png").write_bytes(b"not a png")
+    with open(data / "pairs.jsonl", "a") as fh:
+        fh.write(json.dumps({"id": "broken", "modality": "image", "media": "media/broken.png", "caption": "x"}) + "\n")
+    assert len(build_cache(cfg, build_model(cfg)).failed) == 1
+    with caplog.at_level(logging.WARNING):
+        result = train(cfg)
+    assert "1 media file(s) cannot be read" in caplog.text and result.skipped >= 1
+
+
+def test_only_what_can_be_freed_is_checked(data, tmp_path, caplog):  # noqa: F811
+    # decode-align on image captions only: the audio and video decoders hold their configs alone
+    (data / "pairs.jsonl").write_text("".join(
+        line + "\n" for line in (data / "pairs.jsonl").read_text().splitlines() if '"image"' in line))
+    cache = tmp_path / "cache"
+    cfg = cfg_for("decode-align", data, cache, *STEPS, "cache.require=true")
+    build_cache(cfg, build_model(cfg))
+    with caplog.at_level(logging.INFO, logger="mmllm.training.parts"):
+        train(cfg)
+    assert "all 8 image targets this stage reads; not holding decoders.image text encoder" in caplog.text
+    # targets not read from the cache are not required from it: the text encoder stays and computes them
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="mmllm.training.parts"):
+        with pytest.raises(ConfigError, match="nothing this stage holds can come from precomputed sources"):
+            train(cfg_for("decode-align", data, cache, *STEPS, "cache.require=true", "cache.targets=false"))
 
 
 def test_a_file_changed_after_the_check_is_its_samples_error(tiny_assembly, data, tmp_path):  # noqa: F811
@@ -94,3 +127,23 @@ def test_a_file_changed_after_the_check_is_its_samples_error(tiny_assembly, data
     assert isinstance(got, SampleError) and "not in the feature cache" in got.error and "mmllm cache" in got.error
     with pytest.raises(RuntimeError, match="holds no weights, so it cannot encode media: the feature cache held"):
         model.encoders["image"](None)
+
+
+def test_embedding_files_alone_can_cover_the_targets(tiny_assembly, tmp_path):
+    from tests.test_data_stage import _npy_generation
+
+    model = AnyToAnyModel.assemble(tiny_assembly, "conditioning")
+    shape = model.decoders["image"].conditioning_shape
+    path, embed, _ = _npy_generation(tmp_path, shape, shape)
+    cfg = cfg_for("decode-align", tmp_path, "null", "cache.require=true",
+                  f"data=[{{path: {path}, format: nextgpt-pairs, embeddings: {embed}}}]")
+    pre = open_precomputed(cfg, model)
+    assert release_cached(model, pre, records(cfg)) == ["decoders.image"]
+    assert model.decoders["image"].parts == "config" and model.decoders["audio"].parts == "conditioning"
+
+    (embed / "b.png.npy").write_bytes(b"")  # an empty file: unreadable, named, and not a crash
+    model = AnyToAnyModel.assemble(tiny_assembly, "conditioning")
+    with pytest.raises(ConfigError, match=r"condition/image: 1 of 2 not found \(only the data's embedding files "
+                                          r"can hold them.*b\.png\.npy: No data left"):
+        release_cached(model, open_precomputed(cfg, model), records(cfg))
+    assert model.decoders["image"].parts == "conditioning"  # nothing freed when the check fails

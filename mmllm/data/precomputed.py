@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from mmllm.data.cache import FeatureCache, Section
 from mmllm.data.fingerprint import decoder_fingerprint, encoder_fingerprint, file_hash, text_hash
+from mmllm.data.media import MediaError, load_media
 
 if TYPE_CHECKING:
     from mmllm.data.formats import Conversation
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Precomputed:
     cache: FeatureCache | None
+    cache_dir: Path | None  # the stage's cache.dir, also when it holds no cache yet
     encoder_fingerprints: dict[str, str]  # modality -> fingerprint (only modalities read from the cache)
     decoder_fingerprints: dict[str, str]
     feature_shapes: dict[str, tuple[int, int]]  # modality -> (num_tokens, output_dim) of its encoder
@@ -59,7 +61,7 @@ class Precomputed:
         found = self._lookup("encoder", modality, fp, key, self.feature_shapes[modality], str(path))
         if found is None and f"encoder/{modality}" in self.required:
             raise ValueError(f"{path} is not in the feature cache {self.cache.directory}, and this stage holds no "
-                             f"{modality} encoder (cache.require; the file changed since the run started?); run "
+                             f"{modality} encoder (cache.require): the file changed since the run started; run "
                              "`mmllm cache --config <this stage>`")
         return found
 
@@ -79,44 +81,6 @@ class Precomputed:
                              "file or embedding changed since the run started?); run `mmllm cache --config "
                              "<this stage>`")
         return found
-
-    # ------------------------------------------------------------------ coverage (cache.require)
-    def coverage(self, conversations: Iterable[Conversation]) -> Coverage:
-        """Which of the encoder features and conditioning targets the conversations read these sources
-        hold, per part; media files are hashed (a progress bar for many)."""
-        paths: dict[str, dict[Path, None]] = {m: {} for m in self.encoder_fingerprints}
-        targets: dict[str, dict[tuple[str, Path | None], None]] = {
-            m: {} for m in self.conditioning_shapes if self.use_targets}
-        for conv in conversations:
-            for ref in conv.media_refs():
-                if ref.modality in paths:
-                    paths[ref.modality][Path(ref.path)] = None
-            for out in conv.output_refs():
-                if out.modality in targets:
-                    targets[out.modality][(out.caption, out.embedding)] = None
-        cov = Coverage()
-        with tqdm(total=sum(map(len, paths.values())), desc="hashing inputs (cache.require)", unit="file",
-                  disable=sum(map(len, paths.values())) < 1000) as bar:
-            for m, found in paths.items():
-                section = self.cache.section("encoder", m, self.encoder_fingerprints[m]) if self.cache else None
-                for path in found:
-                    bar.update()
-                    try:
-                        key = file_hash(path)
-                    except OSError as exc:  # a missing or unreadable file: training skips its samples anyway
-                        cov.unreadable.append(f"{path}: {exc}")
-                        continue
-                    shape = section.shape(key) if section is not None else None
-                    cov.add(f"encoder/{m}", str(path), shape == self.feature_shapes[m])
-        for m, found in targets.items():
-            fp = self.decoder_fingerprints.get(m)
-            section = self.cache.section("condition", m, fp) if self.cache and fp else None
-            for caption, embedding in found:
-                ok = embedding is not None and _loads(embedding, self.conditioning_shapes[m])
-                if not ok and section is not None:
-                    ok = section.shape(text_hash(caption)) == self.conditioning_shapes[m]
-                cov.add(f"condition/{m}", repr(caption[:60]), ok)
-        return cov
 
     def _embedding(self, modality: str, path: Path) -> torch.Tensor | None:
         shape = self.conditioning_shapes[modality]
@@ -139,6 +103,60 @@ class Precomputed:
             return None
         self.counts[f"embedding/{modality}/used"] += 1
         return target
+
+    # ------------------------------------------------------------------ coverage (cache.require)
+    def coverage(self, conversations: Iterable[Conversation], parts: Collection[str]) -> Coverage:
+        """Which of the items of ``parts`` (``"encoder/<m>"``: media inputs, ``"condition/<m>"``: output
+        captions) that the conversations read these sources hold, checked as the lookups check them:
+        media files are hashed (a progress bar for many), cache entries and embedding files are checked
+        by their headers. A media file that is missing or cannot be decoded is *unreadable*, not missing:
+        training skips its samples whatever the cache holds."""
+        paths: dict[str, dict[Path, None]] = {p.split("/")[1]: {} for p in parts if p.startswith("encoder/")}
+        targets: dict[str, dict[tuple[str, Path | None], None]] = {
+            p.split("/")[1]: {} for p in parts if p.startswith("condition/")}
+        for conv in conversations:
+            for ref in conv.media_refs():
+                if ref.modality in paths:
+                    paths[ref.modality][Path(ref.path)] = None
+            for out in conv.output_refs():
+                if out.modality in targets:
+                    targets[out.modality][(out.caption, out.embedding)] = None
+        cov = Coverage()
+        items = sum(map(len, paths.values())) + sum(map(len, targets.values()))
+        with tqdm(total=items, desc="checking precomputed inputs (cache.require)", disable=items < 1000) as bar:
+            for m, files in paths.items():
+                fp = self.encoder_fingerprints.get(m)
+                section = self.cache.section("encoder", m, fp) if self.cache is not None and fp else None
+                for path in files:
+                    bar.update()
+                    try:
+                        key = file_hash(path)
+                        found = section is not None and section.shape(key) == tuple(self.feature_shapes[m])
+                        if not found:
+                            load_media(m, path)  # what `mmllm cache` could not read, training skips too
+                    except (MediaError, OSError, ValueError, RuntimeError, EOFError) as exc:
+                        cov.unreadable.append(f"{path}: {exc}")
+                        continue
+                    cov.add(f"encoder/{m}", str(path), found)
+            for m, captions in targets.items():
+                fp = self.decoder_fingerprints.get(m)
+                section = self.cache.section("condition", m, fp) if self.cache is not None and fp else None
+                shape = tuple(self.conditioning_shapes[m])
+                for caption, embedding in captions:
+                    bar.update()
+                    why = ""
+                    if embedding is not None:
+                        try:
+                            open_embedding(embedding, shape)
+                            cov.add(f"condition/{m}", repr(caption[:60]), True)
+                            continue
+                        except FileNotFoundError:
+                            why = f" (embedding {embedding} not found)"
+                        except ValueError as exc:
+                            why = f" ({exc})"
+                    found = section is not None and section.shape(text_hash(caption)) == shape
+                    cov.add(f"condition/{m}", repr(caption[:60]) + why, found)
+        return cov
 
     # ------------------------------------------------------------------ shared
     def _lookup(self, kind: str, modality: str, fp: str, key: str, shape: tuple[int, int],
@@ -197,14 +215,6 @@ class Coverage:
         return self.total[part] > 0 and not self.missing.get(part)
 
 
-def _loads(path: Path, shape: tuple[int, int]) -> bool:
-    try:
-        load_embedding(path, shape)
-    except (FileNotFoundError, ValueError):
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------------------------
 # precomputed caption embeddings (.npy)
 # --------------------------------------------------------------------------------------------
@@ -220,17 +230,19 @@ class EmbeddingShapeError(ValueError):
         )
 
 
-def load_embedding(path: Path, shape: tuple[int, int]) -> torch.Tensor:
-    """A ``.npy`` caption embedding as a ``shape`` float tensor; a leading batch axis of 1 and a 1-D
-    ``(dim,)`` for a ``(1, dim)`` shape are accepted. Pickled arrays are refused."""
+def open_embedding(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A ``.npy`` caption embedding memory-mapped and checked against ``shape`` from its header alone (no
+    data read): floats, and a leading batch axis of 1 or a 1-D ``(dim,)`` for a ``(1, dim)`` shape are
+    accepted. Pickled arrays are refused. Raises FileNotFoundError, :class:`EmbeddingShapeError` or
+    ValueError (unreadable), each naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(path)
     try:
-        arr = np.load(path, allow_pickle=False)
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
         raise ValueError(f"cannot read precomputed embedding {path}: {exc} (pickled .npy files are refused)") from exc
-    except OSError as exc:
+    except (OSError, EOFError) as exc:  # an empty or truncated file
         raise ValueError(f"cannot read precomputed embedding {path}: {exc}") from exc
     if not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(f"precomputed embedding {path} has dtype {arr.dtype}, expected floats")
@@ -240,9 +252,16 @@ def load_embedding(path: Path, shape: tuple[int, int]) -> torch.Tensor:
         arr = arr[None, :]
     if tuple(arr.shape) != tuple(shape):
         raise EmbeddingShapeError(path, arr.shape, shape)
+    return arr
+
+
+def load_embedding(path: Path, shape: tuple[int, int]) -> torch.Tensor:
+    """A ``.npy`` caption embedding (:func:`open_embedding`) as a ``shape`` float32 tensor; NaN or
+    infinite values are refused."""
+    arr = np.array(open_embedding(path, shape), dtype=np.float32)
     if not np.isfinite(arr).all():
         raise ValueError(f"precomputed embedding {path} holds NaN or infinite values")
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    return torch.from_numpy(arr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,10 +287,13 @@ def open_precomputed(cfg: Any, model: Any) -> Precomputed:
         if cache_cfg.encoders:
             enc_fps = {m: encoder_fingerprint(e) for m, e in model.encoders.items() if e.runnable}
         if cache_cfg.targets and use_targets:
-            dec_fps = {m: decoder_fingerprint(d) for m, d in model.decoders.items()}
+            # a decoder holding only its config computes no targets (no sample asks for its modality)
+            dec_fps = {m: decoder_fingerprint(d) for m, d in model.decoders.items()
+                       if getattr(d, "parts", "all") != "config"}
         report_sections(cache, enc_fps, dec_fps)
     return Precomputed(
         cache=cache,
+        cache_dir=Path(cache_cfg.dir) if cache_cfg is not None and cache_cfg.dir else None,
         encoder_fingerprints=enc_fps,
         decoder_fingerprints=dec_fps,
         feature_shapes={m: (e.num_tokens, e.output_dim) for m, e in model.encoders.items()},

@@ -444,7 +444,7 @@ class FrozenDiffusionDecoder(MediaDecoder):
         skip = set(self.skipped(parts))
         return [p for name, child in self.named_children() if name not in skip for p in child.parameters()]
 
-    def release(self, parts: str) -> bool:
+    def release(self, parts: str) -> None:
         """Keep only what ``parts`` loads (at most what is loaded now): the parts it does not run are freed;
         the sizes read from them at assembly stay. Used when the feature cache holds every conditioning
         target a stage reads (``cache.require``)."""
@@ -453,7 +453,6 @@ class FrozenDiffusionDecoder(MediaDecoder):
         for name in sorted(set(self.skipped(parts)) - set(self.skipped(self._parts))):
             self.register_module(name, None)
         self._parts, self._pipeline = parts, None
-        return True
 
     def _require(self, parts: str, action: str) -> None:
         """Refuse ``action`` when the decoder was assembled without the parts it runs."""

@@ -66,9 +66,5 @@ class MediaDecoder(nn.Module, ABC):
         """The parameters this decoder would hold assembled with ``parts`` (one of DECODER_PARTS)."""
         return list(self.parameters())
 
-    def release(self, parts: str) -> bool:
-        """Free what ``parts`` (one of DECODER_PARTS) does not load; False when this decoder cannot."""
-        return False
-
     def describe(self) -> dict[str, Any]:
         return {"class": type(self).__name__}

@@ -59,28 +59,43 @@ def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations
     """``cache.require``: check that the precomputed sources hold every encoder output and conditioning
     target the conversations read (else an error naming what is missing and how to fill it, before
     training), then free the parts they replace: an encoder becomes its :class:`EncoderShape`, a
-    decoder holding its text encoder for the MSE targets only drops to its config. Returns the parts
-    freed (``"encoders.image"``, ...); lookups for them can no longer fall back (``precomputed.required``)."""
+    decoder holding its text encoder for the MSE targets only drops to its config. Checked are the
+    encoders read from the cache, and the decoders holding only their text side whose targets come from
+    the cache or from the data's embedding files (a decoder loaded whole for the denoising loss keeps
+    everything). Returns the parts freed (``"encoders.image"``, ...); lookups for them can no longer fall
+    back (``precomputed.required``)."""
+    cache_dir = precomputed.cache_dir
+    if cache_dir is not None and precomputed.cache is None:
+        raise ConfigError(f"cache.require: cache.dir {cache_dir} holds no feature cache yet; run `mmllm cache "
+                          "--config <this stage>` first")
+    embedded = {o.modality for c in conversations for o in c.output_refs() if o.embedding is not None}
     parts = sorted({*(f"encoder/{m}" for m in precomputed.encoder_fingerprints),
                     *(f"condition/{m}" for m, d in model.decoders.items()
-                      if precomputed.use_targets and d.parts != "config")})
+                      if precomputed.use_targets and getattr(d, "parts", None) == "conditioning"
+                      and (m in precomputed.decoder_fingerprints or m in embedded))})
     if not parts:
         raise ConfigError(
-            "cache.require is set, but nothing this stage runs can come from precomputed sources: "
-            + ("cache.dir is not set" if precomputed.cache is None else
-               f"cache.dir {precomputed.cache.directory} is used for neither encoders nor targets here")
-            + "; run `mmllm cache --config <this stage>` with cache.dir set, or drop cache.require")
-    coverage = precomputed.coverage(conversations)
+            "cache.require is set, but nothing this stage holds can come from precomputed sources ("
+            + ("cache.dir is not set" if cache_dir is None else
+               f"cache.dir {cache_dir} is used for neither encoder inputs nor conditioning targets here")
+            + "); set cache.dir and run `mmllm cache --config <this stage>`, or drop cache.require")
+    coverage = precomputed.coverage(conversations, parts)
     incomplete = [p for p in parts if coverage.missing.get(p)]
     if incomplete:
-        where = precomputed.cache.directory if precomputed.cache is not None else "(no cache.dir)"
-        lines = [f"{p}: {len(coverage.missing[p])} of {coverage.total[p]} not found, e.g. "
-                 f"{', '.join(coverage.missing[p][:3])}" for p in incomplete]
-        raise ConfigError(f"cache.require: the feature cache {where} does not hold everything this stage reads -- "
-                          + "; ".join(lines) + ". Run `mmllm cache --config <this stage>` (it adds only what is "
-                          "missing; a stale section means a part changed since), or set cache.require=false")
+        lines = []
+        for p in incomplete:
+            kind, m = p.split("/")
+            fill = ("`mmllm cache --config <this stage>` adds them" if kind == "encoder"
+                    or m in precomputed.decoder_fingerprints else
+                    "only the data's embedding files can hold them here (no cache.dir, or cache.targets is false)")
+            lines.append(f"{p}: {len(coverage.missing[p])} of {coverage.total[p]} not found ({fill}), e.g. "
+                         f"{', '.join(coverage.missing[p][:3])}")
+        raise ConfigError("cache.require: the precomputed sources (cache.dir "
+                          f"{cache_dir if cache_dir is not None else 'not set'}, embedding files) do not hold "
+                          "everything this stage reads -- " + "; ".join(lines)
+                          + ". A stale cache section means the part changed since; or set cache.require=false")
     before = _held(model)
-    freed, required = [], set()
+    freed = []
     for part in parts:
         kind, m = part.split("/")
         if not coverage.complete(part):  # the stage reads none of these: nothing to check or free
@@ -90,23 +105,22 @@ def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations
                 f"the feature cache held the features of every {m} input this stage reads when it started "
                 "(cache.require); run `mmllm cache --config <this stage>` to add what changed, or set "
                 "cache.require=false"))
-        elif model.decoders[m].parts != "conditioning" or not model.decoders[m].release("config"):
-            log.info("cache.require: decoders.%s keeps its text encoder (%s)", m,
-                     "it holds the whole pipeline for the denoising loss, parts='all'"
-                     if model.decoders[m].parts == "all" else "it cannot release parts")
-            continue
-        freed.append(f"{'encoders' if kind == 'encoder' else 'decoders'}.{m}")
-        required.add(part)
-    precomputed.required = frozenset(required)
+        else:
+            model.decoders[m].release("config")
+        freed.append(part)
+    precomputed.required = frozenset(freed)
     if coverage.unreadable:
-        log.warning("cache.require: %d media file(s) could not be read (their samples will be skipped), e.g. %s",
+        log.warning("cache.require: %d media file(s) cannot be read; their samples will be skipped, e.g. %s",
                     len(coverage.unreadable), coverage.unreadable[0])
-    held = ", ".join(f"{coverage.total[p]} {p.split('/')[1]} {'inputs' if p.startswith('encoder') else 'targets'}"
-                     for p in parts if coverage.complete(p))
+    kept = [m for m, d in model.decoders.items() if getattr(d, "parts", None) == "all"]
+    names = [f"encoders.{p.split('/')[1]}" if p.startswith("encoder") else f"decoders.{p.split('/')[1]} text encoder"
+             for p in freed]
     log.info("cache.require: the precomputed sources hold all %s this stage reads; not holding %s (%.1f M "
-             "parameters freed)", held, ", ".join(f"{f}{'' if f.startswith('encoders') else ' text encoder'}"
-                                                   for f in freed) or "anything more", (before - _held(model)) / 1e6)
-    return freed
+             "parameters freed)%s",
+             ", ".join(f"{coverage.total[p]} {p.split('/')[1]} {'inputs' if p.startswith('encoder') else 'targets'}"
+                       for p in freed), ", ".join(names) or "anything more", (before - _held(model)) / 1e6,
+             f"; decoders {', '.join(kept)} keep every part (the denoising loss)" if kept else "")
+    return [n.removesuffix(" text encoder") for n in names]
 
 
 def _held(model: AnyToAnyModel) -> int:
