@@ -232,7 +232,8 @@ def cmd_cache(args: argparse.Namespace) -> int:
     cfg, per_dataset, model = _stage_model(args)  # the records read once, for the model's parts and the cache
     report = build_cache(cfg, model, batch_size=args.batch_size, device=args.device, per_dataset=per_dataset)
     print(report.format())
-    if not report.failed and (report.computed or report.present) and not cfg.cache.require:
+    everything = cfg.cache.encoders and (cfg.cache.targets or not cfg.losses.mse)
+    if everything and not report.failed and (report.computed or report.present) and not cfg.cache.require:
         print("  everything this stage reads is cached: with cache.require=true it trains without holding the "
               "parts the cache replaces")
     return 0
