@@ -61,8 +61,8 @@ class Precomputed:
         found = self._lookup("encoder", modality, fp, key, self.feature_shapes[modality], str(path))
         if found is None and f"encoder/{modality}" in self.required:
             raise ValueError(f"{path} is not in the feature cache {self.cache.directory}, and this stage holds no "
-                             f"{modality} encoder (cache.require): the file changed since the run started; run "
-                             "`mmllm cache --config <this stage>`")
+                             f"{modality} encoder (cache.require): it could not be read when the cache was built, "
+                             "or it changed since the run started; run `mmllm cache --config <this stage>`")
         return found
 
     # ------------------------------------------------------------------ conditioning targets
