@@ -98,7 +98,7 @@ def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations
     freed = []
     for part in parts:
         kind, m = part.split("/")
-        if not coverage.complete(part):  # the stage reads none of these: nothing to check or free
+        if not coverage.complete(part):  # none of these can be read: nothing to free
             continue
         if kind == "encoder":
             model.encoders[m] = EncoderShape(model.encoders[m], reason=(
@@ -113,14 +113,20 @@ def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations
         log.warning("cache.require: %d media file(s) cannot be read; their samples will be skipped, e.g. %s",
                     len(coverage.unreadable), coverage.unreadable[0])
     kept = [m for m, d in model.decoders.items() if getattr(d, "parts", None) == "all"]
-    names = [f"encoders.{p.split('/')[1]}" if p.startswith("encoder") else f"decoders.{p.split('/')[1]} text encoder"
-             for p in freed]
     log.info("cache.require: the precomputed sources hold all %s this stage reads; not holding %s (%.1f M "
              "parameters freed)%s",
              ", ".join(f"{coverage.total[p]} {p.split('/')[1]} {'inputs' if p.startswith('encoder') else 'targets'}"
-                       for p in freed), ", ".join(names) or "anything more", (before - _held(model)) / 1e6,
-             f"; decoders {', '.join(kept)} keep every part (the denoising loss)" if kept else "")
-    return [n.removesuffix(" text encoder") for n in names]
+                       for p in freed),
+             ", ".join(_label(p) + ("" if p.startswith("encoder") else " text encoder") for p in freed) or "nothing",
+             (before - _held(model)) / 1e6, f"; decoders {', '.join(kept)} keep every part (the denoising loss)"
+             if kept else "")
+    return [_label(p) for p in freed]
+
+
+def _label(part: str) -> str:
+    """``"encoder/image"`` -> ``"encoders.image"``, ``"condition/audio"`` -> ``"decoders.audio"``."""
+    kind, m = part.split("/")
+    return f"{'encoders' if kind == 'encoder' else 'decoders'}.{m}"
 
 
 def _held(model: AnyToAnyModel) -> int:
