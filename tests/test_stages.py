@@ -239,7 +239,7 @@ def test_retention_kl_reads_only_text_rows_and_teaches_the_adapter(sample_data, 
                 p.add_(torch.randn_like(p) * 0.5)
     alone = model(batch([plain]), losses)["retain"]
     with_signal_row = model(batch([plain, signal]), losses)
-    assert float(alone.detach()) > 10 * float(untouched) + 1e-4
+    assert float(alone.detach()) > 10 * float(untouched.detach()) + 1e-4
     torch.testing.assert_close(with_signal_row["retain"], alone)
     with_signal_row["loss"].backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
