@@ -147,3 +147,23 @@ def test_embedding_files_alone_can_cover_the_targets(tiny_assembly, tmp_path):
                                           r"can hold them.*b\.png\.npy: No data left"):
         release_cached(model, open_precomputed(cfg, model), records(cfg))
     assert model.decoders["image"].parts == "conditioning"  # nothing freed when the check fails
+
+
+def test_processes_check_their_shares_and_add_up_to_the_whole(tiny_assembly, data, tmp_path):  # noqa: F811
+    from mmllm.data.precomputed import Coverage
+
+    cfg = cfg_for("encode-align", data, tmp_path / "cache")
+    model = AnyToAnyModel.assemble(tiny_assembly, "config")
+    build_cache(cfg, model)
+    (data / "media/red_circle.png").write_bytes(b"not a png")  # unreadable
+    Image.new("RGB", (32, 32), (0, 0, 0)).save(data / "media/blue_circle.png")  # changed: not in the cache
+    pre, convs = open_precomputed(cfg, model), records(cfg)
+    parts = ["encoder/audio", "encoder/image", "encoder/video"]
+    whole = pre.coverage(convs, parts)
+    shares = [pre.coverage(convs, parts, rank, 3) for rank in range(3)]
+    assert all(sum(s.total.values()) < sum(whole.total.values()) for s in shares)
+    merged = Coverage.merged(shares)
+    assert merged.total == whole.total == {"encoder/image": 7, "encoder/audio": 3, "encoder/video": 8}
+    assert sorted(merged.missing["encoder/image"]) == whole.missing["encoder/image"] == [
+        str(data / "media/blue_circle.png")]
+    assert len(merged.unreadable) == len(whole.unreadable) == 1

@@ -105,12 +105,14 @@ class Precomputed:
         return target
 
     # ------------------------------------------------------------------ coverage (cache.require)
-    def coverage(self, conversations: Iterable[Conversation], parts: Collection[str]) -> Coverage:
+    def coverage(self, conversations: Iterable[Conversation], parts: Collection[str], rank: int = 0,
+                 world: int = 1) -> Coverage:
         """Which of the items of ``parts`` (``"encoder/<m>"``: media inputs, ``"condition/<m>"``: output
         captions) that the conversations read these sources hold, checked as the lookups check them:
         media files are hashed (a progress bar for many), cache entries and embedding files are checked
         by their headers. A media file that is missing or cannot be decoded is *unreadable*, not missing:
-        training skips its samples whatever the cache holds."""
+        training skips its samples whatever the cache holds. With ``world > 1`` only every ``world``-th
+        distinct item from ``rank`` on (the processes' parts add up to the whole: :meth:`Coverage.merged`)."""
         paths: dict[str, dict[Path, None]] = {p.split("/")[1]: {} for p in parts if p.startswith("encoder/")}
         targets: dict[str, dict[tuple[str, Path | None], None]] = {
             p.split("/")[1]: {} for p in parts if p.startswith("condition/")}
@@ -122,9 +124,11 @@ class Precomputed:
                 if out.modality in targets:
                     targets[out.modality][(out.caption, out.embedding)] = None
         cov = Coverage()
-        items = sum(map(len, paths.values())) + sum(map(len, targets.values()))
+        my_paths = {m: list(files)[rank::world] for m, files in paths.items()}
+        my_targets = {m: list(captions)[rank::world] for m, captions in targets.items()}
+        items = sum(map(len, my_paths.values())) + sum(map(len, my_targets.values()))
         with tqdm(total=items, desc="checking precomputed inputs (cache.require)", disable=items < 1000) as bar:
-            for m, files in paths.items():
+            for m, files in my_paths.items():
                 fp = self.encoder_fingerprints.get(m)
                 section = self.cache.section("encoder", m, fp) if self.cache is not None and fp else None
                 for path in files:
@@ -138,7 +142,7 @@ class Precomputed:
                         cov.unreadable.append(f"{path}: {exc}")
                         continue
                     cov.add(f"encoder/{m}", str(path), found)
-            for m, captions in targets.items():
+            for m, captions in my_targets.items():
                 fp = self.decoder_fingerprints.get(m)
                 section = self.cache.section("condition", m, fp) if self.cache is not None and fp else None
                 shape = tuple(self.conditioning_shapes[m])
@@ -213,6 +217,17 @@ class Coverage:
 
     def complete(self, part: str) -> bool:
         return self.total[part] > 0 and not self.missing.get(part)
+
+    @staticmethod
+    def merged(parts: Iterable[Coverage]) -> Coverage:
+        """The coverage of the whole from the coverages of its parts (one per process)."""
+        out = Coverage()
+        for cov in parts:
+            out.total.update(cov.total)
+            for part, items in cov.missing.items():
+                out.missing.setdefault(part, []).extend(items)
+            out.unreadable.extend(cov.unreadable)
+        return out
 
 
 # --------------------------------------------------------------------------------------------

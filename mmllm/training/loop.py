@@ -146,7 +146,8 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     model = build_model(cfg, stage_parts(cfg.losses, per_dataset))
     precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
     if cfg.cache.require:  # checked before training; frees the parts the cache replaces
-        release_cached(model, precomputed, [c for convs in per_dataset for c in convs])
+        release_cached(model, precomputed, [c for convs in per_dataset for c in convs],
+                       accelerator.process_index, accelerator.num_processes)
     flags = cfg.resolved_trainable()
     apply_trainable(model, flags)
     if cfg.grad_checkpointing:

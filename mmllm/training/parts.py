@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mmllm.config import ConfigError, LossConfig
 from mmllm.data.formats import Conversation
-from mmllm.data.precomputed import Precomputed
+from mmllm.data.precomputed import Coverage, Precomputed
 from mmllm.encoders.base import EncoderShape
 
 if TYPE_CHECKING:
@@ -55,15 +55,17 @@ def stage_parts(losses: LossConfig, per_dataset: list[list[Conversation]]) -> St
     return StageParts({m: parts for m in sorted(outputs) if parts != "config"}, frozenset(inputs))
 
 
-def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations: list[Conversation]) -> list[str]:
+def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations: list[Conversation],
+                   rank: int = 0, world: int = 1) -> list[str]:
     """``cache.require``: check that the precomputed sources hold every encoder output and conditioning
     target the conversations read (else an error naming what is missing and how to fill it, before
     training), then free the parts they replace: an encoder becomes its :class:`EncoderShape`, a
     decoder holding its text encoder for the MSE targets only drops to its config. Checked are the
     encoders read from the cache, and the decoders holding only their text side whose targets come from
     the cache or from the data's embedding files (a decoder loaded whole for the denoising loss keeps
-    everything). Returns the parts freed (``"encoders.image"``, ...); lookups for them can no longer fall
-    back (``precomputed.required``)."""
+    everything). With ``world`` processes each checks its share and they exchange the results (every
+    process then frees the same). Returns the parts freed (``"encoders.image"``, ...); lookups for them can
+    no longer fall back (``precomputed.required``)."""
     cache_dir = precomputed.cache_dir
     if cache_dir is not None and precomputed.cache is None:
         raise ConfigError(f"cache.require: cache.dir {cache_dir} holds no feature cache yet; run `mmllm cache "
@@ -79,7 +81,11 @@ def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations
             + ("cache.dir is not set" if cache_dir is None else
                f"cache.dir {cache_dir} is used for neither encoder inputs nor conditioning targets here")
             + "); set cache.dir and run `mmllm cache --config <this stage>`, or drop cache.require")
-    coverage = precomputed.coverage(conversations, parts)
+    coverage = precomputed.coverage(conversations, parts, rank, world)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        coverage = Coverage.merged(gather_object([coverage]))
     incomplete = [p for p in parts if coverage.missing.get(p)]
     if incomplete:
         lines = []
