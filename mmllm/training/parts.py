@@ -136,4 +136,6 @@ def _label(part: str) -> str:
 
 
 def _held(model: AnyToAnyModel) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    from mmllm.training.freeze import count_parameters  # freeze imports this module
+
+    return sum(r.trainable + r.frozen for r in count_parameters(model))  # shared parameters once

@@ -44,13 +44,14 @@ def child(stage: Path, args: list[str]) -> dict[str, object]:
 
     import mmllm.training.loop as loop
     from mmllm.config import load_stage
+    from mmllm.training.freeze import count_parameters
 
     held: dict[str, float] = {}
     measure = loop._parameter_megabytes
 
     def recorded(model):  # called by train() once the model is set up and prepared
-        unique = {id(p): p for p in model.parameters()}.values()
-        held["params_m"] = sum(p.numel() for p in unique) / 1e6
+        rows = count_parameters(model)  # one process: the AnyToAnyModel itself
+        held["params_m"] = sum(r.trainable + r.frozen for r in rows) / 1e6  # shared parameters once
         return measure(model)
 
     loop._parameter_megabytes = recorded
