@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mmllm.data.formats import PAIR_FORMATS, CaptionPair, Conversation, read_dataset
-from mmllm.data.media import MediaError, load_media
+from mmllm.data.media import SAMPLE_ERRORS, load_media
 from mmllm.data.precomputed import Precomputed
 from mmllm.data.template import IGNORE, TokenSpec, encode_conversation, pair_to_conversation
 
@@ -85,7 +85,7 @@ class StageDataset(Dataset):
                     target = load_media(out.modality, out.path)
                 cond = pre.target(out.modality, out.caption, out.embedding) if pre is not None else None
                 outputs.append((out.modality, out.caption, target, cond))
-        except (MediaError, ValueError, OSError, RuntimeError, EOFError) as exc:  # the data's fault, not ours
+        except SAMPLE_ERRORS as exc:  # the data's fault, not ours
             log.warning("skipping sample %s (%s): %s", conv.id, conv.source, exc)
             return SampleError(conv.id, str(exc))
         return {"id": enc.id, "input_ids": enc.input_ids, "labels": enc.labels, "media": media, "outputs": outputs}

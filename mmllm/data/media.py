@@ -42,6 +42,11 @@ class MediaError(ValueError):
     """A media file cannot be used; the message names the file and the reason."""
 
 
+# What reading and preparing one sample raises when the data, not the code, is at fault: training skips
+# such a sample (StageDataset) and the cache.require check counts its file as unreadable.
+SAMPLE_ERRORS: tuple[type[Exception], ...] = (MediaError, ValueError, OSError, RuntimeError, EOFError)
+
+
 @dataclass
 class Audio:
     waveform: np.ndarray  # float32 (samples, channels)

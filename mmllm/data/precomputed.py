@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from mmllm.data.cache import FeatureCache, Section
 from mmllm.data.fingerprint import decoder_fingerprint, encoder_fingerprint, file_hash, text_hash
-from mmllm.data.media import MediaError, load_media
+from mmllm.data.media import SAMPLE_ERRORS, load_media
 
 if TYPE_CHECKING:
     from mmllm.data.formats import Conversation
@@ -138,7 +138,7 @@ class Precomputed:
                         found = section is not None and section.shape(key) == tuple(self.feature_shapes[m])
                         if not found:
                             load_media(m, path)  # what `mmllm cache` could not read, training skips too
-                    except (MediaError, OSError, ValueError, RuntimeError, EOFError) as exc:
+                    except SAMPLE_ERRORS as exc:  # what training skips too
                         cov.unreadable.append(f"{path}: {exc}")
                         continue
                     cov.add(f"encoder/{m}", str(path), found)
