@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+import _child  # noqa: E402  (beside this script)
+
 STAGES = [REPO / f"configs/stages/default/{s}.yaml" for s in ("encode_align", "decode_align", "instruct")]
 ROWS = {"no cache": ["cache.dir=null"], "cache": [], "cache + require": ["cache.require=true"]}
 
@@ -85,12 +87,7 @@ def build(stage: Path, cache: Path) -> float:
 
 
 def run_child(stage: Path, args: list[str]) -> dict[str, object]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, __file__, "--child", str(stage), json.dumps(args)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _child.run_child(__file__, str(stage), json.dumps(args))
 
 
 def main() -> int:

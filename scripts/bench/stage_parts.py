@@ -22,15 +22,16 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+import _child  # noqa: E402  (beside this script)
+
 STAGES = [REPO / f"configs/stages/default/{s}.yaml" for s in ("encode_align", "decode_align", "instruct")]
 
 
@@ -78,12 +79,7 @@ def _resident_mb() -> float:
 
 
 def run_child(stage: Path, parts: str, share: bool) -> dict[str, float]:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, __file__, "--child", str(stage), parts, "share" if share else "copies"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return _child.run_child(__file__, str(stage), parts, "share" if share else "copies")
 
 
 def main() -> int:
