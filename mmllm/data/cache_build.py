@@ -22,7 +22,7 @@ from mmllm.config import ConfigError, to_dict
 from mmllm.data.cache import FeatureCache
 from mmllm.data.dataset import load_stage_records
 from mmllm.data.fingerprint import decoder_fingerprint, encoder_fingerprint, file_hash, text_hash
-from mmllm.data.media import MediaError, load_media
+from mmllm.data.media import SAMPLE_ERRORS, load_media
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def _encoder_section(cache: FeatureCache, cfg: Any, model: Any, m: str, encoder:
                 try:
                     inputs.append(encoder.preprocess([load_media(m, path)]))
                     keys.append(key)
-                except (MediaError, OSError, ValueError, RuntimeError) as exc:
+                except SAMPLE_ERRORS as exc:  # what training skips too
                     report.failed.append(f"{path}: {exc}")
             if not inputs:
                 continue

@@ -17,7 +17,7 @@ from typing import Any
 
 from mmllm.atomic import atomic_write_text
 from mmllm.data.formats import PAIR_FORMATS, CaptionPair, Conversation, read_dataset
-from mmllm.data.media import MediaError, load_media
+from mmllm.data.media import SAMPLE_ERRORS, load_media
 from mmllm.data.precomputed import EmbeddingShapeError, load_embedding
 from mmllm.data.template import TokenSpec, encode_conversation, pair_to_conversation
 
@@ -119,7 +119,7 @@ class _MediaProbe:
         if self.decode:
             try:
                 load_media(modality, path)
-            except (MediaError, OSError, ValueError, RuntimeError) as exc:
+            except SAMPLE_ERRORS as exc:  # what training skips too
                 return str(exc)
         elif path.stat().st_size == 0:
             return "empty file"

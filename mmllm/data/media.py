@@ -43,7 +43,8 @@ class MediaError(ValueError):
 
 
 # What reading and preparing one sample raises when the data, not the code, is at fault: training skips
-# such a sample (StageDataset) and the cache.require check counts its file as unreadable.
+# such a sample (StageDataset), the cache.require check counts its file as unreadable, and `mmllm cache` and
+# `mmllm data check` report it.
 SAMPLE_ERRORS: tuple[type[Exception], ...] = (MediaError, ValueError, OSError, RuntimeError, EOFError)
 
 
