@@ -200,19 +200,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _stage_model(args: argparse.Namespace, shapes_only: bool = False):
-    """The stage config, its records and the model its training would use (for `cache`); with
+    """The stage config, its records and the model with what `mmllm cache` runs of its parts; with
     ``shapes_only``, no records and no decoder or encoder weights (for `data check`, which reads the
     tokenizer and the shapes only, and must report bad data rather than fail on it)."""
     from mmllm.config import load_stage
     from mmllm.data.dataset import load_stage_records
     from mmllm.training.loop import build_model
-    from mmllm.training.parts import StageParts, stage_parts
+    from mmllm.training.parts import StageParts, cache_parts, stage_parts
 
     cfg = load_stage(args.config, args.overrides)
     if shapes_only:
         return cfg, None, build_model(cfg, StageParts())
     per_dataset = load_stage_records(cfg.data, cfg.stage)[0]
-    return cfg, per_dataset, build_model(cfg, stage_parts(cfg.losses, per_dataset))
+    return cfg, per_dataset, build_model(cfg, cache_parts(stage_parts(cfg.losses, per_dataset)))
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:

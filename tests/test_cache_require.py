@@ -11,6 +11,9 @@ from mmllm.config import ConfigError
 from mmllm.data.cache_build import build_cache
 from mmllm.data.dataset import SampleError, StageDataset, load_stage_records
 from mmllm.data.precomputed import open_precomputed
+from mmllm.decoders.audioldm import AudioLDMDecoder
+from mmllm.decoders.sd_image import StableDiffusionDecoder
+from mmllm.decoders.text_to_video import TextToVideoDecoder
 from mmllm.encoders.base import EncoderShape
 from mmllm.model import AnyToAnyModel
 from mmllm.training.loop import build_model, token_spec, train
@@ -28,22 +31,39 @@ def records(cfg):
     return [c for convs in load_stage_records(cfg.data, cfg.stage)[0] for c in convs]
 
 
-@pytest.mark.parametrize("stage,freed", [
-    ("encode-align", "encoders.audio, encoders.image, encoders.video"),
-    ("decode-align", "decoders.audio, decoders.image, decoders.video"),
+@pytest.mark.parametrize("stage,losses,freed", [
+    ("encode-align", [], "encoders.audio, encoders.image, encoders.video"),
+    ("decode-align", [], "decoders.audio, decoders.image, decoders.video"),
+    # MSE targets from the cache, the denoising loss through the decoders kept without their text encoders
+    ("decode-align", ["losses.denoise=0.5"], "decoders.audio, decoders.image, decoders.video"),
 ])
-def test_require_frees_what_the_cache_replaces_and_trains_the_same(stage, freed, data, tmp_path, caplog):  # noqa: F811
+def test_require_frees_what_the_cache_replaces_and_trains_the_same(stage, losses, freed, data, tmp_path,  # noqa: F811
+                                                                   caplog, monkeypatch):
+    denoised = []  # the parts each decoder held when its denoising loss ran
+    for family in (StableDiffusionDecoder, AudioLDMDecoder, TextToVideoDecoder):
+        def spy(self, *args, _run=family.denoising_loss, **kwargs):
+            denoised.append((self.modality, self.parts))
+            return _run(self, *args, **kwargs)
+        monkeypatch.setattr(family, "denoising_loss", spy)
     cache = tmp_path / "cache"
-    cfg = cfg_for(stage, data, cache, *STEPS)
+    cfg = cfg_for(stage, data, cache, *STEPS, *losses)
     build_cache(cfg, build_model(cfg))
     plain = train(cfg)
+    plain_denoised, denoised[:] = set(denoised), []
     with caplog.at_level(logging.INFO, logger="mmllm.training.parts"):
-        required = train(cfg_for(stage, data, cache, *STEPS, "cache.require=true", f"output_dir={tmp_path / 'req'}"))
+        required = train(cfg_for(stage, data, cache, *STEPS, *losses, "cache.require=true",
+                                 f"output_dir={tmp_path / 'req'}"))
     assert f"not holding {freed}" in caplog.text.replace(" text encoder", "")
     assert required.losses == plain.losses and required.skipped == plain.skipped == 0
+    if losses:
+        assert plain_denoised == {(m, "all") for m in ("image", "audio", "video")}
+        assert set(denoised) == {(m, "denoise") for m in ("image", "audio", "video")}
+    else:
+        assert not plain_denoised and not denoised
 
 
-def test_release_frees_parameters_and_keeps_what_the_denoising_loss_runs(tiny_assembly, data, tmp_path):  # noqa: F811
+def test_release_frees_the_text_side_and_keeps_what_the_denoising_loss_runs(tiny_assembly, data,  # noqa: F811
+                                                                            tmp_path):
     cfg = cfg_for("decode-align", data, tmp_path / "cache")
     model = AnyToAnyModel.assemble(tiny_assembly, {"image": "all", "audio": "conditioning", "video": "conditioning"},
                                    encoder_weights=["image"])
@@ -51,13 +71,15 @@ def test_release_frees_parameters_and_keeps_what_the_denoising_loss_runs(tiny_as
     pre = open_precomputed(cfg, model)
     before = held(model)
     text_encoders = {m: sum(p.numel() for p in d.text_encoder.parameters()) for m, d in model.decoders.items()}
-    assert release_cached(model, pre, records(cfg)) == ["decoders.audio", "decoders.video"]
-    assert model.decoders["image"].parts == "all" and model.decoders["image"].text_encoder is not None
+    assert release_cached(model, pre, records(cfg)) == ["decoders.audio", "decoders.image", "decoders.video"]
+    image = model.decoders["image"]
+    assert image.parts == "denoise" and image.text_encoder is None
+    assert image.unet is not None and image.vae is not None  # what denoising_loss runs
     for m in ("audio", "video"):
         assert model.decoders[m].parts == "config" and model.decoders[m].text_encoder is None
         assert model.decoders[m].conditioning_shape == tuple(pre.conditioning_shapes[m])  # sizes stay
-    assert before - held(model) == text_encoders["audio"] + text_encoders["video"]
-    assert pre.required == {"condition/audio", "condition/video"}
+    assert before - held(model) == sum(text_encoders.values())
+    assert pre.required == {"condition/audio", "condition/image", "condition/video"}
     assert isinstance(model.encoders["audio"], EncoderShape)  # no sample gives input: never loaded
 
 

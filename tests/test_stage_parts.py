@@ -1,5 +1,6 @@
 """A stage holds only the parts it runs. A decoder loads ``config`` (shapes), ``conditioning`` (text
-encoder) or ``all`` (``decoder_parts``): the checks and the conditioning are the same in every mode,
+encoder), ``denoise`` (denoiser and VAE) or ``all`` (``decoder_parts``): the checks, the conditioning and
+the denoising loss are the same in every mode that has them,
 what a mode lacks is refused by name, and its weights are never read. decode-align, which reads
 captions only, releases the encoders to their shapes."""
 
@@ -13,13 +14,16 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from mmllm.config import ComponentSpec, ConfigError, load_stage
 from mmllm.data.dataset import load_stage_records
 from mmllm.data.fingerprint import decoder_fingerprint
+from mmllm.data.media import Audio, Video
 from mmllm.registry import build
 from mmllm.training.freeze import count_parameters
 from mmllm.training.loop import build_model
@@ -30,6 +34,14 @@ ENTRIES = yaml.safe_load((REPO / "configs/assemblies/_tiny_decoders.yaml").read_
 MODALITIES = ["image", "audio", "video"]
 CAPTIONS = ["a red circle", "a blue square"]
 GENERATION = {"image": {"unet", "vae"}, "audio": {"unet", "vae", "vocoder"}, "video": {"unet", "vae"}}
+DENOISING = {"unet", "vae"}  # what the denoising loss runs, in every family
+
+
+MEDIA = {  # one item each decoder's denoising loss can encode
+    "image": lambda: Image.new("RGB", (64, 64), (200, 30, 30)),
+    "audio": lambda: Audio(np.sin(np.linspace(0, 400, 16000)).astype(np.float32), 16000),
+    "video": lambda: Video([Image.new("RGB", (64, 64), (30, 30, 200 - 20 * i)) for i in range(4)], 4.0),
+}
 
 
 def build_entry(modality: str, parts: str, entry: dict | None = None) -> torch.nn.Module:
@@ -61,30 +73,40 @@ def from_folder(modality: str, folder: Path, parts: str) -> torch.nn.Module:
 def test_each_mode_loads_its_parts_with_the_same_shape_and_conditioning(modality, saved):
     full = from_folder(modality, saved[modality], "all")
     text = from_folder(modality, saved[modality], "conditioning")
+    denoiser = from_folder(modality, saved[modality], "denoise")
     shape = from_folder(modality, saved[modality], "config")
     assert top_level_parts(full) == {"text_encoder"} | GENERATION[modality]
     assert top_level_parts(text) == {"text_encoder"}
+    assert top_level_parts(denoiser) == DENOISING
     assert top_level_parts(shape) == set() and not list(shape.parameters())
-    assert full.conditioning_shape == text.conditioning_shape == shape.conditioning_shape
-    assert [d.parts for d in (full, text, shape)] == ["all", "conditioning", "config"]
-    assert torch.equal(text.condition(CAPTIONS), full.condition(CAPTIONS))
+    assert full.conditioning_shape == text.conditioning_shape == denoiser.conditioning_shape == shape.conditioning_shape
+    assert [d.parts for d in (full, text, denoiser, shape)] == ["all", "conditioning", "denoise", "config"]
+    conditioning = full.condition(CAPTIONS)
+    assert torch.equal(text.condition(CAPTIONS), conditioning)
+    media = [MEDIA[modality]()] * len(CAPTIONS)
+    assert torch.equal(denoiser.denoising_loss(conditioning, media, seed=3),
+                       full.denoising_loss(conditioning, media, seed=3))
     # a feature cache built by either is valid for the other
     assert decoder_fingerprint(text) == decoder_fingerprint(full)
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_what_a_mode_lacks_is_refused_by_name(modality):
-    text, shape = build_entry(modality, "conditioning"), build_entry(modality, "config")
+    text, denoiser, shape = (build_entry(modality, parts) for parts in ("conditioning", "denoise", "config"))
     conditioning = text.condition(CAPTIONS)
-    for decoder in (text, shape):
+    for decoder in (text, denoiser, shape):
         with pytest.raises(RuntimeError, match=r"cannot generate .*decoder_parts='all'"):
             decoder.generate(conditioning, steps=1)
-    with pytest.raises(RuntimeError, match="cannot compute the denoising loss"):
-        text.denoising_loss(conditioning, [None, None])
-    with pytest.raises(RuntimeError, match=r"without its text_encoder.*decoder_parts='conditioning'"):
-        shape.condition(CAPTIONS)
-    with pytest.raises(ValueError, match="no conditioning to fingerprint"):
-        decoder_fingerprint(shape)
+    for decoder in (text, shape):
+        with pytest.raises(RuntimeError, match=r"cannot compute the denoising loss.*decoder_parts='denoise'"):
+            decoder.denoising_loss(conditioning, [None, None])
+    for decoder in (denoiser, shape):
+        with pytest.raises(RuntimeError, match=r"without its text_encoder.*decoder_parts='conditioning'"):
+            decoder.condition(CAPTIONS)
+        with pytest.raises(ValueError, match="no conditioning to fingerprint"):
+            decoder_fingerprint(decoder)
+    with pytest.raises(ValueError, match="holds parts='denoise'; it cannot release to 'conditioning'"):
+        denoiser.release("conditioning")
 
 
 @pytest.mark.parametrize("modality", MODALITIES)
@@ -96,6 +118,14 @@ def test_unused_weights_are_never_read_but_their_configs_are_checked(modality, s
     from_folder(modality, folder, "config")
     with pytest.raises(Exception):  # noqa: B017 - whatever diffusers raises on a corrupt file
         from_folder(modality, folder, "all")
+    # the denoising loss reads no text encoder (nor the audio vocoder)
+    text_side = shutil.copytree(saved[modality], tmp_path / "text-side")
+    for part in {"text_encoder"} | (GENERATION[modality] - DENOISING):
+        for weights in (text_side / part).glob("*.safetensors"):
+            weights.write_bytes(b"not safetensors")
+    assert top_level_parts(from_folder(modality, text_side, "denoise")) == DENOISING
+    with pytest.raises(Exception):  # noqa: B017
+        from_folder(modality, text_side, "conditioning")
     # the assembly-time checks read the unloaded UNet's config
     unet_config = folder / "unet" / "config.json"
     config = json.loads(unet_config.read_text())
@@ -107,7 +137,7 @@ def test_unused_weights_are_never_read_but_their_configs_are_checked(modality, s
 
 
 def test_unknown_mode_is_refused():
-    with pytest.raises(ValueError, match="valid: config, conditioning, all"):
+    with pytest.raises(ValueError, match="valid: config, conditioning, denoise, all"):
         build_entry("image", "everything")
 
 
@@ -124,6 +154,7 @@ def _inputs_outputs(cfg) -> tuple[set[str], set[str]]:
         ("decode_align", [], "conditioning"),  # caption -> signal tokens: no inputs, so no encoder is kept
         ("instruct", [], "conditioning"),
         ("instruct", ["losses.denoise=0.5"], "all"),
+        ("instruct", ["losses.denoise=0.5", "losses.mse=0"], "denoise"),  # conditioned on the projection only
         ("decode_align", ["losses.mse=0"], "config"),
     ],
 )

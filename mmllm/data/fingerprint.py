@@ -100,9 +100,9 @@ LOADING_ONLY = ("parts", "parameters")
 
 
 def decoder_fingerprint(decoder: nn.Module) -> str:
-    if getattr(decoder, "parts", "all") == "config":
-        raise ValueError(f"{type(decoder).__name__} was assembled without its text encoder (parts='config'): "
-                         "it has no conditioning to fingerprint")
+    if hasattr(decoder, "holds") and not decoder.holds("conditioning"):
+        raise ValueError(f"{type(decoder).__name__} was assembled without its text encoder "
+                         f"(parts={decoder.parts!r}): it has no conditioning to fingerprint")
     h = hashlib.blake2b(digest_size=12)
     parts = [n for n in TEXT_SIDE if isinstance(getattr(decoder, n, None), nn.Module)]
     describe = {k: v for k, v in decoder.describe().items() if k not in LOADING_ONLY}

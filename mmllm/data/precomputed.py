@@ -302,9 +302,8 @@ def open_precomputed(cfg: Any, model: Any) -> Precomputed:
         if cache_cfg.encoders:
             enc_fps = {m: encoder_fingerprint(e) for m, e in model.encoders.items() if e.runnable}
         if cache_cfg.targets and use_targets:
-            # a decoder holding only its config computes no targets (no sample asks for its modality)
-            dec_fps = {m: decoder_fingerprint(d) for m, d in model.decoders.items()
-                       if getattr(d, "parts", "all") != "config"}
+            # a decoder without its text side computes no targets (no sample asks for its modality)
+            dec_fps = {m: decoder_fingerprint(d) for m, d in model.decoders.items() if d.holds("conditioning")}
         report_sections(cache, enc_fps, dec_fps)
     return Precomputed(
         cache=cache,

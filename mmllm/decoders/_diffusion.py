@@ -389,6 +389,8 @@ class FrozenDiffusionDecoder(MediaDecoder):
 
     # the pipeline parts only generation and the denoising loss run (a family adds its own, e.g. a vocoder)
     GENERATION_PARTS: tuple[str, ...] = ("unet", "vae")
+    # those of them the denoising loss runs (it is conditioned on the output projection, not on the text encoder)
+    DENOISE_PARTS: tuple[str, ...] = ("unet", "vae")
     Tiny: type  # the family's in-process sizes dataclass
 
     def __init__(self, conditioning_shape: tuple[int, int], parts: str = "all") -> None:
@@ -432,7 +434,14 @@ class FrozenDiffusionDecoder(MediaDecoder):
         if parts not in DECODER_PARTS:
             raise ValueError(f"unknown decoder parts {parts!r}; valid: {', '.join(DECODER_PARTS)}")
         generation = cls.GENERATION_PARTS
-        return {"all": (), "conditioning": generation, "config": (*generation, "text_encoder")}[parts]
+        unused_by_denoising = tuple(p for p in generation if p not in cls.DENOISE_PARTS)
+        return {"all": (), "denoise": ("text_encoder", *unused_by_denoising), "conditioning": generation,
+                "config": (*generation, "text_encoder")}[parts]
+
+    def holds(self, parts: str) -> bool:
+        """Whether this decoder holds everything ``parts`` loads (the levels are not a chain: ``denoise``
+        lacks the text encoder ``conditioning`` has)."""
+        return set(self.skipped(self._parts)) <= set(self.skipped(parts))
 
     @property
     def parts(self) -> str:
@@ -447,8 +456,8 @@ class FrozenDiffusionDecoder(MediaDecoder):
     def release(self, parts: str) -> None:
         """Keep only what ``parts`` loads (at most what is loaded now): the parts it does not run are freed;
         the sizes read from them at assembly stay. Used when the feature cache holds every conditioning
-        target a stage reads (``cache.require``)."""
-        if DECODER_PARTS.index(parts) > DECODER_PARTS.index(self._parts):
+        target a stage reads (``cache.require``): ``"conditioning"`` -> ``"config"``, ``"all"`` -> ``"denoise"``."""
+        if not self.holds(parts):
             raise ValueError(f"{type(self).__name__} holds parts={self._parts!r}; it cannot release to {parts!r}")
         for name in sorted(set(self.skipped(parts)) - set(self.skipped(self._parts))):
             self.register_module(name, None)
@@ -456,7 +465,7 @@ class FrozenDiffusionDecoder(MediaDecoder):
 
     def _require(self, parts: str, action: str) -> None:
         """Refuse ``action`` when the decoder was assembled without the parts it runs."""
-        if DECODER_PARTS.index(self._parts) < DECODER_PARTS.index(parts):
+        if not self.holds(parts):
             missing = sorted(set(self.skipped(self._parts)) - set(self.skipped(parts)))
             raise RuntimeError(
                 f"{type(self).__name__} ({self.modality}) was assembled with parts={self._parts!r}, without its "

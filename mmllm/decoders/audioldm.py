@@ -335,7 +335,7 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
         batch = conditioning.shape[0]
         if len(media) != batch:
             raise ValueError(f"{len(media)} audio clips for {batch} conditioning rows")
-        self._require("all", "compute the denoising loss")
+        self._require("denoise", "compute the denoising loss")
         device, dtype = self._device_dtype()
         generator = seeded_generator(seed, device)
         mels = torch.stack([self.log_mel(a) for a in media])[:, None].to(device, dtype)  # (B, 1, T, mel)

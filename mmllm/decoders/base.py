@@ -13,10 +13,12 @@ A decoder wraps a frozen diffusers pipeline that accepts ``prompt_embeds``. It e
 
 The pipeline object is built once, lazily, from the submodules registered on this module, and kept.
 
-A decoder is assembled with the parts a stage uses (:data:`DECODER_PARTS`): ``"all"`` to generate or
-for the denoising loss; ``"conditioning"`` (text encoder and tokenizer) for the MSE targets;
-``"config"`` (no weights at all) when only :attr:`conditioning_shape` matters, as in ``encode-align``.
-Every assembly-time check runs in every mode, on the unloaded parts' configs.
+A decoder is assembled with the parts a stage uses (:data:`DECODER_PARTS`): ``"all"`` to generate, or
+for the denoising loss together with the MSE targets; ``"denoise"`` (denoiser and VAE, no text encoder)
+for the denoising loss alone, which is conditioned on the output projection; ``"conditioning"`` (text
+encoder and tokenizer) for the MSE targets; ``"config"`` (no weights at all) when only
+:attr:`conditioning_shape` matters, as in ``encode-align``. Every assembly-time check runs in every
+mode, on the unloaded parts' configs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 # What a decoder loads, least to most: see the module docstring.
-DECODER_PARTS: tuple[str, ...] = ("config", "conditioning", "all")
+DECODER_PARTS: tuple[str, ...] = ("config", "conditioning", "denoise", "all")
 
 
 class MediaDecoder(nn.Module, ABC):
@@ -61,6 +63,10 @@ class MediaDecoder(nn.Module, ABC):
     def train(self, mode: bool = True):
         """Frozen parts stay in eval mode (dropout, batch-norm) whatever the parent model does."""
         return super().train(False)
+
+    def holds(self, parts: str) -> bool:
+        """Whether this decoder holds everything ``parts`` (one of DECODER_PARTS) loads."""
+        return True
 
     def parameters_of(self, parts: str) -> list[nn.Parameter]:
         """The parameters this decoder would hold assembled with ``parts`` (one of DECODER_PARTS)."""

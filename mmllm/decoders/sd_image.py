@@ -248,7 +248,7 @@ class StableDiffusionDecoder(FrozenDiffusionDecoder):
         check_conditioning(conditioning, self.conditioning_shape, "sd-image")
         if len(media) != conditioning.shape[0]:
             raise ValueError(f"{len(media)} images for {conditioning.shape[0]} conditioning rows")
-        self._require("all", "compute the denoising loss")
+        self._require("denoise", "compute the denoising loss")
         device, dtype = self._device_dtype()
         generator = seeded_generator(seed, device)
         pixels = self.pipeline.image_processor.preprocess(

@@ -251,7 +251,7 @@ class TextToVideoDecoder(FrozenDiffusionDecoder):
         batch, frames = conditioning.shape[0], self.options.num_frames
         if len(media) != batch:
             raise ValueError(f"{len(media)} videos for {batch} conditioning rows")
-        self._require("all", "compute the denoising loss")
+        self._require("denoise", "compute the denoising loss")
         device, dtype = self._device_dtype()
         generator = seeded_generator(seed, device)
         images = [frame.convert("RGB") for video in media for frame in video.sample_frames(frames)]

@@ -1,7 +1,7 @@
 """What of the frozen parts a training stage runs, decided from its losses and its data.
 
 A decoder runs only for the modalities some sample asks the model to produce, and then only as far as
-the losses need: its text encoder for the MSE targets, its whole pipeline for the denoising loss. An
+the losses need: its text encoder for the MSE targets, its denoiser and VAE for the denoising loss. An
 encoder runs only for the modalities some sample gives as input. Everything else is built from its
 config alone, reading no weights (a decoder's unloaded parts, an encoder's ``EncoderShape``), so a
 stage holds no weights it never runs: encode-align (media -> caption) loads no decoder weights,
@@ -39,12 +39,24 @@ class StageParts:
         return f"decoders {decoders + ' (others: config only)' if decoders else 'config only'}; encoders {encoders}"
 
 
+# a decoder's parts -> the same without its text side (what cache.require frees when the targets are precomputed)
+TEXT_SIDE_RELEASE = {"conditioning": "config", "all": "denoise"}
+
+
 def decoder_parts_for(losses: LossConfig) -> str:
-    """What a decoder loads for a modality the stage's samples ask for: the whole pipeline for the
-    denoising loss, the text encoder for MSE targets, else its config only."""
+    """What a decoder loads for a modality the stage's samples ask for: the text encoder for MSE
+    targets, the denoiser and VAE for the denoising loss (which is conditioned on the output
+    projection), both for both, else its config only."""
     if losses.denoise > 0:
-        return "all"
+        return "all" if losses.mse > 0 else "denoise"
     return "conditioning" if losses.mse > 0 else "config"
+
+
+def cache_parts(parts: StageParts) -> StageParts:
+    """What ``mmllm cache`` runs of a stage's parts: its encoders and its decoders' text side (the
+    conditioning targets); never a denoiser."""
+    decoders = {m: "conditioning" for m, p in parts.decoders.items() if p in ("conditioning", "all")}
+    return StageParts(decoders, parts.encoders)
 
 
 def stage_parts(losses: LossConfig, per_dataset: list[list[Conversation]]) -> StageParts:
@@ -60,10 +72,10 @@ def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations
     """``cache.require``: check that the precomputed sources hold every encoder output and conditioning
     target the conversations read (else an error naming what is missing and how to fill it, before
     training), then free the parts they replace: an encoder becomes its :class:`EncoderShape`, a
-    decoder holding its text encoder for the MSE targets only drops to its config. Checked are the
-    encoders read from the cache, and the decoders holding only their text side whose targets come from
-    the cache or from the data's embedding files (a decoder loaded whole for the denoising loss keeps
-    everything). With ``world`` processes each checks its share and they exchange the results (every
+    decoder's text encoder is freed (``"conditioning"`` -> ``"config"``; loaded whole for the denoising
+    loss too, ``"all"`` -> ``"denoise"``). Checked are the encoders read from the cache, and the decoders
+    holding their text side whose targets come from the cache or from the data's embedding files. With
+    ``world`` processes each checks its share and they exchange the results (every
     process then frees the same). Returns the parts freed (``"encoders.image"``, ...); lookups for them can
     no longer fall back (``precomputed.required``)."""
     cache_dir = precomputed.cache_dir
@@ -73,7 +85,7 @@ def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations
     embedded = {o.modality for c in conversations for o in c.output_refs() if o.embedding is not None}
     parts = sorted({*(f"encoder/{m}" for m in precomputed.encoder_fingerprints),
                     *(f"condition/{m}" for m, d in model.decoders.items()
-                      if precomputed.use_targets and getattr(d, "parts", None) == "conditioning"
+                      if precomputed.use_targets and getattr(d, "parts", None) in TEXT_SIDE_RELEASE
                       and (m in precomputed.decoder_fingerprints or m in embedded))})
     if not parts:
         raise ConfigError(
@@ -112,20 +124,19 @@ def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations
                 "(cache.require); run `mmllm cache --config <this stage>` to add what changed, or set "
                 "cache.require=false"))
         else:
-            model.decoders[m].release("config")
+            decoder = model.decoders[m]
+            decoder.release(TEXT_SIDE_RELEASE[decoder.parts])
         freed.append(part)
     precomputed.required = frozenset(freed)
     if coverage.unreadable:
         log.warning("cache.require: %d media file(s) cannot be read; their samples will be skipped, e.g. %s",
                     len(coverage.unreadable), coverage.unreadable[0])
-    kept = [m for m, d in model.decoders.items() if getattr(d, "parts", None) == "all"]
     log.info("cache.require: the precomputed sources hold all %s this stage reads; not holding %s (%.1f M "
-             "parameters freed)%s",
+             "parameters freed)",
              ", ".join(f"{coverage.total[p]} {p.split('/')[1]} {'inputs' if p.startswith('encoder') else 'targets'}"
                        for p in freed),
              ", ".join(_label(p) + ("" if p.startswith("encoder") else " text encoder") for p in freed) or "nothing",
-             (before - _held(model)) / 1e6, f"; decoders {', '.join(kept)} keep every part (the denoising loss)"
-             if kept else "")
+             (before - _held(model)) / 1e6)
     return [_label(p) for p in freed]
 
 

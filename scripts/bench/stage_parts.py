@@ -10,7 +10,9 @@ process's resident memory after it (and its peak, which is the LLM's loading):
   stage with a denoising loss);
 * the stage's own (``mmllm.training.loop.build_model``): decoders ``config`` for encode-align (no
   decoder weights), ``conditioning`` for decode-align and instruct (the text encoder, for the MSE
-  targets); an encoder loads no weights where no sample gives it input (decode-align on caption pairs).
+  targets); an encoder loads no weights where no sample gives it input (decode-align on caption pairs);
+* for instruct also with a denoising loss: ``all`` beside the MSE (the text encoder for the targets, the
+  UNet and VAE for the denoising loss) and ``denoise`` without it (no text encoder, no vocoder).
 
     python scripts/bench/stage_parts.py                 # the three default stages (~2 min on 2 cores)
     python scripts/bench/stage_parts.py --stages configs/stages/tiny/encode_align.yaml
@@ -35,16 +37,16 @@ import _child  # noqa: E402  (beside this script)
 STAGES = [REPO / f"configs/stages/default/{s}.yaml" for s in ("encode_align", "decode_align", "instruct")]
 
 
-def child(stage: Path, parts: str, share: bool) -> dict[str, float]:
+def child(stage: Path, parts: str, share: bool, overrides: list[str]) -> dict[str, float]:
     """Assemble the stage's model in this (fresh) process and measure it: ``parts`` "all" assembles every
-    part; "stage" builds what training builds."""
+    part; "stage" builds what training builds (with the stage config ``overrides``)."""
     import mmllm.model
     from mmllm.config import load_assembly, load_stage
     from mmllm.model import AnyToAnyModel
     from mmllm.training.freeze import count_parameters
     from mmllm.training.loop import build_model
 
-    cfg = load_stage(stage, ["init_from=null"])
+    cfg = load_stage(stage, ["init_from=null", *overrides])
     if not share:
         mmllm.model.shared_text_encoders = contextlib.nullcontext
     start = time.perf_counter()
@@ -78,13 +80,13 @@ def _resident_mb() -> float:
     return float("nan")
 
 
-def run_child(stage: Path, parts: str, share: bool) -> dict[str, float]:
-    return _child.run_child(__file__, str(stage), parts, "share" if share else "copies")
+def run_child(stage: Path, parts: str, share: bool, overrides: tuple[str, ...] = ()) -> dict[str, float]:
+    return _child.run_child(__file__, str(stage), parts, "share" if share else "copies", json.dumps(overrides))
 
 
 def main() -> int:
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
-        print(json.dumps(child(Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "share")))
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        print(json.dumps(child(Path(sys.argv[2]), sys.argv[3], sys.argv[4] == "share", json.loads(sys.argv[5]))))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--stages", nargs="+", type=Path, default=STAGES)
@@ -97,6 +99,11 @@ def main() -> int:
         rows = [("all, unshared", run_child(stage, "all", False)), ("all", run_child(stage, "all", True))]
         own = run_child(stage, "stage", True)
         rows.append((f"{own['parts']} (the stage's)", own))
+        if stage.stem == "instruct":
+            for label, overrides in (("+ denoise", ("losses.denoise=0.5",)),
+                                     ("denoise, mse 0", ("losses.denoise=0.5", "losses.mse=0"))):
+                r = run_child(stage, "stage", True, overrides)
+                rows.append((f"{r['parts']} ({label})", r))
         base = rows[0][1]
         for label, r in rows:
             print(f"{stage.stem:<14} {label:<28} {r['seconds']:>8.1f} {r['encoder_params']:>17.1f} "
