@@ -247,3 +247,13 @@ def test_a_unet_saved_before_diffusers_0_9_has_one_size_in_every_mode(saved, tmp
     full, text = (build_entry("image", parts, {**entry, "model": str(folder)}) for parts in ("all", "conditioning"))
     assert (full.height, full.width) == (text.height, text.width) == (64 * full.vae_scale_factor,) * 2
     assert decoder_fingerprint(full) == decoder_fingerprint(text)
+
+
+def test_mmllm_cache_runs_the_text_side_only():
+    """`mmllm cache` computes encoder features and conditioning targets: of a stage that denoises, it
+    loads the decoders' text encoders (for the targets, when the stage has an MSE loss) and no denoiser."""
+    from mmllm.training.parts import StageParts, cache_parts
+
+    encoders = frozenset({"image"})
+    stage = StageParts({"image": "all", "audio": "denoise", "video": "conditioning"}, encoders)
+    assert cache_parts(stage) == StageParts({"image": "conditioning", "video": "conditioning"}, encoders)
