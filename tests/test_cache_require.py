@@ -4,6 +4,7 @@ the cache replaces, trains exactly as with them, and refuses an incomplete cache
 import json
 import logging
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -162,6 +163,13 @@ def test_embedding_files_alone_can_cover_the_targets(tiny_assembly, tmp_path):
     pre = open_precomputed(cfg, model)
     assert release_cached(model, pre, records(cfg)) == ["decoders.image"]
     assert model.decoders["image"].parts == "config" and model.decoders["audio"].parts == "conditioning"
+    # the check reads headers only: values that turn bad are the sample's error, saying what is wrong
+    np.save(embed / "a.png.npy", np.full(shape, np.nan, dtype=np.float32))
+    convs = records(cfg)
+    ds = StageDataset(convs, model.llm.tokenizer, token_spec(model), {}, precomputed=pre)
+    got = [ds[i] for i in range(len(ds))]
+    bad = [g for g in got if isinstance(g, SampleError)]
+    assert len(bad) == 1 and "a.png.npy holds NaN or infinite values" in bad[0].error
 
     (embed / "b.png.npy").write_bytes(b"")  # an empty file: unreadable, named, and not a crash
     model = AnyToAnyModel.assemble(tiny_assembly, "conditioning")

@@ -70,19 +70,20 @@ class Precomputed:
         """A precomputed conditioning target ``(tokens, dim)`` for an output, or None (compute it)."""
         if not self.use_targets or modality not in self.conditioning_shapes:
             return None
-        found = self._embedding(modality, embedding) if embedding is not None else None
+        found, problem = self._embedding(modality, embedding) if embedding is not None else (None, None)
         fp = self.decoder_fingerprints.get(modality)
         if found is None and self.cache is not None and fp is not None:
             found = self._lookup("condition", modality, fp, text_hash(caption), self.conditioning_shapes[modality],
                                  repr(caption[:60]))
         if found is None and f"condition/{modality}" in self.required:
+            why = problem or "a cache file or embedding changed since the run started?"
             raise ValueError(f"no precomputed conditioning target for the {modality} caption {caption[:60]!r}, and "
-                             f"this stage holds no text encoder for decoders.{modality} (cache.require; a cache "
-                             "file or embedding changed since the run started?); run `mmllm cache --config "
-                             "<this stage>`")
+                             f"this stage holds no text encoder for decoders.{modality} (cache.require; {why}); "
+                             "run `mmllm cache --config <this stage>` or replace the embedding file")
         return found
 
-    def _embedding(self, modality: str, path: Path) -> torch.Tensor | None:
+    def _embedding(self, modality: str, path: Path) -> tuple[torch.Tensor | None, str | None]:
+        """The embedding file's target, or None and what is wrong with the file."""
         shape = self.conditioning_shapes[modality]
         try:
             target = load_embedding(path, shape)
@@ -91,18 +92,18 @@ class Precomputed:
             self._warn(f"missing-{path.parent}", "precomputed caption embedding %s not found; computing the "
                        "target with decoders.%s (further missing files in %s are counted, not logged)",
                        path, modality, path.parent)
-            return None
+            return None, f"{path} not found"
         except EmbeddingShapeError as exc:
             self.counts[f"embedding/{modality}/wrong_shape"] += 1
             self._warn(f"shape-{modality}-{exc.shape}", "%s; ignoring these embeddings and computing the targets "
                        "with decoders.%s's own text encoder", exc, modality)
-            return None
+            return None, str(exc)
         except ValueError as exc:
             self.counts[f"embedding/{modality}/unreadable"] += 1
             self._warn(f"bad-{path}", "%s; computing the target with decoders.%s", exc, modality)
-            return None
+            return None, str(exc)
         self.counts[f"embedding/{modality}/used"] += 1
-        return target
+        return target, None
 
     # ------------------------------------------------------------------ coverage (cache.require)
     def coverage(self, conversations: Iterable[Conversation], parts: Collection[str], rank: int = 0,
