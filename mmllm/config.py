@@ -384,6 +384,21 @@ class StageConfig:
     # ``assembly.some.key=value`` command-line overrides, applied to the assembly YAML
     assembly_overrides: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        at_least = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "max_nonfinite_steps": 1,
+                    "save_every": 0, "keep_last": 0, "schedule.warmup_steps": 0}
+        for key, low in at_least.items():
+            value = getattr(self.schedule, key.split(".")[1]) if "." in key else getattr(self, key)
+            if value < low:
+                raise ValueError(f"{key} must be >= {low}, got {value}")
+        for key, value in dataclasses.asdict(self.losses).items():
+            if not isinstance(value, bool) and value < 0:
+                raise ValueError(f"losses.{key} must be >= 0 (a weight; 0 turns the loss off), got {value}")
+        if self.optim.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.optim.lr}")
+        if not 0 <= self.schedule.min_lr_ratio <= 1:
+            raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio}")
+
     def resolved_trainable(self) -> dict[str, bool]:
         out = dict(STAGE_DEFAULT_TRAINABLE[self.stage])
         for key, value in dataclasses.asdict(self.trainable).items():

@@ -66,6 +66,22 @@ def test_bad_values_and_missing_files_are_reported():
         load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["schedule.decay=no"])
 
 
+@pytest.mark.parametrize("override,message", [
+    ("max_steps=0", "max_steps must be >= 1, got 0"),
+    ("max_steps=-1", "max_steps must be >= 1, got -1"),
+    ("batch_size=0", "batch_size must be >= 1"),
+    ("grad_accum=0", "grad_accum must be >= 1"),
+    ("log_every=0", "log_every must be >= 1"),
+    ("keep_last=-1", "keep_last must be >= 0"),
+    ("losses.mse=-1", "losses.mse must be >= 0"),
+    ("optim.lr=0", "optim.lr must be > 0"),
+    ("schedule.min_lr_ratio=1.5", r"schedule.min_lr_ratio must be in \[0, 1\]"),
+])
+def test_stage_values_that_cannot_train_are_refused_when_loading(override, message):
+    with pytest.raises(ConfigError, match=f"encode_align.yaml: StageConfig: {message}"):
+        load_stage(REPO / "configs/stages/tiny/encode_align.yaml", [override])
+
+
 def test_a_bare_yaml_no_means_the_word_where_the_choice_has_it():
     # YAML 1.1 reads `no` as false; `mixed_precision=no` on a shell command line cannot be quoted
     cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["mixed_precision=no"])

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmllm.config import ConfigError
 from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
 from mmllm.training.loop import train
@@ -133,3 +134,18 @@ def test_stray_folders_and_bare_manifests_do_not_pass_for_checkpoints(tiny_model
     (bare / "manifest.json").write_text(json.dumps({"format_version": 1, "files": {}}))
     with pytest.raises(ckpt.CheckpointError, match="does not list mmllm.json"):
         ckpt.verify_manifest(bare)
+
+
+def test_resume_past_max_steps_is_refused_and_at_max_steps_trains_nothing(sample_data, tmp_path, monkeypatch):
+    done = train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=4, save_every=2))
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final == {"checkpoint": "step-4"}
+    built = []
+    monkeypatch.setattr("mmllm.training.loop.build_model", lambda *a, **k: built.append(1))
+    with pytest.raises(ConfigError, match=r"step-4, past max_steps=3; set max_steps to more than 4"):
+        train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3), resume=True)
+    assert not built  # refused before anything loads
+    assert json.loads((tmp_path / "final.json").read_text()) == final
+    monkeypatch.undo()
+    again = train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=4), resume=True)
+    assert again.final_checkpoint == tmp_path / "step-4" and again.losses == done.losses

@@ -134,6 +134,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
     check_output_dir(out_dir)
+    last = _resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
     precision = accelerator.mixed_precision
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -181,15 +182,12 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
     start_step, losses, skipped = 0, [], 0
-    if resume:
-        last = ckpt.latest_checkpoint(out_dir)
-        if last is None:
-            log.warning("--resume: no complete checkpoint under %s; starting from step 0", out_dir)
-        else:
-            ckpt.load_learned_into(model, last)  # the files only: no second copy of the model
-            progress = ckpt.load_training_state(last, scheduler)
-            start_step, losses, skipped = progress["step"], progress.get("losses", []), progress.get("skipped", 0)
-            log.info("resumed from %s at step %d", last, start_step)
+    if last is not None:
+        ckpt.load_learned_into(model, last)  # the files only: no second copy of the model
+        progress = ckpt.load_training_state(last, scheduler)
+        start_step, losses, skipped = progress["step"], progress.get("losses", []), progress.get("skipped", 0)
+        log.info("resumed from %s at step %d%s", last, start_step,
+                 "; it is the last step (max_steps): nothing left to train" if start_step == cfg.max_steps else "")
 
     model, optimizer = accelerator.prepare(model, optimizer)
     # FSDP replaces parameters with sharded ones: look them up again after prepare.
@@ -421,6 +419,24 @@ def _global_counts(
     vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=accelerator.device)
     vec = accelerator.reduce(vec, "sum")
     return {k: float(v) for k, v in zip(keys, vec.tolist()) if v > 0}
+
+
+def _resume_point(out_dir: Path, max_steps: int) -> Path | None:
+    """``--resume``: the newest complete checkpoint under ``out_dir`` (None: start from step 0), refused
+    when it is past ``max_steps`` (the run would train nothing and end on a step it never saved)."""
+    last = ckpt.latest_checkpoint(out_dir)
+    if last is None:
+        log.warning("--resume: no complete checkpoint under %s; starting from step 0", out_dir)
+        return None
+    progress = last / ckpt.STATE_DIR / "progress.json"
+    if not progress.is_file():
+        raise ckpt.CheckpointError(f"{last}: no {ckpt.STATE_DIR}/ to resume from (it was saved without training "
+                                   "state, e.g. by `mmllm export`)")
+    step = int(json.loads(progress.read_text())["step"])
+    if step > max_steps:
+        raise ConfigError(f"--resume: the newest checkpoint under {out_dir} is {last.name}, past max_steps={max_steps}; "
+                          f"set max_steps to more than {step} to train on from it, or give another output_dir")
+    return last
 
 
 def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> bool:
