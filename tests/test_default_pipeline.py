@@ -19,7 +19,7 @@ from mmllm.toyworld.model_eval import EvalOptions, read_attributes, run_eval
 from mmllm.toyworld.parts import shipped_dir
 from mmllm.toyworld.stage_data import StageDataOptions, write_stage_data
 from mmllm.toyworld.world import World
-from mmllm.training.checkpoint import CheckpointError, export_weights_only, verify_manifest
+from mmllm.training.checkpoint import CheckpointError, export_merged, export_weights_only, verify_manifest
 from tests.test_infer import trained_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,6 +115,25 @@ def test_weights_only_export_is_small_verified_and_loads(tmp_path_factory, tmp_p
     (out / "learned.safetensors").write_bytes(b"corrupt")
     with pytest.raises(CheckpointError, match="learned.safetensors"):
         AnyToAnyModel.from_pretrained(out)
+
+
+def test_an_export_never_replaces_its_checkpoint_or_unrelated_files(tmp_path_factory, tmp_path):
+    ckpt = trained_checkpoint(tmp_path_factory)
+    before = {p.name: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
+    for out in (ckpt, ckpt.parent, ckpt / "export"):  # itself, the run folder holding it, inside it
+        with pytest.raises(ConfigError, match="would replace the checkpoint"):
+            export_weights_only(ckpt, out, dtype="float16")
+        with pytest.raises(ConfigError, match="would replace the checkpoint"):
+            export_merged(ckpt, out)
+    assert {p.name: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not an earlier `mmllm export`"):
+        export_weights_only(ckpt, mine)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    again = export_weights_only(ckpt, tmp_path / "ship")
+    assert export_weights_only(ckpt, again, dtype="bfloat16") == again  # an earlier export is replaced
 
 
 @pytest.mark.skipif(not (shipped_dir() / "judge-image").is_dir(), reason="shipped judges missing")

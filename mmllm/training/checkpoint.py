@@ -344,8 +344,30 @@ def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def check_export_target(checkpoint: Path, out: Path) -> None:
+    """Refuse an export whose output would replace what it must not: the checkpoint itself (or a folder
+    holding it or inside it), or an existing folder that is neither empty nor an earlier export (the
+    export replaces its output whole)."""
+    src, dst = Path(checkpoint).resolve(), Path(out).resolve()
+    if dst == src or dst in src.parents or src in dst.parents:
+        raise ConfigError(f"--output {out}: the export would replace the checkpoint {checkpoint} (an export "
+                          "replaces its output folder whole); give a new folder, e.g. "
+                          f"{Path(checkpoint).parent / (Path(checkpoint).name + '-export')}")
+    if dst.is_file():
+        raise ConfigError(f"--output {out} is a file; give a folder")
+    if dst.is_dir() and any(dst.iterdir()):
+        try:
+            earlier = {"exported_from", "merged_from"} & set(read_meta(dst))
+        except (OSError, ValueError, CheckpointError):
+            earlier = set()
+        if not earlier:
+            raise ConfigError(f"--output {out} exists and holds files that are not an earlier `mmllm export`; an "
+                              "export replaces its output folder whole, so give a new or empty folder")
+
+
 def export_merged(checkpoint: Path, out: Path) -> Path:
     """A copy with LoRA merged into the LLM, saved as a plain HF model dir under ``out/llm``."""
+    check_export_target(checkpoint, out)
     model = load_model_checkpoint(checkpoint)
     meta = read_meta(checkpoint)
 
@@ -382,6 +404,7 @@ def export_weights_only(checkpoint: Path, out: Path, dtype: str = "float32", ass
     from mmllm.config import load_assembly
 
     checkpoint = Path(checkpoint)
+    check_export_target(checkpoint, out)
     verify_manifest(checkpoint)
     new_assembly = to_dict(load_assembly(assembly)) if assembly is not None else None
     target = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype)
