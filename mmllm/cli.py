@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -241,6 +242,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_world(args: argparse.Namespace) -> int:
     """``mmllm world report``: the toy world's parts measured on seen and held-out combinations."""
+    from mmllm.config import MODALITIES
     from mmllm.toyworld.parts import shipped_dir
     from mmllm.toyworld.report import ReportOptions, format_report, run_report
 
@@ -250,7 +252,7 @@ def cmd_world(args: argparse.Namespace) -> int:
     options = ReportOptions(
         parts_dir=parts_dir,
         output=Path(args.output),
-        modalities=[m.strip() for m in args.modalities.split(",") if m.strip()],
+        modalities=comma_list(args.modalities, "--modalities", MODALITIES),
         per_combo=args.per_combo,
         decoder_items=args.decoder_items,
         steps=args.steps,
@@ -322,6 +324,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``mmllm eval``: x2t, t2x (vs the oracle), routing and text retention of a toy-world model."""
+    from mmllm.config import MODALITIES
     from mmllm.demo import shipped_default
     from mmllm.model import AnyToAnyModel
     from mmllm.toyworld.judges import Judge
@@ -332,20 +335,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not checkpoint.is_dir():
         raise SystemExit(f"--checkpoint {checkpoint}: not a directory (train one with scripts/train_default.sh)")
     parts = Path(args.parts) if args.parts else shipped_dir()
-    modalities = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    modalities = comma_list(args.modalities, "--modalities", MODALITIES)
+    tasks = comma_list(args.tasks, "--tasks", TASKS)
     judges = {m: Judge.load(parts / f"judge-{m}") for m in modalities if (parts / f"judge-{m}").is_dir()}
     torch_threads(args.threads)
     model = AnyToAnyModel.from_pretrained(checkpoint)
     options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size,
                           steps=args.steps, guidance=args.guidance, modalities=modalities, seed=args.seed,
-                          tasks=[t.strip() for t in args.tasks.split(",") if t.strip()])
-    unknown = sorted(set(options.tasks) - set(TASKS))
-    if unknown:
-        raise SystemExit(f"--tasks: unknown {unknown}; valid: {', '.join(TASKS)}")
+                          tasks=tasks)
     report = run_eval(model, judges, options)
     print(format_eval(report))
     log.info("wrote %s", Path(args.output) / "eval.json")
     return 0
+
+
+def comma_list(text: str, flag: str, valid: Sequence[str]) -> list[str]:
+    """``a,b`` -> ``["a", "b"]``, each one of ``valid`` (else exit naming the flag and the valid values)."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [item for item in items if item not in valid]
+    if unknown or not items:
+        raise SystemExit(f"{flag} {text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}; "
+                         f"valid: {', '.join(valid)} (comma-separated)")
+    return items
 
 
 def torch_threads(n: int | None) -> None:

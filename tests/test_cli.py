@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from mmllm.cli import main
@@ -72,3 +73,20 @@ def test_train_then_export_merged_lora_gives_the_same_outputs(sample_data, tmp_p
     torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
     for k, v in a.learned_state_dict().items():
         assert torch.equal(v, b.learned_state_dict()[k])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--modalities", "imag"], "--modalities 'imag': unknown imag; valid: image, audio, video"),
+    (["eval", "--tasks", "x2t,foo"], "--tasks 'x2t,foo': unknown foo; valid: x2t, t2x, routing, text"),
+    (["world", "report", "--modalities", "audio,vidoe"], "unknown vidoe; valid: image, audio, video"),
+])
+def test_unknown_list_values_are_refused_before_any_work(argv, message, tmp_path, monkeypatch):
+    import mmllm.model
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(mmllm.model.AnyToAnyModel, "from_pretrained", no_loading)
+    with pytest.raises(SystemExit, match=message):
+        main([*argv, "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
