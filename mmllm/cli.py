@@ -35,7 +35,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_stage(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
-    losses = result.losses
+    losses = [x for x in result.losses if x == x]  # NaN: a step with no readable sample
     log.info("done: %d steps, loss %.4f -> %.4f, %d samples skipped; checkpoint %s",
              result.steps, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),
              result.skipped, result.final_checkpoint)

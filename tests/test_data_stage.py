@@ -88,6 +88,34 @@ def test_bad_samples_are_skipped_and_counted_never_crashing_training(sample_data
     assert result.skipped >= 2  # each epoch of 5 samples holds both unreadable ones; 12 picks > 2 epochs
 
 
+def test_a_step_without_one_readable_sample_changes_nothing(sample_data, tmp_path):
+    """No update (AdamW's momentum and weight decay would still move the weights), a NaN in the loss
+    list rather than a 0.0 that reads as a perfect step, and no say in keep_best."""
+    from safetensors.torch import load_file
+
+    root = tmp_path / "data"
+    shutil.copytree(sample_data["pairs"].parent / "media", root / "media")
+    good = next(json.loads(x) for x in sample_data["pairs"].read_text().splitlines() if '"image"' in x)
+    lines = [good] + [{"id": f"gone-{i}", "modality": "image", "media": f"media/gone-{i}.png", "caption": "gone"}
+                      for i in range(3)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    cfg = stage_cfg("encode-align", [{"path": root / "pairs.jsonl", "format": "mmllm-pairs"}], tmp_path / "out",
+                    "max_steps=8", "batch_size=1", "save_every=1", "keep_last=0", "keep_best=true",
+                    "optim.weight_decay=0.1")
+    result = train(cfg)
+    empty = [i for i, x in enumerate(result.losses) if not np.isfinite(x)]
+    learned = [i for i, x in enumerate(result.losses) if np.isfinite(x)]
+    assert empty and learned and result.skipped == len(empty)
+    after_learning = [i for i in empty if i - 1 in learned]
+    assert after_learning  # an empty step right after a real one: Adam's moments are not zero there
+    for i in after_learning:
+        before = load_file(str(tmp_path / "out" / f"step-{i}" / "learned.safetensors"))
+        after = load_file(str(tmp_path / "out" / f"step-{i + 1}" / "learned.safetensors"))
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    best = json.loads((tmp_path / "out" / "best.json").read_text())
+    assert np.isfinite(best["metric"]) and int(best["checkpoint"].split("-")[1]) - 1 in learned
+
+
 def _npy_generation(tmp_path, shape_ok, shape_bad):
     media = tmp_path / "gen" / "images"
     media.mkdir(parents=True)

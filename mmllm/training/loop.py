@@ -221,57 +221,62 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             batches.append(collate([datasets[d][i] for d, i in picks], pad_id))
             skipped += len(batches[-1]["skipped"])
         normalizers = _global_counts(accelerator, batches, parts_keys, inner)
-        optimizer.zero_grad(set_to_none=True)
-        step_loss, parts = torch.zeros((), device=accelerator.device), {}
-        saw_nonfinite = False
-        for micro, batch in enumerate(batches):
-            empty = "input_ids" not in batch
-            if empty:
-                # Every sample of this micro-batch was unreadable. Run a real forward with zero weight
-                # so that, under DDP, this process still joins the gradient all-reduce.
-                fallback = fallback or _first_readable_batch(datasets, pad_id)
-                batch = fallback
-            else:
-                fallback = batch
-            batch["step"] = step
-            sync = micro == len(batches) - 1
-            with contextlib.ExitStack() as stack:
-                if not sync:  # accumulate locally; all-reduce once per optimiser step
-                    stack.enter_context(accelerator.no_sync(model))
-                with accelerator.autocast():
-                    out = model(batch, cfg.losses, normalizers)
-                # DDP averages gradients over processes; the normalizers already span them all.
-                loss = out["loss"] * (0.0 if empty else world)
-                if deepspeed:
-                    saw_nonfinite = saw_nonfinite or not bool(torch.isfinite(loss.detach()))
-                    zero.backward(model, loss, boundary=sync, poison=sync and saw_nonfinite)
+        if not normalizers:  # every sample of the step was unreadable, on every process: nothing to learn
+            step_loss, parts = float("nan"), {}
+            log.warning("step %d: every sample of this step was unreadable (on every process); no update, the "
+                        "step counts as done", step + 1)
+        else:
+            optimizer.zero_grad(set_to_none=True)
+            step_loss, parts = torch.zeros((), device=accelerator.device), {}
+            saw_nonfinite = False
+            for micro, batch in enumerate(batches):
+                empty = "input_ids" not in batch
+                if empty:
+                    # Every sample of this micro-batch was unreadable. Run a real forward with zero weight
+                    # so that, under DDP, this process still joins the gradient all-reduce.
+                    fallback = fallback or _first_readable_batch(datasets, pad_id)
+                    batch = fallback
                 else:
-                    accelerator.backward(loss)
-            if empty:
-                continue
-            step_loss += loss.detach().float() / world
-            for k, v in out.items():
-                parts[k] = parts.get(k, 0.0) + float(v.detach())
-        step_loss = float(accelerator.reduce(step_loss, "sum"))
-        if deepspeed:
-            outcome = "stepped" if zero.step(model) and math.isfinite(step_loss) else "nonfinite"
-        else:
-            outcome = _clip_and_step(accelerator, optimizer, params, cfg.optim.max_grad_norm, step_loss)
-        if outcome == "overflow":
-            log.info("step %d: fp16 gradient overflow; step skipped, loss scale now %s",
-                     step + 1, accelerator.scaler.get_scale())
-        elif outcome == "nonfinite":
-            nonfinite_in_row += 1
-            ids = [i for b in batches for i in b["ids"]]
-            log.warning("step %d: non-finite loss or gradient (%s); step skipped; samples on this process: %s",
-                        step + 1, step_loss, ids)
-            if nonfinite_in_row >= cfg.max_nonfinite_steps:
-                raise FloatingPointError(
-                    f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}, "
-                    f"samples {ids}); lower optim.lr, check the data, or try mixed_precision=no (fp32)"
-                )
-        else:
-            nonfinite_in_row = 0
+                    fallback = batch
+                batch["step"] = step
+                sync = micro == len(batches) - 1
+                with contextlib.ExitStack() as stack:
+                    if not sync:  # accumulate locally; all-reduce once per optimiser step
+                        stack.enter_context(accelerator.no_sync(model))
+                    with accelerator.autocast():
+                        out = model(batch, cfg.losses, normalizers)
+                    # DDP averages gradients over processes; the normalizers already span them all.
+                    loss = out["loss"] * (0.0 if empty else world)
+                    if deepspeed:
+                        saw_nonfinite = saw_nonfinite or not bool(torch.isfinite(loss.detach()))
+                        zero.backward(model, loss, boundary=sync, poison=sync and saw_nonfinite)
+                    else:
+                        accelerator.backward(loss)
+                if empty:
+                    continue
+                step_loss += loss.detach().float() / world
+                for k, v in out.items():
+                    parts[k] = parts.get(k, 0.0) + float(v.detach())
+            step_loss = float(accelerator.reduce(step_loss, "sum"))
+            if deepspeed:
+                outcome = "stepped" if zero.step(model) and math.isfinite(step_loss) else "nonfinite"
+            else:
+                outcome = _clip_and_step(accelerator, optimizer, params, cfg.optim.max_grad_norm, step_loss)
+            if outcome == "overflow":
+                log.info("step %d: fp16 gradient overflow; step skipped, loss scale now %s",
+                         step + 1, accelerator.scaler.get_scale())
+            elif outcome == "nonfinite":
+                nonfinite_in_row += 1
+                ids = [i for b in batches for i in b["ids"]]
+                log.warning("step %d: non-finite loss or gradient (%s); step skipped; samples on this process: %s",
+                            step + 1, step_loss, ids)
+                if nonfinite_in_row >= cfg.max_nonfinite_steps:
+                    raise FloatingPointError(
+                        f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}, "
+                        f"samples {ids}); lower optim.lr, check the data, or try mixed_precision=no (fp32)"
+                    )
+            else:
+                nonfinite_in_row = 0
         with warnings.catch_warnings():
             # the schedule follows the step index, skipped steps included: torch's warning about a first
             # optimiser step that did not happen (skipped, or an fp16 overflow) says nothing true here
