@@ -103,6 +103,26 @@ def _load_model(checkpoint: str, device: str, dtype: str):
     return model.to(device=device, dtype=dtypes[dtype]).eval()
 
 
+def _check_device(device: str) -> None:
+    """A --device torch cannot use, refused with the reason before anything loads (not torch's traceback later)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise SystemExit(f"--device {device}: not a device name ({exc}); use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no NVIDIA driver or GPU found"
+            raise SystemExit(f"--device {device}: CUDA is not available here ({why}; torch {torch.__version__}); "
+                             f"use --device cpu, or run on a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device {device}: MPS is not available here; use --device cpu")
+
+
 def _inspected_parts(model, stage) -> tuple[StageParts, str]:
     """What a stage holds of the frozen parts: from its data when ``stage`` is a stage config whose data
     reads, else the most its losses could need (every decoder as far as the losses go, every encoder)."""
@@ -128,7 +148,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     import hashlib
     import tempfile
 
-    from mmllm.inference.runner import run_requests
+    from mmllm.inference.runner import OutputError, prepare_output, run_requests
 
     if not Path(args.checkpoint).is_dir():
         raise SystemExit(f"--checkpoint {args.checkpoint}: not a directory")
@@ -145,6 +165,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise SystemExit("--temperature must be >= 0 and --top-p in (0, 1]")
+    _check_device(args.device)
     with tempfile.TemporaryDirectory(prefix="mmllm-infer-") as tmp:
         if args.input:
             requests = Path(args.input)
@@ -159,6 +180,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
             digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
             requests = Path(tmp) / "request.jsonl"
             requests.write_text(json.dumps({"id": f"prompt-{digest}", **rec}) + "\n")
+        try:  # refused before the model loads
+            prepare_output(Path(args.output))
+        except OutputError as exc:
+            raise SystemExit(str(exc)) from exc
         if args.threads:
             import torch
 

@@ -366,6 +366,28 @@ def test_a_crash_mid_run_resumes_where_it_stopped(model, tmp_path, monkeypatch):
     assert (counts["skipped"], counts["done"]) == (2, 3)
 
 
+def _no_model_load(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the run was refused")
+
+    monkeypatch.setattr("mmllm.cli._load_model", refuse)
+
+
+def test_an_unwritable_output_or_missing_device_is_refused_before_the_model_loads(ckpt, tmp_path, monkeypatch):
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}])
+    _no_model_load(monkeypatch)
+    (tmp_path / "a-file").write_text("x")
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests)]
+    for out in [tmp_path / "a-file" / "out", *([Path("/proc/x")] if Path("/proc").is_dir() else [])]:
+        with pytest.raises(SystemExit, match=f"--output {out}: cannot write there .*give a folder you can"):
+            main([*args, "--output", str(out)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: CUDA is not available here .*use --device cpu"):
+        main([*args, "--output", str(tmp_path / "out"), "--device", "cuda"])
+    with pytest.raises(SystemExit, match="--device gpu: not a device name"):
+        main([*args, "--output", str(tmp_path / "out"), "--device", "gpu"])
+
+
 # ------------------------------------------------------------------------------------------ isolation
 
 

@@ -90,6 +90,10 @@ class RequestError(ValueError):
     """A request that cannot be run as written; the message says what to change."""
 
 
+class OutputError(ValueError):
+    """``OUT`` cannot be used as asked (e.g. not writable); the message says why."""
+
+
 class _FailFast(Exception):
     pass
 
@@ -241,6 +245,20 @@ def done_ids(results: Path) -> set[str]:
     return {str(rec["id"]) for rec in latest_records(results)
             if not rec.get("error") and all((out / f).is_file() and (out / f).stat().st_size
                                             for f in rec.get("files", []))}
+
+
+def prepare_output(out: Path) -> Path:
+    """Create ``out`` (and its parents); an :class:`OutputError` naming the folder if that is impossible."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".mmllm-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"--output {out}: cannot write there ({exc.strerror or exc}); "
+                          f"give a folder you can create and write to") from exc
+    return out
 
 
 def checkpoint_fingerprint(checkpoint: Path) -> str:
@@ -497,8 +515,7 @@ def run_requests(
     """
     if batch_size < 1 or (decode_batch_size is not None and decode_batch_size < 1):
         raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {decode_batch_size}")
-    requests_file, out = Path(requests_file), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    requests_file, out = Path(requests_file), prepare_output(Path(out))
     results = out / "results.jsonl"
     _repair_tail(results)
     skip = done_ids(results)
