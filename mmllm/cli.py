@@ -148,7 +148,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     import hashlib
     import tempfile
 
-    from mmllm.inference.runner import OutputError, prepare_output, run_requests
+    from mmllm.inference.runner import OutputError, check_resume, prepare_output, run_requests, run_settings
 
     if not Path(args.checkpoint).is_dir():
         raise SystemExit(f"--checkpoint {args.checkpoint}: not a directory")
@@ -180,8 +180,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
             digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
             requests = Path(tmp) / "request.jsonl"
             requests.write_text(json.dumps({"id": f"prompt-{digest}", **rec}) + "\n")
-        try:  # refused before the model loads
+        try:  # refused before the model loads: OUT unwritable, or holding answers of another checkpoint/settings
             prepare_output(Path(args.output))
+            if not args.overwrite:
+                check_resume(Path(args.output), requests, run_settings(
+                    Path(args.checkpoint), args.dtype, args.seed, args.max_new_tokens, args.temperature, args.top_p,
+                    args.steps, args.guidance))
         except OutputError as exc:
             raise SystemExit(str(exc)) from exc
         if args.threads:
@@ -192,7 +196,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         counts = run_requests(model, requests, Path(args.output), batch_size=args.batch_size, seed=args.seed,
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               steps=args.steps, guidance=args.guidance, decode_batch_size=args.decode_batch_size,
-                              fail_fast=args.fail_fast, checkpoint=Path(args.checkpoint))
+                              fail_fast=args.fail_fast, checkpoint=Path(args.checkpoint), overwrite=args.overwrite)
     if args.prompt:  # quick use: show the answer's record
         from mmllm.inference.gallery import latest_records
 
@@ -402,7 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "+ index.html out (exit 1 if any request failed)")
     r.add_argument("--checkpoint", required=True, help="a checkpoint directory (step-N)")
     r.add_argument("--input", help="requests JSONL (schema: mmllm/inference/runner.py, README)")
-    r.add_argument("--output", required=True, help="output folder; re-running on it skips requests already done")
+    r.add_argument("--output", required=True,
+                   help="output folder; re-running on it skips requests already done (refused if they were "
+                        "answered with another checkpoint, --seed, --max-new-tokens, ... or --dtype)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start --output afresh: remove its results.jsonl, media/ and index.html first")
     r.add_argument("--prompt", help="one request from the command line instead of --input")
     r.add_argument("--image", help="with --prompt: an input image")
     r.add_argument("--audio", help="with --prompt: an input audio file")
