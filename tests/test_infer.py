@@ -1,7 +1,8 @@
 """Batch inference (`mmllm infer`) on a tiny checkpoint trained to route: text -> image/audio/video
 and image/audio/video -> text end to end through the CLI; outputs and their metadata; the same
 output alone or in a batch; every bad input an error record while the rest completes; resume, and
-a re-run with another checkpoint or settings refused; a failing request or decoder batch isolated; the GIF fallback; the gallery's markup."""
+a re-run with another checkpoint or settings refused; a failing request or decoder batch isolated;
+the GIF fallback; the gallery's markup."""
 
 from __future__ import annotations
 
