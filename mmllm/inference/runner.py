@@ -329,7 +329,7 @@ def start_afresh(out: Path) -> None:
             fsync_dir(out)
     finally:
         shutil.rmtree(trash, ignore_errors=True)
-    log.info("--overwrite: removed %s from %s", ", ".join(names), out)
+    log.info("starting %s afresh: removed its earlier %s", out, ", ".join(names))
 
 
 def checkpoint_fingerprint(checkpoint: Path) -> str:
