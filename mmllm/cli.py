@@ -104,6 +104,26 @@ def _load_model(checkpoint: str, device: str, dtype: str):
     return model.to(device=device, dtype=dtypes[dtype]).eval()
 
 
+def _check_device(device: str) -> None:
+    """A --device torch cannot use, refused with the reason before anything loads (not torch's traceback later)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise SystemExit(f"--device {device}: not a device name ({exc}); use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no NVIDIA driver or GPU found"
+            raise SystemExit(f"--device {device}: CUDA is not available here ({why}; torch {torch.__version__}); "
+                             f"use --device cpu, or run on a machine with a GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SystemExit(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                             f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device {device}: MPS is not available here; use --device cpu")
+
+
 def _inspected_parts(model, stage) -> tuple[StageParts, str]:
     """What a stage holds of the frozen parts: from its data when ``stage`` is a stage config whose data
     reads, else the most its losses could need (every decoder as far as the losses go, every encoder)."""
@@ -129,7 +149,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     import hashlib
     import tempfile
 
-    from mmllm.inference.runner import run_requests
+    from mmllm.inference.runner import OutputError, check_resume, prepare_output, run_requests, run_settings
 
     if not Path(args.checkpoint).is_dir():
         raise SystemExit(f"--checkpoint {args.checkpoint}: not a directory")
@@ -146,6 +166,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise SystemExit("--temperature must be >= 0 and --top-p in (0, 1]")
+    _check_device(args.device)
     with tempfile.TemporaryDirectory(prefix="mmllm-infer-") as tmp:
         if args.input:
             requests = Path(args.input)
@@ -160,6 +181,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
             digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
             requests = Path(tmp) / "request.jsonl"
             requests.write_text(json.dumps({"id": f"prompt-{digest}", **rec}) + "\n")
+        try:  # refused before the model loads: OUT unwritable, or holding answers of another checkpoint/settings
+            prepare_output(Path(args.output))
+            if not args.overwrite:
+                check_resume(Path(args.output), requests, run_settings(
+                    Path(args.checkpoint), args.dtype, args.seed, args.max_new_tokens, args.temperature, args.top_p,
+                    args.steps, args.guidance))
+        except OutputError as exc:
+            raise SystemExit(str(exc)) from exc
         if args.threads:
             import torch
 
@@ -168,7 +197,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         counts = run_requests(model, requests, Path(args.output), batch_size=args.batch_size, seed=args.seed,
                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               steps=args.steps, guidance=args.guidance, decode_batch_size=args.decode_batch_size,
-                              fail_fast=args.fail_fast, checkpoint=Path(args.checkpoint))
+                              fail_fast=args.fail_fast, checkpoint=Path(args.checkpoint), overwrite=args.overwrite)
     if args.prompt:  # quick use: show the answer's record
         from mmllm.inference.gallery import latest_records
 
@@ -388,7 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "+ index.html out (exit 1 if any request failed)")
     r.add_argument("--checkpoint", required=True, help="a checkpoint directory (step-N)")
     r.add_argument("--input", help="requests JSONL (schema: mmllm/inference/runner.py, README)")
-    r.add_argument("--output", required=True, help="output folder; re-running on it skips requests already done")
+    r.add_argument("--output", required=True,
+                   help="output folder; re-running on it skips requests already done (refused if they were "
+                        "answered with another checkpoint, --seed, --max-new-tokens, ... or --dtype)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="start --output afresh: remove its results.jsonl, media/ and index.html first")
     r.add_argument("--prompt", help="one request from the command line instead of --input")
     r.add_argument("--image", help="with --prompt: an input image")
     r.add_argument("--audio", help="with --prompt: an input audio file")

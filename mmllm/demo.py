@@ -87,8 +87,9 @@ def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> int:
              checkpoint)
     model = AnyToAnyModel.from_pretrained(checkpoint)
     requests = write_default_requests(out)
+    # overwrite: a re-run shows the current checkpoint's answers (a resume would refuse another checkpoint's)
     counts = run_requests(model, requests, out, batch_size=len(REQUESTS), checkpoint=checkpoint,
-                          seed=DEMO_SEED, max_new_tokens=64)
+                          seed=DEMO_SEED, max_new_tokens=64, overwrite=True)
     return _finish(out, counts)
 
 
@@ -110,7 +111,7 @@ def run_tiny_demo(out: Path, quick: bool = False) -> int:
         log.info("demo: %s loss %.3f -> %.3f", cfg.stage, result.losses[0], result.losses[-1])
         previous = result.final_checkpoint
     model = AnyToAnyModel.from_pretrained(previous)
-    counts = run_requests(model, requests, out, batch_size=4, checkpoint=previous)
+    counts = run_requests(model, requests, out, batch_size=4, checkpoint=previous, overwrite=True)  # just trained
     return _finish(out, counts)
 
 

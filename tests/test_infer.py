@@ -1,7 +1,8 @@
 """Batch inference (`mmllm infer`) on a tiny checkpoint trained to route: text -> image/audio/video
 and image/audio/video -> text end to end through the CLI; outputs and their metadata; the same
-output alone or in a batch; every bad input an error record while the rest completes; resume;
-a failing request or decoder batch isolated; the GIF fallback; the gallery's markup."""
+output alone or in a batch; every bad input an error record while the rest completes; resume, and
+a re-run with another checkpoint or settings refused; a failing request or decoder batch isolated;
+the GIF fallback; the gallery's markup."""
 
 from __future__ import annotations
 
@@ -364,6 +365,75 @@ def test_a_crash_mid_run_resumes_where_it_stopped(model, tmp_path, monkeypatch):
     assert len(runner.done_ids(tmp_path / "out" / "results.jsonl")) == 2
     counts = run_requests(model, requests, tmp_path / "out", batch_size=2, max_new_tokens=4)
     assert (counts["skipped"], counts["done"]) == (2, 3)
+
+
+def _no_model_load(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the run was refused")
+
+    monkeypatch.setattr("mmllm.cli._load_model", refuse)
+
+
+def test_rerun_with_another_checkpoint_or_settings_is_refused_unless_overwrite(ckpt, tmp_path, monkeypatch):
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}])
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out)]
+    assert main([*args, "--max-new-tokens", "4"]) == 0
+    assert records_by_id(out)["a"]["settings"] == {"seed": 0, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0,
+                                                   "steps": None, "guidance": None, "dtype": "float32"}
+    before = (out / "results.jsonl").read_text()
+    other = tmp_path / "other-ckpt"
+    other.mkdir()
+    with monkeypatch.context() as m:
+        _no_model_load(m)
+        for extra, message in [(["--max-new-tokens", "6"], r"--max-new-tokens 4 \(now 6\)"),
+                               (["--max-new-tokens", "4", "--seed", "2"], r"--seed 0 \(now 2\)"),
+                               (["--max-new-tokens", "4", "--dtype", "bfloat16"], r"--dtype 'float32' \(now 'bfloat16'\)"),
+                               (["--max-new-tokens", "4", "--checkpoint", str(other)],
+                                rf"checkpoint '{checkpoint_fingerprint(ckpt)}' \(now '{checkpoint_fingerprint(other)}'\)")]:
+            with pytest.raises(SystemExit, match=message) as exc:
+                main([*args, *extra])
+            assert "2 request(s)" in str(exc.value) and "new --output, or pass --overwrite" in str(exc.value)
+    assert (out / "results.jsonl").read_text() == before
+    assert main([*args, "--max-new-tokens", "4"]) == 0  # the same settings: a resume, nothing redone
+    assert (out / "results.jsonl").read_text() == before
+    (out / "media").mkdir(exist_ok=True)
+    (out / "media" / "old.png").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    assert main([*args, "--max-new-tokens", "6", "--overwrite"]) == 0
+    recs = records_by_id(out)
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    assert all(r["settings"]["max_new_tokens"] == 6 and r["error"] is None for r in recs.values())
+    assert not (out / "media" / "old.png").exists() and (out / "notes.txt").read_text() == "mine"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_results_without_recorded_settings_are_compared_by_checkpoint(tmp_path):
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.jsonl").write_text(json.dumps({"id": "a", "text": "hi", "files": [], "checkpoint": "abc",
+                                                   "error": None}) + "\n")
+    made = runner.run_settings(None, "float32", max_new_tokens=9)
+    runner.check_resume(out, requests, {**made, "checkpoint": "abc"})  # nothing recorded to differ
+    with pytest.raises(runner.OutputError, match=r"checkpoint 'abc' \(now 'none'\)"):
+        runner.check_resume(out, requests, made)
+    runner.check_resume(out, write_requests(tmp_path / "other.jsonl", [{"id": "b", "prompt": "Hi."}]), made)
+
+
+def test_an_unwritable_output_or_missing_device_is_refused_before_the_model_loads(ckpt, tmp_path, monkeypatch):
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}])
+    _no_model_load(monkeypatch)
+    (tmp_path / "a-file").write_text("x")
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests)]
+    for out in [tmp_path / "a-file" / "out", *([Path("/proc/x")] if Path("/proc").is_dir() else [])]:
+        with pytest.raises(SystemExit, match=f"--output {out}: cannot write there .*give a folder you can"):
+            main([*args, "--output", str(out)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: CUDA is not available here .*use --device cpu"):
+        main([*args, "--output", str(tmp_path / "out"), "--device", "cuda"])
+    with pytest.raises(SystemExit, match="--device gpu: not a device name"):
+        main([*args, "--output", str(tmp_path / "out"), "--device", "gpu"])
 
 
 # ------------------------------------------------------------------------------------------ isolation

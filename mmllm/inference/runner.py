@@ -24,7 +24,10 @@ Outputs under ``OUT``: ``media/`` (PNG, 16-bit WAV, MP4 -- GIF where no H.264 en
 ``results.jsonl`` (one record per request, appended as each batch finishes) and ``index.html``.
 Media files are written atomically and a record is appended only after all of its files exist,
 so a crash never leaves something that looks done; a re-run on the same ``OUT`` skips the requests
-already done and retries the failed ones.
+already done and retries the failed ones. Each done record carries the checkpoint fingerprint and the
+run's ``settings`` (``--seed``, ``--max-new-tokens``, ``--temperature``, ``--top-p``, ``--steps``,
+``--guidance``, ``--dtype``): a re-run whose checkpoint or settings differ from those of a request it
+would skip is refused (:class:`OutputError`) unless ``overwrite`` starts ``OUT`` afresh.
 
 Requests go through the LLM ``--batch-size`` at a time; their signal groups then wait in one queue
 per output modality (and decoder steps/guidance) and are decoded ``--decode-batch-size`` at a time
@@ -41,6 +44,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +52,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from mmllm.atomic import fsync_dir
 from mmllm.config import MODALITIES
 from mmllm.data.formats import PLACEHOLDER_RE
 from mmllm.data.media import (
@@ -88,6 +93,10 @@ GALLERY_EVERY_S = 30.0  # rewrite index.html at most this often during a run (an
 
 class RequestError(ValueError):
     """A request that cannot be run as written; the message says what to change."""
+
+
+class OutputError(ValueError):
+    """``OUT`` cannot be used as asked (not writable, or holds answers made otherwise); the message says why."""
 
 
 class _FailFast(Exception):
@@ -235,12 +244,92 @@ def _repair_tail(results: Path) -> None:
         fh.truncate(keep)
 
 
+def _is_done(out: Path, rec: dict[str, Any]) -> bool:
+    return not rec.get("error") and all((out / f).is_file() and (out / f).stat().st_size
+                                        for f in rec.get("files", []))
+
+
 def done_ids(results: Path) -> set[str]:
     """Requests whose latest record has no error and all of whose files exist (non-empty)."""
-    out = results.parent
-    return {str(rec["id"]) for rec in latest_records(results)
-            if not rec.get("error") and all((out / f).is_file() and (out / f).stat().st_size
-                                            for f in rec.get("files", []))}
+    return {str(rec["id"]) for rec in latest_records(results) if _is_done(results.parent, rec)}
+
+
+def run_settings(checkpoint: Path | None, dtype: str, seed: int = 0, max_new_tokens: int = 64,
+                 temperature: float = 0.0, top_p: float = 1.0, steps: int | None = None,
+                 guidance: float | None = None) -> dict[str, Any]:
+    """What changes a run's answers, as done records store it: the checkpoint fingerprint and ``settings``.
+
+    Batch sizes are left out: answers do not depend on them (see the module docstring).
+    """
+    return {"checkpoint": checkpoint_fingerprint(checkpoint) if checkpoint else "none",
+            "settings": {"seed": seed, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                         "steps": steps, "guidance": guidance, "dtype": dtype}}
+
+
+def prepare_output(out: Path) -> Path:
+    """Create ``out`` (and its parents); an :class:`OutputError` naming the folder if that is impossible."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".mmllm-write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"--output {out}: cannot write there ({exc.strerror or exc}); "
+                          f"give a folder you can create and write to") from exc
+    return out
+
+
+def check_resume(out: Path, requests_file: Path, made: dict[str, Any]) -> None:
+    """Refuse (:class:`OutputError`) when a request ``out`` would skip was answered with another checkpoint or
+    other settings than ``made`` (from :func:`run_settings`): skipping it would keep a stale answer."""
+    results = Path(out) / "results.jsonl"
+    if not results.is_file():
+        return
+    wanted = {ln.id for ln in read_lines(Path(requests_file)) if not ln.error}
+    now = {"checkpoint": made["checkpoint"], **made["settings"]}
+    stale, unrecorded = 0, 0
+    differ: dict[str, tuple[Any, Any]] = {}  # setting -> (the first recorded value that differs, this run's)
+    for rec in latest_records(results):
+        if str(rec["id"]) not in wanted or not _is_done(results.parent, rec):
+            continue
+        unrecorded += "settings" not in rec
+        old = {"checkpoint": rec.get("checkpoint"), **rec.get("settings", {})}
+        changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k]}
+        stale += bool(changed)
+        for key, values in changed.items():
+            differ.setdefault(key, values)
+    if unrecorded:
+        log.warning("%s: %d answer(s) from before mmllm recorded their settings: only their checkpoint is "
+                    "compared with this run's", results, unrecorded)
+    if differ:
+        what = ", ".join(f"{'checkpoint' if k == 'checkpoint' else '--' + k.replace('_', '-')} "
+                         f"{was!r} (now {value!r})" for k, (was, value) in differ.items())
+        raise OutputError(f"--output {out}: {stale} request(s) of {requests_file} were answered there with "
+                          f"{what}; resuming would skip them and keep those answers. Give a new --output, or "
+                          f"pass --overwrite to start {out} afresh (its results.jsonl, media/ and index.html "
+                          f"are replaced)")
+
+
+def start_afresh(out: Path) -> None:
+    """Remove what a run wrote to ``out`` (results.jsonl, media/, index.html), nothing else.
+
+    ``results.jsonl`` goes first, in one rename: a crash part-way leaves at worst unlisted media files
+    (overwritten by the new run), never old answers that look done.
+    """
+    out = Path(out)
+    names = [n for n in ("results.jsonl", "media", "index.html") if (out / n).exists()]
+    if not names:
+        return
+    trash = out / f".overwritten-{time.time_ns()}"
+    trash.mkdir()
+    try:
+        for name in names:
+            (out / name).rename(trash / name)
+            fsync_dir(out)
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+    log.info("starting %s afresh: removed its earlier %s", out, ", ".join(names))
 
 
 def checkpoint_fingerprint(checkpoint: Path) -> str:
@@ -337,11 +426,11 @@ class _Run:
     so each decoder runs on full batches even when a batch of requests mixes modalities.
     """
 
-    def __init__(self, model, out: Path, settings: Settings, batch_size: int, fail_fast: bool, fingerprint: str,
+    def __init__(self, model, out: Path, settings: Settings, batch_size: int, fail_fast: bool, made: dict[str, Any],
                  total: int):
         self.model, self.out, self.settings = model, out, settings
         self.batch_size, self.decode_batch_size = batch_size, settings.decode_batch_size or batch_size
-        self.fail_fast, self.fingerprint = fail_fast, fingerprint
+        self.fail_fast, self.fingerprint, self.made = fail_fast, made["checkpoint"], made["settings"]
         self.results = out / "results.jsonl"
         self.counts = {"done": 0, "failed": 0, "skipped": 0}
         self.seconds = {"prepare": 0.0, "llm": 0.0, "decode": 0.0, "write": 0.0}
@@ -464,7 +553,7 @@ class _Run:
         self.seconds["write"] += seconds["write"]
         _append_record(self.results, {
             "id": parsed.id, "line": item.line, "prompt": parsed.prompt_text, "inputs": parsed.inputs, "text": result.text,
-            "files": files, "seed": parsed.request.seed, "checkpoint": self.fingerprint,
+            "files": files, "seed": parsed.request.seed, "checkpoint": self.fingerprint, "settings": self.made,
             "seconds": {k: round(v, 4) for k, v in seconds.items()}, "batch_size": item.batch_size,
             "error": None,
         })
@@ -487,8 +576,13 @@ def run_requests(
     decode_batch_size: int | None = None,
     fail_fast: bool = False,
     checkpoint: Path | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Answer every request of ``requests_file`` into ``out``.
+
+    Raises :class:`OutputError` when ``out`` cannot be written, or when a request it holds done was
+    answered with another checkpoint or settings (see :func:`check_resume`) and ``overwrite`` is false;
+    ``overwrite`` first removes the earlier results instead (:func:`start_afresh`).
 
     Returns counts -- ``done``, ``failed``, ``skipped`` (done in an earlier run), ``stopped`` (1 if
     ``fail_fast`` stopped the run) -- and ``seconds``: wall time per stage (prepare, llm, decode,
@@ -497,16 +591,20 @@ def run_requests(
     """
     if batch_size < 1 or (decode_batch_size is not None and decode_batch_size < 1):
         raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {decode_batch_size}")
-    requests_file, out = Path(requests_file), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    requests_file, out = Path(requests_file), prepare_output(Path(out))
+    made = run_settings(checkpoint, str(next(model.parameters()).dtype).removeprefix("torch."), seed,
+                        max_new_tokens, temperature, top_p, steps, guidance)
+    if overwrite:
+        start_afresh(out)
+    else:
+        check_resume(out, requests_file, made)
     results = out / "results.jsonl"
     _repair_tail(results)
     skip = done_ids(results)
     lines = read_lines(requests_file)
     todo = [ln for ln in lines if ln.id not in skip or ln.error]
     settings = Settings(max_new_tokens, temperature, top_p, steps, guidance, decode_batch_size)
-    run = _Run(model, out, settings, batch_size, fail_fast,
-               checkpoint_fingerprint(checkpoint) if checkpoint else "none", len(todo))
+    run = _Run(model, out, settings, batch_size, fail_fast, made, len(todo))
     run.counts["skipped"] = len(lines) - len(todo)
     if run.counts["skipped"]:
         log.info("%d request(s) already done in %s: skipped", run.counts["skipped"], results)
