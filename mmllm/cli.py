@@ -539,6 +539,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("%s", exc)
         return 2
+    except OSError as exc:  # a path given (or named by a config) that is missing, unreadable or unwritable
+        if args.verbose:
+            log.exception("%s", exc)
+        else:
+            log.error("%s (run with -v for the traceback)", exc)
+        return 2
 
 
 if __name__ == "__main__":

@@ -151,7 +151,10 @@ class AnyToAnyModel(nn.Module):
                     )
                 decoders[m] = dec.requires_grad_(False).eval()
                 with seeded(config.seed, f"output_projections.{m}"):
-                    out_proj[m] = OutputProjection(hidden, config.signal_tokens[m], (L, D), oc)
+                    try:
+                        out_proj[m] = OutputProjection(hidden, config.signal_tokens[m], (L, D), oc)
+                    except ValueError as exc:
+                        raise ConfigError(f"output_projections.{m}: {exc}") from exc
                 checks.append(
                     f"llm hidden {hidden} x {config.signal_tokens[m]} signal tokens -> output_projections.{m} -> "
                     f"({L}, {D}) = decoders.{m} ({spec.kind}) conditioning_shape"

@@ -28,12 +28,20 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+def _attention_width(width: int, cfg: InputProjectionConfig | OutputProjectionConfig) -> int:
+    """``width`` checked for ``cfg``'s attention heads (each head gets ``width / num_heads`` dims)."""
+    if cfg.num_heads < 1 or width % cfg.num_heads:
+        raise ValueError(f"num_heads={cfg.num_heads} does not divide the attention width {width}; choose num_heads "
+                         f"among the divisors of {width}, or set hidden_dim to a multiple of {cfg.num_heads}")
+    return width
+
+
 class Resampler(nn.Module):
     """``num_tokens`` learned queries cross-attending to the input tokens, then a feed-forward."""
 
     def __init__(self, in_dim: int, out_dim: int, cfg: InputProjectionConfig):
         super().__init__()
-        width = cfg.hidden_dim or out_dim
+        width = _attention_width(cfg.hidden_dim or out_dim, cfg)
         self.num_tokens = cfg.num_tokens
         self.inp = nn.Linear(in_dim, width)
         self.queries = nn.Parameter(torch.randn(cfg.num_tokens, width) * width**-0.5)
@@ -82,7 +90,7 @@ class OutputProjection(nn.Module):
         self.num_signal = num_signal
         self.out_shape = tuple(out_shape)
         self.use_token_embeddings = cfg.use_token_embeddings
-        width = cfg.hidden_dim
+        width = _attention_width(cfg.hidden_dim, cfg)
         self.inp = nn.Linear(llm_dim, width)
         self.signal_pos = nn.Parameter(torch.zeros(num_signal, width))
         self.queries = nn.Parameter(torch.randn(out_shape[0], width) * width**-0.5)

@@ -90,3 +90,18 @@ def test_unknown_list_values_are_refused_before_any_work(argv, message, tmp_path
     with pytest.raises(SystemExit, match=message):
         main([*argv, "--output", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_path_is_an_error_message_not_a_traceback(tmp_path, capsys):
+    argv = ["train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), "init_from=null",
+            f"output_dir={tmp_path / 'out'}", "data=[{path: nowhere/pairs.jsonl, format: mmllm-pairs}]"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data file not found: nowhere/pairs.jsonl (a relative path is looked up from the working directory" in err
+    assert "Traceback" not in err
+    # attention heads that do not divide the width: named by the config key, not a bare torch assertion
+    assert main(["inspect", "--config", str(TINY), "input_projections.image.num_heads=3"]) == 2
+    assert main(["inspect", "--config", str(TINY), "output_projections.audio.num_heads=5"]) == 2
+    err = capsys.readouterr().err
+    assert "input_projections.image: num_heads=3 does not divide" in err
+    assert "output_projections.audio: num_heads=5 does not divide" in err

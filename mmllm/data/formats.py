@@ -312,7 +312,9 @@ def read_records(
     """Read a data file in ``fmt``; returns (records, errors). Malformed records are reported, not fatal."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        where = "" if path.is_absolute() else (f" (a relative path is looked up from the working directory "
+                                               f"{Path.cwd()}, then from the stage config's folder)")
+        raise FileNotFoundError(f"data file not found: {path}{where}")
     parsers = _parsers()
     if fmt not in parsers:
         raise ValueError(f"unknown data format {fmt!r}; valid formats: {', '.join(parsers)}")
