@@ -20,13 +20,45 @@ log = logging.getLogger("mmllm")
 def _setup_logging(verbose: bool) -> None:
     # Under torchrun / accelerate launch, the other processes report warnings and errors only: their
     # INFO lines (parameter tables, progress, "done") would repeat the main process's word for word.
+    # Other libraries say INFO about their own workings (open_clip logs each model build on the root
+    # logger): their warnings are shown, their INFO only with -v.
     level = logging.DEBUG if verbose else logging.INFO
     if os.environ.get("RANK", "0") != "0":
         level = logging.WARNING
-    logging.basicConfig(level=level,
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    logging.getLogger("mmllm").setLevel(level)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_DiffusersNoise())
+    if not _has_gpu_driver():
+        # DeepSpeed (imported by Accelerate when installed) otherwise warns on every process that it found
+        # no GPU and uses the CPU, which is what a machine without one does
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+class _DiffusersNoise(logging.Filter):
+    """Drop what users cannot act on: the pipeline-argument type hints our own parts trip on purpose (a
+    MiniLM text encoder where the pipeline's annotation names CLIP), and the same deprecation notice of
+    a pipeline class after its first time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("Expected types for "):
+            return False
+        if "has been deprecated and will not receive bug fixes" in message:
+            if message in self.seen:
+                return False
+            self.seen.add(message)
+        return True
+
+
+def _has_gpu_driver() -> bool:
+    return Path("/proc/driver/nvidia/version").exists() or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
