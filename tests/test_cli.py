@@ -72,3 +72,26 @@ def test_train_then_export_merged_lora_gives_the_same_outputs(sample_data, tmp_p
     torch.testing.assert_close(la, lb, rtol=1e-4, atol=1e-4)
     for k, v in a.learned_state_dict().items():
         assert torch.equal(v, b.learned_state_dict()[k])
+
+
+def test_data_check_and_cache_run_before_the_previous_stage_is_trained(sample_data, tmp_path, capsys):
+    """Both come before training: a decode-align config whose init_from is not there yet takes the stage's
+    own assembly, which gives the same report as the checkpoint, and a cache that training from the
+    checkpoint (trained afterwards) reads in full."""
+    stage = str(REPO / "configs/stages/tiny/decode_align.yaml")
+    data = f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"
+    previous = tmp_path / "encode_align" / "step-1"
+    assert main(["data", "check", "--config", stage, "--json", str(tmp_path / "before.json"), data,
+                 f"init_from={previous}"]) == 0
+    assert main(["cache", "--config", stage, data, f"init_from={previous}", f"cache.dir={tmp_path / 'c'}"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "is not there yet" in line]
+    assert len(notes) == 2 and all("stage's own assembly" in n for n in notes)
+
+    assert _train_cli("encode-align", sample_data["pairs"], tmp_path / "encode_align", "max_steps=1") == previous
+    assert main(["data", "check", "--config", stage, "--json", str(tmp_path / "after.json"), data,
+                 f"init_from={previous}"]) == 0
+    assert json.loads((tmp_path / "after.json").read_text()) == json.loads((tmp_path / "before.json").read_text())
+    # every conditioning target the stage reads is found under the checkpoint's decoders' fingerprints
+    assert main(["train", "--config", stage, data, f"init_from={previous}", f"cache.dir={tmp_path / 'c'}",
+                 "cache.require=true", f"output_dir={tmp_path / 'decode_align'}", "max_steps=1",
+                 "report_to=none"]) == 0
