@@ -51,7 +51,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from mmllm.config import load_stage
 
         stage = load_stage(args.config, args.overrides)
-        assembly, lora = load_assembly(stage.assembly), stage.lora
+        assembly, lora = load_assembly(stage.assembly, stage.assembly_overrides), stage.lora
     else:
         stage, assembly, lora = None, load_assembly(args.config, args.overrides), args.lora
     model = AnyToAnyModel.assemble(assembly)

@@ -39,6 +39,12 @@ def test_inspect_of_a_stage_counts_what_its_data_runs(capsys, tmp_path):
     assert all(v["frozen"] > 0 for k, v in da.items() if k.startswith("decoders."))
 
 
+def test_inspect_of_a_stage_applies_its_assembly_overrides(capsys):
+    assert main(["inspect", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"),
+                 "assembly.input_projections.audio.kind=linear"]) == 0
+    assert "input_projections.audio (linear)" in capsys.readouterr().out
+
+
 def test_inspect_reports_a_dimension_mismatch_as_an_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.read_text().replace("image: {hidden_dim: 64,", "image: {num_queries: 77, hidden_dim: 64,"))
