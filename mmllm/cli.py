@@ -84,7 +84,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from mmllm.config import load_stage
 
         stage = load_stage(args.config, args.overrides)
-        assembly, lora = load_assembly(stage.assembly), stage.lora
+        assembly, lora = load_assembly(stage.assembly, stage.assembly_overrides), stage.lora
     else:
         stage, assembly, lora = None, load_assembly(args.config, args.overrides), args.lora
     model = AnyToAnyModel.assemble(assembly)
@@ -264,17 +264,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _stage_model(args: argparse.Namespace, shapes_only: bool = False):
     """The stage config, its records and the model with what `mmllm cache` runs of its parts; with
     ``shapes_only``, no records and no decoder or encoder weights (for `data check`, which reads the
-    tokenizer and the shapes only, and must report bad data rather than fail on it)."""
+    tokenizer and the shapes only, and must report bad data rather than fail on it).
+
+    Both run before training, so the previous stage's checkpoint (``init_from``) may not exist yet: the
+    model is then the stage's own assembly. That gives what both read: the tokens and shapes come
+    from the assembly the previous stage trains, and the cache files each frozen part's outputs
+    under that part's fingerprint, so training finds them only if it runs the same part."""
+    import dataclasses
+
     from mmllm.config import load_stage
     from mmllm.data.dataset import load_stage_records
+    from mmllm.training.init_from import checkpoint_missing
     from mmllm.training.loop import build_model
     from mmllm.training.parts import StageParts, cache_parts, stage_parts
 
     cfg = load_stage(args.config, args.overrides)
+    model_cfg = cfg
+    if checkpoint_missing(cfg):
+        use = "the tokens and shapes it checks" if shapes_only else "the frozen encoders and decoders it runs"
+        note = "" if shapes_only else (" The cache files their outputs under each part's fingerprint: training "
+                                       "uses them only if the checkpoint runs the same parts (with "
+                                       "cache.require=true, a mismatch is reported before training).")
+        log.info("init_from %s is not there yet (the previous stage is not trained): %s come from the stage's own "
+                 "assembly %s, which the previous stage trains if its config names the same one.%s",
+                 cfg.init_from, use, cfg.assembly, note)
+        model_cfg = dataclasses.replace(cfg, init_from=None)
     if shapes_only:
-        return cfg, None, build_model(cfg, StageParts())
+        return cfg, None, build_model(model_cfg, StageParts())
     per_dataset = load_stage_records(cfg.data, cfg.stage)[0]
-    return cfg, per_dataset, build_model(cfg, cache_parts(stage_parts(cfg.losses, per_dataset)))
+    return cfg, per_dataset, build_model(model_cfg, cache_parts(stage_parts(cfg.losses, per_dataset)))
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:

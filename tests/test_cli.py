@@ -40,6 +40,12 @@ def test_inspect_of_a_stage_counts_what_its_data_runs(capsys, tmp_path):
     assert all(v["frozen"] > 0 for k, v in da.items() if k.startswith("decoders."))
 
 
+def test_inspect_of_a_stage_applies_its_assembly_overrides(capsys):
+    assert main(["inspect", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"),
+                 "assembly.input_projections.audio.kind=linear"]) == 0
+    assert "input_projections.audio (linear)" in capsys.readouterr().out
+
+
 def test_inspect_reports_a_dimension_mismatch_as_an_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.read_text().replace("image: {hidden_dim: 64,", "image: {num_queries: 77, hidden_dim: 64,"))
@@ -105,3 +111,26 @@ def test_a_missing_path_is_an_error_message_not_a_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "input_projections.image: num_heads=3 does not divide" in err
     assert "output_projections.audio: num_heads=5 does not divide" in err
+
+
+def test_data_check_and_cache_run_before_the_previous_stage_is_trained(sample_data, tmp_path, capsys):
+    """Both come before training: a decode-align config whose init_from is not there yet takes the stage's
+    own assembly, which gives the same report as the checkpoint, and a cache that training from the
+    checkpoint (trained afterwards) reads in full."""
+    stage = str(REPO / "configs/stages/tiny/decode_align.yaml")
+    data = f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"
+    previous = tmp_path / "encode_align" / "step-1"
+    assert main(["data", "check", "--config", stage, "--json", str(tmp_path / "before.json"), data,
+                 f"init_from={previous}"]) == 0
+    assert main(["cache", "--config", stage, data, f"init_from={previous}", f"cache.dir={tmp_path / 'c'}"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "is not there yet" in line]
+    assert len(notes) == 2 and all("stage's own assembly" in n for n in notes)
+
+    assert _train_cli("encode-align", sample_data["pairs"], tmp_path / "encode_align", "max_steps=1") == previous
+    assert main(["data", "check", "--config", stage, "--json", str(tmp_path / "after.json"), data,
+                 f"init_from={previous}"]) == 0
+    assert json.loads((tmp_path / "after.json").read_text()) == json.loads((tmp_path / "before.json").read_text())
+    # every conditioning target the stage reads is found under the checkpoint's decoders' fingerprints
+    assert main(["train", "--config", stage, data, f"init_from={previous}", f"cache.dir={tmp_path / 'c'}",
+                 "cache.require=true", f"output_dir={tmp_path / 'decode_align'}", "max_steps=1",
+                 "report_to=none"]) == 0

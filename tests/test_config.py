@@ -86,3 +86,42 @@ def test_a_bare_yaml_no_means_the_word_where_the_choice_has_it():
     # YAML 1.1 reads `no` as false; `mixed_precision=no` on a shell command line cannot be quoted
     cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["mixed_precision=no"])
     assert cfg.mixed_precision == "no"
+
+
+# --- the assembly a stage asks for vs the one an init_from checkpoint records (mmllm/training/init_from.py)
+
+
+@pytest.mark.parametrize("stage", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs/stages").glob("*/*.yaml")))
+def test_a_shipped_stage_assembly_equals_itself_as_a_checkpoint_records_it(stage):
+    """A checkpoint records to_dict(assembly) as JSON; read back, it must compare equal to the stage's own."""
+    import json
+
+    from mmllm.training.init_from import assembly_differences, normalized_assembly
+
+    assembly = load_assembly(load_stage(REPO / stage).assembly)
+    recorded = json.loads(json.dumps(to_dict(assembly), default=str))
+    assert assembly_differences(normalized_assembly(parse_assembly(recorded)), normalized_assembly(assembly)) == []
+
+
+def test_assembly_comparison_fills_defaults_and_sees_through_path_spellings(tmp_path):
+    from mmllm.training.init_from import assembly_differences, normalized_assembly
+
+    base = to_dict(load_assembly(TINY))
+    spelled = apply_overrides(base, [
+        "llm.max_position_embeddings=512", "llm.seed=0",  # TinyLlama's option defaults, written out
+        "decoders.image.dtype=float32", "decoders.audio.scheduler=null",  # diffusion decoder defaults
+        "input_projections.video.dropout=0.0", "encoders.video.image.pretrained=null"])  # nested in frames-video
+    del base["llm"]["init_std"]  # not a default here (0.1 vs 0.02): must show
+    diffs = assembly_differences(normalized_assembly(parse_assembly(spelled)), normalized_assembly(parse_assembly(base)))
+    assert [(d.key, d.checkpoint, d.stage) for d in diffs] == [("llm.init_std", 0.1, 0.02)]
+
+    weights = tmp_path / "decoder"
+    weights.mkdir()
+    (tmp_path / "other").mkdir()
+    default = to_dict(load_assembly(REPO / "configs/assemblies/default.yaml"))
+    absolute = apply_overrides(default, [f"decoders.image.model={weights}"])
+    relative = apply_overrides(default, [f"decoders.image.model={weights}/../{weights.name}"])
+    other = apply_overrides(default, [f"decoders.image.model={tmp_path / 'other'}"])
+    norm = [normalized_assembly(parse_assembly(a)) for a in (absolute, relative, other)]
+    assert assembly_differences(norm[0], norm[1]) == []
+    assert [d.key for d in assembly_differences(norm[0], norm[2])] == ["decoders.image.model"]

@@ -319,3 +319,69 @@ def test_gradients_become_ready_in_the_same_order_whatever_the_batch_holds(sampl
         model.zero_grad(set_to_none=True)
     assert len(orders[0]) == len(names)
     assert orders[0] == orders[1]
+
+
+# --- init_from: the stage's assembly vs the one the checkpoint records (mmllm/training/init_from.py)
+
+LINEAR_AUDIO = "assembly.input_projections.audio.kind=linear"  # tiny.yaml says mlp
+
+
+@pytest.fixture(scope="module")
+def encode_align_checkpoints(sample_data, tmp_path_factory):
+    """One-step encode-align checkpoints of tiny.yaml as it is and with the audio projection overridden."""
+    root = tmp_path_factory.mktemp("init_from")
+    plain = train(stage_cfg("encode-align", sample_data, root / "plain", max_steps=1)).final_checkpoint
+    linear = train(load_stage(REPO / "configs/stages/tiny/encode_align.yaml", [
+        f"output_dir={root / 'linear'}", "report_to=none", "max_steps=1", LINEAR_AUDIO,
+        f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"])).final_checkpoint
+    return {"plain": plain, "linear": linear}
+
+
+def decode_align_from(checkpoint, sample_data, out, *overrides):
+    return load_stage(REPO / "configs/stages/tiny/decode_align.yaml", [
+        f"output_dir={out}", "report_to=none", f"init_from={checkpoint}",
+        f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]", *overrides])
+
+
+def test_an_assembly_override_the_checkpoint_contradicts_is_refused_before_any_weight_loads(
+        encode_align_checkpoints, sample_data, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the assembly was checked")
+
+    monkeypatch.setattr(AnyToAnyModel, "from_pretrained", no_loading)
+    cfg = decode_align_from(encode_align_checkpoints["plain"], sample_data, tmp_path, LINEAR_AUDIO)
+    with pytest.raises(ConfigError) as exc:
+        build_model(cfg)
+    message = str(exc.value)
+    for needle in ("assembly.input_projections.audio.kind", '"mlp" (checkpoint) vs "linear"', "Drop the override",
+                   "init_from=null", str(encode_align_checkpoints["plain"])):
+        assert needle in message
+
+
+def test_overrides_repeated_from_the_previous_stage_continue_it_without_a_word(
+        encode_align_checkpoints, sample_data, tmp_path, caplog):
+    """scripts/train_default.sh passes the same OVERRIDES to every stage."""
+    cfg = decode_align_from(encode_align_checkpoints["linear"], sample_data, tmp_path, LINEAR_AUDIO)
+    with caplog.at_level(logging.WARNING, logger="mmllm"):
+        model = build_model(cfg)
+    assert model.config.input_projections["audio"].kind == "linear"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "init_from" in r.getMessage()]
+
+
+def test_a_stage_assembly_that_differs_from_the_checkpoint_is_named_in_a_warning(
+        encode_align_checkpoints, sample_data, tmp_path, caplog):
+    cfg = decode_align_from(encode_align_checkpoints["linear"], sample_data, tmp_path)  # override not repeated
+    with caplog.at_level(logging.WARNING, logger="mmllm"):
+        model = build_model(cfg)
+    assert model.config.input_projections["audio"].kind == "linear"  # the checkpoint's, as the warning says
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "init_from" in r.getMessage()]
+    assert len(warned) == 1
+    assert 'input_projections.audio.kind: "linear" (checkpoint) vs "mlp"' in warned[0]
+    assert "at 1 key(s)" in warned[0]
+    assert "init_from=null" in warned[0]
+
+
+def test_a_missing_init_from_says_how_to_go_on(sample_data, tmp_path):
+    cfg = decode_align_from(tmp_path / "not-trained-yet", sample_data, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"checkpoint directory not found.*train that stage first.*init_from=null"):
+        build_model(cfg)

@@ -31,6 +31,7 @@ from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
+from mmllm.training.init_from import check_init_from
 from mmllm.training.parts import StageParts, release_cached, stage_parts
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,10 @@ def token_spec(model: AnyToAnyModel) -> TokenSpec:
 
 def build_model(cfg: StageConfig, parts: StageParts | None = None) -> AnyToAnyModel:
     """The stage's model: the previous stage's checkpoint if named, else a fresh assembly, holding only
-    the frozen parts ``parts`` names (default: what the stage's data and losses run, :func:`stage_parts`)."""
+    the frozen parts ``parts`` names (default: what the stage's data and losses run, :func:`stage_parts`).
+    A checkpoint is rebuilt from the assembly it records: an ``assembly.*`` override that contradicts it is
+    refused, a stage assembly file that differs is warned about, before any weight loads (:mod:`.init_from`)."""
+    check_init_from(cfg)
     if parts is None:
         parts = stage_parts(cfg.losses, load_stage_records(cfg.data, cfg.stage)[0])
     log.info("stage %s: %s", cfg.stage, parts.describe())

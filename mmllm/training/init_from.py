@@ -1,0 +1,188 @@
+"""A stage with ``init_from`` continues the checkpoint's model, rebuilt from the assembly the checkpoint
+records; the stage's own assembly (its ``assembly:`` file and the ``assembly.*`` overrides) builds
+nothing. So before any weight loads, :func:`check_init_from` compares the two:
+
+* an ``assembly.*`` override that disagrees with the checkpoint is a :class:`ConfigError` (it cannot
+  apply: the checkpoint's learned weights have the checkpoint's shapes);
+* the file disagreeing with the checkpoint, where no override asked for it, is a warning naming the
+  keys: a previous stage trained with overrides that this one does not repeat (or a stage file that
+  names another assembly) continues the checkpoint's assembly, as before.
+
+Both sides are compared as plain data with every default filled in -- the assembly's own and those of
+each component kind's options -- so an option written out at its default value, or a path written
+relative in one and absolute in the other, is no difference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmllm.config import AssemblyConfig, ConfigError, StageConfig, load_assembly, parse_assembly, to_dict
+
+log = logging.getLogger(__name__)
+
+SHOW = 8  # differences listed in a message
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "(not set)"
+
+
+ABSENT: Any = _Absent()  # a key one side does not have
+
+
+@dataclass(frozen=True)
+class Difference:
+    key: str  # dotted path in the assembly, e.g. input_projections.audio.kind
+    checkpoint: Any
+    stage: Any
+
+
+def checkpoint_missing(cfg: StageConfig) -> bool:
+    """``init_from`` is set but nothing is there yet (the previous stage has not been trained)."""
+    return bool(cfg.init_from) and not Path(cfg.init_from).exists()
+
+
+def missing_checkpoint_error(cfg: StageConfig) -> ConfigError:
+    return ConfigError(
+        f"init_from {cfg.init_from}: checkpoint directory not found (a relative path resolves from {Path.cwd()}). "
+        f"The stage {cfg.stage} continues the previous stage's checkpoint: train that stage first, point "
+        f"init_from at its step-N folder, or set init_from=null to start from the stage's assembly ({cfg.assembly})"
+    )
+
+
+def normalized_assembly(assembly: AssemblyConfig | dict[str, Any]) -> dict[str, Any]:
+    """``assembly`` as JSON-like data with the defaults of every component kind's options filled in
+    (a component whose options do not parse is kept as written)."""
+    data = to_dict(assembly) if isinstance(assembly, AssemblyConfig) else json.loads(json.dumps(assembly, default=str))
+    if isinstance(data.get("llm"), dict):
+        data["llm"] = _component("llm", data["llm"])
+    for section, table in (("encoders", "encoder"), ("decoders", "decoder")):
+        if isinstance(data.get(section), dict):
+            data[section] = {m: _component(table, spec) for m, spec in data[section].items()}
+    return json.loads(json.dumps(data, default=str))
+
+
+def _component(table: str, spec: Any) -> Any:
+    from mmllm import registry
+    from mmllm.config import ComponentSpec
+
+    if not isinstance(spec, dict) or "kind" not in spec:
+        return spec
+    try:
+        parsed = ComponentSpec.parse(spec, table)
+        options = to_dict(registry.parse_options(table, parsed, table))
+    except (ConfigError, ImportError):
+        return spec
+    # a nested component of the same table (frames-video's per-frame image encoder)
+    options = {k: _component(table, v) if isinstance(v, dict) and v.get("kind") in registry.TABLES[table] else v
+               for k, v in options.items()}
+    return {"kind": parsed.kind, **options}
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def _same_location(a: str, b: str) -> bool:
+    """Two spellings (relative, absolute, ``package:``) of one existing file or folder."""
+    from mmllm.locations import resolve_location
+
+    prefix = "local-dir:"
+    if a.startswith(prefix) != b.startswith(prefix):
+        return False
+    a, b = a.removeprefix(prefix), b.removeprefix(prefix)
+    try:
+        pa, pb = resolve_location(a), resolve_location(b)
+        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)
+    except (ConfigError, OSError, ValueError):
+        return False
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    return isinstance(a, str) and isinstance(b, str) and _same_location(a, b)
+
+
+def assembly_differences(checkpoint: dict[str, Any], stage: dict[str, Any]) -> list[Difference]:
+    """Leaf-by-leaf differences of two :func:`normalized_assembly` results."""
+    a, b = _flatten(checkpoint, "", {}), _flatten(stage, "", {})
+    keys = list(a) + [k for k in b if k not in a]
+    return [Difference(k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in keys
+            if not _equal(a.get(k, ABSENT), b.get(k, ABSENT))]
+
+
+def override_key(override: str) -> str:
+    return override.split("=", 1)[0].strip()
+
+
+def _override_for(key: str, overrides: list[str]) -> str | None:
+    """The last override that sets ``key`` or a mapping above or below it."""
+    found = None
+    for item in overrides:
+        k = override_key(item)
+        if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+            found = item
+    return found
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if value is ABSENT else json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _listing(diffs: list[Difference], label: Callable[[Difference], str]) -> str:
+    lines = [f"{d.key}: {_show(d.checkpoint)} (checkpoint) vs {_show(d.stage)} ({label(d)})" for d in diffs[:SHOW]]
+    if len(diffs) > SHOW:
+        lines.append(f"... and {len(diffs) - SHOW} more")
+    return "; ".join(lines)
+
+
+def check_init_from(cfg: StageConfig) -> None:
+    """Compare the stage's resolved assembly with the one ``cfg.init_from`` records; raise on an
+    override the checkpoint contradicts, warn on a file that differs. Reads ``mmllm.json`` only."""
+    from mmllm.training.checkpoint import CONFIG_FILE, read_meta
+
+    if not cfg.init_from:
+        return
+    if checkpoint_missing(cfg):
+        raise missing_checkpoint_error(cfg)
+    directory = Path(cfg.init_from)
+    saved = read_meta(directory)["assembly"]
+    try:
+        checkpoint_side = normalized_assembly(parse_assembly(saved, where=f"{directory}/{CONFIG_FILE}"))
+    except ConfigError:  # written by an older mmllm: compare as recorded
+        checkpoint_side = normalized_assembly(saved)
+    stage_side = normalized_assembly(load_assembly(cfg.assembly, cfg.assembly_overrides))
+    diffs = assembly_differences(checkpoint_side, stage_side)
+    if not diffs:
+        return
+    by_override = {d.key: item for d in diffs if (item := _override_for(d.key, cfg.assembly_overrides))}
+    if by_override:
+        asked = [d for d in diffs if d.key in by_override]
+        named = sorted({f"assembly.{override_key(by_override[d.key])}" for d in asked})
+        raise ConfigError(
+            f"init_from {directory}: the stage continues the checkpoint's model, built from the assembly the "
+            f"checkpoint records, so the override(s) {', '.join(named)} cannot apply: "
+            f"{_listing(asked, lambda d: 'assembly.' + by_override[d.key])}. Drop the override(s) to continue "
+            f"the checkpoint as it is, or set init_from=null to train the overridden assembly from the start"
+        )
+    log.warning(
+        "init_from %s: the stage's assembly %s differs from the one the checkpoint was trained with at %d key(s): "
+        "%s. Training continues the checkpoint's assembly; the file is not used. To train the file's assembly "
+        "set init_from=null; to continue the checkpoint without this warning, make the file match it (or repeat "
+        "the previous stage's assembly.* overrides)", directory, cfg.assembly, len(diffs),
+        _listing(diffs, lambda d: "stage's assembly"))
