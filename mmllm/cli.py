@@ -258,10 +258,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from mmllm.demo import run_demo
 
+    if args.quick and not args.tiny:
+        raise SystemExit("--quick shortens the training of --tiny; the embedded default is already trained: "
+                         "use `mmllm demo --tiny --quick`, or leave --quick out")
     return run_demo(Path(args.output), quick=args.quick, tiny=args.tiny)
 
 
-def _stage_model(args: argparse.Namespace, shapes_only: bool = False):
+def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None):
     """The stage config, its records and the model with what `mmllm cache` runs of its parts; with
     ``shapes_only``, no records and no decoder or encoder weights (for `data check`, which reads the
     tokenizer and the shapes only, and must report bad data rather than fail on it).
@@ -269,7 +272,8 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False):
     Both run before training, so the previous stage's checkpoint (``init_from``) may not exist yet: the
     model is then the stage's own assembly. That gives what both read: the tokens and shapes come
     from the assembly the previous stage trains, and the cache files each frozen part's outputs
-    under that part's fingerprint, so training finds them only if it runs the same part."""
+    under that part's fingerprint, so training finds them only if it runs the same part. ``check(cfg)``
+    runs on the config before anything loads."""
     import dataclasses
 
     from mmllm.config import load_stage
@@ -279,6 +283,8 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False):
     from mmllm.training.parts import StageParts, cache_parts, stage_parts
 
     cfg = load_stage(args.config, args.overrides)
+    if check is not None:
+        check(cfg)
     model_cfg = cfg
     if checkpoint_missing(cfg):
         use = "the tokens and shapes it checks" if shapes_only else "the frozen encoders and decoders it runs"
@@ -307,9 +313,10 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from mmllm.data.cache_build import build_cache
+    from mmllm.data.cache_build import build_cache, require_cache_dir
 
-    cfg, per_dataset, model = _stage_model(args)  # the records read once, for the model's parts and the cache
+    # the records read once, for the model's parts and the cache
+    cfg, per_dataset, model = _stage_model(args, check=require_cache_dir)
     report = build_cache(cfg, model, batch_size=args.batch_size, device=args.device, per_dataset=per_dataset)
     print(report.format())
     everything = cfg.cache.encoders and (cfg.cache.targets or not cfg.losses.mse)

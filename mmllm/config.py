@@ -430,7 +430,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key.sub=value")
+            hint = (" (a path: --resume takes none, it continues from the newest checkpoint in output_dir; "
+                    "to start from a checkpoint use init_from=PATH)" if Path(item).exists() else "")
+            raise ConfigError(f"override {item!r}: expected key.sub=value{hint}")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):

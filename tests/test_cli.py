@@ -134,3 +134,26 @@ def test_data_check_and_cache_run_before_the_previous_stage_is_trained(sample_da
     assert main(["train", "--config", stage, data, f"init_from={previous}", f"cache.dir={tmp_path / 'c'}",
                  "cache.require=true", f"output_dir={tmp_path / 'decode_align'}", "max_steps=1",
                  "report_to=none"]) == 0
+
+
+def test_misplaced_arguments_are_explained_before_anything_loads(tmp_path, capsys, monkeypatch):
+    import mmllm.training.loop
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("a model was built before the arguments were checked")
+
+    monkeypatch.setattr(mmllm.training.loop, "build_model", no_building)
+    stage = str(REPO / "configs/stages/tiny/encode_align.yaml")
+    assert main(["cache", "--config", stage, "cache.dir=null", "init_from=null"]) == 2
+    assert "sets no cache.dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--quick shortens the training of --tiny"):
+        main(["demo", "--quick", "--output", str(tmp_path / "demo")])
+    run = tmp_path / "run"
+    (run / "step-4").mkdir(parents=True)
+    (run / "final.json").write_text(json.dumps({"checkpoint": "step-4"}))
+    assert main(["train", "--config", stage, "--resume", str(run / "step-4")]) == 2
+    assert "--resume takes none" in capsys.readouterr().err
+    from mmllm.training.checkpoint import CheckpointError, verify_manifest
+
+    with pytest.raises(CheckpointError, match=r"training run's folder; give one of its checkpoints, e\.g\. .*step-4"):
+        verify_manifest(run)

@@ -52,8 +52,7 @@ def build_cache(cfg: Any, model: Any, batch_size: int = 16, device: str = "cpu",
                 per_dataset: list[list[Any]] | None = None) -> CacheBuildReport:
     """Compute what the stage's records need and the cache lacks; ``per_dataset``: the stage's records
     if already read (else they are read here)."""
-    if not cfg.cache.dir:
-        raise ConfigError("the stage config sets no cache.dir: add `cache: {dir: PATH}` or pass cache.dir=PATH")
+    require_cache_dir(cfg)
     cache = FeatureCache(cfg.cache.dir)
     report = CacheBuildReport(cache.directory)
     if per_dataset is None:
@@ -73,6 +72,12 @@ def build_cache(cfg: Any, model: Any, batch_size: int = 16, device: str = "cpu",
     elif cfg.cache.targets:
         log.info("stage %s has no MSE loss: no conditioning targets needed", cfg.stage)
     return report
+
+
+def require_cache_dir(cfg: Any) -> None:
+    """The stage config names the cache folder to fill (checked before anything loads)."""
+    if not cfg.cache.dir:
+        raise ConfigError("the stage config sets no cache.dir: add `cache: {dir: PATH}` or pass cache.dir=PATH")
 
 
 def _component(model: Any, section: str, m: str, module: Any) -> dict[str, Any]:

@@ -81,7 +81,8 @@ def write_manifest(root: Path) -> None:
 def verify_manifest(root: Path) -> None:
     manifest = root / MANIFEST
     if not manifest.is_file():
-        raise CheckpointError(f"{root}: no {MANIFEST}; this is not a complete mmllm checkpoint")
+        raise CheckpointError(f"{root}: no {MANIFEST}; this is not a complete mmllm checkpoint."
+                              + _run_folder_hint(Path(root)))
     try:
         files = json.loads(manifest.read_text())["files"]
     except (json.JSONDecodeError, KeyError) as exc:
@@ -150,11 +151,27 @@ def save_model_checkpoint(model, directory: Path, extra: dict[str, Any]) -> Path
 def read_meta(directory: Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise CheckpointError(f"{directory}: no {CONFIG_FILE}; is this an mmllm checkpoint directory?")
+        raise CheckpointError(f"{directory}: no {CONFIG_FILE}; is this an mmllm checkpoint directory?"
+                              + _run_folder_hint(Path(directory)))
     meta = json.loads(path.read_text())
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
     return meta
+
+
+def _run_folder_hint(directory: Path) -> str:
+    """For a training run's folder given where one of its checkpoints is wanted: which one to give."""
+    final = directory / "final.json"
+    try:
+        name = json.loads(final.read_text())["checkpoint"] if final.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        name = None
+    steps = step_dirs(directory)
+    if name is None and not steps:
+        return ""
+    chosen = directory / name if name else steps[-1]
+    return (f" It is a training run's folder; give one of its checkpoints, e.g. {chosen} "
+            f"({'the final one, final.json' if name else 'the newest'})")
 
 
 def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify: bool = True,
@@ -370,6 +387,11 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
     check_export_target(checkpoint, out)
     model = load_model_checkpoint(checkpoint)
     meta = read_meta(checkpoint)
+    if model._peft_model is None:
+        stage = meta.get("stage") if isinstance(meta.get("stage"), dict) else {}
+        log.warning("%s has no LoRA adapter (stage %s): there is nothing to merge; the export holds the "
+                    "LLM as it is, saved in full under llm/ (a weights-only export, without --merge-lora, is "
+                    "smaller)", checkpoint, stage.get("stage", "adapter-less"))
 
     def fill(tmp: Path) -> None:
         save_file(model.learned_state_dict(), str(tmp / LEARNED_FILE), metadata={"format": "pt"})
