@@ -494,6 +494,11 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     base = Path(path).resolve().parent
     cfg.assembly = resolve_path(base, cfg.assembly)
     cfg.lora = resolve_path(base, cfg.lora)
+    for key in ("assembly", "lora"):
+        value = getattr(cfg, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{path}: {key}: {value} not found (a relative path is looked up from the working "
+                              f"directory {Path.cwd()}, then from the stage config's folder {base})")
     for ds in cfg.data:
         ds.path = resolve_path(base, ds.path)
         ds.root = resolve_path(base, ds.root)

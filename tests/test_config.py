@@ -82,6 +82,15 @@ def test_stage_values_that_cannot_train_are_refused_when_loading(override, messa
         load_stage(REPO / "configs/stages/tiny/encode_align.yaml", [override])
 
 
+def test_a_missing_assembly_or_lora_file_says_where_it_was_looked_for():
+    with pytest.raises(ConfigError, match=r"lora: \.\./\.\./lora/tinyy\.yaml not found \(a relative path is looked "
+                                          r"up from the working directory .*, then from the stage config's folder "
+                                          r".*configs/stages/tiny\)"):
+        load_stage(REPO / "configs/stages/tiny/instruct.yaml", ["lora=../../lora/tinyy.yaml"])
+    with pytest.raises(ConfigError, match="assembly: nowhere.yaml not found"):
+        load_stage(REPO / "configs/stages/tiny/instruct.yaml", ["assembly=nowhere.yaml"])
+
+
 def test_a_bare_yaml_no_means_the_word_where_the_choice_has_it():
     # YAML 1.1 reads `no` as false; `mixed_precision=no` on a shell command line cannot be quoted
     cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["mixed_precision=no"])
