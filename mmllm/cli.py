@@ -87,7 +87,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         assembly, lora = load_assembly(stage.assembly, stage.assembly_overrides), stage.lora
     else:
         stage, assembly, lora = None, load_assembly(args.config, args.overrides), args.lora
-    model = AnyToAnyModel.assemble(assembly)
+    model = AnyToAnyModel.assemble(assembly, llm_weights=False)  # counted and checked, never run
     print(f"assembly: {assembly.name}")
     print(f"  llm: {assembly.llm.kind} {assembly.llm.options}  hidden={model.llm.hidden_size}")
     for m, spec in assembly.encoders.items():
@@ -267,25 +267,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None):
     """The stage config, its records and the model with what `mmllm cache` runs of its parts; with
     ``shapes_only``, no records and no decoder or encoder weights (for `data check`, which reads the
-    tokenizer and the shapes only, and must report bad data rather than fail on it).
+    tokenizer and the shapes only, and must report bad data rather than fail on it). Neither runs the
+    LLM: it is built from its config alone (tokenizer, token ids, sizes; no weights read).
 
-    Both run before training, so the previous stage's checkpoint (``init_from``) may not exist yet: the
-    model is then the stage's own assembly. That gives what both read: the tokens and shapes come
-    from the assembly the previous stage trains, and the cache files each frozen part's outputs
-    under that part's fingerprint, so training finds them only if it runs the same part. ``check(cfg)``
-    runs on the config before anything loads."""
-    import dataclasses
-
-    from mmllm.config import load_stage
+    The assembly is the one the stage trains: ``init_from``'s recorded one when that checkpoint exists
+    (checked against the stage's as training checks it). Both commands run before training, so the
+    previous stage's checkpoint may not exist yet: the assembly is then the stage's own. That gives what
+    both read: the tokens and shapes come from the assembly the previous stage trains, and the cache
+    files each frozen part's outputs under that part's fingerprint, so training finds them only if it
+    runs the same part. ``check(cfg)`` runs on the config before anything loads."""
+    from mmllm.config import load_assembly, load_stage
     from mmllm.data.dataset import load_stage_records
-    from mmllm.training.init_from import checkpoint_missing
-    from mmllm.training.loop import build_model
+    from mmllm.model import AnyToAnyModel
+    from mmllm.training.checkpoint import checkpoint_assembly
+    from mmllm.training.init_from import check_init_from, checkpoint_missing
     from mmllm.training.parts import StageParts, cache_parts, stage_parts
 
     cfg = load_stage(args.config, args.overrides)
     if check is not None:
         check(cfg)
-    model_cfg = cfg
     if checkpoint_missing(cfg):
         use = "the tokens and shapes it checks" if shapes_only else "the frozen encoders and decoders it runs"
         note = "" if shapes_only else (" The cache files their outputs under each part's fingerprint: training "
@@ -294,11 +294,16 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None
         log.info("init_from %s is not there yet (the previous stage is not trained): %s come from the stage's own "
                  "assembly %s, which the previous stage trains if its config names the same one.%s",
                  cfg.init_from, use, cfg.assembly, note)
-        model_cfg = dataclasses.replace(cfg, init_from=None)
-    if shapes_only:
-        return cfg, None, build_model(model_cfg, StageParts())
-    per_dataset = load_stage_records(cfg.data, cfg.stage)[0]
-    return cfg, per_dataset, build_model(model_cfg, cache_parts(stage_parts(cfg.losses, per_dataset)))
+        assembly = load_assembly(cfg.assembly, cfg.assembly_overrides)
+    elif cfg.init_from:
+        check_init_from(cfg)
+        assembly = checkpoint_assembly(Path(cfg.init_from))
+    else:
+        assembly = load_assembly(cfg.assembly, cfg.assembly_overrides)
+    per_dataset = None if shapes_only else load_stage_records(cfg.data, cfg.stage)[0]
+    parts = StageParts() if shapes_only else cache_parts(stage_parts(cfg.losses, per_dataset))
+    log.info("stage %s: %s; the LLM from its config alone (not run here)", cfg.stage, parts.describe())
+    return cfg, per_dataset, AnyToAnyModel.assemble(assembly, parts.decoders, parts.encoders, llm_weights=False)
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:

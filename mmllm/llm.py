@@ -13,10 +13,15 @@ frozen and untouched, and two thin wrappers add the new rows as separate paramet
 
 Token ids: the tokenizer's original ids, then the signal tokens of each output modality, then the
 placeholders ``<image>``, ``<audio>``, ``<video>``. Placeholders are never predicted.
+
+Built with ``weights=False`` the core is its config on torch's meta device (no weights read, no memory):
+its tokenizer, token ids and sizes are those of the loaded core, for what needs only them (``mmllm data
+check``, ``mmllm cache``, ``mmllm inspect``); embedding tokens with it is refused by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -114,6 +119,11 @@ class LLMCore(nn.Module):
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
+    @property
+    def has_weights(self) -> bool:
+        """False for a core built from its config alone (``weights=False``: parameters on the meta device)."""
+        return next(self.model.parameters()).device.type != "meta"
+
     def describe(self) -> dict[str, Any]:
         return dict(self._describe)
 
@@ -150,7 +160,7 @@ class LLMCore(nn.Module):
         weight = base_emb.weight.detach().float()
         gen = torch.Generator().manual_seed(seed)
         n_signal = len(signal_strings)
-        noise = torch.randn(n_signal, weight.shape[1], generator=gen) * weight.std() * 0.1
+        noise = torch.randn(n_signal, weight.shape[1], generator=gen).to(weight.device) * weight.std() * 0.1
         # The new rows are fp32 whatever the core's dtype: a bf16 row would round small AdamW updates
         # away. The wrappers cast them to the activations' dtype on use.
         signal = nn.Parameter(weight[:first].mean(0, keepdim=True) + noise)
@@ -184,6 +194,9 @@ class LLMCore(nn.Module):
         return int(self.first_new_id + sum(len(v) for v in self.signal_ids.values()))
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.has_weights:
+            raise RuntimeError("this LLM was built from its config alone (weights=False / llm_weights=False: "
+                               "tokenizer and sizes only), so it cannot run; assemble the model with its weights")
         return self.model.get_input_embeddings()(ids)
 
     def decoder(self) -> nn.Module:
@@ -248,8 +261,8 @@ class HFCausalLM:
         gguf_cache: str = "~/.cache/mmllm/gguf"
 
     @classmethod
-    def from_options(cls, o: Options, where: str = "llm") -> LLMCore:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    def from_options(cls, o: Options, where: str = "llm", weights: bool = True) -> LLMCore:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         if o.dtype not in DTYPES:
             raise ConfigError(f"llm.dtype: {o.dtype!r} is not one of {list(DTYPES)}")
@@ -267,7 +280,13 @@ class HFCausalLM:
         kwargs = {"revision": o.revision, "trust_remote_code": o.trust_remote_code}
         try:
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[o.dtype], **kwargs)
+            if weights:
+                model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[o.dtype], **kwargs)
+            else:
+                config = AutoConfig.from_pretrained(location, **kwargs)
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[o.dtype],
+                                                             trust_remote_code=o.trust_remote_code)
         except OSError as exc:
             raise ConfigError(f"llm.name_or_path: cannot load {o.name_or_path!r}: {exc}") from exc
         return LLMCore(model, tokenizer, {"kind": "hf-causal-lm", "name_or_path": o.name_or_path,
@@ -291,7 +310,7 @@ class TinyLlama:
         seed: int = 0
 
     @classmethod
-    def from_options(cls, o: Options, where: str = "llm") -> LLMCore:
+    def from_options(cls, o: Options, where: str = "llm", weights: bool = True) -> LLMCore:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         from mmllm.tiny_tokenizer import build_tiny_tokenizer
@@ -311,7 +330,7 @@ class TinyLlama:
             eos_token_id=tokenizer.eos_token_id,
             initializer_range=o.init_std,
         )
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), contextlib.nullcontext() if weights else torch.device("meta"):
             torch.manual_seed(o.seed)
             model = LlamaForCausalLM(config)
         return LLMCore(model, tokenizer, {"kind": "tiny-llama", **o.__dict__})

@@ -93,12 +93,14 @@ class AnyToAnyModel(nn.Module):
         config: AssemblyConfig,
         decoder_parts: str | Mapping[str, str] = "all",
         encoder_weights: Collection[str] | None = None,
+        llm_weights: bool = True,
     ) -> AnyToAnyModel:
         """Build every part and check every dimension. ``decoder_parts`` (one of ``DECODER_PARTS``, or one
         per modality, ``"config"`` for a modality not named): what each decoder loads -- ``"all"`` to
         generate; ``"conditioning"`` (text encoder) for MSE targets; ``"config"`` (no weights) when
         nothing runs it. ``encoder_weights``: the modalities whose encoder loads its weights (None: all);
-        the others are built as :class:`EncoderShape`, reading no weights. The checks are the same."""
+        the others are built as :class:`EncoderShape`, reading no weights. ``llm_weights=False``: the LLM
+        is its config on the meta device (tokenizer, token ids and sizes only). The checks are the same."""
         parts_of = {m: decoder_parts if isinstance(decoder_parts, str) else decoder_parts.get(m, "config")
                     for m in config.decoders}
         bad = sorted({p for p in parts_of.values() if p not in DECODER_PARTS})
@@ -106,7 +108,7 @@ class AnyToAnyModel(nn.Module):
             raise ValueError(f"decoder_parts must be among {DECODER_PARTS}, got {bad}")
         checks: list[str] = []
         with seeded(config.seed, "llm"):
-            llm: LLMCore = registry.build("llm", config.llm, "llm")
+            llm: LLMCore = registry.build("llm", config.llm, "llm", weights=llm_weights)
         llm.add_tokens(config.signal_tokens, seed=config.seed)
         hidden = llm.hidden_size
         encoders: dict[str, MediaEncoder] = {}

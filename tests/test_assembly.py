@@ -93,3 +93,35 @@ def test_a_bf16_core_from_a_local_dir_keeps_fp32_signal_rows(tiny_assembly, tmp_
     h = torch.randn(1, model.config.signal_tokens["image"], model.llm.hidden_size, dtype=torch.bfloat16)
     proj = model.output_projections["image"]
     assert proj(h.float()).shape[1:] == model.decoders["image"].conditioning_shape
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "hf-causal-lm"])
+def test_an_llm_built_without_weights_has_the_loaded_ones_tokens_and_sizes(kind, tiny_assembly, tmp_path):
+    """`llm_weights=False` (data check, cache, inspect): the core on the meta device, reading no weights,
+    with the same tokenizer, token ids, sizes, parameter counts and checks; running it is refused."""
+    from mmllm.llm import TinyLlama
+    from mmllm.training.freeze import count_parameters
+    from mmllm.training.loop import token_spec
+
+    data = to_dict(tiny_assembly)
+    if kind == "hf-causal-lm":
+        core = TinyLlama.from_options(TinyLlama.Options(**tiny_assembly.llm.options))
+        core.model.save_pretrained(tmp_path / "llm")
+        core.tokenizer.save_pretrained(tmp_path / "llm")
+        for weights in (tmp_path / "llm").glob("*.safetensors"):
+            weights.write_bytes(b"not read")  # reading them would fail
+        data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(tmp_path / "llm")}
+        shapes = AnyToAnyModel.assemble(parse_assembly(data), llm_weights=False)
+        core.model.save_pretrained(tmp_path / "llm")  # restored, for the loaded one to compare with
+        full = AnyToAnyModel.assemble(parse_assembly(data))
+    else:
+        full = AnyToAnyModel.assemble(parse_assembly(data))
+        shapes = AnyToAnyModel.assemble(parse_assembly(data), llm_weights=False)
+    assert full.llm.has_weights and not shapes.llm.has_weights
+    assert all(p.device.type == "meta" for p in shapes.llm.model.parameters())
+    assert shapes.llm.tokenizer.get_vocab() == full.llm.tokenizer.get_vocab()
+    assert token_spec(shapes) == token_spec(full) and shapes.checks == full.checks
+    assert shapes.llm.hidden_size == full.llm.hidden_size
+    assert count_parameters(shapes) == count_parameters(full)
+    with pytest.raises(RuntimeError, match="built from its config alone .* cannot run"):
+        shapes.llm.embed(torch.tensor([[1, 2]]))

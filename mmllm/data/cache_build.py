@@ -58,7 +58,8 @@ def build_cache(cfg: Any, model: Any, batch_size: int = 16, device: str = "cpu",
     if per_dataset is None:
         per_dataset = load_stage_records(cfg.data, cfg.stage)[0]
     convs = [c for d in per_dataset for c in d]
-    model.to(device)
+    for part in (*model.encoders.values(), *model.decoders.values()):  # the LLM is not run (it may hold no weights)
+        part.to(device)
     if cfg.cache.encoders:
         for m, encoder in model.encoders.items():
             paths = list(dict.fromkeys(r.path for c in convs for r in c.media_refs() if r.modality == m))
@@ -113,7 +114,7 @@ def _encoder_section(cache: FeatureCache, cfg: Any, model: Any, m: str, encoder:
             if not inputs:
                 continue
             with torch.no_grad():
-                feats = encoder(torch.cat(inputs).to(model.device, dtype))
+                feats = encoder(torch.cat(inputs).to(next(encoder.parameters()).device, dtype))
             for key, row in zip(keys, feats):
                 writer.add(key, row)
             report.computed[f"encoder/{m}"] += len(keys)

@@ -174,6 +174,18 @@ def _run_folder_hint(directory: Path) -> str:
             f"({'the final one, final.json' if name else 'the newest'})")
 
 
+def checkpoint_assembly(directory: Path, meta: dict[str, Any] | None = None):
+    """The assembly a checkpoint records (an exported merged LLM's ``./llm`` made a path)."""
+    directory = Path(directory)
+    meta = read_meta(directory) if meta is None else meta
+    assembly = dict(meta["assembly"])
+    llm = dict(assembly["llm"])
+    if llm.get("kind") == "hf-causal-lm" and str(llm.get("name_or_path", "")).startswith("./"):
+        llm["name_or_path"] = str(directory / llm["name_or_path"][2:])  # an exported (merged) LLM
+        assembly["llm"] = llm
+    return parse_assembly(assembly, where=f"{directory}/{CONFIG_FILE}")
+
+
 def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify: bool = True,
                           decoder_parts: Any = "all", encoder_weights: Any = None):
     from mmllm.config import LoraConfig
@@ -185,13 +197,7 @@ def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify:
     if verify:
         verify_manifest(directory)
     meta = read_meta(directory)
-    assembly = dict(meta["assembly"])
-    llm = dict(assembly["llm"])
-    if llm.get("kind") == "hf-causal-lm" and str(llm.get("name_or_path", "")).startswith("./"):
-        llm["name_or_path"] = str(directory / llm["name_or_path"][2:])  # an exported (merged) LLM
-        assembly["llm"] = llm
-    model = AnyToAnyModel.assemble(parse_assembly(assembly, where=f"{directory}/{CONFIG_FILE}"), decoder_parts,
-                                   encoder_weights)
+    model = AnyToAnyModel.assemble(checkpoint_assembly(directory, meta), decoder_parts, encoder_weights)
     tokens = _token_additions(model)
     saved = {k: meta["tokens"][k] for k in tokens}
     if json.loads(json.dumps(tokens)) != saved:
