@@ -119,6 +119,22 @@ def test_sampler_is_stateless_and_splits_global_batches_across_ranks():
     assert MixtureSampler([5, 3], [1.0, 2.0], seed=2).micro_batch(3, 0, 1, 0, 1, 4) != one
 
 
+@pytest.mark.parametrize("weight", [0.5, 0.3, 1.5, 2.7])
+def test_a_fractional_weight_draws_another_share_each_epoch_and_every_sample_equally(weight):
+    from collections import Counter
+
+    s = MixtureSampler([10, 4], [weight, 1.0], seed=3)
+    count = round(10 * weight)
+    epochs = 20
+    seen = Counter(i for d, i in map(s.at, range(s.epoch_size * epochs)) if d == 0)
+    assert sum(seen.values()) == count * epochs  # the epoch's share of dataset 0 stays `weight`
+    assert set(seen) == set(range(10)) and max(seen.values()) - min(seen.values()) <= 1
+    shares = [{i for d, i in map(s.at, range(e * s.epoch_size, (e + 1) * s.epoch_size)) if d == 0} for e in (0, 1)]
+    assert weight > 1 or shares[0] != shares[1]
+    again = MixtureSampler([10, 4], [weight, 1.0], seed=3)  # stateless: any position, any order
+    assert [again.at(p) for p in reversed(range(s.epoch_size * 3))] == [s.at(p) for p in reversed(range(s.epoch_size * 3))]
+
+
 def test_a_conversation_must_open_with_the_user(tiny_model, spec):
     conv = Conversation("c", [Message("assistant", "hello"), Message("user", "hi"), Message("assistant", "x")])
     with pytest.raises(ValueError, match="open with a user turn"):

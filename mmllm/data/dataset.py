@@ -123,8 +123,11 @@ def load_stage_records(
 class MixtureSampler:
     """Deterministic, stateless sample order over several datasets.
 
-    ``weight`` scales how much of each dataset one epoch holds (2.0 = every sample twice, 0.5 = a
-    random half). The epoch's virtual list is shuffled with a seed derived from (seed, epoch).
+    ``weight`` scales how much of each dataset one epoch holds (2.0 = every sample twice, 0.5 = half of
+    it, 1.5 = every sample once and half of them again). The fractional part is a different share each
+    epoch: the shares walk through a seeded permutation of the dataset, then the next one, so over
+    epochs every sample is drawn equally often (to within one). The epoch's virtual list is shuffled
+    with a seed derived from (seed, epoch).
     """
 
     def __init__(self, sizes: list[int], weights: list[float], seed: int):
@@ -133,30 +136,55 @@ class MixtureSampler:
         self.seed = seed
         rng = np.random.default_rng([seed, 7])
         virtual: list[tuple[int, int]] = []
+        # per dataset with a fractional weight: (dataset, size, share, its slots' start, first permutation)
+        self._shares: list[tuple[int, int, int, int, np.ndarray]] = []
         for d, (n, w) in enumerate(zip(sizes, weights)):
             if w <= 0:
                 continue
             count = max(1, round(n * w))
             reps = math.ceil(count / n)
-            idx = np.concatenate([rng.permutation(n) for _ in range(reps)])[:count]
-            virtual += [(d, int(i)) for i in idx]
+            perms = [rng.permutation(n) for _ in range(reps)]
+            share = count % n
+            if share:
+                self._shares.append((d, n, share, len(virtual) + (reps - 1) * n, perms[-1]))
+            virtual += [(d, int(i)) for i in np.concatenate(perms)[:count]]
         if not virtual:
             raise ValueError("all dataset weights are zero")
-        self.virtual = virtual
-        self._perm_cache: dict[int, np.ndarray] = {}
+        self.virtual = virtual  # epoch 0's; a later epoch has other fractional shares in the same slots
+        self._epoch_cache: dict[int, tuple[list[tuple[int, int]], np.ndarray]] = {}
 
     @property
     def epoch_size(self) -> int:
         return len(self.virtual)
 
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perm_cache:
-            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.virtual))}
-        return self._perm_cache[epoch]
+    def _walk(self, d: int, n: int, first: np.ndarray, begin: int, length: int) -> list[int]:
+        """Items ``begin .. begin + length`` of dataset ``d``'s endless walk: ``first``, then a seeded
+        permutation per further lap."""
+        out: list[int] = []
+        k = begin
+        while len(out) < length:
+            lap, pos = divmod(k, n)
+            perm = first if lap == 0 else np.random.default_rng([self.seed, 7, d, lap]).permutation(n)
+            take = min(n - pos, length - len(out))
+            out += [int(i) for i in perm[pos:pos + take]]
+            k += take
+        return out
+
+    def _epoch(self, epoch: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+        if epoch not in self._epoch_cache:
+            virtual = self.virtual
+            if epoch and self._shares:
+                virtual = list(self.virtual)
+                for d, n, share, start, first in self._shares:
+                    virtual[start:start + share] = [(d, i) for i in self._walk(d, n, first, epoch * share, share)]
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(virtual))
+            self._epoch_cache = {epoch: (virtual, order)}
+        return self._epoch_cache[epoch]
 
     def at(self, position: int) -> tuple[int, int]:
         epoch, offset = divmod(position, len(self.virtual))
-        return self.virtual[int(self._perm(epoch)[offset])]
+        virtual, order = self._epoch(epoch)
+        return virtual[int(order[offset])]
 
     def micro_batch(self, step: int, micro: int, accum: int, rank: int, world: int, batch: int) -> list[tuple[int, int]]:
         start = ((step * accum + micro) * world + rank) * batch
