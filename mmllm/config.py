@@ -292,6 +292,10 @@ class DatasetConfig:
     # the decoders' conditioning targets with the decoders' own text encoders.
     embeddings: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"{self.path}: weight must be >= 0 (0 leaves the dataset out), got {self.weight}")
+
 
 @dataclass
 class CacheConfig:
@@ -398,6 +402,8 @@ class StageConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.optim.lr}")
         if not 0 <= self.schedule.min_lr_ratio <= 1:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio}")
+        if self.data and not any(ds.weight > 0 for ds in self.data):
+            raise ValueError("data: every dataset has weight 0; give at least one a weight > 0")
 
     def resolved_trainable(self) -> dict[str, bool]:
         out = dict(STAGE_DEFAULT_TRAINABLE[self.stage])

@@ -76,9 +76,11 @@ def test_bad_values_and_missing_files_are_reported():
     ("losses.mse=-1", "losses.mse must be >= 0"),
     ("optim.lr=0", "optim.lr must be > 0"),
     ("schedule.min_lr_ratio=1.5", r"schedule.min_lr_ratio must be in \[0, 1\]"),
+    ("data=[{path: a.jsonl, weight: -1}]", "a.jsonl: weight must be >= 0"),
+    ("data=[{path: a.jsonl, weight: 0}, {path: b.jsonl, weight: 0}]", "data: every dataset has weight 0"),
 ])
 def test_stage_values_that_cannot_train_are_refused_when_loading(override, message):
-    with pytest.raises(ConfigError, match=f"encode_align.yaml: StageConfig: {message}"):
+    with pytest.raises(ConfigError, match=f"encode_align.yaml: (StageConfig|data\\[0\\]): {message}"):
         load_stage(REPO / "configs/stages/tiny/encode_align.yaml", [override])
 
 

@@ -116,6 +116,27 @@ def test_a_step_without_one_readable_sample_changes_nothing(sample_data, tmp_pat
     assert np.isfinite(best["metric"]) and int(best["checkpoint"].split("-")[1]) - 1 in learned
 
 
+def test_data_check_judges_what_the_stage_reads(sample_data, tmp_path, capsys):
+    """Output media are read only for the denoising loss; a dataset with nothing usable is a problem
+    (training refuses it)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    pairs = [{"id": f"gone-{i}", "modality": "image", "media": f"gone-{i}.png", "caption": "a red circle"}
+             for i in range(2)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs))
+    (root / "empty.jsonl").write_text("")
+    stage = str(REPO / "configs/stages/tiny/decode_align.yaml")
+    data = f"data=[{{path: {root / 'pairs.jsonl'}, format: mmllm-pairs}}]"
+    assert main(["data", "check", "--config", stage, "init_from=null", data]) == 0  # MSE needs the captions only
+    assert main(["data", "check", "--config", stage, "init_from=null", data, "losses.denoise=0.5"]) == 1
+    assert "missing files: 2" in capsys.readouterr().out
+    empty = f"data=[{{path: {root / 'empty.jsonl'}, format: mmllm-pairs}}]"
+    assert main(["data", "check", "--config", stage, "init_from=null", empty]) == 1
+    assert "no usable records for stage decode-align; training refuses this dataset" in capsys.readouterr().out
+    assert main(["train", "--config", stage, "init_from=null", empty, f"output_dir={tmp_path / 'out'}"]) == 2
+    assert "empty.jsonl: no usable records" in capsys.readouterr().err
+
+
 def _npy_generation(tmp_path, shape_ok, shape_bad):
     media = tmp_path / "gen" / "images"
     media.mkdir(parents=True)

@@ -127,7 +127,8 @@ class _MediaProbe:
 
 
 def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditioning_shapes: dict[str, tuple],
-                  probe: _MediaProbe) -> DatasetCheck:
+                  probe: _MediaProbe, output_media: bool = False) -> DatasetCheck:
+    """One dataset of a stage; ``output_media``: the stage reads its outputs' media (a denoising loss)."""
     out = DatasetCheck(str(ds.path), ds.format, ds.weight)
     if stage == "instruct" and ds.format in PAIR_FORMATS:
         out.malformed.append(f"{ds.path}: format {ds.format} holds caption pairs; the instruct stage needs "
@@ -148,15 +149,18 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
             out.malformed.append(str(exc))
             continue
         out.conversations += 1
-        _check_conversation(conv, out, tokenizer, spec, full, conditioning_shapes, probe)
+        _check_conversation(conv, out, tokenizer, spec, full, conditioning_shapes, probe, output_media)
+    if not out.conversations:
+        out.malformed.append(f"{ds.path}: no usable records for stage {stage}; training refuses this dataset")
     return out
 
 
 def _check_conversation(conv: Conversation, out: DatasetCheck, tokenizer: Any, spec: TokenSpec, full: TokenSpec,
-                        conditioning_shapes: dict[str, tuple], probe: _MediaProbe) -> None:
+                        conditioning_shapes: dict[str, tuple], probe: _MediaProbe, output_media: bool) -> None:
     bad_media = False
-    files = [(r.modality, r.path) for r in conv.media_refs()] + \
-        [(o.modality, o.path) for o in conv.output_refs() if o.path is not None]
+    files = [(r.modality, r.path) for r in conv.media_refs()]
+    if output_media:  # output media are read only for the denoising loss
+        files += [(o.modality, o.path) for o in conv.output_refs() if o.path is not None]
     for ref in conv.media_refs():
         out.inputs[ref.modality] += 1
     for o in conv.output_refs():
@@ -207,5 +211,6 @@ def check_stage_data(cfg: Any, model: Any, decode: bool = True) -> CheckReport:
     spec = token_spec(model)
     shapes = {m: tuple(d.conditioning_shape) for m, d in model.decoders.items()}
     probe = _MediaProbe(decode)
-    checks = [check_dataset(ds, cfg.stage, model.llm.tokenizer, spec, shapes, probe) for ds in cfg.data]
+    checks = [check_dataset(ds, cfg.stage, model.llm.tokenizer, spec, shapes, probe, cfg.losses.denoise > 0)
+              for ds in cfg.data]
     return CheckReport(cfg.stage, spec.max_length, decode, checks)

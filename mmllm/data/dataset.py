@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mmllm.config import ConfigError
 from mmllm.data.formats import PAIR_FORMATS, CaptionPair, Conversation, read_dataset
 from mmllm.data.media import SAMPLE_ERRORS, load_media
 from mmllm.data.precomputed import Precomputed
@@ -98,7 +99,7 @@ def load_stage_records(
     per_dataset, weights, errors = [], [], []
     for ds in datasets:
         if stage == "instruct" and ds.format in PAIR_FORMATS:
-            raise ValueError(f"{ds.path}: format {ds.format} holds caption pairs, which are for the alignment "
+            raise ConfigError(f"{ds.path}: format {ds.format} holds caption pairs, which are for the alignment "
                              "stages; the instruct stage reads conversations (mmllm-chat, nextgpt-t2x, "
                              "nextgpt-mosit, llava)")
         records, errs = read_dataset(ds)
@@ -113,7 +114,7 @@ def load_stage_records(
             else:
                 convs.append(rec)
         if not convs:
-            raise ValueError(f"{ds.path}: no usable records ({len(errs)} malformed); `mmllm data check` lists "
+            raise ConfigError(f"{ds.path}: no usable records ({len(errs)} malformed); `mmllm data check` lists "
                              "what is wrong with them")
         per_dataset.append(convs)
         weights.append(ds.weight)
