@@ -106,6 +106,12 @@ class AnyToAnyModel(nn.Module):
         bad = sorted({p for p in parts_of.values() if p not in DECODER_PARTS})
         if bad:
             raise ValueError(f"decoder_parts must be among {DECODER_PARTS}, got {bad}")
+        for name, given, held in (("decoder_parts", decoder_parts, config.decoders),
+                                  ("encoder_weights", encoder_weights, config.encoders)):
+            unknown = sorted(set(given) - set(held)) if given is not None and not isinstance(given, str) else []
+            if unknown:
+                raise ValueError(f"{name} names {unknown}, which the assembly has no {name.split('_')[0]}s for; "
+                                 f"its {name.split('_')[0]}s: {sorted(held)}")
         checks: list[str] = []
         with seeded(config.seed, "llm"):
             llm: LLMCore = registry.build("llm", config.llm, "llm", weights=llm_weights)
