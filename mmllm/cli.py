@@ -31,10 +31,6 @@ def _setup_logging(verbose: bool) -> None:
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_DiffusersNoise())
-    if not _has_gpu_driver():
-        # DeepSpeed (imported by Accelerate when installed) otherwise warns on every process that it found
-        # no GPU and uses the CPU, which is what a machine without one does
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 class _DiffusersNoise(logging.Filter):
@@ -56,9 +52,6 @@ class _DiffusersNoise(logging.Filter):
             self.seen.add(message)
         return True
 
-
-def _has_gpu_driver() -> bool:
-    return Path("/proc/driver/nvidia/version").exists() or bool(os.environ.get("CUDA_VISIBLE_DEVICES"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -208,7 +201,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
             rec = {"prompt": args.prompt, "seed": args.seed,
                    **{m: str(Path(p).resolve()) for m, p in flag_media.items()}}
             # the id names the request and its settings: a re-run into the same --output skips only the same
-            settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "steps", "guidance")}
+            settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "steps", "guidance",
+                                                      "dtype")}
             key = {**rec, **settings, "checkpoint": str(Path(args.checkpoint).resolve())}
             digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
             requests = Path(tmp) / "request.jsonl"
@@ -390,15 +384,15 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from mmllm.training.refine import collect_signal_states, describe, refine_output_projections
 
     torch_threads(args.threads)
-    model = AnyToAnyModel.from_pretrained(args.checkpoint, decoder_parts="conditioning")  # targets, no generation
     conversations = []
-    for path in args.data:
+    for path in args.data:  # read before the model loads: a bad path fails at once
         records, errors = read_records(path, args.format)
         conversations += records
         if errors:
             log.warning("%s: %d malformed record(s) skipped", path, len(errors))
     if args.limit:
         conversations = conversations[: args.limit]
+    model = AnyToAnyModel.from_pretrained(args.checkpoint, decoder_parts="conditioning")  # targets, no generation
     cache = collect_signal_states(model, conversations, batch_size=args.cache_batch_size)
     if not cache.hidden:
         raise SystemExit("the data holds no assistant outputs (signal groups) to refine on")
@@ -600,6 +594,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ConfigError as exc:
         log.error("%s", exc)
+        return 2
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        log.error("%s", exc.code)  # a command refusing what it was given, saying why
         return 2
     except OSError as exc:  # a path given (or named by a config) that is missing, unreadable or unwritable
         if args.verbose:

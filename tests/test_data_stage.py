@@ -114,6 +114,11 @@ def test_a_step_without_one_readable_sample_changes_nothing(sample_data, tmp_pat
         assert all(torch.equal(before[k], after[k]) for k in before)
     best = json.loads((tmp_path / "out" / "best.json").read_text())
     assert np.isfinite(best["metric"]) and int(best["checkpoint"].split("-")[1]) - 1 in learned
+    def strict(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    progress = (tmp_path / "out" / "step-8" / "training_state" / "progress.json").read_text()
+    assert json.loads(progress, parse_constant=strict)["losses"][empty[0]] is None  # strict JSON: null, not NaN
 
 
 def test_data_check_judges_what_the_stage_reads(sample_data, tmp_path, capsys):

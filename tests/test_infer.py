@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -163,8 +164,9 @@ def test_cli_single_request_from_flags_and_rerun_skips_it(ckpt, media, tmp_path,
     assert main([*args[:-4], "--prompt", GENERATE["image"]]) == 0  # another prompt: a new request
     recs = records_by_id(out)
     assert len(recs) == 2 and any(r["files"] for r in recs.values())
-    with pytest.raises(SystemExit, match="--image goes with --prompt"):
-        main(["infer", "--checkpoint", str(ckpt), "--output", str(out), "--input", "x.jsonl", "--image", "a.png"])
+    assert main(["infer", "--checkpoint", str(ckpt), "--output", str(out), "--input", "x.jsonl", "--image",
+                 "a.png"]) == 2
+    assert "--image goes with --prompt" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ batch invariance
@@ -374,26 +376,28 @@ def _no_model_load(monkeypatch) -> None:
     monkeypatch.setattr("mmllm.cli._load_model", refuse)
 
 
-def test_rerun_with_another_checkpoint_or_settings_is_refused_unless_overwrite(ckpt, tmp_path, monkeypatch):
+def test_rerun_with_another_checkpoint_or_settings_is_refused_unless_overwrite(ckpt, tmp_path, monkeypatch, capsys):
     requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}])
     out = tmp_path / "out"
     args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out)]
     assert main([*args, "--max-new-tokens", "4"]) == 0
-    assert records_by_id(out)["a"]["settings"] == {"seed": 0, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0,
-                                                   "steps": None, "guidance": None, "dtype": "float32"}
+    settings = records_by_id(out)["a"]["settings"]
+    assert {k: v for k, v in settings.items() if k != "request"} == {
+        "seed": 0, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "steps": None, "guidance": None,
+        "dtype": "float32"}
     before = (out / "results.jsonl").read_text()
     other = tmp_path / "other-ckpt"
     other.mkdir()
     with monkeypatch.context() as m:
         _no_model_load(m)
-        for extra, message in [(["--max-new-tokens", "6"], r"--max-new-tokens 4 \(now 6\)"),
-                               (["--max-new-tokens", "4", "--seed", "2"], r"--seed 0 \(now 2\)"),
-                               (["--max-new-tokens", "4", "--dtype", "bfloat16"], r"--dtype 'float32' \(now 'bfloat16'\)"),
+        for extra, message in [(["--max-new-tokens", "6"], "max_new_tokens 4 (now 6)"),
+                               (["--max-new-tokens", "4", "--seed", "2"], "seed 0 (now 2)"),
+                               (["--max-new-tokens", "4", "--dtype", "bfloat16"], "dtype 'float32' (now 'bfloat16')"),
                                (["--max-new-tokens", "4", "--checkpoint", str(other)],
-                                rf"checkpoint '{checkpoint_fingerprint(ckpt)}' \(now '{checkpoint_fingerprint(other)}'\)")]:
-            with pytest.raises(SystemExit, match=message) as exc:
-                main([*args, *extra])
-            assert "2 request(s)" in str(exc.value) and "new --output, or pass --overwrite" in str(exc.value)
+                                f"checkpoint '{checkpoint_fingerprint(ckpt)}' (now '{checkpoint_fingerprint(other)}')")]:
+            assert main([*args, *extra]) == 2  # refused: a usage error, not a failed request (1)
+            err = capsys.readouterr().err
+            assert message in err and "2 request(s)" in err and "new --output, or pass --overwrite" in err
     assert (out / "results.jsonl").read_text() == before
     assert main([*args, "--max-new-tokens", "4"]) == 0  # the same settings: a resume, nothing redone
     assert (out / "results.jsonl").read_text() == before
@@ -421,19 +425,48 @@ def test_results_without_recorded_settings_are_compared_by_checkpoint(tmp_path):
     runner.check_resume(out, write_requests(tmp_path / "other.jsonl", [{"id": "b", "prompt": "Hi."}]), made)
 
 
-def test_an_unwritable_output_or_missing_device_is_refused_before_the_model_loads(ckpt, tmp_path, monkeypatch):
+def test_a_request_with_its_own_settings_is_compared_by_what_it_is_answered_with(ckpt, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """A request's own seed / max_new_tokens are what its answer was made with: other flags do not change
+    it (resumed, not refused), an edited request does (refused, not silently kept)."""
+    own = {"id": "a", "prompt": "Hello.", "seed": 3, "max_new_tokens": 4}
+    requests = write_requests(tmp_path / "r.jsonl", [own])
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out)]
+    assert main(args) == 0
+    before = (out / "results.jsonl").read_text()
+    assert main([*args, "--seed", "5", "--max-new-tokens", "32"]) == 0  # the request's own values rule: resumed
+    assert (out / "results.jsonl").read_text() == before
+    _no_model_load(monkeypatch)
+    write_requests(requests, [{**own, "seed": 9}])
+    assert main(args) == 2
+    assert "seed 3 (now 9)" in capsys.readouterr().err
+    write_requests(requests, [{**own, "prompt": "Hello there."}])
+    assert main(args) == 2
+    assert "another version of the request record" in capsys.readouterr().err
+
+
+def test_overwrite_leaves_a_folder_without_results_as_it_is(tmp_path):
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media" / "photo.txt").write_text("precious")
+    runner.start_afresh(tmp_path)
+    assert (tmp_path / "media" / "photo.txt").read_text() == "precious"
+
+
+def test_an_unwritable_output_or_missing_device_is_refused_before_the_model_loads(ckpt, tmp_path, monkeypatch,
+                                                                                  capsys):
     requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}])
     _no_model_load(monkeypatch)
     (tmp_path / "a-file").write_text("x")
     args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests)]
     for out in [tmp_path / "a-file" / "out", *([Path("/proc/x")] if Path("/proc").is_dir() else [])]:
-        with pytest.raises(SystemExit, match=f"--output {out}: cannot write there .*give a folder you can"):
-            main([*args, "--output", str(out)])
+        assert main([*args, "--output", str(out)]) == 2
+        assert re.search(f"--output {out}: cannot write there .*give a folder you can", capsys.readouterr().err)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(SystemExit, match="--device cuda: CUDA is not available here .*use --device cpu"):
-        main([*args, "--output", str(tmp_path / "out"), "--device", "cuda"])
-    with pytest.raises(SystemExit, match="--device gpu: not a device name"):
-        main([*args, "--output", str(tmp_path / "out"), "--device", "gpu"])
+    assert main([*args, "--output", str(tmp_path / "out"), "--device", "cuda"]) == 2
+    assert re.search("--device cuda: CUDA is not available here .*use --device cpu", capsys.readouterr().err)
+    assert main([*args, "--output", str(tmp_path / "out"), "--device", "gpu"]) == 2
+    assert "--device gpu: not a device name" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ isolation

@@ -312,8 +312,8 @@ def read_records(
     """Read a data file in ``fmt``; returns (records, errors). Malformed records are reported, not fatal."""
     path = Path(path)
     if not path.is_file():
-        where = "" if path.is_absolute() else (f" (a relative path is looked up from the working directory "
-                                               f"{Path.cwd()}, then from the stage config's folder)")
+        where = "" if path.is_absolute() else (f" (relative to the working directory {Path.cwd()}; a stage "
+                                               "config's data paths are also looked up beside the config)")
         raise FileNotFoundError(f"data file not found: {path}{where}")
     parsers = _parsers()
     if fmt not in parsers:

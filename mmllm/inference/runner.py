@@ -25,9 +25,10 @@ Outputs under ``OUT``: ``media/`` (PNG, 16-bit WAV, MP4 -- GIF where no H.264 en
 Media files are written atomically and a record is appended only after all of its files exist,
 so a crash never leaves something that looks done; a re-run on the same ``OUT`` skips the requests
 already done and retries the failed ones. Each done record carries the checkpoint fingerprint and the
-run's ``settings`` (``--seed``, ``--max-new-tokens``, ``--temperature``, ``--top-p``, ``--steps``,
-``--guidance``, ``--dtype``): a re-run whose checkpoint or settings differ from those of a request it
-would skip is refused (:class:`OutputError`) unless ``overwrite`` starts ``OUT`` afresh.
+``settings`` it was answered with (seed, max_new_tokens, temperature, top_p, steps, guidance: the
+request's own or the run's; the dtype; a digest of the request record): a re-run whose checkpoint or
+settings differ from those of a request it would skip is refused (:class:`OutputError`) unless
+``overwrite`` starts ``OUT`` afresh.
 
 Requests go through the LLM ``--batch-size`` at a time; their signal groups then wait in one queue
 per output modality (and decoder steps/guidance) and are decoded ``--decode-batch-size`` at a time
@@ -266,6 +267,14 @@ def run_settings(checkpoint: Path | None, dtype: str, seed: int = 0, max_new_tok
                          "steps": steps, "guidance": guidance, "dtype": dtype}}
 
 
+def request_settings(made: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
+    """What one request is answered with: the run's settings (``made``, from :func:`run_settings`) with the
+    request's own overrides, and a digest of the request record (an edited prompt is another request)."""
+    own = {k: rec[k] for k in OVERRIDES if k in rec}
+    digest = hashlib.sha1(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return {**made["settings"], **own, "request": digest}
+
+
 def prepare_output(out: Path) -> Path:
     """Create ``out`` (and its parents); an :class:`OutputError` naming the folder if that is impossible."""
     out = Path(out)
@@ -286,15 +295,15 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any]) -> None:
     results = Path(out) / "results.jsonl"
     if not results.is_file():
         return
-    wanted = {ln.id for ln in read_lines(Path(requests_file)) if not ln.error}
-    now = {"checkpoint": made["checkpoint"], **made["settings"]}
+    wanted = {ln.id: {"checkpoint": made["checkpoint"], **request_settings(made, ln.record or {})}
+              for ln in read_lines(Path(requests_file)) if not ln.error}
     stale, unrecorded = 0, 0
     differ: dict[str, tuple[Any, Any]] = {}  # setting -> (the first recorded value that differs, this run's)
     for rec in latest_records(results):
         if str(rec["id"]) not in wanted or not _is_done(results.parent, rec):
             continue
         unrecorded += "settings" not in rec
-        old = {"checkpoint": rec.get("checkpoint"), **rec.get("settings", {})}
+        old, now = {"checkpoint": rec.get("checkpoint"), **rec.get("settings", {})}, wanted[str(rec["id"])]
         changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k]}
         stale += bool(changed)
         for key, values in changed.items():
@@ -303,8 +312,8 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any]) -> None:
         log.warning("%s: %d answer(s) from before mmllm recorded their settings: only their checkpoint is "
                     "compared with this run's", results, unrecorded)
     if differ:
-        what = ", ".join(f"{'checkpoint' if k == 'checkpoint' else '--' + k.replace('_', '-')} "
-                         f"{was!r} (now {value!r})" for k, (was, value) in differ.items())
+        what = ", ".join("another version of the request record" if k == "request" else f"{k} {was!r} (now {value!r})"
+                         for k, (was, value) in differ.items())
         raise OutputError(f"--output {out}: {stale} request(s) of {requests_file} were answered there with "
                           f"{what}; resuming would skip them and keep those answers. Give a new --output, or "
                           f"pass --overwrite to start {out} afresh (its results.jsonl, media/ and index.html "
@@ -312,15 +321,16 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any]) -> None:
 
 
 def start_afresh(out: Path) -> None:
-    """Remove what a run wrote to ``out`` (results.jsonl, media/, index.html), nothing else.
+    """Remove what a run wrote to ``out`` (results.jsonl, media/, index.html), nothing else; a folder
+    without a ``results.jsonl`` holds no run's outputs and is left as it is.
 
     ``results.jsonl`` goes first, in one rename: a crash part-way leaves at worst unlisted media files
     (overwritten by the new run), never old answers that look done.
     """
     out = Path(out)
-    names = [n for n in ("results.jsonl", "media", "index.html") if (out / n).exists()]
-    if not names:
+    if not (out / "results.jsonl").is_file():
         return
+    names = [n for n in ("results.jsonl", "media", "index.html") if (out / n).exists()]
     trash = out / f".overwritten-{time.time_ns()}"
     trash.mkdir()
     try:
@@ -426,11 +436,11 @@ class _Run:
     so each decoder runs on full batches even when a batch of requests mixes modalities.
     """
 
-    def __init__(self, model, out: Path, settings: Settings, batch_size: int, fail_fast: bool, made: dict[str, Any],
-                 total: int):
+    def __init__(self, model, out: Path, settings: Settings, batch_size: int, fail_fast: bool, fingerprint: str,
+                 settings_of: dict[str, dict[str, Any]], total: int):
         self.model, self.out, self.settings = model, out, settings
         self.batch_size, self.decode_batch_size = batch_size, settings.decode_batch_size or batch_size
-        self.fail_fast, self.fingerprint, self.made = fail_fast, made["checkpoint"], made["settings"]
+        self.fail_fast, self.fingerprint, self.settings_of = fail_fast, fingerprint, settings_of
         self.results = out / "results.jsonl"
         self.counts = {"done": 0, "failed": 0, "skipped": 0}
         self.seconds = {"prepare": 0.0, "llm": 0.0, "decode": 0.0, "write": 0.0}
@@ -553,7 +563,8 @@ class _Run:
         self.seconds["write"] += seconds["write"]
         _append_record(self.results, {
             "id": parsed.id, "line": item.line, "prompt": parsed.prompt_text, "inputs": parsed.inputs, "text": result.text,
-            "files": files, "seed": parsed.request.seed, "checkpoint": self.fingerprint, "settings": self.made,
+            "files": files, "seed": parsed.request.seed, "checkpoint": self.fingerprint,
+            "settings": self.settings_of[parsed.id],
             "seconds": {k: round(v, 4) for k, v in seconds.items()}, "batch_size": item.batch_size,
             "error": None,
         })
@@ -604,7 +615,8 @@ def run_requests(
     lines = read_lines(requests_file)
     todo = [ln for ln in lines if ln.id not in skip or ln.error]
     settings = Settings(max_new_tokens, temperature, top_p, steps, guidance, decode_batch_size)
-    run = _Run(model, out, settings, batch_size, fail_fast, made, len(todo))
+    settings_of = {ln.id: request_settings(made, ln.record) for ln in todo if ln.record is not None}
+    run = _Run(model, out, settings, batch_size, fail_fast, made["checkpoint"], settings_of, len(todo))
     run.counts["skipped"] = len(lines) - len(todo)
     if run.counts["skipped"]:
         log.info("%d request(s) already done in %s: skipped", run.counts["skipped"], results)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -313,7 +314,11 @@ def save_training_state(root: Path, optim_state: dict[str, Any], scheduler, step
         },
         state / "rng.pt",
     )
-    (state / "progress.json").write_text(json.dumps({"step": step, **extra}, indent=1))
+    # strict JSON: a step's loss that is not a number (a step skipped) is written null, read back as NaN
+    progress = {"step": step, **extra}
+    if "losses" in progress:
+        progress["losses"] = [x if math.isfinite(x) else None for x in progress["losses"]]
+    (state / "progress.json").write_text(json.dumps(progress, indent=1, allow_nan=False))
 
 
 def load_training_state(root: Path, scheduler) -> dict[str, Any]:
@@ -329,7 +334,9 @@ def load_training_state(root: Path, scheduler) -> dict[str, Any]:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((state / "progress.json").read_text())
+    progress = json.loads((state / "progress.json").read_text())
+    progress["losses"] = [float("nan") if x is None else x for x in progress.get("losses", [])]
+    return progress
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

@@ -125,6 +125,10 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
     out_dir = Path(cfg.output_dir)
+    if not _has_accelerator_device():
+        # DeepSpeed (imported by Accelerate when installed) otherwise warns on every process that it found
+        # no accelerator and uses the CPU, which is what a machine without one does
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if accelerator is None:
         _reset_single_process_state()
         accelerator = Accelerator(
