@@ -74,6 +74,20 @@ def test_nextgpt_pairs_raw_comprehension_and_generation_with_subfolders_and_embe
     assert pair_to_conversation(g, "encode-align").messages[0].content == "<video>"  # no prompt for that stage
 
 
+def test_nextgpt_media_are_looked_up_per_record_in_root_then_the_subfolder(tmp_path):
+    _touch(tmp_path, "red.png", "images/only_in_sub.png", "images/a.png", "images/b.png")
+    raw = _write(tmp_path / "cc3m.json", [{"caption": c, "image_name": n} for c, n in (
+        ("red", "red.png"), ("sub", "only_in_sub.png"), ("gone", "gone.png"))])
+    pairs, errors = read_records(raw, "nextgpt-pairs")
+    assert not errors
+    assert [p.media for p in pairs[:2]] == [tmp_path / "red.png", tmp_path / "images/only_in_sub.png"]
+    assert pairs[2].media == tmp_path / "gone.png"  # neither: where this file's first record was found
+    nested = _write(tmp_path / "nested.json", [{"caption": c, "image_name": n} for c, n in (
+        ("a", "a.png"), ("gone", "gone.png"))])
+    pairs, _ = read_records(nested, "nextgpt-pairs")
+    assert [p.media for p in pairs] == [tmp_path / "images/a.png", tmp_path / "images/gone.png"]
+
+
 def test_nextgpt_t2x_old_and_new_layouts(tmp_path):
     path = _write(tmp_path / "audio_t2x.json", [
         {"mm_name": "34706.wav", "output_modality": "audio", "conversation": [

@@ -139,16 +139,18 @@ def caption_of(text: str) -> str:
 
 
 def find_media(ctx: ReadContext, name: Any, modality: str, where: str) -> Path:
-    """``root/name``, else ``root/<images|videos|audios>/name`` (decided once per file and modality)."""
+    """``root/name``, else ``root/<images|videos|audios>/name``, looked up per record. A file found in
+    neither place is reported where the file's other records of that modality were found (else in root)."""
     direct = ctx.media.resolve(name, where)
     key = f"nextgpt-subfolder-{modality}"
-    choice = ctx.state.get(key)
-    if choice is None:
-        nested = ctx.media.resolve(f"{SUBFOLDERS[modality]}/{name}", where)
-        choice = "" if direct.exists() or not nested.exists() else SUBFOLDERS[modality]
-        if direct.exists() or nested.exists():
-            ctx.state[key] = choice
-    return ctx.media.resolve(f"{choice}/{name}" if choice else name, where)
+    if direct.exists():
+        ctx.state.setdefault(key, "")
+        return direct
+    nested = ctx.media.resolve(f"{SUBFOLDERS[modality]}/{name}", where)
+    if nested.exists():
+        ctx.state.setdefault(key, SUBFOLDERS[modality])
+        return nested
+    return nested if ctx.state.get(key) == SUBFOLDERS[modality] else direct
 
 
 def modality_key(rec: dict[str, Any], pattern: str) -> tuple[str, Any] | None:
