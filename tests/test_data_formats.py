@@ -215,3 +215,19 @@ def test_odd_records_are_errors_with_their_line_never_exceptions(tmp_path, fmt):
     records, errors = read_records(path, fmt)
     assert records == [] and len(errors) == len(WEIRD)
     assert all(e.startswith(f"{path}:{i + 1}") for i, e in enumerate(errors))
+
+
+def test_chat_mistakes_from_other_formats_are_named(tmp_path):
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "a", "messages": [{"role": "user", "content": "draw"}, {"role": "assistant", "content": "Here <image>",
+                                                                        "media": ["x.png"]}]},
+        {"id": "b", "messages": [{"role": "user", "content": "<Image> what?", "media": ["x.png"]},
+                                 {"role": "assistant", "content": "x"}]},
+        {"id": "c", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]},
+    ]))
+    records, errors = read_records(path, "mmllm-chat")
+    assert not records and len(errors) == 3
+    assert "an assistant message with <image>: placeholders mark media *inputs*" in errors[0] and "'outputs'" in errors[0]
+    assert "placeholders are lower-case" in errors[1]
+    assert "that is format: llava" in errors[2]

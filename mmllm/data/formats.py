@@ -242,9 +242,18 @@ def parse_message(rec: dict[str, Any], ctx: ReadContext, where: str) -> Message:
     if isinstance(paths, str):
         paths = [paths]
     slots = PLACEHOLDER_RE.findall(content)
+    if slots and role == "assistant":
+        raise DataFormatError(
+            f"{where}: an assistant message with {', '.join(f'<{m}>' for m in slots)}: placeholders mark media "
+            "*inputs*, which come from the user; an answer that produces media lists them under 'outputs' "
+            "([{\"modality\": \"image\", \"caption\": \"...\"}]) and says it in words"
+        )
     if len(slots) != len(paths):
+        hint = (" (placeholders are lower-case: <image>, <audio>, <video>)"
+                if re.search(r"<(?i:image|audio|video)>", content) and not slots else "")
         raise DataFormatError(
             f"{where}: content has {len(slots)} media placeholder(s) {slots} but 'media' lists {len(paths)} path(s)"
+            + hint
         )
     media = [MediaRef(m, ctx.media.resolve(p, f"{where}.media[{i}]")) for i, (m, p) in enumerate(zip(slots, paths))]
     outputs = []
@@ -266,7 +275,9 @@ def parse_message(rec: dict[str, Any], ctx: ReadContext, where: str) -> Message:
 def parse_chat(rec: dict[str, Any], ctx: ReadContext, where: str) -> Conversation:
     messages = rec.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise DataFormatError(f"{where}: expected a non-empty 'messages' list")
+        hint = (" (this record has 'conversations' with from/value turns: that is format: llava, or one of the "
+                "nextgpt-* formats)" if "conversations" in rec else f" (its keys: {sorted(rec)})")
+        raise DataFormatError(f"{where}: expected a non-empty 'messages' list{hint}")
     parsed = [parse_message(m if isinstance(m, dict) else {}, ctx, f"{where}.messages[{i}]")
               for i, m in enumerate(messages)]
     return checked_conversation(Conversation(str(rec.get("id", where)), parsed, where))
