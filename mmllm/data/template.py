@@ -96,7 +96,8 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
 
 
 def _tokens(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+    # verbose=False: no "sequence length is longer than the model's maximum" note; max_length is applied here
+    return tokenizer(text, add_special_tokens=False, verbose=False).input_ids if text else []
 
 
 def expand_placeholders(
