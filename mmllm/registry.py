@@ -4,11 +4,20 @@ Each table maps a ``kind`` (the YAML key) to ``"module:Class"``. A class declare
 a dataclass ``Options`` and builds itself with ``from_options(options)``. Lookup is exact: an
 unknown kind is an error that lists the valid ones (no substring matching on model names).
 Adding a family is one new file plus one line here.
+
+A kind written as ``"package.module:Class"`` names a class of your own, imported from an installed
+module (nothing is loaded from a checkpoint or a data folder): an encoder subclasses
+:class:`~mmllm.encoders.base.MediaEncoder`, a decoder :class:`~mmllm.decoders.base.MediaDecoder`, an
+LLM loader returns an :class:`~mmllm.llm.LLMCore`. Its ``from_options(options, where)`` may also take
+what the assembly passes the shipped kinds (``weights`` for an encoder or LLM, ``parts`` for a
+decoder); one that does not is built whole (an encoder not loaded for a stage is then wrapped as its
+shape).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from mmllm.config import ComponentSpec, ConfigError, from_dict
@@ -35,12 +44,25 @@ TABLES = {"llm": LLMS, "encoder": ENCODERS, "decoder": DECODERS}
 
 def resolve(table: str, kind: str, where: str = "") -> type:
     kinds = TABLES[table]
-    if kind not in kinds:
-        raise ConfigError(
-            f"{where + ': ' if where else ''}unknown {table} kind {kind!r}; valid kinds are: {', '.join(sorted(kinds))}"
-        )
-    module_name, class_name = kinds[kind].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    at = f"{where + ': ' if where else ''}"
+    if kind in kinds:
+        target = kinds[kind]
+    elif ":" in kind:
+        target = kind  # a class of the user's own, by import path
+    else:
+        raise ConfigError(f"{at}unknown {table} kind {kind!r}; valid kinds are: {', '.join(sorted(kinds))} (or a "
+                          "class of your own as 'package.module:Class')")
+    module_name, class_name = target.split(":", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{at}kind {kind!r}: cannot import {module_name} ({exc}); install the package that "
+                          "provides it") from exc
+    cls = getattr(module, class_name, None)
+    if not isinstance(cls, type) or not hasattr(cls, "Options") or not hasattr(cls, "from_options"):
+        raise ConfigError(f"{at}kind {kind!r}: {module_name} has no class {class_name} with an Options dataclass "
+                          "and a from_options classmethod")
+    return cls
 
 
 def parse_options(table: str, spec: ComponentSpec, where: str) -> Any:
@@ -50,7 +72,33 @@ def parse_options(table: str, spec: ComponentSpec, where: str) -> Any:
 
 def build(table: str, spec: ComponentSpec, where: str, **kwargs: Any) -> Any:
     """Resolve ``spec.kind`` in ``table``, check its options strictly, and build the component
-    (``kwargs`` go to its ``from_options``: a decoder's ``parts``)."""
+    (``kwargs`` go to its ``from_options``: an encoder's or LLM's ``weights``, a decoder's ``parts``)."""
     cls = resolve(table, spec.kind, where)
     options = from_dict(cls.Options, spec.options, where)
-    return cls.from_options(options, where=where, **kwargs)
+    given = {"where": where, **kwargs}
+    accepted = inspect.signature(cls.from_options).parameters
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    dropped = {k: v for k, v in given.items() if not takes_all and k not in accepted}
+    built = cls.from_options(options, **{k: v for k, v in given.items() if k not in dropped})
+    expected = _expected_type(table)
+    if not isinstance(built, expected):
+        raise ConfigError(f"{where}: kind {spec.kind!r} built a {type(built).__name__}, not a {expected.__name__}")
+    if table == "encoder" and dropped.get("weights") is False:
+        from mmllm.encoders.base import EncoderShape
+
+        built = EncoderShape(built)  # the stage does not run it: keep its shape, drop the weights
+    return built
+
+
+def _expected_type(table: str) -> type:
+    if table == "llm":
+        from mmllm.llm import LLMCore
+
+        return LLMCore
+    if table == "encoder":
+        from mmllm.encoders.base import MediaEncoder
+
+        return MediaEncoder
+    from mmllm.decoders.base import MediaDecoder
+
+    return MediaDecoder

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from mmllm.config import ConfigError, load_assembly, parse_assembly, to_dict
+from mmllm.encoders.base import EncoderShape
 from mmllm.model import AnyToAnyModel
 from tests.conftest import TINY
+from tests.custom_parts import PixelEncoder
 
 
 def _tiny(**edits):
@@ -125,3 +127,25 @@ def test_an_llm_built_without_weights_has_the_loaded_ones_tokens_and_sizes(kind,
     assert count_parameters(shapes) == count_parameters(full)
     with pytest.raises(RuntimeError, match="built from its config alone .* cannot run"):
         shapes.llm.embed(torch.tensor([[1, 2]]))
+
+
+def test_a_component_of_your_own_is_named_by_its_import_path(tiny_assembly, tmp_path):
+    from PIL import Image
+
+    data = to_dict(tiny_assembly)
+    data["encoders"]["image"] = {"kind": "tests.custom_parts:PixelEncoder", "size": 4, "dim": 8}
+    data["input_projections"]["image"] = {"kind": "linear"}
+    model = AnyToAnyModel.assemble(parse_assembly(data))
+    encoder = model.encoders["image"]
+    assert isinstance(encoder, PixelEncoder) and (encoder.num_tokens, encoder.output_dim) == (1, 8)
+    assert encoder.encode([Image.new("RGB", (32, 32), "red")]).shape == (1, 1, 8)
+    saved = model.save_pretrained(tmp_path / "ckpt")  # the kind is recorded; the checkpoint reloads
+    assert isinstance(AnyToAnyModel.from_pretrained(saved).encoders["image"], PixelEncoder)
+    shape = AnyToAnyModel.assemble(parse_assembly(data), encoder_weights=[]).encoders["image"]
+    assert isinstance(shape, EncoderShape) and (shape.num_tokens, shape.output_dim) == (1, 8)
+    for kind, message in (("tests.custom_parts:Nothing", "has no class Nothing with an Options dataclass"),
+                          ("no_such_package.x:Y", "cannot import no_such_package.x"),
+                          ("mmllm.llm:TinyLlama", "built a LLMCore, not a MediaEncoder")):
+        data["encoders"]["image"] = {"kind": kind}
+        with pytest.raises(ConfigError, match=message):
+            AnyToAnyModel.assemble(parse_assembly(data))
