@@ -177,6 +177,17 @@ def test_precomputed_caption_embeddings_are_targets_when_they_fit(model, tmp_pat
     assert torch.isfinite(model(batch, cfg.losses)["mse_image"])
 
 
+def test_data_check_reports_a_missing_embeddings_folder_once(model, tmp_path, capsys):
+    shape = model.decoders["image"].conditioning_shape
+    path, _, _ = _npy_generation(tmp_path, shape, shape)
+    report = tmp_path / "report.json"
+    data = f"data=[{{path: {path}, format: nextgpt-pairs, embeddings: {tmp_path / 'nowhere'}}}]"
+    assert main(["data", "check", "--config", str(REPO / "configs/stages/tiny/decode_align.yaml"), "--json",
+                 str(report), "init_from=null", data]) == 1
+    (checked,) = json.loads(report.read_text())["datasets"]
+    assert len(checked["embedding_problems"]) == 1 and "embeddings folder" in checked["embedding_problems"][0]
+
+
 def test_data_check_reports_counts_missing_unreadable_and_too_long(sample_data, tmp_path, capsys):
     media = sample_data["pairs"].parent / "media"
     root = tmp_path / "llava"

@@ -141,6 +141,10 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
         return out
     out.records = len(records) + len(errors)
     out.malformed += errors
+    if ds.embeddings and not Path(ds.embeddings).is_dir():  # one problem, not one per embedding file
+        out.embedding_problems.append(f"embeddings folder {ds.embeddings} not found: every target of {ds.path} "
+                                      "is computed with the decoders' own text encoders")
+        conditioning_shapes = {}
     full = dataclasses.replace(spec, max_length=10**9)
     for rec in records:
         try:
