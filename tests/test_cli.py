@@ -157,3 +157,14 @@ def test_misplaced_arguments_are_explained_before_anything_loads(tmp_path, capsy
 
     with pytest.raises(CheckpointError, match=r"training run's folder; give one of its checkpoints, e\.g\. .*step-4"):
         verify_manifest(run)
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    stage = str(REPO / "configs/stages/tiny/decode_align.yaml")
+    out = tmp_path / "run"
+    assert main(["train", "--config", stage, "init_from=null", "--resume", f"output_dir={out}", "max_steps=1",
+                 "report_to=none"]) == 0
+    assert (out / "step-1").is_dir()
+    with pytest.raises(SystemExit):
+        main(["train", "--config", stage, "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
