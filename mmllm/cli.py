@@ -174,7 +174,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
     import hashlib
     import tempfile
 
-    from mmllm.inference.runner import OutputError, check_resume, prepare_output, run_requests, run_settings
+    from mmllm.inference.runner import (
+        OutputError,
+        check_resume,
+        done_ids,
+        prepare_output,
+        read_lines,
+        run_requests,
+        run_settings,
+    )
 
     if not Path(args.checkpoint).is_dir():
         raise SystemExit(f"--checkpoint {args.checkpoint}: not a directory")
@@ -219,11 +227,19 @@ def cmd_infer(args: argparse.Namespace) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
-        model = _load_model(args.checkpoint, args.device, args.dtype)
-        counts = run_requests(model, requests, Path(args.output), batch_size=args.batch_size, seed=args.seed,
-                              max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              steps=args.steps, guidance=args.guidance, decode_batch_size=args.decode_batch_size,
-                              fail_fast=args.fail_fast, checkpoint=Path(args.checkpoint), overwrite=args.overwrite)
+        lines = read_lines(requests)
+        done = set() if args.overwrite else done_ids(Path(args.output) / "results.jsonl")
+        if lines and all(not ln.error and ln.id in done for ln in lines):  # a finished run: nothing to load
+            log.info("all %d request(s) are already done in %s (same checkpoint and settings); the model is not "
+                     "loaded", len(lines), args.output)
+            counts = {"done": 0, "failed": 0, "skipped": len(lines), "stopped": 0}
+        else:
+            model = _load_model(args.checkpoint, args.device, args.dtype)
+            counts = run_requests(model, requests, Path(args.output), batch_size=args.batch_size, seed=args.seed,
+                                  max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                  top_p=args.top_p, steps=args.steps, guidance=args.guidance,
+                                  decode_batch_size=args.decode_batch_size, fail_fast=args.fail_fast,
+                                  checkpoint=Path(args.checkpoint), overwrite=args.overwrite)
     if args.prompt:  # quick use: show the answer's record
         from mmllm.inference.gallery import latest_records
 

@@ -435,9 +435,10 @@ def test_a_request_with_its_own_settings_is_compared_by_what_it_is_answered_with
     args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out)]
     assert main(args) == 0
     before = (out / "results.jsonl").read_text()
+    _no_model_load(monkeypatch)  # nothing left to answer: the model is not even loaded
     assert main([*args, "--seed", "5", "--max-new-tokens", "32"]) == 0  # the request's own values rule: resumed
     assert (out / "results.jsonl").read_text() == before
-    _no_model_load(monkeypatch)
+    assert "already done" in capsys.readouterr().err
     write_requests(requests, [{**own, "seed": 9}])
     assert main(args) == 2
     assert "seed 3 (now 9)" in capsys.readouterr().err
