@@ -177,6 +177,19 @@ def test_precomputed_caption_embeddings_are_targets_when_they_fit(model, tmp_pat
     assert torch.isfinite(model(batch, cfg.losses)["mse_image"])
 
 
+def test_data_check_notes_ids_used_twice_without_failing(sample_data, tmp_path, capsys):
+    lines = sample_data["pairs"].read_text().splitlines()[:3]
+    twice = [json.dumps({**json.loads(lines[0]), "caption": "again"}), *lines]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(x + "\n" for x in twice))
+    shutil.copytree(sample_data["pairs"].parent / "media", tmp_path / "media")
+    data = f"data=[{{path: {path}, format: mmllm-pairs}}]"
+    assert main(["data", "check", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"),
+                 "init_from=null", data]) == 0
+    text = capsys.readouterr().out
+    assert "ids used by more than one record" in text and f"(first at {path}:1)" in text
+
+
 def test_data_check_reports_a_missing_embeddings_folder_once(model, tmp_path, capsys):
     shape = model.decoders["image"].conditioning_shape
     path, _, _ = _npy_generation(tmp_path, shape, shape)

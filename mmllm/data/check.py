@@ -40,6 +40,8 @@ class DatasetCheck:
     unusable: list[str] = field(default_factory=list)  # would be skipped in training
     embeddings: Counter = field(default_factory=Counter)  # used / missing / wrong_shape / unreadable
     embedding_problems: list[str] = field(default_factory=list)
+    # ids given to more than one record: training reads both, but logs and skipped-sample reports name ids
+    duplicate_ids: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> int:
@@ -82,7 +84,9 @@ class CheckReport:
             for title, items in (("malformed records", d.malformed), ("missing files", d.missing),
                                  ("unreadable files", d.unreadable), ("over the context length", d.too_long),
                                  ("unusable samples (skipped in training)", d.unusable),
-                                 ("embedding problems", d.embedding_problems)):
+                                 ("embedding problems", d.embedding_problems),
+                                 ("ids used by more than one record (not an error; logs name samples by id)",
+                                  d.duplicate_ids)):
                 if items:
                     lines.append(f"  {title}: {len(items)}")
                     lines += [f"    - {item}" for item in items[:SHOW]]
@@ -146,6 +150,7 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
                                       "is computed with the decoders' own text encoders")
         conditioning_shapes = {}
     full = dataclasses.replace(spec, max_length=10**9)
+    first_at: dict[str, str] = {}
     for rec in records:
         try:
             conv = pair_to_conversation(rec, stage) if isinstance(rec, CaptionPair) else rec
@@ -153,6 +158,9 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
             out.malformed.append(str(exc))
             continue
         out.conversations += 1
+        if conv.id in first_at and conv.id != conv.source:  # an id of the record's own, not its position
+            out.duplicate_ids.append(f"{conv.id} at {conv.source} (first at {first_at[conv.id]})")
+        first_at.setdefault(conv.id, conv.source)
         _check_conversation(conv, out, tokenizer, spec, full, conditioning_shapes, probe, output_media)
     if not out.conversations:
         out.malformed.append(f"{ds.path}: no usable records for stage {stage}; training refuses this dataset")
