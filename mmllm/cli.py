@@ -77,7 +77,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         from mmllm.config import load_stage
 
         stage = load_stage(args.config, args.overrides)
-        assembly, lora = load_assembly(stage.assembly, stage.assembly_overrides), stage.lora
+        assembly, lora = _stage_assembly(stage), stage.lora
     else:
         stage, assembly, lora = None, load_assembly(args.config, args.overrides), args.lora
     model = AnyToAnyModel.assemble(assembly, llm_weights=False)  # counted and checked, never run
@@ -274,6 +274,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.output), quick=args.quick, tiny=args.tiny)
 
 
+def _stage_assembly(cfg):
+    """The assembly a stage trains: ``init_from``'s recorded one when that checkpoint exists (checked against
+    the stage's as training checks it), else the stage's own (file + ``assembly.*`` overrides)."""
+    from mmllm.config import load_assembly
+    from mmllm.training.checkpoint import checkpoint_assembly
+    from mmllm.training.init_from import check_init_from, checkpoint_missing
+
+    if cfg.init_from and not checkpoint_missing(cfg):
+        check_init_from(cfg)
+        return checkpoint_assembly(Path(cfg.init_from))
+    return load_assembly(cfg.assembly, cfg.assembly_overrides)
+
+
 def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None):
     """The stage config, its records and the model with what `mmllm cache` runs of its parts; with
     ``shapes_only``, no records and no decoder or encoder weights (for `data check`, which reads the
@@ -286,11 +299,10 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None
     both read: the tokens and shapes come from the assembly the previous stage trains, and the cache
     files each frozen part's outputs under that part's fingerprint, so training finds them only if it
     runs the same part. ``check(cfg)`` runs on the config before anything loads."""
-    from mmllm.config import load_assembly, load_stage
+    from mmllm.config import load_stage
     from mmllm.data.dataset import load_stage_records
     from mmllm.model import AnyToAnyModel
-    from mmllm.training.checkpoint import checkpoint_assembly
-    from mmllm.training.init_from import check_init_from, checkpoint_missing
+    from mmllm.training.init_from import checkpoint_missing
     from mmllm.training.parts import StageParts, cache_parts, stage_parts
 
     cfg = load_stage(args.config, args.overrides)
@@ -304,12 +316,7 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None
         log.info("init_from %s is not there yet (the previous stage is not trained): %s come from the stage's own "
                  "assembly %s, which the previous stage trains if its config names the same one.%s",
                  cfg.init_from, use, cfg.assembly, note)
-        assembly = load_assembly(cfg.assembly, cfg.assembly_overrides)
-    elif cfg.init_from:
-        check_init_from(cfg)
-        assembly = checkpoint_assembly(Path(cfg.init_from))
-    else:
-        assembly = load_assembly(cfg.assembly, cfg.assembly_overrides)
+    assembly = _stage_assembly(cfg)
     per_dataset = None if shapes_only else load_stage_records(cfg.data, cfg.stage)[0]
     parts = StageParts() if shapes_only else cache_parts(stage_parts(cfg.losses, per_dataset))
     log.info("stage %s: %s; the LLM from its config alone (not run here)", cfg.stage, parts.describe())
