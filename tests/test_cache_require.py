@@ -110,7 +110,8 @@ def test_what_training_skips_anyway_does_not_fail_the_check(data, tmp_path, capl
     (data / "media/broken.png").write_bytes(b"not a png")
     with open(data / "pairs.jsonl", "a") as fh:
         fh.write(json.dumps({"id": "broken", "modality": "image", "media": "media/broken.png", "caption": "x"}) + "\n")
-    assert len(build_cache(cfg, build_model(cfg)).failed) == 1
+    (failed,) = build_cache(cfg, build_model(cfg)).failed
+    assert failed.startswith(f"{data / 'media/broken.png'} (referenced at {data / 'pairs.jsonl'}:")
     with caplog.at_level(logging.WARNING):
         result = train(cfg)
     assert "1 media file(s) cannot be read" in caplog.text and result.skipped >= 1

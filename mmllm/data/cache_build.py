@@ -62,7 +62,12 @@ def build_cache(cfg: Any, model: Any, batch_size: int = 16, device: str = "cpu",
         part.to(device)
     if cfg.cache.encoders:
         for m, encoder in model.encoders.items():
-            paths = list(dict.fromkeys(r.path for c in convs for r in c.media_refs() if r.modality == m))
+            # each file once, with the first record that names it (for the report)
+            paths = {}
+            for c in convs:
+                for r in c.media_refs():
+                    if r.modality == m:
+                        paths.setdefault(r.path, c.source)
             if paths and encoder.runnable:  # a released encoder: no sample of the stage gives m input
                 _encoder_section(cache, cfg, model, m, encoder, paths, batch_size, report)
     if cfg.cache.targets and cfg.losses.mse:
@@ -86,8 +91,9 @@ def _component(model: Any, section: str, m: str, module: Any) -> dict[str, Any]:
     return {"part": f"{section}.{m}", "spec": to_dict(spec), "describe": module.describe()}
 
 
-def _encoder_section(cache: FeatureCache, cfg: Any, model: Any, m: str, encoder: Any, paths: list[Path],
+def _encoder_section(cache: FeatureCache, cfg: Any, model: Any, m: str, encoder: Any, paths: dict[Path, str],
                      batch_size: int, report: CacheBuildReport) -> None:
+    """``paths``: each media file and where it is first referenced (``file:line``)."""
     fp = encoder_fingerprint(encoder)
     section = cache.section("encoder", m, fp)
     todo: dict[str, Path] = {}
@@ -95,7 +101,7 @@ def _encoder_section(cache: FeatureCache, cfg: Any, model: Any, m: str, encoder:
         try:
             key = file_hash(path)
         except OSError as exc:
-            report.failed.append(f"{path}: {exc}")
+            report.failed.append(f"{path} (referenced at {paths[path]}): {exc}")
             continue
         if section is not None and key in section:
             report.present[f"encoder/{m}"] += 1
@@ -110,7 +116,7 @@ def _encoder_section(cache: FeatureCache, cfg: Any, model: Any, m: str, encoder:
                     inputs.append(encoder.preprocess([load_media(m, path)]))
                     keys.append(key)
                 except SAMPLE_ERRORS as exc:  # what training skips too
-                    report.failed.append(f"{path}: {exc}")
+                    report.failed.append(f"{path} (referenced at {paths[path]}): {exc}")
             if not inputs:
                 continue
             with torch.no_grad():
