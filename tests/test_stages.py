@@ -381,6 +381,14 @@ def test_a_stage_assembly_that_differs_from_the_checkpoint_is_named_in_a_warning
     assert "init_from=null" in warned[0]
 
 
+def test_train_refuses_a_contradicting_override_before_writing_anything(encode_align_checkpoints, sample_data,
+                                                                         tmp_path):
+    cfg = decode_align_from(encode_align_checkpoints["plain"], sample_data, tmp_path / "out", LINEAR_AUDIO)
+    with pytest.raises(ConfigError, match="cannot apply"):
+        train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_init_from_says_how_to_go_on(sample_data, tmp_path):
     cfg = decode_align_from(tmp_path / "not-trained-yet", sample_data, tmp_path / "out")
     with pytest.raises(ConfigError, match=r"checkpoint directory not found.*train that stage first.*init_from=null"):

@@ -58,12 +58,14 @@ def token_spec(model: AnyToAnyModel) -> TokenSpec:
     )
 
 
-def build_model(cfg: StageConfig, parts: StageParts | None = None) -> AnyToAnyModel:
+def build_model(cfg: StageConfig, parts: StageParts | None = None, check_init: bool = True) -> AnyToAnyModel:
     """The stage's model: the previous stage's checkpoint if named, else a fresh assembly, holding only
     the frozen parts ``parts`` names (default: what the stage's data and losses run, :func:`stage_parts`).
     A checkpoint is rebuilt from the assembly it records: an ``assembly.*`` override that contradicts it is
-    refused, a stage assembly file that differs is warned about, before any weight loads (:mod:`.init_from`)."""
-    check_init_from(cfg)
+    refused, a stage assembly file that differs is warned about, before any weight loads (:mod:`.init_from`;
+    ``check_init=False``: the caller did)."""
+    if check_init:
+        check_init_from(cfg)
     if parts is None:
         parts = stage_parts(cfg.losses, load_stage_records(cfg.data, cfg.stage)[0])
     log.info("stage %s: %s", cfg.stage, parts.describe())
@@ -141,6 +143,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             # projections and signal rows; LoRA runs in every forward): DDP need not search for unused ones
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
+    check_init_from(cfg)  # before anything is written or loaded
     check_output_dir(out_dir)
     last = _resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
     precision = accelerator.mixed_precision
@@ -152,7 +155,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         accelerator.gradient_accumulation_steps = cfg.grad_accum  # what the engine is told, so Accelerate agrees
     per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data fails before any loading
     set_seed(cfg.seed)
-    model = build_model(cfg, stage_parts(cfg.losses, per_dataset))
+    model = build_model(cfg, stage_parts(cfg.losses, per_dataset), check_init=False)
     precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
     if cfg.cache.require:  # checked before training; frees the parts the cache replaces
         release_cached(model, precomputed, [c for convs in per_dataset for c in convs],
