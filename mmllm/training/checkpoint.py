@@ -324,9 +324,8 @@ def save_training_state(root: Path, optim_state: dict[str, Any], scheduler, step
 def load_training_state(root: Path, scheduler) -> dict[str, Any]:
     """Restore scheduler and RNG from a checkpoint this library wrote (manifest-verified); the
     optimizer follows after ``prepare`` (:func:`restore_optimizer_state`)."""
+    progress = read_progress(root)
     state = Path(root) / STATE_DIR
-    if not (state / "progress.json").is_file():
-        raise CheckpointError(f"{root}: no {STATE_DIR}/ to resume from (it was saved without training state)")
     scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
     rng = torch.load(state / "rng.pt", weights_only=False)  # our own file, hash-verified by the manifest
     random.setstate(rng["python"])
@@ -334,7 +333,17 @@ def load_training_state(root: Path, scheduler) -> dict[str, Any]:
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    progress = json.loads((state / "progress.json").read_text())
+    return progress
+
+
+def read_progress(root: Path) -> dict[str, Any]:
+    """A checkpoint's training progress (``step``, ``losses`` -- NaN for a skipped step's --, ``skipped``);
+    refused when it was saved without training state."""
+    path = Path(root) / STATE_DIR / "progress.json"
+    if not path.is_file():
+        raise CheckpointError(f"{root}: no {STATE_DIR}/ to resume from (it was saved without training state, "
+                              "e.g. by `mmllm export`)")
+    progress = json.loads(path.read_text())
     progress["losses"] = [float("nan") if x is None else x for x in progress.get("losses", [])]
     return progress
 

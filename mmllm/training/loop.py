@@ -444,11 +444,7 @@ def _resume_point(out_dir: Path, max_steps: int) -> Path | None:
     if last is None:
         log.warning("--resume: no complete checkpoint under %s; starting from step 0", out_dir)
         return None
-    progress = last / ckpt.STATE_DIR / "progress.json"
-    if not progress.is_file():
-        raise ckpt.CheckpointError(f"{last}: no {ckpt.STATE_DIR}/ to resume from (it was saved without training "
-                                   "state, e.g. by `mmllm export`)")
-    step = int(json.loads(progress.read_text())["step"])
+    step = int(ckpt.read_progress(last)["step"])
     if step > max_steps:
         raise ConfigError(f"--resume: the newest checkpoint under {out_dir} is {last.name}, past max_steps={max_steps}; "
                           f"set max_steps to more than {step} to train on from it, or give another output_dir")
