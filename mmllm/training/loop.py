@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,61 +234,34 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             skipped += len(batches[-1]["skipped"])
         normalizers = _global_counts(accelerator, batches, parts_keys, inner)
         if not normalizers:  # every sample of the step was unreadable, on every process: nothing to learn
-            step_loss, parts = float("nan"), {}
-            log.warning("step %d: every sample of this step was unreadable (on every process); no update, the "
-                        "step counts as done", step + 1)
+            step_loss, parts, outcome = float("nan"), {}, "empty"
         else:
             optimizer.zero_grad(set_to_none=True)
-            step_loss, parts = torch.zeros((), device=accelerator.device), {}
-            saw_nonfinite = False
-            for micro, batch in enumerate(batches):
-                empty = "input_ids" not in batch
-                if empty:
-                    # Every sample of this micro-batch was unreadable. Run a real forward with zero weight
-                    # so that, under DDP, this process still joins the gradient all-reduce.
-                    fallback = fallback or _first_readable_batch(datasets, pad_id)
-                    batch = fallback
-                else:
-                    fallback = batch
-                batch["step"] = step
-                sync = micro == len(batches) - 1
-                with contextlib.ExitStack() as stack:
-                    if not sync:  # accumulate locally; all-reduce once per optimiser step
-                        stack.enter_context(accelerator.no_sync(model))
-                    with accelerator.autocast():
-                        out = model(batch, cfg.losses, normalizers)
-                    # DDP averages gradients over processes; the normalizers already span them all.
-                    loss = out["loss"] * (0.0 if empty else world)
-                    if deepspeed:
-                        saw_nonfinite = saw_nonfinite or not bool(torch.isfinite(loss.detach()))
-                        zero.backward(model, loss, boundary=sync, poison=sync and saw_nonfinite)
-                    else:
-                        accelerator.backward(loss)
-                if empty:
-                    continue
-                step_loss += loss.detach().float() / world
-                for k, v in out.items():
-                    parts[k] = parts.get(k, 0.0) + float(v.detach())
-            step_loss = float(accelerator.reduce(step_loss, "sum"))
+            step_loss, parts, fallback = _forward_backward(
+                accelerator, model, batches, cfg, normalizers, step, deepspeed, fallback,
+                lambda: _first_readable_batch(datasets, pad_id))
             if deepspeed:
                 outcome = "stepped" if zero.step(model) and math.isfinite(step_loss) else "nonfinite"
             else:
                 outcome = _clip_and_step(accelerator, optimizer, params, cfg.optim.max_grad_norm, step_loss)
-            if outcome == "overflow":
-                log.info("step %d: fp16 gradient overflow; step skipped, loss scale now %s",
-                         step + 1, accelerator.scaler.get_scale())
-            elif outcome == "nonfinite":
-                nonfinite_in_row += 1
-                ids = [i for b in batches for i in b["ids"]]
-                log.warning("step %d: non-finite loss or gradient (%s); step skipped; samples on this process: %s",
-                            step + 1, step_loss, ids)
-                if nonfinite_in_row >= cfg.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}, "
-                        f"samples {ids}); lower optim.lr, check the data, or try mixed_precision=no (fp32)"
-                    )
-            else:
-                nonfinite_in_row = 0
+        if outcome == "empty":
+            log.warning("step %d: every sample of this step was unreadable (on every process); no update, the "
+                        "step counts as done", step + 1)
+        elif outcome == "overflow":
+            log.info("step %d: fp16 gradient overflow; step skipped, loss scale now %s",
+                     step + 1, accelerator.scaler.get_scale())
+        elif outcome == "nonfinite":
+            nonfinite_in_row += 1
+            ids = [i for b in batches for i in b["ids"]]
+            log.warning("step %d: non-finite loss or gradient (%s); step skipped; samples on this process: %s",
+                        step + 1, step_loss, ids)
+            if nonfinite_in_row >= cfg.max_nonfinite_steps:
+                raise FloatingPointError(
+                    f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}, "
+                    f"samples {ids}); lower optim.lr, check the data, or try mixed_precision=no (fp32)"
+                )
+        else:
+            nonfinite_in_row = 0
         with warnings.catch_warnings():
             # the schedule follows the step index, skipped steps included: torch's warning about a first
             # optimiser step that did not happen (skipped, or an fp16 overflow) says nothing true here
@@ -315,6 +289,46 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers and, when distributed, the process group
     return TrainResult(out_dir, final, losses, skipped, cfg.max_steps)
+
+
+def _forward_backward(accelerator, model, batches: list[dict[str, Any]], cfg: StageConfig,
+                      normalizers: dict[str, float], step: int, deepspeed: bool, fallback: dict[str, Any] | None,
+                      first_readable: Callable[[], dict[str, Any]]) -> tuple[float, dict[str, float], Any]:
+    """A step's micro-batches through forward and backward: gradients accumulate locally and are
+    all-reduced once, at the last. A micro-batch whose every sample was unreadable runs ``fallback`` (the
+    last readable batch, else ``first_readable()``) with weight 0, so that this process still joins the
+    gradient all-reduce. Returns the step's loss summed over processes, this process's loss parts, and
+    the fallback for later steps."""
+    world = accelerator.num_processes
+    step_loss, parts = torch.zeros((), device=accelerator.device), {}
+    saw_nonfinite = False
+    for micro, batch in enumerate(batches):
+        empty = "input_ids" not in batch
+        if empty:
+            fallback = fallback or first_readable()
+            batch = fallback
+        else:
+            fallback = batch
+        batch["step"] = step
+        sync = micro == len(batches) - 1
+        with contextlib.ExitStack() as stack:
+            if not sync:  # accumulate locally; all-reduce once per optimiser step
+                stack.enter_context(accelerator.no_sync(model))
+            with accelerator.autocast():
+                out = model(batch, cfg.losses, normalizers)
+            # DDP averages gradients over processes; the normalizers already span them all.
+            loss = out["loss"] * (0.0 if empty else world)
+            if deepspeed:
+                saw_nonfinite = saw_nonfinite or not bool(torch.isfinite(loss.detach()))
+                zero.backward(model, loss, boundary=sync, poison=sync and saw_nonfinite)
+            else:
+                accelerator.backward(loss)
+        if empty:
+            continue
+        step_loss += loss.detach().float() / world
+        for k, v in out.items():
+            parts[k] = parts.get(k, 0.0) + float(v.detach())
+    return float(accelerator.reduce(step_loss, "sum")), parts, fallback
 
 
 def _clip_and_step(accelerator, optimizer, params, max_grad_norm: float, step_loss: float) -> str:
