@@ -177,7 +177,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from mmllm.inference.runner import (
         OutputError,
         check_resume,
-        done_ids,
+        pending_lines,
         prepare_output,
         read_lines,
         run_requests,
@@ -228,8 +228,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
             torch.set_num_threads(args.threads)
         lines = read_lines(requests)
-        done = set() if args.overwrite else done_ids(Path(args.output) / "results.jsonl")
-        if lines and all(not ln.error and ln.id in done for ln in lines):  # a finished run: nothing to load
+        if lines and not args.overwrite and not pending_lines(lines, Path(args.output)):  # finished: nothing to load
             log.info("all %d request(s) are already done in %s (same checkpoint and settings); the model is not "
                      "loaded", len(lines), args.output)
             counts = {"done": 0, "failed": 0, "skipped": len(lines), "stopped": 0}

@@ -255,6 +255,12 @@ def done_ids(results: Path) -> set[str]:
     return {str(rec["id"]) for rec in latest_records(results) if _is_done(results.parent, rec)}
 
 
+def pending_lines(lines: list[_Line], out: Path) -> list[_Line]:
+    """The requests a run into ``out`` still has to handle: not done there, or malformed (reported again)."""
+    done = done_ids(Path(out) / "results.jsonl")
+    return [ln for ln in lines if ln.id not in done or ln.error]
+
+
 def run_settings(checkpoint: Path | None, dtype: str, seed: int = 0, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, steps: int | None = None,
                  guidance: float | None = None) -> dict[str, Any]:
@@ -611,9 +617,8 @@ def run_requests(
         check_resume(out, requests_file, made)
     results = out / "results.jsonl"
     _repair_tail(results)
-    skip = done_ids(results)
     lines = read_lines(requests_file)
-    todo = [ln for ln in lines if ln.id not in skip or ln.error]
+    todo = pending_lines(lines, out)
     settings = Settings(max_new_tokens, temperature, top_p, steps, guidance, decode_batch_size)
     settings_of = {ln.id: request_settings(made, ln.record) for ln in todo if ln.record is not None}
     run = _Run(model, out, settings, batch_size, fail_fast, made["checkpoint"], settings_of, len(todo))
