@@ -53,7 +53,6 @@ class _DiffusersNoise(logging.Filter):
         return True
 
 
-
 def cmd_train(args: argparse.Namespace) -> int:
     from mmllm.config import load_stage
     from mmllm.training.loop import train

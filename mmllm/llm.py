@@ -106,6 +106,9 @@ class LLMCore(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        # False for a core built from its config alone (weights=False: parameters on the meta device, for
+        # good); read once here, not on every embed
+        self.has_weights = next(model.parameters()).device.type != "meta"
         self._describe = describe
         self.model.requires_grad_(False)
         self.model.eval()
@@ -119,10 +122,6 @@ class LLMCore(nn.Module):
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
-    @property
-    def has_weights(self) -> bool:
-        """False for a core built from its config alone (``weights=False``: parameters on the meta device)."""
-        return next(self.model.parameters()).device.type != "meta"
 
     def describe(self) -> dict[str, Any]:
         return dict(self._describe)

@@ -55,7 +55,7 @@ def decoder_parts_for(losses: LossConfig) -> str:
 def cache_parts(parts: StageParts) -> StageParts:
     """What ``mmllm cache`` runs of a stage's parts: its encoders and its decoders' text side (the
     conditioning targets); never a denoiser."""
-    decoders = {m: "conditioning" for m, p in parts.decoders.items() if p in ("conditioning", "all")}
+    decoders = {m: "conditioning" for m, p in parts.decoders.items() if p in TEXT_SIDE_RELEASE}  # hold the text side
     return StageParts(decoders, parts.encoders)
 
 
