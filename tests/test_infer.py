@@ -382,7 +382,7 @@ def test_rerun_with_another_checkpoint_or_settings_is_refused_unless_overwrite(c
     args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out)]
     assert main([*args, "--max-new-tokens", "4"]) == 0
     settings = records_by_id(out)["a"]["settings"]
-    assert {k: v for k, v in settings.items() if k != "request"} == {
+    assert {k: v for k, v in settings.items() if k not in ("request", "media")} == {
         "seed": 0, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "steps": None, "guidance": None,
         "dtype": "float32"}
     before = (out / "results.jsonl").read_text()
@@ -445,6 +445,32 @@ def test_a_request_with_its_own_settings_is_compared_by_what_it_is_answered_with
     write_requests(requests, [{**own, "prompt": "Hello there."}])
     assert main(args) == 2
     assert "another version of the request record" in capsys.readouterr().err
+
+
+def test_an_input_file_replaced_under_the_same_name_is_refused_on_resume(ckpt, media, tmp_path, monkeypatch,
+                                                                          capsys):
+    """The answer to 'what is this?' depends on the file's bytes, not its name: a replaced picture makes it
+    stale (refused before loading), the same bytes again resume, and a request run from another folder finds
+    its files where the requests file says."""
+    (tmp_path / "in").mkdir()
+    picture = tmp_path / "in" / "shape.png"
+    picture.write_bytes((media / "red_circle.png").read_bytes())
+    requests = write_requests(tmp_path / "in" / "r.jsonl", [{"id": "see", "prompt": "What is this?",
+                                                             "image": "shape.png"}, {"id": "hi", "prompt": "Hi."}])
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out),
+            "--max-new-tokens", "4"]
+    assert main(args) == 0
+    recorded = records_by_id(out)["see"]["settings"]["media"]
+    assert recorded != records_by_id(out)["hi"]["settings"]["media"]
+    _no_model_load(monkeypatch)
+    picture.write_bytes((media / "blue_square.png").read_bytes())
+    assert main(args) == 2
+    assert "1 request(s)" in (err := capsys.readouterr().err) and "other contents in its input media files" in err
+    picture.write_bytes((media / "red_circle.png").read_bytes())
+    monkeypatch.chdir(tmp_path / "in")  # paths resolve against the requests file, wherever the run starts
+    assert main([*args[:4], "r.jsonl", *args[5:]]) == 0
+    assert "already done" in capsys.readouterr().err
 
 
 def test_overwrite_leaves_a_folder_without_results_as_it_is(tmp_path):

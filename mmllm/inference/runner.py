@@ -26,9 +26,10 @@ Media files are written atomically and a record is appended only after all of it
 so a crash never leaves something that looks done; a re-run on the same ``OUT`` skips the requests
 already done and retries the failed ones. Each done record carries the checkpoint fingerprint and the
 ``settings`` it was answered with (seed, max_new_tokens, temperature, top_p, steps, guidance: the
-request's own or the run's; the dtype; a digest of the request record): a re-run whose checkpoint or
-settings differ from those of a request it would skip is refused (:class:`OutputError`) unless
-``overwrite`` starts ``OUT`` afresh.
+request's own or the run's; the dtype; a digest of the request record and one of its input media
+files' bytes): a re-run whose checkpoint or settings differ from those of a request it would skip, or
+whose input files were replaced, is refused (:class:`OutputError`) unless ``overwrite`` starts ``OUT``
+afresh.
 
 Requests go through the LLM ``--batch-size`` at a time; their signal groups then wait in one queue
 per output modality (and decoder steps/guidance) and are decoded ``--decode-batch-size`` at a time
@@ -160,8 +161,9 @@ def _load(modality: str, path: Path) -> Any:
         raise
 
 
-def parse_request(rec: dict[str, Any], base: Path, default_seed: int) -> ParsedRequest:
-    """A request record -> messages and decoded media. Raises RequestError / MediaError."""
+def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool = True) -> ParsedRequest:
+    """A request record -> messages and decoded media (their paths with ``load=False``).
+    Raises RequestError / MediaError."""
     rid = rec["id"]
     unknown = sorted(set(rec) - FIELDS)
     if unknown:
@@ -189,7 +191,7 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int) -> ParsedR
             raise RequestError(f"messages[{i}]: {len(slots)} placeholder(s) but {len(paths)} media path(s)")
         for modality, p in zip(slots, paths):
             path = Path(p) if Path(p).is_absolute() else base / p
-            media.append((modality, _load(modality, path)))
+            media.append((modality, _load(modality, path) if load else path))
             inputs.append(str(path))
         messages.append({"role": msg["role"], "content": content})
     if messages[-1]["role"] != "user":
@@ -281,6 +283,26 @@ def request_settings(made: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any
     return {**made["settings"], **own, "request": digest}
 
 
+def media_digest(paths: list[str]) -> str | None:
+    """A digest of the bytes of a request's input media files (in order), so that a file replaced under the
+    same name makes the answer stale; ``None`` when one of them is gone (nothing to compare with)."""
+    digest = hashlib.sha256()
+    for name in paths:
+        try:
+            with open(name, "rb") as fh:
+                digest.update(hashlib.file_digest(fh, "sha256").digest())
+        except OSError:
+            return None
+    return digest.hexdigest()[:16]
+
+
+def _current_media(line: _Line, base: Path) -> str | None:
+    try:
+        return media_digest(parse_request(line.record or {}, base, 0, load=False).inputs)
+    except RequestError:
+        return None
+
+
 def prepare_output(out: Path) -> Path:
     """Create ``out`` (and its parents); an :class:`OutputError` naming the folder if that is impossible."""
     out = Path(out)
@@ -301,8 +323,9 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any]) -> None:
     results = Path(out) / "results.jsonl"
     if not results.is_file():
         return
-    wanted = {ln.id: {"checkpoint": made["checkpoint"], **request_settings(made, ln.record or {})}
-              for ln in read_lines(Path(requests_file)) if not ln.error}
+    lines = {ln.id: ln for ln in read_lines(Path(requests_file)) if not ln.error}
+    wanted = {rid: {"checkpoint": made["checkpoint"], **request_settings(made, ln.record or {})}
+              for rid, ln in lines.items()}
     stale, unrecorded = 0, 0
     differ: dict[str, tuple[Any, Any]] = {}  # setting -> (the first recorded value that differs, this run's)
     for rec in latest_records(results):
@@ -310,6 +333,8 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any]) -> None:
             continue
         unrecorded += "settings" not in rec
         old, now = {"checkpoint": rec.get("checkpoint"), **rec.get("settings", {})}, wanted[str(rec["id"])]
+        if old.get("media") is not None:  # the request's input files as they are now
+            now = {**now, "media": _current_media(lines[str(rec["id"])], Path(requests_file).parent) or old["media"]}
         changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k]}
         stale += bool(changed)
         for key, values in changed.items():
@@ -318,8 +343,9 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any]) -> None:
         log.warning("%s: %d answer(s) from before mmllm recorded their settings: only their checkpoint is "
                     "compared with this run's", results, unrecorded)
     if differ:
-        what = ", ".join("another version of the request record" if k == "request" else f"{k} {was!r} (now {value!r})"
-                         for k, (was, value) in differ.items())
+        named = {"request": "another version of the request record",
+                 "media": "other contents in its input media files (same names)"}
+        what = ", ".join(named.get(k) or f"{k} {was!r} (now {value!r})" for k, (was, value) in differ.items())
         raise OutputError(f"--output {out}: {stale} request(s) of {requests_file} were answered there with "
                           f"{what}; resuming would skip them and keep those answers. Give a new --output, or "
                           f"pass --overwrite to start {out} afresh (its results.jsonl, media/ and index.html "
@@ -570,7 +596,7 @@ class _Run:
         _append_record(self.results, {
             "id": parsed.id, "line": item.line, "prompt": parsed.prompt_text, "inputs": parsed.inputs, "text": result.text,
             "files": files, "seed": parsed.request.seed, "checkpoint": self.fingerprint,
-            "settings": self.settings_of[parsed.id],
+            "settings": {**self.settings_of[parsed.id], "media": media_digest(parsed.inputs)},
             "seconds": {k: round(v, 4) for k, v in seconds.items()}, "batch_size": item.batch_size,
             "error": None,
         })
