@@ -65,7 +65,8 @@ def _train_cli(stage, data, out, *extra):
 
 def test_train_then_export_merged_lora_gives_the_same_outputs(sample_data, tmp_path):
     ckpt = _train_cli("instruct", sample_data["chat"], tmp_path / "run", "max_steps=3", "optim.lr=0.05")
-    assert list((tmp_path / "run").rglob("events.out.tfevents.*")), "no TensorBoard events written"
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events and all(e.is_relative_to(tmp_path / "run" / "logs" / "instruct") for e in events), events
     merged = tmp_path / "merged"
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(merged), "--merge-lora"]) == 0
     assert (merged / "llm" / "config.json").is_file() and not (merged / "adapter").exists()

@@ -125,7 +125,7 @@ def lr_lambda(cfg: StageConfig):
 
 def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 
     out_dir = Path(cfg.output_dir)
     if not _has_accelerator_device():
@@ -139,7 +139,8 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             cpu=not _has_accelerator_device(),
             mixed_precision=cfg.mixed_precision,
             log_with=None if cfg.report_to == "none" else cfg.report_to,
-            project_dir=str(out_dir),
+            # TensorBoard events in OUTPUT_DIR/logs/<stage>/, apart from the step-N checkpoints
+            project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")),
             # every trainable parameter is in every step's graph (AnyToAnyModel's zero-weight term over the
             # projections and signal rows; LoRA runs in every forward): DDP need not search for unused ones
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
