@@ -3,6 +3,7 @@ the cache replaces, trains exactly as with them, and refuses an incomplete cache
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -198,3 +199,5 @@ def test_processes_check_their_shares_and_add_up_to_the_whole(tiny_assembly, dat
     assert sorted(merged.missing["encoder/image"]) == whole.missing["encoder/image"] == [
         str(data / "media/blue_circle.png")]
     assert len(merged.unreadable) == len(whole.unreadable) == 1
+    assert re.match(rf"{re.escape(str(data / 'media/red_circle.png'))} \(referenced at .+\.jsonl:\d+\): ",
+                    whole.unreadable[0]), whole.unreadable[0]

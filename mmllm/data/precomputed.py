@@ -114,13 +114,14 @@ class Precomputed:
         by their headers. A media file that is missing or cannot be decoded is *unreadable*, not missing:
         training skips its samples whatever the cache holds. With ``world > 1`` only every ``world``-th
         distinct item from ``rank`` on (the processes' parts add up to the whole: :meth:`Coverage.merged`)."""
-        paths: dict[str, dict[Path, None]] = {p.split("/")[1]: {} for p in parts if p.startswith("encoder/")}
+        # modality -> media file -> where it is first referenced (file:line), for the unreadable message
+        paths: dict[str, dict[Path, str]] = {p.split("/")[1]: {} for p in parts if p.startswith("encoder/")}
         targets: dict[str, dict[tuple[str, Path | None], None]] = {
             p.split("/")[1]: {} for p in parts if p.startswith("condition/")}
         for conv in conversations:
             for ref in conv.media_refs():
                 if ref.modality in paths:
-                    paths[ref.modality][Path(ref.path)] = None
+                    paths[ref.modality].setdefault(Path(ref.path), conv.source)
             for out in conv.output_refs():
                 if out.modality in targets:
                     targets[out.modality][(out.caption, out.embedding)] = None
@@ -140,7 +141,8 @@ class Precomputed:
                         if not found:
                             load_media(m, path)  # what `mmllm cache` could not read, training skips too
                     except SAMPLE_ERRORS as exc:  # what training skips too
-                        cov.unreadable.append(f"{path}: {exc}")
+                        where = f" (referenced at {paths[m][path]})" if paths[m][path] else ""
+                        cov.unreadable.append(f"{path}{where}: {exc}")
                         continue
                     cov.add(f"encoder/{m}", str(path), found)
             for m, captions in my_targets.items():
