@@ -60,9 +60,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_stage(args.config, args.overrides)
     result = train(cfg, resume=args.resume)
     losses = [x for x in result.losses if x == x]  # NaN: a step with no readable sample
-    log.info("done: %d steps, loss %.4f -> %.4f, %d samples skipped; checkpoint %s",
+    val = result.validation
+    held_out = (f", validation loss {val[0]['loss']:.4f} (step {val[0]['step']}) -> {val[-1]['loss']:.4f}"
+                if val else "")
+    log.info("done: %d steps, loss %.4f -> %.4f%s, %d samples skipped; checkpoint %s",
              result.steps, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),
-             result.skipped, result.final_checkpoint)
+             held_out, result.skipped, result.final_checkpoint)
     return 0
 
 
@@ -157,7 +160,7 @@ def _inspected_parts(model, stage) -> tuple[StageParts, str]:
 
     if stage is not None:
         try:
-            parts = stage_parts(stage.losses, load_stage_records(stage.data, stage.stage)[0])
+            parts = stage_parts(stage.losses, load_stage_records(stage.all_data(), stage.stage)[0])
             return parts, f"holds {parts.describe()}"
         except (OSError, ValueError) as exc:
             reason = f"its data does not read ({exc})"
@@ -315,7 +318,7 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None
                  "assembly %s, which the previous stage trains if its config names the same one.%s",
                  cfg.init_from, use, cfg.assembly, note)
     assembly = _stage_assembly(cfg)
-    per_dataset = None if shapes_only else load_stage_records(cfg.data, cfg.stage)[0]
+    per_dataset = None if shapes_only else load_stage_records(cfg.all_data(), cfg.stage)[0]
     parts = StageParts() if shapes_only else cache_parts(stage_parts(cfg.losses, per_dataset))
     log.info("stage %s: %s; the LLM from its config alone (not run here)", cfg.stage, parts.describe())
     return cfg, per_dataset, AnyToAnyModel.assemble(assembly, parts.decoders, parts.encoders, llm_weights=False)

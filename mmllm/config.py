@@ -381,7 +381,13 @@ class StageConfig:
     log_every: int = 10
     save_every: int = 0  # 0 = only at the end
     keep_last: int = 2  # newest step-* checkpoints kept (0 = all)
-    keep_best: bool = False  # also keep the one with the lowest mean train loss since its previous save
+    # also keep the checkpoint with the lowest validation loss (with eval_data), else the lowest mean train
+    # loss since its previous save; best.json names it
+    keep_best: bool = False
+    # held-out data in the stage's formats, scored with the stage's losses at every save and every
+    # eval_every steps (0: at saves only); logged as val/* and kept in progress.json
+    eval_data: list[DatasetConfig] = field(default_factory=list)
+    eval_every: int = 0
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient
     report_to: str = "tensorboard"  # or "none"
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -390,7 +396,7 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         at_least = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "max_nonfinite_steps": 1,
-                    "save_every": 0, "keep_last": 0, "schedule.warmup_steps": 0}
+                    "save_every": 0, "keep_last": 0, "schedule.warmup_steps": 0, "eval_every": 0}
         for key, low in at_least.items():
             value = getattr(self.schedule, key.split(".")[1]) if "." in key else getattr(self, key)
             if value < low:
@@ -404,6 +410,10 @@ class StageConfig:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio}")
         if self.data and not any(ds.weight > 0 for ds in self.data):
             raise ValueError("data: every dataset has weight 0; give at least one a weight > 0")
+
+    def all_data(self) -> list[DatasetConfig]:
+        """The training datasets, then the held-out ones: everything the stage reads."""
+        return [*self.data, *self.eval_data]
 
     def resolved_trainable(self) -> dict[str, bool]:
         out = dict(STAGE_DEFAULT_TRAINABLE[self.stage])
@@ -505,7 +515,7 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{path}: {key}: {value} not found (a relative path is looked up from the working "
                               f"directory {Path.cwd()}, then from the stage config's folder {base})")
-    for ds in cfg.data:
+    for ds in cfg.all_data():
         ds.path = resolve_path(base, ds.path)
         ds.root = resolve_path(base, ds.root)
         ds.embeddings = resolve_path(base, ds.embeddings)

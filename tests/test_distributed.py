@@ -54,11 +54,14 @@ def _stage_args(stage, sample_data, out, batch, *extra):
         data = (f"data=[{{path: {chat}, format: mmllm-chat}}, "
                 f"{{path: {plain}, format: mmllm-chat, weight: 8, allow_outside_root: true}}]")
         extra = ("losses.retain=1.0", *extra)
+        held_out = f"eval_data=[{{path: {chat}, format: mmllm-chat}}]"
     else:
         data = f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"
+        held_out = f"eval_data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"
+    # scored at steps 2 and 4, each process its share (uneven: padded batches join the collectives)
     return ["train", "--config", str(REPO / f"configs/stages/tiny/{STAGES[stage]}.yaml"),
             f"output_dir={out}", "report_to=none", "init_from=null", f"batch_size={batch}", "max_steps=4",
-            "grad_accum=2", data, *extra]
+            "grad_accum=2", data, held_out, "eval_every=2", *extra]
 
 
 def _run(cmd: list[str], expect: int = 0, **env: str) -> subprocess.CompletedProcess:
@@ -79,6 +82,10 @@ def _assert_same_weights(a, b, stage, atol):
 
 def _losses(checkpoint):
     return json.loads((checkpoint / "training_state/progress.json").read_text())["losses"]
+
+
+def _validation(checkpoint):
+    return json.loads((checkpoint / "training_state/progress.json").read_text())["validation"]
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +122,9 @@ def test_two_processes_match_one_process_with_twice_the_batch(stage, launcher, s
     two = tmp_path / "two" / "step-4"
     assert _losses(two) == pytest.approx(_losses(one), rel=TOLERANCE)
     _assert_same_weights(one, two, stage, TOLERANCE)
+    assert [v["step"] for v in _validation(one)] == [2, 4]
+    for a, b in zip(_validation(one), _validation(two), strict=True):
+        assert b == pytest.approx(a, rel=TOLERANCE)
     # written once, by the main process: one complete checkpoint per save, no stray temp dirs
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith((".", "step-"))) == ["step-4"]
 

@@ -56,7 +56,7 @@ def build_cache(cfg: Any, model: Any, batch_size: int = 16, device: str = "cpu",
     cache = FeatureCache(cfg.cache.dir)
     report = CacheBuildReport(cache.directory)
     if per_dataset is None:
-        per_dataset = load_stage_records(cfg.data, cfg.stage)[0]
+        per_dataset = load_stage_records(cfg.all_data(), cfg.stage)[0]
     convs = [c for d in per_dataset for c in d]
     for part in (*model.encoders.values(), *model.decoders.values()):  # the LLM is not run (it may hold no weights)
         part.to(device)

@@ -42,6 +42,7 @@ class DatasetCheck:
     embedding_problems: list[str] = field(default_factory=list)
     # ids given to more than one record: training reads both, but logs and skipped-sample reports name ids
     duplicate_ids: list[str] = field(default_factory=list)
+    held_out: bool = False  # one of the stage's eval_data
 
     @property
     def problems(self) -> int:
@@ -74,7 +75,7 @@ class CheckReport:
         for d in self.datasets:
             total_in.update(d.inputs)
             total_out.update(d.outputs)
-            lines.append(f"\n{d.path} [{d.format}, weight {d.weight:g}]")
+            lines.append(f"\n{d.path} [{d.format}, {'held out (eval_data)' if d.held_out else f'weight {d.weight:g}'}]")
             lines.append(f"  records {d.records}, conversations for {self.stage} {d.conversations}, "
                          f"malformed {len(d.malformed)}")
             lines.append(f"  media in:  {_counts(d.inputs)}")
@@ -224,5 +225,7 @@ def check_stage_data(cfg: Any, model: Any, decode: bool = True) -> CheckReport:
     shapes = {m: tuple(d.conditioning_shape) for m, d in model.decoders.items()}
     probe = _MediaProbe(decode)
     checks = [check_dataset(ds, cfg.stage, model.llm.tokenizer, spec, shapes, probe, cfg.losses.denoise > 0)
-              for ds in cfg.data]
+              for ds in cfg.all_data()]
+    for c in checks[len(cfg.data):]:
+        c.held_out = True
     return CheckReport(cfg.stage, spec.max_length, decode, checks)

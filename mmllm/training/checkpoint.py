@@ -318,6 +318,9 @@ def save_training_state(root: Path, optim_state: dict[str, Any], scheduler, step
     progress = {"step": step, **extra}
     if "losses" in progress:
         progress["losses"] = [x if math.isfinite(x) else None for x in progress["losses"]]
+    if "validation" in progress:  # a validation with no readable held-out sample: loss NaN
+        progress["validation"] = [{k: v if math.isfinite(v) else None for k, v in scores.items()}
+                                  for scores in progress["validation"]]
     (state / "progress.json").write_text(json.dumps(progress, indent=1, allow_nan=False))
 
 
@@ -337,7 +340,8 @@ def load_training_state(root: Path, scheduler) -> dict[str, Any]:
 
 
 def read_progress(root: Path) -> dict[str, Any]:
-    """A checkpoint's training progress (``step``, ``losses`` -- NaN for a skipped step's --, ``skipped``);
+    """A checkpoint's training progress (``step``, ``losses`` -- NaN for a skipped step's --, ``skipped``,
+    ``validation``: the held-out scores so far);
     refused when it was saved without training state."""
     path = Path(root) / STATE_DIR / "progress.json"
     if not path.is_file():
@@ -345,6 +349,8 @@ def read_progress(root: Path) -> dict[str, Any]:
                               "e.g. by `mmllm export`)")
     progress = json.loads(path.read_text())
     progress["losses"] = [float("nan") if x is None else x for x in progress.get("losses", [])]
+    progress["validation"] = [{k: float("nan") if v is None else v for k, v in scores.items()}
+                              for scores in progress.get("validation", [])]
     return progress
 
 
@@ -362,14 +368,20 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
 BEST_FILE = "best.json"
 
 
-def record_best(output_dir: Path, checkpoint: Path, metric: float, enabled: bool) -> None:
-    """Point ``best.json`` at ``checkpoint`` when its metric beats the recorded best."""
+def record_best(output_dir: Path, checkpoint: Path, metric: float, enabled: bool,
+                metric_name: str = "mean train loss since the last save") -> None:
+    """Point ``best.json`` at ``checkpoint`` when its metric beats the recorded best (a best measured by
+    another metric -- a resumed run that added ``eval_data`` -- is not compared with, and is replaced)."""
     if not enabled:
         return
     path = Path(output_dir) / BEST_FILE
     best = json.loads(path.read_text()) if path.is_file() else None
+    if best is not None and best.get("metric_name", metric_name) != metric_name:
+        log.info("keep_best: %s recorded the best by %s; from now on by %s", path, best["metric_name"], metric_name)
+        best = None
     if best is None or metric < best["metric"] or not (Path(output_dir) / best["checkpoint"]).is_dir():
-        atomic_write_text(path, json.dumps({"checkpoint": checkpoint.name, "metric": metric}))
+        atomic_write_text(path, json.dumps({"checkpoint": checkpoint.name, "metric": metric,
+                                            "metric_name": metric_name}))
 
 
 def prune_checkpoints(output_dir: Path, keep_last: int) -> None:

@@ -16,7 +16,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
 from mmllm.training.init_from import check_init_from
 from mmllm.training.parts import StageParts, release_cached, stage_parts
+from mmllm.training.validation import Validation, evaluate, unit_counts
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class TrainResult:
     losses: list[float]
     skipped: int
     steps: int
+    validation: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", parts...} per evaluation
 
 
 def token_spec(model: AnyToAnyModel) -> TokenSpec:
@@ -68,7 +70,7 @@ def build_model(cfg: StageConfig, parts: StageParts | None = None, check_init: b
     if check_init:
         check_init_from(cfg)
     if parts is None:
-        parts = stage_parts(cfg.losses, load_stage_records(cfg.data, cfg.stage)[0])
+        parts = stage_parts(cfg.losses, load_stage_records(cfg.all_data(), cfg.stage)[0])
     log.info("stage %s: %s", cfg.stage, parts.describe())
     if cfg.init_from:
         log.info("initialising from %s", cfg.init_from)
@@ -125,7 +127,12 @@ def lr_lambda(cfg: StageConfig):
 
 def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResult:
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+    from accelerate.utils import (
+        DistributedDataParallelKwargs,
+        DistributedType,
+        ProjectConfiguration,
+        set_seed,
+    )
 
     out_dir = Path(cfg.output_dir)
     if not _has_accelerator_device():
@@ -146,6 +153,8 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
     check_init_from(cfg)  # before anything is written or loaded
+    per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data: refused here too
+    held_out, _, eval_errors = load_stage_records(cfg.eval_data, cfg.stage)
     check_output_dir(out_dir)
     last = _resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
     precision = accelerator.mixed_precision
@@ -155,12 +164,11 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     elif deepspeed:
         precision = zero.configure(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
         accelerator.gradient_accumulation_steps = cfg.grad_accum  # what the engine is told, so Accelerate agrees
-    per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data fails before any loading
     set_seed(cfg.seed)
-    model = build_model(cfg, stage_parts(cfg.losses, per_dataset), check_init=False)
+    model = build_model(cfg, stage_parts(cfg.losses, per_dataset + held_out), check_init=False)
     precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
     if cfg.cache.require:  # checked before training; frees the parts the cache replaces
-        release_cached(model, precomputed, [c for convs in per_dataset for c in convs],
+        release_cached(model, precomputed, [c for convs in per_dataset + held_out for c in convs],
                        accelerator.process_index, accelerator.num_processes)
     flags = cfg.resolved_trainable()
     apply_trainable(model, flags)
@@ -174,14 +182,17 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
 
     spec = token_spec(model)
     preprocess = {m: enc.preprocess for m, enc in model.encoders.items()}
-    datasets = [
-        StageDataset(convs, model.llm.tokenizer, spec, preprocess, load_output_media=cfg.losses.denoise > 0,
-                     precomputed=precomputed)
-        for convs in per_dataset
+    datasets, eval_datasets = [
+        [StageDataset(convs, model.llm.tokenizer, spec, preprocess, load_output_media=cfg.losses.denoise > 0,
+                      precomputed=precomputed) for convs in records]
+        for records in (per_dataset, held_out)
     ]
     sampler = MixtureSampler([len(d) for d in datasets], weights, cfg.seed)
-    log.info("stage %s: %d samples in %d dataset(s), %d malformed record(s) skipped",
-             cfg.stage, sampler.epoch_size, len(datasets), len(errors))
+    validation = Validation(eval_datasets, cfg.batch_size) if eval_datasets else None
+    log.info("stage %s: %d samples in %d dataset(s), %d malformed record(s) skipped%s",
+             cfg.stage, sampler.epoch_size, len(datasets), len(errors),
+             f"; {validation.size} held-out samples ({len(eval_errors)} malformed skipped) scored at every save"
+             + (f" and every {cfg.eval_every} steps" if cfg.eval_every else "") if validation else "")
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -194,11 +205,12 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
                                       betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
-    start_step, losses, skipped = 0, [], 0
+    start_step, losses, skipped, validations = 0, [], 0, []
     if last is not None:
         ckpt.load_learned_into(model, last)  # the files only: no second copy of the model
         progress = ckpt.load_training_state(last, scheduler)
         start_step, losses, skipped = progress["step"], progress.get("losses", []), progress.get("skipped", 0)
+        validations = progress.get("validation", [])
         log.info("resumed from %s at step %d%s", last, start_step,
                  "; it is the last step (max_steps): nothing left to train" if start_step == cfg.max_steps else "")
 
@@ -274,11 +286,22 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             accelerator.log({f"train/{k}": v for k, v in parts.items()}
                             | {"train/lr": scheduler.get_last_lr()[0], "train/skipped": skipped}, step=step + 1)
-        done = step + 1 == cfg.max_steps
-        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            finite = [x for x in since_save if math.isfinite(x)]
-            metric = sum(finite) / len(finite) if finite else float("inf")
-            save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped, metric)
+        saving = step + 1 == cfg.max_steps or bool(cfg.save_every and (step + 1) % cfg.save_every == 0)
+        if validation is not None and (saving or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+            scores = evaluate(accelerator, model, inner, validation, cfg.losses, parts_keys,
+                              fallback or _first_readable_batch(datasets, pad_id))
+            validations.append({"step": step + 1, **scores})
+            accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=step + 1)
+            log.info("step %d: validation loss %.4f (%s)", step + 1, scores["loss"],
+                     ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k not in ("loss", "skipped")))
+        if saving:
+            if validation is not None:
+                metric, what = validations[-1]["loss"], "validation loss"
+            else:
+                finite = [x for x in since_save if math.isfinite(x)]
+                metric, what = sum(finite) / len(finite) if finite else float("inf"), "mean train loss since the last save"
+            save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped,
+                 metric if math.isfinite(metric) else float("inf"), what, validations)
             since_save = []
     bar.close()
     final = out_dir / f"step-{cfg.max_steps}"
@@ -289,7 +312,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
                  precomputed.stats() or "none", _peak_memory(), _optimizer_megabytes(optimizer))
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers and, when distributed, the process group
-    return TrainResult(out_dir, final, losses, skipped, cfg.max_steps)
+    return TrainResult(out_dir, final, losses, skipped, cfg.max_steps, validations)
 
 
 def _forward_backward(accelerator, model, batches: list[dict[str, Any]], cfg: StageConfig,
@@ -442,11 +465,8 @@ def _global_counts(
     for b in batches:
         if "labels" not in b:
             continue
-        local["ce"] += float((b["labels"][:, 1:] != -100).sum())
-        local["retain"] += float(b["attention_mask"][model.text_only_rows(b["input_ids"])].sum())
-        for m, caps in b["signal_captions"].items():
-            local[f"mse_{m}"] += len(caps)
-            local[f"denoise_{m}"] += len(caps)
+        for k, n in unit_counts(b, model).items():
+            local[k] += n
     vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=accelerator.device)
     vec = accelerator.reduce(vec, "sum")
     return {k: float(v) for k, v in zip(keys, vec.tolist()) if v > 0}
@@ -476,23 +496,25 @@ def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> b
     return float(accelerator.reduce(torch.tensor(bad, device=accelerator.device), "sum")) == 0.0
 
 
-def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped, metric) -> None:
+def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped, metric,
+         metric_name: str = "mean train loss since the last save", validations: list | None = None) -> None:
     accelerator.wait_for_everyone()
     inner = _unwrap(accelerator, model)
     # on every process: under FSDP these gather the shards
     gathered = inner.learned_state_dict(), inner.lora_state_dict()
     optim_state = ckpt.optimizer_state(model, optimizer)
     if accelerator.is_main_process:
-        extra = ckpt.stage_meta(cfg) | {"step": step, "metric": metric}
+        extra = ckpt.stage_meta(cfg) | {"step": step, "metric": metric, "metric_name": metric_name}
 
         def fill(tmp: Path) -> None:
             ckpt._write_model_files(inner, tmp, extra, gathered)
-            ckpt.save_training_state(tmp, optim_state, scheduler, step, {"losses": losses, "skipped": skipped})
+            ckpt.save_training_state(tmp, optim_state, scheduler, step,
+                                     {"losses": losses, "skipped": skipped, "validation": validations or []})
 
         path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
-        ckpt.record_best(out_dir, path, metric, enabled=cfg.keep_best)
+        ckpt.record_best(out_dir, path, metric, enabled=cfg.keep_best, metric_name=metric_name)
         ckpt.prune_checkpoints(out_dir, cfg.keep_last)
-        log.info("saved %s (mean train loss since the last save %.4f)", path, metric)
+        log.info("saved %s (%s %.4f)", path, metric_name, metric)
     accelerator.wait_for_everyone()
 
 

@@ -1,0 +1,80 @@
+"""Validation on held-out data (a stage's ``eval_data``): the score is the stage's loss over the whole set
+whatever the batch size, training is unchanged by it, keep_best follows it, resume carries it on, and bad
+held-out data is refused before training."""
+
+import json
+
+import pytest
+import torch
+
+from mmllm.cli import main
+from mmllm.model import AnyToAnyModel
+from mmllm.training import checkpoint as ckpt
+from mmllm.training.loop import train
+from tests.conftest import REPO
+from tests.test_stages import fixed_batch_loss, stage_cfg
+
+
+def held_out(path, fmt: str = "mmllm-chat") -> str:
+    return f"[{{path: {path}, format: {fmt}}}]"
+
+
+def test_the_validation_loss_is_the_stage_loss_over_the_whole_held_out_set(sample_data, tmp_path):
+    """Scored in batches of 3 at steps 2 and 4; the last score equals the loss of the final checkpoint
+    over the whole set in one batch, part by part."""
+    cfg = stage_cfg("instruct", sample_data, tmp_path / "run", max_steps=4, eval_every=2, batch_size=3,
+                    eval_data=held_out(sample_data["chat"]))
+    result = train(cfg)
+    assert [v["step"] for v in result.validation] == [2, 4]
+    direct = fixed_batch_loss(AnyToAnyModel.from_pretrained(result.final_checkpoint), cfg)
+    last = result.validation[-1]
+    parts = {k for k in direct if k != "loss"}
+    assert parts >= {"ce", "mse_image", "mse_audio", "mse_video"} and parts == set(last) - {"step", "loss", "skipped"}
+    for key in ("loss", *parts):
+        assert last[key] == pytest.approx(direct[key], rel=1e-5), key
+    assert last["skipped"] == 0
+    assert ckpt.read_progress(result.final_checkpoint)["validation"] == result.validation
+
+
+def test_validation_changes_nothing_in_training_and_resumes_with_the_run(sample_data, tmp_path):
+    scored = {"eval_data": held_out(sample_data["chat"]), "eval_every": 1}
+    plain = train(stage_cfg("instruct", sample_data, tmp_path / "plain", max_steps=4, save_every=2))
+    full = train(stage_cfg("instruct", sample_data, tmp_path / "full", max_steps=4, save_every=2, **scored))
+    assert full.losses == plain.losses
+    a, b = (AnyToAnyModel.from_pretrained(r.final_checkpoint) for r in (plain, full))
+    for k, v in {**a.learned_state_dict(), **a.lora_parameters()}.items():
+        assert torch.equal({**b.learned_state_dict(), **b.lora_parameters()}[k], v), k
+    assert [v["step"] for v in full.validation] == [1, 2, 3, 4]
+
+    train(stage_cfg("instruct", sample_data, tmp_path / "part", max_steps=2, save_every=2, **scored))
+    resumed = train(stage_cfg("instruct", sample_data, tmp_path / "part", max_steps=4, save_every=2, **scored),
+                    resume=True)
+    for a, b in zip(full.validation, resumed.validation, strict=True):
+        assert b == pytest.approx(a, rel=1e-5)
+
+
+def test_keep_best_keeps_the_checkpoint_with_the_lowest_validation_loss(sample_data, tmp_path):
+    result = train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=4, save_every=1, keep_last=1,
+                             keep_best=True, eval_data=held_out(sample_data["pairs"], "mmllm-pairs")))
+    best = json.loads((tmp_path / "best.json").read_text())
+    scores = {f"step-{v['step']}": v["loss"] for v in result.validation}
+    assert best["metric_name"] == "validation loss" and best["metric"] == min(scores.values())
+    assert scores[best["checkpoint"]] == best["metric"]
+    assert {p.name for p in tmp_path.glob("step-*")} == {"step-4", best["checkpoint"]}
+
+
+def test_held_out_data_is_checked_with_the_stage_and_bad_held_out_data_refused_first(sample_data, tmp_path,
+                                                                                     capsys):
+    config = str(REPO / "configs/stages/tiny/instruct.yaml")
+    common = [f"output_dir={tmp_path / 'run'}", "init_from=null", "report_to=none",
+              f"data={held_out(sample_data['chat'])}"]
+    assert main(["data", "check", "--config", config, *common,
+                 f"eval_data={held_out(sample_data['chat'])}"]) == 0
+    report = capsys.readouterr().out
+    assert f"{sample_data['chat']} [mmllm-chat, weight 1]" in report
+    assert f"{sample_data['chat']} [mmllm-chat, held out (eval_data)]" in report
+    assert main(["train", "--config", config, *common, f"eval_data={held_out(tmp_path / 'none.jsonl')}"]) == 2
+    assert "none.jsonl" in capsys.readouterr().err
+    assert main(["train", "--config", config, *common, f"eval_data={held_out(sample_data['pairs'], 'mmllm-pairs')}"]) == 2
+    assert "caption pairs" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
