@@ -362,8 +362,8 @@ class AnyToAnyModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The weighted stage loss and its parts.
 
-        Each part is a *sum* over its units (label tokens for ``ce``, signal groups for ``mse_*`` /
-        ``denoise_*``) divided by ``normalizers[part]`` -- the unit count of the whole optimiser
+        Each part is a *sum* over its units (label tokens for ``ce``, signal groups for ``mse_*``, signal
+        groups with target media for ``denoise_*``) divided by ``normalizers[part]`` -- the unit count of the whole optimiser
         step across micro-batches and processes -- or by the local count when none is given. That
         makes W processes with batch b compute exactly the loss of one process with batch W*b.
         """
@@ -401,10 +401,16 @@ class AnyToAnyModel(nn.Module):
                     per_group = per_group / target.pow(2).flatten(1).mean(1).clamp(min=1e-12)
                 out[f"mse_{m}"] = per_group.sum() / norm(f"mse_{m}", len(captions))
                 total = total + losses.mse * out[f"mse_{m}"]
-            media = batch.get("signal_media", {}).get(m)
-            if losses.denoise and media and all(x is not None for x in media):
-                mean = self.decoders[m].denoising_loss(pred, media, seed=batch.get("step", 0))
-                out[f"denoise_{m}"] = mean * len(media) / norm(f"denoise_{m}", len(media))
+            # The denoising loss scores the groups whose output names its media; the others have
+            # none to score (they still count for CE and MSE), so they are left out of it and of its
+            # unit count (:func:`denoise_units`), not allowed to drop the rest of the batch.
+            media = batch.get("signal_media", {}).get(m) or []
+            scored = [i for i, x in enumerate(media) if x is not None]
+            if losses.denoise and scored:
+                rows = pred if len(scored) == len(media) else pred[torch.tensor(scored, device=pred.device)]
+                mean = self.decoders[m].denoising_loss(rows, [media[i] for i in scored],
+                                                       seed=batch.get("noise_seed", batch.get("step", 0)))
+                out[f"denoise_{m}"] = mean * len(scored) / norm(f"denoise_{m}", len(scored))
                 total = total + losses.denoise * out[f"denoise_{m}"]
         if losses.retain and self._peft_model is not None:
             rows = self.text_only_rows(input_ids)
@@ -490,6 +496,12 @@ class AnyToAnyModel(nn.Module):
         from mmllm.inference.generate import generate
 
         return generate(self, *args, **kwargs)
+
+
+def denoise_units(batch: dict[str, Any], modality: str) -> int:
+    """The groups of ``modality`` the denoising loss scores in a collated batch: those whose output
+    names its media (an output without media has nothing to denoise)."""
+    return sum(x is not None for x in batch.get("signal_media", {}).get(modality) or [])
 
 
 def _whole(p: torch.Tensor) -> torch.Tensor:

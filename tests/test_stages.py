@@ -188,6 +188,38 @@ def test_denoising_loss_trains_the_output_projection_through_the_frozen_unet(sam
     assert all(p.grad is None for p in model.decoders.parameters())
 
 
+def test_a_group_without_target_media_leaves_the_denoising_loss_of_the_others_as_it_was(sample_data, tmp_path):
+    """An output without ``media`` has nothing to denoise: it is left out of the denoising loss and of
+    its unit count, instead of dropping the whole batch's denoising loss (and diluting other steps')."""
+    from mmllm.training.loop import _global_counts, _part_keys
+
+    cfg = stage_cfg("instruct", sample_data, tmp_path, **{"losses.denoise": 1.0, "losses.mse": 0.0})
+    model = build_model(cfg)
+    per, _, _ = load_stage_records(cfg.data, cfg.stage)
+    pre = {m: e.preprocess for m, e in model.encoders.items()}
+    ds = StageDataset(per[0], model.llm.tokenizer, token_spec(model), pre, load_output_media=True)
+    drawn = [ds[i] for i, c in enumerate(per[0]) if any(o.modality == "image" and o.path for o in c.output_refs())]
+    with_media, caption_only = drawn[0], dict(drawn[1])
+    caption_only["outputs"] = [(m, caption, None, cond) for m, caption, _, cond in caption_only["outputs"]]
+    pad = model.llm.tokenizer.pad_token_id
+    alone, mixed = collate([with_media], pad), collate([with_media, caption_only], pad)
+    model.eval()
+    with torch.no_grad():
+        expected = model(alone, cfg.losses)["denoise_image"]
+        got = model(mixed, cfg.losses)
+    assert "denoise_image" in got
+    torch.testing.assert_close(got["denoise_image"], expected, rtol=1e-4, atol=1e-6)
+
+    class OneProcess:
+        device = torch.device("cpu")
+
+        def reduce(self, tensor, op):
+            return tensor
+
+    counts = _global_counts(OneProcess(), [mixed], _part_keys(model), model)
+    assert counts["mse_image"] == 2 and counts["denoise_image"] == 1
+
+
 def test_relative_mse_divides_each_group_by_its_target_power(sample_data, tmp_path):
     cfg = stage_cfg("decode-align", sample_data, tmp_path)
     model = build_model(cfg)

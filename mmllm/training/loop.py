@@ -28,7 +28,7 @@ from mmllm.config import ConfigError, LoraConfig, StageConfig, load_assembly, lo
 from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
-from mmllm.model import AnyToAnyModel
+from mmllm.model import AnyToAnyModel, denoise_units
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
@@ -436,7 +436,8 @@ def _part_keys(model: AnyToAnyModel) -> list[str]:
 def _global_counts(
     accelerator, batches: list[dict[str, Any]], keys: list[str], model: AnyToAnyModel
 ) -> dict[str, float]:
-    """Units (label tokens, text-only tokens, signal groups) per loss part over the whole step, summed over processes."""
+    """Units (label tokens, text-only tokens, signal groups; for ``denoise_*`` the groups with target media)
+    per loss part over the whole step, summed over processes."""
     local = dict.fromkeys(keys, 0.0)
     for b in batches:
         if "labels" not in b:
@@ -445,7 +446,7 @@ def _global_counts(
         local["retain"] += float(b["attention_mask"][model.text_only_rows(b["input_ids"])].sum())
         for m, caps in b["signal_captions"].items():
             local[f"mse_{m}"] += len(caps)
-            local[f"denoise_{m}"] += len(caps)
+            local[f"denoise_{m}"] += denoise_units(b, m)
     vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=accelerator.device)
     vec = accelerator.reduce(vec, "sum")
     return {k: float(v) for k, v in zip(keys, vec.tolist()) if v > 0}
