@@ -220,6 +220,19 @@ def test_a_group_without_target_media_leaves_the_denoising_loss_of_the_others_as
     assert counts["mse_image"] == 2 and counts["denoise_image"] == 1
 
 
+def test_each_micro_batch_draws_its_own_denoising_noise(sample_data, tmp_path, monkeypatch):
+    """The denoising loss's noise and timesteps are seeded per micro-batch of the step, not by the step
+    alone (which gave every micro-batch, and every process, the same draws)."""
+    from mmllm.decoders.sd_image import StableDiffusionDecoder
+
+    seeds, real = [], StableDiffusionDecoder.denoising_loss
+    monkeypatch.setattr(StableDiffusionDecoder, "denoising_loss",
+                        lambda self, cond, media, seed=None: seeds.append(seed) or real(self, cond, media, seed))
+    train(stage_cfg("instruct", sample_data, tmp_path, max_steps=2, batch_size=6, grad_accum=2,
+                    **{"losses.denoise": 1.0, "losses.retain": 0.0}))
+    assert len(seeds) >= 3 and len(set(seeds)) == len(seeds)
+
+
 def test_relative_mse_divides_each_group_by_its_target_power(sample_data, tmp_path):
     cfg = stage_cfg("decode-align", sample_data, tmp_path)
     model = build_model(cfg)

@@ -310,6 +310,9 @@ def _forward_backward(accelerator, model, batches: list[dict[str, Any]], cfg: St
         else:
             fallback = batch
         batch["step"] = step
+        # the denoising loss's noise and timesteps: one draw per micro-batch of the whole step (seeding by the
+        # step alone gave every micro-batch and process the same timesteps and noise), reproducible on resume
+        batch["noise_seed"] = (step * len(batches) + micro) * world + accelerator.process_index
         sync = micro == len(batches) - 1
         with contextlib.ExitStack() as stack:
             if not sync:  # accumulate locally; all-reduce once per optimiser step
