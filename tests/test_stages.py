@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from torch import nn
 
 from mmllm.config import ConfigError, load_stage
 from mmllm.data.dataset import StageDataset, collate, load_stage_records
@@ -231,6 +232,38 @@ def test_each_micro_batch_draws_its_own_denoising_noise(sample_data, tmp_path, m
     train(stage_cfg("instruct", sample_data, tmp_path, max_steps=2, batch_size=6, grad_accum=2,
                     **{"losses.denoise": 1.0, "losses.retain": 0.0}))
     assert len(seeds) >= 3 and len(set(seeds)) == len(seeds)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_frozen_core_runs_without_dropout_in_training_whatever_kind_of_dropout_it_has(tiny_assembly,
+                                                                                        checkpointing):
+    """Attention dropout is applied by ``self.training`` (no ``nn.Dropout`` module), as is OPT's residual
+    dropout: the training loop must put the core itself in eval mode, LoRA's dropout alone training;
+    under gradient checkpointing the checkpointed layers keep training mode (or nothing is checkpointed)."""
+    from mmllm.config import LoraConfig
+    from mmllm.training.loop import _freeze_dropout
+
+    model = AnyToAnyModel.assemble(tiny_assembly, decoder_parts="config", encoder_weights=[])
+    model.add_lora(LoraConfig(r=4, alpha=8, dropout=0.5, target_modules=["q_proj", "v_proj"]))
+    for module in model.llm.model.modules():
+        if hasattr(module, "attention_dropout"):  # as an LLM whose config sets attention_dropout
+            module.attention_dropout = 0.5
+    if checkpointing:
+        model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 300, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    model.eval()
+    with torch.no_grad():
+        expected = model.hidden_states(batch)[2]
+    model.train()
+    _freeze_dropout(model)
+    got = model.hidden_states(batch)[2]  # LoRA's B starts at 0: its dropout changes nothing yet
+    torch.testing.assert_close(got, expected)
+    lora_dropout = [m for n, m in model.llm.model.named_modules() if "lora_dropout" in n and isinstance(m, nn.Dropout)]
+    assert lora_dropout and all(m.training for m in lora_dropout)
+    layers = list(model.llm.model.model.layers)
+    assert all(layer.training == checkpointing for layer in layers)
+    assert not any(layer.self_attn.training for layer in layers)
 
 
 def test_relative_mse_divides_each_group_by_its_target_power(sample_data, tmp_path):

@@ -415,11 +415,27 @@ def _has_accelerator_device() -> bool:
 
 
 def _freeze_dropout(model: AnyToAnyModel) -> None:
-    """The frozen LLM's own dropout stays off (LoRA's dropout lives in its own modules and stays on):
-    its hidden states must be a function of the input, as the decode-align cache assumes."""
+    """The frozen core runs in eval mode (LoRA's dropout modules alone train): its hidden states must be
+    a function of the input, as at inference and as the decode-align cache assumes. Turning off only its
+    ``nn.Dropout`` modules is not enough: transformers applies attention dropout (Llama, Qwen, Mistral,
+    Phi, ...: ``config.attention_dropout``) and some models residual dropout and layer drop (OPT's
+    ``dropout``, ``layerdrop``) by ``self.training``. Under gradient checkpointing transformers checkpoints
+    only in training mode (and only then turns the KV cache off), so the modules it checkpoints keep
+    that mode, with the dropout rates they hold themselves set to 0 (their submodules are in eval mode)."""
+    zeroed = set()
     for name, module in model.llm.model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and "lora_" not in name:
-            module.eval()
+        if "lora_" in name:  # LoRA's own modules (its dropout) keep the training mode model.train() gave them
+            continue
+        checkpointed = getattr(module, "gradient_checkpointing", False) is True
+        module.training = checkpointed  # per module: Module.train() would recurse into the LoRA modules too
+        if checkpointed:
+            for attr, value in vars(module).items():
+                if ("dropout" in attr or "layerdrop" in attr) and isinstance(value, float) and value > 0:
+                    setattr(module, attr, 0.0)
+                    zeroed.add(attr)
+    if zeroed:
+        log.info("frozen LLM: dropout rates %s of the checkpointed modules set to 0 (they stay in training mode "
+                 "for gradient checkpointing)", sorted(zeroed))
 
 
 def _first_readable_batch(datasets: list[StageDataset], pad_id: int) -> dict[str, Any]:
