@@ -422,10 +422,12 @@ def _freeze_dropout(model: AnyToAnyModel) -> None:
     ``dropout``, ``layerdrop``) by ``self.training``. Under gradient checkpointing transformers checkpoints
     only in training mode (and only then turns the KV cache off), so the modules it checkpoints keep
     that mode, with the dropout rates they hold themselves set to 0 (their submodules are in eval mode)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
     zeroed = set()
     for name, module in model.llm.model.named_modules():
-        if "lora_" in name:  # LoRA's own modules (its dropout) keep the training mode model.train() gave them
-            continue
+        if "lora_" in name or isinstance(module, BaseTunerLayer):
+            continue  # LoRA's own modules (its dropout) keep the training mode model.train() gave them
         checkpointed = getattr(module, "gradient_checkpointing", False) is True
         module.training = checkpointed  # per module: Module.train() would recurse into the LoRA modules too
         if checkpointed:
