@@ -352,8 +352,11 @@ class AnyToAnyModel(nn.Module):
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         embeds = self.embed_inputs(input_ids, batch.get("media", {}), batch.get("media_features"))
+        # use_cache=False: transformers otherwise builds a KV cache in every training forward (an extra
+        # reference to every layer's keys and values, kept until the step ends); nothing reads it
         hidden = self.llm.decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+            use_cache=False,
         ).last_hidden_state
         return input_ids, embeds, hidden
 
@@ -456,7 +459,8 @@ class AnyToAnyModel(nn.Module):
         first_new = self.llm.first_new_id
         keep = mask.bool()
         with torch.no_grad(), self._peft_model.disable_adapter():
-            core = self.llm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+            core = self.llm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask),
+                                  use_cache=False).logits
             core_logp = F.log_softmax(core[keep][:, :first_new].float(), dim=-1)
         # The model's distribution spans the signal rows too: mass it puts there on plain text is lost.
         model_logp = F.log_softmax(self.llm.lm_head()(hidden[keep]).float(), dim=-1)[:, :first_new]

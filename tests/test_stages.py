@@ -266,6 +266,20 @@ def test_the_frozen_core_runs_without_dropout_in_training_whatever_kind_of_dropo
     assert not any(layer.self_attn.training for layer in layers)
 
 
+def test_a_training_forward_builds_no_kv_cache(tiny_assembly, monkeypatch):
+    """Nothing reads a KV cache in training; transformers would build one per forward and hold every
+    layer's keys and values in it until the step ends."""
+    import transformers.cache_utils as cache_utils
+
+    built, real = [], cache_utils.DynamicCache.__init__
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", lambda self, *a, **kw: built.append(1) or real(self, *a, **kw))
+    model = AnyToAnyModel.assemble(tiny_assembly, decoder_parts="config", encoder_weights=[])
+    ids = torch.randint(0, 300, (2, 12))
+    model.train()
+    model.hidden_states({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert not built
+
+
 def test_relative_mse_divides_each_group_by_its_target_power(sample_data, tmp_path):
     cfg = stage_cfg("decode-align", sample_data, tmp_path)
     model = build_model(cfg)
