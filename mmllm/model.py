@@ -483,8 +483,8 @@ class AnyToAnyModel(nn.Module):
         decoder_parts: str | Mapping[str, str] = "all",
         encoder_weights: Collection[str] | None = None,
     ) -> AnyToAnyModel:
-        """A checkpoint (any stage's) with its frozen parts rebuilt; ``decoder_parts`` and
-        ``encoder_weights`` as in :meth:`assemble`."""
+        """A checkpoint (any stage's) with its frozen parts rebuilt, in eval mode (call ``train()`` to train
+        it); ``decoder_parts`` and ``encoder_weights`` as in :meth:`assemble`."""
         from mmllm.training.checkpoint import load_model_checkpoint
 
         return load_model_checkpoint(Path(directory), trainable_lora=trainable_lora, decoder_parts=decoder_parts,

@@ -280,6 +280,24 @@ def test_a_training_forward_builds_no_kv_cache(tiny_assembly, monkeypatch):
     assert not built
 
 
+def test_a_loaded_checkpoint_is_in_eval_mode_so_its_adapter_dropout_is_off(tiny_assembly, tmp_path):
+    from mmllm.config import LoraConfig
+
+    model = AnyToAnyModel.assemble(tiny_assembly, decoder_parts="config", encoder_weights=[])
+    model.add_lora(LoraConfig(r=4, alpha=8, dropout=0.5, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.lora_parameters().items():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter: its dropout would change the output
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = AnyToAnyModel.from_pretrained(tmp_path / "ckpt", decoder_parts="config", encoder_weights=[])
+    assert not any(m.training for m in loaded.modules())
+    ids = torch.randint(0, 300, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.hidden_states(batch)[2], loaded.hidden_states(batch)[2], rtol=0, atol=0)
+
+
 def test_relative_mse_divides_each_group_by_its_target_power(sample_data, tmp_path):
     cfg = stage_cfg("decode-align", sample_data, tmp_path)
     model = build_model(cfg)
