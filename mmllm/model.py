@@ -352,8 +352,11 @@ class AnyToAnyModel(nn.Module):
         input_ids = batch["input_ids"].to(self.device)
         attention_mask = batch["attention_mask"].to(self.device)
         embeds = self.embed_inputs(input_ids, batch.get("media", {}), batch.get("media_features"))
+        # use_cache=False: transformers otherwise builds a KV cache in every training forward (an extra
+        # reference to every layer's keys and values, kept until the step ends); nothing reads it
         hidden = self.llm.decoder()(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids(attention_mask)
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+            use_cache=False,
         ).last_hidden_state
         return input_ids, embeds, hidden
 
@@ -362,8 +365,8 @@ class AnyToAnyModel(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The weighted stage loss and its parts.
 
-        Each part is a *sum* over its units (label tokens for ``ce``, signal groups for ``mse_*`` /
-        ``denoise_*``) divided by ``normalizers[part]`` -- the unit count of the whole optimiser
+        Each part is a *sum* over its units (label tokens for ``ce``, signal groups for ``mse_*``, signal
+        groups with target media for ``denoise_*``) divided by ``normalizers[part]`` -- the unit count of the whole optimiser
         step across micro-batches and processes -- or by the local count when none is given. That
         makes W processes with batch b compute exactly the loss of one process with batch W*b.
         """
@@ -401,10 +404,16 @@ class AnyToAnyModel(nn.Module):
                     per_group = per_group / target.pow(2).flatten(1).mean(1).clamp(min=1e-12)
                 out[f"mse_{m}"] = per_group.sum() / norm(f"mse_{m}", len(captions))
                 total = total + losses.mse * out[f"mse_{m}"]
-            media = batch.get("signal_media", {}).get(m)
-            if losses.denoise and media and all(x is not None for x in media):
-                mean = self.decoders[m].denoising_loss(pred, media, seed=batch.get("step", 0))
-                out[f"denoise_{m}"] = mean * len(media) / norm(f"denoise_{m}", len(media))
+            # The denoising loss scores the groups whose output names its media; the others have
+            # none to score (they still count for CE and MSE), so they are left out of it and of its
+            # unit count (:func:`denoise_units`), not allowed to drop the rest of the batch.
+            media = batch.get("signal_media", {}).get(m) or []
+            scored = [i for i, x in enumerate(media) if x is not None]
+            if losses.denoise and scored:
+                rows = pred if len(scored) == len(media) else pred[torch.tensor(scored, device=pred.device)]
+                mean = self.decoders[m].denoising_loss(rows, [media[i] for i in scored],
+                                                       seed=batch.get("noise_seed", batch.get("step", 0)))
+                out[f"denoise_{m}"] = mean * len(scored) / norm(f"denoise_{m}", len(scored))
                 total = total + losses.denoise * out[f"denoise_{m}"]
         if losses.retain and self._peft_model is not None:
             rows = self.text_only_rows(input_ids)
@@ -450,7 +459,8 @@ class AnyToAnyModel(nn.Module):
         first_new = self.llm.first_new_id
         keep = mask.bool()
         with torch.no_grad(), self._peft_model.disable_adapter():
-            core = self.llm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
+            core = self.llm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask),
+                                  use_cache=False).logits
             core_logp = F.log_softmax(core[keep][:, :first_new].float(), dim=-1)
         # The model's distribution spans the signal rows too: mass it puts there on plain text is lost.
         model_logp = F.log_softmax(self.llm.lm_head()(hidden[keep]).float(), dim=-1)[:, :first_new]
@@ -473,8 +483,8 @@ class AnyToAnyModel(nn.Module):
         decoder_parts: str | Mapping[str, str] = "all",
         encoder_weights: Collection[str] | None = None,
     ) -> AnyToAnyModel:
-        """A checkpoint (any stage's) with its frozen parts rebuilt; ``decoder_parts`` and
-        ``encoder_weights`` as in :meth:`assemble`."""
+        """A checkpoint (any stage's) with its frozen parts rebuilt, in eval mode (call ``train()`` to train
+        it); ``decoder_parts`` and ``encoder_weights`` as in :meth:`assemble`."""
         from mmllm.training.checkpoint import load_model_checkpoint
 
         return load_model_checkpoint(Path(directory), trainable_lora=trainable_lora, decoder_parts=decoder_parts,
@@ -490,6 +500,24 @@ class AnyToAnyModel(nn.Module):
         from mmllm.inference.generate import generate
 
         return generate(self, *args, **kwargs)
+
+
+def denoise_units(batch: dict[str, Any], modality: str) -> int:
+    """The groups of ``modality`` the denoising loss scores in a collated batch: those whose output
+    names its media (an output without media has nothing to denoise)."""
+    return sum(x is not None for x in batch.get("signal_media", {}).get(modality) or [])
+
+
+def unit_counts(batch: dict[str, Any], model: AnyToAnyModel) -> dict[str, float]:
+    """What each loss part of :meth:`AnyToAnyModel.forward` sums over, in one collated batch: label tokens
+    (``ce``), text tokens of the text-only rows (``retain``), signal groups (``mse_<m>``) and those with
+    target media (``denoise_<m>``)."""
+    out = {"ce": float((batch["labels"][:, 1:] != -100).sum()),
+           "retain": float(batch["attention_mask"][model.text_only_rows(batch["input_ids"])].sum())}
+    for m, caps in batch["signal_captions"].items():
+        out[f"mse_{m}"] = float(len(caps))
+        out[f"denoise_{m}"] = float(denoise_units(batch, m))
+    return out
 
 
 def _whole(p: torch.Tensor) -> torch.Tensor:

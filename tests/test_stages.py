@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from torch import nn
 
 from mmllm.config import ConfigError, load_stage
 from mmllm.data.dataset import StageDataset, collate, load_stage_records
@@ -186,6 +187,115 @@ def test_denoising_loss_trains_the_output_projection_through_the_frozen_unet(sam
     grads = [p.grad for p in model.output_projections["image"].parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for p in model.decoders.parameters())
+
+
+def test_a_group_without_target_media_leaves_the_denoising_loss_of_the_others_as_it_was(sample_data, tmp_path):
+    """An output without ``media`` has nothing to denoise: it is left out of the denoising loss and of
+    its unit count, instead of dropping the whole batch's denoising loss (and diluting other steps')."""
+    from mmllm.training.loop import _global_counts, _part_keys
+
+    cfg = stage_cfg("instruct", sample_data, tmp_path, **{"losses.denoise": 1.0, "losses.mse": 0.0})
+    model = build_model(cfg)
+    per, _, _ = load_stage_records(cfg.data, cfg.stage)
+    pre = {m: e.preprocess for m, e in model.encoders.items()}
+    ds = StageDataset(per[0], model.llm.tokenizer, token_spec(model), pre, load_output_media=True)
+    drawn = [ds[i] for i, c in enumerate(per[0]) if any(o.modality == "image" and o.path for o in c.output_refs())]
+    with_media, caption_only = drawn[0], dict(drawn[1])
+    caption_only["outputs"] = [(m, caption, None, cond) for m, caption, _, cond in caption_only["outputs"]]
+    pad = model.llm.tokenizer.pad_token_id
+    alone, mixed = collate([with_media], pad), collate([with_media, caption_only], pad)
+    model.eval()
+    with torch.no_grad():
+        expected = model(alone, cfg.losses)["denoise_image"]
+        got = model(mixed, cfg.losses)
+    assert "denoise_image" in got
+    torch.testing.assert_close(got["denoise_image"], expected, rtol=1e-4, atol=1e-6)
+
+    class OneProcess:
+        device = torch.device("cpu")
+
+        def reduce(self, tensor, op):
+            return tensor
+
+    counts = _global_counts(OneProcess(), [mixed], _part_keys(model), model)
+    assert counts["mse_image"] == 2 and counts["denoise_image"] == 1
+
+
+def test_each_micro_batch_draws_its_own_denoising_noise(sample_data, tmp_path, monkeypatch):
+    """The denoising loss's noise and timesteps are seeded per micro-batch of the step, not by the step
+    alone (which gave every micro-batch, and every process, the same draws)."""
+    from mmllm.decoders.sd_image import StableDiffusionDecoder
+
+    seeds, real = [], StableDiffusionDecoder.denoising_loss
+    monkeypatch.setattr(StableDiffusionDecoder, "denoising_loss",
+                        lambda self, cond, media, seed=None: seeds.append(seed) or real(self, cond, media, seed))
+    train(stage_cfg("instruct", sample_data, tmp_path, max_steps=2, batch_size=6, grad_accum=2,
+                    **{"losses.denoise": 1.0, "losses.retain": 0.0}))
+    assert len(seeds) >= 3 and len(set(seeds)) == len(seeds)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_frozen_core_runs_without_dropout_in_training_whatever_kind_of_dropout_it_has(tiny_assembly,
+                                                                                        checkpointing):
+    """Attention dropout is applied by ``self.training`` (no ``nn.Dropout`` module), as is OPT's residual
+    dropout: the training loop must put the core itself in eval mode, LoRA's dropout alone training;
+    under gradient checkpointing the checkpointed layers keep training mode (or nothing is checkpointed)."""
+    from mmllm.config import LoraConfig
+    from mmllm.training.loop import _freeze_dropout
+
+    model = AnyToAnyModel.assemble(tiny_assembly, decoder_parts="config", encoder_weights=[])
+    model.add_lora(LoraConfig(r=4, alpha=8, dropout=0.5, target_modules=["q_proj", "v_proj"]))
+    for module in model.llm.model.modules():
+        if hasattr(module, "attention_dropout"):  # as an LLM whose config sets attention_dropout
+            module.attention_dropout = 0.5
+    if checkpointing:
+        model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 300, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    model.eval()
+    with torch.no_grad():
+        expected = model.hidden_states(batch)[2]
+    model.train()
+    _freeze_dropout(model)
+    got = model.hidden_states(batch)[2]  # LoRA's B starts at 0: its dropout changes nothing yet
+    torch.testing.assert_close(got, expected)
+    lora_dropout = [m for n, m in model.llm.model.named_modules() if "lora_dropout" in n and isinstance(m, nn.Dropout)]
+    assert lora_dropout and all(m.training for m in lora_dropout)
+    layers = list(model.llm.model.model.layers)
+    assert all(layer.training == checkpointing for layer in layers)
+    assert not any(layer.self_attn.training for layer in layers)
+
+
+def test_a_training_forward_builds_no_kv_cache(tiny_assembly, monkeypatch):
+    """Nothing reads a KV cache in training; transformers would build one per forward and hold every
+    layer's keys and values in it until the step ends."""
+    import transformers.cache_utils as cache_utils
+
+    built, real = [], cache_utils.DynamicCache.__init__
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", lambda self, *a, **kw: built.append(1) or real(self, *a, **kw))
+    model = AnyToAnyModel.assemble(tiny_assembly, decoder_parts="config", encoder_weights=[])
+    ids = torch.randint(0, 300, (2, 12))
+    model.train()
+    model.hidden_states({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert not built
+
+
+def test_a_loaded_checkpoint_is_in_eval_mode_so_its_adapter_dropout_is_off(tiny_assembly, tmp_path):
+    from mmllm.config import LoraConfig
+
+    model = AnyToAnyModel.assemble(tiny_assembly, decoder_parts="config", encoder_weights=[])
+    model.add_lora(LoraConfig(r=4, alpha=8, dropout=0.5, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in model.lora_parameters().items():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a trained adapter: its dropout would change the output
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = AnyToAnyModel.from_pretrained(tmp_path / "ckpt", decoder_parts="config", encoder_weights=[])
+    assert not any(m.training for m in loaded.modules())
+    ids = torch.randint(0, 300, (2, 12))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.hidden_states(batch)[2], loaded.hidden_states(batch)[2], rtol=0, atol=0)
 
 
 def test_relative_mse_divides_each_group_by_its_target_power(sample_data, tmp_path):

@@ -206,7 +206,9 @@ def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify:
     if (directory / ADAPTER_DIR).is_dir():
         attach_adapter(model, directory / ADAPTER_DIR, from_dict(LoraConfig, meta["lora"]), trainable_lora)
     model.load_learned_state_dict(load_file(str(directory / LEARNED_FILE)), str(directory / LEARNED_FILE))
-    return model
+    # In eval mode, as transformers' from_pretrained: a freshly built module trains, and the adapter's
+    # dropout (and the projections') would make `model(batch)` or `hidden_states` random. Training calls train().
+    return model.eval()
 
 
 def attach_adapter(model, adapter_dir: Path, lora_cfg, trainable: bool = False) -> None:

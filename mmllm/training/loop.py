@@ -28,13 +28,13 @@ from mmllm.config import ConfigError, LoraConfig, StageConfig, load_assembly, lo
 from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
-from mmllm.model import AnyToAnyModel
+from mmllm.model import AnyToAnyModel, unit_counts
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
 from mmllm.training.init_from import check_init_from
 from mmllm.training.parts import StageParts, release_cached, stage_parts
-from mmllm.training.validation import Validation, evaluate, unit_counts
+from mmllm.training.validation import Validation, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -334,6 +334,9 @@ def _forward_backward(accelerator, model, batches: list[dict[str, Any]], cfg: St
         else:
             fallback = batch
         batch["step"] = step
+        # the denoising loss's noise and timesteps: one draw per micro-batch of the whole step (seeding by the
+        # step alone gave every micro-batch and process the same timesteps and noise), reproducible on resume
+        batch["noise_seed"] = (step * len(batches) + micro) * world + accelerator.process_index
         sync = micro == len(batches) - 1
         with contextlib.ExitStack() as stack:
             if not sync:  # accumulate locally; all-reduce once per optimiser step
@@ -436,11 +439,29 @@ def _has_accelerator_device() -> bool:
 
 
 def _freeze_dropout(model: AnyToAnyModel) -> None:
-    """The frozen LLM's own dropout stays off (LoRA's dropout lives in its own modules and stays on):
-    its hidden states must be a function of the input, as the decode-align cache assumes."""
+    """The frozen core runs in eval mode (LoRA's dropout modules alone train): its hidden states must be
+    a function of the input, as at inference and as the decode-align cache assumes. Turning off only its
+    ``nn.Dropout`` modules is not enough: transformers applies attention dropout (Llama, Qwen, Mistral,
+    Phi, ...: ``config.attention_dropout``) and some models residual dropout and layer drop (OPT's
+    ``dropout``, ``layerdrop``) by ``self.training``. Under gradient checkpointing transformers checkpoints
+    only in training mode (and only then turns the KV cache off), so the modules it checkpoints keep
+    that mode, with the dropout rates they hold themselves set to 0 (their submodules are in eval mode)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    zeroed = set()
     for name, module in model.llm.model.named_modules():
-        if isinstance(module, torch.nn.Dropout) and "lora_" not in name:
-            module.eval()
+        if "lora_" in name or isinstance(module, BaseTunerLayer):
+            continue  # LoRA's own modules (its dropout) keep the training mode model.train() gave them
+        checkpointed = getattr(module, "gradient_checkpointing", False) is True
+        module.training = checkpointed  # per module: Module.train() would recurse into the LoRA modules too
+        if checkpointed:
+            for attr, value in vars(module).items():
+                if ("dropout" in attr or "layerdrop" in attr) and isinstance(value, float) and value > 0:
+                    setattr(module, attr, 0.0)
+                    zeroed.add(attr)
+    if zeroed:
+        log.info("frozen LLM: dropout rates %s of the checkpointed modules set to 0 (they stay in training mode "
+                 "for gradient checkpointing)", sorted(zeroed))
 
 
 def _first_readable_batch(datasets: list[StageDataset], pad_id: int) -> dict[str, Any]:
@@ -460,7 +481,8 @@ def _part_keys(model: AnyToAnyModel) -> list[str]:
 def _global_counts(
     accelerator, batches: list[dict[str, Any]], keys: list[str], model: AnyToAnyModel
 ) -> dict[str, float]:
-    """Units (label tokens, text-only tokens, signal groups) per loss part over the whole step, summed over processes."""
+    """Units (label tokens, text-only tokens, signal groups; for ``denoise_*`` the groups with target media)
+    per loss part over the whole step, summed over processes."""
     local = dict.fromkeys(keys, 0.0)
     for b in batches:
         if "labels" not in b:

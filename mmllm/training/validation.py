@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from mmllm.config import LossConfig
 from mmllm.data.dataset import StageDataset, collate
+from mmllm.model import unit_counts
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED = 1 << 40  # the denoising loss's noise seed for held-out batch i is EVAL_SEED + i (training uses the step)
+EVAL_SEED = 1 << 40  # the denoising loss's noise seed for held-out batch i is EVAL_SEED + i (training's are smaller)
 
 
 @dataclass
@@ -79,7 +80,7 @@ def evaluate(accelerator, model, inner, validation: Validation, losses: LossConf
                 skipped += len(batch["skipped"])
                 empty = "input_ids" not in batch
                 batch = fallback if empty else batch
-                batch = {**batch, "step": EVAL_SEED + b * world + rank}
+                batch = {**batch, "noise_seed": EVAL_SEED + b * world + rank}
                 with accelerator.autocast():
                     out = model(batch, losses, ones)
                 if empty:
@@ -111,13 +112,3 @@ def _reshard(model) -> None:
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.reshard()
-
-
-def unit_counts(batch: dict[str, Any], model) -> dict[str, float]:
-    """Units each loss part averages over in one collated batch: label tokens (``ce``), text tokens of the
-    text-only rows (``retain``), signal groups (``mse_<m>``, ``denoise_<m>``)."""
-    out = {"ce": float((batch["labels"][:, 1:] != -100).sum()),
-           "retain": float(batch["attention_mask"][model.text_only_rows(batch["input_ids"])].sum())}
-    for m, caps in batch["signal_captions"].items():
-        out[f"mse_{m}"] = out[f"denoise_{m}"] = float(len(caps))
-    return out
