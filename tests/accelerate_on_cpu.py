@@ -57,7 +57,7 @@ def _nan_loss_on(rank: int, steps: set[int]) -> None:
 
     def poisoned(self, batch, *args, **kwargs):
         out = forward(self, batch, *args, **kwargs)
-        if int(os.environ.get("RANK", "0")) == rank and batch["step"] in steps:
+        if int(os.environ.get("RANK", "0")) == rank and batch.get("step") in steps:  # training steps only
             out["loss"] = out["loss"] * float("nan")
         return out
 

@@ -216,6 +216,20 @@ def test_denoising_loss_reaches_conditioning_only(decoders, modality):
     assert torch.allclose(again, loss.detach())
 
 
+def test_audio_conditioning_is_put_on_the_unit_sphere_as_the_unet_saw_it(decoders):
+    """AudioLDM's UNet was trained on unit-norm text embeddings (its targets here too): a projection's
+    output that is off the sphere by a scale is generated from, and trained through, as its direction."""
+    decoder = decoders["audio"]
+    cond = decoder.condition(CAPTIONS)
+    assert torch.allclose(cond.norm(dim=-1), torch.ones(2), atol=1e-5)
+    for a, b in zip(decoder.generate(cond, steps=2, seeds=[5, 6]), decoder.generate(1.7 * cond, steps=2, seeds=[5, 6]),
+                    strict=True):
+        np.testing.assert_allclose(a.waveform, b.waveform, atol=1e-5)
+    media = sample_media(decoder, "audio", 2)
+    torch.testing.assert_close(decoder.denoising_loss(0.5 * cond, media, seed=0),
+                               decoder.denoising_loss(cond, media, seed=0))
+
+
 def test_denoising_loss_honours_prediction_type_override():
     decoder = build_entry("image", scheduler_prediction_type="v_prediction")
     assert decoder.scheduler.config.prediction_type == "v_prediction"

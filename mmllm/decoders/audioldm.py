@@ -280,7 +280,7 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
         if negative is not None:
             negative = negative.reshape(batch, -1)
         out = self.pipeline(
-            prompt_embeds=conditioning.detach().reshape(batch, -1).to(device, dtype),
+            prompt_embeds=unit_class_labels(conditioning.detach()).to(device, dtype),
             negative_prompt_embeds=negative,
             num_inference_steps=steps or self.options.steps,
             guidance_scale=guidance,
@@ -342,7 +342,7 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
         with torch.no_grad():
             latents = self.vae.encode(mels).latent_dist.sample(generator=generator)
             latents = latents * self.vae.config.scaling_factor
-        class_labels = conditioning.reshape(batch, -1).to(device, dtype)
+        class_labels = unit_class_labels(conditioning).to(device, dtype)
 
         def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             return self.unet(noisy, timesteps, encoder_hidden_states=None, class_labels=class_labels).sample
@@ -357,3 +357,13 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
             "audio_length_s": self.audio_length_s,
             "prediction_type": self.scheduler.config.prediction_type,
         }
+
+
+def unit_class_labels(conditioning: torch.Tensor) -> torch.Tensor:
+    """``(B, 1, D)`` conditioning -> the UNet's ``(B, D)`` class labels, L2-normalised in fp32: AudioLDM's
+    UNet only ever saw unit vectors (its pipeline normalises the text embeddings it computes, and leaves
+    ``prompt_embeds`` given to it as they are), and :meth:`AudioLDMDecoder.condition` -- the MSE target -- is
+    unit-norm too, so a projection that is near it but not on the sphere is put there, in training's
+    denoising loss and in generation alike."""
+    flat = conditioning.reshape(conditioning.shape[0], -1)
+    return torch.nn.functional.normalize(flat.float(), dim=-1)
