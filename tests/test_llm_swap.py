@@ -1,0 +1,74 @@
+"""Swapping the LLM core: `hf-causal-lm` over architectures other than Llama, saved locally from tiny
+random configs (no hub). Each builds in well under a second."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmllm.config import ConfigError, LoraConfig, parse_assembly, to_dict
+from mmllm.model import AnyToAnyModel
+from mmllm.tiny_tokenizer import build_tiny_tokenizer
+
+SIZES = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+         "max_position_embeddings": 256}
+
+
+def _config(arch: str, tokenizer):
+    import transformers
+
+    ids = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+           "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if arch == "gpt2":  # Conv1D layers c_attn / c_proj / c_fc, learned absolute positions
+        return transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=256, **ids)
+    if arch == "phi":  # q/k/v_proj but `dense`, not o_proj
+        return transformers.PhiConfig(**SIZES, **ids)
+    if arch == "gemma":  # scales its embedding rows by sqrt(hidden_size) in the embedding's forward
+        return transformers.GemmaConfig(**SIZES, num_key_value_heads=1, head_dim=16, **ids)
+    if arch == "qwen2":  # an embedding table padded past the tokenizer, as the real ones are
+        return transformers.Qwen2Config(**SIZES, num_key_value_heads=1, **{**ids, "vocab_size": len(tokenizer) + 16})
+    raise ValueError(arch)
+
+
+def save_core(arch: str, folder: Path) -> Path:
+    """A tiny random `arch` core and the tiny tokenizer, saved as a local model dir."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_tiny_tokenizer(512, 256)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_config(arch, tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _assembled(arch: str, tiny_assembly, tmp_path: Path) -> AnyToAnyModel:
+    data = to_dict(tiny_assembly)
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(save_core(arch, tmp_path / arch))}
+    return AnyToAnyModel.assemble(parse_assembly(data))
+
+
+@pytest.mark.parametrize(("arch", "unmatched", "theirs"), [
+    ("gpt2", "['q_proj', 'k_proj', 'v_proj', 'o_proj']", "['c_attn', 'c_fc', 'c_proj']"),
+    ("phi", "['o_proj']", "['dense', 'fc1', 'fc2', 'k_proj', 'q_proj', 'v_proj']"),  # PEFT alone drops o_proj
+])
+def test_lora_targets_the_core_lacks_are_refused_naming_its_layers(arch, unmatched, theirs, tiny_assembly, tmp_path):
+    model = _assembled(arch, tiny_assembly, tmp_path)
+    with pytest.raises(ConfigError) as err:
+        model.add_lora(LoraConfig())  # the Llama default: q/k/v/o_proj
+    msg = str(err.value)
+    assert f"{unmatched} name no module of this LLM" in msg and f"can adapt are {theirs}" in msg
+    assert model.lora_parameters() == {}
+
+
+def test_lora_on_gpt2_conv1d_layers_trains_only_the_adapter(tiny_assembly, tmp_path):
+    model = _assembled("gpt2", tiny_assembly, tmp_path)
+    model.add_lora(LoraConfig(r=2, alpha=4, dropout=0.0, target_modules=["c_attn", "c_proj"]))
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in model.lora_parameters()}
+    assert adapted == {"c_attn", "c_proj"}
+    for p in model.lora_parameters().values():
+        p.requires_grad_(True)
+    ids = torch.tensor([[5, 6, 7, model.llm.signal_ids["image"][0]]])
+    logits = model.llm.model(inputs_embeds=model.llm.embed(ids)).logits
+    logits.sum().backward()
+    assert all(p.grad is not None for n, p in model.lora_parameters().items() if "lora_B" in n)
+    assert all(p.grad is None for n, p in model.llm.model.named_parameters() if "lora_" not in n)
