@@ -6,7 +6,7 @@ gradient mask holds (NExT-GPT trained both whole matrices by accident), the orig
 frozen and untouched, and two thin wrappers add the new rows as separate parameters:
 
 * :class:`ExtendedEmbedding` -- ids below ``first_new_id`` read the frozen table; signal-token ids
-  read the trainable ``signal`` rows; placeholder ids read a zero buffer (their embeddings are
+  read the trainable ``signal`` rows (times the table's ``embed_scale``, where it has one, as Gemma's does); placeholder ids read a zero buffer (their embeddings are
   replaced by projected media features anyway);
 * :class:`ExtendedLMHead` -- logits over the original vocabulary (frozen) concatenated with the
   signal-token logits. With tied embeddings the signal rows are one shared parameter.
@@ -78,6 +78,12 @@ class ExtendedEmbedding(nn.Module):
         if bool(is_new.any()):
             extra = torch.cat([self.signal.to(out.dtype), self.placeholder.to(out.dtype)])
             new = extra[(ids - self.first_new_id).clamp(0, extra.shape[0] - 1)]
+            scale = getattr(self.base, "embed_scale", None)
+            if scale is not None:
+                # The table's own scale (Gemma, XGLM, BioGPT, ... multiply every row by sqrt(hidden) in the
+                # embedding's forward): the new rows are rows of the same table, so they read the same way
+                # (the LM head, tied or not, reads them unscaled, as it reads the table)
+                new = new * torch.as_tensor(scale).to(device=out.device, dtype=out.dtype)
             out = torch.where(is_new.unsqueeze(-1), new, out)
         return out
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmllm.config import ConfigError, LoraConfig, parse_assembly, to_dict
+from mmllm.llm import HFCausalLM
 from mmllm.model import AnyToAnyModel
 from mmllm.tiny_tokenizer import build_tiny_tokenizer
 
@@ -72,3 +73,21 @@ def test_lora_on_gpt2_conv1d_layers_trains_only_the_adapter(tiny_assembly, tmp_p
     logits.sum().backward()
     assert all(p.grad is not None for n, p in model.lora_parameters().items() if "lora_B" in n)
     assert all(p.grad is None for n, p in model.llm.model.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("arch", ["gemma", "qwen2", "gpt2"])
+def test_a_signal_row_embeds_as_the_table_row_it_equals(arch, tmp_path):
+    """The signal rows are new rows of the core's embedding table: one holding row 5's values embeds as
+    token 5 does, also where the table scales its rows (Gemma: by sqrt(hidden_size)), and the LM head
+    scores it as token 5."""
+    core = HFCausalLM.from_options(HFCausalLM.Options(str(save_core(arch, tmp_path / arch))))
+    core.add_tokens({"image": 2})
+    emb, head = core.model.get_input_embeddings(), core.lm_head()
+    with torch.no_grad():
+        emb.signal[0] = emb.base.weight[5]
+        head.signal[0] = head.base.weight[5]
+    signal = core.signal_ids["image"][0]
+    torch.testing.assert_close(core.embed(torch.tensor([[signal]])), core.embed(torch.tensor([[5]])))
+    logits = head(torch.randn(3, core.hidden_size))
+    torch.testing.assert_close(logits[:, signal], logits[:, 5])
+    assert logits.shape[-1] == core.vocab_size  # a padded table's unused rows are not scored
