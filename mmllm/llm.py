@@ -282,9 +282,18 @@ class HFCausalLM:
             location = convert_gguf(gguf, Path(o.gguf_cache).expanduser())
         elif local.exists():
             location = local
+            _check_model_dir(local, where)
+        elif local.is_absolute() or o.name_or_path.startswith((".", "~")):
+            raise ConfigError(f"{where}.name_or_path: {local} does not exist (a local model dir; a hub id reads "
+                              "'org/name')")
         kwargs = {"revision": o.revision, "trust_remote_code": o.trust_remote_code}
         try:
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        except (OSError, ValueError) as exc:  # not found / offline; no tokenizer files transformers can build from
+            raise ConfigError(f"{where}.name_or_path: cannot load the tokenizer of {o.name_or_path!r}: {exc} (a model "
+                              "folder holds its tokenizer's files too: tokenizer.save_pretrained(folder))") from exc
+        _check_tokenizer(tokenizer, location, where)
+        try:
             if weights:
                 model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[o.dtype], **kwargs)
             else:
@@ -292,10 +301,38 @@ class HFCausalLM:
                 with torch.device("meta"):
                     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[o.dtype],
                                                              trust_remote_code=o.trust_remote_code)
-        except OSError as exc:
-            raise ConfigError(f"llm.name_or_path: cannot load {o.name_or_path!r}: {exc}") from exc
+        except (OSError, ValueError) as exc:  # not found / offline; an architecture transformers does not know
+            raise ConfigError(f"{where}.name_or_path: cannot load {o.name_or_path!r}: {exc}") from exc
         return LLMCore(model, tokenizer, {"kind": "hf-causal-lm", "name_or_path": o.name_or_path,
                                           "gguf_file": o.gguf_file, "dtype": o.dtype})
+
+
+def _check_model_dir(folder: Path, where: str) -> None:
+    """A local ``name_or_path`` must be a folder ``save_pretrained`` wrote (a GGUF file goes in ``gguf_file``)."""
+    if folder.is_file():
+        hint = (f"; a GGUF file is named by {where}.gguf_file (name_or_path: its folder)"
+                if folder.suffix == ".gguf" else "")
+        raise ConfigError(f"{where}.name_or_path: {folder} is a file, not a model folder{hint}")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{where}.name_or_path: {folder} holds no config.json, so it is no saved transformers "
+                          f"model (it holds {sorted(p.name for p in folder.iterdir())[:12]}); write it with "
+                          "model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+
+
+def _check_tokenizer(tokenizer: Any, location: str | Path, where: str) -> None:
+    """transformers 5 answers a model folder without tokenizer files with an *empty* tokenizer of the model
+    type's class (GPT-2, Qwen, Phi: no tokens; Gemma: every word ``<unk>``), silently: refuse one that cannot
+    read plain words."""
+    ids = tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+    if any(i != tokenizer.unk_token_id for i in ids):
+        return
+    folder = Path(location)
+    held = f" (the folder holds {sorted(p.name for p in folder.iterdir())[:12]})" if folder.is_dir() else ""
+    raise ConfigError(
+        f"{where}.name_or_path: the tokenizer loaded from {str(location)!r} has {len(tokenizer)} token(s) and reads "
+        f"'a red circle' as {tokenizer.convert_ids_to_tokens(ids)}: its tokenizer files are missing{held}; save "
+        "the model's tokenizer into the same folder (tokenizer.save_pretrained(folder))"
+    )
 
 
 class TinyLlama:

@@ -91,3 +91,28 @@ def test_a_signal_row_embeds_as_the_table_row_it_equals(arch, tmp_path):
     logits = head(torch.randn(3, core.hidden_size))
     torch.testing.assert_close(logits[:, signal], logits[:, 5])
     assert logits.shape[-1] == core.vocab_size  # a padded table's unused rows are not scored
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gemma"])
+def test_a_model_folder_without_its_tokenizer_is_refused(arch, tmp_path):
+    """transformers 5 gives such a folder an empty tokenizer of the model type's class (GPT-2: no tokens;
+    Gemma: every word <unk>) without a word; mmllm would have trained on it."""
+    folder = save_core(arch, tmp_path / arch)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    for weights in (True, False):
+        with pytest.raises(ConfigError, match=r"llm\.name_or_path: the tokenizer loaded from .* its tokenizer files "
+                                              r"are missing \(the folder holds \['config\.json', .*save_pretrained"):
+            HFCausalLM.from_options(HFCausalLM.Options(str(folder)), weights=weights)
+
+
+def test_a_local_name_or_path_that_is_no_model_folder_says_what_it_is(tmp_path):
+    def refused(path: Path, pattern: str) -> None:
+        with pytest.raises(ConfigError, match=pattern):
+            HFCausalLM.from_options(HFCausalLM.Options(str(path)), weights=False)
+
+    refused(tmp_path / "nowhere", r"llm\.name_or_path: .*nowhere does not exist \(a local model dir")
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path / "empty", r"empty holds no config\.json.*model\.save_pretrained")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    refused(tmp_path / "m.gguf", r"m\.gguf is a file, not a model folder; a GGUF file is named by llm\.gguf_file")
