@@ -232,6 +232,15 @@ def test_hf_audio_from_pretrained_dir(family: str, tmp_path: Path) -> None:
         build("hf-audio", {"family": family, "model": str(tmp_path), "sampling_rate": 22050})
 
 
+def test_an_unfused_clap_with_a_fusion_extractor_is_refused_when_built(tmp_path: Path) -> None:
+    """ClapFeatureExtractor's default truncation is "fusion" (4 mel channels): an unfused tower failed at
+    its first encode with a conv shape error; now when built, weights or not, naming the setting."""
+    tiny = HFAudioEncoder.tiny_options(family="clap")
+    for weights in (True, False):
+        with pytest.raises(ConfigError, match=r"gives 4 mel channels \(truncation: fusion\).*truncation to rand_trunc"):
+            build("hf-audio", {**tiny, "feature_extractor": {"truncation": "fusion"}}, weights=weights)
+
+
 def test_hf_audio_refuses_missing_weights(tmp_path: Path) -> None:
     _save_tiny_checkpoint("ast", tmp_path, drop="layernorm.weight")
     with pytest.raises(ConfigError, match="lacks .* tensor"):

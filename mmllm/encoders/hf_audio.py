@@ -246,6 +246,12 @@ class _ClapTower(_Tower):
             raise ConfigError(
                 "feature_extractor: a fused CLAP tower needs truncation: fusion (4 mel channels)"
             )
+        if not self.config.enable_fusion and channels != 1:
+            raise ConfigError(
+                f"feature_extractor: gives {channels} mel channels (truncation: fusion) but the CLAP tower is not "
+                "fused (enable_fusion: false) and takes 1: set the extractor's truncation to rand_trunc (in its "
+                "preprocessor_config.json, or feature_extractor: {truncation: rand_trunc} for an in-process tower)"
+            )
 
     def shape(self, tokens: str) -> tuple[int, int]:
         if tokens == "pooled":
