@@ -118,6 +118,13 @@ class LLMCore(nn.Module):
         self._describe = describe
         self.model.requires_grad_(False)
         self.model.eval()
+        if not getattr(tokenizer, "chat_template", None):
+            source = describe.get("name_or_path") or describe.get("kind", "the LLM")
+            raise ConfigError(
+                f"llm: the tokenizer of {source} has no chat template (base models often have none), and mmllm "
+                "renders every sample and request with it: set llm.chat_template to a Jinja template (its text, or "
+                "a .jinja file), or use the model's chat/instruct variant"
+            )
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.signal_ids: dict[str, list[int]] = {}
@@ -264,6 +271,9 @@ class HFCausalLM:
         dtype: str = "float32"
         trust_remote_code: bool = False
         gguf_cache: str = "~/.cache/mmllm/gguf"
+        # a Jinja chat template (its text, or a path to a .jinja file) for a tokenizer without one, or to
+        # replace its own; recorded with the checkpoint's assembly, so inference renders prompts the same way
+        chat_template: str | None = None
 
     @classmethod
     def from_options(cls, o: Options, where: str = "llm", weights: bool = True) -> LLMCore:
@@ -293,6 +303,8 @@ class HFCausalLM:
             raise ConfigError(f"{where}.name_or_path: cannot load the tokenizer of {o.name_or_path!r}: {exc} (a model "
                               "folder holds its tokenizer's files too: tokenizer.save_pretrained(folder))") from exc
         _check_tokenizer(tokenizer, location, where)
+        if o.chat_template is not None:
+            tokenizer.chat_template = _read_template(o.chat_template, where)
         try:
             if weights:
                 model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[o.dtype], **kwargs)
@@ -317,6 +329,16 @@ def _check_model_dir(folder: Path, where: str) -> None:
         raise ConfigError(f"{where}.name_or_path: {folder} holds no config.json, so it is no saved transformers "
                           f"model (it holds {sorted(p.name for p in folder.iterdir())[:12]}); write it with "
                           "model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+
+
+def _read_template(value: str, where: str) -> str:
+    """``chat_template``: the template's text, or the path of a file holding it (``.jinja``)."""
+    if "{" in value:  # Jinja text: a file name holds no braces
+        return value
+    path = resolve_location(value)
+    if not path.is_file():
+        raise ConfigError(f"{where}.chat_template: {value!r} is neither a Jinja template (no '{{') nor a file")
+    return path.read_text()
 
 
 def _check_tokenizer(tokenizer: Any, location: str | Path, where: str) -> None:

@@ -116,3 +116,27 @@ def test_a_local_name_or_path_that_is_no_model_folder_says_what_it_is(tmp_path):
     refused(tmp_path / "empty", r"empty holds no config\.json.*model\.save_pretrained")
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     refused(tmp_path / "m.gguf", r"m\.gguf is a file, not a model folder; a GGUF file is named by llm\.gguf_file")
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused_unless_the_yaml_gives_one(tiny_assembly, tmp_path):
+    """Every sample and request is rendered with the chat template: without one, training skipped every
+    sample as unreadable and wrote a checkpoint of NaN losses. `llm.chat_template` supplies one."""
+    from mmllm.data.template import encode_prompt
+    from mmllm.inference.generate import token_spec
+    from mmllm.tiny_tokenizer import CHAT_TEMPLATE
+
+    folder = save_core("gpt2", tmp_path / "gpt2")
+    (folder / "chat_template.jinja").unlink()
+    data = to_dict(tiny_assembly)
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(folder)}
+    with pytest.raises(ConfigError, match=r"^llm: the tokenizer of .*gpt2 has no chat template.*llm\.chat_template"):
+        AnyToAnyModel.assemble(parse_assembly(data), llm_weights=False)
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    for template in (CHAT_TEMPLATE, str(tmp_path / "chat.jinja")):
+        data["llm"]["chat_template"] = template
+        model = AnyToAnyModel.assemble(parse_assembly(data), llm_weights=False)
+        ids, _ = encode_prompt([{"role": "user", "content": "hello"}], model.llm.tokenizer, token_spec(model))
+        assert model.llm.tokenizer.decode(ids) == "<|bos|>user\nhello<|eos|>\n<|bos|>assistant\n"
+    data["llm"]["chat_template"] = str(tmp_path / "nowhere.jinja")
+    with pytest.raises(ConfigError, match=r"llm\.chat_template: .*nowhere\.jinja' is neither a Jinja template"):
+        AnyToAnyModel.assemble(parse_assembly(data), llm_weights=False)
