@@ -125,6 +125,12 @@ class LLMCore(nn.Module):
                 "renders every sample and request with it: set llm.chat_template to a Jinja template (its text, or "
                 "a .jinja file), or use the model's chat/instruct variant"
             )
+        from mmllm.data.template import template_problem
+
+        problem = template_problem(tokenizer)
+        if problem is not None:  # single-turn samples and requests still work: say it once, here
+            log.warning("llm: the chat template of %s: %s; conversations with more than one assistant turn will be "
+                        "skipped as unreadable", describe.get("name_or_path") or describe.get("kind"), problem)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.signal_ids: dict[str, list[int]] = {}

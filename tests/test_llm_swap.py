@@ -140,3 +140,41 @@ def test_a_tokenizer_without_a_chat_template_is_refused_unless_the_yaml_gives_on
     data["llm"]["chat_template"] = str(tmp_path / "nowhere.jinja")
     with pytest.raises(ConfigError, match=r"llm\.chat_template: .*nowhere\.jinja' is neither a Jinja template"):
         AnyToAnyModel.assemble(parse_assembly(data), llm_weights=False)
+
+
+# Like Qwen3's: an assistant turn after the last user turn opens with an empty think block, earlier ones
+# do not, so a turn's rendering changes once the next user turn arrives.
+THINK_GATED_TEMPLATE = (
+    "{% set last = namespace(i=0) %}{% for m in messages %}{% if m['role'] == 'user' %}{% set last.i = loop.index0 %}"
+    "{% endif %}{% endfor %}{% for m in messages %}<|bos|>{{ m['role'] }}\n"
+    "{% if m['role'] == 'assistant' and loop.index0 > last.i %}<think></think>{% endif %}{{ m['content'] }}<|eos|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+)
+
+
+def test_a_template_that_is_not_prefix_stable_is_named_at_assembly(tiny_assembly, tmp_path, caplog):
+    """Such a template skipped every multi-turn sample, each with 'not prefix-stable; cannot place labels';
+    now assembly says so once, with what to do, and single-turn samples still encode."""
+    from mmllm.data.formats import Conversation, Message
+    from mmllm.data.template import encode_conversation
+    from mmllm.inference.generate import token_spec
+
+    data = to_dict(tiny_assembly)
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(save_core("qwen2", tmp_path / "qwen2")),
+                   "chat_template": THINK_GATED_TEMPLATE}
+    with caplog.at_level("WARNING", logger="mmllm.llm"):
+        model = AnyToAnyModel.assemble(parse_assembly(data), llm_weights=False)
+    assert "not prefix-stable" in caplog.text and "llm.chat_template" in caplog.text
+    assert "more than one assistant turn will be skipped" in caplog.text
+    spec, tok = token_spec(model), model.llm.tokenizer
+    one = Conversation("one", [Message("user", "hi"), Message("assistant", "hello")], source="t")
+    assert tok.decode(encode_conversation(one, tok, spec).input_ids).endswith("assistant\n<think></think>hello<|eos|>\n")
+    two = Conversation("two", [*one.messages, Message("user", "and?"), Message("assistant", "bye")], source="t")
+    with pytest.raises(ValueError, match="turn 4 cannot be placed: multi-turn conversations need"):
+        encode_conversation(two, tok, spec)
+    caplog.clear()
+    data["llm"]["chat_template"] = THINK_GATED_TEMPLATE.replace("loop.index0 > last.i", "true")
+    with caplog.at_level("WARNING", logger="mmllm.llm"):
+        model = AnyToAnyModel.assemble(parse_assembly(data), llm_weights=False)
+    assert "chat template" not in caplog.text
+    assert len(encode_conversation(two, model.llm.tokenizer, token_spec(model)).input_ids) > 0
