@@ -197,6 +197,7 @@ class LLMCore(nn.Module):
         self.model.requires_grad_(False)
         log.info("added %d signal tokens and %d placeholders from id %d (tied head: %s)",
                  n_signal, len(placeholder_strings), first, tied)
+        self.check_logits()
 
     # -- parameter groups -------------------------------------------------------------------
     def signal_parameters(self) -> dict[str, nn.Parameter]:
@@ -223,6 +224,37 @@ class LLMCore(nn.Module):
 
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from last hidden states as the core's own forward (and so generation) computes them: the LM
+        head, then what the architecture applies after it -- Cohere's ``logit_scale``, Granite's
+        ``logits_scaling``, Gemma 2/3's ``final_logit_softcapping``. :meth:`check_logits` proves it per core."""
+        out = self.lm_head()(hidden)
+        config = self.model.config.get_text_config()
+        if (scale := getattr(config, "logit_scale", None)) is not None:
+            out = out * scale
+        if (scaling := getattr(config, "logits_scaling", None)) is not None:
+            out = out / scaling
+        if cap := getattr(config, "final_logit_softcapping", None):
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    def check_logits(self, where: str = "llm") -> None:
+        """Refuse a core whose forward turns hidden states into logits otherwise than :meth:`logits` (training
+        computes its losses with :meth:`logits` at the labelled positions only; generation runs the forward)."""
+        if not self.has_weights:
+            return
+        ids = torch.arange(min(4, self.first_new_id), device=self.model.get_input_embeddings().weight.device)[None]
+        with torch.no_grad():
+            forward = self.model(input_ids=ids).logits.float()
+            ours = self.logits(self.decoder()(inputs_embeds=self.embed(ids)).last_hidden_state).float()
+        if forward.shape != ours.shape or not torch.allclose(forward, ours, rtol=1e-3, atol=1e-3 * float(forward.abs().max()) + 1e-6):
+            raise ConfigError(
+                f"{where}: {type(self.model).__name__} computes its logits otherwise than its LM head (max difference "
+                f"{float((forward - ours).abs().max()) if forward.shape == ours.shape else 'shape'}), in a way mmllm does not "
+                "know, so training would learn other logits than generation samples: this architecture is not "
+                "supported as the core yet (mmllm.llm.LLMCore.logits lists the post-head transforms it applies)"
+            )
 
 
 # --------------------------------------------------------------------------------------------

@@ -396,7 +396,7 @@ class AnyToAnyModel(nn.Module):
         shift_labels = labels[:, 1:]
         sel = shift_labels != -100
         if losses.ce and bool(sel.any()):
-            logits = self.llm.lm_head()(hidden[:, :-1][sel])
+            logits = self.llm.logits(hidden[:, :-1][sel])
             ce_sum = F.cross_entropy(logits.float(), shift_labels[sel], reduction="sum")
             out["ce"] = ce_sum / norm("ce", int(sel.sum()))
             total = total + losses.ce * out["ce"]
@@ -468,7 +468,7 @@ class AnyToAnyModel(nn.Module):
             core = self.llm.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids(mask)).logits
             core_logp = F.log_softmax(core[keep][:, :first_new].float(), dim=-1)
         # The model's distribution spans the signal rows too: mass it puts there on plain text is lost.
-        model_logp = F.log_softmax(self.llm.lm_head()(hidden[keep]).float(), dim=-1)[:, :first_new]
+        model_logp = F.log_softmax(self.llm.logits(hidden[keep]).float(), dim=-1)[:, :first_new]
         return (core_logp.exp() * (core_logp - model_logp)).sum()
 
     # ------------------------------------------------------------------ save / load

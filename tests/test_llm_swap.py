@@ -28,6 +28,12 @@ def _config(arch: str, tokenizer):
         return transformers.GemmaConfig(**SIZES, num_key_value_heads=1, head_dim=16, **ids)
     if arch == "qwen2":  # an embedding table padded past the tokenizer, as the real ones are
         return transformers.Qwen2Config(**SIZES, num_key_value_heads=1, **{**ids, "vocab_size": len(tokenizer) + 16})
+    if arch == "gemma2":  # soft-caps its logits after the LM head
+        return transformers.Gemma2Config(**SIZES, num_key_value_heads=1, head_dim=16, final_logit_softcapping=2.0, **ids)
+    if arch == "cohere":  # multiplies them by logit_scale
+        return transformers.CohereConfig(**SIZES, num_key_value_heads=1, logit_scale=0.25, **ids)
+    if arch == "granite":  # divides them by logits_scaling
+        return transformers.GraniteConfig(**SIZES, num_key_value_heads=1, logits_scaling=4.0, **ids)
     raise ValueError(arch)
 
 
@@ -178,3 +184,35 @@ def test_a_template_that_is_not_prefix_stable_is_named_at_assembly(tiny_assembly
         model = AnyToAnyModel.assemble(parse_assembly(data), llm_weights=False)
     assert "chat template" not in caplog.text
     assert len(encode_conversation(two, model.llm.tokenizer, token_spec(model)).input_ids) > 0
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "cohere", "granite", "qwen2"])
+def test_training_logits_are_the_forwards(arch, tmp_path):
+    """The losses take logits from the last hidden states at labelled positions; they used the bare LM head,
+    while generation runs the forward, which soft-caps (Gemma 2/3) or scales (Cohere, Granite) after it."""
+    core = HFCausalLM.from_options(HFCausalLM.Options(str(save_core(arch, tmp_path / arch))))
+    core.add_tokens({"image": 2})  # checks the same on a probe
+    ids = torch.tensor([[5, 6, 7, core.signal_ids["image"][0], core.signal_ids["image"][1]]])
+    with torch.no_grad():
+        hidden = core.decoder()(inputs_embeds=core.embed(ids)).last_hidden_state
+        torch.testing.assert_close(core.logits(hidden), core.model(input_ids=ids).logits)
+        if arch != "qwen2":
+            assert not torch.allclose(core.lm_head()(hidden), core.model(input_ids=ids).logits)
+
+
+def test_a_core_with_a_post_head_transform_mmllm_does_not_know_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmllm.llm import LLMCore
+
+    class Doubled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    tokenizer = build_tiny_tokenizer(512, 256)
+    model = Doubled(LlamaConfig(**SIZES, num_key_value_heads=1, vocab_size=len(tokenizer)))
+    core = LLMCore(model, tokenizer, {"kind": "test"})
+    with pytest.raises(ConfigError, match=r"^llm: Doubled computes its logits otherwise than its LM head .*not supported"):
+        core.add_tokens({"image": 2})
