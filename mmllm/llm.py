@@ -246,9 +246,11 @@ class LLMCore(nn.Module):
             return
         ids = torch.arange(min(4, self.first_new_id), device=self.model.get_input_embeddings().weight.device)[None]
         with torch.no_grad():
-            forward = self.model(input_ids=ids).logits.float()
-            ours = self.logits(self.decoder()(inputs_embeds=self.embed(ids)).last_hidden_state).float()
-        if forward.shape != ours.shape or not torch.allclose(forward, ours, rtol=1e-3, atol=1e-3 * float(forward.abs().max()) + 1e-6):
+            mask = torch.ones_like(ids)
+            forward = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            ours = self.logits(self.decoder()(inputs_embeds=self.embed(ids), attention_mask=mask).last_hidden_state).float()
+        tolerance = 1e-3 * float(forward.abs().max()) + 1e-6
+        if forward.shape != ours.shape or not torch.allclose(forward, ours, rtol=1e-3, atol=tolerance):
             raise ConfigError(
                 f"{where}: {type(self.model).__name__} computes its logits otherwise than its LM head (max difference "
                 f"{float((forward - ours).abs().max()) if forward.shape == ours.shape else 'shape'}), in a way mmllm does not "
