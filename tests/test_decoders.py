@@ -325,3 +325,28 @@ def test_parts_that_do_not_fit_together_name_the_decoder(decoders, tmp_path):
     unet = tmp_path / "pipe" / "unet" / "config.json"
     unet.write_text(unet.read_text().replace('"cross_attention_dim": 32', '"cross_attention_dim": 48'))
     _refused(spec, r"^decoders\.image\.model: UNet cross_attention_dim 48 != text encoder width 32", "config")
+
+
+@pytest.mark.parametrize(("kind", "folder_of", "pattern"), [
+    ("sd-image", "video", r"is a TextToVideoSDPipeline, and this kind loads a StableDiffusionPipeline: use kind t2v-video"),
+    ("sd-image", "audio", r"is a AudioLDMPipeline, and this kind loads a StableDiffusionPipeline: use kind audioldm"),
+    ("t2v-video", "image", r"is a StableDiffusionPipeline, and this kind loads a TextToVideoSDPipeline: use kind sd-image"),
+    ("audioldm-audio", "image", r"is a StableDiffusionPipeline, .* use kind sd-image"),
+])
+def test_a_folder_of_another_family_is_refused_naming_its_kind(decoders, kind, folder_of, pattern, tmp_path):
+    """diffusers loaded a text-to-video folder into sd-image and an SD folder into t2v-video (warning only),
+    which failed at the first denoising step; audioldm-audio on an SD folder was KeyError: 'vocoder'."""
+    spec = {**_saved_pipeline(decoders, folder_of, tmp_path / "pipe"), "kind": kind}
+    spec = {k: v for k, v in spec.items() if k in ("kind", "model", "steps", "guidance")}
+    _refused(spec, rf"^decoders\.x\.model: .*pipe {pattern}", "config", "decoders.x")
+
+
+def test_a_foreign_unet_class_is_refused(decoders, tmp_path):
+    import json
+
+    spec = _saved_pipeline(decoders, "image", tmp_path / "pipe")
+    index = tmp_path / "pipe" / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "MyPipeline",
+                                 "unet": ["diffusers", "UNet3DConditionModel"]}))
+    _refused(spec, r"\(MyPipeline\) holds a UNet3DConditionModel, but this kind's StableDiffusionPipeline takes a "
+                   r"UNet2DConditionModel", "config")

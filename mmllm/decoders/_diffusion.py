@@ -232,6 +232,7 @@ def load_parts(
     source = resolve_source(options.model)
     if Path(source).is_dir():
         index = _model_index(pipeline_cls, source)
+        _check_family(pipeline_cls, index, source, names, options)
         elsewhere = ("text_encoder",) if options.text_encoder is not None else ()
         absent = [n for n in names if n not in skip and n not in elsewhere and isinstance(index.get(n), list)
                   and index[n][0] is not None and not (Path(source) / n).is_dir()]
@@ -250,6 +251,34 @@ def load_parts(
         log.info("%s: not loading %s (the stage does not use them)", options.model, ", ".join(skip))
     return {name: NotLoaded(name, _unloaded_config(pipeline_cls, options, source, name)) if name in skip
             else getattr(pipe, name) for name in names}
+
+
+# the kind that loads each pipeline class, to name the right one when a folder is another family's
+PIPELINE_KINDS = {"StableDiffusionPipeline": "sd-image", "AudioLDMPipeline": "audioldm-audio",
+                  "TextToVideoSDPipeline": "t2v-video"}
+
+
+def _check_family(pipeline_cls: type, index: dict[str, Any], source: str, names: tuple[str, ...],
+                  options: DiffusionOptions) -> None:
+    """The folder is a pipeline of the kind's family: it has every part the kind loads, and a UNet of the class
+    the kind's pipeline takes (diffusers would load a text-to-video UNet into a Stable Diffusion pipeline,
+    warning, and fail or draw noise at the first denoising step)."""
+    theirs = index.get("_class_name", "?")
+    kind = PIPELINE_KINDS.get(theirs)
+    if kind and theirs != pipeline_cls.__name__:
+        raise ConfigError(f"model: {source} is a {theirs}, and this kind loads a {pipeline_cls.__name__}: "
+                          f"use kind {kind}")
+    given = {"text_encoder"} if options.text_encoder is not None else set()
+    lacking = [n for n in names if n not in given and not (isinstance(index.get(n), list) and index[n][0])]
+    if lacking:
+        raise ConfigError(f"model: {source} ({theirs}) has no {', '.join(lacking)}, which this kind's "
+                          f"{pipeline_cls.__name__} needs")
+    wanted = inspect.signature(pipeline_cls.__init__).parameters["unet"].annotation
+    wanted_names = {getattr(t, "__name__", str(t)) for t in getattr(wanted, "__args__", (wanted,))}
+    library, unet = index["unet"]
+    if library == "diffusers" and unet not in wanted_names:
+        raise ConfigError(f"model: {source} ({theirs}) holds a {unet}, but this kind's {pipeline_cls.__name__} "
+                          f"takes a {' or '.join(sorted(wanted_names))}")
 
 
 def _unloaded_config(pipeline_cls: type, options: DiffusionOptions, source: str, name: str) -> Any:
