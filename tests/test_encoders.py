@@ -275,6 +275,16 @@ def test_an_unfused_clap_with_a_fusion_extractor_is_refused_when_built(tmp_path:
             build("hf-audio", {**tiny, "feature_extractor": {"truncation": "fusion"}}, weights=weights)
 
 
+def test_hf_audio_folder_of_another_family_is_refused_naming_it(tmp_path: Path) -> None:
+    """A Whisper folder under family: ast said only 'lacks 199 tensor(s)' (with weights) or that the
+    extractor's shape did not fit (without)."""
+    _save_tiny_checkpoint("whisper", tmp_path)
+    for weights in (True, False):
+        with pytest.raises(ConfigError, match=r"encoders\.x\.model: .* holds a 'whisper' model, not a ast one: "
+                                              r"set family: whisper"):
+            build("hf-audio", {"family": "ast", "model": str(tmp_path)}, weights=weights)
+
+
 def test_hf_audio_refuses_missing_weights(tmp_path: Path) -> None:
     _save_tiny_checkpoint("ast", tmp_path, drop="layernorm.weight")
     with pytest.raises(ConfigError, match="lacks .* tensor"):
