@@ -158,6 +158,14 @@ class LLMCore(nn.Module):
             )
         signal_strings = [s for m, n in signal_tokens.items() for s in signal_token_strings(m, n)]
         placeholder_strings = [PLACEHOLDERS[m] for m in MODALITIES]
+        vocab = tok.get_vocab()
+        present = {s: vocab[s] for s in signal_strings + placeholder_strings if s in vocab}
+        if present:  # a LLaVA-style tokenizer already holds <image>
+            raise ConfigError(
+                f"llm: the tokenizer already has {', '.join(f'{s} (id {i})' for s, i in present.items())}; mmllm adds "
+                "its placeholders and signal tokens as new ids beside the frozen table, so it needs a tokenizer "
+                "without them (the base LLM's own, not a multimodal derivative's)"
+            )
         added = tok.add_special_tokens(
             {"additional_special_tokens": signal_strings + placeholder_strings}, replace_extra_special_tokens=False
         )

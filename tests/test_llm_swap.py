@@ -216,3 +216,14 @@ def test_a_core_with_a_post_head_transform_mmllm_does_not_know_is_refused(tmp_pa
     core = LLMCore(model, tokenizer, {"kind": "test"})
     with pytest.raises(ConfigError, match=r"^llm: Doubled computes its logits otherwise than its LM head .*not supported"):
         core.add_tokens({"image": 2})
+
+
+def test_a_tokenizer_that_already_has_a_placeholder_is_refused_naming_it(tmp_path):
+    folder = save_core("qwen2", tmp_path / "qwen2")  # its table has 16 spare rows
+    tokenizer = build_tiny_tokenizer(512, 256)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.save_pretrained(folder)
+    core = HFCausalLM.from_options(HFCausalLM.Options(str(folder)), weights=False)
+    with pytest.raises(ConfigError, match=rf"^llm: the tokenizer already has <image> \(id {len(tokenizer) - 1}\); "
+                                          "mmllm adds its placeholders"):
+        core.add_tokens({"image": 2})
