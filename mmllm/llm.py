@@ -142,6 +142,13 @@ class LLMCore(nn.Module):
         return int(self.model.config.hidden_size)
 
 
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the core takes (its config's ``max_position_embeddings``; GPT-2's
+        ``n_positions``), or None where the config states none."""
+        positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        return int(positions) if isinstance(positions, int) else None
+
     def describe(self) -> dict[str, Any]:
         return dict(self._describe)
 

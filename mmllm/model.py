@@ -116,6 +116,11 @@ class AnyToAnyModel(nn.Module):
         with seeded(config.seed, "llm"):
             llm: LLMCore = registry.build("llm", config.llm, "llm", weights=llm_weights)
         llm.add_tokens(config.signal_tokens, seed=config.seed)
+        if llm.max_positions is not None and config.max_length > llm.max_positions:
+            # a learned position table (GPT-2) fails with an index error at the first long sample
+            raise ConfigError(f"max_length={config.max_length} is longer than the LLM's context, "
+                              f"{llm.max_positions} positions (its config's max_position_embeddings): "
+                              f"set max_length to at most {llm.max_positions}")
         hidden = llm.hidden_size
         encoders: dict[str, MediaEncoder] = {}
         decoders: dict[str, MediaDecoder] = {}

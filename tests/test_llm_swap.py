@@ -22,6 +22,8 @@ def _config(arch: str, tokenizer):
            "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     if arch == "gpt2":  # Conv1D layers c_attn / c_proj / c_fc, learned absolute positions
         return transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=256, **ids)
+    if arch == "gpt2-short":  # a position table of 40 rows: nothing may run past it
+        return transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, n_positions=40, **ids)
     if arch == "phi":  # q/k/v_proj but `dense`, not o_proj
         return transformers.PhiConfig(**SIZES, **ids)
     if arch == "gemma":  # scales its embedding rows by sqrt(hidden_size) in the embedding's forward
@@ -227,3 +229,21 @@ def test_a_tokenizer_that_already_has_a_placeholder_is_refused_naming_it(tmp_pat
     with pytest.raises(ConfigError, match=rf"^llm: the tokenizer already has <image> \(id {len(tokenizer) - 1}\); "
                                           "mmllm adds its placeholders"):
         core.add_tokens({"image": 2})
+
+
+def test_the_context_is_the_cores_position_table(tiny_assembly, tmp_path):
+    """GPT-2 learns one embedding per position: a max_length past n_positions failed with 'index out of range'
+    at the first long sample, and every answer running past it did the same at inference."""
+    from mmllm.inference.generate import Request, prepare_request
+
+    data = to_dict(tiny_assembly)  # max_length 128
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(save_core("gpt2-short", tmp_path / "gpt2"))}
+    with pytest.raises(ConfigError, match=r"^max_length=128 is longer than the LLM's context, 40 positions .*"
+                                          r"set max_length to at most 40"):
+        AnyToAnyModel.assemble(parse_assembly(data), llm_weights=False)
+    data["max_length"] = 40
+    model = AnyToAnyModel.assemble(parse_assembly(data))
+    request = Request(messages=[{"role": "user", "content": "Draw a red circle."}])
+    prompt = len(prepare_request(model, request).ids)
+    answer = model.generate([request], max_new_tokens=64, decode_media=False)[0]
+    assert 0 < len(answer.token_ids) <= 40 - prompt
