@@ -6,8 +6,9 @@ gradient mask holds (NExT-GPT trained both whole matrices by accident), the orig
 frozen and untouched, and two thin wrappers add the new rows as separate parameters:
 
 * :class:`ExtendedEmbedding` -- ids below ``first_new_id`` read the frozen table; signal-token ids
-  read the trainable ``signal`` rows (times the table's ``embed_scale``, where it has one, as Gemma's does); placeholder ids read a zero buffer (their embeddings are
-  replaced by projected media features anyway);
+  read the trainable ``signal`` rows (times the table's ``embed_scale`` where it has one, as Gemma's
+  does); placeholder ids read a zero buffer (their embeddings are replaced by projected media features
+  anyway);
 * :class:`ExtendedLMHead` -- logits over the original vocabulary (frozen) concatenated with the
   signal-token logits. With tied embeddings the signal rows are one shared parameter.
 
@@ -259,18 +260,21 @@ class LLMCore(nn.Module):
         computes its losses with :meth:`logits` at the labelled positions only; generation runs the forward)."""
         if not self.has_weights:
             return
-        ids = torch.arange(min(4, self.first_new_id), device=self.model.get_input_embeddings().weight.device)[None]
+        device = self.model.get_input_embeddings().weight.device
+        ids = torch.arange(min(4, self.first_new_id), device=device)[None]
+        mask = torch.ones_like(ids)
         with torch.no_grad():
-            mask = torch.ones_like(ids)
             forward = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            ours = self.logits(self.decoder()(inputs_embeds=self.embed(ids), attention_mask=mask).last_hidden_state).float()
+            hidden = self.decoder()(inputs_embeds=self.embed(ids), attention_mask=mask).last_hidden_state
+            ours = self.logits(hidden).float()
         tolerance = 1e-3 * float(forward.abs().max()) + 1e-6
         if forward.shape != ours.shape or not torch.allclose(forward, ours, rtol=1e-3, atol=tolerance):
+            differ = float((forward - ours).abs().max()) if forward.shape == ours.shape else "in shape"
             raise ConfigError(
-                f"{where}: {type(self.model).__name__} computes its logits otherwise than its LM head (max difference "
-                f"{float((forward - ours).abs().max()) if forward.shape == ours.shape else 'shape'}), in a way mmllm does not "
-                "know, so training would learn other logits than generation samples: this architecture is not "
-                "supported as the core yet (mmllm.llm.LLMCore.logits lists the post-head transforms it applies)"
+                f"{where}: {type(self.model).__name__} computes its logits otherwise than its LM head (max "
+                f"difference {differ}), in a way mmllm does not know, so training would learn other logits than "
+                "generation samples: this architecture is not supported as the core yet (mmllm.llm.LLMCore.logits "
+                "lists the post-head transforms it applies)"
             )
 
 

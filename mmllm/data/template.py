@@ -97,8 +97,8 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
 
 PREFIX_STABLE_HINT = (
     "multi-turn conversations need a template under which each turn's rendering extends the previous one "
-    "(Qwen3's drops the empty <think></think> block of assistant turns once a user turn follows): give llm.chat_template "
-    "one that renders every assistant turn the same way wherever it stands"
+    "(Qwen3's drops the empty <think></think> block of assistant turns once a user turn follows): give "
+    "llm.chat_template one that renders every assistant turn the same way wherever it stands"
 )
 
 

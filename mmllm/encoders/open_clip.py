@@ -267,7 +267,8 @@ def _check_local_dir(folder: Path, options: OpenClipImageEncoder.Options, prefix
     if options.pretrained:
         raise ConfigError(f"{prefix}pretrained: a 'local-dir:' model loads the checkpoint in its folder and open_clip "
                           f"ignores pretrained ({options.pretrained!r}): drop it, or put that file in {folder}")
-    if load_weights and folder.is_dir() and not any(next(folder.glob(p), None) for p in ("*.safetensors", "*.bin", "*.pth")):
+    checkpoints = ("*.safetensors", "*.bin", "*.pth")
+    if load_weights and folder.is_dir() and not any(next(folder.glob(p), None) for p in checkpoints):
         raise ConfigError(
             f"{prefix}model_name: {folder} holds no checkpoint (*.safetensors, *.bin or *.pth beside "
             "open_clip_config.json), so open_clip would build the tower with random weights: copy its checkpoint "
