@@ -151,3 +151,6 @@ def test_overriding_a_parts_kind_replaces_the_part(caplog):
     assert apply_overrides(data, ["llm.kind=tiny-llama", "llm.num_layers=3"])["llm"] == {
         "kind": "tiny-llama", "hidden_size": 64, "num_layers": 3}  # the same kind keeps the part
     assert data["llm"]["kind"] == "tiny-llama"  # the input is not changed
+    projection = {"input_projections": {"audio": {"kind": "mlp", "hidden_dim": 64}}}  # one config, not a kind's
+    assert apply_overrides(projection, ["input_projections.audio.kind=resampler"]) == {
+        "input_projections": {"audio": {"kind": "resampler", "hidden_dim": 64}}}
