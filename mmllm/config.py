@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 MODALITIES: tuple[str, ...] = ("image", "audio", "video")
 STAGES: tuple[str, ...] = ("encode-align", "decode-align", "instruct")
@@ -441,10 +444,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# assembly keys whose parts are registry kinds, each with its own options (a projection's kind is one field)
+REGISTRY_PARTS = ("llm", "encoders", "decoders")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict, returning a copy."""
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict, returning a copy.
+
+    An override of a registry part's ``kind`` (under :data:`REGISTRY_PARTS`) that changes it
+    (``llm.kind=hf-causal-lm`` over a ``tiny-llama``) replaces the part: the file's other keys for it are options of the old kind, so they are dropped and
+    the part is what the overrides say (applied first, whatever their order)."""
     data = copy.deepcopy(data)
-    for item in overrides:
+    kinds_first = sorted(overrides, key=lambda o: o.split("=", 1)[0].strip().rsplit(".", 1)[-1] != "kind")
+    for item in kinds_first:
         if "=" not in item:
             hint = (" (a path: --resume takes none, it continues from the newest checkpoint in output_dir; "
                     "to start from a checkpoint use init_from=PATH)" if Path(item).exists() else "")
@@ -470,6 +482,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {item!r}: {part} is not a mapping")
             node = nxt
+        if parts[-1] == "kind" and parts[0] in REGISTRY_PARTS and "kind" in node and node["kind"] != value:
+            where = ".".join(parts[:-1]) or "the top level"
+            log.info("%s: kind %s -> %s by override; the file's other %s keys (%s) are dropped with it", where,
+                     node["kind"], value, where, ", ".join(sorted(k for k in node if k != "kind")) or "none")
+            node.clear()
         node[parts[-1]] = value
     return data
 

@@ -6,8 +6,9 @@ gradient mask holds (NExT-GPT trained both whole matrices by accident), the orig
 frozen and untouched, and two thin wrappers add the new rows as separate parameters:
 
 * :class:`ExtendedEmbedding` -- ids below ``first_new_id`` read the frozen table; signal-token ids
-  read the trainable ``signal`` rows; placeholder ids read a zero buffer (their embeddings are
-  replaced by projected media features anyway);
+  read the trainable ``signal`` rows (times the table's ``embed_scale`` where it has one, as Gemma's
+  does); placeholder ids read a zero buffer (their embeddings are replaced by projected media features
+  anyway);
 * :class:`ExtendedLMHead` -- logits over the original vocabulary (frozen) concatenated with the
   signal-token logits. With tied embeddings the signal rows are one shared parameter.
 
@@ -78,6 +79,12 @@ class ExtendedEmbedding(nn.Module):
         if bool(is_new.any()):
             extra = torch.cat([self.signal.to(out.dtype), self.placeholder.to(out.dtype)])
             new = extra[(ids - self.first_new_id).clamp(0, extra.shape[0] - 1)]
+            scale = getattr(self.base, "embed_scale", None)
+            if scale is not None:
+                # The table's own scale (Gemma, XGLM, BioGPT, ... multiply every row by sqrt(hidden) in the
+                # embedding's forward): the new rows are rows of the same table, so they read the same way
+                # (the LM head, tied or not, reads them unscaled, as it reads the table)
+                new = new * torch.as_tensor(scale).to(device=out.device, dtype=out.dtype)
             out = torch.where(is_new.unsqueeze(-1), new, out)
         return out
 
@@ -112,6 +119,19 @@ class LLMCore(nn.Module):
         self._describe = describe
         self.model.requires_grad_(False)
         self.model.eval()
+        if not getattr(tokenizer, "chat_template", None):
+            source = describe.get("name_or_path") or describe.get("kind", "the LLM")
+            raise ConfigError(
+                f"llm: the tokenizer of {source} has no chat template (base models often have none), and mmllm "
+                "renders every sample and request with it: set llm.chat_template to a Jinja template (its text, or "
+                "a .jinja file), or use the model's chat/instruct variant"
+            )
+        from mmllm.data.template import template_problem
+
+        problem = template_problem(tokenizer)
+        if problem is not None:  # single-turn samples and requests still work: say it once, here
+            log.warning("llm: the chat template of %s: %s; conversations with more than one assistant turn will be "
+                        "skipped as unreadable", describe.get("name_or_path") or describe.get("kind"), problem)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.signal_ids: dict[str, list[int]] = {}
@@ -122,6 +142,13 @@ class LLMCore(nn.Module):
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
 
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest sequence the core takes (its config's ``max_position_embeddings``; GPT-2's
+        ``n_positions``), or None where the config states none."""
+        positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+        return int(positions) if isinstance(positions, int) else None
 
     def describe(self) -> dict[str, Any]:
         return dict(self._describe)
@@ -139,6 +166,14 @@ class LLMCore(nn.Module):
             )
         signal_strings = [s for m, n in signal_tokens.items() for s in signal_token_strings(m, n)]
         placeholder_strings = [PLACEHOLDERS[m] for m in MODALITIES]
+        vocab = tok.get_vocab()
+        present = {s: vocab[s] for s in signal_strings + placeholder_strings if s in vocab}
+        if present:  # a LLaVA-style tokenizer already holds <image>
+            raise ConfigError(
+                f"llm: the tokenizer already has {', '.join(f'{s} (id {i})' for s, i in present.items())}; mmllm adds "
+                "its placeholders and signal tokens as new ids beside the frozen table, so it needs a tokenizer "
+                "without them (the base LLM's own, not a multimodal derivative's)"
+            )
         added = tok.add_special_tokens(
             {"additional_special_tokens": signal_strings + placeholder_strings}, replace_extra_special_tokens=False
         )
@@ -178,6 +213,7 @@ class LLMCore(nn.Module):
         self.model.requires_grad_(False)
         log.info("added %d signal tokens and %d placeholders from id %d (tied head: %s)",
                  n_signal, len(placeholder_strings), first, tied)
+        self.check_logits()
 
     # -- parameter groups -------------------------------------------------------------------
     def signal_parameters(self) -> dict[str, nn.Parameter]:
@@ -204,6 +240,42 @@ class LLMCore(nn.Module):
 
     def lm_head(self) -> nn.Module:
         return self.model.get_output_embeddings()
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from last hidden states as the core's own forward (and so generation) computes them: the LM
+        head, then what the architecture applies after it -- Cohere's ``logit_scale``, Granite's
+        ``logits_scaling``, Gemma 2/3's ``final_logit_softcapping``. :meth:`check_logits` proves it per core."""
+        out = self.lm_head()(hidden)
+        config = self.model.config.get_text_config()
+        if (scale := getattr(config, "logit_scale", None)) is not None:
+            out = out * scale
+        if (scaling := getattr(config, "logits_scaling", None)) is not None:
+            out = out / scaling
+        if cap := getattr(config, "final_logit_softcapping", None):
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    def check_logits(self, where: str = "llm") -> None:
+        """Refuse a core whose forward turns hidden states into logits otherwise than :meth:`logits` (training
+        computes its losses with :meth:`logits` at the labelled positions only; generation runs the forward)."""
+        if not self.has_weights:
+            return
+        device = self.model.get_input_embeddings().weight.device
+        ids = torch.arange(min(4, self.first_new_id), device=device)[None]
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            forward = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            hidden = self.decoder()(inputs_embeds=self.embed(ids), attention_mask=mask).last_hidden_state
+            ours = self.logits(hidden).float()
+        tolerance = 1e-3 * float(forward.abs().max()) + 1e-6
+        if forward.shape != ours.shape or not torch.allclose(forward, ours, rtol=1e-3, atol=tolerance):
+            differ = float((forward - ours).abs().max()) if forward.shape == ours.shape else "in shape"
+            raise ConfigError(
+                f"{where}: {type(self.model).__name__} computes its logits otherwise than its LM head (max "
+                f"difference {differ}), in a way mmllm does not know, so training would learn other logits than "
+                "generation samples: this architecture is not supported as the core yet (mmllm.llm.LLMCore.logits "
+                "lists the post-head transforms it applies)"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,6 +330,9 @@ class HFCausalLM:
         dtype: str = "float32"
         trust_remote_code: bool = False
         gguf_cache: str = "~/.cache/mmllm/gguf"
+        # a Jinja chat template (its text, or a path to a .jinja file) for a tokenizer without one, or to
+        # replace its own; recorded with the checkpoint's assembly, so inference renders prompts the same way
+        chat_template: str | None = None
 
     @classmethod
     def from_options(cls, o: Options, where: str = "llm", weights: bool = True) -> LLMCore:
@@ -276,9 +351,20 @@ class HFCausalLM:
             location = convert_gguf(gguf, Path(o.gguf_cache).expanduser())
         elif local.exists():
             location = local
+            _check_model_dir(local, where)
+        elif local.is_absolute() or o.name_or_path.startswith((".", "~")):
+            raise ConfigError(f"{where}.name_or_path: {local} does not exist (a local model dir; a hub id reads "
+                              "'org/name')")
         kwargs = {"revision": o.revision, "trust_remote_code": o.trust_remote_code}
         try:
             tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+        except (OSError, ValueError) as exc:  # not found / offline; no tokenizer files transformers can build from
+            raise ConfigError(f"{where}.name_or_path: cannot load the tokenizer of {o.name_or_path!r}: {exc} (a model "
+                              "folder holds its tokenizer's files too: tokenizer.save_pretrained(folder))") from exc
+        _check_tokenizer(tokenizer, location, where)
+        if o.chat_template is not None:
+            tokenizer.chat_template = _read_template(o.chat_template, where)
+        try:
             if weights:
                 model = AutoModelForCausalLM.from_pretrained(location, dtype=DTYPES[o.dtype], **kwargs)
             else:
@@ -286,10 +372,48 @@ class HFCausalLM:
                 with torch.device("meta"):
                     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[o.dtype],
                                                              trust_remote_code=o.trust_remote_code)
-        except OSError as exc:
-            raise ConfigError(f"llm.name_or_path: cannot load {o.name_or_path!r}: {exc}") from exc
+        except (OSError, ValueError) as exc:  # not found / offline; an architecture transformers does not know
+            raise ConfigError(f"{where}.name_or_path: cannot load {o.name_or_path!r}: {exc}") from exc
         return LLMCore(model, tokenizer, {"kind": "hf-causal-lm", "name_or_path": o.name_or_path,
                                           "gguf_file": o.gguf_file, "dtype": o.dtype})
+
+
+def _check_model_dir(folder: Path, where: str) -> None:
+    """A local ``name_or_path`` must be a folder ``save_pretrained`` wrote (a GGUF file goes in ``gguf_file``)."""
+    if folder.is_file():
+        hint = (f"; a GGUF file is named by {where}.gguf_file (name_or_path: its folder)"
+                if folder.suffix == ".gguf" else "")
+        raise ConfigError(f"{where}.name_or_path: {folder} is a file, not a model folder{hint}")
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"{where}.name_or_path: {folder} holds no config.json, so it is no saved transformers "
+                          f"model (it holds {sorted(p.name for p in folder.iterdir())[:12]}); write it with "
+                          "model.save_pretrained(folder) and tokenizer.save_pretrained(folder)")
+
+
+def _read_template(value: str, where: str) -> str:
+    """``chat_template``: the template's text, or the path of a file holding it (``.jinja``)."""
+    if "{" in value:  # Jinja text: a file name holds no braces
+        return value
+    path = resolve_location(value)
+    if not path.is_file():
+        raise ConfigError(f"{where}.chat_template: {value!r} is neither a Jinja template (no '{{') nor a file")
+    return path.read_text()
+
+
+def _check_tokenizer(tokenizer: Any, location: str | Path, where: str) -> None:
+    """transformers 5 answers a model folder without tokenizer files with an *empty* tokenizer of the model
+    type's class (GPT-2, Qwen, Phi: no tokens; Gemma: every word ``<unk>``), silently: refuse one that cannot
+    read plain words."""
+    ids = tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+    if any(i != tokenizer.unk_token_id for i in ids):
+        return
+    folder = Path(location)
+    held = f" (the folder holds {sorted(p.name for p in folder.iterdir())[:12]})" if folder.is_dir() else ""
+    raise ConfigError(
+        f"{where}.name_or_path: the tokenizer loaded from {str(location)!r} has {len(tokenizer)} token(s) and reads "
+        f"'a red circle' as {tokenizer.convert_ids_to_tokens(ids)}: its tokenizer files are missing{held}; save "
+        "the model's tokenizer into the same folder (tokenizer.save_pretrained(folder))"
+    )
 
 
 class TinyLlama:

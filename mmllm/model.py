@@ -116,6 +116,11 @@ class AnyToAnyModel(nn.Module):
         with seeded(config.seed, "llm"):
             llm: LLMCore = registry.build("llm", config.llm, "llm", weights=llm_weights)
         llm.add_tokens(config.signal_tokens, seed=config.seed)
+        if llm.max_positions is not None and config.max_length > llm.max_positions:
+            # a learned position table (GPT-2) fails with an index error at the first long sample
+            raise ConfigError(f"max_length={config.max_length} is longer than the LLM's context, "
+                              f"{llm.max_positions} positions (its config's max_position_embeddings): "
+                              f"set max_length to at most {llm.max_positions}")
         hidden = llm.hidden_size
         encoders: dict[str, MediaEncoder] = {}
         decoders: dict[str, MediaDecoder] = {}
@@ -170,15 +175,30 @@ class AnyToAnyModel(nn.Module):
         return cls(config, llm, encoders, decoders, in_proj, out_proj, checks)
 
     # ------------------------------------------------------------------ LoRA
-    def add_lora(self, cfg: LoraConfig) -> None:
+    def add_lora(self, cfg: LoraConfig, allow_unmatched: bool = False) -> None:
+        """Attach a fresh LoRA adapter. Every name in ``cfg.target_modules`` must name some module of the
+        core (PEFT's rule: the module's name, or its last dotted parts), or it is a ConfigError listing
+        the core's own layer names: PEFT itself adapts whatever part of the list matches and silently
+        drops the rest (the Llama default's ``o_proj`` on a Phi core). ``allow_unmatched`` only warns, for
+        re-attaching an adapter a checkpoint already recorded."""
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
 
         if self._peft_model is not None:
             raise RuntimeError("LoRA is already attached")
+        unmatched = unmatched_lora_targets(self.llm.model, cfg.target_modules)
+        if unmatched:
+            message = (f"lora.target_modules {list(cfg.target_modules)}: {unmatched} name no module of this LLM "
+                       f"({type(self.llm.model).__name__}); its layers LoRA can adapt are "
+                       f"{lora_candidate_names(self.llm.model)}: set target_modules in the LoRA YAML to some of these")
+            if not allow_unmatched:
+                raise ConfigError(message)
+            log.warning("%s (the checkpoint's adapter was trained without them)", message)
         peft_cfg = PeftLoraConfig(
             r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
             bias="none", task_type="CAUSAL_LM",
+            # GPT-2 style Conv1D layers store their weight transposed; PEFT would fix it per layer, warning each time
+            fan_in_fan_out=_targets_only_conv1d(self.llm.model, cfg.target_modules),
         )
         try:
             with seeded(self.config.seed, "lora"), warnings.catch_warnings():
@@ -384,7 +404,7 @@ class AnyToAnyModel(nn.Module):
         shift_labels = labels[:, 1:]
         sel = shift_labels != -100
         if losses.ce and bool(sel.any()):
-            logits = self.llm.lm_head()(hidden[:, :-1][sel])
+            logits = self.llm.logits(hidden[:, :-1][sel])
             ce_sum = F.cross_entropy(logits.float(), shift_labels[sel], reduction="sum")
             out["ce"] = ce_sum / norm("ce", int(sel.sum()))
             total = total + losses.ce * out["ce"]
@@ -463,7 +483,7 @@ class AnyToAnyModel(nn.Module):
                                   use_cache=False).logits
             core_logp = F.log_softmax(core[keep][:, :first_new].float(), dim=-1)
         # The model's distribution spans the signal rows too: mass it puts there on plain text is lost.
-        model_logp = F.log_softmax(self.llm.lm_head()(hidden[keep]).float(), dim=-1)[:, :first_new]
+        model_logp = F.log_softmax(self.llm.logits(hidden[keep]).float(), dim=-1)[:, :first_new]
         return (core_logp.exp() * (core_logp - model_logp)).sum()
 
     # ------------------------------------------------------------------ save / load
@@ -518,6 +538,35 @@ def unit_counts(batch: dict[str, Any], model: AnyToAnyModel) -> dict[str, float]
         out[f"mse_{m}"] = float(len(caps))
         out[f"denoise_{m}"] = float(denoise_units(batch, m))
     return out
+
+
+def _lora_layer_types() -> tuple[type, ...]:
+    from transformers.pytorch_utils import Conv1D  # GPT-2 style layers; PEFT adapts them like nn.Linear
+
+    return (nn.Linear, Conv1D)
+
+
+def lora_candidate_names(model: nn.Module) -> list[str]:
+    """The last name part of each layer of ``model`` LoRA can adapt, in the frozen core (not the LM head,
+    which mmllm wraps for the signal rows)."""
+    head = model.get_output_embeddings()
+    skip = {id(head.base)} if head is not None and hasattr(head, "base") else set()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, _lora_layer_types()) and id(module) not in skip})
+
+
+def _targets_only_conv1d(model: nn.Module, targets: Collection[str]) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    hit = [m for n, m in model.named_modules() if n and any(n == t or n.endswith(f".{t}") for t in targets)]
+    return bool(hit) and all(isinstance(m, Conv1D) for m in hit)
+
+
+def unmatched_lora_targets(model: nn.Module, targets: Collection[str]) -> list[str]:
+    """The entries of a LoRA ``target_modules`` list that match no module name of ``model`` by PEFT's
+    rule for a list: the whole name, or its end after a dot."""
+    names = [name for name, _ in model.named_modules() if name]
+    return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
 
 
 def _whole(p: torch.Tensor) -> torch.Tensor:

@@ -136,3 +136,21 @@ def test_assembly_comparison_fills_defaults_and_sees_through_path_spellings(tmp_
     norm = [normalized_assembly(parse_assembly(a)) for a in (absolute, relative, other)]
     assert assembly_differences(norm[0], norm[1]) == []
     assert [d.key for d in assembly_differences(norm[0], norm[2])] == ["decoders.image.model"]
+
+
+def test_overriding_a_parts_kind_replaces_the_part(caplog):
+    """`llm.kind=hf-causal-lm` over the tiny assembly kept tiny-llama's hidden_size, num_layers, ... and was
+    refused as unknown keys of hf-causal-lm: a swap from the command line could not be written at all."""
+    from mmllm.config import apply_overrides
+
+    data = {"llm": {"kind": "tiny-llama", "hidden_size": 64, "num_layers": 2}, "max_length": 128}
+    with caplog.at_level("INFO", logger="mmllm.config"):
+        out = apply_overrides(data, ["llm.name_or_path=/models/qwen", "llm.kind=hf-causal-lm", "max_length=64"])
+    assert out == {"llm": {"kind": "hf-causal-lm", "name_or_path": "/models/qwen"}, "max_length": 64}
+    assert "kind tiny-llama -> hf-causal-lm by override" in caplog.text and "hidden_size, num_layers" in caplog.text
+    assert apply_overrides(data, ["llm.kind=tiny-llama", "llm.num_layers=3"])["llm"] == {
+        "kind": "tiny-llama", "hidden_size": 64, "num_layers": 3}  # the same kind keeps the part
+    assert data["llm"]["kind"] == "tiny-llama"  # the input is not changed
+    projection = {"input_projections": {"audio": {"kind": "mlp", "hidden_dim": 64}}}  # one config, not a kind's
+    assert apply_overrides(projection, ["input_projections.audio.kind=resampler"]) == {
+        "input_projections": {"audio": {"kind": "resampler", "hidden_dim": 64}}}

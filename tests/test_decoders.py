@@ -290,3 +290,77 @@ def test_text_encoder_from_elsewhere_keeps_its_own_config_when_the_folder_has_no
     loaded = build("decoder", ComponentSpec.parse(spec, "decoders.image"), "decoders.image")
     assert loaded.conditioning_shape == decoder.conditioning_shape
     torch.testing.assert_close(loaded.condition(CAPTIONS), decoder.condition(CAPTIONS))
+    for parts in ("config", "denoise"):  # a stage that does not load it still reads its width from the weights
+        shape = build("decoder", ComponentSpec.parse(spec, "decoders.image"), "decoders.image", parts=parts)
+        assert shape.conditioning_shape == decoder.conditioning_shape
+
+
+def _saved_pipeline(decoders, modality: str, folder: Path) -> dict:
+    decoders[modality].pipeline.save_pretrained(folder)
+    return {**{k: v for k, v in ENTRIES[modality].items() if k != "tiny"}, "model": str(folder)}
+
+
+def _refused(spec: dict, pattern: str, parts: str = "all", where: str = "decoders.image") -> None:
+    with pytest.raises(ConfigError, match=pattern):
+        build("decoder", ComponentSpec.parse(spec, where), where, parts=parts)
+
+
+def test_a_pipeline_folder_missing_a_part_is_refused_naming_it(decoders, tmp_path):
+    """transformers answers a missing text_encoder/ with a default CLIP config (width 512), so the error
+    was 'UNet cross_attention_dim 32 != text encoder width 512'; a missing weights file was a bare OSError."""
+    import shutil
+
+    spec = _saved_pipeline(decoders, "image", tmp_path / "pipe")
+    shutil.rmtree(tmp_path / "pipe" / "text_encoder")
+    for parts in ("config", "conditioning", "all"):
+        _refused(spec, r"^decoders\.image\.model: .*pipe has no text_encoder/.*copy the pipeline's", parts)
+    spec = _saved_pipeline(decoders, "image", tmp_path / "pipe2")
+    for weights in (tmp_path / "pipe2" / "vae").glob("*.safetensors"):
+        weights.unlink()
+    build("decoder", ComponentSpec.parse(spec, "decoders.image"), "decoders.image", parts="conditioning")  # no VAE read
+    _refused(spec, r"^decoders\.image\.model: cannot load the StableDiffusionDecoder parts from .*vae.*\.safetensors")
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_a_tokenizer_without_model_max_length_is_refused_when_built(decoders, modality, tmp_path):
+    """Unset, transformers reads model_max_length as 1e30: the conditioning shape was (1e30, D) and the
+    first caption an OverflowError."""
+    import json
+
+    spec = _saved_pipeline(decoders, modality, tmp_path / "pipe")
+    config = tmp_path / "pipe" / "tokenizer" / "tokenizer_config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "model_max_length"}))
+    _refused(spec, rf"^decoders\.{modality}\.model: the pipeline's tokenizer has model_max_length \d+ \(unset.*"
+             r"tokenizer/tokenizer_config\.json", "config", f"decoders.{modality}")
+
+
+def test_parts_that_do_not_fit_together_name_the_decoder(decoders, tmp_path):
+    spec = _saved_pipeline(decoders, "image", tmp_path / "pipe")
+    unet = tmp_path / "pipe" / "unet" / "config.json"
+    unet.write_text(unet.read_text().replace('"cross_attention_dim": 32', '"cross_attention_dim": 48'))
+    _refused(spec, r"^decoders\.image\.model: UNet cross_attention_dim 48 != text encoder width 32", "config")
+
+
+@pytest.mark.parametrize(("kind", "folder_of", "pattern"), [
+    ("sd-image", "video", r"is a TextToVideoSDPipeline, and this kind loads a StableDiffusionPipeline: use kind t2v-video"),
+    ("sd-image", "audio", r"is a AudioLDMPipeline, and this kind loads a StableDiffusionPipeline: use kind audioldm"),
+    ("t2v-video", "image", r"is a StableDiffusionPipeline, and this kind loads a TextToVideoSDPipeline: use kind sd-image"),
+    ("audioldm-audio", "image", r"is a StableDiffusionPipeline, .* use kind sd-image"),
+])
+def test_a_folder_of_another_family_is_refused_naming_its_kind(decoders, kind, folder_of, pattern, tmp_path):
+    """diffusers loaded a text-to-video folder into sd-image and an SD folder into t2v-video (warning only),
+    which failed at the first denoising step; audioldm-audio on an SD folder was KeyError: 'vocoder'."""
+    spec = {**_saved_pipeline(decoders, folder_of, tmp_path / "pipe"), "kind": kind}
+    spec = {k: v for k, v in spec.items() if k in ("kind", "model", "steps", "guidance")}
+    _refused(spec, rf"^decoders\.x\.model: .*pipe {pattern}", "config", "decoders.x")
+
+
+def test_a_foreign_unet_class_is_refused(decoders, tmp_path):
+    import json
+
+    spec = _saved_pipeline(decoders, "image", tmp_path / "pipe")
+    index = tmp_path / "pipe" / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "_class_name": "MyPipeline",
+                                 "unet": ["diffusers", "UNet3DConditionModel"]}))
+    _refused(spec, r"\(MyPipeline\) holds a UNet3DConditionModel, but this kind's StableDiffusionPipeline takes a "
+                   r"UNet2DConditionModel", "config")

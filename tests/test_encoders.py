@@ -119,6 +119,9 @@ def test_open_clip_image_size_override_and_checkpoint(tmp_path: Path) -> None:
     assert isinstance(full, open_clip.CLIP) and not hasattr(loaded, "transformer")  # text tower dropped
 
 
+TINY_RESNET = {"embed_dim": 16, "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+
+
 def test_open_clip_errors() -> None:
     with pytest.raises(ConfigError, match="model_name") as info:
         build("open-clip", {"model_name": "ViT-Nope-999"})
@@ -129,6 +132,37 @@ def test_open_clip_errors() -> None:
         build("open-clip", {"model_config": {"embed_dim": 16, "vision_cfg": {"bogus": 1}, "text_cfg": {}}})
     with pytest.raises(ConfigError, match="model_name"):
         build("open-clip", {"tokens": "patch"})
+
+
+def test_open_clip_local_dir_without_a_checkpoint_is_refused_not_random(tmp_path: Path) -> None:
+    """open_clip builds a `local-dir:` folder holding only open_clip_config.json with random weights and
+    ignores `pretrained` beside a local-dir (a root-logger warning each): both would have trained on a
+    random tower."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from mmllm.encoders.open_clip import TINY_MODEL_CONFIG, _create_clip
+
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_MODEL_CONFIG}))
+    options = {"model_name": f"local-dir:{tmp_path}", "tokens": "pooled"}
+    with pytest.raises(ConfigError, match=r"encoders\.x\.model_name: .* holds no checkpoint .*random weights"):
+        build("open-clip", options)
+    assert build("open-clip", options, weights=False).output_dim == 16  # shapes need no checkpoint
+    full = _create_clip(OpenClipImageEncoder.Options(**OpenClipImageEncoder.tiny_options()), "")
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "open_clip_model.safetensors"))
+    loaded = build("open-clip", options)
+    for name, tensor in full.visual.state_dict().items():
+        assert torch.equal(loaded.visual.state_dict()[name], tensor), name
+    with pytest.raises(ConfigError, match=r"encoders\.x\.pretrained: a 'local-dir:' model .* ignores pretrained"):
+        build("open-clip", {**options, "pretrained": str(tmp_path / "open_clip_model.safetensors")})
+
+
+def test_open_clip_patch_tokens_of_a_resnet_tower_are_refused_naming_the_key() -> None:
+    resnet = {**TINY_RESNET, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 8, "head_width": 8}}
+    assert build("open-clip", {"model_config": resnet, "tokens": "pooled"}).num_tokens == 1
+    with pytest.raises(ConfigError, match=r"^encoders\.x\.tokens: 'patch' needs .*ModifiedResNet"):
+        build("open-clip", {"model_config": resnet, "tokens": "patch"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,6 +264,25 @@ def test_hf_audio_from_pretrained_dir(family: str, tmp_path: Path) -> None:
     check_encoder(encoder, sounds())
     with pytest.raises(ConfigError, match="sampling_rate"):
         build("hf-audio", {"family": family, "model": str(tmp_path), "sampling_rate": 22050})
+
+
+def test_an_unfused_clap_with_a_fusion_extractor_is_refused_when_built(tmp_path: Path) -> None:
+    """ClapFeatureExtractor's default truncation is "fusion" (4 mel channels): an unfused tower failed at
+    its first encode with a conv shape error; now when built, weights or not, naming the setting."""
+    tiny = HFAudioEncoder.tiny_options(family="clap")
+    for weights in (True, False):
+        with pytest.raises(ConfigError, match=r"gives 4 mel channels \(truncation: fusion\).*truncation to rand_trunc"):
+            build("hf-audio", {**tiny, "feature_extractor": {"truncation": "fusion"}}, weights=weights)
+
+
+def test_hf_audio_folder_of_another_family_is_refused_naming_it(tmp_path: Path) -> None:
+    """A Whisper folder under family: ast said only 'lacks 199 tensor(s)' (with weights) or that the
+    extractor's shape did not fit (without)."""
+    _save_tiny_checkpoint("whisper", tmp_path)
+    for weights in (True, False):
+        with pytest.raises(ConfigError, match=r"encoders\.x\.model: .* holds a 'whisper' model, not a ast one: "
+                                              r"set family: whisper"):
+            build("hf-audio", {"family": "ast", "model": str(tmp_path)}, weights=weights)
 
 
 def test_hf_audio_refuses_missing_weights(tmp_path: Path) -> None:

@@ -95,6 +95,31 @@ def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_promp
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+PREFIX_STABLE_HINT = (
+    "multi-turn conversations need a template under which each turn's rendering extends the previous one "
+    "(Qwen3's drops the empty <think></think> block of assistant turns once a user turn follows): give "
+    "llm.chat_template one that renders every assistant turn the same way wherever it stands"
+)
+
+
+def template_problem(tokenizer: Any) -> str | None:
+    """Why the tokenizer's chat template cannot place the labels of a two-exchange conversation (what
+    :func:`encode_conversation` needs), or None when it can."""
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    done = ""
+    try:
+        for i in (1, 3):
+            prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
+            full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                return f"its rendering of a two-exchange conversation is not prefix-stable: {PREFIX_STABLE_HINT}"
+            done = full
+    except Exception as exc:  # jinja2 TemplateError, or the template's own raise_exception
+        return f"it cannot render a user/assistant/user/assistant conversation ({exc})"
+    return None
+
+
 def _tokens(tokenizer: Any, text: str) -> list[int]:
     # verbose=False: no "sequence length is longer than the model's maximum" note; max_length is applied here
     return tokenizer(text, add_special_tokens=False, verbose=False).input_ids if text else []
@@ -140,7 +165,8 @@ def encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> 
         prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
         full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not (prompt.startswith(done) and full.startswith(prompt)):
-            raise ValueError("the tokenizer's chat template is not prefix-stable; cannot place labels")
+            raise ValueError(f"the tokenizer's chat template is not prefix-stable, so the labels of this "
+                             f"conversation's turn {i + 1} cannot be placed: {PREFIX_STABLE_HINT}")
         context = _tokens(tokenizer, prompt[len(done):])
         reply = _tokens(tokenizer, full[len(prompt):])
         ids += context + reply

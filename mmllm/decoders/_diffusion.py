@@ -183,12 +183,33 @@ def loaded(part: Any) -> Any:
     return None if isinstance(part, NotLoaded) else part
 
 
+def _check_tokenizer_length(parts: dict[str, Any], where: str, model: str | None) -> None:
+    """The conditioning length is the tokenizer's ``model_max_length``; transformers reads an unset one as
+    1e30, and a longer one than the text encoder's positions fails at its first caption."""
+    tokenizer, encoder = parts.get("tokenizer"), parts.get("text_encoder")
+    if tokenizer is None or encoder is None:
+        return
+    length = tokenizer.model_max_length
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    if length > 1_000_000 or (positions is not None and length > positions):
+        raise ConfigError(
+            f"{where}: the pipeline's tokenizer has model_max_length {length}"
+            f"{' (unset: transformers reads it as 1e30)' if length > 1_000_000 else ''} but its text encoder takes "
+            f"{positions if positions is not None else 'fewer'} positions: set \"model_max_length\" in "
+            f"{model}/tokenizer/tokenizer_config.json to the length the text encoder was trained on (SD's CLIP: 77)"
+        )
+
+
 def part_config(pipeline_cls: type, source: str, name: str) -> Any:
     """One part's config without its weights: a transformers config, or a diffusers config with the
     class's defaults filled in (as ``register_to_config`` records them on a built model)."""
     import transformers
 
     library, class_name = _model_index(pipeline_cls, source)[name]
+    if Path(source).is_dir() and not (Path(source) / name / "config.json").is_file():
+        # transformers answers a missing subfolder with a default config (CLIP: width 512), silently
+        raise ConfigError(f"model: {source} has no {name}/config.json, which its model_index.json names; "
+                          f"copy the pipeline's {name}/ folder there")
     if library == "transformers":
         return getattr(transformers, class_name).config_class.from_pretrained(source, subfolder=name)
     cls = getattr(importlib.import_module(library), class_name)
@@ -210,7 +231,15 @@ def load_parts(
     (their weights are never read) and come back as :class:`NotLoaded`. ``kwargs`` go to ``from_pretrained``."""
     source = resolve_source(options.model)
     if Path(source).is_dir():
-        _import_own_components(_model_index(pipeline_cls, source))
+        index = _model_index(pipeline_cls, source)
+        _check_family(pipeline_cls, index, source, names, options)
+        elsewhere = ("text_encoder",) if options.text_encoder is not None else ()
+        absent = [n for n in names if n not in skip and n not in elsewhere and isinstance(index.get(n), list)
+                  and index[n][0] is not None and not (Path(source) / n).is_dir()]
+        if absent:
+            raise ConfigError(f"model: {source} has no {', '.join(f'{n}/' for n in absent)} folder, which its "
+                              "model_index.json names; copy the pipeline's folder(s) there")
+        _import_own_components(index)
     if options.text_encoder is not None and "text_encoder" not in skip:
         weights = resolve_source(options.text_encoder)
         kwargs["text_encoder"] = load_text_encoder(pipeline_cls, source, weights, dtype)
@@ -220,8 +249,49 @@ def load_parts(
     )
     if skip:
         log.info("%s: not loading %s (the stage does not use them)", options.model, ", ".join(skip))
-    return {name: NotLoaded(name, part_config(pipeline_cls, source, name)) if name in skip else getattr(pipe, name)
-            for name in names}
+    return {name: NotLoaded(name, _unloaded_config(pipeline_cls, options, source, name)) if name in skip
+            else getattr(pipe, name) for name in names}
+
+
+# the kind that loads each pipeline class, to name the right one when a folder is another family's
+PIPELINE_KINDS = {"StableDiffusionPipeline": "sd-image", "AudioLDMPipeline": "audioldm-audio",
+                  "TextToVideoSDPipeline": "t2v-video"}
+
+
+def _check_family(pipeline_cls: type, index: dict[str, Any], source: str, names: tuple[str, ...],
+                  options: DiffusionOptions) -> None:
+    """The folder is a pipeline of the kind's family: it has every part the kind loads, and a UNet of the class
+    the kind's pipeline takes (diffusers would load a text-to-video UNet into a Stable Diffusion pipeline,
+    warning, and fail or draw noise at the first denoising step)."""
+    theirs = index.get("_class_name", "?")
+    kind = PIPELINE_KINDS.get(theirs)
+    if kind and theirs != pipeline_cls.__name__:
+        raise ConfigError(f"model: {source} is a {theirs}, and this kind loads a {pipeline_cls.__name__}: "
+                          f"use kind {kind}")
+    given = {"text_encoder"} if options.text_encoder is not None else set()
+    lacking = [n for n in names if n not in given and not (isinstance(index.get(n), list) and index[n][0])]
+    if lacking:
+        raise ConfigError(f"model: {source} ({theirs}) has no {', '.join(lacking)}, which this kind's "
+                          f"{pipeline_cls.__name__} needs")
+    wanted = inspect.signature(pipeline_cls.__init__).parameters["unet"].annotation
+    wanted_names = {getattr(t, "__name__", str(t)) for t in getattr(wanted, "__args__", (wanted,))}
+    library, unet = index["unet"]
+    if library == "diffusers" and unet not in wanted_names:
+        raise ConfigError(f"model: {source} ({theirs}) holds a {unet}, but this kind's {pipeline_cls.__name__} "
+                          f"takes a {' or '.join(sorted(wanted_names))}")
+
+
+def _unloaded_config(pipeline_cls: type, options: DiffusionOptions, source: str, name: str) -> Any:
+    """A part's config without its weights; a text encoder whose weights come from ``text_encoder:`` and
+    that the folder ships no config for has its weights' own config, as when it is loaded."""
+    import transformers
+
+    if (name == "text_encoder" and options.text_encoder is not None and Path(source).is_dir()
+            and not (Path(source) / name / "config.json").is_file()):
+        class_name = _model_index(pipeline_cls, source)[name][1]
+        config_class = getattr(transformers, class_name).config_class
+        return config_class.from_pretrained(resolve_source(options.text_encoder))
+    return part_config(pipeline_cls, source, name)
 
 
 def not_loaded(parts: dict[str, Any], skip: tuple[str, ...]) -> dict[str, Any]:
@@ -412,11 +482,24 @@ class FrozenDiffusionDecoder(MediaDecoder):
         parts, those ``parts`` does not use as :class:`NotLoaded`, and assemble the decoder."""
         dtype = parse_dtype(options.dtype)
         skip = cls.skipped(parts)
+        at = f"{where}." if where else ""
         if options.tiny is not None:
             built = not_loaded(cls._build_tiny(parse_tiny(cls.Tiny, options.tiny)), skip)
         else:
-            built = cls._load(options, dtype, skip)
-        return cls(**built, options=options, parts=parts).to(dtype)
+            try:
+                built = cls._load(options, dtype, skip)
+            except ConfigError as exc:
+                raise ConfigError(f"{at}{exc}") from exc
+            except (OSError, ValueError) as exc:  # a missing or partial folder, an unknown hub id offline, ...
+                raise ConfigError(
+                    f"{at}model: cannot load the {cls.__name__} parts from {options.model!r}: {exc} (a diffusers "
+                    "pipeline folder: model_index.json and a subfolder per part, weights as .safetensors)"
+                ) from exc
+            _check_tokenizer_length(built, f"{at}model", options.model)
+        try:
+            return cls(**built, options=options, parts=parts).to(dtype)
+        except ValueError as exc:  # parts that do not fit together (UNet vs text encoder widths, ...)
+            raise ConfigError(f"{at}{'model' if options.model else 'tiny'}: {exc}") from exc
 
     @staticmethod
     def _load(options: Any, dtype: torch.dtype, skip: tuple[str, ...]) -> dict[str, Any]:

@@ -36,9 +36,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Self
 
 import numpy as np
@@ -245,6 +247,12 @@ class _ClapTower(_Tower):
         if self.config.enable_fusion and channels != 4:
             raise ConfigError(
                 "feature_extractor: a fused CLAP tower needs truncation: fusion (4 mel channels)"
+            )
+        if not self.config.enable_fusion and channels != 1:
+            raise ConfigError(
+                f"feature_extractor: gives {channels} mel channels (truncation: fusion) but the CLAP tower is not "
+                "fused (enable_fusion: false) and takes 1: set the extractor's truncation to rand_trunc (in its "
+                "preprocessor_config.json, or feature_extractor: {truncation: rand_trunc} for an in-process tower)"
             )
 
     def shape(self, tokens: str) -> tuple[int, int]:
@@ -562,11 +570,31 @@ def _check_extractor_keys(cls: type, kwargs: dict[str, Any], where: str) -> None
         )
 
 
+# the transformers model types each family loads (a whole CLAP checkpoint, or its audio tower alone)
+MODEL_TYPES: dict[str, tuple[str, ...]] = {"clap": ("clap", "clap_audio_model"), "whisper": ("whisper",),
+                                           "ast": ("audio-spectrogram-transformer",)}
+
+
+def _check_model_type(name: str, family: str, prefix: str) -> None:
+    """A local folder of another family (a Whisper checkpoint under ``family: ast``) is refused naming the
+    family that loads it; transformers would build the tower randomly and report missing tensors."""
+    config = Path(name) / "config.json"
+    if not config.is_file():
+        return
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type in MODEL_TYPES[family]:
+        return
+    right = next((f for f, types in MODEL_TYPES.items() if model_type in types), None)
+    hint = f": set family: {right}" if right else f"; hf-audio loads {', '.join(sorted(MODEL_TYPES))}"
+    raise ConfigError(f"{prefix}model: {name} holds a {model_type!r} model, not a {family} one{hint}")
+
+
 def _load(family: type[_Tower], options: HFAudioEncoder.Options, prefix: str,
           weights: bool = True) -> tuple[_Tower, Any]:
     """Tower and feature extractor from ``options.model``; with ``weights=False`` the tower from its config
     alone (to be built inside ``torch.device("meta")``)."""
     name = resolve_source(options.model)
+    _check_model_type(name, options.family, prefix)
     try:
         if weights:
             tower = family.load(name, options.trust_remote_code)

@@ -38,6 +38,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Self
 
 import torch
@@ -132,11 +133,12 @@ class OpenClipImageEncoder(MediaEncoder):
         prefix = f"{where}." if where else ""
         if not weights:  # open_clip would log that it initialised the model randomly: it did not, here
             with torch.device("meta"), _quiet_about("No pretrained weights loaded"):
-                return EncoderShape(cls(_create_clip(options, prefix, load_weights=False).visual, options))
+                return EncoderShape(_named(prefix, cls, _create_clip(options, prefix, load_weights=False).visual,
+                                           options))
         model = _create_clip(options, prefix)
         visual = model.visual
         del model  # drop the text tower (and logit scale): only the image side is ever used
-        encoder = cls(visual, options)
+        encoder = _named(prefix, cls, visual, options)
         log.info(
             "open_clip image encoder %s (pretrained=%s): %d token(s) x %d, input size %s",
             options.model_name or "model_config",
@@ -196,6 +198,16 @@ class OpenClipImageEncoder(MediaEncoder):
         }
 
 
+def _named(prefix: str, cls: type[OpenClipImageEncoder], visual: nn.Module,
+           options: OpenClipImageEncoder.Options) -> OpenClipImageEncoder:
+    """The encoder around ``visual``; its ConfigErrors (``tokens: patch`` on a tower without patch tokens)
+    name where in the YAML they are."""
+    try:
+        return cls(visual, options)
+    except ConfigError as exc:
+        raise ConfigError(f"{prefix}{exc}") from exc
+
+
 def _create_clip(options: OpenClipImageEncoder.Options, prefix: str, load_weights: bool = True) -> nn.Module:
     """Build the full open_clip model (random or pretrained) and wrap its errors in ConfigError; with
     ``load_weights=False`` (inside ``torch.device("meta")``) its structure only, no checkpoint read."""
@@ -213,6 +225,8 @@ def _create_clip(options: OpenClipImageEncoder.Options, prefix: str, load_weight
         name = options.model_name
         if name.startswith("local-dir:") and is_package_path(name[len("local-dir:"):]):
             name = "local-dir:" + resolve_source(name[len("local-dir:"):])
+        if name.startswith("local-dir:"):
+            _check_local_dir(Path(name[len("local-dir:"):]).expanduser(), options, prefix, load_weights)
         pretrained = resolve_source(options.pretrained) if options.pretrained else options.pretrained
         try:
             return open_clip.create_model(name, pretrained=pretrained, **kwargs)
@@ -245,6 +259,21 @@ def _create_clip(options: OpenClipImageEncoder.Options, prefix: str, load_weight
                 f"{prefix}pretrained: cannot load {options.pretrained!r} into model_config: {exc}"
             ) from exc
     return model
+
+
+def _check_local_dir(folder: Path, options: OpenClipImageEncoder.Options, prefix: str, load_weights: bool) -> None:
+    """What open_clip only logs about a ``local-dir:`` model: it ignores ``pretrained``, and a folder without
+    a checkpoint file (``*.safetensors``, ``*.bin``, ``*.pth``) gives a randomly initialised tower."""
+    if options.pretrained:
+        raise ConfigError(f"{prefix}pretrained: a 'local-dir:' model loads the checkpoint in its folder and open_clip "
+                          f"ignores pretrained ({options.pretrained!r}): drop it, or put that file in {folder}")
+    checkpoints = ("*.safetensors", "*.bin", "*.pth")
+    if load_weights and folder.is_dir() and not any(next(folder.glob(p), None) for p in checkpoints):
+        raise ConfigError(
+            f"{prefix}model_name: {folder} holds no checkpoint (*.safetensors, *.bin or *.pth beside "
+            "open_clip_config.json), so open_clip would build the tower with random weights: copy its checkpoint "
+            "there (open_clip_model.safetensors), or give the architecture as model_config for a random tower"
+        )
 
 
 @contextlib.contextmanager

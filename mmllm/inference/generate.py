@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from mmllm.data.media import MediaError, load_media
-from mmllm.data.template import TokenSpec, encode_prompt
+from mmllm.data.template import ContextLengthError, TokenSpec, encode_prompt
 from mmllm.llm import position_ids
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,10 @@ def prepare_request(model, request: Request, spec: TokenSpec | None = None) -> P
     or ``ValueError`` with a message a user can act on."""
     spec = spec or token_spec(model)
     ids, spans = encode_prompt(request.messages, model.llm.tokenizer, spec)
+    positions = model.llm.max_positions
+    if positions is not None and len(ids) >= positions:
+        raise ContextLengthError(f"prompt is {len(ids)} tokens after media expansion; the LLM's context of "
+                                 f"{positions} positions leaves none for the answer")
     if len(spans) != len(request.media):
         raise ValueError(f"prompt has {len(spans)} media placeholders but {len(request.media)} media items")
     media: dict[str, list[torch.Tensor]] = {}
@@ -225,6 +229,8 @@ def generate_answers(model, batch: list[PreparedRequest], settings: Settings | N
     input_ids, mask, media = collate(model, batch)
     input_ids, mask = input_ids.to(model.device), mask.to(model.device)
     limits, temperatures, top_ps = zip(*(_resolved(p.request, settings) for p in batch))
+    if model.llm.max_positions is not None:  # no position past the core's context (a learned table ends there)
+        limits = tuple(min(limit, model.llm.max_positions - len(p.ids)) for limit, p in zip(limits, batch))
     embeds = model.embed_inputs(input_ids, media)
     eos_ids = end_of_turn_ids(model)
     new = model.llm.model.generate(

@@ -212,7 +212,7 @@ def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify:
 
 
 def attach_adapter(model, adapter_dir: Path, lora_cfg, trainable: bool = False) -> None:
-    model.add_lora(lora_cfg)
+    model.add_lora(lora_cfg, allow_unmatched=True)  # what the checkpoint recorded; its adapter says the rest
     load_adapter_weights(model, adapter_dir)
     for p in model.lora_parameters().values():
         p.requires_grad_(trainable)
