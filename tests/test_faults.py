@@ -4,6 +4,7 @@ retention, and an unwritable output directory reported before training."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -149,3 +150,14 @@ def test_resume_past_max_steps_is_refused_and_at_max_steps_trains_nothing(sample
     monkeypatch.undo()
     again = train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=4), resume=True)
     assert again.final_checkpoint == tmp_path / "step-4" and again.losses == done.losses
+
+
+def test_keep_last_keeps_the_checkpoint_just_saved_when_a_later_step_is_corrupt(sample_data, tmp_path):
+    """A corrupt newest checkpoint makes --resume go back to an older one; the later step's folder must
+    not count as 'newest' for keep_last, which used to delete each checkpoint the resumed run saved."""
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=4, save_every=1, keep_last=0))
+    (tmp_path / "step-4" / "learned.safetensors").write_bytes(b"truncated")
+    shutil.rmtree(tmp_path / "step-3")
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3, keep_last=1), resume=True)
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-3"
+    assert not (tmp_path / "step-2").exists()

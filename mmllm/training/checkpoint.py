@@ -372,13 +372,17 @@ def record_best(output_dir: Path, checkpoint: Path, metric: float, enabled: bool
         atomic_write_text(path, json.dumps({"checkpoint": checkpoint.name, "metric": metric}))
 
 
-def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` step-* checkpoints, never the one best.json names."""
+def prune_checkpoints(output_dir: Path, keep_last: int, up_to: int | None = None) -> None:
+    """Delete all but the newest ``keep_last`` step-* checkpoints, never the one best.json names.
+    ``up_to``: the step just saved; folders of later steps (left by an earlier try that a resumed run
+    went back behind, e.g. a corrupt newest checkpoint) neither count nor go: the run replaces each
+    when it gets there. Counting them would delete the checkpoint just saved."""
     if keep_last <= 0:
         return
     best_file = Path(output_dir) / BEST_FILE
     best = json.loads(best_file.read_text())["checkpoint"] if best_file.is_file() else None
-    for old in step_dirs(output_dir)[:-keep_last]:
+    dirs = [d for d in step_dirs(output_dir) if up_to is None or int(d.name.removeprefix("step-")) <= up_to]
+    for old in dirs[:-keep_last]:
         if old.name != best:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -490,7 +490,7 @@ def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, s
 
         path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
         ckpt.record_best(out_dir, path, metric, enabled=cfg.keep_best)
-        ckpt.prune_checkpoints(out_dir, cfg.keep_last)
+        ckpt.prune_checkpoints(out_dir, cfg.keep_last, up_to=step)
         log.info("saved %s (mean train loss since the last save %.4f)", path, metric)
     accelerator.wait_for_everyone()
 
