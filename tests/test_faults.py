@@ -152,6 +152,55 @@ def test_resume_past_max_steps_is_refused_and_at_max_steps_trains_nothing(sample
     assert again.final_checkpoint == tmp_path / "step-4" and again.losses == done.losses
 
 
+def _lr_and_decay(checkpoint):
+    groups = torch.load(checkpoint / "training_state/optimizer.pt", weights_only=True)["param_groups"]
+    base = torch.load(checkpoint / "training_state/scheduler.pt", weights_only=True)["base_lrs"]
+    return base, [(g["lr"], g["weight_decay"]) for g in groups]
+
+
+def test_resume_uses_a_changed_lr_and_weight_decay_and_says_so(sample_data, tmp_path, caplog):
+    """The restored optimizer state and scheduler hold the checkpoint's hyperparameters; a resumed run
+    that sets others used to train on with the old ones silently (its checkpoints recording the new)."""
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=2, save_every=1))
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=4, **{"optim.lr": 0.5,
+                    "optim.weight_decay": 0.1, "schedule.decay": "constant"}), resume=True)
+    base, groups = _lr_and_decay(tmp_path / "step-4")
+    assert base == [0.5] and groups == [(0.5, 0.1)]
+    assert "optim.lr: 0.01 -> 0.5" in caplog.text and "optim.weight_decay: 0.0 -> 0.1" in caplog.text
+    assert "the learning rate of step 3 is 0.5" in caplog.text
+
+
+@pytest.mark.parametrize(("override", "named"), [("optim.name=sgd", "optim.name: adamw"),
+                                                 ("trainable.input_projections=true", "trainable.input_projections"),
+                                                 ("assembly.llm.seed=5", "llm.seed: 0"),
+                                                 ("stage=encode-align", "stage: decode-align")])
+def test_resume_refuses_what_the_saved_state_cannot_continue(override, named, sample_data, tmp_path, monkeypatch):
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
+    built = []
+    monkeypatch.setattr("mmllm.training.loop.build_model", lambda *a, **k: built.append(1))
+    key, value = override.split("=")
+    cfg = (stage_cfg(value, sample_data, tmp_path, max_steps=2) if key == "stage"
+           else stage_cfg("decode-align", sample_data, tmp_path, max_steps=2, **{key: value}))
+    with pytest.raises(ConfigError, match=f"cannot continue this run: .*{named}"):
+        train(cfg, resume=True)
+    assert not built  # refused before anything loads
+
+
+def test_resume_warns_when_it_reads_other_samples_than_the_interrupted_run(sample_data, tmp_path, caplog):
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=2), resume=True)
+    assert "reads other samples" not in caplog.text and "learning rate of step" not in caplog.text
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3, seed=4, batch_size=2), resume=True)
+    assert "seed: 0 -> 4" in caplog.text and "4 x 1 -> 2 x 1" in caplog.text
+    assert "from step 2 it reads other samples" in caplog.text
+
+
+def test_a_run_without_resume_refuses_an_output_dir_holding_checkpoints(sample_data, tmp_path):
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
+    with pytest.raises(ConfigError, match=r"already holds checkpoints of a run \(step-1\); pass --resume"):
+        train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
+
+
 def test_keep_last_keeps_the_checkpoint_just_saved_when_a_later_step_is_corrupt(sample_data, tmp_path):
     """A corrupt newest checkpoint makes --resume go back to an older one; the later step's folder must
     not count as 'newest' for keep_last, which used to delete each checkpoint the resumed run saved."""

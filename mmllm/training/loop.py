@@ -34,6 +34,7 @@ from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
 from mmllm.training.init_from import check_init_from
 from mmllm.training.parts import StageParts, release_cached, stage_parts
+from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,9 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         )
     check_init_from(cfg)  # before anything is written or loaded
     check_output_dir(out_dir)
-    last = _resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
+    last = resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
+    if not resume:
+        check_fresh_output_dir(out_dir)
     precision = accelerator.mixed_precision
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -155,6 +158,9 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         precision = zero.configure(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
         accelerator.gradient_accumulation_steps = cfg.grad_accum  # what the engine is told, so Accelerate agrees
     per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data fails before any loading
+    run_info = {"processes": accelerator.num_processes, "samples": [len(convs) for convs in per_dataset]}
+    if last is not None:
+        check_resume(cfg, last, run_info["processes"], run_info["samples"])
     set_seed(cfg.seed)
     model = build_model(cfg, stage_parts(cfg.losses, per_dataset), check_init=False)
     precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
@@ -208,6 +214,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         zero.after_prepare(model)  # `model` is now the DeepSpeed engine
     if start_step:
         ckpt.restore_optimizer_state(model, optimizer, last)  # sharded as the parameters now are
+        apply_hyperparameters(optimizer, scheduler, cfg)  # the restored groups hold the checkpoint's
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers(f"{cfg.stage}", config=_flat(to_dict(cfg)))
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -277,7 +284,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             finite = [x for x in since_save if math.isfinite(x)]
             metric = sum(finite) / len(finite) if finite else float("inf")
-            save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped, metric)
+            save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped, metric, run_info)
             since_save = []
     bar.close()
     final = out_dir / f"step-{cfg.max_steps}"
@@ -451,20 +458,6 @@ def _global_counts(
     return {k: float(v) for k, v in zip(keys, vec.tolist()) if v > 0}
 
 
-def _resume_point(out_dir: Path, max_steps: int) -> Path | None:
-    """``--resume``: the newest complete checkpoint under ``out_dir`` (None: start from step 0), refused
-    when it is past ``max_steps`` (the run would train nothing and end on a step it never saved)."""
-    last = ckpt.latest_checkpoint(out_dir)
-    if last is None:
-        log.warning("--resume: no complete checkpoint under %s; starting from step 0", out_dir)
-        return None
-    step = int(ckpt.read_progress(last)["step"])
-    if step > max_steps:
-        raise ConfigError(f"--resume: the newest checkpoint under {out_dir} is {last.name}, past max_steps={max_steps}; "
-                          f"set max_steps to more than {step} to train on from it, or give another output_dir")
-    return last
-
-
 def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> bool:
     bad = 0.0 if math.isfinite(loss) else 1.0
     for p in params:
@@ -475,7 +468,9 @@ def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> b
     return float(accelerator.reduce(torch.tensor(bad, device=accelerator.device), "sum")) == 0.0
 
 
-def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped, metric) -> None:
+def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped, metric,
+         run_info: dict[str, Any]) -> None:
+    """``run_info``: the processes and samples per data set, which ``--resume`` compares (:mod:`.resume`)."""
     accelerator.wait_for_everyone()
     inner = _unwrap(accelerator, model)
     # on every process: under FSDP these gather the shards
@@ -486,7 +481,7 @@ def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, s
 
         def fill(tmp: Path) -> None:
             ckpt._write_model_files(inner, tmp, extra, gathered)
-            ckpt.save_training_state(tmp, optim_state, scheduler, step, {"losses": losses, "skipped": skipped})
+            ckpt.save_training_state(tmp, optim_state, scheduler, step, {"losses": losses, "skipped": skipped} | run_info)
 
         path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
         ckpt.record_best(out_dir, path, metric, enabled=cfg.keep_best)
