@@ -55,10 +55,15 @@ class _DiffusersNoise(logging.Filter):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmllm.config import load_stage
+    from mmllm.training.interrupt import TrainingInterrupted
     from mmllm.training.loop import train
 
     cfg = load_stage(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    except TrainingInterrupted as stopped:
+        log.warning("%s", stopped)
+        return stopped.exit_code
     losses = [x for x in result.losses if x == x]  # NaN: a step with no readable sample
     log.info("done: %d steps, loss %.4f -> %.4f, %d samples skipped; checkpoint %s",
              result.steps, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from mmllm.config import ConfigError
 from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
+from mmllm.training import interrupt
+from mmllm.training.interrupt import TrainingInterrupted
 from mmllm.training.loop import train
 from tests.conftest import REPO
 from tests.test_stages import stage_cfg
@@ -210,3 +212,45 @@ def test_keep_last_keeps_the_checkpoint_just_saved_when_a_later_step_is_corrupt(
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3, keep_last=1), resume=True)
     assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-3"
     assert not (tmp_path / "step-2").exists()
+
+
+def test_ctrl_c_saves_the_step_under_way_and_the_resumed_run_ends_where_an_uninterrupted_one_does(
+        sample_data, tmp_path, monkeypatch):
+    """SIGINT (or SIGTERM) mid-step used to raise KeyboardInterrupt from wherever the step was, losing every
+    step since the last checkpoint; now the step finishes, is saved, and the run stops saying how to go on."""
+    full = train(stage_cfg("instruct", sample_data, tmp_path / "full", max_steps=5))
+    real_forward = AnyToAnyModel.forward
+
+    def interrupted(self, batch, losses=None, normalizers=None):
+        if batch["step"] == 2 and not interrupted.sent:
+            interrupted.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, batch, losses, normalizers)
+
+    interrupted.sent = False
+    monkeypatch.setattr(AnyToAnyModel, "forward", interrupted)
+    cut = tmp_path / "cut"
+    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGINT after step 3 of 5; saved .*step-3\. Continue "
+                                                  r"with the same command and --resume") as stopped:
+        train(stage_cfg("instruct", sample_data, cut, max_steps=5))
+    assert stopped.value.exit_code == 130
+    assert [p.name for p in ckpt.step_dirs(cut)] == ["step-3"]
+    monkeypatch.undo()
+    resumed = train(stage_cfg("instruct", sample_data, cut, max_steps=5), resume=True)
+    assert resumed.losses == full.losses
+    for name in ("learned.safetensors", "adapter/adapter_model.safetensors"):
+        wa, wb = load_file(str(full.final_checkpoint / name)), load_file(str(resumed.final_checkpoint / name))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_a_second_signal_stops_at_once_and_one_before_training_too(monkeypatch):
+    monkeypatch.setattr(interrupt, "REPEAT_S", 0.0)
+    with interrupt.StopRequests() as stop:
+        with pytest.raises(KeyboardInterrupt):  # the model still loading: nothing to save yet
+            os.kill(os.getpid(), signal.SIGTERM)
+        stop.armed = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored

@@ -33,6 +33,7 @@ from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
 from mmllm.training.init_from import check_init_from
+from mmllm.training.interrupt import StopRequests, TrainingInterrupted
 from mmllm.training.parts import StageParts, release_cached, stage_parts
 from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
 
@@ -125,6 +126,13 @@ def lr_lambda(cfg: StageConfig):
 
 
 def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResult:
+    """Train the stage; on SIGINT or SIGTERM during the steps, save the step under way and raise
+    :class:`~mmllm.training.interrupt.TrainingInterrupted` (see :mod:`.interrupt`)."""
+    with StopRequests() as stop:
+        return _train(cfg, resume, accelerator, stop)
+
+
+def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
@@ -233,6 +241,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     model.train()
     _freeze_dropout(inner)
     fallback: dict[str, Any] | None = None
+    stop.armed = True
     for step in bar:
         batches = []
         for micro in range(cfg.grad_accum):
@@ -281,11 +290,16 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             accelerator.log({f"train/{k}": v for k, v in parts.items()}
                             | {"train/lr": scheduler.get_last_lr()[0], "train/skipped": skipped}, step=step + 1)
         done = step + 1 == cfg.max_steps
-        if done or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+        signalled = None if done else stop.requested(accelerator)
+        if done or signalled or (cfg.save_every and (step + 1) % cfg.save_every == 0):
             finite = [x for x in since_save if math.isfinite(x)]
             metric = sum(finite) / len(finite) if finite else float("inf")
             save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped, metric, run_info)
             since_save = []
+        if signalled:
+            bar.close()
+            raise TrainingInterrupted(signalled, step + 1, cfg.max_steps, out_dir / f"step-{step + 1}")
+    stop.armed = False
     bar.close()
     final = out_dir / f"step-{cfg.max_steps}"
     if accelerator.is_main_process:
