@@ -299,21 +299,27 @@ def bare_optimizer(optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def save_training_state(root: Path, optim_state: dict[str, Any], scheduler, step: int, extra: dict[str, Any]) -> None:
-    """``optim_state`` from :func:`optimizer_state`; the RNG saved is this (the main) process's."""
+def rng_state() -> dict[str, Any]:
+    """This process's random number generators (LoRA dropout draws from torch's)."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def save_training_state(root: Path, optim_state: dict[str, Any], scheduler, step: int, extra: dict[str, Any],
+                        rng_states: list[dict[str, Any]] | None = None) -> None:
+    """``optim_state`` from :func:`optimizer_state`; ``rng_states``: every process's :func:`rng_state`, by
+    rank (default: this process's alone). The main process's is also saved at the top level of ``rng.pt``,
+    where checkpoints written before the per-process states kept it."""
     state = root / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
     torch.save(optim_state, state / "optimizer.pt")
     torch.save(scheduler.state_dict(), state / "scheduler.pt")
-    torch.save(
-        {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
-        state / "rng.pt",
-    )
+    states = rng_states or [rng_state()]
+    torch.save(states[0] | {"per_process": states}, state / "rng.pt")
     # strict JSON: a step's loss that is not a number (a step skipped) is written null, read back as NaN
     progress = {"step": step, **extra}
     if "losses" in progress:
@@ -321,13 +327,18 @@ def save_training_state(root: Path, optim_state: dict[str, Any], scheduler, step
     (state / "progress.json").write_text(json.dumps(progress, indent=1, allow_nan=False))
 
 
-def load_training_state(root: Path, scheduler) -> dict[str, Any]:
+def load_training_state(root: Path, scheduler, rank: int = 0, processes: int = 1) -> dict[str, Any]:
     """Restore scheduler and RNG from a checkpoint this library wrote (manifest-verified); the
-    optimizer follows after ``prepare`` (:func:`restore_optimizer_state`)."""
+    optimizer follows after ``prepare`` (:func:`restore_optimizer_state`). Process ``rank`` gets the RNG
+    state its own rank saved when as many processes saved it, else the main process's (dropout masks then
+    differ from an uninterrupted run's, as they do between process counts anyway)."""
     progress = read_progress(root)
     state = Path(root) / STATE_DIR
     scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
     rng = torch.load(state / "rng.pt", weights_only=False)  # our own file, hash-verified by the manifest
+    per_process = rng.get("per_process")
+    if per_process and len(per_process) == processes:
+        rng = per_process[rank]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])

@@ -210,7 +210,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
     start_step, losses, skipped = 0, [], 0
     if last is not None:
         ckpt.load_learned_into(model, last)  # the files only: no second copy of the model
-        progress = ckpt.load_training_state(last, scheduler)
+        progress = ckpt.load_training_state(last, scheduler, accelerator.process_index, accelerator.num_processes)
         start_step, losses, skipped = progress["step"], progress.get("losses", []), progress.get("skipped", 0)
         log.info("resumed from %s at step %d%s", last, start_step,
                  "; it is the last step (max_steps): nothing left to train" if start_step == cfg.max_steps else "")
@@ -485,17 +485,21 @@ def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> b
 def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped, metric,
          run_info: dict[str, Any]) -> None:
     """``run_info``: the processes and samples per data set, which ``--resume`` compares (:mod:`.resume`)."""
+    from accelerate.utils import gather_object
+
     accelerator.wait_for_everyone()
     inner = _unwrap(accelerator, model)
     # on every process: under FSDP these gather the shards
     gathered = inner.learned_state_dict(), inner.lora_state_dict()
     optim_state = ckpt.optimizer_state(model, optimizer)
+    rng_states = gather_object([ckpt.rng_state()])  # every process's: each draws its own dropout masks
     if accelerator.is_main_process:
         extra = ckpt.stage_meta(cfg) | {"step": step, "metric": metric}
 
         def fill(tmp: Path) -> None:
             ckpt._write_model_files(inner, tmp, extra, gathered)
-            ckpt.save_training_state(tmp, optim_state, scheduler, step, {"losses": losses, "skipped": skipped} | run_info)
+            progress = {"losses": losses, "skipped": skipped} | run_info
+            ckpt.save_training_state(tmp, optim_state, scheduler, step, progress, rng_states)
 
         path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
         ckpt.record_best(out_dir, path, metric, enabled=cfg.keep_best)
