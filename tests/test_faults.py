@@ -194,7 +194,7 @@ def test_resume_warns_when_it_reads_other_samples_than_the_interrupted_run(sampl
     assert "reads other samples" not in caplog.text and "learning rate of step" not in caplog.text
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3, seed=4, batch_size=2), resume=True)
     assert "seed: 0 -> 4" in caplog.text and "4 x 1 -> 2 x 1" in caplog.text
-    assert "from step 2 it reads other samples" in caplog.text
+    assert "from step 3 it reads other samples" in caplog.text
 
 
 def test_a_run_without_resume_refuses_an_output_dir_holding_checkpoints(sample_data, tmp_path):

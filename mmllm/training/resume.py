@@ -141,7 +141,7 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
     if order:
         log.warning("%s: %s. Training goes on, but from step %d it reads other samples than the interrupted run "
                     "would have: it will not end on the weights an uninterrupted run gives", where,
-                    "; ".join(order), progress["step"])
+                    "; ".join(order), progress["step"] + 1)
     if old_world is not None and old_world != processes and not any("processes" in o for o in order):
         log.info("%s: saved by %d process(es), resumed on %d with the same samples per step", where, old_world,
                  processes)
