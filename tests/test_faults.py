@@ -4,6 +4,7 @@ retention, and an unwritable output directory reported before training."""
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -254,3 +255,21 @@ def test_a_second_signal_stops_at_once_and_one_before_training_too(monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(sample_data, tmp_path):
+    """A full disk (here: a file-size limit, which fails the write the same way) used to end training with
+    a safetensors or torch traceback; now one line names the checkpoint, what is intact, and what to do."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # a tiny checkpoint's files are larger
+
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # inherited: the write fails instead of killing
+    try:
+        proc = subprocess.run(_cli(sample_data, tmp_path / "run", "max_steps=1"), cwd=REPO, capture_output=True,
+                              text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), preexec_fn=limit_file_size)
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "could not write the checkpoint" in proc.stderr and "then continue with --resume" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list((tmp_path / "run").iterdir()) == []  # no half-written folder left

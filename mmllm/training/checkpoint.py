@@ -123,6 +123,23 @@ def atomic_dir(final: Path, fill) -> Path:
     return final
 
 
+def write_failure(final: Path, exc: BaseException) -> OSError | None:
+    """A checkpoint write into ``final`` that failed for want of room or rights (``exc`` from
+    :func:`atomic_dir`, which left nothing of it) as one error saying what is intact and what to do; None
+    for anything else (a bug: keep its traceback)."""
+    from safetensors import SafetensorError
+
+    wrote = isinstance(exc, (OSError, SafetensorError)) or (isinstance(exc, RuntimeError) and "writ" in str(exc))
+    if not wrote:
+        return None
+    final = Path(final)
+    kept = [d.name for d in step_dirs(final.parent) if d != final]
+    intact = f"the checkpoints already there ({', '.join(kept)}) are untouched" if kept else "no earlier checkpoint is there"
+    return OSError(f"could not write the checkpoint {final}: {exc}. Nothing of it was kept and {intact}. Free space "
+                   "(a save needs room for one checkpoint more than keep_last keeps) or fix the folder's permissions, "
+                   "then continue with --resume")
+
+
 # --------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------

@@ -501,7 +501,13 @@ def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, s
             progress = {"losses": losses, "skipped": skipped} | run_info
             ckpt.save_training_state(tmp, optim_state, scheduler, step, progress, rng_states)
 
-        path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
+        try:
+            path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
+        except Exception as exc:  # disk full, quota, permissions changed mid-run: say so in one line
+            failure = ckpt.write_failure(out_dir / f"step-{step}", exc)
+            if failure is None:
+                raise
+            raise failure from exc
         ckpt.record_best(out_dir, path, metric, enabled=cfg.keep_best)
         ckpt.prune_checkpoints(out_dir, cfg.keep_last, up_to=step)
         log.info("saved %s (mean train loss since the last save %.4f)", path, metric)
