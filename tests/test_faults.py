@@ -1,6 +1,7 @@
 """Surviving faults: kill -9 and --resume, a kill during a checkpoint write, non-finite steps,
 retention, and an unwritable output directory reported before training."""
 
+import dataclasses
 import json
 import os
 import random
@@ -273,3 +274,22 @@ def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(sample_data, tmp
     assert "could not write the checkpoint" in proc.stderr and "then continue with --resume" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert list((tmp_path / "run").iterdir()) == []  # no half-written folder left
+
+
+def test_resume_needs_no_init_from_any_more(sample_data, tmp_path):
+    """A later stage's run continues from its own checkpoint, which records the assembly and adapter that
+    init_from gave it; the previous stage's checkpoint may since have been pruned (keep_last) or moved.
+    Resume used to refuse: 'init_from ...: checkpoint directory not found'."""
+    first = train(stage_cfg("decode-align", sample_data, tmp_path / "decode", max_steps=1)).final_checkpoint
+    cfg = stage_cfg("instruct", sample_data, tmp_path / "full", max_steps=3, save_every=1, keep_last=0,
+                    init_from=first)
+    full = train(cfg)
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    shutil.rmtree(cut / "step-3")
+    shutil.rmtree(tmp_path / "decode")
+    resumed = train(dataclasses.replace(cfg, output_dir=str(cut)), resume=True)
+    assert resumed.losses == full.losses
+    for name in ("learned.safetensors", "adapter/adapter_model.safetensors"):
+        wa, wb = load_file(str(full.final_checkpoint / name)), load_file(str(resumed.final_checkpoint / name))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name

@@ -10,6 +10,7 @@ learned plus the resolved config and the training state needed for an exact ``--
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -153,9 +154,12 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
             # projections and signal rows; LoRA runs in every forward): DDP need not search for unused ones
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
-    check_init_from(cfg)  # before anything is written or loaded
-    check_output_dir(out_dir)
     last = resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
+    # A resumed run rebuilds its model from the checkpoint it continues, which records the assembly and the
+    # adapter init_from gave it: init_from may since have been pruned, moved or trained again.
+    build_cfg = dataclasses.replace(cfg, init_from=str(last)) if last is not None and cfg.init_from else cfg
+    check_init_from(build_cfg)  # before anything is written or loaded
+    check_output_dir(out_dir)
     if not resume:
         check_fresh_output_dir(out_dir)
     precision = accelerator.mixed_precision
@@ -170,7 +174,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
     if last is not None:
         check_resume(cfg, last, run_info["processes"], run_info["samples"])
     set_seed(cfg.seed)
-    model = build_model(cfg, stage_parts(cfg.losses, per_dataset), check_init=False)
+    model = build_model(build_cfg, stage_parts(cfg.losses, per_dataset), check_init=False)
     precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
     if cfg.cache.require:  # checked before training; frees the parts the cache replaces
         release_cached(model, precomputed, [c for convs in per_dataset for c in convs],

@@ -107,18 +107,17 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
     if saved.get("optim", {}).get("name") != cfg.optim.name:
         refused.append(f"optim.name: {saved.get('optim', {}).get('name')} (checkpoint; its optimizer state is that "
                        f"optimizer's) vs {cfg.optim.name}")
-    if cfg.init_from:
-        built = normalized_assembly(ckpt.checkpoint_assembly(Path(cfg.init_from)))
-        lora = _lora_shape(to_dict(load_lora(cfg.lora))) if cfg.lora else _lora_shape(
-            ckpt.read_meta(Path(cfg.init_from)).get("lora"))
-    else:
+    # with init_from, the model is rebuilt from ``last`` itself (its assembly and adapter): only a `lora:`
+    # file can disagree; without, from the stage's assembly, which must be the checkpoint's
+    adapter = _lora_shape(meta.get("lora"))
+    lora = _lora_shape(to_dict(load_lora(cfg.lora))) if cfg.lora else (adapter if cfg.init_from else None)
+    if adapter != lora:
+        refused.append(f"LoRA adapter: {adapter} (checkpoint) vs {lora}")
+    if not cfg.init_from:
         built = normalized_assembly(load_assembly(cfg.assembly, cfg.assembly_overrides))
-        lora = _lora_shape(to_dict(load_lora(cfg.lora))) if cfg.lora else None
-    if _lora_shape(meta.get("lora")) != lora:
-        refused.append(f"LoRA adapter: {_lora_shape(meta.get('lora'))} (checkpoint) vs {lora}")
-    diffs = assembly_differences(normalized_assembly(ckpt.checkpoint_assembly(last, meta)), built)
-    if diffs:
-        refused.append(f"assembly: {_listing(diffs, lambda d: 'this run')}")
+        diffs = assembly_differences(normalized_assembly(ckpt.checkpoint_assembly(last, meta)), built)
+        if diffs:
+            refused.append(f"assembly: {_listing(diffs, lambda d: 'this run')}")
     if refused:
         raise ConfigError(f"{where}: the checkpoint's training state cannot continue this run: {'; '.join(refused)}. "
                           f"Resume with the settings it was trained with, or {fresh}")
