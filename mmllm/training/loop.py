@@ -302,6 +302,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
             since_save = []
         if signalled:
             bar.close()
+            accelerator.end_training()  # flushes the trackers (TensorBoard) up to this step
             raise TrainingInterrupted(signalled, step + 1, cfg.max_steps, out_dir / f"step-{step + 1}")
     stop.armed = False
     bar.close()
