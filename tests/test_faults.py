@@ -293,3 +293,14 @@ def test_resume_needs_no_init_from_any_more(sample_data, tmp_path):
     for name in ("learned.safetensors", "adapter/adapter_model.safetensors"):
         wa, wb = load_file(str(full.final_checkpoint / name)), load_file(str(resumed.final_checkpoint / name))
         assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_resume_removes_what_a_kill_during_a_checkpoint_write_left(sample_data, tmp_path):
+    """kill -9 mid-write leaves atomic_dir's working folder (a partial checkpoint); nothing removed them,
+    so every killed write of a large checkpoint stayed on disk."""
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
+    for name in (".step-2.tmp-4242-1796432531279301283", ".step-1.old-1796432531279301283"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "learned.safetensors").write_bytes(b"partial")
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=2), resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.json", "step-1", "step-2"]

@@ -74,6 +74,19 @@ def step_dirs(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+PARTIAL_DIR = re.compile(r"^\.step-\d+\.(tmp|old)-[\d-]+$")  # atomic_dir's working folders
+
+
+def remove_partial_writes(output_dir: Path) -> int:
+    """Delete what a kill during :func:`atomic_dir` left under ``output_dir`` (a half-written checkpoint,
+    or the replaced one it was about to delete); the number of folders removed. Only for a run that owns
+    ``output_dir``, before it saves anything."""
+    found = [p for p in Path(output_dir).glob(".step-*") if PARTIAL_DIR.match(p.name) and p.is_dir()]
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(found)
+
+
 def write_manifest(root: Path) -> None:
     files = {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (root / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))

@@ -160,6 +160,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
     build_cfg = dataclasses.replace(cfg, init_from=str(last)) if last is not None and cfg.init_from else cfg
     check_init_from(build_cfg)  # before anything is written or loaded
     check_output_dir(out_dir)
+    if resume and accelerator.is_main_process and (removed := ckpt.remove_partial_writes(out_dir)):
+        log.info("--resume: removed %d partly written checkpoint folder(s) a killed run left in %s", removed, out_dir)
     if not resume:
         check_fresh_output_dir(out_dir)
     precision = accelerator.mixed_precision
