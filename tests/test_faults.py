@@ -304,3 +304,16 @@ def test_resume_removes_what_a_kill_during_a_checkpoint_write_left(sample_data, 
         (tmp_path / name / "learned.safetensors").write_bytes(b"partial")
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=2), resume=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final.json", "step-1", "step-2"]
+
+
+def test_init_from_a_step_its_run_went_past_is_named(sample_data, tmp_path, caplog):
+    """Stage chaining from a middle checkpoint (a typo, or the previous stage still training) was silent."""
+    first = tmp_path / "decode"
+    train(stage_cfg("decode-align", sample_data, first, max_steps=2, save_every=1, keep_last=0))
+    train(stage_cfg("instruct", sample_data, tmp_path / "a", max_steps=1, init_from=first / "step-2"))
+    assert "init_from" not in caplog.text
+    train(stage_cfg("instruct", sample_data, tmp_path / "b", max_steps=1, init_from=first / "step-1"))
+    assert "its run went on and finished on step-2 (final.json)" in caplog.text
+    (first / "final.json").unlink()  # as while that stage still trains
+    train(stage_cfg("instruct", sample_data, tmp_path / "c", max_steps=1, init_from=first / "step-1"))
+    assert "its run has not finished (no final.json beside it; newest checkpoint step-2)" in caplog.text

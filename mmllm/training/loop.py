@@ -33,7 +33,7 @@ from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
-from mmllm.training.init_from import check_init_from
+from mmllm.training.init_from import check_init_from, warn_if_middle_step
 from mmllm.training.interrupt import StopRequests, TrainingInterrupted
 from mmllm.training.parts import StageParts, release_cached, stage_parts
 from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
@@ -159,6 +159,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
     # adapter init_from gave it: init_from may since have been pruned, moved or trained again.
     build_cfg = dataclasses.replace(cfg, init_from=str(last)) if last is not None and cfg.init_from else cfg
     check_init_from(build_cfg)  # before anything is written or loaded
+    if build_cfg is cfg:
+        warn_if_middle_step(cfg)
     check_output_dir(out_dir)
     if resume and accelerator.is_main_process and (removed := ckpt.remove_partial_writes(out_dir)):
         log.info("--resume: removed %d partly written checkpoint folder(s) a killed run left in %s", removed, out_dir)
