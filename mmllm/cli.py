@@ -55,10 +55,15 @@ class _DiffusersNoise(logging.Filter):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmllm.config import load_stage
+    from mmllm.training.interrupt import TrainingInterrupted
     from mmllm.training.loop import train
 
     cfg = load_stage(args.config, args.overrides)
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    except TrainingInterrupted as stopped:
+        log.warning("%s", stopped)
+        return stopped.exit_code
     losses = [x for x in result.losses if x == x]  # NaN: a step with no readable sample
     val = result.validation
     held_out = (f", validation loss {val[0]['loss']:.4f} (step {val[0]['step']}) -> {val[-1]['loss']:.4f}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 from mmllm.config import load_stage
@@ -100,7 +101,10 @@ def run_tiny_demo(out: Path, quick: bool = False) -> int:
         raise SystemExit(f"the tiny demo needs the repository's configs/ and data/ next to the package ({REPO})")
     previous = None
     for name in STAGES:
-        overrides = [f"output_dir={out / 'runs' / name}", "report_to=none"]
+        run = out / "runs" / name
+        if run.is_dir():  # the demo trains afresh each time; train() refuses to mix with an earlier run
+            shutil.rmtree(run)
+        overrides = [f"output_dir={run}", "report_to=none"]
         if quick:
             overrides.append("max_steps=4")
         if previous is not None:

@@ -264,8 +264,9 @@ class LLMCore(nn.Module):
         ids = torch.arange(min(4, self.first_new_id), device=device)[None]
         mask = torch.ones_like(ids)
         with torch.no_grad():
-            forward = self.model(input_ids=ids, attention_mask=mask).logits.float()
-            hidden = self.decoder()(inputs_embeds=self.embed(ids), attention_mask=mask).last_hidden_state
+            forward = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+            hidden = self.decoder()(inputs_embeds=self.embed(ids), attention_mask=mask,
+                                    use_cache=False).last_hidden_state
             ours = self.logits(hidden).float()
         tolerance = 1e-3 * float(forward.abs().max()) + 1e-6
         if forward.shape != ours.shape or not torch.allclose(forward, ours, rtol=1e-3, atol=tolerance):

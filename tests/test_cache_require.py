@@ -99,9 +99,10 @@ def test_require_refuses_an_incomplete_cache_before_training(data, tmp_path):  #
     build_cache(cfg, build_model(cfg))  # what `mmllm cache` does: adds the missing one
     assert train(cfg).skipped == 0
     with pytest.raises(ConfigError, match="cache.dir is not set"):
-        train(cfg_for("encode-align", data, "null", *STEPS, "cache.require=true"))
+        train(cfg_for("encode-align", data, "null", *STEPS, "cache.require=true", f"output_dir={tmp_path / 'b'}"))
     with pytest.raises(ConfigError, match="holds no feature cache yet; run `mmllm cache"):
-        train(cfg_for("encode-align", data, tmp_path / "never-built", *STEPS, "cache.require=true"))
+        train(cfg_for("encode-align", data, tmp_path / "never-built", *STEPS, "cache.require=true",
+                      f"output_dir={tmp_path / 'c'}"))
 
 
 def test_what_training_skips_anyway_does_not_fail_the_check(data, tmp_path, caplog):  # noqa: F811
@@ -132,7 +133,8 @@ def test_only_what_can_be_freed_is_checked(data, tmp_path, caplog):  # noqa: F81
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="mmllm.training.parts"):
         with pytest.raises(ConfigError, match="nothing this stage holds can come from precomputed sources"):
-            train(cfg_for("decode-align", data, cache, *STEPS, "cache.require=true", "cache.targets=false"))
+            train(cfg_for("decode-align", data, cache, *STEPS, "cache.require=true", "cache.targets=false",
+                          f"output_dir={tmp_path / 'b'}"))
 
 
 def test_a_file_changed_after_the_check_is_its_samples_error(tiny_assembly, data, tmp_path):  # noqa: F811

@@ -278,3 +278,22 @@ def test_the_shipped_cpu_config_starts_two_processes(sample_data, tmp_path):
            str(REPO / "configs/accelerate/cpu_2proc.yaml"), f"--main_process_port={_free_port()}", "-m", "mmllm.cli"]
     proc = _run(cmd + _stage_args("decode-align", sample_data, tmp_path / "run", 2))
     assert "2 process(es)" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_resume_with_their_own_lora_dropout_masks(sample_data, tmp_path):
+    """Each process draws its own dropout masks (its sequences differ in length, so its generator moves
+    on differently): every process's RNG state is saved and each gets its own back. Only the main
+    process's used to be saved, and a resumed 2-process run with LoRA dropout drifted from step 7."""
+    lora = tmp_path / "lora.yaml"
+    lora.write_text("r: 4\nalpha: 8\ndropout: 0.3\ntarget_modules: [q_proj, v_proj]\n")
+    args = ("save_every=2", "keep_last=0", f"lora={lora}")
+    _run(_launch(2, "ddp") + _stage_args("instruct", sample_data, tmp_path / "full", 2, *args))
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    shutil.rmtree(cut / "step-4")
+    (cut / "final.json").unlink()
+    _run(_launch(2, "ddp") + _stage_args("instruct", sample_data, cut, 2, *args) + ["--resume"])
+    full, resumed = tmp_path / "full" / "step-4", cut / "step-4"
+    assert _losses(resumed) == _losses(full)
+    _assert_same_weights(full, resumed, "instruct", 0)

@@ -1,9 +1,12 @@
 """Surviving faults: kill -9 and --resume, a kill during a checkpoint write, non-finite steps,
 retention, and an unwritable output directory reported before training."""
 
+import dataclasses
 import json
 import os
 import random
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +19,8 @@ from safetensors.torch import load_file
 from mmllm.config import ConfigError
 from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
+from mmllm.training import interrupt
+from mmllm.training.interrupt import TrainingInterrupted
 from mmllm.training.loop import train
 from tests.conftest import REPO
 from tests.test_stages import stage_cfg
@@ -149,3 +154,166 @@ def test_resume_past_max_steps_is_refused_and_at_max_steps_trains_nothing(sample
     monkeypatch.undo()
     again = train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=4), resume=True)
     assert again.final_checkpoint == tmp_path / "step-4" and again.losses == done.losses
+
+
+def _lr_and_decay(checkpoint):
+    groups = torch.load(checkpoint / "training_state/optimizer.pt", weights_only=True)["param_groups"]
+    base = torch.load(checkpoint / "training_state/scheduler.pt", weights_only=True)["base_lrs"]
+    return base, [(g["lr"], g["weight_decay"]) for g in groups]
+
+
+def test_resume_uses_a_changed_lr_and_weight_decay_and_says_so(sample_data, tmp_path, caplog):
+    """The restored optimizer state and scheduler hold the checkpoint's hyperparameters; a resumed run
+    that sets others used to train on with the old ones silently (its checkpoints recording the new)."""
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=2, save_every=1))
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=4, **{"optim.lr": 0.5,
+                    "optim.weight_decay": 0.1, "schedule.decay": "constant"}), resume=True)
+    base, groups = _lr_and_decay(tmp_path / "step-4")
+    assert base == [0.5] and groups == [(0.5, 0.1)]
+    assert "optim.lr: 0.01 -> 0.5" in caplog.text and "optim.weight_decay: 0.0 -> 0.1" in caplog.text
+    assert "the learning rate of step 3 is 0.5" in caplog.text
+
+
+@pytest.mark.parametrize(("override", "named"), [("optim.name=sgd", "optim.name: adamw"),
+                                                 ("trainable.input_projections=true", "trainable.input_projections"),
+                                                 ("assembly.llm.seed=5", "llm.seed: 0"),
+                                                 ("stage=encode-align", "stage: decode-align")])
+def test_resume_refuses_what_the_saved_state_cannot_continue(override, named, sample_data, tmp_path, monkeypatch):
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
+    built = []
+    monkeypatch.setattr("mmllm.training.loop.build_model", lambda *a, **k: built.append(1))
+    key, value = override.split("=")
+    cfg = (stage_cfg(value, sample_data, tmp_path, max_steps=2) if key == "stage"
+           else stage_cfg("decode-align", sample_data, tmp_path, max_steps=2, **{key: value}))
+    with pytest.raises(ConfigError, match=f"cannot continue this run: .*{named}"):
+        train(cfg, resume=True)
+    assert not built  # refused before anything loads
+
+
+def test_resume_warns_when_it_reads_other_samples_than_the_interrupted_run(sample_data, tmp_path, caplog):
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=2), resume=True)
+    assert "reads other samples" not in caplog.text and "learning rate of step" not in caplog.text
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3, seed=4, batch_size=2), resume=True)
+    assert "seed: 0 -> 4" in caplog.text and "4 x 1 -> 2 x 1" in caplog.text
+    assert "from step 3 it reads other samples" in caplog.text
+
+
+def test_a_run_without_resume_refuses_an_output_dir_holding_checkpoints(sample_data, tmp_path):
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
+    with pytest.raises(ConfigError, match=r"already holds checkpoints of a run \(step-1\); pass --resume"):
+        train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
+
+
+def test_keep_last_keeps_the_checkpoint_just_saved_when_a_later_step_is_corrupt(sample_data, tmp_path):
+    """A corrupt newest checkpoint makes --resume go back to an older one; the later step's folder must
+    not count as 'newest' for keep_last, which used to delete each checkpoint the resumed run saved."""
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=4, save_every=1, keep_last=0))
+    (tmp_path / "step-4" / "learned.safetensors").write_bytes(b"truncated")
+    shutil.rmtree(tmp_path / "step-3")
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3, keep_last=1), resume=True)
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-3"
+    assert not (tmp_path / "step-2").exists()
+
+
+def test_ctrl_c_saves_the_step_under_way_and_the_resumed_run_ends_where_an_uninterrupted_one_does(
+        sample_data, tmp_path, monkeypatch):
+    """SIGINT (or SIGTERM) mid-step used to raise KeyboardInterrupt from wherever the step was, losing every
+    step since the last checkpoint; now the step finishes, is saved, and the run stops saying how to go on."""
+    full = train(stage_cfg("instruct", sample_data, tmp_path / "full", max_steps=5))
+    real_forward = AnyToAnyModel.forward
+
+    def interrupted(self, batch, losses=None, normalizers=None):
+        if batch["step"] == 2 and not interrupted.sent:
+            interrupted.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, batch, losses, normalizers)
+
+    interrupted.sent = False
+    monkeypatch.setattr(AnyToAnyModel, "forward", interrupted)
+    cut = tmp_path / "cut"
+    with pytest.raises(TrainingInterrupted, match=r"stopped by SIGINT after step 3 of 5; saved .*step-3\. Continue "
+                                                  r"with the same command and --resume") as stopped:
+        train(stage_cfg("instruct", sample_data, cut, max_steps=5))
+    assert stopped.value.exit_code == 130
+    assert [p.name for p in ckpt.step_dirs(cut)] == ["step-3"]
+    monkeypatch.undo()
+    resumed = train(stage_cfg("instruct", sample_data, cut, max_steps=5), resume=True)
+    assert resumed.losses == full.losses
+    for name in ("learned.safetensors", "adapter/adapter_model.safetensors"):
+        wa, wb = load_file(str(full.final_checkpoint / name)), load_file(str(resumed.final_checkpoint / name))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_a_second_signal_stops_at_once_and_one_before_training_too(monkeypatch):
+    monkeypatch.setattr(interrupt, "REPEAT_S", 0.0)
+    with interrupt.StopRequests() as stop:
+        with pytest.raises(KeyboardInterrupt):  # the model still loading: nothing to save yet
+            os.kill(os.getpid(), signal.SIGTERM)
+        stop.armed = True
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(sample_data, tmp_path):
+    """A full disk (here: a file-size limit, which fails the write the same way) used to end training with
+    a safetensors or torch traceback; now one line names the checkpoint, what is intact, and what to do."""
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # a tiny checkpoint's files are larger
+
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # inherited: the write fails instead of killing
+    try:
+        proc = subprocess.run(_cli(sample_data, tmp_path / "run", "max_steps=1"), cwd=REPO, capture_output=True,
+                              text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), preexec_fn=limit_file_size)
+    finally:
+        signal.signal(signal.SIGXFSZ, previous)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "could not write the checkpoint" in proc.stderr and "then continue with --resume" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list((tmp_path / "run").iterdir()) == []  # no half-written folder left
+
+
+def test_resume_needs_no_init_from_any_more(sample_data, tmp_path):
+    """A later stage's run continues from its own checkpoint, which records the assembly and adapter that
+    init_from gave it; the previous stage's checkpoint may since have been pruned (keep_last) or moved.
+    Resume used to refuse: 'init_from ...: checkpoint directory not found'."""
+    first = train(stage_cfg("decode-align", sample_data, tmp_path / "decode", max_steps=1)).final_checkpoint
+    cfg = stage_cfg("instruct", sample_data, tmp_path / "full", max_steps=3, save_every=1, keep_last=0,
+                    init_from=first)
+    full = train(cfg)
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    shutil.rmtree(cut / "step-3")
+    shutil.rmtree(tmp_path / "decode")
+    resumed = train(dataclasses.replace(cfg, output_dir=str(cut)), resume=True)
+    assert resumed.losses == full.losses
+    for name in ("learned.safetensors", "adapter/adapter_model.safetensors"):
+        wa, wb = load_file(str(full.final_checkpoint / name)), load_file(str(resumed.final_checkpoint / name))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_resume_removes_what_a_kill_during_a_checkpoint_write_left(sample_data, tmp_path):
+    """kill -9 mid-write leaves atomic_dir's working folder (a partial checkpoint); nothing removed them,
+    so every killed write of a large checkpoint stayed on disk."""
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
+    for name in (".step-2.tmp-4242-1796432531279301283", ".step-1.old-1796432531279301283"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "learned.safetensors").write_bytes(b"partial")
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=2), resume=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.json", "step-1", "step-2"]
+
+
+def test_init_from_a_step_its_run_went_past_is_named(sample_data, tmp_path, caplog):
+    """Stage chaining from a middle checkpoint (a typo, or the previous stage still training) was silent."""
+    first = tmp_path / "decode"
+    train(stage_cfg("decode-align", sample_data, first, max_steps=2, save_every=1, keep_last=0))
+    train(stage_cfg("instruct", sample_data, tmp_path / "a", max_steps=1, init_from=first / "step-2"))
+    assert not [r for r in caplog.records if r.levelname == "WARNING" and r.getMessage().startswith("init_from")]
+    train(stage_cfg("instruct", sample_data, tmp_path / "b", max_steps=1, init_from=first / "step-1"))
+    assert "its run went on and finished on step-2 (final.json)" in caplog.text
+    (first / "final.json").unlink()  # as while that stage still trains
+    train(stage_cfg("instruct", sample_data, tmp_path / "c", max_steps=1, init_from=first / "step-1"))
+    assert "its run has not finished (no final.json beside it; newest checkpoint step-2)" in caplog.text

@@ -78,3 +78,36 @@ def test_held_out_data_is_checked_with_the_stage_and_bad_held_out_data_refused_f
     assert main(["train", "--config", config, *common, f"eval_data={held_out(sample_data['pairs'], 'mmllm-pairs')}"]) == 2
     assert "caption pairs" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stop_request_saves_without_waiting_for_the_validation(sample_data, tmp_path, monkeypatch):
+    """Ctrl-C saves the step under way at once: that step is not scored (nor a keep_best candidate), and the
+    resumed run scores the rest as the uninterrupted one does."""
+    import os
+    import signal
+
+    from mmllm.training.interrupt import TrainingInterrupted
+
+    scored = {"eval_data": held_out(sample_data["chat"]), "eval_every": 1, "keep_best": True}
+    full = train(stage_cfg("instruct", sample_data, tmp_path / "full", max_steps=4, **scored))
+    real_forward = AnyToAnyModel.forward
+
+    def interrupted(self, batch, losses=None, normalizers=None):
+        if batch.get("step") == 2 and not interrupted.sent:  # training batches carry their step
+            interrupted.sent = True
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, batch, losses, normalizers)
+
+    interrupted.sent = False
+    monkeypatch.setattr(AnyToAnyModel, "forward", interrupted)
+    cut = tmp_path / "cut"
+    with pytest.raises(TrainingInterrupted):
+        train(stage_cfg("instruct", sample_data, cut, max_steps=4, **scored))
+    assert [v["step"] for v in ckpt.read_progress(cut / "step-3")["validation"]] == [1, 2]
+    assert not (cut / "best.json").exists()  # its only checkpoint, step-3, was not scored
+    monkeypatch.undo()
+    resumed = train(stage_cfg("instruct", sample_data, cut, max_steps=4, **scored), resume=True)
+    assert [v["step"] for v in resumed.validation] == [1, 2, 4]
+    for v in resumed.validation:
+        assert v == pytest.approx(full.validation[v["step"] - 1], rel=1e-5)
+    assert json.loads((cut / "best.json").read_text())["checkpoint"] == "step-4"

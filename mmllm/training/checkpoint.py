@@ -74,6 +74,19 @@ def step_dirs(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+PARTIAL_DIR = re.compile(r"^\.step-\d+\.(tmp|old)-[\d-]+$")  # atomic_dir's working folders
+
+
+def remove_partial_writes(output_dir: Path) -> int:
+    """Delete what a kill during :func:`atomic_dir` left under ``output_dir`` (a half-written checkpoint,
+    or the replaced one it was about to delete); the number of folders removed. Only for a run that owns
+    ``output_dir``, before it saves anything."""
+    found = [p for p in Path(output_dir).glob(".step-*") if PARTIAL_DIR.match(p.name) and p.is_dir()]
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return len(found)
+
+
 def write_manifest(root: Path) -> None:
     files = {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
     (root / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
@@ -121,6 +134,23 @@ def atomic_dir(final: Path, fill) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def write_failure(final: Path, exc: BaseException) -> OSError | None:
+    """A checkpoint write into ``final`` that failed for want of room or rights (``exc`` from
+    :func:`atomic_dir`, which left nothing of it) as one error saying what is intact and what to do; None
+    for anything else (a bug: keep its traceback)."""
+    from safetensors import SafetensorError
+
+    wrote = isinstance(exc, (OSError, SafetensorError)) or (isinstance(exc, RuntimeError) and "writ" in str(exc))
+    if not wrote:
+        return None
+    final = Path(final)
+    kept = [d.name for d in step_dirs(final.parent) if d != final]
+    intact = f"the checkpoints already there ({', '.join(kept)}) are untouched" if kept else "no earlier checkpoint is there"
+    return OSError(f"could not write the checkpoint {final}: {exc}. Nothing of it was kept and {intact}. Free space "
+                   "(a save needs room for one checkpoint more than keep_last keeps) or fix the folder's permissions, "
+                   "then continue with --resume")
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,21 +331,27 @@ def bare_optimizer(optimizer) -> torch.optim.Optimizer:
     return optimizer
 
 
-def save_training_state(root: Path, optim_state: dict[str, Any], scheduler, step: int, extra: dict[str, Any]) -> None:
-    """``optim_state`` from :func:`optimizer_state`; the RNG saved is this (the main) process's."""
+def rng_state() -> dict[str, Any]:
+    """This process's random number generators (LoRA dropout draws from torch's)."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def save_training_state(root: Path, optim_state: dict[str, Any], scheduler, step: int, extra: dict[str, Any],
+                        rng_states: list[dict[str, Any]] | None = None) -> None:
+    """``optim_state`` from :func:`optimizer_state`; ``rng_states``: every process's :func:`rng_state`, by
+    rank (default: this process's alone). The main process's is also saved at the top level of ``rng.pt``,
+    where checkpoints written before the per-process states kept it."""
     state = root / STATE_DIR
     state.mkdir(parents=True, exist_ok=True)
     torch.save(optim_state, state / "optimizer.pt")
     torch.save(scheduler.state_dict(), state / "scheduler.pt")
-    torch.save(
-        {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
-        state / "rng.pt",
-    )
+    states = rng_states or [rng_state()]
+    torch.save(states[0] | {"per_process": states}, state / "rng.pt")
     # strict JSON: a step's loss that is not a number (a step skipped) is written null, read back as NaN
     progress = {"step": step, **extra}
     if "losses" in progress:
@@ -326,13 +362,18 @@ def save_training_state(root: Path, optim_state: dict[str, Any], scheduler, step
     (state / "progress.json").write_text(json.dumps(progress, indent=1, allow_nan=False))
 
 
-def load_training_state(root: Path, scheduler) -> dict[str, Any]:
+def load_training_state(root: Path, scheduler, rank: int = 0, processes: int = 1) -> dict[str, Any]:
     """Restore scheduler and RNG from a checkpoint this library wrote (manifest-verified); the
-    optimizer follows after ``prepare`` (:func:`restore_optimizer_state`)."""
+    optimizer follows after ``prepare`` (:func:`restore_optimizer_state`). Process ``rank`` gets the RNG
+    state its own rank saved when as many processes saved it, else the main process's (dropout masks then
+    differ from an uninterrupted run's, as they do between process counts anyway)."""
     progress = read_progress(root)
     state = Path(root) / STATE_DIR
     scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
     rng = torch.load(state / "rng.pt", weights_only=False)  # our own file, hash-verified by the manifest
+    per_process = rng.get("per_process")
+    if per_process and len(per_process) == processes:
+        rng = per_process[rank]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
@@ -373,8 +414,10 @@ BEST_FILE = "best.json"
 def record_best(output_dir: Path, checkpoint: Path, metric: float, enabled: bool,
                 metric_name: str = "mean train loss since the last save") -> None:
     """Point ``best.json`` at ``checkpoint`` when its metric beats the recorded best (a best measured by
-    another metric -- a resumed run that added ``eval_data`` -- is not compared with, and is replaced)."""
-    if not enabled:
+    another metric -- a resumed run that added ``eval_data`` -- is not compared with, and is replaced). A
+    checkpoint without a finite metric (no step since the last save read a sample; a stop request's
+    checkpoint, not scored) is no candidate."""
+    if not enabled or not math.isfinite(metric):
         return
     path = Path(output_dir) / BEST_FILE
     best = json.loads(path.read_text()) if path.is_file() else None
@@ -386,13 +429,17 @@ def record_best(output_dir: Path, checkpoint: Path, metric: float, enabled: bool
                                             "metric_name": metric_name}))
 
 
-def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` step-* checkpoints, never the one best.json names."""
+def prune_checkpoints(output_dir: Path, keep_last: int, up_to: int | None = None) -> None:
+    """Delete all but the newest ``keep_last`` step-* checkpoints, never the one best.json names.
+    ``up_to``: the step just saved; folders of later steps (left by an earlier try that a resumed run
+    went back behind, e.g. a corrupt newest checkpoint) neither count nor go: the run replaces each
+    when it gets there. Counting them would delete the checkpoint just saved."""
     if keep_last <= 0:
         return
     best_file = Path(output_dir) / BEST_FILE
     best = json.loads(best_file.read_text())["checkpoint"] if best_file.is_file() else None
-    for old in step_dirs(output_dir)[:-keep_last]:
+    dirs = [d for d in step_dirs(output_dir) if up_to is None or int(d.name.removeprefix("step-")) <= up_to]
+    for old in dirs[:-keep_last]:
         if old.name != best:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -151,6 +151,29 @@ def _listing(diffs: list[Difference], label: Callable[[Difference], str]) -> str
     return "; ".join(lines)
 
 
+def warn_if_middle_step(cfg: StageConfig) -> None:
+    """``init_from`` naming a checkpoint its run went past (``final.json`` names another) or that belongs to
+    a run that has not finished: allowed, but more often a typo or a stage started too early."""
+    from mmllm.training.checkpoint import STEP_DIR, step_dirs
+
+    directory = Path(cfg.init_from) if cfg.init_from else None
+    if directory is None or not STEP_DIR.match(directory.name) or not directory.is_dir():
+        return
+    run, final = directory.parent, directory.parent / "final.json"
+    try:
+        name = json.loads(final.read_text())["checkpoint"] if final.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if name is not None and name != directory.name:
+        log.warning("init_from %s: its run went on and finished on %s (final.json); this stage starts from the "
+                    "earlier step, as asked. To continue the finished stage, set init_from=%s", directory, name,
+                    run / name)
+    elif name is None:
+        log.warning("init_from %s: its run has not finished (no final.json beside it; newest checkpoint %s): if "
+                    "that stage is still training or was interrupted, its later steps are not in this one",
+                    directory, step_dirs(run)[-1].name)
+
+
 def check_init_from(cfg: StageConfig) -> None:
     """Compare the stage's resolved assembly with the one ``cfg.init_from`` records; raise on an
     override the checkpoint contradicts, warn on a file that differs. Reads ``mmllm.json`` only."""

@@ -10,6 +10,7 @@ learned plus the resolved config and the training state needed for an exact ``--
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -32,8 +33,10 @@ from mmllm.model import AnyToAnyModel, unit_counts
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
-from mmllm.training.init_from import check_init_from
+from mmllm.training.init_from import check_init_from, warn_if_middle_step
+from mmllm.training.interrupt import StopRequests, TrainingInterrupted
 from mmllm.training.parts import StageParts, release_cached, stage_parts
+from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
 from mmllm.training.validation import Validation, evaluate
 
 log = logging.getLogger(__name__)
@@ -126,6 +129,13 @@ def lr_lambda(cfg: StageConfig):
 
 
 def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResult:
+    """Train the stage; on SIGINT or SIGTERM during the steps, save the step under way and raise
+    :class:`~mmllm.training.interrupt.TrainingInterrupted` (see :mod:`.interrupt`)."""
+    with StopRequests() as stop:
+        return _train(cfg, resume, accelerator, stop)
+
+
+def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import (
         DistributedDataParallelKwargs,
@@ -152,11 +162,20 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             # projections and signal rows; LoRA runs in every forward): DDP need not search for unused ones
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
-    check_init_from(cfg)  # before anything is written or loaded
-    per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data: refused here too
+    last = resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
+    # A resumed run rebuilds its model from the checkpoint it continues, which records the assembly and the
+    # adapter init_from gave it: init_from may since have been pruned, moved or trained again.
+    build_cfg = dataclasses.replace(cfg, init_from=str(last)) if last is not None and cfg.init_from else cfg
+    check_init_from(build_cfg)  # before anything is written or loaded
+    if build_cfg is cfg:
+        warn_if_middle_step(cfg)
+    per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data: refused before any writing
     held_out, _, eval_errors = load_stage_records(cfg.eval_data, cfg.stage)
     check_output_dir(out_dir)
-    last = _resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
+    if resume and accelerator.is_main_process and (removed := ckpt.remove_partial_writes(out_dir)):
+        log.info("--resume: removed %d partly written checkpoint folder(s) a killed run left in %s", removed, out_dir)
+    if not resume:
+        check_fresh_output_dir(out_dir)
     precision = accelerator.mixed_precision
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -164,8 +183,11 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     elif deepspeed:
         precision = zero.configure(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
         accelerator.gradient_accumulation_steps = cfg.grad_accum  # what the engine is told, so Accelerate agrees
+    run_info = {"processes": accelerator.num_processes, "samples": [len(convs) for convs in per_dataset]}
+    if last is not None:
+        check_resume(cfg, last, run_info["processes"], run_info["samples"])
     set_seed(cfg.seed)
-    model = build_model(cfg, stage_parts(cfg.losses, per_dataset + held_out), check_init=False)
+    model = build_model(build_cfg, stage_parts(cfg.losses, per_dataset + held_out), check_init=False)
     precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
     if cfg.cache.require:  # checked before training; frees the parts the cache replaces
         release_cached(model, precomputed, [c for convs in per_dataset + held_out for c in convs],
@@ -208,7 +230,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     start_step, losses, skipped, validations = 0, [], 0, []
     if last is not None:
         ckpt.load_learned_into(model, last)  # the files only: no second copy of the model
-        progress = ckpt.load_training_state(last, scheduler)
+        progress = ckpt.load_training_state(last, scheduler, accelerator.process_index, accelerator.num_processes)
         start_step, losses, skipped = progress["step"], progress.get("losses", []), progress.get("skipped", 0)
         validations = progress.get("validation", [])
         log.info("resumed from %s at step %d%s", last, start_step,
@@ -221,6 +243,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         zero.after_prepare(model)  # `model` is now the DeepSpeed engine
     if start_step:
         ckpt.restore_optimizer_state(model, optimizer, last)  # sharded as the parameters now are
+        apply_hyperparameters(optimizer, scheduler, cfg)  # the restored groups hold the checkpoint's
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers(f"{cfg.stage}", config=_flat(to_dict(cfg)))
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -239,6 +262,7 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     model.train()
     _freeze_dropout(inner)
     fallback: dict[str, Any] | None = None
+    stop.armed = True
     for step in bar:
         batches = []
         for micro in range(cfg.grad_accum):
@@ -286,8 +310,11 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
             accelerator.log({f"train/{k}": v for k, v in parts.items()}
                             | {"train/lr": scheduler.get_last_lr()[0], "train/skipped": skipped}, step=step + 1)
-        saving = step + 1 == cfg.max_steps or bool(cfg.save_every and (step + 1) % cfg.save_every == 0)
-        if validation is not None and (saving or (cfg.eval_every and (step + 1) % cfg.eval_every == 0)):
+        done = step + 1 == cfg.max_steps
+        signalled = None if done else stop.requested(accelerator)
+        saving = bool(done or signalled or (cfg.save_every and (step + 1) % cfg.save_every == 0))
+        evaluating = saving or bool(cfg.eval_every and (step + 1) % cfg.eval_every == 0)
+        if validation is not None and evaluating and not signalled:  # a stop request saves without waiting
             scores = evaluate(accelerator, model, inner, validation, cfg.losses, parts_keys,
                               fallback or _first_readable_batch(datasets, pad_id))
             validations.append({"step": step + 1, **scores})
@@ -295,14 +322,20 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
             log.info("step %d: validation loss %.4f (%s)", step + 1, scores["loss"],
                      ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k not in ("loss", "skipped")))
         if saving:
-            if validation is not None:
-                metric, what = validations[-1]["loss"], "validation loss"
+            if validation is not None:  # an interrupted step's checkpoint, unscored, is no candidate for best
+                metric = float("inf") if signalled else validations[-1]["loss"]
+                what = "validation loss"
             else:
                 finite = [x for x in since_save if math.isfinite(x)]
                 metric, what = sum(finite) / len(finite) if finite else float("inf"), "mean train loss since the last save"
             save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped,
-                 metric if math.isfinite(metric) else float("inf"), what, validations)
+                 metric if math.isfinite(metric) else float("inf"), run_info, what, validations)
             since_save = []
+        if signalled:
+            bar.close()
+            accelerator.end_training()  # flushes the trackers (TensorBoard) up to this step
+            raise TrainingInterrupted(signalled, step + 1, cfg.max_steps, out_dir / f"step-{step + 1}")
+    stop.armed = False
     bar.close()
     final = out_dir / f"step-{cfg.max_steps}"
     if accelerator.is_main_process:
@@ -494,20 +527,6 @@ def _global_counts(
     return {k: float(v) for k, v in zip(keys, vec.tolist()) if v > 0}
 
 
-def _resume_point(out_dir: Path, max_steps: int) -> Path | None:
-    """``--resume``: the newest complete checkpoint under ``out_dir`` (None: start from step 0), refused
-    when it is past ``max_steps`` (the run would train nothing and end on a step it never saved)."""
-    last = ckpt.latest_checkpoint(out_dir)
-    if last is None:
-        log.warning("--resume: no complete checkpoint under %s; starting from step 0", out_dir)
-        return None
-    step = int(ckpt.read_progress(last)["step"])
-    if step > max_steps:
-        raise ConfigError(f"--resume: the newest checkpoint under {out_dir} is {last.name}, past max_steps={max_steps}; "
-                          f"set max_steps to more than {step} to train on from it, or give another output_dir")
-    return last
-
-
 def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> bool:
     bad = 0.0 if math.isfinite(loss) else 1.0
     for p in params:
@@ -519,23 +538,35 @@ def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> b
 
 
 def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped, metric,
-         metric_name: str = "mean train loss since the last save", validations: list | None = None) -> None:
+         run_info: dict[str, Any], metric_name: str = "mean train loss since the last save",
+         validations: list | None = None) -> None:
+    """``run_info``: the processes and samples per data set, which ``--resume`` compares (:mod:`.resume`);
+    ``metric``: what ``keep_best`` compares (``metric_name``); ``validations``: the held-out scores so far."""
+    from accelerate.utils import gather_object
+
     accelerator.wait_for_everyone()
     inner = _unwrap(accelerator, model)
     # on every process: under FSDP these gather the shards
     gathered = inner.learned_state_dict(), inner.lora_state_dict()
     optim_state = ckpt.optimizer_state(model, optimizer)
+    rng_states = gather_object([ckpt.rng_state()])  # every process's: each draws its own dropout masks
     if accelerator.is_main_process:
         extra = ckpt.stage_meta(cfg) | {"step": step, "metric": metric, "metric_name": metric_name}
 
         def fill(tmp: Path) -> None:
             ckpt._write_model_files(inner, tmp, extra, gathered)
-            ckpt.save_training_state(tmp, optim_state, scheduler, step,
-                                     {"losses": losses, "skipped": skipped, "validation": validations or []})
+            progress = {"losses": losses, "skipped": skipped, "validation": validations or []} | run_info
+            ckpt.save_training_state(tmp, optim_state, scheduler, step, progress, rng_states)
 
-        path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
+        try:
+            path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
+        except Exception as exc:  # disk full, quota, permissions changed mid-run: say so in one line
+            failure = ckpt.write_failure(out_dir / f"step-{step}", exc)
+            if failure is None:
+                raise
+            raise failure from exc
         ckpt.record_best(out_dir, path, metric, enabled=cfg.keep_best, metric_name=metric_name)
-        ckpt.prune_checkpoints(out_dir, cfg.keep_last)
+        ckpt.prune_checkpoints(out_dir, cfg.keep_last, up_to=step)
         log.info("saved %s (%s %.4f)", path, metric_name, metric)
     accelerator.wait_for_everyone()
 

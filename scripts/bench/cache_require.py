@@ -104,8 +104,8 @@ def main() -> int:
         for stage in args.stages:
             cache = Path(tmp) / f"cache-{stage.stem}"
             print(f"{stage.stem}: cache built in {build(stage, cache):.1f} s")
-            for label, extra in ROWS.items():
-                r = run_child(stage, overrides(cache, Path(tmp) / f"out-{stage.stem}", args.steps) + extra)
+            for row, (label, extra) in enumerate(ROWS.items()):  # a folder per row: train refuses an old run's
+                r = run_child(stage, overrides(cache, Path(tmp) / f"out-{stage.stem}-{row}", args.steps) + extra)
                 table.append((stage.stem, label, r))
         print(f"\n{'stage':<14} {'run':<16} {'M params held':>14} {'s/step':>7} {'peak RSS MB':>12}  losses")
         for name, label, r in table:

@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -92,6 +93,7 @@ def main() -> int:
 
     rows = {}
     for name in args.runs:
+        shutil.rmtree(args.out / name, ignore_errors=True)  # a rerun measures afresh (train refuses an old run's folder)
         cmd, env = command(name, args, args.out, lora)
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -1,0 +1,172 @@
+"""``--resume``: which checkpoint a run continues, and what may differ from the run that wrote it.
+
+A checkpoint records the stage config it was trained with (``mmllm.json``'s ``stage``) and, in its
+training state, how many processes trained it and how many samples each data set held. Against those,
+the resumed run's config is sorted three ways before any weight loads (:func:`check_resume`):
+
+* refused: what the saved state cannot continue -- another stage, other trainable groups, another
+  optimizer, a LoRA adapter of another shape, another assembly;
+* applied, with a warning: the optimizer's hyperparameters, the schedule, ``max_steps`` and the loss
+  weights. The optimizer state restores the old hyperparameters, so :func:`apply_hyperparameters` sets
+  the config's again and recomputes the next step's learning rate; the warning gives the jump;
+* allowed, with a warning that the resumed run no longer draws the samples the uninterrupted run would
+  have: ``seed``, the samples per step (``batch_size`` x processes, ``grad_accum``), the data sets and
+  their sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmllm.config import STAGE_DEFAULT_TRAINABLE, ConfigError, StageConfig, load_assembly, load_lora, to_dict
+from mmllm.training import checkpoint as ckpt
+from mmllm.training.init_from import _equal, _listing, assembly_differences, normalized_assembly
+
+log = logging.getLogger(__name__)
+
+APPLIED = ("optim", "schedule", "max_steps", "losses")  # the resumed run uses the new values
+ORDER = ("seed", "batch_size", "grad_accum", "data")  # which samples each step reads
+
+
+def resume_point(out_dir: Path, max_steps: int) -> Path | None:
+    """The newest complete checkpoint under ``out_dir`` (None: start from step 0), refused when it is
+    past ``max_steps`` (the run would train nothing and end on a step it never saved)."""
+    last = ckpt.latest_checkpoint(out_dir)
+    if last is None:
+        log.warning("--resume: no complete checkpoint under %s; starting from step 0", out_dir)
+        return None
+    step = int(ckpt.read_progress(last)["step"])
+    if step > max_steps:
+        raise ConfigError(f"--resume: the newest checkpoint under {out_dir} is {last.name}, past max_steps={max_steps}; "
+                          f"set max_steps to more than {step} to train on from it, or give another output_dir")
+    return last
+
+
+def check_fresh_output_dir(out_dir: Path) -> None:
+    """A run without ``--resume`` refuses an ``output_dir`` that holds another run's checkpoints: its
+    saves would sit beside them, retention (``keep_last``, ``best.json``) would count them, and a later
+    ``--resume`` would continue whichever is newest."""
+    found = ckpt.step_dirs(out_dir)
+    if found:
+        names = found[0].name if len(found) == 1 else f"{found[0].name} .. {found[-1].name}"
+        raise ConfigError(f"output_dir {out_dir} already holds checkpoints of a run ({names}); pass --resume to continue it, or give another output_dir (or delete "
+                          "its step-* folders) to start over")
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out |= _flat(v, f"{prefix}.{k}" if prefix else k)
+        return out
+    return {prefix: value}
+
+
+def _trainable(stage: dict[str, Any]) -> dict[str, bool]:
+    out = dict(STAGE_DEFAULT_TRAINABLE[stage["stage"]])
+    out.update({k: v for k, v in (stage.get("trainable") or {}).items() if v is not None})
+    return out
+
+
+def _lora_shape(lora: dict[str, Any] | None) -> dict[str, Any] | None:
+    if lora is None:
+        return None
+    return {"r": lora["r"], "alpha": lora["alpha"], "target_modules": sorted(lora["target_modules"])}
+
+
+def _changed(saved: dict[str, Any], now: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
+    a, b = _flat({k: saved.get(k) for k in sections}), _flat({k: now.get(k) for k in sections})
+    return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _same_data(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> bool:
+    if len(saved) != len(now):
+        return False
+    return all(_equal(s.get(k), n.get(k)) for s, n in zip(saved, now) for k in set(s) | set(n))
+
+
+def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int]) -> None:
+    """Compare the run about to resume with the one that saved ``last`` (see the module docstring);
+    reads ``mmllm.json`` and the training progress only. ``samples``: this run's samples per data set."""
+    meta = ckpt.read_meta(last)
+    saved, now = meta.get("stage") or {}, to_dict(cfg)
+    progress = ckpt.read_progress(last)
+    where = f"--resume from {last}"
+    fresh = "give another output_dir to train the new setting from the start (init_from can name this checkpoint)"
+    refused = []
+    if saved.get("stage") != cfg.stage:
+        refused.append(f"stage: {saved.get('stage')} (checkpoint) vs {cfg.stage}")
+    else:
+        was, wants = _trainable(saved), cfg.resolved_trainable()
+        refused += [f"trainable.{k}: {was.get(k)} (checkpoint) vs {wants[k]}" for k in wants if was.get(k) != wants[k]]
+    if saved.get("optim", {}).get("name") != cfg.optim.name:
+        refused.append(f"optim.name: {saved.get('optim', {}).get('name')} (checkpoint; its optimizer state is that "
+                       f"optimizer's) vs {cfg.optim.name}")
+    # with init_from, the model is rebuilt from ``last`` itself (its assembly and adapter): only a `lora:`
+    # file can disagree; without, from the stage's assembly, which must be the checkpoint's
+    adapter = _lora_shape(meta.get("lora"))
+    lora = _lora_shape(to_dict(load_lora(cfg.lora))) if cfg.lora else (adapter if cfg.init_from else None)
+    if adapter != lora:
+        refused.append(f"LoRA adapter: {adapter} (checkpoint) vs {lora}")
+    if not cfg.init_from:
+        built = normalized_assembly(load_assembly(cfg.assembly, cfg.assembly_overrides))
+        diffs = assembly_differences(normalized_assembly(ckpt.checkpoint_assembly(last, meta)), built)
+        if diffs:
+            refused.append(f"assembly: {_listing(diffs, lambda d: 'this run')}")
+    if refused:
+        raise ConfigError(f"{where}: the checkpoint's training state cannot continue this run: {'; '.join(refused)}. "
+                          f"Resume with the settings it was trained with, or {fresh}")
+
+    applied = _changed(saved, now, APPLIED)
+    if applied:
+        log.warning("%s: %s. The resumed run uses the new values (the checkpoint's mmllm.json records the old "
+                    "ones); the learning rate is recomputed from them", where, "; ".join(applied))
+    order = _changed(saved, now, ("seed", "grad_accum"))
+    old_world = progress.get("processes")
+    if old_world is not None and old_world * saved.get("batch_size", 0) != processes * cfg.batch_size:
+        order.append(f"samples per micro-batch (batch_size x processes): {saved.get('batch_size')} x "
+                     f"{old_world} -> {cfg.batch_size} x {processes}")
+    elif old_world is None and saved.get("batch_size") != cfg.batch_size:
+        order.append(f"batch_size: {saved.get('batch_size')} -> {cfg.batch_size}")
+    if not _same_data(saved.get("data") or [], now["data"]):
+        order.append("data: the data sets or their weights")
+    elif progress.get("samples") not in (None, samples):
+        order.append(f"samples per data set: {progress['samples']} -> {samples} (a data file was edited)")
+    if order:
+        log.warning("%s: %s. Training goes on, but from step %d it reads other samples than the interrupted run "
+                    "would have: it will not end on the weights an uninterrupted run gives", where,
+                    "; ".join(order), progress["step"] + 1)
+    if old_world is not None and old_world != processes and not any("processes" in o for o in order):
+        log.info("%s: saved by %d process(es), resumed on %d with the same samples per step", where, old_world,
+                 processes)
+
+
+def apply_hyperparameters(optimizer, scheduler, cfg: StageConfig) -> None:
+    """After the optimizer state is restored: the config's hyperparameters (the restored param groups hold
+    the checkpoint's) and the next step's learning rate, recomputed from this run's lr, schedule and
+    ``max_steps``; a jump is logged. Unchanged settings give the saved values bit for bit."""
+    opt = ckpt.bare_optimizer(optimizer)
+    scheduler.base_lrs = [cfg.optim.lr for _ in opt.param_groups]
+    before = [g["lr"] for g in opt.param_groups]
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(opt.param_groups, lrs):
+        group["initial_lr"] = cfg.optim.lr
+        group["weight_decay"] = cfg.optim.weight_decay
+        if cfg.optim.name == "sgd":
+            group["momentum"] = cfg.optim.momentum
+        else:
+            group["betas"] = tuple(cfg.optim.betas)
+            group["eps"] = cfg.optim.eps
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+    scheduler._last_lr = lrs
+    if any(not math.isclose(float(a), b, rel_tol=1e-9) for a, b in zip(before, lrs)):
+        log.warning("the learning rate of step %d is %.3g, not the %.3g the checkpoint's schedule gave it (optim.lr, "
+                    "schedule or max_steps changed)", scheduler.last_epoch + 1, lrs[0], float(before[0]))
