@@ -31,3 +31,23 @@ def tiny_model(tiny_assembly):
     from mmllm.model import AnyToAnyModel
 
     return AnyToAnyModel.assemble(tiny_assembly)
+
+
+def sigint_during_step(monkeypatch, step: int) -> None:
+    """Send this process SIGINT once, from inside the forward of training step ``step`` (0-based, as the
+    loop counts): the interrupt arrives mid-step, as a Ctrl-C would. ``monkeypatch.undo()`` removes it."""
+    import signal
+
+    from mmllm.model import AnyToAnyModel
+
+    real_forward = AnyToAnyModel.forward
+    sent = []
+
+    def interrupted(self, batch, losses=None, normalizers=None):
+        if batch.get("step") == step and not sent:  # training batches carry their step; validation's do not
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_forward(self, batch, losses, normalizers)
+
+    monkeypatch.setattr(AnyToAnyModel, "forward", interrupted)
+

@@ -22,7 +22,7 @@ from mmllm.training import checkpoint as ckpt
 from mmllm.training import interrupt
 from mmllm.training.interrupt import TrainingInterrupted
 from mmllm.training.loop import train
-from tests.conftest import REPO
+from tests.conftest import REPO, sigint_during_step
 from tests.test_stages import stage_cfg
 
 
@@ -221,16 +221,7 @@ def test_ctrl_c_saves_the_step_under_way_and_the_resumed_run_ends_where_an_unint
     """SIGINT (or SIGTERM) mid-step used to raise KeyboardInterrupt from wherever the step was, losing every
     step since the last checkpoint; now the step finishes, is saved, and the run stops saying how to go on."""
     full = train(stage_cfg("instruct", sample_data, tmp_path / "full", max_steps=5))
-    real_forward = AnyToAnyModel.forward
-
-    def interrupted(self, batch, losses=None, normalizers=None):
-        if batch["step"] == 2 and not interrupted.sent:
-            interrupted.sent = True
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_forward(self, batch, losses, normalizers)
-
-    interrupted.sent = False
-    monkeypatch.setattr(AnyToAnyModel, "forward", interrupted)
+    sigint_during_step(monkeypatch, 2)
     cut = tmp_path / "cut"
     with pytest.raises(TrainingInterrupted, match=r"stopped by SIGINT after step 3 of 5; saved .*step-3\. Continue "
                                                   r"with the same command and --resume") as stopped:

@@ -11,7 +11,7 @@ from mmllm.cli import main
 from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
 from mmllm.training.loop import train
-from tests.conftest import REPO
+from tests.conftest import REPO, sigint_during_step
 from tests.test_stages import fixed_batch_loss, stage_cfg
 
 
@@ -83,23 +83,11 @@ def test_held_out_data_is_checked_with_the_stage_and_bad_held_out_data_refused_f
 def test_a_stop_request_saves_without_waiting_for_the_validation(sample_data, tmp_path, monkeypatch):
     """Ctrl-C saves the step under way at once: that step is not scored (nor a keep_best candidate), and the
     resumed run scores the rest as the uninterrupted one does."""
-    import os
-    import signal
-
     from mmllm.training.interrupt import TrainingInterrupted
 
     scored = {"eval_data": held_out(sample_data["chat"]), "eval_every": 1, "keep_best": True}
     full = train(stage_cfg("instruct", sample_data, tmp_path / "full", max_steps=4, **scored))
-    real_forward = AnyToAnyModel.forward
-
-    def interrupted(self, batch, losses=None, normalizers=None):
-        if batch.get("step") == 2 and not interrupted.sent:  # training batches carry their step
-            interrupted.sent = True
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_forward(self, batch, losses, normalizers)
-
-    interrupted.sent = False
-    monkeypatch.setattr(AnyToAnyModel, "forward", interrupted)
+    sigint_during_step(monkeypatch, 2)
     cut = tmp_path / "cut"
     with pytest.raises(TrainingInterrupted):
         train(stage_cfg("instruct", sample_data, cut, max_steps=4, **scored))
