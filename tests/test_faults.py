@@ -308,3 +308,28 @@ def test_init_from_a_step_its_run_went_past_is_named(sample_data, tmp_path, capl
     (first / "final.json").unlink()  # as while that stage still trains
     train(stage_cfg("instruct", sample_data, tmp_path / "c", max_steps=1, init_from=first / "step-1"))
     assert "its run has not finished (no final.json beside it; newest checkpoint step-2)" in caplog.text
+
+
+def test_the_fp16_loss_scale_is_saved_and_resumed(sample_data, tmp_path):
+    """Under fp16 (GPUs) the gradient scaler settles on a loss scale over many steps; a resumed run must go on
+    from it, not from the initial scale. Accelerate gives a scaler only on GPUs, so one is put in here: it
+    scales the loss and unscales the gradients exactly as there (its scale doubles at every step here)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    def fp16_scaled() -> Accelerator:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        accelerator = Accelerator(cpu=True)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+        return accelerator
+
+    full = train(stage_cfg("decode-align", sample_data, tmp_path / "full", max_steps=4, save_every=2),
+                 accelerator=fp16_scaled())
+    scale = ckpt.read_progress(full.final_checkpoint)["grad_scaler"]["scale"]
+    assert scale == 2.0**12  # four steps, none overflowed
+    train(stage_cfg("decode-align", sample_data, tmp_path / "cut", max_steps=2, save_every=2),
+          accelerator=fp16_scaled())
+    resumed = train(stage_cfg("decode-align", sample_data, tmp_path / "cut", max_steps=4, save_every=2),
+                    resume=True, accelerator=fp16_scaled())
+    assert ckpt.read_progress(resumed.final_checkpoint)["grad_scaler"]["scale"] == scale
+    assert resumed.losses == full.losses

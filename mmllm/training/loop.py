@@ -244,6 +244,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
     if start_step:
         ckpt.restore_optimizer_state(model, optimizer, last)  # sharded as the parameters now are
         apply_hyperparameters(optimizer, scheduler, cfg)  # the restored groups hold the checkpoint's
+        _restore_loss_scale(accelerator, progress, last)
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers(f"{cfg.stage}", config=_flat(to_dict(cfg)))
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -412,6 +413,20 @@ def _clip_and_step(accelerator, optimizer, params, max_grad_norm: float, step_lo
     return "stepped"
 
 
+def _restore_loss_scale(accelerator, progress: dict[str, Any], last: Path) -> None:
+    """fp16: the gradient scaler's state from the checkpoint, so a resumed run does not start again from
+    the initial loss scale (skipping steps as overflows while it settles) and ends where an uninterrupted
+    run does. A checkpoint of a run without fp16 has none: the scaler starts afresh, as it says."""
+    scaler = accelerator.scaler
+    if scaler is None:
+        return
+    if progress.get("grad_scaler"):
+        scaler.load_state_dict(progress["grad_scaler"])
+    else:
+        log.info("--resume: %s holds no fp16 loss scale (trained without fp16); the scaler starts at %s",
+                 last, scaler.get_scale())
+
+
 def _autocast_under_fsdp(plugin) -> None:
     """Mixed precision under FSDP is autocast, as under DDP: frozen parameters keep their dtype
     (Accelerate upcasts trainable ones to fp32) and gradients are reduced in fp32. Accelerate's bf16
@@ -556,6 +571,8 @@ def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, s
         def fill(tmp: Path) -> None:
             ckpt._write_model_files(inner, tmp, extra, gathered)
             progress = {"losses": losses, "skipped": skipped, "validation": validations or []} | run_info
+            if accelerator.scaler is not None:  # fp16: the loss scale it has settled on, and its growth count
+                progress["grad_scaler"] = accelerator.scaler.state_dict()
             ckpt.save_training_state(tmp, optim_state, scheduler, step, progress, rng_states)
 
         try:
