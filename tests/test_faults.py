@@ -267,7 +267,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(sample_data, tmp
     assert list((tmp_path / "run").iterdir()) == []  # no half-written folder left
 
 
-def test_resume_needs_no_init_from_any_more(sample_data, tmp_path):
+def test_resume_needs_no_init_from_any_more(sample_data, tmp_path, caplog):
     """A later stage's run continues from its own checkpoint, which records the assembly and adapter that
     init_from gave it; the previous stage's checkpoint may since have been pruned (keep_last) or moved.
     Resume used to refuse: 'init_from ...: checkpoint directory not found'."""
@@ -279,7 +279,10 @@ def test_resume_needs_no_init_from_any_more(sample_data, tmp_path):
     shutil.copytree(tmp_path / "full", cut)
     shutil.rmtree(cut / "step-3")
     shutil.rmtree(tmp_path / "decode")
-    resumed = train(dataclasses.replace(cfg, output_dir=str(cut)), resume=True)
+    with caplog.at_level("INFO", logger="mmllm"):
+        resumed = train(dataclasses.replace(cfg, output_dir=str(cut)), resume=True)
+    assert f"rebuilding the model from the checkpoint --resume continues, {cut / 'step-2'}" in caplog.text
+    assert "initialising from" not in caplog.text  # the log named step-2 as if the stage started from it
     assert resumed.losses == full.losses
     for name in ("learned.safetensors", "adapter/adapter_model.safetensors"):
         wa, wb = load_file(str(full.final_checkpoint / name)), load_file(str(resumed.final_checkpoint / name))

@@ -76,7 +76,9 @@ def build_model(cfg: StageConfig, parts: StageParts | None = None, check_init: b
         parts = stage_parts(cfg.losses, load_stage_records(cfg.all_data(), cfg.stage)[0])
     log.info("stage %s: %s", cfg.stage, parts.describe())
     if cfg.init_from:
-        log.info("initialising from %s", cfg.init_from)
+        resumed = Path(cfg.init_from).resolve().parent == Path(cfg.output_dir).resolve()  # --resume's own
+        log.info("%s %s", "rebuilding the model from the checkpoint --resume continues," if resumed
+                 else "initialising from", cfg.init_from)
         model = AnyToAnyModel.from_pretrained(cfg.init_from, trainable_lora=True, decoder_parts=parts.decoders,
                                               encoder_weights=parts.encoders)
     else:
