@@ -216,6 +216,20 @@ def test_keep_last_keeps_the_checkpoint_just_saved_when_a_later_step_is_corrupt(
     assert not (tmp_path / "step-2").exists()
 
 
+def test_best_json_takes_the_metric_of_a_checkpoint_saved_again_over_its_best(tmp_path):
+    """A run resumed behind a corrupt newest checkpoint saves that step again: best.json's metric for it
+    described the replaced folder, and a worse later one could never displace it."""
+    for name in ("step-2", "step-3"):
+        (tmp_path / name).mkdir()
+    ckpt.record_best(tmp_path, tmp_path / "step-2", 1.0, enabled=True)
+    ckpt.record_best(tmp_path, tmp_path / "step-3", 2.0, enabled=True)
+    assert json.loads((tmp_path / "best.json").read_text())["checkpoint"] == "step-2"
+    ckpt.record_best(tmp_path, tmp_path / "step-2", 5.0, enabled=True)  # step-2 written again
+    assert json.loads((tmp_path / "best.json").read_text())["metric"] == 5.0
+    ckpt.record_best(tmp_path, tmp_path / "step-3", 4.0, enabled=True)
+    assert json.loads((tmp_path / "best.json").read_text())["checkpoint"] == "step-3"
+
+
 def test_ctrl_c_saves_the_step_under_way_and_the_resumed_run_ends_where_an_uninterrupted_one_does(
         sample_data, tmp_path, monkeypatch):
     """SIGINT (or SIGTERM) mid-step used to raise KeyboardInterrupt from wherever the step was, losing every

@@ -424,7 +424,11 @@ def record_best(output_dir: Path, checkpoint: Path, metric: float, enabled: bool
     if best is not None and best.get("metric_name", metric_name) != metric_name:
         log.info("keep_best: %s recorded the best by %s; from now on by %s", path, best["metric_name"], metric_name)
         best = None
-    if best is None or metric < best["metric"] or not (Path(output_dir) / best["checkpoint"]).is_dir():
+    # the best named a checkpoint that is gone, or the one just written over it (a run resumed behind a
+    # corrupt newest checkpoint saves that step again): its recorded metric describes nothing that exists
+    stale = best is not None and (best["checkpoint"] == checkpoint.name
+                                  or not (Path(output_dir) / best["checkpoint"]).is_dir())
+    if best is None or stale or metric < best["metric"]:
         atomic_write_text(path, json.dumps({"checkpoint": checkpoint.name, "metric": metric,
                                             "metric_name": metric_name}))
 
