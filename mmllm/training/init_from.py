@@ -111,7 +111,8 @@ def _same_location(a: str, b: str) -> bool:
         return False
 
 
-def _equal(a: Any, b: Any) -> bool:
+def same_value(a: Any, b: Any) -> bool:
+    """Equal config values; two path strings are equal when they lead to the same place."""
     if a == b:
         return True
     return isinstance(a, str) and isinstance(b, str) and _same_location(a, b)
@@ -122,7 +123,7 @@ def assembly_differences(checkpoint: dict[str, Any], stage: dict[str, Any]) -> l
     a, b = _flatten(checkpoint, "", {}), _flatten(stage, "", {})
     keys = list(a) + [k for k in b if k not in a]
     return [Difference(k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in keys
-            if not _equal(a.get(k, ABSENT), b.get(k, ABSENT))]
+            if not same_value(a.get(k, ABSENT), b.get(k, ABSENT))]
 
 
 def override_key(override: str) -> str:
@@ -144,7 +145,8 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _listing(diffs: list[Difference], label: Callable[[Difference], str]) -> str:
+def list_differences(diffs: list[Difference], label: Callable[[Difference], str]) -> str:
+    """The first differences as 'key: checkpoint's (checkpoint) vs other (label)' for an error message."""
     lines = [f"{d.key}: {_show(d.checkpoint)} (checkpoint) vs {_show(d.stage)} ({label(d)})" for d in diffs[:SHOW]]
     if len(diffs) > SHOW:
         lines.append(f"... and {len(diffs) - SHOW} more")
@@ -200,7 +202,7 @@ def check_init_from(cfg: StageConfig) -> None:
         raise ConfigError(
             f"init_from {directory}: the stage continues the checkpoint's model, built from the assembly the "
             f"checkpoint records, so the override(s) {', '.join(named)} cannot apply: "
-            f"{_listing(asked, lambda d: 'assembly.' + by_override[d.key])}. Drop the override(s) to continue "
+            f"{list_differences(asked, lambda d: 'assembly.' + by_override[d.key])}. Drop the override(s) to continue "
             f"the checkpoint as it is, or set init_from=null to train the overridden assembly from the start"
         )
     log.warning(
@@ -208,4 +210,4 @@ def check_init_from(cfg: StageConfig) -> None:
         "%s. Training continues the checkpoint's assembly; the file is not used. To train the file's assembly "
         "set init_from=null; to continue the checkpoint without this warning, make the file match it (or repeat "
         "the previous stage's assembly.* overrides)", directory, cfg.assembly, len(diffs),
-        _listing(diffs, lambda d: "stage's assembly"))
+        list_differences(diffs, lambda d: "stage's assembly"))

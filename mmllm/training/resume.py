@@ -25,7 +25,7 @@ import torch
 
 from mmllm.config import STAGE_DEFAULT_TRAINABLE, ConfigError, StageConfig, load_assembly, load_lora, to_dict
 from mmllm.training import checkpoint as ckpt
-from mmllm.training.init_from import _equal, _listing, assembly_differences, normalized_assembly
+from mmllm.training.init_from import assembly_differences, list_differences, normalized_assembly, same_value
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def _changed(saved: dict[str, Any], now: dict[str, Any], sections: tuple[str, ..
 def _same_data(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> bool:
     if len(saved) != len(now):
         return False
-    return all(_equal(s.get(k), n.get(k)) for s, n in zip(saved, now) for k in set(s) | set(n))
+    return all(same_value(s.get(k), n.get(k)) for s, n in zip(saved, now) for k in set(s) | set(n))
 
 
 def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int]) -> None:
@@ -117,7 +117,7 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
         built = normalized_assembly(load_assembly(cfg.assembly, cfg.assembly_overrides))
         diffs = assembly_differences(normalized_assembly(ckpt.checkpoint_assembly(last, meta)), built)
         if diffs:
-            refused.append(f"assembly: {_listing(diffs, lambda d: 'this run')}")
+            refused.append(f"assembly: {list_differences(diffs, lambda d: 'this run')}")
     if refused:
         raise ConfigError(f"{where}: the checkpoint's training state cannot continue this run: {'; '.join(refused)}. "
                           f"Resume with the settings it was trained with, or {fresh}")
