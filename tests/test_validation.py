@@ -122,3 +122,30 @@ def test_the_held_out_denoising_loss_does_not_depend_on_the_batch_size(sample_da
                   for size in (1, 3))
     assert one["denoise_image"] > 0
     assert one == pytest.approx(three, rel=1e-5)
+
+
+def test_a_stop_request_during_a_validation_saves_that_scored_step(sample_data, tmp_path, monkeypatch):
+    """Ctrl-C while step 2's validation runs (held-out sets can take longer than a step): step 2 is done and
+    scored, so it is saved at once, as a keep_best candidate, instead of training step 3 first."""
+    import os
+    import signal
+
+    from mmllm.training import loop
+    from mmllm.training.interrupt import TrainingInterrupted
+
+    real, calls = loop.evaluate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", interrupted)
+    scored = {"eval_data": held_out(sample_data["chat"]), "eval_every": 1, "keep_best": True}
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(stage_cfg("instruct", sample_data, tmp_path, max_steps=4, **scored))
+    assert stopped.value.step == 2
+    assert [p.name for p in tmp_path.glob("step-*")] == ["step-2"]
+    assert [v["step"] for v in ckpt.read_progress(tmp_path / "step-2")["validation"]] == [1, 2]
+    assert json.loads((tmp_path / "best.json").read_text())["checkpoint"] == "step-2"
