@@ -338,6 +338,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
             save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped,
                  metric if math.isfinite(metric) else float("inf"), run_info, what, validations)
             since_save = []
+            if not done and not signalled:  # a request during the save (it can outlast a step): stop on it
+                signalled = stop.requested(accelerator)
         if signalled:
             bar.close()
             accelerator.end_training()  # flushes the trackers (TensorBoard) up to this step
