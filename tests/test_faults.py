@@ -293,6 +293,7 @@ def test_resume_needs_no_init_from_any_more(sample_data, tmp_path, caplog):
     shutil.copytree(tmp_path / "full", cut)
     shutil.rmtree(cut / "step-3")
     shutil.rmtree(tmp_path / "decode")
+    caplog.clear()  # the resumed run's log only (a CLI test earlier in the session leaves mmllm at INFO)
     with caplog.at_level("INFO", logger="mmllm"):
         resumed = train(dataclasses.replace(cfg, output_dir=str(cut)), resume=True)
     assert f"rebuilding the model from the checkpoint --resume continues, {cut / 'step-2'}" in caplog.text
