@@ -413,6 +413,9 @@ class StageConfig:
             raise ValueError(f"schedule.min_lr_ratio must be in [0, 1], got {self.schedule.min_lr_ratio}")
         if self.data and not any(ds.weight > 0 for ds in self.data):
             raise ValueError("data: every dataset has weight 0; give at least one a weight > 0")
+        if self.eval_every and not self.eval_data:  # else no validation would run, and keep_best uses the train loss
+            raise ValueError(f"eval_every={self.eval_every} scores the held-out eval_data, which is not set: give "
+                             "eval_data (datasets like data:) or eval_every=0")
 
     def all_data(self) -> list[DatasetConfig]:
         """The training datasets, then the held-out ones: everything the stage reads."""

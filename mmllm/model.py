@@ -389,6 +389,8 @@ class AnyToAnyModel(nn.Module):
         groups with target media for ``denoise_*``) divided by ``normalizers[part]`` -- the unit count of the whole optimiser
         step across micro-batches and processes -- or by the local count when none is given. That
         makes W processes with batch b compute exactly the loss of one process with batch W*b.
+        The denoising loss draws its noise and timesteps from ``batch["noise_seed"]`` per call, or, where
+        ``batch["noise_seeds"][m]`` gives one seed per signal group of ``m``, per group from its own.
         """
         losses = losses or LossConfig()
         labels = batch["labels"].to(self.device)
@@ -429,10 +431,17 @@ class AnyToAnyModel(nn.Module):
             # unit count (:func:`denoise_units`), not allowed to drop the rest of the batch.
             media = batch.get("signal_media", {}).get(m) or []
             scored = [i for i, x in enumerate(media) if x is not None]
-            if losses.denoise and scored:
+            group_seeds = batch.get("noise_seeds", {}).get(m)
+            if losses.denoise and scored and group_seeds is not None:
+                # one draw per group from its own seed (validation): a group's noise does not depend on
+                # which other groups share its batch; rows have one shape, so the mean of the means is the mean
+                mean = torch.stack([self.decoders[m].denoising_loss(pred[i:i + 1], [media[i]], seed=group_seeds[i])
+                                    for i in scored]).mean()
+            elif losses.denoise and scored:
                 rows = pred if len(scored) == len(media) else pred[torch.tensor(scored, device=pred.device)]
                 mean = self.decoders[m].denoising_loss(rows, [media[i] for i in scored],
                                                        seed=batch.get("noise_seed", batch.get("step", 0)))
+            if losses.denoise and scored:
                 out[f"denoise_{m}"] = mean * len(scored) / norm(f"denoise_{m}", len(scored))
                 total = total + losses.denoise * out[f"denoise_{m}"]
         if losses.retain and self._peft_model is not None:

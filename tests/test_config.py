@@ -78,6 +78,7 @@ def test_bad_values_and_missing_files_are_reported():
     ("schedule.min_lr_ratio=1.5", r"schedule.min_lr_ratio must be in \[0, 1\]"),
     ("data=[{path: a.jsonl, weight: -1}]", "a.jsonl: weight must be >= 0"),
     ("data=[{path: a.jsonl, weight: 0}, {path: b.jsonl, weight: 0}]", "data: every dataset has weight 0"),
+    ("eval_every=5", "eval_every=5 scores the held-out eval_data, which is not set"),
 ])
 def test_stage_values_that_cannot_train_are_refused_when_loading(override, message):
     with pytest.raises(ConfigError, match=f"encode_align.yaml: (StageConfig|data\\[0\\]): {message}"):

@@ -293,6 +293,7 @@ def test_resume_needs_no_init_from_any_more(sample_data, tmp_path, caplog):
     shutil.copytree(tmp_path / "full", cut)
     shutil.rmtree(cut / "step-3")
     shutil.rmtree(tmp_path / "decode")
+    caplog.clear()  # the resumed run's log only (a CLI test earlier in the session leaves mmllm at INFO)
     with caplog.at_level("INFO", logger="mmllm"):
         resumed = train(dataclasses.replace(cfg, output_dir=str(cut)), resume=True)
     assert f"rebuilding the model from the checkpoint --resume continues, {cut / 'step-2'}" in caplog.text
@@ -350,3 +351,24 @@ def test_the_fp16_loss_scale_is_saved_and_resumed(sample_data, tmp_path):
                     resume=True, accelerator=fp16_scaled())
     assert ckpt.read_progress(resumed.final_checkpoint)["grad_scaler"]["scale"] == scale
     assert resumed.losses == full.losses
+
+
+def test_a_stop_request_during_a_save_stops_on_that_checkpoint(sample_data, tmp_path, monkeypatch):
+    """SIGTERM while step 2's save_every checkpoint is written (a large model's save can take minutes):
+    that checkpoint is the step under way, so training stops on it instead of training and saving step 3
+    first, which a scheduler's grace period may not cover."""
+    from mmllm.training import loop
+
+    real, calls = loop.save, []
+
+    def saving(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "save", saving)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(stage_cfg("encode-align", sample_data, tmp_path, max_steps=6, save_every=2))
+    assert (stopped.value.step, stopped.value.exit_code, len(calls)) == (2, 143, 1)
+    assert [p.name for p in tmp_path.glob("step-*")] == ["step-2"]

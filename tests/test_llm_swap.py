@@ -247,3 +247,22 @@ def test_the_context_is_the_cores_position_table(tiny_assembly, tmp_path):
     prompt = len(prepare_request(model, request).ids)
     answer = model.generate([request], max_new_tokens=64, decode_media=False)[0]
     assert 0 < len(answer.token_ids) <= 40 - prompt
+
+
+def test_a_batch_with_a_prompt_near_the_context_end_answers_every_request(tiny_assembly, tmp_path):
+    """In a batch a row that has stopped still takes a position at every step the others generate: a prompt
+    near the end of GPT-2's position table beside a short one failed with 'index out of range'."""
+    from mmllm.inference.generate import Request, prepare_request
+
+    data = to_dict(tiny_assembly)
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(save_core("gpt2-short", tmp_path / "gpt2"))}
+    data["max_length"] = 40
+    model = AnyToAnyModel.assemble(parse_assembly(data))
+    short = Request(messages=[{"role": "user", "content": "Hi."}])
+    long = Request(messages=[{"role": "user", "content": "Draw a red circle and a blue square and a green one please."}])
+    prompts = [len(prepare_request(model, r).ids) for r in (short, long)]
+    assert prompts[1] > 30 and prompts[0] + 20 < 40  # the short one may answer past the long one's room
+    together = model.generate([short, long], max_new_tokens=64, decode_media=False)
+    for request, prompt, answer in zip((short, long), prompts, together, strict=True):
+        assert 0 < len(answer.token_ids) <= 40 - prompt
+        assert answer.token_ids == model.generate([request], max_new_tokens=64, decode_media=False)[0].token_ids

@@ -99,3 +99,53 @@ def test_a_stop_request_saves_without_waiting_for_the_validation(sample_data, tm
     for v in resumed.validation:
         assert v == pytest.approx(full.validation[v["step"] - 1], rel=1e-5)
     assert json.loads((cut / "best.json").read_text())["checkpoint"] == "step-4"
+
+
+def test_the_held_out_denoising_loss_does_not_depend_on_the_batch_size(sample_data, tmp_path):
+    """Each held-out signal group draws its noise from its own seed: scoring the set in batches of 1 or of 3
+    (or on more processes) gives the same denoising loss, as README says of every part."""
+    from accelerate import Accelerator
+
+    from mmllm.data.dataset import StageDataset, load_stage_records
+    from mmllm.training.loop import _part_keys, _reset_single_process_state, build_model, token_spec
+    from mmllm.training.validation import Validation, evaluate
+
+    cfg = stage_cfg("instruct", sample_data, tmp_path, **{"losses.denoise": 1.0})
+    model = build_model(cfg)
+    records = load_stage_records(cfg.data, cfg.stage)[0][0]
+    dataset = StageDataset(records, model.llm.tokenizer, token_spec(model),
+                           {m: e.preprocess for m, e in model.encoders.items()}, load_output_media=True)
+    _reset_single_process_state()
+    accelerator = Accelerator(cpu=True)
+    keys = _part_keys(model)
+    one, three = (evaluate(accelerator, model, model, Validation([dataset], size), cfg.losses, keys, {})
+                  for size in (1, 3))
+    assert one["denoise_image"] > 0
+    assert one == pytest.approx(three, rel=1e-5)
+
+
+def test_a_stop_request_during_a_validation_saves_that_scored_step(sample_data, tmp_path, monkeypatch):
+    """Ctrl-C while step 2's validation runs (held-out sets can take longer than a step): step 2 is done and
+    scored, so it is saved at once, as a keep_best candidate, instead of training step 3 first."""
+    import os
+    import signal
+
+    from mmllm.training import loop
+    from mmllm.training.interrupt import TrainingInterrupted
+
+    real, calls = loop.evaluate, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", interrupted)
+    scored = {"eval_data": held_out(sample_data["chat"]), "eval_every": 1, "keep_best": True}
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(stage_cfg("instruct", sample_data, tmp_path, max_steps=4, **scored))
+    assert stopped.value.step == 2
+    assert [p.name for p in tmp_path.glob("step-*")] == ["step-2"]
+    assert [v["step"] for v in ckpt.read_progress(tmp_path / "step-2")["validation"]] == [1, 2]
+    assert json.loads((tmp_path / "best.json").read_text())["checkpoint"] == "step-2"

@@ -226,11 +226,21 @@ def generate_answers(model, batch: list[PreparedRequest], settings: Settings | N
     if model.training:  # eval() walks every module: worth skipping per batch
         model.eval()
     tok = model.llm.tokenizer
+    limits, temperatures, top_ps = zip(*(_resolved(p.request, settings) for p in batch))
+    context = model.llm.max_positions
+    if context is not None:  # no position past the core's context (a learned table ends there)
+        limits = tuple(min(limit, context - len(p.ids)) for limit, p in zip(limits, batch))
+        # A row that has stopped still takes a position at every step the others generate: a row whose prompt
+        # plus the batch's longest answer would run past the context answers alone, the others together.
+        alone = [i for i, p in enumerate(batch) if len(p.ids) + max(limits) > context]
+        if alone and len(batch) > 1:
+            together = [i for i in range(len(batch)) if i not in alone]
+            answers = dict(zip(together, generate_answers(model, [batch[i] for i in together], settings))) \
+                if together else {}
+            answers |= {i: generate_answers(model, [batch[i]], settings)[0] for i in alone}
+            return [answers[i] for i in range(len(batch))]
     input_ids, mask, media = collate(model, batch)
     input_ids, mask = input_ids.to(model.device), mask.to(model.device)
-    limits, temperatures, top_ps = zip(*(_resolved(p.request, settings) for p in batch))
-    if model.llm.max_positions is not None:  # no position past the core's context (a learned table ends there)
-        limits = tuple(min(limit, model.llm.max_positions - len(p.ids)) for limit, p in zip(limits, batch))
     embeds = model.embed_inputs(input_ids, media)
     eos_ids = end_of_turn_ids(model)
     new = model.llm.model.generate(

@@ -324,9 +324,13 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
             accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=step + 1)
             log.info("step %d: validation loss %.4f (%s)", step + 1, scores["loss"],
                      ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if k not in ("loss", "skipped")))
+            if not done:  # a request during the validation (it can outlast a step): this step is done, save it now
+                signalled = stop.requested(accelerator)
+                saving = saving or bool(signalled)
         if saving:
             if validation is not None:  # an interrupted step's checkpoint, unscored, is no candidate for best
-                metric = float("inf") if signalled else validations[-1]["loss"]
+                scored = bool(validations) and validations[-1]["step"] == step + 1
+                metric = validations[-1]["loss"] if scored else float("inf")
                 what = "validation loss"
             else:
                 finite = [x for x in since_save if math.isfinite(x)]
@@ -334,6 +338,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
             save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped,
                  metric if math.isfinite(metric) else float("inf"), run_info, what, validations)
             since_save = []
+            if not done and not signalled:  # a request during the save (it can outlast a step): stop on it
+                signalled = stop.requested(accelerator)
         if signalled:
             bar.close()
             accelerator.end_training()  # flushes the trackers (TensorBoard) up to this step

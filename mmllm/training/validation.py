@@ -5,8 +5,9 @@ The validation loss is the stage's own weighted loss (``losses.*``), each part a
 set: CE per label token, MSE and denoising per signal group, retain per text token -- so it is comparable
 from step to step and with the training loss. It does not depend on the number of processes or the batch
 size: every process scores its share (every ``world``-th sample) and the per-part sums and unit counts are
-added over processes before dividing. The denoising loss draws its noise and timesteps from a fixed seed
-per sample batch, the same at every evaluation. Evaluation runs with dropout off and no gradients, and
+added over processes before dividing. The denoising loss draws each signal group's noise and timesteps from
+a seed of its own, fixed by the sample's place in the held-out set (not by the batch it falls in: that
+depends on the batch size and the number of processes), the same at every evaluation. Evaluation runs with dropout off and no gradients, and
 touches no random state the training reads, so a run with validation trains exactly as one without it
 (and resumes as exactly).
 """
@@ -22,12 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from mmllm.config import LossConfig
-from mmllm.data.dataset import StageDataset, collate
+from mmllm.data.dataset import SampleError, StageDataset, collate
 from mmllm.model import unit_counts
 
 log = logging.getLogger(__name__)
 
-EVAL_SEED = 1 << 40  # the denoising loss's noise seed for held-out batch i is EVAL_SEED + i (training's are smaller)
+EVAL_SEED = 1 << 40  # the denoising loss's noise seeds for held-out samples start here (training's are smaller)
+GROUPS_PER_SAMPLE = 1 << 10  # held-out sample n's k-th signal group of a modality: EVAL_SEED + n * this + k
 
 
 @dataclass
@@ -49,6 +51,21 @@ class Validation:
         mine = order[rank::world]
         count = math.ceil(math.ceil(len(order) / world) / self.batch_size)
         return [mine[b * self.batch_size:(b + 1) * self.batch_size] for b in range(count)]
+
+    def noise_seeds(self, picks: list[tuple[int, int]], samples: list[Any]) -> dict[str, list[int]]:
+        """The denoising loss's seed of each signal group in the batch ``collate(samples)`` (``samples``: the
+        items at ``picks``, unreadable ones included), per modality in the batch's group order: a function of
+        the sample's index in the held-out set and the group's place in the sample alone."""
+        offsets = [sum(len(d) for d in self.datasets[:k]) for k in range(len(self.datasets))]
+        seeds: dict[str, list[int]] = {}
+        for (d, i), sample in zip(picks, samples, strict=True):
+            if isinstance(sample, SampleError):  # unreadable: collate leaves it out
+                continue
+            mine: dict[str, int] = {}
+            for modality, *_ in sample["outputs"]:
+                k = mine[modality] = mine.get(modality, -1) + 1
+                seeds.setdefault(modality, []).append(EVAL_SEED + (offsets[d] + i) * GROUPS_PER_SAMPLE + k)
+        return seeds
 
 
 def loss_weights(losses: LossConfig, keys: list[str]) -> dict[str, float]:
@@ -76,11 +93,14 @@ def evaluate(accelerator, model, inner, validation: Validation, losses: LossConf
         with torch.no_grad():
             for b, picks in enumerate(tqdm(batches, desc="validation", leave=False,
                                            disable=not accelerator.is_local_main_process or len(batches) < 10)):
-                batch = collate([validation.datasets[d][i] for d, i in picks], inner.llm.tokenizer.pad_token_id)
+                samples = [validation.datasets[d][i] for d, i in picks]
+                batch = collate(samples, inner.llm.tokenizer.pad_token_id)
                 skipped += len(batch["skipped"])
                 empty = "input_ids" not in batch
-                batch = fallback if empty else batch
-                batch = {**batch, "noise_seed": EVAL_SEED + b * world + rank}
+                if empty:  # run for the collectives only; its result is not used
+                    batch = {**fallback, "noise_seed": EVAL_SEED + b * world + rank}
+                else:
+                    batch = {**batch, "noise_seeds": validation.noise_seeds(picks, samples)}
                 with accelerator.autocast():
                     out = model(batch, losses, ones)
                 if empty:
