@@ -58,9 +58,26 @@ def test_keep_best_keeps_the_checkpoint_with_the_lowest_validation_loss(sample_d
                              keep_best=True, eval_data=held_out(sample_data["pairs"], "mmllm-pairs")))
     best = json.loads((tmp_path / "best.json").read_text())
     scores = {f"step-{v['step']}": v["loss"] for v in result.validation}
-    assert best["metric_name"] == "validation loss" and best["metric"] == min(scores.values())
+    assert best["metric_name"] == "validation loss on pairs.jsonl (19 samples)"
+    assert best["metric"] == min(scores.values())
     assert scores[best["checkpoint"]] == best["metric"]
     assert {p.name for p in tmp_path.glob("step-*")} == {"step-4", best["checkpoint"]}
+
+
+def test_a_resume_scored_on_another_held_out_set_starts_keep_best_afresh(sample_data, tmp_path):
+    """Validation losses of two held-out sets are not comparable: best.json names its set, and a resume with
+    another one does not compare its scores with the old best."""
+    pairs = sample_data["pairs"]
+    subset = tmp_path / "few.jsonl"
+    subset.write_text("".join(pairs.read_text().splitlines(keepends=True)[:5]))
+    settings = {"save_every": 1, "keep_best": True}
+    train(stage_cfg("decode-align", sample_data, tmp_path / "run", max_steps=2, **settings,
+                    eval_data=held_out(pairs, "mmllm-pairs")))
+    assert json.loads((tmp_path / "run" / "best.json").read_text())["metric_name"].endswith("pairs.jsonl (19 samples)")
+    train(stage_cfg("decode-align", sample_data, tmp_path / "run", max_steps=3, **settings,
+                    eval_data=f"[{{path: {subset}, format: mmllm-pairs, root: {pairs.parent}}}]"), resume=True)
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert (best["checkpoint"], best["metric_name"]) == ("step-3", "validation loss on few.jsonl (5 samples)")
 
 
 def test_held_out_data_is_checked_with_the_stage_and_bad_held_out_data_refused_first(sample_data, tmp_path,

@@ -331,7 +331,10 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
             if validation is not None:  # an interrupted step's checkpoint, unscored, is no candidate for best
                 scored = bool(validations) and validations[-1]["step"] == step + 1
                 metric = validations[-1]["loss"] if scored else float("inf")
-                what = "validation loss"
+                # named by its held-out set: a best measured on another set (a resume with other eval_data)
+                # is not compared with (record_best)
+                what = (f"validation loss on {', '.join(Path(ds.path).name for ds in cfg.eval_data)} "
+                        f"({validation.size} samples)")
             else:
                 finite = [x for x in since_save if math.isfinite(x)]
                 metric, what = sum(finite) / len(finite) if finite else float("inf"), "mean train loss since the last save"
