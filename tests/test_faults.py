@@ -228,6 +228,8 @@ def test_best_json_takes_the_metric_of_a_checkpoint_saved_again_over_its_best(tm
     assert json.loads((tmp_path / "best.json").read_text())["metric"] == 5.0
     ckpt.record_best(tmp_path, tmp_path / "step-3", 4.0, enabled=True)
     assert json.loads((tmp_path / "best.json").read_text())["checkpoint"] == "step-3"
+    ckpt.record_best(tmp_path, tmp_path / "step-3", float("inf"), enabled=True)  # saved again, unscored
+    assert not (tmp_path / "best.json").exists()
 
 
 def test_ctrl_c_saves_the_step_under_way_and_the_resumed_run_ends_where_an_uninterrupted_one_does(

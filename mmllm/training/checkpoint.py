@@ -417,10 +417,16 @@ def record_best(output_dir: Path, checkpoint: Path, metric: float, enabled: bool
     another metric -- a resumed run that added ``eval_data`` -- is not compared with, and is replaced). A
     checkpoint without a finite metric (no step since the last save read a sample; a stop request's
     checkpoint, not scored) is no candidate."""
-    if not enabled or not math.isfinite(metric):
+    if not enabled:
         return
     path = Path(output_dir) / BEST_FILE
     best = json.loads(path.read_text()) if path.is_file() else None
+    if not math.isfinite(metric):
+        if best is not None and best["checkpoint"] == checkpoint.name:  # written over the best, unscored
+            path.unlink()
+            log.info("keep_best: %s was saved again without a score; no best is recorded until the next one",
+                     checkpoint.name)
+        return
     if best is not None and best.get("metric_name", metric_name) != metric_name:
         log.info("keep_best: %s recorded the best by %s; from now on by %s", path, best["metric_name"], metric_name)
         best = None
