@@ -51,3 +51,18 @@ def sigint_during_step(monkeypatch, step: int) -> None:
 
     monkeypatch.setattr(AnyToAnyModel, "forward", interrupted)
 
+
+def signal_on_call(monkeypatch, owner, name: str, call: int, signum: int) -> list[int]:
+    """Wrap ``owner.name`` so that its ``call``-th call (1-based) first sends this process ``signum``, as
+    if the signal arrived while that call ran; returns the list of calls made so far."""
+    real, calls = getattr(owner, name), []
+
+    def wrapped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+    return calls
+

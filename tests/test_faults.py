@@ -22,7 +22,7 @@ from mmllm.training import checkpoint as ckpt
 from mmllm.training import interrupt
 from mmllm.training.interrupt import TrainingInterrupted
 from mmllm.training.loop import train
-from tests.conftest import REPO, sigint_during_step
+from tests.conftest import REPO, sigint_during_step, signal_on_call
 from tests.test_stages import stage_cfg
 
 
@@ -361,15 +361,7 @@ def test_a_stop_request_during_a_save_stops_on_that_checkpoint(sample_data, tmp_
     first, which a scheduler's grace period may not cover."""
     from mmllm.training import loop
 
-    real, calls = loop.save, []
-
-    def saving(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "save", saving)
+    calls = signal_on_call(monkeypatch, loop, "save", 1, signal.SIGTERM)
     with pytest.raises(TrainingInterrupted) as stopped:
         train(stage_cfg("encode-align", sample_data, tmp_path, max_steps=6, save_every=2))
     assert (stopped.value.step, stopped.value.exit_code, len(calls)) == (2, 143, 1)

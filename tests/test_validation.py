@@ -11,7 +11,7 @@ from mmllm.cli import main
 from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
 from mmllm.training.loop import train
-from tests.conftest import REPO, sigint_during_step
+from tests.conftest import REPO, sigint_during_step, signal_on_call
 from tests.test_stages import fixed_batch_loss, stage_cfg
 
 
@@ -144,21 +144,12 @@ def test_the_held_out_denoising_loss_does_not_depend_on_the_batch_size(sample_da
 def test_a_stop_request_during_a_validation_saves_that_scored_step(sample_data, tmp_path, monkeypatch):
     """Ctrl-C while step 2's validation runs (held-out sets can take longer than a step): step 2 is done and
     scored, so it is saved at once, as a keep_best candidate, instead of training step 3 first."""
-    import os
     import signal
 
     from mmllm.training import loop
     from mmllm.training.interrupt import TrainingInterrupted
 
-    real, calls = loop.evaluate, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "evaluate", interrupted)
+    signal_on_call(monkeypatch, loop, "evaluate", 2, signal.SIGINT)
     scored = {"eval_data": held_out(sample_data["chat"]), "eval_every": 1, "keep_best": True}
     with pytest.raises(TrainingInterrupted) as stopped:
         train(stage_cfg("instruct", sample_data, tmp_path, max_steps=4, **scored))
