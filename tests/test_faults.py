@@ -199,6 +199,16 @@ def test_resume_warns_when_it_reads_other_samples_than_the_interrupted_run(sampl
     assert "from step 3 it reads other samples" in caplog.text
 
 
+def test_resume_warns_when_the_lora_dropout_changed(sample_data, tmp_path, caplog):
+    """Another LoRA dropout draws other masks from the restored generators: like other samples, the resumed
+    run no longer ends where an uninterrupted one does, and says so."""
+    train(stage_cfg("instruct", sample_data, tmp_path, max_steps=1))
+    lora = tmp_path / "lora.yaml"
+    lora.write_text((REPO / "configs/lora/tiny.yaml").read_text().replace("dropout: 0.0", "dropout: 0.2"))
+    train(stage_cfg("instruct", sample_data, tmp_path, max_steps=2, lora=lora), resume=True)
+    assert "LoRA dropout 0.0 (checkpoint) -> 0.2" in caplog.text and "from step 2 it draws other" in caplog.text
+
+
 def test_a_run_without_resume_refuses_an_output_dir_holding_checkpoints(sample_data, tmp_path):
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
     with pytest.raises(ConfigError, match=r"already holds checkpoints of a run \(step-1\); pass --resume"):

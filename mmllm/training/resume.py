@@ -126,6 +126,11 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
     if applied:
         log.warning("%s: %s. The resumed run uses the new values (the checkpoint's mmllm.json records the old "
                     "ones); the learning rate is recomputed from them", where, "; ".join(applied))
+    was_dropout = (meta.get("lora") or {}).get("dropout")
+    if cfg.lora and was_dropout is not None and load_lora(cfg.lora).dropout != was_dropout:
+        log.warning("%s: LoRA dropout %s (checkpoint) -> %s (%s): training goes on, but from step %d it draws other "
+                    "dropout masks than the interrupted run: it will not end on the weights an uninterrupted run "
+                    "gives", where, was_dropout, load_lora(cfg.lora).dropout, cfg.lora, progress["step"] + 1)
     order = _changed(saved, now, ("seed", "grad_accum"))
     old_world = progress.get("processes")
     if old_world is not None and old_world * saved.get("batch_size", 0) != processes * cfg.batch_size:
