@@ -431,17 +431,17 @@ class AnyToAnyModel(nn.Module):
             # unit count (:func:`denoise_units`), not allowed to drop the rest of the batch.
             media = batch.get("signal_media", {}).get(m) or []
             scored = [i for i, x in enumerate(media) if x is not None]
-            group_seeds = batch.get("noise_seeds", {}).get(m)
-            if losses.denoise and scored and group_seeds is not None:
-                # one draw per group from its own seed (validation): a group's noise does not depend on
-                # which other groups share its batch; rows have one shape, so the mean of the means is the mean
-                mean = torch.stack([self.decoders[m].denoising_loss(pred[i:i + 1], [media[i]], seed=group_seeds[i])
-                                    for i in scored]).mean()
-            elif losses.denoise and scored:
-                rows = pred if len(scored) == len(media) else pred[torch.tensor(scored, device=pred.device)]
-                mean = self.decoders[m].denoising_loss(rows, [media[i] for i in scored],
-                                                       seed=batch.get("noise_seed", batch.get("step", 0)))
             if losses.denoise and scored:
+                group_seeds = batch.get("noise_seeds", {}).get(m)
+                if group_seeds is not None:
+                    # one draw per group from its own seed (validation): a group's noise does not depend on which
+                    # other groups share its batch; rows have one shape, so the mean of the means is the mean
+                    mean = torch.stack([self.decoders[m].denoising_loss(pred[i:i + 1], [media[i]],
+                                                                        seed=group_seeds[i]) for i in scored]).mean()
+                else:
+                    rows = pred if len(scored) == len(media) else pred[torch.tensor(scored, device=pred.device)]
+                    mean = self.decoders[m].denoising_loss(rows, [media[i] for i in scored],
+                                                           seed=batch.get("noise_seed", batch.get("step", 0)))
                 out[f"denoise_{m}"] = mean * len(scored) / norm(f"denoise_{m}", len(scored))
                 total = total + losses.denoise * out[f"denoise_{m}"]
         if losses.retain and self._peft_model is not None:

@@ -2,19 +2,18 @@
 steps.
 
 The validation loss is the stage's own weighted loss (``losses.*``), each part a mean over the whole held-out
-set: CE per label token, MSE and denoising per signal group, retain per text token -- so it is comparable
-from step to step and with the training loss. It does not depend on the number of processes or the batch
-size: every process scores its share (every ``world``-th sample) and the per-part sums and unit counts are
-added over processes before dividing. The denoising loss draws each signal group's noise and timesteps from
-a seed of its own, fixed by the sample's place in the held-out set (not by the batch it falls in: that
-depends on the batch size and the number of processes), the same at every evaluation. Evaluation runs with dropout off and no gradients, and
-touches no random state the training reads, so a run with validation trains exactly as one without it
-(and resumes as exactly).
+set: CE per label token, MSE per signal group, denoising per signal group with target media, retain per text
+token -- so it is comparable from step to step and with the training loss. It does not depend on the number
+of processes or the batch size: every process scores its share (every ``world``-th sample) and the per-part
+sums and unit counts are added over processes before dividing. The denoising loss draws each signal group's
+noise and timesteps from a seed of its own, fixed by the sample's place in the held-out set (not by the
+batch it falls in: that depends on the batch size and the number of processes), the same at every
+evaluation. Evaluation runs with dropout off and no gradients, and touches no random state the training
+reads, so a run with validation trains exactly as one without it (and resumes as exactly).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +24,6 @@ from tqdm.auto import tqdm
 from mmllm.config import LossConfig
 from mmllm.data.dataset import SampleError, StageDataset, collate
 from mmllm.model import unit_counts
-
-log = logging.getLogger(__name__)
 
 EVAL_SEED = 1 << 40  # the denoising loss's noise seeds for held-out samples start here (training's are smaller)
 GROUPS_PER_SAMPLE = 1 << 10  # held-out sample n's k-th signal group of a modality: EVAL_SEED + n * this + k
