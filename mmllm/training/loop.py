@@ -328,18 +328,9 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
                 signalled = stop.requested(accelerator)
                 saving = saving or bool(signalled)
         if saving:
-            if validation is not None:  # an interrupted step's checkpoint, unscored, is no candidate for best
-                scored = bool(validations) and validations[-1]["step"] == step + 1
-                metric = validations[-1]["loss"] if scored else float("inf")
-                # named by its held-out set: a best measured on another set (a resume with other eval_data)
-                # is not compared with (record_best)
-                what = (f"validation loss on {', '.join(Path(ds.path).name for ds in cfg.eval_data)} "
-                        f"({validation.size} samples)")
-            else:
-                finite = [x for x in since_save if math.isfinite(x)]
-                metric, what = sum(finite) / len(finite) if finite else float("inf"), "mean train loss since the last save"
-            save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped,
-                 metric if math.isfinite(metric) else float("inf"), run_info, what, validations)
+            metric, what = _checkpoint_metric(cfg, validation, validations, since_save, step + 1)
+            save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped, metric,
+                 run_info, what, validations)
             since_save = []
             if not done and not signalled:  # a request during the save (it can outlast a step): stop on it
                 signalled = stop.requested(accelerator)
@@ -358,6 +349,23 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes trackers and, when distributed, the process group
     return TrainResult(out_dir, final, losses, skipped, cfg.max_steps, validations)
+
+
+def _checkpoint_metric(cfg: StageConfig, validation: Validation | None, validations: list[dict[str, float]],
+                       since_save: list[float], step: int) -> tuple[float, str]:
+    """What ``keep_best`` compares for the checkpoint of ``step``, and its name: the validation loss of that
+    step (inf when the step was not scored: a stop request's), named by its held-out set so that a best
+    measured on another set (a resume with other eval_data) is not compared with; without eval_data, the
+    mean train loss of the steps since the last save. Not finite: inf (no candidate)."""
+    if validation is not None:
+        scored = bool(validations) and validations[-1]["step"] == step
+        metric = validations[-1]["loss"] if scored else float("inf")
+        what = f"validation loss on {', '.join(Path(ds.path).name for ds in cfg.eval_data)} ({validation.size} samples)"
+    else:
+        finite = [x for x in since_save if math.isfinite(x)]
+        metric = sum(finite) / len(finite) if finite else float("inf")
+        what = "mean train loss since the last save"
+    return (metric if math.isfinite(metric) else float("inf")), what
 
 
 def _forward_backward(accelerator, model, batches: list[dict[str, Any]], cfg: StageConfig,
