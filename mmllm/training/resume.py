@@ -110,7 +110,8 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
     # with init_from, the model is rebuilt from ``last`` itself (its assembly and adapter): only a `lora:`
     # file can disagree; without, from the stage's assembly, which must be the checkpoint's
     adapter = _lora_shape(meta.get("lora"))
-    lora = _lora_shape(to_dict(load_lora(cfg.lora))) if cfg.lora else (adapter if cfg.init_from else None)
+    wanted_lora = load_lora(cfg.lora) if cfg.lora else None
+    lora = _lora_shape(to_dict(wanted_lora)) if wanted_lora else (adapter if cfg.init_from else None)
     if adapter != lora:
         refused.append(f"LoRA adapter: {adapter} (checkpoint) vs {lora}")
     if not cfg.init_from:
@@ -127,10 +128,10 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
         log.warning("%s: %s. The resumed run uses the new values (the checkpoint's mmllm.json records the old "
                     "ones); the learning rate is recomputed from them", where, "; ".join(applied))
     was_dropout = (meta.get("lora") or {}).get("dropout")
-    if cfg.lora and was_dropout is not None and load_lora(cfg.lora).dropout != was_dropout:
+    if wanted_lora and was_dropout is not None and wanted_lora.dropout != was_dropout:
         log.warning("%s: LoRA dropout %s (checkpoint) -> %s (%s): training goes on, but from step %d it draws other "
                     "dropout masks than the interrupted run: it will not end on the weights an uninterrupted run "
-                    "gives", where, was_dropout, load_lora(cfg.lora).dropout, cfg.lora, progress["step"] + 1)
+                    "gives", where, was_dropout, wanted_lora.dropout, cfg.lora, progress["step"] + 1)
     order = _changed(saved, now, ("seed", "grad_accum"))
     old_world = progress.get("processes")
     if old_world is not None and old_world * saved.get("batch_size", 0) != processes * cfg.batch_size:
