@@ -74,17 +74,58 @@ def step_dirs(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-PARTIAL_DIR = re.compile(r"^\.step-\d+\.(tmp|old)-[\d-]+$")  # atomic_dir's working folders
+PARTIAL_DIR = re.compile(r"^\.(step-\d+)\.(tmp|old)-[\d-]+$")  # atomic_dir's working folders
 
 
-def remove_partial_writes(output_dir: Path) -> int:
-    """Delete what a kill during :func:`atomic_dir` left under ``output_dir`` (a half-written checkpoint,
-    or the replaced one it was about to delete); the number of folders removed. Only for a run that owns
-    ``output_dir``, before it saves anything."""
-    found = [p for p in Path(output_dir).glob(".step-*") if PARTIAL_DIR.match(p.name) and p.is_dir()]
-    for p in found:
+def _partial_writes(output_dir: Path) -> dict[str, list[Path]]:
+    """atomic_dir's working folders under ``output_dir`` by the checkpoint they were for, the one to restore
+    first: a replacement (``tmp``: the newer write) before a replaced original (``old``), newer before older
+    (their names end in the time they were made)."""
+    found: dict[str, list[tuple[tuple[bool, int], Path]]] = {}
+    for p in Path(output_dir).glob(".step-*"):
+        if (m := PARTIAL_DIR.match(p.name)) and p.is_dir():
+            order = (m.group(2) == "tmp", int(p.name.rsplit("-", 1)[1]))
+            found.setdefault(m.group(1), []).append((order, p))
+    return {name: [p for _, p in sorted(entries, reverse=True)] for name, entries in found.items()}
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        verify_manifest(folder)
+        return True
+    except CheckpointError:
+        return False
+
+
+def recoverable_partial_writes(output_dir: Path) -> list[Path]:
+    """Complete checkpoints that only exist as atomic_dir's working folders: a kill between its two renames
+    (while a step was saved again over itself) leaves ``step-N`` renamed to ``.step-N.old-*`` and its
+    finished replacement in ``.step-N.tmp-*``; a kill after the manifest but before the rename leaves only the
+    latter. :func:`recover_partial_writes` puts them back."""
+    out = []
+    for name, partials in _partial_writes(output_dir).items():
+        if not (Path(output_dir) / name).exists():
+            out += [p for p in partials if _complete(p)][:1]
+    return out
+
+
+def recover_partial_writes(output_dir: Path) -> tuple[list[Path], int]:
+    """Tidy what a kill during :func:`atomic_dir` left under ``output_dir``: a ``step-N`` that is missing
+    gets back its newest complete working folder (the finished replacement, else the replaced original);
+    every other working folder (a half-written checkpoint, an original already replaced) is deleted.
+    Returns the restored checkpoints and the number of folders deleted. Only for a run that owns
+    ``output_dir`` (``--resume``), on one process, before it reads or saves a checkpoint."""
+    restored = []
+    for partial in recoverable_partial_writes(output_dir):
+        final = Path(output_dir) / PARTIAL_DIR.match(partial.name).group(1)
+        partial.rename(final)
+        restored.append(final)
+    if restored:
+        fsync_dir(Path(output_dir))
+    leftovers = [p for partials in _partial_writes(output_dir).values() for p in partials]
+    for p in leftovers:
         shutil.rmtree(p, ignore_errors=True)
-    return len(found)
+    return restored, len(leftovers)
 
 
 def write_manifest(root: Path) -> None:
@@ -126,7 +167,12 @@ def atomic_dir(final: Path, fill) -> Path:
         if final.exists():
             old = final.with_name(f".{final.name}.old-{time.time_ns()}")
             final.rename(old)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except BaseException:  # put the original back: a failed save must leave the checkpoint it replaces
+            if old is not None and not final.exists():
+                old.rename(final)
+            raise
         fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
