@@ -64,12 +64,37 @@ def test_stage_data_covers_every_kind_and_only_training_combos(stage_data):
         assert (src_attrs["colour"], src_attrs["shape"]) == (out_attrs["colour"], out_attrs["shape"])
 
 
+def test_held_out_data_names_only_held_out_combinations_and_the_default_stages_score_it(stage_data):
+    out, counts = stage_data
+    world = World()
+    held = out / "held-out"
+    for modality in ("image", "audio", "video"):
+        pairs, errors = read_records(held / f"align-{modality}.jsonl", "mmllm-pairs")
+        assert not errors and len(pairs) == counts[f"held-out/align-{modality}"] > 0
+        assert {p.caption for p in pairs} == {world.caption(modality, world.attributes_of(modality, c))
+                                              for c in world.combos(modality, "held_out")}
+        assert all(p.media.is_file() and p.media.is_relative_to(held / "media") for p in pairs)
+    for name in ("generate", "t2x"):
+        convs, errors = read_records(held / f"{name}.jsonl", "mmllm-chat")
+        assert not errors and len(convs) == counts[f"held-out/{name}"]
+        for ref in (r for c in convs for r in c.output_refs()):
+            assert world.is_held_out(ref.modality, world.parse(ref.modality, ref.caption))
+    x2t, errors = read_records(held / "x2t.jsonl", "mmllm-chat")
+    assert not errors and all(r.path.is_relative_to(held / "media") for c in x2t for r in c.media_refs())
+    for name in ("encode_align", "decode_align", "instruct"):  # what their eval_data names, world data writes
+        cfg = load_stage(REPO / "configs" / "stages" / "default" / f"{name}.yaml")
+        assert cfg.eval_data, name
+        for ds in cfg.eval_data:
+            rel = Path(ds.path).relative_to("../../../runs/default/data")
+            assert (out / rel).is_file(), (name, rel)
+
+
 def test_stage_data_is_a_function_of_the_seed(stage_data, tmp_path):
     out, _ = stage_data
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"prompt": "Hi?", "answer": "Hello."}) + "\n")
     write_stage_data(StageDataOptions(out=tmp_path / "again", seed=3, plain_answers=plain, **SMALL))
-    for name in ("t2x.jsonl", "dialogue.jsonl", "align-audio.jsonl"):
+    for name in ("t2x.jsonl", "dialogue.jsonl", "align-audio.jsonl", "held-out/x2t.jsonl", "held-out/align-video.jsonl"):
         assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes()
     first = sorted((out / "media" / "audio").iterdir())[0]
     assert (tmp_path / "again" / "media" / "audio" / first.name).read_bytes() == first.read_bytes()
