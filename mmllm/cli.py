@@ -380,7 +380,8 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 
 def cmd_world_data(args: argparse.Namespace) -> int:
-    """``mmllm world data``: the three stages' training data, rendered from the world's training combinations."""
+    """``mmllm world data``: the three stages' training data, rendered from the world's training combinations,
+    and their evaluation data (``held-out/``) from its held-out combinations."""
     from mmllm.toyworld.stage_data import StageDataOptions, write_stage_data
 
     plain = Path(args.plain) if args.plain else None
@@ -600,7 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     wr.add_argument("--seed", type=int, default=0)
     wr.set_defaults(fn=cmd_world)
-    wd = wsub.add_parser("data", help="write the default's stage data (media + JSONL) from the world's training combos")
+    wd = wsub.add_parser("data", help="write the default's stage data (media + JSONL) from the world's training combos, "
+                                          "and held-out/ eval data from its held-out combos")
     wd.add_argument("--out", required=True)
     wd.add_argument("--plain", help="distilled plain chat JSONL (from `mmllm world distil`) to mix in")
     wd.add_argument("--seed", type=int, default=0)
