@@ -433,15 +433,12 @@ class AnyToAnyModel(nn.Module):
             scored = [i for i, x in enumerate(media) if x is not None]
             if losses.denoise and scored:
                 group_seeds = batch.get("noise_seeds", {}).get(m)
-                if group_seeds is not None:
-                    # one draw per group from its own seed (validation): a group's noise does not depend on which
-                    # other groups share its batch; rows have one shape, so the mean of the means is the mean
-                    mean = torch.stack([self.decoders[m].denoising_loss(pred[i:i + 1], [media[i]],
-                                                                        seed=group_seeds[i]) for i in scored]).mean()
-                else:
-                    rows = pred if len(scored) == len(media) else pred[torch.tensor(scored, device=pred.device)]
-                    mean = self.decoders[m].denoising_loss(rows, [media[i] for i in scored],
-                                                           seed=batch.get("noise_seed", batch.get("step", 0)))
+                # per-group seeds (validation): each group's draws come from its own seed, so its noise does not
+                # depend on which other groups share its batch; otherwise one seed per call (training)
+                seed = [group_seeds[i] for i in scored] if group_seeds is not None else \
+                    batch.get("noise_seed", batch.get("step", 0))
+                rows = pred if len(scored) == len(media) else pred[torch.tensor(scored, device=pred.device)]
+                mean = self.decoders[m].denoising_loss(rows, [media[i] for i in scored], seed=seed)
                 out[f"denoise_{m}"] = mean * len(scored) / norm(f"denoise_{m}", len(scored))
                 total = total + losses.denoise * out[f"denoise_{m}"]
         if losses.retain and self._peft_model is not None:
