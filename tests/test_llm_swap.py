@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmllm.config import ConfigError, LoraConfig, parse_assembly, to_dict
+from mmllm.config import ConfigError, LoraConfig, load_lora, parse_assembly, to_dict
 from mmllm.llm import HFCausalLM
 from mmllm.model import AnyToAnyModel
 from mmllm.tiny_tokenizer import build_tiny_tokenizer
+from mmllm.training.loop import train
+from tests.test_stages import REPO, stage_cfg
 
 SIZES = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
          "max_position_embeddings": 256}
@@ -81,6 +83,26 @@ def test_lora_on_gpt2_conv1d_layers_trains_only_the_adapter(tiny_assembly, tmp_p
     logits.sum().backward()
     assert all(p.grad is not None for n, p in model.lora_parameters().items() if "lora_B" in n)
     assert all(p.grad is None for n, p in model.llm.model.named_parameters() if "lora_" not in n)
+
+
+def test_all_linear_adapts_every_linear_layer_of_the_core_but_its_head_and_checkpoints_say_so(sample_data, tmp_path):
+    """PEFT's `all-linear` shortcut was refused (it names no layer); passed on to PEFT it would also adapt the
+    frozen matrix inside mmllm's wrapped LM head."""
+    lora = tmp_path / "lora.yaml"
+    lora.write_text((REPO / "configs/lora/tiny.yaml").read_text().split("target_modules")[0] + "target_modules: all-linear\n")
+    result = train(stage_cfg("instruct", sample_data, tmp_path / "run", max_steps=2, lora=lora))
+    model = AnyToAnyModel.from_pretrained(result.final_checkpoint)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in model.lora_parameters()}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not [n for n in model.lora_parameters() if "lm_head" in n]
+    assert model.lora_config.target_modules == "all-linear"
+    listed = tmp_path / "listed.yaml"  # the same layers as a list: another adapter config, refused on resume
+    listed.write_text(lora.read_text().replace("all-linear", "[q_proj, k_proj, v_proj, o_proj]"))
+    with pytest.raises(ConfigError, match="target_modules"):
+        train(stage_cfg("instruct", sample_data, tmp_path / "run", max_steps=3, lora=listed), resume=True)
+    lora.write_text(lora.read_text().replace("all-linear", "q_proj"))
+    with pytest.raises(ConfigError, match=r"a list of layer names or 'all-linear', got 'q_proj' \(for one layer write \[q_proj\]\)"):
+        load_lora(lora)
 
 
 @pytest.mark.parametrize("arch", ["gemma", "qwen2", "gpt2"])

@@ -103,7 +103,7 @@ def _continue_adapter(model: AnyToAnyModel, wanted: LoraConfig, cfg: StageConfig
     have = model.lora_config
     differ = [f"{k}: {getattr(have, k)} (checkpoint) vs {getattr(wanted, k)} ({cfg.lora})"
               for k in ("r", "alpha") if getattr(have, k) != getattr(wanted, k)]
-    if sorted(have.target_modules) != sorted(wanted.target_modules):
+    if have.targets_key() != wanted.targets_key():
         differ.append(f"target_modules: {have.target_modules} (checkpoint) vs {wanted.target_modules} ({cfg.lora})")
     if differ:
         raise ConfigError(f"init_from {cfg.init_from} carries a LoRA adapter that the stage's lora file does not "

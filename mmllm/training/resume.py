@@ -23,7 +23,15 @@ from typing import Any
 
 import torch
 
-from mmllm.config import STAGE_DEFAULT_TRAINABLE, ConfigError, StageConfig, load_assembly, load_lora, to_dict
+from mmllm.config import (
+    STAGE_DEFAULT_TRAINABLE,
+    ConfigError,
+    StageConfig,
+    load_assembly,
+    load_lora,
+    lora_targets_key,
+    to_dict,
+)
 from mmllm.training import checkpoint as ckpt
 from mmllm.training.init_from import assembly_differences, list_differences, normalized_assembly, same_value
 
@@ -79,7 +87,7 @@ def _trainable(stage: dict[str, Any]) -> dict[str, bool]:
 def _lora_shape(lora: dict[str, Any] | None) -> dict[str, Any] | None:
     if lora is None:
         return None
-    return {"r": lora["r"], "alpha": lora["alpha"], "target_modules": sorted(lora["target_modules"])}
+    return {"r": lora["r"], "alpha": lora["alpha"], "target_modules": lora_targets_key(lora["target_modules"])}
 
 
 def _changed(saved: dict[str, Any], now: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
