@@ -62,7 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, resume=args.resume)
     except TrainingInterrupted as stopped:
-        log.warning("%s", stopped)
+        # every process stops alike; the others' word would repeat the main process's (it is in their -v log)
+        (log.warning if os.environ.get("RANK", "0") == "0" else log.info)("%s", stopped)
         return stopped.exit_code
     losses = [x for x in result.losses if x == x]  # NaN: a step with no readable sample
     val = result.validation

@@ -276,6 +276,26 @@ def test_a_second_signal_stops_at_once_and_one_before_training_too(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
+def test_every_process_stops_with_the_signal_another_process_got():
+    """A process that got no signal stopped as "a signal on another process" and exited 143 (SIGTERM's) even
+    when the signal was SIGINT (130); with two different signals, all take the highest-numbered."""
+
+    class TwoProcesses:  # what Accelerator.gather returns: each process's value, this one first
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, other: int):
+            self.other = other
+
+        def gather(self, t):
+            return torch.cat([t, torch.tensor([self.other])])
+
+    stop = interrupt.StopRequests()
+    assert stop.requested(TwoProcesses(0)) is None
+    assert stop.requested(TwoProcesses(int(signal.SIGINT))) == "SIGINT"
+    stop.name = "SIGINT"
+    assert stop.requested(TwoProcesses(int(signal.SIGTERM))) == "SIGTERM"
+
+
 def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(sample_data, tmp_path):
     """A full disk (here: a file-size limit, which fails the write the same way) used to end training with
     a safetensors or torch traceback; now one line names the checkpoint, what is intact, and what to do."""

@@ -338,6 +338,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
                 signalled = stop.requested(accelerator)
         if signalled:
             bar.close()
+            # together: a launcher (torchrun, accelerate launch) kills the others when the first process exits
+            accelerator.wait_for_everyone()
             accelerator.end_training()  # flushes the trackers (TensorBoard) up to this step
             raise TrainingInterrupted(signalled, step + 1, cfg.max_steps, out_dir / f"step-{step + 1}")
     stop.armed = False
