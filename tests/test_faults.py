@@ -198,6 +198,11 @@ def test_resume_warns_when_it_reads_other_samples_than_the_interrupted_run(sampl
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3, seed=4, batch_size=2), resume=True)
     assert "seed: 0 -> 4" in caplog.text and "4 x 1 -> 2 x 1" in caplog.text
     assert "from step 3 it reads other samples" in caplog.text
+    assert "eval_data differs" not in caplog.text
+    held_out = f"[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=4, seed=4, batch_size=2, eval_data=held_out),
+          resume=True)
+    assert "eval_data differs from the interrupted run's: validation scores from step 4 on" in caplog.text
 
 
 def test_resume_warns_when_the_lora_dropout_changed(sample_data, tmp_path, caplog):

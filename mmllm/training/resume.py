@@ -158,6 +158,10 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
         log.warning("%s: %s. Training goes on, but from step %d it reads other samples than the interrupted run "
                     "would have: it will not end on the weights an uninterrupted run gives", where,
                     "; ".join(order), progress["step"] + 1)
+    if not _same_data(saved.get("eval_data") or [], now.get("eval_data") or []):
+        log.warning("%s: eval_data differs from the interrupted run's: validation scores from step %d on are of "
+                    "another held-out set than those before them (progress.json keeps both, and keep_best compares "
+                    "only checkpoints scored on the same set)", where, progress["step"] + 1)
     if old_world is not None and old_world != processes and not any("processes" in o for o in order):
         log.info("%s: saved by %d process(es), resumed on %d with the same samples per step", where, old_world,
                  processes)
