@@ -101,6 +101,7 @@ class StageDataOptions:
     held_out_renderings: dict[str, int] = field(default_factory=lambda: {"image": 2, "audio": 8, "video": 3})
     held_out_requests: int = 120  # each of held-out/generate, t2x and x2t
 
+
 HELD_OUT = "held-out"  # the folder under ``out`` holding the held-out combinations' evaluation data
 
 
