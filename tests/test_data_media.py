@@ -31,6 +31,30 @@ def test_exif_orientation_is_applied(tmp_path):
     assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]  # red on top, blue below
 
 
+def _exif(entries):
+    """A little-endian EXIF block with the given (tag, type, count, 4-byte value) entries."""
+    import struct
+
+    body = struct.pack("<2sHIH", b"II", 42, 8, len(entries))
+    body += b"".join(struct.pack("<HHI4s", *entry) for entry in entries)
+    return b"Exif\x00\x00" + body + struct.pack("<I", 0)
+
+
+def test_a_malformed_exif_tag_neither_crashes_nor_loses_the_orientation(tmp_path):
+    """ImageWidth written as text (as some cameras and editors do): ImageOps.exif_transpose raised
+    struct.error re-serialising it, which no caller catches (training died mid-epoch, data check too)."""
+    import struct
+
+    img = Image.new("RGB", (20, 10), RED)
+    img.paste(Image.new("RGB", (10, 10), BLUE), (10, 0))
+    exif = _exif([(0x0100, 2, 4, b"cam\x00"), (0x0112, 3, 1, struct.pack("<HH", 6, 0))])
+    img.save(tmp_path / "odd.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "odd.jpg")
+    assert out.mode == "RGB" and out.size == (10, 20)
+    top, bottom = np.asarray(out)[2, 5], np.asarray(out)[17, 5]
+    assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]  # turned as the orientation tag says
+
+
 def test_image_modes_become_rgb(tmp_path):
     pal = Image.new("P", (8, 8), 0)
     pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from mmllm.atomic import atomic_write
 
@@ -104,6 +104,18 @@ def _check_file(path: Path, kind: str) -> None:
         raise MediaError(f"{kind} file is empty: {path}")
 
 
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose applies it)
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
 def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     _check_file(path, "image")
@@ -114,12 +126,21 @@ def load_image(path: str | Path) -> Image.Image:
                     f"image too large: {path} is {img.width}x{img.height} "
                     f"(> {MAX_IMAGE_PIXELS} pixels); downscale it first"
                 )
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return _to_rgb(_upright(img))
     except MediaError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise MediaError(f"cannot decode image {path}: {exc}") from exc
+    except Exception as exc:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        raise MediaError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. Only the tag is read: ImageOps.exif_transpose also
+    rewrites the rest of the EXIF block, which fails (struct.error) on a tag of the wrong type that
+    cameras and editors do write, though the pixels and the orientation are fine."""
+    img.load()
+    orientation = img.getexif().get(0x0112, 1)
+    method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+    return img.transpose(method) if method is not None else img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
