@@ -139,3 +139,30 @@ def test_a_conversation_must_open_with_the_user(tiny_model, spec):
     conv = Conversation("c", [Message("assistant", "hello"), Message("user", "hi"), Message("assistant", "x")])
     with pytest.raises(ValueError, match="open with a user turn"):
         encode_conversation(conv, tiny_model.llm.tokenizer, spec)
+
+
+def test_a_last_user_turn_after_the_last_answer_is_dropped_with_its_media(tiny_model, spec, tmp_path):
+    """Nothing is learned from turns after the last answer and no sample renders them; their media used
+    to stay in the conversation, so the sample was skipped ("1 placeholders in the text but 2 media items")."""
+    import json
+
+    from mmllm.data.formats import read_records
+
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"id": "c", "messages": [
+        {"role": "user", "content": "<image> what?", "media": ["a.png"]},
+        {"role": "assistant", "content": "a circle"},
+        {"role": "user", "content": "and <image>?", "media": ["b.png"]}]}) + "\n")
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"id": "l", "image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": "a circle"},
+        {"from": "human", "value": "and <image>?"}]}]))
+    for path, fmt in ((chat, "mmllm-chat"), (llava, "llava")):
+        (conv,), errors = read_records(path, fmt)
+        assert not errors and [m.role for m in conv.messages] == ["user", "assistant"]
+        assert [r.path.name for r in conv.media_refs()] == ["a.png"]
+        enc = encode_conversation(conv, tiny_model.llm.tokenizer, spec)
+        assert [r.path.name for r in enc.media] == ["a.png"]
+        assert enc.input_ids.count(spec.placeholder_ids["image"]) == spec.media_tokens["image"]

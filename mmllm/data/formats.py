@@ -284,8 +284,12 @@ def parse_chat(rec: dict[str, Any], ctx: ReadContext, where: str) -> Conversatio
 
 
 def checked_conversation(conv: Conversation) -> Conversation:
-    if not any(m.role == "assistant" for m in conv.messages):
+    """``conv`` without the turns after its last assistant message: nothing is learned from them, so no
+    sample renders them, and their media would be read (and hashed, cached, checked) for no placeholder."""
+    answers = [i for i, m in enumerate(conv.messages) if m.role == "assistant"]
+    if not answers:
         raise DataFormatError(f"{conv.source}: no assistant message to learn from")
+    del conv.messages[answers[-1] + 1:]
     return conv
 
 
