@@ -2,7 +2,8 @@
 
 The LLM's own chat template renders the conversation. Labels cover exactly what the assistant
 says (its reply, its signal tokens and the template's end-of-turn marker); everything else is
-``-100``. Each media placeholder id is expanded to the number of tokens its input projection
+``-100``. Each reply follows the very tokens inference prompts with (:func:`encode_prompt`): the text
+up to a turn's start is tokenized whole, not turn by turn. Each media placeholder id is expanded to the number of tokens its input projection
 yields, and truncation never cuts inside an expanded media span or a signal-token group: the cut
 moves back to the span's start and the media/outputs past it are dropped with the text.
 """
@@ -125,6 +126,30 @@ def _tokens(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False).input_ids if text else []
 
 
+def _labelled_tokens(tokenizer: Any, text: str, replies: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """``text`` as token ids, labelled on the ``replies`` (character spans of what the assistant says).
+
+    Each turn's context is what :func:`encode_prompt` gives inference (the rendered prompt tokenized whole)
+    and each reply the tokens that continue it (the text up to the reply's end tokenized whole, past the
+    context). Tokenizing each piece on its own differs wherever a tokenizer treats the start of a string
+    specially: SentencePiece-style cores (Llama 2, Mistral, Vicuna) prepend "▁" to a string's start but not
+    after a special token, so the model learnt to answer after another context than inference gives it,
+    and to begin its answers with a token it is never asked for. Only where the whole text merges a token
+    across a boundary (the context's tokens are then not a prefix of the longer text's) is the piece
+    tokenized on its own."""
+    ids: list[int] = []
+    labels: list[int] = []
+    placed = 0  # characters of text behind ids
+    for begin, end in replies:
+        for stop, learn in ((begin, False), (end, True)):
+            whole = _tokens(tokenizer, text[:stop])
+            new = whole[len(ids):] if whole[:len(ids)] == ids else _tokens(tokenizer, text[placed:stop])
+            ids += new
+            labels += new if learn else [IGNORE] * len(new)
+            placed = stop
+    return ids, labels
+
+
 def expand_placeholders(
     ids: list[int], labels: list[int], spec: TokenSpec
 ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
@@ -156,9 +181,8 @@ def encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> 
     if first_turn != "user":
         raise ValueError(f"{conv.source}: a conversation must open with a user turn (after any system turn)")
     messages = _template_messages(conv, spec)
-    ids: list[int] = []
-    labels: list[int] = []
-    done = ""  # text already tokenized
+    replies: list[tuple[int, int]] = []  # character spans of what the assistant says in the rendered text
+    done = ""  # the conversation rendered up to the last answer placed
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
@@ -167,11 +191,9 @@ def encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> 
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise ValueError(f"the tokenizer's chat template is not prefix-stable, so the labels of this "
                              f"conversation's turn {i + 1} cannot be placed: {PREFIX_STABLE_HINT}")
-        context = _tokens(tokenizer, prompt[len(done):])
-        reply = _tokens(tokenizer, full[len(prompt):])
-        ids += context + reply
-        labels += [IGNORE] * len(context) + reply
+        replies.append((len(prompt), len(full)))
         done = full
+    ids, labels = _labelled_tokens(tokenizer, done, replies)
     # Placeholders must never be learned as outputs.
     placeholder = set(spec.placeholder_ids.values())
     labels = [IGNORE if t in placeholder else lab for t, lab in zip(ids, labels)]
