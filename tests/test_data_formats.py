@@ -99,6 +99,9 @@ def test_nextgpt_t2x_old_and_new_layouts(tmp_path):
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello.",
                                                               "caption": "", "output_modality": "text"}]},
         {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y <image>"}]},
+        # a misspelt modality: the caption was dropped without a word, leaving a plain text answer
+        {"conversations": [{"from": "human", "value": "Draw a cat."},
+                           {"from": "gpt", "value": "Here.", "caption": "a cat", "output_modality": "picture"}]},
     ])
     convs, errors = read_records(path, "nextgpt-t2x", embeddings=tmp_path)
     old, new, text = convs
@@ -109,7 +112,8 @@ def test_nextgpt_t2x_old_and_new_layouts(tmp_path):
     assert new.messages[1].content == "Listen and relax."
     assert (out.modality, out.caption, out.embedding.name) == ("audio", "rain falls", "r.wav.npy")
     assert text.messages[1].outputs == []
-    assert len(errors) == 1 and f"{path}:" in errors[0] and "no caption" in errors[0]
+    assert len(errors) == 2 and f"{path}:" in errors[0] and "no caption" in errors[0]
+    assert f"{path}:" in errors[1] and "output_modality 'picture'" in errors[1] and "'a cat'" in errors[1]
 
 
 def test_nextgpt_mosit_inputs_outputs_and_lists(tmp_path):

@@ -262,6 +262,10 @@ def parse_t2x(rec: dict[str, Any], ctx: ReadContext, where: str) -> Conversation
         outputs = []
         caption = turn.get("caption")
         modality = turn.get("output_modality") or record_modality
+        if isinstance(caption, str) and caption.strip() and modality is not None and modality not in (*MODALITIES,
+                                                                                                       "text"):
+            raise DataFormatError(f"{w}: output_modality {modality!r} is not one of {', '.join(MODALITIES)} or "
+                                  f"text, so the turn's caption {caption[:60]!r} has no output to go to")
         if isinstance(caption, str) and caption.strip() and modality in MODALITIES:
             if markers.count(modality) > 1 or any(m != modality for m in markers):
                 raise DataFormatError(f"{w}: one caption for {modality} but markers {markers} in the reply")
