@@ -235,3 +235,14 @@ def test_chat_mistakes_from_other_formats_are_named(tmp_path):
     assert "an assistant message with <image>: placeholders mark media *inputs*" in errors[0] and "'outputs'" in errors[0]
     assert "placeholders are lower-case" in errors[1]
     assert "that is format: llava" in errors[2]
+
+
+def test_a_media_root_that_is_not_a_folder_is_refused_naming_it(tmp_path):
+    """Every media path of the file would be missing: training skipped every sample with media, one by one."""
+    path = _write(tmp_path / "pairs.jsonl", [{"modality": "image", "media": "a.png", "caption": "x"}], array=False)
+    _touch(tmp_path, "media/a.png")
+    with pytest.raises(FileNotFoundError, match=r"pairs.jsonl: its media root .*/medai is not a folder; fix the "
+                                                r"dataset's `root:`"):
+        read_records(path, "mmllm-pairs", tmp_path / "medai")
+    (records, errors) = read_records(path, "mmllm-pairs", tmp_path / "media")
+    assert records[0].media == tmp_path / "media/a.png" and not errors

@@ -334,6 +334,9 @@ def read_records(
     if fmt not in parsers:
         raise ValueError(f"unknown data format {fmt!r}; valid formats: {', '.join(parsers)}")
     parse = parsers[fmt]
+    if root and not Path(root).expanduser().is_dir():  # every media path of the file would be missing
+        raise FileNotFoundError(f"{path}: its media root {root} is not a folder; fix the dataset's `root:` "
+                                "(or remove it: media paths then resolve against the data file's folder)")
     ctx = ReadContext(path, MediaRoot(Path(root) if root else path.parent, allow_outside_root),
                       Path(os.path.abspath(Path(embeddings).expanduser())) if embeddings else None)
     records, errors = [], []
