@@ -180,6 +180,22 @@ def test_errors_name_file_and_line_and_reading_goes_on(tmp_path):
         read_records(tmp_path / "nope.json", "llava")
 
 
+def test_a_byte_that_is_not_utf8_is_an_error_with_its_line_not_a_crash(tmp_path):
+    """A Latin-1 caption among UTF-8 ones raised a bare UnicodeDecodeError (no file, no line) out of the
+    reader: training stopped with a traceback, and the rest of the file was lost."""
+    lines = [json.dumps({"modality": "image", "caption": c}).encode() for c in ("a red circle", "café", "a cat")]
+    lines[1] = lines[1].replace("caf\\u00e9".encode(), b"caf\xe9")
+    jsonl = tmp_path / "latin.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # a BOM too
+    records, errors = read_records(jsonl, "mmllm-pairs")
+    assert [r.caption for r in records] == ["a red circle", "a cat"]
+    assert len(errors) == 1 and errors[0].startswith(f"{jsonl}:2: not valid UTF-8 (byte 0xe9 at column 38)")
+    array = tmp_path / "latin.json"
+    array.write_bytes(b"[\n" + b",\n".join(lines) + b"\n]\n")
+    records, errors = read_records(array, "mmllm-pairs")
+    assert not records and len(errors) == 1 and errors[0].startswith(f"{array}:3: not valid UTF-8 (byte 0xe9")
+
+
 def test_paths_outside_the_root_are_refused_unless_allowed(tmp_path):
     root = tmp_path / "data"
     _touch(tmp_path, "secret.png", "data/ok.png")

@@ -137,10 +137,24 @@ class MediaRoot:
 # --------------------------------------------------------------------------------------------
 
 
+def _not_utf8(path: Path, line: int, exc: UnicodeDecodeError, data: bytes, start: int) -> DataFormatError:
+    column = exc.start - start + 1
+    return DataFormatError(
+        f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); mmllm reads UTF-8 "
+        "text: re-encode the file (e.g. `iconv -f latin1 -t utf-8`)"
+    )
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
-    """(line number, record or DataFormatError) for each non-blank line."""
-    with open(path, encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
+    """(line number, record or DataFormatError) for each non-blank line; a line that is not UTF-8 is
+    an error of its own (the file is read as bytes, so one bad byte does not stop the whole file)."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield lineno, _not_utf8(path, lineno, exc, raw, 0)
+                continue
             if not line.strip():
                 continue
             try:
@@ -187,10 +201,16 @@ def _iter_json_array(path: Path, text: str, start: int) -> Iterator[tuple[int, d
 
 def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
     """Records of a JSON Lines file or of a JSON array file, with the line each starts on."""
-    with open(path, encoding="utf-8-sig") as fh:
-        head = fh.read(4096).lstrip()
-    if head.startswith("["):
-        text = path.read_text(encoding="utf-8-sig")
+    with open(path, "rb") as fh:
+        head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    if head.startswith(b"["):
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:  # one JSON array: nothing can be read until the file is fixed
+            line = data.count(b"\n", 0, exc.start) + 1
+            yield line, _not_utf8(path, line, exc, data, data.rfind(b"\n", 0, exc.start) + 1)
+            return
         yield from _iter_json_array(path, text, text.index("["))
     else:
         yield from iter_jsonl(path)
