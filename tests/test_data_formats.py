@@ -184,7 +184,7 @@ def test_a_byte_that_is_not_utf8_is_an_error_with_its_line_not_a_crash(tmp_path)
     """A Latin-1 caption among UTF-8 ones raised a bare UnicodeDecodeError (no file, no line) out of the
     reader: training stopped with a traceback, and the rest of the file was lost."""
     lines = [json.dumps({"modality": "image", "caption": c}).encode() for c in ("a red circle", "café", "a cat")]
-    lines[1] = lines[1].replace("caf\\u00e9".encode(), b"caf\xe9")
+    lines[1] = lines[1].replace(b"caf\\u00e9", b"caf\xe9")
     jsonl = tmp_path / "latin.jsonl"
     jsonl.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # a BOM too
     records, errors = read_records(jsonl, "mmllm-pairs")
