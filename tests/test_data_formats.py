@@ -262,3 +262,18 @@ def test_a_media_root_that_is_not_a_folder_is_refused_naming_it(tmp_path):
         read_records(path, "mmllm-pairs", tmp_path / "medai")
     (records, errors) = read_records(path, "mmllm-pairs", tmp_path / "media")
     assert records[0].media == tmp_path / "media/a.png" and not errors
+
+
+def test_an_unpaired_surrogate_escape_is_a_malformed_record_not_a_crash_in_training(tmp_path):
+    """JSON may escape half an emoji ("\\ud83d", a string cut by a UTF-16 length limit); the reader took it,
+    and the tokenizer then raised TypeError mid-training (and `mmllm cache` UnicodeEncodeError)."""
+    jsonl = tmp_path / "cut.jsonl"
+    jsonl.write_text('{"modality": "image", "caption": "a cat \\ud83d"}\n'
+                     '{"modality": "image", "caption": "a cat \\ud83d\\ude00"}\n'
+                     '{"id": "l", "conversations": [{"from": "human", "value": "hi \\udc00"}, '
+                     '{"from": "gpt", "value": "x"}]}\n')
+    records, errors = read_records(jsonl, "mmllm-pairs")
+    assert [r.caption for r in records] == ["a cat \U0001F600"]  # a whole pair is one emoji
+    assert errors[0].startswith(f"{jsonl}:1: text with an unpaired UTF-16 surrogate ('a cat \\ud83d'")
+    records, errors = read_records(jsonl, "llava")
+    assert any(e.startswith(f"{jsonl}:3: text with an unpaired UTF-16 surrogate ('hi \\udc00'") for e in errors)

@@ -199,6 +199,22 @@ def _iter_json_array(path: Path, text: str, start: int) -> Iterator[tuple[int, d
         pos = end
 
 
+def _unpaired_surrogate(value: Any) -> str | None:
+    """The first string in a parsed record holding a lone surrogate (JSON allows the escape, UTF-8 does not),
+    as the few characters around it, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return value[max(0, exc.start - 20):exc.end + 5]
+        return None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        if (found := _unpaired_surrogate(item)) is not None:
+            return found
+    return None
+
+
 def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
     """Records of a JSON Lines file or of a JSON array file, with the line each starts on."""
     with open(path, "rb") as fh:
@@ -365,6 +381,12 @@ def read_records(
             errors.append(str(rec))
             continue
         try:
+            if (broken := _unpaired_surrogate(rec)) is not None:
+                raise DataFormatError(
+                    f"{path}:{lineno}: text with an unpaired UTF-16 surrogate ({broken!r}: a \\ud800-\\udfff "
+                    "escape without its pair, e.g. an emoji cut in half), which no tokenizer can read; fix or "
+                    "remove those characters"
+                )
             records.append(parse(rec, ctx, f"{path}:{lineno}"))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:  # one bad record never stops the file
             msg = str(exc) if isinstance(exc, DataFormatError) else f"{path}:{lineno}: malformed record ({exc!r})"
