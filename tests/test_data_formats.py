@@ -277,3 +277,18 @@ def test_an_unpaired_surrogate_escape_is_a_malformed_record_not_a_crash_in_train
     assert errors[0].startswith(f"{jsonl}:1: text with an unpaired UTF-16 surrogate ('a cat \\ud83d'")
     records, errors = read_records(jsonl, "llava")
     assert any(e.startswith(f"{jsonl}:3: text with an unpaired UTF-16 surrogate ('hi \\udc00'") for e in errors)
+
+
+def test_a_media_name_the_file_system_refuses_is_one_bad_record_and_one_unreadable_file(tmp_path):
+    """A name longer than the file system allows: looking it up raised OSError out of the reader (nextgpt
+    formats look media up while reading) and out of `mmllm data check`'s probe, stopping both."""
+    from mmllm.data.check import _MediaProbe
+
+    _touch(tmp_path, "b.jpg")
+    path = _write(tmp_path / "cc3m.json", [{"caption": "x", "image_name": "a" * 300 + ".jpg"},
+                                           {"caption": "y", "image_name": "b.jpg"}])
+    records, errors = read_records(path, "nextgpt-pairs")
+    assert [r.caption for r in records] == ["y"]
+    assert len(errors) == 1 and errors[0].startswith(f"{path}:2: malformed record") and "too long" in errors[0]
+    problem = _MediaProbe(decode=False).problem("image", tmp_path / ("a" * 300 + ".jpg"))
+    assert problem is not None and problem != "missing" and "too long" in problem

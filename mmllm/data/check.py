@@ -119,8 +119,11 @@ class _MediaProbe:
         return self.seen[key]
 
     def _probe(self, modality: str, path: Path) -> str | None:
-        if not path.is_file():
-            return "missing"
+        try:
+            if not path.is_file():
+                return "missing"
+        except OSError as exc:  # a name too long, a folder it may not enter: training skips it too
+            return str(exc)
         if self.decode:
             try:
                 load_media(modality, path)

@@ -388,7 +388,8 @@ def read_records(
                     "remove those characters"
                 )
             records.append(parse(rec, ctx, f"{path}:{lineno}"))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # one bad record never stops the file
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:  # one bad record never stops
+            # the file (OSError: a media path the file system refuses to look up, e.g. a name too long)
             msg = str(exc) if isinstance(exc, DataFormatError) else f"{path}:{lineno}: malformed record ({exc!r})"
             errors.append(msg)
     for err in errors[:MAX_LOGGED_ERRORS]:
