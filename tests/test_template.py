@@ -168,16 +168,18 @@ def test_a_last_user_turn_after_the_last_answer_is_dropped_with_its_media(tiny_m
         assert enc.input_ids.count(spec.placeholder_ids["image"]) == spec.media_tokens["image"]
 
 
-def _sentencepiece_style_tokenizer(chat_template):
+def _sentencepiece_style_tokenizer(chat_template, split_newlines=True):
     """A Llama-2/Mistral-style fast tokenizer: Metaspace prepends "▁" to the start of a string (not after a
-    special token), so a turn tokenized on its own differs from the same turn inside the conversation."""
+    special token), so a turn tokenized on its own differs from the same turn inside the conversation.
+    Without ``split_newlines`` it merges a newline with the next word ("\na"), across a turn's start."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # newlines stay tokens of their own, as in Llama's vocabulary (<0x0A>)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
-                                                 pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")])
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), metaspace])
+                         if split_newlines else metaspace)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     corpus = "USER: ASSISTANT: user\nassistant\nwhat is this? a red circle. it is a blue square. draw it.\n" * 20
     tok.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=200, show_progress=False,
@@ -189,30 +191,35 @@ def _sentencepiece_style_tokenizer(chat_template):
     return fast
 
 
-@pytest.mark.parametrize("chat_template", [
-    # Vicuna (NExT-GPT's core): "USER: ... ASSISTANT: ...</s>"
-    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: "
-    "{{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}",
-    # ChatML on a SentencePiece-style core (a common fine-tune)
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+VICUNA = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: "
+          "{{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("chat_template,split_newlines", [
+    (VICUNA, True),  # NExT-GPT's core: "USER: ... ASSISTANT: ...</s>"
+    (CHATML, True),  # ChatML on a SentencePiece-style core (a common fine-tune)
+    (CHATML, False),  # a token across each reply's start: the prefixes are tokenized one by one
 ])
-def test_each_answer_is_learned_after_the_very_tokens_inference_prompts_with(chat_template):
+def test_each_answer_is_learned_after_the_very_tokens_inference_prompts_with(chat_template, split_newlines):
     """Training tokenized each turn's context and reply on their own: with a SentencePiece-style tokenizer the
     second turn's context then differed from the prompt `mmllm infer` builds, and replies began with a
     "▁"-prefixed token that the whole text never has."""
     from mmllm.data.template import TokenSpec, encode_prompt
 
-    tok = _sentencepiece_style_tokenizer(chat_template)
+    tok = _sentencepiece_style_tokenizer(chat_template, split_newlines)
     spec = TokenSpec({}, {}, {}, {}, max_length=512)
     messages = [{"role": "user", "content": "what is this?"}, {"role": "assistant", "content": "a red circle."},
                 {"role": "user", "content": "draw it."}, {"role": "assistant", "content": "it is a blue square."}]
     conv = Conversation("c", [Message(m["role"], m["content"]) for m in messages])
     enc = encode_conversation(conv, tok, spec)
     whole = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
-    assert enc.input_ids == whole
+    assert (enc.input_ids == whole) == split_newlines
     answered = 0
-    for i in (1, 3):
+    # with a token across the first reply's start, inference's second prompt holds that token (the whole
+    # conversation tokenized) where training has the first reply's start learned: only the first holds
+    for i in (1, 3) if split_newlines else (1,):
         prompt, _ = encode_prompt(messages[:i], tok, spec)
         assert enc.input_ids[:len(prompt)] == prompt  # the context inference gives
         assert all(lab == IGNORE for lab in enc.labels[answered:len(prompt)])

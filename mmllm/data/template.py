@@ -10,6 +10,7 @@ moves back to the span's start and the media/outputs past it are dropped with th
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,13 +131,17 @@ def _labelled_tokens(tokenizer: Any, text: str, replies: list[tuple[int, int]]) 
     """``text`` as token ids, labelled on the ``replies`` (character spans of what the assistant says).
 
     Each turn's context is what :func:`encode_prompt` gives inference (the rendered prompt tokenized whole)
-    and each reply the tokens that continue it (the text up to the reply's end tokenized whole, past the
-    context). Tokenizing each piece on its own differs wherever a tokenizer treats the start of a string
-    specially: SentencePiece-style cores (Llama 2, Mistral, Vicuna) prepend "▁" to a string's start but not
-    after a special token, so the model learnt to answer after another context than inference gives it,
-    and to begin its answers with a token it is never asked for. Only where the whole text merges a token
-    across a boundary (the context's tokens are then not a prefix of the longer text's) is the piece
-    tokenized on its own."""
+    and each reply the tokens that continue it in the whole text. Tokenizing each piece on its own differs
+    wherever a tokenizer treats the start of a string specially: SentencePiece-style cores (Llama 2,
+    Mistral, Vicuna) prepend "▁" to a string's start but not after a special token, so the model learnt to
+    answer after another context than inference gives it, and to begin its answers with a token it is never
+    asked for. The whole text is tokenized once (:func:`_whole_text_labels`); only where that cannot be
+    shown to give each turn inference's context (a slow tokenizer, a token across a turn's start) is each
+    prefix of the text tokenized whole, turn by turn."""
+    if getattr(tokenizer, "is_fast", False):
+        found = _whole_text_labels(tokenizer, text, replies)
+        if found is not None:
+            return found
     ids: list[int] = []
     labels: list[int] = []
     placed = 0  # characters of text behind ids
@@ -147,6 +152,30 @@ def _labelled_tokens(tokenizer: Any, text: str, replies: list[tuple[int, int]]) 
             ids += new
             labels += new if learn else [IGNORE] * len(new)
             placed = stop
+    return ids, labels
+
+
+def _whole_text_labels(tokenizer: Any, text: str,
+                       replies: list[tuple[int, int]]) -> tuple[list[int], list[int]] | None:
+    """The whole text's tokens, labelled where they start inside a reply; None unless the tokens before
+    each reply are those of the text up to it. That is checked from the last added token (special tokens,
+    placeholders: the tokenizer splits them off before anything else, so the text is cut cleanly there)
+    before each reply's start, which keeps it linear in the length of the conversation."""
+    if not text:
+        return [], []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids, starts = list(enc.input_ids), [first for first, _ in enc.offset_mapping]
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for begin, _ in replies:
+        k = bisect.bisect_left(starts, begin)  # tokens before the reply
+        j = next((i for i in range(k - 1, -1, -1) if ids[i] in added), None)
+        cut = 0 if j is None else starts[j]
+        if _tokens(tokenizer, text[cut:begin]) != ids[0 if j is None else j:k]:
+            return None
+    labels = [IGNORE] * len(ids)
+    for begin, end in replies:
+        first, stop = bisect.bisect_left(starts, begin), bisect.bisect_left(starts, end)
+        labels[first:stop] = ids[first:stop]
     return ids, labels
 
 
