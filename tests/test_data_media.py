@@ -178,6 +178,30 @@ def test_long_clips_are_sampled_over_their_whole_length(tmp_path, name, codec, f
     assert picked == sorted(picked) and picked[0] == reds[0] and picked[-1] == reds[-1]
 
 
+def test_large_frames_are_scaled_down_as_they_are_decoded(tmp_path):
+    """64 kept frames of a 4K clip were 1.6 GB per sample, at full size, where an encoder reads a few
+    hundred pixels a side; now each frame is at most MAX_VIDEO_FRAME_PIXELS, its aspect kept."""
+    path = tmp_path / "big.mp4"
+    with av.open(str(path), mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 2048, 1152, "yuv420p"
+        arr = np.zeros((1152, 2048, 3), np.uint8)
+        arr[:, 1024:, 2] = 200  # right half blue
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    video = load_video(path)
+    (w, h), = {f.size for f in video.frames}
+    assert 0.95 * 1024 * 1024 < w * h <= 1024 * 1024  # media.MAX_VIDEO_FRAME_PIXELS
+    assert abs(w / h - 2048 / 1152) < 0.01
+    left, right = np.asarray(video.frames[0])[h // 2, w // 4], np.asarray(video.frames[0])[h // 2, 3 * w // 4]
+    assert left[2] < 40 and right[2] > 160
+    small = load_video(_clip(tmp_path / "small.mp4", 2, "libx264", "mp4"))
+    assert small.frames[0].size == (32, 32)  # small clips are decoded as they are
+
+
 def test_short_clips_repeat_frames(tmp_path):
     short = load_video(_clip(tmp_path / "short.webm", 3, "libvpx-vp9", "webm"))
     assert len(short.frames) == 3 and len(short.sample_frames(8)) == 8

@@ -7,7 +7,8 @@ Decoded forms used throughout mmllm:
   frame of an animated file);
 * audio -> :class:`Audio` (float32 ``(samples, channels)`` in [-1, 1] and its sample rate; any
   channel count and rate -- encoders down-mix and resample to their own rate with :func:`resample`);
-* video -> :class:`Video` (RGB PIL frames and fps). A long clip is decoded with a stride so that
+* video -> :class:`Video` (RGB PIL frames of at most :data:`MAX_VIDEO_FRAME_PIXELS`, larger ones scaled
+  down, and fps). A long clip is decoded with a stride so that
   at most ``max_frames`` frames, evenly spread over the *whole* clip, are kept; a short one keeps
   every frame and :meth:`Video.sample_frames` repeats frames to fill what an encoder asks.
 
@@ -35,7 +36,10 @@ AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg"}
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before decoding them
 MAX_VIDEO_FRAMES = 64  # frames kept per clip, evenly spread over its whole length
-MEDIA_DECODE_VERSION = "2"  # bump when decoding changes (invalidates cached encoder features)
+# a larger video frame is scaled down (aspect kept) as it is decoded: 64 kept 4K frames are 1.6 GB per clip,
+# where video encoders read a few hundred pixels a side
+MAX_VIDEO_FRAME_PIXELS = 1024 * 1024
+MEDIA_DECODE_VERSION = "3"  # bump when decoding changes (invalidates cached encoder features)
 
 
 class MediaError(ValueError):
@@ -221,7 +225,7 @@ def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
             for index, frame in enumerate(container.decode(stream)):
                 if index % stride:
                     continue
-                kept.append((index, frame.to_image().convert("RGB")))
+                kept.append((index, _frame_image(frame)))
                 if len(kept) > max_frames:  # longer than announced: keep every other frame, double the stride
                     kept = kept[::2]
                     stride *= 2
@@ -232,6 +236,16 @@ def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
     if not kept:
         raise MediaError(f"video has no frames: {path}")
     return Video([img for _, img in kept[:max_frames]], fps / stride)  # fps of the frames kept
+
+
+def _frame_image(frame: Any) -> Image.Image:
+    """A decoded frame as an RGB image of at most :data:`MAX_VIDEO_FRAME_PIXELS` (scaled down, aspect kept)."""
+    w, h = frame.width, frame.height
+    if w * h <= MAX_VIDEO_FRAME_PIXELS:
+        return frame.to_image().convert("RGB")
+    scale = (MAX_VIDEO_FRAME_PIXELS / (w * h)) ** 0.5
+    size = max(1, int(w * scale)), max(1, int(h * scale))
+    return frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA").to_image()
 
 
 def load_media(modality: str, path: str | Path):
