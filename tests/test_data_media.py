@@ -131,6 +131,28 @@ def test_audio_reaches_the_encoder_at_its_rate(tmp_path):
     assert a.shape == b.shape and encoder(a).shape[1:] == (encoder.num_tokens, encoder.output_dim)
 
 
+def test_a_long_recording_is_decoded_up_to_its_head_only(tmp_path, monkeypatch):
+    """An hour of 48 kHz stereo was decoded whole (1.4 GB of float32), then resampled whole, for an encoder
+    that keeps its first 10-30 s; now decoding stops at MAX_AUDIO_SECONDS (here 1 s), in both decoders."""
+    monkeypatch.setattr(media, "MAX_AUDIO_SECONDS", 1.0, raising=False)
+    wave = _tone(16000, 3.0, 2)
+    sf.write(tmp_path / "long.flac", wave, 16000)
+    with av.open(str(tmp_path / "long.m4a"), mode="w", format="mp4") as out:  # soundfile cannot: PyAV decodes
+        stream = out.add_stream("aac", rate=16000)
+        for start in range(0, 48000, 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[start:start + 1024].T), format="fltp",
+                                               layout="stereo")
+            frame.sample_rate = 16000
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    for name in ("long.flac", "long.m4a"):
+        audio = load_audio(tmp_path / name)
+        assert audio.sample_rate == 16000 and audio.waveform.shape == (16000, 2), name
+    assert np.allclose(load_audio(tmp_path / "long.flac").waveform, wave[:16000], atol=1e-3)  # the head
+
+
 def test_unusable_audio_names_the_file(tmp_path):
     (tmp_path / "junk.wav").write_bytes(b"RIFF....WAVEjunkjunkjunk" * 4)
     sf.write(tmp_path / "nan.wav", np.array([0.0, np.nan, 0.1], dtype=np.float32), 16000, subtype="FLOAT")

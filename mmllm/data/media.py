@@ -6,7 +6,8 @@ Decoded forms used throughout mmllm:
   scaled to 8 bits; RGBA, LA and palette images with transparency composited on white; the first
   frame of an animated file);
 * audio -> :class:`Audio` (float32 ``(samples, channels)`` in [-1, 1] and its sample rate; any
-  channel count and rate -- encoders down-mix and resample to their own rate with :func:`resample`);
+  channel count and rate -- encoders down-mix and resample to their own rate with :func:`resample`;
+  at most the first :data:`MAX_AUDIO_SECONDS`);
 * video -> :class:`Video` (RGB PIL frames of at most :data:`MAX_VIDEO_FRAME_PIXELS`, larger ones scaled
   down, and fps). A long clip is decoded with a stride so that
   at most ``max_frames`` frames, evenly spread over the *whole* clip, are kept; a short one keeps
@@ -39,6 +40,9 @@ MAX_VIDEO_FRAMES = 64  # frames kept per clip, evenly spread over its whole leng
 # a larger video frame is scaled down (aspect kept) as it is decoded: 64 kept 4K frames are 1.6 GB per clip,
 # where video encoders read a few hundred pixels a side
 MAX_VIDEO_FRAME_PIXELS = 1024 * 1024
+# audio is decoded up to this long (its head): an hour of 48 kHz stereo is 1.4 GB of float32 before the
+# encoder resamples it all and keeps its own max_seconds (CLAP's, AST's 10 s, Whisper's 30 s)
+MAX_AUDIO_SECONDS = 600.0
 MEDIA_DECODE_VERSION = "3"  # bump when decoding changes (invalidates cached encoder features)
 
 
@@ -166,7 +170,9 @@ def load_audio(path: str | Path) -> Audio:
     path = Path(path)
     _check_file(path, "audio")
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as fh:
+            rate = fh.samplerate
+            data = fh.read(frames=max(1, int(MAX_AUDIO_SECONDS * rate)), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         try:
             return _load_audio_av(path)
@@ -190,8 +196,10 @@ def _load_audio_av(path: Path) -> Audio:
 
     with av.open(str(path)) as container:
         stream = next(s for s in container.streams if s.type == "audio")
-        chunks = []
+        chunks, samples, limit = [], 0, max(1, int(MAX_AUDIO_SECONDS * (stream.rate or 1)))
         for frame in container.decode(stream):
+            if samples >= limit:
+                break
             arr = frame.to_ndarray()
             if arr.dtype != np.float32:
                 arr = arr.astype(np.float32) / max(np.iinfo(arr.dtype).max, 1) if arr.dtype.kind == "i" else arr
@@ -200,10 +208,11 @@ def _load_audio_av(path: Path) -> Audio:
             else:
                 arr = arr.reshape(-1, len(frame.layout.channels))
             chunks.append(arr)
+            samples += arr.shape[0]
         rate = stream.rate
     if not chunks:
         raise MediaError(f"audio file has no samples: {path}")
-    return _checked_audio(path, np.concatenate(chunks, axis=0), int(rate))
+    return _checked_audio(path, np.concatenate(chunks, axis=0)[:limit], int(rate))
 
 
 def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
