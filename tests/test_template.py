@@ -228,3 +228,24 @@ def test_each_answer_is_learned_after_the_very_tokens_inference_prompts_with(cha
         assert reply.strip().startswith(messages[i]["content"])
         answered = len(prompt) + next((j for j, lab in enumerate(enc.labels[len(prompt):]) if lab == IGNORE),
                                       len(enc.labels) - len(prompt))
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_skipped_sample_not_a_crash():
+    """Mistral's template raises "roles must alternate", Gemma 2's "System role not supported": jinja2's
+    TemplateError is no ValueError, so it escaped StageDataset and stopped training mid-epoch (and data check)."""
+    from mmllm.data.dataset import SampleError
+    from mmllm.data.template import TokenSpec
+
+    tok = _sentencepiece_style_tokenizer(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + VICUNA)
+    spec = TokenSpec({}, {}, {}, {}, max_length=512)
+    refused = Conversation("s", [Message("system", "be brief"), Message("user", "hi"), Message("assistant", "yo")],
+                           "chat.jsonl:7")
+    fine = Conversation("f", [Message("user", "hi"), Message("assistant", "yo")], "chat.jsonl:8")
+    with pytest.raises(ValueError, match=r"^chat.jsonl:7: the LLM's chat template refuses this conversation "
+                                         r"\(roles: system, user\): System role not supported"):
+        encode_conversation(refused, tok, spec)
+    ds = StageDataset([refused, fine], tok, spec, {})
+    assert isinstance(ds[0], SampleError) and "System role not supported" in ds[0].error
+    assert not isinstance(ds[1], SampleError)

@@ -92,9 +92,19 @@ def _template_messages(conv: Conversation, spec: TokenSpec) -> list[dict[str, st
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """The chat template's text; a conversation the template refuses (its ``raise_exception``: Mistral's
+    "roles must alternate", Gemma 2's "System role not supported") is a ValueError, which training skips
+    and counts as it does any sample that cannot be read, rather than jinja2's TemplateError."""
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        roles = ", ".join(m["role"] for m in messages)
+        raise ValueError(f"the LLM's chat template refuses this conversation (roles: {roles}): {exc}; change the "
+                         "conversation, or give llm.chat_template one that accepts it") from exc
 
 
 PREFIX_STABLE_HINT = (
@@ -209,6 +219,15 @@ def encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> 
     first_turn = next((m.role for m in conv.messages if m.role != "system"), None)
     if first_turn != "user":
         raise ValueError(f"{conv.source}: a conversation must open with a user turn (after any system turn)")
+    try:
+        return _encode_conversation(conv, tokenizer, spec)
+    except ValueError as exc:  # the template's own complaints do not know where the conversation is from
+        if str(exc).startswith(conv.source):
+            raise
+        raise ValueError(f"{conv.source}: {exc}") from exc
+
+
+def _encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> EncodedSample:
     messages = _template_messages(conv, spec)
     replies: list[tuple[int, int]] = []  # character spans of what the assistant says in the rendered text
     done = ""  # the conversation rendered up to the last answer placed
