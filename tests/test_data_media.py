@@ -224,6 +224,31 @@ def test_large_frames_are_scaled_down_as_they_are_decoded(tmp_path):
     assert small.frames[0].size == (32, 32)  # small clips are decoded as they are
 
 
+@pytest.mark.parametrize("rotation,blue_at", [(90, "top"), (-90, "bottom"), (180, "left")])
+def test_a_clip_is_turned_as_its_display_matrix_says(tmp_path, rotation, blue_at):
+    """Phones store a portrait clip as landscape frames and a display rotation; frames were decoded as
+    stored, on their side (images had their EXIF orientation applied, videos not)."""
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(rotation)  # counter-clockwise, as VideoFrame.rotation reads it back
+        arr = np.zeros((32, 64, 3), np.uint8)
+        arr[:, 32:, 2] = 220  # stored: right half blue
+        for _ in range(2):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    frame = np.asarray(load_video(path).frames[0])
+    assert frame.shape[:2] == ((32, 64) if rotation == 180 else (64, 32))
+    h, w = frame.shape[:2]
+    probe = {"top": frame[h // 4, w // 2], "bottom": frame[3 * h // 4, w // 2], "left": frame[h // 2, w // 4]}
+    opposite = {"top": "bottom", "bottom": "top", "left": "right"}[blue_at]
+    probe["right"] = frame[h // 2, 3 * w // 4]
+    assert probe[blue_at][2] > 150 and probe[opposite][2] < 60
+
+
 def test_short_clips_repeat_frames(tmp_path):
     short = load_video(_clip(tmp_path / "short.webm", 3, "libvpx-vp9", "webm"))
     assert len(short.frames) == 3 and len(short.sample_frames(8)) == 8

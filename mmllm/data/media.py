@@ -247,14 +247,24 @@ def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
     return Video([img for _, img in kept[:max_frames]], fps / stride)  # fps of the frames kept
 
 
+# a display matrix's counter-clockwise rotation (VideoFrame.rotation: phones record portrait clips as
+# landscape frames plus -90) -> the transpose that shows the frame upright
+_DISPLAY_ROTATION = {90: Image.Transpose.ROTATE_90, -90: Image.Transpose.ROTATE_270, 270: Image.Transpose.ROTATE_270,
+                     180: Image.Transpose.ROTATE_180, -180: Image.Transpose.ROTATE_180}
+
+
 def _frame_image(frame: Any) -> Image.Image:
-    """A decoded frame as an RGB image of at most :data:`MAX_VIDEO_FRAME_PIXELS` (scaled down, aspect kept)."""
+    """A decoded frame as an upright RGB image (its display rotation applied, as EXIF orientation is to
+    images) of at most :data:`MAX_VIDEO_FRAME_PIXELS` (scaled down, aspect kept)."""
     w, h = frame.width, frame.height
     if w * h <= MAX_VIDEO_FRAME_PIXELS:
-        return frame.to_image().convert("RGB")
-    scale = (MAX_VIDEO_FRAME_PIXELS / (w * h)) ** 0.5
-    size = max(1, int(w * scale)), max(1, int(h * scale))
-    return frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA").to_image()
+        img = frame.to_image().convert("RGB")
+    else:
+        scale = (MAX_VIDEO_FRAME_PIXELS / (w * h)) ** 0.5
+        size = max(1, int(w * scale)), max(1, int(h * scale))
+        img = frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA").to_image()
+    method = _DISPLAY_ROTATION.get(round(getattr(frame, "rotation", 0) or 0))
+    return img.transpose(method) if method is not None else img
 
 
 def load_media(modality: str, path: str | Path):
