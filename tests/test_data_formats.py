@@ -116,6 +116,17 @@ def test_nextgpt_t2x_old_and_new_layouts(tmp_path):
     assert f"{path}:" in errors[1] and "output_modality 'picture'" in errors[1] and "'a cat'" in errors[1]
 
 
+def test_nextgpt_t2x_a_bare_marker_after_a_captioned_turn_takes_the_next_caption(tmp_path):
+    """The record's `image_captions` list every output, the first turn's also on the turn: the second turn's
+    bare <image> took the list's first caption again (the first image's) as its target."""
+    path = _write(tmp_path / "image_t2x.json", [{"image_captions": ["a red cat", "a blue dog"], "conversations": [
+        {"from": "human", "value": "Draw a red cat."},
+        {"from": "gpt", "value": "Here. <image>", "caption": "a red cat", "output_modality": "image"},
+        {"from": "human", "value": "Now a blue dog."}, {"from": "gpt", "value": "Sure. <image>"}]}])
+    (conv,), errors = read_records(path, "nextgpt-t2x")
+    assert not errors and [o.caption for o in conv.output_refs()] == ["a red cat", "a blue dog"]
+
+
 def test_nextgpt_mosit_inputs_outputs_and_lists(tmp_path):
     _touch(tmp_path, "rain.wav", "a.jpg", "clouds.jpg")
     path = _write(tmp_path / "mosit.json", [
