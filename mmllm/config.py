@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -313,8 +314,9 @@ class DatasetConfig:
     embeddings: str | None = None
 
     def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"{self.path}: weight must be >= 0 (0 leaves the dataset out), got {self.weight}")
+        if not math.isfinite(self.weight) or self.weight < 0:  # NaN and inf: no epoch can be built from them
+            raise ValueError(f"{self.path}: weight must be a finite number >= 0 (0 leaves the dataset out), "
+                             f"got {self.weight}")
 
 
 @dataclass
