@@ -349,6 +349,20 @@ def test_rerun_skips_done_requests_and_redoes_failed_torn_or_lost_ones(model, me
     assert "5 done, 0 failed" in (out / "index.html").read_text()
 
 
+def test_a_malformed_line_never_shadows_a_request_whose_id_is_line_n(model, tmp_path):
+    # a malformed line's error record is labelled "line-N"; a real request may carry that very id
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "line-2", "prompt": "Hello there."}, "{not json"])
+    out = tmp_path / "out"
+    first = run_requests(model, requests, out, max_new_tokens=4)
+    assert (first["done"], first["failed"]) == (1, 1)
+    for _ in range(2):  # re-runs report the malformed line again; the answer stays done and shown
+        again = run_requests(model, requests, out, max_new_tokens=4)
+        assert (again["skipped"], again["done"], again["failed"]) == (1, 0, 1)
+        assert runner.done_ids(out / "results.jsonl") == {"line-2"}
+        page = (out / "index.html").read_text()
+        assert "1 done, 1 failed" in page and "Hello there." in page and "not valid JSON" in page
+
+
 def test_a_crash_mid_run_resumes_where_it_stopped(model, tmp_path, monkeypatch):
     requests = write_requests(tmp_path / "r.jsonl", [{"id": f"r{i}", "prompt": f"Hello number {i}."}
                                                      for i in range(5)])
