@@ -512,7 +512,8 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
 
 def export_weights_only(checkpoint: Path, out: Path, dtype: str = "float32", assembly: Path | None = None) -> Path:
     """A copy for inference and shipping: config, learned weights and adapter, no training state,
-    floating-point tensors cast to ``dtype`` (they are cast back to the model's dtype on load).
+    floating-point tensors cast to ``dtype`` (they are cast back to the model's dtype on load); a merged
+    export's LLM folder (``./llm``), which its assembly names inside it, is copied as it is.
     ``assembly`` (a YAML) replaces the recorded assembly, e.g. to point at parts that moved or at
     the shipped decoders after training with stand-ins; the learned weights must fit it (checked
     on load). The source checkpoint is verified first; the copy gets its own manifest."""
@@ -538,6 +539,10 @@ def export_weights_only(checkpoint: Path, out: Path, dtype: str = "float32", ass
             meta["assembly"] = new_assembly
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
         cast(checkpoint / LEARNED_FILE, tmp / LEARNED_FILE)
+        llm = str(meta["assembly"]["llm"].get("name_or_path", ""))
+        if meta["assembly"]["llm"].get("kind") == "hf-causal-lm" and llm.startswith("./"):
+            # a merged export's LLM lives inside it (see checkpoint_assembly): the copy needs it too
+            shutil.copytree(checkpoint / llm[2:], tmp / llm[2:])
         adapter = checkpoint / ADAPTER_DIR
         if adapter.is_dir():
             (tmp / ADAPTER_DIR).mkdir()
