@@ -204,6 +204,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     for name in ("steps", "decode_batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.seed < 2**63:  # what a request's own seed may be (torch's generators take no more)
+        raise SystemExit(f"--seed must be at least 0 and below 2**63, got {args.seed}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise SystemExit("--temperature must be >= 0 and --top-p in (0, 1]")
     _check_device(args.device)

@@ -487,6 +487,16 @@ def test_an_input_file_replaced_under_the_same_name_is_refused_on_resume(ckpt, m
     assert "already done" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_a_seed_no_request_could_give_is_refused_before_the_model_loads(ckpt, seed, tmp_path, monkeypatch, capsys):
+    # a request's own seed must be in [0, 2**63); --seed, the seed of the others, is held to the same
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello.", "temperature": 1.0}])
+    _no_model_load(monkeypatch)
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(tmp_path / "out")]
+    assert main([*args, "--seed", seed]) == 2
+    assert f"--seed must be at least 0 and below 2**63, got {seed}" in capsys.readouterr().err
+
+
 def test_overwrite_leaves_a_folder_without_results_as_it_is(tmp_path):
     (tmp_path / "media").mkdir()
     (tmp_path / "media" / "photo.txt").write_text("precious")
