@@ -183,6 +183,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     from mmllm.inference.runner import (
         OutputError,
+        check_overwrite,
         check_resume,
         pending_lines,
         prepare_output,
@@ -226,7 +227,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
             requests.write_text(json.dumps({"id": f"prompt-{digest}", **rec}) + "\n")
         try:  # refused before the model loads: OUT unwritable, or holding answers of another checkpoint/settings
             prepare_output(Path(args.output))
-            if not args.overwrite:
+            if args.overwrite:
+                check_overwrite(Path(args.output), requests)
+            else:
                 check_resume(Path(args.output), requests, run_settings(
                     Path(args.checkpoint), args.dtype, args.seed, args.max_new_tokens, args.temperature, args.top_p,
                     args.steps, args.guidance))

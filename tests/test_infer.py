@@ -497,6 +497,25 @@ def test_a_seed_no_request_could_give_is_refused_before_the_model_loads(ckpt, se
     assert f"--seed must be at least 0 and below 2**63, got {seed}" in capsys.readouterr().err
 
 
+def test_overwrite_never_deletes_the_input_files_of_its_requests(ckpt, media, tmp_path, monkeypatch, capsys):
+    # results written next to the requests file: its media/ holds the inputs, and --overwrite clears media/
+    d = tmp_path / "project"
+    (d / "media").mkdir(parents=True)
+    picture = d / "media" / "red_circle.png"
+    picture.write_bytes((media / "red_circle.png").read_bytes())
+    requests = write_requests(d / "requests.jsonl", [{"id": "see", "prompt": "What is this?", "image": "media/red_circle.png"},
+                                                     {"id": "hi", "prompt": "Hello."}])
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(d), "--max-new-tokens", "4"]
+    assert main(args) == 0
+    before = (d / "results.jsonl").read_text()
+    _no_model_load(monkeypatch)
+    assert main([*args, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"--overwrite would delete {picture}, an input of request 'see'" in err and "another --output" in err
+    assert picture.read_bytes() == (media / "red_circle.png").read_bytes()
+    assert (d / "results.jsonl").read_text() == before
+
+
 def test_overwrite_leaves_a_folder_without_results_as_it_is(tmp_path):
     (tmp_path / "media").mkdir()
     (tmp_path / "media" / "photo.txt").write_text("precious")

@@ -352,6 +352,28 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any]) -> None:
                           f"are replaced)")
 
 
+def check_overwrite(out: Path, requests_file: Path) -> None:
+    """Refuse (:class:`OutputError`) an ``overwrite`` that would delete an input file of a request: one kept
+    in ``out/media``, which :func:`start_afresh` removes whole (results written next to their requests)."""
+    out, requests_file = Path(out), Path(requests_file)
+    if not (out / "results.jsonl").is_file() or not (out / "media").is_dir():
+        return
+    media = (out / "media").resolve()
+    for line in read_lines(requests_file):
+        if line.record is None:
+            continue
+        try:
+            inputs = parse_request(line.record, requests_file.parent, 0, load=False).inputs
+        except RequestError:
+            continue
+        for name in inputs:
+            if Path(name).resolve().is_relative_to(media):
+                raise OutputError(f"--overwrite would delete {name}, an input of request {line.id!r} "
+                                  f"({requests_file}:{line.lineno}): it starts {out} afresh by removing its "
+                                  f"results.jsonl, media/ and index.html. Move the inputs out of {out / 'media'}, "
+                                  f"or give another --output")
+
+
 def start_afresh(out: Path) -> None:
     """Remove what a run wrote to ``out`` (results.jsonl, media/, index.html), nothing else; a folder
     without a ``results.jsonl`` holds no run's outputs and is left as it is.
@@ -638,6 +660,7 @@ def run_requests(
     made = run_settings(checkpoint, str(next(model.parameters()).dtype).removeprefix("torch."), seed,
                         max_new_tokens, temperature, top_p, steps, guidance)
     if overwrite:
+        check_overwrite(out, requests_file)
         start_afresh(out)
     else:
         check_resume(out, requests_file, made)
