@@ -278,7 +278,7 @@ def test_bad_inputs_become_error_records_and_the_rest_completes(ckpt, media, tmp
         "unsupported": ({"prompt": "What is this?", "image": "notes.txt"}, "unsupported image file"),
         "unknown-modality": ({"prompt": "What is this?", "media": ["thing.xyz"]}, "unknown modality"),
         "unknown-field": ({"prompt": "Smell this.", "smell": "rose.smell"}, "unknown field(s) ['smell']"),
-        "too-long": ({"prompt": "shapes and sounds " * 200}, "max_length=128"),
+        "too-long": ({"prompt": "shapes and sounds " * 200}, "max_length=128 (the checkpoint's assembly): shorten"),
         "huge-image": ({"prompt": "What is this?", "image": "huge.png"}, "image too large"),
         "placeholders": ({"prompt": "<image><image> compare", "media": ["huge.png"]}, "2 placeholder(s) but 1"),
         "empty-prompt": ({"prompt": "  "}, "the prompt is empty"),
