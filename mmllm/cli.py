@@ -267,6 +267,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.merge_lora:
         if args.dtype != "float32":
             raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
+        if args.assembly:  # export_merged records the checkpoint's assembly, its LLM replaced by the merged one
+            raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
+                             "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
         path = export_merged(Path(args.checkpoint), Path(args.output))
         log.info("wrote merged model to %s", path)
     else:

@@ -129,6 +129,16 @@ def test_a_weights_only_export_of_a_merged_export_carries_its_llm(tmp_path_facto
     assert frozen and all(torch.equal(p, q) for _, p, q in frozen)
 
 
+def test_merge_lora_refuses_an_assembly_it_would_not_record(tmp_path_factory, tmp_path, capsys):
+    from mmllm.cli import main
+
+    ckpt = trained_checkpoint(tmp_path_factory)
+    args = ["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "merged"), "--merge-lora"]
+    assert main([*args, "--assembly", str(REPO / "configs" / "assemblies" / "tiny.yaml")]) == 2
+    assert "--assembly goes with a weights-only export" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+
 def test_an_export_never_replaces_its_checkpoint_or_unrelated_files(tmp_path_factory, tmp_path):
     ckpt = trained_checkpoint(tmp_path_factory)
     before = {p.name: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
