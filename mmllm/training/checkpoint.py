@@ -501,8 +501,11 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
         tokenizer.save_pretrained(str(tmp / "llm"))
         meta_out = dict(meta)
         meta_out["assembly"] = dict(meta["assembly"])
+        llm_options = meta["assembly"]["llm"]
         meta_out["assembly"]["llm"] = {"kind": "hf-causal-lm", "name_or_path": "./llm",
-                                       "dtype": meta["assembly"]["llm"].get("dtype", "float32")}
+                                       "dtype": llm_options.get("dtype", "float32")}
+        if llm_options.get("trust_remote_code"):  # its classes are in its folder, saved with it into llm/
+            meta_out["assembly"]["llm"]["trust_remote_code"] = True
         meta_out["lora"] = None
         meta_out["merged_from"] = str(checkpoint)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta_out, indent=2, default=str))
