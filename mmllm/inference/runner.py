@@ -359,6 +359,10 @@ def check_overwrite(out: Path, requests_file: Path) -> None:
     if not (out / "results.jsonl").is_file() or not (out / "media").is_dir():
         return
     media = (out / "media").resolve()
+    if requests_file.resolve().is_relative_to(media):
+        raise OutputError(f"--overwrite would delete the requests file {requests_file}: it starts {out} afresh by "
+                          f"removing its results.jsonl, media/ and index.html. Move it out of {out / 'media'}, or "
+                          f"give another --output")
     for line in read_lines(requests_file):
         if line.record is None:
             continue
