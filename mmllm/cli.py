@@ -285,7 +285,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.quick and not args.tiny:
         raise SystemExit("--quick shortens the training of --tiny; the embedded default is already trained: "
                          "use `mmllm demo --tiny --quick`, or leave --quick out")
-    return run_demo(Path(args.output), quick=args.quick, tiny=args.tiny)
+    from mmllm.inference.runner import OutputError
+
+    try:
+        return run_demo(Path(args.output), quick=args.quick, tiny=args.tiny)
+    except OutputError as exc:  # e.g. an --output whose media/ holds the requests' inputs
+        raise SystemExit(str(exc)) from exc
 
 
 def _stage_assembly(cfg):

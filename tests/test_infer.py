@@ -511,12 +511,12 @@ def test_overwrite_never_deletes_the_input_files_of_its_requests(ckpt, media, tm
     _no_model_load(monkeypatch)
     assert main([*args, "--overwrite"]) == 2
     err = capsys.readouterr().err
-    assert f"--overwrite would delete {picture}, an input of request 'see'" in err and "another --output" in err
+    assert f"afresh (--overwrite) would delete {picture}, an input of request 'see'" in err and "another --output" in err
     assert picture.read_bytes() == (media / "red_circle.png").read_bytes()
     assert (d / "results.jsonl").read_text() == before
     inside = write_requests(d / "media" / "more.jsonl", [{"id": "hi", "prompt": "Hello."}])
     assert main([*args[:4], str(inside), *args[5:], "--overwrite"]) == 2
-    assert f"--overwrite would delete the requests file {inside}" in capsys.readouterr().err and inside.is_file()
+    assert f"afresh (--overwrite) would delete the requests file {inside}" in capsys.readouterr().err and inside.is_file()
 
 
 def test_overwrite_leaves_a_folder_without_results_as_it_is(tmp_path):

@@ -353,16 +353,18 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any]) -> None:
 
 
 def check_overwrite(out: Path, requests_file: Path) -> None:
-    """Refuse (:class:`OutputError`) an ``overwrite`` that would delete an input file of a request: one kept
-    in ``out/media``, which :func:`start_afresh` removes whole (results written next to their requests)."""
+    """Refuse (:class:`OutputError`) an ``overwrite`` that would delete the requests file or an input file of
+    a request: one kept in ``out/media``, which :func:`start_afresh` removes whole (results written next to
+    their requests)."""
     out, requests_file = Path(out), Path(requests_file)
     if not (out / "results.jsonl").is_file() or not (out / "media").is_dir():
         return
     media = (out / "media").resolve()
+    how = (f"it removes {out}'s results.jsonl, media/ and index.html. Move the file out of {out / 'media'}, or "
+           f"give another --output")
     if requests_file.resolve().is_relative_to(media):
-        raise OutputError(f"--overwrite would delete the requests file {requests_file}: it starts {out} afresh by "
-                          f"removing its results.jsonl, media/ and index.html. Move it out of {out / 'media'}, or "
-                          f"give another --output")
+        raise OutputError(f"starting {out} afresh (--overwrite) would delete the requests file {requests_file}: "
+                          f"{how}")
     for line in read_lines(requests_file):
         if line.record is None:
             continue
@@ -372,10 +374,8 @@ def check_overwrite(out: Path, requests_file: Path) -> None:
             continue
         for name in inputs:
             if Path(name).resolve().is_relative_to(media):
-                raise OutputError(f"--overwrite would delete {name}, an input of request {line.id!r} "
-                                  f"({requests_file}:{line.lineno}): it starts {out} afresh by removing its "
-                                  f"results.jsonl, media/ and index.html. Move the inputs out of {out / 'media'}, "
-                                  f"or give another --output")
+                raise OutputError(f"starting {out} afresh (--overwrite) would delete {name}, an input of request "
+                                  f"{line.id!r} ({requests_file}:{line.lineno}): {how}")
 
 
 def start_afresh(out: Path) -> None:
