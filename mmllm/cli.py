@@ -215,6 +215,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
             requests = Path(args.input)
             if not requests.is_file():
                 raise SystemExit(f"--input {requests}: file not found")
+            if not read_lines(requests):  # not worth loading a model for: most likely the wrong file
+                raise SystemExit(f"--input {requests}: holds no requests (no line that is not blank); give one JSON "
+                                 'object per line, e.g. {"id": "r1", "prompt": "Draw a red circle."}')
         else:
             rec = {"prompt": args.prompt, "seed": args.seed,
                    **{m: str(Path(p).resolve()) for m, p in flag_media.items()}}

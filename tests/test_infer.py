@@ -519,6 +519,13 @@ def test_overwrite_never_deletes_the_input_files_of_its_requests(ckpt, media, tm
     assert f"afresh (--overwrite) would delete the requests file {inside}" in capsys.readouterr().err and inside.is_file()
 
 
+def test_a_requests_file_without_requests_is_refused_before_the_model_loads(ckpt, tmp_path, monkeypatch, capsys):
+    requests = write_requests(tmp_path / "r.jsonl", ["", "   "])
+    _no_model_load(monkeypatch)
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(tmp_path / "out")]) == 2
+    assert f"--input {requests}: holds no requests" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def test_overwrite_leaves_a_folder_without_results_as_it_is(tmp_path):
     (tmp_path / "media").mkdir()
     (tmp_path / "media" / "photo.txt").write_text("precious")
