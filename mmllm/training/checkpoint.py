@@ -478,7 +478,8 @@ def check_export_target(checkpoint: Path, out: Path) -> None:
 def export_merged(checkpoint: Path, out: Path) -> Path:
     """A copy with LoRA merged into the LLM, saved as a plain HF model dir under ``out/llm``."""
     check_export_target(checkpoint, out)
-    model = load_model_checkpoint(checkpoint)
+    # the LLM, its adapter and the learned weights are all it writes: no decoder or encoder weights are read
+    model = load_model_checkpoint(checkpoint, decoder_parts="config", encoder_weights=[])
     meta = read_meta(checkpoint)
     if model._peft_model is None:
         stage = meta.get("stage") if isinstance(meta.get("stage"), dict) else {}
