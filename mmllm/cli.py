@@ -194,6 +194,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     if not Path(args.checkpoint).is_dir():
         raise SystemExit(f"--checkpoint {args.checkpoint}: not a directory")
+    from mmllm.training.checkpoint import read_meta
+
+    read_meta(Path(args.checkpoint))  # no checkpoint (a run's folder, say) is named as such, not compared as one
     if bool(args.input) == bool(args.prompt):
         raise SystemExit("give either --input requests.jsonl or --prompt TEXT (with optional --image/--audio/--video)")
     flag_media = {m: getattr(args, m) for m in ("image", "audio", "video") if getattr(args, m)}

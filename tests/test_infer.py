@@ -400,8 +400,9 @@ def test_rerun_with_another_checkpoint_or_settings_is_refused_unless_overwrite(c
         "seed": 0, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "steps": None, "guidance": None,
         "dtype": "float32"}
     before = (out / "results.jsonl").read_text()
-    other = tmp_path / "other-ckpt"
-    other.mkdir()
+    from mmllm.training.checkpoint import export_weights_only
+
+    other = export_weights_only(ckpt, tmp_path / "other-ckpt", dtype="float16")  # another checkpoint
     with monkeypatch.context() as m:
         _no_model_load(m)
         for extra, message in [(["--max-new-tokens", "6"], "max_new_tokens 4 (now 6)"),
@@ -524,6 +525,19 @@ def test_a_requests_file_without_requests_is_refused_before_the_model_loads(ckpt
     _no_model_load(monkeypatch)
     assert main(["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(tmp_path / "out")]) == 2
     assert f"--input {requests}: holds no requests" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_run_folder_given_as_checkpoint_is_named_as_such_not_compared_with_earlier_answers(ckpt, tmp_path,
+                                                                                               monkeypatch, capsys):
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}])
+    out = tmp_path / "out"
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out),
+                 "--max-new-tokens", "4"]) == 0
+    _no_model_load(monkeypatch)
+    assert main(["infer", "--checkpoint", str(ckpt.parent), "--input", str(requests), "--output", str(out),
+                 "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"training run's folder; give one of its checkpoints, e.g. {ckpt}" in err and "answered there with" not in err
 
 
 def test_overwrite_leaves_a_folder_without_results_as_it_is(tmp_path):
