@@ -205,7 +205,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("steps", "decode_batch_size"):
+    for name in ("steps", "decode_batch_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.seed < 2**63:  # what a request's own seed may be (torch's generators take no more)

@@ -488,14 +488,19 @@ def test_an_input_file_replaced_under_the_same_name_is_refused_on_resume(ckpt, m
     assert "already done" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("seed", ["-1", str(2**64)])
-def test_a_seed_no_request_could_give_is_refused_before_the_model_loads(ckpt, seed, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("flags", "message"), [
     # a request's own seed must be in [0, 2**63); --seed, the seed of the others, is held to the same
+    (["--seed", "-1"], "--seed must be at least 0 and below 2**63, got -1"),
+    (["--seed", str(2**64)], f"--seed must be at least 0 and below 2**63, got {2**64}"),
+    (["--threads", "0"], "--threads must be at least 1"),
+])
+def test_flags_no_run_could_use_are_refused_before_the_model_loads(ckpt, flags, message, tmp_path, monkeypatch,
+                                                                  capsys):
     requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello.", "temperature": 1.0}])
     _no_model_load(monkeypatch)
     args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(tmp_path / "out")]
-    assert main([*args, "--seed", seed]) == 2
-    assert f"--seed must be at least 0 and below 2**63, got {seed}" in capsys.readouterr().err
+    assert main([*args, *flags]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_overwrite_never_deletes_the_input_files_of_its_requests(ckpt, media, tmp_path, monkeypatch, capsys):
