@@ -651,7 +651,8 @@ def run_requests(
 
     Raises :class:`OutputError` when ``out`` cannot be written, or when a request it holds done was
     answered with another checkpoint or settings (see :func:`check_resume`) and ``overwrite`` is false;
-    ``overwrite`` first removes the earlier results instead (:func:`start_afresh`).
+    ``overwrite`` first removes the earlier results instead (:func:`start_afresh`), unless that would delete
+    the requests file or an input file of a request (:func:`check_overwrite`).
 
     Returns counts -- ``done``, ``failed``, ``skipped`` (done in an earlier run), ``stopped`` (1 if
     ``fail_fast`` stopped the run) -- and ``seconds``: wall time per stage (prepare, llm, decode,
