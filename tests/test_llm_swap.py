@@ -299,3 +299,21 @@ def test_a_merged_export_of_a_core_with_its_own_code_loads_and_answers_alike(tin
         a = model.llm.lm_head()(model.llm.decoder()(inputs_embeds=model.llm.embed(ids)).last_hidden_state)
         b = merged.llm.lm_head()(merged.llm.decoder()(inputs_embeds=merged.llm.embed(ids)).last_hidden_state)
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_of_a_core_named_dot_slash_relative_loads_it_from_the_working_directory(
+        tiny_assembly, tmp_path, monkeypatch):
+    from mmllm.training.checkpoint import export_merged, export_weights_only, save_model_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    save_core("qwen2", tmp_path / "core")
+    data = to_dict(tiny_assembly)
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": "./core"}  # relative paths: from the working directory
+    model = AnyToAnyModel.assemble(parse_assembly(data))
+    ckpt = save_model_checkpoint(model, tmp_path / "run" / "step-1", {})
+    for loaded in (AnyToAnyModel.from_pretrained(ckpt),  # not taken for a merged export's ./llm, inside it
+                   AnyToAnyModel.from_pretrained(export_weights_only(ckpt, tmp_path / "ship"))):
+        assert loaded.llm.describe()["name_or_path"] == "./core"
+    merged = export_merged(ckpt, tmp_path / "merged")  # its own ./llm is inside it, wherever it is loaded from
+    monkeypatch.chdir(tmp_path / "run")
+    assert AnyToAnyModel.from_pretrained(merged).llm.describe()["name_or_path"] == str(merged / "llm")

@@ -205,15 +205,24 @@ def _run_folder_hint(directory: Path) -> str:
             f"({'the final one, final.json' if name else 'the newest'})")
 
 
+def merged_llm_folder(meta: dict[str, Any]) -> str | None:
+    """The folder, inside the checkpoint, that holds a merged export's LLM (``llm``); None for any other
+    checkpoint, whose ``./``-relative paths lead from the working directory as the assembly's always do."""
+    llm = meta["assembly"]["llm"]
+    name = str(llm.get("name_or_path", ""))
+    if "merged_from" in meta and llm.get("kind") == "hf-causal-lm" and name.startswith("./"):
+        return name[2:]
+    return None
+
+
 def checkpoint_assembly(directory: Path, meta: dict[str, Any] | None = None):
     """The assembly a checkpoint records (an exported merged LLM's ``./llm`` made a path)."""
     directory = Path(directory)
     meta = read_meta(directory) if meta is None else meta
     assembly = dict(meta["assembly"])
-    llm = dict(assembly["llm"])
-    if llm.get("kind") == "hf-causal-lm" and str(llm.get("name_or_path", "")).startswith("./"):
-        llm["name_or_path"] = str(directory / llm["name_or_path"][2:])  # an exported (merged) LLM
-        assembly["llm"] = llm
+    folder = merged_llm_folder(meta)
+    if folder is not None:
+        assembly["llm"] = {**assembly["llm"], "name_or_path": str(directory / folder)}
     return parse_assembly(assembly, where=f"{directory}/{CONFIG_FILE}")
 
 
@@ -543,10 +552,8 @@ def export_weights_only(checkpoint: Path, out: Path, dtype: str = "float32", ass
             meta["assembly"] = new_assembly
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
         cast(checkpoint / LEARNED_FILE, tmp / LEARNED_FILE)
-        llm = str(meta["assembly"]["llm"].get("name_or_path", ""))
-        if meta["assembly"]["llm"].get("kind") == "hf-causal-lm" and llm.startswith("./"):
-            # a merged export's LLM lives inside it (see checkpoint_assembly): the copy needs it too
-            shutil.copytree(checkpoint / llm[2:], tmp / llm[2:])
+        if (folder := merged_llm_folder(meta)) is not None:  # a merged export's LLM lives inside it: copied too
+            shutil.copytree(checkpoint / folder, tmp / folder)
         adapter = checkpoint / ADAPTER_DIR
         if adapter.is_dir():
             (tmp / ADAPTER_DIR).mkdir()
