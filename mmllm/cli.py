@@ -184,6 +184,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     from mmllm.inference.runner import (
         OutputError,
+        check_overwrite,
         check_resume,
         pending_lines,
         prepare_output,
@@ -194,6 +195,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     if not Path(args.checkpoint).is_dir():
         raise SystemExit(f"--checkpoint {args.checkpoint}: not a directory")
+    from mmllm.training.checkpoint import read_meta
+
+    read_meta(Path(args.checkpoint))  # no checkpoint (a run's folder, say) is named as such, not compared as one
     if bool(args.input) == bool(args.prompt):
         raise SystemExit("give either --input requests.jsonl or --prompt TEXT (with optional --image/--audio/--video)")
     flag_media = {m: getattr(args, m) for m in ("image", "audio", "video") if getattr(args, m)}
@@ -202,9 +206,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("steps", "decode_batch_size"):
+    for name in ("steps", "decode_batch_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.seed < 2**63:  # what a request's own seed may be (torch's generators take no more)
+        raise SystemExit(f"--seed must be at least 0 and below 2**63, got {args.seed}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise SystemExit("--temperature must be >= 0 and --top-p in (0, 1]")
     _check_device(args.device)
@@ -213,6 +219,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
             requests = Path(args.input)
             if not requests.is_file():
                 raise SystemExit(f"--input {requests}: file not found")
+            if not read_lines(requests):  # not worth loading a model for: most likely the wrong file
+                raise SystemExit(f"--input {requests}: holds no requests (no line that is not blank); give one JSON "
+                                 'object per line, e.g. {"id": "r1", "prompt": "Draw a red circle."}')
         else:
             rec = {"prompt": args.prompt, "seed": args.seed,
                    **{m: str(Path(p).resolve()) for m, p in flag_media.items()}}
@@ -225,7 +234,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
             requests.write_text(json.dumps({"id": f"prompt-{digest}", **rec}) + "\n")
         try:  # refused before the model loads: OUT unwritable, or holding answers of another checkpoint/settings
             prepare_output(Path(args.output))
-            if not args.overwrite:
+            if args.overwrite:
+                check_overwrite(Path(args.output), requests)
+            else:
                 check_resume(Path(args.output), requests, run_settings(
                     Path(args.checkpoint), args.dtype, args.seed, args.max_new_tokens, args.temperature, args.top_p,
                     args.steps, args.guidance))
@@ -263,6 +274,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.merge_lora:
         if args.dtype != "float32":
             raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
+        if args.assembly:  # export_merged records the checkpoint's assembly, its LLM replaced by the merged one
+            raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
+                             "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
         path = export_merged(Path(args.checkpoint), Path(args.output))
         log.info("wrote merged model to %s", path)
     else:
@@ -278,7 +292,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.quick and not args.tiny:
         raise SystemExit("--quick shortens the training of --tiny; the embedded default is already trained: "
                          "use `mmllm demo --tiny --quick`, or leave --quick out")
-    return run_demo(Path(args.output), quick=args.quick, tiny=args.tiny)
+    from mmllm.inference.runner import OutputError
+
+    try:
+        return run_demo(Path(args.output), quick=args.quick, tiny=args.tiny)
+    except OutputError as exc:  # e.g. an --output whose media/ holds the requests' inputs
+        raise SystemExit(str(exc)) from exc
 
 
 def _stage_assembly(cfg):

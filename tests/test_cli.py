@@ -169,3 +169,24 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--config", stage, "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_the_tiny_demo_never_deletes_its_own_sample_inputs(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import mmllm.demo
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the demo trained before refusing its --output")
+
+    repo = tmp_path / "repo"  # a copy of the repository's configs and sample data
+    (repo / "configs").mkdir(parents=True)
+    (repo / "configs" / "stages").symlink_to(REPO / "configs" / "stages")
+    shutil.copytree(REPO / "data" / "samples", repo / "data" / "samples")
+    samples = repo / "data" / "samples"
+    (samples / "results.jsonl").write_text("")  # an earlier demo answered into the samples folder
+    monkeypatch.setattr(mmllm.demo, "REPO", repo)
+    monkeypatch.setattr(mmllm.demo, "train", no_training)
+    assert main(["demo", "--tiny", "--quick", "--output", str(samples)]) == 2
+    assert "afresh (--overwrite) would delete" in capsys.readouterr().err
+    assert (samples / "media" / "red_circle.png").is_file()

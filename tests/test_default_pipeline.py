@@ -142,6 +142,28 @@ def test_weights_only_export_is_small_verified_and_loads(tmp_path_factory, tmp_p
         AnyToAnyModel.from_pretrained(out)
 
 
+def test_a_weights_only_export_of_a_merged_export_carries_its_llm(tmp_path_factory, tmp_path):
+    ckpt = trained_checkpoint(tmp_path_factory)
+    merged = export_merged(ckpt, tmp_path / "merged")
+    shipped = export_weights_only(merged, tmp_path / "ship", dtype="float16")
+    verify_manifest(shipped)
+    assert (shipped / "llm" / "config.json").is_file()  # its assembly names ./llm, inside the export
+    a, b = AnyToAnyModel.from_pretrained(merged), AnyToAnyModel.from_pretrained(shipped)
+    frozen = [(name, p, q) for (name, p), q in zip(a.llm.model.named_parameters(), b.llm.model.parameters())
+              if ".signal" not in name]  # the learned signal rows are cast to float16; the LLM is copied as it is
+    assert frozen and all(torch.equal(p, q) for _, p, q in frozen)
+
+
+def test_merge_lora_refuses_an_assembly_it_would_not_record(tmp_path_factory, tmp_path, capsys):
+    from mmllm.cli import main
+
+    ckpt = trained_checkpoint(tmp_path_factory)
+    args = ["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "merged"), "--merge-lora"]
+    assert main([*args, "--assembly", str(REPO / "configs" / "assemblies" / "tiny.yaml")]) == 2
+    assert "--assembly goes with a weights-only export" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+
 def test_an_export_never_replaces_its_checkpoint_or_unrelated_files(tmp_path_factory, tmp_path):
     ckpt = trained_checkpoint(tmp_path_factory)
     before = {p.name: p.stat().st_mtime_ns for p in ckpt.rglob("*")}

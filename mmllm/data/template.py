@@ -279,6 +279,7 @@ def encode_prompt(
     ids, _, spans = expand_placeholders(ids, [IGNORE] * len(ids), spec)
     if len(ids) > spec.max_length:
         raise ContextLengthError(
-            f"prompt is {len(ids)} tokens after media expansion; the context holds max_length={spec.max_length}"
+            f"prompt is {len(ids)} tokens after media expansion; the context holds max_length={spec.max_length} "
+            f"(the checkpoint's assembly): shorten the prompt, or drop earlier turns of the conversation"
         )
     return ids, spans

@@ -251,15 +251,24 @@ def _run_folder_hint(directory: Path) -> str:
             f"({'the final one, final.json' if name else 'the newest'})")
 
 
+def merged_llm_folder(meta: dict[str, Any]) -> str | None:
+    """The folder, inside the checkpoint, that holds a merged export's LLM (``llm``); None for any other
+    checkpoint, whose ``./``-relative paths lead from the working directory as the assembly's always do."""
+    llm = meta["assembly"]["llm"]
+    name = str(llm.get("name_or_path", ""))
+    if "merged_from" in meta and llm.get("kind") == "hf-causal-lm" and name.startswith("./"):
+        return name[2:]
+    return None
+
+
 def checkpoint_assembly(directory: Path, meta: dict[str, Any] | None = None):
     """The assembly a checkpoint records (an exported merged LLM's ``./llm`` made a path)."""
     directory = Path(directory)
     meta = read_meta(directory) if meta is None else meta
     assembly = dict(meta["assembly"])
-    llm = dict(assembly["llm"])
-    if llm.get("kind") == "hf-causal-lm" and str(llm.get("name_or_path", "")).startswith("./"):
-        llm["name_or_path"] = str(directory / llm["name_or_path"][2:])  # an exported (merged) LLM
-        assembly["llm"] = llm
+    folder = merged_llm_folder(meta)
+    if folder is not None:
+        assembly["llm"] = {**assembly["llm"], "name_or_path": str(directory / folder)}
     return parse_assembly(assembly, where=f"{directory}/{CONFIG_FILE}")
 
 
@@ -524,7 +533,8 @@ def check_export_target(checkpoint: Path, out: Path) -> None:
 def export_merged(checkpoint: Path, out: Path) -> Path:
     """A copy with LoRA merged into the LLM, saved as a plain HF model dir under ``out/llm``."""
     check_export_target(checkpoint, out)
-    model = load_model_checkpoint(checkpoint)
+    # the LLM, its adapter and the learned weights are all it writes: no decoder or encoder weights are read
+    model = load_model_checkpoint(checkpoint, decoder_parts="config", encoder_weights=[])
     meta = read_meta(checkpoint)
     if model._peft_model is None:
         stage = meta.get("stage") if isinstance(meta.get("stage"), dict) else {}
@@ -547,8 +557,11 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
         tokenizer.save_pretrained(str(tmp / "llm"))
         meta_out = dict(meta)
         meta_out["assembly"] = dict(meta["assembly"])
+        llm_options = meta["assembly"]["llm"]
         meta_out["assembly"]["llm"] = {"kind": "hf-causal-lm", "name_or_path": "./llm",
-                                       "dtype": meta["assembly"]["llm"].get("dtype", "float32")}
+                                       "dtype": llm_options.get("dtype", "float32")}
+        if llm_options.get("trust_remote_code"):  # its classes are in its folder, saved with it into llm/
+            meta_out["assembly"]["llm"]["trust_remote_code"] = True
         meta_out["lora"] = None
         meta_out["merged_from"] = str(checkpoint)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta_out, indent=2, default=str))
@@ -558,7 +571,8 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
 
 def export_weights_only(checkpoint: Path, out: Path, dtype: str = "float32", assembly: Path | None = None) -> Path:
     """A copy for inference and shipping: config, learned weights and adapter, no training state,
-    floating-point tensors cast to ``dtype`` (they are cast back to the model's dtype on load).
+    floating-point tensors cast to ``dtype`` (they are cast back to the model's dtype on load); a merged
+    export's LLM folder (``./llm``), which its assembly names inside it, is copied as it is.
     ``assembly`` (a YAML) replaces the recorded assembly, e.g. to point at parts that moved or at
     the shipped decoders after training with stand-ins; the learned weights must fit it (checked
     on load). The source checkpoint is verified first; the copy gets its own manifest."""
@@ -584,6 +598,8 @@ def export_weights_only(checkpoint: Path, out: Path, dtype: str = "float32", ass
             meta["assembly"] = new_assembly
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
         cast(checkpoint / LEARNED_FILE, tmp / LEARNED_FILE)
+        if (folder := merged_llm_folder(meta)) is not None:  # a merged export's LLM lives inside it: copied too
+            shutil.copytree(checkpoint / folder, tmp / folder)
         adapter = checkpoint / ADAPTER_DIR
         if adapter.is_dir():
             (tmp / ADAPTER_DIR).mkdir()
