@@ -246,6 +246,27 @@ def test_per_request_token_limit_and_cut_signal_groups(model):
     assert _trim([5, 9, *img, 7, 8], [7, 9], model.llm.signal_ids) == [5]  # any end-of-turn id ends it
 
 
+def test_generation_stops_at_the_token_the_chat_template_closes_answers_with(tiny_assembly):
+    """Training labels the template's end-of-turn token after every reply; where it is not the core's EOS (a base
+    core given ChatML through llm.chat_template), generation ran on past it to max_new_tokens."""
+    from mmllm.inference.generate import end_of_turn_ids
+    from mmllm.model import AnyToAnyModel
+
+    model = AnyToAnyModel.assemble(tiny_assembly)
+    tok = model.llm.tokenizer
+    assert end_of_turn_ids(model) == [tok.eos_token_id]  # the tiny template closes turns with its EOS
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|bos|>{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")  # as llm.chat_template sets it
+    closer = tok.convert_tokens_to_ids("<|bos|>")
+    assert closer != tok.eos_token_id and end_of_turn_ids(model) == sorted({tok.eos_token_id, closer})
+    prepared = [prepare_request(model, Request([{"role": "user", "content": "Say something."}]))]
+    first = generate_answers(model, prepared, Settings(max_new_tokens=6))[0].token_ids[0]
+    head = model.llm.lm_head().base.weight
+    with torch.no_grad():  # the closing token now scores twice what the first answer token scored
+        head[closer] = 2 * head[first]
+    assert generate_answers(model, prepared, Settings(max_new_tokens=6))[0].token_ids == []
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 
 

@@ -263,11 +263,31 @@ def generate_answers(model, batch: list[PreparedRequest], settings: Settings | N
 
 
 def end_of_turn_ids(model) -> list[int]:
-    """The tokenizer's EOS plus every id the model's generation config ends on (e.g. Llama 3's eot)."""
-    ids = [model.llm.tokenizer.eos_token_id]
+    """The tokenizer's EOS, every id the model's generation config ends on (e.g. Llama 3's eot), and the token
+    the chat template closes an answer with (:func:`template_end_of_turn`): training labels that token after
+    every reply, so a model answers with it even where it is not the core's EOS (a base core given ChatML by
+    ``llm.chat_template``), and generation ran on past it to ``max_new_tokens``."""
+    ids = [model.llm.tokenizer.eos_token_id, template_end_of_turn(model.llm.tokenizer)]
     configured = getattr(getattr(model.llm.model, "generation_config", None), "eos_token_id", None)
     ids += configured if isinstance(configured, list) else [configured]
     return sorted({i for i in ids if i is not None})
+
+
+def template_end_of_turn(tokenizer) -> int | None:
+    """The token the chat template writes right after an assistant's reply, where it is one added token
+    (ChatML's ``<|im_end|>``, Gemma's ``<end_of_turn>``); None where the template closes a turn with plain
+    text or with nothing."""
+    reply = "mmllm end-of-turn probe"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}],
+                                             tokenize=False)
+    except Exception:  # noqa: BLE001 -- a template that refuses this shape closes turns in no way we can find
+        return None
+    at = text.rfind(reply)
+    rest = text[at + len(reply):].lstrip() if at >= 0 else ""
+    ids = tokenizer(rest, add_special_tokens=False).input_ids if rest else []
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return ids[0] if ids and ids[0] in added else None
 
 
 def _trim(row: list[int], eos: list[int], signal_ids: dict[str, list[int]]) -> list[int]:
