@@ -1,4 +1,4 @@
-"""``mmllm`` command line: train, infer, inspect, export, demo, data check, cache."""
+"""``mmllm`` command line: train, inspect, infer, export, refine, data check, cache, demo, eval, world."""
 
 from __future__ import annotations
 
@@ -482,7 +482,8 @@ def torch_threads(n: int | None) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmllm", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
+    verbose_help = "tracebacks of errors and other libraries' INFO logging"
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one stage from a stage YAML")
@@ -588,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(fn=cmd_eval)
 
-    w = sub.add_parser("world", help="the toy world: measure its pretrained parts")
+    w = sub.add_parser("world", help="the toy world: measure its parts; write or distil the default's data")
     wsub = w.add_subparsers(dest="world_command", required=True)
     wr = wsub.add_parser("report", help="judge, retrieval and oracle-decoder accuracy, seen vs held-out")
     wr.add_argument("--parts", help="folder of trained parts (default: the shipped mmllm/toyworld/weights)")
@@ -610,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     wl.add_argument("--out", required=True)
     wl.add_argument("--max-new-tokens", type=int, default=128)
     wl.set_defaults(fn=cmd_world_distil)
+    # -v also after the command (`mmllm train ... -v`: where users add it when an error asks for it);
+    # SUPPRESS keeps a command's parser from resetting a -v given before the command
+    for command in (t, i, r, e, d, dc, c, rf, ev, wr, wd, wl):
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     return p
 
 

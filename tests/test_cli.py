@@ -169,3 +169,13 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--config", stage, "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_is_accepted_before_or_after_the_command(where, tmp_path, capsys):
+    """Errors say "run with -v for the traceback": a user adds -v at the end of the command they ran."""
+    argv = ["train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), "init_from=null",
+            "data=[{path: nowhere/pairs.jsonl, format: mmllm-pairs}]", f"output_dir={tmp_path / 'out'}"]
+    argv = ["-v", *argv] if where == "before" else [*argv, "-v"]
+    assert main(argv) == 2
+    assert "Traceback" in capsys.readouterr().err
