@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -640,6 +641,15 @@ def main(argv: list[str] | None = None) -> int:
             raise
         log.error("%s", exc.code)  # a command refusing what it was given, saying why
         return 2
+    except KeyboardInterrupt as exc:  # a signal before training's first step, a second one, Ctrl-C elsewhere
+        name = exc.args[0] if exc.args and exc.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
+        then = {"train": ": steps since output_dir's newest checkpoint are lost; --resume continues from it "
+                         "(the same command without --resume if there is none yet)",
+                "infer": ": the same command goes on, skipping the requests already answered"}
+        if args.verbose:
+            log.exception("stopped by %s at once", name)
+        log.error("stopped by %s at once%s", name, then.get(args.command, ""))
+        return 128 + signal.Signals[name]
     except OSError as exc:  # a path given (or named by a config) that is missing, unreadable or unwritable
         if args.verbose:
             log.exception("%s", exc)

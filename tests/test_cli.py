@@ -179,3 +179,19 @@ def test_verbose_is_accepted_before_or_after_the_command(where, tmp_path, capsys
     argv = ["-v", *argv] if where == "before" else [*argv, "-v"]
     assert main(argv) == 2
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_that_stops_at_once_is_one_line_and_its_exit_code(name, code, monkeypatch, tmp_path, capsys):
+    """A signal while the model loads (or a second one) stops at once: one line saying what is lost and how
+    to go on, and 128 + the signal's number, as a stop after a step gives (not a traceback from the loader)."""
+    import mmllm.training.loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt(name)  # what mmllm.training.interrupt raises before the first step
+
+    monkeypatch.setattr(mmllm.training.loop, "train", interrupted)
+    stage = str(REPO / "configs/stages/tiny/encode_align.yaml")
+    assert main(["train", "--config", stage, f"output_dir={tmp_path / 'out'}"]) == code
+    err = capsys.readouterr().err
+    assert f"stopped by {name} at once" in err and "--resume" in err and "Traceback" not in err
