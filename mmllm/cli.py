@@ -261,14 +261,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mmllm.training.checkpoint import export_merged, export_weights_only
 
     if args.merge_lora:
-        if args.dtype != "float32":
+        if args.dtype is not None:
             raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
+        if args.assembly:
+            raise SystemExit("--assembly applies to the weights-only copy; --merge-lora records the "
+                             "checkpoint's assembly, its LLM replaced by the merged one: leave --assembly out")
         path = export_merged(Path(args.checkpoint), Path(args.output))
         log.info("wrote merged model to %s", path)
     else:
-        path = export_weights_only(Path(args.checkpoint), Path(args.output), args.dtype,
+        dtype = args.dtype or "float32"
+        path = export_weights_only(Path(args.checkpoint), Path(args.output), dtype,
                                    Path(args.assembly) if args.assembly else None)
-        log.info("wrote the learned weights (%s, no training state) to %s", args.dtype, path)
+        log.info("wrote the learned weights (%s, no training state) to %s", dtype, path)
     return 0
 
 
@@ -488,9 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one stage from a stage YAML")
-    t.add_argument("--config", required=True)
+    t.add_argument("--config", required=True, help="a stage YAML (configs/stages/)")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    t.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides of the stage (assembly.key=value: of its "
+                                                "assembly)")
     t.set_defaults(fn=cmd_train)
 
     i = sub.add_parser("inspect", help="assemble and print parts, dimension checks, per-stage parameter counts")
@@ -533,10 +538,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write an inference copy: learned weights only (optionally fp16), or the "
                                       "LLM with the LoRA adapter merged in (--merge-lora)")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--output", required=True)
+    e.add_argument("--checkpoint", required=True, help="a checkpoint directory (step-N)")
+    e.add_argument("--output", required=True,
+                   help="a new or empty folder, or an earlier export's (replaced whole)")
     e.add_argument("--merge-lora", action="store_true", help="merge LoRA into the LLM and save the LLM with it")
-    e.add_argument("--dtype", default="float32", help="weights-only copy: float32, float16 or bfloat16")
+    e.add_argument("--dtype", help="weights-only copy: float32 (default), float16 or bfloat16")
     e.add_argument("--assembly", help="weights-only copy: record this assembly YAML instead of the checkpoint's")
     e.set_defaults(fn=cmd_export)
 
@@ -562,7 +568,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_cache)
     rf = sub.add_parser("refine", help="fit the output projections on cached signal-token states of a trained "
                                        "checkpoint (one LLM forward per conversation, then many cheap steps)")
-    rf.add_argument("--checkpoint", required=True)
+    rf.add_argument("--checkpoint", required=True, help="a trained checkpoint directory (step-N)")
     rf.add_argument("--data", required=True, nargs="+", help="conversation files with assistant outputs")
     rf.add_argument("--format", default="mmllm-chat")
     rf.add_argument("--output", required=True, help="the refined checkpoint's directory")

@@ -195,3 +195,18 @@ def test_a_signal_that_stops_at_once_is_one_line_and_its_exit_code(name, code, m
     assert main(["train", "--config", stage, f"output_dir={tmp_path / 'out'}"]) == code
     err = capsys.readouterr().err
     assert f"stopped by {name} at once" in err and "--resume" in err and "Traceback" not in err
+
+
+def test_export_refuses_flags_that_merge_lora_would_ignore(monkeypatch, tmp_path, capsys):
+    """--assembly (and --dtype) apply to the weights-only copy; with --merge-lora they were silently ignored."""
+    import mmllm.training.checkpoint
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported, ignoring a flag")
+
+    monkeypatch.setattr(mmllm.training.checkpoint, "export_merged", no_export)
+    base = ["export", "--checkpoint", str(tmp_path / "step-1"), "--output", str(tmp_path / "out"), "--merge-lora"]
+    assert main([*base, "--assembly", str(TINY)]) == 2
+    assert "--assembly applies to the weights-only copy" in capsys.readouterr().err
+    assert main([*base, "--dtype", "float32"]) == 2
+    assert "leave --dtype unset" in capsys.readouterr().err
