@@ -625,7 +625,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _offline_hint(exc: BaseException, offline_by_default: bool) -> None:
+    """After an error from the hub's client: say that the CLI, not the user, turned the hub off."""
+    text = str(exc).lower()
+    if offline_by_default and any(s in text for s in ("couldn't connect", "offline", "outgoing traffic")):
+        log.error("mmllm runs offline unless HF_HUB_OFFLINE is set (the hub part above is not in the local "
+                  "cache): HF_HUB_OFFLINE=0 lets it download, or give a local path")
+
+
 def main(argv: list[str] | None = None) -> int:
+    offline_by_default = "HF_HUB_OFFLINE" not in os.environ
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -641,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except ConfigError as exc:
         log.error("%s", exc)
+        _offline_hint(exc, offline_by_default)
         return 2
     except SystemExit as exc:
         if not isinstance(exc.code, str):
@@ -661,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("%s", exc)
         else:
             log.error("%s (run with -v for the traceback)", exc)
+        _offline_hint(exc, offline_by_default)
         return 2
 
 

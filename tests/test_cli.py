@@ -210,3 +210,16 @@ def test_export_refuses_flags_that_merge_lora_would_ignore(monkeypatch, tmp_path
     assert "--assembly applies to the weights-only copy" in capsys.readouterr().err
     assert main([*base, "--dtype", "float32"]) == 2
     assert "leave --dtype unset" in capsys.readouterr().err
+
+
+def test_a_hub_part_missing_offline_says_the_cli_runs_offline_by_default(monkeypatch, capsys):
+    """The CLI sets HF_HUB_OFFLINE=1 unless the environment sets it: a hub id not in the local cache then
+    fails to "connect", and the error says how to let it download."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert main(["inspect", "--config", str(TINY), "llm.kind=hf-causal-lm",
+                 "llm.name_or_path=mmllm-tests/no-such-model"]) == 2
+    assert "HF_HUB_OFFLINE=0" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set by the user: no hint, they know
+    assert main(["inspect", "--config", str(TINY), "llm.kind=hf-causal-lm",
+                 "llm.name_or_path=mmllm-tests/no-such-model"]) == 2
+    assert "HF_HUB_OFFLINE=0" not in capsys.readouterr().err
