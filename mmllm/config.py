@@ -525,7 +525,11 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     """Load a stage YAML. Relative paths inside it resolve against the CWD, then the YAML's folder."""
     overrides = overrides or []
     to_assembly = [o[len("assembly."):] for o in overrides if o.startswith("assembly.")]
-    data = apply_overrides(read_yaml(path), [o for o in overrides if not o.startswith("assembly.")])
+    raw = read_yaml(path)
+    if "stage" not in raw and "llm" in raw:
+        raise ConfigError(f"{path} is an assembly YAML; this command takes a stage YAML (configs/stages/), which "
+                          "names its assembly as `assembly: FILE`")
+    data = apply_overrides(raw, [o for o in overrides if not o.startswith("assembly.")])
     data["assembly_overrides"] = list(data.get("assembly_overrides", [])) + to_assembly
     try:
         cfg = from_dict(StageConfig, data)

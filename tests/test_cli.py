@@ -223,3 +223,9 @@ def test_a_hub_part_missing_offline_says_the_cli_runs_offline_by_default(monkeyp
     assert main(["inspect", "--config", str(TINY), "llm.kind=hf-causal-lm",
                  "llm.name_or_path=mmllm-tests/no-such-model"]) == 2
     assert "HF_HUB_OFFLINE=0" not in capsys.readouterr().err
+
+
+def test_an_assembly_yaml_given_where_a_stage_yaml_goes_is_named_as_such(tmp_path, capsys):
+    """`inspect` takes either; `train`, `data check` and `cache` take a stage YAML, which names the assembly."""
+    assert main(["train", "--config", str(TINY), f"output_dir={tmp_path / 'out'}"]) == 2
+    assert "is an assembly YAML; this command takes a stage YAML" in capsys.readouterr().err
