@@ -84,6 +84,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if "stage" in data:  # a stage config: inspect its assembly
         from mmllm.config import load_stage
 
+        if args.lora:
+            raise SystemExit(f"--lora counts an adapter for an assembly YAML; {args.config} is a stage config, "
+                             "whose adapter is its own lora: file (give another with lora=PATH)")
         stage = load_stage(args.config, args.overrides)
         assembly, lora = _stage_assembly(stage), stage.lora
     else:
@@ -500,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="assemble and print parts, dimension checks, per-stage parameter counts")
     i.add_argument("--config", required=True, help="an assembly or stage YAML")
-    i.add_argument("--lora", help="a LoRA YAML, to count the instruct stage's adapter")
+    i.add_argument("--lora", help="with an assembly YAML: a LoRA YAML, to count the instruct stage's adapter")
     i.add_argument("--json", help="also write the counts here")
     i.add_argument("overrides", nargs="*")
     i.set_defaults(fn=cmd_inspect)

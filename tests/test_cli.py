@@ -229,3 +229,10 @@ def test_an_assembly_yaml_given_where_a_stage_yaml_goes_is_named_as_such(tmp_pat
     """`inspect` takes either; `train`, `data check` and `cache` take a stage YAML, which names the assembly."""
     assert main(["train", "--config", str(TINY), f"output_dir={tmp_path / 'out'}"]) == 2
     assert "is an assembly YAML; this command takes a stage YAML" in capsys.readouterr().err
+
+
+def test_inspect_of_a_stage_refuses_lora_rather_than_ignoring_it(capsys):
+    """A stage config's adapter is its own `lora:` file; --lora (for an assembly YAML) was silently ignored."""
+    assert main(["inspect", "--config", str(REPO / "configs/stages/tiny/instruct.yaml"), "init_from=null",
+                 "--lora", str(REPO / "configs/lora/default.yaml")]) == 2
+    assert "lora=PATH" in capsys.readouterr().err
