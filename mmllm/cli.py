@@ -489,7 +489,8 @@ def torch_threads(n: int | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmllm", description=__doc__)
+    p = argparse.ArgumentParser(prog="mmllm", description="Assemble, train and run an any-to-any multimodal "
+                                "model (README.md: the commands, configs, data formats and checkpoints).")
     verbose_help = "tracebacks of errors and other libraries' INFO logging"
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = p.add_subparsers(dest="command", required=True)
