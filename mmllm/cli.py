@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one stage from a stage YAML")
     t.add_argument("--config", required=True, help="a stage YAML (configs/stages/)")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir (from step 0 if there is none)")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides of the stage (assembly.key=value: of its "
                                                 "assembly)")
     t.set_defaults(fn=cmd_train)
