@@ -653,7 +653,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as exc:
-        log.error("%s", exc)
+        if args.verbose:
+            log.exception("%s", exc)
+        else:
+            log.error("%s", exc)
         _offline_hint(exc, offline_by_default)
         return 2
     except SystemExit as exc:

@@ -179,6 +179,11 @@ def test_verbose_is_accepted_before_or_after_the_command(where, tmp_path, capsys
     argv = ["-v", *argv] if where == "before" else [*argv, "-v"]
     assert main(argv) == 2
     assert "Traceback" in capsys.readouterr().err
+    # a config error too (it was one line with -v as without)
+    stage = str(REPO / "configs/stages/tiny/encode_align.yaml")
+    assert main(["train", "--config", stage, "optim.lrr=1", "-v"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) optim.lrr" in err and "Traceback" in err
 
 
 @pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
