@@ -63,7 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, resume=args.resume)
     except TrainingInterrupted as stopped:
-        log.warning("%s", stopped)
+        # every process stops alike; the others' word would repeat the main process's (it is in their -v log)
+        (log.warning if os.environ.get("RANK", "0") == "0" else log.info)("%s", stopped)
         return stopped.exit_code
     losses = [x for x in result.losses if x == x]  # NaN: a step with no readable sample
     val = result.validation
@@ -187,6 +188,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     from mmllm.inference.runner import (
         OutputError,
+        check_overwrite,
         check_resume,
         pending_lines,
         prepare_output,
@@ -197,6 +199,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     if not Path(args.checkpoint).is_dir():
         raise SystemExit(f"--checkpoint {args.checkpoint}: not a directory")
+    from mmllm.training.checkpoint import read_meta
+
+    read_meta(Path(args.checkpoint))  # no checkpoint (a run's folder, say) is named as such, not compared as one
     if bool(args.input) == bool(args.prompt):
         raise SystemExit("give either --input requests.jsonl or --prompt TEXT (with optional --image/--audio/--video)")
     flag_media = {m: getattr(args, m) for m in ("image", "audio", "video") if getattr(args, m)}
@@ -205,9 +210,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("steps", "decode_batch_size"):
+    for name in ("steps", "decode_batch_size", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.seed < 2**63:  # what a request's own seed may be (torch's generators take no more)
+        raise SystemExit(f"--seed must be at least 0 and below 2**63, got {args.seed}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise SystemExit("--temperature must be >= 0 and --top-p in (0, 1]")
     _check_device(args.device)
@@ -216,6 +223,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
             requests = Path(args.input)
             if not requests.is_file():
                 raise SystemExit(f"--input {requests}: file not found")
+            if not read_lines(requests):  # not worth loading a model for: most likely the wrong file
+                raise SystemExit(f"--input {requests}: holds no requests (no line that is not blank); give one JSON "
+                                 'object per line, e.g. {"id": "r1", "prompt": "Draw a red circle."}')
         else:
             rec = {"prompt": args.prompt, "seed": args.seed,
                    **{m: str(Path(p).resolve()) for m, p in flag_media.items()}}
@@ -228,7 +238,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
             requests.write_text(json.dumps({"id": f"prompt-{digest}", **rec}) + "\n")
         try:  # refused before the model loads: OUT unwritable, or holding answers of another checkpoint/settings
             prepare_output(Path(args.output))
-            if not args.overwrite:
+            if args.overwrite:
+                check_overwrite(Path(args.output), requests)
+            else:
                 check_resume(Path(args.output), requests, run_settings(
                     Path(args.checkpoint), args.dtype, args.seed, args.max_new_tokens, args.temperature, args.top_p,
                     args.steps, args.guidance))
@@ -266,9 +278,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.merge_lora:
         if args.dtype is not None:
             raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
-        if args.assembly:
-            raise SystemExit("--assembly applies to the weights-only copy; --merge-lora records the "
-                             "checkpoint's assembly, its LLM replaced by the merged one: leave --assembly out")
+        if args.assembly:  # export_merged records the checkpoint's assembly, its LLM replaced by the merged one
+            raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
+                             "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
         path = export_merged(Path(args.checkpoint), Path(args.output))
         log.info("wrote merged model to %s", path)
     else:
@@ -285,7 +297,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.quick and not args.tiny:
         raise SystemExit("--quick shortens the training of --tiny; the embedded default is already trained: "
                          "use `mmllm demo --tiny --quick`, or leave --quick out")
-    return run_demo(Path(args.output), quick=args.quick, tiny=args.tiny)
+    from mmllm.inference.runner import OutputError
+
+    try:
+        return run_demo(Path(args.output), quick=args.quick, tiny=args.tiny)
+    except OutputError as exc:  # e.g. an --output whose media/ holds the requests' inputs
+        raise SystemExit(str(exc)) from exc
 
 
 def _stage_assembly(cfg):
@@ -388,7 +405,8 @@ def cmd_world(args: argparse.Namespace) -> int:
 
 
 def cmd_world_data(args: argparse.Namespace) -> int:
-    """``mmllm world data``: the three stages' training data, rendered from the world's training combinations."""
+    """``mmllm world data``: the three stages' training data, rendered from the world's training combinations,
+    and their evaluation data (``held-out/``) from its held-out combinations."""
     from mmllm.toyworld.stage_data import StageDataOptions, write_stage_data
 
     plain = Path(args.plain) if args.plain else None
@@ -497,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train one stage from a stage YAML")
     t.add_argument("--config", required=True, help="a stage YAML (configs/stages/)")
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir (from step 0 if there is none)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in output_dir (from step 0 if there is none)")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides of the stage (assembly.key=value: of its "
                                                 "assembly)")
     t.set_defaults(fn=cmd_train)
@@ -612,7 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
     wr.add_argument("--seed", type=int, default=0)
     wr.set_defaults(fn=cmd_world)
-    wd = wsub.add_parser("data", help="write the default's stage data (media + JSONL) from the world's training combos")
+    wd = wsub.add_parser("data", help="write the default's stage data (media + JSONL) from the world's training combos, "
+                                          "and held-out/ eval data from its held-out combos")
     wd.add_argument("--out", required=True)
     wd.add_argument("--plain", help="distilled plain chat JSONL (from `mmllm world distil`) to mix in")
     wd.add_argument("--seed", type=int, default=0)
@@ -666,8 +686,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:  # a signal before training's first step, a second one, Ctrl-C elsewhere
         name = exc.args[0] if exc.args and exc.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
-        then = {"train": ": steps since output_dir's newest checkpoint are lost; --resume continues from it "
-                         "(the same command without --resume if there is none yet)",
+        then = {"train": ": the steps since output_dir's newest checkpoint are lost; the same command with "
+                         "--resume goes on from it",
                 "infer": ": the same command goes on, skipping the requests already answered"}
         if args.verbose:
             log.exception("stopped by %s at once", name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -271,12 +272,29 @@ def parse_assembly(data: dict[str, Any], where: str = "assembly") -> AssemblyCon
 # --------------------------------------------------------------------------------------------
 
 
+ALL_LINEAR = "all-linear"  # LoRA on every linear layer of the core but its LM head (PEFT's shortcut)
+
+
 @dataclass
 class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    # layer names (PEFT's rule for a list: a module's whole name or its last dotted parts), or "all-linear"
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and self.target_modules != ALL_LINEAR:
+            raise ValueError(f"target_modules: a list of layer names or {ALL_LINEAR!r}, got {self.target_modules!r} "
+                             f"(for one layer write [{self.target_modules}])")
+
+    def targets_key(self) -> str | tuple[str, ...]:
+        """``target_modules`` in a form two configs can be compared by (a list's order does not matter)."""
+        return lora_targets_key(self.target_modules)
+
+
+def lora_targets_key(targets: list[str] | str) -> str | tuple[str, ...]:
+    return targets if isinstance(targets, str) else tuple(sorted(targets))
 
 
 # Dataset file layouts mmllm reads (see mmllm/data/formats.py, nextgpt.py, llava.py and data/README.md).
@@ -296,8 +314,9 @@ class DatasetConfig:
     embeddings: str | None = None
 
     def __post_init__(self) -> None:
-        if self.weight < 0:
-            raise ValueError(f"{self.path}: weight must be >= 0 (0 leaves the dataset out), got {self.weight}")
+        if not math.isfinite(self.weight) or self.weight < 0:  # NaN and inf: no epoch can be built from them
+            raise ValueError(f"{self.path}: weight must be a finite number >= 0 (0 leaves the dataset out), "
+                             f"got {self.weight}")
 
 
 @dataclass

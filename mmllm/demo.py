@@ -21,7 +21,7 @@ from pathlib import Path
 
 from mmllm.config import load_stage
 from mmllm.data.media import save_media
-from mmllm.inference.runner import run_requests
+from mmllm.inference.runner import check_overwrite, run_requests
 from mmllm.model import AnyToAnyModel
 from mmllm.training.loop import train
 
@@ -99,6 +99,7 @@ def run_tiny_demo(out: Path, quick: bool = False) -> int:
     requests = REPO / "data" / "samples" / "requests.jsonl"
     if not configs.is_dir() or not requests.is_file():
         raise SystemExit(f"the tiny demo needs the repository's configs/ and data/ next to the package ({REPO})")
+    check_overwrite(out, requests)  # before training: the answers start `out` afresh
     previous = None
     for name in STAGES:
         run = out / "runs" / name

@@ -27,6 +27,7 @@ from torch import nn
 
 from mmllm import registry
 from mmllm.config import (
+    ALL_LINEAR,
     AssemblyConfig,
     ConfigError,
     LoraConfig,
@@ -186,19 +187,22 @@ class AnyToAnyModel(nn.Module):
 
         if self._peft_model is not None:
             raise RuntimeError("LoRA is already attached")
-        unmatched = unmatched_lora_targets(self.llm.model, cfg.target_modules)
+        # "all-linear" is expanded here rather than left to PEFT, whose shortcut would also adapt the frozen
+        # matrix inside mmllm's wrapped LM head (it only leaves out a head that is itself a linear layer)
+        targets = lora_candidate_names(self.llm.model) if cfg.target_modules == ALL_LINEAR else list(cfg.target_modules)
+        unmatched = unmatched_lora_targets(self.llm.model, targets)
         if unmatched:
-            message = (f"lora.target_modules {list(cfg.target_modules)}: {unmatched} name no module of this LLM "
+            message = (f"lora.target_modules {targets}: {unmatched} name no module of this LLM "
                        f"({type(self.llm.model).__name__}); its layers LoRA can adapt are "
                        f"{lora_candidate_names(self.llm.model)}: set target_modules in the LoRA YAML to some of these")
             if not allow_unmatched:
                 raise ConfigError(message)
             log.warning("%s (the checkpoint's adapter was trained without them)", message)
         peft_cfg = PeftLoraConfig(
-            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
             bias="none", task_type="CAUSAL_LM",
             # GPT-2 style Conv1D layers store their weight transposed; PEFT would fix it per layer, warning each time
-            fan_in_fan_out=_targets_only_conv1d(self.llm.model, cfg.target_modules),
+            fan_in_fan_out=_targets_only_conv1d(self.llm.model, targets),
         )
         try:
             with seeded(self.config.seed, "lora"), warnings.catch_warnings():
@@ -433,15 +437,12 @@ class AnyToAnyModel(nn.Module):
             scored = [i for i, x in enumerate(media) if x is not None]
             if losses.denoise and scored:
                 group_seeds = batch.get("noise_seeds", {}).get(m)
-                if group_seeds is not None:
-                    # one draw per group from its own seed (validation): a group's noise does not depend on which
-                    # other groups share its batch; rows have one shape, so the mean of the means is the mean
-                    mean = torch.stack([self.decoders[m].denoising_loss(pred[i:i + 1], [media[i]],
-                                                                        seed=group_seeds[i]) for i in scored]).mean()
-                else:
-                    rows = pred if len(scored) == len(media) else pred[torch.tensor(scored, device=pred.device)]
-                    mean = self.decoders[m].denoising_loss(rows, [media[i] for i in scored],
-                                                           seed=batch.get("noise_seed", batch.get("step", 0)))
+                # per-group seeds (validation): each group's draws come from its own seed, so its noise does not
+                # depend on which other groups share its batch; otherwise one seed per call (training)
+                seed = [group_seeds[i] for i in scored] if group_seeds is not None else \
+                    batch.get("noise_seed", batch.get("step", 0))
+                rows = pred if len(scored) == len(media) else pred[torch.tensor(scored, device=pred.device)]
+                mean = self.decoders[m].denoising_loss(rows, [media[i] for i in scored], seed=seed)
                 out[f"denoise_{m}"] = mean * len(scored) / norm(f"denoise_{m}", len(scored))
                 total = total + losses.denoise * out[f"denoise_{m}"]
         if losses.retain and self._peft_model is not None:

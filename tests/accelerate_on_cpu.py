@@ -64,6 +64,27 @@ def _nan_loss_on(rank: int, steps: set[int]) -> None:
     AnyToAnyModel.forward = poisoned
 
 
+def _signal_on(rank: int, step: int, signum: int) -> None:
+    """Test fault: this process alone gets ``signum`` inside the forward of training step ``step`` (0-based)."""
+    from mmllm.model import AnyToAnyModel
+
+    forward, sent = AnyToAnyModel.forward, []
+
+    def signalled(self, batch, *args, **kwargs):
+        if int(os.environ.get("RANK", "0")) == rank and batch.get("step") == step and not sent:
+            sent.append(step)
+            os.kill(os.getpid(), signum)
+        return forward(self, batch, *args, **kwargs)
+
+    AnyToAnyModel.forward = signalled
+
+
+if os.environ.get("MMLLM_TEST_SIGNAL"):  # "RANK:STEP:SIGNAME"
+    import signal
+
+    _rank, _step, _name = os.environ["MMLLM_TEST_SIGNAL"].split(":")
+    _signal_on(int(_rank), int(_step), signal.Signals[_name])
+
 if os.environ.get("MMLLM_TEST_NAN_LOSS"):  # "RANK:STEP,STEP,..."
     _rank, _steps = os.environ["MMLLM_TEST_NAN_LOSS"].split(":")
     _nan_loss_on(int(_rank), {int(x) for x in _steps.split(",")})

@@ -171,6 +171,27 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+def test_the_tiny_demo_never_deletes_its_own_sample_inputs(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import mmllm.demo
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the demo trained before refusing its --output")
+
+    repo = tmp_path / "repo"  # a copy of the repository's configs and sample data
+    (repo / "configs").mkdir(parents=True)
+    (repo / "configs" / "stages").symlink_to(REPO / "configs" / "stages")
+    shutil.copytree(REPO / "data" / "samples", repo / "data" / "samples")
+    samples = repo / "data" / "samples"
+    (samples / "results.jsonl").write_text("")  # an earlier demo answered into the samples folder
+    monkeypatch.setattr(mmllm.demo, "REPO", repo)
+    monkeypatch.setattr(mmllm.demo, "train", no_training)
+    assert main(["demo", "--tiny", "--quick", "--output", str(samples)]) == 2
+    assert "afresh (--overwrite) would delete" in capsys.readouterr().err
+    assert (samples / "media" / "red_circle.png").is_file()
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_verbose_is_accepted_before_or_after_the_command(where, tmp_path, capsys):
     """Errors say "run with -v for the traceback": a user adds -v at the end of the command they ran."""
@@ -212,7 +233,7 @@ def test_export_refuses_flags_that_merge_lora_would_ignore(monkeypatch, tmp_path
     monkeypatch.setattr(mmllm.training.checkpoint, "export_merged", no_export)
     base = ["export", "--checkpoint", str(tmp_path / "step-1"), "--output", str(tmp_path / "out"), "--merge-lora"]
     assert main([*base, "--assembly", str(TINY)]) == 2
-    assert "--assembly applies to the weights-only copy" in capsys.readouterr().err
+    assert "--assembly goes with a weights-only export" in capsys.readouterr().err
     assert main([*base, "--dtype", "float32"]) == 2
     assert "leave --dtype unset" in capsys.readouterr().err
 

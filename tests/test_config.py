@@ -82,7 +82,10 @@ def test_bad_values_and_missing_files_are_reported():
     ("losses.mse=-1", "losses.mse must be >= 0"),
     ("optim.lr=0", "optim.lr must be > 0"),
     ("schedule.min_lr_ratio=1.5", r"schedule.min_lr_ratio must be in \[0, 1\]"),
-    ("data=[{path: a.jsonl, weight: -1}]", "a.jsonl: weight must be >= 0"),
+    ("data=[{path: a.jsonl, weight: -1}]", "a.jsonl: weight must be a finite number >= 0"),
+    # not "every dataset has weight 0" (NaN), nor an OverflowError once the model is built (inf)
+    ("data=[{path: a.jsonl, weight: .nan}]", "a.jsonl: weight must be a finite number >= 0"),
+    ("data=[{path: a.jsonl, weight: .inf}]", "a.jsonl: weight must be a finite number >= 0"),
     ("data=[{path: a.jsonl, weight: 0}, {path: b.jsonl, weight: 0}]", "data: every dataset has weight 0"),
     ("eval_every=5", "eval_every=5 scores the held-out eval_data, which is not set"),
 ])

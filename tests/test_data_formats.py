@@ -99,6 +99,9 @@ def test_nextgpt_t2x_old_and_new_layouts(tmp_path):
         {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello.",
                                                               "caption": "", "output_modality": "text"}]},
         {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y <image>"}]},
+        # a misspelt modality: the caption was dropped without a word, leaving a plain text answer
+        {"conversations": [{"from": "human", "value": "Draw a cat."},
+                           {"from": "gpt", "value": "Here.", "caption": "a cat", "output_modality": "picture"}]},
     ])
     convs, errors = read_records(path, "nextgpt-t2x", embeddings=tmp_path)
     old, new, text = convs
@@ -109,7 +112,19 @@ def test_nextgpt_t2x_old_and_new_layouts(tmp_path):
     assert new.messages[1].content == "Listen and relax."
     assert (out.modality, out.caption, out.embedding.name) == ("audio", "rain falls", "r.wav.npy")
     assert text.messages[1].outputs == []
-    assert len(errors) == 1 and f"{path}:" in errors[0] and "no caption" in errors[0]
+    assert len(errors) == 2 and f"{path}:" in errors[0] and "no caption" in errors[0]
+    assert f"{path}:" in errors[1] and "output_modality 'picture'" in errors[1] and "'a cat'" in errors[1]
+
+
+def test_nextgpt_t2x_a_bare_marker_after_a_captioned_turn_takes_the_next_caption(tmp_path):
+    """The record's `image_captions` list every output, the first turn's also on the turn: the second turn's
+    bare <image> took the list's first caption again (the first image's) as its target."""
+    path = _write(tmp_path / "image_t2x.json", [{"image_captions": ["a red cat", "a blue dog"], "conversations": [
+        {"from": "human", "value": "Draw a red cat."},
+        {"from": "gpt", "value": "Here. <image>", "caption": "a red cat", "output_modality": "image"},
+        {"from": "human", "value": "Now a blue dog."}, {"from": "gpt", "value": "Sure. <image>"}]}])
+    (conv,), errors = read_records(path, "nextgpt-t2x")
+    assert not errors and [o.caption for o in conv.output_refs()] == ["a red cat", "a blue dog"]
 
 
 def test_nextgpt_mosit_inputs_outputs_and_lists(tmp_path):
@@ -176,6 +191,22 @@ def test_errors_name_file_and_line_and_reading_goes_on(tmp_path):
         read_records(tmp_path / "nope.json", "llava")
 
 
+def test_a_byte_that_is_not_utf8_is_an_error_with_its_line_not_a_crash(tmp_path):
+    """A Latin-1 caption among UTF-8 ones raised a bare UnicodeDecodeError (no file, no line) out of the
+    reader: training stopped with a traceback, and the rest of the file was lost."""
+    lines = [json.dumps({"modality": "image", "caption": c}).encode() for c in ("a red circle", "café", "a cat")]
+    lines[1] = lines[1].replace(b"caf\\u00e9", b"caf\xe9")
+    jsonl = tmp_path / "latin.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # a BOM too
+    records, errors = read_records(jsonl, "mmllm-pairs")
+    assert [r.caption for r in records] == ["a red circle", "a cat"]
+    assert len(errors) == 1 and errors[0].startswith(f"{jsonl}:2: not valid UTF-8 (byte 0xe9 at column 38)")
+    array = tmp_path / "latin.json"
+    array.write_bytes(b"[\n" + b",\n".join(lines) + b"\n]\n")
+    records, errors = read_records(array, "mmllm-pairs")
+    assert not records and len(errors) == 1 and errors[0].startswith(f"{array}:3: not valid UTF-8 (byte 0xe9")
+
+
 def test_paths_outside_the_root_are_refused_unless_allowed(tmp_path):
     root = tmp_path / "data"
     _touch(tmp_path, "secret.png", "data/ok.png")
@@ -231,3 +262,44 @@ def test_chat_mistakes_from_other_formats_are_named(tmp_path):
     assert "an assistant message with <image>: placeholders mark media *inputs*" in errors[0] and "'outputs'" in errors[0]
     assert "placeholders are lower-case" in errors[1]
     assert "that is format: llava" in errors[2]
+
+
+def test_a_media_root_that_is_not_a_folder_is_refused_naming_it(tmp_path):
+    """Every media path of the file would be missing: training skipped every sample with media, one by one."""
+    path = _write(tmp_path / "pairs.jsonl", [{"modality": "image", "media": "a.png", "caption": "x"}], array=False)
+    _touch(tmp_path, "media/a.png")
+    with pytest.raises(FileNotFoundError, match=r"pairs.jsonl: its media root .*/medai is not a folder; fix the "
+                                                r"dataset's `root:`"):
+        read_records(path, "mmllm-pairs", tmp_path / "medai")
+    (records, errors) = read_records(path, "mmllm-pairs", tmp_path / "media")
+    assert records[0].media == tmp_path / "media/a.png" and not errors
+
+
+def test_an_unpaired_surrogate_escape_is_a_malformed_record_not_a_crash_in_training(tmp_path):
+    """JSON may escape half an emoji ("\\ud83d", a string cut by a UTF-16 length limit); the reader took it,
+    and the tokenizer then raised TypeError mid-training (and `mmllm cache` UnicodeEncodeError)."""
+    jsonl = tmp_path / "cut.jsonl"
+    jsonl.write_text('{"modality": "image", "caption": "a cat \\ud83d"}\n'
+                     '{"modality": "image", "caption": "a cat \\ud83d\\ude00"}\n'
+                     '{"id": "l", "conversations": [{"from": "human", "value": "hi \\udc00"}, '
+                     '{"from": "gpt", "value": "x"}]}\n')
+    records, errors = read_records(jsonl, "mmllm-pairs")
+    assert [r.caption for r in records] == ["a cat \U0001F600"]  # a whole pair is one emoji
+    assert errors[0].startswith(f"{jsonl}:1: text with an unpaired UTF-16 surrogate ('a cat \\ud83d'")
+    records, errors = read_records(jsonl, "llava")
+    assert any(e.startswith(f"{jsonl}:3: text with an unpaired UTF-16 surrogate ('hi \\udc00'") for e in errors)
+
+
+def test_a_media_name_the_file_system_refuses_is_one_bad_record_and_one_unreadable_file(tmp_path):
+    """A name longer than the file system allows: looking it up raised OSError out of the reader (nextgpt
+    formats look media up while reading) and out of `mmllm data check`'s probe, stopping both."""
+    from mmllm.data.check import _MediaProbe
+
+    _touch(tmp_path, "b.jpg")
+    path = _write(tmp_path / "cc3m.json", [{"caption": "x", "image_name": "a" * 300 + ".jpg"},
+                                           {"caption": "y", "image_name": "b.jpg"}])
+    records, errors = read_records(path, "nextgpt-pairs")
+    assert [r.caption for r in records] == ["y"]
+    assert len(errors) == 1 and errors[0].startswith(f"{path}:2: malformed record") and "too long" in errors[0]
+    problem = _MediaProbe(decode=False).problem("image", tmp_path / ("a" * 300 + ".jpg"))
+    assert problem is not None and problem != "missing" and "too long" in problem

@@ -31,6 +31,30 @@ def test_exif_orientation_is_applied(tmp_path):
     assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]  # red on top, blue below
 
 
+def _exif(entries):
+    """A little-endian EXIF block with the given (tag, type, count, 4-byte value) entries."""
+    import struct
+
+    body = struct.pack("<2sHIH", b"II", 42, 8, len(entries))
+    body += b"".join(struct.pack("<HHI4s", *entry) for entry in entries)
+    return b"Exif\x00\x00" + body + struct.pack("<I", 0)
+
+
+def test_a_malformed_exif_tag_neither_crashes_nor_loses_the_orientation(tmp_path):
+    """ImageWidth written as text (as some cameras and editors do): ImageOps.exif_transpose raised
+    struct.error re-serialising it, which no caller catches (training died mid-epoch, data check too)."""
+    import struct
+
+    img = Image.new("RGB", (20, 10), RED)
+    img.paste(Image.new("RGB", (10, 10), BLUE), (10, 0))
+    exif = _exif([(0x0100, 2, 4, b"cam\x00"), (0x0112, 3, 1, struct.pack("<HH", 6, 0))])
+    img.save(tmp_path / "odd.jpg", exif=exif, quality=95)
+    out = load_image(tmp_path / "odd.jpg")
+    assert out.mode == "RGB" and out.size == (10, 20)
+    top, bottom = np.asarray(out)[2, 5], np.asarray(out)[17, 5]
+    assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0]  # turned as the orientation tag says
+
+
 def test_image_modes_become_rgb(tmp_path):
     pal = Image.new("P", (8, 8), 0)
     pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
@@ -107,6 +131,28 @@ def test_audio_reaches_the_encoder_at_its_rate(tmp_path):
     assert a.shape == b.shape and encoder(a).shape[1:] == (encoder.num_tokens, encoder.output_dim)
 
 
+def test_a_long_recording_is_decoded_up_to_its_head_only(tmp_path, monkeypatch):
+    """An hour of 48 kHz stereo was decoded whole (1.4 GB of float32), then resampled whole, for an encoder
+    that keeps its first 10-30 s; now decoding stops at MAX_AUDIO_SECONDS (here 1 s), in both decoders."""
+    monkeypatch.setattr(media, "MAX_AUDIO_SECONDS", 1.0, raising=False)
+    wave = _tone(16000, 3.0, 2)
+    sf.write(tmp_path / "long.flac", wave, 16000)
+    with av.open(str(tmp_path / "long.m4a"), mode="w", format="mp4") as out:  # soundfile cannot: PyAV decodes
+        stream = out.add_stream("aac", rate=16000)
+        for start in range(0, 48000, 1024):
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave[start:start + 1024].T), format="fltp",
+                                               layout="stereo")
+            frame.sample_rate = 16000
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    for name in ("long.flac", "long.m4a"):
+        audio = load_audio(tmp_path / name)
+        assert audio.sample_rate == 16000 and audio.waveform.shape == (16000, 2), name
+    assert np.allclose(load_audio(tmp_path / "long.flac").waveform, wave[:16000], atol=1e-3)  # the head
+
+
 def test_unusable_audio_names_the_file(tmp_path):
     (tmp_path / "junk.wav").write_bytes(b"RIFF....WAVEjunkjunkjunk" * 4)
     sf.write(tmp_path / "nan.wav", np.array([0.0, np.nan, 0.1], dtype=np.float32), 16000, subtype="FLOAT")
@@ -152,6 +198,55 @@ def test_long_clips_are_sampled_over_their_whole_length(tmp_path, name, codec, f
     assert abs(len(video.frames) / video.fps - 4.0) <= 1.0  # fps is that of the frames kept: duration holds
     picked = [_red(f) for f in video.sample_frames(4)]
     assert picked == sorted(picked) and picked[0] == reds[0] and picked[-1] == reds[-1]
+
+
+def test_large_frames_are_scaled_down_as_they_are_decoded(tmp_path):
+    """64 kept frames of a 4K clip were 1.6 GB per sample, at full size, where an encoder reads a few
+    hundred pixels a side; now each frame is at most MAX_VIDEO_FRAME_PIXELS, its aspect kept."""
+    path = tmp_path / "big.mp4"
+    with av.open(str(path), mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 2048, 1152, "yuv420p"
+        arr = np.zeros((1152, 2048, 3), np.uint8)
+        arr[:, 1024:, 2] = 200  # right half blue
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    video = load_video(path)
+    (w, h), = {f.size for f in video.frames}
+    assert 0.95 * 1024 * 1024 < w * h <= 1024 * 1024  # media.MAX_VIDEO_FRAME_PIXELS
+    assert abs(w / h - 2048 / 1152) < 0.01
+    left, right = np.asarray(video.frames[0])[h // 2, w // 4], np.asarray(video.frames[0])[h // 2, 3 * w // 4]
+    assert left[2] < 40 and right[2] > 160
+    small = load_video(_clip(tmp_path / "small.mp4", 2, "libx264", "mp4"))
+    assert small.frames[0].size == (32, 32)  # small clips are decoded as they are
+
+
+@pytest.mark.parametrize("rotation,blue_at", [(90, "top"), (-90, "bottom"), (180, "left")])
+def test_a_clip_is_turned_as_its_display_matrix_says(tmp_path, rotation, blue_at):
+    """Phones store a portrait clip as landscape frames and a display rotation; frames were decoded as
+    stored, on their side (images had their EXIF orientation applied, videos not)."""
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
+        stream.set_display_rotation(rotation)  # counter-clockwise, as VideoFrame.rotation reads it back
+        arr = np.zeros((32, 64, 3), np.uint8)
+        arr[:, 32:, 2] = 220  # stored: right half blue
+        for _ in range(2):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    frame = np.asarray(load_video(path).frames[0])
+    assert frame.shape[:2] == ((32, 64) if rotation == 180 else (64, 32))
+    h, w = frame.shape[:2]
+    probe = {"top": frame[h // 4, w // 2], "bottom": frame[3 * h // 4, w // 2], "left": frame[h // 2, w // 4]}
+    opposite = {"top": "bottom", "bottom": "top", "left": "right"}[blue_at]
+    probe["right"] = frame[h // 2, 3 * w // 4]
+    assert probe[blue_at][2] > 150 and probe[opposite][2] < 60
 
 
 def test_short_clips_repeat_frames(tmp_path):

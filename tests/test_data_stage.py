@@ -201,6 +201,17 @@ def test_data_check_reports_a_missing_embeddings_folder_once(model, tmp_path, ca
     assert len(checked["embedding_problems"]) == 1 and "embeddings folder" in checked["embedding_problems"][0]
 
 
+def test_data_check_ignores_embedding_files_a_stage_without_mse_never_reads(model, tmp_path, capsys):
+    """With losses.mse=0 training reads no conditioning targets; data check failed on their shapes."""
+    shape = model.decoders["image"].conditioning_shape
+    path, embed, _ = _npy_generation(tmp_path, shape, (77, 768))
+    data = f"data=[{{path: {path}, format: nextgpt-pairs, embeddings: {embed}}}]"
+    config = ["data", "check", "--config", str(REPO / "configs/stages/tiny/decode_align.yaml"), "init_from=null", data]
+    assert main(config) == 1 and "has shape (77, 768)" in capsys.readouterr().out
+    assert main([*config, "losses.mse=0", "losses.ce=1"]) == 0
+    assert "(77, 768)" not in capsys.readouterr().out
+
+
 def test_data_check_reports_counts_missing_unreadable_and_too_long(sample_data, tmp_path, capsys):
     media = sample_data["pairs"].parent / "media"
     root = tmp_path / "llava"

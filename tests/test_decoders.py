@@ -216,6 +216,18 @@ def test_denoising_loss_reaches_conditioning_only(decoders, modality):
     assert torch.allclose(again, loss.detach())
 
 
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_per_row_seeds_make_each_rows_denoising_loss_independent_of_its_batch(decoders, modality):
+    """Validation seeds each held-out signal group: scored in one batch, each row draws what it draws alone."""
+    decoder = decoders[modality]
+    cond = decoder.condition(CAPTIONS)
+    media = sample_media(decoder, modality, 2)
+    together = decoder.denoising_loss(cond, media, seed=[5, 7])
+    alone = [decoder.denoising_loss(cond[i:i + 1], media[i:i + 1], seed=[s]) for i, s in enumerate((5, 7))]
+    torch.testing.assert_close(together, torch.stack(alone).mean(), rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(decoder.denoising_loss(cond, media, seed=[6, 8]), together)  # the seeds are used
+
+
 def test_audio_conditioning_is_put_on_the_unit_sphere_as_the_unet_saw_it(decoders):
     """AudioLDM's UNet was trained on unit-norm text embeddings (its targets here too): a projection's
     output that is off the sphere by a scale is generated from, and trained through, as its direction."""

@@ -64,12 +64,37 @@ def test_stage_data_covers_every_kind_and_only_training_combos(stage_data):
         assert (src_attrs["colour"], src_attrs["shape"]) == (out_attrs["colour"], out_attrs["shape"])
 
 
+def test_held_out_data_names_only_held_out_combinations_and_the_default_stages_score_it(stage_data):
+    out, counts = stage_data
+    world = World()
+    held = out / "held-out"
+    for modality in ("image", "audio", "video"):
+        pairs, errors = read_records(held / f"align-{modality}.jsonl", "mmllm-pairs")
+        assert not errors and len(pairs) == counts[f"held-out/align-{modality}"] > 0
+        assert {p.caption for p in pairs} == {world.caption(modality, world.attributes_of(modality, c))
+                                              for c in world.combos(modality, "held_out")}
+        assert all(p.media.is_file() and p.media.is_relative_to(held / "media") for p in pairs)
+    for name in ("generate", "t2x"):
+        convs, errors = read_records(held / f"{name}.jsonl", "mmllm-chat")
+        assert not errors and len(convs) == counts[f"held-out/{name}"]
+        for ref in (r for c in convs for r in c.output_refs()):
+            assert world.is_held_out(ref.modality, world.parse(ref.modality, ref.caption))
+    x2t, errors = read_records(held / "x2t.jsonl", "mmllm-chat")
+    assert not errors and all(r.path.is_relative_to(held / "media") for c in x2t for r in c.media_refs())
+    for name in ("encode_align", "decode_align", "instruct"):  # what their eval_data names, world data writes
+        cfg = load_stage(REPO / "configs" / "stages" / "default" / f"{name}.yaml")
+        assert cfg.eval_data, name
+        for ds in cfg.eval_data:
+            rel = Path(ds.path).relative_to("../../../runs/default/data")
+            assert (out / rel).is_file(), (name, rel)
+
+
 def test_stage_data_is_a_function_of_the_seed(stage_data, tmp_path):
     out, _ = stage_data
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"prompt": "Hi?", "answer": "Hello."}) + "\n")
     write_stage_data(StageDataOptions(out=tmp_path / "again", seed=3, plain_answers=plain, **SMALL))
-    for name in ("t2x.jsonl", "dialogue.jsonl", "align-audio.jsonl"):
+    for name in ("t2x.jsonl", "dialogue.jsonl", "align-audio.jsonl", "held-out/x2t.jsonl", "held-out/align-video.jsonl"):
         assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes()
     first = sorted((out / "media" / "audio").iterdir())[0]
     assert (tmp_path / "again" / "media" / "audio" / first.name).read_bytes() == first.read_bytes()
@@ -115,6 +140,28 @@ def test_weights_only_export_is_small_verified_and_loads(tmp_path_factory, tmp_p
     (out / "learned.safetensors").write_bytes(b"corrupt")
     with pytest.raises(CheckpointError, match="learned.safetensors"):
         AnyToAnyModel.from_pretrained(out)
+
+
+def test_a_weights_only_export_of_a_merged_export_carries_its_llm(tmp_path_factory, tmp_path):
+    ckpt = trained_checkpoint(tmp_path_factory)
+    merged = export_merged(ckpt, tmp_path / "merged")
+    shipped = export_weights_only(merged, tmp_path / "ship", dtype="float16")
+    verify_manifest(shipped)
+    assert (shipped / "llm" / "config.json").is_file()  # its assembly names ./llm, inside the export
+    a, b = AnyToAnyModel.from_pretrained(merged), AnyToAnyModel.from_pretrained(shipped)
+    frozen = [(name, p, q) for (name, p), q in zip(a.llm.model.named_parameters(), b.llm.model.parameters())
+              if ".signal" not in name]  # the learned signal rows are cast to float16; the LLM is copied as it is
+    assert frozen and all(torch.equal(p, q) for _, p, q in frozen)
+
+
+def test_merge_lora_refuses_an_assembly_it_would_not_record(tmp_path_factory, tmp_path, capsys):
+    from mmllm.cli import main
+
+    ckpt = trained_checkpoint(tmp_path_factory)
+    args = ["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "merged"), "--merge-lora"]
+    assert main([*args, "--assembly", str(REPO / "configs" / "assemblies" / "tiny.yaml")]) == 2
+    assert "--assembly goes with a weights-only export" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
 
 
 def test_an_export_never_replaces_its_checkpoint_or_unrelated_files(tmp_path_factory, tmp_path):

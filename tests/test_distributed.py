@@ -251,6 +251,19 @@ def test_a_non_finite_loss_on_one_zero2_process_skips_the_step_on_all(sample_dat
     assert "2 steps in a row had a non-finite loss or gradient" in proc.stderr
 
 
+def test_a_signal_on_one_process_stops_all_after_the_same_step_with_its_exit_code(sample_data, tmp_path):
+    """SIGINT reaching process 1 alone (mid step 2): both processes finish step 2, save it once and stop with
+    130; the main process says so once. Process 0 exited 143 (it did not know which signal), and both printed
+    the stop message. (The launcher kills whichever process is still exiting when the first has gone, so
+    one of them may show -15.)"""
+    args = _stage_args("decode-align", sample_data, tmp_path / "a", 2, "max_steps=6", "eval_data=[]", "eval_every=0")
+    proc = _run(_launch(2, "fsdp") + args, expect=1, MMLLM_TEST_SIGNAL="1:1:SIGINT")  # the launcher: a child failed
+    assert sorted(p.name for p in (tmp_path / "a").glob("step-*")) == ["step-2"]
+    assert proc.stderr.count("stopped by SIGINT after step 2 of 6") == 1
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", proc.stderr)
+    assert "130" in codes and set(codes) <= {"130", "-15"}, proc.stderr[-3000:]
+
+
 def test_zero2_takes_the_stage_settings_and_refuses_what_it_cannot_run():
     from types import SimpleNamespace
 

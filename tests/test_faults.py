@@ -22,6 +22,7 @@ from mmllm.training import checkpoint as ckpt
 from mmllm.training import interrupt
 from mmllm.training.interrupt import TrainingInterrupted
 from mmllm.training.loop import train
+from mmllm.training.resume import check_fresh_output_dir
 from tests.conftest import REPO, sigint_during_step, signal_on_call
 from tests.test_stages import stage_cfg
 
@@ -197,6 +198,11 @@ def test_resume_warns_when_it_reads_other_samples_than_the_interrupted_run(sampl
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3, seed=4, batch_size=2), resume=True)
     assert "seed: 0 -> 4" in caplog.text and "4 x 1 -> 2 x 1" in caplog.text
     assert "from step 3 it reads other samples" in caplog.text
+    assert "eval_data differs" not in caplog.text
+    held_out = f"[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=4, seed=4, batch_size=2, eval_data=held_out),
+          resume=True)
+    assert "eval_data differs from the interrupted run's: validation scores from step 4 on" in caplog.text
 
 
 def test_resume_warns_when_the_lora_dropout_changed(sample_data, tmp_path, caplog):
@@ -275,6 +281,26 @@ def test_a_second_signal_stops_at_once_and_one_before_training_too(monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
 
 
+def test_every_process_stops_with_the_signal_another_process_got():
+    """A process that got no signal stopped as "a signal on another process" and exited 143 (SIGTERM's) even
+    when the signal was SIGINT (130); with two different signals, all take the highest-numbered."""
+
+    class TwoProcesses:  # what Accelerator.gather returns: each process's value, this one first
+        num_processes, device = 2, torch.device("cpu")
+
+        def __init__(self, other: int):
+            self.other = other
+
+        def gather(self, t):
+            return torch.cat([t, torch.tensor([self.other])])
+
+    stop = interrupt.StopRequests()
+    assert stop.requested(TwoProcesses(0)) is None
+    assert stop.requested(TwoProcesses(int(signal.SIGINT))) == "SIGINT"
+    stop.name = "SIGINT"
+    assert stop.requested(TwoProcesses(int(signal.SIGTERM))) == "SIGTERM"
+
+
 def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(sample_data, tmp_path):
     """A full disk (here: a file-size limit, which fails the write the same way) used to end training with
     a safetensors or torch traceback; now one line names the checkpoint, what is intact, and what to do."""
@@ -325,6 +351,58 @@ def test_resume_removes_what_a_kill_during_a_checkpoint_write_left(sample_data, 
         (tmp_path / name / "learned.safetensors").write_bytes(b"partial")
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=2), resume=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final.json", "step-1", "step-2"]
+
+
+def test_a_kill_between_atomic_dirs_renames_loses_no_checkpoint(sample_data, tmp_path, caplog):
+    """Saving a step again over itself renames step-N aside, then its replacement in. A kill -9 between the two
+    renames left step-N only as .step-N.old-* and .step-N.tmp-*, and --resume deleted both (and resumed from
+    an older step)."""
+    full = train(stage_cfg("decode-align", sample_data, tmp_path / "full", max_steps=3, save_every=1, keep_last=0))
+    cut = tmp_path / "cut"
+    train(stage_cfg("decode-align", sample_data, cut, max_steps=2, save_every=1, keep_last=0))
+    (cut / "step-2").rename(cut / ".step-2.old-1796432531279301283")  # the first rename done ...
+    shutil.copytree(cut / ".step-2.old-1796432531279301283", cut / ".step-2.tmp-4242-1796432531279301299")
+    (cut / ".step-2.old-1796432531279301283" / "learned.safetensors").write_bytes(b"not the one to restore")
+    (cut / ".step-2.tmp-4243-1796432531279301300").mkdir()  # ... and a later, half-written attempt
+    caplog.clear()
+    with caplog.at_level("INFO", logger="mmllm"):
+        resumed = train(stage_cfg("decode-align", sample_data, cut, max_steps=3, save_every=1, keep_last=0), resume=True)
+    assert "restored step-2" in caplog.text and f"resumed from {cut / 'step-2'} at step 2" in caplog.text
+    assert sorted(p.name for p in cut.iterdir()) == ["final.json", "step-1", "step-2", "step-3"]
+    assert resumed.losses == full.losses
+    wa, wb = load_file(str(full.final_checkpoint / "learned.safetensors")), load_file(str(cut / "step-3/learned.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_recovery_puts_back_the_replaced_checkpoint_when_its_replacement_is_incomplete(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / ".step-4.old-17")
+    (tmp_path / ".step-4.tmp-1-18").mkdir()  # killed while filling the replacement, before any rename
+    with pytest.raises(ConfigError, match=r"killed while saving \(\.step-4\.old-17, complete\); pass --resume"):
+        check_fresh_output_dir(tmp_path)  # a fresh run would not see it, and a later --resume would mix the two
+    tiny_model.save_pretrained(tmp_path / "step-2")
+    (tmp_path / ".step-2.old-16").mkdir()  # step-2 exists: an original its replacement already replaced
+    restored, removed = ckpt.recover_partial_writes(tmp_path)
+    assert restored == [tmp_path / "step-4"] and removed == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-4"]
+    AnyToAnyModel.from_pretrained(tmp_path / "step-4")
+
+
+def test_a_failed_rename_into_place_puts_the_replaced_checkpoint_back(tiny_model, tmp_path, monkeypatch):
+    target = tmp_path / "step-1"
+    tiny_model.save_pretrained(target)
+    before = (target / "learned.safetensors").read_bytes()
+    real_rename = type(target).rename
+
+    def rename(self, to):
+        if self.name.startswith(".step-1.tmp-"):
+            raise OSError(28, "No space left on device")
+        return real_rename(self, to)
+
+    monkeypatch.setattr(type(target), "rename", rename)
+    with pytest.raises(OSError, match="No space"):
+        ckpt.atomic_dir(target, lambda tmp: (tmp / "learned.safetensors").write_bytes(b"the replacement"))
+    assert (target / "learned.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["step-1"]
 
 
 def test_init_from_a_step_its_run_went_past_is_named(sample_data, tmp_path, caplog):

@@ -278,7 +278,7 @@ def test_bad_inputs_become_error_records_and_the_rest_completes(ckpt, media, tmp
         "unsupported": ({"prompt": "What is this?", "image": "notes.txt"}, "unsupported image file"),
         "unknown-modality": ({"prompt": "What is this?", "media": ["thing.xyz"]}, "unknown modality"),
         "unknown-field": ({"prompt": "Smell this.", "smell": "rose.smell"}, "unknown field(s) ['smell']"),
-        "too-long": ({"prompt": "shapes and sounds " * 200}, "max_length=128"),
+        "too-long": ({"prompt": "shapes and sounds " * 200}, "max_length=128 (the checkpoint's assembly): shorten"),
         "huge-image": ({"prompt": "What is this?", "image": "huge.png"}, "image too large"),
         "placeholders": ({"prompt": "<image><image> compare", "media": ["huge.png"]}, "2 placeholder(s) but 1"),
         "empty-prompt": ({"prompt": "  "}, "the prompt is empty"),
@@ -349,6 +349,20 @@ def test_rerun_skips_done_requests_and_redoes_failed_torn_or_lost_ones(model, me
     assert "5 done, 0 failed" in (out / "index.html").read_text()
 
 
+def test_a_malformed_line_never_shadows_a_request_whose_id_is_line_n(model, tmp_path):
+    # a malformed line's error record is labelled "line-N"; a real request may carry that very id
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "line-2", "prompt": "Hello there."}, "{not json"])
+    out = tmp_path / "out"
+    first = run_requests(model, requests, out, max_new_tokens=4)
+    assert (first["done"], first["failed"]) == (1, 1)
+    for _ in range(2):  # re-runs report the malformed line again; the answer stays done and shown
+        again = run_requests(model, requests, out, max_new_tokens=4)
+        assert (again["skipped"], again["done"], again["failed"]) == (1, 0, 1)
+        assert runner.done_ids(out / "results.jsonl") == {"line-2"}
+        page = (out / "index.html").read_text()
+        assert "1 done, 1 failed" in page and "Hello there." in page and "not valid JSON" in page
+
+
 def test_a_crash_mid_run_resumes_where_it_stopped(model, tmp_path, monkeypatch):
     requests = write_requests(tmp_path / "r.jsonl", [{"id": f"r{i}", "prompt": f"Hello number {i}."}
                                                      for i in range(5)])
@@ -386,8 +400,9 @@ def test_rerun_with_another_checkpoint_or_settings_is_refused_unless_overwrite(c
         "seed": 0, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "steps": None, "guidance": None,
         "dtype": "float32"}
     before = (out / "results.jsonl").read_text()
-    other = tmp_path / "other-ckpt"
-    other.mkdir()
+    from mmllm.training.checkpoint import export_weights_only
+
+    other = export_weights_only(ckpt, tmp_path / "other-ckpt", dtype="float16")  # another checkpoint
     with monkeypatch.context() as m:
         _no_model_load(m)
         for extra, message in [(["--max-new-tokens", "6"], "max_new_tokens 4 (now 6)"),
@@ -471,6 +486,63 @@ def test_an_input_file_replaced_under_the_same_name_is_refused_on_resume(ckpt, m
     monkeypatch.chdir(tmp_path / "in")  # paths resolve against the requests file, wherever the run starts
     assert main([*args[:4], "r.jsonl", *args[5:]]) == 0
     assert "already done" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    # a request's own seed must be in [0, 2**63); --seed, the seed of the others, is held to the same
+    (["--seed", "-1"], "--seed must be at least 0 and below 2**63, got -1"),
+    (["--seed", str(2**64)], f"--seed must be at least 0 and below 2**63, got {2**64}"),
+    (["--threads", "0"], "--threads must be at least 1"),
+])
+def test_flags_no_run_could_use_are_refused_before_the_model_loads(ckpt, flags, message, tmp_path, monkeypatch,
+                                                                  capsys):
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello.", "temperature": 1.0}])
+    _no_model_load(monkeypatch)
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(tmp_path / "out")]
+    assert main([*args, *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_overwrite_never_deletes_the_input_files_of_its_requests(ckpt, media, tmp_path, monkeypatch, capsys):
+    # results written next to the requests file: its media/ holds the inputs, and --overwrite clears media/
+    d = tmp_path / "project"
+    (d / "media").mkdir(parents=True)
+    picture = d / "media" / "red_circle.png"
+    picture.write_bytes((media / "red_circle.png").read_bytes())
+    requests = write_requests(d / "requests.jsonl", [{"id": "see", "prompt": "What is this?", "image": "media/red_circle.png"},
+                                                     {"id": "hi", "prompt": "Hello."}])
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(d), "--max-new-tokens", "4"]
+    assert main(args) == 0
+    before = (d / "results.jsonl").read_text()
+    _no_model_load(monkeypatch)
+    assert main([*args, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"afresh (--overwrite) would delete {picture}, an input of request 'see'" in err and "another --output" in err
+    assert picture.read_bytes() == (media / "red_circle.png").read_bytes()
+    assert (d / "results.jsonl").read_text() == before
+    inside = write_requests(d / "media" / "more.jsonl", [{"id": "hi", "prompt": "Hello."}])
+    assert main([*args[:4], str(inside), *args[5:], "--overwrite"]) == 2
+    assert f"afresh (--overwrite) would delete the requests file {inside}" in capsys.readouterr().err and inside.is_file()
+
+
+def test_a_requests_file_without_requests_is_refused_before_the_model_loads(ckpt, tmp_path, monkeypatch, capsys):
+    requests = write_requests(tmp_path / "r.jsonl", ["", "   "])
+    _no_model_load(monkeypatch)
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(tmp_path / "out")]) == 2
+    assert f"--input {requests}: holds no requests" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_a_run_folder_given_as_checkpoint_is_named_as_such_not_compared_with_earlier_answers(ckpt, tmp_path,
+                                                                                               monkeypatch, capsys):
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}])
+    out = tmp_path / "out"
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out),
+                 "--max-new-tokens", "4"]) == 0
+    _no_model_load(monkeypatch)
+    assert main(["infer", "--checkpoint", str(ckpt.parent), "--input", str(requests), "--output", str(out),
+                 "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert f"training run's folder; give one of its checkpoints, e.g. {ckpt}" in err and "answered there with" not in err
 
 
 def test_overwrite_leaves_a_folder_without_results_as_it_is(tmp_path):

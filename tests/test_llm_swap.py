@@ -6,10 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmllm.config import ConfigError, LoraConfig, parse_assembly, to_dict
+from mmllm.config import ConfigError, LoraConfig, load_lora, parse_assembly, to_dict
 from mmllm.llm import HFCausalLM
 from mmllm.model import AnyToAnyModel
 from mmllm.tiny_tokenizer import build_tiny_tokenizer
+from mmllm.training.loop import train
+from tests.test_stages import REPO, stage_cfg
 
 SIZES = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
          "max_position_embeddings": 256}
@@ -81,6 +83,26 @@ def test_lora_on_gpt2_conv1d_layers_trains_only_the_adapter(tiny_assembly, tmp_p
     logits.sum().backward()
     assert all(p.grad is not None for n, p in model.lora_parameters().items() if "lora_B" in n)
     assert all(p.grad is None for n, p in model.llm.model.named_parameters() if "lora_" not in n)
+
+
+def test_all_linear_adapts_every_linear_layer_of_the_core_but_its_head_and_checkpoints_say_so(sample_data, tmp_path):
+    """PEFT's `all-linear` shortcut was refused (it names no layer); passed on to PEFT it would also adapt the
+    frozen matrix inside mmllm's wrapped LM head."""
+    lora = tmp_path / "lora.yaml"
+    lora.write_text((REPO / "configs/lora/tiny.yaml").read_text().split("target_modules")[0] + "target_modules: all-linear\n")
+    result = train(stage_cfg("instruct", sample_data, tmp_path / "run", max_steps=2, lora=lora))
+    model = AnyToAnyModel.from_pretrained(result.final_checkpoint)
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in model.lora_parameters()}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not [n for n in model.lora_parameters() if "lm_head" in n]
+    assert model.lora_config.target_modules == "all-linear"
+    listed = tmp_path / "listed.yaml"  # the same layers as a list: another adapter config, refused on resume
+    listed.write_text(lora.read_text().replace("all-linear", "[q_proj, k_proj, v_proj, o_proj]"))
+    with pytest.raises(ConfigError, match="target_modules"):
+        train(stage_cfg("instruct", sample_data, tmp_path / "run", max_steps=3, lora=listed), resume=True)
+    lora.write_text(lora.read_text().replace("all-linear", "q_proj"))
+    with pytest.raises(ConfigError, match=r"a list of layer names or 'all-linear', got 'q_proj' \(for one layer write \[q_proj\]\)"):
+        load_lora(lora)
 
 
 @pytest.mark.parametrize("arch", ["gemma", "qwen2", "gpt2"])
@@ -266,3 +288,54 @@ def test_a_batch_with_a_prompt_near_the_context_end_answers_every_request(tiny_a
     for request, prompt, answer in zip((short, long), prompts, together, strict=True):
         assert 0 < len(answer.token_ids) <= 40 - prompt
         assert answer.token_ids == model.generate([request], max_new_tokens=64, decode_media=False)[0].token_ids
+
+
+def test_a_merged_export_of_a_core_with_its_own_code_loads_and_answers_alike(tiny_assembly, tmp_path):
+    import json
+
+    from mmllm.training.checkpoint import export_merged, save_model_checkpoint
+
+    core = save_core("qwen2", tmp_path / "core")  # made a model whose classes come from its folder (auto_map)
+    (core / "configuration_custom.py").write_text(
+        "from transformers import Qwen2Config\n\n\nclass CustomConfig(Qwen2Config):\n    model_type = 'mmllm-custom'\n")
+    (core / "modeling_custom.py").write_text(
+        "from transformers import Qwen2ForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+        "class CustomForCausalLM(Qwen2ForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((core / "config.json").read_text())
+    config.update(model_type="mmllm-custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                       "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (core / "config.json").write_text(json.dumps(config))
+    data = to_dict(tiny_assembly)
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(core), "trust_remote_code": True}
+    model = AnyToAnyModel.assemble(parse_assembly(data))
+    model.add_lora(LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for p in model.lora_parameters().values():
+            p.normal_(0, 0.2)  # LoRA B starts at zero: make the adapter change the answers
+    model.eval()  # no LoRA dropout
+    ckpt = save_model_checkpoint(model, tmp_path / "ckpt", {})
+    merged = AnyToAnyModel.from_pretrained(export_merged(ckpt, tmp_path / "merged"))
+    assert type(merged.llm.model).__name__ == "CustomForCausalLM" and merged.lora_config is None
+    ids = torch.tensor([[3, 40, 41, 42, model.llm.signal_ids["image"][0]]])
+    with torch.no_grad():
+        a = model.llm.lm_head()(model.llm.decoder()(inputs_embeds=model.llm.embed(ids)).last_hidden_state)
+        b = merged.llm.lm_head()(merged.llm.decoder()(inputs_embeds=merged.llm.embed(ids)).last_hidden_state)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_checkpoint_of_a_core_named_dot_slash_relative_loads_it_from_the_working_directory(
+        tiny_assembly, tmp_path, monkeypatch):
+    from mmllm.training.checkpoint import export_merged, export_weights_only, save_model_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    save_core("qwen2", tmp_path / "core")
+    data = to_dict(tiny_assembly)
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": "./core"}  # relative paths: from the working directory
+    model = AnyToAnyModel.assemble(parse_assembly(data))
+    ckpt = save_model_checkpoint(model, tmp_path / "run" / "step-1", {})
+    for loaded in (AnyToAnyModel.from_pretrained(ckpt),  # not taken for a merged export's ./llm, inside it
+                   AnyToAnyModel.from_pretrained(export_weights_only(ckpt, tmp_path / "ship"))):
+        assert loaded.llm.describe()["name_or_path"] == "./core"
+    merged = export_merged(ckpt, tmp_path / "merged")  # its own ./llm is inside it, wherever it is loaded from
+    monkeypatch.chdir(tmp_path / "run")
+    assert AnyToAnyModel.from_pretrained(merged).llm.describe()["name_or_path"] == str(merged / "llm")

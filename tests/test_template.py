@@ -139,3 +139,113 @@ def test_a_conversation_must_open_with_the_user(tiny_model, spec):
     conv = Conversation("c", [Message("assistant", "hello"), Message("user", "hi"), Message("assistant", "x")])
     with pytest.raises(ValueError, match="open with a user turn"):
         encode_conversation(conv, tiny_model.llm.tokenizer, spec)
+
+
+def test_a_last_user_turn_after_the_last_answer_is_dropped_with_its_media(tiny_model, spec, tmp_path):
+    """Nothing is learned from turns after the last answer and no sample renders them; their media used
+    to stay in the conversation, so the sample was skipped ("1 placeholders in the text but 2 media items")."""
+    import json
+
+    from mmllm.data.formats import read_records
+
+    for name in ("a.png", "b.png"):
+        (tmp_path / name).write_bytes(b"x")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"id": "c", "messages": [
+        {"role": "user", "content": "<image> what?", "media": ["a.png"]},
+        {"role": "assistant", "content": "a circle"},
+        {"role": "user", "content": "and <image>?", "media": ["b.png"]}]}) + "\n")
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"id": "l", "image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image> what?"}, {"from": "gpt", "value": "a circle"},
+        {"from": "human", "value": "and <image>?"}]}]))
+    for path, fmt in ((chat, "mmllm-chat"), (llava, "llava")):
+        (conv,), errors = read_records(path, fmt)
+        assert not errors and [m.role for m in conv.messages] == ["user", "assistant"]
+        assert [r.path.name for r in conv.media_refs()] == ["a.png"]
+        enc = encode_conversation(conv, tiny_model.llm.tokenizer, spec)
+        assert [r.path.name for r in enc.media] == ["a.png"]
+        assert enc.input_ids.count(spec.placeholder_ids["image"]) == spec.media_tokens["image"]
+
+
+def _sentencepiece_style_tokenizer(chat_template, split_newlines=True):
+    """A Llama-2/Mistral-style fast tokenizer: Metaspace prepends "▁" to the start of a string (not after a
+    special token), so a turn tokenized on its own differs from the same turn inside the conversation.
+    Without ``split_newlines`` it merges a newline with the next word ("\na"), across a turn's start."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # newlines stay tokens of their own, as in Llama's vocabulary (<0x0A>)
+    metaspace = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"), metaspace])
+                         if split_newlines else metaspace)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = "USER: ASSISTANT: user\nassistant\nwhat is this? a red circle. it is a blue square. draw it.\n" * 20
+    tok.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=200, show_progress=False,
+                                                          special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>",
+                                                                          "<|im_end|>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<unk>")
+    fast.chat_template = chat_template
+    return fast
+
+
+VICUNA = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: "
+          "{{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("chat_template,split_newlines", [
+    (VICUNA, True),  # NExT-GPT's core: "USER: ... ASSISTANT: ...</s>"
+    (CHATML, True),  # ChatML on a SentencePiece-style core (a common fine-tune)
+    (CHATML, False),  # a token across each reply's start: the prefixes are tokenized one by one
+])
+def test_each_answer_is_learned_after_the_very_tokens_inference_prompts_with(chat_template, split_newlines):
+    """Training tokenized each turn's context and reply on their own: with a SentencePiece-style tokenizer the
+    second turn's context then differed from the prompt `mmllm infer` builds, and replies began with a
+    "▁"-prefixed token that the whole text never has."""
+    from mmllm.data.template import TokenSpec, encode_prompt
+
+    tok = _sentencepiece_style_tokenizer(chat_template, split_newlines)
+    spec = TokenSpec({}, {}, {}, {}, max_length=512)
+    messages = [{"role": "user", "content": "what is this?"}, {"role": "assistant", "content": "a red circle."},
+                {"role": "user", "content": "draw it."}, {"role": "assistant", "content": "it is a blue square."}]
+    conv = Conversation("c", [Message(m["role"], m["content"]) for m in messages])
+    enc = encode_conversation(conv, tok, spec)
+    whole = tok(tok.apply_chat_template(messages, tokenize=False), add_special_tokens=False).input_ids
+    assert (enc.input_ids == whole) == split_newlines
+    answered = 0
+    # with a token across the first reply's start, inference's second prompt holds that token (the whole
+    # conversation tokenized) where training has the first reply's start learned: only the first holds
+    for i in (1, 3) if split_newlines else (1,):
+        prompt, _ = encode_prompt(messages[:i], tok, spec)
+        assert enc.input_ids[:len(prompt)] == prompt  # the context inference gives
+        assert all(lab == IGNORE for lab in enc.labels[answered:len(prompt)])
+        reply = tok.convert_tokens_to_string(tok.convert_ids_to_tokens(
+            [t for t, lab in zip(enc.input_ids[len(prompt):], enc.labels[len(prompt):]) if lab != IGNORE]))
+        assert reply.strip().startswith(messages[i]["content"])
+        answered = len(prompt) + next((j for j, lab in enumerate(enc.labels[len(prompt):]) if lab == IGNORE),
+                                      len(enc.labels) - len(prompt))
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_skipped_sample_not_a_crash():
+    """Mistral's template raises "roles must alternate", Gemma 2's "System role not supported": jinja2's
+    TemplateError is no ValueError, so it escaped StageDataset and stopped training mid-epoch (and data check)."""
+    from mmllm.data.dataset import SampleError
+    from mmllm.data.template import TokenSpec
+
+    tok = _sentencepiece_style_tokenizer(
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + VICUNA)
+    spec = TokenSpec({}, {}, {}, {}, max_length=512)
+    refused = Conversation("s", [Message("system", "be brief"), Message("user", "hi"), Message("assistant", "yo")],
+                           "chat.jsonl:7")
+    fine = Conversation("f", [Message("user", "hi"), Message("assistant", "yo")], "chat.jsonl:8")
+    with pytest.raises(ValueError, match=r"^chat.jsonl:7: the LLM's chat template refuses this conversation "
+                                         r"\(roles: system, user\): System role not supported"):
+        encode_conversation(refused, tok, spec)
+    ds = StageDataset([refused, fine], tok, spec, {})
+    assert isinstance(ds[0], SampleError) and "System role not supported" in ds[0].error
+    assert not isinstance(ds[1], SampleError)

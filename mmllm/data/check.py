@@ -119,8 +119,11 @@ class _MediaProbe:
         return self.seen[key]
 
     def _probe(self, modality: str, path: Path) -> str | None:
-        if not path.is_file():
-            return "missing"
+        try:
+            if not path.is_file():
+                return "missing"
+        except OSError as exc:  # a name too long, a folder it may not enter: training skips it too
+            return str(exc)
         if self.decode:
             try:
                 load_media(modality, path)
@@ -146,7 +149,7 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
         return out
     out.records = len(records) + len(errors)
     out.malformed += errors
-    if ds.embeddings and not Path(ds.embeddings).is_dir():  # one problem, not one per embedding file
+    if ds.embeddings and conditioning_shapes and not Path(ds.embeddings).is_dir():  # one problem, not one per file
         out.embedding_problems.append(f"embeddings folder {ds.embeddings} not found: every target of {ds.path} "
                                       "is computed with the decoders' own text encoders")
         conditioning_shapes = {}
@@ -222,7 +225,8 @@ def check_stage_data(cfg: Any, model: Any, decode: bool = True) -> CheckReport:
     from mmllm.training.loop import token_spec
 
     spec = token_spec(model)
-    shapes = {m: tuple(d.conditioning_shape) for m, d in model.decoders.items()}
+    # without an MSE loss training reads no conditioning targets, so no embedding file is checked
+    shapes = {m: tuple(d.conditioning_shape) for m, d in model.decoders.items()} if cfg.losses.mse else {}
     probe = _MediaProbe(decode)
     checks = [check_dataset(ds, cfg.stage, model.llm.tokenizer, spec, shapes, probe, cfg.losses.denoise > 0)
               for ds in cfg.all_data()]

@@ -137,10 +137,24 @@ class MediaRoot:
 # --------------------------------------------------------------------------------------------
 
 
+def _not_utf8(path: Path, line: int, exc: UnicodeDecodeError, data: bytes, start: int) -> DataFormatError:
+    column = exc.start - start + 1
+    return DataFormatError(
+        f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); mmllm reads UTF-8 "
+        "text: re-encode the file (e.g. `iconv -f latin1 -t utf-8`)"
+    )
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
-    """(line number, record or DataFormatError) for each non-blank line."""
-    with open(path, encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, 1):
+    """(line number, record or DataFormatError) for each non-blank line; a line that is not UTF-8 is
+    an error of its own (the file is read as bytes, so one bad byte does not stop the whole file)."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield lineno, _not_utf8(path, lineno, exc, raw, 0)
+                continue
             if not line.strip():
                 continue
             try:
@@ -185,12 +199,34 @@ def _iter_json_array(path: Path, text: str, start: int) -> Iterator[tuple[int, d
         pos = end
 
 
+def _unpaired_surrogate(value: Any) -> str | None:
+    """The first string in a parsed record holding a lone surrogate (JSON allows the escape, UTF-8 does not),
+    as the few characters around it, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return value[max(0, exc.start - 20):exc.end + 5]
+        return None
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        if (found := _unpaired_surrogate(item)) is not None:
+            return found
+    return None
+
+
 def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
     """Records of a JSON Lines file or of a JSON array file, with the line each starts on."""
-    with open(path, encoding="utf-8-sig") as fh:
-        head = fh.read(4096).lstrip()
-    if head.startswith("["):
-        text = path.read_text(encoding="utf-8-sig")
+    with open(path, "rb") as fh:
+        head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+    if head.startswith(b"["):
+        data = path.read_bytes()
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:  # one JSON array: nothing can be read until the file is fixed
+            line = data.count(b"\n", 0, exc.start) + 1
+            yield line, _not_utf8(path, line, exc, data, data.rfind(b"\n", 0, exc.start) + 1)
+            return
         yield from _iter_json_array(path, text, text.index("["))
     else:
         yield from iter_jsonl(path)
@@ -284,8 +320,12 @@ def parse_chat(rec: dict[str, Any], ctx: ReadContext, where: str) -> Conversatio
 
 
 def checked_conversation(conv: Conversation) -> Conversation:
-    if not any(m.role == "assistant" for m in conv.messages):
+    """``conv`` without the turns after its last assistant message: nothing is learned from them, so no
+    sample renders them, and their media would be read (and hashed, cached, checked) for no placeholder."""
+    answers = [i for i, m in enumerate(conv.messages) if m.role == "assistant"]
+    if not answers:
         raise DataFormatError(f"{conv.source}: no assistant message to learn from")
+    del conv.messages[answers[-1] + 1:]
     return conv
 
 
@@ -330,6 +370,9 @@ def read_records(
     if fmt not in parsers:
         raise ValueError(f"unknown data format {fmt!r}; valid formats: {', '.join(parsers)}")
     parse = parsers[fmt]
+    if root and not Path(root).expanduser().is_dir():  # every media path of the file would be missing
+        raise FileNotFoundError(f"{path}: its media root {root} is not a folder; fix the dataset's `root:` "
+                                "(or remove it: media paths then resolve against the data file's folder)")
     ctx = ReadContext(path, MediaRoot(Path(root) if root else path.parent, allow_outside_root),
                       Path(os.path.abspath(Path(embeddings).expanduser())) if embeddings else None)
     records, errors = [], []
@@ -338,8 +381,15 @@ def read_records(
             errors.append(str(rec))
             continue
         try:
+            if (broken := _unpaired_surrogate(rec)) is not None:
+                raise DataFormatError(
+                    f"{path}:{lineno}: text with an unpaired UTF-16 surrogate ({broken!r}: a \\ud800-\\udfff "
+                    "escape without its pair, e.g. an emoji cut in half), which no tokenizer can read; fix or "
+                    "remove those characters"
+                )
             records.append(parse(rec, ctx, f"{path}:{lineno}"))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:  # one bad record never stops the file
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:  # one bad record never stops
+            # the file (OSError: a media path the file system refuses to look up, e.g. a name too long)
             msg = str(exc) if isinstance(exc, DataFormatError) else f"{path}:{lineno}: malformed record ({exc!r})"
             errors.append(msg)
     for err in errors[:MAX_LOGGED_ERRORS]:

@@ -6,8 +6,10 @@ Decoded forms used throughout mmllm:
   scaled to 8 bits; RGBA, LA and palette images with transparency composited on white; the first
   frame of an animated file);
 * audio -> :class:`Audio` (float32 ``(samples, channels)`` in [-1, 1] and its sample rate; any
-  channel count and rate -- encoders down-mix and resample to their own rate with :func:`resample`);
-* video -> :class:`Video` (RGB PIL frames and fps). A long clip is decoded with a stride so that
+  channel count and rate -- encoders down-mix and resample to their own rate with :func:`resample`;
+  at most the first :data:`MAX_AUDIO_SECONDS`);
+* video -> :class:`Video` (RGB PIL frames of at most :data:`MAX_VIDEO_FRAME_PIXELS`, larger ones scaled
+  down, and fps). A long clip is decoded with a stride so that
   at most ``max_frames`` frames, evenly spread over the *whole* clip, are kept; a short one keeps
   every frame and :meth:`Video.sample_frames` repeats frames to fill what an encoder asks.
 
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from mmllm.atomic import atomic_write
 
@@ -35,7 +37,13 @@ AUDIO_EXTENSIONS = {".wav", ".flac", ".mp3", ".ogg"}
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"}
 MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs before decoding them
 MAX_VIDEO_FRAMES = 64  # frames kept per clip, evenly spread over its whole length
-MEDIA_DECODE_VERSION = "2"  # bump when decoding changes (invalidates cached encoder features)
+# a larger video frame is scaled down (aspect kept) as it is decoded: 64 kept 4K frames are 1.6 GB per clip,
+# where video encoders read a few hundred pixels a side
+MAX_VIDEO_FRAME_PIXELS = 1024 * 1024
+# audio is decoded up to this long (its head): an hour of 48 kHz stereo is 1.4 GB of float32 before the
+# encoder resamples it all and keeps its own max_seconds (CLAP's, AST's 10 s, Whisper's 30 s)
+MAX_AUDIO_SECONDS = 600.0
+MEDIA_DECODE_VERSION = "3"  # bump when decoding changes (invalidates cached encoder features)
 
 
 class MediaError(ValueError):
@@ -104,6 +112,18 @@ def _check_file(path: Path, kind: str) -> None:
         raise MediaError(f"{kind} file is empty: {path}")
 
 
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose applies it)
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
 def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     _check_file(path, "image")
@@ -114,12 +134,21 @@ def load_image(path: str | Path) -> Image.Image:
                     f"image too large: {path} is {img.width}x{img.height} "
                     f"(> {MAX_IMAGE_PIXELS} pixels); downscale it first"
                 )
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return _to_rgb(_upright(img))
     except MediaError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise MediaError(f"cannot decode image {path}: {exc}") from exc
+    except Exception as exc:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        raise MediaError(f"cannot decode image {path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says. Only the tag is read: ImageOps.exif_transpose also
+    rewrites the rest of the EXIF block, which fails (struct.error) on a tag of the wrong type that
+    cameras and editors do write, though the pixels and the orientation are fine."""
+    img.load()
+    orientation = img.getexif().get(0x0112, 1)
+    method = _ORIENTATION.get(orientation) if isinstance(orientation, int) else None
+    return img.transpose(method) if method is not None else img
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -141,7 +170,9 @@ def load_audio(path: str | Path) -> Audio:
     path = Path(path)
     _check_file(path, "audio")
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as fh:
+            rate = fh.samplerate
+            data = fh.read(frames=max(1, int(MAX_AUDIO_SECONDS * rate)), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         try:
             return _load_audio_av(path)
@@ -165,8 +196,10 @@ def _load_audio_av(path: Path) -> Audio:
 
     with av.open(str(path)) as container:
         stream = next(s for s in container.streams if s.type == "audio")
-        chunks = []
+        chunks, samples, limit = [], 0, max(1, int(MAX_AUDIO_SECONDS * (stream.rate or 1)))
         for frame in container.decode(stream):
+            if samples >= limit:
+                break
             arr = frame.to_ndarray()
             if arr.dtype != np.float32:
                 arr = arr.astype(np.float32) / max(np.iinfo(arr.dtype).max, 1) if arr.dtype.kind == "i" else arr
@@ -175,10 +208,11 @@ def _load_audio_av(path: Path) -> Audio:
             else:
                 arr = arr.reshape(-1, len(frame.layout.channels))
             chunks.append(arr)
+            samples += arr.shape[0]
         rate = stream.rate
     if not chunks:
         raise MediaError(f"audio file has no samples: {path}")
-    return _checked_audio(path, np.concatenate(chunks, axis=0), int(rate))
+    return _checked_audio(path, np.concatenate(chunks, axis=0)[:limit], int(rate))
 
 
 def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
@@ -200,7 +234,7 @@ def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
             for index, frame in enumerate(container.decode(stream)):
                 if index % stride:
                     continue
-                kept.append((index, frame.to_image().convert("RGB")))
+                kept.append((index, _frame_image(frame)))
                 if len(kept) > max_frames:  # longer than announced: keep every other frame, double the stride
                     kept = kept[::2]
                     stride *= 2
@@ -211,6 +245,26 @@ def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
     if not kept:
         raise MediaError(f"video has no frames: {path}")
     return Video([img for _, img in kept[:max_frames]], fps / stride)  # fps of the frames kept
+
+
+# a display matrix's counter-clockwise rotation (VideoFrame.rotation: phones record portrait clips as
+# landscape frames plus -90) -> the transpose that shows the frame upright
+_DISPLAY_ROTATION = {90: Image.Transpose.ROTATE_90, -90: Image.Transpose.ROTATE_270, 270: Image.Transpose.ROTATE_270,
+                     180: Image.Transpose.ROTATE_180, -180: Image.Transpose.ROTATE_180}
+
+
+def _frame_image(frame: Any) -> Image.Image:
+    """A decoded frame as an upright RGB image (its display rotation applied, as EXIF orientation is to
+    images) of at most :data:`MAX_VIDEO_FRAME_PIXELS` (scaled down, aspect kept)."""
+    w, h = frame.width, frame.height
+    if w * h <= MAX_VIDEO_FRAME_PIXELS:
+        img = frame.to_image().convert("RGB")
+    else:
+        scale = (MAX_VIDEO_FRAME_PIXELS / (w * h)) ** 0.5
+        size = max(1, int(w * scale)), max(1, int(h * scale))
+        img = frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA").to_image()
+    method = _DISPLAY_ROTATION.get(round(getattr(frame, "rotation", 0) or 0))
+    return img.transpose(method) if method is not None else img
 
 
 def load_media(modality: str, path: str | Path):

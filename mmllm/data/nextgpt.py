@@ -40,7 +40,7 @@ Roles: ``"from"`` is ``human`` / ``gpt`` (``user`` / ``assistant`` / ``system`` 
   record's) yields one output of that modality. A ``<image>``/``<audio>``/``<video>`` marker in a
   gpt value marks an output too: it is removed from the text (mmllm appends the signal tokens at
   the end of the reply) and, when the turn has no caption, takes the next caption of the record's
-  ``<modality>_captions``.
+  ``<modality>_captions`` (a turn's own caption that is the list's next one counts as taken).
 
 ``nextgpt-mosit`` -- MosIT dialogues (any modality in and out)::
 
@@ -262,10 +262,17 @@ def parse_t2x(rec: dict[str, Any], ctx: ReadContext, where: str) -> Conversation
         outputs = []
         caption = turn.get("caption")
         modality = turn.get("output_modality") or record_modality
+        if isinstance(caption, str) and caption.strip() and modality is not None and modality not in (*MODALITIES,
+                                                                                                       "text"):
+            raise DataFormatError(f"{w}: output_modality {modality!r} is not one of {', '.join(MODALITIES)} or "
+                                  f"text, so the turn's caption {caption[:60]!r} has no output to go to")
         if isinstance(caption, str) and caption.strip() and modality in MODALITIES:
             if markers.count(modality) > 1 or any(m != modality for m in markers):
                 raise DataFormatError(f"{w}: one caption for {modality} but markers {markers} in the reply")
             outputs.append(OutputRef(modality, caption_of(caption), None, embedding_for(modality, caption, None)))
+            if used[modality] < len(pools[modality]) and caption_of(pools[modality][used[modality]]) == caption_of(
+                    caption):  # the record's list holds this turn's caption too: a later bare marker takes the next
+                used[modality] += 1
         else:
             for m in markers:
                 if used[m] >= len(pools[m]):

@@ -2,13 +2,15 @@
 
 The LLM's own chat template renders the conversation. Labels cover exactly what the assistant
 says (its reply, its signal tokens and the template's end-of-turn marker); everything else is
-``-100``. Each media placeholder id is expanded to the number of tokens its input projection
+``-100``. Each reply follows the very tokens inference prompts with (:func:`encode_prompt`): the text
+up to a turn's start is tokenized whole, not turn by turn. Each media placeholder id is expanded to the number of tokens its input projection
 yields, and truncation never cuts inside an expanded media span or a signal-token group: the cut
 moves back to the span's start and the media/outputs past it are dropped with the text.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +92,19 @@ def _template_messages(conv: Conversation, spec: TokenSpec) -> list[dict[str, st
 
 
 def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """The chat template's text; a conversation the template refuses (its ``raise_exception``: Mistral's
+    "roles must alternate", Gemma 2's "System role not supported") is a ValueError, which training skips
+    and counts as it does any sample that cannot be read, rather than jinja2's TemplateError."""
     if not messages:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:
+        roles = ", ".join(m["role"] for m in messages)
+        raise ValueError(f"the LLM's chat template refuses this conversation (roles: {roles}): {exc}; change the "
+                         "conversation, or give llm.chat_template one that accepts it") from exc
 
 
 PREFIX_STABLE_HINT = (
@@ -125,6 +137,58 @@ def _tokens(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False).input_ids if text else []
 
 
+def _labelled_tokens(tokenizer: Any, text: str, replies: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """``text`` as token ids, labelled on the ``replies`` (character spans of what the assistant says).
+
+    Each turn's context is what :func:`encode_prompt` gives inference (the rendered prompt tokenized whole)
+    and each reply the tokens that continue it in the whole text. Tokenizing each piece on its own differs
+    wherever a tokenizer treats the start of a string specially: SentencePiece-style cores (Llama 2,
+    Mistral, Vicuna) prepend "▁" to a string's start but not after a special token, so the model learnt to
+    answer after another context than inference gives it, and to begin its answers with a token it is never
+    asked for. The whole text is tokenized once (:func:`_whole_text_labels`); only where that cannot be
+    shown to give each turn inference's context (a slow tokenizer, a token across a turn's start) is each
+    prefix of the text tokenized whole, turn by turn."""
+    if getattr(tokenizer, "is_fast", False):
+        found = _whole_text_labels(tokenizer, text, replies)
+        if found is not None:
+            return found
+    ids: list[int] = []
+    labels: list[int] = []
+    placed = 0  # characters of text behind ids
+    for begin, end in replies:
+        for stop, learn in ((begin, False), (end, True)):
+            whole = _tokens(tokenizer, text[:stop])
+            new = whole[len(ids):] if whole[:len(ids)] == ids else _tokens(tokenizer, text[placed:stop])
+            ids += new
+            labels += new if learn else [IGNORE] * len(new)
+            placed = stop
+    return ids, labels
+
+
+def _whole_text_labels(tokenizer: Any, text: str,
+                       replies: list[tuple[int, int]]) -> tuple[list[int], list[int]] | None:
+    """The whole text's tokens, labelled where they start inside a reply; None unless the tokens before
+    each reply are those of the text up to it. That is checked from the last added token (special tokens,
+    placeholders: the tokenizer splits them off before anything else, so the text is cut cleanly there)
+    before each reply's start, which keeps it linear in the length of the conversation."""
+    if not text:
+        return [], []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    ids, starts = list(enc.input_ids), [first for first, _ in enc.offset_mapping]
+    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for begin, _ in replies:
+        k = bisect.bisect_left(starts, begin)  # tokens before the reply
+        j = next((i for i in range(k - 1, -1, -1) if ids[i] in added), None)
+        cut = 0 if j is None else starts[j]
+        if _tokens(tokenizer, text[cut:begin]) != ids[0 if j is None else j:k]:
+            return None
+    labels = [IGNORE] * len(ids)
+    for begin, end in replies:
+        first, stop = bisect.bisect_left(starts, begin), bisect.bisect_left(starts, end)
+        labels[first:stop] = ids[first:stop]
+    return ids, labels
+
+
 def expand_placeholders(
     ids: list[int], labels: list[int], spec: TokenSpec
 ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
@@ -155,10 +219,18 @@ def encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> 
     first_turn = next((m.role for m in conv.messages if m.role != "system"), None)
     if first_turn != "user":
         raise ValueError(f"{conv.source}: a conversation must open with a user turn (after any system turn)")
+    try:
+        return _encode_conversation(conv, tokenizer, spec)
+    except ValueError as exc:  # the template's own complaints do not know where the conversation is from
+        if str(exc).startswith(conv.source):
+            raise
+        raise ValueError(f"{conv.source}: {exc}") from exc
+
+
+def _encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> EncodedSample:
     messages = _template_messages(conv, spec)
-    ids: list[int] = []
-    labels: list[int] = []
-    done = ""  # text already tokenized
+    replies: list[tuple[int, int]] = []  # character spans of what the assistant says in the rendered text
+    done = ""  # the conversation rendered up to the last answer placed
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
@@ -167,11 +239,9 @@ def encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> 
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise ValueError(f"the tokenizer's chat template is not prefix-stable, so the labels of this "
                              f"conversation's turn {i + 1} cannot be placed: {PREFIX_STABLE_HINT}")
-        context = _tokens(tokenizer, prompt[len(done):])
-        reply = _tokens(tokenizer, full[len(prompt):])
-        ids += context + reply
-        labels += [IGNORE] * len(context) + reply
+        replies.append((len(prompt), len(full)))
         done = full
+    ids, labels = _labelled_tokens(tokenizer, done, replies)
     # Placeholders must never be learned as outputs.
     placeholder = set(spec.placeholder_ids.values())
     labels = [IGNORE if t in placeholder else lab for t, lab in zip(ids, labels)]
@@ -209,6 +279,7 @@ def encode_prompt(
     ids, _, spans = expand_placeholders(ids, [IGNORE] * len(ids), spec)
     if len(ids) > spec.max_length:
         raise ContextLengthError(
-            f"prompt is {len(ids)} tokens after media expansion; the context holds max_length={spec.max_length}"
+            f"prompt is {len(ids)} tokens after media expansion; the context holds max_length={spec.max_length} "
+            f"(the checkpoint's assembly): shorten the prompt, or drop earlier turns of the conversation"
         )
     return ids, spans

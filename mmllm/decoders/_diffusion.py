@@ -346,6 +346,34 @@ def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
+Generators = torch.Generator | list[torch.Generator]
+
+
+def seeded_generators(seed: int | list[int] | None, device: torch.device) -> Generators:
+    """One generator for the batch, or, for a list of seeds (one per row), one per row: a denoising loss
+    given per-row seeds draws each row's VAE sample, noise and timestep from its own generator, so a row's
+    draws do not depend on which rows share its batch."""
+    if isinstance(seed, list):
+        return [seeded_generator(s, device) for s in seed]
+    return seeded_generator(seed, device)
+
+
+def repeat_generators(generator: Generators, times: int) -> Generators:
+    """Per-row generators for a batch whose rows are each expanded into ``times`` rows (video frames)."""
+    return [g for g in generator for _ in range(times)] if isinstance(generator, list) else generator
+
+
+def split_generators(generator: Generators, sizes: list[int]) -> list[Generators]:
+    """Per-row generators split like the batch (VAE chunks); one shared generator goes to every chunk."""
+    if not isinstance(generator, list):
+        return [generator] * len(sizes)
+    out, start = [], 0
+    for n in sizes:
+        out.append(generator[start:start + n])
+        start += n
+    return out
+
+
 def make_scheduler(scheduler: Any, name: str | None, prediction_type: str | None) -> Any:
     """Swap the scheduler class and/or override ``prediction_type``, keeping the rest of its config."""
     if name is None and prediction_type is None:
@@ -402,22 +430,25 @@ def denoising_mse(
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     latents: torch.Tensor,
     scheduler: Any,
-    generator: torch.Generator,
+    generator: Generators,
 ) -> torch.Tensor:
     """Noise ``latents`` at random training timesteps and score ``predict(noisy, t)`` against the target.
 
     ``scheduler`` should be a :func:`training_scheduler`. ``predict`` closes over the conditioning,
-    so gradients reach it while the (frozen) denoiser's weights stay untouched.
+    so gradients reach it while the (frozen) denoiser's weights stay untouched. ``generator``: one for the
+    batch, or one per row (:func:`seeded_generators`), each row's noise and timestep then from its own.
     """
     latents = latents.detach()
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(
-        0,
-        scheduler.config.num_train_timesteps,
-        (latents.shape[0],),
-        generator=generator,
-        device=latents.device,
-    )
+    steps = scheduler.config.num_train_timesteps
+    if isinstance(generator, list):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        timesteps = torch.cat([torch.randint(0, steps, (1,), generator=g, device=g.device) for g in generator])
+        timesteps = timesteps.to(latents.device)
+    else:
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     target = prediction_target(scheduler, latents, noise, timesteps)
     prediction = predict(noisy, timesteps)

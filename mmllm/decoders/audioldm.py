@@ -41,7 +41,7 @@ from mmllm.decoders._diffusion import (
     make_scheduler,
     row_generators,
     seeded,
-    seeded_generator,
+    seeded_generators,
     tiny_text_tokenizer,
     training_scheduler,
     warn_remote_code,
@@ -329,7 +329,7 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
         return torch.log(mel.clamp(min=LOG_MEL_FLOOR)).T[: self.frames]
 
     def denoising_loss(
-        self, conditioning: torch.Tensor, media: list[Audio], seed: int | None = None
+        self, conditioning: torch.Tensor, media: list[Audio], seed: int | list[int] | None = None
     ) -> torch.Tensor:
         check_conditioning(conditioning, self.conditioning_shape, "audioldm-audio")
         batch = conditioning.shape[0]
@@ -337,7 +337,7 @@ class AudioLDMDecoder(FrozenDiffusionDecoder):
             raise ValueError(f"{len(media)} audio clips for {batch} conditioning rows")
         self._require("denoise", "compute the denoising loss")
         device, dtype = self._device_dtype()
-        generator = seeded_generator(seed, device)
+        generator = seeded_generators(seed, device)
         mels = torch.stack([self.log_mel(a) for a in media])[:, None].to(device, dtype)  # (B, 1, T, mel)
         with torch.no_grad():
             latents = self.vae.encode(mels).latent_dist.sample(generator=generator)

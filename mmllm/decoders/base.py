@@ -57,7 +57,10 @@ class MediaDecoder(nn.Module, ABC):
     ) -> list[Any]:
         """Conditioning ``(batch, L, D)`` -> one decoded media item per row."""
 
-    def denoising_loss(self, conditioning: torch.Tensor, media: list[Any], seed: int | None = None) -> torch.Tensor:
+    def denoising_loss(self, conditioning: torch.Tensor, media: list[Any],
+                       seed: int | list[int] | None = None) -> torch.Tensor:
+        """The mean diffusion loss of ``media`` conditioned on ``conditioning`` (one row each); ``seed`` seeds
+        the batch's draws, or, a list, each row's draws from its own seed (independent of the batch)."""
         raise NotImplementedError(f"{type(self).__name__} has no denoising loss; set losses.denoise: 0")
 
     def train(self, mode: bool = True):

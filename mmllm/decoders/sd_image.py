@@ -30,7 +30,7 @@ from mmllm.decoders._diffusion import (
     make_scheduler,
     row_generators,
     seeded,
-    seeded_generator,
+    seeded_generators,
     tiny_text_tokenizer,
     training_scheduler,
     warn_remote_code,
@@ -243,14 +243,14 @@ class StableDiffusionDecoder(FrozenDiffusionDecoder):
         return list(out.images)
 
     def denoising_loss(
-        self, conditioning: torch.Tensor, media: list[Image.Image], seed: int | None = None
+        self, conditioning: torch.Tensor, media: list[Image.Image], seed: int | list[int] | None = None
     ) -> torch.Tensor:
         check_conditioning(conditioning, self.conditioning_shape, "sd-image")
         if len(media) != conditioning.shape[0]:
             raise ValueError(f"{len(media)} images for {conditioning.shape[0]} conditioning rows")
         self._require("denoise", "compute the denoising loss")
         device, dtype = self._device_dtype()
-        generator = seeded_generator(seed, device)
+        generator = seeded_generators(seed, device)
         pixels = self.pipeline.image_processor.preprocess(
             [image.convert("RGB") for image in media], height=self.height, width=self.width
         ).to(device, dtype)

@@ -31,9 +31,11 @@ from mmllm.decoders._diffusion import (
     denoising_mse,
     load_parts,
     make_scheduler,
+    repeat_generators,
     row_generators,
     seeded,
-    seeded_generator,
+    seeded_generators,
+    split_generators,
     tiny_text_tokenizer,
     training_scheduler,
     warn_remote_code,
@@ -241,7 +243,7 @@ class TextToVideoDecoder(FrozenDiffusionDecoder):
         ]
 
     def denoising_loss(
-        self, conditioning: torch.Tensor, media: list[Video], seed: int | None = None
+        self, conditioning: torch.Tensor, media: list[Video], seed: int | list[int] | None = None
     ) -> torch.Tensor:
         """Diffusion loss over per-frame VAE latents ``(B, C, num_frames, h, w)``; each clip is sampled
         at ``num_frames`` evenly spaced frames."""
@@ -253,21 +255,17 @@ class TextToVideoDecoder(FrozenDiffusionDecoder):
             raise ValueError(f"{len(media)} videos for {batch} conditioning rows")
         self._require("denoise", "compute the denoising loss")
         device, dtype = self._device_dtype()
-        generator = seeded_generator(seed, device)
+        generator = seeded_generators(seed, device)
         images = [frame.convert("RGB") for video in media for frame in video.sample_frames(frames)]
         # the pipeline's own video_processor does not resize; frames are resized like SD's images
         processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         pixels = processor.preprocess(images, height=self.height, width=self.width).to(device, dtype)
+        chunks = pixels.split(VAE_CHUNK)
+        frame_generators = split_generators(repeat_generators(generator, frames), [len(c) for c in chunks])
         with torch.no_grad():
-            latents = (
-                torch.cat(
-                    [
-                        self.vae.encode(chunk).latent_dist.sample(generator=generator)
-                        for chunk in pixels.split(VAE_CHUNK)
-                    ]
-                )
-                * self.vae.config.scaling_factor
-            )
+            latents = torch.cat([self.vae.encode(chunk).latent_dist.sample(generator=g)
+                                 for chunk, g in zip(chunks, frame_generators, strict=True)])
+            latents = latents * self.vae.config.scaling_factor
         latents = latents.reshape(batch, frames, *latents.shape[1:]).permute(0, 2, 1, 3, 4)  # (B, C, F, h, w)
         conditioning = conditioning.to(device, dtype)
 

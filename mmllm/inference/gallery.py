@@ -42,9 +42,20 @@ def media_tag(rel: str) -> str:
     return f'<a href="{src}">{label}</a>'
 
 
+def record_key(rec: dict[str, Any]) -> tuple[str, str]:
+    """What a record answers: a request (by id), or a requests-file line that could not be read as one.
+
+    The latter are labelled ``line-N`` for people, but a request may carry that id itself: keyed apart,
+    a malformed line's error never replaces a request's answer.
+    """
+    if rec.get("error_stage") == "parse":
+        return "line", str(rec.get("line", rec["id"]))
+    return "id", str(rec["id"])
+
+
 def latest_records(results: Path) -> list[dict[str, Any]]:
-    """Each id's latest record, in the order ids first appear in ``results``."""
-    records: dict[str, dict[str, Any]] = {}
+    """Each request's (and unreadable line's) latest record, in the order they first appear in ``results``."""
+    records: dict[tuple[str, str], dict[str, Any]] = {}
     if results.is_file():
         for line in results.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
@@ -52,7 +63,7 @@ def latest_records(results: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
             if isinstance(rec, dict) and "id" in rec:
-                records[str(rec["id"])] = rec
+                records[record_key(rec)] = rec
     return list(records.values())
 
 

@@ -352,6 +352,32 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any]) -> None:
                           f"are replaced)")
 
 
+def check_overwrite(out: Path, requests_file: Path) -> None:
+    """Refuse (:class:`OutputError`) an ``overwrite`` that would delete the requests file or an input file of
+    a request: one kept in ``out/media``, which :func:`start_afresh` removes whole (results written next to
+    their requests)."""
+    out, requests_file = Path(out), Path(requests_file)
+    if not (out / "results.jsonl").is_file() or not (out / "media").is_dir():
+        return
+    media = (out / "media").resolve()
+    how = (f"it removes {out}'s results.jsonl, media/ and index.html. Move the file out of {out / 'media'}, or "
+           f"give another --output")
+    if requests_file.resolve().is_relative_to(media):
+        raise OutputError(f"starting {out} afresh (--overwrite) would delete the requests file {requests_file}: "
+                          f"{how}")
+    for line in read_lines(requests_file):
+        if line.record is None:
+            continue
+        try:
+            inputs = parse_request(line.record, requests_file.parent, 0, load=False).inputs
+        except RequestError:
+            continue
+        for name in inputs:
+            if Path(name).resolve().is_relative_to(media):
+                raise OutputError(f"starting {out} afresh (--overwrite) would delete {name}, an input of request "
+                                  f"{line.id!r} ({requests_file}:{line.lineno}): {how}")
+
+
 def start_afresh(out: Path) -> None:
     """Remove what a run wrote to ``out`` (results.jsonl, media/, index.html), nothing else; a folder
     without a ``results.jsonl`` holds no run's outputs and is left as it is.
@@ -625,7 +651,8 @@ def run_requests(
 
     Raises :class:`OutputError` when ``out`` cannot be written, or when a request it holds done was
     answered with another checkpoint or settings (see :func:`check_resume`) and ``overwrite`` is false;
-    ``overwrite`` first removes the earlier results instead (:func:`start_afresh`).
+    ``overwrite`` first removes the earlier results instead (:func:`start_afresh`), unless that would delete
+    the requests file or an input file of a request (:func:`check_overwrite`).
 
     Returns counts -- ``done``, ``failed``, ``skipped`` (done in an earlier run), ``stopped`` (1 if
     ``fail_fast`` stopped the run) -- and ``seconds``: wall time per stage (prepare, llm, decode,
@@ -638,6 +665,7 @@ def run_requests(
     made = run_settings(checkpoint, str(next(model.parameters()).dtype).removeprefix("torch."), seed,
                         max_new_tokens, temperature, top_p, steps, guidance)
     if overwrite:
+        check_overwrite(out, requests_file)
         start_afresh(out)
     else:
         check_resume(out, requests_file, made)

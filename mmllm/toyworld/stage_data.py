@@ -12,7 +12,11 @@
 * for the instruct stage (``mmllm-chat``): ``t2x.jsonl`` (text -> media), ``x2t.jsonl`` (media ->
   description), ``x2y.jsonl`` (image -> video and video -> image, where the world links them),
   ``multi.jsonl`` (two outputs in one answer), ``dialogue.jsonl`` (multi-turn, switching modality)
-  and ``plain.jsonl`` (no media: the base core's own answers, :func:`distil_plain_chat`).
+  and ``plain.jsonl`` (no media: the base core's own answers, :func:`distil_plain_chat`);
+* ``held-out/`` -- the same kinds of record for the *held-out* combinations only, with their own
+  ``media/``: ``align-{image,audio,video}.jsonl``, ``generate.jsonl``, ``t2x.jsonl`` and ``x2t.jsonl``.
+  No stage trains on them; the default stage configs score them as ``eval_data``, so a run shows how
+  well what it learns composes to combinations it never saw.
 
 Everything is a pure function of ``seed``. The canonical caption is the one target for both
 directions, whatever phrasing the request used: descriptions are then parseable by
@@ -33,7 +37,7 @@ from tqdm.auto import tqdm
 
 from mmllm.atomic import atomic_write_text
 from mmllm.data.media import save_media
-from mmllm.toyworld.world import MODALITIES, Combo, World
+from mmllm.toyworld.world import MODALITIES, Combo, Split, World
 
 log = logging.getLogger(__name__)
 
@@ -94,21 +98,27 @@ class StageDataOptions:
     multi: int = 600
     dialogue: int = 600
     plain_answers: Path | None = None  # distilled plain chat (JSONL of {"prompt", "answer"}); None: none
+    held_out_renderings: dict[str, int] = field(default_factory=lambda: {"image": 2, "audio": 8, "video": 3})
+    held_out_requests: int = 120  # each of held-out/generate, t2x and x2t
+
+
+HELD_OUT = "held-out"  # the folder under ``out`` holding the held-out combinations' evaluation data
 
 
 class _Media:
-    """Rendered training media: per modality, per training combo, a list of relative file paths."""
+    """Rendered media of one split's combos: per modality, per combo, a list of paths relative to ``out``."""
 
-    def __init__(self, world: World, out: Path, seed: int, renderings: dict[str, int]):
+    def __init__(self, world: World, out: Path, seed: int, renderings: dict[str, int], split: Split = "train"):
         self.world, self.out = world, out
         self.files: dict[str, dict[Combo, list[str]]] = {m: {} for m in MODALITIES}
+        tag = 11 if split == "train" else 12  # the training media are those rendered before held-out ones existed
         for modality in MODALITIES:
-            combos = world.combos(modality, "train")
+            combos = world.combos(modality, split)
             folder = out / "media" / modality
             folder.mkdir(parents=True, exist_ok=True)
             for c, combo in enumerate(tqdm(combos, desc=f"rendering {modality}", leave=False)):
                 for k in range(renderings[modality]):
-                    item_seed = int(np.random.default_rng([seed, MODALITIES.index(modality), c, k, 11]).integers(2**62))
+                    item_seed = int(np.random.default_rng([seed, MODALITIES.index(modality), c, k, tag]).integers(2**62))
                     rel = f"media/{modality}/{'-'.join(combo)}-{k}{SUFFIX[modality]}"
                     if not (out / rel).is_file():
                         media = world.render(modality, world.attributes_of(modality, combo), item_seed)
@@ -127,8 +137,8 @@ def _choice(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> s
 
 
 class _Writer:
-    def __init__(self, world: World, media: _Media, seed: int):
-        self.world, self.media, self.seed = world, media, seed
+    def __init__(self, world: World, media: _Media, seed: int, split: Split = "train"):
+        self.world, self.media, self.seed, self.split = world, media, seed, split
 
     def canon(self, modality: str, combo: Combo) -> str:
         return self.world.caption(modality, self.world.attributes_of(modality, combo))
@@ -141,7 +151,7 @@ class _Writer:
         return template.format(c=caption)
 
     def random_combo(self, modality: str, rng: np.random.Generator) -> Combo:
-        combos = self.world.combos(modality, "train")
+        combos = self.world.combos(modality, self.split)
         return combos[int(rng.integers(len(combos)))]
 
     def output(self, modality: str, combo: Combo) -> dict[str, str]:
@@ -278,8 +288,23 @@ def read_plain_answers(path: Path) -> list[dict[str, str]]:
     return out
 
 
+def _align_records(writer: _Writer, media: _Media, modality: str) -> list[dict[str, Any]]:
+    return [{"id": f"{modality}-{'-'.join(combo)}-{k}", "modality": modality, "media": path,
+             "caption": writer.canon(modality, combo)}
+            for combo, paths in media.files[modality].items() for k, path in enumerate(paths)]
+
+
+def _stream(out: Path, name: str, seed: int, n: int, make) -> int:
+    """Write ``n`` records ``make(i, rng)`` into ``out/name.jsonl``, each from its own child of the seed."""
+    rng_root = np.random.SeedSequence([seed, sum(map(ord, name))])
+    records = [make(i, np.random.default_rng(child)) for i, child in enumerate(rng_root.spawn(n))]
+    _write_jsonl(out / f"{name}.jsonl", records)
+    return len(records)
+
+
 def write_stage_data(options: StageDataOptions) -> dict[str, int]:
-    """Write every file listed in the module docstring; returns the number of records per file."""
+    """Write every file listed in the module docstring; returns the number of records per file (the
+    held-out files' names start with ``held-out/``)."""
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     world = World()
@@ -289,48 +314,57 @@ def write_stage_data(options: StageDataOptions) -> dict[str, int]:
     counts: dict[str, int] = {}
 
     for modality in MODALITIES:
-        records = [{"id": f"{modality}-{'-'.join(combo)}-{k}", "modality": modality, "media": path,
-                    "caption": writer.canon(modality, combo)}
-                   for combo, paths in media.files[modality].items() for k, path in enumerate(paths)]
+        records = _align_records(writer, media, modality)
         _write_jsonl(out / f"align-{modality}.jsonl", records)
         counts[f"align-{modality}"] = len(records)
 
-    def stream(name: str, n: int, make) -> None:
-        rng_root = np.random.SeedSequence([options.seed, sum(map(ord, name))])
-        records = []
-        for i, child in enumerate(rng_root.spawn(n)):
-            records.append(make(i, np.random.default_rng(child)))
-        _write_jsonl(out / f"{name}.jsonl", records)
-        counts[name] = len(records)
-
-    stream("generate", options.generate, writer.generate)
-    stream("t2x", options.t2x, writer.t2x)
-    stream("x2t", options.x2t, writer.x2t)
-    stream("x2y", options.x2y, writer.x2y)
-    stream("multi", options.multi, writer.multi)
-    stream("dialogue", options.dialogue, lambda i, rng: writer.dialogue(i, rng, plain))
+    counts["generate"] = _stream(out, "generate", options.seed, options.generate, writer.generate)
+    counts["t2x"] = _stream(out, "t2x", options.seed, options.t2x, writer.t2x)
+    counts["x2t"] = _stream(out, "x2t", options.seed, options.x2t, writer.x2t)
+    counts["x2y"] = _stream(out, "x2y", options.seed, options.x2y, writer.x2y)
+    counts["multi"] = _stream(out, "multi", options.seed, options.multi, writer.multi)
+    counts["dialogue"] = _stream(out, "dialogue", options.seed, options.dialogue,
+                                 lambda i, rng: writer.dialogue(i, rng, plain))
     if plain:
         _write_jsonl(out / "plain.jsonl", [
             {"id": f"plain-{i}", "messages": [{"role": "user", "content": qa["prompt"]},
                                                {"role": "assistant", "content": qa["answer"]}]}
             for i, qa in enumerate(plain)])
         counts["plain"] = len(plain)
-    _check_held_out(world, out, counts)
+    _check_split(world, out, counts, held_out=False)
+
+    held = out / HELD_OUT
+    held_media = _Media(world, held, options.seed, options.held_out_renderings, split="held_out")
+    held_writer = _Writer(world, held_media, options.seed, split="held_out")
+    held_counts: dict[str, int] = {}
+    for modality in MODALITIES:
+        records = _align_records(held_writer, held_media, modality)
+        _write_jsonl(held / f"align-{modality}.jsonl", records)
+        held_counts[f"align-{modality}"] = len(records)
+    for name, make in (("generate", held_writer.generate), ("t2x", held_writer.t2x), ("x2t", held_writer.x2t)):
+        held_counts[name] = _stream(held, name, options.seed + 1, options.held_out_requests, make)
+    _check_split(world, held, held_counts, held_out=True)
+    counts |= {f"{HELD_OUT}/{name}": n for name, n in held_counts.items()}
     log.info("stage data in %s: %s", out, ", ".join(f"{k} {v}" for k, v in counts.items()))
     return counts
 
 
-def _check_held_out(world: World, out: Path, counts: dict[str, int]) -> None:
-    """Refuse to leave data behind that names a held-out combination (a guard on the generator)."""
+def _check_split(world: World, out: Path, counts: dict[str, int], held_out: bool) -> None:
+    """Refuse to leave data behind that names a combination of the other split (a guard on the generator):
+    training data naming a held-out combination, or held-out data naming a training one."""
     for name in counts:
         for line in (out / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
             captions = [(rec["modality"], rec["caption"])] if "modality" in rec else [
                 (o["modality"], o["caption"]) for m in rec["messages"] for o in m.get("outputs", [])]
-            for modality, caption in captions:  # (media inputs are rendered from training combos only)
-                if world.is_held_out(modality, world.parse(modality, caption)):
-                    raise AssertionError(f"{name}: {rec['id']} uses held-out {modality} {caption!r}")
-
+            media = [] if "modality" in rec else [p for m in rec["messages"] for p in m.get("media", [])]
+            for modality, caption in captions:
+                if world.is_held_out(modality, world.parse(modality, caption)) != held_out:
+                    split = "a held-out" if not held_out else "a training"
+                    raise AssertionError(f"{out / name}: {rec['id']} uses {split} {modality} combination {caption!r}")
+            for path in media:  # media are rendered per split, under the split's own folder
+                if not (out / path).is_file():
+                    raise AssertionError(f"{out / name}: {rec['id']} names {path}, not rendered under {out}")
 
 
 def distil_plain_chat(model_core: Any, prompts: tuple[str, ...], out: Path, max_new_tokens: int = 128,

@@ -74,17 +74,58 @@ def step_dirs(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-PARTIAL_DIR = re.compile(r"^\.step-\d+\.(tmp|old)-[\d-]+$")  # atomic_dir's working folders
+PARTIAL_DIR = re.compile(r"^\.(step-\d+)\.(tmp|old)-[\d-]+$")  # atomic_dir's working folders
 
 
-def remove_partial_writes(output_dir: Path) -> int:
-    """Delete what a kill during :func:`atomic_dir` left under ``output_dir`` (a half-written checkpoint,
-    or the replaced one it was about to delete); the number of folders removed. Only for a run that owns
-    ``output_dir``, before it saves anything."""
-    found = [p for p in Path(output_dir).glob(".step-*") if PARTIAL_DIR.match(p.name) and p.is_dir()]
-    for p in found:
+def _partial_writes(output_dir: Path) -> dict[str, list[Path]]:
+    """atomic_dir's working folders under ``output_dir`` by the checkpoint they were for, the one to restore
+    first: a replacement (``tmp``: the newer write) before a replaced original (``old``), newer before older
+    (their names end in the time they were made)."""
+    found: dict[str, list[tuple[tuple[bool, int], Path]]] = {}
+    for p in Path(output_dir).glob(".step-*"):
+        if (m := PARTIAL_DIR.match(p.name)) and p.is_dir():
+            order = (m.group(2) == "tmp", int(p.name.rsplit("-", 1)[1]))
+            found.setdefault(m.group(1), []).append((order, p))
+    return {name: [p for _, p in sorted(entries, reverse=True)] for name, entries in found.items()}
+
+
+def _complete(folder: Path) -> bool:
+    try:
+        verify_manifest(folder)
+        return True
+    except CheckpointError:
+        return False
+
+
+def recoverable_partial_writes(output_dir: Path) -> list[Path]:
+    """Complete checkpoints that only exist as atomic_dir's working folders: a kill between its two renames
+    (while a step was saved again over itself) leaves ``step-N`` renamed to ``.step-N.old-*`` and its
+    finished replacement in ``.step-N.tmp-*``; a kill after the manifest but before the rename leaves only the
+    latter. :func:`recover_partial_writes` puts them back."""
+    out = []
+    for name, partials in _partial_writes(output_dir).items():
+        if not (Path(output_dir) / name).exists():
+            out += [p for p in partials if _complete(p)][:1]
+    return out
+
+
+def recover_partial_writes(output_dir: Path) -> tuple[list[Path], int]:
+    """Tidy what a kill during :func:`atomic_dir` left under ``output_dir``: a ``step-N`` that is missing
+    gets back its newest complete working folder (the finished replacement, else the replaced original);
+    every other working folder (a half-written checkpoint, an original already replaced) is deleted.
+    Returns the restored checkpoints and the number of folders deleted. Only for a run that owns
+    ``output_dir`` (``--resume``), on one process, before it reads or saves a checkpoint."""
+    restored = []
+    for partial in recoverable_partial_writes(output_dir):
+        final = Path(output_dir) / PARTIAL_DIR.match(partial.name).group(1)
+        partial.rename(final)
+        restored.append(final)
+    if restored:
+        fsync_dir(Path(output_dir))
+    leftovers = [p for partials in _partial_writes(output_dir).values() for p in partials]
+    for p in leftovers:
         shutil.rmtree(p, ignore_errors=True)
-    return len(found)
+    return restored, len(leftovers)
 
 
 def write_manifest(root: Path) -> None:
@@ -126,7 +167,12 @@ def atomic_dir(final: Path, fill) -> Path:
         if final.exists():
             old = final.with_name(f".{final.name}.old-{time.time_ns()}")
             final.rename(old)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except BaseException:  # put the original back: a failed save must leave the checkpoint it replaces
+            if old is not None and not final.exists():
+                old.rename(final)
+            raise
         fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
@@ -205,15 +251,24 @@ def _run_folder_hint(directory: Path) -> str:
             f"({'the final one, final.json' if name else 'the newest'})")
 
 
+def merged_llm_folder(meta: dict[str, Any]) -> str | None:
+    """The folder, inside the checkpoint, that holds a merged export's LLM (``llm``); None for any other
+    checkpoint, whose ``./``-relative paths lead from the working directory as the assembly's always do."""
+    llm = meta["assembly"]["llm"]
+    name = str(llm.get("name_or_path", ""))
+    if "merged_from" in meta and llm.get("kind") == "hf-causal-lm" and name.startswith("./"):
+        return name[2:]
+    return None
+
+
 def checkpoint_assembly(directory: Path, meta: dict[str, Any] | None = None):
     """The assembly a checkpoint records (an exported merged LLM's ``./llm`` made a path)."""
     directory = Path(directory)
     meta = read_meta(directory) if meta is None else meta
     assembly = dict(meta["assembly"])
-    llm = dict(assembly["llm"])
-    if llm.get("kind") == "hf-causal-lm" and str(llm.get("name_or_path", "")).startswith("./"):
-        llm["name_or_path"] = str(directory / llm["name_or_path"][2:])  # an exported (merged) LLM
-        assembly["llm"] = llm
+    folder = merged_llm_folder(meta)
+    if folder is not None:
+        assembly["llm"] = {**assembly["llm"], "name_or_path": str(directory / folder)}
     return parse_assembly(assembly, where=f"{directory}/{CONFIG_FILE}")
 
 
@@ -478,7 +533,8 @@ def check_export_target(checkpoint: Path, out: Path) -> None:
 def export_merged(checkpoint: Path, out: Path) -> Path:
     """A copy with LoRA merged into the LLM, saved as a plain HF model dir under ``out/llm``."""
     check_export_target(checkpoint, out)
-    model = load_model_checkpoint(checkpoint)
+    # the LLM, its adapter and the learned weights are all it writes: no decoder or encoder weights are read
+    model = load_model_checkpoint(checkpoint, decoder_parts="config", encoder_weights=[])
     meta = read_meta(checkpoint)
     if model._peft_model is None:
         stage = meta.get("stage") if isinstance(meta.get("stage"), dict) else {}
@@ -501,8 +557,11 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
         tokenizer.save_pretrained(str(tmp / "llm"))
         meta_out = dict(meta)
         meta_out["assembly"] = dict(meta["assembly"])
+        llm_options = meta["assembly"]["llm"]
         meta_out["assembly"]["llm"] = {"kind": "hf-causal-lm", "name_or_path": "./llm",
-                                       "dtype": meta["assembly"]["llm"].get("dtype", "float32")}
+                                       "dtype": llm_options.get("dtype", "float32")}
+        if llm_options.get("trust_remote_code"):  # its classes are in its folder, saved with it into llm/
+            meta_out["assembly"]["llm"]["trust_remote_code"] = True
         meta_out["lora"] = None
         meta_out["merged_from"] = str(checkpoint)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta_out, indent=2, default=str))
@@ -512,7 +571,8 @@ def export_merged(checkpoint: Path, out: Path) -> Path:
 
 def export_weights_only(checkpoint: Path, out: Path, dtype: str = "float32", assembly: Path | None = None) -> Path:
     """A copy for inference and shipping: config, learned weights and adapter, no training state,
-    floating-point tensors cast to ``dtype`` (they are cast back to the model's dtype on load).
+    floating-point tensors cast to ``dtype`` (they are cast back to the model's dtype on load); a merged
+    export's LLM folder (``./llm``), which its assembly names inside it, is copied as it is.
     ``assembly`` (a YAML) replaces the recorded assembly, e.g. to point at parts that moved or at
     the shipped decoders after training with stand-ins; the learned weights must fit it (checked
     on load). The source checkpoint is verified first; the copy gets its own manifest."""
@@ -538,6 +598,8 @@ def export_weights_only(checkpoint: Path, out: Path, dtype: str = "float32", ass
             meta["assembly"] = new_assembly
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
         cast(checkpoint / LEARNED_FILE, tmp / LEARNED_FILE)
+        if (folder := merged_llm_folder(meta)) is not None:  # a merged export's LLM lives inside it: copied too
+            shutil.copytree(checkpoint / folder, tmp / folder)
         adapter = checkpoint / ADAPTER_DIR
         if adapter.is_dir():
             (tmp / ADAPTER_DIR).mkdir()

@@ -72,11 +72,12 @@ class StopRequests:
             raise KeyboardInterrupt(name)
 
     def requested(self, accelerator) -> str | None:
-        """The signal that asked to stop, on this process or (``"a signal on another process"``) any other;
-        a collective when there are several processes: every process calls it after every step."""
+        """The signal that asked to stop, on this process or any other (the highest-numbered where processes
+        got different ones), so every process stops with the same exit code; a collective when there are
+        several processes: every process calls it after every step."""
         if accelerator.num_processes == 1:
             return self.name
-        asked = torch.tensor(0.0 if self.name is None else 1.0, device=accelerator.device)
-        if float(accelerator.reduce(asked, "sum")) == 0:
-            return None
-        return self.name or "a signal on another process"
+        mine = 0 if self.name is None else int(signal.Signals[self.name])
+        asked = accelerator.gather(torch.tensor([mine], dtype=torch.int64, device=accelerator.device))
+        got = max(int(x) for x in asked.tolist())
+        return signal.Signals(got).name if got else None

@@ -103,7 +103,7 @@ def _continue_adapter(model: AnyToAnyModel, wanted: LoraConfig, cfg: StageConfig
     have = model.lora_config
     differ = [f"{k}: {getattr(have, k)} (checkpoint) vs {getattr(wanted, k)} ({cfg.lora})"
               for k in ("r", "alpha") if getattr(have, k) != getattr(wanted, k)]
-    if sorted(have.target_modules) != sorted(wanted.target_modules):
+    if have.targets_key() != wanted.targets_key():
         differ.append(f"target_modules: {have.target_modules} (checkpoint) vs {wanted.target_modules} ({cfg.lora})")
     if differ:
         raise ConfigError(f"init_from {cfg.init_from} carries a LoRA adapter that the stage's lora file does not "
@@ -164,6 +164,10 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
             # projections and signal rows; LoRA runs in every forward): DDP need not search for unused ones
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
+    if resume:
+        if accelerator.is_main_process:
+            _recover_partial_writes(out_dir)
+        accelerator.wait_for_everyone()  # every process then finds the same newest checkpoint
     last = resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
     # A resumed run rebuilds its model from the checkpoint it continues, which records the assembly and the
     # adapter init_from gave it: init_from may since have been pruned, moved or trained again.
@@ -174,8 +178,6 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
     per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data: refused before any writing
     held_out, _, eval_errors = load_stage_records(cfg.eval_data, cfg.stage)
     check_output_dir(out_dir)
-    if resume and accelerator.is_main_process and (removed := ckpt.remove_partial_writes(out_dir)):
-        log.info("--resume: removed %d partly written checkpoint folder(s) a killed run left in %s", removed, out_dir)
     if not resume:
         check_fresh_output_dir(out_dir)
     precision = accelerator.mixed_precision
@@ -336,6 +338,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
                 signalled = stop.requested(accelerator)
         if signalled:
             bar.close()
+            # together: a launcher (torchrun, accelerate launch) kills the others when the first process exits
+            accelerator.wait_for_everyone()
             accelerator.end_training()  # flushes the trackers (TensorBoard) up to this step
             raise TrainingInterrupted(signalled, step + 1, cfg.max_steps, out_dir / f"step-{step + 1}")
     stop.armed = False
@@ -444,6 +448,19 @@ def _restore_loss_scale(accelerator, progress: dict[str, Any], last: Path) -> No
     else:
         log.info("--resume: %s holds no fp16 loss scale (trained without fp16); the scaler starts at %s",
                  last, scaler.get_scale())
+
+
+def _recover_partial_writes(out_dir: Path) -> None:
+    """Before ``--resume`` picks its checkpoint: put back a checkpoint a kill left mid-rename, delete the rest."""
+    try:
+        restored, removed = ckpt.recover_partial_writes(out_dir)
+    except OSError as exc:
+        raise ConfigError(f"--resume: could not tidy what a killed checkpoint write left in {out_dir}: {exc}; "
+                          "fix the folder's permissions and run again") from exc
+    for folder in restored:
+        log.warning("--resume: restored %s, which a run killed while saving it left as a working folder", folder.name)
+    if removed:
+        log.info("--resume: removed %d partly written checkpoint folder(s) a killed run left in %s", removed, out_dir)
 
 
 def _autocast_under_fsdp(plugin) -> None:

@@ -23,7 +23,15 @@ from typing import Any
 
 import torch
 
-from mmllm.config import STAGE_DEFAULT_TRAINABLE, ConfigError, StageConfig, load_assembly, load_lora, to_dict
+from mmllm.config import (
+    STAGE_DEFAULT_TRAINABLE,
+    ConfigError,
+    StageConfig,
+    load_assembly,
+    load_lora,
+    lora_targets_key,
+    to_dict,
+)
 from mmllm.training import checkpoint as ckpt
 from mmllm.training.init_from import assembly_differences, list_differences, normalized_assembly, same_value
 
@@ -56,6 +64,9 @@ def check_fresh_output_dir(out_dir: Path) -> None:
         names = found[0].name if len(found) == 1 else f"{found[0].name} .. {found[-1].name}"
         raise ConfigError(f"output_dir {out_dir} already holds checkpoints of a run ({names}); pass --resume to continue it, or give another output_dir (or delete "
                           "its step-* folders) to start over")
+    if kept := ckpt.recoverable_partial_writes(out_dir):
+        raise ConfigError(f"output_dir {out_dir} holds a checkpoint a run was killed while saving ({kept[0].name}, complete); pass --resume "
+                          "to restore it and continue, or give another output_dir (or delete its .step-* folders) to start over")
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -76,7 +87,7 @@ def _trainable(stage: dict[str, Any]) -> dict[str, bool]:
 def _lora_shape(lora: dict[str, Any] | None) -> dict[str, Any] | None:
     if lora is None:
         return None
-    return {"r": lora["r"], "alpha": lora["alpha"], "target_modules": sorted(lora["target_modules"])}
+    return {"r": lora["r"], "alpha": lora["alpha"], "target_modules": lora_targets_key(lora["target_modules"])}
 
 
 def _changed(saved: dict[str, Any], now: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
@@ -147,6 +158,10 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
         log.warning("%s: %s. Training goes on, but from step %d it reads other samples than the interrupted run "
                     "would have: it will not end on the weights an uninterrupted run gives", where,
                     "; ".join(order), progress["step"] + 1)
+    if not _same_data(saved.get("eval_data") or [], now.get("eval_data") or []):
+        log.warning("%s: eval_data differs from the interrupted run's: validation scores from step %d on are of "
+                    "another held-out set than those before them (progress.json keeps both, and keep_best compares "
+                    "only checkpoints scored on the same set)", where, progress["step"] + 1)
     if old_world is not None and old_world != processes and not any("processes" in o for o in order):
         log.info("%s: saved by %d process(es), resumed on %d with the same samples per step", where, old_world,
                  processes)
