@@ -1,4 +1,4 @@
-"""``mmllm`` command line: train, infer, inspect, export, demo, data check, cache."""
+"""``mmllm`` command line: train, inspect, infer, export, refine, data check, cache, demo, eval, world."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,6 +85,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if "stage" in data:  # a stage config: inspect its assembly
         from mmllm.config import load_stage
 
+        if args.lora:
+            raise SystemExit(f"--lora counts an adapter for an assembly YAML; {args.config} is a stage config, "
+                             "whose adapter is its own lora: file (give another with lora=PATH)")
         stage = load_stage(args.config, args.overrides)
         assembly, lora = _stage_assembly(stage), stage.lora
     else:
@@ -272,7 +276,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mmllm.training.checkpoint import export_merged, export_weights_only
 
     if args.merge_lora:
-        if args.dtype != "float32":
+        if args.dtype is not None:
             raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
         if args.assembly:  # export_merged records the checkpoint's assembly, its LLM replaced by the merged one
             raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
@@ -280,9 +284,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         path = export_merged(Path(args.checkpoint), Path(args.output))
         log.info("wrote merged model to %s", path)
     else:
-        path = export_weights_only(Path(args.checkpoint), Path(args.output), args.dtype,
+        dtype = args.dtype or "float32"
+        path = export_weights_only(Path(args.checkpoint), Path(args.output), dtype,
                                    Path(args.assembly) if args.assembly else None)
-        log.info("wrote the learned weights (%s, no training state) to %s", args.dtype, path)
+        log.info("wrote the learned weights (%s, no training state) to %s", dtype, path)
     return 0
 
 
@@ -502,19 +507,23 @@ def torch_threads(n: int | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmllm", description=__doc__)
-    p.add_argument("-v", "--verbose", action="store_true")
+    p = argparse.ArgumentParser(prog="mmllm", description="Assemble, train and run an any-to-any multimodal "
+                                "model (README.md: the commands, configs, data formats and checkpoints).")
+    verbose_help = "tracebacks of errors and other libraries' INFO logging"
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one stage from a stage YAML")
-    t.add_argument("--config", required=True)
-    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    t.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    t.add_argument("--config", required=True, help="a stage YAML (configs/stages/)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in output_dir (from step 0 if there is none)")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides of the stage (assembly.key=value: of its "
+                                                "assembly)")
     t.set_defaults(fn=cmd_train)
 
     i = sub.add_parser("inspect", help="assemble and print parts, dimension checks, per-stage parameter counts")
     i.add_argument("--config", required=True, help="an assembly or stage YAML")
-    i.add_argument("--lora", help="a LoRA YAML, to count the instruct stage's adapter")
+    i.add_argument("--lora", help="with an assembly YAML: a LoRA YAML, to count the instruct stage's adapter")
     i.add_argument("--json", help="also write the counts here")
     i.add_argument("overrides", nargs="*")
     i.set_defaults(fn=cmd_inspect)
@@ -552,10 +561,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write an inference copy: learned weights only (optionally fp16), or the "
                                       "LLM with the LoRA adapter merged in (--merge-lora)")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--output", required=True)
+    e.add_argument("--checkpoint", required=True, help="a checkpoint directory (step-N)")
+    e.add_argument("--output", required=True,
+                   help="a new or empty folder, or an earlier export's (replaced whole)")
     e.add_argument("--merge-lora", action="store_true", help="merge LoRA into the LLM and save the LLM with it")
-    e.add_argument("--dtype", default="float32", help="weights-only copy: float32, float16 or bfloat16")
+    e.add_argument("--dtype", help="weights-only copy: float32 (default), float16 or bfloat16")
     e.add_argument("--assembly", help="weights-only copy: record this assembly YAML instead of the checkpoint's")
     e.set_defaults(fn=cmd_export)
 
@@ -581,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_cache)
     rf = sub.add_parser("refine", help="fit the output projections on cached signal-token states of a trained "
                                        "checkpoint (one LLM forward per conversation, then many cheap steps)")
-    rf.add_argument("--checkpoint", required=True)
+    rf.add_argument("--checkpoint", required=True, help="a trained checkpoint directory (step-N)")
     rf.add_argument("--data", required=True, nargs="+", help="conversation files with assistant outputs")
     rf.add_argument("--format", default="mmllm-chat")
     rf.add_argument("--output", required=True, help="the refined checkpoint's directory")
@@ -609,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(fn=cmd_eval)
 
-    w = sub.add_parser("world", help="the toy world: measure its pretrained parts")
+    w = sub.add_parser("world", help="the toy world: measure its parts; write or distil the default's data")
     wsub = w.add_subparsers(dest="world_command", required=True)
     wr = wsub.add_parser("report", help="judge, retrieval and oracle-decoder accuracy, seen vs held-out")
     wr.add_argument("--parts", help="folder of trained parts (default: the shipped mmllm/toyworld/weights)")
@@ -632,10 +642,23 @@ def build_parser() -> argparse.ArgumentParser:
     wl.add_argument("--out", required=True)
     wl.add_argument("--max-new-tokens", type=int, default=128)
     wl.set_defaults(fn=cmd_world_distil)
+    # -v also after the command (`mmllm train ... -v`: where users add it when an error asks for it);
+    # SUPPRESS keeps a command's parser from resetting a -v given before the command
+    for command in (t, i, r, e, d, dc, c, rf, ev, wr, wd, wl):
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
     return p
 
 
+def _offline_hint(exc: BaseException, offline_by_default: bool) -> None:
+    """After an error from the hub's client: say that the CLI, not the user, turned the hub off."""
+    text = str(exc).lower()
+    if offline_by_default and any(s in text for s in ("couldn't connect", "offline", "outgoing traffic")):
+        log.error("mmllm runs offline unless HF_HUB_OFFLINE is set (the hub part above is not in the local "
+                  "cache): HF_HUB_OFFLINE=0 lets it download, or give a local path")
+
+
 def main(argv: list[str] | None = None) -> int:
+    offline_by_default = "HF_HUB_OFFLINE" not in os.environ
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -650,18 +673,32 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as exc:
-        log.error("%s", exc)
+        if args.verbose:
+            log.exception("%s", exc)
+        else:
+            log.error("%s", exc)
+        _offline_hint(exc, offline_by_default)
         return 2
     except SystemExit as exc:
         if not isinstance(exc.code, str):
             raise
         log.error("%s", exc.code)  # a command refusing what it was given, saying why
         return 2
+    except KeyboardInterrupt as exc:  # a signal before training's first step, a second one, Ctrl-C elsewhere
+        name = exc.args[0] if exc.args and exc.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
+        then = {"train": ": the steps since output_dir's newest checkpoint are lost; the same command with "
+                         "--resume goes on from it",
+                "infer": ": the same command goes on, skipping the requests already answered"}
+        if args.verbose:
+            log.exception("stopped by %s at once", name)
+        log.error("stopped by %s at once%s", name, then.get(args.command, ""))
+        return 128 + signal.Signals[name]
     except OSError as exc:  # a path given (or named by a config) that is missing, unreadable or unwritable
         if args.verbose:
             log.exception("%s", exc)
         else:
             log.error("%s (run with -v for the traceback)", exc)
+        _offline_hint(exc, offline_by_default)
         return 2
 
 

@@ -497,12 +497,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             except ValueError:
                 pass
         node = data
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             nxt = node.get(part)
             if nxt is None:
                 nxt = node[part] = {}
             if not isinstance(nxt, dict):
-                raise ConfigError(f"override {item!r}: {part} is not a mapping")
+                where = ".".join(parts[:depth + 1])
+                if isinstance(nxt, str):  # a file named by path (a stage's lora:, assembly:): set keys there
+                    raise ConfigError(f"override {item!r}: {where} is a file path ({nxt}), not keys to set: "
+                                      f"edit that file, or give another one with {where}=PATH")
+                raise ConfigError(f"override {item!r}: {where} is {nxt!r}, not a mapping")
             node = nxt
         if parts[-1] == "kind" and parts[0] in REGISTRY_PARTS and "kind" in node and node["kind"] != value:
             where = ".".join(parts[:-1]) or "the top level"
@@ -537,10 +541,14 @@ def load_lora(path: str | Path) -> LoraConfig:
 
 
 def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
-    """Load a stage YAML. Relative paths inside it resolve against the YAML's folder, then the CWD."""
+    """Load a stage YAML. Relative paths inside it resolve against the CWD, then the YAML's folder."""
     overrides = overrides or []
     to_assembly = [o[len("assembly."):] for o in overrides if o.startswith("assembly.")]
-    data = apply_overrides(read_yaml(path), [o for o in overrides if not o.startswith("assembly.")])
+    raw = read_yaml(path)
+    if "stage" not in raw and "llm" in raw:
+        raise ConfigError(f"{path} is an assembly YAML; this command takes a stage YAML (configs/stages/), which "
+                          "names its assembly as `assembly: FILE`")
+    data = apply_overrides(raw, [o for o in overrides if not o.startswith("assembly.")])
     data["assembly_overrides"] = list(data.get("assembly_overrides", [])) + to_assembly
     try:
         cfg = from_dict(StageConfig, data)

@@ -190,3 +190,75 @@ def test_the_tiny_demo_never_deletes_its_own_sample_inputs(tmp_path, capsys, mon
     assert main(["demo", "--tiny", "--quick", "--output", str(samples)]) == 2
     assert "afresh (--overwrite) would delete" in capsys.readouterr().err
     assert (samples / "media" / "red_circle.png").is_file()
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_verbose_is_accepted_before_or_after_the_command(where, tmp_path, capsys):
+    """Errors say "run with -v for the traceback": a user adds -v at the end of the command they ran."""
+    argv = ["train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), "init_from=null",
+            "data=[{path: nowhere/pairs.jsonl, format: mmllm-pairs}]", f"output_dir={tmp_path / 'out'}"]
+    argv = ["-v", *argv] if where == "before" else [*argv, "-v"]
+    assert main(argv) == 2
+    assert "Traceback" in capsys.readouterr().err
+    # a config error too (it was one line with -v as without)
+    stage = str(REPO / "configs/stages/tiny/encode_align.yaml")
+    assert main(["train", "--config", stage, "optim.lrr=1", "-v"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key(s) optim.lrr" in err and "Traceback" in err
+
+
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_that_stops_at_once_is_one_line_and_its_exit_code(name, code, monkeypatch, tmp_path, capsys):
+    """A signal while the model loads (or a second one) stops at once: one line saying what is lost and how
+    to go on, and 128 + the signal's number, as a stop after a step gives (not a traceback from the loader)."""
+    import mmllm.training.loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt(name)  # what mmllm.training.interrupt raises before the first step
+
+    monkeypatch.setattr(mmllm.training.loop, "train", interrupted)
+    stage = str(REPO / "configs/stages/tiny/encode_align.yaml")
+    assert main(["train", "--config", stage, f"output_dir={tmp_path / 'out'}"]) == code
+    err = capsys.readouterr().err
+    assert f"stopped by {name} at once" in err and "--resume" in err and "Traceback" not in err
+
+
+def test_export_refuses_flags_that_merge_lora_would_ignore(monkeypatch, tmp_path, capsys):
+    """--assembly (and --dtype) apply to the weights-only copy; with --merge-lora they were silently ignored."""
+    import mmllm.training.checkpoint
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported, ignoring a flag")
+
+    monkeypatch.setattr(mmllm.training.checkpoint, "export_merged", no_export)
+    base = ["export", "--checkpoint", str(tmp_path / "step-1"), "--output", str(tmp_path / "out"), "--merge-lora"]
+    assert main([*base, "--assembly", str(TINY)]) == 2
+    assert "--assembly goes with a weights-only export" in capsys.readouterr().err
+    assert main([*base, "--dtype", "float32"]) == 2
+    assert "leave --dtype unset" in capsys.readouterr().err
+
+
+def test_a_hub_part_missing_offline_says_the_cli_runs_offline_by_default(monkeypatch, capsys):
+    """The CLI sets HF_HUB_OFFLINE=1 unless the environment sets it: a hub id not in the local cache then
+    fails to "connect", and the error says how to let it download."""
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert main(["inspect", "--config", str(TINY), "llm.kind=hf-causal-lm",
+                 "llm.name_or_path=mmllm-tests/no-such-model"]) == 2
+    assert "HF_HUB_OFFLINE=0" in capsys.readouterr().err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # set by the user: no hint, they know
+    assert main(["inspect", "--config", str(TINY), "llm.kind=hf-causal-lm",
+                 "llm.name_or_path=mmllm-tests/no-such-model"]) == 2
+    assert "HF_HUB_OFFLINE=0" not in capsys.readouterr().err
+
+
+def test_an_assembly_yaml_given_where_a_stage_yaml_goes_is_named_as_such(tmp_path, capsys):
+    """`inspect` takes either; `train`, `data check` and `cache` take a stage YAML, which names the assembly."""
+    assert main(["train", "--config", str(TINY), f"output_dir={tmp_path / 'out'}"]) == 2
+    assert "is an assembly YAML; this command takes a stage YAML" in capsys.readouterr().err
+
+
+def test_inspect_of_a_stage_refuses_lora_rather_than_ignoring_it(capsys):
+    """A stage config's adapter is its own `lora:` file; --lora (for an assembly YAML) was silently ignored."""
+    assert main(["inspect", "--config", str(REPO / "configs/stages/tiny/instruct.yaml"), "init_from=null",
+                 "--lora", str(REPO / "configs/lora/default.yaml")]) == 2
+    assert "lora=PATH" in capsys.readouterr().err

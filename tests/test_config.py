@@ -46,6 +46,12 @@ def test_overrides_parse_yaml_values_and_nest():
         apply_overrides({}, ["no-equals-sign"])
 
 
+def test_an_override_into_a_path_key_says_the_keys_are_in_that_file():
+    """``lora:`` names a file: ``lora.r=4`` cannot set its rank, and the error says where the rank is set."""
+    with pytest.raises(ConfigError, match=r"lora is a file path \(configs/lora/tiny\.yaml\).*lora=PATH"):
+        apply_overrides({"lora": "configs/lora/tiny.yaml"}, ["lora.r=4"])
+
+
 def test_stage_config_resolves_paths_and_routes_assembly_overrides():
     cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["max_steps=3", "assembly.llm.num_layers=1"])
     assert cfg.max_steps == 3

@@ -502,5 +502,6 @@ def test_train_refuses_a_contradicting_override_before_writing_anything(encode_a
 
 def test_a_missing_init_from_says_how_to_go_on(sample_data, tmp_path):
     cfg = decode_align_from(tmp_path / "not-trained-yet", sample_data, tmp_path / "out")
-    with pytest.raises(ConfigError, match=r"checkpoint directory not found.*train that stage first.*init_from=null"):
+    with pytest.raises(ConfigError, match=r"checkpoint directory not found.*train that stage first.*init_from=null") as err:
         build_model(cfg)
+    assert "a relative path resolves from" not in str(err.value)  # an absolute one: no note about relative ones
