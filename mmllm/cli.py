@@ -138,6 +138,15 @@ def _load_model(checkpoint: str, device: str, dtype: str):
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise SystemExit(f"--dtype must be one of {list(dtypes)}")
+    held: dict[torch.dtype, int] = {}
+    for param in model.llm.model.parameters():  # most of it (the signal rows beside its tables are fp32)
+        held[param.dtype] = held.get(param.dtype, 0) + param.numel()
+    loaded = max(held, key=held.__getitem__)
+    if dtypes[dtype].itemsize > loaded.itemsize:
+        log.warning("the checkpoint's LLM loads in %s (its assembly's llm.dtype); --dtype %s casts it and every other "
+                    "part up, holding it in %dx the memory: pass --dtype %s to answer in the dtype it loads in",
+                    str(loaded).removeprefix("torch."), dtype, dtypes[dtype].itemsize // loaded.itemsize,
+                    str(loaded).removeprefix("torch."))
     return model.to(device=device, dtype=dtypes[dtype]).eval()
 
 
@@ -543,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--video", help="with --prompt: an input video")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--device", default="cpu")
-    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="every part is cast to it (a core whose llm.dtype is lower is cast up, with a warning)")
     r.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); 1 is fastest for tiny models on a busy machine")
     r.add_argument("--seed", type=int, default=0, help="seed of requests that give none")

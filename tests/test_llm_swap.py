@@ -105,6 +105,23 @@ def test_all_linear_adapts_every_linear_layer_of_the_core_but_its_head_and_check
         load_lora(lora)
 
 
+def test_infer_says_when_its_dtype_casts_a_lower_precision_core_up(tiny_assembly, tmp_path, caplog):
+    """`mmllm infer --dtype float32` (the default) cast a core the assembly loads in bfloat16 up, at twice its
+    memory, without a word."""
+    from mmllm.cli import _load_model
+
+    data = to_dict(tiny_assembly)
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(save_core("qwen2", tmp_path / "core")),
+                   "dtype": "bfloat16"}
+    AnyToAnyModel.assemble(parse_assembly(data)).save_pretrained(tmp_path / "ckpt")
+    model = _load_model(str(tmp_path / "ckpt"), "cpu", "bfloat16")
+    assert model.llm.lm_head().base.weight.dtype == torch.bfloat16 and "casts it" not in caplog.text
+    model = _load_model(str(tmp_path / "ckpt"), "cpu", "float32")
+    assert model.llm.lm_head().base.weight.dtype == torch.float32
+    assert "loads in bfloat16 (its assembly's llm.dtype); --dtype float32 casts it and every other part up" in caplog.text
+    assert "pass --dtype bfloat16" in caplog.text
+
+
 @pytest.mark.parametrize("arch", ["gemma", "qwen2", "gpt2"])
 def test_a_signal_row_embeds_as_the_table_row_it_equals(arch, tmp_path):
     """The signal rows are new rows of the core's embedding table: one holding row 5's values embeds as
