@@ -303,3 +303,17 @@ def test_a_media_name_the_file_system_refuses_is_one_bad_record_and_one_unreadab
     assert len(errors) == 1 and errors[0].startswith(f"{path}:2: malformed record") and "too long" in errors[0]
     problem = _MediaProbe(decode=False).problem("image", tmp_path / ("a" * 300 + ".jpg"))
     assert problem is not None and problem != "missing" and "too long" in problem
+
+
+def test_json_lines_ending_in_a_lone_carriage_return_are_still_lines(tmp_path):
+    """Reading the file as bytes (for per-line UTF-8 errors) split lines at \\n only: a file with classic Mac
+    line ends (\\r) became one line, "not valid JSON (Extra data)", where text mode had read every record."""
+    lines = [json.dumps({"modality": "image", "caption": c}) for c in ("a red circle", "a cat", "a dog")]
+    path = tmp_path / "mac.jsonl"
+    path.write_bytes("\r".join(lines[:2]).encode() + b"\r\n" + lines[2].encode() + b"\r")
+    records, errors = read_records(path, "mmllm-pairs")
+    assert not errors and [r.caption for r in records] == ["a red circle", "a cat", "a dog"]
+    path.write_bytes(b"\r".join([lines[0].encode(), lines[1].encode().replace(b"cat", b"c\xe4t"), lines[2].encode()]))
+    records, errors = read_records(path, "mmllm-pairs")
+    assert [r.caption for r in records] == ["a red circle", "a dog"]
+    assert len(errors) == 1 and errors[0].startswith(f"{path}:2: not valid UTF-8 (byte 0xe4 at column 38)")

@@ -454,3 +454,23 @@ def test_a_stop_request_during_a_save_stops_on_that_checkpoint(sample_data, tmp_
         train(stage_cfg("encode-align", sample_data, tmp_path, max_steps=6, save_every=2))
     assert (stopped.value.step, stopped.value.exit_code, len(calls)) == (2, 143, 1)
     assert [p.name for p in tmp_path.glob("step-*")] == ["step-2"]
+
+
+def test_recovery_replaces_a_corrupt_step_with_its_complete_replacement(tiny_model, tmp_path):
+    """A run resumed behind a corrupt step-N saves that step again; a kill after the replacement was complete
+    but before atomic_dir's first rename left the corrupt step-N beside it, and --resume deleted the
+    replacement (the only good copy) and went back behind step N once more."""
+    tiny_model.save_pretrained(tmp_path / "step-1")
+    tiny_model.save_pretrained(tmp_path / "step-3")
+    (tmp_path / "step-3" / "learned.safetensors").write_bytes(b"bit rot")
+    tiny_model.save_pretrained(tmp_path / ".step-3.tmp-7-19")
+    good = (tmp_path / ".step-3.tmp-7-19" / "learned.safetensors").read_bytes()
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-1"
+    restored, removed = ckpt.recover_partial_writes(tmp_path)
+    assert restored == [tmp_path / "step-3"] and removed == 1  # the corrupt one, set aside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1", "step-3"]
+    assert (tmp_path / "step-3" / "learned.safetensors").read_bytes() == good
+    assert ckpt.latest_checkpoint(tmp_path) == tmp_path / "step-3"
+    tiny_model.save_pretrained(tmp_path / ".step-3.tmp-7-20")  # beside a complete step-N: the one there stays
+    assert ckpt.recover_partial_writes(tmp_path) == ([], 1)
+    assert (tmp_path / "step-3" / "learned.safetensors").read_bytes() == good

@@ -688,3 +688,20 @@ def test_a_modality_the_model_cannot_read_is_an_error_record(ckpt, media, tmp_pa
     recs = records_by_id(tmp_path / "out")
     assert (counts["done"], counts["failed"]) == (1, 1)
     assert "this model has no audio encoder" in recs["hear"]["error"] and recs["see"]["text"]
+
+
+def test_overwrite_never_deletes_the_earlier_results_given_as_the_requests(tmp_path):
+    """The guard looked only inside OUT/media: `--input OUT/results.jsonl --overwrite` (re-asking the earlier
+    prompts) deleted the requests file before a single one was read, and the earlier answers with it."""
+    from mmllm.inference.runner import OutputError, check_overwrite
+
+    out = tmp_path / "out"
+    out.mkdir()
+    results = write_requests(out / "results.jsonl", [{"id": "a", "prompt": "Hello.", "text": "Hi."}])
+    with pytest.raises(OutputError, match=r"would delete the requests file .*results\.jsonl"):
+        check_overwrite(out, results)
+    (out / "media").mkdir()
+    with pytest.raises(OutputError, match=r"would delete the requests file .*results\.jsonl"):
+        check_overwrite(out, results)
+    elsewhere = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}])
+    check_overwrite(out, elsewhere)  # nothing of it is removed

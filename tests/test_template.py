@@ -249,3 +249,23 @@ def test_a_conversation_the_chat_template_refuses_is_a_skipped_sample_not_a_cras
     ds = StageDataset([refused, fine], tok, spec, {})
     assert isinstance(ds[0], SampleError) and "System role not supported" in ds[0].error
     assert not isinstance(ds[1], SampleError)
+
+
+def test_after_a_token_across_a_turns_start_later_replies_are_still_the_tokens_that_continue_inferences_prompt():
+    """Where the first reply's start merges with the template's newline ("\\na"), the whole text cannot give each
+    turn inference's context and the prefixes are placed turn by turn. A later reply whose prompt the whole
+    conversation does continue was still tokenized on its own there: a SentencePiece-style core learnt "▁it"
+    where inference's prompt is continued by "it", the very token it is never asked for."""
+    from mmllm.data.template import TokenSpec, _tokens
+
+    tok = _sentencepiece_style_tokenizer(CHATML, split_newlines=False)
+    spec = TokenSpec({}, {}, {}, {}, max_length=512)
+    messages = [{"role": "user", "content": "what is this?"}, {"role": "assistant", "content": "a red circle."},
+                {"role": "user", "content": "draw it."}, {"role": "assistant", "content": "it is a blue square."}]
+    enc = encode_conversation(Conversation("c", [Message(m["role"], m["content"]) for m in messages]), tok, spec)
+    prompt = _tokens(tok, tok.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True))
+    full = _tokens(tok, tok.apply_chat_template(messages, tokenize=False))
+    assert full[:len(prompt)] == prompt  # this turn's answer does continue inference's prompt
+    reply = full[len(prompt):]
+    assert tok.convert_ids_to_tokens(reply[0]) == "it"
+    assert enc.input_ids[-len(reply):] == reply and enc.labels[-len(reply):] == reply

@@ -137,23 +137,25 @@ class MediaRoot:
 # --------------------------------------------------------------------------------------------
 
 
-def _not_utf8(path: Path, line: int, exc: UnicodeDecodeError, data: bytes, start: int) -> DataFormatError:
-    column = exc.start - start + 1
+def _not_utf8(path: Path, line: int, byte: int, column: int) -> DataFormatError:
     return DataFormatError(
-        f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); mmllm reads UTF-8 "
+        f"{path}:{line}: not valid UTF-8 (byte 0x{byte:02x} at column {column}); mmllm reads UTF-8 "
         "text: re-encode the file (e.g. `iconv -f latin1 -t utf-8`)"
     )
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
     """(line number, record or DataFormatError) for each non-blank line; a line that is not UTF-8 is
-    an error of its own (the file is read as bytes, so one bad byte does not stop the whole file)."""
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
+    an error of its own (an undecodable byte is kept as a lone surrogate, so one bad byte does not stop the
+    whole file). Lines end as Python's text files end them: at \\n, \\r\\n or a lone \\r."""
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:
+        for lineno, line in enumerate(fh, 1):
             try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                yield lineno, _not_utf8(path, lineno, exc, raw, 0)
+                line.encode("utf-8")
+            except UnicodeEncodeError as exc:  # surrogateescape's stand-in for a byte that is not UTF-8
+                column = len(line[:exc.start].encode("utf-8", "surrogateescape"))
+                yield lineno, _not_utf8(path, lineno, line[exc.start].encode("utf-8", "surrogateescape")[0],
+                                        column + 1)
                 continue
             if not line.strip():
                 continue
@@ -225,7 +227,7 @@ def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatE
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:  # one JSON array: nothing can be read until the file is fixed
             line = data.count(b"\n", 0, exc.start) + 1
-            yield line, _not_utf8(path, line, exc, data, data.rfind(b"\n", 0, exc.start) + 1)
+            yield line, _not_utf8(path, line, data[exc.start], exc.start - data.rfind(b"\n", 0, exc.start))
             return
         yield from _iter_json_array(path, text, text.index("["))
     else:

@@ -156,12 +156,18 @@ def _labelled_tokens(tokenizer: Any, text: str, replies: list[tuple[int, int]]) 
     labels: list[int] = []
     placed = 0  # characters of text behind ids
     for begin, end in replies:
-        for stop, learn in ((begin, False), (end, True)):
-            whole = _tokens(tokenizer, text[:stop])
-            new = whole[len(ids):] if whole[:len(ids)] == ids else _tokens(tokenizer, text[placed:stop])
-            ids += new
-            labels += new if learn else [IGNORE] * len(new)
-            placed = stop
+        prompt = _tokens(tokenizer, text[:begin])  # what inference prompts this turn with
+        context = prompt[len(ids):] if prompt[:len(ids)] == ids else _tokens(tokenizer, text[placed:begin])
+        ids += context
+        labels += [IGNORE] * len(context)
+        # the reply: the tokens that continue inference's prompt, even where an earlier turn left the training
+        # context unlike it (a token across that turn's start); the reply on its own only where no prefix fits
+        # (tokenized alone, a SentencePiece-style core would learn a "▁" its answers never begin with)
+        whole = _tokens(tokenizer, text[:end])
+        reply = whole[len(prompt):] if whole[:len(prompt)] == prompt else _tokens(tokenizer, text[begin:end])
+        ids += reply
+        labels += reply
+        placed = end
     return ids, labels
 
 

@@ -354,15 +354,19 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any]) -> None:
 
 def check_overwrite(out: Path, requests_file: Path) -> None:
     """Refuse (:class:`OutputError`) an ``overwrite`` that would delete the requests file or an input file of
-    a request: one kept in ``out/media``, which :func:`start_afresh` removes whole (results written next to
-    their requests)."""
+    a request: what :func:`start_afresh` removes, ``out``'s results.jsonl, index.html and its ``media/``
+    whole (results written next to their requests; the earlier results given as requests)."""
     out, requests_file = Path(out), Path(requests_file)
-    if not (out / "results.jsonl").is_file() or not (out / "media").is_dir():
-        return
-    media = (out / "media").resolve()
-    how = (f"it removes {out}'s results.jsonl, media/ and index.html. Move the file out of {out / 'media'}, or "
-           f"give another --output")
-    if requests_file.resolve().is_relative_to(media):
+    if not (out / "results.jsonl").is_file():
+        return  # start_afresh removes nothing
+    removed = [(out / name).resolve() for name in ("results.jsonl", "media", "index.html") if (out / name).exists()]
+
+    def doomed(path: Path) -> bool:
+        return any(path.resolve().is_relative_to(r) for r in removed)
+
+    how = (f"it removes {out}'s results.jsonl, media/ and index.html. Move the file out of there, or give another "
+           "--output")
+    if doomed(requests_file):
         raise OutputError(f"starting {out} afresh (--overwrite) would delete the requests file {requests_file}: "
                           f"{how}")
     for line in read_lines(requests_file):
@@ -373,7 +377,7 @@ def check_overwrite(out: Path, requests_file: Path) -> None:
         except RequestError:
             continue
         for name in inputs:
-            if Path(name).resolve().is_relative_to(media):
+            if doomed(Path(name)):
                 raise OutputError(f"starting {out} afresh (--overwrite) would delete {name}, an input of request "
                                   f"{line.id!r} ({requests_file}:{line.lineno}): {how}")
 

@@ -101,23 +101,27 @@ def recoverable_partial_writes(output_dir: Path) -> list[Path]:
     """Complete checkpoints that only exist as atomic_dir's working folders: a kill between its two renames
     (while a step was saved again over itself) leaves ``step-N`` renamed to ``.step-N.old-*`` and its
     finished replacement in ``.step-N.tmp-*``; a kill after the manifest but before the rename leaves only the
-    latter. :func:`recover_partial_writes` puts them back."""
+    latter. So does a ``step-N`` that is there but incomplete (a corrupt checkpoint a resumed run went back
+    behind and was saving again) beside a complete replacement. :func:`recover_partial_writes` puts them back."""
     out = []
     for name, partials in _partial_writes(output_dir).items():
-        if not (Path(output_dir) / name).exists():
+        final = Path(output_dir) / name
+        if not final.exists() or not _complete(final):
             out += [p for p in partials if _complete(p)][:1]
     return out
 
 
 def recover_partial_writes(output_dir: Path) -> tuple[list[Path], int]:
     """Tidy what a kill during :func:`atomic_dir` left under ``output_dir``: a ``step-N`` that is missing
-    gets back its newest complete working folder (the finished replacement, else the replaced original);
+    (or incomplete) gets back its newest complete working folder (the finished replacement, else the replaced original);
     every other working folder (a half-written checkpoint, an original already replaced) is deleted.
     Returns the restored checkpoints and the number of folders deleted. Only for a run that owns
     ``output_dir`` (``--resume``), on one process, before it reads or saves a checkpoint."""
     restored = []
     for partial in recoverable_partial_writes(output_dir):
         final = Path(output_dir) / PARTIAL_DIR.match(partial.name).group(1)
+        if final.exists():  # incomplete (resume skips it): aside, deleted below with the other working folders
+            final.rename(final.with_name(f".{final.name}.old-{time.time_ns()}"))
         partial.rename(final)
         restored.append(final)
     if restored:

@@ -6,8 +6,9 @@ wherever the step happened to be).
 
 A second signal stops at once, as before. A repeat within :data:`REPEAT_S` of the first counts as the same
 request: ``accelerate launch`` (torch's elastic agent) passes the terminal's Ctrl-C on to processes that
-got it from the terminal already. With several processes, all of them stop after the same step: a request
-that reached any one process is summed over all of them at the end of every step. Signals arriving while
+got it from the terminal already. With several processes, all of them stop after the same step: each
+process's request is gathered from all of them at the end of every step, and every process stops with the
+same signal's exit code (the highest-numbered, where processes got different ones). Signals arriving while
 the model loads, before the first step, stop at once; signal handlers can only be set from the main
 thread, and elsewhere signals behave as Python's defaults.
 """
