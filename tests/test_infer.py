@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import struct
 import zlib
@@ -506,6 +507,26 @@ def test_an_input_file_replaced_under_the_same_name_is_refused_on_resume(ckpt, m
     picture.write_bytes((media / "red_circle.png").read_bytes())
     monkeypatch.chdir(tmp_path / "in")  # paths resolve against the requests file, wherever the run starts
     assert main([*args[:4], "r.jsonl", *args[5:]]) == 0
+    assert "already done" in capsys.readouterr().err
+
+
+def test_a_rerun_reads_only_the_input_files_whose_size_or_time_changed(ckpt, media, tmp_path, monkeypatch, capsys):
+    """Checking a done answer's inputs read every input file in full on each re-run (100k pictures: their
+    whole size, before anything else). Files with the size and modification time the record kept are not
+    read; a touched file is read again, and the same bytes still resume."""
+    picture = tmp_path / "shape.png"
+    picture.write_bytes((media / "red_circle.png").read_bytes())
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "see", "prompt": "What is this?", "image": "shape.png"}])
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(tmp_path / "out"),
+            "--max-new-tokens", "4"]
+    assert main(args) == 0
+    digested = []
+    real = runner.media_digest
+    monkeypatch.setattr(runner, "media_digest", lambda paths: digested.append(paths) or real(paths))
+    _no_model_load(monkeypatch)
+    assert main(args) == 0 and digested == []
+    os.utime(picture, ns=(picture.stat().st_atime_ns, picture.stat().st_mtime_ns + 10**9))
+    assert main(args) == 0 and digested == [[str(picture)]]
     assert "already done" in capsys.readouterr().err
 
 

@@ -296,11 +296,27 @@ def media_digest(paths: list[str]) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def _current_media(line: _Line, base: Path) -> str | None:
+def media_stats(paths: list[str]) -> list[list[int]] | None:
+    """Each input file's size and modification time (ns), as a done record keeps them beside its
+    :func:`media_digest`; ``None`` when one of them is gone."""
     try:
-        return media_digest(parse_request(line.record or {}, base, 0, load=False).inputs)
+        return [[(st := os.stat(name)).st_size, st.st_mtime_ns] for name in paths]
+    except OSError:
+        return None
+
+
+def _current_media(line: _Line, base: Path, rec: dict[str, Any]) -> str | None:
+    """The digest of a request's input files as they are now. Files whose size and modification time are
+    those the done record ``rec`` kept are taken to be the ones it digested (make's and rsync's quick check),
+    so a re-run does not read every input file again; any other file is read and digested."""
+    try:
+        inputs = parse_request(line.record or {}, base, 0, load=False).inputs
     except RequestError:
         return None
+    stats = media_stats(inputs)
+    if stats is not None and rec.get("inputs_stat") == stats and rec.get("inputs") == inputs:
+        return rec.get("settings", {}).get("media")
+    return media_digest(inputs)
 
 
 def prepare_output(out: Path) -> Path:
@@ -334,7 +350,7 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any]) -> None:
         unrecorded += "settings" not in rec
         old, now = {"checkpoint": rec.get("checkpoint"), **rec.get("settings", {})}, wanted[str(rec["id"])]
         if old.get("media") is not None:  # the request's input files as they are now
-            now = {**now, "media": _current_media(lines[str(rec["id"])], Path(requests_file).parent) or old["media"]}
+            now = {**now, "media": _current_media(lines[str(rec["id"])], Path(requests_file).parent, rec) or old["media"]}
         changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k]}
         stale += bool(changed)
         for key, values in changed.items():
@@ -627,6 +643,7 @@ class _Run:
             "id": parsed.id, "line": item.line, "prompt": parsed.prompt_text, "inputs": parsed.inputs, "text": result.text,
             "files": files, "seed": parsed.request.seed, "checkpoint": self.fingerprint,
             "settings": {**self.settings_of[parsed.id], "media": media_digest(parsed.inputs)},
+            "inputs_stat": media_stats(parsed.inputs),
             "seconds": {k: round(v, 4) for k, v in seconds.items()}, "batch_size": item.batch_size,
             "error": None,
         })
