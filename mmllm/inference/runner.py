@@ -305,13 +305,20 @@ def media_stats(paths: list[str]) -> list[list[int]] | None:
         return None
 
 
+def _input_paths(line: _Line, base: Path) -> list[str] | None:
+    """The input media paths a requests-file line names (not read); None for a line that is no request."""
+    try:
+        return parse_request(line.record or {}, base, 0, load=False).inputs
+    except RequestError:
+        return None
+
+
 def _current_media(line: _Line, base: Path, rec: dict[str, Any]) -> str | None:
     """The digest of a request's input files as they are now. Files whose size and modification time are
     those the done record ``rec`` kept are taken to be the ones it digested (make's and rsync's quick check),
     so a re-run does not read every input file again; any other file is read and digested."""
-    try:
-        inputs = parse_request(line.record or {}, base, 0, load=False).inputs
-    except RequestError:
+    inputs = _input_paths(line, base)
+    if inputs is None:
         return None
     stats = media_stats(inputs)
     if stats is not None and rec.get("inputs_stat") == stats and rec.get("inputs") == inputs:
@@ -373,9 +380,9 @@ def check_overwrite(out: Path, requests_file: Path) -> None:
     a request: what :func:`start_afresh` removes, ``out``'s results.jsonl, index.html and its ``media/``
     whole (results written next to their requests; the earlier results given as requests)."""
     out, requests_file = Path(out), Path(requests_file)
-    if not (out / "results.jsonl").is_file():
+    removed = [path.resolve() for path in _run_outputs(out)]
+    if not removed:
         return  # start_afresh removes nothing
-    removed = [(out / name).resolve() for name in ("results.jsonl", "media", "index.html") if (out / name).exists()]
 
     def doomed(path: Path) -> bool:
         return any(path.resolve().is_relative_to(r) for r in removed)
@@ -388,14 +395,18 @@ def check_overwrite(out: Path, requests_file: Path) -> None:
     for line in read_lines(requests_file):
         if line.record is None:
             continue
-        try:
-            inputs = parse_request(line.record, requests_file.parent, 0, load=False).inputs
-        except RequestError:
-            continue
-        for name in inputs:
+        for name in _input_paths(line, requests_file.parent) or []:
             if doomed(Path(name)):
                 raise OutputError(f"starting {out} afresh (--overwrite) would delete {name}, an input of request "
                                   f"{line.id!r} ({requests_file}:{line.lineno}): {how}")
+
+
+def _run_outputs(out: Path) -> list[Path]:
+    """What a run wrote to ``out`` and :func:`start_afresh` removes: its results.jsonl, media/ and index.html
+    (``results.jsonl`` first); nothing where there is no ``results.jsonl`` (no run's outputs)."""
+    if not (out / "results.jsonl").is_file():
+        return []
+    return [out / name for name in ("results.jsonl", "media", "index.html") if (out / name).exists()]
 
 
 def start_afresh(out: Path) -> None:
@@ -406,9 +417,9 @@ def start_afresh(out: Path) -> None:
     (overwritten by the new run), never old answers that look done.
     """
     out = Path(out)
-    if not (out / "results.jsonl").is_file():
+    names = [path.name for path in _run_outputs(out)]
+    if not names:
         return
-    names = [n for n in ("results.jsonl", "media", "index.html") if (out / n).exists()]
     trash = out / f".overwritten-{time.time_ns()}"
     trash.mkdir()
     try:
