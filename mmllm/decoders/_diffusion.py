@@ -354,7 +354,7 @@ def seeded_generators(seed: int | list[int] | None, device: torch.device) -> Gen
     given per-row seeds draws each row's VAE sample, noise and timestep from its own generator, so a row's
     draws do not depend on which rows share its batch."""
     if isinstance(seed, list):
-        return [seeded_generator(s, device) for s in seed]
+        return row_generators(seed, len(seed), device)
     return seeded_generator(seed, device)
 
 
