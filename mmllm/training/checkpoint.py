@@ -107,7 +107,8 @@ def recoverable_partial_writes(output_dir: Path) -> list[Path]:
     for name, partials in _partial_writes(output_dir).items():
         final = Path(output_dir) / name
         if not final.exists() or not _complete(final):
-            out += [p for p in partials if _complete(p)][:1]
+            if (complete := next((p for p in partials if _complete(p)), None)) is not None:
+                out.append(complete)  # the first that verifies: the others are not hashed
     return out
 
 
