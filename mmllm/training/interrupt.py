@@ -34,7 +34,7 @@ class TrainingInterrupted(Exception):
 
     def __init__(self, name: str, step: int, max_steps: int, checkpoint: Path):
         self.name, self.step, self.checkpoint = name, step, checkpoint
-        self.exit_code = 128 + getattr(signal, name, signal.SIGTERM)
+        self.exit_code = 128 + signal.Signals[name]
         super().__init__(f"stopped by {name} after step {step} of {max_steps}; saved {checkpoint}. Continue with "
                          "the same command and --resume")
 

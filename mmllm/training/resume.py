@@ -38,7 +38,6 @@ from mmllm.training.init_from import assembly_differences, list_differences, nor
 log = logging.getLogger(__name__)
 
 APPLIED = ("optim", "schedule", "max_steps", "losses")  # the resumed run uses the new values
-ORDER = ("seed", "batch_size", "grad_accum", "data")  # which samples each step reads
 
 
 def resume_point(out_dir: Path, max_steps: int) -> Path | None:
