@@ -288,12 +288,9 @@ class LoraConfig:
             raise ValueError(f"target_modules: a list of layer names or {ALL_LINEAR!r}, got {self.target_modules!r} "
                              f"(for one layer write [{self.target_modules}])")
 
-    def targets_key(self) -> str | tuple[str, ...]:
-        """``target_modules`` in a form two configs can be compared by (a list's order does not matter)."""
-        return lora_targets_key(self.target_modules)
-
 
 def lora_targets_key(targets: list[str] | str) -> str | tuple[str, ...]:
+    """``target_modules`` in a form two configs can be compared by (a list's order does not matter)."""
     return targets if isinstance(targets, str) else tuple(sorted(targets))
 
 

@@ -25,7 +25,15 @@ import torch
 from tqdm.auto import tqdm
 
 from mmllm.atomic import atomic_write_text
-from mmllm.config import ConfigError, LoraConfig, StageConfig, load_assembly, load_lora, to_dict
+from mmllm.config import (
+    ConfigError,
+    LoraConfig,
+    StageConfig,
+    load_assembly,
+    load_lora,
+    lora_targets_key,
+    to_dict,
+)
 from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
@@ -103,7 +111,7 @@ def _continue_adapter(model: AnyToAnyModel, wanted: LoraConfig, cfg: StageConfig
     have = model.lora_config
     differ = [f"{k}: {getattr(have, k)} (checkpoint) vs {getattr(wanted, k)} ({cfg.lora})"
               for k in ("r", "alpha") if getattr(have, k) != getattr(wanted, k)]
-    if have.targets_key() != wanted.targets_key():
+    if lora_targets_key(have.target_modules) != lora_targets_key(wanted.target_modules):
         differ.append(f"target_modules: {have.target_modules} (checkpoint) vs {wanted.target_modules} ({cfg.lora})")
     if differ:
         raise ConfigError(f"init_from {cfg.init_from} carries a LoRA adapter that the stage's lora file does not "
