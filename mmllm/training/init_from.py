@@ -212,3 +212,22 @@ def check_init_from(cfg: StageConfig) -> None:
         "set init_from=null; to continue the checkpoint without this warning, make the file match it (or repeat "
         "the previous stage's assembly.* overrides)", directory, cfg.assembly, len(diffs),
         list_differences(diffs, lambda d: "stage's assembly"))
+
+
+def stage_trusts_remote_code(cfg: StageConfig) -> bool:
+    """Whether the stage may load ``cfg.init_from``'s parts that set ``trust_remote_code``: only when the stage's
+    own assembly (the user's file and overrides) turns it on for each of them; the checkpoint's ``mmllm.json``
+    alone never decides to run code. False when the checkpoint asks for none."""
+    from mmllm.training.checkpoint import CONFIG_FILE, read_meta, remote_code_parts
+
+    asked = remote_code_parts(read_meta(Path(cfg.init_from))["assembly"])
+    if not asked:
+        return False
+    own = set(remote_code_parts(to_dict(load_assembly(cfg.assembly, cfg.assembly_overrides))))
+    if missing := [p for p in asked if p not in own]:
+        raise ConfigError(
+            f"init_from {cfg.init_from}: its {CONFIG_FILE} sets trust_remote_code for {', '.join(missing)}, which "
+            f"would run Python code from those models, but the stage's assembly {cfg.assembly} does not: set "
+            f"`trust_remote_code: true` for them there (or assembly.{missing[0]}.trust_remote_code=true) if you "
+            "trust that code")
+    return True

@@ -41,7 +41,7 @@ from mmllm.model import AnyToAnyModel, unit_counts
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
-from mmllm.training.init_from import check_init_from, warn_if_middle_step
+from mmllm.training.init_from import check_init_from, stage_trusts_remote_code, warn_if_middle_step
 from mmllm.training.interrupt import StopRequests, TrainingInterrupted
 from mmllm.training.parts import StageParts, release_cached, stage_parts
 from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
@@ -88,7 +88,8 @@ def build_model(cfg: StageConfig, parts: StageParts | None = None, check_init: b
         log.info("%s %s", "rebuilding the model from the checkpoint --resume continues," if resumed
                  else "initialising from", cfg.init_from)
         model = AnyToAnyModel.from_pretrained(cfg.init_from, trainable_lora=True, decoder_parts=parts.decoders,
-                                              encoder_weights=parts.encoders)
+                                              encoder_weights=parts.encoders,
+                                              trust_remote_code=stage_trusts_remote_code(cfg))
     else:
         model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts.decoders,
                                        parts.encoders)
