@@ -381,6 +381,11 @@ def _checkpoint_metric(cfg: StageConfig, validation: Validation | None, validati
     return (metric if math.isfinite(metric) else float("inf")), what
 
 
+def noise_seed(seed: int, draw: int) -> int:
+    """The seed of a training step's ``draw``-th denoising-noise draw under the stage's ``seed``."""
+    return (seed * 1_000_003 + draw) % 2**63
+
+
 def _forward_backward(accelerator, model, batches: list[dict[str, Any]], cfg: StageConfig,
                       normalizers: dict[str, float], step: int, deepspeed: bool, fallback: dict[str, Any] | None,
                       first_readable: Callable[[], dict[str, Any]]) -> tuple[float, dict[str, float], Any]:
@@ -401,8 +406,9 @@ def _forward_backward(accelerator, model, batches: list[dict[str, Any]], cfg: St
             fallback = batch
         batch["step"] = step
         # the denoising loss's noise and timesteps: one draw per micro-batch of the whole step (seeding by the
-        # step alone gave every micro-batch and process the same timesteps and noise), reproducible on resume
-        batch["noise_seed"] = (step * len(batches) + micro) * world + accelerator.process_index
+        # step alone gave every micro-batch and process the same timesteps and noise), reproducible on resume,
+        # and another for another `seed` (as the sample order and dropout are)
+        batch["noise_seed"] = noise_seed(cfg.seed, (step * len(batches) + micro) * world + accelerator.process_index)
         sync = micro == len(batches) - 1
         with contextlib.ExitStack() as stack:
             if not sync:  # accumulate locally; all-reduce once per optimiser step
