@@ -84,6 +84,24 @@ def test_a_merged_exports_llm_folder_must_be_inside_it(copy):
         ckpt.merged_llm_folder(meta)
 
 
+@pytest.mark.parametrize("module", ["{ckpt}.parts", "parts"])  # run from its parent folder, or from inside it
+def test_a_class_the_checkpoint_names_is_never_imported_from_inside_it(saved, tmp_path, monkeypatch, module):
+    copy = Path(shutil.copytree(saved, tmp_path / f"downloaded_{len(module)}"))
+    marker = tmp_path / "ran.txt"
+    (copy / "parts.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass Encoder:\n    pass\n")
+    meta = ckpt.read_meta(copy)
+    kind = module.format(ckpt=copy.name) + ":Encoder"
+    meta["assembly"]["encoders"]["image"] = {"kind": kind}
+    (copy / "mmllm.json").write_text(json.dumps(meta))
+    ckpt.write_manifest(copy)  # whoever made it lists its files: the hashes hold
+    where = copy.parent if "{ckpt}" in module else copy
+    monkeypatch.chdir(where)
+    monkeypatch.syspath_prepend(str(where))  # `python -m mmllm.cli` puts the working directory on sys.path
+    with pytest.raises(ConfigError, match=f"kind '{kind}' would import .* inside"):
+        AnyToAnyModel.from_pretrained(copy)
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------------------------------ remote code
 
 

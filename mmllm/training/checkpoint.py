@@ -308,10 +308,20 @@ def merged_llm_folder(meta: dict[str, Any]) -> str | None:
     return None
 
 
+def check_recorded_kinds(directory: Path, meta: dict[str, Any]) -> None:
+    """Before a checkpoint's assembly is parsed (which imports the kinds it names): none of its own classes may
+    come from a file inside the checkpoint."""
+    from mmllm.registry import check_kind_not_inside, custom_kinds
+
+    for kind in custom_kinds(meta.get("assembly")):
+        check_kind_not_inside(kind, Path(directory), f"{Path(directory) / CONFIG_FILE}")
+
+
 def checkpoint_assembly(directory: Path, meta: dict[str, Any] | None = None):
     """The assembly a checkpoint records (an exported merged LLM's ``./llm`` made a path)."""
     directory = Path(directory)
     meta = read_meta(directory) if meta is None else meta
+    check_recorded_kinds(directory, meta)
     assembly = dict(meta["assembly"])
     folder = merged_llm_folder(meta)
     if folder is not None:

@@ -180,14 +180,16 @@ def warn_if_middle_step(cfg: StageConfig) -> None:
 def check_init_from(cfg: StageConfig) -> None:
     """Compare the stage's resolved assembly with the one ``cfg.init_from`` records; raise on an
     override the checkpoint contradicts, warn on a file that differs. Reads ``mmllm.json`` only."""
-    from mmllm.training.checkpoint import CONFIG_FILE, read_meta
+    from mmllm.training.checkpoint import CONFIG_FILE, check_recorded_kinds, read_meta
 
     if not cfg.init_from:
         return
     if checkpoint_missing(cfg):
         raise missing_checkpoint_error(cfg)
     directory = Path(cfg.init_from)
-    saved = read_meta(directory)["assembly"]
+    meta = read_meta(directory)
+    check_recorded_kinds(directory, meta)
+    saved = meta["assembly"]
     try:
         checkpoint_side = normalized_assembly(parse_assembly(saved, where=f"{directory}/{CONFIG_FILE}"))
     except ConfigError:  # written by an older mmllm: compare as recorded
