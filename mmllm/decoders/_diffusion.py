@@ -203,8 +203,8 @@ def _check_tokenizer_length(parts: dict[str, Any], where: str, model: str | None
 
 def _part_library(library: str, source: str, name: str) -> Any:
     """The module ``model_index.json`` names a part's class in, as diffusers resolves it: that file ships with the
-    folder and importing a module runs it, so only diffusers itself is imported (mmllm's own component modules,
-    and mmllm's own component modules); any other must already be imported by the caller."""
+    folder and importing a module runs it, so only diffusers and mmllm's own component modules are imported;
+    any other must already be imported by the caller."""
     import diffusers
 
     if library == "diffusers":
