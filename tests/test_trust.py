@@ -226,3 +226,19 @@ def test_a_pickle_as_a_toy_parts_training_state_is_refused_not_run(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         train(Tiny(), state, resume=True, progress=False)
     assert not marker.exists()
+
+
+def test_a_package_path_is_located_without_importing_the_package(tmp_path, monkeypatch):
+    from mmllm.locations import resolve_source
+
+    marker = tmp_path / "ran.txt"
+    (tmp_path / "somepkg" / "weights" / "decoder").mkdir(parents=True)
+    (tmp_path / "somepkg" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (tmp_path / "somepkg" / "weights" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    shipped = Path(ckpt.__file__).parents[1] / "toyworld" / "weights"
+    for value, folder in (("package:somepkg/weights/decoder", tmp_path / "somepkg/weights/decoder"),
+                          ("package:somepkg.weights/decoder", tmp_path / "somepkg/weights/decoder"),
+                          ("package:mmllm.toyworld/weights", shipped)):
+        assert Path(resolve_source(value)) == folder
+    assert not marker.exists()  # a config or checkpoint naming the package did not run its __init__.py
