@@ -64,13 +64,15 @@ def test_a_symbolic_link_in_a_checkpoint_is_refused_even_to_the_right_bytes(copy
         AnyToAnyModel.from_pretrained(copy)
 
 
-def test_a_manifest_entry_outside_the_checkpoint_is_refused(copy, tmp_path):
+@pytest.mark.parametrize("entry", ["../secret.txt", "..\\secret.txt", "{abs}"])
+def test_a_manifest_entry_outside_the_checkpoint_is_refused(copy, tmp_path, entry):
     outside = tmp_path / "secret.txt"
     outside.write_text("the user's own file")
+    entry = entry.format(abs=outside)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["files"]["../secret.txt"] = _sha256(outside)  # a hash that matches tells whoever wrote it the contents
+    manifest["files"][entry] = _sha256(outside)  # a hash that matches tells whoever wrote it the contents
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ckpt.CheckpointError, match=r"lists \['../secret.txt'\], outside the checkpoint"):
+    with pytest.raises(ckpt.CheckpointError, match=r"lists \['.*secret.txt'\], outside the checkpoint"):
         ckpt.verify_manifest(copy)
 
 

@@ -134,7 +134,8 @@ def recover_partial_writes(output_dir: Path) -> tuple[list[Path], int]:
 
 
 def write_manifest(root: Path) -> None:
-    files = {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
     (root / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
 
 
@@ -155,9 +156,9 @@ def _held_files(root: Path) -> set[str]:
 
 
 def _inside(rel: str) -> bool:
-    """A manifest entry that names a file inside the checkpoint: relative, with no ``..``."""
+    """A manifest entry (``/``-separated) that names a file inside the checkpoint: relative, with no ``..``."""
     parts = rel.split("/")
-    return bool(rel) and not rel.startswith("/") and "\\" not in rel and not any(p in ("", ".", "..") for p in parts)
+    return bool(rel) and ":" not in parts[0] and not any(p in ("", ".", "..") for p in parts)
 
 
 def verify_manifest(root: Path) -> None:
@@ -176,6 +177,7 @@ def verify_manifest(root: Path) -> None:
         raise CheckpointError(f"{manifest}: unreadable manifest ({exc})") from exc
     if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
         raise CheckpointError(f"{manifest}: unreadable manifest (\"files\" is no mapping of file to sha256)")
+    files = {rel.replace("\\", "/"): digest for rel, digest in files.items()}  # one written on Windows
     for required in (CONFIG_FILE, LEARNED_FILE):
         if required not in files:
             raise CheckpointError(f"{manifest}: does not list {required}; this is not a complete mmllm checkpoint")
