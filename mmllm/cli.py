@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -498,6 +499,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def finite_float(text: str) -> float:
+    """An argparse type: a float, refusing nan and inf (which float() reads)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """An argparse type: a classifier-free guidance scale, a finite number of at least 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 (a scale of at most 1 turns guidance off), got {text}")
+    return value
+
+
 def comma_list(text: str, flag: str, valid: Sequence[str]) -> list[str]:
     """``a,b`` -> ``["a", "b"]``, each one of ``valid`` (else exit naming the flag and the valid values)."""
     items = [item.strip() for item in text.split(",") if item.strip()]
@@ -558,10 +578,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's); 1 is fastest for tiny models on a busy machine")
     r.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
     r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy (default); > 0 samples")
+    r.add_argument("--top-p", type=finite_float, default=1.0)
     r.add_argument("--steps", type=int, default=None, help="decoder denoising steps (default: the decoder's)")
-    r.add_argument("--guidance", type=float, default=None,
+    r.add_argument("--guidance", type=guidance_scale, default=None,
                    help="decoder classifier-free guidance scale (default: the decoder's)")
     r.add_argument("--decode-batch-size", type=int, default=None,
                    help="signal groups per decoder call (default: a whole batch's); 1 makes media bit-identical "
@@ -624,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--modalities", default="image,audio,video")
     ev.add_argument("--tasks", default="x2t,t2x,routing,text", help="which measurements (comma-separated)")
     ev.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
-    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale")
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ev.add_argument("--seed", type=int, default=0)
     ev.set_defaults(fn=cmd_eval)
@@ -638,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument("--per-combo", type=int, default=2, help="true items per combination (judge, retrieval)")
     wr.add_argument("--decoder-items", type=int, default=48, help="generated items per split and modality")
     wr.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
-    wr.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    wr.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale")
     wr.add_argument("--seed", type=int, default=0)
     wr.set_defaults(fn=cmd_world)
     wd = wsub.add_parser("data", help="write the default's stage data (media + JSONL) from the world's training combos, "

@@ -331,6 +331,38 @@ def test_bad_inputs_become_error_records_and_the_rest_completes(ckpt, media, tmp
     assert "image too large" in page and page.count('class="error"') == len(bad) + 4
 
 
+def test_empty_media_paths_and_nonsensical_settings_are_error_records_naming_line_and_field(model, tmp_path):
+    """An empty media path was taken as no media (the request answered without its image); a negative, NaN or
+    infinite setting reached the decoder or the sampler. Each is now its line's error; the rest completes."""
+    bad = {
+        "empty-image": ({"prompt": "What is this?", "image": ""}, "'image' holds an empty path"),
+        "blank-audio": ({"prompt": "What is this?", "audio": " "}, "'audio' holds an empty path"),
+        "empty-media": ({"prompt": "What is this?", "media": ""}, "'media' holds an empty path"),
+        "empty-in-list": ({"prompt": "What is this?", "video": ["", "a.mp4"]}, "'video' holds an empty path"),
+        "empty-in-turn": ({"messages": [{"role": "user", "content": "Hi", "media": ""}]},
+                          "'messages[0].media' holds an empty path"),
+        "negative-guidance": ({"prompt": GENERATE["image"], "guidance": -1.5}, "'guidance' must be at least 0"),
+        "nan-guidance": ({"prompt": GENERATE["image"], "guidance": float("nan")},
+                         "'guidance' must be a finite number, got nan"),
+        "word-guidance": ({"prompt": GENERATE["image"], "guidance": "high"}, "'guidance' must be a number"),
+        "infinite-temperature": ({"prompt": "Hi", "temperature": float("inf")},
+                                 "'temperature' must be a finite number, got inf"),
+        "nan-steps": ({"prompt": GENERATE["image"], "steps": float("nan")}, "'steps' must be a finite number"),
+    }
+    good = [{"id": "null-image", "prompt": "Hi", "image": None, "media": []},  # JSON null / [] are no media
+            {"id": "no-guidance", "prompt": GENERATE["image"], "guidance": 0.5}]  # <= 1: guidance off
+    requests = write_requests(tmp_path / "r.jsonl", good + [{"id": rid, **rec} for rid, (rec, _) in bad.items()])
+    counts = run_requests(model, requests, tmp_path / "out", max_new_tokens=6, batch_size=4)
+    assert counts["done"] == 2 and counts["failed"] == len(bad), counts
+    recs = records_by_id(tmp_path / "out")
+    for lineno, (rid, (_, message)) in enumerate(bad.items(), len(good) + 1):
+        assert recs[rid]["error"].startswith(f"r.jsonl:{lineno}: ") and message in recs[rid]["error"], recs[rid]
+        assert recs[rid]["line"] == lineno
+    assert all(recs[r["id"]]["error"] is None for r in good)
+    with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
+        run_requests(model, requests, tmp_path / "out2", guidance=-1.0)
+
+
 def test_fail_fast_stops_at_the_first_failure(model, tmp_path):
     requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hi"},
                                                      {"id": "bad", "prompt": "x", "image": "missing.png"},
@@ -543,6 +575,20 @@ def test_flags_no_run_could_use_are_refused_before_the_model_loads(ckpt, flags, 
     args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(tmp_path / "out")]
     assert main([*args, *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--guidance", "-2"], "argument --guidance: must be at least 0"),
+    (["--guidance", "nan"], "argument --guidance: must be a finite number, got 'nan'"),
+    (["--guidance", "strong"], "argument --guidance: not a number: 'strong'"),
+    (["--temperature", "inf"], "argument --temperature: must be a finite number, got 'inf'"),
+    (["--top-p", "nan"], "argument --top-p: must be a finite number, got 'nan'"),
+])
+def test_nonsensical_sampling_and_guidance_flags_are_usage_errors(flags, message, tmp_path, monkeypatch, capsys):
+    _no_model_load(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        main(["infer", "--checkpoint", str(tmp_path), "--prompt", "Hi", "--output", str(tmp_path / "out"), *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_overwrite_never_deletes_the_input_files_of_its_requests(ckpt, media, tmp_path, monkeypatch, capsys):

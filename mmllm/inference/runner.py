@@ -45,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -119,9 +120,16 @@ class ParsedRequest:
 
 
 def _as_list(value: Any, what: str) -> list[str]:
+    """A media field's paths; ``None`` (JSON null) and ``[]`` are no media. An empty path is refused, not
+    taken as no media: ``"image": ""`` is most likely a path a script failed to fill in."""
+    if value is None:
+        return []
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
-        raise RequestError(f"'{what}' must be a path or a list of paths")
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise RequestError(f"'{what}' must be a path or a list of paths, got {value!r}")
+    if any(not v.strip() for v in items):
+        raise RequestError(f"'{what}' holds an empty path ({value!r}): give the media file's path, or leave "
+                           f"'{what}' out for a request without one")
     return items
 
 
@@ -139,12 +147,12 @@ def _prompt_messages(rec: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(rec["prompt"], str):
         raise RequestError("'prompt' must be a string")
     content = rec["prompt"]
-    paths = _as_list(rec.get("media") or [], "media")
+    paths = _as_list(rec.get("media"), "media")
     if paths and not PLACEHOLDER_RE.search(content):  # no placeholders: one per file, by suffix
         content = "".join(f"<{modality_of(p)}>" for p in paths) + "\n" + content
     for m in MODALITIES:  # "image": "x.png" shorthand, placeholders prepended
-        if rec.get(m):
-            extra = _as_list(rec[m], m)
+        extra = _as_list(rec.get(m), m)
+        if extra:
             content = "".join(f"<{m}>" for _ in extra) + "\n" + content
             paths = extra + paths
     return [{"role": "user", "content": content, "media": paths}]
@@ -169,7 +177,7 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
     if unknown:
         raise RequestError(f"unknown field(s) {unknown}; valid: {sorted(FIELDS)}")
     if "messages" in rec:
-        if "prompt" in rec or any(rec.get(m) for m in (*MODALITIES, "media")):
+        if "prompt" in rec or any(rec.get(m) not in (None, []) for m in (*MODALITIES, "media")):
             raise RequestError("give either 'messages' (media inside them) or 'prompt' (+ media), not both")
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -185,7 +193,7 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
         content = msg.get("content", "")
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}]: 'content' must be a string")
-        paths = _as_list(msg.get("media") or [], f"messages[{i}].media")
+        paths = _as_list(msg.get("media"), f"messages[{i}].media")
         slots = PLACEHOLDER_RE.findall(content)
         if len(slots) != len(paths):
             raise RequestError(f"messages[{i}]: {len(slots)} placeholder(s) but {len(paths)} media path(s)")
@@ -202,8 +210,12 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
     for key, kind in OVERRIDES.items():
         if key in rec:
             value = rec[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise RequestError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN and Infinity parse as floats
+                raise RequestError(f"'{key}' must be a finite number, got {value}")
+            if kind is int and value != int(value):
+                raise RequestError(f"'{key}' must be an integer, got {value!r}")
             options[key] = kind(value)
     _check_ranges(options)
     seed = options.pop("seed", default_seed)
@@ -212,7 +224,7 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
 
 def _check_ranges(options: dict[str, Any]) -> None:
     rules = {"max_new_tokens": (1, "at least 1"), "steps": (1, "at least 1"), "temperature": (0, "at least 0"),
-             "seed": (0, "at least 0")}
+             "seed": (0, "at least 0"), "guidance": (0, "at least 0 (at most 1 turns guidance off)")}
     for key, (low, text) in rules.items():
         if key in options and options[key] < low:
             raise RequestError(f"'{key}' must be {text}, got {options[key]}")
@@ -547,15 +559,18 @@ class _Run:
             raise _FailFast(rid)
 
     # -------------------------------------------------------------- prepare and the LLM
-    def run_batch(self, lines: list[_Line], base: Path, default_seed: int) -> None:
+    def run_batch(self, lines: list[_Line], requests_file: Path, default_seed: int) -> None:
         ready: list[tuple[ParsedRequest, PreparedRequest, float]] = []
         line_of: dict[str, int] = {}
         for line in lines:
             t0 = time.perf_counter()
             try:
-                parsed = parse_request(line.record or {}, base, default_seed)
+                parsed = parse_request(line.record or {}, requests_file.parent, default_seed)
                 prepared = prepare_request(self.model, parsed.request, self.spec)
-            except (RequestError, MediaError, ContextLengthError) as exc:
+            except RequestError as exc:  # the record as written: named by its line, as a malformed line is
+                self.fail(line.id, "prepare", f"{requests_file.name}:{line.lineno}: {exc}", line=line.lineno)
+                continue
+            except (MediaError, ContextLengthError) as exc:
                 self.fail(line.id, "prepare", str(exc), line=line.lineno)
                 continue
             except Exception as exc:  # an input nobody foresaw: this request fails, the batch goes on
@@ -693,6 +708,8 @@ def run_requests(
     """
     if batch_size < 1 or (decode_batch_size is not None and decode_batch_size < 1):
         raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {decode_batch_size}")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {guidance}")
     requests_file, out = Path(requests_file), prepare_output(Path(out))
     made = run_settings(checkpoint, str(next(model.parameters()).dtype).removeprefix("torch."), seed,
                         max_new_tokens, temperature, top_p, steps, guidance)
@@ -719,7 +736,7 @@ def run_requests(
         good = [ln for ln in todo if not ln.error]
         shown = time.perf_counter()
         for i in range(0, len(good), batch_size):
-            run.run_batch(good[i: i + batch_size], requests_file.parent, seed)
+            run.run_batch(good[i: i + batch_size], requests_file, seed)
             if time.perf_counter() - shown > GALLERY_EVERY_S:  # a crash still leaves a recent gallery
                 write_gallery(out)
                 shown = time.perf_counter()
