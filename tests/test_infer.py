@@ -728,6 +728,38 @@ def test_video_falls_back_to_gif_and_the_record_names_the_real_file(model, tmp_p
     assert f'<img src="{rec["files"][0]}"' in (tmp_path / "out" / "index.html").read_text()
 
 
+def test_media_metadata_keeps_a_long_prompt_whole_and_a_wav_comment_within_what_libsndfile_keeps(tmp_path,
+                                                                                                   monkeypatch):
+    """The GIF comment was cut at 255 bytes (GIF chains 255-byte sub-blocks; Pillow writes and reads them) and
+    every prompt at 500 characters; a WAV comment was cut at 1000 characters, which in a non-Latin script is
+    more than the ~2045 bytes libsndfile keeps, and libsndfile then dropped the whole comment."""
+    from mmllm.data.media import WAV_COMMENT_BYTES
+    from mmllm.data.samples import draw_shape
+    from mmllm.model import GenerationResult
+
+    prompt = "Draw a red circle on a blue ground, then 描いて 🎨 " * 40  # about 2.1 KB in UTF-8
+    result = GenerationResult("", [], media={"image": [draw_shape("red", "circle")], "audio": [tone("high")],
+                                             "video": [moving("blue", "square", "left", frames=3)]})
+    files = runner.write_outputs(tmp_path / "mp4", "r1", result, prompt, 7, "abc")
+    assert Image.open(tmp_path / "mp4" / files[0]).text["prompt"] == prompt
+    with av.open(str(tmp_path / "mp4" / files[2])) as c:
+        assert json.loads(c.metadata["comment"])["prompt"] == prompt
+    with sf.SoundFile(tmp_path / "mp4" / files[1]) as fh:
+        comment = fh.comment
+    assert comment.startswith("mmllm_id=r1; seed=7; checkpoint=abc; prompt=Draw a red circle")
+    assert prompt.startswith(comment.split("; prompt=", 1)[1])  # a cut only shortens the prompt
+    assert WAV_COMMENT_BYTES - 4 < len(comment.encode()) <= WAV_COMMENT_BYTES
+
+    import mmllm.data.media as media_module
+
+    monkeypatch.setattr(media_module, "_save_mp4", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no H.264")))
+    files = runner.write_outputs(tmp_path / "gif", "r1", result, prompt, 7, "abc")
+    comment = Image.open(tmp_path / "gif" / files[2]).info["comment"].decode()
+    assert json.loads(comment.removeprefix("comment="))["prompt"] == prompt
+    with av.open(str(tmp_path / "gif" / files[2])) as c:  # a reader other than Pillow joins the sub-blocks too
+        assert json.loads(c.metadata["comment"].removeprefix("comment="))["prompt"] == prompt
+
+
 def test_gallery_markup_is_self_contained_and_escaped():
     page = render_gallery([
         {"id": "b", "line": 2, "prompt": "<b>bold</b>", "text": "a & b", "files": ["media/x.wav", "media/y.mp4"],

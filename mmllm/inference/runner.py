@@ -458,8 +458,8 @@ def _safe(rid: str) -> str:
 def write_outputs(out: Path, rid: str, result, prompt: str, seed: int, fingerprint: str) -> list[str]:
     """Save a result's media under ``out/media``; the paths (relative to ``out``) actually written."""
     files = []
-    # prompt last: GIF and WAV comments are length-limited, and a cut should only shorten the prompt
-    meta = {"mmllm_id": rid, "seed": str(seed), "checkpoint": fingerprint, "prompt": prompt[:500]}
+    # prompt last: a WAV comment is length-limited (see save_audio), and a cut should only shorten the prompt
+    meta = {"mmllm_id": rid, "seed": str(seed), "checkpoint": fingerprint, "prompt": prompt}
     for modality, items in result.media.items():
         for j, item in enumerate(items):
             name = out / "media" / f"{_safe(rid)}_{modality}{j}{MEDIA_SUFFIX[modality]}"
