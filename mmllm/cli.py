@@ -200,6 +200,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         OutputError,
         check_overwrite,
         check_resume,
+        device_type,
         pending_lines,
         prepare_output,
         read_lines,
@@ -241,7 +242,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                    **{m: str(Path(p).resolve()) for m, p in flag_media.items()}}
             # the id names the request and its settings: a re-run into the same --output skips only the same
             settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "steps", "guidance",
-                                                      "dtype")}
+                                                      "dtype")} | {"device": device_type(args.device)}
             key = {**rec, **settings, "checkpoint": str(Path(args.checkpoint).resolve())}
             digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
             requests = Path(tmp) / "request.jsonl"
@@ -253,7 +254,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             else:
                 check_resume(Path(args.output), requests, run_settings(
                     Path(args.checkpoint), args.dtype, args.seed, args.max_new_tokens, args.temperature, args.top_p,
-                    args.steps, args.guidance))
+                    args.steps, args.guidance, args.device))
         except OutputError as exc:
             raise SystemExit(str(exc)) from exc
         if args.threads:
@@ -563,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", help="requests JSONL (schema: mmllm/inference/runner.py, README)")
     r.add_argument("--output", required=True,
                    help="output folder; re-running on it skips requests already done (refused if they were "
-                        "answered with another checkpoint, --seed, --max-new-tokens, ... or --dtype)")
+                        "answered with another checkpoint, --seed, --max-new-tokens, ..., --dtype or --device type)")
     r.add_argument("--overwrite", action="store_true",
                    help="start --output afresh: remove its results.jsonl, media/ and index.html first")
     r.add_argument("--prompt", help="one request from the command line instead of --input")

@@ -452,7 +452,7 @@ def test_rerun_with_another_checkpoint_or_settings_is_refused_unless_overwrite(c
     settings = records_by_id(out)["a"]["settings"]
     assert {k: v for k, v in settings.items() if k not in ("request", "media")} == {
         "seed": 0, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "steps": None, "guidance": None,
-        "dtype": "float32"}
+        "dtype": "float32", "device": "cpu"}
     before = (out / "results.jsonl").read_text()
     from mmllm.training.checkpoint import export_weights_only
 
@@ -479,6 +479,28 @@ def test_rerun_with_another_checkpoint_or_settings_is_refused_unless_overwrite(c
     assert all(r["settings"]["max_new_tokens"] == 6 and r["error"] is None for r in recs.values())
     assert not (out / "media" / "old.png").exists() and (out / "notes.txt").read_text() == "mine"
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_answers_made_on_another_device_type_are_refused_not_mixed_in(ckpt, tmp_path, monkeypatch, capsys):
+    """CPU and GPU kernels round differently (a greedy answer can take another word): answers made with --device
+    cuda were kept, and the rest answered on the CPU, in one OUT. The device type is compared, not its index."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}])
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out), "--max-new-tokens", "4"]
+    assert main(args) == 0
+    results = out / "results.jsonl"
+    lines = results.read_text().splitlines()
+    assert all(json.loads(line)["settings"]["device"] == "cpu" for line in lines)
+    # as if "a" had been answered on a GPU machine and OUT copied here
+    results.write_text("\n".join([lines[0].replace('"device": "cpu"', '"device": "cuda"'), lines[1]]) + "\n")
+    _no_model_load(monkeypatch)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 request(s)" in err and "device 'cuda' (now 'cpu')" in err and "new --output, or pass --overwrite" in err
+    made = runner.run_settings(ckpt, "float32", max_new_tokens=4, device="cuda:1")
+    assert made["settings"]["device"] == "cuda"
+    results.write_text(lines[0].replace('"device": "cpu"', '"device": "cuda"') + "\n")
+    runner.check_resume(out, requests, made)  # cuda:0's answers resumed on cuda:1
 
 
 def test_results_without_recorded_settings_are_compared_by_checkpoint(tmp_path):

@@ -26,7 +26,7 @@ Media files are written atomically and a record is appended only after all of it
 so a crash never leaves something that looks done; a re-run on the same ``OUT`` skips the requests
 already done and retries the failed ones. Each done record carries the checkpoint fingerprint and the
 ``settings`` it was answered with (seed, max_new_tokens, temperature, top_p, steps, guidance: the
-request's own or the run's; the dtype; a digest of the request record and one of its input media
+request's own or the run's; the dtype and the device type; a digest of the request record and one of its input media
 files' bytes): a re-run whose checkpoint or settings differ from those of a request it would skip, or
 whose input files were replaced, is refused (:class:`OutputError`) unless ``overwrite`` starts ``OUT``
 afresh.
@@ -277,14 +277,23 @@ def pending_lines(lines: list[_Line], out: Path) -> list[_Line]:
 
 def run_settings(checkpoint: Path | None, dtype: str, seed: int = 0, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, steps: int | None = None,
-                 guidance: float | None = None) -> dict[str, Any]:
+                 guidance: float | None = None, device: str = "cpu") -> dict[str, Any]:
     """What changes a run's answers, as done records store it: the checkpoint fingerprint and ``settings``.
 
-    Batch sizes are left out: answers do not depend on them (see the module docstring).
+    The device is kept by its type (``cpu``, ``cuda``, ...): CPU and GPU kernels round differently, so a greedy
+    answer can take another word; ``cuda:0`` and ``cuda:1`` are one type. Batch sizes are left out: answers
+    do not depend on them (see the module docstring).
     """
     return {"checkpoint": checkpoint_fingerprint(checkpoint) if checkpoint else "none",
             "settings": {"seed": seed, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-                         "steps": steps, "guidance": guidance, "dtype": dtype}}
+                         "steps": steps, "guidance": guidance, "dtype": dtype, "device": device_type(device)}}
+
+
+def device_type(device: Any) -> str:
+    """``cpu``, ``cuda``, ``mps``, ... of a device or its name (``cuda:1`` -> ``cuda``)."""
+    import torch
+
+    return torch.device(device).type
 
 
 def request_settings(made: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
@@ -711,8 +720,9 @@ def run_requests(
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {guidance}")
     requests_file, out = Path(requests_file), prepare_output(Path(out))
-    made = run_settings(checkpoint, str(next(model.parameters()).dtype).removeprefix("torch."), seed,
-                        max_new_tokens, temperature, top_p, steps, guidance)
+    weight = next(model.parameters())
+    made = run_settings(checkpoint, str(weight.dtype).removeprefix("torch."), seed, max_new_tokens, temperature,
+                        top_p, steps, guidance, weight.device)
     if overwrite:
         check_overwrite(out, requests_file)
         start_afresh(out)
