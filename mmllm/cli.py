@@ -196,11 +196,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
     import hashlib
     import tempfile
 
+    from mmllm.inference.gallery import write_gallery
     from mmllm.inference.runner import (
         OutputError,
         check_overwrite,
         check_resume,
         device_type,
+        gallery_keys,
         pending_lines,
         prepare_output,
         read_lines,
@@ -266,13 +268,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
             log.info("all %d request(s) are already done in %s (same checkpoint and settings); the model is not "
                      "loaded", len(lines), args.output)
             counts = {"done": 0, "failed": 0, "skipped": len(lines), "stopped": 0}
+            if args.input:  # the requests file may have lost requests since: the gallery shows those it holds
+                write_gallery(Path(args.output), gallery_keys(lines))
         else:
             model = _load_model(args.checkpoint, args.device, args.dtype)
             counts = run_requests(model, requests, Path(args.output), batch_size=args.batch_size, seed=args.seed,
                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, steps=args.steps, guidance=args.guidance,
                                   decode_batch_size=args.decode_batch_size, fail_fast=args.fail_fast,
-                                  checkpoint=Path(args.checkpoint), overwrite=args.overwrite)
+                                  checkpoint=Path(args.checkpoint), overwrite=args.overwrite,
+                                  gallery="requests" if args.input else "all")
     if args.prompt:  # quick use: show the answer's record
         from mmllm.inference.gallery import latest_records
 

@@ -403,6 +403,44 @@ def test_rerun_skips_done_requests_and_redoes_failed_torn_or_lost_ones(model, me
     assert "5 done, 0 failed" in (out / "index.html").read_text()
 
 
+def _gallery_ids(out: Path) -> tuple[list[str], list[str], str]:
+    """The ids of index.html's sections shown as current, those listed apart as earlier, and its summary."""
+    page = (out / "index.html").read_text()
+    current, _, earlier = page.partition("<details")
+    summary = re.search(r"<p class='meta'>([^<]*)</p>", page).group(1)
+    return re.findall(r"<h2>([^<]*)</h2>", current), re.findall(r"<h2>([^<]*)</h2>", earlier), summary
+
+
+def test_the_gallery_shows_the_requests_file_as_it_is_now_and_earlier_records_apart(ckpt, tmp_path, monkeypatch):
+    """A request removed from the requests file, or a malformed line since fixed, stayed in the gallery and
+    its counts as if it were one of the file's requests."""
+    requests = tmp_path / "r.jsonl"
+    write_requests(requests, [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}, "{not json"])
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out), "--max-new-tokens", "3"]
+    assert main(args) == 1  # the malformed line failed
+    assert _gallery_ids(out) == (["a", "b", "line-3"], [], "2 done, 1 failed")
+    # b dropped, line 3 fixed, d added before a
+    write_requests(requests, [{"id": "d", "prompt": "Hey."}, {"id": "a", "prompt": "Hello."},
+                              {"id": "c", "prompt": "Hello again."}])
+    assert main(args) == 0
+    assert _gallery_ids(out) == (["d", "a", "c"], ["b", "line-3"], "3 done, 0 failed")
+    assert len(records_by_id(out)) == 5  # results.jsonl keeps every record
+    write_requests(requests, [{"id": "a", "prompt": "Hello."}, {"id": "c", "prompt": "Hello again."}])
+    _no_model_load(monkeypatch)
+    assert main(args) == 0  # all done: nothing to answer, the gallery still follows the file
+    assert _gallery_ids(out) == (["a", "c"], ["d", "b", "line-3"], "2 done, 0 failed")
+
+
+def test_single_requests_from_flags_gather_in_one_gallery(ckpt, tmp_path):
+    out = tmp_path / "out"
+    for prompt in ("Hello.", "Hi."):
+        assert main(["infer", "--checkpoint", str(ckpt), "--prompt", prompt, "--output", str(out),
+                     "--max-new-tokens", "3"]) == 0
+    current, earlier, summary = _gallery_ids(out)
+    assert len(current) == 2 and earlier == [] and summary == "2 done, 0 failed"
+
+
 def test_a_malformed_line_never_shadows_a_request_whose_id_is_line_n(model, tmp_path):
     # a malformed line's error record is labelled "line-N"; a real request may carry that very id
     requests = write_requests(tmp_path / "r.jsonl", [{"id": "line-2", "prompt": "Hello there."}, "{not json"])

@@ -21,7 +21,8 @@ batch that fails as a whole is retried one request at a time, so only the culpri
 
 Outputs under ``OUT``: ``media/`` (PNG, 16-bit WAV, MP4 -- GIF where no H.264 encoder is available
 -- each carrying the request id, seed, prompt and checkpoint fingerprint in its metadata),
-``results.jsonl`` (one record per request, appended as each batch finishes) and ``index.html``.
+``results.jsonl`` (one record per request, appended as each batch finishes) and ``index.html`` (the
+requests file's requests; records of requests no longer in it apart, see :mod:`mmllm.inference.gallery`).
 Media files are written atomically and a record is appended only after all of its files exist,
 so a crash never leaves something that looks done; a re-run on the same ``OUT`` skips the requests
 already done and retries the failed ones. Each done record carries the checkpoint fingerprint and the
@@ -495,6 +496,12 @@ class _Line:
     error: str | None = None
 
 
+def gallery_keys(lines: list[_Line]) -> dict[tuple[str, str], int]:
+    """What the gallery shows of a requests file: the :func:`~mmllm.inference.gallery.record_key` of each of
+    its requests and unreadable lines -> its line (see :func:`~mmllm.inference.gallery.write_gallery`)."""
+    return {(("line", str(ln.lineno)) if ln.error else ("id", ln.id)): ln.lineno for ln in lines}
+
+
 def read_lines(requests_file: Path) -> list[_Line]:
     """Every non-blank line, parsed as far as a JSON object with an id; problems kept as errors."""
     out: list[_Line] = []
@@ -702,6 +709,7 @@ def run_requests(
     fail_fast: bool = False,
     checkpoint: Path | None = None,
     overwrite: bool = False,
+    gallery: str = "requests",
 ) -> dict[str, Any]:
     """Answer every request of ``requests_file`` into ``out``.
 
@@ -713,8 +721,12 @@ def run_requests(
     Returns counts -- ``done``, ``failed``, ``skipped`` (done in an earlier run), ``stopped`` (1 if
     ``fail_fast`` stopped the run) -- and ``seconds``: wall time per stage (prepare, llm, decode,
     write) and in ``total``. ``decode_batch_size`` (default ``batch_size``) is the number of signal
-    groups per decoder call.
+    groups per decoder call. ``gallery``: ``"requests"`` shows the requests of ``requests_file`` in
+    ``index.html`` and the records of others ``out`` holds apart; ``"all"`` shows every record alike (one
+    request per run, as ``mmllm infer --prompt`` makes, gathering in one ``out``).
     """
+    if gallery not in ("requests", "all"):
+        raise ValueError(f"gallery must be 'requests' or 'all', got {gallery!r}")
     if batch_size < 1 or (decode_batch_size is not None and decode_batch_size < 1):
         raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {decode_batch_size}")
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
@@ -731,6 +743,7 @@ def run_requests(
     results = out / "results.jsonl"
     _repair_tail(results)
     lines = read_lines(requests_file)
+    current = gallery_keys(lines) if gallery == "requests" else None
     todo = pending_lines(lines, out)
     settings = Settings(max_new_tokens, temperature, top_p, steps, guidance, decode_batch_size)
     settings_of = {ln.id: request_settings(made, ln.record) for ln in todo if ln.record is not None}
@@ -748,7 +761,7 @@ def run_requests(
         for i in range(0, len(good), batch_size):
             run.run_batch(good[i: i + batch_size], requests_file, seed)
             if time.perf_counter() - shown > GALLERY_EVERY_S:  # a crash still leaves a recent gallery
-                write_gallery(out)
+                write_gallery(out, current)
                 shown = time.perf_counter()
         run.drain(force=True)
     except _FailFast as exc:
@@ -756,7 +769,7 @@ def run_requests(
         stopped = 1
     finally:
         run.bar.close()
-        write_gallery(out)
+        write_gallery(out, current)
     elapsed = time.perf_counter() - start
     n = run.counts["done"] + run.counts["failed"]
     log.info("%d request(s) in %.1f s (%.2f req/s): %d done, %d failed, %d skipped; gallery %s", n, elapsed,
