@@ -268,6 +268,63 @@ def test_generation_stops_at_the_token_the_chat_template_closes_answers_with(tin
     assert generate_answers(model, prepared, Settings(max_new_tokens=6))[0].token_ids == []
 
 
+def _closing_template(closer: str) -> str:
+    """The tiny template with ``closer`` written after each assistant reply (prompts render as before)."""
+    return ("{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}"
+            "{% if m['role'] == 'assistant' %}" + closer + "{% endif %}<|eos|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}")
+
+
+def test_the_end_of_turn_text_is_what_the_template_closes_a_reply_with_before_any_special_token():
+    from mmllm.inference.generate import template_end_of_turn_text
+    from mmllm.tiny_tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    assert template_end_of_turn_text(tok) is None  # the tiny template closes replies with its EOS token
+    for closer, text in [("</s>", "</s>"), ("<|end|>", "<|end|>"), (" ### End\n\n", "### End"), ("\n\n", None)]:
+        tok.chat_template = _closing_template(closer)
+        assert template_end_of_turn_text(tok) == text, closer
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})  # one added token: an id, not a text
+    tok.chat_template = _closing_template("<|end|>")
+    assert template_end_of_turn_text(tok) is None
+
+
+def test_generation_stops_at_an_end_of_turn_written_as_plain_text_row_by_row(tiny_assembly, monkeypatch):
+    """A template closing replies with text spanning several tokens ("</s>" spelled out, "<|end|>" not in the
+    vocabulary) was not an end of turn: answers ran on to max_new_tokens with the marker in their text."""
+    model = AnyToAnyModel.assemble(tiny_assembly)
+    tok = model.llm.tokenizer
+    prompts = ["Say something.", "What is in the picture?", "hello how are you?", "draw a cat"]
+    prepared = [prepare_request(model, Request([{"role": "user", "content": c}])) for c in prompts]
+    free = generate_answers(model, prepared, Settings(max_new_tokens=16))
+    assert len(free[0].token_ids) == 16  # the (random) core runs to the limit
+    # the closer: text the core writes in answer 0 (two tokens or more), absent from answer 1
+    pairs = (tok.decode(free[0].token_ids[i: i + 2]) for i in range(len(free[0].token_ids) - 1))
+    stop = next(t for t in pairs if t.isascii() and t.isprintable() and t == t.strip() and t not in free[1].text
+                and len(tok(t, add_special_tokens=False).input_ids) >= 2)
+    tok.chat_template = _closing_template(stop)
+    lengths: list[int] = []
+    real = model.llm.model.generate
+
+    def generate(*args, **kwargs):
+        out = real(*args, **kwargs)
+        lengths.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(model.llm.model, "generate", generate)
+    batch = generate_answers(model, prepared, Settings(max_new_tokens=16))
+    for f, b in zip(free, batch):
+        cut = f.text.find(stop)
+        assert b.text == (f.text[:cut].strip() if cut >= 0 else f.text)
+        assert b.token_ids == f.token_ids[: len(b.token_ids)]
+        assert stop not in tok.decode(b.token_ids)
+    assert len(batch[0].token_ids) < 16 and batch[1].token_ids == free[1].token_ids  # each row stops on its own
+    for p, in_batch in zip(prepared, batch):
+        alone = generate_answers(model, [p], Settings(max_new_tokens=16))[0]
+        assert alone.token_ids == in_batch.token_ids and alone.text == in_batch.text
+    assert lengths[1] < 16  # answer 0 alone: generation stopped at the marker, not cut afterwards
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 
 
@@ -791,13 +848,13 @@ def test_video_falls_back_to_gif_and_the_record_names_the_real_file(model, tmp_p
 def test_media_metadata_keeps_a_long_prompt_whole_and_a_wav_comment_within_what_libsndfile_keeps(tmp_path,
                                                                                                    monkeypatch):
     """The GIF comment was cut at 255 bytes (GIF chains 255-byte sub-blocks; Pillow writes and reads them) and
-    every prompt at 500 characters; a WAV comment was cut at 1000 characters, which in a non-Latin script is
-    more than the ~2045 bytes libsndfile keeps, and libsndfile then dropped the whole comment."""
+    every prompt at 500 characters. save_audio cut a WAV comment at 1000 characters: in a non-Latin script that
+    is more than the ~2045 bytes libsndfile keeps, and libsndfile then dropped the whole comment."""
     from mmllm.data.media import WAV_COMMENT_BYTES
     from mmllm.data.samples import draw_shape
     from mmllm.model import GenerationResult
 
-    prompt = "Draw a red circle on a blue ground, then 描いて 🎨 " * 40  # about 2.1 KB in UTF-8
+    prompt = "Draw a red circle: " + "赤い円を描いて 🎨 " * 150  # 1,969 characters, 4.5 KB in UTF-8
     result = GenerationResult("", [], media={"image": [draw_shape("red", "circle")], "audio": [tone("high")],
                                              "video": [moving("blue", "square", "left", frames=3)]})
     files = runner.write_outputs(tmp_path / "mp4", "r1", result, prompt, 7, "abc")
@@ -809,6 +866,9 @@ def test_media_metadata_keeps_a_long_prompt_whole_and_a_wav_comment_within_what_
     assert comment.startswith("mmllm_id=r1; seed=7; checkpoint=abc; prompt=Draw a red circle")
     assert prompt.startswith(comment.split("; prompt=", 1)[1])  # a cut only shortens the prompt
     assert WAV_COMMENT_BYTES - 4 < len(comment.encode()) <= WAV_COMMENT_BYTES
+    save_audio(tone("low"), tmp_path / "cjk.wav", {"prompt": "赤い円" * 400})
+    with sf.SoundFile(tmp_path / "cjk.wav") as fh:
+        assert fh.comment.startswith("prompt=赤い円赤い円")
 
     import mmllm.data.media as media_module
 
