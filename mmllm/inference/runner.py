@@ -12,7 +12,8 @@ Request schema (one JSON object per line; media paths resolve relative to the re
      "seed": 3, "max_new_tokens": 32, "steps": 10, "guidance": 3.0}
 
 Optional per-request overrides: ``seed`` (default ``--seed``), ``max_new_tokens``, ``temperature``
-(0 = greedy, the default), ``top_p``, decoder ``steps`` and ``guidance``.
+(0 = greedy, the default), ``top_p``, decoder ``steps`` and ``guidance`` (>= 0; <= 1 turns it off), finite
+numbers all. A media field holding an empty path is an error (``null`` or ``[]``: no media).
 
 A request's outputs do not depend on the batch it runs in (see :mod:`mmllm.inference.generate`).
 A bad request (malformed line, missing / empty / corrupt / unsupported media, unknown modality,
