@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -195,10 +196,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
     import hashlib
     import tempfile
 
+    from mmllm.inference.gallery import write_gallery
     from mmllm.inference.runner import (
         OutputError,
         check_overwrite,
         check_resume,
+        device_type,
+        gallery_keys,
         pending_lines,
         prepare_output,
         read_lines,
@@ -240,7 +244,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                    **{m: str(Path(p).resolve()) for m, p in flag_media.items()}}
             # the id names the request and its settings: a re-run into the same --output skips only the same
             settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_p", "steps", "guidance",
-                                                      "dtype")}
+                                                      "dtype")} | {"device": device_type(args.device)}
             key = {**rec, **settings, "checkpoint": str(Path(args.checkpoint).resolve())}
             digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
             requests = Path(tmp) / "request.jsonl"
@@ -252,7 +256,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             else:
                 check_resume(Path(args.output), requests, run_settings(
                     Path(args.checkpoint), args.dtype, args.seed, args.max_new_tokens, args.temperature, args.top_p,
-                    args.steps, args.guidance))
+                    args.steps, args.guidance, args.device))
         except OutputError as exc:
             raise SystemExit(str(exc)) from exc
         if args.threads:
@@ -264,13 +268,16 @@ def cmd_infer(args: argparse.Namespace) -> int:
             log.info("all %d request(s) are already done in %s (same checkpoint and settings); the model is not "
                      "loaded", len(lines), args.output)
             counts = {"done": 0, "failed": 0, "skipped": len(lines), "stopped": 0}
+            if args.input:  # the requests file may have lost requests since: the gallery shows those it holds
+                write_gallery(Path(args.output), gallery_keys(lines))
         else:
             model = _load_model(args.checkpoint, args.device, args.dtype, args.trust_remote_code)
             counts = run_requests(model, requests, Path(args.output), batch_size=args.batch_size, seed=args.seed,
                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, steps=args.steps, guidance=args.guidance,
                                   decode_batch_size=args.decode_batch_size, fail_fast=args.fail_fast,
-                                  checkpoint=Path(args.checkpoint), overwrite=args.overwrite)
+                                  checkpoint=Path(args.checkpoint), overwrite=args.overwrite,
+                                  gallery="requests" if args.input else "all")
     if args.prompt:  # quick use: show the answer's record
         from mmllm.inference.gallery import latest_records
 
@@ -499,6 +506,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def finite_float(text: str) -> float:
+    """An argparse type: a float, refusing nan and inf (which float() reads)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def guidance_scale(text: str) -> float:
+    """An argparse type: a classifier-free guidance scale, a finite number of at least 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 (a scale of at most 1 turns guidance off), got {text}")
+    return value
+
+
 def comma_list(text: str, flag: str, valid: Sequence[str]) -> list[str]:
     """``a,b`` -> ``["a", "b"]``, each one of ``valid`` (else exit naming the flag and the valid values)."""
     items = [item.strip() for item in text.split(",") if item.strip()]
@@ -548,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--input", help="requests JSONL (schema: mmllm/inference/runner.py, README)")
     r.add_argument("--output", required=True,
                    help="output folder; re-running on it skips requests already done (refused if they were "
-                        "answered with another checkpoint, --seed, --max-new-tokens, ... or --dtype)")
+                        "answered with another checkpoint, --seed, --max-new-tokens, ..., --dtype or --device type)")
     r.add_argument("--overwrite", action="store_true",
                    help="start --output afresh: remove its results.jsonl, media/ and index.html first")
     r.add_argument("--prompt", help="one request from the command line instead of --input")
@@ -563,10 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: torch's); 1 is fastest for tiny models on a busy machine")
     r.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
     r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy (default); > 0 samples")
+    r.add_argument("--top-p", type=finite_float, default=1.0)
     r.add_argument("--steps", type=int, default=None, help="decoder denoising steps (default: the decoder's)")
-    r.add_argument("--guidance", type=float, default=None,
+    r.add_argument("--guidance", type=guidance_scale, default=None,
                    help="decoder classifier-free guidance scale (default: the decoder's)")
     r.add_argument("--decode-batch-size", type=int, default=None,
                    help="signal groups per decoder call (default: a whole batch's); 1 makes media bit-identical "
@@ -632,7 +658,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--modalities", default="image,audio,video")
     ev.add_argument("--tasks", default="x2t,t2x,routing,text", help="which measurements (comma-separated)")
     ev.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
-    ev.add_argument("--guidance", type=float, default=None)
+    ev.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale")
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -647,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument("--per-combo", type=int, default=2, help="true items per combination (judge, retrieval)")
     wr.add_argument("--decoder-items", type=int, default=48, help="generated items per split and modality")
     wr.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
-    wr.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    wr.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale")
     wr.add_argument("--seed", type=int, default=0)
     wr.set_defaults(fn=cmd_world)
     wd = wsub.add_parser("data", help="write the default's stage data (media + JSONL) from the world's training combos, "

@@ -95,6 +95,9 @@ def test_model_and_tiny_are_exclusive():
         build_entry("image", scheduler_prediction_type="flow")
     with pytest.raises(ConfigError, match=r"decoders\.video.*width must be a positive multiple of 8"):
         build_entry("video", width=30)
+    for guidance in (-1.0, float("nan"), float("inf")):  # <= 1 turns guidance off; below 0 or not finite: no scale
+        with pytest.raises(ConfigError, match=r"decoders\.image.*guidance must be a finite number >= 0"):
+            build_entry("image", guidance=guidance)
 
 
 @pytest.mark.parametrize("modality", MODALITIES)

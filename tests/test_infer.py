@@ -268,6 +268,63 @@ def test_generation_stops_at_the_token_the_chat_template_closes_answers_with(tin
     assert generate_answers(model, prepared, Settings(max_new_tokens=6))[0].token_ids == []
 
 
+def _closing_template(closer: str) -> str:
+    """The tiny template with ``closer`` written after each assistant reply (prompts render as before)."""
+    return ("{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}"
+            "{% if m['role'] == 'assistant' %}" + closer + "{% endif %}<|eos|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}")
+
+
+def test_the_end_of_turn_text_is_what_the_template_closes_a_reply_with_before_any_special_token():
+    from mmllm.inference.generate import template_end_of_turn_text
+    from mmllm.tiny_tokenizer import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    assert template_end_of_turn_text(tok) is None  # the tiny template closes replies with its EOS token
+    for closer, text in [("</s>", "</s>"), ("<|end|>", "<|end|>"), (" ### End\n\n", "### End"), ("\n\n", None)]:
+        tok.chat_template = _closing_template(closer)
+        assert template_end_of_turn_text(tok) == text, closer
+    tok.add_special_tokens({"additional_special_tokens": ["<|end|>"]})  # one added token: an id, not a text
+    tok.chat_template = _closing_template("<|end|>")
+    assert template_end_of_turn_text(tok) is None
+
+
+def test_generation_stops_at_an_end_of_turn_written_as_plain_text_row_by_row(tiny_assembly, monkeypatch):
+    """A template closing replies with text spanning several tokens ("</s>" spelled out, "<|end|>" not in the
+    vocabulary) was not an end of turn: answers ran on to max_new_tokens with the marker in their text."""
+    model = AnyToAnyModel.assemble(tiny_assembly)
+    tok = model.llm.tokenizer
+    prompts = ["Say something.", "What is in the picture?", "hello how are you?", "draw a cat"]
+    prepared = [prepare_request(model, Request([{"role": "user", "content": c}])) for c in prompts]
+    free = generate_answers(model, prepared, Settings(max_new_tokens=16))
+    assert len(free[0].token_ids) == 16  # the (random) core runs to the limit
+    # the closer: text the core writes in answer 0 (two tokens or more), absent from answer 1
+    pairs = (tok.decode(free[0].token_ids[i: i + 2]) for i in range(len(free[0].token_ids) - 1))
+    stop = next(t for t in pairs if t.isascii() and t.isprintable() and t == t.strip() and t not in free[1].text
+                and len(tok(t, add_special_tokens=False).input_ids) >= 2)
+    tok.chat_template = _closing_template(stop)
+    lengths: list[int] = []
+    real = model.llm.model.generate
+
+    def generate(*args, **kwargs):
+        out = real(*args, **kwargs)
+        lengths.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(model.llm.model, "generate", generate)
+    batch = generate_answers(model, prepared, Settings(max_new_tokens=16))
+    for f, b in zip(free, batch):
+        cut = f.text.find(stop)
+        assert b.text == (f.text[:cut].strip() if cut >= 0 else f.text)
+        assert b.token_ids == f.token_ids[: len(b.token_ids)]
+        assert stop not in tok.decode(b.token_ids)
+    assert len(batch[0].token_ids) < 16 and batch[1].token_ids == free[1].token_ids  # each row stops on its own
+    for p, in_batch in zip(prepared, batch):
+        alone = generate_answers(model, [p], Settings(max_new_tokens=16))[0]
+        assert alone.token_ids == in_batch.token_ids and alone.text == in_batch.text
+    assert lengths[1] < 16  # answer 0 alone: generation stopped at the marker, not cut afterwards
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 
 
@@ -331,6 +388,38 @@ def test_bad_inputs_become_error_records_and_the_rest_completes(ckpt, media, tmp
     assert "image too large" in page and page.count('class="error"') == len(bad) + 4
 
 
+def test_empty_media_paths_and_nonsensical_settings_are_error_records_naming_line_and_field(model, tmp_path):
+    """An empty media path was taken as no media (the request answered without its image); a negative, NaN or
+    infinite setting reached the decoder or the sampler. Each is now its line's error; the rest completes."""
+    bad = {
+        "empty-image": ({"prompt": "What is this?", "image": ""}, "'image' holds an empty path"),
+        "blank-audio": ({"prompt": "What is this?", "audio": " "}, "'audio' holds an empty path"),
+        "empty-media": ({"prompt": "What is this?", "media": ""}, "'media' holds an empty path"),
+        "empty-in-list": ({"prompt": "What is this?", "video": ["", "a.mp4"]}, "'video' holds an empty path"),
+        "empty-in-turn": ({"messages": [{"role": "user", "content": "Hi", "media": ""}]},
+                          "'messages[0].media' holds an empty path"),
+        "negative-guidance": ({"prompt": GENERATE["image"], "guidance": -1.5}, "'guidance' must be at least 0"),
+        "nan-guidance": ({"prompt": GENERATE["image"], "guidance": float("nan")},
+                         "'guidance' must be a finite number, got nan"),
+        "word-guidance": ({"prompt": GENERATE["image"], "guidance": "high"}, "'guidance' must be a number"),
+        "infinite-temperature": ({"prompt": "Hi", "temperature": float("inf")},
+                                 "'temperature' must be a finite number, got inf"),
+        "nan-steps": ({"prompt": GENERATE["image"], "steps": float("nan")}, "'steps' must be a finite number"),
+    }
+    good = [{"id": "null-image", "prompt": "Hi", "image": None, "media": []},  # JSON null / [] are no media
+            {"id": "no-guidance", "prompt": GENERATE["image"], "guidance": 0.5}]  # <= 1: guidance off
+    requests = write_requests(tmp_path / "r.jsonl", good + [{"id": rid, **rec} for rid, (rec, _) in bad.items()])
+    counts = run_requests(model, requests, tmp_path / "out", max_new_tokens=6, batch_size=4)
+    assert counts["done"] == 2 and counts["failed"] == len(bad), counts
+    recs = records_by_id(tmp_path / "out")
+    for lineno, (rid, (_, message)) in enumerate(bad.items(), len(good) + 1):
+        assert recs[rid]["error"].startswith(f"r.jsonl:{lineno}: ") and message in recs[rid]["error"], recs[rid]
+        assert recs[rid]["line"] == lineno
+    assert all(recs[r["id"]]["error"] is None for r in good)
+    with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
+        run_requests(model, requests, tmp_path / "out2", guidance=-1.0)
+
+
 def test_fail_fast_stops_at_the_first_failure(model, tmp_path):
     requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hi"},
                                                      {"id": "bad", "prompt": "x", "image": "missing.png"},
@@ -369,6 +458,44 @@ def test_rerun_skips_done_requests_and_redoes_failed_torn_or_lost_ones(model, me
     assert all(json.loads(line) for line in lines) and len(lines) == 4 + 1 + 2
     assert set(runner.done_ids(out / "results.jsonl")) == {"img", "aud", "describe", "hi", "vid"}
     assert "5 done, 0 failed" in (out / "index.html").read_text()
+
+
+def _gallery_ids(out: Path) -> tuple[list[str], list[str], str]:
+    """The ids of index.html's sections shown as current, those listed apart as earlier, and its summary."""
+    page = (out / "index.html").read_text()
+    current, _, earlier = page.partition("<details")
+    summary = re.search(r"<p class='meta'>([^<]*)</p>", page).group(1)
+    return re.findall(r"<h2>([^<]*)</h2>", current), re.findall(r"<h2>([^<]*)</h2>", earlier), summary
+
+
+def test_the_gallery_shows_the_requests_file_as_it_is_now_and_earlier_records_apart(ckpt, tmp_path, monkeypatch):
+    """A request removed from the requests file, or a malformed line since fixed, stayed in the gallery and
+    its counts as if it were one of the file's requests."""
+    requests = tmp_path / "r.jsonl"
+    write_requests(requests, [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}, "{not json"])
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out), "--max-new-tokens", "3"]
+    assert main(args) == 1  # the malformed line failed
+    assert _gallery_ids(out) == (["a", "b", "line-3"], [], "2 done, 1 failed")
+    # b dropped, line 3 fixed, d added before a
+    write_requests(requests, [{"id": "d", "prompt": "Hey."}, {"id": "a", "prompt": "Hello."},
+                              {"id": "c", "prompt": "Hello again."}])
+    assert main(args) == 0
+    assert _gallery_ids(out) == (["d", "a", "c"], ["b", "line-3"], "3 done, 0 failed")
+    assert len(records_by_id(out)) == 5  # results.jsonl keeps every record
+    write_requests(requests, [{"id": "a", "prompt": "Hello."}, {"id": "c", "prompt": "Hello again."}])
+    _no_model_load(monkeypatch)
+    assert main(args) == 0  # all done: nothing to answer, the gallery still follows the file
+    assert _gallery_ids(out) == (["a", "c"], ["d", "b", "line-3"], "2 done, 0 failed")
+
+
+def test_single_requests_from_flags_gather_in_one_gallery(ckpt, tmp_path):
+    out = tmp_path / "out"
+    for prompt in ("Hello.", "Hi."):
+        assert main(["infer", "--checkpoint", str(ckpt), "--prompt", prompt, "--output", str(out),
+                     "--max-new-tokens", "3"]) == 0
+    current, earlier, summary = _gallery_ids(out)
+    assert len(current) == 2 and earlier == [] and summary == "2 done, 0 failed"
 
 
 def test_a_malformed_line_never_shadows_a_request_whose_id_is_line_n(model, tmp_path):
@@ -420,7 +547,7 @@ def test_rerun_with_another_checkpoint_or_settings_is_refused_unless_overwrite(c
     settings = records_by_id(out)["a"]["settings"]
     assert {k: v for k, v in settings.items() if k not in ("request", "media")} == {
         "seed": 0, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "steps": None, "guidance": None,
-        "dtype": "float32"}
+        "dtype": "float32", "device": "cpu"}
     before = (out / "results.jsonl").read_text()
     from mmllm.training.checkpoint import export_weights_only
 
@@ -447,6 +574,28 @@ def test_rerun_with_another_checkpoint_or_settings_is_refused_unless_overwrite(c
     assert all(r["settings"]["max_new_tokens"] == 6 and r["error"] is None for r in recs.values())
     assert not (out / "media" / "old.png").exists() and (out / "notes.txt").read_text() == "mine"
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_answers_made_on_another_device_type_are_refused_not_mixed_in(ckpt, tmp_path, monkeypatch, capsys):
+    """CPU and GPU kernels round differently (a greedy answer can take another word): answers made with --device
+    cuda were kept, and the rest answered on the CPU, in one OUT. The device type is compared, not its index."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}])
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out), "--max-new-tokens", "4"]
+    assert main(args) == 0
+    results = out / "results.jsonl"
+    lines = results.read_text().splitlines()
+    assert all(json.loads(line)["settings"]["device"] == "cpu" for line in lines)
+    # as if "a" had been answered on a GPU machine and OUT copied here
+    results.write_text("\n".join([lines[0].replace('"device": "cpu"', '"device": "cuda"'), lines[1]]) + "\n")
+    _no_model_load(monkeypatch)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 request(s)" in err and "device 'cuda' (now 'cpu')" in err and "new --output, or pass --overwrite" in err
+    made = runner.run_settings(ckpt, "float32", max_new_tokens=4, device="cuda:1")
+    assert made["settings"]["device"] == "cuda"
+    results.write_text(lines[0].replace('"device": "cpu"', '"device": "cuda"') + "\n")
+    runner.check_resume(out, requests, made)  # cuda:0's answers resumed on cuda:1
 
 
 def test_results_without_recorded_settings_are_compared_by_checkpoint(tmp_path):
@@ -543,6 +692,20 @@ def test_flags_no_run_could_use_are_refused_before_the_model_loads(ckpt, flags, 
     args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(tmp_path / "out")]
     assert main([*args, *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--guidance", "-2"], "argument --guidance: must be at least 0"),
+    (["--guidance", "nan"], "argument --guidance: must be a finite number, got 'nan'"),
+    (["--guidance", "strong"], "argument --guidance: not a number: 'strong'"),
+    (["--temperature", "inf"], "argument --temperature: must be a finite number, got 'inf'"),
+    (["--top-p", "nan"], "argument --top-p: must be a finite number, got 'nan'"),
+])
+def test_nonsensical_sampling_and_guidance_flags_are_usage_errors(flags, message, tmp_path, monkeypatch, capsys):
+    _no_model_load(monkeypatch)
+    with pytest.raises(SystemExit) as exit_:
+        main(["infer", "--checkpoint", str(tmp_path), "--prompt", "Hi", "--output", str(tmp_path / "out"), *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_overwrite_never_deletes_the_input_files_of_its_requests(ckpt, media, tmp_path, monkeypatch, capsys):
@@ -680,6 +843,41 @@ def test_video_falls_back_to_gif_and_the_record_names_the_real_file(model, tmp_p
     comment = gif.info["comment"].decode()
     assert '"seed": "0"' in comment and f'"checkpoint": "{rec["checkpoint"]}"' in comment
     assert f'<img src="{rec["files"][0]}"' in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_media_metadata_keeps_a_long_prompt_whole_and_a_wav_comment_within_what_libsndfile_keeps(tmp_path,
+                                                                                                   monkeypatch):
+    """The GIF comment was cut at 255 bytes (GIF chains 255-byte sub-blocks; Pillow writes and reads them) and
+    every prompt at 500 characters. save_audio cut a WAV comment at 1000 characters: in a non-Latin script that
+    is more than the ~2045 bytes libsndfile keeps, and libsndfile then dropped the whole comment."""
+    from mmllm.data.media import WAV_COMMENT_BYTES
+    from mmllm.data.samples import draw_shape
+    from mmllm.model import GenerationResult
+
+    prompt = "Draw a red circle: " + "赤い円を描いて 🎨 " * 150  # 1,969 characters, 4.5 KB in UTF-8
+    result = GenerationResult("", [], media={"image": [draw_shape("red", "circle")], "audio": [tone("high")],
+                                             "video": [moving("blue", "square", "left", frames=3)]})
+    files = runner.write_outputs(tmp_path / "mp4", "r1", result, prompt, 7, "abc")
+    assert Image.open(tmp_path / "mp4" / files[0]).text["prompt"] == prompt
+    with av.open(str(tmp_path / "mp4" / files[2])) as c:
+        assert json.loads(c.metadata["comment"])["prompt"] == prompt
+    with sf.SoundFile(tmp_path / "mp4" / files[1]) as fh:
+        comment = fh.comment
+    assert comment.startswith("mmllm_id=r1; seed=7; checkpoint=abc; prompt=Draw a red circle")
+    assert prompt.startswith(comment.split("; prompt=", 1)[1])  # a cut only shortens the prompt
+    assert WAV_COMMENT_BYTES - 4 < len(comment.encode()) <= WAV_COMMENT_BYTES
+    save_audio(tone("low"), tmp_path / "cjk.wav", {"prompt": "赤い円" * 400})
+    with sf.SoundFile(tmp_path / "cjk.wav") as fh:
+        assert fh.comment.startswith("prompt=赤い円赤い円")
+
+    import mmllm.data.media as media_module
+
+    monkeypatch.setattr(media_module, "_save_mp4", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no H.264")))
+    files = runner.write_outputs(tmp_path / "gif", "r1", result, prompt, 7, "abc")
+    comment = Image.open(tmp_path / "gif" / files[2]).info["comment"].decode()
+    assert json.loads(comment.removeprefix("comment="))["prompt"] == prompt
+    with av.open(str(tmp_path / "gif" / files[2])) as c:  # a reader other than Pillow joins the sub-blocks too
+        assert json.loads(c.metadata["comment"].removeprefix("comment="))["prompt"] == prompt
 
 
 def test_gallery_markup_is_self_contained_and_escaped():

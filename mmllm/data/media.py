@@ -288,22 +288,34 @@ def save_image(image: Image.Image, path: str | Path, metadata: dict[str, str] | 
     return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
+# libsndfile drops a RIFF INFO string longer than about 2045 UTF-8 bytes, silently and whole (libsndfile 1.2)
+WAV_COMMENT_BYTES = 2000
+
+
+def cut_utf8(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, never inside a character."""
+    return text.encode()[:limit].decode(errors="ignore")
+
+
 def save_audio(audio: Audio, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """16-bit PCM WAV; metadata goes into the RIFF INFO comment."""
+    """16-bit PCM WAV; metadata goes into the RIFF INFO comment, cut to :data:`WAV_COMMENT_BYTES` (the
+    metadata's last entry is the one a cut shortens)."""
     import soundfile as sf
 
     def write(tmp: Path) -> None:
         with sf.SoundFile(tmp, "w", samplerate=audio.sample_rate, channels=audio.waveform.shape[1],
                           subtype="PCM_16", format="WAV") as fh:
             if metadata:
-                fh.comment = "; ".join(f"{k}={v}" for k, v in metadata.items())[:1000]
+                fh.comment = cut_utf8("; ".join(f"{k}={v}" for k, v in metadata.items()), WAV_COMMENT_BYTES)
             fh.write(np.clip(audio.waveform, -1.0, 1.0))
 
     return atomic_write(path, write)
 
 
 def save_video(video: Video, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """MP4 (H.264) when the suffix is .mp4 and an encoder is available, else an animated GIF."""
+    """MP4 (H.264) when the suffix is .mp4 and an encoder is available, else an animated GIF. A GIF's
+    metadata goes whole into its comment extension (a chain of 255-byte sub-blocks, which Pillow writes and
+    reads back joined)."""
     path = Path(path)
     if path.suffix.lower() == ".mp4":
         try:
@@ -314,7 +326,7 @@ def save_video(video: Video, path: str | Path, metadata: dict[str, str] | None =
     frames = video.frames
     return atomic_write(path, lambda tmp: frames[0].save(
         tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / max(video.fps, 1)),
-        loop=0, comment=("; ".join(f"{k}={v}" for k, v in (metadata or {}).items())).encode()[:255]))
+        loop=0, comment=("; ".join(f"{k}={v}" for k, v in (metadata or {}).items())).encode()))
 
 
 def save_media(modality: str, item: Any, path: str | Path, metadata: dict[str, str] | None = None) -> Path:

@@ -21,6 +21,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -86,6 +87,8 @@ class DiffusionOptions:
             raise ValueError("text_encoder applies to a pipeline loaded from 'model' only")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not math.isfinite(self.guidance) or self.guidance < 0:
+            raise ValueError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {self.guidance}")
         parse_dtype(self.dtype)
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}")

@@ -2,6 +2,10 @@
 
 One section per request (its latest record): id, prompt, the answer's text, its images, audio
 players and videos -- or the error. Written atomically next to ``results.jsonl``.
+
+Given the requests a run answered (:func:`write_gallery`'s ``current``), the page shows those, in the
+requests file's order, and counts only them; records of requests no longer in the file (removed,
+renamed, or a malformed line since fixed) are kept in ``results.jsonl`` and shown apart, folded, at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ STYLE = (
     "section{border-bottom:1px solid #ccc;padding:8px 0}h2{font-size:1.1em;margin:4px 0}"
     ".prompt{color:#555;white-space:pre-wrap}.text{white-space:pre-wrap}.error{color:#b00;white-space:pre-wrap}"
     ".meta{color:#888;font-size:.85em}.media{width:192px;image-rendering:pixelated;margin:4px;vertical-align:top}"
-    "audio{margin:4px;vertical-align:middle}"
+    "audio{margin:4px;vertical-align:middle}details.earlier{margin-top:16px}summary{color:#555;padding:4px 0}"
 )
 
 
@@ -84,21 +88,38 @@ def _section(rec: dict[str, Any]) -> str:
     return "<section>" + "".join(parts) + "</section>"
 
 
-def render_gallery(records: list[dict[str, Any]]) -> str:
-    """The page; requests in the order of their lines in the requests file where records say it."""
-    records = sorted(records, key=lambda r: r["line"] if isinstance(r.get("line"), int) else float("inf"))
+def _by_line(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(records, key=lambda r: r["line"] if isinstance(r.get("line"), int) else float("inf"))
+
+
+def render_gallery(records: list[dict[str, Any]], earlier: list[dict[str, Any]] | None = None) -> str:
+    """The page; requests in the order of their lines in the requests file where records say it. ``earlier``:
+    records of requests not in the requests file any more, listed apart (folded) after the others."""
+    records = _by_line(records)
     failed = sum(1 for r in records if r.get("error"))
     summary = f"{len(records) - failed} done, {failed} failed"
+    apart = ""
+    if earlier:
+        apart = (f"<details class='earlier'><summary>{len(earlier)} earlier record(s) of requests no longer in the "
+                 "requests file (kept in results.jsonl)</summary>"
+                 + "".join(_section(r) for r in _by_line(earlier)) + "</details>")
     return (
         "<!doctype html><html><head><meta charset='utf-8'><title>mmllm results</title>"
         f"<style>{STYLE}</style></head><body><h1>mmllm results</h1><p class='meta'>{summary}</p>"
         + "".join(_section(r) for r in records)
+        + apart
         + "</body></html>"
     )
 
 
-def write_gallery(out: Path) -> Path:
-    """Render ``out/results.jsonl`` into ``out/index.html`` (atomically)."""
+def write_gallery(out: Path, current: dict[tuple[str, str], int] | None = None) -> Path:
+    """Render ``out/results.jsonl`` into ``out/index.html`` (atomically). ``current``: the :func:`record_key`
+    of each request of the requests file (and of each line that could not be read as one) -> its line;
+    records of others go apart (see :func:`render_gallery`). None: every record is current."""
     out = Path(out)
-    page = render_gallery(latest_records(out / "results.jsonl"))
-    return atomic_write_text(out / "index.html", page)
+    records = latest_records(out / "results.jsonl")
+    if current is None:
+        return atomic_write_text(out / "index.html", render_gallery(records))
+    shown = [{**r, "line": current[record_key(r)]} for r in records if record_key(r) in current]
+    earlier = [r for r in records if record_key(r) not in current]
+    return atomic_write_text(out / "index.html", render_gallery(shown, earlier))

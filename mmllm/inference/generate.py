@@ -19,6 +19,10 @@ Media are the same up to float rounding in the decoders' batched kernels (at mos
 
 Signal groups are completed by construction: once ``<img_0>`` is emitted, the logits processor
 forces ``<img_1> .. <img_{k-1}>``; a group cut off by the token limit is dropped (and logged).
+
+An answer ends at the core's EOS, at the chat template's end-of-turn token (:func:`end_of_turn_ids`), or --
+where the template closes turns with plain text several tokens long -- once its text holds that text
+(:class:`RowStopStrings`), and is cut there (:func:`cut_at_stop`).
 """
 
 from __future__ import annotations
@@ -190,6 +194,32 @@ class RowSampler:
         return scores
 
 
+class RowStopStrings:
+    """Stops each row once the text it has generated holds one of ``stops`` (a chat template's end-of-turn
+    written as plain text, several tokens long, see :func:`end_of_turn_texts`); :func:`cut_at_stop` then cuts the
+    answer there. A row is judged on its own tokens only, so it stops at the same token alone or in a batch.
+
+    Each step decodes only a row's last tokens: a stop string of ``n`` UTF-8 bytes that the newest token
+    completes begins at most ``n`` tokens back (every token that shows text adds at least one byte).
+    """
+
+    def __init__(self, tokenizer, stops: list[str], rows: int):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.window = max(len(s.encode()) for s in stops) + 1
+        self.stopped = torch.zeros(rows, dtype=torch.bool)
+        self.offset: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        if self.offset is None:  # called after each new token: at the first call one is generated
+            self.offset = input_ids.shape[1] - 1
+        tails = input_ids[:, max(self.offset, input_ids.shape[1] - self.window):].tolist()
+        for row, tail in enumerate(tails):
+            if not self.stopped[row]:
+                text = self.tokenizer.decode(tail, skip_special_tokens=True)
+                self.stopped[row] = any(stop in text for stop in self.stops)
+        return self.stopped.to(input_ids.device)
+
+
 class RowLimits:
     """Stops each row at its own ``max_new_tokens`` (``generate`` then pads it)."""
 
@@ -242,7 +272,8 @@ def generate_answers(model, batch: list[PreparedRequest], settings: Settings | N
     input_ids, mask, media = collate(model, batch)
     input_ids, mask = input_ids.to(model.device), mask.to(model.device)
     embeds = model.embed_inputs(input_ids, media)
-    eos_ids = end_of_turn_ids(model)
+    eos_ids, stops = end_of_turn_ids(model), end_of_turn_texts(model)
+    stopping = [RowLimits(list(limits))] + ([RowStopStrings(tok, stops, len(batch))] if stops else [])
     new = model.llm.model.generate(
         inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids(mask),
         max_new_tokens=max(limits), do_sample=False,
@@ -251,13 +282,15 @@ def generate_answers(model, batch: list[PreparedRequest], settings: Settings | N
             SignalGroupProcessor(model.llm.signal_ids),
             RowSampler(list(temperatures), list(top_ps), [p.request.seed for p in batch]),
         ]),
-        stopping_criteria=StoppingCriteriaList([RowLimits(list(limits))]),
+        stopping_criteria=StoppingCriteriaList(stopping),
     )
     results = []
     for row, limit in zip(new.tolist(), limits):
         answer = _trim(row[:limit], eos_ids, model.llm.signal_ids)
-        results.append(GenerationResult(text=tok.decode(answer, skip_special_tokens=True).strip(),
-                                        token_ids=answer))
+        text = tok.decode(answer, skip_special_tokens=True)
+        if stops:
+            answer, text = cut_at_stop(tok, answer, text, stops)
+        results.append(GenerationResult(text=text.strip(), token_ids=answer))
     _attach_conditioning(model, batch, results)
     return results
 
@@ -273,21 +306,67 @@ def end_of_turn_ids(model) -> list[int]:
     return sorted({i for i in ids if i is not None})
 
 
-def template_end_of_turn(tokenizer) -> int | None:
-    """The token the chat template writes right after an assistant's reply, where it is one added token
-    (ChatML's ``<|im_end|>``, Gemma's ``<end_of_turn>``); None where the template closes a turn with plain
-    text or with nothing."""
+def _after_reply(tokenizer) -> str:
+    """What the chat template writes right after an assistant's reply (leading whitespace dropped); "" where
+    it writes nothing, or cannot render a user/assistant exchange."""
     reply = "mmllm end-of-turn probe"
     try:
         text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": reply}],
                                              tokenize=False)
     except Exception:  # noqa: BLE001 -- a template that refuses this shape closes turns in no way we can find
-        return None
+        return ""
     at = text.rfind(reply)
-    rest = text[at + len(reply):].lstrip() if at >= 0 else ""
+    return text[at + len(reply):].lstrip() if at >= 0 else ""
+
+
+def template_end_of_turn(tokenizer) -> int | None:
+    """The token the chat template writes right after an assistant's reply, where it is one added token
+    (ChatML's ``<|im_end|>``, Gemma's ``<end_of_turn>``); None where the template closes a turn with plain
+    text or with nothing."""
+    rest = _after_reply(tokenizer)
     ids = tokenizer(rest, add_special_tokens=False).input_ids if rest else []
     added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     return ids[0] if ids and ids[0] in added else None
+
+
+def template_end_of_turn_text(tokenizer) -> str | None:
+    """The end-of-turn marker the chat template closes an assistant's reply with as plain text, where it is no
+    single added token (that is :func:`template_end_of_turn`'s): the first line of what follows the reply,
+    e.g. ``</s>`` spelled as text, or ``<|end|>`` where the vocabulary has no such token. Training labels it
+    after every reply, so a model writes it when done. None where the template closes turns with one added
+    token, with whitespace or with nothing."""
+    if template_end_of_turn(tokenizer) is not None:
+        return None
+    text = _after_reply(tokenizer).strip().split("\n", 1)[0]
+    added = [t.content for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values() if t.content]
+    ends = [at for at in (text.find(t) for t in added) if at >= 0]  # "### End" + EOS: the text before the EOS
+    return text[: min(ends, default=len(text))].strip() or None
+
+
+def end_of_turn_texts(model) -> list[str]:
+    """The strings an answer ends at (:class:`RowStopStrings`): the template's end-of-turn text
+    (:func:`template_end_of_turn_text`) and the ``stop_strings`` of the core's generation config."""
+    texts = [template_end_of_turn_text(model.llm.tokenizer)]
+    configured = getattr(getattr(model.llm.model, "generation_config", None), "stop_strings", None)
+    texts += [configured] if isinstance(configured, str) else list(configured or [])
+    return sorted({t for t in texts if isinstance(t, str) and t})
+
+
+def cut_at_stop(tokenizer, answer: list[int], text: str, stops: list[str]) -> tuple[list[int], str]:
+    """An answer (its token ids and decoded text) cut where the first stop string begins: the text before it,
+    and the tokens whose text lies wholly before it (a token holding the stop string's start goes with it)."""
+    found = [at for at in (text.find(stop) for stop in stops) if at >= 0]
+    if not found:
+        return answer, text
+    cut = min(found)
+    keep, beyond = 0, len(answer)  # decoded prefixes grow with their tokens: the longest within `cut` chars
+    while keep < beyond:
+        mid = (keep + beyond + 1) // 2
+        if len(tokenizer.decode(answer[:mid], skip_special_tokens=True)) <= cut:
+            keep = mid
+        else:
+            beyond = mid - 1
+    return answer[:keep], text[:cut]
 
 
 def _trim(row: list[int], eos: list[int], signal_ids: dict[str, list[int]]) -> list[int]:

@@ -12,7 +12,8 @@ Request schema (one JSON object per line; media paths resolve relative to the re
      "seed": 3, "max_new_tokens": 32, "steps": 10, "guidance": 3.0}
 
 Optional per-request overrides: ``seed`` (default ``--seed``), ``max_new_tokens``, ``temperature``
-(0 = greedy, the default), ``top_p``, decoder ``steps`` and ``guidance``.
+(0 = greedy, the default), ``top_p``, decoder ``steps`` and ``guidance`` (>= 0; <= 1 turns it off), finite
+numbers all. A media field holding an empty path is an error (``null`` or ``[]``: no media).
 
 A request's outputs do not depend on the batch it runs in (see :mod:`mmllm.inference.generate`).
 A bad request (malformed line, missing / empty / corrupt / unsupported media, unknown modality,
@@ -21,12 +22,13 @@ batch that fails as a whole is retried one request at a time, so only the culpri
 
 Outputs under ``OUT``: ``media/`` (PNG, 16-bit WAV, MP4 -- GIF where no H.264 encoder is available
 -- each carrying the request id, seed, prompt and checkpoint fingerprint in its metadata),
-``results.jsonl`` (one record per request, appended as each batch finishes) and ``index.html``.
+``results.jsonl`` (one record per request, appended as each batch finishes) and ``index.html`` (the
+requests file's requests; records of requests no longer in it apart, see :mod:`mmllm.inference.gallery`).
 Media files are written atomically and a record is appended only after all of its files exist,
 so a crash never leaves something that looks done; a re-run on the same ``OUT`` skips the requests
 already done and retries the failed ones. Each done record carries the checkpoint fingerprint and the
 ``settings`` it was answered with (seed, max_new_tokens, temperature, top_p, steps, guidance: the
-request's own or the run's; the dtype; a digest of the request record and one of its input media
+request's own or the run's; the dtype and the device type; a digest of the request record and one of its input media
 files' bytes): a re-run whose checkpoint or settings differ from those of a request it would skip, or
 whose input files were replaced, is refused (:class:`OutputError`) unless ``overwrite`` starts ``OUT``
 afresh.
@@ -45,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -119,9 +122,16 @@ class ParsedRequest:
 
 
 def _as_list(value: Any, what: str) -> list[str]:
+    """A media field's paths; ``None`` (JSON null) and ``[]`` are no media. An empty path is refused, not
+    taken as no media: ``"image": ""`` is most likely a path a script failed to fill in."""
+    if value is None:
+        return []
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
-        raise RequestError(f"'{what}' must be a path or a list of paths")
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise RequestError(f"'{what}' must be a path or a list of paths, got {value!r}")
+    if any(not v.strip() for v in items):
+        raise RequestError(f"'{what}' holds an empty path ({value!r}): give the media file's path, or leave "
+                           f"'{what}' out for a request without one")
     return items
 
 
@@ -139,12 +149,12 @@ def _prompt_messages(rec: dict[str, Any]) -> list[dict[str, Any]]:
     if not isinstance(rec["prompt"], str):
         raise RequestError("'prompt' must be a string")
     content = rec["prompt"]
-    paths = _as_list(rec.get("media") or [], "media")
+    paths = _as_list(rec.get("media"), "media")
     if paths and not PLACEHOLDER_RE.search(content):  # no placeholders: one per file, by suffix
         content = "".join(f"<{modality_of(p)}>" for p in paths) + "\n" + content
     for m in MODALITIES:  # "image": "x.png" shorthand, placeholders prepended
-        if rec.get(m):
-            extra = _as_list(rec[m], m)
+        extra = _as_list(rec.get(m), m)
+        if extra:
             content = "".join(f"<{m}>" for _ in extra) + "\n" + content
             paths = extra + paths
     return [{"role": "user", "content": content, "media": paths}]
@@ -169,7 +179,7 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
     if unknown:
         raise RequestError(f"unknown field(s) {unknown}; valid: {sorted(FIELDS)}")
     if "messages" in rec:
-        if "prompt" in rec or any(rec.get(m) for m in (*MODALITIES, "media")):
+        if "prompt" in rec or any(rec.get(m) not in (None, []) for m in (*MODALITIES, "media")):
             raise RequestError("give either 'messages' (media inside them) or 'prompt' (+ media), not both")
         msgs = rec["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -185,7 +195,7 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
         content = msg.get("content", "")
         if not isinstance(content, str):
             raise RequestError(f"messages[{i}]: 'content' must be a string")
-        paths = _as_list(msg.get("media") or [], f"messages[{i}].media")
+        paths = _as_list(msg.get("media"), f"messages[{i}].media")
         slots = PLACEHOLDER_RE.findall(content)
         if len(slots) != len(paths):
             raise RequestError(f"messages[{i}]: {len(slots)} placeholder(s) but {len(paths)} media path(s)")
@@ -202,8 +212,12 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
     for key, kind in OVERRIDES.items():
         if key in rec:
             value = rec[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise RequestError(f"'{key}' must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN and Infinity parse as floats
+                raise RequestError(f"'{key}' must be a finite number, got {value}")
+            if kind is int and value != int(value):
+                raise RequestError(f"'{key}' must be an integer, got {value!r}")
             options[key] = kind(value)
     _check_ranges(options)
     seed = options.pop("seed", default_seed)
@@ -212,7 +226,7 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
 
 def _check_ranges(options: dict[str, Any]) -> None:
     rules = {"max_new_tokens": (1, "at least 1"), "steps": (1, "at least 1"), "temperature": (0, "at least 0"),
-             "seed": (0, "at least 0")}
+             "seed": (0, "at least 0"), "guidance": (0, "at least 0 (at most 1 turns guidance off)")}
     for key, (low, text) in rules.items():
         if key in options and options[key] < low:
             raise RequestError(f"'{key}' must be {text}, got {options[key]}")
@@ -265,14 +279,23 @@ def pending_lines(lines: list[_Line], out: Path) -> list[_Line]:
 
 def run_settings(checkpoint: Path | None, dtype: str, seed: int = 0, max_new_tokens: int = 64,
                  temperature: float = 0.0, top_p: float = 1.0, steps: int | None = None,
-                 guidance: float | None = None) -> dict[str, Any]:
+                 guidance: float | None = None, device: str = "cpu") -> dict[str, Any]:
     """What changes a run's answers, as done records store it: the checkpoint fingerprint and ``settings``.
 
-    Batch sizes are left out: answers do not depend on them (see the module docstring).
+    The device is kept by its type (``cpu``, ``cuda``, ...): CPU and GPU kernels round differently, so a greedy
+    answer can take another word; ``cuda:0`` and ``cuda:1`` are one type. Batch sizes are left out: answers
+    do not depend on them (see the module docstring).
     """
     return {"checkpoint": checkpoint_fingerprint(checkpoint) if checkpoint else "none",
             "settings": {"seed": seed, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-                         "steps": steps, "guidance": guidance, "dtype": dtype}}
+                         "steps": steps, "guidance": guidance, "dtype": dtype, "device": device_type(device)}}
+
+
+def device_type(device: Any) -> str:
+    """``cpu``, ``cuda``, ``mps``, ... of a device or its name (``cuda:1`` -> ``cuda``)."""
+    import torch
+
+    return torch.device(device).type
 
 
 def request_settings(made: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
@@ -452,8 +475,8 @@ def _safe(rid: str) -> str:
 def write_outputs(out: Path, rid: str, result, prompt: str, seed: int, fingerprint: str) -> list[str]:
     """Save a result's media under ``out/media``; the paths (relative to ``out``) actually written."""
     files = []
-    # prompt last: GIF and WAV comments are length-limited, and a cut should only shorten the prompt
-    meta = {"mmllm_id": rid, "seed": str(seed), "checkpoint": fingerprint, "prompt": prompt[:500]}
+    # prompt last: a WAV comment is length-limited (see save_audio), and a cut should only shorten the prompt
+    meta = {"mmllm_id": rid, "seed": str(seed), "checkpoint": fingerprint, "prompt": prompt}
     for modality, items in result.media.items():
         for j, item in enumerate(items):
             name = out / "media" / f"{_safe(rid)}_{modality}{j}{MEDIA_SUFFIX[modality]}"
@@ -478,6 +501,12 @@ class _Line:
     id: str
     record: dict[str, Any] | None = None
     error: str | None = None
+
+
+def gallery_keys(lines: list[_Line]) -> dict[tuple[str, str], int]:
+    """What the gallery shows of a requests file: the :func:`~mmllm.inference.gallery.record_key` of each of
+    its requests and unreadable lines -> its line (see :func:`~mmllm.inference.gallery.write_gallery`)."""
+    return {(("line", str(ln.lineno)) if ln.error else ("id", ln.id)): ln.lineno for ln in lines}
 
 
 def read_lines(requests_file: Path) -> list[_Line]:
@@ -553,15 +582,18 @@ class _Run:
             raise _FailFast(rid)
 
     # -------------------------------------------------------------- prepare and the LLM
-    def run_batch(self, lines: list[_Line], base: Path, default_seed: int) -> None:
+    def run_batch(self, lines: list[_Line], requests_file: Path, default_seed: int) -> None:
         ready: list[tuple[ParsedRequest, PreparedRequest, float]] = []
         line_of: dict[str, int] = {}
         for line in lines:
             t0 = time.perf_counter()
             try:
-                parsed = parse_request(line.record or {}, base, default_seed)
+                parsed = parse_request(line.record or {}, requests_file.parent, default_seed)
                 prepared = prepare_request(self.model, parsed.request, self.spec)
-            except (RequestError, MediaError, ContextLengthError) as exc:
+            except RequestError as exc:  # the record as written: named by its line, as a malformed line is
+                self.fail(line.id, "prepare", f"{requests_file.name}:{line.lineno}: {exc}", line=line.lineno)
+                continue
+            except (MediaError, ContextLengthError) as exc:
                 self.fail(line.id, "prepare", str(exc), line=line.lineno)
                 continue
             except Exception as exc:  # an input nobody foresaw: this request fails, the batch goes on
@@ -684,6 +716,7 @@ def run_requests(
     fail_fast: bool = False,
     checkpoint: Path | None = None,
     overwrite: bool = False,
+    gallery: str = "requests",
 ) -> dict[str, Any]:
     """Answer every request of ``requests_file`` into ``out``.
 
@@ -695,13 +728,20 @@ def run_requests(
     Returns counts -- ``done``, ``failed``, ``skipped`` (done in an earlier run), ``stopped`` (1 if
     ``fail_fast`` stopped the run) -- and ``seconds``: wall time per stage (prepare, llm, decode,
     write) and in ``total``. ``decode_batch_size`` (default ``batch_size``) is the number of signal
-    groups per decoder call.
+    groups per decoder call. ``gallery``: ``"requests"`` shows the requests of ``requests_file`` in
+    ``index.html`` and the records of others ``out`` holds apart; ``"all"`` shows every record alike (one
+    request per run, as ``mmllm infer --prompt`` makes, gathering in one ``out``).
     """
+    if gallery not in ("requests", "all"):
+        raise ValueError(f"gallery must be 'requests' or 'all', got {gallery!r}")
     if batch_size < 1 or (decode_batch_size is not None and decode_batch_size < 1):
         raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {decode_batch_size}")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {guidance}")
     requests_file, out = Path(requests_file), prepare_output(Path(out))
-    made = run_settings(checkpoint, str(next(model.parameters()).dtype).removeprefix("torch."), seed,
-                        max_new_tokens, temperature, top_p, steps, guidance)
+    weight = next(model.parameters())
+    made = run_settings(checkpoint, str(weight.dtype).removeprefix("torch."), seed, max_new_tokens, temperature,
+                        top_p, steps, guidance, weight.device)
     if overwrite:
         check_overwrite(out, requests_file)
         start_afresh(out)
@@ -710,6 +750,7 @@ def run_requests(
     results = out / "results.jsonl"
     _repair_tail(results)
     lines = read_lines(requests_file)
+    current = gallery_keys(lines) if gallery == "requests" else None
     todo = pending_lines(lines, out)
     settings = Settings(max_new_tokens, temperature, top_p, steps, guidance, decode_batch_size)
     settings_of = {ln.id: request_settings(made, ln.record) for ln in todo if ln.record is not None}
@@ -725,9 +766,9 @@ def run_requests(
         good = [ln for ln in todo if not ln.error]
         shown = time.perf_counter()
         for i in range(0, len(good), batch_size):
-            run.run_batch(good[i: i + batch_size], requests_file.parent, seed)
+            run.run_batch(good[i: i + batch_size], requests_file, seed)
             if time.perf_counter() - shown > GALLERY_EVERY_S:  # a crash still leaves a recent gallery
-                write_gallery(out)
+                write_gallery(out, current)
                 shown = time.perf_counter()
         run.drain(force=True)
     except _FailFast as exc:
@@ -735,7 +776,7 @@ def run_requests(
         stopped = 1
     finally:
         run.bar.close()
-        write_gallery(out)
+        write_gallery(out, current)
     elapsed = time.perf_counter() - start
     n = run.counts["done"] + run.counts["failed"]
     log.info("%d request(s) in %.1f s (%.2f req/s): %d done, %d failed, %d skipped; gallery %s", n, elapsed,
