@@ -130,12 +130,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(checkpoint: str, device: str, dtype: str):
+def _load_model(checkpoint: str, device: str, dtype: str, trust_remote_code: bool = False):
     import torch
 
     from mmllm.model import AnyToAnyModel
 
-    model = AnyToAnyModel.from_pretrained(checkpoint)
+    model = AnyToAnyModel.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise SystemExit(f"--dtype must be one of {list(dtypes)}")
@@ -271,7 +271,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             if args.input:  # the requests file may have lost requests since: the gallery shows those it holds
                 write_gallery(Path(args.output), gallery_keys(lines))
         else:
-            model = _load_model(args.checkpoint, args.device, args.dtype)
+            model = _load_model(args.checkpoint, args.device, args.dtype, args.trust_remote_code)
             counts = run_requests(model, requests, Path(args.output), batch_size=args.batch_size, seed=args.seed,
                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                   top_p=args.top_p, steps=args.steps, guidance=args.guidance,
@@ -297,7 +297,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         if args.assembly:  # export_merged records the checkpoint's assembly, its LLM replaced by the merged one
             raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
                              "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
-        path = export_merged(Path(args.checkpoint), Path(args.output))
+        path = export_merged(Path(args.checkpoint), Path(args.output), trust_remote_code=args.trust_remote_code)
         log.info("wrote merged model to %s", path)
     else:
         dtype = args.dtype or "float32"
@@ -463,7 +463,8 @@ def cmd_refine(args: argparse.Namespace) -> int:
             log.warning("%s: %d malformed record(s) skipped", path, len(errors))
     if args.limit:
         conversations = conversations[: args.limit]
-    model = AnyToAnyModel.from_pretrained(args.checkpoint, decoder_parts="conditioning")  # targets, no generation
+    model = AnyToAnyModel.from_pretrained(args.checkpoint, decoder_parts="conditioning",  # targets, no generation
+                                          trust_remote_code=args.trust_remote_code)
     cache = collect_signal_states(model, conversations, batch_size=args.cache_batch_size)
     if not cache.hidden:
         raise SystemExit("the data holds no assistant outputs (signal groups) to refine on")
@@ -495,7 +496,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = comma_list(args.tasks, "--tasks", TASKS)
     judges = {m: Judge.load(parts / f"judge-{m}") for m in modalities if (parts / f"judge-{m}").is_dir()}
     torch_threads(args.threads)
-    model = AnyToAnyModel.from_pretrained(checkpoint)
+    model = AnyToAnyModel.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
     options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size,
                           steps=args.steps, guidance=args.guidance, modalities=modalities, seed=args.seed,
                           tasks=tasks)
@@ -539,6 +540,10 @@ def torch_threads(n: int | None) -> None:
         import torch
 
         torch.set_num_threads(n)
+
+
+TRUST_HELP = ("load a checkpoint whose assembly sets trust_remote_code for a part (runs that model's own Python code; "
+              "refused without this flag)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -593,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="signal groups per decoder call (default: a whole batch's); 1 makes media bit-identical "
                         "whatever --batch-size, at a speed cost")
     r.add_argument("--fail-fast", action="store_true", help="stop at the first failed request")
+    r.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     r.set_defaults(fn=cmd_infer)
 
     e = sub.add_parser("export", help="write an inference copy: learned weights only (optionally fp16), or the "
@@ -603,6 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--merge-lora", action="store_true", help="merge LoRA into the LLM and save the LLM with it")
     e.add_argument("--dtype", help="weights-only copy: float32 (default), float16 or bfloat16")
     e.add_argument("--assembly", help="weights-only copy: record this assembly YAML instead of the checkpoint's")
+    e.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     e.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("demo", help="the embedded default answering requests in every direction, offline")
@@ -638,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--limit", type=int, default=0, help="use the first N conversations (0: all)")
     rf.add_argument("--threads", type=int, default=None)
     rf.add_argument("--seed", type=int, default=0)
+    rf.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     rf.set_defaults(fn=cmd_refine)
 
     ev = sub.add_parser("eval", help="x2t / t2x accuracy vs the oracle, routing and text perplexity of a "
@@ -653,6 +661,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale")
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     ev.set_defaults(fn=cmd_eval)
 
     w = sub.add_parser("world", help="the toy world: measure its parts; write or distil the default's data")

@@ -5,6 +5,7 @@ unchanged (a hub id or an ordinary path)."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 from pathlib import Path
 
@@ -21,13 +22,29 @@ def package_path(value: str, must_exist: bool = True) -> Path:
     """``package:module/sub/path`` -> the absolute path inside the installed package ``module``."""
     prefix = next(p for p in PREFIXES if value.startswith(p))
     module, _, sub = value[len(prefix) :].partition("/")
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
+    locations = _package_locations(module)
+    if not locations:
         raise ConfigError(f"{value}: no installed Python package named {module!r} (run `make setup`)")
-    path = Path(next(iter(spec.submodule_search_locations))) / sub
+    path = Path(locations[0]) / sub
     if must_exist and not path.exists():
         raise ConfigError(f"{value}: {path} does not exist")
     return path
+
+
+def _package_locations(module: str) -> list[str]:
+    """The folders of package ``module``, found level by level without importing any of it (``find_spec`` of
+    ``a.b`` would import ``a``, running its ``__init__.py``: a config or checkpoint names it, not the user)."""
+    head, *rest = module.split(".")
+    try:
+        spec = importlib.util.find_spec(head)  # a top-level name: located, not imported
+    except (ImportError, ValueError):
+        return []
+    for i in range(len(rest)):
+        if spec is None or not spec.submodule_search_locations:
+            return []
+        spec = importlib.machinery.PathFinder.find_spec(".".join([head, *rest[: i + 1]]),
+                                                        list(spec.submodule_search_locations))
+    return list(spec.submodule_search_locations or []) if spec is not None else []
 
 
 def resolve_source(value: str) -> str:

@@ -512,13 +512,16 @@ class AnyToAnyModel(nn.Module):
         trainable_lora: bool = False,
         decoder_parts: str | Mapping[str, str] = "all",
         encoder_weights: Collection[str] | None = None,
+        trust_remote_code: bool = False,
     ) -> AnyToAnyModel:
         """A checkpoint (any stage's) with its frozen parts rebuilt, in eval mode (call ``train()`` to train
-        it); ``decoder_parts`` and ``encoder_weights`` as in :meth:`assemble`."""
+        it); ``decoder_parts`` and ``encoder_weights`` as in :meth:`assemble`. A checkpoint whose assembly sets
+        ``trust_remote_code`` for a part is refused unless ``trust_remote_code=True``: what runs code is the
+        caller's choice, not the checkpoint's."""
         from mmllm.training.checkpoint import load_model_checkpoint
 
         return load_model_checkpoint(Path(directory), trainable_lora=trainable_lora, decoder_parts=decoder_parts,
-                                     encoder_weights=encoder_weights)
+                                     encoder_weights=encoder_weights, trust_remote_code=trust_remote_code)
 
     @classmethod
     def from_assembly_dict(cls, data: dict[str, Any]) -> AnyToAnyModel:

@@ -17,7 +17,10 @@ shape).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
+import sys
+from pathlib import Path
 from typing import Any
 
 from mmllm.config import ComponentSpec, ConfigError, from_dict
@@ -63,6 +66,45 @@ def resolve(table: str, kind: str, where: str = "") -> type:
         raise ConfigError(f"{at}kind {kind!r}: {module_name} has no class {class_name} with an Options dataclass "
                           "and a from_options classmethod")
     return cls
+
+
+def custom_kinds(data: Any) -> list[str]:
+    """The ``package.module:Class`` kinds anywhere in an assembly as a dict (nested parts included)."""
+    found = []
+    if isinstance(data, dict):
+        kind = data.get("kind")
+        if isinstance(kind, str) and ":" in kind and not any(kind in table for table in TABLES.values()):
+            found.append(kind)
+        for value in data.values():
+            found += custom_kinds(value)
+    elif isinstance(data, list):
+        for value in data:
+            found += custom_kinds(value)
+    return found
+
+
+def check_kind_not_inside(kind: str, folder: Path, where: str) -> None:
+    """Refuse a ``package.module:Class`` kind that would be imported from a file inside ``folder`` (a checkpoint:
+    with the working directory on ``sys.path``, as under ``python -m``, a checkpoint's own ``.py`` files are
+    importable). Found level by level, before any of its code runs: each level is located first (finding
+    ``a.b`` imports ``a``, already located outside)."""
+    folder = Path(folder).resolve()
+    parts = kind.split(":", 1)[0].split(".")
+    for i in range(1, len(parts) + 1):
+        name = ".".join(parts[:i])
+        try:
+            spec = sys.modules[name].__spec__ if name in sys.modules else importlib.util.find_spec(name)
+        except (ImportError, ValueError, AttributeError):
+            return  # not importable: resolve() says so
+        if spec is None:
+            return
+        places = [spec.origin] if spec.origin and spec.has_location else []
+        places += list(spec.submodule_search_locations or [])
+        inside = [p for p in places if Path(p).resolve().is_relative_to(folder)]
+        if inside:
+            raise ConfigError(f"{where}: kind {kind!r} would import {name} from {inside[0]}, inside {folder}; a "
+                              "part's class is imported from an installed package, never from a checkpoint (run "
+                              "from another folder if this is your own module's folder)")
 
 
 def parse_options(table: str, spec: ComponentSpec, where: str) -> Any:

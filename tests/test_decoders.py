@@ -379,3 +379,22 @@ def test_a_foreign_unet_class_is_refused(decoders, tmp_path):
                                  "unet": ["diffusers", "UNet3DConditionModel"]}))
     _refused(spec, r"\(MyPipeline\) holds a UNet3DConditionModel, but this kind's StableDiffusionPipeline takes a "
                    r"UNet2DConditionModel", "config")
+
+
+@pytest.mark.parametrize("parts", ["config", "all"])
+def test_a_library_a_pipeline_folder_names_is_not_imported_for_it(decoders, tmp_path, monkeypatch, parts):
+    """model_index.json ships with the folder: diffusers imports only the libraries it loads parts from, and
+    mmllm reading a part's config (a stage that does not load it) must not import another one either."""
+    import json
+
+    spec = _saved_pipeline(decoders, "image", tmp_path / "pipe")
+    marker = tmp_path / "ran.txt"
+    module = f"not_a_diffusion_library_{parts}"
+    (tmp_path / f"{module}.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    index["unet"] = [module, "UNet2DConditionModel"]
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises((ConfigError, ValueError)):
+        build("decoder", ComponentSpec.parse(spec, "decoders.image"), "decoders.image", parts=parts)
+    assert not marker.exists()

@@ -924,3 +924,27 @@ def test_overwrite_never_deletes_the_earlier_results_given_as_the_requests(tmp_p
         check_overwrite(out, results)
     elsewhere = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}])
     check_overwrite(out, elsewhere)  # nothing of it is removed
+
+
+def test_output_file_names_stay_in_media_whatever_the_request_id(tmp_path):
+    """Ids come from someone's requests file: separators, dots, reserved names and long ids (255 bytes is a
+    file name's limit; 4-byte letters such as 𝐀 made a 60-character stem 249 bytes) are all written inside."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from mmllm.inference.runner import write_outputs
+
+    (tmp_path / "out").mkdir()
+    result = SimpleNamespace(media={"image": [Image.new("RGB", (4, 4))]})
+    ids = ["../../x", "a/b", "/etc/passwd", "..", ".hidden", "CON", "nul\x00", "a\\b", "x" * 1000,
+           "𝐃𝐫𝐚𝐰 " * 40, "图" * 200, "𠀀" * 100]
+    names = set()
+    for rid in ids:
+        [rel] = write_outputs(tmp_path / "out", rid, result, "p", 0, "fp")
+        path = (tmp_path / "out" / rel).resolve()
+        assert path.parent == (tmp_path / "out" / "media").resolve() and path.is_file(), rid
+        assert not path.name.startswith(".") and len(path.name.encode()) <= 200, rid
+        names.add(path.name)
+    assert len(names) == len(ids)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(names)  # nothing else written

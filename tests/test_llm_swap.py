@@ -52,6 +52,23 @@ def save_core(arch: str, folder: Path) -> Path:
     return folder
 
 
+def save_core_with_own_code(folder: Path) -> Path:
+    """A tiny Qwen2 core whose classes come from Python files in its folder (``auto_map``): loading it runs them."""
+    import json
+
+    core = save_core("qwen2", folder)
+    (core / "configuration_custom.py").write_text(
+        "from transformers import Qwen2Config\n\n\nclass CustomConfig(Qwen2Config):\n    model_type = 'mmllm-custom'\n")
+    (core / "modeling_custom.py").write_text(
+        "from transformers import Qwen2ForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
+        "class CustomForCausalLM(Qwen2ForCausalLM):\n    config_class = CustomConfig\n")
+    config = json.loads((core / "config.json").read_text())
+    config.update(model_type="mmllm-custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                       "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
+    (core / "config.json").write_text(json.dumps(config))
+    return core
+
+
 def _assembled(arch: str, tiny_assembly, tmp_path: Path) -> AnyToAnyModel:
     data = to_dict(tiny_assembly)
     data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(save_core(arch, tmp_path / arch))}
@@ -308,20 +325,10 @@ def test_a_batch_with_a_prompt_near_the_context_end_answers_every_request(tiny_a
 
 
 def test_a_merged_export_of_a_core_with_its_own_code_loads_and_answers_alike(tiny_assembly, tmp_path):
-    import json
 
     from mmllm.training.checkpoint import export_merged, save_model_checkpoint
 
-    core = save_core("qwen2", tmp_path / "core")  # made a model whose classes come from its folder (auto_map)
-    (core / "configuration_custom.py").write_text(
-        "from transformers import Qwen2Config\n\n\nclass CustomConfig(Qwen2Config):\n    model_type = 'mmllm-custom'\n")
-    (core / "modeling_custom.py").write_text(
-        "from transformers import Qwen2ForCausalLM\n\nfrom .configuration_custom import CustomConfig\n\n\n"
-        "class CustomForCausalLM(Qwen2ForCausalLM):\n    config_class = CustomConfig\n")
-    config = json.loads((core / "config.json").read_text())
-    config.update(model_type="mmllm-custom", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
-                                                       "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"})
-    (core / "config.json").write_text(json.dumps(config))
+    core = save_core_with_own_code(tmp_path / "core")
     data = to_dict(tiny_assembly)
     data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(core), "trust_remote_code": True}
     model = AnyToAnyModel.assemble(parse_assembly(data))
@@ -331,7 +338,8 @@ def test_a_merged_export_of_a_core_with_its_own_code_loads_and_answers_alike(tin
             p.normal_(0, 0.2)  # LoRA B starts at zero: make the adapter change the answers
     model.eval()  # no LoRA dropout
     ckpt = save_model_checkpoint(model, tmp_path / "ckpt", {})
-    merged = AnyToAnyModel.from_pretrained(export_merged(ckpt, tmp_path / "merged"))
+    merged = AnyToAnyModel.from_pretrained(export_merged(ckpt, tmp_path / "merged", trust_remote_code=True),
+                                           trust_remote_code=True)
     assert type(merged.llm.model).__name__ == "CustomForCausalLM" and merged.lora_config is None
     ids = torch.tensor([[3, 40, 41, 42, model.llm.signal_ids["image"][0]]])
     with torch.no_grad():

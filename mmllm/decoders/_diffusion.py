@@ -22,6 +22,7 @@ import inspect
 import json
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,25 @@ def _check_tokenizer_length(parts: dict[str, Any], where: str, model: str | None
         )
 
 
+def _part_library(library: str, source: str, name: str) -> Any:
+    """The module ``model_index.json`` names a part's class in, as diffusers resolves it: that file ships with the
+    folder and importing a module runs it, so only diffusers and mmllm's own component modules are imported;
+    any other must already be imported by the caller."""
+    import diffusers
+
+    if library == "diffusers":
+        return diffusers
+    if library == "mmllm" or library.startswith("mmllm."):  # this package's own components
+        return importlib.import_module(library)
+    if hasattr(diffusers.pipelines, library):
+        return getattr(diffusers.pipelines, library)
+    if library in sys.modules:
+        return sys.modules[library]
+    raise ConfigError(f"model: {source}/model_index.json names {name}'s library {library!r}, which neither diffusers "
+                      "nor transformers is and which is not imported; mmllm does not import a module a pipeline "
+                      "folder names (import it yourself first if it is yours)")
+
+
 def part_config(pipeline_cls: type, source: str, name: str) -> Any:
     """One part's config without its weights: a transformers config, or a diffusers config with the
     class's defaults filled in (as ``register_to_config`` records them on a built model)."""
@@ -215,7 +235,9 @@ def part_config(pipeline_cls: type, source: str, name: str) -> Any:
                           f"copy the pipeline's {name}/ folder there")
     if library == "transformers":
         return getattr(transformers, class_name).config_class.from_pretrained(source, subfolder=name)
-    cls = getattr(importlib.import_module(library), class_name)
+    cls = getattr(_part_library(library, source, name), class_name, None)
+    if not isinstance(cls, type):
+        raise ConfigError(f"model: {source}/model_index.json names {name} as {library}.{class_name}, which is no class")
     defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     return SimpleNamespace(**{**defaults, **cls.load_config(source, subfolder=name)})

@@ -460,9 +460,15 @@ def checkpoint_fingerprint(checkpoint: Path) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
 
 
+STEM_BYTES = 100  # of an id's readable part: with the hash, suffix and atomic_write's temporary name, well below 255
+
+
 def _safe(rid: str) -> str:
-    """A file-name stem for an id: readable, and distinct for distinct ids."""
+    """A file-name stem for an id: readable, and distinct for distinct ids; no separator, no leading dot, and at
+    most 60 characters and STEM_BYTES bytes of the id (file names end at 255 bytes, and a letter can take 4)."""
     readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in rid)[:60].lstrip(".")
+    while len(readable.encode()) > STEM_BYTES:
+        readable = readable[:-1]
     return f"{readable}-{hashlib.sha1(rid.encode()).hexdigest()[:8]}"
 
 

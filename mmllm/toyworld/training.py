@@ -99,7 +99,7 @@ def train(
     step, losses, elapsed = 0, [], 0.0
     identity = json.dumps(recipe.describe(), sort_keys=True, default=str)
     if resume and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)  # tensors and plain values only
         if state["identity"] != identity:
             raise ValueError(
                 f"{state_path} was made by a different configuration of {recipe.name}; "

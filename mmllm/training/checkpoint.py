@@ -134,28 +134,69 @@ def recover_partial_writes(output_dir: Path) -> tuple[list[Path], int]:
 
 
 def write_manifest(root: Path) -> None:
-    files = {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MANIFEST}
+    files = {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
     (root / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
 
 
+def _held_files(root: Path) -> set[str]:
+    """Every file under ``root`` by its path relative to it (``/``-separated). A symbolic link anywhere in the
+    folder is refused: mmllm writes none, and one would make the checkpoint read (or its hash vouch for) a
+    file outside it."""
+    held = set()
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink():
+                raise CheckpointError(f"{path}: a symbolic link (to {os.readlink(path)}) inside a checkpoint; mmllm "
+                                      "writes none, and it would read a file outside the checkpoint. Replace it by "
+                                      "the file itself, or use a checkpoint as `mmllm` wrote it")
+        held.update(Path(folder, name).relative_to(root).as_posix() for name in files)
+    return held
+
+
+def _inside(rel: str) -> bool:
+    """A manifest entry (``/``-separated) that names a file inside the checkpoint: relative, with no ``..``."""
+    parts = rel.split("/")
+    return bool(rel) and ":" not in parts[0] and not any(p in ("", ".", "..") for p in parts)
+
+
 def verify_manifest(root: Path) -> None:
+    """Every file of the checkpoint ``root`` against its manifest, before any of them is used: each listed file
+    must be there with its hash, and each file there must be listed (an unlisted one, e.g. weights or code
+    added to a downloaded checkpoint, would be read unchecked); entries leading outside ``root`` and symbolic
+    links are refused."""
+    root = Path(root)
     manifest = root / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(f"{root}: no {MANIFEST}; this is not a complete mmllm checkpoint."
                               + _run_folder_hint(Path(root)))
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{manifest}: unreadable manifest ({exc})") from exc
+    if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
+        raise CheckpointError(f"{manifest}: unreadable manifest (\"files\" is no mapping of file to sha256)")
+    files = {rel.replace("\\", "/"): digest for rel, digest in files.items()}  # one written on Windows
     for required in (CONFIG_FILE, LEARNED_FILE):
         if required not in files:
             raise CheckpointError(f"{manifest}: does not list {required}; this is not a complete mmllm checkpoint")
+    outside = [rel for rel in files if not _inside(rel)]
+    if outside:
+        raise CheckpointError(f"{manifest}: lists {outside[:3]}, outside the checkpoint's folder; refusing it (an "
+                              "mmllm manifest names files inside the checkpoint only)")
+    held = _held_files(root)
     for rel, digest in files.items():
         path = root / rel
-        if not path.is_file():
+        if rel not in held:
             raise CheckpointError(f"{path}: listed in the manifest but missing; the checkpoint is incomplete")
         if _sha256(path) != digest:
             raise CheckpointError(f"{path}: contents do not match the manifest (truncated or modified); refusing it")
+    unlisted = sorted(held - set(files) - {MANIFEST})
+    if unlisted:
+        raise CheckpointError(f"{root}: holds {len(unlisted)} file(s) its {MANIFEST} does not list "
+                              f"({', '.join(unlisted[:5])}), which loading could read unchecked; refusing it. "
+                              "Remove them (a checkpoint holds what mmllm wrote into it, nothing else)")
 
 
 def atomic_dir(final: Path, fill) -> Path:
@@ -262,14 +303,27 @@ def merged_llm_folder(meta: dict[str, Any]) -> str | None:
     llm = meta["assembly"]["llm"]
     name = str(llm.get("name_or_path", ""))
     if "merged_from" in meta and llm.get("kind") == "hf-causal-lm" and name.startswith("./"):
+        if not _inside(name[2:]):
+            raise CheckpointError(f"{CONFIG_FILE}: llm.name_or_path {name!r} leads outside the checkpoint, where a "
+                                  "merged export keeps its LLM (./llm); refusing it")
         return name[2:]
     return None
+
+
+def check_recorded_kinds(directory: Path, meta: dict[str, Any]) -> None:
+    """Before a checkpoint's assembly is parsed (which imports the kinds it names): none of its own classes may
+    come from a file inside the checkpoint."""
+    from mmllm.registry import check_kind_not_inside, custom_kinds
+
+    for kind in custom_kinds(meta.get("assembly")):
+        check_kind_not_inside(kind, Path(directory), f"{Path(directory) / CONFIG_FILE}")
 
 
 def checkpoint_assembly(directory: Path, meta: dict[str, Any] | None = None):
     """The assembly a checkpoint records (an exported merged LLM's ``./llm`` made a path)."""
     directory = Path(directory)
     meta = read_meta(directory) if meta is None else meta
+    check_recorded_kinds(directory, meta)
     assembly = dict(meta["assembly"])
     folder = merged_llm_folder(meta)
     if folder is not None:
@@ -277,8 +331,35 @@ def checkpoint_assembly(directory: Path, meta: dict[str, Any] | None = None):
     return parse_assembly(assembly, where=f"{directory}/{CONFIG_FILE}")
 
 
+def remote_code_parts(assembly: Any, where: str = "") -> list[str]:
+    """The parts of a recorded assembly (as in ``mmllm.json``) that set ``trust_remote_code``: loading them runs
+    Python code from their model folder or hub repository."""
+    found = []
+    if isinstance(assembly, dict):
+        for key, value in assembly.items():
+            if key == "trust_remote_code":
+                found += [where or "assembly"] if value else []
+            else:
+                found += remote_code_parts(value, f"{where}.{key}" if where else str(key))
+    return found
+
+
+def check_remote_code(directory: Path, meta: dict[str, Any], trust_remote_code: bool) -> None:
+    """A checkpoint whose assembly turns ``trust_remote_code`` on loads only when the caller turns it on too: the
+    checkpoint's own ``mmllm.json`` (someone else's, for a downloaded one) must not decide to run code."""
+    parts = remote_code_parts(meta.get("assembly"))
+    if parts and not trust_remote_code:
+        raise CheckpointError(
+            f"{Path(directory) / CONFIG_FILE}: its assembly sets trust_remote_code for {', '.join(parts)}, so loading "
+            "it would run Python code from those models' folders or hub repositories; refusing it. If you trust "
+            "where the checkpoint and those models came from, pass --trust-remote-code (Python: "
+            "AnyToAnyModel.from_pretrained(dir, trust_remote_code=True))")
+    if parts:
+        log.warning("%s: trust_remote_code is on for %s: their own Python code runs", directory, ", ".join(parts))
+
+
 def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify: bool = True,
-                          decoder_parts: Any = "all", encoder_weights: Any = None):
+                          decoder_parts: Any = "all", encoder_weights: Any = None, trust_remote_code: bool = False):
     from mmllm.config import LoraConfig
     from mmllm.model import AnyToAnyModel
 
@@ -288,6 +369,7 @@ def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify:
     if verify:
         verify_manifest(directory)
     meta = read_meta(directory)
+    check_remote_code(directory, meta, trust_remote_code)
     model = AnyToAnyModel.assemble(checkpoint_assembly(directory, meta), decoder_parts, encoder_weights)
     tokens = _token_additions(model)
     saved = {k: meta["tokens"][k] for k in tokens}
@@ -392,13 +474,19 @@ def bare_optimizer(optimizer) -> torch.optim.Optimizer:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's random number generators (LoRA dropout draws from torch's)."""
+    """This process's random number generators (LoRA dropout draws from torch's), in types ``torch.load``
+    reads with ``weights_only=True`` (numpy's key array as a tensor): restoring them unpickles no code."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
+
+
+# what a plain numpy array pickles as: allowed so that rng.pt files holding numpy's state as an array still load
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.empty(0).__reduce__()[0]]
 
 
 def save_training_state(root: Path, optim_state: dict[str, Any], scheduler, step: int, extra: dict[str, Any],
@@ -430,12 +518,14 @@ def load_training_state(root: Path, scheduler, rank: int = 0, processes: int = 1
     progress = read_progress(root)
     state = Path(root) / STATE_DIR
     scheduler.load_state_dict(torch.load(state / "scheduler.pt", weights_only=True))
-    rng = torch.load(state / "rng.pt", weights_only=False)  # our own file, hash-verified by the manifest
+    with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):  # rng.pt written before rng_state made tensors
+        rng = torch.load(state / "rng.pt", weights_only=True)
     per_process = rng.get("per_process")
     if per_process and len(per_process) == processes:
         rng = per_process[rank]
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    name, keys, *rest = rng["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
@@ -535,11 +625,12 @@ def check_export_target(checkpoint: Path, out: Path) -> None:
                               "export replaces its output folder whole, so give a new or empty folder")
 
 
-def export_merged(checkpoint: Path, out: Path) -> Path:
+def export_merged(checkpoint: Path, out: Path, trust_remote_code: bool = False) -> Path:
     """A copy with LoRA merged into the LLM, saved as a plain HF model dir under ``out/llm``."""
     check_export_target(checkpoint, out)
     # the LLM, its adapter and the learned weights are all it writes: no decoder or encoder weights are read
-    model = load_model_checkpoint(checkpoint, decoder_parts="config", encoder_weights=[])
+    model = load_model_checkpoint(checkpoint, decoder_parts="config", encoder_weights=[],
+                                  trust_remote_code=trust_remote_code)
     meta = read_meta(checkpoint)
     if model._peft_model is None:
         stage = meta.get("stage") if isinstance(meta.get("stage"), dict) else {}

@@ -180,14 +180,16 @@ def warn_if_middle_step(cfg: StageConfig) -> None:
 def check_init_from(cfg: StageConfig) -> None:
     """Compare the stage's resolved assembly with the one ``cfg.init_from`` records; raise on an
     override the checkpoint contradicts, warn on a file that differs. Reads ``mmllm.json`` only."""
-    from mmllm.training.checkpoint import CONFIG_FILE, read_meta
+    from mmllm.training.checkpoint import CONFIG_FILE, check_recorded_kinds, read_meta
 
     if not cfg.init_from:
         return
     if checkpoint_missing(cfg):
         raise missing_checkpoint_error(cfg)
     directory = Path(cfg.init_from)
-    saved = read_meta(directory)["assembly"]
+    meta = read_meta(directory)
+    check_recorded_kinds(directory, meta)
+    saved = meta["assembly"]
     try:
         checkpoint_side = normalized_assembly(parse_assembly(saved, where=f"{directory}/{CONFIG_FILE}"))
     except ConfigError:  # written by an older mmllm: compare as recorded
@@ -212,3 +214,22 @@ def check_init_from(cfg: StageConfig) -> None:
         "set init_from=null; to continue the checkpoint without this warning, make the file match it (or repeat "
         "the previous stage's assembly.* overrides)", directory, cfg.assembly, len(diffs),
         list_differences(diffs, lambda d: "stage's assembly"))
+
+
+def stage_trusts_remote_code(cfg: StageConfig) -> bool:
+    """Whether the stage may load ``cfg.init_from``'s parts that set ``trust_remote_code``: only when the stage's
+    own assembly (the user's file and overrides) turns it on for each of them; the checkpoint's ``mmllm.json``
+    alone never decides to run code. False when the checkpoint asks for none."""
+    from mmllm.training.checkpoint import CONFIG_FILE, read_meta, remote_code_parts
+
+    asked = remote_code_parts(read_meta(Path(cfg.init_from))["assembly"])
+    if not asked:
+        return False
+    own = set(remote_code_parts(to_dict(load_assembly(cfg.assembly, cfg.assembly_overrides))))
+    if missing := [p for p in asked if p not in own]:
+        raise ConfigError(
+            f"init_from {cfg.init_from}: its {CONFIG_FILE} sets trust_remote_code for {', '.join(missing)}, which "
+            f"would run Python code from those models, but the stage's assembly {cfg.assembly} does not: set "
+            f"`trust_remote_code: true` for them there (or assembly.{missing[0]}.trust_remote_code=true) if you "
+            "trust that code")
+    return True

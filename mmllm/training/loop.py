@@ -41,7 +41,7 @@ from mmllm.model import AnyToAnyModel, unit_counts
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
-from mmllm.training.init_from import check_init_from, warn_if_middle_step
+from mmllm.training.init_from import check_init_from, stage_trusts_remote_code, warn_if_middle_step
 from mmllm.training.interrupt import StopRequests, TrainingInterrupted
 from mmllm.training.parts import StageParts, release_cached, stage_parts
 from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
@@ -88,7 +88,8 @@ def build_model(cfg: StageConfig, parts: StageParts | None = None, check_init: b
         log.info("%s %s", "rebuilding the model from the checkpoint --resume continues," if resumed
                  else "initialising from", cfg.init_from)
         model = AnyToAnyModel.from_pretrained(cfg.init_from, trainable_lora=True, decoder_parts=parts.decoders,
-                                              encoder_weights=parts.encoders)
+                                              encoder_weights=parts.encoders,
+                                              trust_remote_code=stage_trusts_remote_code(cfg))
     else:
         model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts.decoders,
                                        parts.encoders)
@@ -380,6 +381,11 @@ def _checkpoint_metric(cfg: StageConfig, validation: Validation | None, validati
     return (metric if math.isfinite(metric) else float("inf")), what
 
 
+def noise_seed(seed: int, draw: int) -> int:
+    """The seed of a training step's ``draw``-th denoising-noise draw under the stage's ``seed``."""
+    return (seed * 1_000_003 + draw) % 2**63
+
+
 def _forward_backward(accelerator, model, batches: list[dict[str, Any]], cfg: StageConfig,
                       normalizers: dict[str, float], step: int, deepspeed: bool, fallback: dict[str, Any] | None,
                       first_readable: Callable[[], dict[str, Any]]) -> tuple[float, dict[str, float], Any]:
@@ -400,8 +406,9 @@ def _forward_backward(accelerator, model, batches: list[dict[str, Any]], cfg: St
             fallback = batch
         batch["step"] = step
         # the denoising loss's noise and timesteps: one draw per micro-batch of the whole step (seeding by the
-        # step alone gave every micro-batch and process the same timesteps and noise), reproducible on resume
-        batch["noise_seed"] = (step * len(batches) + micro) * world + accelerator.process_index
+        # step alone gave every micro-batch and process the same timesteps and noise), reproducible on resume,
+        # and another for another `seed` (as the sample order and dropout are)
+        batch["noise_seed"] = noise_seed(cfg.seed, (step * len(batches) + micro) * world + accelerator.process_index)
         sync = micro == len(batches) - 1
         with contextlib.ExitStack() as stack:
             if not sync:  # accumulate locally; all-reduce once per optimiser step

@@ -1,0 +1,33 @@
+"""Every random draw of a stage comes from its config's `seed`: the same seed gives the same run, another
+seed another run."""
+
+import pytest
+
+from mmllm.model import AnyToAnyModel
+from mmllm.training.loop import train
+from tests.test_stages import stage_cfg
+
+
+@pytest.fixture
+def noise_seeds(monkeypatch):
+    """The denoising-noise seed of every training forward, in call order."""
+    seen, forward = [], AnyToAnyModel.forward
+
+    def recording(self, batch, *args, **kwargs):
+        seen.append(batch.get("noise_seed"))
+        return forward(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(AnyToAnyModel, "forward", recording)
+    return seen
+
+
+def test_the_denoising_noise_follows_the_stage_seed(sample_data, tmp_path, noise_seeds):
+    runs = {}
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        noise_seeds.clear()
+        result = train(stage_cfg("instruct", sample_data, tmp_path / name, max_steps=2, seed=seed,
+                                 **{"losses.denoise": 1.0}))
+        runs[name] = (list(noise_seeds), result.losses)
+    assert runs["a"] == runs["b"]  # the same seed: the same draws and losses
+    assert len(runs["a"][0]) == 2 and len(set(runs["a"][0])) == 2  # one draw per step
+    assert not set(runs["a"][0]) & set(runs["c"][0])  # another seed draws other noise (it drew the same before)

@@ -1,0 +1,246 @@
+"""Files a user did not make: a checkpoint, export or training state from someone else must not read outside
+its folder unchecked, load a pickle, or turn on remote code by itself."""
+
+import hashlib
+import json
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmllm.config import ConfigError, parse_assembly, to_dict
+from mmllm.model import AnyToAnyModel
+from mmllm.training import checkpoint as ckpt
+from tests.test_llm_swap import save_core_with_own_code
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tiny_assembly) -> Path:
+    """A tiny model's checkpoint, written as mmllm writes one (copied by each test that alters it)."""
+    return AnyToAnyModel.assemble(tiny_assembly).save_pretrained(tmp_path_factory.mktemp("ckpt") / "step-1")
+
+
+@pytest.fixture
+def copy(saved, tmp_path) -> Path:
+    return Path(shutil.copytree(saved, tmp_path / "step-1"))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Payload:
+    """Pickles as a call that writes a marker file: what a malicious pickle runs when it is loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "ran"))
+
+
+def test_a_checkpoint_as_written_verifies(copy):
+    ckpt.verify_manifest(copy)  # the checks below refuse only what mmllm never writes
+
+
+def test_a_file_its_manifest_does_not_list_is_refused(copy):
+    (copy / "adapter").mkdir()  # would be attached as a LoRA adapter, its weights never checked
+    (copy / "adapter" / "adapter_model.safetensors").write_bytes(b"not listed")
+    with pytest.raises(ckpt.CheckpointError, match=r"1 file\(s\) its manifest.json does not list "
+                                                   r"\(adapter/adapter_model.safetensors\)"):
+        ckpt.verify_manifest(copy)
+
+
+def test_a_symbolic_link_in_a_checkpoint_is_refused_even_to_the_right_bytes(copy, tmp_path):
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shutil.move(copy / "learned.safetensors", elsewhere)
+    os.symlink(elsewhere, copy / "learned.safetensors")  # same bytes, same hash: the old check passed it
+    with pytest.raises(ckpt.CheckpointError, match="learned.safetensors: a symbolic link"):
+        AnyToAnyModel.from_pretrained(copy)
+
+
+@pytest.mark.parametrize("entry", ["../secret.txt", "..\\secret.txt", "{abs}"])
+def test_a_manifest_entry_outside_the_checkpoint_is_refused(copy, tmp_path, entry):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("the user's own file")
+    entry = entry.format(abs=outside)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"][entry] = _sha256(outside)  # a hash that matches tells whoever wrote it the contents
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ckpt.CheckpointError, match=r"lists \['.*secret.txt'\], outside the checkpoint"):
+        ckpt.verify_manifest(copy)
+
+
+def test_a_merged_exports_llm_folder_must_be_inside_it(copy):
+    meta = ckpt.read_meta(copy)
+    meta["merged_from"] = "somewhere"
+    meta["assembly"]["llm"] = {"kind": "hf-causal-lm", "name_or_path": "./llm"}
+    assert ckpt.merged_llm_folder(meta) == "llm"
+    meta["assembly"]["llm"]["name_or_path"] = "./../../another-model"
+    with pytest.raises(ckpt.CheckpointError, match="leads outside the checkpoint"):
+        ckpt.merged_llm_folder(meta)
+
+
+@pytest.mark.parametrize("module", ["{ckpt}.parts", "parts"])  # run from its parent folder, or from inside it
+def test_a_class_the_checkpoint_names_is_never_imported_from_inside_it(saved, tmp_path, monkeypatch, module):
+    copy = Path(shutil.copytree(saved, tmp_path / f"downloaded_{len(module)}"))
+    marker = tmp_path / "ran.txt"
+    (copy / "parts.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\nclass Encoder:\n    pass\n")
+    meta = ckpt.read_meta(copy)
+    kind = module.format(ckpt=copy.name) + ":Encoder"
+    meta["assembly"]["encoders"]["image"] = {"kind": kind}
+    (copy / "mmllm.json").write_text(json.dumps(meta))
+    ckpt.write_manifest(copy)  # whoever made it lists its files: the hashes hold
+    where = copy.parent if "{ckpt}" in module else copy
+    monkeypatch.chdir(where)
+    monkeypatch.syspath_prepend(str(where))  # `python -m mmllm.cli` puts the working directory on sys.path
+    with pytest.raises(ConfigError, match=f"kind '{kind}' would import .* inside"):
+        AnyToAnyModel.from_pretrained(copy)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------ remote code
+
+
+@pytest.fixture(scope="module")
+def remote_code_checkpoint(tmp_path_factory, tiny_assembly) -> Path:
+    """A checkpoint whose core's classes come from its folder: its assembly sets trust_remote_code."""
+    root = tmp_path_factory.mktemp("remote")
+    data = to_dict(tiny_assembly)
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(save_core_with_own_code(root / "core")),
+                   "trust_remote_code": True}
+    return AnyToAnyModel.assemble(parse_assembly(data)).save_pretrained(root / "step-1")
+
+
+def test_a_checkpoint_does_not_turn_on_remote_code_by_itself(remote_code_checkpoint, tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match=r"sets trust_remote_code for llm.*pass --trust-remote-code"):
+        AnyToAnyModel.from_pretrained(remote_code_checkpoint)
+    with pytest.raises(ckpt.CheckpointError, match="sets trust_remote_code for llm"):
+        ckpt.export_merged(remote_code_checkpoint, tmp_path / "merged")
+    model = AnyToAnyModel.from_pretrained(remote_code_checkpoint, trust_remote_code=True)  # the caller's choice
+    assert type(model.llm.model).__name__ == "CustomForCausalLM"
+
+
+def test_the_cli_loads_remote_code_only_with_its_flag(remote_code_checkpoint, tmp_path, capsys):
+    from mmllm.cli import main
+
+    args = ["export", "--checkpoint", str(remote_code_checkpoint), "--merge-lora"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 2
+    assert "pass --trust-remote-code" in capsys.readouterr().err
+    assert main([*args, "--output", str(tmp_path / "b"), "--trust-remote-code"]) == 0
+
+
+def test_training_from_it_needs_the_stages_own_assembly_to_trust_the_same_parts(remote_code_checkpoint, tmp_path):
+    from types import SimpleNamespace
+
+    import yaml
+
+    from mmllm.training.init_from import stage_trusts_remote_code
+
+    recorded = ckpt.read_meta(remote_code_checkpoint)["assembly"]
+    own = tmp_path / "assembly.yaml"
+    own.write_text(yaml.safe_dump({**recorded, "llm": {**recorded["llm"], "trust_remote_code": False}}))
+    cfg = SimpleNamespace(init_from=str(remote_code_checkpoint), assembly=str(own), assembly_overrides=[])
+    with pytest.raises(ConfigError, match=r"sets trust_remote_code for llm.*assembly.llm.trust_remote_code=true"):
+        stage_trusts_remote_code(cfg)
+    cfg.assembly_overrides = ["llm.trust_remote_code=true"]  # the user's own file or override turns it on
+    assert stage_trusts_remote_code(cfg) is True
+    plain = tmp_path / "plain"
+    shutil.copytree(remote_code_checkpoint, plain)
+    meta = ckpt.read_meta(plain)
+    del meta["assembly"]["llm"]["trust_remote_code"]
+    (plain / "mmllm.json").write_text(json.dumps(meta))
+    assert stage_trusts_remote_code(SimpleNamespace(init_from=str(plain), assembly=str(own),
+                                                    assembly_overrides=[])) is False
+
+
+# ------------------------------------------------------------------------------------------ pickles
+
+
+def _scheduler():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
+def test_training_state_rng_round_trips_and_loads_as_weights_only(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    ckpt.save_training_state(tmp_path, {"state": {}, "param_groups": []}, _scheduler(), 5, {})
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    assert ckpt.load_training_state(tmp_path, _scheduler())["step"] == 5
+    assert (random.random(), np.random.rand(), torch.rand(1)) == expected
+    torch.load(tmp_path / "training_state" / "rng.pt", weights_only=True)  # no numpy object inside
+
+
+def test_an_rng_file_written_before_it_held_tensors_still_loads(tmp_path):
+    np.random.seed(4)
+    ckpt.save_training_state(tmp_path, {"state": {}, "param_groups": []}, _scheduler(), 1, {})
+    expected = np.random.rand()
+    old = {"python": random.getstate(), "numpy": None, "torch": torch.get_rng_state(), "cuda": []}
+    np.random.seed(4)
+    old["numpy"] = np.random.get_state()  # numpy's key array pickled as an ndarray, as earlier mmllm saved it
+    torch.save(old | {"per_process": [old]}, tmp_path / "training_state" / "rng.pt")
+    np.random.seed(0)
+    ckpt.load_training_state(tmp_path, _scheduler())
+    assert np.random.rand() == expected
+
+
+def test_a_pickle_in_training_state_is_refused_not_run(tmp_path):
+    ckpt.save_training_state(tmp_path, {"state": {}, "param_groups": []}, _scheduler(), 1, {})
+    marker = tmp_path / "ran.txt"
+    (tmp_path / "training_state" / "rng.pt").write_bytes(pickle.dumps({"python": _Payload(marker)}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError):
+        ckpt.load_training_state(tmp_path, _scheduler())
+    assert not marker.exists()
+
+
+def test_a_pickle_as_a_toy_parts_training_state_is_refused_not_run(tmp_path):
+    from mmllm.toyworld.training import Optim, Recipe, train
+
+    class Tiny(Recipe):
+        name, optim, seed = "tiny", Optim(steps=2, batch_size=1, lr=0.1, warmup=0), 0
+
+        def __init__(self):
+            self.layer = torch.nn.Linear(2, 1)
+
+        def modules(self):
+            return {"layer": self.layer}
+
+        def trainable(self):
+            return list(self.layer.parameters())
+
+        def loss(self, step):
+            return self.layer(torch.ones(1, 2)).pow(2).sum()
+
+        def export(self, folder):
+            return {}
+
+    state = tmp_path / "tiny.pt"
+    train(Tiny(), state, progress=False)
+    assert train(Tiny(), state, resume=True, progress=False).steps == 2  # its own state: still resumes
+    marker = tmp_path / "ran.txt"
+    state.write_bytes(pickle.dumps({"identity": _Payload(marker)}, protocol=2))
+    with pytest.raises(pickle.UnpicklingError):
+        train(Tiny(), state, resume=True, progress=False)
+    assert not marker.exists()
+
+
+def test_a_package_path_is_located_without_importing_the_package(tmp_path, monkeypatch):
+    from mmllm.locations import resolve_source
+
+    marker = tmp_path / "ran.txt"
+    (tmp_path / "somepkg" / "weights" / "decoder").mkdir(parents=True)
+    (tmp_path / "somepkg" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (tmp_path / "somepkg" / "weights" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    shipped = Path(ckpt.__file__).parents[1] / "toyworld" / "weights"
+    for value, folder in (("package:somepkg/weights/decoder", tmp_path / "somepkg/weights/decoder"),
+                          ("package:somepkg.weights/decoder", tmp_path / "somepkg/weights/decoder"),
+                          ("package:mmllm.toyworld/weights", shipped)):
+        assert Path(resolve_source(value)) == folder
+    assert not marker.exists()  # a config or checkpoint naming the package did not run its __init__.py
