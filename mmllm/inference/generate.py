@@ -23,11 +23,14 @@ forces ``<img_1> .. <img_{k-1}>``; a group cut off by the token limit is dropped
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
 from mmllm.data.media import MediaError, load_media
 from mmllm.data.template import ContextLengthError, TokenSpec, encode_prompt
@@ -217,14 +220,35 @@ def _resolved(req: Request, settings: Settings) -> tuple[int, float, float]:
 
 @torch.inference_mode()
 def generate_answers(model, batch: list[PreparedRequest], settings: Settings | None = None) -> list:
-    """LLM answers (text, token ids) and the conditioning of every complete signal group."""
+    """LLM answers (text, token ids) and the conditioning of every complete signal group, computed in eval
+    mode (see :func:`eval_mode`)."""
+    settings = settings or Settings()
+    with eval_mode(model):
+        return _generate_answers(model, batch, settings)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block; a model that was training gets back each module's own mode
+    after it (a look at the answers inside one's own training loop leaves the loop as it was: the glue
+    training, the frozen parts in eval mode). A model already in eval mode is left alone: no module walk."""
+    if not model.training:
+        yield
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _generate_answers(model, batch: list[PreparedRequest], settings: Settings) -> list:
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     from mmllm.model import GenerationResult
 
-    settings = settings or Settings()
-    if model.training:  # eval() walks every module: worth skipping per batch
-        model.eval()
     tok = model.llm.tokenizer
     limits, temperatures, top_ps = zip(*(_resolved(p.request, settings) for p in batch))
     context = model.llm.max_positions
@@ -235,9 +259,9 @@ def generate_answers(model, batch: list[PreparedRequest], settings: Settings | N
         alone = [i for i, p in enumerate(batch) if len(p.ids) + max(limits) > context]
         if alone and len(batch) > 1:
             together = [i for i in range(len(batch)) if i not in alone]
-            answers = dict(zip(together, generate_answers(model, [batch[i] for i in together], settings))) \
+            answers = dict(zip(together, _generate_answers(model, [batch[i] for i in together], settings))) \
                 if together else {}
-            answers |= {i: generate_answers(model, [batch[i]], settings)[0] for i in alone}
+            answers |= {i: _generate_answers(model, [batch[i]], settings)[0] for i in alone}
             return [answers[i] for i in range(len(batch))]
     input_ids, mask, media = collate(model, batch)
     input_ids, mask = input_ids.to(model.device), mask.to(model.device)
@@ -403,11 +427,13 @@ def generate(
     guidance: float | None = None,
 ):
     """Answer a batch of requests in one go (raises on the first bad request; the batch runner in
-    :mod:`mmllm.inference.runner` isolates bad requests instead)."""
+    :mod:`mmllm.inference.runner` isolates bad requests instead), in eval mode: a model that was training
+    is left in the modes it had (:func:`eval_mode`)."""
     settings = Settings(max_new_tokens, temperature if do_sample else 0.0, top_p, steps, guidance)
     spec = token_spec(model)
     batch = [prepare_request(model, r, spec) for r in requests]
-    results = generate_answers(model, batch, settings)
-    if decode_media:
-        decode_outputs(model, batch, results, settings)
+    with eval_mode(model):  # the decoders too: a model that trains has them in training mode
+        results = generate_answers(model, batch, settings)
+        if decode_media:
+            decode_outputs(model, batch, results, settings)
     return results

@@ -77,6 +77,7 @@ from mmllm.inference.generate import (
     Request,
     Settings,
     decode_jobs,
+    eval_mode,
     generate_answers,
     prepare_request,
     run_decoder,
@@ -712,6 +713,19 @@ def run_requests(
     if run.counts["skipped"]:
         log.info("%d request(s) already done in %s: skipped", run.counts["skipped"], results)
     start = time.perf_counter()
+    with eval_mode(model):  # a model that was training gets its modes back after the run
+        stopped = _answer_all(run, todo, requests_file.parent, seed, batch_size, out)
+    elapsed = time.perf_counter() - start
+    n = run.counts["done"] + run.counts["failed"]
+    log.info("%d request(s) in %.1f s (%.2f req/s): %d done, %d failed, %d skipped; gallery %s", n, elapsed,
+             n / elapsed if elapsed > 0 else 0.0, run.counts["done"], run.counts["failed"], run.counts["skipped"],
+             out / "index.html")
+    return {**run.counts, "stopped": stopped, "seconds": {**run.seconds, "total": elapsed}}
+
+
+def _answer_all(run: _Run, todo: list[_Line], base: Path, seed: int, batch_size: int, out: Path) -> int:
+    """Answer ``todo`` in batches, refreshing the gallery now and then and at the end; 1 if ``fail_fast``
+    stopped the run, else 0."""
     stopped = 0
     try:
         for line in [ln for ln in todo if ln.error]:
@@ -719,7 +733,7 @@ def run_requests(
         good = [ln for ln in todo if not ln.error]
         shown = time.perf_counter()
         for i in range(0, len(good), batch_size):
-            run.run_batch(good[i: i + batch_size], requests_file.parent, seed)
+            run.run_batch(good[i: i + batch_size], base, seed)
             if time.perf_counter() - shown > GALLERY_EVERY_S:  # a crash still leaves a recent gallery
                 write_gallery(out)
                 shown = time.perf_counter()
@@ -730,9 +744,4 @@ def run_requests(
     finally:
         run.bar.close()
         write_gallery(out)
-    elapsed = time.perf_counter() - start
-    n = run.counts["done"] + run.counts["failed"]
-    log.info("%d request(s) in %.1f s (%.2f req/s): %d done, %d failed, %d skipped; gallery %s", n, elapsed,
-             n / elapsed if elapsed > 0 else 0.0, run.counts["done"], run.counts["failed"], run.counts["skipped"],
-             out / "index.html")
-    return {**run.counts, "stopped": stopped, "seconds": {**run.seconds, "total": elapsed}}
+    return stopped
