@@ -530,6 +530,15 @@ def load_assembly(path: str | Path, overrides: list[str] | None = None) -> Assem
     return parse_assembly(data, where=str(path))
 
 
+def save_assembly(config: AssemblyConfig, path: str | Path) -> Path:
+    """Write ``config`` as an assembly YAML that :func:`load_assembly` reads back equal: how an assembly built
+    or changed in Python reaches a stage, whose ``assembly:`` names a file. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return path
+
+
 def load_lora(path: str | Path) -> LoraConfig:
     try:
         return from_dict(LoraConfig, read_yaml(path))
