@@ -114,3 +114,28 @@ def test_save_assembly_writes_what_load_assembly_reads_back_equal(tiny_assembly,
     changed.encoders["image"] = ComponentSpec("tests.custom_parts:PixelEncoder", {"size": 2, "dim": 4})
     changed.input_projections["image"].kind = "linear"
     assert load_assembly(save_assembly(changed, tmp_path / "a" / "assembly.yaml")) == changed
+
+
+def test_a_second_train_into_the_same_folder_says_how_to_resume_in_python(tmp_path):
+    """Running a notebook cell again: the refusal names the Python call that continues, not only the flag."""
+    import pytest
+
+    from mmllm import ConfigError, load_stage, train
+
+    stage = load_stage(REPO / "configs/stages/tiny/encode_align.yaml",
+                       [f"output_dir={tmp_path / 'run'}", "max_steps=1", "report_to=none"])
+    train(stage)
+    with pytest.raises(ConfigError, match=r"pass --resume \(in Python: train\(cfg, resume=True\)\)"):
+        train(stage)
+    assert train(stage, resume=True).steps == 1  # as the message says: the run is already at max_steps
+
+
+def test_a_kind_of_a_scripts_own_class_missing_in_this_process_says_where_it_must_be():
+    import pytest
+
+    from mmllm import ConfigError
+    from mmllm.registry import resolve
+
+    with pytest.raises(ConfigError, match=r"__main__ has no class NotDefinedHere .*defines \(or imports\) "
+                                          r"NotDefinedHere in its own __main__"):
+        resolve("encoder", "__main__:NotDefinedHere", "encoders.image")
