@@ -139,3 +139,39 @@ def test_a_kind_of_a_scripts_own_class_missing_in_this_process_says_where_it_mus
     with pytest.raises(ConfigError, match=r"__main__ has no class NotDefinedHere .*defines \(or imports\) "
                                           r"NotDefinedHere in its own __main__"):
         resolve("encoder", "__main__:NotDefinedHere", "encoders.image")
+
+
+def test_the_command_line_adds_its_log_filter_once_however_often_it_runs():
+    """``mmllm.cli.main`` called again in one process (tests, a notebook) added one more filter each time."""
+    from mmllm.cli import main
+    from mmllm.log_filters import DIFFUSERS_PIPELINES, DiffusersNoise
+
+    logger = logging.getLogger(DIFFUSERS_PIPELINES)
+    for _ in range(3):
+        assert main(["train", "--config", "no-such-stage.yaml"]) == 2  # refused after logging is set up
+    assert sum(isinstance(f, DiffusersNoise) for f in logger.filters) == 1
+
+
+def test_a_deprecated_pipelines_notice_is_shown_once_a_process_in_library_use(tiny_assembly):
+    """diffusers warns each time an AudioLDM (or text-to-video) pipeline is built: built for every model, it
+    repeated in a script's output; the command line showed it once. Now the library shows it once too."""
+    from mmllm.log_filters import DIFFUSERS_PIPELINES, DiffusersNoise
+    from mmllm.model import AnyToAnyModel
+
+    logger = logging.getLogger(DIFFUSERS_PIPELINES)
+    cli_filters = [f for f in logger.filters if isinstance(f, DiffusersNoise)]
+    for f in cli_filters:  # as in a script that never ran the command line
+        logger.removeFilter(f)
+    shown: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: shown.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        for _ in range(2):
+            assert AnyToAnyModel.assemble(tiny_assembly).decoders["audio"].pipeline is not None
+    finally:
+        logger.removeHandler(handler)
+        for f in cli_filters:
+            logger.addFilter(f)
+    assert sum("AudioLDMPipeline has been deprecated" in m for m in shown) <= 1
+    assert not any(isinstance(f, DiffusersNoise) for f in logger.filters if f not in cli_filters)  # gone after
