@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from mmllm.encoders.base import MediaEncoder
 from mmllm.llm import LLMCore, position_ids
 from mmllm.projections import InputProjection, OutputProjection
 
+if TYPE_CHECKING:
+    from mmllm.inference.generate import Request
+
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +58,11 @@ def seeded(seed: int, where: str):
 
 @dataclass
 class GenerationResult:
+    """One request's answer: its text (special tokens dropped), the answer's token ids, and per output
+    modality one entry per signal-token group it emitted -- the decoder conditioning the output projection
+    made, and the media the decoder made from it (a ``PIL.Image.Image``, an :class:`mmllm.data.media.Audio`
+    or an :class:`mmllm.data.media.Video`; none when generated with ``decode_media=False``)."""
+
     text: str
     token_ids: list[int]
     # per output modality, one entry per emitted signal-token group
@@ -526,10 +534,27 @@ class AnyToAnyModel(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, *args: Any, **kwargs: Any) -> list[GenerationResult]:
+    def generate(
+        self,
+        requests: list[Request],
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        decode_media: bool = True,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> list[GenerationResult]:
+        """Answer ``requests`` (:class:`~mmllm.inference.generate.Request`) in one batch, one
+        :class:`GenerationResult` each, in eval mode (a training model gets its modes back). A request's own
+        ``max_new_tokens``, ``temperature``, ``top_p``, ``steps`` and ``guidance`` win over these; sampling is
+        seeded per request (``Request.seed``). ``decode_media=False`` stops at the conditioning (no decoder
+        runs). Raises on the first bad request; :func:`mmllm.inference.runner.run_requests` isolates them."""
         from mmllm.inference.generate import generate
 
-        return generate(self, *args, **kwargs)
+        return generate(self, requests, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                        top_p=top_p, decode_media=decode_media, steps=steps, guidance=guidance)
 
 
 def denoise_units(batch: dict[str, Any], modality: str) -> int:

@@ -175,3 +175,33 @@ def test_a_deprecated_pipelines_notice_is_shown_once_a_process_in_library_use(ti
             logger.addFilter(f)
     assert sum("AudioLDMPipeline has been deprecated" in m for m in shown) <= 1
     assert not any(isinstance(f, DiffusersNoise) for f in logger.filters if f not in cli_filters)  # gone after
+
+
+def test_a_request_written_wrong_is_refused_saying_how_to_write_it():
+    """A bare string for ``messages`` failed deep in the chat template ("should be dicts ... got 'D'"), and a
+    media path without its modality with "too many values to unpack"."""
+    import pytest
+
+    with pytest.raises(ValueError, match=r"messages=\[\{'role': 'user', 'content': TEXT\}\]"):
+        Request(messages="Draw a red circle.")
+    with pytest.raises(ValueError, match=r"messages\[0\]: a dict with 'role'"):
+        Request(messages=[{"role": "human", "content": "hi"}])
+    with pytest.raises(ValueError, match=r"media\[0\]: a \(modality, item\) pair.*\('image', 'cat.png'\)"):
+        Request(messages=[{"role": "user", "content": "<image>\nWhat is it?"}], media=["cat.png"])
+    ok = Request(messages=[{"role": "user", "content": "<image>\nWhat is it?"}], media=[("image", "cat.png")])
+    assert ok.media == [("image", "cat.png")]
+
+
+def test_model_generate_shows_the_parameters_of_the_function_it_calls():
+    """``help(model.generate)`` in a notebook showed ``(*args, **kwargs)``; its signature now is the function's,
+    and stays so."""
+    import inspect
+
+    from mmllm.inference import generate as module
+    from mmllm.model import AnyToAnyModel
+
+    method = inspect.signature(AnyToAnyModel.generate).parameters
+    function = inspect.signature(module.generate).parameters
+    assert list(method)[1:] == list(function)[1:]  # past self / model
+    assert all(method[n].default == function[n].default and method[n].kind == function[n].kind
+               for n in list(function)[1:])

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmllm.config import MODALITIES
 from mmllm.data.media import MediaError, load_media
 from mmllm.data.template import ContextLengthError, TokenSpec, encode_prompt
 from mmllm.llm import position_ids
@@ -58,6 +59,24 @@ class Request:
     top_p: float | None = None
     steps: int | None = None  # decoder denoising steps
     guidance: float | None = None  # decoder classifier-free guidance scale
+
+    def __post_init__(self) -> None:
+        """What a script gets wrong first is refused here, saying how to write it (not later, deep in the
+        chat template or the collator)."""
+        if not isinstance(self.messages, list) or not self.messages:
+            raise ValueError(f"Request.messages: a non-empty list of {{'role': ..., 'content': ...}} dicts, got "
+                             f"{type(self.messages).__name__}; for one prompt write "
+                             "messages=[{'role': 'user', 'content': TEXT}]")
+        for i, message in enumerate(self.messages):
+            if (not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant")
+                    or not isinstance(message.get("content"), str)):
+                raise ValueError(f"Request.messages[{i}]: a dict with 'role' (system, user or assistant) and "
+                                 f"'content' (a string), got {message!r}")
+        for i, entry in enumerate(self.media):
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2 or entry[0] not in MODALITIES:
+                raise ValueError(f"Request.media[{i}]: a (modality, item) pair, the modality one of "
+                                 f"{', '.join(MODALITIES)} and the item a path or a decoded item, e.g. "
+                                 f"('image', 'cat.png'); got {entry!r}")
 
 
 @dataclass
