@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, os.PathLike):  # a Path given in Python, where YAML gives the string
+            return os.fspath(value)
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
@@ -144,7 +147,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
 def to_dict(obj: Any) -> Any:
     """Plain-data form of a config (for YAML/JSON), components flattened back to ``kind`` + options."""
     if isinstance(obj, ComponentSpec):
-        return {"kind": obj.kind, **copy.deepcopy(obj.options)}
+        return {"kind": obj.kind, **to_dict(copy.deepcopy(obj.options))}
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):

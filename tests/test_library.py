@@ -205,3 +205,20 @@ def test_model_generate_shows_the_parameters_of_the_function_it_calls():
     assert list(method)[1:] == list(function)[1:]  # past self / model
     assert all(method[n].default == function[n].default and method[n].kind == function[n].kind
                for n in list(function)[1:])
+
+
+def test_paths_given_as_path_objects_in_python_are_taken_as_the_strings_yaml_gives(tiny_assembly, tmp_path):
+    """Options built in Python hold ``Path`` objects: a part's string option refused one ("expected a string,
+    got PosixPath(...)"), and an assembly holding one could not be written as YAML."""
+    import copy
+
+    from mmllm import ComponentSpec, load_assembly, save_assembly
+    from mmllm.config import from_dict
+    from mmllm.encoders.open_clip import OpenClipImageEncoder
+
+    options = {**tiny_assembly.encoders["image"].options, "model_name": tmp_path / "tiny-vit"}
+    assert from_dict(OpenClipImageEncoder.Options, options).model_name == str(tmp_path / "tiny-vit")
+    changed = copy.deepcopy(tiny_assembly)
+    changed.encoders["image"] = ComponentSpec("open-clip", options)
+    again = load_assembly(save_assembly(changed, tmp_path / "assembly.yaml"))
+    assert again.encoders["image"].options["model_name"] == str(tmp_path / "tiny-vit")
