@@ -252,6 +252,12 @@ class AssemblyConfig:
         if extra:
             raise ConfigError(f"output_projections.{extra[0]} is set but decoders.{extra[0]} is not")
 
+    def checked(self) -> AssemblyConfig:
+        """A copy, checked and completed as at construction: an AssemblyConfig changed in Python after it was
+        made (an encoder or decoder added, one taken out) gets its projection and signal-token defaults, and
+        loses the signal tokens of a decoder it no longer has, as the same YAML would."""
+        return dataclasses.replace(copy.deepcopy(self))
+
 
 def parse_assembly(data: dict[str, Any], where: str = "assembly") -> AssemblyConfig:
     data = dict(data)

@@ -109,7 +109,10 @@ class AnyToAnyModel(nn.Module):
         generate; ``"conditioning"`` (text encoder) for MSE targets; ``"config"`` (no weights) when
         nothing runs it. ``encoder_weights``: the modalities whose encoder loads its weights (None: all);
         the others are built as :class:`EncoderShape`, reading no weights. ``llm_weights=False``: the LLM
-        is its config on the meta device (tokenizer, token ids and sizes only). The checks are the same."""
+        is its config on the meta device (tokenizer, token ids and sizes only). The checks are the same.
+        ``config`` is checked as it is now, as loading it from YAML checks it (parts added or taken out in
+        Python after it was made included); the model holds a checked copy, the caller's is left alone."""
+        config = config.checked()
         parts_of = {m: decoder_parts if isinstance(decoder_parts, str) else decoder_parts.get(m, "config")
                     for m in config.decoders}
         bad = sorted({p for p in parts_of.values() if p not in DECODER_PARTS})

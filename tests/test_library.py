@@ -222,3 +222,31 @@ def test_paths_given_as_path_objects_in_python_are_taken_as_the_strings_yaml_giv
     changed.encoders["image"] = ComponentSpec("open-clip", options)
     again = load_assembly(save_assembly(changed, tmp_path / "assembly.yaml"))
     assert again.encoders["image"].options["model_name"] == str(tmp_path / "tiny-vit")
+
+
+def test_an_assembly_changed_after_it_was_made_assembles_as_if_written_so(tiny_assembly):
+    """Parts added to an AssemblyConfig in Python got no projection defaults (a bare KeyError 'image' from
+    assemble), and a decoder taken out left its signal tokens in the LLM, with no projection or decoder for
+    them. assemble now checks the config as made, as loading it from YAML does, without changing the caller's."""
+    import copy
+
+    import pytest
+
+    from mmllm import AnyToAnyModel, AssemblyConfig, ConfigError
+
+    config = AssemblyConfig(name="grown", llm=tiny_assembly.llm, max_length=64)
+    config.encoders["image"] = tiny_assembly.encoders["image"]
+    config.decoders["image"] = tiny_assembly.decoders["image"]
+    as_given = copy.deepcopy(config)
+    model = AnyToAnyModel.assemble(config, decoder_parts="config")
+    assert list(model.input_projections) == list(model.output_projections) == ["image"]
+    assert list(model.llm.signal_ids) == ["image"] and model.config.signal_tokens == {"image": 4}
+    assert config == as_given  # the caller's object is left as it was
+
+    shrunk = copy.deepcopy(tiny_assembly)
+    del shrunk.decoders["audio"]
+    with pytest.raises(ConfigError, match=r"output_projections\.audio is set but decoders\.audio is not"):
+        AnyToAnyModel.assemble(shrunk, decoder_parts="config")
+    del shrunk.output_projections["audio"]
+    model = AnyToAnyModel.assemble(shrunk, decoder_parts="config")
+    assert list(model.llm.signal_ids) == ["image", "video"] and list(model.output_projections) == ["image", "video"]
