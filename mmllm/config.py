@@ -535,6 +535,7 @@ def resolve_path(base: Path, value: str | None) -> str | None:
 
 
 def load_assembly(path: str | Path, overrides: list[str] | None = None) -> AssemblyConfig:
+    """Load an assembly YAML, with ``key.sub=value`` ``overrides`` (``"encoders.image.tokens=pooled"``)."""
     data = apply_overrides(read_yaml(path), overrides or [])
     return parse_assembly(data, where=str(path))
 
@@ -556,7 +557,9 @@ def load_lora(path: str | Path) -> LoraConfig:
 
 
 def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
-    """Load a stage YAML. Relative paths inside it resolve against the CWD, then the YAML's folder."""
+    """Load a stage YAML, with ``overrides`` as the command line gives them (``"max_steps=5"``,
+    ``"assembly.max_length=64"``, ``"assembly=other.yaml"``). Relative paths inside it resolve against the
+    CWD, then the YAML's folder."""
     overrides = overrides or []
     to_assembly = [o[len("assembly."):] for o in overrides if o.startswith("assembly.")]
     raw = read_yaml(path)
