@@ -36,6 +36,18 @@ def test_generate_leaves_a_training_model_in_the_modes_it_had(tiny_model):
     assert _modes(tiny_model) == before
 
 
+def test_run_requests_leaves_a_training_model_in_the_modes_it_had(tiny_model, tmp_path):
+    from mmllm import run_requests
+
+    tiny_model.train()
+    before = _modes(tiny_model)
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": "r1", "prompt": "Generate an image: a red circle", "max_new_tokens": 3}\n')
+    counts = run_requests(tiny_model, requests, tmp_path / "out")
+    assert counts["done"] == 1 and counts["failed"] == 0
+    assert _modes(tiny_model) == before
+
+
 def test_generate_runs_a_training_model_in_eval_mode(tiny_model, sample_data):
     """Inside the call every part runs in eval mode (no dropout), whatever mode the model was in."""
     seen: list[tuple[str, bool]] = []
