@@ -451,7 +451,7 @@ def generate(
     settings = Settings(max_new_tokens, temperature if do_sample else 0.0, top_p, steps, guidance)
     spec = token_spec(model)
     batch = [prepare_request(model, r, spec) for r in requests]
-    with eval_mode(model):  # the decoders too: a model that trains has them in training mode
+    with eval_mode(model):  # one walk over the modules for both steps
         results = generate_answers(model, batch, settings)
         if decode_media:
             decode_outputs(model, batch, results, settings)
