@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmllm.log_filters import drop_diffusers_noise
+
 if TYPE_CHECKING:
     from mmllm.training.parts import StageParts
 
@@ -32,27 +34,7 @@ def _setup_logging(verbose: bool) -> None:
     logging.getLogger("mmllm").setLevel(level)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("diffusers.pipelines.pipeline_utils").addFilter(_DiffusersNoise())
-
-
-class _DiffusersNoise(logging.Filter):
-    """Drop what users cannot act on: the pipeline-argument type hints our own parts trip on purpose (a
-    MiniLM text encoder where the pipeline's annotation names CLIP), and the same deprecation notice of
-    a pipeline class after its first time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message.startswith("Expected types for "):
-            return False
-        if "has been deprecated and will not receive bug fixes" in message:
-            if message in self.seen:
-                return False
-            self.seen.add(message)
-        return True
+    drop_diffusers_noise()
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,6 +111,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, os.PathLike):  # a Path given in Python, where YAML gives the string
+            return os.fspath(value)
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
@@ -144,7 +147,7 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
 def to_dict(obj: Any) -> Any:
     """Plain-data form of a config (for YAML/JSON), components flattened back to ``kind`` + options."""
     if isinstance(obj, ComponentSpec):
-        return {"kind": obj.kind, **copy.deepcopy(obj.options)}
+        return {"kind": obj.kind, **to_dict(copy.deepcopy(obj.options))}
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
@@ -248,6 +251,12 @@ class AssemblyConfig:
         extra = sorted(set(self.output_projections) - set(self.decoders))
         if extra:
             raise ConfigError(f"output_projections.{extra[0]} is set but decoders.{extra[0]} is not")
+
+    def checked(self) -> AssemblyConfig:
+        """A copy, checked and completed as at construction: an AssemblyConfig changed in Python after it was
+        made (an encoder or decoder added, one taken out) gets its projection and signal-token defaults, and
+        loses the signal tokens of a decoder it no longer has, as the same YAML would."""
+        return dataclasses.replace(copy.deepcopy(self))
 
 
 def parse_assembly(data: dict[str, Any], where: str = "assembly") -> AssemblyConfig:
@@ -526,8 +535,18 @@ def resolve_path(base: Path, value: str | None) -> str | None:
 
 
 def load_assembly(path: str | Path, overrides: list[str] | None = None) -> AssemblyConfig:
+    """Load an assembly YAML, with ``key.sub=value`` ``overrides`` (``"encoders.image.tokens=pooled"``)."""
     data = apply_overrides(read_yaml(path), overrides or [])
     return parse_assembly(data, where=str(path))
+
+
+def save_assembly(config: AssemblyConfig, path: str | Path) -> Path:
+    """Write ``config`` as an assembly YAML that :func:`load_assembly` reads back equal: how an assembly built
+    or changed in Python reaches a stage, whose ``assembly:`` names a file. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    return path
 
 
 def load_lora(path: str | Path) -> LoraConfig:
@@ -538,7 +557,9 @@ def load_lora(path: str | Path) -> LoraConfig:
 
 
 def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
-    """Load a stage YAML. Relative paths inside it resolve against the CWD, then the YAML's folder."""
+    """Load a stage YAML, with ``overrides`` as the command line gives them (``"max_steps=5"``,
+    ``"assembly.max_length=64"``, ``"assembly=other.yaml"``). Relative paths inside it resolve against the
+    CWD, then the YAML's folder."""
     overrides = overrides or []
     to_assembly = [o[len("assembly."):] for o in overrides if o.startswith("assembly.")]
     raw = read_yaml(path)

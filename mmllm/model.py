@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from mmllm.encoders.base import MediaEncoder
 from mmllm.llm import LLMCore, position_ids
 from mmllm.projections import InputProjection, OutputProjection
 
+if TYPE_CHECKING:
+    from mmllm.inference.generate import Request
+
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +58,11 @@ def seeded(seed: int, where: str):
 
 @dataclass
 class GenerationResult:
+    """One request's answer: its text (special tokens dropped), the answer's token ids, and per output
+    modality one entry per signal-token group it emitted -- the decoder conditioning the output projection
+    made, and the media the decoder made from it (a ``PIL.Image.Image``, an :class:`mmllm.data.media.Audio`
+    or an :class:`mmllm.data.media.Video`; none when generated with ``decode_media=False``)."""
+
     text: str
     token_ids: list[int]
     # per output modality, one entry per emitted signal-token group
@@ -101,7 +109,10 @@ class AnyToAnyModel(nn.Module):
         generate; ``"conditioning"`` (text encoder) for MSE targets; ``"config"`` (no weights) when
         nothing runs it. ``encoder_weights``: the modalities whose encoder loads its weights (None: all);
         the others are built as :class:`EncoderShape`, reading no weights. ``llm_weights=False``: the LLM
-        is its config on the meta device (tokenizer, token ids and sizes only). The checks are the same."""
+        is its config on the meta device (tokenizer, token ids and sizes only). The checks are the same.
+        ``config`` is checked as it is now, as loading it from YAML checks it (parts added or taken out in
+        Python after it was made included); the model holds a checked copy, the caller's is left alone."""
+        config = config.checked()
         parts_of = {m: decoder_parts if isinstance(decoder_parts, str) else decoder_parts.get(m, "config")
                     for m in config.decoders}
         bad = sorted({p for p in parts_of.values() if p not in DECODER_PARTS})
@@ -529,10 +540,27 @@ class AnyToAnyModel(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, *args: Any, **kwargs: Any) -> list[GenerationResult]:
+    def generate(
+        self,
+        requests: list[Request],
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        decode_media: bool = True,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> list[GenerationResult]:
+        """Answer ``requests`` (:class:`~mmllm.inference.generate.Request`) in one batch, one
+        :class:`GenerationResult` each, in eval mode (a training model gets its modes back). A request's own
+        ``max_new_tokens``, ``temperature``, ``top_p``, ``steps`` and ``guidance`` win over these; sampling is
+        seeded per request (``Request.seed``). ``decode_media=False`` stops at the conditioning (no decoder
+        runs). Raises on the first bad request; :func:`mmllm.inference.runner.run_requests` isolates them."""
         from mmllm.inference.generate import generate
 
-        return generate(self, *args, **kwargs)
+        return generate(self, requests, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                        top_p=top_p, decode_media=decode_media, steps=steps, guidance=guidance)
 
 
 def denoise_units(batch: dict[str, Any], modality: str) -> int:

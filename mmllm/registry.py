@@ -63,8 +63,12 @@ def resolve(table: str, kind: str, where: str = "") -> type:
                           "provides it") from exc
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type) or not hasattr(cls, "Options") or not hasattr(cls, "from_options"):
+        # a class defined in a script or notebook is __main__'s: another process has it only if it defines it too
+        hint = (f"; a class of a script or notebook is found only in a process that defines (or imports) "
+                f"{class_name} in its own __main__ before building or loading: define it there, or move it into "
+                "a package and name it as 'package.module:Class'" if module_name == "__main__" else "")
         raise ConfigError(f"{at}kind {kind!r}: {module_name} has no class {class_name} with an Options dataclass "
-                          "and a from_options classmethod")
+                          f"and a from_options classmethod{hint}")
     return cls
 
 

@@ -36,6 +36,7 @@ from torch import nn
 from mmllm.config import ConfigError, from_dict
 from mmllm.decoders.base import DECODER_PARTS, MediaDecoder
 from mmllm.locations import resolve_source
+from mmllm.log_filters import diffusers_noise_dropped
 
 log = logging.getLogger(__name__)
 
@@ -269,9 +270,10 @@ def load_parts(
         weights = resolve_source(options.text_encoder)
         kwargs["text_encoder"] = load_text_encoder(pipeline_cls, source, weights, dtype)
     kwargs.update({name: None for name in skip})
-    pipe = pipeline_cls.from_pretrained(
-        source, dtype=dtype, use_safetensors=True, trust_remote_code=options.trust_remote_code, **kwargs
-    )
+    with diffusers_noise_dropped():  # a MiniLM given where the pipeline's annotation names CLIP, say
+        pipe = pipeline_cls.from_pretrained(
+            source, dtype=dtype, use_safetensors=True, trust_remote_code=options.trust_remote_code, **kwargs
+        )
     if skip:
         log.info("%s: not loading %s (the stage does not use them)", options.model, ", ".join(skip))
     return {name: NotLoaded(name, _unloaded_config(pipeline_cls, options, source, name)) if name in skip
@@ -625,7 +627,8 @@ class FrozenDiffusionDecoder(MediaDecoder):
     def pipeline(self) -> Any:
         """The diffusers pipeline over this module's own parts; built on first use and kept."""
         if self._pipeline is None:
-            self._pipeline = self._build_pipeline()
+            with diffusers_noise_dropped():  # AudioLDM's and text-to-video's deprecation notice: once a process
+                self._pipeline = self._build_pipeline()
             self._pipeline.set_progress_bar_config(disable=True)
         return self._pipeline
 

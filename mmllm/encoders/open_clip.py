@@ -208,6 +208,23 @@ def _named(prefix: str, cls: type[OpenClipImageEncoder], visual: nn.Module,
         raise ConfigError(f"{prefix}{exc}") from exc
 
 
+@contextlib.contextmanager
+def _root_logger_left_alone() -> Iterator[None]:
+    """open_clip logs with the root logger's module functions (``logging.info(...)``), and the first such call
+    in a process whose root logger has no handler configures it (``logging.basicConfig()``: a stderr handler,
+    level WARNING): a script's own ``logging.basicConfig(level=logging.INFO)`` after building a model then did
+    nothing. The handlers such a call adds inside the block are removed after it (what it printed stays)."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        yield
+    finally:
+        if not before:
+            for handler in [h for h in root.handlers if h not in before]:
+                root.removeHandler(handler)
+
+
+@_root_logger_left_alone()
 def _create_clip(options: OpenClipImageEncoder.Options, prefix: str, load_weights: bool = True) -> nn.Module:
     """Build the full open_clip model (random or pretrained) and wrap its errors in ConfigError; with
     ``load_weights=False`` (inside ``torch.device("meta")``) its structure only, no checkpoint read."""

@@ -27,12 +27,16 @@ where the template closes turns with plain text several tokens long -- once its 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 
+from mmllm.config import MODALITIES
 from mmllm.data.media import MediaError, load_media
 from mmllm.data.template import ContextLengthError, TokenSpec, encode_prompt
 from mmllm.llm import position_ids
@@ -59,6 +63,24 @@ class Request:
     top_p: float | None = None
     steps: int | None = None  # decoder denoising steps
     guidance: float | None = None  # decoder classifier-free guidance scale
+
+    def __post_init__(self) -> None:
+        """What a script gets wrong first is refused here, saying how to write it (not later, deep in the
+        chat template or the collator)."""
+        if not isinstance(self.messages, list) or not self.messages:
+            raise ValueError(f"Request.messages: a non-empty list of {{'role': ..., 'content': ...}} dicts, got "
+                             f"{type(self.messages).__name__}; for one prompt write "
+                             "messages=[{'role': 'user', 'content': TEXT}]")
+        for i, message in enumerate(self.messages):
+            if (not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant")
+                    or not isinstance(message.get("content"), str)):
+                raise ValueError(f"Request.messages[{i}]: a dict with 'role' (system, user or assistant) and "
+                                 f"'content' (a string), got {message!r}")
+        for i, entry in enumerate(self.media):
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2 or entry[0] not in MODALITIES:
+                raise ValueError(f"Request.media[{i}]: a (modality, item) pair, the modality one of "
+                                 f"{', '.join(MODALITIES)} and the item a path or a decoded item, e.g. "
+                                 f"('image', 'cat.png'); got {entry!r}")
 
 
 @dataclass
@@ -247,14 +269,35 @@ def _resolved(req: Request, settings: Settings) -> tuple[int, float, float]:
 
 @torch.inference_mode()
 def generate_answers(model, batch: list[PreparedRequest], settings: Settings | None = None) -> list:
-    """LLM answers (text, token ids) and the conditioning of every complete signal group."""
+    """LLM answers (text, token ids) and the conditioning of every complete signal group, computed in eval
+    mode (see :func:`eval_mode`)."""
+    settings = settings or Settings()
+    with eval_mode(model):
+        return _generate_answers(model, batch, settings)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode inside the block; a model that was training gets back each module's own mode
+    after it (a look at the answers inside one's own training loop leaves the loop as it was: the glue
+    training, the frozen parts in eval mode). A model already in eval mode is left alone: no module walk."""
+    if not model.training:
+        yield
+        return
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _generate_answers(model, batch: list[PreparedRequest], settings: Settings) -> list:
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     from mmllm.model import GenerationResult
 
-    settings = settings or Settings()
-    if model.training:  # eval() walks every module: worth skipping per batch
-        model.eval()
     tok = model.llm.tokenizer
     limits, temperatures, top_ps = zip(*(_resolved(p.request, settings) for p in batch))
     context = model.llm.max_positions
@@ -265,9 +308,9 @@ def generate_answers(model, batch: list[PreparedRequest], settings: Settings | N
         alone = [i for i, p in enumerate(batch) if len(p.ids) + max(limits) > context]
         if alone and len(batch) > 1:
             together = [i for i in range(len(batch)) if i not in alone]
-            answers = dict(zip(together, generate_answers(model, [batch[i] for i in together], settings))) \
+            answers = dict(zip(together, _generate_answers(model, [batch[i] for i in together], settings))) \
                 if together else {}
-            answers |= {i: generate_answers(model, [batch[i]], settings)[0] for i in alone}
+            answers |= {i: _generate_answers(model, [batch[i]], settings)[0] for i in alone}
             return [answers[i] for i in range(len(batch))]
     input_ids, mask, media = collate(model, batch)
     input_ids, mask = input_ids.to(model.device), mask.to(model.device)
@@ -482,11 +525,13 @@ def generate(
     guidance: float | None = None,
 ):
     """Answer a batch of requests in one go (raises on the first bad request; the batch runner in
-    :mod:`mmllm.inference.runner` isolates bad requests instead)."""
+    :mod:`mmllm.inference.runner` isolates bad requests instead), in eval mode: a model that was training
+    is left in the modes it had (:func:`eval_mode`)."""
     settings = Settings(max_new_tokens, temperature if do_sample else 0.0, top_p, steps, guidance)
     spec = token_spec(model)
     batch = [prepare_request(model, r, spec) for r in requests]
-    results = generate_answers(model, batch, settings)
-    if decode_media:
-        decode_outputs(model, batch, results, settings)
+    with eval_mode(model):  # one walk over the modules for both steps
+        results = generate_answers(model, batch, settings)
+        if decode_media:
+            decode_outputs(model, batch, results, settings)
     return results

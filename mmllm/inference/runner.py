@@ -80,6 +80,7 @@ from mmllm.inference.generate import (
     Request,
     Settings,
     decode_jobs,
+    eval_mode,
     generate_answers,
     prepare_request,
     run_decoder,
@@ -759,6 +760,20 @@ def run_requests(
     if run.counts["skipped"]:
         log.info("%d request(s) already done in %s: skipped", run.counts["skipped"], results)
     start = time.perf_counter()
+    with eval_mode(model):  # a model that was training gets its modes back after the run
+        stopped = _answer_all(run, todo, requests_file, seed, batch_size, out, current)
+    elapsed = time.perf_counter() - start
+    n = run.counts["done"] + run.counts["failed"]
+    log.info("%d request(s) in %.1f s (%.2f req/s): %d done, %d failed, %d skipped; gallery %s", n, elapsed,
+             n / elapsed if elapsed > 0 else 0.0, run.counts["done"], run.counts["failed"], run.counts["skipped"],
+             out / "index.html")
+    return {**run.counts, "stopped": stopped, "seconds": {**run.seconds, "total": elapsed}}
+
+
+def _answer_all(run: _Run, todo: list[_Line], requests_file: Path, seed: int, batch_size: int, out: Path,
+                current: dict[tuple[str, str], int] | None) -> int:
+    """Answer ``todo`` in batches, refreshing the gallery now and then and at the end; 1 if ``fail_fast``
+    stopped the run, else 0."""
     stopped = 0
     try:
         for line in [ln for ln in todo if ln.error]:
@@ -777,9 +792,4 @@ def run_requests(
     finally:
         run.bar.close()
         write_gallery(out, current)
-    elapsed = time.perf_counter() - start
-    n = run.counts["done"] + run.counts["failed"]
-    log.info("%d request(s) in %.1f s (%.2f req/s): %d done, %d failed, %d skipped; gallery %s", n, elapsed,
-             n / elapsed if elapsed > 0 else 0.0, run.counts["done"], run.counts["failed"], run.counts["skipped"],
-             out / "index.html")
-    return {**run.counts, "stopped": stopped, "seconds": {**run.seconds, "total": elapsed}}
+    return stopped

@@ -36,7 +36,7 @@ class TrainingInterrupted(Exception):
         self.name, self.step, self.checkpoint = name, step, checkpoint
         self.exit_code = 128 + signal.Signals[name]
         super().__init__(f"stopped by {name} after step {step} of {max_steps}; saved {checkpoint}. Continue with "
-                         "the same command and --resume")
+                         "the same command and --resume (in Python: train(cfg, resume=True))")
 
 
 class StopRequests:

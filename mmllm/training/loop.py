@@ -140,8 +140,17 @@ def lr_lambda(cfg: StageConfig):
 
 
 def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResult:
-    """Train the stage; on SIGINT or SIGTERM during the steps, save the step under way and raise
-    :class:`~mmllm.training.interrupt.TrainingInterrupted` (see :mod:`.interrupt`)."""
+    """Train the stage ``cfg`` (:func:`mmllm.config.load_stage`) and return what it did: the loss of every
+    step, the validation scores and the final checkpoint's folder (load it with
+    :meth:`AnyToAnyModel.from_pretrained`). ``resume``: go on from the newest complete checkpoint in
+    ``cfg.output_dir`` (the command's ``--resume``); without it, an ``output_dir`` holding checkpoints is
+    refused. ``accelerator``: an ``accelerate.Accelerator`` of the caller's (default: one made here, after
+    resetting Accelerate's process state when one process runs).
+
+    Seeds Python's, NumPy's and torch's global generators with ``cfg.seed``. On SIGINT or SIGTERM during
+    the steps (from the main thread), saves the step under way and raises
+    :class:`~mmllm.training.interrupt.TrainingInterrupted` (see :mod:`.interrupt`); the handlers that were
+    there before are put back when it returns."""
     with StopRequests() as stop:
         return _train(cfg, resume, accelerator, stop)
 

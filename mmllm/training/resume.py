@@ -61,11 +61,11 @@ def check_fresh_output_dir(out_dir: Path) -> None:
     found = ckpt.step_dirs(out_dir)
     if found:
         names = found[0].name if len(found) == 1 else f"{found[0].name} .. {found[-1].name}"
-        raise ConfigError(f"output_dir {out_dir} already holds checkpoints of a run ({names}); pass --resume to continue it, or give another output_dir (or delete "
+        raise ConfigError(f"output_dir {out_dir} already holds checkpoints of a run ({names}); pass --resume (in Python: train(cfg, resume=True)) to continue it, or give another output_dir (or delete "
                           "its step-* folders) to start over")
     if kept := ckpt.recoverable_partial_writes(out_dir):
         raise ConfigError(f"output_dir {out_dir} holds a checkpoint a run was killed while saving ({kept[0].name}, complete); pass --resume "
-                          "to restore it and continue, or give another output_dir (or delete its .step-* folders) to start over")
+                          "(in Python: train(cfg, resume=True)) to restore it and continue, or give another output_dir (or delete its .step-* folders) to start over")
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
