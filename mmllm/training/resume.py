@@ -100,6 +100,13 @@ def _same_data(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> bool:
     return all(same_value(s.get(k), n.get(k)) for s, n in zip(saved, now) for k in set(s) | set(n))
 
 
+def _lr_follows_max_steps(saved: dict[str, Any], cfg: StageConfig) -> bool:
+    """Whether ``max_steps`` sets any step's learning rate, in the checkpoint's schedule or this run's: a
+    decay spreads over it; warmup and a constant schedule do not read it (:func:`~mmllm.training.loop.lr_lambda`)."""
+    was = (saved.get("schedule") or {}).get("decay", "cosine")
+    return not (was == "constant" and cfg.schedule.decay == "constant")
+
+
 def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int]) -> None:
     """Compare the run about to resume with the one that saved ``last`` (see the module docstring);
     reads ``mmllm.json`` and the training progress only. ``samples``: this run's samples per data set."""
@@ -134,6 +141,11 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
                           f"Resume with the settings it was trained with, or {fresh}")
 
     applied = _changed(saved, now, APPLIED)
+    if not _lr_follows_max_steps(saved, cfg):  # a longer or shorter run, each step at the learning rate it had
+        length = [a for a in applied if a.startswith("max_steps:")]
+        applied = [a for a in applied if a not in length]
+        if length:
+            log.info("%s: %s; the schedule is constant, so no step's learning rate changes with it", where, length[0])
     if applied:
         log.warning("%s: %s. The resumed run uses the new values (the checkpoint's mmllm.json records the old "
                     "ones); the learning rate is recomputed from them", where, "; ".join(applied))
