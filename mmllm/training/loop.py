@@ -31,13 +31,12 @@ from mmllm.config import (
     StageConfig,
     load_assembly,
     load_lora,
-    lora_targets_key,
     to_dict,
 )
 from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
-from mmllm.model import AnyToAnyModel, unit_counts
+from mmllm.model import AnyToAnyModel, lora_layer_names, unit_counts
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
@@ -111,7 +110,8 @@ def _continue_adapter(model: AnyToAnyModel, wanted: LoraConfig, cfg: StageConfig
     have = model.lora_config
     differ = [f"{k}: {getattr(have, k)} (checkpoint) vs {getattr(wanted, k)} ({cfg.lora})"
               for k in ("r", "alpha") if getattr(have, k) != getattr(wanted, k)]
-    if lora_targets_key(have.target_modules) != lora_targets_key(wanted.target_modules):
+    if lora_layer_names(model.llm.model, have.target_modules) != lora_layer_names(model.llm.model,
+                                                                                 wanted.target_modules):
         differ.append(f"target_modules: {have.target_modules} (checkpoint) vs {wanted.target_modules} ({cfg.lora})")
     if differ:
         raise ConfigError(f"init_from {cfg.init_from} carries a LoRA adapter that the stage's lora file does not "
