@@ -40,7 +40,7 @@ from mmllm.model import AnyToAnyModel, lora_layer_names, unit_counts
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
-from mmllm.training.init_from import check_init_from, warn_if_middle_step
+from mmllm.training.init_from import check_init_from, warn_if_adapter_frozen, warn_if_middle_step
 from mmllm.training.interrupt import StopRequests, TrainingInterrupted
 from mmllm.training.parts import StageParts, release_cached, stage_parts
 from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
@@ -183,6 +183,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
     check_init_from(build_cfg)  # before anything is written or loaded
     if build_cfg is cfg:
         warn_if_middle_step(cfg)
+        warn_if_adapter_frozen(cfg)
     per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data: refused before any writing
     held_out, _, eval_errors = load_stage_records(cfg.eval_data, cfg.stage)
     check_output_dir(out_dir)
