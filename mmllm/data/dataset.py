@@ -121,6 +121,21 @@ def load_stage_records(
     return per_dataset, weights, errors
 
 
+EMPTY_REPLY_NOTE = ("an assistant turn with an empty reply and no outputs teaches the model only to end its turn "
+                    "at once; fix or drop those turns if that is not meant (`mmllm data check` lists them)")
+
+
+def warn_empty_replies(per_dataset: list[list[Conversation]], datasets: list[Any], show: int = 5) -> None:
+    """One warning per dataset whose conversations hold empty assistant replies, with counts and ids."""
+    for convs, ds in zip(per_dataset, datasets):
+        found = [(c.id, n) for c in convs if (n := c.empty_replies())]
+        if found:
+            ids = ", ".join(i for i, _ in found[:show]) + (", ..." if len(found) > show else "")
+            log.warning("%s: %d empty assistant repl%s in %d conversation(s) (%s): %s", ds.path,
+                        sum(n for _, n in found), "y" if sum(n for _, n in found) == 1 else "ies", len(found), ids,
+                        EMPTY_REPLY_NOTE)
+
+
 class MixtureSampler:
     """Deterministic, stateless sample order over several datasets.
 

@@ -33,7 +33,7 @@ from mmllm.config import (
     load_lora,
     to_dict,
 )
-from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records
+from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records, warn_empty_replies
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
 from mmllm.model import AnyToAnyModel, lora_layer_names, unit_counts
@@ -186,6 +186,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
         warn_if_adapter_frozen(cfg)
     per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data: refused before any writing
     held_out, _, eval_errors = load_stage_records(cfg.eval_data, cfg.stage)
+    if accelerator.is_main_process:
+        warn_empty_replies(per_dataset + held_out, cfg.all_data())
     check_output_dir(out_dir)
     if not resume:
         check_fresh_output_dir(out_dir)
