@@ -68,6 +68,7 @@ def token_spec(model: AnyToAnyModel) -> TokenSpec:
         signal_tokens={m: signal_token_strings(m, n) for m, n in model.config.signal_tokens.items()},
         signal_ids=model.llm.signal_ids,
         max_length=model.config.max_length,
+        template_date=model.config.template_date,
     )
 
 
