@@ -79,6 +79,19 @@ def _signal_on(rank: int, step: int, signum: int) -> None:
     AnyToAnyModel.forward = signalled
 
 
+def _recovery_fails() -> None:
+    """Test fault: tidying the output folder before --resume fails (on the main process, which does it)."""
+    from mmllm.training import checkpoint
+
+    def fail(out_dir):
+        raise PermissionError(13, "Permission denied", str(out_dir / ".step-3.tmp-1-2"))
+
+    checkpoint.recover_partial_writes = fail
+
+
+if os.environ.get("MMLLM_TEST_RECOVERY_FAILS"):
+    _recovery_fails()
+
 if os.environ.get("MMLLM_TEST_SIGNAL"):  # "RANK:STEP:SIGNAME"
     import signal
 

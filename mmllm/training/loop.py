@@ -173,10 +173,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
             # projections and signal rows; LoRA runs in every forward): DDP need not search for unused ones
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
-    if resume:
-        if accelerator.is_main_process:
-            _recover_partial_writes(out_dir)
-        accelerator.wait_for_everyone()  # every process then finds the same newest checkpoint
+    if resume:  # then every process finds the same newest checkpoint
+        _on_main_process_for_all(accelerator, lambda: _recover_partial_writes(out_dir))
     last = resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
     # A resumed run rebuilds its model from the checkpoint it continues, which records the assembly and the
     # adapter init_from gave it: init_from may since have been pruned, moved or trained again.
@@ -460,6 +458,26 @@ def _restore_loss_scale(accelerator, progress: dict[str, Any], last: Path) -> No
     else:
         log.info("--resume: %s holds no fp16 loss scale (trained without fp16); the scaler starts at %s",
                  last, scaler.get_scale())
+
+
+def _on_main_process_for_all(accelerator, work: Callable[[], None]) -> None:
+    """Run ``work`` on the main process while the others wait; when it raises, every process raises its
+    message (the main process its own exception), so that all of them stop with the one error instead of
+    the others waiting at a barrier until the launcher kills them."""
+    from accelerate.utils import broadcast_object_list
+
+    failure: Exception | None = None
+    message: list[str | None] = [None]
+    if accelerator.is_main_process:
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 -- every kind reaches the other processes, then is raised
+            failure, message = exc, [str(exc) or type(exc).__name__]
+    message = broadcast_object_list(message)  # a barrier too
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        raise ConfigError(message[0])
 
 
 def _recover_partial_writes(out_dir: Path) -> None:
