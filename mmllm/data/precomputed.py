@@ -63,7 +63,8 @@ class Precomputed:
         if self.cache is None or fp is None or not Path(path).is_file():
             return None
         if self.cache.section("encoder", modality, fp) is None and not self.cache.others("encoder", modality, fp):
-            found = self._miss("encoder", modality, str(path))  # nothing to look up: no need to read the file
+            self._miss("encoder", modality, str(path))  # nothing to look up: no need to read the file
+            found = None
         else:
             key = file_hash_unless_unchanged(path)
             found = self._lookup("encoder", modality, fp, key, self.feature_shapes[modality], str(path))
@@ -200,7 +201,7 @@ class Precomputed:
         return None
 
     def _miss(self, kind: str, modality: str, what: str) -> None:
-        """Counts and (once) reports an output the cache does not hold; returns None, what a lookup gives."""
+        """Counts and (once) reports an output the cache does not hold."""
         assert self.cache is not None
         self.counts[f"{kind}/{modality}/miss"] += 1
         self._warn(f"miss-{kind}-{modality}", "feature cache %s has no %s %s output for %s; computing it (and "
