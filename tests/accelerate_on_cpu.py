@@ -89,8 +89,23 @@ def _recovery_fails() -> None:
     checkpoint.recover_partial_writes = fail
 
 
+def _save_fails() -> None:
+    """Test fault: the disk is full when the main process writes a checkpoint."""
+    import errno
+
+    from mmllm.training import checkpoint
+
+    def full(final, fill):
+        raise OSError(errno.ENOSPC, "No space left on device", str(final))
+
+    checkpoint.atomic_dir = full
+
+
 if os.environ.get("MMLLM_TEST_RECOVERY_FAILS"):
     _recovery_fails()
+
+if os.environ.get("MMLLM_TEST_SAVE_FAILS"):
+    _save_fails()
 
 if os.environ.get("MMLLM_TEST_SIGNAL"):  # "RANK:STEP:SIGNAME"
     import signal

@@ -467,17 +467,18 @@ def _on_main_process_for_all(accelerator, work: Callable[[], None]) -> None:
     from accelerate.utils import broadcast_object_list
 
     failure: Exception | None = None
-    message: list[str | None] = [None]
+    report: list[tuple[bool, str] | None] = [None]  # (an OSError?, its message)
     if accelerator.is_main_process:
         try:
             work()
         except Exception as exc:  # noqa: BLE001 -- every kind reaches the other processes, then is raised
-            failure, message = exc, [str(exc) or type(exc).__name__]
-    message = broadcast_object_list(message)  # a barrier too
+            failure, report = exc, [(isinstance(exc, OSError), str(exc) or type(exc).__name__)]
+    report = broadcast_object_list(report)  # a barrier too
     if failure is not None:
         raise failure
-    if message[0] is not None:
-        raise ConfigError(message[0])
+    if report[0] is not None:
+        os_error, message = report[0]
+        raise (OSError if os_error else ConfigError)(message)
 
 
 def _recover_partial_writes(out_dir: Path) -> None:
@@ -631,16 +632,16 @@ def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, s
     gathered = inner.learned_state_dict(), inner.lora_state_dict()
     optim_state = ckpt.optimizer_state(model, optimizer)
     rng_states = gather_object([ckpt.rng_state()])  # every process's: each draws its own dropout masks
-    if accelerator.is_main_process:
-        extra = ckpt.stage_meta(cfg) | {"step": step, "metric": metric, "metric_name": metric_name}
+    extra = ckpt.stage_meta(cfg) | {"step": step, "metric": metric, "metric_name": metric_name}
 
-        def fill(tmp: Path) -> None:
-            ckpt._write_model_files(inner, tmp, extra, gathered)
-            progress = {"losses": losses, "skipped": skipped, "validation": validations or []} | run_info
-            if accelerator.scaler is not None:  # fp16: the loss scale it has settled on, and its growth count
-                progress["grad_scaler"] = accelerator.scaler.state_dict()
-            ckpt.save_training_state(tmp, optim_state, scheduler, step, progress, rng_states)
+    def fill(tmp: Path) -> None:
+        ckpt._write_model_files(inner, tmp, extra, gathered)
+        progress = {"losses": losses, "skipped": skipped, "validation": validations or []} | run_info
+        if accelerator.scaler is not None:  # fp16: the loss scale it has settled on, and its growth count
+            progress["grad_scaler"] = accelerator.scaler.state_dict()
+        ckpt.save_training_state(tmp, optim_state, scheduler, step, progress, rng_states)
 
+    def write() -> None:
         try:
             path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
         except Exception as exc:  # disk full, quota, permissions changed mid-run: say so in one line
@@ -651,7 +652,8 @@ def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, s
         ckpt.record_best(out_dir, path, metric, enabled=cfg.keep_best, metric_name=metric_name)
         ckpt.prune_checkpoints(out_dir, cfg.keep_last, up_to=step)
         log.info("saved %s (%s %.4f)", path, metric_name, metric)
-    accelerator.wait_for_everyone()
+
+    _on_main_process_for_all(accelerator, write)  # a failed write stops every process with its message
 
 
 def _link_final(out_dir: Path, final: Path) -> None:
