@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import logging
 import math
 import os
@@ -113,6 +114,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         if isinstance(value, os.PathLike):  # a Path given in Python, where YAML gives the string
             return os.fspath(value)
+        if isinstance(value, datetime.date):  # YAML reads an unquoted 2024-07-26 as a date: what was written
+            return value.isoformat()
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
@@ -212,6 +215,10 @@ class OutputProjectionConfig:
 
 
 DEFAULT_SIGNAL_TOKENS = {"image": 4, "audio": 8, "video": 24}
+# The date chat templates that print one (Llama 3.x's "Today Date:", via `date_string` or `strftime_now`)
+# are given: Llama 3.1's own fallback. A fixed date keeps every sample the same from day to day and across
+# a resume, and inference prompts as training did.
+DEFAULT_TEMPLATE_DATE = "2024-07-26"
 
 
 @dataclass
@@ -225,8 +232,17 @@ class AssemblyConfig:
     signal_tokens: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_SIGNAL_TOKENS))
     max_length: int = 512
     seed: int = 0
+    # the date (YYYY-MM-DD) chat templates render as today's (`date_string`, `strftime_now`); null = the
+    # real date of each rendering, as transformers gives it (samples then change from day to day)
+    template_date: str | None = DEFAULT_TEMPLATE_DATE
 
     def __post_init__(self) -> None:
+        if self.template_date is not None:
+            try:
+                datetime.date.fromisoformat(self.template_date)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"template_date: {self.template_date!r} is not a date written YYYY-MM-DD (or null "
+                                  "for the real date of each rendering)") from exc
         for section in ("encoders", "decoders", "input_projections", "output_projections", "signal_tokens"):
             for modality in getattr(self, section):
                 if modality not in MODALITIES:

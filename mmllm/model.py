@@ -596,6 +596,29 @@ def lora_candidate_names(model: nn.Module) -> list[str]:
                    if isinstance(module, _lora_layer_types()) and id(module) not in skip})
 
 
+def lora_layer_names(model: nn.Module, target_modules: Collection[str] | str) -> frozenset[str]:
+    """The full names of the layers of ``model`` (the core, its signal rows added) that a LoRA
+    ``target_modules`` adapts: ``"all-linear"`` as :meth:`AnyToAnyModel.add_lora` expands it, a list by PEFT's
+    rule (a layer's whole name, or its end after a dot). The same with an adapter attached (a layer PEFT
+    wrapped counts once, under its own name), so two spellings of one adapter compare equal."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    head = model.get_output_embeddings()
+    skip = {id(head.base)} if head is not None and hasattr(head, "base") else set()
+    layers, wrapped = [], ()
+    for name, module in model.named_modules():
+        if not name or name.startswith(wrapped):
+            continue  # an adapted layer's own parts (base_layer, lora_A, ...)
+        if isinstance(module, BaseTunerLayer):
+            layers.append(name)
+            wrapped = (*wrapped, f"{name}.")
+        elif isinstance(module, _lora_layer_types()) and id(module) not in skip:
+            layers.append(name)
+    if target_modules == ALL_LINEAR:
+        return frozenset(layers)
+    return frozenset(n for n in layers if any(n == t or n.endswith(f".{t}") for t in target_modules))
+
+
 def _targets_only_conv1d(model: nn.Module, targets: Collection[str]) -> bool:
     from transformers.pytorch_utils import Conv1D
 

@@ -79,6 +79,34 @@ def _signal_on(rank: int, step: int, signum: int) -> None:
     AnyToAnyModel.forward = signalled
 
 
+def _recovery_fails() -> None:
+    """Test fault: tidying the output folder before --resume fails (on the main process, which does it)."""
+    from mmllm.training import checkpoint
+
+    def fail(out_dir):
+        raise PermissionError(13, "Permission denied", str(out_dir / ".step-3.tmp-1-2"))
+
+    checkpoint.recover_partial_writes = fail
+
+
+def _save_fails() -> None:
+    """Test fault: the disk is full when the main process writes a checkpoint."""
+    import errno
+
+    from mmllm.training import checkpoint
+
+    def full(final, fill):
+        raise OSError(errno.ENOSPC, "No space left on device", str(final))
+
+    checkpoint.atomic_dir = full
+
+
+if os.environ.get("MMLLM_TEST_RECOVERY_FAILS"):
+    _recovery_fails()
+
+if os.environ.get("MMLLM_TEST_SAVE_FAILS"):
+    _save_fails()
+
 if os.environ.get("MMLLM_TEST_SIGNAL"):  # "RANK:STEP:SIGNAME"
     import signal
 

@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import shutil
+import time
 
 import pytest
 import torch
@@ -170,3 +171,53 @@ def test_cache_command(data, tmp_path, capsys):
     assert "condition/image: 0 computed, 8 already cached" in capsys.readouterr().out
     assert main(args) == 2  # no cache.dir: a configuration error, said plainly
     assert "cache.dir" in capsys.readouterr().err
+
+
+def _lookups(tmp_path, sections: dict[str, dict[str, torch.Tensor]]):
+    """A Precomputed over a cache holding ``sections`` (fingerprint -> content hash -> image features)."""
+    from mmllm.data.precomputed import Precomputed
+
+    cache = FeatureCache(tmp_path / "cache")
+    for fp, entries in sections.items():
+        with cache.writer("encoder", "image", fp, {}) as writer:
+            for key, tensor in entries.items():
+                writer.add(key, tensor)
+    return Precomputed(FeatureCache(tmp_path / "cache"), tmp_path / "cache", {"image": "mine"}, {},
+                       {"image": (2, 3)}, {})
+
+
+def test_a_media_file_is_read_once_while_unchanged_and_again_when_it_changes(tmp_path, monkeypatch):
+    """Precomputed.features hashed the whole file on every lookup (every epoch), also when the cache held
+    nothing for its encoder; a changed file must still never get the old file's features."""
+    import os
+
+    from mmllm.data import fingerprint
+
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"{i}.png")
+        files[-1].write_bytes(bytes([i]) * 5000)
+    reads = []
+    hash_file = fingerprint.file_hash
+    monkeypatch.setattr(fingerprint, "file_hash", lambda path: reads.append(path) or hash_file(path))
+    feats = {hash_file(f): torch.full((2, 3), float(i)) for i, f in enumerate(files)}
+
+    nothing = _lookups(tmp_path / "other", {})  # a cache without a section for this encoder: nothing to look up
+    assert [nothing.features("image", f) for f in files * 2] == [None] * 6 and not reads
+    assert nothing.stats() == {"encoder/image/miss": 6}
+
+    pre = _lookups(tmp_path, {"mine": feats})
+    for _ in range(3):  # epochs
+        assert [float(pre.features("image", f)[0, 0]) for f in files] == [0.0, 1.0, 2.0]
+    assert sorted(reads) == sorted(map(str, files))  # each file read once
+    # the same size and modification time, other bytes (a copy keeping the time): read again, not the old entry
+    stat = files[1].stat()
+    time.sleep(0.05)  # past the kernel's timestamp granularity (a clock tick)
+    files[1].write_bytes(bytes([9]) * 5000)
+    os.utime(files[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert pre.features("image", files[1]) is None and pre.stats()["encoder/image/miss"] == 1
+    files[1].write_bytes(bytes([1]) * 5000)  # back as it was: the cached entry again
+    assert float(pre.features("image", files[1])[0, 0]) == 1.0
+    # a stale section (another fingerprint) needs the key to say so: the file is read for it
+    stale = _lookups(tmp_path / "stale", {"theirs": feats})
+    assert stale.features("image", files[0]) is None and stale.stats() == {"encoder/image/stale": 1}

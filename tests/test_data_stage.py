@@ -250,3 +250,31 @@ def test_data_check_reports_counts_missing_unreadable_and_too_long(sample_data, 
     assert {x.split(" ")[0].rstrip(":") for x in llava["unusable"]} == {"hopeless", "gone", "bad"}
     assert chats["malformed"] == [] and chats["inputs"] and chats["outputs"]["image"] >= 8
     assert "media in:  image 4" in text
+
+
+def test_empty_assistant_replies_are_counted_by_data_check_and_at_training_start(sample_data, tmp_path, capsys,
+                                                                               caplog):
+    """A turn whose reply is "" (no outputs) teaches only the end-of-turn marker; it was learned silently."""
+    chats = [json.loads(x) for x in sample_data["chat"].read_text().splitlines()]
+    hear = next(c for c in chats if c["id"].startswith("chat-hear"))
+    hear["messages"][1]["content"] = " "  # a two-turn conversation, its first reply empty
+    plain = next(c for c in chats if c["id"] == "chat-plain")
+    plain["messages"][1]["content"] = ""
+    draw = next(c for c in chats if c["id"].startswith("chat-draw"))
+    draw["messages"][1]["content"] = ""  # signal tokens only: says something, not counted
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    shutil.copytree(sample_data["chat"].parent / "media", tmp_path / "media")
+    data = [{"path": path, "format": "mmllm-chat"}]
+    train(stage_cfg("instruct", data, tmp_path / "out", "max_steps=1"))  # first: the CLI replaces caplog's handler
+    warned = [r.getMessage() for r in caplog.records if "empty assistant repl" in r.getMessage()]
+    assert warned == [f"{path}: 2 empty assistant replies in 2 conversation(s) ({hear['id']}, chat-plain): an "
+                      "assistant turn with an empty reply and no outputs teaches the model only to end its turn at "
+                      "once; fix or drop those turns if that is not meant (`mmllm data check` lists them)"]
+    report = tmp_path / "report.json"
+    assert main(["data", "check", "--config", str(REPO / "configs/stages/tiny/instruct.yaml"), "--json",
+                 str(report), "init_from=null", f"data=[{{path: {path}, format: mmllm-chat}}]"]) == 0
+    assert "conversations with empty assistant replies (not an error: 2 turn(s)" in capsys.readouterr().out
+    (checked,) = json.loads(report.read_text())["datasets"]
+    assert checked["empty_replies"] == [f"{hear['id']} at {path}:{chats.index(hear) + 1} (1 empty reply)",
+                                        f"chat-plain at {path}:{chats.index(plain) + 1} (1 empty reply)"]

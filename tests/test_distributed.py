@@ -310,3 +310,22 @@ def test_two_processes_resume_with_their_own_lora_dropout_masks(sample_data, tmp
     full, resumed = tmp_path / "full" / "step-4", cut / "step-4"
     assert _losses(resumed) == _losses(full)
     _assert_same_weights(full, resumed, "instruct", 0)
+
+
+def test_a_failed_recovery_before_resume_stops_every_process_with_its_error(sample_data, tmp_path):
+    """The main process tidies the output folder before --resume; when that failed, the others waited at the
+    barrier after it until the launcher killed them, saying nothing."""
+    args = _stage_args("decode-align", sample_data, tmp_path / "a", 2, "max_steps=2", "eval_data=[]", "eval_every=0")
+    _run(_launch(2, "fsdp") + args + ["max_steps=1"])
+    proc = _run(_launch(2, "fsdp") + args + ["--resume"], expect=1, MMLLM_TEST_RECOVERY_FAILS="1")
+    said = "--resume: could not tidy what a killed checkpoint write left in"
+    assert proc.stderr.count(said) == 2, proc.stderr[-3000:]  # once per process
+    assert sorted(p.name for p in (tmp_path / "a").glob("step-*")) == ["step-1"]
+
+
+def test_a_failed_checkpoint_write_stops_every_process_with_its_error(sample_data, tmp_path):
+    """The main process writes checkpoints; when a write failed (a full disk) the others waited at the barrier
+    after it until the launcher killed them."""
+    args = _stage_args("decode-align", sample_data, tmp_path / "a", 2, "max_steps=1", "eval_data=[]", "eval_every=0")
+    proc = _run(_launch(2, "fsdp") + args, expect=1, MMLLM_TEST_SAVE_FAILS="1")
+    assert proc.stderr.count("could not write the checkpoint") == 2, proc.stderr[-3000:]  # once per process

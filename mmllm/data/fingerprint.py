@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,21 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_hash_unless_unchanged(path: str | Path) -> str:
+    """:func:`file_hash`, read once while the file stays as it was: remembered under the path and the file's
+    device, inode, size and modification and change times (ns). Any write moves the modification time and
+    every replacement (a rename, a copy keeping the old time: ``cp -p``, ``rsync -t``) the change time, which
+    no user can set back, so a changed file is hashed again. A training stage looks up every media file
+    once per epoch; it used to read each one in full every time."""
+    st = os.stat(path)
+    return _remembered_hash(os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@lru_cache(maxsize=1 << 20)  # a path and a 64-character hash: about 0.2 KB an entry
+def _remembered_hash(path: str, device: int, inode: int, size: int, modified_ns: int, changed_ns: int) -> str:
+    return file_hash(path)
 
 
 def text_hash(text: str) -> str:

@@ -89,6 +89,11 @@ class Conversation:
     def output_refs(self) -> list[OutputRef]:
         return [o for msg in self.messages for o in msg.outputs]
 
+    def empty_replies(self) -> int:
+        """Assistant turns that say nothing and ask for no output: each one teaches only the template's
+        end-of-turn marker (answer nothing), and is more often a conversion slip than a wish."""
+        return sum(1 for m in self.messages if m.role == "assistant" and not m.content.strip() and not m.outputs)
+
 
 @dataclass
 class CaptionPair:

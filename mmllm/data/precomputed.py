@@ -27,7 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from mmllm.data.cache import FeatureCache, Section
-from mmllm.data.fingerprint import decoder_fingerprint, encoder_fingerprint, file_hash, text_hash
+from mmllm.data.fingerprint import (
+    decoder_fingerprint,
+    encoder_fingerprint,
+    file_hash_unless_unchanged,
+    text_hash,
+)
 from mmllm.data.media import SAMPLE_ERRORS, load_media
 
 if TYPE_CHECKING:
@@ -57,8 +62,12 @@ class Precomputed:
         fp = self.encoder_fingerprints.get(modality)
         if self.cache is None or fp is None or not Path(path).is_file():
             return None
-        key = file_hash(path)
-        found = self._lookup("encoder", modality, fp, key, self.feature_shapes[modality], str(path))
+        if self.cache.section("encoder", modality, fp) is None and not self.cache.others("encoder", modality, fp):
+            self._miss("encoder", modality, str(path))  # nothing to look up: no need to read the file
+            found = None
+        else:
+            key = file_hash_unless_unchanged(path)
+            found = self._lookup("encoder", modality, fp, key, self.feature_shapes[modality], str(path))
         if found is None and f"encoder/{modality}" in self.required:
             raise ValueError(f"{path} is not in the feature cache {self.cache.directory}, and this stage holds no "
                              f"{modality} encoder (cache.require): it could not be read when the cache was built, "
@@ -136,7 +145,7 @@ class Precomputed:
                 for path in files:
                     bar.update()
                     try:
-                        key = file_hash(path)
+                        key = file_hash_unless_unchanged(path)
                         found = section is not None and section.shape(key) == tuple(self.feature_shapes[m])
                         if not found:
                             load_media(m, path)  # what `mmllm cache` could not read, training skips too
@@ -188,11 +197,16 @@ class Precomputed:
                        "`mmllm cache --config <this stage>` to refresh", self.cache.directory, modality, kind,
                        what, stale[0].fingerprint, fp)
         else:
-            self.counts[f"{kind}/{modality}/miss"] += 1
-            self._warn(f"miss-{kind}-{modality}", "feature cache %s has no %s %s output for %s; computing it (and "
-                       "further misses) on the fly; run `mmllm cache --config <this stage>` to fill the cache",
-                       self.cache.directory, modality, kind, what)
+            self._miss(kind, modality, what)
         return None
+
+    def _miss(self, kind: str, modality: str, what: str) -> None:
+        """Counts and (once) reports an output the cache does not hold."""
+        assert self.cache is not None
+        self.counts[f"{kind}/{modality}/miss"] += 1
+        self._warn(f"miss-{kind}-{modality}", "feature cache %s has no %s %s output for %s; computing it (and "
+                   "further misses) on the fly; run `mmllm cache --config <this stage>` to fill the cache",
+                   self.cache.directory, modality, kind, what)
 
     def _warn(self, key: str, msg: str, *args: Any) -> None:
         if key not in self._warned:

@@ -11,9 +11,14 @@ moves back to the span's start and the media/outputs past it are dropped with th
 from __future__ import annotations
 
 import bisect
+import datetime
+import json
+import string
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
+from mmllm.config import DEFAULT_TEMPLATE_DATE
 from mmllm.data.formats import CaptionPair, Conversation, MediaRef, Message, OutputRef
 
 IGNORE = -100
@@ -34,6 +39,7 @@ class TokenSpec:
     signal_tokens: dict[str, list[str]]  # modality -> its signal token strings
     signal_ids: dict[str, list[int]]
     max_length: int
+    template_date: str | None = DEFAULT_TEMPLATE_DATE  # the assembly's: see :func:`_render`
 
 
 @dataclass
@@ -91,16 +97,65 @@ def _template_messages(conv: Conversation, spec: TokenSpec) -> list[dict[str, st
     return out
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-    """The chat template's text; a conversation the template refuses (its ``raise_exception``: Mistral's
-    "roles must alternate", Gemma 2's "System role not supported") is a ValueError, which training skips
-    and counts as it does any sample that cannot be read, rather than jinja2's TemplateError."""
+# strftime's codes that a template may ask ``strftime_now`` for (glibc's ``%-d`` style too)
+_STRFTIME_CODES = [c for c in string.ascii_letters if c not in "EO"] + [f"-{c}" for c in "dmHIMSjy"]
+
+
+@lru_cache(maxsize=16)
+def dated_template(template: str, day: str) -> str:
+    """``template`` with ``strftime_now(format)`` giving ``day`` (YYYY-MM-DD, midnight) in place of now.
+
+    transformers gives chat templates a ``strftime_now`` that reads the clock (Llama 3.2/3.3, Granite,
+    Mistral Small and others print today's date), and passes no callable a caller gives it on to the
+    template. A macro of the same name, defined ahead of the template's own text, shadows it; it formats
+    by a table of every strftime code for ``day``. A template that does not call it is returned as it is."""
+    if "strftime_now" not in template:
+        return template
+    when = datetime.datetime.combine(datetime.date.fromisoformat(day), datetime.time())
+    codes: dict[str, str] = {"%": "%"}
+    for code in _STRFTIME_CODES:
+        try:
+            codes[code] = when.strftime(f"%{code}")
+        except ValueError:  # a code this platform's strftime does not know
+            continue
+    table = json.dumps(codes, ensure_ascii=False)
+    macro = ("{%- macro strftime_now(format) -%}{%- set ns = namespace(text='', flag=none) -%}"
+             "{%- for c in format -%}"
+             "{%- if ns.flag is not none and c == '-' and ns.flag == '' -%}{%- set ns.flag = '-' -%}"
+             "{%- elif ns.flag is not none -%}{%- set ns.text = ns.text ~ " + table + ".get(ns.flag ~ c, '%' ~ ns.flag ~ c) -%}"
+             "{%- set ns.flag = none -%}"
+             "{%- elif c == '%' -%}{%- set ns.flag = '' -%}"
+             "{%- else -%}{%- set ns.text = ns.text ~ c -%}{%- endif -%}"
+             "{%- endfor -%}{{- ns.text -}}{%- endmacro %}")
+    return macro + template
+
+
+def _date_arguments(tokenizer: Any, date: str | None) -> dict[str, Any]:
+    """What :func:`_render` passes ``apply_chat_template`` so that the template renders ``date`` as today:
+    ``date_string`` (Llama 3.x's variable, "26 Jul 2024"), and a template whose ``strftime_now`` gives it.
+    None: nothing (the template reads the clock)."""
+    if date is None:
+        return {}
+    day = datetime.date.fromisoformat(date)
+    return {"chat_template": dated_template(tokenizer.get_chat_template(), date),
+            "date_string": day.strftime("%d %b %Y")}
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool,
+            date: str | None = DEFAULT_TEMPLATE_DATE) -> str:
+    """The chat template's text, rendered as on ``date`` (YYYY-MM-DD; the assembly's ``template_date``):
+    templates that print today's date would otherwise make a sample differ from day to day, across a
+    resume, and between training and inference. A conversation the template refuses (its
+    ``raise_exception``: Mistral's "roles must alternate", Gemma 2's "System role not supported") is a
+    ValueError, which training skips and counts as it does any sample that cannot be read, rather than
+    jinja2's TemplateError."""
     if not messages:
         return ""
     from jinja2 import TemplateError
 
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             **_date_arguments(tokenizer, date))
     except TemplateError as exc:
         roles = ", ".join(m["role"] for m in messages)
         raise ValueError(f"the LLM's chat template refuses this conversation (roles: {roles}): {exc}; change the "
@@ -240,8 +295,8 @@ def _encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) ->
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True, date=spec.template_date)
+        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, date=spec.template_date)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise ValueError(f"the tokenizer's chat template is not prefix-stable, so the labels of this "
                              f"conversation's turn {i + 1} cannot be placed: {PREFIX_STABLE_HINT}")
@@ -280,7 +335,7 @@ def encode_prompt(
     messages: list[dict[str, str]], tokenizer: Any, spec: TokenSpec
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Inference: a conversation up to the next assistant turn -> expanded ids and media spans."""
-    text = _render(tokenizer, messages, add_generation_prompt=True)
+    text = _render(tokenizer, messages, add_generation_prompt=True, date=spec.template_date)
     ids = _tokens(tokenizer, text)
     ids, _, spans = expand_placeholders(ids, [IGNORE] * len(ids), spec)
     if len(ids) > spec.max_length:

@@ -177,6 +177,26 @@ def warn_if_middle_step(cfg: StageConfig) -> None:
                     directory, step_dirs(run)[-1].name)
 
 
+def warn_if_adapter_frozen(cfg: StageConfig) -> None:
+    """``init_from`` carrying a LoRA adapter (an instruct checkpoint) for a stage that does not train LoRA
+    (``decode-align`` or ``encode-align`` after ``instruct``): allowed -- re-aligning a projection to the
+    finished model is a use -- but the adapter stays attached and frozen, so what the stage learns is fitted
+    to the adapted core, not to the core alone; more often the previous stage's checkpoint was meant."""
+    from mmllm.training.checkpoint import read_meta
+
+    if not cfg.init_from or cfg.resolved_trainable()["lora"]:
+        return
+    meta = read_meta(Path(cfg.init_from))
+    if not meta.get("lora"):
+        return
+    trained_by = (meta.get("stage") or {}).get("stage", "an earlier stage")
+    log.warning("init_from %s carries a LoRA adapter (trained by %s), which stage %s does not train: it stays on, "
+                "frozen, so the stage learns on the adapted core's hidden states and its checkpoints carry the "
+                "adapter. That is right for re-aligning the finished model; to continue the stage before %s, point "
+                "init_from at that stage's checkpoint (or set init_from=null)", cfg.init_from, trained_by, cfg.stage,
+                trained_by)
+
+
 def check_init_from(cfg: StageConfig) -> None:
     """Compare the stage's resolved assembly with the one ``cfg.init_from`` records; raise on an
     override the checkpoint contradicts, warn on a file that differs. Reads ``mmllm.json`` only."""

@@ -31,17 +31,21 @@ from mmllm.config import (
     StageConfig,
     load_assembly,
     load_lora,
-    lora_targets_key,
     to_dict,
 )
-from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records
+from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records, warn_empty_replies
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
-from mmllm.model import AnyToAnyModel, unit_counts
+from mmllm.model import AnyToAnyModel, lora_layer_names, unit_counts
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.freeze import apply_trainable
-from mmllm.training.init_from import check_init_from, stage_trusts_remote_code, warn_if_middle_step
+from mmllm.training.init_from import (
+    check_init_from,
+    stage_trusts_remote_code,
+    warn_if_adapter_frozen,
+    warn_if_middle_step,
+)
 from mmllm.training.interrupt import StopRequests, TrainingInterrupted
 from mmllm.training.parts import StageParts, release_cached, stage_parts
 from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
@@ -69,6 +73,7 @@ def token_spec(model: AnyToAnyModel) -> TokenSpec:
         signal_tokens={m: signal_token_strings(m, n) for m, n in model.config.signal_tokens.items()},
         signal_ids=model.llm.signal_ids,
         max_length=model.config.max_length,
+        template_date=model.config.template_date,
     )
 
 
@@ -112,7 +117,8 @@ def _continue_adapter(model: AnyToAnyModel, wanted: LoraConfig, cfg: StageConfig
     have = model.lora_config
     differ = [f"{k}: {getattr(have, k)} (checkpoint) vs {getattr(wanted, k)} ({cfg.lora})"
               for k in ("r", "alpha") if getattr(have, k) != getattr(wanted, k)]
-    if lora_targets_key(have.target_modules) != lora_targets_key(wanted.target_modules):
+    if lora_layer_names(model.llm.model, have.target_modules) != lora_layer_names(model.llm.model,
+                                                                                 wanted.target_modules):
         differ.append(f"target_modules: {have.target_modules} (checkpoint) vs {wanted.target_modules} ({cfg.lora})")
     if differ:
         raise ConfigError(f"init_from {cfg.init_from} carries a LoRA adapter that the stage's lora file does not "
@@ -182,10 +188,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
             # projections and signal rows; LoRA runs in every forward): DDP need not search for unused ones
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
-    if resume:
-        if accelerator.is_main_process:
-            _recover_partial_writes(out_dir)
-        accelerator.wait_for_everyone()  # every process then finds the same newest checkpoint
+    if resume:  # then every process finds the same newest checkpoint
+        _on_main_process_for_all(accelerator, lambda: _recover_partial_writes(out_dir))
     last = resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
     # A resumed run rebuilds its model from the checkpoint it continues, which records the assembly and the
     # adapter init_from gave it: init_from may since have been pruned, moved or trained again.
@@ -193,8 +197,11 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
     check_init_from(build_cfg)  # before anything is written or loaded
     if build_cfg is cfg:
         warn_if_middle_step(cfg)
+        warn_if_adapter_frozen(cfg)
     per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data: refused before any writing
     held_out, _, eval_errors = load_stage_records(cfg.eval_data, cfg.stage)
+    if accelerator.is_main_process:
+        warn_empty_replies(per_dataset + held_out, cfg.all_data())
     check_output_dir(out_dir)
     if not resume:
         check_fresh_output_dir(out_dir)
@@ -474,6 +481,27 @@ def _restore_loss_scale(accelerator, progress: dict[str, Any], last: Path) -> No
                  last, scaler.get_scale())
 
 
+def _on_main_process_for_all(accelerator, work: Callable[[], None]) -> None:
+    """Run ``work`` on the main process while the others wait; when it raises, every process raises its
+    message (the main process its own exception), so that all of them stop with the one error instead of
+    the others waiting at a barrier until the launcher kills them."""
+    from accelerate.utils import broadcast_object_list
+
+    failure: Exception | None = None
+    report: list[tuple[bool, str] | None] = [None]  # (an OSError?, its message)
+    if accelerator.is_main_process:
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 -- every kind reaches the other processes, then is raised
+            failure, report = exc, [(isinstance(exc, OSError), str(exc) or type(exc).__name__)]
+    report = broadcast_object_list(report)  # a barrier too
+    if failure is not None:
+        raise failure
+    if report[0] is not None:
+        os_error, message = report[0]
+        raise (OSError if os_error else ConfigError)(message)
+
+
 def _recover_partial_writes(out_dir: Path) -> None:
     """Before ``--resume`` picks its checkpoint: put back a checkpoint a kill left mid-rename, delete the rest."""
     try:
@@ -625,16 +653,16 @@ def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, s
     gathered = inner.learned_state_dict(), inner.lora_state_dict()
     optim_state = ckpt.optimizer_state(model, optimizer)
     rng_states = gather_object([ckpt.rng_state()])  # every process's: each draws its own dropout masks
-    if accelerator.is_main_process:
-        extra = ckpt.stage_meta(cfg) | {"step": step, "metric": metric, "metric_name": metric_name}
+    extra = ckpt.stage_meta(cfg) | {"step": step, "metric": metric, "metric_name": metric_name}
 
-        def fill(tmp: Path) -> None:
-            ckpt._write_model_files(inner, tmp, extra, gathered)
-            progress = {"losses": losses, "skipped": skipped, "validation": validations or []} | run_info
-            if accelerator.scaler is not None:  # fp16: the loss scale it has settled on, and its growth count
-                progress["grad_scaler"] = accelerator.scaler.state_dict()
-            ckpt.save_training_state(tmp, optim_state, scheduler, step, progress, rng_states)
+    def fill(tmp: Path) -> None:
+        ckpt._write_model_files(inner, tmp, extra, gathered)
+        progress = {"losses": losses, "skipped": skipped, "validation": validations or []} | run_info
+        if accelerator.scaler is not None:  # fp16: the loss scale it has settled on, and its growth count
+            progress["grad_scaler"] = accelerator.scaler.state_dict()
+        ckpt.save_training_state(tmp, optim_state, scheduler, step, progress, rng_states)
 
+    def write() -> None:
         try:
             path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
         except Exception as exc:  # disk full, quota, permissions changed mid-run: say so in one line
@@ -645,7 +673,8 @@ def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, s
         ckpt.record_best(out_dir, path, metric, enabled=cfg.keep_best, metric_name=metric_name)
         ckpt.prune_checkpoints(out_dir, cfg.keep_last, up_to=step)
         log.info("saved %s (%s %.4f)", path, metric_name, metric)
-    accelerator.wait_for_everyone()
+
+    _on_main_process_for_all(accelerator, write)  # a failed write stops every process with its message
 
 
 def _link_final(out_dir: Path, final: Path) -> None:

@@ -89,6 +89,25 @@ def _lora_shape(lora: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"r": lora["r"], "alpha": lora["alpha"], "target_modules": lora_targets_key(lora["target_modules"])}
 
 
+def _same_adapter(saved: dict[str, Any] | None, wanted: dict[str, Any] | None, last: Path,
+                  meta: dict[str, Any]) -> bool:
+    """Two :func:`_lora_shape` results that describe one adapter: its rank and alpha, and the layers it
+    adapts. Targets written two ways (``all-linear`` and the list of what it expands to) are compared by the
+    layers they name in the checkpoint's core, built from its config alone (no weights read)."""
+    if saved == wanted or saved is None or wanted is None:
+        return saved == wanted
+    if (saved["r"], saved["alpha"]) != (wanted["r"], wanted["alpha"]):
+        return False
+    from mmllm import registry
+    from mmllm.model import lora_layer_names
+
+    assembly = ckpt.checkpoint_assembly(last, meta)
+    core = registry.build("llm", assembly.llm, "llm", weights=False)
+    core.add_tokens(assembly.signal_tokens, seed=assembly.seed)
+    return lora_layer_names(core.model, saved["target_modules"]) == lora_layer_names(core.model,
+                                                                                    wanted["target_modules"])
+
+
 def _changed(saved: dict[str, Any], now: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
     a, b = _flat({k: saved.get(k) for k in sections}), _flat({k: now.get(k) for k in sections})
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -98,6 +117,13 @@ def _same_data(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> bool:
     if len(saved) != len(now):
         return False
     return all(same_value(s.get(k), n.get(k)) for s, n in zip(saved, now) for k in set(s) | set(n))
+
+
+def _lr_follows_max_steps(saved: dict[str, Any], cfg: StageConfig) -> bool:
+    """Whether ``max_steps`` sets any step's learning rate, in the checkpoint's schedule or this run's: a
+    decay spreads over it; warmup and a constant schedule do not read it (:func:`~mmllm.training.loop.lr_lambda`)."""
+    was = (saved.get("schedule") or {}).get("decay", "cosine")
+    return not (was == "constant" and cfg.schedule.decay == "constant")
 
 
 def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int]) -> None:
@@ -122,7 +148,7 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
     adapter = _lora_shape(meta.get("lora"))
     wanted_lora = load_lora(cfg.lora) if cfg.lora else None
     lora = _lora_shape(to_dict(wanted_lora)) if wanted_lora else (adapter if cfg.init_from else None)
-    if adapter != lora:
+    if not _same_adapter(adapter, lora, last, meta):
         refused.append(f"LoRA adapter: {adapter} (checkpoint) vs {lora}")
     if not cfg.init_from:
         built = normalized_assembly(load_assembly(cfg.assembly, cfg.assembly_overrides))
@@ -134,6 +160,11 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
                           f"Resume with the settings it was trained with, or {fresh}")
 
     applied = _changed(saved, now, APPLIED)
+    if not _lr_follows_max_steps(saved, cfg):  # a longer or shorter run, each step at the learning rate it had
+        length = [a for a in applied if a.startswith("max_steps:")]
+        applied = [a for a in applied if a not in length]
+        if length:
+            log.info("%s: %s; the schedule is constant, so no step's learning rate changes with it", where, length[0])
     if applied:
         log.warning("%s: %s. The resumed run uses the new values (the checkpoint's mmllm.json records the old "
                     "ones); the learning rate is recomputed from them", where, "; ".join(applied))
