@@ -56,12 +56,39 @@ def test_a_file_its_manifest_does_not_list_is_refused(copy):
         ckpt.verify_manifest(copy)
 
 
-def test_a_symbolic_link_in_a_checkpoint_is_refused_even_to_the_right_bytes(copy, tmp_path):
-    elsewhere = tmp_path / "elsewhere.safetensors"
-    shutil.move(copy / "learned.safetensors", elsewhere)
-    os.symlink(elsewhere, copy / "learned.safetensors")  # same bytes, same hash: the old check passed it
-    with pytest.raises(ckpt.CheckpointError, match="learned.safetensors: a symbolic link"):
+def test_what_hubs_add_to_a_checkpoint_is_no_reason_to_refuse_it(copy):
+    """A model repository's README.md and .gitattributes, the .cache/ of `hf download --local-dir`, a Mac's
+    .DS_Store: mmllm never reads them, and refusing them made every checkpoint shared through a hub unloadable."""
+    (copy / "README.md").write_text("# my model")
+    (copy / ".gitattributes").write_text("*.safetensors filter=lfs")
+    (copy / "LICENSE").write_text("MIT")
+    (copy / ".cache" / "huggingface" / "download").mkdir(parents=True)
+    (copy / ".cache" / "huggingface" / "download" / "learned.safetensors.metadata").write_text("abc")
+    (copy / ".DS_Store").write_bytes(b"\0")
+    ckpt.verify_manifest(copy)
+    (copy / "adapter").mkdir()  # beside them, a file mmllm would read is still refused
+    (copy / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ckpt.CheckpointError, match=r"1 file\(s\) its manifest.json does not list \(adapter/"):
+        ckpt.verify_manifest(copy)
+
+
+def test_a_linked_file_is_checked_by_what_it_holds(copy, tmp_path):
+    """The hub's cache links each file of a snapshot to its blob: same bytes, so it loads; other bytes are refused."""
+    blob = tmp_path / "blobs" / "learned"
+    blob.parent.mkdir()
+    shutil.move(copy / "learned.safetensors", blob)
+    os.symlink(blob, copy / "learned.safetensors")
+    AnyToAnyModel.from_pretrained(copy)
+    blob.write_bytes(blob.read_bytes()[:-8])
+    with pytest.raises(ckpt.CheckpointError, match="learned.safetensors: contents do not match the manifest"):
         AnyToAnyModel.from_pretrained(copy)
+
+
+def test_a_linked_folder_in_a_checkpoint_is_refused(copy, tmp_path):
+    (tmp_path / "elsewhere").mkdir()  # its files would be read from outside, and no listing would show them
+    os.symlink(tmp_path / "elsewhere", copy / "adapter")
+    with pytest.raises(ckpt.CheckpointError, match="adapter: a linked folder"):
+        ckpt.verify_manifest(copy)
 
 
 @pytest.mark.parametrize("entry", ["../secret.txt", "..\\secret.txt", "{abs}"])

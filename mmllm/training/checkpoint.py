@@ -139,18 +139,31 @@ def write_manifest(root: Path) -> None:
     (root / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
 
 
+# Files that hubs, git and file browsers add beside a checkpoint's own, and that mmllm never reads: not in the
+# manifest, yet no reason to refuse a checkpoint (a model repository's README.md and .gitattributes, the
+# .cache/ that `hf download --local-dir` writes, a Mac's .DS_Store).
+EXTRA_FILES = ("README.md", "README", ".gitattributes", ".gitignore", ".DS_Store", "Thumbs.db")
+EXTRA_FOLDERS = (".cache", ".git")
+
+
+def _extra(rel: str) -> bool:
+    """A file mmllm never reads that a hub, git or a file browser adds to a checkpoint (:data:`EXTRA_FILES`)."""
+    parts = rel.split("/")
+    return parts[0] in EXTRA_FOLDERS or parts[-1] in EXTRA_FILES or parts[-1].startswith("LICENSE")
+
+
 def _held_files(root: Path) -> set[str]:
-    """Every file under ``root`` by its path relative to it (``/``-separated). A symbolic link anywhere in the
-    folder is refused: mmllm writes none, and one would make the checkpoint read (or its hash vouch for) a
-    file outside it."""
+    """Every file under ``root`` by its path relative to it (``/``-separated). A linked file counts as a file
+    (the hub's cache links each file of a snapshot to its blob; the manifest's hash checks what it holds); a
+    linked folder is refused: mmllm writes none, and its files would not be where the manifest says."""
     held = set()
     for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
+        for name in dirs:
             path = Path(folder) / name
             if path.is_symlink():
-                raise CheckpointError(f"{path}: a symbolic link (to {os.readlink(path)}) inside a checkpoint; mmllm "
-                                      "writes none, and it would read a file outside the checkpoint. Replace it by "
-                                      "the file itself, or use a checkpoint as `mmllm` wrote it")
+                raise CheckpointError(f"{path}: a linked folder (to {os.readlink(path)}) inside a checkpoint; mmllm "
+                                      "writes none. Replace it by the folder itself, or use a checkpoint as `mmllm` "
+                                      "wrote it")
         held.update(Path(folder, name).relative_to(root).as_posix() for name in files)
     return held
 
@@ -164,8 +177,8 @@ def _inside(rel: str) -> bool:
 def verify_manifest(root: Path) -> None:
     """Every file of the checkpoint ``root`` against its manifest, before any of them is used: each listed file
     must be there with its hash, and each file there must be listed (an unlisted one, e.g. weights or code
-    added to a downloaded checkpoint, would be read unchecked); entries leading outside ``root`` and symbolic
-    links are refused."""
+    added to a downloaded checkpoint, would be read unchecked) unless it is one mmllm never reads that hubs add
+    (:data:`EXTRA_FILES`); entries leading outside ``root`` and linked folders are refused."""
     root = Path(root)
     manifest = root / MANIFEST
     if not manifest.is_file():
@@ -193,6 +206,10 @@ def verify_manifest(root: Path) -> None:
         if _sha256(path) != digest:
             raise CheckpointError(f"{path}: contents do not match the manifest (truncated or modified); refusing it")
     unlisted = sorted(held - set(files) - {MANIFEST})
+    extras = [rel for rel in unlisted if _extra(rel)]
+    if extras:
+        log.info("%s: not in its %s, and never read by mmllm: %s", root, MANIFEST, ", ".join(extras[:5]))
+    unlisted = [rel for rel in unlisted if not _extra(rel)]
     if unlisted:
         raise CheckpointError(f"{root}: holds {len(unlisted)} file(s) its {MANIFEST} does not list "
                               f"({', '.join(unlisted[:5])}), which loading could read unchecked; refusing it. "
