@@ -183,6 +183,9 @@ def main() -> int:
         total = sum(per.values())
         val = r["validation"]  # None: the stage has no eval_data
         val_total = sum(val.values()) if val else 0.0
+        print(f"\n{stage.stem} ({stage.parent.name}), {r['steps']} steps, losses "
+              + " / ".join(f"{x:.4f}" for x in r["losses"]) + f"; one save {r['save_s']:.2f} s; padding "
+              f"{r['padding']:.1%} of the tokens of the first 50 training batches")
         print(f"  {'':<46} {'per step':>8}  {'share':>6}" + (f"   {'validation':>10}  {'share':>6}" if val else ""))
         rows = [*per, "rest of validation (collate, sums)", "total"] if val else [*per, "total"]
         per = per | {"total": total}
