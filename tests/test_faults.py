@@ -506,3 +506,22 @@ def test_init_from_an_instruct_checkpoint_for_a_stage_without_lora_says_the_adap
     saved = load_file(str(realigned.final_checkpoint / "adapter/adapter_model.safetensors"))
     before = load_file(str(instruct / "adapter/adapter_model.safetensors"))
     assert all(torch.equal(saved[k], before[k]) for k in before)  # frozen, as the warning says
+
+
+def test_a_non_finite_gradient_in_any_parameter_fails_the_finite_check():
+    """The check reads every gradient in one reduction; a single inf or NaN anywhere, or a non-finite loss,
+    fails it, and parameters without a gradient are passed over."""
+    from accelerate import Accelerator
+
+    from mmllm.training.loop import _all_finite
+
+    accelerator = Accelerator(cpu=True)
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in range(4)]
+    for p in params[:3]:
+        p.grad = torch.ones(3)
+    assert _all_finite(accelerator, 1.0, params)
+    assert not _all_finite(accelerator, float("nan"), params)
+    for bad in (float("inf"), float("nan")):
+        params[2].grad = torch.tensor([1.0, bad, 1.0])
+        assert not _all_finite(accelerator, 1.0, params)
+    assert _all_finite(accelerator, 1.0, [])

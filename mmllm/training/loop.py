@@ -631,13 +631,14 @@ def _global_counts(
 
 
 def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> bool:
-    bad = 0.0 if math.isfinite(loss) else 1.0
-    for p in params:
-        # the local part: a DTensor's .all() would be a collective, and ranks leave this loop apart
-        if p.grad is not None and not bool(torch.isfinite(_local_part(p.grad)).all()):
-            bad = 1.0
-            break
-    return float(accelerator.reduce(torch.tensor(bad, device=accelerator.device), "sum")) == 0.0
+    """Whether the loss and every process's gradients are finite. Each gradient's check stays on its device
+    and one reduction reads them all (a check per tensor read back was one device sync per parameter)."""
+    # the local part: a DTensor's .all() would be a collective, and ranks leave this check apart
+    finite = [torch.isfinite(_local_part(p.grad)).all().to(accelerator.device) for p in params if p.grad is not None]
+    bad = torch.tensor(0.0 if math.isfinite(loss) else 1.0, device=accelerator.device)
+    if finite:
+        bad = bad + (~torch.stack(finite).all()).float()
+    return float(accelerator.reduce(bad, "sum")) == 0.0
 
 
 def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped, metric,
