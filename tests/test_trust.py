@@ -131,6 +131,35 @@ def test_a_class_the_checkpoint_names_is_never_imported_from_inside_it(saved, tm
     assert not marker.exists()
 
 
+def test_a_class_in_a_hub_cached_checkpoint_is_not_imported_either(saved, tmp_path, monkeypatch):
+    """The hub's cache keeps a snapshot's files as links to blobs outside it: the linked ``parts.py`` is imported
+    from inside the snapshot all the same (it was let through, resolved to its blob, and run)."""
+    snapshot, blobs = tmp_path / "hub" / "snapshots" / "abc", tmp_path / "hub" / "blobs"
+    blobs.mkdir(parents=True)
+    marker = tmp_path / "ran.txt"
+    files = {rel.as_posix(): path.read_bytes() for path in saved.rglob("*") if path.is_file()
+             for rel in [path.relative_to(saved)]}
+    files["parts.py"] = f"open({str(marker)!r}, 'w').write('ran')\nclass Encoder:\n    pass\n".encode()
+    meta = json.loads(files["mmllm.json"])
+    meta["assembly"]["encoders"]["image"] = {"kind": "parts:Encoder"}
+    files["mmllm.json"] = json.dumps(meta).encode()
+    staged = tmp_path / "staged"  # the checkpoint as its maker uploads it, manifest listing parts.py
+    for rel, data in files.items():
+        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staged / rel).write_bytes(data)
+    ckpt.write_manifest(staged)
+    for i, path in enumerate(p for p in staged.rglob("*") if p.is_file()):
+        blob, link = blobs / f"blob{i}", snapshot / path.relative_to(staged)
+        shutil.copy(path, blob)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(blob, link)
+    monkeypatch.chdir(snapshot)
+    monkeypatch.syspath_prepend(str(snapshot))
+    with pytest.raises(ConfigError, match="kind 'parts:Encoder' would import parts from .*parts.py, inside"):
+        AnyToAnyModel.from_pretrained(snapshot)
+    assert not marker.exists()
+
+
 # ------------------------------------------------------------------------------------------ remote code
 
 
