@@ -84,6 +84,14 @@ def test_a_linked_file_is_checked_by_what_it_holds(copy, tmp_path):
         AnyToAnyModel.from_pretrained(copy)
 
 
+def test_a_link_whose_blob_is_gone_is_a_missing_file(copy, tmp_path):
+    """A hub-cache snapshot whose blob was deleted: the file is missing (it was a bare FileNotFoundError)."""
+    os.remove(copy / "learned.safetensors")
+    os.symlink(tmp_path / "blobs" / "gone", copy / "learned.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="learned.safetensors: listed in the manifest but missing"):
+        ckpt.verify_manifest(copy)
+
+
 def test_a_linked_folder_in_a_checkpoint_is_refused(copy, tmp_path):
     (tmp_path / "elsewhere").mkdir()  # its files would be read from outside, and no listing would show them
     os.symlink(tmp_path / "elsewhere", copy / "adapter")
