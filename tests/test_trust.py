@@ -223,6 +223,29 @@ def test_training_from_it_needs_the_stages_own_assembly_to_trust_the_same_parts(
                                                     assembly_overrides=[])) is False
 
 
+@pytest.mark.parametrize("command", [["inspect"], ["data", "check"]])
+def test_commands_reading_a_stage_from_it_need_the_same_trust(remote_code_checkpoint, tmp_path, command, capsys):
+    """`mmllm inspect`, `data check` and `cache` build the assembly init_from records: they ran the core's own
+    code (its configuration_*.py, at least) where training from the same stage is refused."""
+    import yaml
+
+    from mmllm.cli import main
+
+    recorded = ckpt.read_meta(remote_code_checkpoint)["assembly"]
+    own = tmp_path / "assembly.yaml"
+    own.write_text(yaml.safe_dump({**recorded, "llm": {**recorded["llm"], "trust_remote_code": False}}))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"id": "a", "image": "x.png", "caption": "a red circle"}) + "\n")
+    stage = tmp_path / "stage.yaml"
+    stage.write_text(yaml.safe_dump({"stage": "encode-align", "assembly": str(own), "init_from": str(remote_code_checkpoint),
+                                     "data": [{"path": str(data), "format": "mmllm-pairs"}],
+                                     "output_dir": str(tmp_path / "run")}))
+    assert main([*command, "--config", str(stage)]) == 2
+    assert "sets trust_remote_code for llm" in capsys.readouterr().err
+    assert main([*command, "--config", str(stage), "assembly.llm.trust_remote_code=true"]) != 2  # the user's own
+    assert "sets trust_remote_code" not in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ pickles
 
 
