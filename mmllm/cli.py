@@ -308,10 +308,11 @@ def _stage_assembly(cfg):
     the stage's as training checks it), else the stage's own (file + ``assembly.*`` overrides)."""
     from mmllm.config import load_assembly
     from mmllm.training.checkpoint import checkpoint_assembly
-    from mmllm.training.init_from import check_init_from, checkpoint_missing
+    from mmllm.training.init_from import check_init_from, checkpoint_missing, stage_trusts_remote_code
 
     if cfg.init_from and not checkpoint_missing(cfg):
         check_init_from(cfg)
+        stage_trusts_remote_code(cfg)  # refused as training refuses it: the recorded assembly is built next
         return checkpoint_assembly(Path(cfg.init_from))
     return load_assembly(cfg.assembly, cfg.assembly_overrides)
 

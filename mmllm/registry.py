@@ -104,11 +104,17 @@ def check_kind_not_inside(kind: str, folder: Path, where: str) -> None:
             return
         places = [spec.origin] if spec.origin and spec.has_location else []
         places += list(spec.submodule_search_locations or [])
-        inside = [p for p in places if Path(p).resolve().is_relative_to(folder)]
+        inside = [p for p in places if _lies_in(Path(p), folder)]
         if inside:
             raise ConfigError(f"{where}: kind {kind!r} would import {name} from {inside[0]}, inside {folder}; a "
                               "part's class is imported from an installed package, never from a checkpoint (run "
                               "from another folder if this is your own module's folder)")
+
+
+def _lies_in(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is in the (resolved) ``folder`` where it is found, or where it leads: a file of a hub-cache
+    snapshot is a link to a blob outside the snapshot, so resolving the file alone would place it outside."""
+    return any(p.is_relative_to(folder) for p in (path.resolve(), path.absolute().parent.resolve() / path.name))
 
 
 def parse_options(table: str, spec: ComponentSpec, where: str) -> Any:

@@ -325,6 +325,21 @@ def test_generation_stops_at_an_end_of_turn_written_as_plain_text_row_by_row(tin
     assert lengths[1] < 16  # answer 0 alone: generation stopped at the marker, not cut afterwards
 
 
+def test_stop_strings_of_the_cores_generation_config_end_answers(tiny_assembly):
+    """A core whose generation_config.json sets stop_strings: transformers' own check of them wants a tokenizer
+    passed to generate, so every answer failed with its ValueError; mmllm stops at them itself."""
+    model = AnyToAnyModel.assemble(tiny_assembly)
+    tok = model.llm.tokenizer
+    prepared = [prepare_request(model, Request([{"role": "user", "content": "Say something."}]))]
+    free = generate_answers(model, prepared, Settings(max_new_tokens=16))[0]
+    stop = tok.decode(free.token_ids[4:6]).strip()
+    assert stop and stop in free.text
+    model.llm.model.generation_config.stop_strings = [stop]
+    cut = generate_answers(model, prepared, Settings(max_new_tokens=16))[0]
+    assert cut.text == free.text[: free.text.find(stop)].strip()
+    assert cut.token_ids == free.token_ids[: len(cut.token_ids)] and len(cut.token_ids) <= 5
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 
 

@@ -84,6 +84,14 @@ def test_a_linked_file_is_checked_by_what_it_holds(copy, tmp_path):
         AnyToAnyModel.from_pretrained(copy)
 
 
+def test_a_link_whose_blob_is_gone_is_a_missing_file(copy, tmp_path):
+    """A hub-cache snapshot whose blob was deleted: the file is missing (it was a bare FileNotFoundError)."""
+    os.remove(copy / "learned.safetensors")
+    os.symlink(tmp_path / "blobs" / "gone", copy / "learned.safetensors")
+    with pytest.raises(ckpt.CheckpointError, match="learned.safetensors: listed in the manifest but missing"):
+        ckpt.verify_manifest(copy)
+
+
 def test_a_linked_folder_in_a_checkpoint_is_refused(copy, tmp_path):
     (tmp_path / "elsewhere").mkdir()  # its files would be read from outside, and no listing would show them
     os.symlink(tmp_path / "elsewhere", copy / "adapter")
@@ -128,6 +136,35 @@ def test_a_class_the_checkpoint_names_is_never_imported_from_inside_it(saved, tm
     monkeypatch.syspath_prepend(str(where))  # `python -m mmllm.cli` puts the working directory on sys.path
     with pytest.raises(ConfigError, match=f"kind '{kind}' would import .* inside"):
         AnyToAnyModel.from_pretrained(copy)
+    assert not marker.exists()
+
+
+def test_a_class_in_a_hub_cached_checkpoint_is_not_imported_either(saved, tmp_path, monkeypatch):
+    """The hub's cache keeps a snapshot's files as links to blobs outside it: the linked ``parts.py`` is imported
+    from inside the snapshot all the same (it was let through, resolved to its blob, and run)."""
+    snapshot, blobs = tmp_path / "hub" / "snapshots" / "abc", tmp_path / "hub" / "blobs"
+    blobs.mkdir(parents=True)
+    marker = tmp_path / "ran.txt"
+    files = {rel.as_posix(): path.read_bytes() for path in saved.rglob("*") if path.is_file()
+             for rel in [path.relative_to(saved)]}
+    files["parts.py"] = f"open({str(marker)!r}, 'w').write('ran')\nclass Encoder:\n    pass\n".encode()
+    meta = json.loads(files["mmllm.json"])
+    meta["assembly"]["encoders"]["image"] = {"kind": "parts:Encoder"}
+    files["mmllm.json"] = json.dumps(meta).encode()
+    staged = tmp_path / "staged"  # the checkpoint as its maker uploads it, manifest listing parts.py
+    for rel, data in files.items():
+        (staged / rel).parent.mkdir(parents=True, exist_ok=True)
+        (staged / rel).write_bytes(data)
+    ckpt.write_manifest(staged)
+    for i, path in enumerate(p for p in staged.rglob("*") if p.is_file()):
+        blob, link = blobs / f"blob{i}", snapshot / path.relative_to(staged)
+        shutil.copy(path, blob)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(blob, link)
+    monkeypatch.chdir(snapshot)
+    monkeypatch.syspath_prepend(str(snapshot))
+    with pytest.raises(ConfigError, match="kind 'parts:Encoder' would import parts from .*parts.py, inside"):
+        AnyToAnyModel.from_pretrained(snapshot)
     assert not marker.exists()
 
 
@@ -184,6 +221,29 @@ def test_training_from_it_needs_the_stages_own_assembly_to_trust_the_same_parts(
     (plain / "mmllm.json").write_text(json.dumps(meta))
     assert stage_trusts_remote_code(SimpleNamespace(init_from=str(plain), assembly=str(own),
                                                     assembly_overrides=[])) is False
+
+
+@pytest.mark.parametrize("command", [["inspect"], ["data", "check"]])
+def test_commands_reading_a_stage_from_it_need_the_same_trust(remote_code_checkpoint, tmp_path, command, capsys):
+    """`mmllm inspect`, `data check` and `cache` build the assembly init_from records: they ran the core's own
+    code (its configuration_*.py, at least) where training from the same stage is refused."""
+    import yaml
+
+    from mmllm.cli import main
+
+    recorded = ckpt.read_meta(remote_code_checkpoint)["assembly"]
+    own = tmp_path / "assembly.yaml"
+    own.write_text(yaml.safe_dump({**recorded, "llm": {**recorded["llm"], "trust_remote_code": False}}))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"id": "a", "image": "x.png", "caption": "a red circle"}) + "\n")
+    stage = tmp_path / "stage.yaml"
+    stage.write_text(yaml.safe_dump({"stage": "encode-align", "assembly": str(own), "init_from": str(remote_code_checkpoint),
+                                     "data": [{"path": str(data), "format": "mmllm-pairs"}],
+                                     "output_dir": str(tmp_path / "run")}))
+    assert main([*command, "--config", str(stage)]) == 2
+    assert "sets trust_remote_code for llm" in capsys.readouterr().err
+    assert main([*command, "--config", str(stage), "assembly.llm.trust_remote_code=true"]) != 2  # the user's own
+    assert "sets trust_remote_code" not in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ pickles

@@ -326,6 +326,7 @@ def _generate_answers(model, batch: list[PreparedRequest], settings: Settings) -
             RowSampler(list(temperatures), list(top_ps), [p.request.seed for p in batch]),
         ]),
         stopping_criteria=StoppingCriteriaList(stopping),
+        stop_strings=None,  # the core's configured ones are among `stops` (transformers' own needs a tokenizer)
     )
     results = []
     for row, limit in zip(new.tolist(), limits):

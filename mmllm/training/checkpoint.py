@@ -201,7 +201,7 @@ def verify_manifest(root: Path) -> None:
     held = _held_files(root)
     for rel, digest in files.items():
         path = root / rel
-        if rel not in held:
+        if rel not in held or not path.is_file():  # a link to a blob that is gone: missing too
             raise CheckpointError(f"{path}: listed in the manifest but missing; the checkpoint is incomplete")
         if _sha256(path) != digest:
             raise CheckpointError(f"{path}: contents do not match the manifest (truncated or modified); refusing it")
