@@ -65,6 +65,7 @@ def test_what_hubs_add_to_a_checkpoint_is_no_reason_to_refuse_it(copy):
     (copy / ".cache" / "huggingface" / "download").mkdir(parents=True)
     (copy / ".cache" / "huggingface" / "download" / "learned.safetensors.metadata").write_text("abc")
     (copy / ".DS_Store").write_bytes(b"\0")
+    (copy / "._learned.safetensors").write_bytes(b"\0")  # macOS's AppleDouble twin on SMB/exFAT
     ckpt.verify_manifest(copy)
     (copy / "adapter").mkdir()  # beside them, a file mmllm would read is still refused
     (copy / "adapter" / "adapter_config.json").write_text("{}")

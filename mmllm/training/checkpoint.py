@@ -141,7 +141,7 @@ def write_manifest(root: Path) -> None:
 
 # Files that hubs, git and file browsers add beside a checkpoint's own, and that mmllm never reads: not in the
 # manifest, yet no reason to refuse a checkpoint (a model repository's README.md and .gitattributes, the
-# .cache/ that `hf download --local-dir` writes, a Mac's .DS_Store).
+# .cache/ that `hf download --local-dir` writes, a Mac's .DS_Store and ._ twins).
 EXTRA_FILES = ("README.md", "README", ".gitattributes", ".gitignore", ".DS_Store", "Thumbs.db")
 EXTRA_FOLDERS = (".cache", ".git")
 
@@ -149,7 +149,8 @@ EXTRA_FOLDERS = (".cache", ".git")
 def _extra(rel: str) -> bool:
     """A file mmllm never reads that a hub, git or a file browser adds to a checkpoint (:data:`EXTRA_FILES`)."""
     parts = rel.split("/")
-    return parts[0] in EXTRA_FOLDERS or parts[-1] in EXTRA_FILES or parts[-1].startswith("LICENSE")
+    name = parts[-1]  # "._x": the AppleDouble twin macOS writes beside each file copied to SMB or exFAT storage
+    return parts[0] in EXTRA_FOLDERS or name in EXTRA_FILES or name.startswith(("LICENSE", "._"))
 
 
 def _held_files(root: Path) -> set[str]:
