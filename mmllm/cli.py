@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("mmllm")
 
 
-def _setup_logging(verbose: bool) -> None:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+QUIET_LIBRARIES = ("httpx", "urllib3", "filelock")
+
+
+@contextlib.contextmanager
+def cli_logging(verbose: bool) -> Iterator[None]:
+    """The command's log lines on stderr for the length of one ``main`` call, and the logging as it was after.
+
+    A stderr handler of its own is added to the root logger beside whatever handlers are there (a caller's,
+    pytest's caplog): ``logging.basicConfig(force=True)`` used to remove those for the rest of the process.
+    The levels it sets are put back and its handler removed when the call returns, so ``main`` called from
+    Python leaves the caller's logging as it found it; run as the program, the output is what it was.
+    """
     # Under torchrun / accelerate launch, the other processes report warnings and errors only: their
     # INFO lines (parameter tables, progress, "done") would repeat the main process's word for word.
     # Other libraries say INFO about their own workings (open_clip logs each model build on the root
@@ -29,12 +42,24 @@ def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if os.environ.get("RANK", "0") != "0":
         level = logging.WARNING
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
-    logging.getLogger("mmllm").setLevel(level)
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root, own = logging.getLogger(), logging.getLogger("mmllm")
+    quiet = [logging.getLogger(name) for name in QUIET_LIBRARIES]
+    levels_before = [(logger, logger.level) for logger in (root, own, *quiet)]
+    handler = logging.StreamHandler()  # sys.stderr as it is now (pytest's capsys replaces it per test)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    own.setLevel(level)
+    for logger in quiet:
+        logger.setLevel(logging.WARNING)
     drop_diffusers_noise()
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        for logger, before in levels_before:
+            logger.setLevel(before)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -694,7 +719,12 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*(args.overrides or []), *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _setup_logging(args.verbose)
+    with cli_logging(args.verbose):
+        return run_command(args, offline_by_default)
+
+
+def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
+    """The parsed command, its errors as one line and an exit code (2: what was given is wrong)."""
     from mmllm.config import ConfigError
 
     try:

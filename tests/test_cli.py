@@ -1,6 +1,8 @@
 """The CLI on the tiny assembly: inspect, train (with overrides), export --merge-lora."""
 
 import json
+import logging
+import re
 
 import pytest
 import torch
@@ -262,3 +264,24 @@ def test_inspect_of_a_stage_refuses_lora_rather_than_ignoring_it(capsys):
     assert main(["inspect", "--config", str(REPO / "configs/stages/tiny/instruct.yaml"), "init_from=null",
                  "--lora", str(REPO / "configs/lora/default.yaml")]) == 2
     assert "lora=PATH" in capsys.readouterr().err
+
+
+def test_main_called_from_python_keeps_the_callers_log_handlers_and_levels(caplog, capsys):
+    """``logging.basicConfig(force=True)`` removed every root handler for the rest of the process: a caller's
+    own, and pytest's caplog. The command's lines still go to stderr in its format."""
+    root, own = logging.getLogger(), logging.getLogger("mmllm")
+    heard: list[logging.LogRecord] = []
+    callers = logging.Handler()
+    callers.emit = heard.append
+    root.addHandler(callers)
+    handlers_before, levels_before = list(root.handlers), (root.level, own.level)
+    try:
+        assert main(["train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), "optim.lrr=1"]) == 2
+        handlers_after = list(root.handlers)
+    finally:
+        root.removeHandler(callers)
+    assert handlers_after == handlers_before and (root.level, own.level) == levels_before
+    assert any("unknown key(s) optim.lrr" in r.getMessage() for r in heard)
+    assert "unknown key(s) optim.lrr" in caplog.text
+    line = r"^\d\d:\d\d:\d\d ERROR mmllm: \S+encode_align\.yaml: unknown key\(s\) optim\.lrr"
+    assert re.search(line, capsys.readouterr().err, re.M)
