@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmllm.atomic import atomic_write_text
 from mmllm.log_filters import drop_diffusers_noise
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {'total':<30} trainable {sum(r.trainable for r in rows):>12,}  "
               f"frozen {sum(r.frozen for r in rows):>12,}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"checks": model.checks, "stages": table}, indent=2))
+        atomic_write_text(args.json, json.dumps({"checks": model.checks, "stages": table}, indent=2))
     return 0
 
 

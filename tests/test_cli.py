@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import re
 
 import pytest
@@ -29,6 +30,20 @@ def test_inspect_prints_parts_checks_and_per_stage_counts(capsys, tmp_path):
     # without stage data, the most each stage's losses could need: every encoder, the decoders' text side
     assert "stage encode-align: holds at most decoders audio conditioning" in text
     assert all(v["frozen"] > 0 for k, v in ea.items() if k.startswith(("encoders.", "decoders.")))
+
+
+def test_inspect_json_replaces_its_file_whole(tmp_path):
+    """--json was rewritten in place (a kill mid-write left half a report; a reader saw it half-written) and
+    needed its folder to exist; it is written as every other report is, beside and then renamed over."""
+    out_json = tmp_path / "reports" / "inspect.json"
+    out_json.parent.mkdir()
+    out_json.write_text("the previous report")
+    os.link(out_json, tmp_path / "held.json")  # a reader holding the previous file
+    assert main(["inspect", "--config", str(TINY), "--json", str(out_json)]) == 0
+    assert (tmp_path / "held.json").read_text() == "the previous report"
+    assert "stages" in json.loads(out_json.read_text())
+    assert main(["inspect", "--config", str(TINY), "--json", str(tmp_path / "new" / "inspect.json")]) == 0
+    assert (tmp_path / "new" / "inspect.json").is_file()
 
 
 def test_inspect_of_a_stage_counts_what_its_data_runs(capsys, tmp_path):
