@@ -514,7 +514,7 @@ class AnyToAnyModel(nn.Module):
     def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
         from mmllm.training.checkpoint import save_model_checkpoint
 
-        return save_model_checkpoint(self, Path(directory), extra or {})
+        return save_model_checkpoint(self, Path(directory).expanduser(), extra or {})
 
     @classmethod
     def from_pretrained(
@@ -531,7 +531,7 @@ class AnyToAnyModel(nn.Module):
         caller's choice, not the checkpoint's."""
         from mmllm.training.checkpoint import load_model_checkpoint
 
-        return load_model_checkpoint(Path(directory), trainable_lora=trainable_lora, decoder_parts=decoder_parts,
+        return load_model_checkpoint(Path(directory).expanduser(), trainable_lora=trainable_lora, decoder_parts=decoder_parts,
                                      encoder_weights=encoder_weights, trust_remote_code=trust_remote_code)
 
     @classmethod
