@@ -344,7 +344,8 @@ def checkpoint_assembly(directory: Path, meta: dict[str, Any] | None = None):
     meta = read_meta(directory) if meta is None else meta
     check_recorded_kinds(directory, meta)
     assembly = dict(meta["assembly"])
-    assembly["llm"] = without_machine_options(assembly["llm"])  # this machine's GGUF cache, not the recorder's
+    if "llm" in assembly:  # this machine's GGUF cache, not the recorder's
+        assembly["llm"] = without_machine_options(assembly["llm"])
     folder = merged_llm_folder(meta)
     if folder is not None:
         assembly["llm"] = {**assembly["llm"], "name_or_path": str(directory / folder)}
