@@ -1,7 +1,8 @@
 """Atomic file writes, the one way mmllm writes a file that someone may be reading or may need after a crash.
 
-The content goes into a temporary sibling (a dotfile ending in ``.tmp``), is fsynced, given the
-permissions a plain ``open`` would give, and renamed over the target; the folder is fsynced so the
+The content goes into a temporary sibling (a dotfile ending in ``.tmp``, created as a plain ``open``
+creates a file, so the kernel gives it the permissions that would: 0666 less the umask, or a folder's
+default ACL), is fsynced and renamed over the target; the folder is fsynced so the
 rename itself survives a power loss. A kill mid-write leaves the old file (or none), never a torn
 one; a failed write leaves no temporary behind. Directories (checkpoints) use the same idea in
 :func:`mmllm.training.checkpoint.atomic_dir`.
@@ -10,19 +11,10 @@ one; a failed write leaves no temporary behind. Directories (checkpoints) use th
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()  # read once: os.umask can only be read by setting it, process-wide
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -36,12 +28,9 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         write(path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = _new_temporary(path)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; others may need to read it (a shared cache)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -49,6 +38,23 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
     return path
+
+
+def _new_temporary(path: Path) -> Path:
+    """A new empty sibling of ``path``, with the permissions a plain ``open`` gives a new file: mode 0666 given
+    to the kernel, which takes the umask off (others may need to read it: a shared cache). ``mkstemp`` makes
+    0600, and the umask can be read only by setting it, process-wide: a file another thread created meanwhile
+    got the mode set for the read."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, flags, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"{path.parent}: 100 temporary names for {path.name} were taken; remove its "
+                          f".{path.name}.*.tmp files")
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmllm.atomic import atomic_write_text
+from mmllm.config import user_path
 from mmllm.log_filters import drop_diffusers_noise
 
 if TYPE_CHECKING:
@@ -21,7 +24,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("mmllm")
 
 
-def _setup_logging(verbose: bool) -> None:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+QUIET_LIBRARIES = ("httpx", "urllib3", "filelock")
+
+
+@contextlib.contextmanager
+def cli_logging(verbose: bool) -> Iterator[None]:
+    """The command's log lines on stderr for the length of one ``main`` call, and the logging as it was after.
+
+    A stderr handler of its own is added to the root logger beside whatever handlers are there (a caller's,
+    pytest's caplog): ``logging.basicConfig(force=True)`` used to remove those for the rest of the process.
+    The levels it sets are put back and its handler removed when the call returns, so ``main`` called from
+    Python leaves the caller's logging as it found it; run as the program, the output is what it was.
+    """
     # Under torchrun / accelerate launch, the other processes report warnings and errors only: their
     # INFO lines (parameter tables, progress, "done") would repeat the main process's word for word.
     # Other libraries say INFO about their own workings (open_clip logs each model build on the root
@@ -29,12 +44,24 @@ def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if os.environ.get("RANK", "0") != "0":
         level = logging.WARNING
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
-    logging.getLogger("mmllm").setLevel(level)
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    root, own = logging.getLogger(), logging.getLogger("mmllm")
+    quiet = [logging.getLogger(name) for name in QUIET_LIBRARIES]
+    levels_before = [(logger, logger.level) for logger in (root, own, *quiet)]
+    handler = logging.StreamHandler()  # sys.stderr as it is now (pytest's capsys replaces it per test)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    own.setLevel(level)
+    for logger in quiet:
+        logger.setLevel(logging.WARNING)
     drop_diffusers_noise()
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+        for logger, before in levels_before:
+            logger.setLevel(before)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -108,7 +135,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {'total':<30} trainable {sum(r.trainable for r in rows):>12,}  "
               f"frozen {sum(r.frozen for r in rows):>12,}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"checks": model.checks, "stages": table}, indent=2))
+        atomic_write_text(args.json, json.dumps({"checks": model.checks, "stages": table}, indent=2))
     return 0
 
 
@@ -537,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one stage from a stage YAML")
-    t.add_argument("--config", required=True, help="a stage YAML (configs/stages/)")
+    t.add_argument("--config", type=user_path, required=True, help="a stage YAML (configs/stages/)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in output_dir (from step 0 if there is none)")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides of the stage (assembly.key=value: of its "
@@ -545,25 +572,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     i = sub.add_parser("inspect", help="assemble and print parts, dimension checks, per-stage parameter counts")
-    i.add_argument("--config", required=True, help="an assembly or stage YAML")
-    i.add_argument("--lora", help="with an assembly YAML: a LoRA YAML, to count the instruct stage's adapter")
-    i.add_argument("--json", help="also write the counts here")
+    i.add_argument("--config", type=user_path, required=True, help="an assembly or stage YAML")
+    i.add_argument("--lora", type=user_path, help="with an assembly YAML: a LoRA YAML, to count the instruct stage's adapter")
+    i.add_argument("--json", type=user_path, help="also write the counts here")
     i.add_argument("overrides", nargs="*")
     i.set_defaults(fn=cmd_inspect)
 
     r = sub.add_parser("infer", help="batch inference from a checkpoint: requests JSONL in, media + results.jsonl "
                                       "+ index.html out (exit 1 if any request failed)")
-    r.add_argument("--checkpoint", required=True, help="a checkpoint directory (step-N)")
-    r.add_argument("--input", help="requests JSONL (schema: mmllm/inference/runner.py, README)")
-    r.add_argument("--output", required=True,
+    r.add_argument("--checkpoint", type=user_path, required=True, help="a checkpoint directory (step-N)")
+    r.add_argument("--input", type=user_path, help="requests JSONL (schema: mmllm/inference/runner.py, README)")
+    r.add_argument("--output", type=user_path, required=True,
                    help="output folder; re-running on it skips requests already done (refused if they were "
                         "answered with another checkpoint, --seed, --max-new-tokens, ..., --dtype or --device type)")
     r.add_argument("--overwrite", action="store_true",
                    help="start --output afresh: remove its results.jsonl, media/ and index.html first")
     r.add_argument("--prompt", help="one request from the command line instead of --input")
-    r.add_argument("--image", help="with --prompt: an input image")
-    r.add_argument("--audio", help="with --prompt: an input audio file")
-    r.add_argument("--video", help="with --prompt: an input video")
+    r.add_argument("--image", type=user_path, help="with --prompt: an input image")
+    r.add_argument("--audio", type=user_path, help="with --prompt: an input audio file")
+    r.add_argument("--video", type=user_path, help="with --prompt: an input video")
     r.add_argument("--batch-size", type=int, default=8)
     r.add_argument("--device", default="cpu")
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -586,41 +613,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write an inference copy: learned weights only (optionally fp16), or the "
                                       "LLM with the LoRA adapter merged in (--merge-lora)")
-    e.add_argument("--checkpoint", required=True, help="a checkpoint directory (step-N)")
-    e.add_argument("--output", required=True,
+    e.add_argument("--checkpoint", type=user_path, required=True, help="a checkpoint directory (step-N)")
+    e.add_argument("--output", type=user_path, required=True,
                    help="a new or empty folder, or an earlier export's (replaced whole)")
     e.add_argument("--merge-lora", action="store_true", help="merge LoRA into the LLM and save the LLM with it")
     e.add_argument("--dtype", help="weights-only copy: float32 (default), float16 or bfloat16")
-    e.add_argument("--assembly", help="weights-only copy: record this assembly YAML instead of the checkpoint's")
+    e.add_argument("--assembly", type=user_path, help="weights-only copy: record this assembly YAML instead of the checkpoint's")
     e.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     e.set_defaults(fn=cmd_export)
 
     d = sub.add_parser("demo", help="the embedded default answering requests in every direction, offline")
-    d.add_argument("--output", default="outputs")
+    d.add_argument("--output", type=user_path, default="outputs")
     d.add_argument("--tiny", action="store_true", help="the wiring demo: train the tiny random assembly, then answer")
     d.add_argument("--quick", action="store_true", help="with --tiny: 4 steps per stage (for tests)")
     d.set_defaults(fn=cmd_demo)
 
     data = sub.add_parser("data", help="inspect a stage's data").add_subparsers(dest="data_command", required=True)
     dc = data.add_parser("check", help="counts per modality, missing/unreadable files, over-long samples; no training")
-    dc.add_argument("--config", required=True, help="a stage YAML")
+    dc.add_argument("--config", type=user_path, required=True, help="a stage YAML")
     dc.add_argument("--no-decode", action="store_true", help="only check that media files exist (faster)")
-    dc.add_argument("--json", help="also write the full report here")
+    dc.add_argument("--json", type=user_path, help="also write the full report here")
     dc.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     dc.set_defaults(fn=cmd_data_check)
 
     c = sub.add_parser("cache", help="precompute encoder features and conditioning targets into cache.dir")
-    c.add_argument("--config", required=True, help="a stage YAML with `cache: {dir: PATH}`")
+    c.add_argument("--config", type=user_path, required=True, help="a stage YAML with `cache: {dir: PATH}`")
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--device", default="cpu")
     c.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. cache.dir=PATH")
     c.set_defaults(fn=cmd_cache)
     rf = sub.add_parser("refine", help="fit the output projections on cached signal-token states of a trained "
                                        "checkpoint (one LLM forward per conversation, then many cheap steps)")
-    rf.add_argument("--checkpoint", required=True, help="a trained checkpoint directory (step-N)")
-    rf.add_argument("--data", required=True, nargs="+", help="conversation files with assistant outputs")
+    rf.add_argument("--checkpoint", type=user_path, required=True, help="a trained checkpoint directory (step-N)")
+    rf.add_argument("--data", type=user_path, required=True, nargs="+", help="conversation files with assistant outputs")
     rf.add_argument("--format", default="mmllm-chat")
-    rf.add_argument("--output", required=True, help="the refined checkpoint's directory")
+    rf.add_argument("--output", type=user_path, required=True, help="the refined checkpoint's directory")
     rf.add_argument("--steps", type=int, default=3000)
     rf.add_argument("--batch-size", type=int, default=64)
     rf.add_argument("--cache-batch-size", type=int, default=8)
@@ -633,9 +660,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="x2t / t2x accuracy vs the oracle, routing and text perplexity of a "
                                      "model on the toy world's parts (default: the shipped default)")
-    ev.add_argument("--checkpoint", help="a checkpoint directory (default: the shipped default glue)")
-    ev.add_argument("--parts", help="folder holding the judges (default: the shipped mmllm/toyworld/weights)")
-    ev.add_argument("--output", default="outputs/eval")
+    ev.add_argument("--checkpoint", type=user_path, help="a checkpoint directory (default: the shipped default glue)")
+    ev.add_argument("--parts", type=user_path, help="folder holding the judges (default: the shipped mmllm/toyworld/weights)")
+    ev.add_argument("--output", type=user_path, default="outputs/eval")
     ev.add_argument("--items", type=int, default=48, help="items per modality and split")
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--modalities", default="image,audio,video")
@@ -650,8 +677,8 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("world", help="the toy world: measure its parts; write or distil the default's data")
     wsub = w.add_subparsers(dest="world_command", required=True)
     wr = wsub.add_parser("report", help="judge, retrieval and oracle-decoder accuracy, seen vs held-out")
-    wr.add_argument("--parts", help="folder of trained parts (default: the shipped mmllm/toyworld/weights)")
-    wr.add_argument("--output", default="outputs/world-report")
+    wr.add_argument("--parts", type=user_path, help="folder of trained parts (default: the shipped mmllm/toyworld/weights)")
+    wr.add_argument("--output", type=user_path, default="outputs/world-report")
     wr.add_argument("--modalities", default="image,audio,video")
     wr.add_argument("--per-combo", type=int, default=2, help="true items per combination (judge, retrieval)")
     wr.add_argument("--decoder-items", type=int, default=48, help="generated items per split and modality")
@@ -661,13 +688,13 @@ def build_parser() -> argparse.ArgumentParser:
     wr.set_defaults(fn=cmd_world)
     wd = wsub.add_parser("data", help="write the default's stage data (media + JSONL) from the world's training combos, "
                                           "and held-out/ eval data from its held-out combos")
-    wd.add_argument("--out", required=True)
-    wd.add_argument("--plain", help="distilled plain chat JSONL (from `mmllm world distil`) to mix in")
+    wd.add_argument("--out", type=user_path, required=True)
+    wd.add_argument("--plain", type=user_path, help="distilled plain chat JSONL (from `mmllm world distil`) to mix in")
     wd.add_argument("--seed", type=int, default=0)
     wd.set_defaults(fn=cmd_world_data)
     wl = wsub.add_parser("distil", help="the base LLM's greedy answers to the plain-chat prompts -> JSONL")
-    wl.add_argument("--assembly", default=str(Path(__file__).resolve().parent.parent / "configs/assemblies/default.yaml"))
-    wl.add_argument("--out", required=True)
+    wl.add_argument("--assembly", type=user_path, default=str(Path(__file__).resolve().parent.parent / "configs/assemblies/default.yaml"))
+    wl.add_argument("--out", type=user_path, required=True)
     wl.add_argument("--max-new-tokens", type=int, default=128)
     wl.set_defaults(fn=cmd_world_distil)
     # -v also after the command (`mmllm train ... -v`: where users add it when an error asks for it);
@@ -695,7 +722,12 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*(args.overrides or []), *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _setup_logging(args.verbose)
+    with cli_logging(args.verbose):
+        return run_command(args, offline_by_default)
+
+
+def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
+    """The parsed command, its errors as one line and an exit code (2: what was given is wrong)."""
     from mmllm.config import ConfigError
 
     try:

@@ -476,7 +476,7 @@ class StageConfig:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (check the path; relative paths resolve from {Path.cwd()})")
     try:
@@ -539,6 +539,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def user_path(value: str | None) -> str | None:
+    """A path as a user typed it, ``~`` expanded (the shell does not expand it inside ``key=~/x`` or YAML)."""
+    return None if value is None else os.path.expanduser(value)
+
+
 def resolve_path(base: Path, value: str | None) -> str | None:
     """Resolve ``value`` against ``base`` (a config file's folder) unless it is absolute or exists as given."""
     if value is None:
@@ -577,6 +582,7 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     ``"assembly.max_length=64"``, ``"assembly=other.yaml"``). Relative paths inside it resolve against the
     CWD, then the YAML's folder."""
     overrides = overrides or []
+    path = Path(path).expanduser()
     to_assembly = [o[len("assembly."):] for o in overrides if o.startswith("assembly.")]
     raw = read_yaml(path)
     if "stage" not in raw and "llm" in raw:
@@ -588,7 +594,10 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
         cfg = from_dict(StageConfig, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
-    base = Path(path).resolve().parent
+    base = path.resolve().parent
+    cfg.output_dir = user_path(cfg.output_dir)
+    cfg.init_from = user_path(cfg.init_from)
+    cfg.cache.dir = user_path(cfg.cache.dir)
     cfg.assembly = resolve_path(base, cfg.assembly)
     cfg.lora = resolve_path(base, cfg.lora)
     for key in ("assembly", "lora"):

@@ -284,6 +284,24 @@ class LLMCore(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+GGUF_CACHE_ENV = "MMLLM_GGUF_CACHE"  # this machine's GGUF conversion cache, over any assembly's gguf_cache
+MACHINE_OPTIONS = ("gguf_cache",)  # hf-causal-lm options that say where this machine keeps things, not what the model is
+
+
+def gguf_cache_root(configured: str) -> Path:
+    """Where GGUF conversions are written: ``$MMLLM_GGUF_CACHE`` when set, else the assembly's ``gguf_cache``
+    (a checkpoint's recorded one is dropped when it loads: :func:`without_machine_options`)."""
+    return Path(os.environ.get(GGUF_CACHE_ENV) or configured).expanduser()
+
+
+def without_machine_options(llm: Any) -> Any:
+    """A recorded ``llm`` section without the options that name places on the machine that recorded it: a
+    checkpoint (someone else's, perhaps) must not choose where this machine writes a GGUF conversion."""
+    if not isinstance(llm, dict) or llm.get("kind") != "hf-causal-lm":
+        return llm
+    return {k: v for k, v in llm.items() if k not in MACHINE_OPTIONS}
+
+
 def _gguf_cache_dir(gguf_path: Path, cache_root: Path) -> Path:
     stat = gguf_path.stat()
     key = hashlib.sha256(f"{gguf_path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
@@ -349,7 +367,7 @@ class HFCausalLM:
                 gguf = local / gguf
             if not gguf.is_file():
                 raise ConfigError(f"llm.gguf_file: {gguf} not found")
-            location = convert_gguf(gguf, Path(o.gguf_cache).expanduser())
+            location = convert_gguf(gguf, gguf_cache_root(o.gguf_cache))
         elif local.exists():
             location = local
             _check_model_dir(local, where)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import os
 from pathlib import Path
 
 from mmllm.config import ConfigError
@@ -48,8 +49,9 @@ def _package_locations(module: str) -> list[str]:
 
 
 def resolve_source(value: str) -> str:
-    """A ``package:`` path -> its absolute path as a string; anything else unchanged."""
-    return str(package_path(value)) if is_package_path(value) else value
+    """A ``package:`` path -> its absolute path as a string; a local path with ``~`` expanded; anything else (a
+    hub id) unchanged."""
+    return str(package_path(value)) if is_package_path(value) else os.path.expanduser(value)
 
 
 def resolve_location(value: str) -> Path:

@@ -40,6 +40,7 @@ from mmllm.decoders.base import DECODER_PARTS, MediaDecoder
 from mmllm.encoders.base import MediaEncoder
 from mmllm.llm import LLMCore, position_ids
 from mmllm.projections import InputProjection, OutputProjection
+from mmllm.seeding import seeded as seeded_generators
 
 if TYPE_CHECKING:
     from mmllm.inference.generate import Request
@@ -51,8 +52,7 @@ log = logging.getLogger(__name__)
 def seeded(seed: int, where: str):
     """Build under a fixed RNG derived from (seed, where), so a rebuilt random part is identical."""
     offset = int(hashlib.sha256(where.encode()).hexdigest()[:8], 16)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed((seed * 1_000_003 + offset) % (2**63))
+    with seeded_generators((seed * 1_000_003 + offset) % (2**63)):
         yield
 
 
@@ -514,7 +514,7 @@ class AnyToAnyModel(nn.Module):
     def save_pretrained(self, directory: str | Path, extra: dict[str, Any] | None = None) -> Path:
         from mmllm.training.checkpoint import save_model_checkpoint
 
-        return save_model_checkpoint(self, Path(directory), extra or {})
+        return save_model_checkpoint(self, Path(directory).expanduser(), extra or {})
 
     @classmethod
     def from_pretrained(
@@ -531,7 +531,7 @@ class AnyToAnyModel(nn.Module):
         caller's choice, not the checkpoint's."""
         from mmllm.training.checkpoint import load_model_checkpoint
 
-        return load_model_checkpoint(Path(directory), trainable_lora=trainable_lora, decoder_parts=decoder_parts,
+        return load_model_checkpoint(Path(directory).expanduser(), trainable_lora=trainable_lora, decoder_parts=decoder_parts,
                                      encoder_weights=encoder_weights, trust_remote_code=trust_remote_code)
 
     @classmethod

@@ -29,6 +29,19 @@ def test_a_written_file_has_the_permissions_a_plain_open_gives(tmp_path):
     assert path.read_text() == "<html>"
 
 
+def test_the_umask_at_the_time_of_the_write_is_the_one_that_counts(tmp_path):
+    """The umask was read once, at import, by setting it process-wide for a moment (a file another thread
+    created then got that mode); a umask set later was ignored."""
+    before = os.umask(0o077)
+    try:
+        path = atomic_write_text(tmp_path / "private.json", "{}")
+        plain = tmp_path / "plain.json"
+        plain.write_text("{}")
+    finally:
+        os.umask(before)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o600
+
+
 def test_a_target_that_is_not_a_regular_file_is_written_directly(tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

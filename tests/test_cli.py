@@ -1,6 +1,9 @@
 """The CLI on the tiny assembly: inspect, train (with overrides), export --merge-lora."""
 
 import json
+import logging
+import os
+import re
 
 import pytest
 import torch
@@ -27,6 +30,20 @@ def test_inspect_prints_parts_checks_and_per_stage_counts(capsys, tmp_path):
     # without stage data, the most each stage's losses could need: every encoder, the decoders' text side
     assert "stage encode-align: holds at most decoders audio conditioning" in text
     assert all(v["frozen"] > 0 for k, v in ea.items() if k.startswith(("encoders.", "decoders.")))
+
+
+def test_inspect_json_replaces_its_file_whole(tmp_path):
+    """--json was rewritten in place (a kill mid-write left half a report; a reader saw it half-written) and
+    needed its folder to exist; it is written as every other report is, beside and then renamed over."""
+    out_json = tmp_path / "reports" / "inspect.json"
+    out_json.parent.mkdir()
+    out_json.write_text("the previous report")
+    os.link(out_json, tmp_path / "held.json")  # a reader holding the previous file
+    assert main(["inspect", "--config", str(TINY), "--json", str(out_json)]) == 0
+    assert (tmp_path / "held.json").read_text() == "the previous report"
+    assert "stages" in json.loads(out_json.read_text())
+    assert main(["inspect", "--config", str(TINY), "--json", str(tmp_path / "new" / "inspect.json")]) == 0
+    assert (tmp_path / "new" / "inspect.json").is_file()
 
 
 def test_inspect_of_a_stage_counts_what_its_data_runs(capsys, tmp_path):
@@ -262,3 +279,24 @@ def test_inspect_of_a_stage_refuses_lora_rather_than_ignoring_it(capsys):
     assert main(["inspect", "--config", str(REPO / "configs/stages/tiny/instruct.yaml"), "init_from=null",
                  "--lora", str(REPO / "configs/lora/default.yaml")]) == 2
     assert "lora=PATH" in capsys.readouterr().err
+
+
+def test_main_called_from_python_keeps_the_callers_log_handlers_and_levels(caplog, capsys):
+    """``logging.basicConfig(force=True)`` removed every root handler for the rest of the process: a caller's
+    own, and pytest's caplog. The command's lines still go to stderr in its format."""
+    root, own = logging.getLogger(), logging.getLogger("mmllm")
+    heard: list[logging.LogRecord] = []
+    callers = logging.Handler()
+    callers.emit = heard.append
+    root.addHandler(callers)
+    handlers_before, levels_before = list(root.handlers), (root.level, own.level)
+    try:
+        assert main(["train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), "optim.lrr=1"]) == 2
+        handlers_after = list(root.handlers)
+    finally:
+        root.removeHandler(callers)
+    assert handlers_after == handlers_before and (root.level, own.level) == levels_before
+    assert any("unknown key(s) optim.lrr" in r.getMessage() for r in heard)
+    assert "unknown key(s) optim.lrr" in caplog.text
+    line = r"^\d\d:\d\d:\d\d ERROR mmllm: \S+encode_align\.yaml: unknown key\(s\) optim\.lrr"
+    assert re.search(line, capsys.readouterr().err, re.M)

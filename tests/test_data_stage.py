@@ -266,7 +266,7 @@ def test_empty_assistant_replies_are_counted_by_data_check_and_at_training_start
     path.write_text("".join(json.dumps(c) + "\n" for c in chats))
     shutil.copytree(sample_data["chat"].parent / "media", tmp_path / "media")
     data = [{"path": path, "format": "mmllm-chat"}]
-    train(stage_cfg("instruct", data, tmp_path / "out", "max_steps=1"))  # first: the CLI replaces caplog's handler
+    train(stage_cfg("instruct", data, tmp_path / "out", "max_steps=1"))
     warned = [r.getMessage() for r in caplog.records if "empty assistant repl" in r.getMessage()]
     assert warned == [f"{path}: 2 empty assistant replies in 2 conversation(s) ({hear['id']}, chat-plain): an "
                       "assistant turn with an empty reply and no outputs teaches the model only to end its turn at "

@@ -293,6 +293,19 @@ def test_the_shipped_cpu_config_starts_two_processes(sample_data, tmp_path):
     assert "2 process(es)" in proc.stderr
 
 
+def test_the_shipped_cpu_config_hides_the_gpus_from_both_processes(tmp_path):
+    """cpu_2proc.yaml on a machine with one GPU gave process 1 cuda:1: it hid no GPU. Its processes see
+    CUDA_VISIBLE_DEVICES naming no device, as torch reads the variable (CUDA's rule: up to the first invalid
+    index)."""
+    script = tmp_path / "devices.py"
+    script.write_text("import os, torch\n"
+                      "print('visible', os.environ['RANK'], torch.cuda._parse_visible_devices(), flush=True)\n")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs/accelerate/cpu_2proc.yaml"), f"--main_process_port={_free_port()}", str(script)]
+    seen = sorted(line for line in _run(cmd).stdout.splitlines() if line.startswith("visible"))
+    assert seen == ["visible 0 []", "visible 1 []"]
+
+
 @pytest.mark.slow
 def test_two_processes_resume_with_their_own_lora_dropout_masks(sample_data, tmp_path):
     """Each process draws its own dropout masks (its sequences differ in length, so its generator moves

@@ -332,3 +332,54 @@ def test_a_package_path_is_located_without_importing_the_package(tmp_path, monke
                           ("package:mmllm.toyworld/weights", shipped)):
         assert Path(resolve_source(value)) == folder
     assert not marker.exists()  # a config or checkpoint naming the package did not run its __init__.py
+
+
+class _Converted(Exception):
+    """Raised by the stand-in for the GGUF conversion: where it was asked to write."""
+
+
+@pytest.fixture
+def gguf_assembly(tiny_assembly, tmp_path, monkeypatch) -> dict:
+    """The tiny assembly with a GGUF core whose conversion cache names a folder of the machine that wrote it;
+    the conversion itself is replaced by one that reports where it would write."""
+    import mmllm.llm
+
+    def converted(gguf, cache_root):
+        raise _Converted(cache_root)
+
+    monkeypatch.setattr(mmllm.llm, "convert_gguf", converted)
+    monkeypatch.delenv("MMLLM_GGUF_CACHE", raising=False)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "core.gguf").write_bytes(b"GGUF")
+    data = to_dict(tiny_assembly)
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(tmp_path / "model"), "gguf_file": "core.gguf",
+                   "gguf_cache": str(tmp_path / "theirs")}
+    return data
+
+
+def _conversion_target(assembly) -> Path:
+    from mmllm import registry
+
+    with pytest.raises(_Converted) as converted:
+        registry.build("llm", assembly.llm, "llm")
+    return converted.value.args[0]
+
+
+def test_a_checkpoint_does_not_choose_where_a_gguf_conversion_is_written(gguf_assembly, tmp_path, monkeypatch):
+    """Its recorded gguf_cache was where loading it wrote the dequantised core (anywhere its maker named)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    recorded = {"format_version": ckpt.FORMAT_VERSION, "assembly": gguf_assembly}
+    assert _conversion_target(ckpt.checkpoint_assembly(tmp_path, recorded)) == tmp_path / "home/.cache/mmllm/gguf"
+    monkeypatch.setenv("MMLLM_GGUF_CACHE", str(tmp_path / "mine"))
+    assert _conversion_target(ckpt.checkpoint_assembly(tmp_path, recorded)) == tmp_path / "mine"
+    # an assembly of the user's own: its gguf_cache, unless the environment names one
+    assert _conversion_target(parse_assembly(gguf_assembly)) == tmp_path / "mine"
+    monkeypatch.delenv("MMLLM_GGUF_CACHE")
+    assert _conversion_target(parse_assembly(gguf_assembly)) == tmp_path / "theirs"
+
+
+def test_a_gguf_cache_elsewhere_is_no_difference_between_a_run_and_its_checkpoint(gguf_assembly):
+    from mmllm.training.init_from import assembly_differences, normalized_assembly
+
+    mine = {**gguf_assembly, "llm": {**gguf_assembly["llm"], "gguf_cache": "/data/gguf"}}
+    assert assembly_differences(normalized_assembly(gguf_assembly), normalized_assembly(mine)) == []

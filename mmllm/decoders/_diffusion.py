@@ -345,14 +345,6 @@ def freeze(*modules: nn.Module | None) -> None:
             module.requires_grad_(False)
 
 
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Seed torch's global RNG inside the block only (random init of tiny models stays reproducible)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def resolve_seeds(seeds: list[int] | None, batch: int) -> list[int]:
     """Seeds per row; ``None`` means row ``i`` uses seed ``i``."""
     if seeds is None:

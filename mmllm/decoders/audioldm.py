@@ -40,12 +40,12 @@ from mmllm.decoders._diffusion import (
     load_parts,
     make_scheduler,
     row_generators,
-    seeded,
     seeded_generators,
     tiny_text_tokenizer,
     training_scheduler,
     warn_remote_code,
 )
+from mmllm.seeding import seeded
 
 log = logging.getLogger(__name__)
 

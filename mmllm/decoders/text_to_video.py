@@ -33,13 +33,13 @@ from mmllm.decoders._diffusion import (
     make_scheduler,
     repeat_generators,
     row_generators,
-    seeded,
     seeded_generators,
     split_generators,
     tiny_text_tokenizer,
     training_scheduler,
     warn_remote_code,
 )
+from mmllm.seeding import seeded
 
 log = logging.getLogger(__name__)
 

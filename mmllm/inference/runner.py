@@ -201,7 +201,8 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
         if len(slots) != len(paths):
             raise RequestError(f"messages[{i}]: {len(slots)} placeholder(s) but {len(paths)} media path(s)")
         for modality, p in zip(slots, paths):
-            path = Path(p) if Path(p).is_absolute() else base / p
+            given = Path(p).expanduser()  # as the data formats' media paths are
+            path = given if given.is_absolute() else base / given
             media.append((modality, _load(modality, path) if load else path))
             inputs.append(str(path))
         messages.append({"role": msg["role"], "content": content})

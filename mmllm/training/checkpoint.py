@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from mmllm.atomic import atomic_write_text, fsync_dir
 from mmllm.config import ConfigError, from_dict, parse_assembly, to_dict
+from mmllm.llm import without_machine_options
 
 log = logging.getLogger(__name__)
 
@@ -338,11 +339,14 @@ def check_recorded_kinds(directory: Path, meta: dict[str, Any]) -> None:
 
 
 def checkpoint_assembly(directory: Path, meta: dict[str, Any] | None = None):
-    """The assembly a checkpoint records (an exported merged LLM's ``./llm`` made a path)."""
+    """The assembly a checkpoint records (an exported merged LLM's ``./llm`` made a path; ``llm.gguf_cache``
+    left to the loading machine's settings)."""
     directory = Path(directory)
     meta = read_meta(directory) if meta is None else meta
     check_recorded_kinds(directory, meta)
     assembly = dict(meta["assembly"])
+    if "llm" in assembly:  # this machine's GGUF cache, not the recorder's
+        assembly["llm"] = without_machine_options(assembly["llm"])
     folder = merged_llm_folder(meta)
     if folder is not None:
         assembly["llm"] = {**assembly["llm"], "name_or_path": str(directory / folder)}

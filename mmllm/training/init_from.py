@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mmllm.config import AssemblyConfig, ConfigError, StageConfig, load_assembly, parse_assembly, to_dict
+from mmllm.llm import MACHINE_OPTIONS
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +120,16 @@ def same_value(a: Any, b: Any) -> bool:
     return isinstance(a, str) and isinstance(b, str) and _same_location(a, b)
 
 
+# where a machine keeps things, not what the model is: a checkpoint's is not used
+MACHINE_KEYS = tuple(f"llm.{name}" for name in MACHINE_OPTIONS)
+
+
 def assembly_differences(checkpoint: dict[str, Any], stage: dict[str, Any]) -> list[Difference]:
     """Leaf-by-leaf differences of two :func:`normalized_assembly` results."""
     a, b = _flatten(checkpoint, "", {}), _flatten(stage, "", {})
     keys = list(a) + [k for k in b if k not in a]
     return [Difference(k, a.get(k, ABSENT), b.get(k, ABSENT)) for k in keys
-            if not same_value(a.get(k, ABSENT), b.get(k, ABSENT))]
+            if k not in MACHINE_KEYS and not same_value(a.get(k, ABSENT), b.get(k, ABSENT))]
 
 
 def override_key(override: str) -> str:

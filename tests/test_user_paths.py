@@ -1,0 +1,53 @@
+"""Paths a user types with ``~`` lead to their home folder wherever they are typed: the shell expands ``~`` only
+at the start of a word (not in ``--output=~/x``, ``key=~/x``, a quoted argument, YAML, JSONL or Python)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mmllm.cli import main
+from mmllm.config import load_stage
+from mmllm.inference.runner import parse_request
+from mmllm.locations import resolve_source
+from mmllm.model import AnyToAnyModel
+from tests.conftest import REPO, TINY
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)  # what a path left unexpanded would make: a folder named "~" here
+    return home
+
+
+def test_command_line_paths(home, tmp_path):
+    shutil.copy(TINY, home / "tiny.yaml")
+    assert main(["inspect", "--config=~/tiny.yaml", "--json=~/reports/inspect.json"]) == 0
+    assert "stages" in json.loads((home / "reports" / "inspect.json").read_text())
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_checkpoint_saved_and_loaded_from_python(home, tmp_path, tiny_assembly):
+    AnyToAnyModel.assemble(tiny_assembly).save_pretrained("~/ckpt")
+    assert (home / "ckpt" / "mmllm.json").is_file() and not (tmp_path / "~").exists()
+    assert AnyToAnyModel.from_pretrained("~/ckpt", decoder_parts="config").config.name == tiny_assembly.name
+
+
+def test_stage_config_paths_and_their_overrides(home):
+    shutil.copy(REPO / "configs/stages/tiny/decode_align.yaml", home / "stage.yaml")
+    shutil.copy(REPO / "configs/assemblies/tiny.yaml", home / "tiny.yaml")
+    cfg = load_stage("~/stage.yaml", ["assembly=~/tiny.yaml", "output_dir=~/runs/da", "init_from=~/runs/ea/step-2",
+                                      "cache.dir=~/cache"])
+    assert (cfg.assembly, cfg.output_dir, cfg.init_from, cfg.cache.dir) == (
+        str(home / "tiny.yaml"), str(home / "runs/da"), str(home / "runs/ea/step-2"), str(home / "cache"))
+
+
+def test_media_paths_of_requests_and_parts_named_by_path(home, tmp_path):
+    parsed = parse_request({"id": "r", "prompt": "what?", "image": "~/pics/a.png"}, tmp_path, 0, load=False)
+    assert parsed.inputs == [str(home / "pics" / "a.png")]
+    assert resolve_source("~/models/sd") == str(home / "models" / "sd")  # a decoder's or encoder's model:
+    assert resolve_source("org/name") == "org/name"
