@@ -256,8 +256,9 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
     ]
     sampler = stage_sampler(datasets, weights, cfg)
     validation = Validation(eval_datasets, cfg.batch_size) if eval_datasets else None
-    log.info("stage %s: %d samples in %d dataset(s), %d malformed record(s) skipped%s",
-             cfg.stage, sampler.epoch_size, len(datasets), len(errors),
+    log.info("stage %s: %d samples in %d dataset(s)%s, %d malformed record(s) skipped%s",
+             cfg.stage, sampler.epoch_size, len(datasets),
+             ", batched by length (group_by_length)" if cfg.group_by_length else "", len(errors),
              f"; {validation.size} held-out samples ({len(eval_errors)} malformed skipped) scored at every save"
              + (f" and every {cfg.eval_every} steps" if cfg.eval_every else "") if validation else "")
 
