@@ -417,6 +417,9 @@ class StageConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     batch_size: int = 8
     grad_accum: int = 1
+    # batches of samples of similar token length (less padding): the sampler's draws sorted by length within
+    # chunks of 50 micro-batches, the batches of a chunk shuffled (mmllm.data.dataset.LengthGroupedSampler)
+    group_by_length: bool = False
     max_steps: int = 100
     seed: int = 0
     # null = as launched (`accelerate launch --mixed_precision` / its config file), else no

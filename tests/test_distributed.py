@@ -129,6 +129,21 @@ def test_two_processes_match_one_process_with_twice_the_batch(stage, launcher, s
     assert sorted(p.name for p in (tmp_path / "two").iterdir() if p.name.startswith((".", "step-"))) == ["step-4"]
 
 
+@pytest.mark.slow  # 45 s: three runs; the sampler's shares are checked in tests/test_length_grouping.py
+def test_two_processes_grouped_by_length_read_their_share_of_one_process_with_twice_the_batch(
+        sample_data, one_process_runs, tmp_path):
+    """group_by_length sorts each global micro-batch (batch x processes samples); each process takes its
+    contiguous share, so 2 processes with batch 2 train what 1 process with batch 4 does."""
+    args = ("optim.name=sgd", "optim.lr=0.05", "group_by_length=true")
+    _run(_launch(1, "") + _stage_args("instruct", sample_data, tmp_path / "one", 4, *args))
+    _run(_launch(2, "ddp") + _stage_args("instruct", sample_data, tmp_path / "two", 2, *args))
+    one, two = tmp_path / "one" / "step-4", tmp_path / "two" / "step-4"
+    assert _losses(one) != pytest.approx(_losses(one_process_runs("instruct")), rel=1e-3)  # grouping is on
+    assert _losses(two) == pytest.approx(_losses(one), rel=TOLERANCE)
+    _assert_same_weights(one, two, "instruct", TOLERANCE)
+    assert json.loads((two / "mmllm.json").read_text())["stage"]["group_by_length"] is True
+
+
 def test_fsdp_and_zero2_with_the_shipped_configs_bf16_compute_what_ddp_computes(sample_data, one_process_runs, tmp_path):
     """bf16 under FSDP and DeepSpeed is autocast, as under DDP: each parameter keeps its dtype (FSDP
     leaves the frozen encoders and decoders out altogether; DeepSpeed's own bf16, which casts the whole

@@ -33,13 +33,17 @@ def _cli(sample_data, out, *extra):
             f"data=[{{path: {sample_data['chat']}, format: mmllm-chat}}]", *extra]
 
 
-def test_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_run(sample_data, tmp_path):
+# grouped: 27 s more; tests/test_length_grouping.py resumes a grouped run in-process in the fast suite
+@pytest.mark.parametrize("grouping", ["group_by_length=false",
+                                      pytest.param("group_by_length=true", marks=pytest.mark.slow)])
+def test_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_run(grouping, sample_data, tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    full = subprocess.run(_cli(sample_data, tmp_path / "full"), cwd=REPO, env=env, capture_output=True, text=True)
+    full = subprocess.run(_cli(sample_data, tmp_path / "full", grouping), cwd=REPO, env=env, capture_output=True,
+                          text=True)
     assert full.returncode == 0, full.stderr[-2000:]
     # a checkpoint step; the kill lands up to 0.1 s later, often mid-write, always well before step 16
     kill_after = random.Random(os.getpid()).randint(2, 8)
-    proc = subprocess.Popen(_cli(sample_data, tmp_path / "cut"), cwd=REPO, env=env,
+    proc = subprocess.Popen(_cli(sample_data, tmp_path / "cut", grouping), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (tmp_path / "cut" / f"step-{kill_after}").exists():
@@ -50,7 +54,7 @@ def test_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_run(sample_
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "cut" / "step-16").exists(), "the run finished before the kill"
-    resumed = subprocess.run(_cli(sample_data, tmp_path / "cut", "--resume"), cwd=REPO, env=env,
+    resumed = subprocess.run(_cli(sample_data, tmp_path / "cut", grouping, "--resume"), cwd=REPO, env=env,
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr

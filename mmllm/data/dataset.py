@@ -8,6 +8,8 @@
 * :class:`MixtureSampler` is stateless: the samples of (step, micro-batch, rank) are a pure
   function of the seed, so resuming at step ``s`` reads exactly what an uninterrupted run would,
   and ``W`` processes with batch ``b`` read exactly what one process with batch ``W*b`` reads.
+  :class:`LengthGroupedSampler` (the stage's ``group_by_length``) reorders its draws within chunks
+  so that each micro-batch holds samples of similar token length, keeping both properties.
 * :func:`collate` right-pads, stacks media per modality in placeholder order, and lists the
   signal-group captions per modality in the order the groups appear. Batch keys:
 
@@ -91,6 +93,14 @@ class StageDataset(Dataset):
             log.warning("skipping sample %s (%s): %s", conv.id, conv.source, exc)
             return SampleError(conv.id, str(exc))
         return {"id": enc.id, "input_ids": enc.input_ids, "labels": enc.labels, "media": media, "outputs": outputs}
+
+    def length(self, index: int) -> int:
+        """The tokens sample ``index`` puts in a batch (placeholders expanded, truncated to ``max_length``), from
+        its text alone: no media is read or decoded. 0 for a sample that cannot be encoded (it is skipped)."""
+        try:
+            return len(encode_conversation(self.conversations[index], self.tokenizer, self.spec).input_ids)
+        except SAMPLE_ERRORS:
+            return 0
 
 
 def load_stage_records(
@@ -237,6 +247,64 @@ class MixtureSampler:
     def micro_batch(self, step: int, micro: int, accum: int, rank: int, world: int, batch: int) -> list[tuple[int, int]]:
         start = ((step * accum + micro) * world + rank) * batch
         return [self.at(start + j) for j in range(batch)]
+
+
+GROUP_BATCHES = 50  # micro-batches per chunk that LengthGroupedSampler sorts by length
+
+
+class LengthGroupedSampler:
+    """A :class:`MixtureSampler`'s draws, reordered so that each micro-batch holds samples of similar length.
+
+    The draws are taken in chunks of ``group_batches`` global micro-batches (``batch x processes`` samples
+    each, so ``chunk = group_batches * batch * processes`` draws): chunk ``k`` holds exactly the draws
+    ``k * chunk .. (k + 1) * chunk`` of ``base`` (so the data sets mix by their weights, and over whole chunks
+    every sample is drawn as often as without grouping), sorted by length (ties in draw order), cut into
+    micro-batches and those shuffled with a seed derived from (seed, chunk). A process's share of a global
+    micro-batch is a contiguous run of the sorted samples. The order is a pure function of the seed, the
+    lengths and ``batch x processes``: a resumed run reads what an uninterrupted one does, and W processes
+    with batch b read what one process with batch W*b reads.
+
+    ``length(dataset, index)``: a sample's token count (:meth:`StageDataset.length`), asked for once per
+    sample, when a chunk first draws it.
+    """
+
+    def __init__(self, base: MixtureSampler, length: Callable[[int, int], int], group_batches: int = GROUP_BATCHES):
+        if group_batches < 1:
+            raise ValueError(f"group_batches must be >= 1, got {group_batches}")
+        self.base = base
+        self.seed = base.seed
+        self.group_batches = group_batches
+        self._length = length
+        self._known: dict[tuple[int, int], int] = {}
+        self._chunk_cache: dict[tuple[int, int], list[tuple[int, int]]] = {}
+
+    @property
+    def epoch_size(self) -> int:
+        return self.base.epoch_size
+
+    def length(self, dataset: int, index: int) -> int:
+        key = (dataset, index)
+        if key not in self._known:
+            self._known[key] = int(self._length(dataset, index))
+        return self._known[key]
+
+    def chunk(self, k: int, per_batch: int) -> list[tuple[int, int]]:
+        """Chunk ``k``'s draws in their grouped order, for global micro-batches of ``per_batch`` samples."""
+        key = (k, per_batch)
+        if key not in self._chunk_cache:
+            size = self.group_batches * per_batch
+            draws = [self.base.at(k * size + j) for j in range(size)]
+            lengths = np.array([self.length(d, i) for d, i in draws], dtype=np.int64)
+            by_length = np.argsort(lengths, kind="stable").reshape(self.group_batches, per_batch)
+            batches = np.random.default_rng([self.seed, 11, per_batch, k]).permutation(self.group_batches)
+            self._chunk_cache = {key: [draws[j] for j in by_length[batches].ravel()]}
+        return self._chunk_cache[key]
+
+    def micro_batch(self, step: int, micro: int, accum: int, rank: int, world: int, batch: int) -> list[tuple[int, int]]:
+        per_batch = world * batch
+        k, j = divmod(step * accum + micro, self.group_batches)
+        start = j * per_batch + rank * batch
+        return self.chunk(k, per_batch)[start:start + batch]
 
 
 def collate(samples: list[dict[str, Any] | SampleError], pad_id: int) -> dict[str, Any]:

@@ -33,7 +33,14 @@ from mmllm.config import (
     load_lora,
     to_dict,
 )
-from mmllm.data.dataset import MixtureSampler, StageDataset, collate, load_stage_records, warn_empty_replies
+from mmllm.data.dataset import (
+    LengthGroupedSampler,
+    MixtureSampler,
+    StageDataset,
+    collate,
+    load_stage_records,
+    warn_empty_replies,
+)
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
 from mmllm.model import AnyToAnyModel, lora_layer_names, unit_counts
@@ -145,6 +152,15 @@ def lr_lambda(cfg: StageConfig):
     return f
 
 
+def stage_sampler(datasets: list[StageDataset], weights: list[float],
+                  cfg: StageConfig) -> MixtureSampler | LengthGroupedSampler:
+    """The stage's sample order: the seeded mixture, grouped by token length with ``group_by_length``."""
+    sampler = MixtureSampler([len(d) for d in datasets], weights, cfg.seed)
+    if not cfg.group_by_length:
+        return sampler
+    return LengthGroupedSampler(sampler, lambda d, i: datasets[d].length(i))
+
+
 def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResult:
     """Train the stage ``cfg`` (:func:`mmllm.config.load_stage`) and return what it did: the loss of every
     step, the validation scores and the final checkpoint's folder (load it with
@@ -238,10 +254,11 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
                       precomputed=precomputed) for convs in records]
         for records in (per_dataset, held_out)
     ]
-    sampler = MixtureSampler([len(d) for d in datasets], weights, cfg.seed)
+    sampler = stage_sampler(datasets, weights, cfg)
     validation = Validation(eval_datasets, cfg.batch_size) if eval_datasets else None
-    log.info("stage %s: %d samples in %d dataset(s), %d malformed record(s) skipped%s",
-             cfg.stage, sampler.epoch_size, len(datasets), len(errors),
+    log.info("stage %s: %d samples in %d dataset(s)%s, %d malformed record(s) skipped%s",
+             cfg.stage, sampler.epoch_size, len(datasets),
+             ", batched by length (group_by_length)" if cfg.group_by_length else "", len(errors),
              f"; {validation.size} held-out samples ({len(eval_errors)} malformed skipped) scored at every save"
              + (f" and every {cfg.eval_every} steps" if cfg.eval_every else "") if validation else "")
 

@@ -10,7 +10,7 @@ the resumed run's config is sorted three ways before any weight loads (:func:`ch
   weights. The optimizer state restores the old hyperparameters, so :func:`apply_hyperparameters` sets
   the config's again and recomputes the next step's learning rate; the warning gives the jump;
 * allowed, with a warning that the resumed run no longer draws the samples the uninterrupted run would
-  have: ``seed``, the samples per step (``batch_size`` x processes, ``grad_accum``), the data sets and
+  have: ``seed``, ``group_by_length``, the samples per step (``batch_size`` x processes, ``grad_accum``), the data sets and
   their sizes.
 """
 
@@ -173,7 +173,7 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
         log.warning("%s: LoRA dropout %s (checkpoint) -> %s (%s): training goes on, but from step %d it draws other "
                     "dropout masks than the interrupted run: it will not end on the weights an uninterrupted run "
                     "gives", where, was_dropout, wanted_lora.dropout, cfg.lora, progress["step"] + 1)
-    order = _changed(saved, now, ("seed", "grad_accum"))
+    order = _changed({"group_by_length": False} | saved, now, ("seed", "grad_accum", "group_by_length"))
     old_world = progress.get("processes")
     if old_world is not None and old_world * saved.get("batch_size", 0) != processes * cfg.batch_size:
         order.append(f"samples per micro-batch (batch_size x processes): {saved.get('batch_size')} x "

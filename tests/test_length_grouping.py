@@ -1,0 +1,171 @@
+"""``group_by_length``: micro-batches of samples of similar token length, drawn from the same mixture as
+without it, deterministic from the seed, the same for W processes with batch b as for one with W*b, exact
+on ``--resume``, recorded in the checkpoint and compared on resume."""
+
+import collections
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from mmllm.data import dataset as dataset_module
+from mmllm.data.dataset import LengthGroupedSampler, MixtureSampler, StageDataset, load_stage_records
+from mmllm.model import AnyToAnyModel
+from mmllm.training import checkpoint as ckpt
+from mmllm.training.loop import stage_sampler, token_spec, train
+from mmllm.training.resume import check_resume
+from tests.test_stages import stage_cfg
+
+SIZES, WEIGHTS = [60, 30, 10], [1.0, 2.0, 1.5]  # 60 + 60 + 15 = 135 draws an epoch
+
+
+def synthetic_length(dataset: int, index: int) -> int:
+    """Lengths from 10 to 200 that follow neither the dataset nor the index order."""
+    return 10 + (index * 37 + dataset * 101) % 191
+
+
+def grouped(seed=0, group_batches=5, sizes=SIZES, weights=WEIGHTS):
+    return LengthGroupedSampler(MixtureSampler(sizes, weights, seed), synthetic_length, group_batches)
+
+
+def batches(sampler, steps, batch=4, world=1, rank=0, accum=1):
+    return [sampler.micro_batch(s, m, accum, rank, world, batch) for s in range(steps) for m in range(accum)]
+
+
+def padding_share(picks):
+    lengths = [[synthetic_length(d, i) for d, i in b] for b in picks]
+    return 1 - sum(map(sum, lengths)) / sum(max(x) * len(x) for x in lengths)
+
+
+def test_grouped_batches_hold_similar_lengths_and_pad_far_less():
+    def spread(sampler):  # the mean length range within a micro-batch
+        return np.mean([np.ptp([synthetic_length(d, i) for d, i in b]) for b in batches(sampler, 200)])
+
+    plain = MixtureSampler(SIZES, WEIGHTS, seed=0)
+    assert spread(plain) > 100
+    assert spread(grouped(group_batches=5)) < spread(plain) / 3  # 20 draws sorted at a time
+    assert spread(grouped(group_batches=50)) < spread(plain) / 15  # the default: 200
+    assert padding_share(batches(grouped(group_batches=50), 200)) < padding_share(batches(plain, 200)) / 10
+
+
+def test_every_sample_is_drawn_as_often_as_without_grouping():
+    # a chunk is 5 batches x 4 = 20 draws; 27 chunks = 4 epochs of 135 draws
+    plain, s = MixtureSampler(SIZES, WEIGHTS, seed=3), grouped(seed=3)
+    drawn = collections.Counter(p for b in batches(s, 135) for p in b)
+    assert drawn == collections.Counter(plain.at(k) for k in range(4 * plain.epoch_size))
+    # so the data sets mix by their weights: 4 epochs of 60, 30 x 2 and 10 x 1.5 draws
+    per_dataset = collections.Counter(d for d, _ in drawn.elements())
+    assert per_dataset == {0: 240, 1: 240, 2: 60}
+    assert {drawn[(0, i)] for i in range(60)} == {4} and {drawn[(1, i)] for i in range(30)} == {8}
+    assert {drawn[(2, i)] for i in range(10)} == {6}  # the fractional shares walk through the data set
+    # any whole number of chunks draws what the plain sampler draws at the same positions
+    first = collections.Counter(p for b in batches(s, 10) for p in b)
+    assert first == collections.Counter(plain.at(k) for k in range(40))
+
+
+def test_the_order_is_a_pure_function_of_the_seed_and_still_shuffled():
+    a = batches(grouped(seed=5), 60)
+    assert batches(grouped(seed=5), 60) == a
+    assert batches(grouped(seed=6), 60) != a
+    late_first = grouped(seed=5)  # stateless: any step, in any order, as a resumed run asks
+    assert [late_first.micro_batch(s, 0, 1, 0, 1, 4) for s in reversed(range(60))] == a[::-1]
+    # the batches of a chunk are not in length order, and the same lengths come in another order per seed
+    means = [np.mean([synthetic_length(d, i) for d, i in b]) for b in a]
+    chunks = [means[k:k + 5] for k in range(0, 60, 5)]
+    assert any(c != sorted(c) and c != sorted(c, reverse=True) for c in chunks)
+
+
+@pytest.mark.parametrize(("world", "accum"), [(2, 1), (4, 2)])
+def test_processes_share_what_one_process_with_their_batch_reads(world, accum):
+    s = grouped()
+    one = batches(s, 20, batch=2 * world, accum=accum)
+    shares = [batches(grouped(), 20, batch=2, world=world, rank=r, accum=accum) for r in range(world)]
+    assert [sum((share[k] for share in shares), []) for k in range(len(one))] == one
+
+
+def test_the_default_sampler_is_the_mixture_itself(tiny_model, sample_data, tmp_path):
+    cfg = stage_cfg("instruct", sample_data, tmp_path)
+    assert cfg.group_by_length is False
+    per, weights, _ = load_stage_records(cfg.data, cfg.stage)
+    datasets = [StageDataset(c, tiny_model.llm.tokenizer, token_spec(tiny_model), {}) for c in per]
+    assert type(stage_sampler(datasets, weights, cfg)) is MixtureSampler
+    on = stage_cfg("instruct", sample_data, tmp_path, group_by_length="true")
+    assert isinstance(stage_sampler(datasets, weights, on), LengthGroupedSampler)
+
+
+def test_a_samples_length_is_its_batch_row_counted_without_reading_media(tiny_model, sample_data, tmp_path,
+                                                                         monkeypatch):
+    cfg = stage_cfg("instruct", sample_data, tmp_path)
+    per, _, _ = load_stage_records(cfg.data, cfg.stage)
+    pre = {m: e.preprocess for m, e in tiny_model.encoders.items()}
+    ds = StageDataset(per[0], tiny_model.llm.tokenizer, token_spec(tiny_model), pre)
+    rows = [len(ds[i]["input_ids"]) for i in range(len(ds))]
+    assert len(set(rows)) > 2  # the sample data holds conversations of several lengths
+
+    def no_media(*args, **kwargs):
+        raise AssertionError("a length was counted by reading media")
+
+    monkeypatch.setattr(dataset_module, "load_media", no_media)
+    assert [ds.length(i) for i in range(len(ds))] == rows
+
+
+def _lengths_of_steps(tiny_model, cfg, steps):
+    per, weights, _ = load_stage_records(cfg.data, cfg.stage)
+    datasets = [StageDataset(c, tiny_model.llm.tokenizer, token_spec(tiny_model), {}) for c in per]
+    sampler = stage_sampler(datasets, weights, cfg)
+    return [[datasets[d].length(i) for d, i in sampler.micro_batch(s, 0, 1, 0, 1, cfg.batch_size)]
+            for s in range(steps)]
+
+
+def test_grouping_the_sample_data_cuts_its_padding(tiny_model, sample_data, tmp_path):
+    def padding(rows):
+        return 1 - sum(map(sum, rows)) / sum(max(r) * len(r) for r in rows)
+
+    plain = _lengths_of_steps(tiny_model, stage_cfg("instruct", sample_data, tmp_path), 50)
+    on = _lengths_of_steps(tiny_model, stage_cfg("instruct", sample_data, tmp_path, group_by_length="true"), 50)
+    assert sorted(map(sum, plain)) != sorted(map(sum, on))  # other batches ...
+    assert sorted(x for r in plain for x in r) == sorted(x for r in on for x in r)  # ... of the same draws
+    assert padding(on) < padding(plain) / 2
+
+
+def test_a_grouped_run_resumes_exactly_and_its_checkpoint_records_the_setting(sample_data, tmp_path, caplog):
+    grouped_cfg = {"group_by_length": "true", "save_every": 3}
+    full = train(stage_cfg("instruct", sample_data, tmp_path / "full", max_steps=6, **grouped_cfg))
+    plain = train(stage_cfg("instruct", sample_data, tmp_path / "plain", max_steps=6, save_every=3))
+    assert full.losses != plain.losses  # the grouping changed what the steps read
+    train(stage_cfg("instruct", sample_data, tmp_path / "part", max_steps=3, **grouped_cfg))
+    resumed = train(stage_cfg("instruct", sample_data, tmp_path / "part", max_steps=6, **grouped_cfg), resume=True)
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
+    a = AnyToAnyModel.from_pretrained(full.final_checkpoint)
+    b = AnyToAnyModel.from_pretrained(resumed.final_checkpoint)
+    for k, v in {**a.learned_state_dict(), **a.lora_parameters()}.items():
+        torch.testing.assert_close({**b.learned_state_dict(), **b.lora_parameters()}[k], v, rtol=0, atol=1e-6)
+
+    step3 = tmp_path / "part" / "step-3"
+    assert json.loads((step3 / "mmllm.json").read_text())["stage"]["group_by_length"] is True
+    caplog.clear()
+    caplog.set_level(logging.WARNING)
+    check_resume(stage_cfg("instruct", sample_data, tmp_path / "part", max_steps=6), step3, 1, [23])
+    assert "group_by_length: True -> False" in caplog.text and "reads other samples" in caplog.text
+
+
+def test_a_checkpoint_from_before_the_setting_resumes_ungrouped_without_a_warning(sample_data, tmp_path, caplog,
+                                                                                 monkeypatch):
+    train(stage_cfg("instruct", sample_data, tmp_path, max_steps=1))
+    real = ckpt.read_meta
+
+    def older(path):  # what a checkpoint written before group_by_length existed records
+        meta = real(path)
+        del meta["stage"]["group_by_length"]
+        return meta
+
+    monkeypatch.setattr(ckpt, "read_meta", older)
+    caplog.clear()
+    caplog.set_level(logging.WARNING)
+    check_resume(stage_cfg("instruct", sample_data, tmp_path, max_steps=2), tmp_path / "step-1", 1, [23])
+    assert "reads other samples" not in caplog.text
+    check_resume(stage_cfg("instruct", sample_data, tmp_path, max_steps=2, group_by_length="true"),
+                 tmp_path / "step-1", 1, [23])
+    assert "group_by_length: False -> True" in caplog.text
