@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from mmllm.atomic import atomic_write_text
@@ -30,7 +29,7 @@ from mmllm.toyworld import parts as P
 from mmllm.toyworld.evaluate import decoder_accuracy, judge_accuracy, retrieval_accuracy
 from mmllm.toyworld.judges import Judge
 from mmllm.toyworld.text import MiniLMText
-from mmllm.toyworld.world import MODALITIES, Item, World, evaluation_items
+from mmllm.toyworld.world import MODALITIES, Item, World, balanced_items, evaluation_items, spread_evenly
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +57,7 @@ class ReportOptions:
 
 
 def _spread(items: list[Item], n: int) -> list[Item]:
-    if len(items) <= n:
-        return items
-    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+    return items if len(items) <= n else [items[i] for i in spread_evenly(len(items), n)]
 
 
 def _score(metrics: dict[str, float] | None, key: str) -> float | None:
@@ -95,7 +92,7 @@ def run_report(options: ReportOptions) -> dict[str, Any]:
             decoder = P.build_part("decoder", entry, f"decoders.{modality}")
             result["decoder_oracle"] = {}
             for name, split in SPLITS.items():
-                items = _spread(evaluation_items(world, modality, split, 1, EVAL_SEED + 1), options.decoder_items)
+                items = balanced_items(world, modality, split, options.decoder_items, EVAL_SEED + 1)
                 accuracy, generated = decoder_accuracy(
                     decoder, judge, items, options.steps, options.guidance, seed=options.seed
                 )
@@ -188,7 +185,7 @@ def format_report(report: dict[str, Any]) -> str:
             for split, scores in result[metric].items():
                 target = TARGETS[metric].get(split)
                 mark = "" if target is None else (" ok" if scores[key] >= target else f" <{target:.0%}")
-                cells.append(f"{split} {scores[key]:6.1%}{mark}")
+                cells.append(f"{split} {scores[key]:6.1%} of {scores['n']}{mark}")
             lines.append(f"  {modality:<6} {metric:<18} {key:<5} " + "   ".join(cells))
     if "contact_sheet" in report:
         lines.append(f"  contact sheet: {report['contact_sheet']}")
