@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
+from mmllm.config import ConfigError
 from mmllm.model import AnyToAnyModel
 from mmllm.toyworld.judges import Judge, attribute_accuracy
 from mmllm.toyworld.model_eval import EvalOptions, eval_items, format_eval, run_eval
@@ -112,3 +113,21 @@ def test_eval_names_a_measurement_it_cannot_run(tmp_path_factory, tmp_path):
                                   "why": "no judge-image among the judges (--parts)"}]
     assert "not measured: no judge-image" in format_eval(report)
     assert json.loads((tmp_path / "eval.json").read_text())["skipped"] == report["skipped"]
+
+
+@pytest.mark.skipif(not (shipped_dir() / "judge-audio").is_dir(), reason="shipped parts missing")
+def test_world_report_keeps_the_modalities_it_finished_when_a_later_part_fails(tmp_path):
+    import shutil
+
+    from mmllm.toyworld.report import ReportOptions, run_report
+
+    parts = tmp_path / "parts"
+    for name in ("judge-audio", "judge-video"):
+        shutil.copytree(shipped_dir() / name, parts / name)
+    (parts / "decoder-video").mkdir()  # an unfinished copy: the video decoder cannot be built
+    options = ReportOptions(parts_dir=parts, output=tmp_path / "out", modalities=["audio", "video"], per_combo=1)
+    with pytest.raises(ConfigError, match="model_index.json"):
+        run_report(options)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["complete"] is False
+    assert saved["modalities"]["audio"]["judge"]["held_out"]["n"] == 3

@@ -69,7 +69,8 @@ def run_report(options: ReportOptions) -> dict[str, Any]:
     parts_dir = Path(options.parts_dir)
     options.output.mkdir(parents=True, exist_ok=True)
     text: MiniLMText | None = None
-    report: dict[str, Any] = {"parts_dir": str(parts_dir), "settings": _settings(options), "modalities": {}}
+    report: dict[str, Any] = {"parts_dir": str(parts_dir), "settings": _settings(options), "complete": False,
+                              "modalities": {}}
     sheet_rows: list[tuple[str, str, Any, Any]] = []
     for modality in options.modalities:
         result: dict[str, Any] = {}
@@ -102,12 +103,18 @@ def run_report(options: ReportOptions) -> dict[str, Any]:
             log.warning("decoder-%s present but judge-%s is not: the decoder cannot be scored", modality, modality)
         result["checks"] = _checks(result)
         report["modalities"][modality] = result
+        _save(report, options)  # a later modality that fails keeps this one's scores
     if sheet_rows:
         sheet = contact_sheet(sheet_rows)
         sheet.save(options.output / "contact_sheet.png")
         report["contact_sheet"] = str(options.output / "contact_sheet.png")
-    atomic_write_text(options.output / "report.json", json.dumps(report, indent=2) + "\n")
+    report["complete"] = True
+    _save(report, options)
     return report
+
+
+def _save(report: dict[str, Any], options: ReportOptions) -> None:
+    atomic_write_text(options.output / "report.json", json.dumps(report, indent=2) + "\n")
 
 
 def _settings(options: ReportOptions) -> dict[str, Any]:
