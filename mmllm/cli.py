@@ -502,6 +502,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not checkpoint.is_dir():
         raise SystemExit(f"--checkpoint {checkpoint}: not a directory (train one with scripts/train_default.sh)")
     parts = Path(args.parts) if args.parts else shipped_dir()
+    if not parts.is_dir():
+        raise SystemExit(f"--parts {parts}: not a directory (the folder holding judge-<modality>/, "
+                         "default: the shipped mmllm/toyworld/weights)")
+    if args.items < 1:
+        raise SystemExit(f"--items {args.items}: give at least 1 item per modality and split")
     modalities = comma_list(args.modalities, "--modalities", MODALITIES)
     tasks = comma_list(args.tasks, "--tasks", TASKS)
     judges = {m: Judge.load(parts / f"judge-{m}") for m in modalities if (parts / f"judge-{m}").is_dir()}

@@ -103,6 +103,8 @@ def test_train_then_export_merged_lora_gives_the_same_outputs(sample_data, tmp_p
     (["eval", "--modalities", "imag"], "--modalities 'imag': unknown imag; valid: image, audio, video"),
     (["eval", "--tasks", "x2t,foo"], "--tasks 'x2t,foo': unknown foo; valid: x2t, t2x, routing, text"),
     (["world", "report", "--modalities", "audio,vidoe"], "unknown vidoe; valid: image, audio, video"),
+    (["eval", "--parts", "no/such/parts"], "--parts no/such/parts: not a directory"),  # was: t2x silently unscored
+    (["eval", "--items", "0"], "--items 0: give at least 1"),
 ])
 def test_unknown_list_values_are_refused_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
     import mmllm.model

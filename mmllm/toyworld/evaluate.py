@@ -56,7 +56,8 @@ def retrieval_accuracy(
     return {
         "top1": float(top1.float().mean()),
         "top5": float(top5.float().mean()),
-        **{f"attribute_{k}": v for k, v in per_attribute.items() if k not in ("all",)},
+        "n": len(items),
+        **{f"attribute_{k}": v for k, v in per_attribute.items() if k not in ("all", "n")},
     }
 
 

@@ -242,15 +242,21 @@ class Judge(nn.Module):
 
 
 def attribute_accuracy(
-    predicted: list[dict[str, str]], truth: list[dict[str, str]]
+    predicted: list[dict[str, str | None]], truth: list[dict[str, str]]
 ) -> dict[str, float]:
-    """Per-attribute accuracy, ``all`` (every attribute right) and ``mean`` (mean over attributes)."""
+    """Per-attribute accuracy, ``all`` (every attribute right), ``mean`` (mean over attributes) and ``n`` (the
+    items scored). Every item counts: one prediction per item, in order (an attribute that could not be read
+    is ``None``, and wrong), so that no score is over fewer items than were asked."""
+    if len(predicted) != len(truth):
+        raise ValueError(f"{len(predicted)} predictions for {len(truth)} items: score every item "
+                         "(an unreadable one as None), not a subset")
     if not truth:
         return {}
     names = list(truth[0])
-    out = {n: float(np.mean([p[n] == t[n] for p, t in zip(predicted, truth)])) for n in names}
-    out["all"] = float(np.mean([all(p[n] == t[n] for n in names) for p, t in zip(predicted, truth)]))
+    out = {n: float(np.mean([p.get(n) == t[n] for p, t in zip(predicted, truth)])) for n in names}
+    out["all"] = float(np.mean([all(p.get(n) == t[n] for n in names) for p, t in zip(predicted, truth)]))
     out["mean"] = float(np.mean([out[n] for n in names]))
+    out["n"] = len(truth)
     return out
 
 

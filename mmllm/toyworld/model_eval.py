@@ -36,7 +36,7 @@ from mmllm.atomic import atomic_write_text
 from mmllm.inference.generate import Request
 from mmllm.toyworld.evaluate import decoder_accuracy
 from mmllm.toyworld.judges import Judge, attribute_accuracy
-from mmllm.toyworld.world import MODALITIES, Item, World, evaluation_items
+from mmllm.toyworld.world import MODALITIES, Item, World, balanced_items
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,8 @@ def read_attributes(world: World, modality: str, text: str) -> dict[str, str | N
 
 
 def eval_items(world: World, modality: str, split: str, n: int, seed: int = EVAL_SEED) -> list[Item]:
-    """``n`` items spread evenly over the split's combinations (each combination at least once if n allows)."""
-    combos = world.combos(modality, split)
-    per_combo = max(1, math.ceil(n / len(combos)))
-    items = evaluation_items(world, modality, split, per_combo, seed)
-    # interleave renderings so that a prefix covers every combination
-    ordered = [items[c * per_combo + k] for k in range(per_combo) for c in range(len(combos))]
-    return ordered[:n]
+    """``n`` items spread evenly over the split's combinations (see :func:`balanced_items`)."""
+    return balanced_items(world, modality, split, n, seed)
 
 
 def _chunks(seq: list[Any], size: int) -> list[list[Any]]:
@@ -143,19 +138,34 @@ def perplexities(model, passages: list[list[int]], batch_size: int = 8) -> dict[
 
 
 def run_eval(model, judges: dict[str, Judge], options: EvalOptions) -> dict[str, Any]:
+    """Every measurement ``options`` asks for; ``eval.json`` is rewritten after each one (``"complete": false``
+    until the last), so an interrupted or failing run keeps the scores it finished. A measurement that
+    cannot run (a modality without a judge for t2x, without an encoder or decoder) is named under
+    ``skipped``, never left out silently."""
     world = World()
     model.eval()
     report: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
-                              "x2t": {}, "t2x": {}, "routing": {}, "text": {}, "samples": []}
+                              "complete": False, "x2t": {}, "t2x": {}, "routing": {}, "text": {}, "skipped": [],
+                              "samples": []}
     routes: list[tuple[list[str], list[str], str]] = []  # (expected, emitted, prompt)
+    _save(report, options)
 
     for modality in options.modalities:
-        if modality not in model.encoders and modality not in model.decoders:
+        wants = {"x2t": "x2t" in options.tasks, "t2x": "t2x" in options.tasks}
+        missing = {"x2t": None if modality in model.encoders else f"the model has no {modality} encoder",
+                   "t2x": None if modality in model.decoders else f"the model has no {modality} decoder"}
+        if missing["t2x"] is None and modality not in judges:
+            missing["t2x"] = f"no judge-{modality} among the judges (--parts)"
+        for task, why in missing.items():
+            if wants[task] and why:
+                log.warning("%s %s not measured: %s", task, modality, why)
+                report["skipped"].append({"task": task, "modality": modality, "why": why})
+        if all(why for why in missing.values()):
             continue
         report["x2t"][modality], report["t2x"][modality] = {}, {}
         for split_name, split in SPLITS.items():
             items = eval_items(world, modality, split, options.items)
-            if modality in model.encoders and "x2t" in options.tasks:
+            if wants["x2t"] and not missing["x2t"]:
                 requests = [Request([{"role": "user", "content": DESCRIBE_PROMPT[modality]}], [(modality, i.media)],
                                     seed=options.seed) for i in items]
                 results = _generate(model, requests, options, False, f"x2t {modality} {split_name}")
@@ -164,18 +174,25 @@ def run_eval(model, judges: dict[str, Judge], options: EvalOptions) -> dict[str,
                 routes += [([], emitted(r), DESCRIBE_PROMPT[modality]) for r in results]
                 report["samples"] += [{"task": "x2t", "split": split_name, "truth": i.caption, "answer": r.text}
                                       for i, r in list(zip(items, results))[:3]]
-            if modality in model.decoders and modality in judges and "t2x" in options.tasks:
+                _save(report, options)
+            if wants["t2x"] and not missing["t2x"]:
                 report["t2x"][modality][split_name] = _text_to_media(
                     model, judges[modality], world, modality, items, options, routes, report["samples"], split_name)
+                _save(report, options)
 
     if "routing" in options.tasks:
         _routing(model, world, options, routes, report)
+        _save(report, options)
     if "text" in options.tasks:
         passages = held_out_text(model.llm.tokenizer, options.text_chunks, options.text_tokens)
         report["text"] = perplexities(model, passages)
-
-    atomic_write_text(options.output / "eval.json", json.dumps(report, indent=2))
+    report["complete"] = True
+    _save(report, options)
     return report
+
+
+def _save(report: dict[str, Any], options: EvalOptions) -> None:
+    atomic_write_text(options.output / "eval.json", json.dumps(report, indent=2))
 
 
 def _routing(model, world: World, options: EvalOptions, routes: list, report: dict[str, Any]) -> None:
@@ -236,15 +253,16 @@ def _text_to_media(model, judge: Judge, world: World, modality: str, items: list
 
 
 def format_eval(report: dict[str, Any]) -> str:
-    lines = ["direction  modality  split      model   oracle  ratio   target"]
+    lines = ["direction  modality  split      model   oracle  ratio   n     target"]
     for modality, splits in report["x2t"].items():
         for split, s in splits.items():
-            lines.append(f"x2t        {modality:<9} {split:<10} {s['mean']:6.3f}  {'':6}  {'':6}  "
+            lines.append(f"x2t        {modality:<9} {split:<10} {s['mean']:6.3f}  {'':6}  {'':6}  {s['n']:<4}  "
                          f">= {TARGETS['x2t'][split]:.2f}")
     for modality, splits in report["t2x"].items():
         for split, s in splits.items():
             lines.append(f"t2x        {modality:<9} {split:<10} {s['model']['mean']:6.3f}  {s['oracle']['mean']:6.3f}  "
-                         f"{s['ratio']:6.3f}  ratio >= {TARGETS['t2x_ratio'][split]:.1f}")
+                         f"{s['ratio']:6.3f}  {s['model']['n']:<4}  ratio >= {TARGETS['t2x_ratio'][split]:.1f}")
+    lines += [f"{s['task']:<10} {s['modality']:<9} not measured: {s['why']}" for s in report.get("skipped", [])]
     r = report["routing"]
     if r:
         lines.append(f"routing    {r['all']:.3f} over {r['n']} prompts ("

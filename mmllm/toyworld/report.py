@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from mmllm.atomic import atomic_write_text
@@ -30,7 +29,7 @@ from mmllm.toyworld import parts as P
 from mmllm.toyworld.evaluate import decoder_accuracy, judge_accuracy, retrieval_accuracy
 from mmllm.toyworld.judges import Judge
 from mmllm.toyworld.text import MiniLMText
-from mmllm.toyworld.world import MODALITIES, Item, World, evaluation_items
+from mmllm.toyworld.world import MODALITIES, Item, World, balanced_items, evaluation_items, spread_evenly
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +57,7 @@ class ReportOptions:
 
 
 def _spread(items: list[Item], n: int) -> list[Item]:
-    if len(items) <= n:
-        return items
-    return [items[i] for i in np.linspace(0, len(items) - 1, n).round().astype(int)]
+    return items if len(items) <= n else [items[i] for i in spread_evenly(len(items), n)]
 
 
 def _score(metrics: dict[str, float] | None, key: str) -> float | None:
@@ -72,7 +69,8 @@ def run_report(options: ReportOptions) -> dict[str, Any]:
     parts_dir = Path(options.parts_dir)
     options.output.mkdir(parents=True, exist_ok=True)
     text: MiniLMText | None = None
-    report: dict[str, Any] = {"parts_dir": str(parts_dir), "settings": _settings(options), "modalities": {}}
+    report: dict[str, Any] = {"parts_dir": str(parts_dir), "settings": _settings(options), "complete": False,
+                              "modalities": {}}
     sheet_rows: list[tuple[str, str, Any, Any]] = []
     for modality in options.modalities:
         result: dict[str, Any] = {}
@@ -95,7 +93,7 @@ def run_report(options: ReportOptions) -> dict[str, Any]:
             decoder = P.build_part("decoder", entry, f"decoders.{modality}")
             result["decoder_oracle"] = {}
             for name, split in SPLITS.items():
-                items = _spread(evaluation_items(world, modality, split, 1, EVAL_SEED + 1), options.decoder_items)
+                items = balanced_items(world, modality, split, options.decoder_items, EVAL_SEED + 1)
                 accuracy, generated = decoder_accuracy(
                     decoder, judge, items, options.steps, options.guidance, seed=options.seed
                 )
@@ -105,12 +103,18 @@ def run_report(options: ReportOptions) -> dict[str, Any]:
             log.warning("decoder-%s present but judge-%s is not: the decoder cannot be scored", modality, modality)
         result["checks"] = _checks(result)
         report["modalities"][modality] = result
+        _save(report, options)  # a later modality that fails keeps this one's scores
     if sheet_rows:
         sheet = contact_sheet(sheet_rows)
         sheet.save(options.output / "contact_sheet.png")
         report["contact_sheet"] = str(options.output / "contact_sheet.png")
-    atomic_write_text(options.output / "report.json", json.dumps(report, indent=2) + "\n")
+    report["complete"] = True
+    _save(report, options)
     return report
+
+
+def _save(report: dict[str, Any], options: ReportOptions) -> None:
+    atomic_write_text(options.output / "report.json", json.dumps(report, indent=2) + "\n")
 
 
 def _settings(options: ReportOptions) -> dict[str, Any]:
@@ -188,7 +192,7 @@ def format_report(report: dict[str, Any]) -> str:
             for split, scores in result[metric].items():
                 target = TARGETS[metric].get(split)
                 mark = "" if target is None else (" ok" if scores[key] >= target else f" <{target:.0%}")
-                cells.append(f"{split} {scores[key]:6.1%}{mark}")
+                cells.append(f"{split} {scores[key]:6.1%} of {scores['n']}{mark}")
             lines.append(f"  {modality:<6} {metric:<18} {key:<5} " + "   ".join(cells))
     if "contact_sheet" in report:
         lines.append(f"  contact sheet: {report['contact_sheet']}")

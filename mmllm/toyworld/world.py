@@ -340,9 +340,32 @@ def _articles(text: str) -> str:
 
 def evaluation_items(world: World, modality: str, split: Split, per_combo: int, seed: int) -> list[Item]:
     """A fixed evaluation set: ``per_combo`` items of every combination of ``split``, canonical captions."""
-    items = []
-    for c, combo in enumerate(world.combos(modality, split)):
-        for k in range(per_combo):
-            item_seed = int(np.random.default_rng([seed, c, k, 7]).integers(2**62))
-            items.append(world.item(modality, combo, item_seed, paraphrase=False))
-    return items
+    return [_evaluation_item(world, modality, c, combo, k, seed)
+            for c, combo in enumerate(world.combos(modality, split)) for k in range(per_combo)]
+
+
+def spread_evenly(count: int, n: int) -> list[int]:
+    """``n`` indices of ``range(count)`` (``n <= count``) spaced evenly from the first to the last."""
+    return [] if n <= 0 else np.linspace(0, count - 1, n).round().astype(int).tolist()
+
+
+def balanced_items(world: World, modality: str, split: Split, n: int, seed: int) -> list[Item]:
+    """Exactly ``n`` evaluation items of ``split``, as balanced over its combinations as ``n`` allows: every
+    combination ``n // C`` times (``C`` combinations), and the other ``n % C`` renderings on combinations
+    spread evenly over the list, so that every attribute value is represented (the combinations are listed
+    attribute by attribute: a prefix of the list would hold only the first colours). Ordered round by round,
+    so that a prefix covers as many combinations as it can. The renderings are those of
+    :func:`evaluation_items` with the same ``seed``."""
+    combos = world.combos(modality, split)
+    if n < 0 or not combos:
+        raise ValueError(f"{n} {modality} items of split {split!r}: it has {len(combos)} combinations")
+    rounds, rest = divmod(n, len(combos))
+    picks = [(c, k) for k in range(rounds) for c in range(len(combos))]
+    picks += [(c, rounds) for c in spread_evenly(len(combos), rest)]
+    return [_evaluation_item(world, modality, c, combos[c], k, seed) for c, k in picks]
+
+
+def _evaluation_item(world: World, modality: str, c: int, combo: Combo, k: int, seed: int) -> Item:
+    """The ``k``-th rendering of the ``c``-th combination of an evaluation set seeded ``seed``."""
+    item_seed = int(np.random.default_rng([seed, c, k, 7]).integers(2**62))
+    return world.item(modality, combo, item_seed, paraphrase=False)

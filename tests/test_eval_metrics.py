@@ -1,0 +1,133 @@
+"""What `mmllm eval` and `mmllm world report` measure: which items, over how many, and what is kept when a run
+stops part-way. Hand-made cases with known answers, the shipped judges and parts, and a tiny trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from mmllm.config import ConfigError
+from mmllm.model import AnyToAnyModel
+from mmllm.toyworld.judges import Judge, attribute_accuracy
+from mmllm.toyworld.model_eval import EvalOptions, eval_items, format_eval, run_eval
+from mmllm.toyworld.parts import shipped_dir
+from mmllm.toyworld.world import World, balanced_items, evaluation_items
+from tests.test_infer import trained_checkpoint
+
+TRUTH = {"colour": "blue", "shape": "circle", "size": "large", "position": "top-left"}
+
+
+def test_attribute_accuracy_counts_unreadable_answers_as_wrong_and_averages_over_attributes():
+    right = dict(TRUTH)
+    unreadable = dict.fromkeys(TRUTH)  # an answer naming no value (or two) of every attribute
+    half = {**TRUTH, "colour": "red", "size": None}
+    s = attribute_accuracy([right, unreadable, half, {}], [TRUTH] * 4)
+    assert s["n"] == 4
+    assert s["colour"] == 0.25 and s["size"] == 0.25 and s["shape"] == 0.5 and s["position"] == 0.5
+    assert s["all"] == 0.25  # only the first item has every attribute right
+    assert s["mean"] == pytest.approx((0.25 + 0.5 + 0.25 + 0.5) / 4)  # macro: the mean of the four attributes
+
+
+def test_attribute_accuracy_refuses_to_score_fewer_predictions_than_items():
+    with pytest.raises(ValueError, match="2 predictions for 3 items"):
+        attribute_accuracy([TRUTH, TRUTH], [TRUTH] * 3)
+
+
+@pytest.mark.parametrize("modality", ["image", "video"])
+def test_eval_items_of_a_large_split_hold_every_attribute_value(modality):
+    """48 of the 200 seen image (80 video) combinations: a prefix of the combination list held only red and
+    orange images, no triangle; the items must spread over the split."""
+    world = World()
+    items = eval_items(world, modality, "train", 48)
+    assert len(items) == len({i.combo for i in items}) == 48
+    for attribute in world.specs[modality].attributes:
+        counts = Counter(i.attributes[attribute.name] for i in items)
+        assert set(counts) == set(attribute.values), attribute.name
+        assert max(counts.values()) - min(counts.values()) <= 4, (attribute.name, counts)
+
+
+def test_balanced_items_repeat_every_combination_before_any_twice():
+    world = World()
+    combos = world.combos("image", "held_out")  # 40
+    items = balanced_items(world, "image", "held_out", 2 * len(combos) + 5, seed=11)
+    assert len(items) == 2 * len(combos) + 5
+    assert [i.combo for i in items[: len(combos)]] == combos  # a prefix covers every combination
+    counts = Counter(i.combo for i in items)
+    assert set(counts) == set(combos) and set(counts.values()) == {2, 3}
+    colours = Counter(i.attributes["colour"] for i in items[2 * len(combos):])
+    assert len(colours) >= 3  # the 5 third renderings are not all the first colour's
+    same = evaluation_items(world, "image", "held_out", 2, seed=11)  # the same renderings, by seed
+    assert {i.seed for i in items[: 2 * len(combos)]} == {i.seed for i in same}
+    with pytest.raises(ValueError, match="combinations"):
+        balanced_items(World(), "image", "held_out", -1, seed=0)
+
+
+@pytest.mark.skipif(not (shipped_dir() / "decoder-audio").is_dir(), reason="shipped parts missing")
+def test_world_report_scores_as_many_generated_items_as_it_says(tmp_path):
+    """The audio split held out has 3 combinations: the decoder oracle was scored on 3 items, not 48."""
+    from mmllm.toyworld.report import ReportOptions, format_report, run_report
+
+    torch.set_num_threads(1)
+    options = ReportOptions(parts_dir=shipped_dir(), output=tmp_path, modalities=["audio"], per_combo=1,
+                            decoder_items=6, steps=1, sheet_rows=8)
+    report = run_report(options)
+    oracle = report["modalities"]["audio"]["decoder_oracle"]
+    assert oracle["held_out"]["n"] == oracle["seen"]["n"] == 6
+    assert len(list((tmp_path / "audio").glob("held_out_*.wav"))) == 6
+    assert report["modalities"]["audio"]["judge"]["held_out"]["n"] == 3  # per_combo=1 of 3 combinations
+    assert "of 6" in format_report(report)
+
+
+class FailingJudge(Judge):
+    def predict(self, media, batch_size=64):
+        raise RuntimeError("judge broke")
+
+
+@pytest.mark.skipif(not (shipped_dir() / "judge-image").is_dir(), reason="shipped judges missing")
+def test_eval_keeps_finished_scores_when_a_later_measurement_fails(tmp_path_factory, tmp_path):
+    torch.set_num_threads(1)
+    model = AnyToAnyModel.from_pretrained(trained_checkpoint(tmp_path_factory))
+    real = Judge.load(shipped_dir() / "judge-image")
+    broken = FailingJudge(real.config)
+    options = EvalOptions(output=tmp_path, items=2, batch_size=2, max_new_tokens=4, steps=1, modalities=["image"],
+                          tasks=["x2t", "t2x"])
+    with pytest.raises(RuntimeError, match="judge broke"):
+        run_eval(model, {"image": broken}, options)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["complete"] is False
+    assert saved["x2t"]["image"]["seen"]["n"] == 2  # finished before t2x failed
+
+
+@pytest.mark.skipif(not (shipped_dir() / "judge-image").is_dir(), reason="shipped judges missing")
+def test_eval_names_a_measurement_it_cannot_run(tmp_path_factory, tmp_path):
+    torch.set_num_threads(1)
+    model = AnyToAnyModel.from_pretrained(trained_checkpoint(tmp_path_factory))
+    options = EvalOptions(output=tmp_path, items=2, batch_size=2, max_new_tokens=4, steps=1, modalities=["image"],
+                          tasks=["x2t", "t2x"])
+    report = run_eval(model, {}, options)  # no judges: t2x cannot be scored
+    assert report["complete"] is True and report["t2x"]["image"] == {}
+    assert report["skipped"] == [{"task": "t2x", "modality": "image",
+                                  "why": "no judge-image among the judges (--parts)"}]
+    assert "not measured: no judge-image" in format_eval(report)
+    assert json.loads((tmp_path / "eval.json").read_text())["skipped"] == report["skipped"]
+
+
+@pytest.mark.skipif(not (shipped_dir() / "judge-audio").is_dir(), reason="shipped parts missing")
+def test_world_report_keeps_the_modalities_it_finished_when_a_later_part_fails(tmp_path):
+    import shutil
+
+    from mmllm.toyworld.report import ReportOptions, run_report
+
+    parts = tmp_path / "parts"
+    for name in ("judge-audio", "judge-video"):
+        shutil.copytree(shipped_dir() / name, parts / name)
+    (parts / "decoder-video").mkdir()  # an unfinished copy: the video decoder cannot be built
+    options = ReportOptions(parts_dir=parts, output=tmp_path / "out", modalities=["audio", "video"], per_combo=1)
+    with pytest.raises(ConfigError, match="model_index.json"):
+        run_report(options)
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert saved["complete"] is False
+    assert saved["modalities"]["audio"]["judge"]["held_out"]["n"] == 3
