@@ -179,7 +179,7 @@ class MixtureSampler:
     def __init__(self, sizes: list[int], weights: list[float], seed: int):
         if not sizes or any(n <= 0 for n in sizes):
             raise ValueError(f"every dataset must be non-empty, got sizes {sizes}")
-        self.seed = seed
+        self.seed, self.sizes = seed, list(sizes)
         rng = np.random.default_rng([seed, 7])
         self._runs: list[_Slots] = []
         total = 0
@@ -275,7 +275,8 @@ class LengthGroupedSampler:
         self.seed = base.seed
         self.group_batches = group_batches
         self._length = length
-        self._known: dict[tuple[int, int], int] = {}
+        # each sample's length once known (-1: not yet), 4 bytes a sample: a dict was ~100
+        self._known = [np.full(n, -1, dtype=np.int32) for n in base.sizes]
         self._chunk_cache: dict[tuple[int, int], list[tuple[int, int]]] = {}
 
     @property
@@ -283,10 +284,10 @@ class LengthGroupedSampler:
         return self.base.epoch_size
 
     def length(self, dataset: int, index: int) -> int:
-        key = (dataset, index)
-        if key not in self._known:
-            self._known[key] = int(self._length(dataset, index))
-        return self._known[key]
+        known = self._known[dataset]
+        if known[index] < 0:
+            known[index] = int(self._length(dataset, index))
+        return int(known[index])
 
     def chunk(self, k: int, per_batch: int) -> list[tuple[int, int]]:
         """Chunk ``k``'s draws in their grouped order, for global micro-batches of ``per_batch`` samples."""
