@@ -101,6 +101,21 @@ def _save_fails() -> None:
     checkpoint.atomic_dir = full
 
 
+def _final_link_fails() -> None:
+    """Test fault: the disk is full when the main process writes final.json after the last checkpoint."""
+    import errno
+
+    from mmllm.training import loop
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    loop.atomic_write_text = full
+
+
+if os.environ.get("MMLLM_TEST_FINAL_FAILS"):
+    _final_link_fails()
+
 if os.environ.get("MMLLM_TEST_RECOVERY_FAILS"):
     _recovery_fails()
 

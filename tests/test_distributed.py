@@ -357,3 +357,12 @@ def test_a_failed_checkpoint_write_stops_every_process_with_its_error(sample_dat
     args = _stage_args("decode-align", sample_data, tmp_path / "a", 2, "max_steps=1", "eval_data=[]", "eval_every=0")
     proc = _run(_launch(2, "fsdp") + args, expect=1, MMLLM_TEST_SAVE_FAILS="1")
     assert proc.stderr.count("could not write the checkpoint") == 2, proc.stderr[-3000:]  # once per process
+
+
+def test_a_failed_final_link_stops_every_process_with_its_error(sample_data, tmp_path):
+    """final.json is the main process's last write; when it failed the others waited at the barrier after it."""
+    args = _stage_args("decode-align", sample_data, tmp_path / "a", 2, "max_steps=1", "eval_data=[]", "eval_every=0")
+    proc = _run(_launch(2, "fsdp") + args, expect=1, MMLLM_TEST_FINAL_FAILS="1")
+    assert proc.stderr.count("final.json (No space left on device); the stage's checkpoints are written") == 2, \
+        proc.stderr[-3000:]
+    assert (tmp_path / "a" / "step-1").is_dir() and not (tmp_path / "a" / "final.json").exists()

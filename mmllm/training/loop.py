@@ -387,8 +387,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
     stop.armed = False
     bar.close()
     final = out_dir / f"step-{cfg.max_steps}"
+    _on_main_process_for_all(accelerator, lambda: _link_final(out_dir, final))
     if accelerator.is_main_process:
-        _link_final(out_dir, final)
         log.info("stage %s finished: %d samples skipped as unreadable; precomputed lookups: %s; peak memory "
                  "of this process: %s; it holds %.1f MB of optimizer state", cfg.stage, skipped,
                  precomputed.stats() or "none", _peak_memory(), _optimizer_megabytes(optimizer))
@@ -696,7 +696,13 @@ def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, s
 
 
 def _link_final(out_dir: Path, final: Path) -> None:
-    atomic_write_text(out_dir / "final.json", json.dumps({"checkpoint": final.name}))
+    """``final.json``: which checkpoint the finished stage ends at (what a next stage's ``init_from`` may name)."""
+    try:
+        atomic_write_text(out_dir / "final.json", json.dumps({"checkpoint": final.name}))
+    except OSError as exc:
+        raise OSError(exc.errno, f"could not write {out_dir / 'final.json'} ({exc.strerror or exc}); the stage's "
+                      f"checkpoints are written, its last is {final}: free space or fix permissions and run with "
+                      "--resume to write it") from exc
 
 
 def _unwrap(accelerator, model) -> AnyToAnyModel:
