@@ -608,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=finite_float, default=1.0)
     r.add_argument("--steps", type=int, default=None, help="decoder denoising steps (default: the decoder's)")
     r.add_argument("--guidance", type=guidance_scale, default=None,
-                   help="decoder classifier-free guidance scale (default: the decoder's)")
+                   help="decoder classifier-free guidance scale, >= 0; <= 1 turns it off (default: the decoder's)")
     r.add_argument("--decode-batch-size", type=int, default=None,
                    help="signal groups per decoder call (default: a whole batch's); 1 makes media bit-identical "
                         "whatever --batch-size, at a speed cost")
@@ -673,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--modalities", default="image,audio,video")
     ev.add_argument("--tasks", default="x2t,t2x,routing,text", help="which measurements (comma-separated)")
     ev.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
-    ev.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale")
+    ev.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale, >= 0; <= 1 turns it off")
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -688,7 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     wr.add_argument("--per-combo", type=int, default=2, help="true items per combination (judge, retrieval)")
     wr.add_argument("--decoder-items", type=int, default=48, help="generated items per split and modality")
     wr.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
-    wr.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale")
+    wr.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale, >= 0; <= 1 turns it off")
     wr.add_argument("--seed", type=int, default=0)
     wr.set_defaults(fn=cmd_world)
     wd = wsub.add_parser("data", help="write the default's stage data (media + JSONL) from the world's training combos, "
