@@ -590,17 +590,12 @@ def _lora_layer_types() -> tuple[type, ...]:
 def lora_candidate_names(model: nn.Module) -> list[str]:
     """The last name part of each layer of ``model`` LoRA can adapt, in the frozen core (not the LM head,
     which mmllm wraps for the signal rows)."""
-    head = model.get_output_embeddings()
-    skip = {id(head.base)} if head is not None and hasattr(head, "base") else set()
-    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, _lora_layer_types()) and id(module) not in skip})
+    return sorted({name.rsplit(".", 1)[-1] for name in _lora_layers(model)})
 
 
-def lora_layer_names(model: nn.Module, target_modules: Collection[str] | str) -> frozenset[str]:
-    """The full names of the layers of ``model`` (the core, its signal rows added) that a LoRA
-    ``target_modules`` adapts: ``"all-linear"`` as :meth:`AnyToAnyModel.add_lora` expands it, a list by PEFT's
-    rule (a layer's whole name, or its end after a dot). The same with an adapter attached (a layer PEFT
-    wrapped counts once, under its own name), so two spellings of one adapter compare equal."""
+def _lora_layers(model: nn.Module) -> list[str]:
+    """The full name of each layer of ``model`` LoRA can adapt, but the wrapped LM head's base; a layer an
+    adapter already wraps counts once, under its own name (not its ``base_layer``, ``lora_A``, ...)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     head = model.get_output_embeddings()
@@ -614,6 +609,15 @@ def lora_layer_names(model: nn.Module, target_modules: Collection[str] | str) ->
             wrapped = (*wrapped, f"{name}.")
         elif isinstance(module, _lora_layer_types()) and id(module) not in skip:
             layers.append(name)
+    return layers
+
+
+def lora_layer_names(model: nn.Module, target_modules: Collection[str] | str) -> frozenset[str]:
+    """The full names of the layers of ``model`` (the core, its signal rows added) that a LoRA
+    ``target_modules`` adapts: ``"all-linear"`` as :meth:`AnyToAnyModel.add_lora` expands it, a list by PEFT's
+    rule (a layer's whole name, or its end after a dot). The same with an adapter attached (a layer PEFT
+    wrapped counts once, under its own name), so two spellings of one adapter compare equal."""
+    layers = _lora_layers(model)
     if target_modules == ALL_LINEAR:
         return frozenset(layers)
     return frozenset(n for n in layers if any(n == t or n.endswith(f".{t}") for t in target_modules))
