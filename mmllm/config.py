@@ -122,6 +122,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+
+def check_guidance(value: float) -> float:
+    """A classifier-free guidance scale: a finite number of at least 0 (at most 1 turns guidance off); else a
+    ValueError saying so. The one rule for a decoder's option, ``run_requests`` and the CLI's flags."""
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {value}")
+    return value
+
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys raise a ConfigError that lists valid keys."""
     hints = typing.get_type_hints(cls)

@@ -21,7 +21,6 @@ import importlib.util
 import inspect
 import json
 import logging
-import math
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmllm.config import ConfigError, from_dict
+from mmllm.config import ConfigError, check_guidance, from_dict
 from mmllm.decoders.base import DECODER_PARTS, MediaDecoder
 from mmllm.locations import resolve_source
 from mmllm.log_filters import diffusers_noise_dropped
@@ -88,8 +87,7 @@ class DiffusionOptions:
             raise ValueError("text_encoder applies to a pipeline loaded from 'model' only")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not math.isfinite(self.guidance) or self.guidance < 0:
-            raise ValueError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {self.guidance}")
+        check_guidance(self.guidance)
         parse_dtype(self.dtype)
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}")

@@ -58,7 +58,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from mmllm.atomic import fsync_dir
-from mmllm.config import MODALITIES
+from mmllm.config import MODALITIES, check_guidance
 from mmllm.data.formats import PLACEHOLDER_RE
 from mmllm.data.media import (
     AUDIO_EXTENSIONS,
@@ -738,8 +738,8 @@ def run_requests(
         raise ValueError(f"gallery must be 'requests' or 'all', got {gallery!r}")
     if batch_size < 1 or (decode_batch_size is not None and decode_batch_size < 1):
         raise ValueError(f"batch sizes must be >= 1, got {batch_size} / {decode_batch_size}")
-    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
-        raise ValueError(f"guidance must be a finite number >= 0 (<= 1 turns guidance off), got {guidance}")
+    if guidance is not None:
+        check_guidance(guidance)
     requests_file, out = Path(requests_file), prepare_output(Path(out))
     weight = next(model.parameters())
     made = run_settings(checkpoint, str(weight.dtype).removeprefix("torch."), seed, max_new_tokens, temperature,
