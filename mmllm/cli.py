@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmllm import __version__
 from mmllm.atomic import atomic_write_text
 from mmllm.config import user_path
 from mmllm.log_filters import drop_diffusers_noise
@@ -566,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "model (README.md: the commands, configs, data formats and checkpoints).")
     verbose_help = "tracebacks of errors and other libraries' INFO logging"
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one stage from a stage YAML")
