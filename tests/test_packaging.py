@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import glob
+import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +44,31 @@ def test_package_data_globs_ship_exactly_the_tracked_toyworld_weights():
     assert tracked, "no tracked weights found"
     assert sorted(tracked - shipped) == [], "tracked weights the wheel would leave out"
     assert sorted(shipped - tracked) == [], "untracked files the wheel would ship"
+
+
+def _distribution(requirement: str) -> str:
+    """``transformers>=5.0,<6`` -> ``transformers``, normalised as PEP 503 compares names."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group()).lower()
+
+
+def test_every_library_the_package_imports_is_a_declared_dependency():
+    # a library only installed because another one pulls it in (jinja2 came with torch, unbounded) can go
+    # missing or be too old for what mmllm does with it
+    imported = set()
+    for path in (REPO / "mmllm").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = sorted(imported - set(sys.stdlib_module_names) - {"mmllm"})
+    providers = importlib.metadata.packages_distributions()
+    project = PYPROJECT["project"]
+    declared = {_distribution(r) for r in project["dependencies"]}
+    declared |= {_distribution(r) for extra in project["optional-dependencies"].values() for r in extra}
+    undeclared = {module: providers.get(module) for module in third_party
+                  if not {_distribution(d) for d in providers.get(module, [])} & declared}
+    assert len(third_party) >= 10 and undeclared == {}
 
 
 def test_the_version_is_written_once_and_printed_by_the_command():
