@@ -71,11 +71,11 @@ def test_every_library_the_package_imports_is_a_declared_dependency():
     assert len(third_party) >= 10 and undeclared == {}
 
 
-def test_the_version_is_written_once_and_printed_by_the_command():
+def test_the_version_is_written_once_and_printed_by_the_command(tmp_path):
     assert PYPROJECT["project"]["dynamic"] == ["version"] and "version" not in PYPROJECT["project"]
     assert PYPROJECT["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "mmllm.__version__"}
     run = subprocess.run([sys.executable, "-m", "mmllm", "--version"], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO.parent)
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"mmllm {mmllm.__version__}"
 
