@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mmllm import __version__
 from mmllm.atomic import atomic_write_text
 from mmllm.config import user_path
 from mmllm.log_filters import drop_diffusers_noise
@@ -444,6 +445,18 @@ def cmd_world_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_assembly_file() -> Path:
+    """The embedded default's assembly YAML, in the repository mmllm runs from (a wheel holds no configs/)."""
+    from mmllm.locations import SOURCE_TREE, repository_root
+
+    repo = repository_root()
+    if repo is None:
+        raise SystemExit(f"--assembly: the default, configs/assemblies/default.yaml, is in the repository and a wheel "
+                         f"does not install it (this mmllm is installed in {SOURCE_TREE}): give --assembly the "
+                         "path of an assembly YAML, e.g. a clone's configs/assemblies/default.yaml")
+    return repo / "configs" / "assemblies" / "default.yaml"
+
+
 def cmd_world_distil(args: argparse.Namespace) -> int:
     """``mmllm world distil``: the base LLM's own answers to the plain-chat prompts (instruct-stage data)."""
     from mmllm.config import load_assembly
@@ -451,7 +464,7 @@ def cmd_world_distil(args: argparse.Namespace) -> int:
     from mmllm.toyworld.chat_prompts import TRAIN
     from mmllm.toyworld.stage_data import distil_plain_chat
 
-    assembly = load_assembly(args.assembly)
+    assembly = load_assembly(args.assembly or default_assembly_file())
     core = build("llm", assembly.llm, "llm")
     records = distil_plain_chat(core, TRAIN, Path(args.out), max_new_tokens=args.max_new_tokens)
     log.info("wrote %d answers to %s", len(records), args.out)
@@ -566,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "model (README.md: the commands, configs, data formats and checkpoints).")
     verbose_help = "tracebacks of errors and other libraries' INFO logging"
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train one stage from a stage YAML")
@@ -698,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     wd.add_argument("--seed", type=int, default=0)
     wd.set_defaults(fn=cmd_world_data)
     wl = wsub.add_parser("distil", help="the base LLM's greedy answers to the plain-chat prompts -> JSONL")
-    wl.add_argument("--assembly", type=user_path, default=str(Path(__file__).resolve().parent.parent / "configs/assemblies/default.yaml"))
+    wl.add_argument("--assembly", type=user_path,
+                    help="the assembly whose LLM answers (default: the repository's configs/assemblies/default.yaml; "
+                         "a wheel does not install it)")
     wl.add_argument("--out", type=user_path, required=True)
     wl.add_argument("--max-new-tokens", type=int, default=128)
     wl.set_defaults(fn=cmd_world_distil)

@@ -22,12 +22,12 @@ from pathlib import Path
 from mmllm.config import load_stage
 from mmllm.data.media import save_media
 from mmllm.inference.runner import check_overwrite, run_requests
+from mmllm.locations import SOURCE_TREE, repository_root
 from mmllm.model import AnyToAnyModel
 from mmllm.training.loop import train
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
 STAGES = ("encode_align", "decode_align", "instruct")
 DEMO_SEED = 2026
 
@@ -94,11 +94,23 @@ def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> int:
     return _finish(out, counts)
 
 
-def run_tiny_demo(out: Path, quick: bool = False) -> int:
-    configs = REPO / "configs" / "stages" / "tiny"
-    requests = REPO / "data" / "samples" / "requests.jsonl"
+def tiny_demo_inputs() -> tuple[Path, Path]:
+    """The tiny demo's stage configs folder and requests file, from the repository mmllm runs from."""
+    repo = repository_root()
+    if repo is None:
+        raise SystemExit(f"`mmllm demo --tiny` trains from the repository's configs/stages/tiny and data/samples, "
+                         f"which a wheel does not install (this mmllm is installed in {SOURCE_TREE}): run it from "
+                         "a clone of the repository (`pip install -e .` there), or run `mmllm demo`, whose "
+                         "embedded default ships inside the package")
+    configs, requests = repo / "configs" / "stages" / "tiny", repo / "data" / "samples" / "requests.jsonl"
     if not configs.is_dir() or not requests.is_file():
-        raise SystemExit(f"the tiny demo needs the repository's configs/ and data/ next to the package ({REPO})")
+        raise SystemExit(f"the tiny demo needs {configs} and {requests}: restore them from the repository "
+                         "(`git checkout -- configs data`)")
+    return configs, requests
+
+
+def run_tiny_demo(out: Path, quick: bool = False) -> int:
+    configs, requests = tiny_demo_inputs()
     check_overwrite(out, requests)  # before training: the answers start `out` afresh
     previous = None
     for name in STAGES:

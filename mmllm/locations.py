@@ -14,6 +14,15 @@ from mmllm.config import ConfigError
 
 PREFIXES = ("package:", "pkg:")
 
+# A clone (run in place or installed with `pip install -e .`) holds the package beside the repository's configs/,
+# data/ and scripts/; a wheel installs the package alone, into site-packages.
+SOURCE_TREE = Path(__file__).resolve().parent.parent
+
+
+def repository_root() -> Path | None:
+    """The repository this mmllm runs from, or None when it is installed from a wheel (no configs/, data/)."""
+    return SOURCE_TREE if (SOURCE_TREE / "pyproject.toml").is_file() else None
+
 
 def is_package_path(value: str) -> bool:
     return value.startswith(PREFIXES)

@@ -204,7 +204,7 @@ def test_the_tiny_demo_never_deletes_its_own_sample_inputs(tmp_path, capsys, mon
     shutil.copytree(REPO / "data" / "samples", repo / "data" / "samples")
     samples = repo / "data" / "samples"
     (samples / "results.jsonl").write_text("")  # an earlier demo answered into the samples folder
-    monkeypatch.setattr(mmllm.demo, "REPO", repo)
+    monkeypatch.setattr(mmllm.demo, "repository_root", lambda: repo)
     monkeypatch.setattr(mmllm.demo, "train", no_training)
     assert main(["demo", "--tiny", "--quick", "--output", str(samples)]) == 2
     assert "afresh (--overwrite) would delete" in capsys.readouterr().err
