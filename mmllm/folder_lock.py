@@ -84,7 +84,11 @@ def hold_folder(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]
         yield
         return
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what}: cannot create the folder {folder} ({exc.strerror or exc}); fix its "
+                      "permissions or free space, or give another one") from exc
     path = lock_path(folder).resolve()
     if (held := _held.get(path)) is not None:
         held.depth += 1
@@ -104,7 +108,11 @@ def hold_folder(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]
 
 def _acquire(fcntl: Any, path: Path, folder: Path, what: str, elsewhere: str) -> IO[str]:
     while True:
-        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 -- held until _release
+        try:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 -- held until _release
+        except OSError as exc:
+            raise OSError(exc.errno, f"{what}: cannot write the lock file {path} ({exc.strerror or exc}); fix "
+                          f"{folder}'s permissions or free space, or give another folder") from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -157,3 +157,11 @@ def test_eval_and_world_report_into_a_held_output_are_refused(tmp_path, caplog):
         assert main(["eval", "--checkpoint", str(tmp_path), "--output", str(out)]) == 2
         _refusal_says_who_and_what_to_do(caplog.text, out, first, "give this run another --output")
     assert sorted(p.name for p in out.iterdir()) == []  # nothing of either was written
+
+
+
+def test_a_folder_that_cannot_be_made_is_named(tmp_path):
+    taken = tmp_path / "run"
+    taken.write_text("a file where the folder should be")
+    with pytest.raises(OSError, match=f"training: cannot create the folder {taken}"), hold_folder(taken, "training", "-"):
+        pass
