@@ -206,6 +206,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     import hashlib
     import tempfile
 
+    from mmllm.folder_lock import hold_folder
     from mmllm.inference.gallery import write_gallery
     from mmllm.inference.runner import (
         OutputError,
@@ -241,7 +242,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise SystemExit("--temperature must be >= 0 and --top-p in (0, 1]")
     _check_device(args.device)
-    with tempfile.TemporaryDirectory(prefix="mmllm-infer-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mmllm-infer-") as tmp, contextlib.ExitStack() as held:
         if args.input:
             requests = Path(args.input)
             if not requests.is_file():
@@ -261,6 +262,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
             requests.write_text(json.dumps({"id": f"prompt-{digest}", **rec}) + "\n")
         try:  # refused before the model loads: OUT unwritable, or holding answers of another checkpoint/settings
             prepare_output(Path(args.output))
+            # one run at a time in OUT (a second refused here, FolderInUse): both would answer every request
+            held.enter_context(hold_folder(Path(args.output), "mmllm infer", "give this run another --output"))
             if args.overwrite:
                 check_overwrite(Path(args.output), requests)
             else:
@@ -506,6 +509,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """``mmllm eval``: x2t, t2x (vs the oracle), routing and text retention of a toy-world model."""
     from mmllm.config import MODALITIES
     from mmllm.demo import shipped_default
+    from mmllm.folder_lock import hold_folder
     from mmllm.model import AnyToAnyModel
     from mmllm.toyworld.judges import Judge
     from mmllm.toyworld.model_eval import TASKS, EvalOptions, format_eval, run_eval
@@ -522,13 +526,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"--items {args.items}: give at least 1 item per modality and split")
     modalities = comma_list(args.modalities, "--modalities", MODALITIES)
     tasks = comma_list(args.tasks, "--tasks", TASKS)
-    judges = {m: Judge.load(parts / f"judge-{m}") for m in modalities if (parts / f"judge-{m}").is_dir()}
-    torch_threads(args.threads)
-    model = AnyToAnyModel.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
-    options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size,
-                          steps=args.steps, guidance=args.guidance, modalities=modalities, seed=args.seed,
-                          tasks=tasks)
-    report = run_eval(model, judges, options)
+    # one run at a time in --output (a second refused before anything loads): both would rewrite eval.json
+    with hold_folder(Path(args.output), "mmllm eval", "give this run another --output"):
+        judges = {m: Judge.load(parts / f"judge-{m}") for m in modalities if (parts / f"judge-{m}").is_dir()}
+        torch_threads(args.threads)
+        model = AnyToAnyModel.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
+        options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size,
+                              steps=args.steps, guidance=args.guidance, modalities=modalities, seed=args.seed,
+                              tasks=tasks)
+        report = run_eval(model, judges, options)
     print(format_eval(report))
     log.info("wrote %s", Path(args.output) / "eval.json")
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mmllm.config import load_stage
 from mmllm.data.media import save_media
+from mmllm.folder_lock import hold_folder
 from mmllm.inference.runner import check_overwrite, run_requests
 from mmllm.locations import SOURCE_TREE, repository_root
 from mmllm.model import AnyToAnyModel
@@ -77,6 +78,11 @@ def write_default_requests(out: Path) -> Path:
 
 def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> int:
     out = out.resolve()
+    with hold_folder(out, "mmllm demo", "give this run another --output"):  # see mmllm.folder_lock
+        return _run_demo(out, quick, tiny)
+
+
+def _run_demo(out: Path, quick: bool, tiny: bool) -> int:
     if tiny:
         return run_tiny_demo(out, quick)
     checkpoint = shipped_default()

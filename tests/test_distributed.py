@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
+from tests.test_folder_lock import held_by_another_process
 from tests.test_stages import STAGES
 
 # Losses and weights agree to float32 reduction order (1e-5). The runs use SGD: Adam divides by
@@ -366,3 +367,17 @@ def test_a_failed_final_link_stops_every_process_with_its_error(sample_data, tmp
     assert proc.stderr.count("final.json (No space left on device); the stage's checkpoints are written") == 2, \
         proc.stderr[-3000:]
     assert (tmp_path / "a" / "step-1").is_dir() and not (tmp_path / "a" / "final.json").exists()
+
+
+@pytest.mark.slow  # 24 s; the lock itself is tested in tests/test_folder_lock.py
+def test_a_launch_into_an_output_dir_another_run_holds_stops_every_process_with_the_holder_named(
+        sample_data, tmp_path):
+    """Only the main process takes output_dir's lock; refused, it tells the others, which would otherwise wait
+    at the next collective until the launcher killed them."""
+    out = tmp_path / "a"
+    args = _stage_args("decode-align", sample_data, out, 2, "max_steps=1", "eval_data=[]", "eval_every=0")
+    with held_by_another_process(out) as first:
+        proc = _run(_launch(2, "ddp") + args, expect=1)
+    said = f"{out} is in use by another mmllm process (pid {first.pid} on host"
+    assert proc.stderr.count(said) == 2, proc.stderr[-3000:]  # once per process
+    assert not list(out.glob("step-*"))

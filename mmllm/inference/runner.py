@@ -73,6 +73,7 @@ from mmllm.data.media import (
     save_video,
 )
 from mmllm.data.template import ContextLengthError
+from mmllm.folder_lock import hold_folder
 from mmllm.inference.gallery import latest_records, write_gallery
 from mmllm.inference.generate import (
     DecodeJob,
@@ -741,34 +742,35 @@ def run_requests(
     if guidance is not None:
         check_guidance(guidance)
     requests_file, out = Path(requests_file), prepare_output(Path(out))
-    weight = next(model.parameters())
-    made = run_settings(checkpoint, str(weight.dtype).removeprefix("torch."), seed, max_new_tokens, temperature,
-                        top_p, steps, guidance, weight.device)
-    if overwrite:
-        check_overwrite(out, requests_file)
-        start_afresh(out)
-    else:
-        check_resume(out, requests_file, made)
-    results = out / "results.jsonl"
-    _repair_tail(results)
-    lines = read_lines(requests_file)
-    current = gallery_keys(lines) if gallery == "requests" else None
-    todo = pending_lines(lines, out)
-    settings = Settings(max_new_tokens, temperature, top_p, steps, guidance, decode_batch_size)
-    settings_of = {ln.id: request_settings(made, ln.record) for ln in todo if ln.record is not None}
-    run = _Run(model, out, settings, batch_size, fail_fast, made["checkpoint"], settings_of, len(todo))
-    run.counts["skipped"] = len(lines) - len(todo)
-    if run.counts["skipped"]:
-        log.info("%d request(s) already done in %s: skipped", run.counts["skipped"], results)
-    start = time.perf_counter()
-    with eval_mode(model):  # a model that was training gets its modes back after the run
-        stopped = _answer_all(run, todo, requests_file, seed, batch_size, out, current)
-    elapsed = time.perf_counter() - start
-    n = run.counts["done"] + run.counts["failed"]
-    log.info("%d request(s) in %.1f s (%.2f req/s): %d done, %d failed, %d skipped; gallery %s", n, elapsed,
-             n / elapsed if elapsed > 0 else 0.0, run.counts["done"], run.counts["failed"], run.counts["skipped"],
-             out / "index.html")
-    return {**run.counts, "stopped": stopped, "seconds": {**run.seconds, "total": elapsed}}
+    with hold_folder(out, "answering requests", "give this run another output folder"):  # see mmllm.folder_lock
+        weight = next(model.parameters())
+        made = run_settings(checkpoint, str(weight.dtype).removeprefix("torch."), seed, max_new_tokens, temperature,
+                            top_p, steps, guidance, weight.device)
+        if overwrite:
+            check_overwrite(out, requests_file)
+            start_afresh(out)
+        else:
+            check_resume(out, requests_file, made)
+        results = out / "results.jsonl"
+        _repair_tail(results)
+        lines = read_lines(requests_file)
+        current = gallery_keys(lines) if gallery == "requests" else None
+        todo = pending_lines(lines, out)
+        settings = Settings(max_new_tokens, temperature, top_p, steps, guidance, decode_batch_size)
+        settings_of = {ln.id: request_settings(made, ln.record) for ln in todo if ln.record is not None}
+        run = _Run(model, out, settings, batch_size, fail_fast, made["checkpoint"], settings_of, len(todo))
+        run.counts["skipped"] = len(lines) - len(todo)
+        if run.counts["skipped"]:
+            log.info("%d request(s) already done in %s: skipped", run.counts["skipped"], results)
+        start = time.perf_counter()
+        with eval_mode(model):  # a model that was training gets its modes back after the run
+            stopped = _answer_all(run, todo, requests_file, seed, batch_size, out, current)
+        elapsed = time.perf_counter() - start
+        n = run.counts["done"] + run.counts["failed"]
+        log.info("%d request(s) in %.1f s (%.2f req/s): %d done, %d failed, %d skipped; gallery %s", n, elapsed,
+                 n / elapsed if elapsed > 0 else 0.0, run.counts["done"], run.counts["failed"], run.counts["skipped"],
+                 out / "index.html")
+        return {**run.counts, "stopped": stopped, "seconds": {**run.seconds, "total": elapsed}}
 
 
 def _answer_all(run: _Run, todo: list[_Line], requests_file: Path, seed: int, batch_size: int, out: Path,

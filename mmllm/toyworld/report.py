@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 from mmllm.atomic import atomic_write_text
 from mmllm.data.media import Video, save_audio
+from mmllm.folder_lock import hold_folder
 from mmllm.toyworld import parts as P
 from mmllm.toyworld.evaluate import decoder_accuracy, judge_accuracy, retrieval_accuracy
 from mmllm.toyworld.judges import Judge
@@ -65,9 +66,15 @@ def _score(metrics: dict[str, float] | None, key: str) -> float | None:
 
 
 def run_report(options: ReportOptions) -> dict[str, Any]:
+    """Measure the parts into ``options.output`` (report.json, contact_sheet.png, audio/), holding its lock
+    (:mod:`mmllm.folder_lock`): a second report into the same folder is refused before anything loads."""
+    with hold_folder(options.output, "mmllm world report", "give this run another --output"):
+        return _run_report(options)
+
+
+def _run_report(options: ReportOptions) -> dict[str, Any]:
     world = World()
     parts_dir = Path(options.parts_dir)
-    options.output.mkdir(parents=True, exist_ok=True)
     text: MiniLMText | None = None
     report: dict[str, Any] = {"parts_dir": str(parts_dir), "settings": _settings(options), "complete": False,
                               "modalities": {}}

@@ -43,6 +43,7 @@ from mmllm.data.dataset import (
 )
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
+from mmllm.folder_lock import hold_folder
 from mmllm.model import AnyToAnyModel, lora_layer_names, unit_counts
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
@@ -172,12 +173,23 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     Seeds Python's, NumPy's and torch's global generators with ``cfg.seed``. On SIGINT or SIGTERM during
     the steps (from the main thread), saves the step under way and raises
     :class:`~mmllm.training.interrupt.TrainingInterrupted` (see :mod:`.interrupt`); the handlers that were
-    there before are put back when it returns."""
-    with StopRequests() as stop:
-        return _train(cfg, resume, accelerator, stop)
+    there before are put back when it returns.
+
+    The main process holds ``output_dir``'s lock (:mod:`mmllm.folder_lock`) from before it writes there
+    until it returns: a second run into the same ``output_dir`` is refused
+    (:class:`~mmllm.folder_lock.FolderInUse`) before its model is built."""
+    with StopRequests() as stop, contextlib.ExitStack() as held:
+        return _train(cfg, resume, accelerator, stop, held)
 
 
-def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> TrainResult:
+def _hold_output_dir(accelerator, out_dir: Path, held: contextlib.ExitStack) -> None:
+    """The main process takes ``out_dir``'s lock for the rest of the run (``held``); refused there, every
+    process stops with its message (the others wait for the answer, they take no lock)."""
+    _on_main_process_for_all(accelerator, lambda: held.enter_context(hold_folder(
+        out_dir, "training", "give this run another output_dir")))
+
+
+def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held: contextlib.ExitStack) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import (
         DistributedDataParallelKwargs,
@@ -205,6 +217,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
     if resume:  # then every process finds the same newest checkpoint
+        # locked first: a live run's half-written checkpoint is not a killed one's, to delete
+        _hold_output_dir(accelerator, out_dir, held)
         _on_main_process_for_all(accelerator, lambda: _recover_partial_writes(out_dir))
     last = resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
     # A resumed run rebuilds its model from the checkpoint it continues, which records the assembly and the
@@ -220,6 +234,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests) -> T
         warn_empty_replies(per_dataset + held_out, cfg.all_data())
     check_output_dir(out_dir)
     if not resume:
+        _hold_output_dir(accelerator, out_dir, held)  # before its checkpoints are counted: a live run's are not
         check_fresh_output_dir(out_dir)
     precision = accelerator.mixed_precision
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED

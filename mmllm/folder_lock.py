@@ -1,0 +1,164 @@
+"""One mmllm process at a time writing a folder: an advisory lock the kernel frees when its holder exits.
+
+Two runs launched into the same folder by mistake (two terminals, a scheduler's retry while the first job
+still runs, a ``--resume`` started beside the live run) would otherwise both write there: training runs
+replace each other's ``step-N`` checkpoints and ``final.json`` (a ``--resume`` also deletes the live run's
+half-written checkpoint as a killed run's leftover), and two ``mmllm infer`` runs answer every request
+twice into one ``results.jsonl``, with media of one run under records of the other. :func:`hold_folder`
+takes ``fcntl.flock`` on ``<folder>/.mmllm.lock`` without waiting and refuses with :class:`FolderInUse`,
+naming the holder's pid, host and command, when another process has it.
+
+``flock`` belongs to the open file, so the lock goes with the process: a holder killed with SIGKILL leaves
+the file but not the lock, and the next run takes it (no stale-lock cleanup). A holder that finishes
+deletes the file, so a finished run's folder holds what it did before locks existed. The file is never in
+a ``step-N`` checkpoint (whose manifest lists every file): it sits beside them, and the names mmllm reads
+from an ``output_dir`` (``step-N``, ``.step-N.tmp-*``, ``final.json``, ``best.json``, ``logs/``) do not
+match it. Taken again by the process that holds it (``mmllm infer`` locks its ``--output`` and then
+:func:`mmllm.inference.runner.run_requests` does), it is held until the outermost hold ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from mmllm.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".mmllm.lock"
+
+
+class FolderInUse(ConfigError):
+    """Another process holds the folder's lock; the message names it and how to go on."""
+
+
+@dataclass
+class _Held:
+    handle: IO[str]
+    depth: int = 1
+
+
+_held: dict[Path, _Held] = {}  # this process's locks, by the lock file's resolved path
+
+
+def lock_path(folder: str | Path) -> Path:
+    return Path(folder) / LOCK_NAME
+
+
+def holder(folder: str | Path) -> dict[str, Any] | None:
+    """What the holder of ``folder``'s lock recorded (pid, host, command, since), or None if unreadable."""
+    try:
+        info = json.loads(lock_path(folder).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def describe_holder(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "a process that has not yet recorded itself"
+    where = f"pid {info.get('pid', '?')} on host {info.get('host', '?')}"
+    since = f", since {info['since']}" if info.get("since") else ""
+    command = f": `{info['command']}`" if info.get("command") else ""
+    return f"{where}{since}{command}"
+
+
+@contextlib.contextmanager
+def hold_folder(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]:
+    """Hold ``folder``'s lock (creating the folder) while the block runs; :class:`FolderInUse` at once if
+    another process holds it. ``what`` names this run for the message ("training", "mmllm infer"),
+    ``elsewhere`` how to run it beside the other ("give another output_dir")."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one writer per folder assumed, as for the feature cache's lock
+        yield
+        return
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{what}: cannot create the folder {folder} ({exc.strerror or exc}); fix its "
+                      "permissions or free space, or give another one") from exc
+    path = lock_path(folder).resolve()
+    if (held := _held.get(path)) is not None:
+        held.depth += 1
+        try:
+            yield
+        finally:
+            held.depth -= 1
+        return
+    handle = _acquire(fcntl, path, folder, what, elsewhere)
+    _held[path] = _Held(handle)
+    try:
+        yield
+    finally:
+        del _held[path]
+        _release(fcntl, path, handle)
+
+
+def _acquire(fcntl: Any, path: Path, folder: Path, what: str, elsewhere: str) -> IO[str]:
+    while True:
+        try:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 -- held until _release
+        except OSError as exc:
+            raise OSError(exc.errno, f"{what}: cannot write the lock file {path} ({exc.strerror or exc}); fix "
+                          f"{folder}'s permissions or free space, or give another folder") from exc
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise FolderInUse(
+                f"{folder} is in use by another mmllm process ({describe_holder(holder(folder))}); {what} "
+                f"there at the same time would mix both runs' files. Wait for it to finish (its lock, {path.name} "
+                f"in that folder, is freed when that process exits, even if it is killed), stop it, or "
+                f"{elsewhere}") from None
+        except BaseException:
+            handle.close()
+            raise
+        if _same_file(handle, path):
+            break
+        # the holder finished and deleted the file between our open and flock: the lock taken is on a
+        # file no one else will open; take the one that is there now
+        handle.close()
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "command": _command()[:500],
+                             "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}) + "\n")
+    handle.flush()
+    return handle
+
+
+def _command() -> str:
+    """This process's command line, its program by name (``mmllm``, ``cli.py``, ``pytest``)."""
+    return " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]])
+
+
+def _same_file(handle: IO[str], path: Path) -> bool:
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(handle.fileno())
+    return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+
+
+def _release(fcntl: Any, path: Path, handle: IO[str]) -> None:
+    """Delete the file while still holding it (whoever opened it meanwhile sees it gone and opens the new
+    one), then let go."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:  # a folder made read-only meanwhile: the file stays, the lock still goes
+        log.debug("could not remove %s: %s", path, exc)
+    fcntl.flock(handle, fcntl.LOCK_UN)
+    handle.close()

@@ -1,0 +1,167 @@
+"""Two mmllm runs into one folder at once: the second is refused (mmllm/folder_lock.py), the lock goes with
+the process that held it (an exit, a SIGKILL), and a lock file left beside the checkpoints breaks nothing."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mmllm.cli import main
+from mmllm.folder_lock import LOCK_NAME, FolderInUse, hold_folder
+from mmllm.inference.runner import run_requests
+from mmllm.toyworld.report import ReportOptions, run_report
+from mmllm.training import checkpoint as ckpt
+from mmllm.training import loop
+from mmllm.training.loop import train
+from tests.conftest import REPO
+from tests.test_stages import stage_cfg
+
+HOLDER = """
+import sys
+from mmllm.folder_lock import hold_folder
+with hold_folder(sys.argv[1], "the first run", "-"):
+    print("held", flush=True)
+    sys.stdin.read()  # until the test closes stdin (or kills it)
+"""
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder: Path) -> Iterator[subprocess.Popen]:
+    """Another process holding ``folder``'s lock until the block ends (or the test kills it)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.stdin.close()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+
+
+def _refusal_says_who_and_what_to_do(message: str, folder: Path, proc: subprocess.Popen, elsewhere: str) -> None:
+    assert str(folder) in message
+    assert f"pid {proc.pid} on host {socket.gethostname()}" in message
+    assert "freed when that process exits" in message
+    assert elsewhere in message
+
+
+def test_a_second_process_is_refused_while_the_first_holds_the_folder_and_let_in_once_it_exits(tmp_path):
+    with held_by_another_process(tmp_path) as first:
+        assert (tmp_path / LOCK_NAME).is_file()
+        with pytest.raises(FolderInUse) as refused, hold_folder(tmp_path, "training", "give another output_dir"):
+            pass
+        _refusal_says_who_and_what_to_do(str(refused.value), tmp_path, first, "give another output_dir")
+        assert "-c " in str(refused.value)  # the holder's command line
+    assert first.returncode == 0
+    assert not (tmp_path / LOCK_NAME).exists()  # a holder that finishes takes its file with it
+    with hold_folder(tmp_path, "training", "-"):
+        assert (tmp_path / LOCK_NAME).is_file()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_holder_killed_with_sigkill_leaves_a_file_but_no_lock(tmp_path):
+    with held_by_another_process(tmp_path) as first:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)
+    assert (tmp_path / LOCK_NAME).is_file()  # nothing ran to remove it
+    with hold_folder(tmp_path, "training", "-"):  # the kernel let go of it with the process
+        pass
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_the_process_holding_a_folder_may_take_it_again(tmp_path):
+    with hold_folder(tmp_path, "outer", "-"):
+        with hold_folder(tmp_path, "inner", "-"):
+            pass
+        assert (tmp_path / LOCK_NAME).is_file()  # still held by the outer hold
+        # and still refused to another process while it is
+        probe = subprocess.run([sys.executable, "-c", HOLDER, str(tmp_path)], cwd=REPO, input="",
+                               capture_output=True, text=True, timeout=60)
+        assert probe.returncode != 0 and "FolderInUse" in probe.stderr and f"pid {os.getpid()}" in probe.stderr
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_training_into_an_output_dir_another_run_holds_is_refused_before_the_model_is_built(
+        resume, sample_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    live_save = out / ".step-2.tmp-123-456"  # what the live run is writing now: --resume took it for a killed one's
+    live_save.mkdir()
+    (live_save / "learned.safetensors").write_bytes(b"being written")
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(loop, "build_model", built)
+    with held_by_another_process(out) as first:
+        with pytest.raises(FolderInUse) as refused:
+            train(stage_cfg("encode-align", sample_data, out, max_steps=2), resume=resume)
+        _refusal_says_who_and_what_to_do(str(refused.value), out, first, "give this run another output_dir")
+    assert (live_save / "learned.safetensors").read_bytes() == b"being written"
+
+
+def test_the_train_command_says_who_holds_the_output_dir_and_exits_2(sample_data, tmp_path, caplog):
+    out = tmp_path / "run"
+    with held_by_another_process(out) as first:
+        code = main(["train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), f"output_dir={out}",
+                     "report_to=none", f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]", "--resume"])
+    assert code == 2
+    _refusal_says_who_and_what_to_do(caplog.text, out, first, "give this run another output_dir")
+
+
+def test_a_lock_file_a_killed_run_left_beside_the_checkpoints_breaks_nothing(sample_data, tmp_path):
+    out = tmp_path / "run"
+    first = train(stage_cfg("encode-align", sample_data, out, max_steps=2, save_every=1))
+    with held_by_another_process(out) as killed:  # a run killed after taking the lock, before its first save
+        killed.send_signal(signal.SIGKILL)
+    assert (out / LOCK_NAME).is_file()
+    assert ckpt.latest_checkpoint(out) == out / "step-2"  # --resume's choice, inspect's and infer's reading
+    resumed = train(stage_cfg("encode-align", sample_data, out, max_steps=4, save_every=1, keep_last=1), resume=True)
+    assert len(resumed.losses) == 4 and resumed.losses[:2] == first.losses  # went on from step-2
+    assert sorted(p.name for p in out.iterdir()) == ["final.json", "step-4"]  # pruned; the lock file gone
+    ckpt.verify_manifest(out / "step-4")
+
+
+def test_answering_into_a_held_output_is_refused_and_works_once_it_is_free(tiny_model, tmp_path, caplog):
+    checkpoint = tiny_model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": "r1", "prompt": "Hello"}\n')
+    argv = ["infer", "--checkpoint", str(checkpoint), "--input", str(requests), "--output", str(out),
+            "--max-new-tokens", "2"]
+    with held_by_another_process(out) as first:
+        assert main(argv) == 2
+        _refusal_says_who_and_what_to_do(caplog.text, out, first, "give this run another --output")
+        with pytest.raises(FolderInUse):  # the Python API too
+            run_requests(tiny_model, requests, out, max_new_tokens=2)
+        assert not (out / "results.jsonl").exists()
+    assert main(argv) == 0
+    assert (out / "results.jsonl").read_text().count('"id": "r1"') == 1
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_eval_and_world_report_into_a_held_output_are_refused(tmp_path, caplog):
+    out = tmp_path / "report"
+    with held_by_another_process(out) as first:
+        with pytest.raises(FolderInUse):
+            run_report(ReportOptions(parts_dir=tmp_path, output=out))
+        assert main(["eval", "--checkpoint", str(tmp_path), "--output", str(out)]) == 2
+        _refusal_says_who_and_what_to_do(caplog.text, out, first, "give this run another --output")
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing of either was written
+
+
+
+def test_a_folder_that_cannot_be_made_is_named(tmp_path):
+    taken = tmp_path / "run"
+    taken.write_text("a file where the folder should be")
+    with pytest.raises(OSError, match=f"training: cannot create the folder {taken}"), hold_folder(taken, "training", "-"):
+        pass
