@@ -78,6 +78,8 @@ def write_default_requests(out: Path) -> Path:
 
 def run_demo(out: Path, quick: bool = False, tiny: bool = False) -> int:
     out = out.resolve()
+    if tiny or not shipped_default().is_dir():
+        tiny_demo_inputs()  # a wheel install lacks the tiny demo's configs: said before --output is made
     with hold_folder(out, "mmllm demo", "give this run another --output"):  # see mmllm.folder_lock
         return _run_demo(out, quick, tiny)
 
