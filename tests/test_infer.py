@@ -413,6 +413,8 @@ def test_empty_media_paths_and_nonsensical_settings_are_error_records_naming_lin
         "empty-in-list": ({"prompt": "What is this?", "video": ["", "a.mp4"]}, "'video' holds an empty path"),
         "empty-in-turn": ({"messages": [{"role": "user", "content": "Hi", "media": ""}]},
                           "'messages[0].media' holds an empty path"),
+        "empty-beside-messages": ({"messages": [{"role": "user", "content": "Hi"}], "image": ""},
+                                  "'image' holds an empty path ('') beside 'messages': leave 'image' out"),
         "negative-guidance": ({"prompt": GENERATE["image"], "guidance": -1.5}, "'guidance' must be at least 0"),
         "nan-guidance": ({"prompt": GENERATE["image"], "guidance": float("nan")},
                          "'guidance' must be a finite number, got nan"),
@@ -433,6 +435,21 @@ def test_empty_media_paths_and_nonsensical_settings_are_error_records_naming_lin
     assert all(recs[r["id"]]["error"] is None for r in good)
     with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
         run_requests(model, requests, tmp_path / "out2", guidance=-1.0)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"image": ""}, "'image' holds an empty path ('') beside 'messages'"),
+    ({"media": [" "]}, "'media' holds an empty path ([' ']) beside 'messages'"),
+    ({"audio": ["a.wav", ""]}, "'audio' holds an empty path (['a.wav', '']) beside 'messages'"),
+    ({"image": "a.png"}, "give either 'messages' (media inside them) or 'prompt' (+ media), not both"),
+    ({"prompt": ""}, "give either 'messages'"),
+])
+def test_a_media_field_beside_messages_is_refused_naming_an_empty_path(tmp_path, extra, message):
+    rec = {"id": "r", "messages": [{"role": "user", "content": "Hi"}], **extra}
+    with pytest.raises(runner.RequestError) as caught:
+        runner.parse_request(rec, tmp_path, 0)
+    assert message in str(caught.value)
+    assert runner.parse_request({"id": "r", "messages": rec["messages"], "image": None, "media": []}, tmp_path, 0)
 
 
 def test_fail_fast_stops_at_the_first_failure(model, tmp_path):
