@@ -272,9 +272,9 @@ class LengthGroupedSampler:
     micro-batch (its longest samples: the most tokens, and the longest row, so the most padded tokens too)
     is then swapped to the front, as HF's ``LengthGroupedSampler`` does, so that a batch too big for memory
     fails the first step rather than one late in the run. A process's share of a global micro-batch is a
-    contiguous run of the sorted samples (so each process's first batch is its own longest of the chunk). The order is a pure function of the seed, the
-    lengths and ``batch x processes``: a resumed run reads what an uninterrupted one does, and W processes
-    with batch b read what one process with batch W*b reads.
+    contiguous run of the sorted samples (so each process's first batch is its own longest of the chunk).
+    The order is a pure function of the seed, the lengths and ``batch x processes``: a resumed run reads what
+    an uninterrupted one does, and W processes with batch b read what one process with batch W*b reads.
 
     ``length(dataset, index)``: a sample's token count (:meth:`StageDataset.length`), asked for once per
     sample, when a chunk first draws it.
