@@ -29,12 +29,26 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LIBRARIES = ("httpx", "urllib3", "filelock")
 
 
+def _reaches_the_terminal(logger: logging.Logger) -> bool:
+    """Whether a handler that ``logger``'s records reach (its own, then its parents' while they propagate)
+    writes to stderr or stdout."""
+    terminal = {id(s) for s in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__) if s is not None}
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(isinstance(h, logging.StreamHandler) and id(h.stream) in terminal for h in current.handlers):
+            return True
+        current = current.parent if current.propagate else None
+    return False
+
+
 @contextlib.contextmanager
 def cli_logging(verbose: bool) -> Iterator[None]:
     """The command's log lines on stderr for the length of one ``main`` call, and the logging as it was after.
 
     A stderr handler of its own is added to the root logger beside whatever handlers are there (a caller's,
     pytest's caplog): ``logging.basicConfig(force=True)`` used to remove those for the rest of the process.
+    Where a handler that ``mmllm``'s lines reach already writes to stderr or stdout (a caller's
+    ``logging.basicConfig()``), none is added: that one shows them, and a second printed each line twice.
     The levels it sets are put back and its handler removed when the call returns, so ``main`` called from
     Python leaves the caller's logging as it found it; run as the program, the output is what it was.
     """
@@ -48,9 +62,10 @@ def cli_logging(verbose: bool) -> Iterator[None]:
     root, own = logging.getLogger(), logging.getLogger("mmllm")
     quiet = [logging.getLogger(name) for name in QUIET_LIBRARIES]
     levels_before = [(logger, logger.level) for logger in (root, own, *quiet)]
-    handler = logging.StreamHandler()  # sys.stderr as it is now (pytest's capsys replaces it per test)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
-    root.addHandler(handler)
+    handler = None if _reaches_the_terminal(own) else logging.StreamHandler()  # sys.stderr as it is now
+    if handler is not None:  # (pytest's capsys replaces it per test)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     own.setLevel(level)
     for logger in quiet:
@@ -59,8 +74,9 @@ def cli_logging(verbose: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        root.removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            root.removeHandler(handler)
+            handler.close()
         for logger, before in levels_before:
             logger.setLevel(before)
 

@@ -283,6 +283,27 @@ def test_inspect_of_a_stage_refuses_lora_rather_than_ignoring_it(capsys):
     assert "lora=PATH" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("where", ["root", "mmllm"])
+def test_main_called_from_python_logs_once_when_the_caller_already_logs_to_stderr(capsys, where):
+    """A caller's own stderr handler (``logging.basicConfig()``, or one on the ``mmllm`` logger) shows the
+    command's lines; the CLI's handler beside it printed each line a second time."""
+    logger = logging.getLogger() if where == "root" else logging.getLogger("mmllm")
+    callers = logging.StreamHandler()  # sys.stderr as it is now: capsys's
+    callers.setFormatter(logging.Formatter("caller: %(levelname)s %(message)s"))
+    logger.addHandler(callers)
+    try:
+        assert main(["train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), "optim.lrr=1"]) == 2
+    finally:
+        logger.removeHandler(callers)
+    err = capsys.readouterr().err
+    assert err.count("unknown key(s) optim.lrr") == 1, err
+    assert re.search(r"^caller: ERROR \S+encode_align\.yaml: unknown key\(s\) optim\.lrr", err, re.M)
+    # without it, the command's own handler prints the line, once, in its format
+    assert main(["train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("unknown key(s) optim.lrr") == 1 and re.search(r"^\d\d:\d\d:\d\d ERROR mmllm: ", err, re.M)
+
+
 def test_main_called_from_python_keeps_the_callers_log_handlers_and_levels(caplog, capsys):
     """``logging.basicConfig(force=True)`` removed every root handler for the rest of the process: a caller's
     own, and pytest's caplog. The command's lines still go to stderr in its format."""

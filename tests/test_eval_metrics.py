@@ -12,7 +12,7 @@ import torch
 from mmllm.config import ConfigError
 from mmllm.model import AnyToAnyModel
 from mmllm.toyworld.judges import Judge, attribute_accuracy
-from mmllm.toyworld.model_eval import EvalOptions, eval_items, format_eval, run_eval
+from mmllm.toyworld.model_eval import EvalOptions, eval_items, format_eval, perplexities, run_eval
 from mmllm.toyworld.parts import shipped_dir
 from mmllm.toyworld.world import World, balanced_items, evaluation_items
 from tests.test_infer import trained_checkpoint
@@ -113,6 +113,33 @@ def test_eval_names_a_measurement_it_cannot_run(tmp_path_factory, tmp_path):
                                   "why": "no judge-image among the judges (--parts)"}]
     assert "not measured: no judge-image" in format_eval(report)
     assert json.loads((tmp_path / "eval.json").read_text())["skipped"] == report["skipped"]
+
+
+def test_routing_records_how_many_prompts_of_each_kind_it_scored(tiny_model, tmp_path):
+    options = EvalOptions(output=tmp_path, items=2, batch_size=8, max_new_tokens=4, modalities=["image"],
+                          tasks=["x2t", "routing"], two_output_requests=3)
+    report = run_eval(tiny_model, {}, options)
+    routing = json.loads((tmp_path / "eval.json").read_text())["routing"]
+    assert routing == report["routing"]
+    # x2t: 2 items x 2 splits, and the 20 held-out plain-chat prompts, ask for no media; no t2x was run
+    assert routing["no media asked"]["n"] == 4 + 20 and routing["two outputs"]["n"] == 3
+    assert "media requests" not in routing
+    assert routing["n"] == 4 + 20 + 3
+    for kind in ("no media asked", "two outputs"):
+        assert 0.0 <= routing[kind]["score"] <= 1.0
+        assert f"{kind} {routing[kind]['score']:.3f} of {routing[kind]['n']}" in format_eval(report)
+    weighted = sum(routing[k]["score"] * routing[k]["n"] for k in ("no media asked", "two outputs"))
+    assert weighted / routing["n"] == pytest.approx(routing["all"])
+
+
+def test_perplexity_without_a_passage_long_enough_says_what_to_change(tiny_model, tmp_path):
+    for passages in ([], [[5]], [[5], [7]]):  # the first token of a passage is never predicted
+        with pytest.raises(ValueError, match="at least 2 tokens"):
+            perplexities(tiny_model, passages)
+    assert perplexities(tiny_model, [[5, 6]])["tokens"] == 1
+    options = EvalOptions(output=tmp_path, modalities=[], tasks=["text"], text_tokens=10**6)
+    with pytest.raises(ValueError, match=r"no paragraph .* is 1000000 tokens long .* lower EvalOptions.text_tokens"):
+        run_eval(tiny_model, {}, options)
 
 
 @pytest.mark.skipif(not (shipped_dir() / "judge-audio").is_dir(), reason="shipped parts missing")

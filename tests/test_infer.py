@@ -325,6 +325,52 @@ def test_generation_stops_at_an_end_of_turn_written_as_plain_text_row_by_row(tin
     assert lengths[1] < 16  # answer 0 alone: generation stopped at the marker, not cut afterwards
 
 
+def test_world_distil_ends_answers_where_inference_does(tiny_assembly, tmp_path, monkeypatch):
+    """`mmllm world distil` generates through its own path, which ended answers at ChatML's <|im_end|> only: an
+    end-of-turn written as plain text ran on to max_new_tokens and was taught as part of the reply, and so was
+    every token after the template's closing token where that is not <|im_end|>."""
+    from mmllm.toyworld.stage_data import distil_plain_chat
+
+    model = AnyToAnyModel.assemble(tiny_assembly)
+    tok = model.llm.tokenizer
+    prompts = ("Say something.", "What is in the picture?", "hello how are you?", "draw a cat")
+    prepared = [prepare_request(model, Request([{"role": "user", "content": c}])) for c in prompts]
+    free = generate_answers(model, prepared, Settings(max_new_tokens=16))
+    pairs = (tok.decode(free[0].token_ids[i: i + 2]) for i in range(len(free[0].token_ids) - 1))
+    stop = next(t for t in pairs if t.isascii() and t.isprintable() and t == t.strip() and t not in free[1].text
+                and len(tok(t, add_special_tokens=False).input_ids) >= 2)
+    tok.chat_template = _closing_template(stop)  # prompts render as before
+    lengths: list[int] = []
+    real = model.llm.model.generate
+
+    def generate(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if "input_ids" in kwargs:  # distil's call (inference passes embeddings)
+            lengths.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    monkeypatch.setattr(model.llm.model, "generate", generate)
+    distilled = distil_plain_chat(model.llm, prompts[:1], tmp_path / "plain.jsonl", max_new_tokens=16)
+    expected = generate_answers(model, prepared[:1], Settings(max_new_tokens=16))[0].text
+    assert distilled[0]["answer"] == expected == free[0].text[: free[0].text.find(stop)].strip()
+    assert lengths[0] < 16  # generation stopped at the marker
+    assert [json.loads(line) for line in (tmp_path / "plain.jsonl").read_text().splitlines()] == distilled
+
+    # the template's closing token (an added token, not the core's EOS) ends an answer too
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|bos|>{% endfor %}"
+                         "{% if add_generation_prompt %}assistant: {% endif %}")
+    closer = tok.convert_tokens_to_ids("<|bos|>")
+    prepared = [prepare_request(model, Request([{"role": "user", "content": c}])) for c in prompts]
+    first = generate_answers(model, prepared[:1], Settings(max_new_tokens=6))[0].token_ids[2]
+    with torch.no_grad():  # the closing token now scores twice what the answer's third token scored
+        model.llm.lm_head().base.weight[closer] = 2 * model.llm.lm_head().base.weight[first]
+    expected = generate_answers(model, prepared[:1], Settings(max_new_tokens=16))[0]
+    assert 0 < len(expected.token_ids) < 6  # ended by the closing token
+    distilled = distil_plain_chat(model.llm, prompts[:1], tmp_path / "plain.jsonl", max_new_tokens=16)
+    assert distilled[0]["answer"] == expected.text
+    assert lengths[1] == len(expected.token_ids) + 1  # the answer and its closing token, not 16 tokens
+
+
 def test_stop_strings_of_the_cores_generation_config_end_answers(tiny_assembly):
     """A core whose generation_config.json sets stop_strings: transformers' own check of them wants a tokenizer
     passed to generate, so every answer failed with its ValueError; mmllm stops at them itself."""
@@ -413,6 +459,8 @@ def test_empty_media_paths_and_nonsensical_settings_are_error_records_naming_lin
         "empty-in-list": ({"prompt": "What is this?", "video": ["", "a.mp4"]}, "'video' holds an empty path"),
         "empty-in-turn": ({"messages": [{"role": "user", "content": "Hi", "media": ""}]},
                           "'messages[0].media' holds an empty path"),
+        "empty-beside-messages": ({"messages": [{"role": "user", "content": "Hi"}], "image": ""},
+                                  "'image' holds an empty path ('') beside 'messages': leave 'image' out"),
         "negative-guidance": ({"prompt": GENERATE["image"], "guidance": -1.5}, "'guidance' must be at least 0"),
         "nan-guidance": ({"prompt": GENERATE["image"], "guidance": float("nan")},
                          "'guidance' must be a finite number, got nan"),
@@ -433,6 +481,21 @@ def test_empty_media_paths_and_nonsensical_settings_are_error_records_naming_lin
     assert all(recs[r["id"]]["error"] is None for r in good)
     with pytest.raises(ValueError, match="guidance must be a finite number >= 0"):
         run_requests(model, requests, tmp_path / "out2", guidance=-1.0)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"image": ""}, "'image' holds an empty path ('') beside 'messages'"),
+    ({"media": [" "]}, "'media' holds an empty path ([' ']) beside 'messages'"),
+    ({"audio": ["a.wav", ""]}, "'audio' holds an empty path (['a.wav', '']) beside 'messages'"),
+    ({"image": "a.png"}, "give either 'messages' (media inside them) or 'prompt' (+ media), not both"),
+    ({"prompt": ""}, "give either 'messages'"),
+])
+def test_a_media_field_beside_messages_is_refused_naming_an_empty_path(tmp_path, extra, message):
+    rec = {"id": "r", "messages": [{"role": "user", "content": "Hi"}], **extra}
+    with pytest.raises(runner.RequestError) as caught:
+        runner.parse_request(rec, tmp_path, 0)
+    assert message in str(caught.value)
+    assert runner.parse_request({"id": "r", "messages": rec["messages"], "image": None, "media": []}, tmp_path, 0)
 
 
 def test_fail_fast_stops_at_the_first_failure(model, tmp_path):

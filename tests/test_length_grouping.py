@@ -77,6 +77,22 @@ def test_the_order_is_a_pure_function_of_the_seed_and_still_shuffled():
     assert any(c != sorted(c) and c != sorted(c, reverse=True) for c in chunks)
 
 
+@pytest.mark.parametrize(("world", "accum"), [(1, 1), (2, 1), (4, 2)])
+def test_the_first_batch_is_the_longest_of_the_first_chunk_on_every_process(world, accum):
+    # as HF's LengthGroupedSampler: a batch too big for memory fails the first step, not a late one
+    chunk_steps = 5 // accum  # group_batches=5 micro-batches per chunk
+    for seed in range(8):  # the shuffle alone puts the longest first 1 time in 5
+        for rank in range(world):
+            picks = batches(grouped(seed=seed), chunk_steps, batch=2, world=world, rank=rank, accum=accum)
+            lengths = [[synthetic_length(d, i) for d, i in b] for b in picks]
+            assert max(lengths[0]) == max(map(max, lengths)), (seed, rank)
+            assert sum(lengths[0]) == max(map(sum, lengths)), (seed, rank)
+    # later chunks keep their shuffled order: their longest batch comes anywhere
+    later = [batches(grouped(seed=seed), 10)[5:] for seed in range(8)]
+    means = [[np.mean([synthetic_length(d, i) for d, i in b]) for b in chunk] for chunk in later]
+    assert any(m[0] != max(m) for m in means)
+
+
 @pytest.mark.parametrize(("world", "accum"), [(2, 1), (4, 2)])
 def test_processes_share_what_one_process_with_their_batch_reads(world, accum):
     s = grouped()

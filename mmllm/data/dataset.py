@@ -252,6 +252,15 @@ class MixtureSampler:
 GROUP_BATCHES = 50  # micro-batches per chunk that LengthGroupedSampler sorts by length
 
 
+def longest_first(order: np.ndarray) -> np.ndarray:
+    """``order`` (a permutation of a chunk's batches, batch ``n - 1`` the longest) with the longest batch
+    swapped to the front, so that a step that runs out of memory does so at the first step."""
+    order = order.copy()
+    at = int(np.flatnonzero(order == len(order) - 1)[0])
+    order[[0, at]] = order[[at, 0]]
+    return order
+
+
 class LengthGroupedSampler:
     """A :class:`MixtureSampler`'s draws, reordered so that each micro-batch holds samples of similar length.
 
@@ -259,10 +268,13 @@ class LengthGroupedSampler:
     each, so ``chunk = group_batches * batch * processes`` draws): chunk ``k`` holds exactly the draws
     ``k * chunk .. (k + 1) * chunk`` of ``base`` (so the data sets mix by their weights, and over whole chunks
     every sample is drawn as often as without grouping), sorted by length (ties in draw order), cut into
-    micro-batches and those shuffled with a seed derived from (seed, chunk). A process's share of a global
-    micro-batch is a contiguous run of the sorted samples. The order is a pure function of the seed, the
-    lengths and ``batch x processes``: a resumed run reads what an uninterrupted one does, and W processes
-    with batch b read what one process with batch W*b reads.
+    micro-batches and those shuffled with a seed derived from (seed, chunk). The first chunk's longest
+    micro-batch (its longest samples: the most tokens, and the longest row, so the most padded tokens too)
+    is then swapped to the front, as HF's ``LengthGroupedSampler`` does, so that a batch too big for memory
+    fails the first step rather than one late in the run. A process's share of a global micro-batch is a
+    contiguous run of the sorted samples (so each process's first batch is its own longest of the chunk).
+    The order is a pure function of the seed, the lengths and ``batch x processes``: a resumed run reads what
+    an uninterrupted one does, and W processes with batch b read what one process with batch W*b reads.
 
     ``length(dataset, index)``: a sample's token count (:meth:`StageDataset.length`), asked for once per
     sample, when a chunk first draws it.
@@ -298,6 +310,8 @@ class LengthGroupedSampler:
             lengths = np.array([self.length(d, i) for d, i in draws], dtype=np.int64)
             by_length = np.argsort(lengths, kind="stable").reshape(self.group_batches, per_batch)
             batches = np.random.default_rng([self.seed, 11, per_batch, k]).permutation(self.group_batches)
+            if k == 0:
+                batches = longest_first(batches)
             self._chunk_cache = {key: [draws[j] for j in by_length[batches].ravel()]}
         return self._chunk_cache[key]
 

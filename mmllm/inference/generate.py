@@ -340,12 +340,18 @@ def _generate_answers(model, batch: list[PreparedRequest], settings: Settings) -
 
 
 def end_of_turn_ids(model) -> list[int]:
-    """The tokenizer's EOS, every id the model's generation config ends on (e.g. Llama 3's eot), and the token
+    """The ids an assembled model's answers end at: :func:`core_end_of_turn_ids` of its core."""
+    return core_end_of_turn_ids(model.llm)
+
+
+def core_end_of_turn_ids(core) -> list[int]:
+    """The tokenizer's EOS, every id the core's generation config ends on (e.g. Llama 3's eot), and the token
     the chat template closes an answer with (:func:`template_end_of_turn`): training labels that token after
     every reply, so a model answers with it even where it is not the core's EOS (a base core given ChatML by
-    ``llm.chat_template``), and generation ran on past it to ``max_new_tokens``."""
-    ids = [model.llm.tokenizer.eos_token_id, template_end_of_turn(model.llm.tokenizer)]
-    configured = getattr(getattr(model.llm.model, "generation_config", None), "eos_token_id", None)
+    ``llm.chat_template``), and generation ran on past it to ``max_new_tokens``. ``core``: an
+    :class:`mmllm.llm.LLMCore` (its ``tokenizer`` and ``model``)."""
+    ids = [core.tokenizer.eos_token_id, template_end_of_turn(core.tokenizer)]
+    configured = getattr(getattr(core.model, "generation_config", None), "eos_token_id", None)
     ids += configured if isinstance(configured, list) else [configured]
     return sorted({i for i in ids if i is not None})
 
@@ -388,10 +394,15 @@ def template_end_of_turn_text(tokenizer) -> str | None:
 
 
 def end_of_turn_texts(model) -> list[str]:
+    """The strings an assembled model's answers end at: :func:`core_end_of_turn_texts` of its core."""
+    return core_end_of_turn_texts(model.llm)
+
+
+def core_end_of_turn_texts(core) -> list[str]:
     """The strings an answer ends at (:class:`RowStopStrings`): the template's end-of-turn text
     (:func:`template_end_of_turn_text`) and the ``stop_strings`` of the core's generation config."""
-    texts = [template_end_of_turn_text(model.llm.tokenizer)]
-    configured = getattr(getattr(model.llm.model, "generation_config", None), "stop_strings", None)
+    texts = [template_end_of_turn_text(core.tokenizer)]
+    configured = getattr(getattr(core.model, "generation_config", None), "stop_strings", None)
     texts += [configured] if isinstance(configured, str) else list(configured or [])
     return sorted({t for t in texts if isinstance(t, str) and t})
 

@@ -173,6 +173,17 @@ def _load(modality: str, path: Path) -> Any:
         raise
 
 
+def _refuse_empty_fields_beside_messages(rec: dict[str, Any]) -> None:
+    """A media field holding an empty path beside ``messages`` is named as such (it is also "both messages and
+    media", but the empty path is most likely a path a script failed to fill in)."""
+    for m in (*MODALITIES, "media"):
+        value = rec.get(m)
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and any(isinstance(v, str) and not v.strip() for v in items):
+            raise RequestError(f"'{m}' holds an empty path ({value!r}) beside 'messages': leave '{m}' out; a "
+                               "messages request gives its media inside its messages (a message's 'media' list)")
+
+
 def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool = True) -> ParsedRequest:
     """A request record -> messages and decoded media (their paths with ``load=False``).
     Raises RequestError / MediaError."""
@@ -181,6 +192,7 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
     if unknown:
         raise RequestError(f"unknown field(s) {unknown}; valid: {sorted(FIELDS)}")
     if "messages" in rec:
+        _refuse_empty_fields_beside_messages(rec)
         if "prompt" in rec or any(rec.get(m) not in (None, []) for m in (*MODALITIES, "media")):
             raise RequestError("give either 'messages' (media inside them) or 'prompt' (+ media), not both")
         msgs = rec["messages"]

@@ -107,12 +107,23 @@ def held_out_text(tokenizer: Any, chunks: int, tokens: int) -> list[list[int]]:
             out.append(ids[:tokens])
         if len(out) == chunks:
             break
+    if not out:
+        raise ValueError(f"no paragraph of CPython's pydoc_data topics is {tokens} tokens long for this tokenizer: "
+                         "lower EvalOptions.text_tokens (the default is 128), or leave 'text' out of tasks")
+    if len(out) < chunks:
+        log.warning("text: only %d passages of %d tokens (asked for %d); lower text_tokens for more",
+                    len(out), tokens, chunks)
     return out
 
 
 @torch.no_grad()
 def perplexities(model, passages: list[list[int]], batch_size: int = 8) -> dict[str, float]:
-    """Perplexity of the assembled model and of its base core on ``passages`` (equal lengths)."""
+    """Perplexity of the assembled model and of its base core on ``passages`` (equal lengths, at least 2 tokens:
+    the first token of a passage is never predicted)."""
+    if not any(len(p) >= 2 for p in passages):
+        raise ValueError(f"perplexity needs a passage of at least 2 tokens to predict one from another, got "
+                         f"{len(passages)} passages of lengths {sorted({len(p) for p in passages})}: "
+                         "give longer passages (held_out_text's tokens >= 2)")
     llm = model.llm
     first_new = llm.first_new_id
     totals = {"model": 0.0, "base": 0.0}
@@ -219,15 +230,24 @@ def _routing(model, world: World, options: EvalOptions, routes: list, report: di
     multi = _generate(model, multi_requests, options, False, "two outputs")
     routes += [(e, emitted(r), q.messages[0]["content"]) for e, r, q in zip(multi_expected, multi, multi_requests)]
 
-    kinds = {"media requests": lambda e: len(e) == 1, "two outputs": lambda e: len(e) == 2,
-             "no media asked": lambda e: len(e) == 0}
-    report["routing"] = {"all": float(np.mean([e == got for e, got, _ in routes])), "n": len(routes)}
-    for name, keep in kinds.items():
-        sel = [e == got for e, got, _ in routes if keep(e)]
+    report["routing"] = routing_scores(routes)
+
+
+ROUTING_KINDS = {"media requests": lambda e: len(e) == 1, "two outputs": lambda e: len(e) == 2,
+                 "no media asked": lambda e: len(e) == 0}
+
+
+def routing_scores(routes: list[tuple[list[str], list[str], str]]) -> dict[str, Any]:
+    """The share of ``routes`` (expected groups, emitted groups, prompt) that emitted exactly what was expected:
+    ``all`` and ``n`` over every prompt, and per prompt kind present ``{"score": share, "n": prompts}``."""
+    right = [e == got for e, got, _ in routes]
+    out: dict[str, Any] = {"all": float(np.mean(right)) if right else float("nan"), "n": len(routes)}
+    for name, keep in ROUTING_KINDS.items():
+        sel = [ok for ok, (e, _, _) in zip(right, routes) if keep(e)]
         if sel:
-            report["routing"][name] = float(np.mean(sel))
-    report["routing"]["wrong_examples"] = [{"prompt": p, "expected": e, "emitted": got}
-                                           for e, got, p in routes if e != got][:10]
+            out[name] = {"score": float(np.mean(sel)), "n": len(sel)}
+    out["wrong_examples"] = [{"prompt": p, "expected": e, "emitted": got} for e, got, p in routes if e != got][:10]
+    return out
 
 
 def _text_to_media(model, judge: Judge, world: World, modality: str, items: list[Item], options: EvalOptions,
@@ -266,7 +286,7 @@ def format_eval(report: dict[str, Any]) -> str:
     r = report["routing"]
     if r:
         lines.append(f"routing    {r['all']:.3f} over {r['n']} prompts ("
-                     + ", ".join(f"{k} {v:.3f}" for k, v in r.items() if isinstance(v, float) and k != "all")
+                     + ", ".join(f"{k} {r[k]['score']:.3f} of {r[k]['n']}" for k in ROUTING_KINDS if k in r)
                      + f"; target >= {TARGETS['routing']})")
     t = report["text"]
     if t:

@@ -367,17 +367,37 @@ def _check_split(world: World, out: Path, counts: dict[str, int], held_out: bool
                     raise AssertionError(f"{out / name}: {rec['id']} names {path}, not rendered under {out}")
 
 
+def end_answer(tokenizer: Any, row: list[int], eos_ids: list[int], stops: list[str]) -> tuple[str, bool]:
+    """A generated row's answer text (before its first end-of-turn id or stop string, stripped) and whether
+    it ended there (False: it ran to the token limit)."""
+    from mmllm.inference.generate import cut_at_stop
+
+    ends = [i for i, t in enumerate(row) if t in eos_ids]
+    ids = row[: ends[0]] if ends else row
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    _, cut = cut_at_stop(tokenizer, ids, text, stops)
+    return cut.strip(), bool(ends) or len(cut) < len(text)  # shorter: a stop string was found
+
+
 def distil_plain_chat(model_core: Any, prompts: tuple[str, ...], out: Path, max_new_tokens: int = 128,
                       batch_size: int = 8) -> list[dict[str, str]]:
     """The base core's own greedy answers to ``prompts`` -> ``out`` (JSONL of {prompt, answer}).
 
     Learning these in the instruct stage keeps what the core says to plain text where it was (the
-    LoRA adapter is pulled back towards the base distribution on exactly the inputs it sees)."""
+    LoRA adapter is pulled back towards the base distribution on exactly the inputs it sees).
+
+    An answer ends where ``mmllm infer``'s do: at the core's EOS, the ids its generation config ends on, the
+    token the chat template closes a reply with (:func:`~mmllm.inference.generate.core_end_of_turn_ids`), or an
+    end-of-turn written as plain text / the config's ``stop_strings``
+    (:func:`~mmllm.inference.generate.core_end_of_turn_texts`), cut before it."""
     import torch
+    from transformers import StoppingCriteriaList
+
+    from mmllm.inference.generate import RowStopStrings, core_end_of_turn_ids, core_end_of_turn_texts
 
     tok, model = model_core.tokenizer, model_core.model
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    eos_ids, stops = core_end_of_turn_ids(model_core), core_end_of_turn_texts(model_core)
     records = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="distilling plain chat"):
         chunk = prompts[start : start + batch_size]
@@ -387,12 +407,13 @@ def distil_plain_chat(model_core: Any, prompts: tuple[str, ...], out: Path, max_
         width = max(map(len, ids))
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in ids])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids])
+        stopping = StoppingCriteriaList([RowStopStrings(tok, stops, len(chunk))] if stops else [])
         with torch.no_grad():
             gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, eos_token_id=eos, pad_token_id=pad)
+                                 do_sample=False, eos_token_id=eos_ids, pad_token_id=pad,
+                                 stopping_criteria=stopping, stop_strings=None)  # stops: checked by RowStopStrings
         for prompt, row in zip(chunk, gen[:, width:].tolist()):
-            finished = eos in row
-            answer = tok.decode(row[: row.index(eos)] if finished else row, skip_special_tokens=True).strip()
+            answer, finished = end_answer(tok, row, eos_ids, stops)
             if not finished:  # cut at the last full sentence rather than teach a truncated reply
                 end = max(answer.rfind(". "), answer.rfind(".\n"))
                 answer = answer[: end + 1] if end > 0 else answer
