@@ -1,6 +1,7 @@
 """The three stages on the tiny assembly: exactly the declared parameters learn, the loss goes
 down, every frozen part is bit-identical afterwards, checkpoints reload exactly, resume is exact."""
 
+import json
 import logging
 
 import pytest
@@ -505,3 +506,21 @@ def test_a_missing_init_from_says_how_to_go_on(sample_data, tmp_path):
     with pytest.raises(ConfigError, match=r"checkpoint directory not found.*train that stage first.*init_from=null") as err:
         build_model(cfg)
     assert "a relative path resolves from" not in str(err.value)  # an absolute one: no note about relative ones
+
+
+def test_a_missing_init_from_names_the_checkpoint_its_run_does_hold(sample_data, tmp_path):
+    """The previous stage trained for fewer steps (`max_steps=10`) than the next stage's init_from names
+    (step-30): the error names the step that run finished on, not only the one that is missing."""
+    run = tmp_path / "encode_align"
+    for step in (5, 10):
+        (run / f"step-{step}").mkdir(parents=True)
+    (run / "final.json").write_text(json.dumps({"checkpoint": "step-10"}))
+    cfg = decode_align_from(run / "step-30", sample_data, tmp_path / "out")
+    with pytest.raises(ConfigError, match="checkpoint directory not found") as err:
+        build_model(cfg)
+    assert f"holds step-5, step-10; its run finished on step-10 (final.json): init_from={run / 'step-10'}" in str(
+        err.value)
+    (run / "final.json").unlink()  # a run that has not finished: its newest checkpoint
+    with pytest.raises(ConfigError) as err:
+        build_model(cfg)
+    assert f"no final.json: that run has not finished); the newest is init_from={run / 'step-10'}" in str(err.value)
