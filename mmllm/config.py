@@ -616,6 +616,11 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{path}: {key}: {value} not found (a relative path is looked up from the working "
                               f"directory {Path.cwd()}, then from the stage config's folder {base})")
+    if cfg.lora is not None:  # its keys checked now, not after the model is built (minutes with a large core)
+        try:
+            load_lora(cfg.lora)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: lora: {exc}") from exc
     for ds in cfg.all_data():
         ds.path = resolve_path(base, ds.path)
         ds.root = resolve_path(base, ds.root)

@@ -103,6 +103,15 @@ def test_a_missing_assembly_or_lora_file_says_where_it_was_looked_for():
         load_stage(REPO / "configs/stages/tiny/instruct.yaml", ["assembly=nowhere.yaml"])
 
 
+def test_a_lora_file_with_a_wrong_key_is_refused_when_the_stage_loads(tmp_path):
+    """Not after the stage has assembled its model (and loaded a core that can take minutes), as before."""
+    lora = tmp_path / "lora.yaml"
+    lora.write_text((REPO / "configs/lora/tiny.yaml").read_text().replace("r: 4", "rank: 4"))
+    with pytest.raises(ConfigError, match=r"instruct\.yaml: lora: .*lora\.yaml: unknown key\(s\) rank; valid keys "
+                                          r"here are: alpha, dropout, r, target_modules"):
+        load_stage(REPO / "configs/stages/tiny/instruct.yaml", [f"lora={lora}"])
+
+
 def test_a_bare_yaml_no_means_the_word_where_the_choice_has_it():
     # YAML 1.1 reads `no` as false; `mixed_precision=no` on a shell command line cannot be quoted
     cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["mixed_precision=no"])
