@@ -264,6 +264,24 @@ def test_chat_mistakes_from_other_formats_are_named(tmp_path):
     assert "that is format: llava" in errors[2]
 
 
+def test_pair_mistakes_of_a_first_captions_file_name_the_fields_it_has(tmp_path):
+    """A captions file as one first writes it ({"image", "text"}), or with the caption under another name: the
+    error names the missing field and the keys the record does have, not "modality None"."""
+    path = _write(tmp_path / "captions.jsonl", [
+        {"image": "a.png", "text": "a red circle"},
+        {"id": "p1", "modality": "image", "media": "a.png", "text": "a red circle"},
+        {"id": "p2", "modality": "smell", "media": "a.png", "caption": "roses"},
+        {"id": "p3", "modality": "image", "media": "a.png", "caption": " "},
+    ], array=False)
+    records, errors = read_records(path, "mmllm-pairs")
+    assert not records and len(errors) == 4
+    assert errors[0] == (f"{path}:1: no 'modality' (one of image, audio, video); an mmllm-pairs record is "
+                         "{\"id\", \"modality\", \"media\", \"caption\"}, this one has the keys ['image', 'text']")
+    assert errors[1].startswith(f"{path}:2: missing or empty 'caption'") and "['id', 'media', 'modality', 'text']" in errors[1]
+    assert errors[2] == f"{path}:3: modality 'smell' is not one of image, audio, video"
+    assert errors[3] == f"{path}:4: missing or empty 'caption'"  # it has the field: no list of keys
+
+
 def test_a_media_root_that_is_not_a_folder_is_refused_naming_it(tmp_path):
     """Every media path of the file would be missing: training skipped every sample with media, one by one."""
     path = _write(tmp_path / "pairs.jsonl", [{"modality": "image", "media": "a.png", "caption": "x"}], array=False)

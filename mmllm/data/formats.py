@@ -262,13 +262,20 @@ class ReadContext:
         return self.embeddings / Path(name).name
 
 
+PAIR_FIELDS = '{"id", "modality", "media", "caption"}'  # an mmllm-pairs record, as errors spell it
+
+
 def parse_pair(rec: dict[str, Any], ctx: ReadContext, where: str) -> CaptionPair:
     modality = rec.get("modality")
+    if "modality" not in rec:
+        raise DataFormatError(f"{where}: no 'modality' (one of {', '.join(MODALITIES)}); an mmllm-pairs record is "
+                              f"{PAIR_FIELDS}, this one has the keys {sorted(rec)}")
     if modality not in MODALITIES:
         raise DataFormatError(f"{where}: modality {modality!r} is not one of {', '.join(MODALITIES)}")
     caption = rec.get("caption")
     if not isinstance(caption, str) or not caption.strip():
-        raise DataFormatError(f"{where}: missing or empty 'caption'")
+        keys = "" if "caption" in rec else f"; an mmllm-pairs record is {PAIR_FIELDS}, this one has the keys {sorted(rec)}"
+        raise DataFormatError(f"{where}: missing or empty 'caption'{keys}")
     media = ctx.media.resolve(rec["media"], f"{where}.media") if rec.get("media") else None
     embedding = ctx.media.resolve(rec["embedding"], f"{where}.embedding") if rec.get("embedding") else None
     return CaptionPair(str(rec.get("id", where)), modality, caption.strip(), media, where, embedding)
