@@ -142,6 +142,23 @@ def test_data_check_judges_what_the_stage_reads(sample_data, tmp_path, capsys):
     assert "empty.jsonl: no usable records" in capsys.readouterr().err
 
 
+def test_data_check_counts_a_dataset_with_nothing_usable_apart_from_its_malformed_records(tmp_path, capsys):
+    """Two records, both malformed: the report said 'records 2, ... malformed 3', the dataset's own
+    'no usable records' counted as a third malformed record."""
+    path = tmp_path / "captions.jsonl"
+    path.write_text("".join(json.dumps({"image": f"{i}.png", "text": "a red circle"}) + "\n" for i in range(2)))
+    report = tmp_path / "report.json"
+    stage = str(REPO / "configs/stages/tiny/encode_align.yaml")
+    assert main(["data", "check", "--config", stage, "--json", str(report),
+                 f"data=[{{path: {path}, format: mmllm-pairs}}]"]) == 1
+    text = capsys.readouterr().out
+    assert "records 2, conversations for encode-align 0, malformed 2" in text and "3 problem(s) found" in text
+    (checked,) = json.loads(report.read_text())["datasets"]
+    assert len(checked["malformed"]) == 2 and all("no 'modality'" in m for m in checked["malformed"])
+    assert checked["dataset_problems"] == [f"{path}: no usable records for stage encode-align; training refuses "
+                                           "this dataset"]
+
+
 def _npy_generation(tmp_path, shape_ok, shape_bad):
     media = tmp_path / "gen" / "images"
     media.mkdir(parents=True)

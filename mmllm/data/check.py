@@ -31,7 +31,9 @@ class DatasetCheck:
     weight: float
     records: int = 0
     conversations: int = 0
-    malformed: list[str] = field(default_factory=list)
+    malformed: list[str] = field(default_factory=list)  # records, one each (file:line)
+    # the dataset as a whole: unreadable file, unknown format, wrong kind for the stage, nothing usable
+    dataset_problems: list[str] = field(default_factory=list)
     inputs: Counter = field(default_factory=Counter)  # modality -> media inputs
     outputs: Counter = field(default_factory=Counter)  # modality -> outputs (signal groups)
     missing: list[str] = field(default_factory=list)  # "file (referenced at file:line)"
@@ -49,7 +51,7 @@ class DatasetCheck:
 
     @property
     def problems(self) -> int:
-        return (len(self.malformed) + len(self.missing) + len(self.unreadable) + len(self.unusable)
+        return (len(self.dataset_problems) + len(self.malformed) + len(self.missing) + len(self.unreadable) + len(self.unusable)
                 + len(self.embedding_problems))
 
 
@@ -85,7 +87,7 @@ class CheckReport:
             lines.append(f"  media out: {_counts(d.outputs)}")
             if d.embeddings:
                 lines.append(f"  precomputed caption embeddings: {_counts(d.embeddings)}")
-            for title, items in (("malformed records", d.malformed), ("missing files", d.missing),
+            for title, items in (("dataset problems", d.dataset_problems), ("malformed records", d.malformed), ("missing files", d.missing),
                                  ("unreadable files", d.unreadable), ("over the context length", d.too_long),
                                  ("unusable samples (skipped in training)", d.unusable),
                                  ("embedding problems", d.embedding_problems),
@@ -144,13 +146,13 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
     """One dataset of a stage; ``output_media``: the stage reads its outputs' media (a denoising loss)."""
     out = DatasetCheck(str(ds.path), ds.format, ds.weight)
     if stage == "instruct" and ds.format in PAIR_FORMATS:
-        out.malformed.append(f"{ds.path}: format {ds.format} holds caption pairs; the instruct stage needs "
+        out.dataset_problems.append(f"{ds.path}: format {ds.format} holds caption pairs; the instruct stage needs "
                              "conversations")
         return out
     try:
         records, errors = read_dataset(ds)
     except (OSError, ValueError) as exc:
-        out.malformed.append(str(exc))
+        out.dataset_problems.append(str(exc))
         return out
     out.records = len(records) + len(errors)
     out.malformed += errors
@@ -172,7 +174,7 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
         first_at.setdefault(conv.id, conv.source)
         _check_conversation(conv, out, tokenizer, spec, full, conditioning_shapes, probe, output_media)
     if not out.conversations:
-        out.malformed.append(f"{ds.path}: no usable records for stage {stage}; training refuses this dataset")
+        out.dataset_problems.append(f"{ds.path}: no usable records for stage {stage}; training refuses this dataset")
     return out
 
 
