@@ -539,6 +539,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 if isinstance(nxt, str):  # a file named by path (a stage's lora:, assembly:): set keys there
                     raise ConfigError(f"override {item!r}: {where} is a file path ({nxt}), not keys to set: "
                                       f"edit that file, or give another one with {where}=PATH")
+                if isinstance(nxt, list):  # no indexing into a list (data, eval_data): it is given whole
+                    whole = yaml.safe_dump(nxt, default_flow_style=True, sort_keys=False, width=10**6).strip()
+                    raise ConfigError(f"override {item!r}: {where} is a list, which an override replaces whole "
+                                      f"(there is no {where}.0.key=value): give all of it, e.g. '{where}={whole}' "
+                                      "with your change, quoted for the shell")
                 raise ConfigError(f"override {item!r}: {where} is {nxt!r}, not a mapping")
             node = nxt
         if parts[-1] == "kind" and parts[0] in REGISTRY_PARTS and "kind" in node and node["kind"] != value:

@@ -112,6 +112,15 @@ def test_a_lora_file_with_a_wrong_key_is_refused_when_the_stage_loads(tmp_path):
         load_stage(REPO / "configs/stages/tiny/instruct.yaml", [f"lora={lora}"])
 
 
+def test_an_override_into_a_list_says_to_give_the_list_whole_and_shows_it():
+    data = {"data": [{"path": "my data/pairs.jsonl", "format": "mmllm-pairs", "weight": 0.5}], "max_steps": 3}
+    with pytest.raises(ConfigError, match=r"data is a list, which an override replaces whole \(there is no "
+                                          r"data\.0\.key=value\)") as err:
+        apply_overrides(data, ["data.0.path=other.jsonl"])
+    shown = str(err.value).split("e.g. '", 1)[1].split("' with your change", 1)[0]
+    assert apply_overrides(data, [shown]) == data  # what it shows, given back, is the list as it is
+
+
 def test_a_bare_yaml_no_means_the_word_where_the_choice_has_it():
     # YAML 1.1 reads `no` as false; `mixed_precision=no` on a shell command line cannot be quoted
     cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["mixed_precision=no"])
