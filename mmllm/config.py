@@ -19,6 +19,7 @@ import datetime
 import logging
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -571,10 +572,25 @@ def resolve_path(base: Path, value: str | None) -> str | None:
     return str(candidate) if candidate.exists() else str(p)
 
 
+def _naming_the_override(exc: ConfigError, overrides: list[str], prefix: str = "") -> ConfigError:
+    """``exc`` with the command-line override that set the key it names, if one did: an error such as
+    'max_steps: expected an integer, got 'ten'' otherwise sends one to a file that does not hold the value."""
+    message = str(exc)
+    named = message.split("valid keys here are:", 1)[0]  # the keys at fault, not the list of valid ones
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if key and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", named):
+            return ConfigError(f"{message} (set on the command line by {prefix}{item})")
+    return exc
+
+
 def load_assembly(path: str | Path, overrides: list[str] | None = None) -> AssemblyConfig:
     """Load an assembly YAML, with ``key.sub=value`` ``overrides`` (``"encoders.image.tokens=pooled"``)."""
     data = apply_overrides(read_yaml(path), overrides or [])
-    return parse_assembly(data, where=str(path))
+    try:
+        return parse_assembly(data, where=str(path))
+    except ConfigError as exc:
+        raise _naming_the_override(exc, overrides or [], "assembly.") from exc
 
 
 def save_assembly(config: AssemblyConfig, path: str | Path) -> Path:
@@ -609,7 +625,7 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     try:
         cfg = from_dict(StageConfig, data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise _naming_the_override(ConfigError(f"{path}: {exc}"), overrides) from exc
     base = path.resolve().parent
     cfg.output_dir = user_path(cfg.output_dir)
     cfg.init_from = user_path(cfg.init_from)

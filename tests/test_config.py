@@ -121,6 +121,23 @@ def test_an_override_into_a_list_says_to_give_the_list_whole_and_shows_it():
     assert apply_overrides(data, [shown]) == data  # what it shows, given back, is the list as it is
 
 
+def test_a_bad_value_or_key_given_on_the_command_line_is_blamed_on_the_override_not_the_file(tmp_path):
+    stage = REPO / "configs/stages/tiny/encode_align.yaml"
+    with pytest.raises(ConfigError, match=r"encode_align\.yaml: max_steps: expected an integer, got 'ten' \(set on "
+                                          r"the command line by max_steps=ten\)$"):
+        load_stage(stage, ["seed=1", "max_steps=ten"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) optim\.learnin_rate; .* \(set on the command line by "
+                                          r"optim\.learnin_rate=1\)$"):
+        load_stage(stage, ["optim.learnin_rate=1"])
+    with pytest.raises(ConfigError, match=r"tiny\.yaml: max_length: expected an integer, got 'long' \(set on the "
+                                          r"command line by assembly\.max_length=long\)$"):
+        load_assembly(load_stage(stage).assembly, ["max_length=long"])
+    typo = tmp_path / "stage.yaml"  # the file's own mistake: no override blamed, though seed is a valid key
+    typo.write_text(stage.read_text().replace("batch_size:", "batch_sise:"))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) batch_sise; valid keys here are: .*seed.*[^)]$"):
+        load_stage(typo, ["seed=1"])
+
+
 def test_a_bare_yaml_no_means_the_word_where_the_choice_has_it():
     # YAML 1.1 reads `no` as false; `mixed_precision=no` on a shell command line cannot be quoted
     cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["mixed_precision=no"])
