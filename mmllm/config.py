@@ -47,6 +47,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _shape_of(tp: type) -> str:
+    """A dataclass's keys as a YAML mapping, the required ones first with their values elided: what to write."""
+    fields = [f for f in dataclasses.fields(tp) if f.init]
+    required = [f.name for f in fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    optional = [f.name for f in fields if f.name not in required]
+    if not required:
+        return f"keys: {', '.join(optional)}"
+    return "{" + ", ".join(f"{k}: ..." for k in required) + "}" + (f"; optional: {', '.join(optional)}" if optional else "")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type ``tp`` or raise a ConfigError naming ``where``."""
     origin = typing.get_origin(tp)
@@ -69,7 +80,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping for {_type_name(tp)} ({_shape_of(tp)}), got {value!r}")
         return from_dict(tp, value, where)
     if origin is dict:
         if not isinstance(value, dict):
@@ -78,7 +89,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            item = args[0] if args and dataclasses.is_dataclass(args[0]) else None
+            of = f" of {_type_name(item)} mappings ({_shape_of(item)})" if item else ""
+            raise ConfigError(f"{where}: expected a list{of}, got {value!r}")
         item_tp = args[0] if args else Any
         items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)

@@ -138,6 +138,24 @@ def test_a_bad_value_or_key_given_on_the_command_line_is_blamed_on_the_override_
         load_stage(typo, ["seed=1"])
 
 
+@pytest.mark.parametrize("data, message", [
+    ("mydata/pairs.jsonl", "data: expected a list of DatasetConfig mappings ({path: ...}; optional: format, weight, "
+                           "root, allow_outside_root, embeddings), got 'mydata/pairs.jsonl'"),
+    ("[mydata/pairs.jsonl]", "data[0]: expected a mapping for DatasetConfig ({path: ...}; optional: format, "),
+    ("{path: mydata/pairs.jsonl}", "data: expected a list of DatasetConfig mappings ({path: ...}; optional: "),
+])
+def test_data_given_in_another_shape_says_what_to_write(data, message):
+    """A data file named as a string or a bare mapping: the error said only 'expected a list'."""
+    with pytest.raises(ConfigError) as err:
+        load_stage(REPO / "configs/stages/tiny/encode_align.yaml", [f"data={data}"])
+    assert message in str(err.value)
+
+
+def test_a_section_of_optional_keys_given_a_value_lists_them():
+    with pytest.raises(ConfigError, match=r"optim: expected a mapping for OptimConfig \(keys: name, lr, .*\), got 0\.1"):
+        load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["optim=0.1"])
+
+
 def test_a_bare_yaml_no_means_the_word_where_the_choice_has_it():
     # YAML 1.1 reads `no` as false; `mixed_precision=no` on a shell command line cannot be quoted
     cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["mixed_precision=no"])
