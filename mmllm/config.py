@@ -579,10 +579,21 @@ def resolve_path(base: Path, value: str | None) -> str | None:
     if value is None:
         return None
     p = Path(value).expanduser()
-    if p.is_absolute() or p.exists():
-        return str(p)
     candidate = base / p
+    if p.is_absolute() or p.exists():
+        if not p.is_absolute() and candidate.exists() and not _same_file(p, candidate):
+            log.warning("%s: both %s (from the working directory %s) and %s (beside the config) exist; the first is "
+                        "used, as relative paths are looked up from the working directory first. Give the path "
+                        "absolute, or run from elsewhere, if you meant the other", value, p, Path.cwd(), candidate)
+        return str(p)
     return str(candidate) if candidate.exists() else str(p)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _naming_the_override(exc: ConfigError, overrides: list[str], prefix: str = "") -> ConfigError:

@@ -156,6 +156,28 @@ def test_a_section_of_optional_keys_given_a_value_lists_them():
         load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["optim=0.1"])
 
 
+def test_a_relative_path_found_both_from_the_working_directory_and_beside_the_config_warns(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """The working directory's file wins (as documented); when the config's folder holds another file of that
+    name, which is what a config kept with its data means, that used to happen without a word."""
+    (tmp_path / "my").mkdir()
+    for folder in (tmp_path, tmp_path / "my"):
+        (folder / "tiny.yaml").write_text(TINY.read_text())
+    stage = tmp_path / "my" / "stage.yaml"
+    stage.write_text((REPO / "configs/stages/tiny/encode_align.yaml").read_text().replace(
+        "../../assemblies/tiny.yaml", "tiny.yaml"))
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING", logger="mmllm.config"):
+        assert load_stage(stage).assembly == "tiny.yaml"
+    assert any(f"both tiny.yaml (from the working directory {tmp_path}) and {tmp_path / 'my' / 'tiny.yaml'} (beside "
+               "the config) exist; the first is used" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.chdir(tmp_path / "my")  # one file, found both ways: nothing to warn about
+    with caplog.at_level("WARNING", logger="mmllm.config"):
+        load_stage(stage)
+    assert not [r for r in caplog.records if "both" in r.getMessage()]
+
+
 def test_a_bare_yaml_no_means_the_word_where_the_choice_has_it():
     # YAML 1.1 reads `no` as false; `mixed_precision=no` on a shell command line cannot be quoted
     cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["mixed_precision=no"])
