@@ -106,6 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from mmllm.config import STAGE_DEFAULT_TRAINABLE, load_assembly, load_lora, read_yaml
     from mmllm.model import AnyToAnyModel
+    from mmllm.registry import check_part_options
     from mmllm.training.freeze import apply_trainable, count_parameters
 
     data = read_yaml(args.config)
@@ -119,6 +120,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         assembly, lora = _stage_assembly(stage), stage.lora
     else:
         stage, assembly, lora = None, load_assembly(args.config, args.overrides), args.lora
+        check_part_options(assembly, args.config)
     model = AnyToAnyModel.assemble(assembly, llm_weights=False)  # counted and checked, never run
     print(f"assembly: {assembly.name}")
     print(f"  llm: {assembly.llm.kind} {assembly.llm.options}  hidden={model.llm.hidden_size}")
@@ -354,6 +356,7 @@ def _stage_assembly(cfg):
     """The assembly a stage trains: ``init_from``'s recorded one when that checkpoint exists (checked against
     the stage's as training checks it), else the stage's own (file + ``assembly.*`` overrides)."""
     from mmllm.config import load_assembly
+    from mmllm.registry import check_part_options
     from mmllm.training.checkpoint import checkpoint_assembly
     from mmllm.training.init_from import check_init_from, checkpoint_missing, stage_trusts_remote_code
 
@@ -361,7 +364,9 @@ def _stage_assembly(cfg):
         check_init_from(cfg)
         stage_trusts_remote_code(cfg)  # refused as training refuses it: the recorded assembly is built next
         return checkpoint_assembly(Path(cfg.init_from))
-    return load_assembly(cfg.assembly, cfg.assembly_overrides)
+    assembly = load_assembly(cfg.assembly, cfg.assembly_overrides)
+    check_part_options(assembly, cfg.assembly)
+    return assembly
 
 
 def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None):

@@ -19,6 +19,7 @@ import datetime
 import logging
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,17 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _shape_of(tp: type) -> str:
+    """A dataclass's keys as a YAML mapping, the required ones first with their values elided: what to write."""
+    fields = [f for f in dataclasses.fields(tp) if f.init]
+    required = [f.name for f in fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    optional = [f.name for f in fields if f.name not in required]
+    if not required:
+        return f"keys: {', '.join(optional)}"
+    return "{" + ", ".join(f"{k}: ..." for k in required) + "}" + (f"; optional: {', '.join(optional)}" if optional else "")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML value to the annotated type ``tp`` or raise a ConfigError naming ``where``."""
     origin = typing.get_origin(tp)
@@ -68,7 +80,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping for {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping for {_type_name(tp)} ({_shape_of(tp)}), got {value!r}")
         return from_dict(tp, value, where)
     if origin is dict:
         if not isinstance(value, dict):
@@ -77,7 +89,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            item = args[0] if args and dataclasses.is_dataclass(args[0]) else None
+            of = f" of {_type_name(item)} mappings ({_shape_of(item)})" if item else ""
+            raise ConfigError(f"{where}: expected a list{of}, got {value!r}")
         item_tp = args[0] if args else Any
         items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
@@ -539,6 +553,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 if isinstance(nxt, str):  # a file named by path (a stage's lora:, assembly:): set keys there
                     raise ConfigError(f"override {item!r}: {where} is a file path ({nxt}), not keys to set: "
                                       f"edit that file, or give another one with {where}=PATH")
+                if isinstance(nxt, list):  # no indexing into a list (data, eval_data): it is given whole
+                    whole = yaml.safe_dump(nxt, default_flow_style=True, sort_keys=False, width=10**6).strip()
+                    raise ConfigError(f"override {item!r}: {where} is a list, which an override replaces whole "
+                                      f"(there is no {where}.0.key=value): give all of it, e.g. '{where}={whole}' "
+                                      "with your change, quoted for the shell")
                 raise ConfigError(f"override {item!r}: {where} is {nxt!r}, not a mapping")
             node = nxt
         if parts[-1] == "kind" and parts[0] in REGISTRY_PARTS and "kind" in node and node["kind"] != value:
@@ -560,16 +579,42 @@ def resolve_path(base: Path, value: str | None) -> str | None:
     if value is None:
         return None
     p = Path(value).expanduser()
-    if p.is_absolute() or p.exists():
-        return str(p)
     candidate = base / p
+    if p.is_absolute() or p.exists():
+        if not p.is_absolute() and candidate.exists() and not _same_file(p, candidate):
+            log.warning("%s: both %s (from the working directory %s) and %s (beside the config) exist; the first is "
+                        "used, as relative paths are looked up from the working directory first. Give the path "
+                        "absolute, or run from elsewhere, if you meant the other", value, p, Path.cwd(), candidate)
+        return str(p)
     return str(candidate) if candidate.exists() else str(p)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _naming_the_override(exc: ConfigError, overrides: list[str], prefix: str = "") -> ConfigError:
+    """``exc`` with the command-line override that set the key it names, if one did: an error such as
+    'max_steps: expected an integer, got 'ten'' otherwise sends one to a file that does not hold the value."""
+    message = str(exc)
+    named = message.split("valid keys here are:", 1)[0]  # the keys at fault, not the list of valid ones
+    for item in reversed(overrides):
+        key = item.split("=", 1)[0].strip()
+        if key and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", named):
+            return ConfigError(f"{message} (set on the command line by {prefix}{item})")
+    return exc
 
 
 def load_assembly(path: str | Path, overrides: list[str] | None = None) -> AssemblyConfig:
     """Load an assembly YAML, with ``key.sub=value`` ``overrides`` (``"encoders.image.tokens=pooled"``)."""
     data = apply_overrides(read_yaml(path), overrides or [])
-    return parse_assembly(data, where=str(path))
+    try:
+        return parse_assembly(data, where=str(path))
+    except ConfigError as exc:
+        raise _naming_the_override(exc, overrides or [], "assembly.") from exc
 
 
 def save_assembly(config: AssemblyConfig, path: str | Path) -> Path:
@@ -604,7 +649,7 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     try:
         cfg = from_dict(StageConfig, data)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise _naming_the_override(ConfigError(f"{path}: {exc}"), overrides) from exc
     base = path.resolve().parent
     cfg.output_dir = user_path(cfg.output_dir)
     cfg.init_from = user_path(cfg.init_from)
@@ -616,6 +661,11 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{path}: {key}: {value} not found (a relative path is looked up from the working "
                               f"directory {Path.cwd()}, then from the stage config's folder {base})")
+    if cfg.lora is not None:  # its keys checked now, not after the model is built (minutes with a large core)
+        try:
+            load_lora(cfg.lora)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: lora: {exc}") from exc
     for ds in cfg.all_data():
         ds.path = resolve_path(base, ds.path)
         ds.root = resolve_path(base, ds.root)

@@ -122,6 +122,20 @@ def parse_options(table: str, spec: ComponentSpec, where: str) -> Any:
     return from_dict(cls.Options, spec.options, where)
 
 
+def check_part_options(config: Any, where: str) -> None:
+    """Every part's options of the assembly ``config`` (an AssemblyConfig) checked as :func:`build` checks them,
+    nothing built: an option mistyped in an encoder or decoder is reported naming ``where`` (its file) before
+    the LLM, which is built first and can take minutes to load, not after."""
+    parts = [("llm", config.llm, "llm")]
+    parts += [("encoder", spec, f"encoders.{m}") for m, spec in config.encoders.items()]
+    parts += [("decoder", spec, f"decoders.{m}") for m, spec in config.decoders.items()]
+    for table, spec, at in parts:
+        try:
+            parse_options(table, spec, at)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+
+
 def build(table: str, spec: ComponentSpec, where: str, **kwargs: Any) -> Any:
     """Resolve ``spec.kind`` in ``table``, check its options strictly, and build the component
     (``kwargs`` go to its ``from_options``: an encoder's or LLM's ``weights``, a decoder's ``parts``)."""

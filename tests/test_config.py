@@ -103,6 +103,81 @@ def test_a_missing_assembly_or_lora_file_says_where_it_was_looked_for():
         load_stage(REPO / "configs/stages/tiny/instruct.yaml", ["assembly=nowhere.yaml"])
 
 
+def test_a_lora_file_with_a_wrong_key_is_refused_when_the_stage_loads(tmp_path):
+    """Not after the stage has assembled its model (and loaded a core that can take minutes), as before."""
+    lora = tmp_path / "lora.yaml"
+    lora.write_text((REPO / "configs/lora/tiny.yaml").read_text().replace("r: 4", "rank: 4"))
+    with pytest.raises(ConfigError, match=r"instruct\.yaml: lora: .*lora\.yaml: unknown key\(s\) rank; valid keys "
+                                          r"here are: alpha, dropout, r, target_modules"):
+        load_stage(REPO / "configs/stages/tiny/instruct.yaml", [f"lora={lora}"])
+
+
+def test_an_override_into_a_list_says_to_give_the_list_whole_and_shows_it():
+    data = {"data": [{"path": "my data/pairs.jsonl", "format": "mmllm-pairs", "weight": 0.5}], "max_steps": 3}
+    with pytest.raises(ConfigError, match=r"data is a list, which an override replaces whole \(there is no "
+                                          r"data\.0\.key=value\)") as err:
+        apply_overrides(data, ["data.0.path=other.jsonl"])
+    shown = str(err.value).split("e.g. '", 1)[1].split("' with your change", 1)[0]
+    assert apply_overrides(data, [shown]) == data  # what it shows, given back, is the list as it is
+
+
+def test_a_bad_value_or_key_given_on_the_command_line_is_blamed_on_the_override_not_the_file(tmp_path):
+    stage = REPO / "configs/stages/tiny/encode_align.yaml"
+    with pytest.raises(ConfigError, match=r"encode_align\.yaml: max_steps: expected an integer, got 'ten' \(set on "
+                                          r"the command line by max_steps=ten\)$"):
+        load_stage(stage, ["seed=1", "max_steps=ten"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) optim\.learnin_rate; .* \(set on the command line by "
+                                          r"optim\.learnin_rate=1\)$"):
+        load_stage(stage, ["optim.learnin_rate=1"])
+    with pytest.raises(ConfigError, match=r"tiny\.yaml: max_length: expected an integer, got 'long' \(set on the "
+                                          r"command line by assembly\.max_length=long\)$"):
+        load_assembly(load_stage(stage).assembly, ["max_length=long"])
+    typo = tmp_path / "stage.yaml"  # the file's own mistake: no override blamed, though seed is a valid key
+    typo.write_text(stage.read_text().replace("batch_size:", "batch_sise:"))
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) batch_sise; valid keys here are: .*seed.*[^)]$"):
+        load_stage(typo, ["seed=1"])
+
+
+@pytest.mark.parametrize("data, message", [
+    ("mydata/pairs.jsonl", "data: expected a list of DatasetConfig mappings ({path: ...}; optional: format, weight, "
+                           "root, allow_outside_root, embeddings), got 'mydata/pairs.jsonl'"),
+    ("[mydata/pairs.jsonl]", "data[0]: expected a mapping for DatasetConfig ({path: ...}; optional: format, "),
+    ("{path: mydata/pairs.jsonl}", "data: expected a list of DatasetConfig mappings ({path: ...}; optional: "),
+])
+def test_data_given_in_another_shape_says_what_to_write(data, message):
+    """A data file named as a string or a bare mapping: the error said only 'expected a list'."""
+    with pytest.raises(ConfigError) as err:
+        load_stage(REPO / "configs/stages/tiny/encode_align.yaml", [f"data={data}"])
+    assert message in str(err.value)
+
+
+def test_a_section_of_optional_keys_given_a_value_lists_them():
+    with pytest.raises(ConfigError, match=r"optim: expected a mapping for OptimConfig \(keys: name, lr, .*\), got 0\.1"):
+        load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["optim=0.1"])
+
+
+def test_a_relative_path_found_both_from_the_working_directory_and_beside_the_config_warns(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """The working directory's file wins (as documented); when the config's folder holds another file of that
+    name, which is what a config kept with its data means, that used to happen without a word."""
+    (tmp_path / "my").mkdir()
+    for folder in (tmp_path, tmp_path / "my"):
+        (folder / "tiny.yaml").write_text(TINY.read_text())
+    stage = tmp_path / "my" / "stage.yaml"
+    stage.write_text((REPO / "configs/stages/tiny/encode_align.yaml").read_text().replace(
+        "../../assemblies/tiny.yaml", "tiny.yaml"))
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("WARNING", logger="mmllm.config"):
+        assert load_stage(stage).assembly == "tiny.yaml"
+    assert any(f"both tiny.yaml (from the working directory {tmp_path}) and {tmp_path / 'my' / 'tiny.yaml'} (beside "
+               "the config) exist; the first is used" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    monkeypatch.chdir(tmp_path / "my")  # one file, found both ways: nothing to warn about
+    with caplog.at_level("WARNING", logger="mmllm.config"):
+        load_stage(stage)
+    assert not [r for r in caplog.records if "both" in r.getMessage()]
+
+
 def test_a_bare_yaml_no_means_the_word_where_the_choice_has_it():
     # YAML 1.1 reads `no` as false; `mixed_precision=no` on a shell command line cannot be quoted
     cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["mixed_precision=no"])

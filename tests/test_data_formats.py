@@ -264,6 +264,55 @@ def test_chat_mistakes_from_other_formats_are_named(tmp_path):
     assert "that is format: llava" in errors[2]
 
 
+def test_pair_mistakes_of_a_first_captions_file_name_the_fields_it_has(tmp_path):
+    """A captions file as one first writes it ({"image", "text"}), or with the caption under another name: the
+    error names the missing field and the keys the record does have, not "modality None"."""
+    path = _write(tmp_path / "captions.jsonl", [
+        {"image": "a.png", "text": "a red circle"},
+        {"id": "p1", "modality": "image", "media": "a.png", "text": "a red circle"},
+        {"id": "p2", "modality": "smell", "media": "a.png", "caption": "roses"},
+        {"id": "p3", "modality": "image", "media": "a.png", "caption": " "},
+    ], array=False)
+    records, errors = read_records(path, "mmllm-pairs")
+    assert not records and len(errors) == 4
+    assert errors[0] == (f"{path}:1: no 'modality' (one of image, audio, video); an mmllm-pairs record is "
+                         "{\"id\", \"modality\", \"media\", \"caption\"}, this one has the keys ['image', 'text']")
+    assert errors[1].startswith(f"{path}:2: missing or empty 'caption'") and "['id', 'media', 'modality', 'text']" in errors[1]
+    assert errors[2] == f"{path}:3: modality 'smell' is not one of image, audio, video"
+    assert errors[3] == f"{path}:4: missing or empty 'caption'"  # it has the field: no list of keys
+
+
+def test_chat_mistakes_of_a_first_conversations_file_say_what_to_write(tmp_path):
+    """The requests file's "image": PATH shorthand in a message was ignored without a word (the conversation
+    trained as text alone); outputs under other names, or not a list, named neither what was given nor the fix."""
+    _touch(tmp_path, "a.png")
+    draw = {"role": "user", "content": "Draw a red circle."}
+    path = _write(tmp_path / "chat.jsonl", [
+        {"id": "a", "messages": [{"role": "user", "content": "What is this?", "image": "a.png"},
+                                 {"role": "assistant", "content": "A red circle."}]},
+        {"id": "b", "messages": [draw, {"role": "assistant", "content": "Here.",
+                                        "outputs": [{"type": "image", "caption": "a red circle"}]}]},
+        {"id": "c", "messages": [draw, {"role": "assistant", "content": "Here.", "outputs": "a red circle"}]},
+        {"id": "d", "messages": [draw, {"role": "assistant", "content": "Here.",
+                                        "outputs": [{"modality": "image", "text": "a red circle"}]}]},
+        {"id": "e", "messages": [{"role": "user", "content": "What is this?", "media": ["a.png"]},
+                                 {"role": "assistant", "content": "A red circle."}]},
+        {"id": "f", "messages": [{"role": "user", "content": "<image>\nWhat is this?", "media": ["a.png"]},
+                                 {"role": "assistant", "content": "A red circle."}]},
+    ], array=False)
+    records, errors = read_records(path, "mmllm-chat")
+    assert [r.id for r in records] == ["f"] and len(errors) == 5
+    assert errors[0].startswith(f"{path}:1.messages[0]: a message field 'image': in mmllm-chat a message lists its "
+                                "media files under 'media' and marks where each goes with <image> in 'content'")
+    assert errors[1].endswith("outputs[0]: expected {'modality': one of ('image', 'audio', 'video'), 'caption': ...}; "
+                              "it has the keys ['caption', 'type']")
+    assert errors[2] == (f"{path}:3.messages[1].outputs: expected a list of {{'modality': ..., 'caption': ...}}, "
+                         "got 'a red circle'")
+    assert errors[3].endswith("outputs[0]: missing or empty 'caption'; it has the keys ['modality', 'text']")
+    assert errors[4].endswith("but 'media' lists 1 path(s) (each media path needs its <image>, <audio> or <video> "
+                              "in 'content', where the media goes)")
+
+
 def test_a_media_root_that_is_not_a_folder_is_refused_naming_it(tmp_path):
     """Every media path of the file would be missing: training skipped every sample with media, one by one."""
     path = _write(tmp_path / "pairs.jsonl", [{"modality": "image", "media": "a.png", "caption": "x"}], array=False)

@@ -142,6 +142,44 @@ def test_data_check_judges_what_the_stage_reads(sample_data, tmp_path, capsys):
     assert "empty.jsonl: no usable records" in capsys.readouterr().err
 
 
+def test_data_check_counts_a_dataset_with_nothing_usable_apart_from_its_malformed_records(tmp_path, capsys):
+    """Two records, both malformed: the report said 'records 2, ... malformed 3', the dataset's own
+    'no usable records' counted as a third malformed record."""
+    path = tmp_path / "captions.jsonl"
+    path.write_text("".join(json.dumps({"image": f"{i}.png", "text": "a red circle"}) + "\n" for i in range(2)))
+    report = tmp_path / "report.json"
+    stage = str(REPO / "configs/stages/tiny/encode_align.yaml")
+    assert main(["data", "check", "--config", stage, "--json", str(report),
+                 f"data=[{{path: {path}, format: mmllm-pairs}}]"]) == 1
+    text = capsys.readouterr().out
+    assert "records 2, conversations for encode-align 0, malformed 2" in text and "3 problem(s) found" in text
+    (checked,) = json.loads(report.read_text())["datasets"]
+    assert len(checked["malformed"]) == 2 and all("no 'modality'" in m for m in checked["malformed"])
+    assert checked["dataset_problems"] == [f"{path}: no usable records for stage encode-align; training refuses "
+                                           "this dataset"]
+
+
+def test_data_check_notes_missing_media_paths_written_from_the_working_directory(tmp_path, monkeypatch, capsys):
+    """Paths in mydata/pairs.jsonl written as mydata/a.png (from where the command runs) resolve to
+    mydata/mydata/a.png; the report listed them as missing and said nothing of why."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "mydata" / "a.png")
+    path = tmp_path / "mydata" / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "modality": "image", "media": media, "caption": "a red square"}) + "\n"
+                            for i, media in enumerate(["mydata/a.png", "mydata/a.png", "gone.png"])))
+    report = tmp_path / "report.json"
+    assert main(["data", "check", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), "--json",
+                 str(report), f"data=[{{path: {path}, format: mmllm-pairs}}]"]) == 1
+    text = capsys.readouterr().out
+    assert ("note: 1 missing media path(s) name files from the working directory (e.g. mydata/a.png): media paths "
+            "resolve against the dataset's root") in text
+    (checked,) = json.loads(report.read_text())["datasets"]
+    assert checked["missing_from_cwd"] == ["mydata/a.png"] and len(checked["missing"]) == 3  # gone.png: no note
+
+
 def _npy_generation(tmp_path, shape_ok, shape_bad):
     media = tmp_path / "gen" / "images"
     media.mkdir(parents=True)

@@ -1,6 +1,7 @@
 """The three stages on the tiny assembly: exactly the declared parameters learn, the loss goes
 down, every frozen part is bit-identical afterwards, checkpoints reload exactly, resume is exact."""
 
+import json
 import logging
 
 import pytest
@@ -505,3 +506,39 @@ def test_a_missing_init_from_says_how_to_go_on(sample_data, tmp_path):
     with pytest.raises(ConfigError, match=r"checkpoint directory not found.*train that stage first.*init_from=null") as err:
         build_model(cfg)
     assert "a relative path resolves from" not in str(err.value)  # an absolute one: no note about relative ones
+
+
+def test_a_mistyped_part_option_is_refused_naming_its_file_before_the_llm_is_built(tmp_path, monkeypatch):
+    """An encoder option typo was reported only when that encoder was built: after the data was read, the
+    output folder made and the LLM loaded (minutes for a large core), and without the assembly file's name."""
+    def no_building(*args, **kwargs):
+        raise AssertionError("the model was assembled before its parts' options were checked")
+
+    assembly = tmp_path / "my_assembly.yaml"
+    assembly.write_text((REPO / "configs/assemblies/tiny.yaml").read_text().replace(
+        "    tokens: patch ", "    tokns: patch "))
+    monkeypatch.setattr(AnyToAnyModel, "assemble", no_building)
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml",
+                     [f"assembly={assembly}", f"output_dir={tmp_path / 'out'}", "report_to=none"])
+    with pytest.raises(ConfigError, match=rf"^{assembly}: unknown key\(s\) encoders\.image\.tokns; valid keys "
+                                          r"here are: .*tokens"):
+        train(cfg)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_init_from_names_the_checkpoint_its_run_does_hold(sample_data, tmp_path):
+    """The previous stage trained for fewer steps (`max_steps=10`) than the next stage's init_from names
+    (step-30): the error names the step that run finished on, not only the one that is missing."""
+    run = tmp_path / "encode_align"
+    for step in (5, 10):
+        (run / f"step-{step}").mkdir(parents=True)
+    (run / "final.json").write_text(json.dumps({"checkpoint": "step-10"}))
+    cfg = decode_align_from(run / "step-30", sample_data, tmp_path / "out")
+    with pytest.raises(ConfigError, match="checkpoint directory not found") as err:
+        build_model(cfg)
+    assert f"holds step-5, step-10; its run finished on step-10 (final.json): init_from={run / 'step-10'}" in str(
+        err.value)
+    (run / "final.json").unlink()  # a run that has not finished: its newest checkpoint
+    with pytest.raises(ConfigError) as err:
+        build_model(cfg)
+    assert f"no final.json: that run has not finished); the newest is init_from={run / 'step-10'}" in str(err.value)

@@ -51,3 +51,25 @@ def test_media_paths_of_requests_and_parts_named_by_path(home, tmp_path):
     assert parsed.inputs == [str(home / "pics" / "a.png")]
     assert resolve_source("~/models/sd") == str(home / "models" / "sd")  # a decoder's or encoder's model:
     assert resolve_source("org/name") == "org/name"
+
+
+def test_a_request_media_path_written_from_the_working_directory_says_where_paths_resolve(tmp_path, monkeypatch):
+    """A requests file kept in its own folder, its paths written from where the command runs: the error said
+    only 'image file not found: reqs/mydata/a.png'."""
+    from PIL import Image
+
+    from mmllm.data.media import MediaError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "mydata" / "a.png")
+    reqs = tmp_path / "reqs"
+    reqs.mkdir()
+    with pytest.raises(MediaError, match=r"image file not found: .*reqs/mydata/a\.png \(media paths are relative to "
+                                         r"the requests file's folder .*reqs; mydata/a\.png is a file from the "
+                                         r"working directory .*: write it relative to the requests file, or absolute\)"):
+        parse_request({"id": "r", "prompt": "what?", "image": "mydata/a.png"}, reqs, 0)
+    parsed = parse_request({"id": "r", "prompt": "what?", "image": "../mydata/a.png"}, reqs, 0)  # as it should be
+    assert parsed.inputs == [str(reqs / "../mydata/a.png")]
+    with pytest.raises(MediaError, match=r"image file not found: .*reqs/elsewhere\.png$"):  # not here either: as before
+        parse_request({"id": "r", "prompt": "what?", "image": "elsewhere.png"}, reqs, 0)

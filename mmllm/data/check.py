@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,14 @@ class DatasetCheck:
     weight: float
     records: int = 0
     conversations: int = 0
-    malformed: list[str] = field(default_factory=list)
+    malformed: list[str] = field(default_factory=list)  # records, one each (file:line)
+    # the dataset as a whole: unreadable file, unknown format, wrong kind for the stage, nothing usable
+    dataset_problems: list[str] = field(default_factory=list)
     inputs: Counter = field(default_factory=Counter)  # modality -> media inputs
     outputs: Counter = field(default_factory=Counter)  # modality -> outputs (signal groups)
     missing: list[str] = field(default_factory=list)  # "file (referenced at file:line)"
+    # missing media paths that name a file from the working directory: written from there, not from the root
+    missing_from_cwd: list[str] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
     too_long: list[str] = field(default_factory=list)  # longer than max_length (truncated)
     unusable: list[str] = field(default_factory=list)  # would be skipped in training
@@ -49,7 +54,7 @@ class DatasetCheck:
 
     @property
     def problems(self) -> int:
-        return (len(self.malformed) + len(self.missing) + len(self.unreadable) + len(self.unusable)
+        return (len(self.dataset_problems) + len(self.malformed) + len(self.missing) + len(self.unreadable) + len(self.unusable)
                 + len(self.embedding_problems))
 
 
@@ -85,7 +90,11 @@ class CheckReport:
             lines.append(f"  media out: {_counts(d.outputs)}")
             if d.embeddings:
                 lines.append(f"  precomputed caption embeddings: {_counts(d.embeddings)}")
-            for title, items in (("malformed records", d.malformed), ("missing files", d.missing),
+            if d.missing_from_cwd:
+                lines.append(f"  note: {len(d.missing_from_cwd)} missing media path(s) name files from the working "
+                             f"directory (e.g. {d.missing_from_cwd[0]}): media paths resolve against the dataset's "
+                             "root (`root:`, default the data file's folder); write them relative to it, or set root:")
+            for title, items in (("dataset problems", d.dataset_problems), ("malformed records", d.malformed), ("missing files", d.missing),
                                  ("unreadable files", d.unreadable), ("over the context length", d.too_long),
                                  ("unusable samples (skipped in training)", d.unusable),
                                  ("embedding problems", d.embedding_problems),
@@ -144,13 +153,13 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
     """One dataset of a stage; ``output_media``: the stage reads its outputs' media (a denoising loss)."""
     out = DatasetCheck(str(ds.path), ds.format, ds.weight)
     if stage == "instruct" and ds.format in PAIR_FORMATS:
-        out.malformed.append(f"{ds.path}: format {ds.format} holds caption pairs; the instruct stage needs "
+        out.dataset_problems.append(f"{ds.path}: format {ds.format} holds caption pairs; the instruct stage needs "
                              "conversations")
         return out
     try:
         records, errors = read_dataset(ds)
     except (OSError, ValueError) as exc:
-        out.malformed.append(str(exc))
+        out.dataset_problems.append(str(exc))
         return out
     out.records = len(records) + len(errors)
     out.malformed += errors
@@ -160,6 +169,7 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
         conditioning_shapes = {}
     full = dataclasses.replace(spec, max_length=10**9)
     first_at: dict[str, str] = {}
+    convs = []
     for rec in records:
         try:
             conv = pair_to_conversation(rec, stage) if isinstance(rec, CaptionPair) else rec
@@ -167,13 +177,32 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
             out.malformed.append(str(exc))
             continue
         out.conversations += 1
+        convs.append(conv)
         if conv.id in first_at and conv.id != conv.source:  # an id of the record's own, not its position
             out.duplicate_ids.append(f"{conv.id} at {conv.source} (first at {first_at[conv.id]})")
         first_at.setdefault(conv.id, conv.source)
         _check_conversation(conv, out, tokenizer, spec, full, conditioning_shapes, probe, output_media)
+    out.missing_from_cwd = _found_from_cwd(convs, ds, probe, output_media)
     if not out.conversations:
-        out.malformed.append(f"{ds.path}: no usable records for stage {stage}; training refuses this dataset")
+        out.dataset_problems.append(f"{ds.path}: no usable records for stage {stage}; training refuses this dataset")
     return out
+
+
+def _found_from_cwd(convs: list[Conversation], ds: Any, probe: _MediaProbe, output_media: bool) -> list[str]:
+    """The missing media files of ``convs`` whose path, taken from the working directory instead of the
+    dataset's root (``root:``, default the data file's folder), names a file: paths written from where the
+    command runs."""
+    root = Path(os.path.abspath(Path(ds.root or Path(ds.path).parent).expanduser()))
+    found: dict[str, None] = {}
+    for conv in convs:
+        files = [(r.modality, r.path) for r in conv.media_refs()]
+        files += [(o.modality, o.path) for o in conv.output_refs() if output_media and o.path is not None]
+        for modality, path in files:
+            if probe.seen.get((modality, path)) == "missing" and path.is_relative_to(root):
+                rel = path.relative_to(root)
+                if rel.is_file():
+                    found[str(rel)] = None
+    return list(found)
 
 
 def _check_conversation(conv: Conversation, out: DatasetCheck, tokenizer: Any, spec: TokenSpec, full: TokenSpec,

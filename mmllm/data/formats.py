@@ -262,13 +262,20 @@ class ReadContext:
         return self.embeddings / Path(name).name
 
 
+PAIR_FIELDS = '{"id", "modality", "media", "caption"}'  # an mmllm-pairs record, as errors spell it
+
+
 def parse_pair(rec: dict[str, Any], ctx: ReadContext, where: str) -> CaptionPair:
     modality = rec.get("modality")
+    if "modality" not in rec:
+        raise DataFormatError(f"{where}: no 'modality' (one of {', '.join(MODALITIES)}); an mmllm-pairs record is "
+                              f"{PAIR_FIELDS}, this one has the keys {sorted(rec)}")
     if modality not in MODALITIES:
         raise DataFormatError(f"{where}: modality {modality!r} is not one of {', '.join(MODALITIES)}")
     caption = rec.get("caption")
     if not isinstance(caption, str) or not caption.strip():
-        raise DataFormatError(f"{where}: missing or empty 'caption'")
+        keys = "" if "caption" in rec else f"; an mmllm-pairs record is {PAIR_FIELDS}, this one has the keys {sorted(rec)}"
+        raise DataFormatError(f"{where}: missing or empty 'caption'{keys}")
     media = ctx.media.resolve(rec["media"], f"{where}.media") if rec.get("media") else None
     embedding = ctx.media.resolve(rec["embedding"], f"{where}.embedding") if rec.get("embedding") else None
     return CaptionPair(str(rec.get("id", where)), modality, caption.strip(), media, where, embedding)
@@ -281,6 +288,12 @@ def parse_message(rec: dict[str, Any], ctx: ReadContext, where: str) -> Message:
     content = rec.get("content", "")
     if not isinstance(content, str):
         raise DataFormatError(f"{where}: content must be a string")
+    if shorthand := [m for m in MODALITIES if m in rec]:  # the requests file's shorthand, not read here
+        raise DataFormatError(
+            f"{where}: a message field {shorthand[0]!r}: in mmllm-chat a message lists its media files under 'media' "
+            f"and marks where each goes with <{shorthand[0]}> in 'content' (\"{shorthand[0]}\": PATH is a requests "
+            "file's shorthand only); as it is, the file would not be read"
+        )
     paths = rec.get("media", []) or []
     if isinstance(paths, str):
         paths = [paths]
@@ -293,22 +306,28 @@ def parse_message(rec: dict[str, Any], ctx: ReadContext, where: str) -> Message:
         )
     if len(slots) != len(paths):
         hint = (" (placeholders are lower-case: <image>, <audio>, <video>)"
-                if re.search(r"<(?i:image|audio|video)>", content) and not slots else "")
+                if re.search(r"<(?i:image|audio|video)>", content) and not slots else
+                " (each media path needs its <image>, <audio> or <video> in 'content', where the media goes)"
+                if len(paths) > len(slots) else "")
         raise DataFormatError(
             f"{where}: content has {len(slots)} media placeholder(s) {slots} but 'media' lists {len(paths)} path(s)"
             + hint
         )
     media = [MediaRef(m, ctx.media.resolve(p, f"{where}.media[{i}]")) for i, (m, p) in enumerate(zip(slots, paths))]
     outputs = []
-    for j, out in enumerate(rec.get("outputs", []) or []):
+    listed = rec.get("outputs", []) or []
+    if not isinstance(listed, list):
+        raise DataFormatError(f"{where}.outputs: expected a list of {{'modality': ..., 'caption': ...}}, got {listed!r}")
+    for j, out in enumerate(listed):
         w = f"{where}.outputs[{j}]"
         if role != "assistant":
             raise DataFormatError(f"{w}: only assistant messages have outputs")
+        keys = f"; it has the keys {sorted(out)}" if isinstance(out, dict) else f", got {out!r}"
         if not isinstance(out, dict) or out.get("modality") not in MODALITIES:
-            raise DataFormatError(f"{w}: expected {{'modality': one of {MODALITIES}, 'caption': ...}}")
+            raise DataFormatError(f"{w}: expected {{'modality': one of {MODALITIES}, 'caption': ...}}{keys}")
         caption = out.get("caption")
         if not isinstance(caption, str) or not caption.strip():
-            raise DataFormatError(f"{w}: missing or empty 'caption'")
+            raise DataFormatError(f"{w}: missing or empty 'caption'" + ("" if "caption" in out else keys))
         target = ctx.media.resolve(out["media"], f"{w}.media") if out.get("media") else None
         embedding = ctx.media.resolve(out["embedding"], f"{w}.embedding") if out.get("embedding") else None
         outputs.append(OutputRef(out["modality"], caption.strip(), target, embedding))

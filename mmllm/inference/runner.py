@@ -162,6 +162,15 @@ def _prompt_messages(rec: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"role": "user", "content": content, "media": paths}]
 
 
+def _check_not_cwd_relative(modality: str, given: Path, path: Path, base: Path) -> None:
+    """A relative media path missing beside the requests file but found from the working directory: the
+    paths of a requests file kept in another folder were written from where the command runs."""
+    if not given.is_absolute() and not path.exists() and given.exists():
+        raise MediaError(f"{modality} file not found: {path} (media paths are relative to the requests file's "
+                         f"folder {base}; {given} is a file from the working directory {Path.cwd()}: write it "
+                         "relative to the requests file, or absolute)")
+
+
 def _load(modality: str, path: Path) -> Any:
     try:
         return load_media(modality, path)
@@ -216,6 +225,8 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
         for modality, p in zip(slots, paths):
             given = Path(p).expanduser()  # as the data formats' media paths are
             path = given if given.is_absolute() else base / given
+            if load:
+                _check_not_cwd_relative(modality, given, path, base)
             media.append((modality, _load(modality, path) if load else path))
             inputs.append(str(path))
         messages.append({"role": msg["role"], "content": content})

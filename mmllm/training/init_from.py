@@ -55,9 +55,29 @@ def missing_checkpoint_error(cfg: StageConfig) -> ConfigError:
     relative = "" if Path(cfg.init_from).is_absolute() else f" (a relative path resolves from {Path.cwd()})"
     return ConfigError(
         f"init_from {cfg.init_from}: checkpoint directory not found{relative}. "
+        f"{_checkpoints_beside(Path(cfg.init_from))}"
         f"The stage {cfg.stage} continues the previous stage's checkpoint: train that stage first, point "
         f"init_from at its step-N folder, or set init_from=null to start from the stage's assembly ({cfg.assembly})"
     )
+
+
+def _checkpoints_beside(missing: Path) -> str:
+    """What the run folder of a missing ``step-N`` holds, as a sentence naming the checkpoint to use (its
+    ``final.json``'s, else its newest): a previous stage trained for fewer steps than the next stage's
+    ``init_from`` names (a ``max_steps=`` override) leaves exactly this. Empty when there is no such run."""
+    from mmllm.training.checkpoint import STEP_DIR, step_dirs
+
+    run = missing.parent
+    if not STEP_DIR.match(missing.name) or not run.is_dir() or not (steps := step_dirs(run)):
+        return ""
+    try:
+        final = json.loads((run / "final.json").read_text())["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        final = None
+    held = ", ".join(p.name for p in steps)
+    if final is not None and (run / final).is_dir():
+        return f"{run} holds {held}; its run finished on {final} (final.json): init_from={run / final}. "
+    return f"{run} holds {held} (no final.json: that run has not finished); the newest is init_from={steps[-1]}. "
 
 
 def normalized_assembly(assembly: AssemblyConfig | dict[str, Any]) -> dict[str, Any]:

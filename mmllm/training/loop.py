@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mmllm import registry
 from mmllm.atomic import atomic_write_text
 from mmllm.config import (
     ConfigError,
@@ -225,6 +226,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     # adapter init_from gave it: init_from may since have been pruned, moved or trained again.
     build_cfg = dataclasses.replace(cfg, init_from=str(last)) if last is not None and cfg.init_from else cfg
     check_init_from(build_cfg)  # before anything is written or loaded
+    if not build_cfg.init_from:  # the stage's own assembly is built: its parts' options are checked first
+        registry.check_part_options(load_assembly(cfg.assembly, cfg.assembly_overrides), cfg.assembly)
     if build_cfg is cfg:
         warn_if_middle_step(cfg)
         warn_if_adapter_frozen(cfg)
