@@ -1,14 +1,45 @@
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch thread, as the suite is run by its developers (OMP_NUM_THREADS=1) and as tests/test_infer.py and the
+# eval tests set it: without it, `make test` (CI) ran the tests before the first of those with the machine's core
+# count and every later test with the 1 they leave set, so a test's thread count depended on which ran before it.
+# Set before torch is imported (it reads the variable once); the command lines the tests start inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# transformers copies a trust_remote_code model's own Python into HF_MODULES_CACHE (read once, when it is first
+# imported; by default ~/.cache/huggingface/modules): the suite wrote into the home folder of every machine that
+# ran it, and two runs at once shared that folder. Each run gets its own, removed at its end. (This file is
+# imported twice, as pytest's `conftest` and as the tests' `tests.conftest`: the second import keeps the folder.)
+_MADE_HF_MODULES = "MMLLM_TESTS_HF_MODULES" not in os.environ
+HF_MODULES = os.environ.get("MMLLM_TESTS_HF_MODULES") or tempfile.mkdtemp(prefix="mmllm-tests-hf-modules-")
+os.environ["MMLLM_TESTS_HF_MODULES"] = os.environ["HF_MODULES_CACHE"] = HF_MODULES
 
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+
+def pytest_unconfigure(config):
+    if _MADE_HF_MODULES:
+        shutil.rmtree(HF_MODULES, ignore_errors=True)
+
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "assemblies" / "tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_as_found():
+    """A test that sets torch's thread count (a command run with --threads, the eval tests) leaves it as it
+    found it: the next test runs on the suite's count, whichever ran before."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -191,6 +191,17 @@ def test_a_checkpoint_does_not_turn_on_remote_code_by_itself(remote_code_checkpo
     assert type(model.llm.model).__name__ == "CustomForCausalLM"
 
 
+def test_the_suite_copies_remote_code_into_a_folder_of_its_own_not_the_home_folder(remote_code_checkpoint):
+    """transformers runs a trust_remote_code core from a copy of its Python in HF_MODULES_CACHE, by default
+    ~/.cache/huggingface/modules: the suite wrote there, on every machine, and concurrent runs shared it."""
+    import inspect
+
+    model = AnyToAnyModel.from_pretrained(remote_code_checkpoint, trust_remote_code=True)
+    code = Path(inspect.getfile(type(model.llm.model))).resolve()
+    assert not code.is_relative_to(Path.home().resolve()), code
+    assert code.is_relative_to(Path(os.environ["MMLLM_TESTS_HF_MODULES"]).resolve()), code  # tests/conftest.py's
+
+
 def test_the_cli_loads_remote_code_only_with_its_flag(remote_code_checkpoint, tmp_path, capsys):
     from mmllm.cli import main
 
