@@ -115,14 +115,19 @@ class Interval:
 def report_line(step: int, max_steps: int, summary: dict[str, float], lr: float, interval: Interval,
                 peak_mb: float | None) -> str:
     """The log line of a report: ``step 20/100: loss 1.2345 (ce 1.2000, mse_image 0.0345), lr 1.00e-04,
-    grad_norm 0.8123, 0.153 s/step, 52.3 samples/s, 1234 tokens/s[, 1 of 10 steps skipped][, peak 812 MB
+    grad_norm 0.8123, 0.1534 s/step, 52.31 samples/s, 1234 tokens/s[, 1 of 10 steps skipped][, peak 812 MB
     allocated on the GPU]``."""
     parts = ", ".join(f"{k} {summary[k]:.4f}" for k in interval.keys if k in summary)
     line = (f"step {step}/{max_steps}: loss {summary['loss']:.4f}{f' ({parts})' if parts else ''}, lr {lr:.2e}, "
-            f"grad_norm {summary['grad_norm']:.4g}, {summary['step_s']:.3f} s/step, "
-            f"{summary['samples_per_s']:.1f} samples/s, {summary['tokens_per_s']:.0f} tokens/s")
+            f"grad_norm {summary['grad_norm']:.4g}, {summary['step_s']:.4g} s/step, "
+            f"{_rate(summary['samples_per_s'])} samples/s, {_rate(summary['tokens_per_s'])} tokens/s")
     if interval.skipped_updates:
         line += f", {interval.skipped_updates} of {interval.steps} steps skipped"
     if peak_mb is not None:
         line += f", peak {peak_mb:.0f} MB allocated on the GPU"
     return line
+
+
+def _rate(x: float) -> str:
+    """Four significant digits, whole numbers from 1000 on."""
+    return f"{x:.0f}" if x >= 1000 else f"{x:.4g}"
