@@ -4,8 +4,8 @@ A stage differs only in its data (caption pairs or conversations), which groups 
 losses count -- all declared in its YAML. The loop: build (or load ``init_from``), attach LoRA if
 asked, apply the trainable set, check the data before any step, then optimise with gradient
 accumulation, warmup + decay, clipping, a tqdm bar, a log line every ``log_every`` steps and TensorBoard
-(:mod:`.metrics`); checkpoints hold only what
-learned plus the resolved config and the training state needed for an exact ``--resume``.
+(:mod:`.metrics`); checkpoints hold only what learned plus the resolved config and the training state
+needed for an exact ``--resume``.
 """
 
 from __future__ import annotations
