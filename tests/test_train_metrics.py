@@ -142,3 +142,32 @@ def test_the_interval_means_leave_out_what_did_not_happen():
     assert out["grad_norm"] == 4.0  # the updated steps' norms
     assert (out["step_s"], out["samples_per_s"], out["tokens_per_s"]) == (2.0, 4.0, 100.0)
     assert interval.skipped_updates == 2
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_the_norm_is_the_finite_check_and_an_overflowing_norm_alone_still_steps(max_grad_norm):
+    """A finite total norm means finite gradients; one that is not is checked gradient by gradient: finite
+    gradients whose sum of squares passes float32's range step as before the norm was the check."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from mmllm.training.loop import _clip_and_step
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = Accelerator(cpu=True)
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(2)]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+
+    def step(grads, loss=1.0):
+        for p, g in zip(params, grads, strict=True):
+            p.grad = torch.tensor(g)
+        return _clip_and_step(accelerator, optimizer, params, max_grad_norm, loss)
+
+    assert step([[3.0, 0.0], [0.0, 4.0]]) == ("stepped", 5.0)
+    before = params[0].detach().clone()
+    assert step([[1e30, 0.0], [0.0, 1.0]]) == ("stepped", float("inf"))  # finite gradients, an overflowing norm
+    moved = (before - params[0].detach())[0].item()
+    assert moved == (0.0 if max_grad_norm else pytest.approx(1e30))  # clipping by an infinite norm scales to 0, as it did
+    outcome, norm = step([[1.0, float("nan")], [0.0, 1.0]])
+    assert outcome == "nonfinite" and math.isnan(norm)
+    assert step([[1.0, 0.0], [0.0, 1.0]], loss=float("nan")) == ("nonfinite", None)
