@@ -146,3 +146,52 @@ def test_two_machines_that_see_other_checkpoints_or_other_data_stop_together_wit
         assert rc != 0
         assert "the 2 processes of this run do not train the same thing: data[0].contents: sha256" in log, log[-3000:]
     assert not list((tmp_path / "fresh").glob("step-*"))
+
+
+@pytest.mark.slow  # 15 s: a 2-node launch that stops while it reads the config
+def test_a_config_one_machine_cannot_read_stops_every_machine_with_its_message(tmp_path):
+    """Node 1's stage config is missing (not copied there). The old code stopped node 1 before torch.distributed
+    started, and node 0 waited for it to connect until the launcher's timeout (30 min)."""
+    nodes = _two_nodes(tmp_path, [["--config", str(c), f"output_dir={tmp_path / 'out'}", "report_to=none"]
+                                  for c in (STAGE, tmp_path / "not-copied-here.yaml")], timeout=120)
+    for rc, log in nodes:
+        assert rc != 0
+        assert "config file not found: " + str(tmp_path / "not-copied-here.yaml") in log, log[-3000:]
+    assert "on process 1 (host " in nodes[0][1]
+    assert not (tmp_path / "out").exists()
+
+
+def _convert_slowly(out: Path, log: Path) -> None:
+    """One process of a run converting the model folder ``out`` (as ``convert_gguf`` does): counted in ``log``."""
+    import time as clock
+
+    from mmllm.llm import convert_once
+
+    def make(tmp: Path) -> None:
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        tmp.mkdir()
+        clock.sleep(0.5)  # the others reach the lock meanwhile
+        (tmp / "config.json").write_text("{}")
+        (tmp / "model.safetensors").write_bytes(b"weights")
+
+    assert convert_once(out, make, "converting") == out
+
+
+def test_the_processes_of_a_run_convert_a_gguf_file_once_and_the_others_wait_for_it(tmp_path):
+    """Every process of a run converts the same GGUF file into one cache folder (~/.cache/mmllm/gguf, maybe shared
+    by several machines): one converts while the others wait, instead of each holding two fp32 copies of the
+    model at once; the temporary folder is named by host and pid, which containers on other machines reuse."""
+    import multiprocessing
+
+    out, log = tmp_path / "cache" / "model-0123", tmp_path / "made.log"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_convert_slowly, args=(out, log)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert len(log.read_text().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model-0123", "model-0123.lock"]

@@ -207,10 +207,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     )
 
     out_dir = Path(cfg.output_dir)
-    if not _has_accelerator_device():
-        # DeepSpeed (imported by Accelerate when installed) otherwise warns on every process that it found
-        # no accelerator and uses the CPU, which is what a machine without one does
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _deepspeed_on_cpu_without_a_device()
     if accelerator is None:
         _reset_single_process_state()
         accelerator = Accelerator(
@@ -601,6 +598,25 @@ def _megabytes(tensors) -> float:
 def _local_part(t: torch.Tensor) -> torch.Tensor:
     """This process's part of an FSDP shard (a DTensor); any other tensor as it is."""
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+def join_processes():
+    """Under a launcher (``WORLD_SIZE`` > 1): start torch.distributed as :func:`train` would (Accelerate's
+    process state, on gloo without an accelerator device) and return that state. The command calls it before
+    it reads the stage config: a config one machine cannot read (a file missing there, a bad override on its
+    command line) then stops every process with its message; a process that stopped before joining left the
+    others waiting to connect to it until torch.distributed timed out (30 min)."""
+    from accelerate import PartialState
+
+    _deepspeed_on_cpu_without_a_device()
+    return PartialState(cpu=not _has_accelerator_device())
+
+
+def _deepspeed_on_cpu_without_a_device() -> None:
+    if not _has_accelerator_device():
+        # DeepSpeed (imported by Accelerate when installed) otherwise warns on every process that it found
+        # no accelerator and uses the CPU, which is what a machine without one does
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _reset_single_process_state() -> None:
