@@ -195,3 +195,23 @@ def test_the_processes_of_a_run_convert_a_gguf_file_once_and_the_others_wait_for
     assert len(log.read_text().splitlines()) == 1
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in out.parent.iterdir()) == ["model-0123", "model-0123.lock"]
+
+
+@pytest.mark.slow  # 25 s: the feature cache, then a 2-node launch that stops before training
+def test_a_machine_without_the_required_feature_cache_stops_every_machine_with_its_message(tmp_path):
+    """cache.require, and node 1's cache.dir (its own disk) is empty: node 1 stopped alone and node 0 failed in the
+    coverage exchange with gloo's "Connection closed by peer" (under NCCL: waited for it)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    made = subprocess.run([sys.executable, "-m", "mmllm.cli", "cache", "--config", str(STAGE),
+                           f"cache.dir={tmp_path / 'cache0'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    (tmp_path / "cache1").mkdir()
+    nodes = _two_nodes(tmp_path, [["--config", str(STAGE), f"output_dir={tmp_path / 'out'}", "report_to=none",
+                                   "cache.require=true", f"cache.dir={tmp_path / c}"] for c in ("cache0", "cache1")],
+                       timeout=120)
+    for rc, log in nodes:
+        assert rc != 0
+        assert f"cache.require: cache.dir {tmp_path / 'cache1'} holds no feature cache yet" in log, log[-3000:]
+        assert "Connection closed by peer" not in log
+    assert "on process 1 (host " in nodes[0][1]

@@ -57,7 +57,7 @@ from mmllm.training.init_from import (
     warn_if_middle_step,
 )
 from mmllm.training.interrupt import StopRequests, TrainingInterrupted
-from mmllm.training.parts import StageParts, release_cached, stage_parts
+from mmllm.training.parts import StageParts, release_cached, require_cache_folder, stage_parts
 from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
 from mmllm.training.validation import Validation, evaluate
 
@@ -259,6 +259,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     model = build_model(build_cfg, stage_parts(cfg.losses, per_dataset + held_out), check_init=False)
     precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
     if cfg.cache.require:  # checked before training; frees the parts the cache replaces
+        # a machine without the cache stops every process (the others would wait in the coverage exchange)
+        on_every_process(accelerator, lambda: require_cache_folder(precomputed))
         release_cached(model, precomputed, [c for convs in per_dataset + held_out for c in convs],
                        accelerator.process_index, accelerator.num_processes)
     flags = cfg.resolved_trainable()
