@@ -151,7 +151,7 @@ def test_two_machines_that_see_other_checkpoints_or_other_data_stop_together_wit
 @pytest.mark.slow  # 15 s: a 2-node launch that stops while it reads the config
 def test_a_config_one_machine_cannot_read_stops_every_machine_with_its_message(tmp_path):
     """Node 1's stage config is missing (not copied there). The old code stopped node 1 before torch.distributed
-    started, and node 0 waited for it to connect until the launcher's timeout (30 min)."""
+    started, and node 0 waited for it to connect until torch.distributed's timeout (still waiting after 5 minutes)."""
     nodes = _two_nodes(tmp_path, [["--config", str(c), f"output_dir={tmp_path / 'out'}", "report_to=none"]
                                   for c in (STAGE, tmp_path / "not-copied-here.yaml")], timeout=120)
     for rc, log in nodes:

@@ -607,7 +607,8 @@ def join_processes():
     process state, on gloo without an accelerator device) and return that state. The command calls it before
     it reads the stage config: a config one machine cannot read (a file missing there, a bad override on its
     command line) then stops every process with its message; a process that stopped before joining left the
-    others waiting to connect to it until torch.distributed timed out (30 min)."""
+    others waiting to connect to it until torch.distributed timed out (still waiting after 5 minutes
+    in a 2-machine test)."""
     from accelerate import PartialState
 
     _deepspeed_on_cpu_without_a_device()
