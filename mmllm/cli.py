@@ -86,7 +86,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmllm.training.interrupt import TrainingInterrupted
     from mmllm.training.loop import train
 
-    cfg = load_stage(args.config, args.overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process reads the config; one that cannot stops all
+        from mmllm.training.agreement import on_every_process
+        from mmllm.training.loop import join_processes
+
+        state = join_processes()
+        cfg = on_every_process(state, lambda: load_stage(args.config, args.overrides))[state.process_index].value
+    else:
+        cfg = load_stage(args.config, args.overrides)
     try:
         result = train(cfg, resume=args.resume)
     except TrainingInterrupted as stopped:

@@ -136,6 +136,9 @@ def _acquire(fcntl: Any, path: Path, folder: Path, what: str, elsewhere: str) ->
                              "command": _command()[:500],
                              "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}) + "\n")
     handle.flush()
+    # on disk before the other processes of the run look for it: on a network file system, another machine
+    # reads what reached the server (training warns when processes elsewhere do not see it)
+    os.fsync(handle.fileno())
     return handle
 
 
