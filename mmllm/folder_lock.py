@@ -80,17 +80,17 @@ def hold_folder(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]
     """Hold ``folder``'s lock (creating the folder) while the block runs; :class:`FolderInUse` at once if
     another process holds it. ``what`` names this run for the message ("training", "mmllm infer"),
     ``elsewhere`` how to run it beside the other ("give another output_dir")."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: one writer per folder assumed, as for the feature cache's lock
-        yield
-        return
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(exc.errno, f"{what}: cannot create the folder {folder} ({exc.strerror or exc}); fix its "
                       "permissions or free space, or give another one") from exc
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one writer per folder assumed, as for the feature cache's lock
+        yield
+        return
     path = lock_path(folder).resolve()
     if (held := _held.get(path)) is not None:
         held.depth += 1

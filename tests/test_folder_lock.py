@@ -183,3 +183,13 @@ def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monk
     warned = [r.getMessage() for r in caplog.records if "does not lock files" in r.getMessage()]
     assert len(warned) == 1 and str(tmp_path) in warned[0] and "Function not implemented" in warned[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]  # no lock file left behind
+
+
+def test_without_fcntl_the_folder_is_still_made(tmp_path, monkeypatch):
+    """Not POSIX (no fcntl): the lock is skipped, but the callers (world report, eval) rely on hold_folder for
+    their --output folder, which was then never made."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError, as on Windows
+    out = tmp_path / "report" / "inner"
+    with hold_folder(out, "mmllm world report", "-"):
+        assert out.is_dir()
+    assert list(out.iterdir()) == []
