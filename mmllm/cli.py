@@ -120,8 +120,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         stage = load_stage(args.config, args.overrides)
         assembly, lora = _stage_assembly(stage), stage.lora
     else:
-        stage, assembly, lora = None, load_assembly(args.config, args.overrides), args.lora
-        check_part_options(assembly, args.config)
+        stage, assembly, lora = None, load_assembly(args.config, args.overrides, ""), args.lora
+        check_part_options(assembly, args.config, args.overrides)
     model = AnyToAnyModel.assemble(assembly, llm_weights=False)  # counted and checked, never run
     print(f"assembly: {assembly.name}")
     print(f"  llm: {assembly.llm.kind} {assembly.llm.options}  hidden={model.llm.hidden_size}")
@@ -366,7 +366,7 @@ def _stage_assembly(cfg):
         stage_trusts_remote_code(cfg)  # refused as training refuses it: the recorded assembly is built next
         return checkpoint_assembly(Path(cfg.init_from))
     assembly = load_assembly(cfg.assembly, cfg.assembly_overrides)
-    check_part_options(assembly, cfg.assembly)
+    check_part_options(assembly, cfg.assembly, cfg.assembly_overrides, "assembly.")
     return assembly
 
 

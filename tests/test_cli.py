@@ -324,6 +324,18 @@ def test_a_callers_stderr_handler_for_warnings_only_does_not_silence_the_command
     assert "caller: WARNING a warning" in err  # the caller's handler still shows what it is set to show
 
 
+@pytest.mark.parametrize(("override", "said"), [
+    ("encoders.image.tokns=patch", "unknown key(s) encoders.image.tokns"),
+    ("max_length=long", "max_length: expected an integer, got 'long'"),
+])
+def test_inspect_of_an_assembly_names_the_override_at_fault_as_it_was_written(override, said, capsys):
+    """A part option set on the command line was blamed on the file alone; a key of the assembly was named
+    as 'assembly.max_length=long', which inspect of an assembly file does not take."""
+    assert main(["inspect", "--config", str(REPO / "configs/assemblies/tiny.yaml"), override]) == 2
+    err = capsys.readouterr().err
+    assert said in err and f"(set on the command line by {override})" in err, err
+
+
 def test_main_called_from_python_keeps_the_callers_log_handlers_and_levels(caplog, capsys):
     """``logging.basicConfig(force=True)`` removed every root handler for the rest of the process: a caller's
     own, and pytest's caplog. The command's lines still go to stderr in its format."""
