@@ -165,3 +165,31 @@ def test_a_folder_that_cannot_be_made_is_named(tmp_path):
     taken.write_text("a file where the folder should be")
     with pytest.raises(OSError, match=f"training: cannot create the folder {taken}"), hold_folder(taken, "training", "-"):
         pass
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    """flock fails there with ENOLCK/ENOSYS/EOPNOTSUPP (Lustre without -o flock, some FUSE file systems): the
+    run stopped with a bare '[Errno 38] Function not implemented' where it worked before the lock existed."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="mmllm.folder_lock"):
+        with hold_folder(tmp_path, "training", "-"), hold_folder(tmp_path, "training", "-"):
+            (tmp_path / "step-1").mkdir()
+    warned = [r.getMessage() for r in caplog.records if "does not lock files" in r.getMessage()]
+    assert len(warned) == 1 and str(tmp_path) in warned[0] and "Function not implemented" in warned[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]  # no lock file left behind
+
+
+def test_without_fcntl_the_folder_is_still_made(tmp_path, monkeypatch):
+    """Not POSIX (no fcntl): the lock is skipped, but the callers (world report, eval) rely on hold_folder for
+    their --output folder, which was then never made."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError, as on Windows
+    out = tmp_path / "report" / "inner"
+    with hold_folder(out, "mmllm world report", "-"):
+        assert out.is_dir()
+    assert list(out.iterdir()) == []

@@ -236,7 +236,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     build_cfg = dataclasses.replace(cfg, init_from=str(last)) if last is not None and cfg.init_from else cfg
     check_init_from(build_cfg)  # before anything is written or loaded
     if not build_cfg.init_from:  # the stage's own assembly is built: its parts' options are checked first
-        registry.check_part_options(load_assembly(cfg.assembly, cfg.assembly_overrides), cfg.assembly)
+        registry.check_part_options(load_assembly(cfg.assembly, cfg.assembly_overrides), cfg.assembly,
+                                    cfg.assembly_overrides, "assembly.")
     if build_cfg is cfg:
         warn_if_middle_step(cfg)
         warn_if_adapter_frozen(cfg)
