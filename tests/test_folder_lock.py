@@ -105,7 +105,9 @@ def test_training_into_an_output_dir_another_run_holds_is_refused_before_the_mod
     with held_by_another_process(out) as first:
         with pytest.raises(FolderInUse) as refused:
             train(stage_cfg("encode-align", sample_data, out, max_steps=2), resume=resume)
-        _refusal_says_who_and_what_to_do(str(refused.value), out, first, "give this run another output_dir")
+        # a --resume is told to resume once the other has stopped: another output_dir would not resume it
+        advice = "a --resume after it has stopped continues" if resume else "give this run another output_dir"
+        _refusal_says_who_and_what_to_do(str(refused.value), out, first, advice)
     assert (live_save / "learned.safetensors").read_bytes() == b"being written"
 
 
@@ -115,7 +117,7 @@ def test_the_train_command_says_who_holds_the_output_dir_and_exits_2(sample_data
         code = main(["train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), f"output_dir={out}",
                      "report_to=none", f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]", "--resume"])
     assert code == 2
-    _refusal_says_who_and_what_to_do(caplog.text, out, first, "give this run another output_dir")
+    _refusal_says_who_and_what_to_do(caplog.text, out, first, "a --resume after it has stopped continues")
 
 
 def test_a_lock_file_a_killed_run_left_beside_the_checkpoints_breaks_nothing(sample_data, tmp_path):

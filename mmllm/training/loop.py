@@ -185,13 +185,16 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         return _train(cfg, resume, accelerator, stop, held)
 
 
-def _hold_output_dir(accelerator, out_dir: Path, held: contextlib.ExitStack) -> None:
+def _hold_output_dir(accelerator, out_dir: Path, held: contextlib.ExitStack, resume: bool) -> None:
     """The main process takes ``out_dir``'s lock for the rest of the run (``held``); refused there, every
     process stops with its message (the others wait for the answer, they take no lock). Processes that do
     not see the lock file the main process wrote (``output_dir`` on its machine's disk alone) are warned
     about: the checkpoints will be there only."""
+    # a --resume goes on from that run's checkpoints: another output_dir would not resume it
+    elsewhere = ("let it go on: a --resume after it has stopped continues from its newest checkpoint" if resume
+                 else "give this run another output_dir")
     _on_main_process_for_all(accelerator, lambda: held.enter_context(hold_folder(
-        out_dir, "training", "give this run another output_dir")))
+        out_dir, "training --resume" if resume else "training", elsewhere)))
     warn_unless_shared(accelerator, out_dir, lambda: holder(out_dir), (
         "Only the main process writes checkpoints, so they will be on its machine alone: before a --resume or a "
         "next stage's init_from, copy them to the same path on every machine, or give an output_dir on a file "
@@ -227,7 +230,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     last = None
     if resume:  # then every process finds the same newest checkpoint
         # locked first: a live run's half-written checkpoint is not a killed one's, to delete
-        _hold_output_dir(accelerator, out_dir, held)
+        _hold_output_dir(accelerator, out_dir, held, resume=True)
         _on_main_process_for_all(accelerator, lambda: _recover_partial_writes(out_dir))
         # before any loading; the same on every process (an output_dir on one machine's disk is refused)
         last = agreed_resume_point(accelerator, out_dir, lambda: resume_point(out_dir, cfg.max_steps))
@@ -247,7 +250,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
         warn_empty_replies(per_dataset + held_out, cfg.all_data())
     on_every_process(accelerator, lambda: check_output_dir(out_dir))  # one process refused: all stop with its word
     if not resume:
-        _hold_output_dir(accelerator, out_dir, held)  # before its checkpoints are counted: a live run's are not
+        _hold_output_dir(accelerator, out_dir, held, resume=False)  # before its checkpoints are counted: a live run's are not
         on_every_process(accelerator, lambda: check_fresh_output_dir(out_dir))
     precision = accelerator.mixed_precision
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
