@@ -29,13 +29,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LIBRARIES = ("httpx", "urllib3", "filelock")
 
 
-def _reaches_the_terminal(logger: logging.Logger) -> bool:
-    """Whether a handler that ``logger``'s records reach (its own, then its parents' while they propagate)
-    writes to stderr or stdout."""
+def _reaches_the_terminal(logger: logging.Logger, level: int) -> bool:
+    """Whether a handler that ``logger``'s records of ``level`` reach (its own, then its parents' while they
+    propagate) writes them to stderr or stdout: one set to show warnings only does not show the command's INFO."""
     terminal = {id(s) for s in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__) if s is not None}
     current: logging.Logger | None = logger
     while current is not None:
-        if any(isinstance(h, logging.StreamHandler) and id(h.stream) in terminal for h in current.handlers):
+        if any(isinstance(h, logging.StreamHandler) and id(h.stream) in terminal and h.level <= level
+               for h in current.handlers):
             return True
         current = current.parent if current.propagate else None
     return False
@@ -62,7 +63,7 @@ def cli_logging(verbose: bool) -> Iterator[None]:
     root, own = logging.getLogger(), logging.getLogger("mmllm")
     quiet = [logging.getLogger(name) for name in QUIET_LIBRARIES]
     levels_before = [(logger, logger.level) for logger in (root, own, *quiet)]
-    handler = None if _reaches_the_terminal(own) else logging.StreamHandler()  # sys.stderr as it is now
+    handler = None if _reaches_the_terminal(own, level) else logging.StreamHandler()  # sys.stderr as it is now
     if handler is not None:  # (pytest's capsys replaces it per test)
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         root.addHandler(handler)
@@ -86,7 +87,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmllm.training.interrupt import TrainingInterrupted
     from mmllm.training.loop import train
 
-    cfg = load_stage(args.config, args.overrides)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # every process reads the config; one that cannot stops all
+        from mmllm.training.agreement import on_every_process
+        from mmllm.training.loop import join_processes
+
+        state = join_processes()
+        cfg = on_every_process(state, lambda: load_stage(args.config, args.overrides))[state.process_index].value
+    else:
+        cfg = load_stage(args.config, args.overrides)
     try:
         result = train(cfg, resume=args.resume)
     except TrainingInterrupted as stopped:
@@ -119,8 +127,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         stage = load_stage(args.config, args.overrides)
         assembly, lora = _stage_assembly(stage), stage.lora
     else:
-        stage, assembly, lora = None, load_assembly(args.config, args.overrides), args.lora
-        check_part_options(assembly, args.config)
+        stage, assembly, lora = None, load_assembly(args.config, args.overrides, ""), args.lora
+        check_part_options(assembly, args.config, args.overrides)
     model = AnyToAnyModel.assemble(assembly, llm_weights=False)  # counted and checked, never run
     print(f"assembly: {assembly.name}")
     print(f"  llm: {assembly.llm.kind} {assembly.llm.options}  hidden={model.llm.hidden_size}")
@@ -365,7 +373,7 @@ def _stage_assembly(cfg):
         stage_trusts_remote_code(cfg)  # refused as training refuses it: the recorded assembly is built next
         return checkpoint_assembly(Path(cfg.init_from))
     assembly = load_assembly(cfg.assembly, cfg.assembly_overrides)
-    check_part_options(assembly, cfg.assembly)
+    check_part_options(assembly, cfg.assembly, cfg.assembly_overrides, "assembly.")
     return assembly
 
 

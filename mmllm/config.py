@@ -596,11 +596,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _naming_the_override(exc: ConfigError, overrides: list[str], prefix: str = "") -> ConfigError:
+def naming_the_override(exc: ConfigError, overrides: list[str], prefix: str = "", source: str = "") -> ConfigError:
     """``exc`` with the command-line override that set the key it names, if one did: an error such as
-    'max_steps: expected an integer, got 'ten'' otherwise sends one to a file that does not hold the value."""
+    'max_steps: expected an integer, got 'ten'' otherwise sends one to a file that does not hold the value.
+    ``source``: the file the message starts with, whose name is not a key (``stage.yaml`` names no ``stage``)."""
     message = str(exc)
-    named = message.split("valid keys here are:", 1)[0]  # the keys at fault, not the list of valid ones
+    named = message.removeprefix(source).split("valid keys here are:", 1)[0]  # the keys at fault, not valid ones
     for item in reversed(overrides):
         key = item.split("=", 1)[0].strip()
         if key and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", named):
@@ -608,13 +609,16 @@ def _naming_the_override(exc: ConfigError, overrides: list[str], prefix: str = "
     return exc
 
 
-def load_assembly(path: str | Path, overrides: list[str] | None = None) -> AssemblyConfig:
-    """Load an assembly YAML, with ``key.sub=value`` ``overrides`` (``"encoders.image.tokens=pooled"``)."""
+def load_assembly(path: str | Path, overrides: list[str] | None = None,
+                  override_prefix: str = "assembly.") -> AssemblyConfig:
+    """Load an assembly YAML, with ``key.sub=value`` ``overrides`` (``"encoders.image.tokens=pooled"``);
+    ``override_prefix``: how the command line wrote them, for an error that names one (a stage's
+    ``assembly.``; nothing where the assembly file is the command's own ``--config``)."""
     data = apply_overrides(read_yaml(path), overrides or [])
     try:
         return parse_assembly(data, where=str(path))
     except ConfigError as exc:
-        raise _naming_the_override(exc, overrides or [], "assembly.") from exc
+        raise naming_the_override(exc, overrides or [], override_prefix, source=str(path)) from exc
 
 
 def save_assembly(config: AssemblyConfig, path: str | Path) -> Path:
@@ -649,7 +653,7 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     try:
         cfg = from_dict(StageConfig, data)
     except ConfigError as exc:
-        raise _naming_the_override(ConfigError(f"{path}: {exc}"), overrides) from exc
+        raise naming_the_override(ConfigError(f"{path}: {exc}"), overrides, source=str(path)) from exc
     base = path.resolve().parent
     cfg.output_dir = user_path(cfg.output_dir)
     cfg.init_from = user_path(cfg.init_from)

@@ -13,7 +13,8 @@ the file but not the lock, and the next run takes it (no stale-lock cleanup). A 
 deletes the file, so a finished run's folder holds what it did before locks existed. The file is never in
 a ``step-N`` checkpoint (whose manifest lists every file): it sits beside them, and the names mmllm reads
 from an ``output_dir`` (``step-N``, ``.step-N.tmp-*``, ``final.json``, ``best.json``, ``logs/``) do not
-match it. Taken again by the process that holds it (``mmllm infer`` locks its ``--output`` and then
+match it. On a file system that cannot lock (``flock`` fails with ENOLCK, ENOSYS or EOPNOTSUPP) the run goes
+on unlocked, with a warning. Taken again by the process that holds it (``mmllm infer`` locks its ``--output`` and then
 :func:`mmllm.inference.runner.run_requests` does), it is held until the outermost hold ends.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
@@ -44,7 +46,7 @@ class FolderInUse(ConfigError):
 
 @dataclass
 class _Held:
-    handle: IO[str]
+    handle: IO[str] | None  # None where the folder's file system cannot lock
     depth: int = 1
 
 
@@ -78,17 +80,17 @@ def hold_folder(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]
     """Hold ``folder``'s lock (creating the folder) while the block runs; :class:`FolderInUse` at once if
     another process holds it. ``what`` names this run for the message ("training", "mmllm infer"),
     ``elsewhere`` how to run it beside the other ("give another output_dir")."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: one writer per folder assumed, as for the feature cache's lock
-        yield
-        return
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(exc.errno, f"{what}: cannot create the folder {folder} ({exc.strerror or exc}); fix its "
                       "permissions or free space, or give another one") from exc
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one writer per folder assumed, as for the feature cache's lock
+        yield
+        return
     path = lock_path(folder).resolve()
     if (held := _held.get(path)) is not None:
         held.depth += 1
@@ -97,16 +99,24 @@ def hold_folder(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]
         finally:
             held.depth -= 1
         return
+    # None: the file system has no locks, and the run goes on unlocked (as before locks existed), warned once
     handle = _acquire(fcntl, path, folder, what, elsewhere)
     _held[path] = _Held(handle)
     try:
         yield
     finally:
         del _held[path]
-        _release(fcntl, path, handle)
+        if handle is not None:
+            _release(fcntl, path, handle)
 
 
-def _acquire(fcntl: Any, path: Path, folder: Path, what: str, elsewhere: str) -> IO[str]:
+# flock's errors on a file system without locks (Lustre mounted without -o flock, some FUSE and network
+# file systems): not another holder, and no reason to refuse a run that worked there before locks existed
+NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+
+
+def _acquire(fcntl: Any, path: Path, folder: Path, what: str, elsewhere: str) -> IO[str] | None:
+    """The lock file, open and locked; None (with a warning) where ``folder``'s file system cannot lock."""
     while True:
         try:
             handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 -- held until _release
@@ -122,6 +132,15 @@ def _acquire(fcntl: Any, path: Path, folder: Path, what: str, elsewhere: str) ->
                 f"there at the same time would mix both runs' files. Wait for it to finish (its lock, {path.name} "
                 f"in that folder, is freed when that process exits, even if it is killed), stop it, or "
                 f"{elsewhere}") from None
+        except OSError as exc:
+            handle.close()
+            if exc.errno not in NO_LOCKS:
+                raise
+            _remove(path)
+            log.warning("%s: the file system of %s does not lock files (%s), so another mmllm run writing into that "
+                        "folder at the same time would not be refused: make sure only one does", what, folder,
+                        exc.strerror or exc)
+            return None
         except BaseException:
             handle.close()
             raise
@@ -136,6 +155,9 @@ def _acquire(fcntl: Any, path: Path, folder: Path, what: str, elsewhere: str) ->
                              "command": _command()[:500],
                              "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}) + "\n")
     handle.flush()
+    # on disk before the other processes of the run look for it: on a network file system, another machine
+    # reads what reached the server (training warns when processes elsewhere do not see it)
+    os.fsync(handle.fileno())
     return handle
 
 
@@ -153,12 +175,16 @@ def _same_file(handle: IO[str], path: Path) -> bool:
     return (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
 
 
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.debug("could not remove %s: %s", path, exc)
+
+
 def _release(fcntl: Any, path: Path, handle: IO[str]) -> None:
     """Delete the file while still holding it (whoever opened it meanwhile sees it gone and opens the new
     one), then let go."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:  # a folder made read-only meanwhile: the file stays, the lock still goes
-        log.debug("could not remove %s: %s", path, exc)
+    _remove(path)  # a folder made read-only meanwhile: the file stays, the lock still goes
     fcntl.flock(handle, fcntl.LOCK_UN)
     handle.close()

@@ -27,6 +27,8 @@ import hashlib
 import logging
 import os
 import shutil
+import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,12 +312,59 @@ def _gguf_cache_dir(gguf_path: Path, cache_root: Path) -> Path:
 
 def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     """Dequantize a GGUF file once into a safetensors model dir (reloads in well under a second)."""
+    out = _gguf_cache_dir(gguf_path, cache_root)
+    return convert_once(out, lambda tmp: _dequantize_into(gguf_path, tmp), f"dequantizing {gguf_path.name}")
+
+
+def convert_once(out: Path, make: Callable[[Path], None], what: str) -> Path:
+    """The model folder ``out``, made by ``make(tmp)`` and renamed into place unless it is there already.
+
+    Every process of a run converts the same file: the first to take ``out``'s lock (``<out>.lock``) makes it
+    while the others wait, then find it made -- one conversion per machine (per shared cache folder), where each
+    process used to hold two fp32 copies of the model at once. The temporary folder is named by host and pid
+    too: processes of other machines sharing the cache may have this one's pid (a container per machine)."""
+    if _converted(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _lock_beside(out):
+        if _converted(out):  # another process made it while this one waited
+            return out
+        log.info("%s once into %s (about 30 s; other processes converting it wait)", what, out)
+        tmp = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        make(tmp)
+        try:
+            tmp.replace(out)
+        except OSError:
+            if not _converted(out):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # a process without the lock (no flock here) finished first
+    return out
+
+
+def _converted(out: Path) -> bool:
+    return (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+
+
+@contextlib.contextmanager
+def _lock_beside(out: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<out>.lock`` while the block runs, waiting for it (none where not POSIX)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(out.with_name(f"{out.name}.lock"), "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _dequantize_into(gguf_path: Path, tmp: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    out = _gguf_cache_dir(gguf_path, cache_root)
-    if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
-        return out
-    log.info("dequantizing %s once into %s (about 30 s)", gguf_path.name, out)
     folder, name = str(gguf_path.parent), gguf_path.name
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -325,17 +374,8 @@ def convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
     real_missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if real_missing or unexpected:
         raise RuntimeError(f"GGUF conversion: missing {real_missing}, unexpected {unexpected}")
-    # Per-process temp dir: several ranks of a first multi-GPU run may convert at the same time.
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    try:
-        tmp.replace(out)
-    except OSError:
-        if not (out / "config.json").is_file():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
-    return out
 
 
 class HFCausalLM:

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mmllm.config import ComponentSpec, ConfigError, from_dict
+from mmllm.config import ComponentSpec, ConfigError, from_dict, naming_the_override
 
 LLMS: dict[str, str] = {
     "hf-causal-lm": "mmllm.llm:HFCausalLM",  # hub id, local dir, or GGUF file
@@ -122,10 +122,12 @@ def parse_options(table: str, spec: ComponentSpec, where: str) -> Any:
     return from_dict(cls.Options, spec.options, where)
 
 
-def check_part_options(config: Any, where: str) -> None:
+def check_part_options(config: Any, where: str, overrides: list[str] | None = None, prefix: str = "") -> None:
     """Every part's options of the assembly ``config`` (an AssemblyConfig) checked as :func:`build` checks them,
     nothing built: an option mistyped in an encoder or decoder is reported naming ``where`` (its file) before
-    the LLM, which is built first and can take minutes to load, not after."""
+    the LLM, which is built first and can take minutes to load, not after. ``overrides``: the command line's
+    ``key=value`` the assembly was loaded with (written there as ``prefix`` + item): the one that set the option
+    at fault is named, as the file does not hold it."""
     parts = [("llm", config.llm, "llm")]
     parts += [("encoder", spec, f"encoders.{m}") for m, spec in config.encoders.items()]
     parts += [("decoder", spec, f"decoders.{m}") for m, spec in config.decoders.items()]
@@ -133,7 +135,7 @@ def check_part_options(config: Any, where: str) -> None:
         try:
             parse_options(table, spec, at)
         except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from exc
+            raise naming_the_override(ConfigError(f"{where}: {exc}"), overrides or [], prefix, source=str(where)) from exc
 
 
 def build(table: str, spec: ComponentSpec, where: str, **kwargs: Any) -> Any:

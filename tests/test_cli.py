@@ -304,6 +304,38 @@ def test_main_called_from_python_logs_once_when_the_caller_already_logs_to_stder
     assert err.count("unknown key(s) optim.lrr") == 1 and re.search(r"^\d\d:\d\d:\d\d ERROR mmllm: ", err, re.M)
 
 
+def test_a_callers_stderr_handler_for_warnings_only_does_not_silence_the_commands_info_lines(capsys):
+    """A handler that writes to stderr but only from WARNING up was taken for one that shows the command's
+    lines, so none of its own was added: progress and 'wrote ...' lines were shown nowhere."""
+    from mmllm.cli import cli_logging
+
+    callers = logging.StreamHandler()  # sys.stderr as it is now: capsys's
+    callers.setLevel(logging.WARNING)
+    callers.setFormatter(logging.Formatter("caller: %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(callers)
+    try:
+        with cli_logging(verbose=False):
+            logging.getLogger("mmllm.training").info("step 1 of 2")
+            logging.getLogger("mmllm.training").warning("a warning")
+    finally:
+        logging.getLogger().removeHandler(callers)
+    err = capsys.readouterr().err
+    assert re.search(r"^\d\d:\d\d:\d\d INFO mmllm\.training: step 1 of 2$", err, re.M), err
+    assert "caller: WARNING a warning" in err  # the caller's handler still shows what it is set to show
+
+
+@pytest.mark.parametrize(("override", "said"), [
+    ("encoders.image.tokns=patch", "unknown key(s) encoders.image.tokns"),
+    ("max_length=long", "max_length: expected an integer, got 'long'"),
+])
+def test_inspect_of_an_assembly_names_the_override_at_fault_as_it_was_written(override, said, capsys):
+    """A part option set on the command line was blamed on the file alone; a key of the assembly was named
+    as 'assembly.max_length=long', which inspect of an assembly file does not take."""
+    assert main(["inspect", "--config", str(REPO / "configs/assemblies/tiny.yaml"), override]) == 2
+    err = capsys.readouterr().err
+    assert said in err and f"(set on the command line by {override})" in err, err
+
+
 def test_main_called_from_python_keeps_the_callers_log_handlers_and_levels(caplog, capsys):
     """``logging.basicConfig(force=True)`` removed every root handler for the rest of the process: a caller's
     own, and pytest's caplog. The command's lines still go to stderr in its format."""

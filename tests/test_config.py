@@ -138,6 +138,21 @@ def test_a_bad_value_or_key_given_on_the_command_line_is_blamed_on_the_override_
         load_stage(typo, ["seed=1"])
 
 
+def test_an_override_is_not_blamed_for_a_mistake_of_a_file_whose_name_holds_its_key(tmp_path):
+    """The key was looked for in the whole message, the file's path included: a stage.yaml with its own bad
+    max_steps was blamed on a valid stage=... override, an assembly's in a folder seed/ on assembly.seed=3."""
+    stage = tmp_path / "stage.yaml"
+    stage.write_text((REPO / "configs/stages/tiny/encode_align.yaml").read_text().replace(
+        "max_steps: 30", "max_steps: ten").replace("../../assemblies/tiny.yaml", str(TINY)))
+    with pytest.raises(ConfigError, match=r"stage\.yaml: max_steps: expected an integer, got 'ten'$"):
+        load_stage(stage, ["stage=encode-align"])
+    (tmp_path / "seed").mkdir()
+    assembly = tmp_path / "seed" / "tiny.yaml"
+    assembly.write_text(TINY.read_text().replace("max_length: 128", "max_length: long"))
+    with pytest.raises(ConfigError, match=r"max_length: expected an integer, got 'long'$"):
+        load_assembly(assembly, ["seed=3"])
+
+
 @pytest.mark.parametrize("data, message", [
     ("mydata/pairs.jsonl", "data: expected a list of DatasetConfig mappings ({path: ...}; optional: format, weight, "
                            "root, allow_outside_root, embeddings), got 'mydata/pairs.jsonl'"),

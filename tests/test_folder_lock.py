@@ -105,7 +105,9 @@ def test_training_into_an_output_dir_another_run_holds_is_refused_before_the_mod
     with held_by_another_process(out) as first:
         with pytest.raises(FolderInUse) as refused:
             train(stage_cfg("encode-align", sample_data, out, max_steps=2), resume=resume)
-        _refusal_says_who_and_what_to_do(str(refused.value), out, first, "give this run another output_dir")
+        # a --resume is told to resume once the other has stopped: another output_dir would not resume it
+        advice = "a --resume after it has stopped continues" if resume else "give this run another output_dir"
+        _refusal_says_who_and_what_to_do(str(refused.value), out, first, advice)
     assert (live_save / "learned.safetensors").read_bytes() == b"being written"
 
 
@@ -115,7 +117,7 @@ def test_the_train_command_says_who_holds_the_output_dir_and_exits_2(sample_data
         code = main(["train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), f"output_dir={out}",
                      "report_to=none", f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]", "--resume"])
     assert code == 2
-    _refusal_says_who_and_what_to_do(caplog.text, out, first, "give this run another output_dir")
+    _refusal_says_who_and_what_to_do(caplog.text, out, first, "a --resume after it has stopped continues")
 
 
 def test_a_lock_file_a_killed_run_left_beside_the_checkpoints_breaks_nothing(sample_data, tmp_path):
@@ -165,3 +167,31 @@ def test_a_folder_that_cannot_be_made_is_named(tmp_path):
     taken.write_text("a file where the folder should be")
     with pytest.raises(OSError, match=f"training: cannot create the folder {taken}"), hold_folder(taken, "training", "-"):
         pass
+
+
+def test_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    """flock fails there with ENOLCK/ENOSYS/EOPNOTSUPP (Lustre without -o flock, some FUSE file systems): the
+    run stopped with a bare '[Errno 38] Function not implemented' where it worked before the lock existed."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="mmllm.folder_lock"):
+        with hold_folder(tmp_path, "training", "-"), hold_folder(tmp_path, "training", "-"):
+            (tmp_path / "step-1").mkdir()
+    warned = [r.getMessage() for r in caplog.records if "does not lock files" in r.getMessage()]
+    assert len(warned) == 1 and str(tmp_path) in warned[0] and "Function not implemented" in warned[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]  # no lock file left behind
+
+
+def test_without_fcntl_the_folder_is_still_made(tmp_path, monkeypatch):
+    """Not POSIX (no fcntl): the lock is skipped, but the callers (world report, eval) rely on hold_folder for
+    their --output folder, which was then never made."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError, as on Windows
+    out = tmp_path / "report" / "inner"
+    with hold_folder(out, "mmllm world report", "-"):
+        assert out.is_dir()
+    assert list(out.iterdir()) == []

@@ -543,3 +543,13 @@ def test_a_missing_init_from_names_the_checkpoint_its_run_does_hold(sample_data,
     with pytest.raises(ConfigError) as err:
         build_model(cfg)
     assert f"no final.json: that run has not finished); the newest is init_from={run / 'step-10'}" in str(err.value)
+
+
+def test_a_mistyped_part_option_set_by_an_override_names_the_override_not_only_the_file(tmp_path, monkeypatch):
+    """`assembly.encoders.image.tokns=patch` was reported as tiny.yaml's unknown key, a file that does not hold it."""
+    monkeypatch.setattr(AnyToAnyModel, "assemble", lambda *a, **k: pytest.fail("the model was assembled"))
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml",
+                     ["assembly.encoders.image.tokns=patch", f"output_dir={tmp_path / 'out'}", "report_to=none"])
+    with pytest.raises(ConfigError, match=r"tiny\.yaml: unknown key\(s\) encoders\.image\.tokns; .* \(set on the "
+                                          r"command line by assembly\.encoders\.image\.tokns=patch\)$"):
+        train(cfg)

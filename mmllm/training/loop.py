@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 import warnings
 from collections.abc import Callable
@@ -46,10 +47,11 @@ from mmllm.data.dataset import (
 )
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
-from mmllm.folder_lock import hold_folder
+from mmllm.folder_lock import hold_folder, holder
 from mmllm.model import AnyToAnyModel, lora_layer_names, unit_counts
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
+from mmllm.training.agreement import agreed_resume_point, check_same_run, on_every_process, warn_unless_shared
 from mmllm.training.freeze import apply_trainable
 from mmllm.training.init_from import (
     check_init_from,
@@ -59,7 +61,7 @@ from mmllm.training.init_from import (
 )
 from mmllm.training.interrupt import StopRequests, TrainingInterrupted
 from mmllm.training.metrics import Interval, batch_size_counts, clip_to, report_line, total_grad_norm
-from mmllm.training.parts import StageParts, release_cached, stage_parts
+from mmllm.training.parts import StageParts, release_cached, require_cache_folder, stage_parts
 from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
 from mmllm.training.validation import Validation, evaluate
 
@@ -186,11 +188,20 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
         return _train(cfg, resume, accelerator, stop, held)
 
 
-def _hold_output_dir(accelerator, out_dir: Path, held: contextlib.ExitStack) -> None:
+def _hold_output_dir(accelerator, out_dir: Path, held: contextlib.ExitStack, resume: bool) -> None:
     """The main process takes ``out_dir``'s lock for the rest of the run (``held``); refused there, every
-    process stops with its message (the others wait for the answer, they take no lock)."""
+    process stops with its message (the others wait for the answer, they take no lock). Processes that do
+    not see the lock file the main process wrote (``output_dir`` on its machine's disk alone) are warned
+    about: the checkpoints will be there only."""
+    # a --resume goes on from that run's checkpoints: another output_dir would not resume it
+    elsewhere = ("let it go on: a --resume after it has stopped continues from its newest checkpoint" if resume
+                 else "give this run another output_dir")
     _on_main_process_for_all(accelerator, lambda: held.enter_context(hold_folder(
-        out_dir, "training", "give this run another output_dir")))
+        out_dir, "training --resume" if resume else "training", elsewhere)))
+    warn_unless_shared(accelerator, out_dir, lambda: holder(out_dir), (
+        "Only the main process writes checkpoints, so they will be on its machine alone: before a --resume or a "
+        "next stage's init_from, copy them to the same path on every machine, or give an output_dir on a file "
+        "system every machine sees"))
 
 
 def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held: contextlib.ExitStack) -> TrainResult:
@@ -203,10 +214,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     )
 
     out_dir = Path(cfg.output_dir)
-    if not _has_accelerator_device():
-        # DeepSpeed (imported by Accelerate when installed) otherwise warns on every process that it found
-        # no accelerator and uses the CPU, which is what a machine without one does
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _deepspeed_on_cpu_without_a_device()
     if accelerator is None:
         _reset_single_process_state()
         accelerator = Accelerator(
@@ -220,17 +228,22 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
             # projections and signal rows; LoRA runs in every forward): DDP need not search for unused ones
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
+    # several processes (machines): the same settings and data files on each, before anything is written
+    check_same_run(accelerator, cfg)
+    last = None
     if resume:  # then every process finds the same newest checkpoint
         # locked first: a live run's half-written checkpoint is not a killed one's, to delete
-        _hold_output_dir(accelerator, out_dir, held)
+        _hold_output_dir(accelerator, out_dir, held, resume=True)
         _on_main_process_for_all(accelerator, lambda: _recover_partial_writes(out_dir))
-    last = resume_point(out_dir, cfg.max_steps) if resume else None  # before any loading
+        # before any loading; the same on every process (an output_dir on one machine's disk is refused)
+        last = agreed_resume_point(accelerator, out_dir, lambda: resume_point(out_dir, cfg.max_steps))
     # A resumed run rebuilds its model from the checkpoint it continues, which records the assembly and the
     # adapter init_from gave it: init_from may since have been pruned, moved or trained again.
     build_cfg = dataclasses.replace(cfg, init_from=str(last)) if last is not None and cfg.init_from else cfg
     check_init_from(build_cfg)  # before anything is written or loaded
     if not build_cfg.init_from:  # the stage's own assembly is built: its parts' options are checked first
-        registry.check_part_options(load_assembly(cfg.assembly, cfg.assembly_overrides), cfg.assembly)
+        registry.check_part_options(load_assembly(cfg.assembly, cfg.assembly_overrides), cfg.assembly,
+                                    cfg.assembly_overrides, "assembly.")
     if build_cfg is cfg:
         warn_if_middle_step(cfg)
         warn_if_adapter_frozen(cfg)
@@ -238,10 +251,10 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     held_out, _, eval_errors = load_stage_records(cfg.eval_data, cfg.stage)
     if accelerator.is_main_process:
         warn_empty_replies(per_dataset + held_out, cfg.all_data())
-    check_output_dir(out_dir)
+    on_every_process(accelerator, lambda: check_output_dir(out_dir))  # one process refused: all stop with its word
     if not resume:
-        _hold_output_dir(accelerator, out_dir, held)  # before its checkpoints are counted: a live run's are not
-        check_fresh_output_dir(out_dir)
+        _hold_output_dir(accelerator, out_dir, held, resume=False)  # before its checkpoints are counted: a live run's are not
+        on_every_process(accelerator, lambda: check_fresh_output_dir(out_dir))
     precision = accelerator.mixed_precision
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -256,6 +269,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     model = build_model(build_cfg, stage_parts(cfg.losses, per_dataset + held_out), check_init=False)
     precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
     if cfg.cache.require:  # checked before training; frees the parts the cache replaces
+        # a machine without the cache stops every process (the others would wait in the coverage exchange)
+        on_every_process(accelerator, lambda: require_cache_folder(precomputed))
         release_cached(model, precomputed, [c for convs in per_dataset + held_out for c in convs],
                        accelerator.process_index, accelerator.num_processes)
     flags = cfg.resolved_trainable()
@@ -623,6 +638,26 @@ def _local_part(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def join_processes():
+    """Under a launcher (``WORLD_SIZE`` > 1): start torch.distributed as :func:`train` would (Accelerate's
+    process state, on gloo without an accelerator device) and return that state. The command calls it before
+    it reads the stage config: a config one machine cannot read (a file missing there, a bad override on its
+    command line) then stops every process with its message; a process that stopped before joining left the
+    others waiting to connect to it until torch.distributed timed out (still waiting after 5 minutes
+    in a 2-machine test)."""
+    from accelerate import PartialState
+
+    _deepspeed_on_cpu_without_a_device()
+    return PartialState(cpu=not _has_accelerator_device())
+
+
+def _deepspeed_on_cpu_without_a_device() -> None:
+    if not _has_accelerator_device():
+        # DeepSpeed (imported by Accelerate when installed) otherwise warns on every process that it found
+        # no accelerator and uses the CPU, which is what a machine without one does
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def _reset_single_process_state() -> None:
     """Accelerate keeps one global state per process; let one process run several stages with
     different settings (e.g. mixed precision) one after another. Never reset a distributed run."""
@@ -775,7 +810,9 @@ def check_output_dir(out_dir: Path) -> None:
     """Fail before training if the output dir cannot be written."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".write-probe-{os.getpid()}"  # per process: ranks probe at the same time
+        # per process: ranks probe at the same time, and on a shared folder those of other machines too, whose
+        # pids may be this one's (a container per machine numbers its processes alike)
+        probe = out_dir / f".write-probe-{secrets.token_hex(8)}"
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as exc:

@@ -67,6 +67,14 @@ def stage_parts(losses: LossConfig, per_dataset: list[list[Conversation]]) -> St
     return StageParts({m: parts for m in sorted(outputs) if parts != "config"}, frozenset(inputs))
 
 
+def require_cache_folder(precomputed: Precomputed) -> None:
+    """``cache.require`` with a ``cache.dir`` that holds no feature cache (on this machine): refused."""
+    if precomputed.cache_dir is not None and precomputed.cache is None:
+        raise ConfigError(f"cache.require: cache.dir {precomputed.cache_dir} holds no feature cache yet; run `mmllm "
+                          "cache --config <this stage>` first (with several machines: on each, or give a cache.dir "
+                          "every machine sees)")
+
+
 def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations: list[Conversation],
                    rank: int = 0, world: int = 1) -> list[str]:
     """``cache.require``: check that the precomputed sources hold every encoder output and conditioning
@@ -78,10 +86,8 @@ def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations
     ``world`` processes each checks its share and they exchange the results (every
     process then frees the same). Returns the parts freed (``"encoders.image"``, ...); lookups for them can
     no longer fall back (``precomputed.required``)."""
+    require_cache_folder(precomputed)
     cache_dir = precomputed.cache_dir
-    if cache_dir is not None and precomputed.cache is None:
-        raise ConfigError(f"cache.require: cache.dir {cache_dir} holds no feature cache yet; run `mmllm cache "
-                          "--config <this stage>` first")
     embedded = {o.modality for c in conversations for o in c.output_refs() if o.embedding is not None}
     parts = sorted({*(f"encoder/{m}" for m in precomputed.encoder_fingerprints),
                     *(f"condition/{m}" for m, d in model.decoders.items()

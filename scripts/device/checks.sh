@@ -40,7 +40,7 @@ timeout "${DEVICE_BENCH_TIMEOUT:-420}" $V scripts/bench/distributed_default.py -
   --steps "$STEPS" --out /tmp/mmllm-bench 2>&1 | tee "$OUT/encode_align_fsdp.txt"
 echo "bench exit ${PIPESTATUS[0]}"
 for run in /tmp/mmllm-bench/*/; do  # each run's checkpoint record of what it ran
-  name=$(basename "$run"); last=$(ls -d "$run"step-* 2>/dev/null | tail -1)
+  name=$(basename "$run"); last=$(ls -d "$run"step-* 2>/dev/null | sort -V | tail -1)
   [ -n "$last" ] && cp "$last/training_state/progress.json" "$OUT/progress-$name.json" 2>/dev/null
 done
 

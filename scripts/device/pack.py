@@ -41,8 +41,10 @@ VIDEO_WHEEL = "av"
 
 
 def tree_bytes() -> int:
-    """Bytes of the files that travel anyway: tracked files, less the weights when step 1 untracked them."""
-    names = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    """Bytes of the files that travel anyway: tracked files (less the weights once step 1 untracked them) and
+    untracked ones git does not ignore."""
+    names = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, check=True).stdout
     total = 0
     for name in names.decode().split("\0"):
         path = REPO / name
