@@ -85,6 +85,14 @@ def _losses(checkpoint):
     return json.loads((checkpoint / "training_state/progress.json").read_text())["losses"]
 
 
+def _per_step(stderr: str) -> tuple[float, float]:
+    """(samples, tokens) per step of the run, from its one report line (at step 4): rate x seconds per step."""
+    found = re.findall(r"step 4/4: .*?, ([\d.e+-]+) s/step, ([\d.e+-]+) samples/s, ([\d.e+-]+) tokens/s", stderr)
+    assert len(found) == 1, stderr[-3000:]  # the main process's alone
+    step_s, samples, tokens = map(float, found[0])
+    return samples * step_s, tokens * step_s
+
+
 def _validation(checkpoint):
     return json.loads((checkpoint / "training_state/progress.json").read_text())["validation"]
 
@@ -97,7 +105,8 @@ def one_process_runs(sample_data, tmp_path_factory):
     def get(stage):
         if stage not in done:
             out = root / stage
-            _run(_launch(1, "") + _stage_args(stage, sample_data, out, 4, "optim.name=sgd", "optim.lr=0.05"))
+            proc = _run(_launch(1, "") + _stage_args(stage, sample_data, out, 4, "optim.name=sgd", "optim.lr=0.05"))
+            (out / "stderr.txt").write_text(proc.stderr)
             done[stage] = out / "step-4"
         return done[stage]
 
@@ -121,6 +130,11 @@ def test_two_processes_match_one_process_with_twice_the_batch(stage, launcher, s
     held, total = map(float, re.search(r"holds ([\d.]+) of the model's ([\d.]+) MB", proc.stderr).groups())
     assert held < 0.9 * total if launcher == "fsdp" else held == total  # FSDP shards; DDP, ZeRO-2 replicate
     two = tmp_path / "two" / "step-4"
+    # the report counts the samples and real tokens of every process: the same per step as one process's
+    # (the line gives 4 significant digits)
+    samples, tokens = _per_step(proc.stderr)
+    assert samples == pytest.approx(8, rel=1e-2)  # 2 processes x batch 2 x grad_accum 2
+    assert tokens == pytest.approx(_per_step((one.parent / "stderr.txt").read_text())[1], rel=1e-2)
     assert _losses(two) == pytest.approx(_losses(one), rel=TOLERANCE)
     _assert_same_weights(one, two, stage, TOLERANCE)
     assert [v["step"] for v in _validation(one)] == [2, 4]

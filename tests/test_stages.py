@@ -218,8 +218,9 @@ def test_a_group_without_target_media_leaves_the_denoising_loss_of_the_others_as
         def reduce(self, tensor, op):
             return tensor
 
-    counts = _global_counts(OneProcess(), [mixed], _part_keys(model), model)
+    counts, samples, tokens = _global_counts(OneProcess(), [mixed], _part_keys(model), model)
     assert counts["mse_image"] == 2 and counts["denoise_image"] == 1
+    assert (samples, tokens) == (2, len(with_media["input_ids"]) + len(caption_only["input_ids"]))  # no padding
 
 
 def test_each_micro_batch_draws_its_own_denoising_noise(sample_data, tmp_path, monkeypatch):

@@ -3,8 +3,9 @@
 A stage differs only in its data (caption pairs or conversations), which groups learn, and which
 losses count -- all declared in its YAML. The loop: build (or load ``init_from``), attach LoRA if
 asked, apply the trainable set, check the data before any step, then optimise with gradient
-accumulation, warmup + decay, clipping, a tqdm bar and TensorBoard; checkpoints hold only what
-learned plus the resolved config and the training state needed for an exact ``--resume``.
+accumulation, warmup + decay, clipping, a tqdm bar, a log line every ``log_every`` steps and TensorBoard
+(:mod:`.metrics`); checkpoints hold only what learned plus the resolved config and the training state
+needed for an exact ``--resume``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import math
 import os
 import secrets
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +60,7 @@ from mmllm.training.init_from import (
     warn_if_middle_step,
 )
 from mmllm.training.interrupt import StopRequests, TrainingInterrupted
+from mmllm.training.metrics import Interval, batch_size_counts, clip_to, report_line, total_grad_norm
 from mmllm.training.parts import StageParts, release_cached, require_cache_folder, stage_parts
 from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
 from mmllm.training.validation import Validation, evaluate
@@ -342,14 +345,17 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     model.train()
     _freeze_dropout(inner)
     fallback: dict[str, Any] | None = None
+    interval = Interval(parts_keys)
     stop.armed = True
     for step in bar:
+        started = time.perf_counter()
         batches = []
         for micro in range(cfg.grad_accum):
             picks = sampler.micro_batch(step, micro, cfg.grad_accum, rank, world, cfg.batch_size)
             batches.append(collate([datasets[d][i] for d, i in picks], pad_id))
             skipped += len(batches[-1]["skipped"])
-        normalizers = _global_counts(accelerator, batches, parts_keys, inner)
+        normalizers, samples, tokens = _global_counts(accelerator, batches, parts_keys, inner)
+        grad_norm: float | torch.Tensor | None = None
         if not normalizers:  # every sample of the step was unreadable, on every process: nothing to learn
             step_loss, parts, outcome = float("nan"), {}, "empty"
         else:
@@ -359,8 +365,10 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
                 lambda: _first_readable_batch(datasets, pad_id))
             if deepspeed:
                 outcome = "stepped" if zero.step(model) and math.isfinite(step_loss) else "nonfinite"
+                grad_norm = model.get_global_grad_norm()  # the engine's, before its clipping; None: not computed
             else:
-                outcome = _clip_and_step(accelerator, optimizer, params, cfg.optim.max_grad_norm, step_loss)
+                outcome, grad_norm = _clip_and_step(accelerator, optimizer, params, cfg.optim.max_grad_norm,
+                                                    step_loss)
         if outcome == "empty":
             log.warning("step %d: every sample of this step was unreadable (on every process); no update, the "
                         "step counts as done", step + 1)
@@ -387,9 +395,11 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
         losses.append(step_loss)
         since_save.append(step_loss)
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", skipped=skipped)
+        interval.add(time.perf_counter() - started, samples, tokens, step_loss, parts, normalizers, grad_norm,
+                     updated=outcome == "stepped")
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            accelerator.log({f"train/{k}": v for k, v in parts.items()}
-                            | {"train/lr": scheduler.get_last_lr()[0], "train/skipped": skipped}, step=step + 1)
+            _report(accelerator, cfg, step + 1, interval, scheduler.get_last_lr()[0], skipped)
+            interval = Interval(parts_keys)
         done = step + 1 == cfg.max_steps
         signalled = None if done else stop.requested(accelerator)
         saving = bool(done or signalled or (cfg.save_every and (step + 1) % cfg.save_every == 0))
@@ -430,6 +440,18 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     return TrainResult(out_dir, final, losses, skipped, cfg.max_steps, validations)
 
 
+def _report(accelerator, cfg: StageConfig, step: int, interval: Interval, lr: float, skipped: int) -> None:
+    """The report of the steps since the last (:mod:`.metrics`): on the main process one log line, and the
+    tracker's ``train/*`` values. Every process calls it (the loss parts are reduced over processes)."""
+    summary = interval.summary(accelerator)
+    accelerator.log({f"train/{k}": v for k, v in summary.items()} | {"train/lr": lr, "train/skipped": skipped},
+                    step=step)
+    if accelerator.is_main_process:
+        cuda = accelerator.device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**20 if cuda else None
+        log.info("%s", report_line(step, cfg.max_steps, summary, lr, interval, peak))
+
+
 def _checkpoint_metric(cfg: StageConfig, validation: Validation | None, validations: list[dict[str, float]],
                        since_save: list[float], step: int) -> tuple[float, str]:
     """What ``keep_best`` compares for the checkpoint of ``step``, and its name: the validation loss of that
@@ -454,12 +476,12 @@ def noise_seed(seed: int, draw: int) -> int:
 
 def _forward_backward(accelerator, model, batches: list[dict[str, Any]], cfg: StageConfig,
                       normalizers: dict[str, float], step: int, deepspeed: bool, fallback: dict[str, Any] | None,
-                      first_readable: Callable[[], dict[str, Any]]) -> tuple[float, dict[str, float], Any]:
+                      first_readable: Callable[[], dict[str, Any]]) -> tuple[float, dict[str, torch.Tensor], Any]:
     """A step's micro-batches through forward and backward: gradients accumulate locally and are
     all-reduced once, at the last. A micro-batch whose every sample was unreadable runs ``fallback`` (the
     last readable batch, else ``first_readable()``) with weight 0, so that this process still joins the
-    gradient all-reduce. Returns the step's loss summed over processes, this process's loss parts, and
-    the fallback for later steps."""
+    gradient all-reduce. Returns the step's loss summed over processes, this process's loss parts (on its
+    device, unread), and the fallback for later steps."""
     world = accelerator.num_processes
     step_loss, parts = torch.zeros((), device=accelerator.device), {}
     saw_nonfinite = False
@@ -492,29 +514,36 @@ def _forward_backward(accelerator, model, batches: list[dict[str, Any]], cfg: St
             continue
         step_loss += loss.detach().float() / world
         for k, v in out.items():
-            parts[k] = parts.get(k, 0.0) + float(v.detach())
+            parts[k] = parts[k] + v.detach().float() if k in parts else v.detach().float()
     return float(accelerator.reduce(step_loss, "sum")), parts, fallback
 
 
-def _clip_and_step(accelerator, optimizer, params, max_grad_norm: float, step_loss: float) -> str:
+def _clip_and_step(accelerator, optimizer, params, max_grad_norm: float,
+                   step_loss: float) -> tuple[str, float | None]:
     """Check, clip and step; returns "stepped", "nonfinite" (skipped) or "overflow" (an fp16
-    overflow, skipped: normal while the loss scale settles; the scale is lowered)."""
-    scaler = accelerator.scaler  # fp16: gradients are scaled until unscaled here
+    overflow, skipped: normal while the loss scale settles; the scale is lowered), and the gradients'
+    total norm before clipping (None when the loss was not finite: not read).
+
+    The total norm is computed once (as ``Accelerator.clip_grad_norm_`` does, sharding-aware) and is the
+    finite check: a finite norm means every gradient on every process is finite. A norm that is not
+    finite (a gradient that is not, or a sum of squares past float32's range) is checked gradient by
+    gradient, so that the skip decision is exactly :func:`_all_finite`'s."""
+    scaler = accelerator.scaler  # fp16: gradients are scaled until unscaled here (accelerate's clip would again)
     if scaler is not None:
         accelerator.unscale_gradients()
-    if not _all_finite(accelerator, step_loss, params):
+    total_norm = total_grad_norm(params)  # every process: under FSDP it all-reduces the shards' norms
+    grad_norm = float(total_norm) if math.isfinite(step_loss) else None  # the step's one read of its gradients
+    finite = grad_norm is not None and (math.isfinite(grad_norm) or _all_finite(accelerator, step_loss, params))
+    if not finite:
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None and math.isfinite(step_loss):
             scaler.update()
-            return "overflow"
-        return "nonfinite"
+            return "overflow", grad_norm
+        return "nonfinite", grad_norm
     if max_grad_norm:
-        if scaler is not None:  # already unscaled above; accelerate would unscale twice
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        else:
-            accelerator.clip_grad_norm_(params, max_grad_norm)
+        clip_to(params, max_grad_norm, total_norm)
     optimizer.step()
-    return "stepped"
+    return "stepped", grad_norm
 
 
 def _restore_loss_scale(accelerator, progress: dict[str, Any], last: Path) -> None:
@@ -686,18 +715,20 @@ def _part_keys(model: AnyToAnyModel) -> list[str]:
 
 def _global_counts(
     accelerator, batches: list[dict[str, Any]], keys: list[str], model: AnyToAnyModel
-) -> dict[str, float]:
+) -> tuple[dict[str, float], float, float]:
     """Units (label tokens, text-only tokens, signal groups; for ``denoise_*`` the groups with target media)
-    per loss part over the whole step, summed over processes."""
+    per loss part over the whole step, and the step's readable samples and real tokens
+    (:func:`~mmllm.training.metrics.batch_size_counts`), all summed over processes in one reduction."""
     local = dict.fromkeys(keys, 0.0)
     for b in batches:
         if "labels" not in b:
             continue
         for k, n in unit_counts(b, model).items():
             local[k] += n
-    vec = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=accelerator.device)
-    vec = accelerator.reduce(vec, "sum")
-    return {k: float(v) for k, v in zip(keys, vec.tolist()) if v > 0}
+    vec = torch.tensor([local[k] for k in keys] + list(batch_size_counts(batches)), dtype=torch.float64,
+                       device=accelerator.device)
+    *units, samples, tokens = accelerator.reduce(vec, "sum").tolist()
+    return {k: float(v) for k, v in zip(keys, units) if v > 0}, samples, tokens
 
 
 def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> bool:
