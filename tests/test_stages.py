@@ -526,6 +526,27 @@ def test_a_mistyped_part_option_is_refused_naming_its_file_before_the_llm_is_bui
     assert not (tmp_path / "out").exists()
 
 
+def test_a_mistyped_option_of_a_nested_part_is_refused_before_the_llm_is_built(tmp_path, monkeypatch):
+    """frames-video's inner `image:` encoder was checked only when built, after the LLM loaded."""
+    monkeypatch.setattr(AnyToAnyModel, "assemble", lambda *a, **k: pytest.fail("the model was assembled"))
+    assembly = tmp_path / "my_assembly.yaml"
+    text = (REPO / "configs/assemblies/tiny.yaml").read_text()
+    assert "      tokens: pooled" in text
+    assembly.write_text(text.replace("      tokens: pooled", "      tokns: pooled"))
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml",
+                     [f"assembly={assembly}", f"output_dir={tmp_path / 'out'}", "report_to=none"])
+    with pytest.raises(ConfigError, match=rf"^{assembly}: unknown key\(s\) encoders\.video\.image\.tokns; valid "
+                                          r"keys here are: .*tokens"):
+        train(cfg)
+    assert not (tmp_path / "out").exists()
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml",
+                     ["assembly.encoders.video.image.kind=no-such-encoder", f"output_dir={tmp_path / 'out'}",
+                      "report_to=none"])
+    with pytest.raises(ConfigError, match=r"tiny\.yaml: encoders\.video\.image: unknown encoder kind "
+                                          r"'no-such-encoder'; valid kinds are: frames-video, hf-audio, open-clip"):
+        train(cfg)
+
+
 def test_a_missing_init_from_names_the_checkpoint_its_run_does_hold(sample_data, tmp_path):
     """The previous stage trained for fewer steps (`max_steps=10`) than the next stage's init_from names
     (step-30): the error names the step that run finished on, not only the one that is missing."""
