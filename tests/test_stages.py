@@ -573,3 +573,37 @@ def test_a_mistyped_part_option_set_by_an_override_names_the_override_not_only_t
     with pytest.raises(ConfigError, match=r"tiny\.yaml: unknown key\(s\) encoders\.image\.tokns; .* \(set on the "
                                           r"command line by assembly\.encoders\.image\.tokns=patch\)$"):
         train(cfg)
+
+
+def _unbuildable(*args, **kwargs):
+    raise ValueError("this model cannot be built")
+
+
+@pytest.mark.parametrize("before", ["missing", "empty", "holding a file"])
+def test_a_failed_run_removes_only_the_empty_output_dir_it_made(before, tmp_path, monkeypatch):
+    """A run that failed after the output_dir check (a model that cannot be built) left the empty folder (and the
+    parents it made) behind; one that was there before, or holds a file, is kept as it is."""
+    monkeypatch.setattr(AnyToAnyModel, "assemble", _unbuildable)
+    out = tmp_path / "runs" / "mine" / "encode_align"
+    if before != "missing":
+        out.mkdir(parents=True)
+    if before == "holding a file":
+        (out / "notes.txt").write_text("mine")
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", [f"output_dir={out}", "report_to=none"])
+    with pytest.raises(ValueError, match="cannot be built"):
+        train(cfg)
+    if before == "missing":
+        assert not (tmp_path / "runs").exists()  # the parents it made too
+    else:
+        assert out.is_dir() and [p.name for p in out.iterdir()] == (["notes.txt"] if before != "empty" else [])
+
+
+def test_training_logs_the_absolute_output_dir_once_at_start(tmp_path, monkeypatch, caplog):
+    """A relative output_dir was logged as given: from another folder one could not tell where runs/ went."""
+    monkeypatch.setattr(AnyToAnyModel, "assemble", _unbuildable)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["output_dir=runs/here", "report_to=none"])
+    with caplog.at_level(logging.INFO, logger="mmllm"), pytest.raises(ValueError, match="cannot be built"):
+        train(cfg)
+    absolute = str(tmp_path / "runs" / "here")
+    assert sum(absolute in r.getMessage() for r in caplog.records) == 1, [r.getMessage() for r in caplog.records]
