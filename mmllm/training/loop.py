@@ -36,6 +36,7 @@ from mmllm.config import (
     to_dict,
 )
 from mmllm.data.dataset import (
+    LENGTH_ORDER_VERSION,
     LengthGroupedSampler,
     MixtureSampler,
     StageDataset,
@@ -287,6 +288,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
         precision = zero.configure(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
         accelerator.gradient_accumulation_steps = cfg.grad_accum  # what the engine is told, so Accelerate agrees
     run_info = {"processes": accelerator.num_processes, "samples": [len(convs) for convs in per_dataset]}
+    if cfg.group_by_length:
+        run_info["length_order"] = LENGTH_ORDER_VERSION
     if last is not None:
         check_resume(cfg, last, run_info["processes"], run_info["samples"])
     set_seed(cfg.seed)
