@@ -11,7 +11,8 @@ module (nothing is loaded from a checkpoint or a data folder): an encoder subcla
 LLM loader returns an :class:`~mmllm.llm.LLMCore`. Its ``from_options(options, where)`` may also take
 what the assembly passes the shipped kinds (``weights`` for an encoder or LLM, ``parts`` for a
 decoder); one that does not is built whole (an encoder not loaded for a stage is then wrapped as its
-shape).
+shape). A class that builds parts of its own through :func:`build` may list them in a classmethod
+``nested_parts(options, where)`` (``(table, spec, where)`` each): :func:`check_part_options` checks theirs too.
 """
 
 from __future__ import annotations
