@@ -325,14 +325,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from mmllm.folder_lock import hold_beside
+
+    if args.merge_lora and args.dtype is not None:
+        raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
+    if args.merge_lora and args.assembly:  # export_merged records the checkpoint's assembly, its LLM the merged one
+        raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
+                         "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
+    # one export at a time into --output (a second refused at once): each replaces it whole, the last one winning
+    with hold_beside(Path(args.output), "mmllm export", "give this export another --output"):
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     from mmllm.training.checkpoint import export_merged, export_weights_only
 
     if args.merge_lora:
-        if args.dtype is not None:
-            raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
-        if args.assembly:  # export_merged records the checkpoint's assembly, its LLM replaced by the merged one
-            raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
-                             "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
         path = export_merged(Path(args.checkpoint), Path(args.output), trust_remote_code=args.trust_remote_code)
         log.info("wrote merged model to %s", path)
     else:
@@ -502,7 +510,11 @@ def cmd_world_distil(args: argparse.Namespace) -> int:
 
 def cmd_refine(args: argparse.Namespace) -> int:
     """``mmllm refine``: fit the output projections on cached signal-token states (see mmllm/training/refine.py)."""
-    with torch_threads(args.threads):
+    from mmllm.folder_lock import hold_beside
+
+    # one run at a time into --output (a second refused before the model loads): each replaces it whole
+    with hold_beside(Path(args.output), "mmllm refine", "give this run another --output"), \
+            torch_threads(args.threads):
         path, results = _refine(args)
     for r in results:
         print(f"{r.modality:>6}: {r.groups_train} groups, validation relative MSE {r.val_before:.4f} -> "

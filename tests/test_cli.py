@@ -87,6 +87,7 @@ def test_train_then_export_merged_lora_gives_the_same_outputs(sample_data, tmp_p
     merged = tmp_path / "merged"
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(merged), "--merge-lora"]) == 0
     assert (merged / "llm" / "config.json").is_file() and not (merged / "adapter").exists()
+    assert not (tmp_path / ".merged.mmllm.lock").exists()  # the lock beside it goes with the export
     a = AnyToAnyModel.from_pretrained(ckpt).eval()
     b = AnyToAnyModel.from_pretrained(merged).eval()
     assert b.lora_config is None
