@@ -298,10 +298,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                     args.steps, args.guidance, args.device))
         except OutputError as exc:
             raise SystemExit(str(exc)) from exc
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        held.enter_context(torch_threads(args.threads))
         lines = read_lines(requests)
         if lines and not args.overwrite and not pending_lines(lines, Path(args.output)):  # finished: nothing to load
             log.info("all %d request(s) are already done in %s (same checkpoint and settings); the model is not "
@@ -328,14 +325,22 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from mmllm.folder_lock import hold_beside
+
+    if args.merge_lora and args.dtype is not None:
+        raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
+    if args.merge_lora and args.assembly:  # export_merged records the checkpoint's assembly, its LLM the merged one
+        raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
+                         "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
+    # one export at a time into --output (a second refused at once): each replaces it whole, the last one winning
+    with hold_beside(Path(args.output), "mmllm export", "give this export another --output"):
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     from mmllm.training.checkpoint import export_merged, export_weights_only
 
     if args.merge_lora:
-        if args.dtype is not None:
-            raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
-        if args.assembly:  # export_merged records the checkpoint's assembly, its LLM replaced by the merged one
-            raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
-                             "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
         path = export_merged(Path(args.checkpoint), Path(args.output), trust_remote_code=args.trust_remote_code)
         log.info("wrote merged model to %s", path)
     else:
@@ -505,11 +510,25 @@ def cmd_world_distil(args: argparse.Namespace) -> int:
 
 def cmd_refine(args: argparse.Namespace) -> int:
     """``mmllm refine``: fit the output projections on cached signal-token states (see mmllm/training/refine.py)."""
+    from mmllm.folder_lock import hold_beside
+
+    # one run at a time into --output (a second refused before the model loads): each replaces it whole
+    with hold_beside(Path(args.output), "mmllm refine", "give this run another --output"), \
+            torch_threads(args.threads):
+        path, results = _refine(args)
+    for r in results:
+        print(f"{r.modality:>6}: {r.groups_train} groups, validation relative MSE {r.val_before:.4f} -> "
+              f"{r.val_after:.4f}")
+    log.info("wrote %s", path)
+    return 0
+
+
+def _refine(args: argparse.Namespace) -> tuple[Path, list]:
+    """``mmllm refine``'s work: the data read, the model loaded, its output projections fitted and saved."""
     from mmllm.data.formats import read_records
     from mmllm.model import AnyToAnyModel
     from mmllm.training.refine import collect_signal_states, describe, refine_output_projections
 
-    torch_threads(args.threads)
     conversations = []
     for path in args.data:  # read before the model loads: a bad path fails at once
         records, errors = read_records(path, args.format)
@@ -527,11 +546,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
                                         seed=args.seed)
     path = model.save_pretrained(args.output, extra={"refined_from": str(args.checkpoint),
                                                      "refine": describe(results)})
-    for r in results:
-        print(f"{r.modality:>6}: {r.groups_train} groups, validation relative MSE {r.val_before:.4f} -> "
-              f"{r.val_after:.4f}")
-    log.info("wrote %s", path)
-    return 0
+    return path, results
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -558,12 +573,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # one run at a time in --output (a second refused before anything loads): both would rewrite eval.json
     with hold_folder(Path(args.output), "mmllm eval", "give this run another --output"):
         judges = {m: Judge.load(parts / f"judge-{m}") for m in modalities if (parts / f"judge-{m}").is_dir()}
-        torch_threads(args.threads)
-        model = AnyToAnyModel.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
-        options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size,
-                              steps=args.steps, guidance=args.guidance, modalities=modalities, seed=args.seed,
-                              tasks=tasks)
-        report = run_eval(model, judges, options)
+        with torch_threads(args.threads):
+            model = AnyToAnyModel.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
+            options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size,
+                                  steps=args.steps, guidance=args.guidance, modalities=modalities, seed=args.seed,
+                                  tasks=tasks)
+            report = run_eval(model, judges, options)
     print(format_eval(report))
     log.info("wrote %s", Path(args.output) / "eval.json")
     return 0
@@ -598,11 +613,21 @@ def comma_list(text: str, flag: str, valid: Sequence[str]) -> list[str]:
     return items
 
 
-def torch_threads(n: int | None) -> None:
-    if n:
-        import torch
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU thread count at ``n`` (``--threads``; None or 0: left as it is) for the length of the block, and
+    as it was after: ``main`` called from Python leaves the caller's process as it found it."""
+    if not n:
+        yield
+        return
+    import torch
 
-        torch.set_num_threads(n)
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 TRUST_HELP = ("load a checkpoint whose assembly sets trust_remote_code for a part (runs that model's own Python code; "

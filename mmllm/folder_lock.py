@@ -6,7 +6,10 @@ replace each other's ``step-N`` checkpoints and ``final.json`` (a ``--resume`` a
 half-written checkpoint as a killed run's leftover), and two ``mmllm infer`` runs answer every request
 twice into one ``results.jsonl``, with media of one run under records of the other. :func:`hold_folder`
 takes ``fcntl.flock`` on ``<folder>/.mmllm.lock`` without waiting and refuses with :class:`FolderInUse`,
-naming the holder's pid, host and command, when another process has it.
+naming the holder's pid, host and command, when another process has it. A folder written elsewhere and
+renamed into place whole (``mmllm export``'s and ``mmllm refine``'s output) is locked by :func:`hold_beside`
+instead, with ``.<name>.mmllm.lock`` beside it: two such runs would otherwise replace each other's output, the
+one replaced still saying "wrote".
 
 ``flock`` belongs to the open file, so the lock goes with the process: a holder killed with SIGKILL leaves
 the file but not the lock, and the next run takes it (no stale-lock cleanup). A holder that finishes
@@ -57,10 +60,20 @@ def lock_path(folder: str | Path) -> Path:
     return Path(folder) / LOCK_NAME
 
 
+def beside_lock_path(folder: str | Path) -> Path:
+    """The lock of a folder that is replaced whole (renamed into place): a dotfile beside it, ``.<name>.mmllm.lock``."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}{LOCK_NAME}")
+
+
 def holder(folder: str | Path) -> dict[str, Any] | None:
     """What the holder of ``folder``'s lock recorded (pid, host, command, since), or None if unreadable."""
+    return _recorded(lock_path(folder))
+
+
+def _recorded(path: Path) -> dict[str, Any] | None:
     try:
-        info = json.loads(lock_path(folder).read_text(encoding="utf-8"))
+        info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return info if isinstance(info, dict) else None
@@ -81,17 +94,38 @@ def hold_folder(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]
     another process holds it. ``what`` names this run for the message ("training", "mmllm infer"),
     ``elsewhere`` how to run it beside the other ("give another output_dir")."""
     folder = Path(folder)
+    _make(folder, what)
+    with _hold(lock_path(folder), folder, what, elsewhere):
+        yield
+
+
+@contextlib.contextmanager
+def hold_beside(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]:
+    """As :func:`hold_folder`, for a folder written elsewhere and renamed into place whole (an export, a refined
+    checkpoint), which a lock inside would not survive: the lock is :func:`beside_lock_path` (its parent made)."""
+    folder = Path(folder)
+    _make(folder.parent, what)
+    with _hold(beside_lock_path(folder), folder, what, elsewhere):
+        yield
+
+
+def _make(folder: Path, what: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(exc.errno, f"{what}: cannot create the folder {folder} ({exc.strerror or exc}); fix its "
                       "permissions or free space, or give another one") from exc
+
+
+@contextlib.contextmanager
+def _hold(lock: Path, folder: Path, what: str, elsewhere: str) -> Iterator[None]:
+    """Hold the lock file ``lock`` (of ``folder``) while the block runs."""
     try:
         import fcntl
     except ImportError:  # not POSIX: one writer per folder assumed, as for the feature cache's lock
         yield
         return
-    path = lock_path(folder).resolve()
+    path = lock.resolve()
     if (held := _held.get(path)) is not None:
         held.depth += 1
         try:
@@ -122,15 +156,16 @@ def _acquire(fcntl: Any, path: Path, folder: Path, what: str, elsewhere: str) ->
             handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 -- held until _release
         except OSError as exc:
             raise OSError(exc.errno, f"{what}: cannot write the lock file {path} ({exc.strerror or exc}); fix "
-                          f"{folder}'s permissions or free space, or give another folder") from exc
+                          f"{path.parent}'s permissions or free space, or give another folder") from exc
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.close()
             raise FolderInUse(
-                f"{folder} is in use by another mmllm process ({describe_holder(holder(folder))}); {what} "
+                f"{folder} is in use by another mmllm process ({describe_holder(_recorded(path))}); {what} "
                 f"there at the same time would mix both runs' files. Wait for it to finish (its lock, {path.name} "
-                f"in that folder, is freed when that process exits, even if it is killed), stop it, or "
+                f"{'beside' if path.parent != folder.resolve() else 'in'} that folder, is freed when that process "
+                f"exits, even if it is killed), stop it, or "
                 f"{elsewhere}") from None
         except OSError as exc:
             handle.close()

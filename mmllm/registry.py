@@ -11,7 +11,8 @@ module (nothing is loaded from a checkpoint or a data folder): an encoder subcla
 LLM loader returns an :class:`~mmllm.llm.LLMCore`. Its ``from_options(options, where)`` may also take
 what the assembly passes the shipped kinds (``weights`` for an encoder or LLM, ``parts`` for a
 decoder); one that does not is built whole (an encoder not loaded for a stage is then wrapped as its
-shape).
+shape). A class that builds parts of its own through :func:`build` may list them in a classmethod
+``nested_parts(options, where)`` (``(table, spec, where)`` each): :func:`check_part_options` checks theirs too.
 """
 
 from __future__ import annotations
@@ -118,8 +119,19 @@ def _lies_in(path: Path, folder: Path) -> bool:
 
 
 def parse_options(table: str, spec: ComponentSpec, where: str) -> Any:
+    """``spec``'s options checked strictly, and those of the parts it builds inside (a class's optional
+    ``nested_parts(options, where)``: ``(table, spec, where)`` of each, e.g. frames-video's ``image``)."""
     cls = resolve(table, spec.kind, where)
-    return from_dict(cls.Options, spec.options, where)
+    options = from_dict(cls.Options, spec.options, where)
+    for inner_table, inner_spec, inner_where in nested_parts(cls, options, where):
+        parse_options(inner_table, inner_spec, inner_where)
+    return options
+
+
+def nested_parts(cls: type, options: Any, where: str) -> list[tuple[str, ComponentSpec, str]]:
+    """The parts a component of class ``cls`` builds through the registry itself, as ``(table, spec, where)``."""
+    declared = getattr(cls, "nested_parts", None)
+    return list(declared(options, where)) if callable(declared) else []
 
 
 def check_part_options(config: Any, where: str, overrides: list[str] | None = None, prefix: str = "") -> None:

@@ -87,6 +87,7 @@ def test_train_then_export_merged_lora_gives_the_same_outputs(sample_data, tmp_p
     merged = tmp_path / "merged"
     assert main(["export", "--checkpoint", str(ckpt), "--output", str(merged), "--merge-lora"]) == 0
     assert (merged / "llm" / "config.json").is_file() and not (merged / "adapter").exists()
+    assert not (tmp_path / ".merged.mmllm.lock").exists()  # the lock beside it goes with the export
     a = AnyToAnyModel.from_pretrained(ckpt).eval()
     b = AnyToAnyModel.from_pretrained(merged).eval()
     assert b.lora_config is None
@@ -355,3 +356,34 @@ def test_main_called_from_python_keeps_the_callers_log_handlers_and_levels(caplo
     assert "unknown key(s) optim.lrr" in caplog.text
     line = r"^\d\d:\d\d:\d\d ERROR mmllm: \S+encode_align\.yaml: unknown key\(s\) optim\.lrr"
     assert re.search(line, capsys.readouterr().err, re.M)
+
+
+@pytest.mark.parametrize("command", ["infer", "eval", "refine"])
+def test_threads_is_restored_when_the_command_returns(command, tmp_path, request, monkeypatch):
+    """`main([... "--threads", N])` called from Python left torch's thread count at N for the rest of the caller's
+    process: restored as found when the command returns (here one stopped where it loads the model)."""
+    from mmllm.config import ConfigError
+
+    checkpoint = tmp_path / "checkpoint"
+    if command == "infer":  # infer checks the checkpoint's files before it sets the threads
+        request.getfixturevalue("tiny_model").save_pretrained(checkpoint)
+    else:
+        checkpoint.mkdir()
+    data = tmp_path / "chat.jsonl"
+    data.write_text("")
+
+    def stop_here(*args, **kwargs):
+        raise ConfigError("stopped where the model loads")
+
+    monkeypatch.setattr(AnyToAnyModel, "from_pretrained", stop_here)
+    out = ["--output", str(tmp_path / "out")]
+    argv = {"infer": ["infer", "--checkpoint", str(checkpoint), "--prompt", "hi", *out],
+            "eval": ["eval", "--checkpoint", str(checkpoint), "--parts", str(tmp_path), *out],
+            "refine": ["refine", "--checkpoint", str(checkpoint), "--data", str(data), *out]}
+    before = torch.get_num_threads()
+    seen = []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real_set(n)))
+    assert main([*argv[command], "--threads", str(before + 1)]) == 2
+    assert before + 1 in seen  # the command did set it
+    assert torch.get_num_threads() == before

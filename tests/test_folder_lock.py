@@ -195,3 +195,39 @@ def test_without_fcntl_the_folder_is_still_made(tmp_path, monkeypatch):
     with hold_folder(out, "mmllm world report", "-"):
         assert out.is_dir()
     assert list(out.iterdir()) == []
+
+
+HOLDER_BESIDE = """
+import sys
+from mmllm.folder_lock import hold_beside
+with hold_beside(sys.argv[1], "the first export", "-"):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("command", ["export", "refine"])
+def test_writing_an_output_another_export_or_refine_holds_is_refused_at_once(command, tmp_path, caplog):
+    """Two exports (or refines) into one --output each replaced it whole: the last won, the other still said
+    "wrote", and in a narrow window one failed on a raw rename error. The second is now refused by name."""
+    out = tmp_path / "exported"
+    argv = {"export": ["export", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(out)],
+            "refine": ["refine", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "d.jsonl"),
+                       "--output", str(out)]}[command]
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER_BESIDE, str(out)], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        assert (tmp_path / ".exported.mmllm.lock").is_file()
+        assert main(argv) == 2
+        _refusal_says_who_and_what_to_do(caplog.text, out, proc, "give this ")
+        assert ".exported.mmllm.lock beside that folder" in caplog.text
+        assert not out.exists()
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    caplog.clear()
+    assert main(argv) == 2  # let in once it is free: on to the missing checkpoint (data), the lock let go after
+    assert "is in use" not in caplog.text and str(tmp_path) in caplog.text
+    assert not (tmp_path / ".exported.mmllm.lock").exists()

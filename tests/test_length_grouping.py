@@ -5,6 +5,7 @@ on ``--resume``, recorded in the checkpoint and compared on resume."""
 import collections
 import json
 import logging
+from dataclasses import replace as dataclasses_replace
 
 import numpy as np
 import pytest
@@ -185,3 +186,32 @@ def test_a_checkpoint_from_before_the_setting_resumes_ungrouped_without_a_warnin
     check_resume(stage_cfg("instruct", sample_data, tmp_path, max_steps=2, group_by_length="true"),
                  tmp_path / "step-1", 1, [23])
     assert "group_by_length: False -> True" in caplog.text
+
+
+def test_a_grouped_checkpoint_of_an_older_batch_order_is_warned_about_on_resume(sample_data, tmp_path, caplog,
+                                                                               monkeypatch):
+    """A grouped run checkpointed within its first chunk by an mmllm before the longest-batch-first order resumed
+    into another batch order without a word: the checkpoint now records its order's version, compared on resume."""
+    grouped_cfg = stage_cfg("instruct", sample_data, tmp_path, max_steps=2, group_by_length="true")
+    train(stage_cfg("instruct", sample_data, tmp_path, max_steps=1, group_by_length="true"))
+    caplog.set_level(logging.WARNING)
+    check_resume(grouped_cfg, tmp_path / "step-1", 1, [23])
+    assert "reads other samples" not in caplog.text  # this version's checkpoint: the same order
+    real = ckpt.read_progress
+
+    def older(path, step=None):  # what a checkpoint of an mmllm before the version was recorded holds
+        progress = real(path)
+        progress.pop("length_order", None)
+        return progress | ({"step": step} if step is not None else {})
+
+    monkeypatch.setattr(ckpt, "read_progress", older)
+    check_resume(grouped_cfg, tmp_path / "step-1", 1, [23])
+    assert "group_by_length's batch order" in caplog.text and "reads other samples" in caplog.text
+    caplog.clear()
+    beyond = dataset_module.GROUP_BATCHES  # past the first chunk: later chunks are ordered as they were
+    monkeypatch.setattr(ckpt, "read_progress", lambda path: older(path, step=beyond))
+    check_resume(dataclasses_replace(grouped_cfg, max_steps=beyond + 1), tmp_path / "step-1", 1, [23])
+    assert "reads other samples" not in caplog.text
+    caplog.clear()
+    check_resume(stage_cfg("instruct", sample_data, tmp_path, max_steps=2), tmp_path / "step-1", 1, [23])
+    assert "batch order" not in caplog.text  # not grouped now: the group_by_length change is what is said

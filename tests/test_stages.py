@@ -527,6 +527,27 @@ def test_a_mistyped_part_option_is_refused_naming_its_file_before_the_llm_is_bui
     assert not (tmp_path / "out").exists()
 
 
+def test_a_mistyped_option_of_a_nested_part_is_refused_before_the_llm_is_built(tmp_path, monkeypatch):
+    """frames-video's inner `image:` encoder was checked only when built, after the LLM loaded."""
+    monkeypatch.setattr(AnyToAnyModel, "assemble", lambda *a, **k: pytest.fail("the model was assembled"))
+    assembly = tmp_path / "my_assembly.yaml"
+    text = (REPO / "configs/assemblies/tiny.yaml").read_text()
+    assert "      tokens: pooled" in text
+    assembly.write_text(text.replace("      tokens: pooled", "      tokns: pooled"))
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml",
+                     [f"assembly={assembly}", f"output_dir={tmp_path / 'out'}", "report_to=none"])
+    with pytest.raises(ConfigError, match=rf"^{assembly}: unknown key\(s\) encoders\.video\.image\.tokns; valid "
+                                          r"keys here are: .*tokens"):
+        train(cfg)
+    assert not (tmp_path / "out").exists()
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml",
+                     ["assembly.encoders.video.image.kind=no-such-encoder", f"output_dir={tmp_path / 'out'}",
+                      "report_to=none"])
+    with pytest.raises(ConfigError, match=r"tiny\.yaml: encoders\.video\.image: unknown encoder kind "
+                                          r"'no-such-encoder'; valid kinds are: frames-video, hf-audio, open-clip"):
+        train(cfg)
+
+
 def test_a_missing_init_from_names_the_checkpoint_its_run_does_hold(sample_data, tmp_path):
     """The previous stage trained for fewer steps (`max_steps=10`) than the next stage's init_from names
     (step-30): the error names the step that run finished on, not only the one that is missing."""
@@ -553,3 +574,37 @@ def test_a_mistyped_part_option_set_by_an_override_names_the_override_not_only_t
     with pytest.raises(ConfigError, match=r"tiny\.yaml: unknown key\(s\) encoders\.image\.tokns; .* \(set on the "
                                           r"command line by assembly\.encoders\.image\.tokns=patch\)$"):
         train(cfg)
+
+
+def _unbuildable(*args, **kwargs):
+    raise ValueError("this model cannot be built")
+
+
+@pytest.mark.parametrize("before", ["missing", "empty", "holding a file"])
+def test_a_failed_run_removes_only_the_empty_output_dir_it_made(before, tmp_path, monkeypatch):
+    """A run that failed after the output_dir check (a model that cannot be built) left the empty folder (and the
+    parents it made) behind; one that was there before, or holds a file, is kept as it is."""
+    monkeypatch.setattr(AnyToAnyModel, "assemble", _unbuildable)
+    out = tmp_path / "runs" / "mine" / "encode_align"
+    if before != "missing":
+        out.mkdir(parents=True)
+    if before == "holding a file":
+        (out / "notes.txt").write_text("mine")
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", [f"output_dir={out}", "report_to=none"])
+    with pytest.raises(ValueError, match="cannot be built"):
+        train(cfg)
+    if before == "missing":
+        assert not (tmp_path / "runs").exists()  # the parents it made too
+    else:
+        assert out.is_dir() and [p.name for p in out.iterdir()] == (["notes.txt"] if before != "empty" else [])
+
+
+def test_training_logs_the_absolute_output_dir_once_at_start(tmp_path, monkeypatch, caplog):
+    """A relative output_dir was logged as given: from another folder one could not tell where runs/ went."""
+    monkeypatch.setattr(AnyToAnyModel, "assemble", _unbuildable)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml", ["output_dir=runs/here", "report_to=none"])
+    with caplog.at_level(logging.INFO, logger="mmllm"), pytest.raises(ValueError, match="cannot be built"):
+        train(cfg)
+    absolute = str(tmp_path / "runs" / "here")
+    assert sum(absolute in r.getMessage() for r in caplog.records) == 1, [r.getMessage() for r in caplog.records]

@@ -250,6 +250,9 @@ class MixtureSampler:
 
 
 GROUP_BATCHES = 50  # micro-batches per chunk that LengthGroupedSampler sorts by length
+# LengthGroupedSampler's order, recorded in a grouped run's checkpoints and compared on --resume: 2, the first
+# chunk's longest micro-batch first (:func:`longest_first`); a checkpoint recording none may be of the order before
+LENGTH_ORDER_VERSION = 2
 
 
 def longest_first(order: np.ndarray) -> np.ndarray:

@@ -63,13 +63,18 @@ class FramesVideoEncoder(MediaEncoder):
         self.eval()
 
     @classmethod
+    def nested_parts(cls, options: Options, where: str = "") -> list[tuple[str, ComponentSpec, str]]:
+        """The image encoder it builds, as ``(table, spec, where)``: the registry checks its options with ours."""
+        image_where = f"{where}.image" if where else "image"
+        return [("encoder", ComponentSpec.parse(options.image, image_where), image_where)]
+
+    @classmethod
     def from_options(cls, options: Options, where: str = "", weights: bool = True) -> MediaEncoder:
         """The encoder; with ``weights=False`` its :class:`EncoderShape`, built without reading any weights."""
         from mmllm import registry
 
-        image_where = f"{where}.image" if where else "image"
-        image = registry.build("encoder", ComponentSpec.parse(options.image, image_where), image_where,
-                               weights=weights)
+        [(table, image_spec, image_where)] = cls.nested_parts(options, where)
+        image = registry.build(table, image_spec, image_where, weights=weights)
         if getattr(image, "modality", None) != "image":
             raise ConfigError(
                 f"{image_where}.kind: {options.image.get('kind')!r} is a "

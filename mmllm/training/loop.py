@@ -38,6 +38,7 @@ from mmllm.config import (
     to_dict,
 )
 from mmllm.data.dataset import (
+    LENGTH_ORDER_VERSION,
     LengthGroupedSampler,
     MixtureSampler,
     StageDataset,
@@ -184,8 +185,34 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     The main process holds ``output_dir``'s lock (:mod:`mmllm.folder_lock`) from before it writes there
     until it returns: a second run into the same ``output_dir`` is refused
     (:class:`~mmllm.folder_lock.FolderInUse`) before its model is built."""
-    with StopRequests() as stop, contextlib.ExitStack() as held:
-        return _train(cfg, resume, accelerator, stop, held)
+    made = _missing_folders(Path(cfg.output_dir))
+    try:
+        with StopRequests() as stop, contextlib.ExitStack() as held:
+            return _train(cfg, resume, accelerator, stop, held)
+    except BaseException:
+        _remove_empty(made)  # after `held` let go of the lock (and deleted its file)
+        raise
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first: what this run would create."""
+    missing = []
+    for path in (folder.absolute(), *folder.absolute().parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (innermost first) that is empty, stopping at the first that is not: a failed run
+    leaves no empty output_dir it made. ``rmdir`` refuses a folder holding anything, whoever put it there."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        log.debug("removed the empty folder %s this run made", path)
 
 
 def _hold_output_dir(accelerator, out_dir: Path, held: contextlib.ExitStack, resume: bool) -> None:
@@ -252,6 +279,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     if accelerator.is_main_process:
         warn_empty_replies(per_dataset + held_out, cfg.all_data())
     on_every_process(accelerator, lambda: check_output_dir(out_dir))  # one process refused: all stop with its word
+    log.info("output_dir: %s", out_dir.resolve())  # as given it may be relative: say where it is
     if not resume:
         _hold_output_dir(accelerator, out_dir, held, resume=False)  # before its checkpoints are counted: a live run's are not
         on_every_process(accelerator, lambda: check_fresh_output_dir(out_dir))
@@ -263,6 +291,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
         precision = zero.configure(accelerator.state.deepspeed_plugin, cfg, accelerator.num_processes)
         accelerator.gradient_accumulation_steps = cfg.grad_accum  # what the engine is told, so Accelerate agrees
     run_info = {"processes": accelerator.num_processes, "samples": [len(convs) for convs in per_dataset]}
+    if cfg.group_by_length:
+        run_info["length_order"] = LENGTH_ORDER_VERSION
     if last is not None:
         check_resume(cfg, last, run_info["processes"], run_info["samples"])
     set_seed(cfg.seed)

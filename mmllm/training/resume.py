@@ -11,7 +11,8 @@ the resumed run's config is sorted three ways before any weight loads (:func:`ch
   the config's again and recomputes the next step's learning rate; the warning gives the jump;
 * allowed, with a warning that the resumed run no longer draws the samples the uninterrupted run would
   have: ``seed``, ``group_by_length``, the samples per step (``batch_size`` x processes, ``grad_accum``), the data sets and
-  their sizes.
+  their sizes, and a grouped run's batch order (``length_order`` in its progress; a checkpoint within the first
+  chunk written by an mmllm with another order).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mmllm.config import (
     lora_targets_key,
     to_dict,
 )
+from mmllm.data.dataset import GROUP_BATCHES, LENGTH_ORDER_VERSION
 from mmllm.training import checkpoint as ckpt
 from mmllm.training.init_from import assembly_differences, list_differences, normalized_assembly, same_value
 
@@ -180,6 +182,11 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
                      f"{old_world} -> {cfg.batch_size} x {processes}")
     elif old_world is None and saved.get("batch_size") != cfg.batch_size:
         order.append(f"batch_size: {saved.get('batch_size')} -> {cfg.batch_size}")
+    if cfg.group_by_length and saved.get("group_by_length") and progress["step"] * cfg.grad_accum < GROUP_BATCHES:
+        was = progress.get("length_order")  # later chunks are ordered alike: only the first's can differ
+        if was != LENGTH_ORDER_VERSION:
+            order.append(f"group_by_length's batch order: {f'version {was}' if was else 'none recorded (an older mmllm)'}"
+                         f" -> version {LENGTH_ORDER_VERSION} (the first chunk's longest micro-batch first)")
     if not _same_data(saved.get("data") or [], now["data"]):
         order.append("data: the data sets or their weights")
     elif progress.get("samples") not in (None, samples):
