@@ -6,7 +6,6 @@ the GIF fallback; the gallery's markup."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -21,7 +20,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from mmllm.cli import main
+from mmllm.cli import main, torch_threads  # tiny models are overhead-bound: one thread is faster
 from mmllm.data.media import Audio, save_audio, save_video
 from mmllm.data.samples import moving, tone
 from mmllm.inference import runner
@@ -34,17 +33,6 @@ from mmllm.model import AnyToAnyModel
 GENERATE = {"image": "Generate an image: a red circle", "audio": "Generate a sound: a high beep",
             "video": "Generate a video: a blue square moving left"}
 FILE_SUFFIX = {"image": (".png",), "audio": (".wav",), "video": (".mp4", ".gif")}
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Tiny models are overhead-bound: one thread is faster, and robust on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def trained_checkpoint(tmp_path_factory) -> Path:
