@@ -348,14 +348,25 @@ def _converted(out: Path) -> bool:
 
 @contextlib.contextmanager
 def _lock_beside(out: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``<out>.lock`` while the block runs, waiting for it (none where not POSIX)."""
+    """An exclusive ``flock`` on ``<out>.lock`` while the block runs, waiting for it (none where not POSIX, and
+    none, with a warning, on a file system that cannot lock: the conversion then runs as it did before the lock)."""
     try:
         import fcntl
     except ImportError:
         yield
         return
+    from mmllm.folder_lock import NO_LOCKS
+
     with open(out.with_name(f"{out.name}.lock"), "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in NO_LOCKS:
+                raise
+            log.warning("the file system of %s does not lock files (%s): each process of the run that finds no "
+                        "conversion there makes its own", out.parent, exc.strerror or exc)
+            yield
+            return
         try:
             yield
         finally:

@@ -197,6 +197,24 @@ def test_the_processes_of_a_run_convert_a_gguf_file_once_and_the_others_wait_for
     assert sorted(p.name for p in out.parent.iterdir()) == ["model-0123", "model-0123.lock"]
 
 
+def test_a_gguf_conversion_on_a_file_system_without_locks_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    """flock fails there with ENOSYS (Lustre without -o flock, some FUSE file systems): loading a GGUF core
+    stopped with a bare '[Errno 38] Function not implemented' where the conversion worked before its lock existed."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    out, log = tmp_path / "cache" / "model-0123", tmp_path / "made.log"
+    with caplog.at_level("WARNING", logger="mmllm.llm"):
+        _convert_slowly(out, log)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert any("does not lock files" in r.getMessage() and "Function not implemented" in r.getMessage()
+               for r in caplog.records)
+
+
 @pytest.mark.slow  # 25 s: the feature cache, then a 2-node launch that stops before training
 def test_a_machine_without_the_required_feature_cache_stops_every_machine_with_its_message(tmp_path):
     """cache.require, and node 1's cache.dir (its own disk) is empty: node 1 stopped alone and node 0 failed in the
