@@ -258,3 +258,14 @@ def test_processes_joined_before_the_accelerator_stay_on_cpu_when_the_launch_say
         if dist.is_initialized():
             dist.destroy_process_group()
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_an_init_from_no_machine_holds_is_the_same_on_machines_with_other_home_folders(tmp_path, monkeypatch):
+    """``--resume`` of a stage whose ``init_from`` (``~/runs/...``, expanded per user) was pruned on every machine:
+    the resumed run does not read it, so machines whose home folders differ do not differ there."""
+    config = _stage_reading(tmp_path, "stage", REPO / "data/samples/pairs.jsonl")
+    seen = []
+    for user in ("alice", "bob"):
+        monkeypatch.setenv("HOME", str(tmp_path / user))
+        seen.append(_describe(config, "init_from=~/runs/encode-align/step-10")["init_from"])
+    assert seen[0] == seen[1]
