@@ -233,3 +233,39 @@ def test_a_machine_without_the_required_feature_cache_stops_every_machine_with_i
         assert f"cache.require: cache.dir {tmp_path / 'cache1'} holds no feature cache yet" in log, log[-3000:]
         assert "Connection closed by peer" not in log
     assert "on process 1 (host " in nodes[0][1]
+
+
+def test_processes_joined_before_the_accelerator_stay_on_cpu_when_the_launch_says_cpu(monkeypatch):
+    """``accelerate launch --cpu`` (``ACCELERATE_USE_CPU``) on machines with an accelerator: the state the command
+    starts before reading the config is the one ``train()``'s Accelerator would start (CPU processes on gloo), not a
+    device run the Accelerator then inherits."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    from mmllm.training import loop
+    from tests.test_distributed import _free_port
+
+    monkeypatch.setattr(loop, "_has_accelerator_device", lambda: True)
+    for key, value in {"ACCELERATE_USE_CPU": "true", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}.items():
+        monkeypatch.setenv(key, value)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        state = loop.join_processes()
+        assert (state.distributed_type, state.backend, state.device.type) == (DistributedType.MULTI_CPU, "gloo", "cpu")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_an_init_from_no_machine_holds_is_the_same_on_machines_with_other_home_folders(tmp_path, monkeypatch):
+    """``--resume`` of a stage whose ``init_from`` (``~/runs/...``, expanded per user) was pruned on every machine:
+    the resumed run does not read it, so machines whose home folders differ do not differ there."""
+    config = _stage_reading(tmp_path, "stage", REPO / "data/samples/pairs.jsonl")
+    seen = []
+    for user in ("alice", "bob"):
+        monkeypatch.setenv("HOME", str(tmp_path / user))
+        seen.append(_describe(config, "init_from=~/runs/encode-align/step-10")["init_from"])
+    assert seen[0] == seen[1]

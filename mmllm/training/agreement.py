@@ -178,8 +178,8 @@ def _checkpoint_identity(folder: Path) -> str:
     from mmllm.training.checkpoint import MANIFEST
 
     manifest = folder / MANIFEST
-    if not manifest.is_file():
-        return f"no {MANIFEST} at {folder}"
+    if not manifest.is_file():  # not where it was (a resumed run need not read it): not its path, machine-dependent
+        return f"none (no {MANIFEST} there)"
     return f"manifest sha256 {hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]}"
 
 

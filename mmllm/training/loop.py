@@ -674,11 +674,13 @@ def join_processes():
     it reads the stage config: a config one machine cannot read (a file missing there, a bad override on its
     command line) then stops every process with its message; a process that stopped before joining left the
     others waiting to connect to it until torch.distributed timed out (still waiting after 5 minutes
-    in a 2-machine test)."""
+    in a 2-machine test). ``accelerate launch --cpu`` (``ACCELERATE_USE_CPU``) keeps the processes on CPU, as the
+    Accelerator would: the state started here is the one it then takes over."""
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     _deepspeed_on_cpu_without_a_device()
-    return PartialState(cpu=not _has_accelerator_device())
+    return PartialState(cpu=not _has_accelerator_device() or parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def _deepspeed_on_cpu_without_a_device() -> None:
