@@ -184,6 +184,17 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def flat_keys(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings (:func:`to_dict`'s) as one level of dotted keys: ``{"optim": {"lr": 0.1}}`` ->
+    ``{"optim.lr": 0.1}``, under ``prefix`` (``"lora"`` -> ``"lora.r"``). An empty mapping adds no key."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out |= flat_keys(v, f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return {prefix: value}
+
+
 # --------------------------------------------------------------------------------------------
 # Assembly
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmllm.config import ConfigError, StageConfig, load_assembly, load_lora, to_dict
+from mmllm.config import ConfigError, StageConfig, flat_keys, load_assembly, load_lora, to_dict
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,10 @@ def on_every_process(accelerator, work: Callable[[], Any]) -> list[Seen]:
 def run_description(cfg: StageConfig, accelerator) -> dict[str, str]:
     """What this process trains, flat (``"optim.lr": "0.01"``): the settings every process of a run must share."""
     stage = to_dict(cfg)
-    out = {k: v for k, v in _flat(stage).items() if not k.startswith(MACHINE_PATHS)}
-    out |= _flat(_assembly(cfg), "assembly.")
+    out = {k: v for k, v in flat_keys(stage).items() if not k.startswith(MACHINE_PATHS)}
+    out |= flat_keys(_assembly(cfg), "assembly")
     if cfg.lora:
-        out |= _flat(to_dict(load_lora(cfg.lora)), "lora.")
+        out |= flat_keys(to_dict(load_lora(cfg.lora)), "lora")
     if cfg.init_from:
         out["init_from"] = _checkpoint_identity(Path(cfg.init_from))
     for section in ("data", "eval_data"):
@@ -195,7 +195,7 @@ def _file_identity(path: Path) -> str:
 def _assembly(cfg: StageConfig) -> dict[str, Any]:
     from mmllm.training.init_from import MACHINE_KEYS, normalized_assembly
 
-    flat = _flat(normalized_assembly(load_assembly(cfg.assembly, cfg.assembly_overrides)))
+    flat = flat_keys(normalized_assembly(load_assembly(cfg.assembly, cfg.assembly_overrides)))
     return {k: v for k, v in flat.items() if k not in MACHINE_KEYS}
 
 
@@ -206,15 +206,6 @@ def _version(name: str) -> str:
         return version(name)
     except PackageNotFoundError:
         return "not installed"
-
-
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out |= _flat(v, f"{prefix}{k}.")
-        return out
-    return {prefix[:-1] if prefix.endswith(".") else prefix: value}
 
 
 def _places(seen: list[Seen]) -> str:

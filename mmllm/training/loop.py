@@ -33,6 +33,7 @@ from mmllm.config import (
     ConfigError,
     LoraConfig,
     StageConfig,
+    flat_keys,
     load_assembly,
     load_lora,
     to_dict,
@@ -358,7 +359,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
         apply_hyperparameters(optimizer, scheduler, cfg)  # the restored groups hold the checkpoint's
         _restore_loss_scale(accelerator, progress, last)
     if accelerator.is_main_process and cfg.report_to != "none":
-        accelerator.init_trackers(f"{cfg.stage}", config=_flat(to_dict(cfg)))
+        accelerator.init_trackers(f"{cfg.stage}", config=_tracker_config(cfg))
     world, rank = accelerator.num_processes, accelerator.process_index
     held, total = _parameter_megabytes(model)
     log.info("%d process(es), %s, device %s, mixed precision %s; this process holds %.1f of the model's "
@@ -825,17 +826,9 @@ def _unwrap(accelerator, model) -> AnyToAnyModel:
     return accelerator.unwrap_model(model)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        elif isinstance(v, (int, float, str, bool)):
-            out[key] = v
-        else:
-            out[key] = str(v)
-    return out
+def _tracker_config(cfg: StageConfig) -> dict[str, Any]:
+    """The stage's settings as the tracker's hyperparameters: dotted keys, values a number, text or bool."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat_keys(to_dict(cfg)).items()}
 
 
 def check_output_dir(out_dir: Path) -> None:

@@ -28,6 +28,7 @@ from mmllm.config import (
     STAGE_DEFAULT_TRAINABLE,
     ConfigError,
     StageConfig,
+    flat_keys,
     load_assembly,
     load_lora,
     lora_targets_key,
@@ -70,15 +71,6 @@ def check_fresh_output_dir(out_dir: Path) -> None:
                           "(in Python: train(cfg, resume=True)) to restore it and continue, or give another output_dir (or delete its .step-* folders) to start over")
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out |= _flat(v, f"{prefix}.{k}" if prefix else k)
-        return out
-    return {prefix: value}
-
-
 def _trainable(stage: dict[str, Any]) -> dict[str, bool]:
     out = dict(STAGE_DEFAULT_TRAINABLE[stage["stage"]])
     out.update({k: v for k, v in (stage.get("trainable") or {}).items() if v is not None})
@@ -111,7 +103,7 @@ def _same_adapter(saved: dict[str, Any] | None, wanted: dict[str, Any] | None, l
 
 
 def _changed(saved: dict[str, Any], now: dict[str, Any], sections: tuple[str, ...]) -> list[str]:
-    a, b = _flat({k: saved.get(k) for k in sections}), _flat({k: now.get(k) for k in sections})
+    a, b = flat_keys({k: saved.get(k) for k in sections}), flat_keys({k: now.get(k) for k in sections})
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
