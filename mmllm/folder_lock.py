@@ -149,6 +149,38 @@ def _hold(lock: Path, folder: Path, what: str, elsewhere: str) -> Iterator[None]
 NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
 
 
+_warned_unlockable: set[Path] = set()  # lock files whose file system could not lock, warned about once
+
+
+@contextlib.contextmanager
+def waiting_lock(path: Path, unlocked: str) -> Iterator[None]:
+    """An exclusive ``flock`` on the file ``path`` while the block runs, waiting for whoever holds it (a short
+    read-modify-write or a one-time conversion, where the others should wait rather than be refused). None where
+    not POSIX, and none, with a warning once per file, on a file system that cannot lock (:data:`NO_LOCKS`):
+    ``unlocked`` says what then goes on without it."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: one writer assumed
+        yield
+        return
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in NO_LOCKS:
+                raise
+            if path not in _warned_unlockable:
+                _warned_unlockable.add(path)
+                log.warning("the file system of %s does not lock files (%s): %s", path.parent,
+                            exc.strerror or exc, unlocked)
+            yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _acquire(fcntl: Any, path: Path, folder: Path, what: str, elsewhere: str) -> IO[str] | None:
     """The lock file, open and locked; None (with a warning) where ``folder``'s file system cannot lock."""
     while True:

@@ -28,7 +28,7 @@ import logging
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmllm.config import MODALITIES, ConfigError
+from mmllm.folder_lock import waiting_lock
 from mmllm.locations import resolve_location
 
 log = logging.getLogger(__name__)
@@ -326,7 +327,8 @@ def convert_once(out: Path, make: Callable[[Path], None], what: str) -> Path:
     if _converted(out):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _lock_beside(out):
+    with waiting_lock(out.with_name(f"{out.name}.lock"),
+                      "each process of the run that finds no conversion there makes its own"):
         if _converted(out):  # another process made it while this one waited
             return out
         log.info("%s once into %s (about 30 s; other processes converting it wait)", what, out)
@@ -344,33 +346,6 @@ def convert_once(out: Path, make: Callable[[Path], None], what: str) -> Path:
 
 def _converted(out: Path) -> bool:
     return (out / "config.json").is_file() and any(out.glob("*.safetensors"))
-
-
-@contextlib.contextmanager
-def _lock_beside(out: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``<out>.lock`` while the block runs, waiting for it (none where not POSIX, and
-    none, with a warning, on a file system that cannot lock: the conversion then runs as it did before the lock)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    from mmllm.folder_lock import NO_LOCKS
-
-    with open(out.with_name(f"{out.name}.lock"), "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError as exc:
-            if exc.errno not in NO_LOCKS:
-                raise
-            log.warning("the file system of %s does not lock files (%s): each process of the run that finds no "
-                        "conversion there makes its own", out.parent, exc.strerror or exc)
-            yield
-            return
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _dequantize_into(gguf_path: Path, tmp: Path) -> None:

@@ -221,3 +221,22 @@ def test_a_media_file_is_read_once_while_unchanged_and_again_when_it_changes(tmp
     # a stale section (another fingerprint) needs the key to say so: the file is read for it
     stale = _lookups(tmp_path / "stale", {"theirs": feats})
     assert stale.features("image", files[0]) is None and stale.stats() == {"encoder/image/stale": 1}
+
+
+def test_a_cache_on_a_file_system_without_locks_is_built_with_one_warning(model, data, tmp_path, monkeypatch, caplog):
+    """flock fails there with ENOSYS (Lustre without -o flock): the index update after each shard stopped the
+    command with a bare '[Errno 38]' after the shard was computed. It goes on unlocked, warned about once."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cfg = cfg_for("encode-align", data, tmp_path / "cache")
+    with caplog.at_level("WARNING"):
+        report = build_cache(cfg, model)
+    assert dict(report.computed) == {"encoder/image": 8, "encoder/video": 8, "encoder/audio": 3}
+    assert sum(build_cache(cfg, model).present.values()) == 19  # every shard is in the index
+    warned = [r for r in caplog.records if "does not lock files" in r.getMessage()]
+    assert len(warned) == 1 and "Function not implemented" in warned[0].getMessage()

@@ -20,12 +20,10 @@ which keys exist; ``index.json`` lists sections, their components and their shar
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ import torch
 
 from mmllm.atomic import atomic_write
 from mmllm.data.fingerprint import CACHE_FORMAT_VERSION
+from mmllm.folder_lock import waiting_lock
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +48,6 @@ def section_name(kind: str, modality: str, fingerprint: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"cache section kind must be one of {KINDS}, got {kind!r}")
     return f"{kind}-{modality}-{fingerprint}"
-
-
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: single writer assumed
-        yield
-        return
-    with open(directory / ".lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @dataclass
@@ -172,7 +156,8 @@ class FeatureCache:
 
     def add_shard(self, name: str, info: dict[str, Any], shard: str) -> None:
         """Record a finished shard in the index (read-modify-write under a lock, atomic replace)."""
-        with _locked(self.directory):
+        with waiting_lock(self.directory / ".lock", "mmllm cache processes writing this cache at the same time "
+                          "may lose each other's index entries: run one at a time"):
             index = self._read_index()
             entry = index["sections"].setdefault(name, {**info, "shards": []})
             entry["shards"] = [*entry.get("shards", []), shard]
