@@ -424,11 +424,15 @@ def cut_at_stop(tokenizer, answer: list[int], text: str, stops: list[str]) -> tu
     return answer[:keep], text[:cut]
 
 
+def before_end(row: list[int], eos: list[int]) -> list[int]:
+    """A generated row up to (without) its first end-of-turn id (:func:`end_of_turn_ids`); all of it if none."""
+    ends = [i for i, t in enumerate(row) if t in eos]
+    return row[: ends[0]] if ends else row
+
+
 def _trim(row: list[int], eos: list[int], signal_ids: dict[str, list[int]]) -> list[int]:
     """Cut at the first end-of-sequence token, then drop a signal group the token limit cut short."""
-    ends = [i for i, t in enumerate(row) if t in eos]
-    if ends:
-        row = row[: ends[0]]
+    row = before_end(row, eos)
     firsts = {ids[0]: ids for ids in signal_ids.values()}
     for start in range(max(0, len(row) - max((len(v) for v in firsts.values()), default=0)), len(row)):
         ids = firsts.get(row[start])

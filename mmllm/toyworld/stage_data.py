@@ -370,13 +370,12 @@ def _check_split(world: World, out: Path, counts: dict[str, int], held_out: bool
 def end_answer(tokenizer: Any, row: list[int], eos_ids: list[int], stops: list[str]) -> tuple[str, bool]:
     """A generated row's answer text (before its first end-of-turn id or stop string, stripped) and whether
     it ended there (False: it ran to the token limit)."""
-    from mmllm.inference.generate import cut_at_stop
+    from mmllm.inference.generate import before_end, cut_at_stop
 
-    ends = [i for i, t in enumerate(row) if t in eos_ids]
-    ids = row[: ends[0]] if ends else row
+    ids = before_end(row, eos_ids)
     text = tokenizer.decode(ids, skip_special_tokens=True)
     _, cut = cut_at_stop(tokenizer, ids, text, stops)
-    return cut.strip(), bool(ends) or len(cut) < len(text)  # shorter: a stop string was found
+    return cut.strip(), len(ids) < len(row) or len(cut) < len(text)  # shorter: an end id or stop string found
 
 
 def distil_plain_chat(model_core: Any, prompts: tuple[str, ...], out: Path, max_new_tokens: int = 128,
