@@ -43,30 +43,31 @@ def test_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_run(groupin
     assert full.returncode == 0, full.stderr[-2000:]
     # a checkpoint step; the kill lands up to 0.1 s later, often mid-write, always well before step 16
     kill_after = random.Random(os.getpid()).randint(2, 8)
+    where = f"(kill -9 drawn after step-{kill_after})"  # drawn from the pid: named so a failure can be rerun
     proc = subprocess.Popen(_cli(sample_data, tmp_path / "cut", grouping), cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (tmp_path / "cut" / f"step-{kill_after}").exists():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline
+        assert proc.poll() is None, f"the run ended before it could be killed {where}"
+        assert time.time() < deadline, where
         time.sleep(0.01)
     time.sleep(random.Random(kill_after).uniform(0.0, 0.1))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "cut" / "step-16").exists(), "the run finished before the kill"
+    assert not (tmp_path / "cut" / "step-16").exists(), f"the run finished before the kill {where}"
     resumed = subprocess.run(_cli(sample_data, tmp_path / "cut", grouping, "--resume"), cwd=REPO, env=env,
                              capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stderr
+    assert resumed.returncode == 0, f"{where}\n{resumed.stderr[-2000:]}"
+    assert "resumed from" in resumed.stderr, where
     a = tmp_path / "full" / "step-16"
     b = tmp_path / "cut" / "step-16"
     for name in ("learned.safetensors", "adapter/adapter_model.safetensors"):
         wa, wb = load_file(str(a / name)), load_file(str(b / name))
         for k in wa:
-            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=k)
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-6, msg=f"{k} {where}")
     la = json.loads((a / "training_state/progress.json").read_text())["losses"]
     lb = json.loads((b / "training_state/progress.json").read_text())["losses"]
-    assert lb == pytest.approx(la, rel=1e-6)
+    assert lb == pytest.approx(la, rel=1e-6), where
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tiny_model, tmp_path):
