@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from mmllm.config import STAGE_DEFAULT_TRAINABLE, load_assembly, load_lora, read_yaml
+    from mmllm.config import STAGE_DEFAULT_TRAINABLE, load_assembly, load_lora, naming_overrides, read_yaml
     from mmllm.model import AnyToAnyModel
     from mmllm.registry import check_part_options
     from mmllm.training.freeze import apply_trainable, count_parameters
@@ -126,10 +126,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                              "whose adapter is its own lora: file (give another with lora=PATH)")
         stage = load_stage(args.config, args.overrides)
         assembly, lora = _stage_assembly(stage), stage.lora
+        overrides, prefix = stage.assembly_overrides, "assembly."
     else:
         stage, assembly, lora = None, load_assembly(args.config, args.overrides, ""), args.lora
         check_part_options(assembly, args.config, args.overrides)
-    model = AnyToAnyModel.assemble(assembly, llm_weights=False)  # counted and checked, never run
+        overrides, prefix = args.overrides, ""
+    with naming_overrides(overrides, prefix):  # a dimension that disagrees names the override that set it
+        model = AnyToAnyModel.assemble(assembly, llm_weights=False)  # counted and checked, never run
     print(f"assembly: {assembly.name}")
     print(f"  llm: {assembly.llm.kind} {assembly.llm.options}  hidden={model.llm.hidden_size}")
     for m, spec in assembly.encoders.items():
@@ -394,7 +397,7 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None
     both read: the tokens and shapes come from the assembly the previous stage trains, and the cache
     files each frozen part's outputs under that part's fingerprint, so training finds them only if it
     runs the same part. ``check(cfg)`` runs on the config before anything loads."""
-    from mmllm.config import load_stage
+    from mmllm.config import load_stage, naming_overrides
     from mmllm.data.dataset import load_stage_records
     from mmllm.model import AnyToAnyModel
     from mmllm.training.init_from import checkpoint_missing
@@ -415,7 +418,9 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None
     per_dataset = None if shapes_only else load_stage_records(cfg.all_data(), cfg.stage)[0]
     parts = StageParts() if shapes_only else cache_parts(stage_parts(cfg.losses, per_dataset))
     log.info("stage %s: %s; the LLM from its config alone (not run here)", cfg.stage, parts.describe())
-    return cfg, per_dataset, AnyToAnyModel.assemble(assembly, parts.decoders, parts.encoders, llm_weights=False)
+    with naming_overrides(cfg.assembly_overrides, "assembly."):
+        model = AnyToAnyModel.assemble(assembly, parts.decoders, parts.encoders, llm_weights=False)
+    return cfg, per_dataset, model
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
