@@ -328,21 +328,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmllm.folder_lock import hold_beside
+    from mmllm.training.checkpoint import export_merged, export_weights_only
 
     if args.merge_lora and args.dtype is not None:
         raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
     if args.merge_lora and args.assembly:  # export_merged records the checkpoint's assembly, its LLM the merged one
         raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
                          "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
-    # one export at a time into --output (a second refused at once): each replaces it whole, the last one winning
-    with hold_beside(Path(args.output), "mmllm export", "give this export another --output"):
-        return _export(args)
-
-
-def _export(args: argparse.Namespace) -> int:
-    from mmllm.training.checkpoint import export_merged, export_weights_only
-
+    # export_merged and export_weights_only take --output's lock themselves (a second export there is refused)
     if args.merge_lora:
         path = export_merged(Path(args.checkpoint), Path(args.output), trust_remote_code=args.trust_remote_code)
         log.info("wrote merged model to %s", path)

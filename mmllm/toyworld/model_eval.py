@@ -152,7 +152,15 @@ def run_eval(model, judges: dict[str, Judge], options: EvalOptions) -> dict[str,
     """Every measurement ``options`` asks for; ``eval.json`` is rewritten after each one (``"complete": false``
     until the last), so an interrupted or failing run keeps the scores it finished. A measurement that
     cannot run (a modality without a judge for t2x, without an encoder or decoder) is named under
-    ``skipped``, never left out silently."""
+    ``skipped``, never left out silently. Holds ``options.output``'s lock while it runs (a second eval writing
+    there is refused: both would rewrite ``eval.json``)."""
+    from mmllm.folder_lock import hold_folder
+
+    with hold_folder(options.output, "mmllm eval", "give this run another output folder (--output)"):
+        return _run_eval(model, judges, options)
+
+
+def _run_eval(model, judges: dict[str, Judge], options: EvalOptions) -> dict[str, Any]:
     world = World()
     model.eval()
     report: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
