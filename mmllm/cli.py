@@ -568,18 +568,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"--items {args.items}: give at least 1 item per modality and split")
     modalities = comma_list(args.modalities, "--modalities", MODALITIES)
     tasks = comma_list(args.tasks, "--tasks", TASKS)
-    # one run at a time in --output (a second refused before anything loads): both would rewrite eval.json
+    options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size, steps=args.steps,
+                          guidance=args.guidance, modalities=modalities, seed=args.seed, tasks=tasks,
+                          parts=parts if args.parts else None, allow_other_parts=args.allow_other_parts)
+    _refuse_other_parts(checkpoint, options)  # before anything loads or is written; run_eval checks it again
+    # one run at a time in --output (a second refused before anything loads): both would rewrite eval.json.
+    # run_eval takes the same lock: held by this process already, it is counted, not taken twice
     with hold_folder(Path(args.output), "mmllm eval", "give this run another --output"):
         judges = {m: Judge.load(parts / f"judge-{m}") for m in modalities if (parts / f"judge-{m}").is_dir()}
         with torch_threads(args.threads):
             model = AnyToAnyModel.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
-            options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size,
-                                  steps=args.steps, guidance=args.guidance, modalities=modalities, seed=args.seed,
-                                  tasks=tasks)
             report = run_eval(model, judges, options)
     print(format_eval(report))
     log.info("wrote %s", Path(args.output) / "eval.json")
     return 0
+
+
+def _refuse_other_parts(checkpoint: Path, options) -> None:
+    """``mmllm eval`` of a checkpoint whose recorded encoders or decoders are not the toy world's parts, refused
+    from its ``mmllm.json`` before the model loads (a minute with a real core). A folder that is no checkpoint is
+    left to loading, which says what is wrong with it."""
+    from mmllm.toyworld.model_eval import check_toy_parts
+    from mmllm.training.checkpoint import CheckpointError, checkpoint_assembly
+
+    if options.allow_other_parts:
+        return  # run_eval warns, once
+    try:
+        assembly = checkpoint_assembly(checkpoint)
+    except (CheckpointError, OSError, ValueError):
+        return
+    check_toy_parts(assembly, options)
 
 
 def finite_float(text: str) -> float:
@@ -748,6 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale, >= 0; <= 1 turns it off")
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--allow-other-parts", action="store_true",
+                    help="measure a model whose encoders or decoders are not the toy world's parts (refused "
+                         "without it: its x2t / t2x scores would not say how well it works)")
     ev.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     ev.set_defaults(fn=cmd_eval)
 
