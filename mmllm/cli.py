@@ -112,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from mmllm.config import STAGE_DEFAULT_TRAINABLE, load_assembly, load_lora, read_yaml
+    from mmllm.config import STAGE_DEFAULT_TRAINABLE, load_assembly, load_lora, naming_overrides, read_yaml
     from mmllm.model import AnyToAnyModel
     from mmllm.registry import check_part_options
     from mmllm.training.freeze import apply_trainable, count_parameters
@@ -126,10 +126,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                              "whose adapter is its own lora: file (give another with lora=PATH)")
         stage = load_stage(args.config, args.overrides)
         assembly, lora = _stage_assembly(stage), stage.lora
+        overrides, prefix = stage.assembly_overrides, "assembly."
     else:
         stage, assembly, lora = None, load_assembly(args.config, args.overrides, ""), args.lora
         check_part_options(assembly, args.config, args.overrides)
-    model = AnyToAnyModel.assemble(assembly, llm_weights=False)  # counted and checked, never run
+        overrides, prefix = args.overrides, ""
+    with naming_overrides(overrides, prefix):  # a dimension that disagrees names the override that set it
+        model = AnyToAnyModel.assemble(assembly, llm_weights=False)  # counted and checked, never run
     print(f"assembly: {assembly.name}")
     print(f"  llm: {assembly.llm.kind} {assembly.llm.options}  hidden={model.llm.hidden_size}")
     for m, spec in assembly.encoders.items():
@@ -325,21 +328,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmllm.folder_lock import hold_beside
+    from mmllm.training.checkpoint import export_merged, export_weights_only
 
     if args.merge_lora and args.dtype is not None:
         raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
     if args.merge_lora and args.assembly:  # export_merged records the checkpoint's assembly, its LLM the merged one
         raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
                          "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
-    # one export at a time into --output (a second refused at once): each replaces it whole, the last one winning
-    with hold_beside(Path(args.output), "mmllm export", "give this export another --output"):
-        return _export(args)
-
-
-def _export(args: argparse.Namespace) -> int:
-    from mmllm.training.checkpoint import export_merged, export_weights_only
-
+    # export_merged and export_weights_only take --output's lock themselves (a second export there is refused)
     if args.merge_lora:
         path = export_merged(Path(args.checkpoint), Path(args.output), trust_remote_code=args.trust_remote_code)
         log.info("wrote merged model to %s", path)
@@ -394,7 +390,7 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None
     both read: the tokens and shapes come from the assembly the previous stage trains, and the cache
     files each frozen part's outputs under that part's fingerprint, so training finds them only if it
     runs the same part. ``check(cfg)`` runs on the config before anything loads."""
-    from mmllm.config import load_stage
+    from mmllm.config import load_stage, naming_overrides
     from mmllm.data.dataset import load_stage_records
     from mmllm.model import AnyToAnyModel
     from mmllm.training.init_from import checkpoint_missing
@@ -415,7 +411,9 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None
     per_dataset = None if shapes_only else load_stage_records(cfg.all_data(), cfg.stage)[0]
     parts = StageParts() if shapes_only else cache_parts(stage_parts(cfg.losses, per_dataset))
     log.info("stage %s: %s; the LLM from its config alone (not run here)", cfg.stage, parts.describe())
-    return cfg, per_dataset, AnyToAnyModel.assemble(assembly, parts.decoders, parts.encoders, llm_weights=False)
+    with naming_overrides(cfg.assembly_overrides, "assembly."):
+        model = AnyToAnyModel.assemble(assembly, parts.decoders, parts.encoders, llm_weights=False)
+    return cfg, per_dataset, model
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
@@ -570,18 +568,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"--items {args.items}: give at least 1 item per modality and split")
     modalities = comma_list(args.modalities, "--modalities", MODALITIES)
     tasks = comma_list(args.tasks, "--tasks", TASKS)
-    # one run at a time in --output (a second refused before anything loads): both would rewrite eval.json
+    options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size, steps=args.steps,
+                          guidance=args.guidance, modalities=modalities, seed=args.seed, tasks=tasks,
+                          parts=parts if args.parts else None, allow_other_parts=args.allow_other_parts)
+    _refuse_other_parts(checkpoint, options)  # before anything loads or is written; run_eval checks it again
+    # one run at a time in --output (a second refused before anything loads): both would rewrite eval.json.
+    # run_eval takes the same lock: held by this process already, it is counted, not taken twice
     with hold_folder(Path(args.output), "mmllm eval", "give this run another --output"):
         judges = {m: Judge.load(parts / f"judge-{m}") for m in modalities if (parts / f"judge-{m}").is_dir()}
         with torch_threads(args.threads):
             model = AnyToAnyModel.from_pretrained(checkpoint, trust_remote_code=args.trust_remote_code)
-            options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size,
-                                  steps=args.steps, guidance=args.guidance, modalities=modalities, seed=args.seed,
-                                  tasks=tasks)
             report = run_eval(model, judges, options)
     print(format_eval(report))
     log.info("wrote %s", Path(args.output) / "eval.json")
     return 0
+
+
+def _refuse_other_parts(checkpoint: Path, options) -> None:
+    """``mmllm eval`` of a checkpoint whose recorded encoders or decoders are not the toy world's parts, refused
+    from its ``mmllm.json`` before the model loads (a minute with a real core). A folder that is no checkpoint is
+    left to loading, which says what is wrong with it."""
+    from mmllm.toyworld.model_eval import check_toy_parts
+    from mmllm.training.checkpoint import CheckpointError, checkpoint_assembly
+
+    if options.allow_other_parts:
+        return  # run_eval warns, once
+    try:
+        assembly = checkpoint_assembly(checkpoint)
+    except (CheckpointError, OSError, ValueError):
+        return
+    check_toy_parts(assembly, options)
 
 
 def finite_float(text: str) -> float:
@@ -750,6 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale, >= 0; <= 1 turns it off")
     ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--allow-other-parts", action="store_true",
+                    help="measure a model whose encoders or decoders are not the toy world's parts (refused "
+                         "without it: its x2t / t2x scores would not say how well it works)")
     ev.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     ev.set_defaults(fn=cmd_eval)
 

@@ -13,6 +13,7 @@ against the chosen kind's own options dataclass when the model is assembled.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -22,6 +23,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -608,16 +610,65 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def naming_the_override(exc: ConfigError, overrides: list[str], prefix: str = "", source: str = "") -> ConfigError:
-    """``exc`` with the command-line override that set the key it names, if one did: an error such as
+    """``exc`` with the command-line overrides that set what it names, if any did: an error such as
     'max_steps: expected an integer, got 'ten'' otherwise sends one to a file that does not hold the value.
-    ``source``: the file the message starts with, whose name is not a key (``stage.yaml`` names no ``stage``)."""
+    An override of a key the message names is named as what set it, and one under a part the message names
+    whole (``encoders.image: unknown encoder kind 'x'`` after ``encoders.image.kind=x``, a dimension check naming
+    ``encoders.image (open-clip) output_dim=16`` after ``encoders.image.tokens=pooled``) as what changed that part. ``source``: the file the message starts with, whose name is not a key
+    (``stage.yaml`` names no ``stage``). An error that already names its override is returned as it is."""
     message = str(exc)
+    if ON_THE_COMMAND_LINE in message:
+        return exc
     named = message.removeprefix(source).split("valid keys here are:", 1)[0]  # the keys at fault, not valid ones
-    for item in reversed(overrides):
-        key = item.split("=", 1)[0].strip()
-        if key and re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", named):
-            return ConfigError(f"{message} (set on the command line by {prefix}{item})")
-    return exc
+    last: dict[str, str] = {}  # each key's last override: the one that took effect
+    for item in overrides:
+        if key := item.split("=", 1)[0].strip():
+            last.pop(key, None)
+            last[key] = item
+    setting = [prefix + item for key, item in last.items() if _names_key(named, key)]
+    changing: dict[str, list[str]] = {}
+    for key, item in last.items():
+        if not _names_key(named, key) and (part := _named_part(named, key)) is not None:
+            changing.setdefault(part, []).append(prefix + item)
+    said = [f"set {ON_THE_COMMAND_LINE} {' and '.join(setting)}"] if setting else []
+    said += [f"{part} was changed {ON_THE_COMMAND_LINE} {' and '.join(items)}" for part, items in changing.items()]
+    return ConfigError(f"{message} ({'; '.join(said)})") if said else exc
+
+
+ON_THE_COMMAND_LINE = "on the command line by"
+
+
+def _names_key(text: str, key: str) -> bool:
+    """Whether ``text`` names the dotted ``key`` itself (not a longer key it begins)."""
+    return re.search(rf"(?<![\w.]){re.escape(key)}(?![\w])", text) is not None
+
+
+def _named_part(text: str, key: str) -> str | None:
+    """The longest part above the dotted ``key`` that ``text`` names whole (``encoders.image`` for
+    ``encoders.image.tokens``, not where it names a key under it, ``encoders.image.model_name``), else None. A
+    one-word part only where it is one (``llm``): ``encoders`` alone names no part."""
+    segments = key.split(".")
+    for n in range(len(segments) - 1, 0, -1):
+        part = ".".join(segments[:n])
+        if n == 1 and part != "llm":
+            break
+        if re.search(rf"(?<![\w.]){re.escape(part)}(?![\w]|\.\w)", text):
+            return part
+    return None
+
+
+@contextlib.contextmanager
+def naming_overrides(overrides: list[str], prefix: str = "") -> Iterator[None]:
+    """A :class:`ConfigError` raised in the block (a dimension check when the model is assembled, a part's kind
+    or source refused when it is built) names the command-line override behind it (:func:`naming_the_override`);
+    ``prefix`` is how the command line wrote them (a stage's ``assembly.``)."""
+    try:
+        yield
+    except ConfigError as exc:
+        named = naming_the_override(exc, overrides, prefix)
+        if named is exc:
+            raise
+        raise named from exc
 
 
 def load_assembly(path: str | Path, overrides: list[str] | None = None,

@@ -18,7 +18,9 @@ a ``step-N`` checkpoint (whose manifest lists every file): it sits beside them, 
 from an ``output_dir`` (``step-N``, ``.step-N.tmp-*``, ``final.json``, ``best.json``, ``logs/``) do not
 match it. On a file system that cannot lock (``flock`` fails with ENOLCK, ENOSYS or EOPNOTSUPP) the run goes
 on unlocked, with a warning. Taken again by the process that holds it (``mmllm infer`` locks its ``--output`` and then
-:func:`mmllm.inference.runner.run_requests` does), it is held until the outermost hold ends.
+:func:`mmllm.inference.runner.run_requests` does; ``mmllm eval`` and ``run_eval`` alike), it is held until the
+outermost hold ends: counted, not locked twice. A refused or failed :func:`hold_beside` removes the parent folders
+it made for its lock.
 """
 
 from __future__ import annotations
@@ -102,19 +104,36 @@ def hold_folder(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]
 @contextlib.contextmanager
 def hold_beside(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]:
     """As :func:`hold_folder`, for a folder written elsewhere and renamed into place whole (an export, a refined
-    checkpoint), which a lock inside would not survive: the lock is :func:`beside_lock_path` (its parent made)."""
+    checkpoint), which a lock inside would not survive: the lock is :func:`beside_lock_path` (its parent made). A
+    run refused or failing in the block leaves none of the parent folders it made (they hold nothing of it)."""
     folder = Path(folder)
-    _make(folder.parent, what)
-    with _hold(beside_lock_path(folder), folder, what, elsewhere):
-        yield
+    made = _make(folder.parent, what)
+    try:
+        with _hold(beside_lock_path(folder), folder, what, elsewhere):
+            yield
+    except BaseException:  # refused or failed: the folders made for the lock go again (the lock file went first)
+        _remove_empty(made)
+        raise
 
 
-def _make(folder: Path, what: str) -> None:
+def _make(folder: Path, what: str) -> list[Path]:
+    """Make ``folder`` and its missing parents; the folders it made, innermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(exc.errno, f"{what}: cannot create the folder {folder} ({exc.strerror or exc}); fix its "
                       "permissions or free space, or give another one") from exc
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) while they are empty: what a run that wrote nothing made."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # something was written there meanwhile (or it is gone): keep it and its parents
+            return
 
 
 @contextlib.contextmanager

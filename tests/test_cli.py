@@ -337,6 +337,27 @@ def test_inspect_of_an_assembly_names_the_override_at_fault_as_it_was_written(ov
     assert said in err and f"(set on the command line by {override})" in err, err
 
 
+@pytest.mark.parametrize(("config", "overrides", "said"), [
+    ("assemblies/tiny.yaml", ["input_projections.image.input_dim=7"],
+     "input_projections.image.input_dim=7 disagrees with encoders.image (open-clip) output_dim=32 (set on the "
+     "command line by input_projections.image.input_dim=7)"),
+    ("assemblies/tiny.yaml", ["input_projections.image.input_dim=32", "encoders.image.tokens=pooled"],
+     "output_dim=16 (set on the command line by input_projections.image.input_dim=32; encoders.image was changed "
+     "on the command line by encoders.image.tokens=pooled)"),
+    ("stages/tiny/encode_align.yaml", ["assembly.output_projections.image.output_dim=5"],
+     "(output_projections.image was changed on the command line by assembly.output_projections.image.output_dim=5)"),
+    ("assemblies/tiny.yaml", ["encoders.image.kind=nope"],
+     "unknown encoder kind 'nope'; valid kinds are: frames-video, hf-audio, open-clip (or a class of your own as "
+     "'package.module:Class') (encoders.image was changed on the command line by encoders.image.kind=nope)"),
+])
+def test_a_dimension_or_kind_an_override_set_names_that_override(config, overrides, said, capsys):
+    """The dimension checks made when the model is assembled named the config keys only, and an unknown kind set
+    by an override was blamed on the file: the override that set the value (or changed the part) is named."""
+    assert main(["inspect", "--config", str(REPO / "configs" / config), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert said in err, err
+
+
 def test_main_called_from_python_keeps_the_callers_log_handlers_and_levels(caplog, capsys):
     """``logging.basicConfig(force=True)`` removed every root handler for the rest of the process: a caller's
     own, and pytest's caplog. The command's lines still go to stderr in its format."""

@@ -121,6 +121,26 @@ def test_an_override_into_a_list_says_to_give_the_list_whole_and_shows_it():
     assert apply_overrides(data, [shown]) == data  # what it shows, given back, is the list as it is
 
 
+def test_an_error_naming_a_part_names_the_overrides_that_changed_it_and_only_those():
+    from mmllm.config import naming_the_override
+
+    dims = ConfigError("input_projections.image.input_dim=32 disagrees with encoders.image (open-clip) output_dim=16")
+    named = str(naming_the_override(dims, ["encoders.image.tokens=patch", "seed=3", "encoders.audio.tokens=pooled",
+                                           "encoders.image.tokens=pooled", "input_projections.image.input_dim=32"],
+                                    "assembly."))
+    assert named == (f"{dims} (set on the command line by assembly.input_projections.image.input_dim=32; "
+                     "encoders.image was changed on the command line by assembly.encoders.image.tokens=pooled)")
+    assert str(naming_the_override(ConfigError(named), ["encoders.image.tokens=pooled"], "assembly.")) == named
+    kind = ConfigError("llm: unknown llm kind 'gpt'; valid kinds are: hf-causal-lm, tiny-llama")
+    assert str(naming_the_override(kind, ["llm.kind=gpt"])).endswith("(llm was changed on the command line by "
+                                                                      "llm.kind=gpt)")
+    # a key under the part is not the part: the file's unknown key is not blamed on another override of the part
+    typo = ConfigError("tiny.yaml: unknown key(s) encoders.image.tokns; valid keys here are: encoders.image.tokens")
+    assert naming_the_override(typo, ["encoders.image.tokens=pooled"], source="tiny.yaml") is typo
+    prose = ConfigError("the encoders and decoders disagree")  # a word is not a part: `encoders` alone names none
+    assert naming_the_override(prose, ["encoders.image.tokens=x", "decoders.image.steps=2"]) is prose
+
+
 def test_a_bad_value_or_key_given_on_the_command_line_is_blamed_on_the_override_not_the_file(tmp_path):
     stage = REPO / "configs/stages/tiny/encode_align.yaml"
     with pytest.raises(ConfigError, match=r"encode_align\.yaml: max_steps: expected an integer, got 'ten' \(set on "

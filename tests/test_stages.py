@@ -576,6 +576,17 @@ def test_a_mistyped_part_option_set_by_an_override_names_the_override_not_only_t
         train(cfg)
 
 
+def test_a_dimension_an_override_set_names_the_override_when_training_assembles(tmp_path):
+    """The dimension checks run when the model is assembled named the assembly key only, as if tiny.yaml held it."""
+    cfg = load_stage(REPO / "configs/stages/tiny/encode_align.yaml",
+                     ["assembly.input_projections.image.input_dim=7", f"output_dir={tmp_path / 'out'}",
+                      "report_to=none"])
+    with pytest.raises(ConfigError, match=r"input_projections\.image\.input_dim=7 disagrees with encoders\.image "
+                                          r"\(open-clip\) output_dim=32 \(set on the command line by "
+                                          r"assembly\.input_projections\.image\.input_dim=7\)$"):
+        train(cfg)
+
+
 def _unbuildable(*args, **kwargs):
     raise ValueError("this model cannot be built")
 

@@ -11,4 +11,5 @@
 * :mod:`~mmllm.toyworld.diffusion` how the VAEs and diffusion decoders are trained and exported;
 * :mod:`~mmllm.toyworld.evaluate` judge, retrieval and oracle-decoder accuracy;
 * :mod:`~mmllm.toyworld.report`   ``mmllm world report``: those, seen vs held-out, and a contact sheet.
+* :mod:`~mmllm.toyworld.identity` whether an assembly's encoders and decoders are the toy world's parts.
 """

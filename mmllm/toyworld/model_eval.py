@@ -16,7 +16,8 @@ Measured on items of the world's *seen* (training) and *held-out* combinations, 
   LoRA adapter disabled and the logits restricted to the base vocabulary.
 
 The accuracy of a modality is the mean over its attributes (``mean``); ``all`` counts items with
-every attribute right.
+every attribute right. x2t and t2x of a model whose encoders or decoders are not the toy world's parts are
+refused unless asked for (:func:`check_toy_parts`): they would not say how well that model works.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmllm.atomic import atomic_write_text
+from mmllm.config import ConfigError
 from mmllm.inference.generate import Request
 from mmllm.toyworld.evaluate import decoder_accuracy
 from mmllm.toyworld.judges import Judge, attribute_accuracy
@@ -64,6 +66,8 @@ class EvalOptions:
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     seed: int = 0
+    parts: Path | None = None  # the toy world's parts the model's must be (None: the shipped ones; either counts)
+    allow_other_parts: bool = False  # measure a model whose encoders or decoders are not those parts (warned)
 
 
 def read_attributes(world: World, modality: str, text: str) -> dict[str, str | None]:
@@ -148,16 +152,60 @@ def perplexities(model, passages: list[list[int]], batch_size: int = 8) -> dict[
     return ppl
 
 
+def other_parts_measured(assembly: Any, options: EvalOptions) -> list[str]:
+    """What among the encoders (x2t) and decoders (t2x) ``options`` measures is not a toy-world part (of
+    ``options.parts`` or the shipped ones), one line each (:func:`mmllm.toyworld.identity.other_parts`)."""
+    from mmllm.toyworld.identity import other_parts
+    from mmllm.toyworld.parts import shipped_dir
+
+    wanted = [("encoders", m) for m in options.modalities if "x2t" in options.tasks]
+    wanted += [("decoders", m) for m in options.modalities if "t2x" in options.tasks]
+    return other_parts(assembly, wanted, [options.parts or shipped_dir(), shipped_dir()])
+
+
+def check_toy_parts(assembly: Any, options: EvalOptions) -> list[str]:
+    """Refuse (a ConfigError naming what differs) to score x2t / t2x of a model whose encoders or decoders are
+    not the toy world's parts, unless ``options.allow_other_parts``: then warn. Its scores would measure parts
+    that never saw the toy world's media against judges of that world, not how well the model works. Returns
+    what differs."""
+    differ = other_parts_measured(assembly, options)
+    if not differ:
+        return differ
+    where = options.parts or "the shipped ones"
+    if not options.allow_other_parts:
+        raise ConfigError(
+            "mmllm eval scores x2t and t2x on the toy world's media, read back by judges trained on that world: the "
+            "scores say how well a model works only when its encoders and decoders are the toy world's parts, and "
+            f"this model's are not ({where}): {'; '.join(differ)}. They would not measure your model's quality. "
+            "Pass --allow-other-parts (EvalOptions.allow_other_parts=True) to measure it anyway (parts you re-made or "
+            "fine-tuned on the toy world), --parts for the folder of re-made parts, or --tasks routing,text for what "
+            "does not depend on them")
+    log.warning("this model's encoders or decoders are not the toy world's parts (%s): %s. Its x2t / t2x scores "
+                "measure those parts on the toy world's media (--allow-other-parts)", where, "; ".join(differ))
+    return differ
+
+
 def run_eval(model, judges: dict[str, Judge], options: EvalOptions) -> dict[str, Any]:
     """Every measurement ``options`` asks for; ``eval.json`` is rewritten after each one (``"complete": false``
     until the last), so an interrupted or failing run keeps the scores it finished. A measurement that
     cannot run (a modality without a judge for t2x, without an encoder or decoder) is named under
-    ``skipped``, never left out silently."""
+    ``skipped``, never left out silently. A model whose measured encoders or decoders are not the toy world's
+    parts is refused before anything is written (:func:`check_toy_parts`); with ``allow_other_parts`` what
+    differs is warned about and kept under ``other_parts``. Holds ``options.output``'s lock while it runs (a
+    second eval writing there is refused: both would rewrite ``eval.json``)."""
+    from mmllm.folder_lock import hold_folder
+
+    differ = check_toy_parts(model.config, options)
+    with hold_folder(options.output, "mmllm eval", "give this run another output folder (--output)"):
+        return _run_eval(model, judges, options, differ)
+
+
+def _run_eval(model, judges: dict[str, Judge], options: EvalOptions, other_parts: list[str]) -> dict[str, Any]:
     world = World()
     model.eval()
     report: dict[str, Any] = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
                               "complete": False, "x2t": {}, "t2x": {}, "routing": {}, "text": {}, "skipped": [],
-                              "samples": []}
+                              "other_parts": other_parts, "samples": []}
     routes: list[tuple[list[str], list[str], str]] = []  # (expected, emitted, prompt)
     _save(report, options)
 
@@ -274,6 +322,7 @@ def _text_to_media(model, judge: Judge, world: World, modality: str, items: list
 
 def format_eval(report: dict[str, Any]) -> str:
     lines = ["direction  modality  split      model   oracle  ratio   n     target"]
+    lines += [f"NOT THE TOY WORLD'S PARTS: {d}" for d in report.get("other_parts", [])]
     for modality, splits in report["x2t"].items():
         for split, s in splits.items():
             lines.append(f"x2t        {modality:<9} {split:<10} {s['mean']:6.3f}  {'':6}  {'':6}  {s['n']:<4}  "

@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -647,8 +648,23 @@ def check_export_target(checkpoint: Path, out: Path) -> None:
                               "export replaces its output folder whole, so give a new or empty folder")
 
 
+def holding_export(out: Path) -> AbstractContextManager[None]:
+    """The lock of an export into ``out``: one export at a time there (a second is refused at once, naming the
+    first), as each replaces it whole and the last would win; a refused or failed export leaves no folder it
+    made for it."""
+    from mmllm.folder_lock import hold_beside
+
+    return hold_beside(Path(out), "mmllm export", "give this export another output folder (--output)")
+
+
 def export_merged(checkpoint: Path, out: Path, trust_remote_code: bool = False) -> Path:
-    """A copy with LoRA merged into the LLM, saved as a plain HF model dir under ``out/llm``."""
+    """A copy with LoRA merged into the LLM, saved as a plain HF model dir under ``out/llm``. Holds ``out``'s
+    lock while it runs (:func:`holding_export`)."""
+    with holding_export(out):
+        return _export_merged(Path(checkpoint), Path(out), trust_remote_code)
+
+
+def _export_merged(checkpoint: Path, out: Path, trust_remote_code: bool) -> Path:
     check_export_target(checkpoint, out)
     # the LLM, its adapter and the learned weights are all it writes: no decoder or encoder weights are read
     model = load_model_checkpoint(checkpoint, decoder_parts="config", encoder_weights=[],
@@ -693,10 +709,15 @@ def export_weights_only(checkpoint: Path, out: Path, dtype: str = "float32", ass
     export's LLM folder (``./llm``), which its assembly names inside it, is copied as it is.
     ``assembly`` (a YAML) replaces the recorded assembly, e.g. to point at parts that moved or at
     the shipped decoders after training with stand-ins; the learned weights must fit it (checked
-    on load). The source checkpoint is verified first; the copy gets its own manifest."""
+    on load). The source checkpoint is verified first; the copy gets its own manifest. Holds ``out``'s lock
+    while it runs (:func:`holding_export`)."""
+    with holding_export(out):
+        return _export_weights_only(Path(checkpoint), Path(out), dtype, assembly)
+
+
+def _export_weights_only(checkpoint: Path, out: Path, dtype: str, assembly: Path | None) -> Path:
     from mmllm.config import load_assembly
 
-    checkpoint = Path(checkpoint)
     check_export_target(checkpoint, out)
     verify_manifest(checkpoint)
     new_assembly = to_dict(load_assembly(assembly)) if assembly is not None else None

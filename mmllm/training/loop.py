@@ -36,6 +36,7 @@ from mmllm.config import (
     flat_keys,
     load_assembly,
     load_lora,
+    naming_overrides,
     to_dict,
 )
 from mmllm.data.dataset import (
@@ -112,8 +113,9 @@ def build_model(cfg: StageConfig, parts: StageParts | None = None, check_init: b
                                               encoder_weights=parts.encoders,
                                               trust_remote_code=stage_trusts_remote_code(cfg))
     else:
-        model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts.decoders,
-                                       parts.encoders)
+        with naming_overrides(cfg.assembly_overrides, "assembly."):  # a dimension check names its override
+            model = AnyToAnyModel.assemble(load_assembly(cfg.assembly, cfg.assembly_overrides), parts.decoders,
+                                           parts.encoders)
     flags = cfg.resolved_trainable()
     if cfg.lora and model.lora_config is None:
         model.add_lora(load_lora(cfg.lora))
