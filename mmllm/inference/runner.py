@@ -267,8 +267,13 @@ def _check_ranges(options: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def _append_record(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
+    # never through a link (refused up front by prepare_output; one made since fails here, ELOOP)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
+    with open(fd, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, default=str) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -283,8 +288,11 @@ def _repair_tail(results: Path) -> None:
         return
     keep = data.rfind(b"\n") + 1
     log.warning("%s: dropping a partial last record (an interrupted run)", results)
-    with open(results, "r+b") as fh:
-        fh.truncate(keep)
+    fd = os.open(results, os.O_WRONLY | NO_FOLLOW)
+    try:
+        os.ftruncate(fd, keep)
+    finally:
+        os.close(fd)
 
 
 def _is_done(out: Path, rec: dict[str, Any]) -> bool:
@@ -386,6 +394,11 @@ def prepare_output(out: Path) -> Path:
     except OSError as exc:
         raise OutputError(f"--output {out}: cannot write there ({exc.strerror or exc}); "
                           f"give a folder you can create and write to") from exc
+    results = out / "results.jsonl"
+    if results.is_symlink():
+        raise OutputError(f"--output {out}: its results.jsonl is a symbolic link (to {os.readlink(results)}), which "
+                          "mmllm infer never makes: appending answers would write into that file, and resuming "
+                          f"would cut its last line. Remove the link ({results}), or give another --output")
     return out
 
 
