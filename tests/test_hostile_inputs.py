@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmllm.cli import main
@@ -77,3 +78,54 @@ def test_a_results_file_linked_after_the_check_is_not_written_through(tmp_path, 
     with pytest.raises(OSError):
         runner._repair_tail(tmp_path / "results.jsonl")
     assert victim.read_text() == "the user's own file\nwithout a newline at its end"
+
+
+# --------------------------------------------------------------------------------------------
+# Media a requests file or a dataset names
+# --------------------------------------------------------------------------------------------
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto 10 10 lineto stroke\nshowpage\n"
+
+
+@pytest.mark.parametrize("name", ["cat.png", "cat.eps", "cat.jpg"])
+def test_postscript_named_as_an_image_never_reaches_ghostscript(tmp_path, monkeypatch, name):
+    """Pillow picks the format from the bytes: a received cat.png holding PostScript was handed to Ghostscript
+    (run where gs is installed; here the call is caught before it would start)."""
+    from PIL import EpsImagePlugin
+
+    from mmllm.data.media import MediaError, load_image
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: calls.append(args))
+    (tmp_path / name).write_bytes(EPS)
+    with pytest.raises(MediaError, match=rf"{name}: it holds PostScript \(EPS\).*convert it to PNG"):
+        load_image(tmp_path / name)
+    assert calls == []
+
+
+def test_images_of_the_formats_mmllm_reads_still_load(tmp_path):
+    from PIL import Image
+
+    from mmllm.data.media import load_image
+
+    for suffix in (".png", ".jpg", ".webp", ".bmp", ".gif", ".tif"):
+        Image.new("RGB", (6, 4), (200, 10, 10)).save(tmp_path / f"red{suffix}")
+        img = load_image(tmp_path / f"red{suffix}")
+        assert img.size == (6, 4) and img.getpixel((0, 0))[0] > 150
+
+
+def test_audio_of_many_channels_and_a_high_rate_is_decoded_only_up_to_a_sample_budget(tmp_path, monkeypatch):
+    """Audio was cut at 600 s whatever its rate and channels: 3.4 MB of FLAC silence at 655 kHz with 8 channels
+    decoded to an 11.7 GiB array. A budget of samples over all channels bounds it (shrunk here to stay small)."""
+    import soundfile as sf
+
+    from mmllm.data import media
+
+    assert media.audio_frame_limit(48_000, 2) == 600 * 48_000  # 10 minutes of 48 kHz stereo fit as before
+    path = tmp_path / "bomb.flac"
+    sf.write(path, np.zeros((96_000, 8), dtype=np.int16), 48_000, subtype="PCM_16")
+    monkeypatch.setattr(media, "MAX_AUDIO_VALUES", 2**16, raising=False)
+    for load in (media.load_audio, media._load_audio_av):  # soundfile, and PyAV where soundfile cannot read it
+        audio = load(path)
+        assert audio.waveform.shape == (2**16 // 8, 8), load.__name__
+        assert audio.sample_rate == 48_000
