@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +131,65 @@ def test_audio_of_many_channels_and_a_high_rate_is_decoded_only_up_to_a_sample_b
         audio = load(path)
         assert audio.waveform.shape == (2**16 // 8, 8), load.__name__
         assert audio.sample_rate == 48_000
+
+
+# --------------------------------------------------------------------------------------------
+# JSON from others: requests, datasets, a checkpoint's mmllm.json
+# --------------------------------------------------------------------------------------------
+
+DEEP = "[" * 100_000 + "]" * 100_000  # valid JSON, deeper than Python's parser recurses
+
+
+def test_a_request_line_nested_too_deeply_is_that_lines_error_and_the_rest_is_answered(tiny_model, tmp_path):
+    """It raised RecursionError out of read_lines: the run stopped with a traceback, no request answered."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(f'{DEEP}\n{{"id": "deep", "prompt": "hi", "seed": {DEEP}}}\n{{"id": "r1", "prompt": "Hello"}}\n')
+    counts = run_requests(tiny_model, requests, tmp_path / "out", max_new_tokens=2)
+    assert (counts["done"], counts["failed"]) == (1, 2)
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    errors = {rec["id"]: rec["error"] for rec in records}
+    assert errors["line-1"] == "requests.jsonl:1: malformed request (JSON nested too deeply)"
+    assert errors["line-2"] == "requests.jsonl:2: malformed request (JSON nested too deeply)"
+    assert errors["r1"] is None
+
+
+@pytest.mark.parametrize("layout", ["lines", "array"])
+def test_a_dataset_record_nested_too_deeply_is_a_data_error_naming_its_line(tmp_path, layout):
+    from mmllm.data.formats import DataFormatError, iter_records
+
+    path = tmp_path / "data.jsonl"
+    ok = '{"caption": "a", "image": "a.png"}'
+    path.write_text(f"{ok}\n{DEEP}\n{ok}\n" if layout == "lines" else f"[{ok},\n{DEEP}]\n")
+    got = list(iter_records(path))
+    assert got[0] == (1, json.loads(ok))
+    line, error = got[1]
+    assert line == 2 and isinstance(error, DataFormatError) and "nested too deeply" in str(error)
+    assert str(error).startswith(f"{path}:2: ")
+
+
+@pytest.fixture(scope="module")
+def saved_checkpoint(tmp_path_factory, tiny_assembly) -> Path:
+    from mmllm.model import AnyToAnyModel
+
+    return AnyToAnyModel.assemble(tiny_assembly).save_pretrained(tmp_path_factory.mktemp("ckpt") / "step-1")
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (lambda meta: DEEP, "unreadable (RecursionError"),
+    (lambda meta: [meta], "holds a JSON list, not an mmllm checkpoint's object"),
+    (lambda meta: {**meta, "assembly": 5}, "'assembly' is int '5', not the mapping mmllm writes"),
+    (lambda meta: {**meta, "tokens": "abc"}, "'tokens' is str 'abc', not the mapping"),
+    (lambda meta: {**meta, "assembly": {**meta["assembly"], "llm": [1, 2]}}, "'assembly.llm' is list '[1, 2]'"),
+])
+def test_a_checkpoint_config_of_other_types_is_refused_by_name(saved_checkpoint, tmp_path, change, says):
+    """Whoever made the checkpoint also lists its hashes: a list or a number where mmllm writes a mapping stopped
+    loading with a bare AttributeError or TypeError (a traceback from the CLI) rather than a CheckpointError."""
+    from mmllm.model import AnyToAnyModel
+    from mmllm.training import checkpoint as ckpt
+
+    copy = Path(shutil.copytree(saved_checkpoint, tmp_path / "step-1"))
+    changed = change(json.loads((copy / "mmllm.json").read_text()))
+    (copy / "mmllm.json").write_text(changed if isinstance(changed, str) else json.dumps(changed))
+    ckpt.write_manifest(copy)
+    with pytest.raises(ckpt.CheckpointError, match=f"{copy / 'mmllm.json'}: .*" + re.escape(says)):
+        AnyToAnyModel.from_pretrained(copy)

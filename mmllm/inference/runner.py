@@ -561,6 +561,9 @@ def read_lines(requests_file: Path) -> list[_Line]:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             out.append(_Line(lineno, f"line-{lineno}", error=f"{where}: malformed request (not valid JSON: {exc})"))
             continue
+        except RecursionError:  # "[[[[..." many thousand deep stopped the whole run with a traceback
+            out.append(_Line(lineno, f"line-{lineno}", error=f"{where}: malformed request (JSON nested too deeply)"))
+            continue
         if not isinstance(rec, dict):
             out.append(_Line(lineno, f"line-{lineno}", error=f"{where}: malformed request (expected a JSON object)"))
             continue

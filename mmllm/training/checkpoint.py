@@ -188,7 +188,7 @@ def verify_manifest(root: Path) -> None:
                               + _run_folder_hint(Path(root)))
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{manifest}: unreadable manifest ({exc})") from exc
     if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
         raise CheckpointError(f"{manifest}: unreadable manifest (\"files\" is no mapping of file to sha256)")
@@ -295,10 +295,29 @@ def read_meta(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; is this an mmllm checkpoint directory?"
                               + _run_folder_hint(Path(directory)))
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc}); is this an mmllm checkpoint "
+                              "directory?") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(meta).__name__}, not an mmllm checkpoint's object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    _check_meta_shape(path, meta)
     return meta
+
+
+def _check_meta_shape(path: Path, meta: dict[str, Any]) -> None:
+    """The parts of ``mmllm.json`` read before its assembly is parsed hold the types mmllm writes (a checkpoint
+    from someone else stopped with a bare AttributeError or TypeError on a list or number in their place)."""
+    assembly = meta.get("assembly", {})
+    mappings = {"assembly": assembly, "tokens": meta.get("tokens", {}),
+                "assembly.llm": assembly.get("llm", {}) if isinstance(assembly, dict) else {}}
+    for key, value in mappings.items():
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: {key!r} is {type(value).__name__} {str(value)[:80]!r}, not the mapping "
+                                  "mmllm writes; the file is damaged or was not written by mmllm")
 
 
 def _run_folder_hint(directory: Path) -> str:
