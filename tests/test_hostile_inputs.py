@@ -193,3 +193,28 @@ def test_a_checkpoint_config_of_other_types_is_refused_by_name(saved_checkpoint,
     ckpt.write_manifest(copy)
     with pytest.raises(ckpt.CheckpointError, match=f"{copy / 'mmllm.json'}: .*" + re.escape(says)):
         AnyToAnyModel.from_pretrained(copy)
+
+
+@pytest.mark.parametrize("header", ["offsets past the end", "header of exabytes"])
+def test_a_safetensors_header_that_lies_is_a_checkpoint_error(saved_checkpoint, tmp_path, header):
+    """safetensors itself refuses both before allocating anything; it reached the CLI as a bare SafetensorError."""
+    import struct
+
+    from mmllm.model import AnyToAnyModel
+    from mmllm.training import checkpoint as ckpt
+
+    copy = Path(shutil.copytree(saved_checkpoint, tmp_path / "step-1"))
+    weights = copy / "learned.safetensors"
+    raw = weights.read_bytes()
+    if header == "offsets past the end":
+        size = struct.unpack("<Q", raw[:8])[0]
+        meta = json.loads(raw[8:8 + size])
+        name = next(k for k in meta if k != "__metadata__")
+        meta[name].update(shape=[100_000, 100_000], data_offsets=[0, 4 * 10**10])
+        text = json.dumps(meta).encode()
+        weights.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size:])
+    else:
+        weights.write_bytes(struct.pack("<Q", 2**62) + b"{}")
+    ckpt.write_manifest(copy)
+    with pytest.raises(ckpt.CheckpointError, match=f"{weights}: not a readable safetensors file"):
+        AnyToAnyModel.from_pretrained(copy)

@@ -418,7 +418,7 @@ def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify:
         raise CheckpointError(f"{directory}: token additions differ from the rebuilt tokenizer: {saved} vs {tokens}")
     if (directory / ADAPTER_DIR).is_dir():
         attach_adapter(model, directory / ADAPTER_DIR, from_dict(LoraConfig, meta["lora"]), trainable_lora)
-    model.load_learned_state_dict(load_file(str(directory / LEARNED_FILE)), str(directory / LEARNED_FILE))
+    model.load_learned_state_dict(read_weights(directory / LEARNED_FILE), str(directory / LEARNED_FILE))
     # In eval mode, as transformers' from_pretrained: a freshly built module trains, and the adapter's
     # dropout (and the projections') would make `model(batch)` or `hidden_states` random. Training calls train().
     return model.eval()
@@ -431,6 +431,17 @@ def attach_adapter(model, adapter_dir: Path, lora_cfg, trainable: bool = False) 
         p.requires_grad_(trainable)
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; one whose header is not safetensors' own (offsets past its end, a header
+    claiming exabytes) is a :class:`CheckpointError` naming it, not a bare SafetensorError traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
 def load_adapter_weights(model, adapter_dir: Path) -> None:
     """Load a PEFT adapter's weights into the attached LoRA, strictly."""
     from peft import set_peft_model_state_dict
@@ -438,7 +449,7 @@ def load_adapter_weights(model, adapter_dir: Path) -> None:
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing LoRA weights")
-    state = load_file(str(weights))
+    state = read_weights(weights)
     result = set_peft_model_state_dict(model._peft_model, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
@@ -449,7 +460,7 @@ def load_learned_into(model, directory: Path) -> None:
     """Verified learned rows, projections and LoRA of ``directory`` into an already built ``model``."""
     directory = Path(directory)
     verify_manifest(directory)
-    model.load_learned_state_dict(load_file(str(directory / LEARNED_FILE)), str(directory / LEARNED_FILE))
+    model.load_learned_state_dict(read_weights(directory / LEARNED_FILE), str(directory / LEARNED_FILE))
     adapter = directory / ADAPTER_DIR
     if adapter.is_dir() != (model._peft_model is not None):
         raise CheckpointError(f"{directory}: LoRA adapter present={adapter.is_dir()} but the model's LoRA is "
