@@ -218,3 +218,80 @@ def test_a_safetensors_header_that_lies_is_a_checkpoint_error(saved_checkpoint, 
     ckpt.write_manifest(copy)
     with pytest.raises(ckpt.CheckpointError, match=f"{weights}: not a readable safetensors file"):
         AnyToAnyModel.from_pretrained(copy)
+
+
+# --------------------------------------------------------------------------------------------
+# A GGUF core from someone else
+# --------------------------------------------------------------------------------------------
+
+
+def _gguf(path: Path, metadata: bytes, n_kv: int = 1) -> Path:
+    import struct
+
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, n_kv) + metadata)
+    return path
+
+
+def _kv(key: bytes, kind: int, value: bytes) -> bytes:
+    import struct
+
+    return struct.pack("<Q", len(key)) + key + struct.pack("<I", kind) + value
+
+
+def _bombs(tmp_path: Path) -> dict[str, Path]:
+    """100-byte GGUF files whose header claims what the gguf package's reader allocates, element by element."""
+    import struct
+
+    return {
+        "array length": _gguf(tmp_path / "array.gguf", _kv(b"general.name", 9, struct.pack("<IQ", 4, 2**40) + bytes(64))),
+        "string of": _gguf(tmp_path / "string.gguf", _kv(b"general.name", 8, struct.pack("<Q", 2**60) + b"x" * 16)),
+        "metadata count": _gguf(tmp_path / "count.gguf", _kv(b"general.name", 4, bytes(4)), n_kv=2**40),
+    }
+
+
+def test_a_gguf_header_claiming_more_than_its_file_holds_is_refused_and_a_real_one_accepted(tmp_path):
+    import gguf
+
+    from mmllm.config import ConfigError
+    from mmllm.gguf_header import check_gguf_header
+
+    for what, path in _bombs(tmp_path).items():
+        with pytest.raises(ConfigError, match=rf"{path}: not a GGUF file mmllm reads \({what}.*(past the end|does "
+                                              "not fit)"):
+            check_gguf_header(path)
+    writer = gguf.GGUFWriter(str(tmp_path / "ok.gguf"), "llama")
+    writer.add_name("tiny")
+    writer.add_token_list(["a", "b", "<s>"])
+    writer.add_token_scores([0.0, 1.0, 2.0])
+    writer.add_chat_template("{{ messages }}")
+    writer.add_tensor("token_embd.weight", np.zeros((3, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    check_gguf_header(tmp_path / "ok.gguf")
+    assert len(gguf.GGUFReader(tmp_path / "ok.gguf").tensors) == 1
+
+
+def test_a_gguf_bomb_is_refused_before_transformers_reads_it(tiny_assembly, tmp_path, monkeypatch):
+    """Its conversion handed the file to transformers, whose gguf reader took memory until the machine ran out
+    (caught here before transformers is reached, so the test stays small whatever the code does)."""
+    import transformers
+
+    from mmllm import registry
+    from mmllm.config import ConfigError, parse_assembly, to_dict
+
+    def reached(*args, **kwargs):
+        raise AssertionError("the GGUF file reached transformers' reader unchecked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", reached)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", reached)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", reached)
+    monkeypatch.delenv("MMLLM_GGUF_CACHE", raising=False)
+    bomb = _bombs(tmp_path)["array length"]
+    data = to_dict(tiny_assembly)
+    data["llm"] = {"kind": "hf-causal-lm", "name_or_path": str(tmp_path), "gguf_file": bomb.name,
+                   "gguf_cache": str(tmp_path / "cache")}
+    with pytest.raises(ConfigError, match="array length of general.name 1099511627776"):
+        registry.build("llm", parse_assembly(data).llm, "llm")
+    assert not any((tmp_path / "cache").glob("*/config.json"))
