@@ -295,3 +295,42 @@ def test_a_gguf_bomb_is_refused_before_transformers_reads_it(tiny_assembly, tmp_
     with pytest.raises(ConfigError, match="array length of general.name 1099511627776"):
         registry.build("llm", parse_assembly(data).llm, "llm")
     assert not any((tmp_path / "cache").glob("*/config.json"))
+
+
+# --------------------------------------------------------------------------------------------
+# Conversations of thousands of turns
+# --------------------------------------------------------------------------------------------
+
+
+def _chat(turns: int):
+    from mmllm.data.formats import MediaRoot, ReadContext, parse_chat
+
+    rec = {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}"} for i in range(turns)]}
+    return parse_chat(rec, ReadContext(Path("chat.jsonl"), MediaRoot(Path("."))), "chat.jsonl:1")
+
+
+def test_a_conversation_of_thousands_of_turns_renders_only_what_its_context_reaches(tiny_model, monkeypatch):
+    """Each reply was placed by rendering the whole conversation up to it: 1600 short turns took 7 s, 16000 over
+    ten minutes, for a sample truncated to max_length tokens anyway (now 0.03 s both)."""
+    from mmllm.data import template
+    from mmllm.training.loop import token_spec
+
+    spec = token_spec(tiny_model)
+    renders = []
+    real = template._render
+    monkeypatch.setattr(template, "_render", lambda *args, **kwargs: renders.append(1) or real(*args, **kwargs))
+    sample = template._encode_conversation(_chat(1_000), tiny_model.llm.tokenizer, spec)
+    assert sample.truncated and len(sample.input_ids) == spec.max_length
+    assert len(renders) < 100  # it was 1000: two per reply (now those of the 64 messages kept, and one)
+
+
+@pytest.mark.parametrize("turns", [70, 300])
+def test_cutting_a_long_conversation_to_its_context_changes_nothing_it_encodes(tiny_model, monkeypatch, turns):
+    from mmllm.data import template
+    from mmllm.training.loop import token_spec
+
+    spec = token_spec(tiny_model)
+    cut = template._encode_conversation(_chat(turns), tiny_model.llm.tokenizer, spec)
+    monkeypatch.setattr(template, "LONG_CONVERSATION", 10**9, raising=False)
+    whole = template._encode_conversation(_chat(turns), tiny_model.llm.tokenizer, spec)
+    assert cut == whole and cut.truncated
