@@ -334,3 +334,17 @@ def test_cutting_a_long_conversation_to_its_context_changes_nothing_it_encodes(t
     monkeypatch.setattr(template, "LONG_CONVERSATION", 10**9, raising=False)
     whole = template._encode_conversation(_chat(turns), tiny_model.llm.tokenizer, spec)
     assert cut == whole and cut.truncated
+
+
+def test_a_media_path_with_a_nul_is_that_requests_error_on_every_run(tiny_model, tmp_path):
+    """The first run failed the request, but every later one (resuming, or --overwrite) stopped before answering
+    anything: os.stat raised ValueError on the path in the checks of earlier answers."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": "nul", "prompt": "What is it?", "image": "a\\u0000b.png"}\n'
+                        '{"id": "r1", "prompt": "Hello"}\n')
+    out = tmp_path / "out"
+    for overwrite in (False, False, True):
+        counts = run_requests(tiny_model, requests, out, max_new_tokens=2, overwrite=overwrite)
+        assert counts["failed"] == 1 and counts["done"] + counts["skipped"] == 1
+    errors = {rec["id"]: rec["error"] for rec in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    assert "'image' holds a path with a NUL character" in errors["nul"]

@@ -134,6 +134,8 @@ def _as_list(value: Any, what: str) -> list[str]:
     if any(not v.strip() for v in items):
         raise RequestError(f"'{what}' holds an empty path ({value!r}): give the media file's path, or leave "
                            f"'{what}' out for a request without one")
+    if any("\0" in v for v in items):  # no file has one; os.stat raised ValueError in every later run's checks
+        raise RequestError(f"'{what}' holds a path with a NUL character ({value!r}), which no file name has")
     return items
 
 
