@@ -348,3 +348,37 @@ def test_a_media_path_with_a_nul_is_that_requests_error_on_every_run(tiny_model,
         assert counts["failed"] == 1 and counts["done"] + counts["skipped"] == 1
     errors = {rec["id"]: rec["error"] for rec in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert "'image' holds a path with a NUL character" in errors["nul"]
+
+
+def test_a_link_planted_at_the_gallery_is_replaced_not_written_through(tiny_model, tmp_path):
+    """atomic_write writes straight into a target that is not a regular file (for a /dev/stdout the user gives):
+    a link planted at index.html (or at an answer's predictable media name, below) led the write into a device
+    or a FIFO (which blocks the run)."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"id": "r1", "prompt": "Hello"}\n')
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(os.devnull, out / "index.html")  # stands for a disk, a terminal or a FIFO
+    run_requests(tiny_model, requests, out, max_new_tokens=2)
+    gallery = out / "index.html"
+    assert gallery.is_file() and not gallery.is_symlink() and "r1" in gallery.read_text()
+
+
+def test_links_planted_at_an_answers_media_names_are_replaced_not_written_through(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from mmllm.data.media import Audio, Video
+
+    out = tmp_path / "out"
+    (out / "media").mkdir(parents=True)
+    for m, suffix in (("image", ".png"), ("audio", ".wav"), ("video", ".mp4"), ("video", ".gif")):
+        os.symlink(os.devnull, out / "media" / f"{runner._safe('r1')}_{m}0{suffix}")
+    frames = [Image.new("RGB", (16, 16), (200, 0, 0)) for _ in range(4)]
+    result = SimpleNamespace(media={"image": [frames[0]], "audio": [Audio(np.zeros(1600, np.float32), 16_000)],
+                                    "video": [Video(frames, 8.0)]})
+    files = runner.write_outputs(out, "r1", result, "p", 0, "fp")
+    assert len(files) == 3
+    for rel in files:
+        assert (out / rel).is_file() and not (out / rel).is_symlink() and (out / rel).stat().st_size > 0, rel

@@ -57,7 +57,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mmllm.atomic import fsync_dir
+from mmllm.atomic import fsync_dir, without_link
 from mmllm.config import MODALITIES, check_guidance
 from mmllm.data.formats import PLACEHOLDER_RE
 from mmllm.data.media import (
@@ -520,7 +520,8 @@ def write_outputs(out: Path, rid: str, result, prompt: str, seed: int, fingerpri
     meta = {"mmllm_id": rid, "seed": str(seed), "checkpoint": fingerprint, "prompt": prompt}
     for modality, items in result.media.items():
         for j, item in enumerate(items):
-            name = out / "media" / f"{_safe(rid)}_{modality}{j}{MEDIA_SUFFIX[modality]}"
+            name = without_link(out / "media" / f"{_safe(rid)}_{modality}{j}{MEDIA_SUFFIX[modality]}")
+            without_link(name.with_suffix(".gif"))  # where a video goes without an H.264 encoder
             if isinstance(item, Audio):
                 path = save_audio(item, name, meta)
             elif isinstance(item, Video):  # MP4 keeps only standard tags such as "comment"
