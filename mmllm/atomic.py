@@ -57,6 +57,16 @@ def _new_temporary(path: Path) -> Path:
                           f".{path.name}.*.tmp files")
 
 
+def without_link(path: str | Path) -> Path:
+    """``path``, after removing a symbolic link found there: for a file mmllm names itself (an answer's media, a
+    gallery), which :func:`atomic_write` would otherwise write *through* where the link leads to something that is
+    not a regular file (a device, a FIFO), as it does for a ``/dev/stdout`` the user gives."""
+    path = Path(path)
+    if path.is_symlink():
+        path.unlink()
+    return path
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

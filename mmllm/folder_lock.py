@@ -144,7 +144,7 @@ def _hold(lock: Path, folder: Path, what: str, elsewhere: str) -> Iterator[None]
     except ImportError:  # not POSIX: one writer per folder assumed, as for the feature cache's lock
         yield
         return
-    path = lock.resolve()
+    path = lock.parent.resolve() / lock.name  # never the target of a link planted there: released, it is deleted
     if (held := _held.get(path)) is not None:
         held.depth += 1
         try:
@@ -182,7 +182,7 @@ def waiting_lock(path: Path, unlocked: str) -> Iterator[None]:
     except ImportError:  # not POSIX: one writer assumed
         yield
         return
-    with open(path, "a+") as fh:
+    with _open_lock_file(path) as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX)
         except OSError as exc:
@@ -200,11 +200,30 @@ def waiting_lock(path: Path, unlocked: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+class LinkedLockFile(ConfigError):
+    """A lock file's name holds a symbolic link: mmllm never makes one, and following it would truncate, rewrite and
+    then delete the file it leads to (whoever can write the folder chooses which of the user's files)."""
+
+
+def _open_lock_file(path: Path) -> IO[str]:
+    """``path`` opened for reading and appending (created where missing), never through a symbolic link."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or path.is_symlink():
+            raise LinkedLockFile(f"{path} is a symbolic link (to {os.readlink(path)}), where mmllm keeps its lock "
+                                 f"file: following it would overwrite and then delete that file. Remove the link "
+                                 f"({path}) and run again") from None
+        raise
+    return os.fdopen(fd, "a+", encoding="utf-8")
+
+
 def _acquire(fcntl: Any, path: Path, folder: Path, what: str, elsewhere: str) -> IO[str] | None:
     """The lock file, open and locked; None (with a warning) where ``folder``'s file system cannot lock."""
     while True:
         try:
-            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 -- held until _release
+            handle = _open_lock_file(path)  # held until _release
         except OSError as exc:
             raise OSError(exc.errno, f"{what}: cannot write the lock file {path} ({exc.strerror or exc}); fix "
                           f"{path.parent}'s permissions or free space, or give another folder") from exc

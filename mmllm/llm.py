@@ -351,6 +351,9 @@ def _converted(out: Path) -> bool:
 def _dequantize_into(gguf_path: Path, tmp: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from mmllm.gguf_header import check_gguf_header
+
+    check_gguf_header(gguf_path)  # before the gguf package's reader, which allocates what the header claims
     folder, name = str(gguf_path.parent), gguf_path.name
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -172,6 +172,9 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatErr
                     "per line) or one JSON array of objects"
                 )
                 continue
+            except RecursionError:  # "[[[[..." many thousand deep: a traceback that stopped reading the file
+                yield lineno, DataFormatError(f"{path}:{lineno}: not valid JSON (nested too deeply to read)")
+                continue
             if not isinstance(rec, dict):
                 yield lineno, DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
                 continue
@@ -198,6 +201,10 @@ def _iter_json_array(path: Path, text: str, start: int) -> Iterator[tuple[int, d
                 f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); records after it "
                 "cannot be read until it is fixed"
             )
+            return
+        except RecursionError:
+            yield line, DataFormatError(f"{path}:{line}: not valid JSON (nested too deeply to read); records after "
+                                        "it cannot be read until it is fixed")
             return
         if isinstance(rec, dict):
             yield line, rec

@@ -7,7 +7,7 @@ Decoded forms used throughout mmllm:
   frame of an animated file);
 * audio -> :class:`Audio` (float32 ``(samples, channels)`` in [-1, 1] and its sample rate; any
   channel count and rate -- encoders down-mix and resample to their own rate with :func:`resample`;
-  at most the first :data:`MAX_AUDIO_SECONDS`);
+  at most the first :data:`MAX_AUDIO_SECONDS`, and at most :data:`MAX_AUDIO_VALUES` samples over all channels);
 * video -> :class:`Video` (RGB PIL frames of at most :data:`MAX_VIDEO_FRAME_PIXELS`, larger ones scaled
   down, and fps). A long clip is decoded with a stride so that
   at most ``max_frames`` frames, evenly spread over the *whole* clip, are kept; a short one keeps
@@ -43,6 +43,10 @@ MAX_VIDEO_FRAME_PIXELS = 1024 * 1024
 # audio is decoded up to this long (its head): an hour of 48 kHz stereo is 1.4 GB of float32 before the
 # encoder resamples it all and keeps its own max_seconds (CLAP's, AST's 10 s, Whisper's 30 s)
 MAX_AUDIO_SECONDS = 600.0
+# and at most this many samples over all channels (256 MiB of float32; 600 s of 48 kHz stereo is 57.6 M): a
+# compressed file of high rate and many channels is a decompression bomb (3.4 MB of FLAC silence at 655 kHz,
+# 8 channels, 600 s asked for 11.7 GiB). Such a file keeps a shorter head, still longer than encoders read.
+MAX_AUDIO_VALUES = 64 * 2**20
 MEDIA_DECODE_VERSION = "3"  # bump when decoding changes (invalidates cached encoder features)
 
 
@@ -124,11 +128,31 @@ _ORIENTATION = {
 }
 
 
+# Pillow formats never opened: EPS hands the file to Ghostscript, another program with a long record of exploits
+# (PIL picks the format from the bytes, so a received "cat.png" holding PostScript ran it where gs is installed)
+REFUSED_IMAGE_FORMATS = frozenset({"EPS"})
+
+
+def _image_formats() -> list[str]:
+    """The Pillow formats :func:`load_image` tries: every one installed but :data:`REFUSED_IMAGE_FORMATS`."""
+    Image.init()
+    return [name for name in Image.OPEN if name not in REFUSED_IMAGE_FORMATS]
+
+
+def _refuse_postscript(path: Path) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if head[:2] == b"%!" or head == b"\xc5\xd0\xd3\xc6":  # PostScript, or DOS EPS with its binary header
+        raise MediaError(f"cannot decode image {path}: it holds PostScript (EPS), which mmllm does not open (it "
+                         "would run Ghostscript on it); convert it to PNG first")
+
+
 def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     _check_file(path, "image")
+    _refuse_postscript(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=_image_formats()) as img:
             if img.width * img.height > MAX_IMAGE_PIXELS:
                 raise MediaError(
                     f"image too large: {path} is {img.width}x{img.height} "
@@ -172,13 +196,19 @@ def load_audio(path: str | Path) -> Audio:
     try:
         with sf.SoundFile(str(path)) as fh:
             rate = fh.samplerate
-            data = fh.read(frames=max(1, int(MAX_AUDIO_SECONDS * rate)), dtype="float32", always_2d=True)
+            data = fh.read(frames=audio_frame_limit(rate, fh.channels), dtype="float32", always_2d=True)
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         try:
             return _load_audio_av(path)
         except Exception:
             raise MediaError(f"cannot decode audio {path}: {exc}") from exc
     return _checked_audio(path, data, int(rate))
+
+
+def audio_frame_limit(rate: float, channels: int) -> int:
+    """How many frames of audio at ``rate`` with ``channels`` are decoded: :data:`MAX_AUDIO_SECONDS` of it, fewer
+    where that would hold more than :data:`MAX_AUDIO_VALUES` samples."""
+    return max(1, min(int(MAX_AUDIO_SECONDS * rate), MAX_AUDIO_VALUES // max(1, channels)))
 
 
 def _checked_audio(path: Path, data: np.ndarray, rate: int) -> Audio:
@@ -196,11 +226,12 @@ def _load_audio_av(path: Path) -> Audio:
 
     with av.open(str(path)) as container:
         stream = next(s for s in container.streams if s.type == "audio")
-        chunks, samples, limit = [], 0, max(1, int(MAX_AUDIO_SECONDS * (stream.rate or 1)))
+        chunks, samples, limit = [], 0, audio_frame_limit(stream.rate or 1, 1)
         for frame in container.decode(stream):
             if samples >= limit:
                 break
             arr = frame.to_ndarray()
+            limit = audio_frame_limit(stream.rate or 1, len(frame.layout.channels))
             if arr.dtype != np.float32:
                 arr = arr.astype(np.float32) / max(np.iinfo(arr.dtype).max, 1) if arr.dtype.kind == "i" else arr
             if frame.format.is_planar:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from mmllm.atomic import atomic_write_text
+from mmllm.atomic import atomic_write_text, without_link
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")
@@ -64,7 +64,7 @@ def latest_records(results: Path) -> list[dict[str, Any]]:
         for line in results.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
             if isinstance(rec, dict) and "id" in rec:
                 records[record_key(rec)] = rec
@@ -119,7 +119,7 @@ def write_gallery(out: Path, current: dict[tuple[str, str], int] | None = None) 
     out = Path(out)
     records = latest_records(out / "results.jsonl")
     if current is None:
-        return atomic_write_text(out / "index.html", render_gallery(records))
+        return atomic_write_text(without_link(out / "index.html"), render_gallery(records))
     shown = [{**r, "line": current[record_key(r)]} for r in records if record_key(r) in current]
     earlier = [r for r in records if record_key(r) not in current]
-    return atomic_write_text(out / "index.html", render_gallery(shown, earlier))
+    return atomic_write_text(without_link(out / "index.html"), render_gallery(shown, earlier))

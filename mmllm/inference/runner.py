@@ -57,7 +57,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mmllm.atomic import fsync_dir
+from mmllm.atomic import fsync_dir, without_link
 from mmllm.config import MODALITIES, check_guidance
 from mmllm.data.formats import PLACEHOLDER_RE
 from mmllm.data.media import (
@@ -134,6 +134,8 @@ def _as_list(value: Any, what: str) -> list[str]:
     if any(not v.strip() for v in items):
         raise RequestError(f"'{what}' holds an empty path ({value!r}): give the media file's path, or leave "
                            f"'{what}' out for a request without one")
+    if any("\0" in v for v in items):  # no file has one; os.stat raised ValueError in every later run's checks
+        raise RequestError(f"'{what}' holds a path with a NUL character ({value!r}), which no file name has")
     return items
 
 
@@ -267,8 +269,13 @@ def _check_ranges(options: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
 def _append_record(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
+    # never through a link (refused up front by prepare_output; one made since fails here, ELOOP)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
+    with open(fd, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, default=str) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -283,8 +290,11 @@ def _repair_tail(results: Path) -> None:
         return
     keep = data.rfind(b"\n") + 1
     log.warning("%s: dropping a partial last record (an interrupted run)", results)
-    with open(results, "r+b") as fh:
-        fh.truncate(keep)
+    fd = os.open(results, os.O_WRONLY | NO_FOLLOW)
+    try:
+        os.ftruncate(fd, keep)
+    finally:
+        os.close(fd)
 
 
 def _is_done(out: Path, rec: dict[str, Any]) -> bool:
@@ -386,6 +396,11 @@ def prepare_output(out: Path) -> Path:
     except OSError as exc:
         raise OutputError(f"--output {out}: cannot write there ({exc.strerror or exc}); "
                           f"give a folder you can create and write to") from exc
+    results = out / "results.jsonl"
+    if results.is_symlink():
+        raise OutputError(f"--output {out}: its results.jsonl is a symbolic link (to {os.readlink(results)}), which "
+                          "mmllm infer never makes: appending answers would write into that file, and resuming "
+                          f"would cut its last line. Remove the link ({results}), or give another --output")
     return out
 
 
@@ -505,7 +520,8 @@ def write_outputs(out: Path, rid: str, result, prompt: str, seed: int, fingerpri
     meta = {"mmllm_id": rid, "seed": str(seed), "checkpoint": fingerprint, "prompt": prompt}
     for modality, items in result.media.items():
         for j, item in enumerate(items):
-            name = out / "media" / f"{_safe(rid)}_{modality}{j}{MEDIA_SUFFIX[modality]}"
+            name = without_link(out / "media" / f"{_safe(rid)}_{modality}{j}{MEDIA_SUFFIX[modality]}")
+            without_link(name.with_suffix(".gif"))  # where a video goes without an H.264 encoder
             if isinstance(item, Audio):
                 path = save_audio(item, name, meta)
             elif isinstance(item, Video):  # MP4 keeps only standard tags such as "comment"
@@ -547,6 +563,9 @@ def read_lines(requests_file: Path) -> list[_Line]:
             rec = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             out.append(_Line(lineno, f"line-{lineno}", error=f"{where}: malformed request (not valid JSON: {exc})"))
+            continue
+        except RecursionError:  # "[[[[..." many thousand deep stopped the whole run with a traceback
+            out.append(_Line(lineno, f"line-{lineno}", error=f"{where}: malformed request (JSON nested too deeply)"))
             continue
         if not isinstance(rec, dict):
             out.append(_Line(lineno, f"line-{lineno}", error=f"{where}: malformed request (expected a JSON object)"))

@@ -189,7 +189,7 @@ def verify_manifest(root: Path) -> None:
                               + _run_folder_hint(Path(root)))
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(f"{manifest}: unreadable manifest ({exc})") from exc
     if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
         raise CheckpointError(f"{manifest}: unreadable manifest (\"files\" is no mapping of file to sha256)")
@@ -296,10 +296,29 @@ def read_meta(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; is this an mmllm checkpoint directory?"
                               + _run_folder_hint(Path(directory)))
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc}); is this an mmllm checkpoint "
+                              "directory?") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: holds a JSON {type(meta).__name__}, not an mmllm checkpoint's object")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    _check_meta_shape(path, meta)
     return meta
+
+
+def _check_meta_shape(path: Path, meta: dict[str, Any]) -> None:
+    """The parts of ``mmllm.json`` read before its assembly is parsed hold the types mmllm writes (a checkpoint
+    from someone else stopped with a bare AttributeError or TypeError on a list or number in their place)."""
+    assembly = meta.get("assembly", {})
+    mappings = {"assembly": assembly, "tokens": meta.get("tokens", {}),
+                "assembly.llm": assembly.get("llm", {}) if isinstance(assembly, dict) else {}}
+    for key, value in mappings.items():
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: {key!r} is {type(value).__name__} {str(value)[:80]!r}, not the mapping "
+                                  "mmllm writes; the file is damaged or was not written by mmllm")
 
 
 def _run_folder_hint(directory: Path) -> str:
@@ -400,7 +419,7 @@ def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify:
         raise CheckpointError(f"{directory}: token additions differ from the rebuilt tokenizer: {saved} vs {tokens}")
     if (directory / ADAPTER_DIR).is_dir():
         attach_adapter(model, directory / ADAPTER_DIR, from_dict(LoraConfig, meta["lora"]), trainable_lora)
-    model.load_learned_state_dict(load_file(str(directory / LEARNED_FILE)), str(directory / LEARNED_FILE))
+    model.load_learned_state_dict(read_weights(directory / LEARNED_FILE), str(directory / LEARNED_FILE))
     # In eval mode, as transformers' from_pretrained: a freshly built module trains, and the adapter's
     # dropout (and the projections') would make `model(batch)` or `hidden_states` random. Training calls train().
     return model.eval()
@@ -413,6 +432,17 @@ def attach_adapter(model, adapter_dir: Path, lora_cfg, trainable: bool = False) 
         p.requires_grad_(trainable)
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; one whose header is not safetensors' own (offsets past its end, a header
+    claiming exabytes) is a :class:`CheckpointError` naming it, not a bare SafetensorError traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
 def load_adapter_weights(model, adapter_dir: Path) -> None:
     """Load a PEFT adapter's weights into the attached LoRA, strictly."""
     from peft import set_peft_model_state_dict
@@ -420,7 +450,7 @@ def load_adapter_weights(model, adapter_dir: Path) -> None:
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing LoRA weights")
-    state = load_file(str(weights))
+    state = read_weights(weights)
     result = set_peft_model_state_dict(model._peft_model, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
@@ -431,7 +461,7 @@ def load_learned_into(model, directory: Path) -> None:
     """Verified learned rows, projections and LoRA of ``directory`` into an already built ``model``."""
     directory = Path(directory)
     verify_manifest(directory)
-    model.load_learned_state_dict(load_file(str(directory / LEARNED_FILE)), str(directory / LEARNED_FILE))
+    model.load_learned_state_dict(read_weights(directory / LEARNED_FILE), str(directory / LEARNED_FILE))
     adapter = directory / ADAPTER_DIR
     if adapter.is_dir() != (model._peft_model is not None):
         raise CheckpointError(f"{directory}: LoRA adapter present={adapter.is_dir()} but the model's LoRA is "
