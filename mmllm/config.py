@@ -470,6 +470,9 @@ class StageConfig:
     # eval_every steps (0: at saves only); logged as val/* and kept in progress.json
     eval_data: list[DatasetConfig] = field(default_factory=list)
     eval_every: int = 0
+    # host memory (MB) for the held-out batches kept between evaluations, prepared once (read, collated, the
+    # frozen encoders' features and decoders' targets computed); batches past it are prepared at each one
+    eval_cache_mb: int = 1024
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient
     report_to: str = "tensorboard"  # or "none"
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -478,7 +481,8 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         at_least = {"max_steps": 1, "batch_size": 1, "grad_accum": 1, "log_every": 1, "max_nonfinite_steps": 1,
-                    "save_every": 0, "keep_last": 0, "schedule.warmup_steps": 0, "eval_every": 0}
+                    "save_every": 0, "keep_last": 0, "schedule.warmup_steps": 0, "eval_every": 0,
+                    "eval_cache_mb": 0}
         for key, low in at_least.items():
             value = getattr(self.schedule, key.split(".")[1]) if "." in key else getattr(self, key)
             if value < low:

@@ -157,3 +157,133 @@ def test_a_stop_request_during_a_validation_saves_that_scored_step(sample_data, 
     assert [p.name for p in tmp_path.glob("step-*")] == ["step-2"]
     assert [v["step"] for v in ckpt.read_progress(tmp_path / "step-2")["validation"]] == [1, 2]
     assert json.loads((tmp_path / "best.json").read_text())["checkpoint"] == "step-2"
+
+
+def _held_out_setup(sample_data, tmp_path, stage="instruct", **overrides):
+    """A tiny stage's model (its learned parts as built), its sample data as a held-out set, a CPU
+    Accelerator and the loss parts."""
+    from accelerate import Accelerator
+
+    from mmllm.data.dataset import StageDataset, load_stage_records
+    from mmllm.training.loop import _part_keys, _reset_single_process_state, build_model, token_spec
+
+    cfg = stage_cfg(stage, sample_data, tmp_path, **overrides)
+    model = build_model(cfg)
+    model.requires_grad_(False)
+    records = load_stage_records(cfg.data, cfg.stage)[0][0]
+    dataset = StageDataset(records, model.llm.tokenizer, token_spec(model),
+                           {m: e.preprocess for m, e in model.encoders.items()})
+    _reset_single_process_state()
+    return cfg, model, dataset, Accelerator(cpu=True), _part_keys(model)
+
+
+def _count_frozen_calls(model) -> dict[str, int]:
+    """Count the encoders' forwards and the decoders' conditioning calls of ``model`` from now on."""
+    calls = {"encoders": 0, "conditioning": 0}
+    for encoder in model.encoders.values():
+        encoder.register_forward_hook(lambda *_: calls.__setitem__("encoders", calls["encoders"] + 1))
+    for decoder in model.decoders.values():
+        real = decoder.condition
+
+        def counted(captions, real=real):
+            calls["conditioning"] += 1
+            return real(captions)
+        decoder.condition = counted
+    return calls
+
+
+def test_kept_held_out_batches_score_the_same_bits_without_rerunning_the_frozen_parts(sample_data, tmp_path):
+    """A validation that keeps its prepared batches scores exactly what one that prepares them at every
+    evaluation does, at the first evaluation and at the next one after the learned parts changed; the next
+    one reads no sample and runs neither the encoders nor the decoders' conditioning. A bound smaller than
+    the set keeps some batches and prepares the others again, with the same scores."""
+    from mmllm.data.dataset import StageDataset
+    from mmllm.training.validation import Validation, evaluate, nbytes
+
+    cfg, model, dataset, accelerator, keys = _held_out_setup(sample_data, tmp_path, batch_size=3)
+    calls = _count_frozen_calls(model)
+    reads = []
+    real_getitem = StageDataset.__getitem__
+    StageDataset.__getitem__ = lambda self, i: reads.append(i) or real_getitem(self, i)
+    try:
+        fresh, kept = Validation([dataset], 3), Validation([dataset], 3, cache_bytes=1 << 30)
+        first = evaluate(accelerator, model, model, fresh, cfg.losses, keys, {})
+        assert calls["encoders"] and calls["conditioning"]  # the set has media inputs and signal outputs
+        assert evaluate(accelerator, model, model, kept, cfg.losses, keys, {}) == first
+        assert len(kept._kept) == len(kept.shares(0, 1)) and 0 < kept.kept_bytes <= kept.cache_bytes
+        with torch.no_grad():  # training moved the learned parts
+            for p in [*model.input_projections.parameters(), *model.output_projections.parameters()]:
+                p.add_(0.05 * torch.randn_like(p))
+        calls.update(encoders=0, conditioning=0)
+        reads.clear()
+        second = evaluate(accelerator, model, model, kept, cfg.losses, keys, {})
+        assert calls == {"encoders": 0, "conditioning": 0} and reads == []
+        assert second == evaluate(accelerator, model, model, fresh, cfg.losses, keys, {})
+        assert second["loss"] != first["loss"]
+        one_batch = nbytes(kept._kept[tuple(kept.shares(0, 1)[0])])  # the first batch scored
+        bounded = Validation([dataset], 3, cache_bytes=one_batch)
+        for _ in range(2):
+            assert evaluate(accelerator, model, model, bounded, cfg.losses, keys, {}) == second
+        assert 0 < len(bounded._kept) < len(bounded.shares(0, 1)) and bounded.kept_bytes <= one_batch
+    finally:
+        StageDataset.__getitem__ = real_getitem
+
+
+def test_held_out_batches_grouped_by_length_pad_less_and_score_the_same_to_float_rounding(sample_data, tmp_path,
+                                                                                         monkeypatch):
+    """The held-out set is batched shortest first: fewer padded tokens than in the set's own order, and
+    every part of the score is the same mean over the same units (only the sums' order and the padded widths
+    differ)."""
+    from mmllm.training import validation as val
+
+    cfg, model, dataset, accelerator, keys = _held_out_setup(sample_data, tmp_path)
+    grouped = val.Validation([dataset], 3)
+    lengths = [dataset.length(i) for i in range(len(dataset))]
+    assert sorted(lengths) != lengths  # the set's own order is not sorted already
+
+    def padded(validation) -> int:
+        return sum(len(b) * max(lengths[i] for _, i in b) for b in validation.shares(0, 1))
+
+    in_file_order = val.Validation([dataset], 3)
+    in_file_order._order = [(0, i) for i in range(len(dataset))]
+    assert padded(grouped) < padded(in_file_order)
+    by_length, as_read = (val.evaluate(accelerator, model, model, v, cfg.losses, keys, {})
+                          for v in (grouped, in_file_order))
+    assert by_length["loss"] > 0 and set(by_length) == set(as_read)
+    for key in as_read:
+        assert by_length[key] == pytest.approx(as_read[key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_run_prepares_its_held_out_batches_once_and_scores_as_one_that_keeps_none(sample_data, tmp_path,
+                                                                                     monkeypatch):
+    """train() keeps the held-out batches (eval_cache_mb): the decoders' conditioning of the held-out captions
+    runs at the first save's validation only, and the scores are the bits of a run with eval_cache_mb=0."""
+    import mmllm.training.loop as loop
+    from mmllm.model import AnyToAnyModel
+
+    computed: list[int] = []  # conditioning rows computed during each validation
+    validating = [False]
+    real_evaluate, real_targets = loop.evaluate, AnyToAnyModel.signal_targets
+
+    def evaluate(*args, **kwargs):
+        computed.append(0)
+        validating[0] = True
+        try:
+            return real_evaluate(*args, **kwargs)
+        finally:
+            validating[0] = False
+
+    def signal_targets(self, m, captions, given):
+        if validating[0]:
+            computed[-1] += sum(t is None for t in (given or [None] * len(captions)))
+        return real_targets(self, m, captions, given)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(AnyToAnyModel, "signal_targets", signal_targets)
+    scored = {"eval_data": held_out(sample_data["pairs"], "mmllm-pairs"), "save_every": 1, "max_steps": 3}
+    kept = train(stage_cfg("decode-align", sample_data, tmp_path / "kept", **scored))
+    assert computed[0] > 0 and computed[1:] == [0, 0]
+    computed.clear()
+    fresh = train(stage_cfg("decode-align", sample_data, tmp_path / "fresh", eval_cache_mb=0, **scored))
+    assert len(computed) == 3 and all(computed)
+    assert kept.validation == fresh.validation and kept.losses == fresh.losses

@@ -324,7 +324,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
         for records in (per_dataset, held_out)
     ]
     sampler = stage_sampler(datasets, weights, cfg)
-    validation = Validation(eval_datasets, cfg.batch_size) if eval_datasets else None
+    validation = Validation(eval_datasets, cfg.batch_size, cfg.eval_cache_mb << 20) if eval_datasets else None
     log.info("stage %s: %d samples in %d dataset(s)%s, %d malformed record(s) skipped%s",
              cfg.stage, sampler.epoch_size, len(datasets),
              ", batched by length (group_by_length)" if cfg.group_by_length else "", len(errors),

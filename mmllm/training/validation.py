@@ -10,20 +10,37 @@ noise and timesteps from a seed of its own, fixed by the sample's place in the h
 batch it falls in: that depends on the batch size and the number of processes), the same at every
 evaluation. Evaluation runs with dropout off and no gradients, and touches no random state the training
 reads, so a run with validation trains exactly as one without it (and resumes as exactly).
+
+What does not change between evaluations is prepared once per run and kept (up to the stage's
+``eval_cache_mb`` of host memory; batches past it are prepared again at each evaluation): each batch read,
+tokenized and collated, with its noise seeds, and, where the model is not sharded (FSDP, DeepSpeed) and the
+encoders and decoders are frozen (as every stage has them), the encoders' features of its media and the
+decoders' conditioning targets of its captions, computed as the forward would (under the same autocast) and
+given to it in their place, so the scores are the same bits as recomputing them. The held-out samples are
+batched by token length (sorted once, from their text alone), which cuts padding: each part is a sum over
+its units divided by their count over the whole set, so the batching changes only the order of the sums and
+the padded width of the matrix products -- float rounding, not what is measured.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from mmllm.config import LossConfig
 from mmllm.data.dataset import SampleError, StageDataset, collate
 from mmllm.model import unit_counts
+
+log = logging.getLogger(__name__)
 
 EVAL_SEED = 1 << 40  # the denoising loss's noise seeds for held-out samples start here (training's are smaller)
 GROUPS_PER_SAMPLE = 1 << 10  # held-out sample n's k-th signal group of a modality: EVAL_SEED + n * this + k
@@ -31,20 +48,35 @@ GROUPS_PER_SAMPLE = 1 << 10  # held-out sample n's k-th signal group of a modali
 
 @dataclass
 class Validation:
-    """The held-out samples of a stage, in a fixed order, and the batch size to score them with."""
+    """The held-out samples of a stage, in a fixed order (by token length), the batch size to score them with,
+    and the prepared batches kept between evaluations (at most ``cache_bytes`` of them; 0 keeps none)."""
 
     datasets: list[StageDataset]
     batch_size: int
+    cache_bytes: int = 0
+    _order: list[tuple[int, int]] | None = field(default=None, init=False, repr=False)
+    _kept: dict[tuple[tuple[int, int], ...], dict[str, Any]] = field(default_factory=dict, init=False, repr=False)
+    kept_bytes: int = field(default=0, init=False)
+    _told_full: bool = field(default=False, init=False, repr=False)
 
     @property
     def size(self) -> int:
         return sum(len(d) for d in self.datasets)
 
+    def order(self) -> list[tuple[int, int]]:
+        """Every held-out ``(dataset, index)``, shortest first (a stable sort of the token lengths, from the
+        samples' text alone), so that a batch's samples have similar lengths and little padding."""
+        if self._order is None:
+            every = [(d, i) for d, ds in enumerate(self.datasets) for i in range(len(ds))]
+            lengths = [self.datasets[d].length(i) for d, i in every]
+            self._order = [every[k] for k in sorted(range(len(every)), key=lengths.__getitem__)]
+        return self._order
+
     def shares(self, rank: int, world: int) -> list[list[tuple[int, int]]]:
-        """This process's batches of ``(dataset, index)``: every ``world``-th sample from ``rank`` on, in
-        batches of ``batch_size``, padded with empty batches so every process runs as many forwards (under
-        FSDP each forward is a collective)."""
-        order = [(d, i) for d, ds in enumerate(self.datasets) for i in range(len(ds))]
+        """This process's batches of ``(dataset, index)``: every ``world``-th sample of :meth:`order` from
+        ``rank`` on, in batches of ``batch_size``, padded with empty batches so every process runs as many
+        forwards (under FSDP each forward is a collective)."""
+        order = self.order()
         mine = order[rank::world]
         count = math.ceil(math.ceil(len(order) / world) / self.batch_size)
         return [mine[b * self.batch_size:(b + 1) * self.batch_size] for b in range(count)]
@@ -63,6 +95,79 @@ class Validation:
                 k = mine[modality] = mine.get(modality, -1) + 1
                 seeds.setdefault(modality, []).append(EVAL_SEED + (offsets[d] + i) * GROUPS_PER_SAMPLE + k)
         return seeds
+
+    def batch(self, picks: list[tuple[int, int]], pad_id: int,
+              freeze: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The collated batch of ``picks`` with its noise seeds (no ``input_ids``: none of them is readable),
+        ``freeze`` applied (what puts the frozen parts' outputs in it); kept while ``cache_bytes`` allows."""
+        key = tuple(picks)
+        if key in self._kept:
+            return self._kept[key]
+        samples = [self.datasets[d][i] for d, i in picks]
+        batch = collate(samples, pad_id)
+        if "input_ids" in batch:
+            batch["noise_seeds"] = self.noise_seeds(picks, samples)
+            if freeze is not None and self.kept_bytes < self.cache_bytes:  # else the forward computes them
+                batch = freeze(batch)
+        size = nbytes(batch)
+        if self.kept_bytes + size <= self.cache_bytes:
+            self._kept[key] = batch
+            self.kept_bytes += size
+        elif self.cache_bytes and not self._told_full:
+            self._told_full = True
+            log.info("validation: eval_cache_mb=%d holds %d held-out batches (%.1f MB); the others are read and "
+                     "prepared again at every evaluation (raise eval_cache_mb to keep them)",
+                     self.cache_bytes >> 20, len(self._kept), self.kept_bytes / 2**20)
+        return batch
+
+
+def nbytes(value: Any) -> int:
+    """About the host memory ``value`` (a collated batch: tensors, arrays, images, strings in dicts and lists)
+    holds."""
+    if isinstance(value, torch.Tensor):
+        return value.nelement() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, Image.Image):
+        return value.width * value.height * len(value.getbands())
+    if isinstance(value, dict):
+        return sum(nbytes(k) + nbytes(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sum(nbytes(v) for v in value)
+    return sys.getsizeof(value)
+
+
+def frozen_outputs_cacheable(accelerator, inner) -> bool:
+    """Whether the encoders' features and the decoders' conditioning can be computed apart from the forward
+    and kept: the parts are frozen, and the model is not sharded (a sharded part's forward is a collective
+    the processes must run together, inside the model's)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return False
+    return not any(p.requires_grad for part in (inner.encoders, inner.decoders) for p in part.parameters())
+
+
+def with_frozen_outputs(accelerator, inner, batch: dict[str, Any], losses: LossConfig) -> dict[str, Any]:
+    """``batch`` with its media replaced by the encoders' features (``media_features``, all items in
+    placeholder order) and, where the MSE loss is on, every caption's conditioning target given
+    (``signal_targets``): what the forward would compute from them, computed the same way (no gradients,
+    the run's autocast), on the host."""
+    media, given = batch.get("media", {}), batch.get("media_features", {})
+    with torch.no_grad(), accelerator.autocast():
+        features = {}
+        for m in [*media, *(k for k in given if k not in media)]:
+            feats = inner._encoder_features(m, media.get(m), given.get(m))
+            if feats is not None:
+                features[m] = {"features": feats.cpu(), "index": torch.arange(feats.shape[0])}
+        targets = {}
+        if losses.mse:
+            for m, captions in batch["signal_captions"].items():
+                if captions:
+                    rows = inner.signal_targets(m, list(captions), batch.get("signal_targets", {}).get(m))
+                    targets[m] = list(rows.cpu().unbind(0))
+    return {**batch, "media": {}, "media_features": features,
+            "signal_targets": {**batch.get("signal_targets", {}), **targets}}
 
 
 def loss_weights(losses: LossConfig, keys: list[str]) -> dict[str, float]:
@@ -86,18 +191,19 @@ def evaluate(accelerator, model, inner, validation: Validation, losses: LossConf
     modes = [(m, m.training) for m in model.modules()]  # restored as they were (the frozen core's dropout stays off)
     model.eval()
     batches = validation.shares(rank, world)
+    freeze = None
+    if frozen_outputs_cacheable(accelerator, inner):
+        def freeze(batch: dict[str, Any]) -> dict[str, Any]:
+            return with_frozen_outputs(accelerator, inner, batch, losses)
     try:
         with torch.no_grad():
             for b, picks in enumerate(tqdm(batches, desc="validation", leave=False,
                                            disable=not accelerator.is_local_main_process or len(batches) < 10)):
-                samples = [validation.datasets[d][i] for d, i in picks]
-                batch = collate(samples, inner.llm.tokenizer.pad_token_id)
+                batch = validation.batch(picks, inner.llm.tokenizer.pad_token_id, freeze)
                 skipped += len(batch["skipped"])
                 empty = "input_ids" not in batch
                 if empty:  # run for the collectives only; its result is not used
                     batch = {**fallback, "noise_seed": EVAL_SEED + b * world + rank}
-                else:
-                    batch = {**batch, "noise_seeds": validation.noise_seeds(picks, samples)}
                 with accelerator.autocast():
                     out = model(batch, losses, ones)
                 if empty:

@@ -92,8 +92,10 @@ def stage_child(stage: Path, steps: int) -> dict[str, Any]:
     t.wrap(loop, "evaluate", "validation", prefix="val ")
     t.wrap(loop, "save", "save")
     with tempfile.TemporaryDirectory() as tmp:
+        # eval_cache_mb=0: the one validation runs the frozen encoders and targets inside the forward, where the
+        # rows below find them (a kept batch gets them computed beforehand; scripts/bench/validation_cache.py)
         cfg = load_stage(stage, ["init_from=null", f"max_steps={steps}", f"save_every={steps}", "report_to=none",
-                                 f"output_dir={tmp}/out", "log_every=1"])
+                                 f"output_dir={tmp}/out", "log_every=1", "eval_cache_mb=0"])
         result = loop.train(cfg)
     s = {k: v / steps for k, v in t.seconds.items() if not k.startswith("val ")}  # per training step
     v = {k[4:]: x for k, x in t.seconds.items() if k.startswith("val ")}  # the one validation, whole
