@@ -73,3 +73,24 @@ def test_a_request_media_path_written_from_the_working_directory_says_where_path
     assert parsed.inputs == [str(reqs / "../mydata/a.png")]
     with pytest.raises(MediaError, match=r"image file not found: .*reqs/elsewhere\.png$"):  # not here either: as before
         parse_request({"id": "r", "prompt": "what?", "image": "elsewhere.png"}, reqs, 0)
+
+
+def test_an_export_into_a_link_to_a_folder_on_another_disk_writes_there_and_keeps_the_link(tiny_model, tmp_path):
+    """An export replaces its --output whole (written beside it, renamed into place): an --output that is the user's
+    link to a folder on another disk had the link itself renamed away and a folder put in its place, on this disk,
+    the other disk's folder left empty."""
+    import os
+
+    from mmllm.training.checkpoint import export_weights_only, verify_manifest
+
+    checkpoint = tiny_model.save_pretrained(tmp_path / "checkpoint")
+    other_disk = tmp_path / "other-disk" / "exports"
+    other_disk.mkdir(parents=True)
+    link = tmp_path / "exports"
+    os.symlink(other_disk, link)
+    for dtype in ("float16", "float32"):  # a new export, then one replacing it (an earlier export there)
+        export_weights_only(checkpoint, link, dtype=dtype)
+        assert link.is_symlink() and os.readlink(link) == str(other_disk)
+        verify_manifest(other_disk)
+        assert json.loads((other_disk / "mmllm.json").read_text())["exported_from"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".exports")]  # no leftover link or lock

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmllm.atomic import atomic_write_text, fsync_dir
+from mmllm.atomic import atomic_write_text, fsync_dir, through_link
 from mmllm.config import ConfigError, from_dict, parse_assembly, to_dict
 from mmllm.llm import without_machine_options
 
@@ -690,8 +690,9 @@ def holding_export(out: Path) -> AbstractContextManager[None]:
 def export_merged(checkpoint: Path, out: Path, trust_remote_code: bool = False) -> Path:
     """A copy with LoRA merged into the LLM, saved as a plain HF model dir under ``out/llm``. Holds ``out``'s
     lock while it runs (:func:`holding_export`)."""
+    out = through_link(out)  # a link to a folder on another disk is followed, not replaced
     with holding_export(out):
-        return _export_merged(Path(checkpoint), Path(out), trust_remote_code)
+        return _export_merged(Path(checkpoint), out, trust_remote_code)
 
 
 def _export_merged(checkpoint: Path, out: Path, trust_remote_code: bool) -> Path:
@@ -741,8 +742,9 @@ def export_weights_only(checkpoint: Path, out: Path, dtype: str = "float32", ass
     the shipped decoders after training with stand-ins; the learned weights must fit it (checked
     on load). The source checkpoint is verified first; the copy gets its own manifest. Holds ``out``'s lock
     while it runs (:func:`holding_export`)."""
+    out = through_link(out)  # a link to a folder on another disk is followed, not replaced
     with holding_export(out):
-        return _export_weights_only(Path(checkpoint), Path(out), dtype, assembly)
+        return _export_weights_only(Path(checkpoint), out, dtype, assembly)
 
 
 def _export_weights_only(checkpoint: Path, out: Path, dtype: str, assembly: Path | None) -> Path:
