@@ -67,14 +67,6 @@ def without_link(path: str | Path) -> Path:
     return path
 
 
-def through_link(path: str | Path) -> Path:
-    """``path``, or the folder it leads to where it is a symbolic link: for an output folder the user names that is
-    replaced whole (an export, a refined checkpoint), renamed into place. Their link (an output folder on another
-    disk) is followed: replacing it put the output on this disk, in a folder where the link was."""
-    path = Path(path)
-    return Path(os.path.realpath(path)) if path.is_symlink() else path
-
-
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

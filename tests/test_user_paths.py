@@ -81,6 +81,7 @@ def test_an_export_into_a_link_to_a_folder_on_another_disk_writes_there_and_keep
     the other disk's folder left empty."""
     import os
 
+    from mmllm.config import ConfigError
     from mmllm.training.checkpoint import export_weights_only, verify_manifest
 
     checkpoint = tiny_model.save_pretrained(tmp_path / "checkpoint")
@@ -94,3 +95,8 @@ def test_an_export_into_a_link_to_a_folder_on_another_disk_writes_there_and_keep
         verify_manifest(other_disk)
         assert json.loads((other_disk / "mmllm.json").read_text())["exported_from"]
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".exports")]  # no leftover link or lock
+    unmounted = tmp_path / "unmounted"
+    os.symlink(tmp_path / "no-disk" / "exports", unmounted)  # a link to a disk not mounted: refused, kept
+    with pytest.raises(ConfigError, match=r"unmounted is a link to .*no-disk/exports, which is no folder here"):
+        export_weights_only(checkpoint, unmounted)
+    assert unmounted.is_symlink() and not (tmp_path / "no-disk").exists()
