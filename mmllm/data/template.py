@@ -302,12 +302,17 @@ def within_context(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> Conve
     messages = _template_messages(conv, spec)
     k = LONG_CONVERSATION
     while k < len(messages):
-        try:
-            text = _render(tokenizer, messages[:k], add_generation_prompt=False, date=spec.template_date)
-        except ValueError:  # a prefix the template refuses: placing the turns says so, or places them all
-            return conv
-        if len(_tokens(tokenizer, text)) > spec.max_length + CONTEXT_MARGIN:
-            return replace(conv, messages=conv.messages[:k])
+        # the cut ends on a reply: the text encoded ends at the last reply placed, so a cut ending on a user turn
+        # encoded less than the whole (a long last user turn was left out, and its media counted without their
+        # placeholders: the sample refused)
+        last = next((i for i in range(k - 1, -1, -1) if messages[i]["role"] == "assistant"), None)
+        if last is not None:
+            try:
+                text = _render(tokenizer, messages[:last + 1], add_generation_prompt=False, date=spec.template_date)
+            except ValueError:  # a prefix the template refuses: placing the turns says so, or places them all
+                return conv
+            if len(_tokens(tokenizer, text)) > spec.max_length + CONTEXT_MARGIN:
+                return replace(conv, messages=conv.messages[:last + 1])
         k *= 2
     return conv
 

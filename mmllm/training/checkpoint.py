@@ -678,6 +678,20 @@ def check_export_target(checkpoint: Path, out: Path) -> None:
                               "export replaces its output folder whole, so give a new or empty folder")
 
 
+def export_folder(out: Path) -> Path:
+    """Where an export into ``out`` goes: ``out``, or the folder it leads to where it is a symbolic link (the user's
+    output folder on another disk). The export is renamed into place whole, so the link itself was renamed away
+    and the export left on this disk, in its place. A link leading to no folder is refused (a disk not mounted)."""
+    out = Path(out)
+    if not out.is_symlink():
+        return out
+    target = Path(os.path.realpath(out))
+    if not target.is_dir():
+        raise ConfigError(f"--output {out} is a link to {os.readlink(out)}, which is no folder here (a disk not "
+                          "mounted?): make that folder, or give another --output")
+    return target
+
+
 def holding_export(out: Path) -> AbstractContextManager[None]:
     """The lock of an export into ``out``: one export at a time there (a second is refused at once, naming the
     first), as each replaces it whole and the last would win; a refused or failed export leaves no folder it
@@ -690,8 +704,9 @@ def holding_export(out: Path) -> AbstractContextManager[None]:
 def export_merged(checkpoint: Path, out: Path, trust_remote_code: bool = False) -> Path:
     """A copy with LoRA merged into the LLM, saved as a plain HF model dir under ``out/llm``. Holds ``out``'s
     lock while it runs (:func:`holding_export`)."""
+    out = export_folder(out)
     with holding_export(out):
-        return _export_merged(Path(checkpoint), Path(out), trust_remote_code)
+        return _export_merged(Path(checkpoint), out, trust_remote_code)
 
 
 def _export_merged(checkpoint: Path, out: Path, trust_remote_code: bool) -> Path:
@@ -741,8 +756,9 @@ def export_weights_only(checkpoint: Path, out: Path, dtype: str = "float32", ass
     the shipped decoders after training with stand-ins; the learned weights must fit it (checked
     on load). The source checkpoint is verified first; the copy gets its own manifest. Holds ``out``'s lock
     while it runs (:func:`holding_export`)."""
+    out = export_folder(out)
     with holding_export(out):
-        return _export_weights_only(Path(checkpoint), Path(out), dtype, assembly)
+        return _export_weights_only(Path(checkpoint), out, dtype, assembly)
 
 
 def _export_weights_only(checkpoint: Path, out: Path, dtype: str, assembly: Path | None) -> Path:
