@@ -509,7 +509,11 @@ def cmd_world_distil(args: argparse.Namespace) -> int:
 def cmd_refine(args: argparse.Namespace) -> int:
     """``mmllm refine``: fit the output projections on cached signal-token states (see mmllm/training/refine.py)."""
     from mmllm.folder_lock import hold_beside
+    from mmllm.training.checkpoint import export_folder
 
+    # saved beside --output and renamed into place: where --output is a link (a folder on another disk), the
+    # checkpoint goes where it leads and the link stays (as exports do)
+    args.output = export_folder(args.output)
     # one run at a time into --output (a second refused before the model loads): each replaces it whole
     with hold_beside(Path(args.output), "mmllm refine", "give this run another --output"), \
             torch_threads(args.threads):

@@ -100,3 +100,23 @@ def test_an_export_into_a_link_to_a_folder_on_another_disk_writes_there_and_keep
     with pytest.raises(ConfigError, match=r"unmounted is a link to .*no-disk/exports, which is no folder here"):
         export_weights_only(checkpoint, unmounted)
     assert unmounted.is_symlink() and not (tmp_path / "no-disk").exists()
+
+
+def test_refine_into_a_link_to_a_folder_on_another_disk_writes_there_and_keeps_the_link(tiny_model, sample_data,
+                                                                                     tmp_path):
+    """`mmllm refine` saves its checkpoint beside --output and renames it into place, as an export does: a link
+    there (the user's folder on another disk) was renamed away and the checkpoint left on this disk."""
+    import os
+
+    from mmllm.training.checkpoint import verify_manifest
+
+    checkpoint = tiny_model.save_pretrained(tmp_path / "checkpoint")
+    other_disk = tmp_path / "other-disk" / "refined"
+    other_disk.mkdir(parents=True)
+    link = tmp_path / "refined"
+    os.symlink(other_disk, link)
+    assert main(["refine", "--checkpoint", str(checkpoint), "--data", str(sample_data["chat"]), "--steps", "2",
+                 "--batch-size", "4", "--output", str(link)]) == 0
+    assert link.is_symlink() and os.readlink(link) == str(other_disk)
+    verify_manifest(other_disk)
+    assert json.loads((other_disk / "mmllm.json").read_text())["refined_from"] == str(checkpoint)
