@@ -144,6 +144,19 @@ def test_perplexity_without_a_passage_long_enough_says_what_to_change(tiny_model
         run_eval(tiny_model, {}, options)
 
 
+def test_text_perplexity_names_the_python_whose_topics_it_read(tiny_model, tmp_path):
+    """pydoc_data's topics differ between Python versions (other passages, other perplexities): the report says
+    which Python's it measured on, so two reports are compared only when that matches."""
+    import platform
+
+    options = EvalOptions(output=tmp_path, modalities=[], tasks=["text"], text_chunks=2, text_tokens=8)
+    report = run_eval(tiny_model, {}, options)
+    source = f"pydoc_data topics of Python {platform.python_version()}"
+    assert report["text"]["passages"] == source and report["text"]["tokens"] == 2 * 7
+    assert json.loads((tmp_path / "eval.json").read_text())["text"]["passages"] == source
+    assert f"over 14 tokens of {source}" in format_eval(report)
+
+
 @pytest.mark.skipif(not (shipped_dir() / "judge-audio").is_dir(), reason="shipped parts missing")
 def test_world_report_keeps_the_modalities_it_finished_when_a_later_part_fails(tmp_path):
     import shutil

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,12 @@ def _generate(model, requests: list[Request], options: EvalOptions, decode: bool
 def emitted(result: Any) -> list[str]:
     """The modalities of the signal groups a generation emitted, one entry per group."""
     return sorted(m for m, conds in result.conditioning.items() for _ in conds)
+
+
+def held_out_text_source() -> str:
+    """Where :func:`held_out_text` takes its passages from. The topics change between Python versions (3.11.7,
+    3.12.1 and 3.13.0 each pick other passages), so a perplexity is comparable only with one from the same Python."""
+    return f"pydoc_data topics of Python {platform.python_version()}"
 
 
 def held_out_text(tokenizer: Any, chunks: int, tokens: int) -> list[list[int]]:
@@ -244,7 +251,7 @@ def _run_eval(model, judges: dict[str, Judge], options: EvalOptions, other_parts
         _save(report, options)
     if "text" in options.tasks:
         passages = held_out_text(model.llm.tokenizer, options.text_chunks, options.text_tokens)
-        report["text"] = perplexities(model, passages)
+        report["text"] = {**perplexities(model, passages), "passages": held_out_text_source()}
     report["complete"] = True
     _save(report, options)
     return report
@@ -340,5 +347,6 @@ def format_eval(report: dict[str, Any]) -> str:
     t = report["text"]
     if t:
         lines.append(f"text       perplexity {t['model']:.3f} vs base {t['base']:.3f}: ratio {t['ratio']:.3f} "
-                     f"over {t['tokens']} tokens (target <= {TARGETS['perplexity_ratio']})")
+                     f"over {t['tokens']} tokens of {t.get('passages', 'pydoc_data topics')} "
+                     f"(target <= {TARGETS['perplexity_ratio']})")
     return "\n".join(lines)
