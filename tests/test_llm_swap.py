@@ -374,3 +374,75 @@ def test_a_checkpoint_of_a_core_named_dot_slash_relative_loads_it_from_the_worki
     merged = export_merged(ckpt, tmp_path / "merged")  # its own ./llm is inside it, wherever it is loaded from
     monkeypatch.chdir(tmp_path / "run")
     assert AnyToAnyModel.from_pretrained(merged).llm.describe()["name_or_path"] == str(merged / "llm")
+
+
+def write_tiny_llama_gguf(path: Path, hidden: int = 16, ff: int = 32, heads: int = 2, kv_heads: int = 1) -> list[str]:
+    """A one-block random Llama as a float32 GGUF file with a GPT-2 style (byte-level BPE) tokenizer, laid out
+    as llama.cpp writes SmolLM2's: the tiny tokenizer's tokens and merges, ``<|endoftext|>`` as the unknown
+    token, bos/eos/pad ids and the chat template. Returns its token list."""
+    import json
+
+    import gguf
+    import numpy as np
+
+    from mmllm.tiny_tokenizer import CHAT_TEMPLATE
+
+    tok = build_tiny_tokenizer(512, 256)
+    bpe = json.loads(tok.backend_tokenizer.to_str())["model"]
+    tokens = [t for t, _ in sorted(bpe["vocab"].items(), key=lambda item: item[1])] + ["<|endoftext|>"]
+    control = {*tok.all_special_tokens, "<|endoftext|>"}
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(1)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in control else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in bpe["merges"]])
+    writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_pad_token_id(tok.pad_token_id)
+    writer.add_unk_token_id(len(tokens) - 1)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    rng = np.random.default_rng(0)
+
+    def weight(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    head_dim = hidden // heads
+    writer.add_tensor("token_embd.weight", weight(len(tokens), hidden))
+    writer.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for name, shape in {"attn_q": (hidden, hidden), "attn_k": (kv_heads * head_dim, hidden),
+                        "attn_v": (kv_heads * head_dim, hidden), "attn_output": (hidden, hidden),
+                        "ffn_gate": (ff, hidden), "ffn_up": (ff, hidden), "ffn_down": (hidden, ff)}.items():
+        writer.add_tensor(f"blk.0.{name}.weight", weight(*shape))
+    for norm in ("attn_norm", "ffn_norm"):
+        writer.add_tensor(f"blk.0.{norm}.weight", np.ones(hidden, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return tokens
+
+
+def test_a_gguf_core_keeps_the_files_vocabulary_and_end_token(tmp_path, monkeypatch):
+    """A GGUF Llama with a GPT-2 style tokenizer (SmolLM2's, the embedded default's core) converts into a core
+    whose tokenizer is the file's: transformers 5.0-5.5 read it as CodeLlama's, 5 FIM tokens past the embedding
+    table (the core was refused), and 5.6-5.17 gave it the bos token as its eos (generation's stop id)."""
+    monkeypatch.setenv("MMLLM_GGUF_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "model").mkdir()
+    tokens = write_tiny_llama_gguf(tmp_path / "model" / "core.gguf")
+    core = HFCausalLM.from_options(HFCausalLM.Options(str(tmp_path / "model"), gguf_file="core.gguf"))
+    assert len(core.tokenizer) == len(tokens) == core.model.get_input_embeddings().num_embeddings
+    assert core.tokenizer.convert_ids_to_tokens([core.tokenizer.eos_token_id]) == ["<|eos|>"]
+    assert core.tokenizer("a red circle")["input_ids"] == build_tiny_tokenizer(512, 256)("a red circle")["input_ids"]
+    core.add_tokens({"image": 2})  # the signal rows go after the file's table
+    assert core.signal_ids["image"] == [len(tokens), len(tokens) + 1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import glob
 import importlib.metadata
+import importlib.util
 import os
 import re
 import shutil
@@ -69,6 +70,44 @@ def test_every_library_the_package_imports_is_a_declared_dependency():
     undeclared = {module: providers.get(module) for module in third_party
                   if not {_distribution(d) for d in providers.get(module, [])} & declared}
     assert len(third_party) >= 10 and undeclared == {}
+
+
+def _floor_pins():
+    spec = importlib.util.spec_from_file_location("floor_pins", REPO / "scripts" / "floor_pins.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_test_floors_installs_every_dependency_at_its_declared_floor():
+    floors = _floor_pins()
+    assert floors.floor_pin("peft>=0.18,<1") == "peft==0.18"
+    assert floors.floor_pin("torch==2.14.1") == "torch==2.14.1"
+    assert floors.floor_pin("deepspeed[autotuning] >= 0.19, < 0.20") == "deepspeed[autotuning]==0.19"
+    with pytest.raises(ValueError, match="no '>=' floor"):  # nothing to install: the floor run would skip it
+        floors.floor_pin("numpy<3")
+    pins = floors.floor_pins(REPO / "pyproject.toml", ["dev"])
+    project = PYPROJECT["project"]
+    declared = [_distribution(r) for r in project["dependencies"] + project["optional-dependencies"]["dev"]]
+    assert sorted(_distribution(p) for p in pins) == sorted(set(declared))
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\[\]-]+==[0-9][0-9.]*", p) for p in pins), pins
+
+
+def test_the_installed_versions_are_in_the_declared_ranges():
+    """The environment the tests run in is one the declared ranges allow (the usual one, or `make test-floors`'s)."""
+    from packaging.requirements import Requirement
+
+    project = PYPROJECT["project"]
+    outside = {}
+    for text in project["dependencies"] + project["optional-dependencies"]["dev"]:
+        requirement = Requirement(text)
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # an extra this environment did without (deepspeed)
+        if not requirement.specifier.contains(installed, prereleases=True):
+            outside[requirement.name] = f"{installed} not in {requirement.specifier}"
+    assert outside == {}
 
 
 def test_the_version_is_written_once_and_printed_by_the_command(tmp_path):
