@@ -10,6 +10,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,7 +44,29 @@ def _launch(nproc: int, launcher: str) -> list[str]:
     module = "mmllm.cli" if launcher == "ddp" else "tests.accelerate_on_cpu"
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(REPO / f"configs/accelerate/{launcher}.yaml"), f"--num_processes={nproc}", "--mixed_precision=no",
-            f"--main_process_port={_free_port()}", "-m", module]
+            f"--main_process_port={_free_port()}", *_per_process_logs(), "-m", module]
+
+
+def _per_process_logs() -> list[str]:
+    """Launcher flags that keep each process's stdout and stderr in its own file as well as on the console
+    (torchrun's --tee under --log_dir): when a launch fails, :func:`_run` names what each process said,
+    which the launcher's ChildFailedError summary at the end of the combined stderr would otherwise bury."""
+    return [f"--log_dir={tempfile.mkdtemp(prefix='mmllm-ranks-')}", "--tee=3"]
+
+
+def _what_each_process_said(cmd: list[str], chars: int = 3000) -> str:
+    """The end of each process's own stderr (and its exit-time crash, if any) from the files
+    :func:`_per_process_logs` asked for; removes the files."""
+    log_dir = next((Path(c.split("=", 1)[1]) for c in cmd if c.startswith("--log_dir=")), None)
+    if log_dir is None:
+        return ""
+    said = []
+    for log in sorted(log_dir.glob("*/attempt_*/*/stderr.log")):
+        text = log.read_text(errors="replace")
+        said.append(f"\n--- process {log.parent.name} ({log.parent.parent.name}), the end of its stderr:\n"
+                    f"{text[-chars:] or '(nothing)'}")
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return "".join(said)
 
 
 def _stage_args(stage, sample_data, out, batch, *extra):
@@ -67,8 +91,13 @@ def _stage_args(stage, sample_data, out, batch, *extra):
 
 def _run(cmd: list[str], expect: int = 0, **env: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == expect, proc.stderr[-3000:]
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after 600 s: {cmd}{_what_each_process_said(cmd)}")
+    each = _what_each_process_said(cmd)
+    assert proc.returncode == expect, \
+        f"exit code {proc.returncode}, not {expect}; the end of its stderr:\n{proc.stderr[-3000:]}{each}"
     return proc
 
 
@@ -395,3 +424,21 @@ def test_a_launch_into_an_output_dir_another_run_holds_stops_every_process_with_
     said = f"{out} is in use by another mmllm process (pid {first.pid} on host"
     assert proc.stderr.count(said) == 2, proc.stderr[-3000:]  # once per process
     assert not list(out.glob("step-*"))
+
+
+def test_a_failed_launch_names_what_each_process_said(tmp_path):
+    """A child's own error used to be lost: the assertion kept the end of the combined stderr, where the
+    launcher's ChildFailedError summary (exit code, no traceback) and the other process's output bury it."""
+    script = tmp_path / "fails_on_1.py"
+    script.write_text("import os, sys\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    sys.exit('process 1 gave up: the reason it gave')\n"
+                      "print('noise ' * 2000, file=sys.stderr)\n")
+    cmd = [*_launch(2, "ddp")[:-2], str(script)]  # the launcher and its flags, this script instead of mmllm
+    with pytest.raises(AssertionError) as failed:
+        _run(cmd)
+    said = str(failed.value)  # (pytest indents the lines of an assertion's message)
+    assert re.search(r"--- process 1 \(attempt_0\), the end of its stderr:\s+process 1 gave up: the reason it gave",
+                     said), said
+    assert "--- process 0 (attempt_0)" in said
+    assert not Path(next(c for c in cmd if c.startswith("--log_dir=")).split("=", 1)[1]).exists()  # removed
