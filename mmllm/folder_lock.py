@@ -94,11 +94,17 @@ def describe_holder(info: dict[str, Any] | None) -> str:
 def hold_folder(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]:
     """Hold ``folder``'s lock (creating the folder) while the block runs; :class:`FolderInUse` at once if
     another process holds it. ``what`` names this run for the message ("training", "mmllm infer"),
-    ``elsewhere`` how to run it beside the other ("give another output_dir")."""
+    ``elsewhere`` how to run it beside the other ("give another output_dir"). A run failing in the block leaves
+    none of the folders it made that are still empty (``mmllm eval --output new/folder`` of a broken checkpoint
+    left ``new/folder``)."""
     folder = Path(folder)
-    _make(folder, what)
-    with _hold(lock_path(folder), folder, what, elsewhere):
-        yield
+    made = _make(folder, what)
+    try:
+        with _hold(lock_path(folder), folder, what, elsewhere):
+            yield
+    except BaseException:  # the lock file went first; what the run wrote keeps its folders
+        remove_empty(made)
+        raise
 
 
 @contextlib.contextmanager
@@ -112,28 +118,40 @@ def hold_beside(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]
         with _hold(beside_lock_path(folder), folder, what, elsewhere):
             yield
     except BaseException:  # refused or failed: the folders made for the lock go again (the lock file went first)
-        _remove_empty(made)
+        remove_empty(made)
         raise
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, innermost first: what writing there creates."""
+    missing = []
+    for path in (folder.absolute(), *folder.absolute().parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove each of ``folders`` (innermost first) while it is empty, stopping at the first that is not (or is
+    gone): what a run that wrote nothing made. ``rmdir`` refuses a folder holding anything, whoever put it there."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        log.debug("removed the empty folder %s this run made", folder)
 
 
 def _make(folder: Path, what: str) -> list[Path]:
     """Make ``folder`` and its missing parents; the folders it made, innermost first."""
-    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    missing = missing_folders(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(exc.errno, f"{what}: cannot create the folder {folder} ({exc.strerror or exc}); fix its "
                       "permissions or free space, or give another one") from exc
     return missing
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove ``folders`` (innermost first) while they are empty: what a run that wrote nothing made."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:  # something was written there meanwhile (or it is gone): keep it and its parents
-            return
 
 
 @contextlib.contextmanager

@@ -288,3 +288,21 @@ def test_a_refused_export_leaves_no_folder_it_made(merge, tiny_model, tmp_path, 
     deep = tmp_path / "made" / "out"  # an export that goes through keeps its folders
     assert main(["export", "--checkpoint", str(checkpoint), "--output", str(deep)]) == 0
     assert sorted(p.name for p in deep.parent.iterdir()) == ["out"]
+
+
+def test_a_run_failing_in_a_new_output_folder_leaves_no_folder_it_made(tmp_path, caplog):
+    """`mmllm eval --output a/b/out` of a broken checkpoint left a/b/out behind, empty; folders holding what a
+    failing run wrote (and folders that were there before) stay."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "mmllm.json").write_text("{}")
+    assert main(["eval", "--checkpoint", str(broken), "--output", str(tmp_path / "a/b/out"), "--items", "1"]) == 2
+    assert "no manifest.json" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+    with pytest.raises(RuntimeError), hold_folder(tmp_path / "c/d", "test", "elsewhere"):
+        (tmp_path / "c/d/partial.txt").write_text("written before failing")
+        raise RuntimeError("failed")
+    assert (tmp_path / "c/d/partial.txt").is_file() and not (tmp_path / "c/d" / LOCK_NAME).exists()
+    with pytest.raises(RuntimeError), hold_folder(tmp_path, "test", "elsewhere"):
+        raise RuntimeError("failed in a folder that was there")
+    assert tmp_path.is_dir()

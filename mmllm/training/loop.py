@@ -50,7 +50,7 @@ from mmllm.data.dataset import (
 )
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
-from mmllm.folder_lock import hold_folder, holder
+from mmllm.folder_lock import hold_folder, holder, missing_folders, remove_empty
 from mmllm.model import AnyToAnyModel, lora_layer_names, unit_counts
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
@@ -188,34 +188,13 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     The main process holds ``output_dir``'s lock (:mod:`mmllm.folder_lock`) from before it writes there
     until it returns: a second run into the same ``output_dir`` is refused
     (:class:`~mmllm.folder_lock.FolderInUse`) before its model is built."""
-    made = _missing_folders(Path(cfg.output_dir))
+    made = missing_folders(Path(cfg.output_dir))
     try:
         with StopRequests() as stop, contextlib.ExitStack() as held:
             return _train(cfg, resume, accelerator, stop, held)
     except BaseException:
-        _remove_empty(made)  # after `held` let go of the lock (and deleted its file)
+        remove_empty(made)  # after `held` let go of the lock (and deleted its file)
         raise
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """``folder`` and those of its parents that do not exist yet, innermost first: what this run would create."""
-    missing = []
-    for path in (folder.absolute(), *folder.absolute().parents):
-        if path.exists():
-            break
-        missing.append(path)
-    return missing
-
-
-def _remove_empty(folders: list[Path]) -> None:
-    """Remove each of ``folders`` (innermost first) that is empty, stopping at the first that is not: a failed run
-    leaves no empty output_dir it made. ``rmdir`` refuses a folder holding anything, whoever put it there."""
-    for path in folders:
-        try:
-            path.rmdir()
-        except OSError:
-            return
-        log.debug("removed the empty folder %s this run made", path)
 
 
 def _hold_output_dir(accelerator, out_dir: Path, held: contextlib.ExitStack, resume: bool) -> None:
