@@ -90,34 +90,34 @@ def describe_holder(info: dict[str, Any] | None) -> str:
     return f"{where}{since}{command}"
 
 
-@contextlib.contextmanager
-def hold_folder(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]:
+def hold_folder(folder: str | Path, what: str, elsewhere: str) -> contextlib.AbstractContextManager[None]:
     """Hold ``folder``'s lock (creating the folder) while the block runs; :class:`FolderInUse` at once if
     another process holds it. ``what`` names this run for the message ("training", "mmllm infer"),
     ``elsewhere`` how to run it beside the other ("give another output_dir"). A run failing in the block leaves
     none of the folders it made that are still empty (``mmllm eval --output new/folder`` of a broken checkpoint
     left ``new/folder``)."""
     folder = Path(folder)
-    made = _make(folder, what)
-    try:
-        with _hold(lock_path(folder), folder, what, elsewhere):
-            yield
-    except BaseException:  # the lock file went first; what the run wrote keeps its folders
-        remove_empty(made)
-        raise
+    return _made_and_held(folder, lock_path(folder), folder, what, elsewhere)
 
 
-@contextlib.contextmanager
-def hold_beside(folder: str | Path, what: str, elsewhere: str) -> Iterator[None]:
+def hold_beside(folder: str | Path, what: str, elsewhere: str) -> contextlib.AbstractContextManager[None]:
     """As :func:`hold_folder`, for a folder written elsewhere and renamed into place whole (an export, a refined
     checkpoint), which a lock inside would not survive: the lock is :func:`beside_lock_path` (its parent made). A
     run refused or failing in the block leaves none of the parent folders it made (they hold nothing of it)."""
     folder = Path(folder)
-    made = _make(folder.parent, what)
+    return _made_and_held(folder.parent, beside_lock_path(folder), folder, what, elsewhere)
+
+
+@contextlib.contextmanager
+def _made_and_held(make: Path, lock: Path, folder: Path, what: str, elsewhere: str) -> Iterator[None]:
+    """``make`` made (with its missing parents), then ``folder``'s ``lock`` held while the block runs; refused or
+    failing there, the folders it made that are still empty go again (after the lock file: what the run wrote
+    keeps its folders)."""
+    made = _make(make, what)
     try:
-        with _hold(beside_lock_path(folder), folder, what, elsewhere):
+        with _hold(lock, folder, what, elsewhere):
             yield
-    except BaseException:  # refused or failed: the folders made for the lock go again (the lock file went first)
+    except BaseException:
         remove_empty(made)
         raise
 
