@@ -299,6 +299,8 @@ def within_context(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> Conve
     anyway). Placing each reply renders the conversation up to it, so a conversation of n turns took time in
     n**2 (1600 short turns 7 s, a dataset line of 16000 over ten minutes, every time the sample was read): the
     prefix is rendered at 64, 128, 256... messages until it holds more than the context."""
+    if len(conv.messages) <= LONG_CONVERSATION:  # every usual sample: nothing to render or cut
+        return conv
     messages = _template_messages(conv, spec)
     k = LONG_CONVERSATION
     while k < len(messages):
