@@ -114,9 +114,11 @@ def held_out_text_source() -> str:
     return f"{PASSAGES_FILE.name} sha256:{PASSAGES_SHA256}"
 
 
-def held_out_paragraphs(path: Path = PASSAGES_FILE, sha256: str = PASSAGES_SHA256) -> list[str]:
-    """The held-out prose paragraphs of ``path`` (one blank line between two), refused (a ConfigError saying
-    how to get the file back) when it is missing, unreadable or not the file ``sha256`` names."""
+def held_out_paragraphs(path: Path | None = None, sha256: str = PASSAGES_SHA256) -> list[str]:
+    """The held-out prose paragraphs of ``path`` (default :data:`PASSAGES_FILE`; one blank line between two),
+    refused (a ConfigError saying how to get the file back) when it is missing, unreadable or not the file
+    ``sha256`` names."""
+    path = PASSAGES_FILE if path is None else path
     try:
         data = path.read_bytes()
     except OSError as exc:
