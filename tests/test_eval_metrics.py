@@ -22,6 +22,7 @@ from mmllm.toyworld.world import World, balanced_items, evaluation_items
 from tests.conftest import REPO
 from tests.test_infer import trained_checkpoint
 
+SHIPPED_PASSAGES = REPO / "mmllm" / "toyworld" / "passages" / "heldout.txt"
 TRUTH = {"colour": "blue", "shape": "circle", "size": "large", "position": "top-left"}
 
 
@@ -156,10 +157,10 @@ def test_text_perplexity_names_the_shipped_passages_by_their_sha256_not_the_pyth
 
     options = EvalOptions(output=tmp_path, modalities=[], tasks=["text"], text_chunks=2, text_tokens=8)
     report = run_eval(tiny_model, {}, options)
-    source = f"heldout.txt sha256:{hashlib.sha256(model_eval.PASSAGES_FILE.read_bytes()).hexdigest()}"
+    assert platform.python_version() not in report["text"]["passages"]
+    source = f"heldout.txt sha256:{hashlib.sha256(SHIPPED_PASSAGES.read_bytes()).hexdigest()}"
     assert report["text"]["passages"] == source and report["text"]["tokens"] == 2 * 7
     assert json.loads((tmp_path / "eval.json").read_text())["text"]["passages"] == source
-    assert platform.python_version() not in source
     assert f"over 14 tokens of {source}" in format_eval(report)
     old = {**report["text"], "passages": "pydoc_data topics of Python 3.11.7"}  # an eval.json written before
     assert "over 14 tokens of pydoc_data topics of Python 3.11.7" in format_eval({**report, "text": old})
@@ -173,14 +174,17 @@ def _freeze_passages():
 
 
 def test_held_out_text_reads_the_shipped_file_without_pydoc_data(tiny_model, monkeypatch):
-    paragraphs = model_eval.held_out_paragraphs()
-    assert len(paragraphs) == 359 and all(len(p.split()) >= 40 and p == p.strip() for p in paragraphs)
-    tok = tiny_model.llm.tokenizer
-    wanted = [ids[:64] for ids in (tok(p, add_special_tokens=False).input_ids for p in paragraphs)
-              if len(ids) >= 64][:5]
+    """The passages are the shipped file's paragraphs, whatever this Python's pydoc_data (here: none)."""
     monkeypatch.setitem(sys.modules, "pydoc_data", None)  # any import of it now fails
     monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)
-    assert model_eval.held_out_text(tok, 5, 64) == wanted
+    tok = tiny_model.llm.tokenizer
+    measured = model_eval.held_out_text(tok, 5, 64)
+    paragraphs = SHIPPED_PASSAGES.read_text(encoding="utf-8").removesuffix("\n").split("\n\n")
+    assert len(paragraphs) == 359 and all(len(p.split()) >= 40 and p == p.strip() for p in paragraphs)
+    assert model_eval.held_out_paragraphs() == paragraphs
+    wanted = [ids[:64] for ids in (tok(p, add_special_tokens=False).input_ids for p in paragraphs)
+              if len(ids) >= 64][:5]
+    assert measured == wanted
 
 
 @pytest.mark.skipif(platform.python_version() != "3.11.7", reason="the shipped passages are CPython 3.11.7's")
@@ -202,7 +206,7 @@ def test_missing_or_changed_passages_are_refused_saying_how_to_get_them_back(tin
     with pytest.raises(ConfigError, match=r"nowhere\.txt cannot be read .*reinstall mmllm.*freeze_passages\.py"):
         model_eval.held_out_paragraphs(tmp_path / "nowhere.txt")
     damaged = tmp_path / "heldout.txt"
-    data = bytearray(model_eval.PASSAGES_FILE.read_bytes())
+    data = bytearray(SHIPPED_PASSAGES.read_bytes())
     data[1000] ^= 1
     damaged.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match=r"not the shipped ones \(sha256 [0-9a-f]{64}, expected .*reinstall"):
