@@ -5,8 +5,8 @@ does not depend on the Python it runs on (each Python version ships other ``pydo
 set was written by this script run with CPython 3.11.7 (stdlib only; the Python that runs it is the one whose
 topics and licence are read)::
 
-    /root/.pyenv/versions/3.11.7/bin/python scripts/freeze_passages.py            # rewrite heldout.txt + NOTICE
-    /root/.pyenv/versions/3.11.7/bin/python scripts/freeze_passages.py --check    # the shipped files are these
+    python3.11 scripts/freeze_passages.py            # (a CPython 3.11.7) rewrite heldout.txt and NOTICE
+    python3.11 scripts/freeze_passages.py --check    # write nothing: exit 1 unless the shipped files are these
 
 The paragraphs are those ``mmllm eval`` used to take from the running Python's ``pydoc_data.topics``: the topics in sorted key order joined by blank lines, split at blank lines, each paragraph of at least
 40 words that does not start with a space (prose, not a code sample or grammar rule), stripped. ``heldout.txt``
