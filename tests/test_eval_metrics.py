@@ -3,7 +3,10 @@ stops part-way. Hand-made cases with known answers, the shipped judges and parts
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import platform
+import sys
 from collections import Counter
 
 import pytest
@@ -11,6 +14,7 @@ import torch
 
 from mmllm.config import ConfigError
 from mmllm.model import AnyToAnyModel
+from mmllm.toyworld import model_eval
 from mmllm.toyworld.judges import Judge, attribute_accuracy
 from mmllm.toyworld.model_eval import EvalOptions, eval_items, format_eval, perplexities, run_eval
 from mmllm.toyworld.parts import shipped_dir
@@ -18,6 +22,7 @@ from mmllm.toyworld.world import World, balanced_items, evaluation_items
 from tests.conftest import REPO
 from tests.test_infer import trained_checkpoint
 
+SHIPPED_PASSAGES = REPO / "mmllm" / "toyworld" / "passages" / "heldout.txt"
 TRUTH = {"colour": "blue", "shape": "circle", "size": "large", "position": "top-left"}
 
 
@@ -144,17 +149,74 @@ def test_perplexity_without_a_passage_long_enough_says_what_to_change(tiny_model
         run_eval(tiny_model, {}, options)
 
 
-def test_text_perplexity_names_the_python_whose_topics_it_read(tiny_model, tmp_path):
-    """pydoc_data's topics differ between Python versions (other passages, other perplexities): the report says
-    which Python's it measured on, so two reports are compared only when that matches."""
+def test_text_perplexity_names_the_shipped_passages_by_their_sha256_not_the_python(tiny_model, tmp_path):
+    """The passages are a file shipped in the package, the same bytes on every Python: the report names that
+    file and its sha256 (it named the Python whose pydoc_data topics it read, which differ per version)."""
+    import hashlib
     import platform
 
     options = EvalOptions(output=tmp_path, modalities=[], tasks=["text"], text_chunks=2, text_tokens=8)
     report = run_eval(tiny_model, {}, options)
-    source = f"pydoc_data topics of Python {platform.python_version()}"
+    assert platform.python_version() not in report["text"]["passages"]
+    source = f"heldout.txt sha256:{hashlib.sha256(SHIPPED_PASSAGES.read_bytes()).hexdigest()}"
     assert report["text"]["passages"] == source and report["text"]["tokens"] == 2 * 7
     assert json.loads((tmp_path / "eval.json").read_text())["text"]["passages"] == source
     assert f"over 14 tokens of {source}" in format_eval(report)
+    old = {**report["text"], "passages": "pydoc_data topics of Python 3.11.7"}  # an eval.json written before
+    assert "over 14 tokens of pydoc_data topics of Python 3.11.7" in format_eval({**report, "text": old})
+
+
+def _freeze_passages():
+    spec = importlib.util.spec_from_file_location("freeze_passages", REPO / "scripts" / "freeze_passages.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_held_out_text_reads_the_shipped_file_without_pydoc_data(tiny_model, monkeypatch):
+    """The passages are the shipped file's paragraphs, whatever this Python's pydoc_data (here: none)."""
+    monkeypatch.setitem(sys.modules, "pydoc_data", None)  # any import of it now fails
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)
+    tok = tiny_model.llm.tokenizer
+    measured = model_eval.held_out_text(tok, 5, 64)
+    paragraphs = SHIPPED_PASSAGES.read_text(encoding="utf-8").removesuffix("\n").split("\n\n")
+    assert len(paragraphs) == 359 and all(len(p.split()) >= 40 and p == p.strip() for p in paragraphs)
+    assert model_eval.held_out_paragraphs() == paragraphs
+    wanted = [ids[:64] for ids in (tok(p, add_special_tokens=False).input_ids for p in paragraphs)
+              if len(ids) >= 64][:5]
+    assert measured == wanted
+
+
+@pytest.mark.skipif(platform.python_version() != "3.11.7", reason="the shipped passages are CPython 3.11.7's")
+def test_the_shipped_passages_are_the_paragraphs_python_3_11_7s_pydoc_data_gave(tiny_model):
+    """On the Python they were taken from, the frozen passages (and the tokens eval measures on) are what
+    held_out_text read from pydoc_data before: the README's 3.11.7 figures hold."""
+    from pydoc_data.topics import topics
+
+    freeze = _freeze_passages()
+    old = freeze.select_paragraphs(topics)
+    assert model_eval.held_out_paragraphs() == old
+    tok = tiny_model.llm.tokenizer
+    before = [ids[:128] for ids in (tok(p, add_special_tokens=False).input_ids for p in old) if len(ids) >= 128]
+    assert model_eval.held_out_text(tok, 48, 128) == before[:48]
+    assert freeze.main(["--check"]) == 0  # heldout.txt and NOTICE are what the script writes from this Python
+
+
+def test_missing_or_changed_passages_are_refused_saying_how_to_get_them_back(tiny_model, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"nowhere\.txt cannot be read .*reinstall mmllm.*freeze_passages\.py"):
+        model_eval.held_out_paragraphs(tmp_path / "nowhere.txt")
+    damaged = tmp_path / "heldout.txt"
+    data = bytearray(SHIPPED_PASSAGES.read_bytes())
+    data[1000] ^= 1
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match=r"not the shipped ones \(sha256 [0-9a-f]{64}, expected .*reinstall"):
+        model_eval.held_out_paragraphs(damaged)
+    # eval refuses at once, before any task runs or eval.json is written
+    monkeypatch.setattr(model_eval, "PASSAGES_FILE", damaged)
+    options = EvalOptions(output=tmp_path / "out", modalities=["image"], tasks=["routing", "text"])
+    with pytest.raises(ConfigError, match="not the shipped ones"):
+        run_eval(tiny_model, {}, options)
+    assert not (tmp_path / "out" / "eval.json").exists()
 
 
 @pytest.mark.skipif(not (shipped_dir() / "judge-audio").is_dir(), reason="shipped parts missing")

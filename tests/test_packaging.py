@@ -28,10 +28,10 @@ def _tracked(folder: str) -> set[str]:
         out = subprocess.run(["git", "ls-files", folder], cwd=REPO, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         pytest.skip("not a git checkout")
-    return {line for line in out.stdout.splitlines() if Path(line).name != ".gitignore"}
+    return {line for line in out.stdout.splitlines() if Path(line).name not in (".gitignore", ".gitattributes")}
 
 
-def test_package_data_globs_ship_exactly_the_tracked_toyworld_weights():
+def test_package_data_globs_ship_exactly_the_tracked_toyworld_weights_and_passages():
     # setuptools expands each pattern with glob.glob(recursive=True) from the package's folder: `*` skips
     # dot-files (the weights' .gitignore, pretrain_toy_components.py's .state/ and .cache/)
     package = REPO / "mmllm" / "toyworld"
@@ -41,9 +41,11 @@ def test_package_data_globs_ship_exactly_the_tracked_toyworld_weights():
         for path in glob.glob(str(package / pattern), recursive=True)
         if os.path.isfile(path)
     }
-    tracked = _tracked("mmllm/toyworld/weights")
+    tracked = _tracked("mmllm/toyworld/weights") | _tracked("mmllm/toyworld/passages")
     assert tracked, "no tracked weights found"
-    assert sorted(tracked - shipped) == [], "tracked weights the wheel would leave out"
+    # eval's held-out text and its licence notice (the PSF licence asks that the notice travel with the text)
+    assert {"mmllm/toyworld/passages/heldout.txt", "mmllm/toyworld/passages/NOTICE"} <= tracked
+    assert sorted(tracked - shipped) == [], "tracked weights or passages the wheel would leave out"
     assert sorted(shipped - tracked) == [], "untracked files the wheel would ship"
 
 

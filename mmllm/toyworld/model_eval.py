@@ -11,8 +11,9 @@ Measured on items of the world's *seen* (training) and *held-out* combinations, 
 * ``routing`` -- the right signal groups are emitted exactly when media is asked for, and no
   others: over the t2x requests (one group of the asked modality), the x2t requests and held-out
   plain-chat prompts (none), and two-output requests (one group of each asked modality);
-* ``text`` -- perplexity on held-out plain text (paragraphs of CPython's own ``pydoc_data`` topics,
-  which no stage trains on) of the assembled model vs its base core: the same weights with the
+* ``text`` -- perplexity on held-out plain text (paragraphs of the Python 3.11.7 documentation's
+  ``pydoc_data`` topics, frozen in ``passages/heldout.txt`` so that every Python measures the same text;
+  no stage trains on it) of the assembled model vs its base core: the same weights with the
   LoRA adapter disabled and the logits restricted to the base vocabulary.
 
 The accuracy of a modality is the mean over its attributes (``mean``); ``all`` counts items with
@@ -22,10 +23,10 @@ refused unless asked for (:func:`check_toy_parts`): they would not say how well 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
-import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,28 +100,51 @@ def emitted(result: Any) -> list[str]:
     return sorted(m for m, conds in result.conditioning.items() for _ in conds)
 
 
+PASSAGES_FILE = Path(__file__).resolve().parent / "passages" / "heldout.txt"
+# heldout.txt as scripts/freeze_passages.py writes it from CPython 3.11.7's pydoc_data (another file: its sha256)
+PASSAGES_SHA256 = "decf623e76c9b4acea69431aa98b33fac052d01a4ac977620db04a1984b7c306"
+_REMAKE = ("reinstall mmllm (its wheel ships the file), or write it again by running the mmllm repository's "
+           "scripts/freeze_passages.py with CPython 3.11.7; or leave 'text' out of the tasks (--tasks)")
+
+
 def held_out_text_source() -> str:
-    """Where :func:`held_out_text` takes its passages from. The topics change between Python versions (3.11.7,
-    3.12.1 and 3.13.0 each pick other passages), so a perplexity is comparable only with one from the same Python."""
-    return f"pydoc_data topics of Python {platform.python_version()}"
+    """What :func:`held_out_text` reads, as ``eval.json`` records it under ``text.passages``: the shipped file's
+    name and sha256, the same on every Python (reports before it named the Python whose ``pydoc_data`` topics
+    they read: ``pydoc_data topics of Python 3.11.7`` measured the same passages)."""
+    return f"{PASSAGES_FILE.name} sha256:{PASSAGES_SHA256}"
 
 
-def held_out_text(tokenizer: Any, chunks: int, tokens: int) -> list[list[int]]:
-    """Passages of CPython's ``pydoc_data`` topics (plain English prose about Python), ``tokens`` each."""
-    from pydoc_data.topics import topics
+def held_out_paragraphs(path: Path | None = None, sha256: str = PASSAGES_SHA256) -> list[str]:
+    """The held-out prose paragraphs of ``path`` (default :data:`PASSAGES_FILE`; one blank line between two),
+    refused (a ConfigError saying how to get the file back) when it is missing, unreadable or not the file
+    ``sha256`` names."""
+    path = PASSAGES_FILE if path is None else path
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"mmllm eval's held-out text passages {path} cannot be read ({exc}): {_REMAKE}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ConfigError(f"mmllm eval's held-out text passages {path} are not the shipped ones (sha256 {digest}, "
+                          f"expected {sha256}: changed or damaged): {_REMAKE}")
+    return data.decode("utf-8").removesuffix("\n").split("\n\n")
 
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    paragraphs = [p.strip() for p in text.split("\n\n") if len(p.split()) >= 40 and not p.startswith(" ")]
+
+def held_out_text(tokenizer: Any, chunks: int, tokens: int,
+                  paragraphs: list[str] | None = None) -> list[list[int]]:
+    """The first ``chunks`` paragraphs (of :func:`held_out_paragraphs` unless given) at least ``tokens`` tokens
+    long for ``tokenizer``, cut to ``tokens`` each."""
     out = []
-    for p in paragraphs:
+    for p in held_out_paragraphs() if paragraphs is None else paragraphs:
         ids = tokenizer(p, add_special_tokens=False).input_ids
         if len(ids) >= tokens:
             out.append(ids[:tokens])
         if len(out) == chunks:
             break
     if not out:
-        raise ValueError(f"no paragraph of CPython's pydoc_data topics is {tokens} tokens long for this tokenizer: "
-                         "lower EvalOptions.text_tokens (the default is 128), or leave 'text' out of tasks")
+        raise ValueError(f"no paragraph of the held-out passages ({PASSAGES_FILE.name}) is {tokens} tokens long "
+                         "for this tokenizer: lower EvalOptions.text_tokens (the default is 128), or leave 'text' "
+                         "out of tasks")
     if len(out) < chunks:
         log.warning("text: only %d passages of %d tokens (asked for %d); lower text_tokens for more",
                     len(out), tokens, chunks)
@@ -214,6 +238,8 @@ def _run_eval(model, judges: dict[str, Judge], options: EvalOptions, other_parts
                               "complete": False, "x2t": {}, "t2x": {}, "routing": {}, "text": {}, "skipped": [],
                               "other_parts": other_parts, "samples": []}
     routes: list[tuple[list[str], list[str], str]] = []  # (expected, emitted, prompt)
+    # read (and checked) before the generation tasks: a missing file is said at once, not after them
+    paragraphs = held_out_paragraphs() if "text" in options.tasks else []
     _save(report, options)
 
     for modality in options.modalities:
@@ -250,7 +276,7 @@ def _run_eval(model, judges: dict[str, Judge], options: EvalOptions, other_parts
         _routing(model, world, options, routes, report)
         _save(report, options)
     if "text" in options.tasks:
-        passages = held_out_text(model.llm.tokenizer, options.text_chunks, options.text_tokens)
+        passages = held_out_text(model.llm.tokenizer, options.text_chunks, options.text_tokens, paragraphs)
         report["text"] = {**perplexities(model, passages), "passages": held_out_text_source()}
     report["complete"] = True
     _save(report, options)
