@@ -260,12 +260,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     flag_media = {m: getattr(args, m) for m in ("image", "audio", "video") if getattr(args, m)}
     if args.input and flag_media:
         raise SystemExit(f"--{next(iter(flag_media))} goes with --prompt; in a requests file, put media in the request")
-    for name in ("batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("steps", "decode_batch_size", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_1(args, "batch_size", "max_new_tokens", "steps", "decode_batch_size", "threads")
     if not 0 <= args.seed < 2**63:  # what a request's own seed may be (torch's generators take no more)
         raise SystemExit(f"--seed must be at least 0 and below 2**63, got {args.seed}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -430,6 +425,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from mmllm.data.cache_build import build_cache, require_cache_dir
 
+    require_at_least_1(args, "batch_size")
     # the records read once, for the model's parts and the cache
     cfg, per_dataset, model = _stage_model(args, check=require_cache_dir)
     report = build_cache(cfg, model, batch_size=args.batch_size, device=args.device, per_dataset=per_dataset)
@@ -447,6 +443,7 @@ def cmd_world(args: argparse.Namespace) -> int:
     from mmllm.toyworld.parts import shipped_dir
     from mmllm.toyworld.report import ReportOptions, format_report, run_report
 
+    require_at_least_1(args, "per_combo", "decoder_items", "steps")
     parts_dir = Path(args.parts) if args.parts else shipped_dir()
     if not parts_dir.is_dir():
         raise SystemExit(f"--parts {parts_dir}: not a directory (train with scripts/pretrain_toy_components.py)")
@@ -499,6 +496,7 @@ def cmd_world_distil(args: argparse.Namespace) -> int:
     from mmllm.toyworld.chat_prompts import TRAIN
     from mmllm.toyworld.stage_data import distil_plain_chat
 
+    require_at_least_1(args, "max_new_tokens")
     assembly = load_assembly(args.assembly or default_assembly_file())
     core = build("llm", assembly.llm, "llm")
     records = distil_plain_chat(core, TRAIN, Path(args.out), max_new_tokens=args.max_new_tokens)
@@ -511,6 +509,11 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from mmllm.folder_lock import hold_beside
     from mmllm.training.checkpoint import export_folder
 
+    require_at_least_1(args, "steps", "batch_size", "cache_batch_size", "threads")
+    if args.limit < 0:
+        raise SystemExit(f"--limit must be at least 0 (0: every conversation), got {args.limit}")
+    if not args.lr > 0:
+        raise SystemExit(f"--lr must be a number above 0, got {args.lr}")
     # saved beside --output and renamed into place: where --output is a link (a folder on another disk), the
     # checkpoint goes where it leads and the link stays (as exports do)
     args.output = export_folder(args.output)
@@ -570,6 +573,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "default: the shipped mmllm/toyworld/weights)")
     if args.items < 1:
         raise SystemExit(f"--items {args.items}: give at least 1 item per modality and split")
+    require_at_least_1(args, "batch_size", "steps", "threads")
     modalities = comma_list(args.modalities, "--modalities", MODALITIES)
     tasks = comma_list(args.tasks, "--tasks", TASKS)
     options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size, steps=args.steps,
@@ -621,6 +625,14 @@ def guidance_scale(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0 (a scale of at most 1 turns guidance off), got {text}")
     return value
+
+
+def require_at_least_1(args: argparse.Namespace, *names: str) -> None:
+    """Refuse a count flag (``--batch-size``, ``--steps``, ...) below 1 before anything loads; None: not given."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def comma_list(text: str, flag: str, valid: Sequence[str]) -> list[str]:
@@ -750,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
     rf.add_argument("--steps", type=int, default=3000)
     rf.add_argument("--batch-size", type=int, default=64)
     rf.add_argument("--cache-batch-size", type=int, default=8)
-    rf.add_argument("--lr", type=float, default=5e-4)
+    rf.add_argument("--lr", type=finite_float, default=5e-4)
     rf.add_argument("--limit", type=int, default=0, help="use the first N conversations (0: all)")
     rf.add_argument("--threads", type=int, default=None)
     rf.add_argument("--seed", type=int, default=0)

@@ -408,3 +408,35 @@ def test_threads_is_restored_when_the_command_returns(command, tmp_path, request
     assert main([*argv[command], "--threads", str(before + 1)]) == 2
     assert before + 1 in seen  # the command did set it
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["refine", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),  # was: trained nothing, "wrote"
+    (["refine", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["refine", "--limit", "-1"], "--limit must be at least 0"),
+    (["refine", "--lr", "0"], "--lr must be a number above 0, got 0.0"),
+    (["refine", "--format", "chat"], "unknown data format 'chat'; valid formats: mmllm-pairs, mmllm-chat"),  # was a traceback
+    (["eval", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["eval", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["cache", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["world", "report", "--per-combo", "0"], "--per-combo must be at least 1, got 0"),  # was torch.cat's traceback
+    (["world", "report", "--decoder-items", "0"], "--decoder-items must be at least 1, got 0"),
+    (["world", "distil", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+])
+def test_counts_no_run_could_use_are_refused_before_anything_loads(argv, message, tmp_path, monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(AnyToAnyModel, "from_pretrained", no_loading)
+    monkeypatch.setattr(AnyToAnyModel, "assemble", no_loading)
+    given = {
+        "refine": ["--checkpoint", str(tmp_path), "--data", str(REPO / "data/samples/chat.jsonl"),
+                   "--output", str(tmp_path / "out")],
+        "eval": ["--output", str(tmp_path / "out")],
+        "cache": ["--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), f"cache.dir={tmp_path / 'out'}"],
+        "world": ["--output" if argv[1] == "report" else "--out", str(tmp_path / "out")],
+    }[argv[0]]
+    assert main([*argv, *given]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

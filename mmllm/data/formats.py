@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmllm.config import MODALITIES
+from mmllm.config import MODALITIES, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -401,7 +401,7 @@ def read_records(
         raise FileNotFoundError(f"data file not found: {path}{where}")
     parsers = _parsers()
     if fmt not in parsers:
-        raise ValueError(f"unknown data format {fmt!r}; valid formats: {', '.join(parsers)}")
+        raise ConfigError(f"unknown data format {fmt!r}; valid formats: {', '.join(parsers)}")
     parse = parsers[fmt]
     if root and not Path(root).expanduser().is_dir():  # every media path of the file would be missing
         raise FileNotFoundError(f"{path}: its media root {root} is not a folder; fix the dataset's `root:` "
