@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from mmllm import __version__
 from mmllm.atomic import atomic_write_text
-from mmllm.config import user_path
+from mmllm.config import files_named_in, user_path
 from mmllm.log_filters import drop_diffusers_noise
 
 if TYPE_CHECKING:
@@ -117,6 +117,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from mmllm.registry import check_part_options
     from mmllm.training.freeze import apply_trainable, count_parameters
 
+    check_json_target(args.json)
     data = read_yaml(args.config)
     if "stage" in data:  # a stage config: inspect its assembly
         from mmllm.config import load_stage
@@ -260,6 +261,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
     flag_media = {m: getattr(args, m) for m in ("image", "audio", "video") if getattr(args, m)}
     if args.input and flag_media:
         raise SystemExit(f"--{next(iter(flag_media))} goes with --prompt; in a requests file, put media in the request")
+    for m, path in flag_media.items():  # a flag's typo refused at once, not an error record after the model loads
+        if not Path(path).is_file():
+            raise SystemExit(f"--{m} {path}: {'a folder' if Path(path).is_dir() else 'file not found'}; "
+                             f"give the {m} file to answer about")
     require_at_least_1(args, "batch_size", "max_new_tokens", "steps", "decode_batch_size", "threads")
     if not 0 <= args.seed < 2**63:  # what a request's own seed may be (torch's generators take no more)
         raise SystemExit(f"--seed must be at least 0 and below 2**63, got {args.seed}")
@@ -269,6 +274,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mmllm-infer-") as tmp, contextlib.ExitStack() as held:
         if args.input:
             requests = Path(args.input)
+            if requests.is_dir():
+                raise SystemExit(f"--input {requests}: a folder; give the requests file (JSONL) in it "
+                                 f"({files_named_in(requests, '*.jsonl')})")
             if not requests.is_file():
                 raise SystemExit(f"--input {requests}: file not found")
             if not read_lines(requests):  # not worth loading a model for: most likely the wrong file
@@ -414,6 +422,7 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None
 def cmd_data_check(args: argparse.Namespace) -> int:
     from mmllm.data.check import check_stage_data
 
+    check_json_target(args.json)
     cfg, _, model = _stage_model(args, shapes_only=True)
     report = check_stage_data(cfg, model, decode=not args.no_decode)
     print(report.format())
@@ -625,6 +634,12 @@ def guidance_scale(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0 (a scale of at most 1 turns guidance off), got {text}")
     return value
+
+
+def check_json_target(path: str | None) -> None:
+    """``--json PATH`` refused before the work when it names a folder (it was refused after, the work lost)."""
+    if path is not None and Path(path).is_dir():
+        raise SystemExit(f"--json {path}: a folder; give a file path, e.g. {Path(path) / 'report.json'}")
 
 
 def require_at_least_1(args: argparse.Namespace, *names: str) -> None:

@@ -440,3 +440,23 @@ def test_counts_no_run_could_use_are_refused_before_anything_loads(argv, message
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_given_where_a_file_goes_is_named_as_a_folder_before_the_work(tmp_path, capsys):
+    """`--config configs/stages` said "config file not found" (it is there), a data path naming a folder "data
+    file not found", and `inspect --json DIR` failed after printing every count: each says it is a folder."""
+    assert main(["train", "--config", str(REPO / "configs/stages")]) == 2
+    err = capsys.readouterr().err
+    assert f"config {REPO / 'configs/stages'} is a folder; give a YAML file in it (e.g. " in err
+    assert str(REPO / "configs/stages/default/decode_align.yaml") in err
+    stage = str(REPO / "configs/stages/tiny/encode_align.yaml")
+    data = f"data=[{{path: {REPO / 'data/samples'}, format: mmllm-pairs}}]"
+    assert main(["train", "--config", stage, "init_from=null", data, f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"data file {REPO / 'data/samples'} is a folder; give a data file in it (e.g. " in err
+    assert str(REPO / "data/samples/pairs.jsonl") in err
+    for argv in (["inspect", "--config", str(TINY)], ["data", "check", "--config", stage, "init_from=null"]):
+        assert main([*argv, "--json", str(tmp_path)]) == 2
+        out, err = capsys.readouterr()
+        assert f"--json {tmp_path}: a folder; give a file path" in err
+        assert out == ""  # refused before the work, not after it

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmllm.config import MODALITIES, ConfigError
+from mmllm.config import MODALITIES, ConfigError, files_named_in
 
 log = logging.getLogger(__name__)
 
@@ -395,6 +395,9 @@ def read_records(
 ) -> tuple[list[Any], list[str]]:
     """Read a data file in ``fmt``; returns (records, errors). Malformed records are reported, not fatal."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"data file {path} is a folder; give a data file in it "
+                                f"({files_named_in(path, '*.jsonl', '*.json')})")
     if not path.is_file():
         where = "" if path.is_absolute() else (f" (relative to the working directory {Path.cwd()}; a stage "
                                                "config's data paths are also looked up beside the config)")
