@@ -681,152 +681,273 @@ TRUST_HELP = ("load a checkpoint whose assembly sets trust_remote_code for a par
               "refused without this flag)")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, where it has one the help does not already give; a text of several
+    lines (a command's outputs and examples) kept as written, a one-line description wrapped."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not unset and "default" not in text:
+            text = f"{text} (default: %(default)s)"
+        return text
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return text if "\n" in text else super()._fill_text(text, width, indent)
+
+
+EXIT_CODES = """\
+exit codes:
+  0        done
+  1        infer: a request failed (or --fail-fast stopped the run); data check: a problem found in the data;
+           any command: an unexpected error (with its traceback)
+  2        a usage error, or what was given refused (a bad flag, config, path, or an output folder in use): one
+           line saying what to fix, before anything runs where it can be (-v adds the traceback)
+  130/143  stopped by Ctrl-C (SIGINT) / SIGTERM (train saves the step under way; --resume goes on from it)
+
+Logs (and progress bars) go to stderr; results to stdout and the files each command's --help names.
+`mmllm COMMAND --help` gives a command's flags, defaults, outputs and an example."""
+
+EPILOGS = {
+    "train": """\
+writes: checkpoints OUTPUT_DIR/step-N and OUTPUT_DIR/final.json (naming the last), where OUTPUT_DIR is the
+  stage's output_dir (relative to the working directory; override it with output_dir=PATH)
+examples:
+  mmllm train --config configs/stages/tiny/encode_align.yaml max_steps=50
+  mmllm train --config configs/stages/tiny/encode_align.yaml --resume    # after a stop: on from the newest step-N""",
+    "inspect": """\
+prints (stdout): the parts, dimension checks and per-stage parameter counts; --json FILE also writes the counts
+example:
+  mmllm inspect --config configs/assemblies/tiny.yaml --lora configs/lora/tiny.yaml""",
+    "infer": """\
+writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html;
+  with --prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed.
+examples:
+  mmllm infer --checkpoint runs/tiny/instruct/step-30 --input data/samples/requests.jsonl --output out/
+  mmllm infer --checkpoint runs/tiny/instruct/step-30 --prompt "What is this?" \\
+      --image data/samples/media/red_circle.png --output out/""",
+    "export": """\
+writes: the inference copy into --output (replacing an earlier export there whole)
+examples:
+  mmllm export --checkpoint runs/tiny/instruct/step-30 --output ship/ --dtype float16
+  mmllm export --checkpoint runs/tiny/instruct/step-30 --output merged/ --merge-lora""",
+    "demo": """\
+writes into --output: index.html (the gallery), results.jsonl and media/ (--tiny: its training runs in runs/)
+examples:
+  mmllm demo
+  mmllm demo --tiny --output outputs/tiny""",
+    "check": """\
+prints (stdout): the report; --json FILE also writes it. Exit code 1 if it finds a problem in the data.
+example:
+  mmllm data check --config configs/stages/tiny/encode_align.yaml""",
+    "cache": """\
+writes: the features into the stage's cache.dir; prints (stdout) what was computed, found or failed
+example:
+  mmllm cache --config configs/stages/tiny/decode_align.yaml cache.dir=cache/tiny""",
+    "refine": """\
+writes: the refined checkpoint into --output; prints (stdout) each modality's validation relative MSE
+example:
+  mmllm refine --checkpoint runs/tiny/instruct/step-30 --data data/samples/chat.jsonl --output refined/""",
+    "eval": """\
+writes: --output/eval.json (after each measurement); prints (stdout) the table
+examples:
+  mmllm eval                                  # the shipped default
+  mmllm eval --checkpoint runs/default/instruct/step-450 --tasks x2t,routing --output outputs/eval-mine""",
+    "report": """\
+writes: --output/report.json; prints (stdout) the table
+example:
+  mmllm world report --modalities image --output outputs/world-report""",
+    "data": """\
+writes under --out: the stages' media and JSONL, and held-out/ for evaluation; prints (stdout) the counts
+example:
+  mmllm world data --out data/default --plain data/default/plain_chat.jsonl""",
+    "distil": """\
+writes: the answers as chat JSONL into the file --out names
+example:
+  mmllm world distil --out data/default/plain_chat.jsonl""",
+}
+
+
+def add_command(sub, name: str, summary: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does, each option's default, what it writes and an example."""
+    return sub.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=HelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmllm", description="Assemble, train and run an any-to-any multimodal "
-                                "model (README.md: the commands, configs, data formats and checkpoints).")
+                                "model (README.md: the commands, configs, data formats and checkpoints).",
+                                epilog=EXIT_CODES, formatter_class=HelpFormatter)
     verbose_help = "tracebacks of errors and other libraries' INFO logging"
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train one stage from a stage YAML")
-    t.add_argument("--config", type=user_path, required=True, help="a stage YAML (configs/stages/)")
+    t = add_command(sub, "train", "train one stage from a stage YAML", EPILOGS["train"])
+    t.add_argument("--config", type=user_path, required=True, metavar="YAML", help="a stage YAML (configs/stages/)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in output_dir (from step 0 if there is none)")
-    t.add_argument("overrides", nargs="*", help="key.sub=value overrides of the stage (assembly.key=value: of its "
-                                                "assembly)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides of the stage, e.g. max_steps=50 optim.lr=1e-3 (assembly.key=value: of its assembly)")
     t.set_defaults(fn=cmd_train)
 
-    i = sub.add_parser("inspect", help="assemble and print parts, dimension checks, per-stage parameter counts")
-    i.add_argument("--config", type=user_path, required=True, help="an assembly or stage YAML")
-    i.add_argument("--lora", type=user_path, help="with an assembly YAML: a LoRA YAML, to count the instruct stage's adapter")
-    i.add_argument("--json", type=user_path, help="also write the counts here")
-    i.add_argument("overrides", nargs="*")
+    i = add_command(sub, "inspect", "assemble and print parts, dimension checks, per-stage parameter counts",
+                    EPILOGS["inspect"])
+    i.add_argument("--config", type=user_path, required=True, metavar="YAML", help="an assembly or stage YAML")
+    i.add_argument("--lora", type=user_path, metavar="YAML",
+                   help="with an assembly YAML: a LoRA YAML, to count the instruct stage's adapter")
+    i.add_argument("--json", type=user_path, metavar="FILE", help="also write the counts here")
+    i.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the config, e.g. llm.options.layers=4")
     i.set_defaults(fn=cmd_inspect)
 
-    r = sub.add_parser("infer", help="batch inference from a checkpoint: requests JSONL in, media + results.jsonl "
-                                      "+ index.html out (exit 1 if any request failed)")
-    r.add_argument("--checkpoint", type=user_path, required=True, help="a checkpoint directory (step-N)")
-    r.add_argument("--input", type=user_path, help="requests JSONL (schema: mmllm/inference/runner.py, README)")
-    r.add_argument("--output", type=user_path, required=True,
+    r = add_command(sub, "infer", "batch inference from a checkpoint: requests JSONL in, media + results.jsonl "
+                                  "+ index.html out (exit 1 if any request failed)", EPILOGS["infer"])
+    r.add_argument("--checkpoint", type=user_path, required=True, metavar="DIR", help="a checkpoint directory (step-N)")
+    r.add_argument("--input", type=user_path, metavar="JSONL",
+                   help="requests, one JSON object per line (schema: README, mmllm/inference/runner.py)")
+    r.add_argument("--output", type=user_path, required=True, metavar="DIR",
                    help="output folder; re-running on it skips requests already done (refused if they were "
                         "answered with another checkpoint, --seed, --max-new-tokens, ..., --dtype or --device type)")
     r.add_argument("--overwrite", action="store_true",
                    help="start --output afresh: remove its results.jsonl, media/ and index.html first")
-    r.add_argument("--prompt", help="one request from the command line instead of --input")
-    r.add_argument("--image", type=user_path, help="with --prompt: an input image")
-    r.add_argument("--audio", type=user_path, help="with --prompt: an input audio file")
-    r.add_argument("--video", type=user_path, help="with --prompt: an input video")
-    r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--prompt", metavar="TEXT", help="one request from the command line instead of --input")
+    r.add_argument("--image", type=user_path, metavar="FILE", help="with --prompt: an input image")
+    r.add_argument("--audio", type=user_path, metavar="FILE", help="with --prompt: an input audio file")
+    r.add_argument("--video", type=user_path, metavar="FILE", help="with --prompt: an input video")
+    r.add_argument("--batch-size", type=int, default=8, metavar="N", help="requests answered together")
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="every part is cast to it (a core whose llm.dtype is lower is cast up, with a warning)")
-    r.add_argument("--threads", type=int, default=None,
+    r.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's); 1 is fastest for tiny models on a busy machine")
-    r.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
-    r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy (default); > 0 samples")
-    r.add_argument("--top-p", type=finite_float, default=1.0)
-    r.add_argument("--steps", type=int, default=None, help="decoder denoising steps (default: the decoder's)")
-    r.add_argument("--guidance", type=guidance_scale, default=None,
+    r.add_argument("--seed", type=int, default=0, metavar="N", help="seed of requests that give none")
+    r.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="longest answer, in tokens")
+    r.add_argument("--temperature", type=finite_float, default=0.0, metavar="T",
+                   help="0 = greedy (default); > 0 samples")
+    r.add_argument("--top-p", type=finite_float, default=1.0, metavar="P", help="nucleus sampling mass, in (0, 1]")
+    r.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="decoder denoising steps (default: the decoder's)")
+    r.add_argument("--guidance", type=guidance_scale, default=None, metavar="G",
                    help="decoder classifier-free guidance scale, >= 0; <= 1 turns it off (default: the decoder's)")
-    r.add_argument("--decode-batch-size", type=int, default=None,
+    r.add_argument("--decode-batch-size", type=int, default=None, metavar="N",
                    help="signal groups per decoder call (default: a whole batch's); 1 makes media bit-identical "
                         "whatever --batch-size, at a speed cost")
     r.add_argument("--fail-fast", action="store_true", help="stop at the first failed request")
     r.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     r.set_defaults(fn=cmd_infer)
 
-    e = sub.add_parser("export", help="write an inference copy: learned weights only (optionally fp16), or the "
-                                      "LLM with the LoRA adapter merged in (--merge-lora)")
-    e.add_argument("--checkpoint", type=user_path, required=True, help="a checkpoint directory (step-N)")
-    e.add_argument("--output", type=user_path, required=True,
+    e = add_command(sub, "export", "write an inference copy: learned weights only (optionally fp16), or the "
+                                   "LLM with the LoRA adapter merged in (--merge-lora)", EPILOGS["export"])
+    e.add_argument("--checkpoint", type=user_path, required=True, metavar="DIR", help="a checkpoint directory (step-N)")
+    e.add_argument("--output", type=user_path, required=True, metavar="DIR",
                    help="a new or empty folder, or an earlier export's (replaced whole)")
     e.add_argument("--merge-lora", action="store_true", help="merge LoRA into the LLM and save the LLM with it")
     e.add_argument("--dtype", help="weights-only copy: float32 (default), float16 or bfloat16")
-    e.add_argument("--assembly", type=user_path, help="weights-only copy: record this assembly YAML instead of the checkpoint's")
+    e.add_argument("--assembly", type=user_path, metavar="YAML",
+                   help="weights-only copy: record this assembly YAML instead of the checkpoint's")
     e.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     e.set_defaults(fn=cmd_export)
 
-    d = sub.add_parser("demo", help="the embedded default answering requests in every direction, offline")
-    d.add_argument("--output", type=user_path, default="outputs")
+    d = add_command(sub, "demo", "the embedded default answering requests in every direction, offline", EPILOGS["demo"])
+    d.add_argument("--output", type=user_path, default="outputs", metavar="DIR", help="where the answers go")
     d.add_argument("--tiny", action="store_true", help="the wiring demo: train the tiny random assembly, then answer")
     d.add_argument("--quick", action="store_true", help="with --tiny: 4 steps per stage (for tests)")
     d.set_defaults(fn=cmd_demo)
 
-    data = sub.add_parser("data", help="inspect a stage's data").add_subparsers(dest="data_command", required=True)
-    dc = data.add_parser("check", help="counts per modality, missing/unreadable files, over-long samples; no training")
-    dc.add_argument("--config", type=user_path, required=True, help="a stage YAML")
+    data = add_command(sub, "data", "inspect a stage's data").add_subparsers(dest="data_command", required=True,
+                                                                             metavar="COMMAND")
+    dc = add_command(data, "check", "counts per modality, missing/unreadable files, over-long samples; no training",
+                     EPILOGS["check"])
+    dc.add_argument("--config", type=user_path, required=True, metavar="YAML", help="a stage YAML")
     dc.add_argument("--no-decode", action="store_true", help="only check that media files exist (faster)")
-    dc.add_argument("--json", type=user_path, help="also write the full report here")
-    dc.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    dc.add_argument("--json", type=user_path, metavar="FILE", help="also write the full report here")
+    dc.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the stage")
     dc.set_defaults(fn=cmd_data_check)
 
-    c = sub.add_parser("cache", help="precompute encoder features and conditioning targets into cache.dir")
-    c.add_argument("--config", type=user_path, required=True, help="a stage YAML with `cache: {dir: PATH}`")
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--device", default="cpu")
-    c.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. cache.dir=PATH")
+    c = add_command(sub, "cache", "precompute encoder features and conditioning targets into cache.dir",
+                    EPILOGS["cache"])
+    c.add_argument("--config", type=user_path, required=True, metavar="YAML",
+                   help="a stage YAML with `cache: {dir: PATH}`")
+    c.add_argument("--batch-size", type=int, default=16, metavar="N", help="samples per encoder/decoder call")
+    c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the stage, e.g. cache.dir=PATH")
     c.set_defaults(fn=cmd_cache)
-    rf = sub.add_parser("refine", help="fit the output projections on cached signal-token states of a trained "
-                                       "checkpoint (one LLM forward per conversation, then many cheap steps)")
-    rf.add_argument("--checkpoint", type=user_path, required=True, help="a trained checkpoint directory (step-N)")
-    rf.add_argument("--data", type=user_path, required=True, nargs="+", help="conversation files with assistant outputs")
-    rf.add_argument("--format", default="mmllm-chat")
-    rf.add_argument("--output", type=user_path, required=True, help="the refined checkpoint's directory")
-    rf.add_argument("--steps", type=int, default=3000)
-    rf.add_argument("--batch-size", type=int, default=64)
-    rf.add_argument("--cache-batch-size", type=int, default=8)
-    rf.add_argument("--lr", type=finite_float, default=5e-4)
-    rf.add_argument("--limit", type=int, default=0, help="use the first N conversations (0: all)")
-    rf.add_argument("--threads", type=int, default=None)
-    rf.add_argument("--seed", type=int, default=0)
+    rf = add_command(sub, "refine", "fit the output projections on cached signal-token states of a trained "
+                                    "checkpoint (one LLM forward per conversation, then many cheap steps)",
+                     EPILOGS["refine"])
+    rf.add_argument("--checkpoint", type=user_path, required=True, metavar="DIR",
+                    help="a trained checkpoint directory (step-N)")
+    rf.add_argument("--data", type=user_path, required=True, nargs="+", metavar="FILE",
+                    help="conversation files with assistant outputs")
+    rf.add_argument("--format", default="mmllm-chat", help="the data files' format (as a stage's data: format:)")
+    rf.add_argument("--output", type=user_path, required=True, metavar="DIR", help="the refined checkpoint's directory")
+    rf.add_argument("--steps", type=int, default=3000, metavar="N", help="training steps per modality")
+    rf.add_argument("--batch-size", type=int, default=64, metavar="N", help="signal groups per step")
+    rf.add_argument("--cache-batch-size", type=int, default=8, metavar="N",
+                    help="conversations per LLM forward while caching")
+    rf.add_argument("--lr", type=finite_float, default=5e-4, help="learning rate")
+    rf.add_argument("--limit", type=int, default=0, metavar="N", help="use the first N conversations (0: all)")
+    rf.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    rf.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the batches and the validation split")
     rf.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     rf.set_defaults(fn=cmd_refine)
 
-    ev = sub.add_parser("eval", help="x2t / t2x accuracy vs the oracle, routing and text perplexity of a "
-                                     "model on the toy world's parts (default: the shipped default)")
-    ev.add_argument("--checkpoint", type=user_path, help="a checkpoint directory (default: the shipped default glue)")
-    ev.add_argument("--parts", type=user_path, help="folder holding the judges (default: the shipped mmllm/toyworld/weights)")
-    ev.add_argument("--output", type=user_path, default="outputs/eval")
-    ev.add_argument("--items", type=int, default=48, help="items per modality and split")
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--modalities", default="image,audio,video")
-    ev.add_argument("--tasks", default="x2t,t2x,routing,text", help="which measurements (comma-separated)")
-    ev.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
-    ev.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale, >= 0; <= 1 turns it off")
-    ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ev.add_argument("--seed", type=int, default=0)
+    ev = add_command(sub, "eval", "x2t / t2x accuracy vs the oracle, routing and text perplexity of a "
+                                  "model on the toy world's parts (default: the shipped default)", EPILOGS["eval"])
+    ev.add_argument("--checkpoint", type=user_path, metavar="DIR",
+                    help="a checkpoint directory (default: the shipped default glue)")
+    ev.add_argument("--parts", type=user_path, metavar="DIR",
+                    help="folder holding the judges (default: the shipped mmllm/toyworld/weights)")
+    ev.add_argument("--output", type=user_path, default="outputs/eval", metavar="DIR", help="where eval.json goes")
+    ev.add_argument("--items", type=int, default=48, metavar="N", help="items per modality and split")
+    ev.add_argument("--batch-size", type=int, default=16, metavar="N", help="requests answered together")
+    ev.add_argument("--modalities", default="image,audio,video", metavar="LIST", help="comma-separated")
+    ev.add_argument("--tasks", default="x2t,t2x,routing,text", metavar="LIST",
+                    help="which measurements (comma-separated)")
+    ev.add_argument("--steps", type=int, default=None, metavar="N",
+                    help="decoder denoising steps (default: the decoder's)")
+    ev.add_argument("--guidance", type=guidance_scale, default=None, metavar="G",
+                    help="classifier-free guidance scale, >= 0; <= 1 turns it off (default: the decoder's)")
+    ev.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    ev.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the model's answers")
     ev.add_argument("--allow-other-parts", action="store_true",
                     help="measure a model whose encoders or decoders are not the toy world's parts (refused "
                          "without it: its x2t / t2x scores would not say how well it works)")
     ev.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     ev.set_defaults(fn=cmd_eval)
 
-    w = sub.add_parser("world", help="the toy world: measure its parts; write or distil the default's data")
-    wsub = w.add_subparsers(dest="world_command", required=True)
-    wr = wsub.add_parser("report", help="judge, retrieval and oracle-decoder accuracy, seen vs held-out")
-    wr.add_argument("--parts", type=user_path, help="folder of trained parts (default: the shipped mmllm/toyworld/weights)")
-    wr.add_argument("--output", type=user_path, default="outputs/world-report")
-    wr.add_argument("--modalities", default="image,audio,video")
-    wr.add_argument("--per-combo", type=int, default=2, help="true items per combination (judge, retrieval)")
-    wr.add_argument("--decoder-items", type=int, default=48, help="generated items per split and modality")
-    wr.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
-    wr.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale, >= 0; <= 1 turns it off")
-    wr.add_argument("--seed", type=int, default=0)
+    w = add_command(sub, "world", "the toy world: measure its parts; write or distil the default's data")
+    wsub = w.add_subparsers(dest="world_command", required=True, metavar="COMMAND")
+    wr = add_command(wsub, "report", "judge, retrieval and oracle-decoder accuracy, seen vs held-out",
+                     EPILOGS["report"])
+    wr.add_argument("--parts", type=user_path, metavar="DIR",
+                    help="folder of trained parts (default: the shipped mmllm/toyworld/weights)")
+    wr.add_argument("--output", type=user_path, default="outputs/world-report", metavar="DIR",
+                    help="where report.json goes")
+    wr.add_argument("--modalities", default="image,audio,video", metavar="LIST", help="comma-separated")
+    wr.add_argument("--per-combo", type=int, default=2, metavar="N",
+                    help="true items per combination (judge, retrieval)")
+    wr.add_argument("--decoder-items", type=int, default=48, metavar="N",
+                    help="generated items per split and modality")
+    wr.add_argument("--steps", type=int, default=None, metavar="N",
+                    help="decoder denoising steps (default: the decoder's)")
+    wr.add_argument("--guidance", type=guidance_scale, default=None, metavar="G",
+                    help="classifier-free guidance scale, >= 0; <= 1 turns it off (default: the decoder's)")
+    wr.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the decoders' generation")
     wr.set_defaults(fn=cmd_world)
-    wd = wsub.add_parser("data", help="write the default's stage data (media + JSONL) from the world's training combos, "
-                                          "and held-out/ eval data from its held-out combos")
-    wd.add_argument("--out", type=user_path, required=True)
-    wd.add_argument("--plain", type=user_path, help="distilled plain chat JSONL (from `mmllm world distil`) to mix in")
-    wd.add_argument("--seed", type=int, default=0)
+    wd = add_command(wsub, "data", "write the default's stage data (media + JSONL) from the world's training combos, "
+                                   "and held-out/ eval data from its held-out combos", EPILOGS["data"])
+    wd.add_argument("--out", type=user_path, required=True, metavar="DIR", help="the data folder to write")
+    wd.add_argument("--plain", type=user_path, metavar="JSONL",
+                    help="distilled plain chat JSONL (from `mmllm world distil`) to mix in")
+    wd.add_argument("--seed", type=int, default=0, metavar="N", help="the data is a function of it")
     wd.set_defaults(fn=cmd_world_data)
-    wl = wsub.add_parser("distil", help="the base LLM's greedy answers to the plain-chat prompts -> JSONL")
-    wl.add_argument("--assembly", type=user_path,
+    wl = add_command(wsub, "distil", "the base LLM's greedy answers to the plain-chat prompts -> JSONL",
+                     EPILOGS["distil"])
+    wl.add_argument("--assembly", type=user_path, metavar="YAML",
                     help="the assembly whose LLM answers (default: the repository's configs/assemblies/default.yaml; "
                          "a wheel does not install it)")
-    wl.add_argument("--out", type=user_path, required=True)
-    wl.add_argument("--max-new-tokens", type=int, default=128)
+    wl.add_argument("--out", type=user_path, required=True, metavar="JSONL", help="the file to write")
+    wl.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer, in tokens")
     wl.set_defaults(fn=cmd_world_distil)
     # -v also after the command (`mmllm train ... -v`: where users add it when an error asks for it);
     # SUPPRESS keeps a command's parser from resetting a -v given before the command

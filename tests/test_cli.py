@@ -460,3 +460,101 @@ def test_a_folder_given_where_a_file_goes_is_named_as_a_folder_before_the_work(t
         out, err = capsys.readouterr()
         assert f"--json {tmp_path}: a folder; give a file path" in err
         assert out == ""  # refused before the work, not after it
+
+
+def _commands(parser=None, path=("mmllm",)):
+    """Every runnable command's (path, parser): `mmllm train`, `mmllm data check`, ..."""
+    import argparse
+
+    from mmllm.cli import build_parser
+
+    parser = parser or build_parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    for name, child in subs[0].choices.items():
+        yield from _commands(child, (*path, name))
+
+
+def _parse_example(line: str) -> None:
+    """An example as `main` parses it: a flag that does not exist, or a bad value, ends the test (SystemExit)."""
+    import shlex
+
+    from mmllm.cli import build_parser
+
+    argv = shlex.split(line, comments=True)
+    assert argv[0] == "mmllm", line
+    args, extra = build_parser().parse_known_args(argv[1:])
+    assert all("=" in e and hasattr(args, "overrides") for e in extra), f"{line}: unrecognized {extra}"
+
+
+def test_every_commands_help_gives_its_defaults_outputs_and_an_example_that_parses(capsys):
+    """`mmllm X --help` listed flags without their defaults (--batch-size, --steps, --output of demo/eval...),
+    said nothing of where results go, and gave no example; the top-level help did not give the exit codes."""
+    import argparse
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "exit codes:" in out and "130/143" in out and "stderr" in out
+    commands = list(_commands())
+    assert len(commands) == 12
+    for path, parser in commands:
+        with pytest.raises(SystemExit) as done:
+            main([*path[1:], "--help"])
+        out = capsys.readouterr().out
+        assert done.value.code == 0
+        assert re.search(r"^(writes|prints)", out, re.M), f"{' '.join(path)} --help: no word on its outputs"
+        text = re.sub(r"\\\n\s+", " ", out.split("\nexample", 1)[1])  # continuation lines joined
+        examples = [line.strip() for line in text.splitlines() if line.strip().startswith("mmllm ")]
+        assert examples, f"{' '.join(path)} --help: no example"
+        for example in examples:
+            assert example.split()[:len(path)] == list(path)
+            _parse_example(example)
+        for action in parser._actions:
+            unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+            if action.option_strings and not unset:
+                assert "default" in _option_help(out, action.option_strings[-1]), \
+                    f"{' '.join(path)} {action.option_strings[-1]}: default not shown"
+
+
+def _option_help(help_out: str, flag: str) -> str:
+    """The lines of ``flag``'s entry in a --help text's options."""
+    lines = help_out.split("\noptions:\n", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"  (-\w, )?{flag}\b", line))
+    entry = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith("    ") or line.strip().startswith("-"):
+            break
+        entry.append(line)
+    return " ".join(" ".join(entry).split())
+
+
+def test_every_mmllm_command_in_the_readme_parses_with_flags_that_exist():
+    """Each `mmllm ...` line of the README's shell blocks, and each inline `mmllm ...` with flags, names flags
+    the command has (spelled out, not an abbreviation argparse would also take)."""
+    text = (REPO / "README.md").read_text()
+    lines, block = [], False
+    for line in re.sub(r"\\\n\s*", " ", text).splitlines():
+        if line.startswith("```"):
+            block = not block
+        elif block and line.strip().startswith("mmllm "):
+            lines.append(line.strip())
+    runnable = len(lines)  # the code blocks' lines run as written; inline mentions (`mmllm infer --threads`) may not
+    lines += [span for span in re.findall(r"`(mmllm [^`]+)`", text) if " -" in span]
+    assert runnable > 15 and len(lines) > runnable
+    from mmllm.cli import build_parser
+
+    parsers = {("mmllm",): build_parser(), **dict(_commands())}
+    for n, line in enumerate(lines):
+        words = line.split("#")[0].split()
+        path = max((p for p in parsers if tuple(words[:len(p)]) == p), key=len, default=None)
+        assert path is not None, f"README: {line!r} names no command"
+        flags = {o for a in parsers[path]._actions for o in a.option_strings}
+        for word in words:
+            flag = re.match(r"\[?(--?[a-z][a-z-]*)", word)
+            assert flag is None or flag.group(1) in flags, f"README: {line!r}: {path[-1]} has no {flag.group(1)}"
+        if n < runnable and path != ("mmllm",) and not re.search(r"[[|]|\.\.\.", line):  # a synopsis is not run as written
+            _parse_example(line.split("#")[0])
