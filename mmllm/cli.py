@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import logging
 import math
@@ -973,9 +974,30 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*(args.overrides or []), *extra]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            command = command_parser(parser, args)  # its usage, not the top level's, with the flag it most resembles
+            command.error(unrecognized(extra, command))
     with cli_logging(args.verbose):
         return run_command(args, offline_by_default)
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command ``args`` ran (`mmllm world report`'s), for an error shown with its usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return command_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
+def unrecognized(extra: list[str], parser: argparse.ArgumentParser) -> str:
+    """argparse's "unrecognized arguments", naming the flag of ``parser`` each unknown one most resembles."""
+    flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    hints = []
+    for word in extra:
+        given = word.split("=", 1)[0]
+        close = difflib.get_close_matches(given, flags, n=1) if given.startswith("--") else []
+        if close:
+            hints.append(f"{given}: did you mean {close[0]}?")
+    return "; ".join([f"unrecognized arguments: {' '.join(extra)}", *hints])
 
 
 def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:

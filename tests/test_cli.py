@@ -558,3 +558,19 @@ def test_every_mmllm_command_in_the_readme_parses_with_flags_that_exist():
             assert flag is None or flag.group(1) in flags, f"README: {line!r}: {path[-1]} has no {flag.group(1)}"
         if n < runnable and path != ("mmllm",) and not re.search(r"[[|]|\.\.\.", line):  # a synopsis is not run as written
             _parse_example(line.split("#")[0])
+
+
+def test_an_unknown_flag_is_shown_with_its_commands_usage_and_the_flag_it_resembles(tmp_path, capsys):
+    """`mmllm infer ... --batchsize 4` printed the top-level usage (COMMAND ...) and no hint of --batch-size."""
+    with pytest.raises(SystemExit) as done:
+        main(["infer", "--checkpoint", str(tmp_path), "--prompt", "Hi", "--output", str(tmp_path / "out"),
+              "--batchsize", "4"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert "usage: mmllm infer" in err and "mmllm infer: error: unrecognized arguments: --batchsize 4" in err
+    assert "--batchsize: did you mean --batch-size?" in err
+    with pytest.raises(SystemExit):
+        main(["world", "report", "--per-combos", "2", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "mmllm world report: error:" in err and "--per-combos: did you mean --per-combo?" in err
+    assert not (tmp_path / "out").exists()
