@@ -842,7 +842,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--output", type=user_path, required=True, metavar="DIR",
                    help="a new or empty folder, or an earlier export's (replaced whole)")
     e.add_argument("--merge-lora", action="store_true", help="merge LoRA into the LLM and save the LLM with it")
-    e.add_argument("--dtype", help="weights-only copy: float32 (default), float16 or bfloat16")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights-only copy: float32 (default)")
     e.add_argument("--assembly", type=user_path, metavar="YAML",
                    help="weights-only copy: record this assembly YAML instead of the checkpoint's")
     e.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
@@ -937,7 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
     wr.set_defaults(fn=cmd_world)
     wd = add_command(wsub, "data", "write the default's stage data (media + JSONL) from the world's training combos, "
                                    "and held-out/ eval data from its held-out combos", EPILOGS["data"])
-    wd.add_argument("--out", type=user_path, required=True, metavar="DIR", help="the data folder to write")
+    wd.add_argument("--out", "--output", type=user_path, required=True, metavar="DIR", help="the data folder to write")
     wd.add_argument("--plain", type=user_path, metavar="JSONL",
                     help="distilled plain chat JSONL (from `mmllm world distil`) to mix in")
     wd.add_argument("--seed", type=int, default=0, metavar="N", help="the data is a function of it")
@@ -947,7 +947,7 @@ def build_parser() -> argparse.ArgumentParser:
     wl.add_argument("--assembly", type=user_path, metavar="YAML",
                     help="the assembly whose LLM answers (default: the repository's configs/assemblies/default.yaml; "
                          "a wheel does not install it)")
-    wl.add_argument("--out", type=user_path, required=True, metavar="JSONL", help="the file to write")
+    wl.add_argument("--out", "--output", type=user_path, required=True, metavar="JSONL", help="the file to write")
     wl.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer, in tokens")
     wl.set_defaults(fn=cmd_world_distil)
     # -v also after the command (`mmllm train ... -v`: where users add it when an error asks for it);

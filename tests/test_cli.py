@@ -574,3 +574,17 @@ def test_an_unknown_flag_is_shown_with_its_commands_usage_and_the_flag_it_resemb
     err = capsys.readouterr().err
     assert "mmllm world report: error:" in err and "--per-combos: did you mean --per-combo?" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_world_data_and_distil_take_output_as_every_other_command_does(tmp_path, capsys):
+    """Every other command writes to --output; `world data --output DIR` was refused (--out required)."""
+    from mmllm.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["world", "data", "--output", str(tmp_path)]).out == str(tmp_path)
+    assert parser.parse_args(["world", "distil", "--output", str(tmp_path / "p.jsonl")]).out == str(tmp_path / "p.jsonl")
+    assert parser.parse_args(["world", "data", "--out", str(tmp_path)]).out == str(tmp_path)  # as before
+    with pytest.raises(SystemExit):  # export's --dtype names its choices in the usage, as infer's does
+        main(["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "x"), "--dtype", "fp16"])
+    assert "argument --dtype: invalid choice: 'fp16' (choose from 'float32', 'bfloat16', 'float16')" in \
+        capsys.readouterr().err
