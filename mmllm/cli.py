@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import select
 import signal
 import sys
 from collections.abc import Iterator, Sequence
@@ -705,6 +706,7 @@ exit codes:
   2        a usage error, or what was given refused (a bad flag, config, path, or an output folder in use): one
            line saying what to fix, before anything runs where it can be (-v adds the traceback)
   130/143  stopped by Ctrl-C (SIGINT) / SIGTERM (train saves the step under way; --resume goes on from it)
+  141      the reader of stdout stopped reading (`mmllm inspect ... | head`), said nothing
 
 Logs (and progress bars) go to stderr; results to stdout and the files each command's --help names.
 `mmllm COMMAND --help` gives a command's flags, defaults, outputs and an example."""
@@ -1000,12 +1002,30 @@ def unrecognized(extra: list[str], parser: argparse.ArgumentParser) -> str:
     return "; ".join([f"unrecognized arguments: {' '.join(extra)}", *hints])
 
 
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe its reader has closed (`mmllm inspect ... | head -3`: it read what it wanted), not
+    another pipe of the command's that broke. If so, stdout is pointed at /dev/null, so that Python's flush of what
+    is left at exit does not fail on it again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: no file behind it
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
+
+
 def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
     """The parsed command, its errors as one line and an exit code (2: what was given is wrong)."""
     from mmllm.config import ConfigError
 
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a reader gone (`| head`) is found here, not in Python's flush at exit
+        return code
     except ConfigError as exc:
         if args.verbose:
             log.exception("%s", exc)
@@ -1028,6 +1048,8 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
         log.error("stopped by %s at once%s", name, then.get(args.command, ""))
         return 128 + signal.Signals[name]
     except OSError as exc:  # a path given (or named by a config) that is missing, unreadable or unwritable
+        if isinstance(exc, BrokenPipeError) and stdout_reader_gone():
+            return 128 + signal.SIGPIPE  # what a shell reports of `yes | head`; nothing went wrong, nothing said
         if args.verbose:
             log.exception("%s", exc)
         else:

@@ -588,3 +588,23 @@ def test_world_data_and_distil_take_output_as_every_other_command_does(tmp_path,
         main(["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "x"), "--dtype", "fp16"])
     assert "argument --dtype: invalid choice: 'fp16' (choose from 'float32', 'bfloat16', 'float16')" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("buffering", [-1, 0])  # block-buffered (a pipe), and PYTHONUNBUFFERED's raw writes
+def test_a_reader_that_stops_reading_stdout_ends_the_command_quietly_with_sigpipes_code(buffering, monkeypatch,
+                                                                                        capsys):
+    """`mmllm inspect ... | head -3` said "ERROR [Errno 32] Broken pipe" and exited 2, as if what was given were
+    wrong: the reader has what it wanted, so nothing is said, and the exit code is a SIGPIPE's (141)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes its first line
+    stdout = open(write_end, "wb" if buffering == 0 else "w", buffering=buffering)  # noqa: SIM115
+    if buffering == 0:
+        import io
+
+        stdout = io.TextIOWrapper(stdout, write_through=True)
+    monkeypatch.setattr("sys.stdout", stdout)
+    try:
+        assert main(["inspect", "--config", str(TINY)]) == 141
+    finally:
+        stdout.close()  # what was left is flushed to /dev/null, not failing again
+    assert "Broken pipe" not in capsys.readouterr().err
