@@ -12,6 +12,7 @@ import os
 import select
 import signal
 import sys
+import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -684,8 +685,9 @@ TRUST_HELP = ("load a checkpoint whose assembly sets trust_remote_code for a par
 
 
 class HelpFormatter(argparse.HelpFormatter):
-    """Each option's default after its help, where it has one the help does not already give; a text of several
-    lines (a command's outputs and examples) kept as written, a one-line description wrapped."""
+    """Each option's default after its help, where it has one the help does not already give. A text of several
+    lines (a command's outputs and examples) keeps its lines: those not indented wrapped to the terminal, the
+    indented ones (examples, a table) as written."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
@@ -695,38 +697,47 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
-        return text if "\n" in text else super()._fill_text(text, width, indent)
+        if "\n" not in text:
+            return super()._fill_text(text, width, indent)
+        lines = []
+        for line in text.splitlines():
+            if line.startswith(" "):
+                lines.append(indent + line)
+            else:
+                lines += textwrap.wrap(line, width, initial_indent=indent, subsequent_indent=indent + "  ") or [""]
+        return "\n".join(lines)
 
 
 EXIT_CODES = """\
 exit codes:
   0        done
-  1        infer: a request failed (or --fail-fast stopped the run); data check: a problem found in the data;
-           any command: an unexpected error (with its traceback)
-  2        a usage error, or what was given refused (a bad flag, config, path, or an output folder in use): one
-           line saying what to fix, before anything runs where it can be (-v adds the traceback)
-  130/143  stopped by Ctrl-C (SIGINT) / SIGTERM (train saves the step under way; --resume goes on from it)
+  1        infer: a request failed (or --fail-fast stopped the run); data check: a problem
+           found in the data; any command: an unexpected error (with its traceback)
+  2        a usage error, or what was given refused (a bad flag, config or path, an output
+           folder in use): one line saying what to fix (-v adds the traceback)
+  130/143  stopped by Ctrl-C (SIGINT) / SIGTERM (train saves the step under way first)
   141      the reader of stdout stopped reading (`mmllm inspect ... | head`), said nothing
 
-Logs (and progress bars) go to stderr; results to stdout and the files each command's --help names.
-`mmllm COMMAND --help` gives a command's flags, defaults, outputs and an example."""
+Logs and progress bars go to stderr; results to stdout and the files each command's --help names. \
+`mmllm COMMAND --help` gives a command's flags, their defaults, what it writes and an example."""
 
 EPILOGS = {
     "train": """\
-writes: checkpoints OUTPUT_DIR/step-N and OUTPUT_DIR/final.json (naming the last), where OUTPUT_DIR is the
-  stage's output_dir (relative to the working directory; override it with output_dir=PATH)
+writes: checkpoints OUTPUT_DIR/step-N and OUTPUT_DIR/final.json (naming the last), OUTPUT_DIR being the stage's \
+output_dir (relative to the working directory; output_dir=PATH overrides it)
 examples:
   mmllm train --config configs/stages/tiny/encode_align.yaml max_steps=50
-  mmllm train --config configs/stages/tiny/encode_align.yaml --resume    # after a stop: on from the newest step-N""",
+  mmllm train --config configs/stages/tiny/encode_align.yaml --resume   # on from the newest step-N""",
     "inspect": """\
 prints (stdout): the parts, dimension checks and per-stage parameter counts; --json FILE also writes the counts
 example:
   mmllm inspect --config configs/assemblies/tiny.yaml --lora configs/lora/tiny.yaml""",
     "infer": """\
-writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html;
-  with --prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed.
+writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html; with \
+--prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed.
 examples:
-  mmllm infer --checkpoint runs/tiny/instruct/step-30 --input data/samples/requests.jsonl --output out/
+  mmllm infer --checkpoint runs/tiny/instruct/step-30 --input data/samples/requests.jsonl \\
+      --output out/
   mmllm infer --checkpoint runs/tiny/instruct/step-30 --prompt "What is this?" \\
       --image data/samples/media/red_circle.png --output out/""",
     "export": """\
@@ -735,7 +746,8 @@ examples:
   mmllm export --checkpoint runs/tiny/instruct/step-30 --output ship/ --dtype float16
   mmllm export --checkpoint runs/tiny/instruct/step-30 --output merged/ --merge-lora""",
     "demo": """\
-writes into --output: index.html (the gallery), results.jsonl and media/ (--tiny: its training runs in runs/)
+writes into --output: index.html (the gallery), results.jsonl and media/ (with --tiny, its training runs in \
+--output's runs/ too)
 examples:
   mmllm demo
   mmllm demo --tiny --output outputs/tiny""",
@@ -750,12 +762,14 @@ example:
     "refine": """\
 writes: the refined checkpoint into --output; prints (stdout) each modality's validation relative MSE
 example:
-  mmllm refine --checkpoint runs/tiny/instruct/step-30 --data data/samples/chat.jsonl --output refined/""",
+  mmllm refine --checkpoint runs/tiny/instruct/step-30 --data data/samples/chat.jsonl \\
+      --output refined/""",
     "eval": """\
 writes: --output/eval.json (after each measurement); prints (stdout) the table
 examples:
   mmllm eval                                  # the shipped default
-  mmllm eval --checkpoint runs/default/instruct/step-450 --tasks x2t,routing --output outputs/eval-mine""",
+  mmllm eval --checkpoint runs/default/instruct/step-450 --tasks x2t,routing \\
+      --output outputs/eval-mine""",
     "report": """\
 writes: --output/report.json; prints (stdout) the table
 example:
