@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import logging
 import math
 import os
+import select
 import signal
 import sys
+import textwrap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmllm import __version__
 from mmllm.atomic import atomic_write_text
-from mmllm.config import user_path
+from mmllm.config import files_named_in, user_path
 from mmllm.log_filters import drop_diffusers_noise
 
 if TYPE_CHECKING:
@@ -117,6 +120,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from mmllm.registry import check_part_options
     from mmllm.training.freeze import apply_trainable, count_parameters
 
+    check_json_target(args.json)
     data = read_yaml(args.config)
     if "stage" in data:  # a stage config: inspect its assembly
         from mmllm.config import load_stage
@@ -260,12 +264,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
     flag_media = {m: getattr(args, m) for m in ("image", "audio", "video") if getattr(args, m)}
     if args.input and flag_media:
         raise SystemExit(f"--{next(iter(flag_media))} goes with --prompt; in a requests file, put media in the request")
-    for name in ("batch_size", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("steps", "decode_batch_size", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
+    for m, path in flag_media.items():  # a flag's typo refused at once, not an error record after the model loads
+        if not Path(path).is_file():
+            raise SystemExit(f"--{m} {path}: {'a folder' if Path(path).is_dir() else 'file not found'}; "
+                             f"give the {m} file to answer about")
+    require_at_least_1(args, "batch_size", "max_new_tokens", "steps", "decode_batch_size", "threads")
     if not 0 <= args.seed < 2**63:  # what a request's own seed may be (torch's generators take no more)
         raise SystemExit(f"--seed must be at least 0 and below 2**63, got {args.seed}")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
@@ -274,6 +277,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mmllm-infer-") as tmp, contextlib.ExitStack() as held:
         if args.input:
             requests = Path(args.input)
+            if requests.is_dir():
+                raise SystemExit(f"--input {requests}: a folder; give the requests file (JSONL) in it "
+                                 f"({files_named_in(requests, '*.jsonl')})")
             if not requests.is_file():
                 raise SystemExit(f"--input {requests}: file not found")
             if not read_lines(requests):  # not worth loading a model for: most likely the wrong file
@@ -419,6 +425,7 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None
 def cmd_data_check(args: argparse.Namespace) -> int:
     from mmllm.data.check import check_stage_data
 
+    check_json_target(args.json)
     cfg, _, model = _stage_model(args, shapes_only=True)
     report = check_stage_data(cfg, model, decode=not args.no_decode)
     print(report.format())
@@ -430,6 +437,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def cmd_cache(args: argparse.Namespace) -> int:
     from mmllm.data.cache_build import build_cache, require_cache_dir
 
+    require_at_least_1(args, "batch_size")
     # the records read once, for the model's parts and the cache
     cfg, per_dataset, model = _stage_model(args, check=require_cache_dir)
     report = build_cache(cfg, model, batch_size=args.batch_size, device=args.device, per_dataset=per_dataset)
@@ -447,6 +455,7 @@ def cmd_world(args: argparse.Namespace) -> int:
     from mmllm.toyworld.parts import shipped_dir
     from mmllm.toyworld.report import ReportOptions, format_report, run_report
 
+    require_at_least_1(args, "per_combo", "decoder_items", "steps")
     parts_dir = Path(args.parts) if args.parts else shipped_dir()
     if not parts_dir.is_dir():
         raise SystemExit(f"--parts {parts_dir}: not a directory (train with scripts/pretrain_toy_components.py)")
@@ -499,6 +508,7 @@ def cmd_world_distil(args: argparse.Namespace) -> int:
     from mmllm.toyworld.chat_prompts import TRAIN
     from mmllm.toyworld.stage_data import distil_plain_chat
 
+    require_at_least_1(args, "max_new_tokens")
     assembly = load_assembly(args.assembly or default_assembly_file())
     core = build("llm", assembly.llm, "llm")
     records = distil_plain_chat(core, TRAIN, Path(args.out), max_new_tokens=args.max_new_tokens)
@@ -511,6 +521,11 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from mmllm.folder_lock import hold_beside
     from mmllm.training.checkpoint import export_folder
 
+    require_at_least_1(args, "steps", "batch_size", "cache_batch_size", "threads")
+    if args.limit < 0:
+        raise SystemExit(f"--limit must be at least 0 (0: every conversation), got {args.limit}")
+    if not args.lr > 0:
+        raise SystemExit(f"--lr must be a number above 0, got {args.lr}")
     # saved beside --output and renamed into place: where --output is a link (a folder on another disk), the
     # checkpoint goes where it leads and the link stays (as exports do)
     args.output = export_folder(args.output)
@@ -570,6 +585,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "default: the shipped mmllm/toyworld/weights)")
     if args.items < 1:
         raise SystemExit(f"--items {args.items}: give at least 1 item per modality and split")
+    require_at_least_1(args, "batch_size", "steps", "threads")
     modalities = comma_list(args.modalities, "--modalities", MODALITIES)
     tasks = comma_list(args.tasks, "--tasks", TASKS)
     options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size, steps=args.steps,
@@ -623,6 +639,20 @@ def guidance_scale(text: str) -> float:
     return value
 
 
+def check_json_target(path: str | None) -> None:
+    """``--json PATH`` refused before the work when it names a folder (it was refused after, the work lost)."""
+    if path is not None and Path(path).is_dir():
+        raise SystemExit(f"--json {path}: a folder; give a file path, e.g. {Path(path) / 'report.json'}")
+
+
+def require_at_least_1(args: argparse.Namespace, *names: str) -> None:
+    """Refuse a count flag (``--batch-size``, ``--steps``, ...) below 1 before anything loads; None: not given."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def comma_list(text: str, flag: str, valid: Sequence[str]) -> list[str]:
     """``a,b`` -> ``["a", "b"]``, each one of ``valid`` (else exit naming the flag and the valid values)."""
     items = [item.strip() for item in text.split(",") if item.strip()]
@@ -654,152 +684,287 @@ TRUST_HELP = ("load a checkpoint whose assembly sets trust_remote_code for a par
               "refused without this flag)")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, where it has one the help does not already give. A text of several
+    lines (a command's outputs and examples) keeps its lines: those not indented wrapped to the terminal, the
+    indented ones (examples, a table) as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not unset and "default" not in text:
+            text = f"{text} (default: %(default)s)"
+        return text
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" not in text:
+            return super()._fill_text(text, width, indent)
+        lines = []
+        for line in text.splitlines():
+            if line.startswith(" "):
+                lines.append(indent + line)
+            else:
+                lines += textwrap.wrap(line, width, initial_indent=indent, subsequent_indent=indent + "  ") or [""]
+        return "\n".join(lines)
+
+
+EXIT_CODES = """\
+exit codes:
+  0        done
+  1        infer: a request failed (or --fail-fast stopped the run); data check: a problem
+           found in the data; any command: an unexpected error (with its traceback)
+  2        a usage error, or what was given refused (a bad flag, config or path, an output
+           folder in use): one line saying what to fix (-v adds the traceback)
+  130/143  stopped by Ctrl-C (SIGINT) / SIGTERM (train saves the step under way first)
+  141      the reader of stdout stopped reading (`mmllm inspect ... | head`), said nothing
+
+Logs and progress bars go to stderr; results to stdout and the files each command's --help names. \
+`mmllm COMMAND --help` gives a command's flags, their defaults, what it writes and an example."""
+
+EPILOGS = {
+    "train": """\
+writes: checkpoints OUTPUT_DIR/step-N and OUTPUT_DIR/final.json (naming the last), OUTPUT_DIR being the stage's \
+output_dir (relative to the working directory; output_dir=PATH overrides it)
+examples:
+  mmllm train --config configs/stages/tiny/encode_align.yaml max_steps=50
+  mmllm train --config configs/stages/tiny/encode_align.yaml --resume   # on from the newest step-N""",
+    "inspect": """\
+prints (stdout): the parts, dimension checks and per-stage parameter counts; --json FILE also writes the counts
+example:
+  mmllm inspect --config configs/assemblies/tiny.yaml --lora configs/lora/tiny.yaml""",
+    "infer": """\
+writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html; with \
+--prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed.
+examples:
+  mmllm infer --checkpoint runs/tiny/instruct/step-30 --input data/samples/requests.jsonl \\
+      --output out/
+  mmllm infer --checkpoint runs/tiny/instruct/step-30 --prompt "What is this?" \\
+      --image data/samples/media/red_circle.png --output out/""",
+    "export": """\
+writes: the inference copy into --output (replacing an earlier export there whole)
+examples:
+  mmllm export --checkpoint runs/tiny/instruct/step-30 --output ship/ --dtype float16
+  mmllm export --checkpoint runs/tiny/instruct/step-30 --output merged/ --merge-lora""",
+    "demo": """\
+writes into --output: index.html (the gallery), results.jsonl and media/ (with --tiny, its training runs in \
+--output's runs/ too)
+examples:
+  mmllm demo
+  mmllm demo --tiny --output outputs/tiny""",
+    "check": """\
+prints (stdout): the report; --json FILE also writes it. Exit code 1 if it finds a problem in the data.
+example:
+  mmllm data check --config configs/stages/tiny/encode_align.yaml""",
+    "cache": """\
+writes: the features into the stage's cache.dir; prints (stdout) what was computed, found or failed
+example:
+  mmllm cache --config configs/stages/tiny/decode_align.yaml cache.dir=cache/tiny""",
+    "refine": """\
+writes: the refined checkpoint into --output; prints (stdout) each modality's validation relative MSE
+example:
+  mmllm refine --checkpoint runs/tiny/instruct/step-30 --data data/samples/chat.jsonl \\
+      --output refined/""",
+    "eval": """\
+writes: --output/eval.json (after each measurement); prints (stdout) the table
+examples:
+  mmllm eval                                  # the shipped default
+  mmllm eval --checkpoint runs/default/instruct/step-450 --tasks x2t,routing \\
+      --output outputs/eval-mine""",
+    "report": """\
+writes: --output/report.json; prints (stdout) the table
+example:
+  mmllm world report --modalities image --output outputs/world-report""",
+    "data": """\
+writes under --out: the stages' media and JSONL, and held-out/ for evaluation; prints (stdout) the counts
+example:
+  mmllm world data --out data/default --plain data/default/plain_chat.jsonl""",
+    "distil": """\
+writes: the answers as chat JSONL into the file --out names
+example:
+  mmllm world distil --out data/default/plain_chat.jsonl""",
+}
+
+
+def add_command(sub, name: str, summary: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose --help says what it does, each option's default, what it writes and an example."""
+    return sub.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=HelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmllm", description="Assemble, train and run an any-to-any multimodal "
-                                "model (README.md: the commands, configs, data formats and checkpoints).")
+                                "model (README.md: the commands, configs, data formats and checkpoints).",
+                                epilog=EXIT_CODES, formatter_class=HelpFormatter)
     verbose_help = "tracebacks of errors and other libraries' INFO logging"
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train one stage from a stage YAML")
-    t.add_argument("--config", type=user_path, required=True, help="a stage YAML (configs/stages/)")
+    t = add_command(sub, "train", "train one stage from a stage YAML", EPILOGS["train"])
+    t.add_argument("--config", type=user_path, required=True, metavar="YAML", help="a stage YAML (configs/stages/)")
     t.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in output_dir (from step 0 if there is none)")
-    t.add_argument("overrides", nargs="*", help="key.sub=value overrides of the stage (assembly.key=value: of its "
-                                                "assembly)")
+    t.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides of the stage, e.g. max_steps=50 optim.lr=1e-3 (assembly.key=value: of its assembly)")
     t.set_defaults(fn=cmd_train)
 
-    i = sub.add_parser("inspect", help="assemble and print parts, dimension checks, per-stage parameter counts")
-    i.add_argument("--config", type=user_path, required=True, help="an assembly or stage YAML")
-    i.add_argument("--lora", type=user_path, help="with an assembly YAML: a LoRA YAML, to count the instruct stage's adapter")
-    i.add_argument("--json", type=user_path, help="also write the counts here")
-    i.add_argument("overrides", nargs="*")
+    i = add_command(sub, "inspect", "assemble and print parts, dimension checks, per-stage parameter counts",
+                    EPILOGS["inspect"])
+    i.add_argument("--config", type=user_path, required=True, metavar="YAML", help="an assembly or stage YAML")
+    i.add_argument("--lora", type=user_path, metavar="YAML",
+                   help="with an assembly YAML: a LoRA YAML, to count the instruct stage's adapter")
+    i.add_argument("--json", type=user_path, metavar="FILE", help="also write the counts here")
+    i.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the config, e.g. llm.options.layers=4")
     i.set_defaults(fn=cmd_inspect)
 
-    r = sub.add_parser("infer", help="batch inference from a checkpoint: requests JSONL in, media + results.jsonl "
-                                      "+ index.html out (exit 1 if any request failed)")
-    r.add_argument("--checkpoint", type=user_path, required=True, help="a checkpoint directory (step-N)")
-    r.add_argument("--input", type=user_path, help="requests JSONL (schema: mmllm/inference/runner.py, README)")
-    r.add_argument("--output", type=user_path, required=True,
+    r = add_command(sub, "infer", "batch inference from a checkpoint: requests JSONL in, media + results.jsonl "
+                                  "+ index.html out (exit 1 if any request failed)", EPILOGS["infer"])
+    r.add_argument("--checkpoint", type=user_path, required=True, metavar="DIR", help="a checkpoint directory (step-N)")
+    r.add_argument("--input", type=user_path, metavar="JSONL",
+                   help="requests, one JSON object per line (schema: README, mmllm/inference/runner.py)")
+    r.add_argument("--output", type=user_path, required=True, metavar="DIR",
                    help="output folder; re-running on it skips requests already done (refused if they were "
                         "answered with another checkpoint, --seed, --max-new-tokens, ..., --dtype or --device type)")
     r.add_argument("--overwrite", action="store_true",
                    help="start --output afresh: remove its results.jsonl, media/ and index.html first")
-    r.add_argument("--prompt", help="one request from the command line instead of --input")
-    r.add_argument("--image", type=user_path, help="with --prompt: an input image")
-    r.add_argument("--audio", type=user_path, help="with --prompt: an input audio file")
-    r.add_argument("--video", type=user_path, help="with --prompt: an input video")
-    r.add_argument("--batch-size", type=int, default=8)
-    r.add_argument("--device", default="cpu")
+    r.add_argument("--prompt", metavar="TEXT", help="one request from the command line instead of --input")
+    r.add_argument("--image", type=user_path, metavar="FILE", help="with --prompt: an input image")
+    r.add_argument("--audio", type=user_path, metavar="FILE", help="with --prompt: an input audio file")
+    r.add_argument("--video", type=user_path, metavar="FILE", help="with --prompt: an input video")
+    r.add_argument("--batch-size", type=int, default=8, metavar="N", help="requests answered together")
+    r.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     r.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="every part is cast to it (a core whose llm.dtype is lower is cast up, with a warning)")
-    r.add_argument("--threads", type=int, default=None,
+    r.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch CPU threads (default: torch's); 1 is fastest for tiny models on a busy machine")
-    r.add_argument("--seed", type=int, default=0, help="seed of requests that give none")
-    r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=finite_float, default=0.0, help="0 = greedy (default); > 0 samples")
-    r.add_argument("--top-p", type=finite_float, default=1.0)
-    r.add_argument("--steps", type=int, default=None, help="decoder denoising steps (default: the decoder's)")
-    r.add_argument("--guidance", type=guidance_scale, default=None,
+    r.add_argument("--seed", type=int, default=0, metavar="N", help="seed of requests that give none")
+    r.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="longest answer, in tokens")
+    r.add_argument("--temperature", type=finite_float, default=0.0, metavar="T",
+                   help="0 = greedy (default); > 0 samples")
+    r.add_argument("--top-p", type=finite_float, default=1.0, metavar="P", help="nucleus sampling mass, in (0, 1]")
+    r.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="decoder denoising steps (default: the decoder's)")
+    r.add_argument("--guidance", type=guidance_scale, default=None, metavar="G",
                    help="decoder classifier-free guidance scale, >= 0; <= 1 turns it off (default: the decoder's)")
-    r.add_argument("--decode-batch-size", type=int, default=None,
+    r.add_argument("--decode-batch-size", type=int, default=None, metavar="N",
                    help="signal groups per decoder call (default: a whole batch's); 1 makes media bit-identical "
                         "whatever --batch-size, at a speed cost")
     r.add_argument("--fail-fast", action="store_true", help="stop at the first failed request")
     r.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     r.set_defaults(fn=cmd_infer)
 
-    e = sub.add_parser("export", help="write an inference copy: learned weights only (optionally fp16), or the "
-                                      "LLM with the LoRA adapter merged in (--merge-lora)")
-    e.add_argument("--checkpoint", type=user_path, required=True, help="a checkpoint directory (step-N)")
-    e.add_argument("--output", type=user_path, required=True,
+    e = add_command(sub, "export", "write an inference copy: learned weights only (optionally fp16), or the "
+                                   "LLM with the LoRA adapter merged in (--merge-lora)", EPILOGS["export"])
+    e.add_argument("--checkpoint", type=user_path, required=True, metavar="DIR", help="a checkpoint directory (step-N)")
+    e.add_argument("--output", type=user_path, required=True, metavar="DIR",
                    help="a new or empty folder, or an earlier export's (replaced whole)")
     e.add_argument("--merge-lora", action="store_true", help="merge LoRA into the LLM and save the LLM with it")
-    e.add_argument("--dtype", help="weights-only copy: float32 (default), float16 or bfloat16")
-    e.add_argument("--assembly", type=user_path, help="weights-only copy: record this assembly YAML instead of the checkpoint's")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights-only copy: float32 (default)")
+    e.add_argument("--assembly", type=user_path, metavar="YAML",
+                   help="weights-only copy: record this assembly YAML instead of the checkpoint's")
     e.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     e.set_defaults(fn=cmd_export)
 
-    d = sub.add_parser("demo", help="the embedded default answering requests in every direction, offline")
-    d.add_argument("--output", type=user_path, default="outputs")
+    d = add_command(sub, "demo", "the embedded default answering requests in every direction, offline", EPILOGS["demo"])
+    d.add_argument("--output", type=user_path, default="outputs", metavar="DIR", help="where the answers go")
     d.add_argument("--tiny", action="store_true", help="the wiring demo: train the tiny random assembly, then answer")
     d.add_argument("--quick", action="store_true", help="with --tiny: 4 steps per stage (for tests)")
     d.set_defaults(fn=cmd_demo)
 
-    data = sub.add_parser("data", help="inspect a stage's data").add_subparsers(dest="data_command", required=True)
-    dc = data.add_parser("check", help="counts per modality, missing/unreadable files, over-long samples; no training")
-    dc.add_argument("--config", type=user_path, required=True, help="a stage YAML")
+    data = add_command(sub, "data", "inspect a stage's data").add_subparsers(dest="data_command", required=True,
+                                                                             metavar="COMMAND")
+    dc = add_command(data, "check", "counts per modality, missing/unreadable files, over-long samples; no training",
+                     EPILOGS["check"])
+    dc.add_argument("--config", type=user_path, required=True, metavar="YAML", help="a stage YAML")
     dc.add_argument("--no-decode", action="store_true", help="only check that media files exist (faster)")
-    dc.add_argument("--json", type=user_path, help="also write the full report here")
-    dc.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    dc.add_argument("--json", type=user_path, metavar="FILE", help="also write the full report here")
+    dc.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the stage")
     dc.set_defaults(fn=cmd_data_check)
 
-    c = sub.add_parser("cache", help="precompute encoder features and conditioning targets into cache.dir")
-    c.add_argument("--config", type=user_path, required=True, help="a stage YAML with `cache: {dir: PATH}`")
-    c.add_argument("--batch-size", type=int, default=16)
-    c.add_argument("--device", default="cpu")
-    c.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. cache.dir=PATH")
+    c = add_command(sub, "cache", "precompute encoder features and conditioning targets into cache.dir",
+                    EPILOGS["cache"])
+    c.add_argument("--config", type=user_path, required=True, metavar="YAML",
+                   help="a stage YAML with `cache: {dir: PATH}`")
+    c.add_argument("--batch-size", type=int, default=16, metavar="N", help="samples per encoder/decoder call")
+    c.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the stage, e.g. cache.dir=PATH")
     c.set_defaults(fn=cmd_cache)
-    rf = sub.add_parser("refine", help="fit the output projections on cached signal-token states of a trained "
-                                       "checkpoint (one LLM forward per conversation, then many cheap steps)")
-    rf.add_argument("--checkpoint", type=user_path, required=True, help="a trained checkpoint directory (step-N)")
-    rf.add_argument("--data", type=user_path, required=True, nargs="+", help="conversation files with assistant outputs")
-    rf.add_argument("--format", default="mmllm-chat")
-    rf.add_argument("--output", type=user_path, required=True, help="the refined checkpoint's directory")
-    rf.add_argument("--steps", type=int, default=3000)
-    rf.add_argument("--batch-size", type=int, default=64)
-    rf.add_argument("--cache-batch-size", type=int, default=8)
-    rf.add_argument("--lr", type=float, default=5e-4)
-    rf.add_argument("--limit", type=int, default=0, help="use the first N conversations (0: all)")
-    rf.add_argument("--threads", type=int, default=None)
-    rf.add_argument("--seed", type=int, default=0)
+    rf = add_command(sub, "refine", "fit the output projections on cached signal-token states of a trained "
+                                    "checkpoint (one LLM forward per conversation, then many cheap steps)",
+                     EPILOGS["refine"])
+    rf.add_argument("--checkpoint", type=user_path, required=True, metavar="DIR",
+                    help="a trained checkpoint directory (step-N)")
+    rf.add_argument("--data", type=user_path, required=True, nargs="+", metavar="FILE",
+                    help="conversation files with assistant outputs")
+    rf.add_argument("--format", default="mmllm-chat", help="the data files' format (as a stage's data: format:)")
+    rf.add_argument("--output", type=user_path, required=True, metavar="DIR", help="the refined checkpoint's directory")
+    rf.add_argument("--steps", type=int, default=3000, metavar="N", help="training steps per modality")
+    rf.add_argument("--batch-size", type=int, default=64, metavar="N", help="signal groups per step")
+    rf.add_argument("--cache-batch-size", type=int, default=8, metavar="N",
+                    help="conversations per LLM forward while caching")
+    rf.add_argument("--lr", type=finite_float, default=5e-4, help="learning rate")
+    rf.add_argument("--limit", type=int, default=0, metavar="N", help="use the first N conversations (0: all)")
+    rf.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    rf.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the batches and the validation split")
     rf.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     rf.set_defaults(fn=cmd_refine)
 
-    ev = sub.add_parser("eval", help="x2t / t2x accuracy vs the oracle, routing and text perplexity of a "
-                                     "model on the toy world's parts (default: the shipped default)")
-    ev.add_argument("--checkpoint", type=user_path, help="a checkpoint directory (default: the shipped default glue)")
-    ev.add_argument("--parts", type=user_path, help="folder holding the judges (default: the shipped mmllm/toyworld/weights)")
-    ev.add_argument("--output", type=user_path, default="outputs/eval")
-    ev.add_argument("--items", type=int, default=48, help="items per modality and split")
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--modalities", default="image,audio,video")
-    ev.add_argument("--tasks", default="x2t,t2x,routing,text", help="which measurements (comma-separated)")
-    ev.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
-    ev.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale, >= 0; <= 1 turns it off")
-    ev.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ev.add_argument("--seed", type=int, default=0)
+    ev = add_command(sub, "eval", "x2t / t2x accuracy vs the oracle, routing and text perplexity of a "
+                                  "model on the toy world's parts (default: the shipped default)", EPILOGS["eval"])
+    ev.add_argument("--checkpoint", type=user_path, metavar="DIR",
+                    help="a checkpoint directory (default: the shipped default glue)")
+    ev.add_argument("--parts", type=user_path, metavar="DIR",
+                    help="folder holding the judges (default: the shipped mmllm/toyworld/weights)")
+    ev.add_argument("--output", type=user_path, default="outputs/eval", metavar="DIR", help="where eval.json goes")
+    ev.add_argument("--items", type=int, default=48, metavar="N", help="items per modality and split")
+    ev.add_argument("--batch-size", type=int, default=16, metavar="N", help="requests answered together")
+    ev.add_argument("--modalities", default="image,audio,video", metavar="LIST", help="comma-separated")
+    ev.add_argument("--tasks", default="x2t,t2x,routing,text", metavar="LIST",
+                    help="which measurements (comma-separated)")
+    ev.add_argument("--steps", type=int, default=None, metavar="N",
+                    help="decoder denoising steps (default: the decoder's)")
+    ev.add_argument("--guidance", type=guidance_scale, default=None, metavar="G",
+                    help="classifier-free guidance scale, >= 0; <= 1 turns it off (default: the decoder's)")
+    ev.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
+    ev.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the model's answers")
     ev.add_argument("--allow-other-parts", action="store_true",
                     help="measure a model whose encoders or decoders are not the toy world's parts (refused "
                          "without it: its x2t / t2x scores would not say how well it works)")
     ev.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     ev.set_defaults(fn=cmd_eval)
 
-    w = sub.add_parser("world", help="the toy world: measure its parts; write or distil the default's data")
-    wsub = w.add_subparsers(dest="world_command", required=True)
-    wr = wsub.add_parser("report", help="judge, retrieval and oracle-decoder accuracy, seen vs held-out")
-    wr.add_argument("--parts", type=user_path, help="folder of trained parts (default: the shipped mmllm/toyworld/weights)")
-    wr.add_argument("--output", type=user_path, default="outputs/world-report")
-    wr.add_argument("--modalities", default="image,audio,video")
-    wr.add_argument("--per-combo", type=int, default=2, help="true items per combination (judge, retrieval)")
-    wr.add_argument("--decoder-items", type=int, default=48, help="generated items per split and modality")
-    wr.add_argument("--steps", type=int, default=None, help="decoder denoising steps")
-    wr.add_argument("--guidance", type=guidance_scale, default=None, help="classifier-free guidance scale, >= 0; <= 1 turns it off")
-    wr.add_argument("--seed", type=int, default=0)
+    w = add_command(sub, "world", "the toy world: measure its parts; write or distil the default's data")
+    wsub = w.add_subparsers(dest="world_command", required=True, metavar="COMMAND")
+    wr = add_command(wsub, "report", "judge, retrieval and oracle-decoder accuracy, seen vs held-out",
+                     EPILOGS["report"])
+    wr.add_argument("--parts", type=user_path, metavar="DIR",
+                    help="folder of trained parts (default: the shipped mmllm/toyworld/weights)")
+    wr.add_argument("--output", type=user_path, default="outputs/world-report", metavar="DIR",
+                    help="where report.json goes")
+    wr.add_argument("--modalities", default="image,audio,video", metavar="LIST", help="comma-separated")
+    wr.add_argument("--per-combo", type=int, default=2, metavar="N",
+                    help="true items per combination (judge, retrieval)")
+    wr.add_argument("--decoder-items", type=int, default=48, metavar="N",
+                    help="generated items per split and modality")
+    wr.add_argument("--steps", type=int, default=None, metavar="N",
+                    help="decoder denoising steps (default: the decoder's)")
+    wr.add_argument("--guidance", type=guidance_scale, default=None, metavar="G",
+                    help="classifier-free guidance scale, >= 0; <= 1 turns it off (default: the decoder's)")
+    wr.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the decoders' generation")
     wr.set_defaults(fn=cmd_world)
-    wd = wsub.add_parser("data", help="write the default's stage data (media + JSONL) from the world's training combos, "
-                                          "and held-out/ eval data from its held-out combos")
-    wd.add_argument("--out", type=user_path, required=True)
-    wd.add_argument("--plain", type=user_path, help="distilled plain chat JSONL (from `mmllm world distil`) to mix in")
-    wd.add_argument("--seed", type=int, default=0)
+    wd = add_command(wsub, "data", "write the default's stage data (media + JSONL) from the world's training combos, "
+                                   "and held-out/ eval data from its held-out combos", EPILOGS["data"])
+    wd.add_argument("--out", "--output", type=user_path, required=True, metavar="DIR", help="the data folder to write")
+    wd.add_argument("--plain", type=user_path, metavar="JSONL",
+                    help="distilled plain chat JSONL (from `mmllm world distil`) to mix in")
+    wd.add_argument("--seed", type=int, default=0, metavar="N", help="the data is a function of it")
     wd.set_defaults(fn=cmd_world_data)
-    wl = wsub.add_parser("distil", help="the base LLM's greedy answers to the plain-chat prompts -> JSONL")
-    wl.add_argument("--assembly", type=user_path,
+    wl = add_command(wsub, "distil", "the base LLM's greedy answers to the plain-chat prompts -> JSONL",
+                     EPILOGS["distil"])
+    wl.add_argument("--assembly", type=user_path, metavar="YAML",
                     help="the assembly whose LLM answers (default: the repository's configs/assemblies/default.yaml; "
                          "a wheel does not install it)")
-    wl.add_argument("--out", type=user_path, required=True)
-    wl.add_argument("--max-new-tokens", type=int, default=128)
+    wl.add_argument("--out", "--output", type=user_path, required=True, metavar="JSONL", help="the file to write")
+    wl.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer, in tokens")
     wl.set_defaults(fn=cmd_world_distil)
     # -v also after the command (`mmllm train ... -v`: where users add it when an error asks for it);
     # SUPPRESS keeps a command's parser from resetting a -v given before the command
@@ -825,9 +990,46 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.overrides = [*(args.overrides or []), *extra]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            command = command_parser(parser, args)  # its usage, not the top level's, with the flag it most resembles
+            command.error(unrecognized(extra, command))
     with cli_logging(args.verbose):
         return run_command(args, offline_by_default)
+
+
+def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the command ``args`` ran (`mmllm world report`'s), for an error shown with its usage."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return command_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
+def unrecognized(extra: list[str], parser: argparse.ArgumentParser) -> str:
+    """argparse's "unrecognized arguments", naming the flag of ``parser`` each unknown one most resembles."""
+    flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    hints = []
+    for word in extra:
+        given = word.split("=", 1)[0]
+        close = difflib.get_close_matches(given, flags, n=1) if given.startswith("--") else []
+        if close:
+            hints.append(f"{given}: did you mean {close[0]}?")
+    return "; ".join([f"unrecognized arguments: {' '.join(extra)}", *hints])
+
+
+def stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe its reader has closed (`mmllm inspect ... | head -3`: it read what it wanted), not
+    another pipe of the command's that broke. If so, stdout is pointed at /dev/null, so that Python's flush of what
+    is left at exit does not fail on it again."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: no file behind it
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
 
 
 def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
@@ -835,7 +1037,9 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
     from mmllm.config import ConfigError
 
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        sys.stdout.flush()  # a reader gone (`| head`) is found here, not in Python's flush at exit
+        return code
     except ConfigError as exc:
         if args.verbose:
             log.exception("%s", exc)
@@ -858,6 +1062,8 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
         log.error("stopped by %s at once%s", name, then.get(args.command, ""))
         return 128 + signal.Signals[name]
     except OSError as exc:  # a path given (or named by a config) that is missing, unreadable or unwritable
+        if isinstance(exc, BrokenPipeError) and stdout_reader_gone():
+            return 128 + signal.SIGPIPE  # what a shell reports of `yes | head`; nothing went wrong, nothing said
         if args.verbose:
             log.exception("%s", exc)
         else:

@@ -517,8 +517,23 @@ class StageConfig:
 # --------------------------------------------------------------------------------------------
 
 
+def files_named_in(folder: Path, *patterns: str, most: int = 4) -> str:
+    """A few of the files in ``folder`` matching ``patterns``, for an error that was given the folder itself."""
+    found: list[Path] = []
+    for depth in ("", "*/"):  # a folder of folders (configs/stages/): the files one level down
+        found = sorted({p for pattern in patterns for p in folder.glob(depth + pattern) if p.is_file()})
+        if found:
+            break
+    if not found:
+        return "it holds none"
+    return "e.g. " + ", ".join(str(p) for p in found[:most]) + (", ..." if len(found) > most else "")
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a folder; give a YAML file in it "
+                          f"({files_named_in(path, '*.yaml', '*.yml')})")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (check the path; relative paths resolve from {Path.cwd()})")
     try:

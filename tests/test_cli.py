@@ -408,3 +408,203 @@ def test_threads_is_restored_when_the_command_returns(command, tmp_path, request
     assert main([*argv[command], "--threads", str(before + 1)]) == 2
     assert before + 1 in seen  # the command did set it
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["refine", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),  # was: trained nothing, "wrote"
+    (["refine", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["refine", "--limit", "-1"], "--limit must be at least 0"),
+    (["refine", "--lr", "0"], "--lr must be a number above 0, got 0.0"),
+    (["refine", "--format", "chat"], "unknown data format 'chat'; valid formats: mmllm-pairs, mmllm-chat"),  # was a traceback
+    (["eval", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["eval", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["cache", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["world", "report", "--per-combo", "0"], "--per-combo must be at least 1, got 0"),  # was torch.cat's traceback
+    (["world", "report", "--decoder-items", "0"], "--decoder-items must be at least 1, got 0"),
+    (["world", "distil", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+])
+def test_counts_no_run_could_use_are_refused_before_anything_loads(argv, message, tmp_path, monkeypatch, capsys):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the flags were checked")
+
+    monkeypatch.setattr(AnyToAnyModel, "from_pretrained", no_loading)
+    monkeypatch.setattr(AnyToAnyModel, "assemble", no_loading)
+    given = {
+        "refine": ["--checkpoint", str(tmp_path), "--data", str(REPO / "data/samples/chat.jsonl"),
+                   "--output", str(tmp_path / "out")],
+        "eval": ["--output", str(tmp_path / "out")],
+        "cache": ["--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), f"cache.dir={tmp_path / 'out'}"],
+        "world": ["--output" if argv[1] == "report" else "--out", str(tmp_path / "out")],
+    }[argv[0]]
+    assert main([*argv, *given]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_given_where_a_file_goes_is_named_as_a_folder_before_the_work(tmp_path, capsys):
+    """`--config configs/stages` said "config file not found" (it is there), a data path naming a folder "data
+    file not found", and `inspect --json DIR` failed after printing every count: each says it is a folder."""
+    assert main(["train", "--config", str(REPO / "configs/stages")]) == 2
+    err = capsys.readouterr().err
+    assert f"config {REPO / 'configs/stages'} is a folder; give a YAML file in it (e.g. " in err
+    assert str(REPO / "configs/stages/default/decode_align.yaml") in err
+    stage = str(REPO / "configs/stages/tiny/encode_align.yaml")
+    data = f"data=[{{path: {REPO / 'data/samples'}, format: mmllm-pairs}}]"
+    assert main(["train", "--config", stage, "init_from=null", data, f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert f"data file {REPO / 'data/samples'} is a folder; give a data file in it (e.g. " in err
+    assert str(REPO / "data/samples/pairs.jsonl") in err
+    for argv in (["inspect", "--config", str(TINY)], ["data", "check", "--config", stage, "init_from=null"]):
+        assert main([*argv, "--json", str(tmp_path)]) == 2
+        out, err = capsys.readouterr()
+        assert f"--json {tmp_path}: a folder; give a file path" in err
+        assert out == ""  # refused before the work, not after it
+
+
+def _commands(parser=None, path=("mmllm",)):
+    """Every runnable command's (path, parser): `mmllm train`, `mmllm data check`, ..."""
+    import argparse
+
+    from mmllm.cli import build_parser
+
+    parser = parser or build_parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+        return
+    for name, child in subs[0].choices.items():
+        yield from _commands(child, (*path, name))
+
+
+def _parse_example(line: str) -> None:
+    """An example as `main` parses it: a flag that does not exist, or a bad value, ends the test (SystemExit)."""
+    import shlex
+
+    from mmllm.cli import build_parser
+
+    argv = shlex.split(line, comments=True)
+    assert argv[0] == "mmllm", line
+    args, extra = build_parser().parse_known_args(argv[1:])
+    assert all("=" in e and hasattr(args, "overrides") for e in extra), f"{line}: unrecognized {extra}"
+
+
+def test_every_commands_help_gives_its_defaults_outputs_and_an_example_that_parses(capsys):
+    """`mmllm X --help` listed flags without their defaults (--batch-size, --steps, --output of demo/eval...),
+    said nothing of where results go, and gave no example; the top-level help did not give the exit codes."""
+    import argparse
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0
+    assert "exit codes:" in out and "130/143" in out and "stderr" in out
+    commands = list(_commands())
+    assert len(commands) == 12
+    for path, parser in commands:
+        with pytest.raises(SystemExit) as done:
+            main([*path[1:], "--help"])
+        out = capsys.readouterr().out
+        assert done.value.code == 0
+        assert re.search(r"^(writes|prints)", out, re.M), f"{' '.join(path)} --help: no word on its outputs"
+        text = re.sub(r"\\\n\s+", " ", out.split("\nexample", 1)[1])  # continuation lines joined
+        examples = [line.strip() for line in text.splitlines() if line.strip().startswith("mmllm ")]
+        assert examples, f"{' '.join(path)} --help: no example"
+        for example in examples:
+            assert example.split()[:len(path)] == list(path)
+            _parse_example(example)
+        for action in parser._actions:
+            unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+            if action.option_strings and not unset:
+                assert "default" in _option_help(out, action.option_strings[-1]), \
+                    f"{' '.join(path)} {action.option_strings[-1]}: default not shown"
+
+
+def _option_help(help_out: str, flag: str) -> str:
+    """The lines of ``flag``'s entry in a --help text's options."""
+    lines = help_out.split("\noptions:\n", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"  (-\w, )?{flag}\b", line))
+    entry = [lines[start]]
+    for line in lines[start + 1:]:
+        if not line.startswith("    ") or line.strip().startswith("-"):
+            break
+        entry.append(line)
+    return " ".join(" ".join(entry).split())
+
+
+def test_every_mmllm_command_in_the_readme_parses_with_flags_that_exist():
+    """Each `mmllm ...` line of the README's shell blocks, and each inline `mmllm ...` with flags, names flags
+    the command has (spelled out, not an abbreviation argparse would also take)."""
+    text = (REPO / "README.md").read_text()
+    lines, block = [], False
+    for line in re.sub(r"\\\n\s*", " ", text).splitlines():
+        if line.startswith("```"):
+            block = not block
+        elif block and line.strip().startswith("mmllm "):
+            lines.append(line.strip())
+    runnable = len(lines)  # the code blocks' lines run as written; inline mentions (`mmllm infer --threads`) may not
+    lines += [span for span in re.findall(r"`(mmllm [^`]+)`", text) if " -" in span]
+    assert runnable > 15 and len(lines) > runnable
+    from mmllm.cli import build_parser
+
+    parsers = {("mmllm",): build_parser(), **dict(_commands())}
+    for n, line in enumerate(lines):
+        words = line.split("#")[0].split()
+        path = max((p for p in parsers if tuple(words[:len(p)]) == p), key=len, default=None)
+        assert path is not None, f"README: {line!r} names no command"
+        flags = {o for a in parsers[path]._actions for o in a.option_strings}
+        for word in words:
+            flag = re.match(r"\[?(--?[a-z][a-z-]*)", word)
+            assert flag is None or flag.group(1) in flags, f"README: {line!r}: {path[-1]} has no {flag.group(1)}"
+        if n < runnable and path != ("mmllm",) and not re.search(r"[[|]|\.\.\.", line):  # a synopsis is not run as written
+            _parse_example(line.split("#")[0])
+
+
+def test_an_unknown_flag_is_shown_with_its_commands_usage_and_the_flag_it_resembles(tmp_path, capsys):
+    """`mmllm infer ... --batchsize 4` printed the top-level usage (COMMAND ...) and no hint of --batch-size."""
+    with pytest.raises(SystemExit) as done:
+        main(["infer", "--checkpoint", str(tmp_path), "--prompt", "Hi", "--output", str(tmp_path / "out"),
+              "--batchsize", "4"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2
+    assert "usage: mmllm infer" in err and "mmllm infer: error: unrecognized arguments: --batchsize 4" in err
+    assert "--batchsize: did you mean --batch-size?" in err
+    with pytest.raises(SystemExit):
+        main(["world", "report", "--per-combos", "2", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "mmllm world report: error:" in err and "--per-combos: did you mean --per-combo?" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_world_data_and_distil_take_output_as_every_other_command_does(tmp_path, capsys):
+    """Every other command writes to --output; `world data --output DIR` was refused (--out required)."""
+    from mmllm.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["world", "data", "--output", str(tmp_path)]).out == str(tmp_path)
+    assert parser.parse_args(["world", "distil", "--output", str(tmp_path / "p.jsonl")]).out == str(tmp_path / "p.jsonl")
+    assert parser.parse_args(["world", "data", "--out", str(tmp_path)]).out == str(tmp_path)  # as before
+    with pytest.raises(SystemExit):  # export's --dtype names its choices in the usage, as infer's does
+        main(["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "x"), "--dtype", "fp16"])
+    assert "argument --dtype: invalid choice: 'fp16' (choose from 'float32', 'bfloat16', 'float16')" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.parametrize("buffering", [-1, 0])  # block-buffered (a pipe), and PYTHONUNBUFFERED's raw writes
+def test_a_reader_that_stops_reading_stdout_ends_the_command_quietly_with_sigpipes_code(buffering, monkeypatch,
+                                                                                        capsys):
+    """`mmllm inspect ... | head -3` said "ERROR [Errno 32] Broken pipe" and exited 2, as if what was given were
+    wrong: the reader has what it wanted, so nothing is said, and the exit code is a SIGPIPE's (141)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes its first line
+    stdout = open(write_end, "wb" if buffering == 0 else "w", buffering=buffering)  # noqa: SIM115
+    if buffering == 0:
+        import io
+
+        stdout = io.TextIOWrapper(stdout, write_through=True)
+    monkeypatch.setattr("sys.stdout", stdout)
+    try:
+        assert main(["inspect", "--config", str(TINY)]) == 141
+    finally:
+        stdout.close()  # what was left is flushed to /dev/null, not failing again
+    assert "Broken pipe" not in capsys.readouterr().err

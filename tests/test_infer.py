@@ -1014,3 +1014,21 @@ def test_output_file_names_stay_in_media_whatever_the_request_id(tmp_path):
         names.add(path.name)
     assert len(names) == len(ids)
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(names)  # nothing else written
+
+
+def test_a_folder_or_missing_file_given_to_infer_flags_is_refused_before_the_model_loads(ckpt, tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A folder as --input said "file not found", and a typo'd --image became an error record (exit 1) after
+    the model had loaded: both are refused at once (exit 2), saying what to give."""
+    folder = tmp_path / "requests"
+    write_requests(folder / "r.jsonl", [{"id": "a", "prompt": "Hello."}])
+    _no_model_load(monkeypatch)
+    out = ["--checkpoint", str(ckpt), "--output", str(tmp_path / "out")]
+    assert main(["infer", *out, "--input", str(folder)]) == 2
+    assert f"--input {folder}: a folder; give the requests file (JSONL) in it (e.g. {folder / 'r.jsonl'})" in \
+        capsys.readouterr().err
+    assert main(["infer", *out, "--prompt", "What is this?", "--image", str(tmp_path / "cat.png")]) == 2
+    assert f"--image {tmp_path / 'cat.png'}: file not found" in capsys.readouterr().err
+    assert main(["infer", *out, "--prompt", "What is this?", "--audio", str(folder)]) == 2
+    assert f"--audio {folder}: a folder" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.jsonl").exists()

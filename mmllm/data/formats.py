@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmllm.config import MODALITIES
+from mmllm.config import MODALITIES, ConfigError, files_named_in
 
 log = logging.getLogger(__name__)
 
@@ -395,13 +395,16 @@ def read_records(
 ) -> tuple[list[Any], list[str]]:
     """Read a data file in ``fmt``; returns (records, errors). Malformed records are reported, not fatal."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"data file {path} is a folder; give a data file in it "
+                                f"({files_named_in(path, '*.jsonl', '*.json')})")
     if not path.is_file():
         where = "" if path.is_absolute() else (f" (relative to the working directory {Path.cwd()}; a stage "
                                                "config's data paths are also looked up beside the config)")
         raise FileNotFoundError(f"data file not found: {path}{where}")
     parsers = _parsers()
     if fmt not in parsers:
-        raise ValueError(f"unknown data format {fmt!r}; valid formats: {', '.join(parsers)}")
+        raise ConfigError(f"unknown data format {fmt!r}; valid formats: {', '.join(parsers)}")
     parse = parsers[fmt]
     if root and not Path(root).expanduser().is_dir():  # every media path of the file would be missing
         raise FileNotFoundError(f"{path}: its media root {root} is not a folder; fix the dataset's `root:` "
