@@ -1024,11 +1024,15 @@ def stdout_reader_gone() -> bool:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: no file behind it
         return False
+    if not hasattr(select, "poll"):  # Windows: no poll(); the broken pipe is reported as any other
+        return False
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
     if not any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0)):
         return False
-    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
     return True
 
 
