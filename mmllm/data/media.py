@@ -219,13 +219,13 @@ def _warn_audio_cut(path: Path, kept: int, rate: int, channels: int, seconds: fl
         return
     _CUT_AUDIO_WARNED.add(str(path))
     if kept < int(MAX_AUDIO_SECONDS * rate):
-        why = (f"MAX_AUDIO_VALUES: at most {MAX_AUDIO_VALUES} samples over all channels, {channels} channels at "
-               f"{rate} Hz")
+        why = (f"MAX_AUDIO_VALUES: at most {MAX_AUDIO_VALUES} samples over all channels, here {channels} channels "
+               f"at {rate} Hz")
     else:
-        why = f"MAX_AUDIO_SECONDS = {MAX_AUDIO_SECONDS:g}"
-    length = f"is {seconds:.1f} s long" if seconds else "is longer than that"
-    log.warning("audio %s %s; kept its first %.1f s (%d frames; %s), as encoders read far less: cut it into "
-                "shorter files to use the rest", path, length, kept / rate, kept, why)
+        why = f"MAX_AUDIO_SECONDS: at most {MAX_AUDIO_SECONDS:g} s"
+    length = f"is {seconds:.1f} s long" if seconds else "is longer"
+    log.warning("audio %s %s; only its first %.1f s (%d frames) were kept (%s); cut it into shorter files to "
+                "use the rest", path, length, kept / rate, kept, why)
 
 
 def audio_frame_limit(rate: float, channels: int) -> int:
