@@ -85,6 +85,24 @@ def test_a_long_clip_is_read_by_seeking_to_the_frames_it_keeps(tmp_path, seeks, 
         assert video.fps == before.fps
 
 
+def test_frames_sought_in_a_long_phone_clip_are_upright(tmp_path, seeks):
+    path = tmp_path / "portrait.mp4"
+    with av.open(str(path), mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = BITS * STRIPE, H, "yuv420p"
+        if not hasattr(stream, "set_display_rotation"):  # PyAV 14.1-17 read a display matrix, cannot write one
+            pytest.skip(f"PyAV {av.__version__} cannot write a display rotation (18 can)")
+        stream.set_display_rotation(-90)
+        for i in range(1200):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(_indexed(i), format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    video = load_video(path, max_frames=8)
+    assert seeks and {f.size for f in video.frames} == {(H, BITS * STRIPE)}  # portrait
+    assert [_index(f.rotate(90, expand=True)) for f in video.frames] == list(range(0, 1200, 150))
+
+
 def test_a_short_clip_is_decoded_frame_by_frame_as_before(tmp_path, seeks):
     path = _clip(tmp_path / "short.mp4", range(600))  # 75 frames between kept ones: not worth seeking
     video, before = load_video(path, max_frames=8), _sequential(path, 8)
