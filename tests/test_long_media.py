@@ -12,19 +12,22 @@ import soundfile as sf
 from mmllm.data import media
 from mmllm.data.media import load_audio, load_video
 
-BITS, STRIPE, H = 12, 4, 16  # the frame index drawn as black/white stripes, one per bit
+BITS, STRIPE, H, BAND = 12, 4, 32, 12  # the frame index as black/white stripes (one per bit) in the top band
+_Y, _X = np.mgrid[BAND:H, 0:BITS * STRIPE]
 
 
 def _indexed(i: int) -> np.ndarray:
+    """Frame ``i``: its index in stripes above a smoothly moving pattern (which x264 codes with B-frames)."""
     arr = np.zeros((H, BITS * STRIPE, 3), np.uint8)
     for bit in range(BITS):
         if i >> bit & 1:
-            arr[:, bit * STRIPE:(bit + 1) * STRIPE] = 255
+            arr[:BAND, bit * STRIPE:(bit + 1) * STRIPE] = 255
+    arr[BAND:] = (127 + 100 * np.sin((_X + 0.7 * i) / 7) * np.cos((_Y + 0.3 * i) / 5))[..., None].astype(np.uint8)
     return arr
 
 
 def _index(img) -> int:
-    row = np.asarray(img)[H // 2]
+    row = np.asarray(img)[BAND // 2]
     return sum(1 << bit for bit in range(BITS) if row[bit * STRIPE + STRIPE // 2, 0] > 128)
 
 
@@ -83,6 +86,27 @@ def test_a_long_clip_is_read_by_seeking_to_the_frames_it_keeps(tmp_path, seeks, 
         before = _sequential(path, 8)
         assert [np.asarray(f).tolist() for f in video.frames] == [np.asarray(f).tolist() for f in before.frames]
         assert video.fps == before.fps
+
+
+def test_a_long_clip_decodes_about_a_keyframe_interval_per_kept_frame(tmp_path, monkeypatch):
+    """1200 frames, a keyframe every 40 (never on a kept one but 0 and 600): decoding every frame handed back
+    1200; seeking decodes at most the 40 from a keyframe to each of the 8 kept frames and to the announced end
+    (fewer: B-frames before a kept frame are not decoded)."""
+    path = _clip(tmp_path / "long.mp4", range(1200), gop=40)
+    decoded, real = [], av.Packet.decode
+
+    def counting(packet):
+        frames = real(packet)
+        decoded.append(len(frames))
+        return frames
+
+    monkeypatch.setattr(av.Packet, "decode", counting)
+    before = _sequential(path, 8)
+    assert sum(decoded) == 1200
+    decoded.clear()
+    video = load_video(path, max_frames=8)
+    assert sum(decoded) <= 9 * 40
+    assert [np.asarray(f).tolist() for f in video.frames] == [np.asarray(f).tolist() for f in before.frames]
 
 
 def test_frames_sought_in_a_long_phone_clip_are_upright(tmp_path, seeks):

@@ -401,13 +401,47 @@ def _seek(container: Any, stream: Any, pts: int) -> None:
     container.seek(pts, stream=stream, backward=True)
 
 
-def _frames_with_pts(container: Any, stream: Any):
-    """The stream's decoded frames from where the demuxer is; a packet without a pts fails (PyAV would number
-    such frames by decode order, which restarts meaning nothing after a seek)."""
-    for packet in container.demux(stream):
-        if packet.pts is None and packet.size:
-            raise _SeekFailed("a packet has no presentation timestamp")
-        yield from packet.decode()
+class _Frames:
+    """The decoded frames of a stream from where its demuxer is. Frames no one asks for -- before the time
+    :meth:`first_after` looks for -- are not decoded where nothing refers to them (B-frames mostly: the
+    decoder's ``skip_frame``). A packet without a pts fails: PyAV numbers such frames by decode order, which
+    means nothing after a seek."""
+
+    def __init__(self, container: Any, stream: Any) -> None:
+        self._wanted = float("-inf")
+        self._pending: Any | None = None
+        self._frames = self._decode(container, stream)
+
+    def _decode(self, container: Any, stream: Any):
+        context = stream.codec_context
+        for packet in container.demux(stream):
+            if packet.pts is None and packet.size:
+                raise _SeekFailed("a packet has no presentation timestamp")
+            context.skip_frame = "NONREF" if packet.pts is not None and packet.pts <= self._wanted else "DEFAULT"
+            yield from packet.decode()
+
+    def peek(self) -> Any | None:
+        """The next frame, left to come next; None at the end."""
+        if self._pending is None:
+            self._pending = next(self._frames, None)
+        return self._pending
+
+    def next(self) -> Any | None:
+        """The next frame, None at the end."""
+        if self._pending is not None:
+            frame, self._pending = self._pending, None
+            return frame
+        return next(self._frames, None)
+
+    def first_after(self, pts: float) -> Any | None:
+        """The first frame after ``pts`` (None where the stream ends before it)."""
+        self._wanted = pts
+        while (frame := self.next()) is not None:
+            if frame.pts is None:
+                raise _SeekFailed("a frame has no presentation timestamp")
+            if frame.pts > pts:
+                return frame
+        return None
 
 
 def _decode_by_seeking(container: Any, stream: Any, plan: _SeekPlan) -> Video:
@@ -416,14 +450,14 @@ def _decode_by_seeking(container: Any, stream: Any, plan: _SeekPlan) -> Video:
     further apart than the targets), decoding carries on from there without seeking again. Raises
     :class:`_SeekFailed` on frames that are not what was asked for: a seek landing past its target, frames
     out of order or repeated, the clip ending before a target or going on past its announced end."""
-    frames = _frames_with_pts(container, stream)  # from the start: the first target is the first frame
+    frames = _Frames(container, stream)  # from the start: the first target is the first frame
     seeking = True
     kept: list[tuple[int, Image.Image]] = []
     for target in plan.targets:
         if kept and seeking:
             frames, landed = _seek_to(container, stream, target, plan)
             seeking = landed > kept[-1][0]
-        frame = _first_frame_from(frames, target - plan.tolerance)
+        frame = frames.first_after(target - plan.tolerance)
         if frame is None:
             raise _SeekFailed(f"the clip ended before pts {target} (it announced {plan.end})")
         if kept and frame.pts <= kept[-1][0]:
@@ -431,39 +465,24 @@ def _decode_by_seeking(container: Any, stream: Any, plan: _SeekPlan) -> Video:
         kept.append((frame.pts, _frame_image(frame)))
     if seeking:
         frames, _ = _seek_to(container, stream, plan.end, plan)
-    if _first_frame_from(frames, plan.end + plan.spacing) is not None:
+    if frames.first_after(plan.end + plan.spacing) is not None:
         raise _SeekFailed(f"the clip goes on past its announced end (pts {plan.end})")
     return Video([img for _, img in kept], plan.fps)
 
 
-def _seek_to(container: Any, stream: Any, target: int, plan: _SeekPlan, tries: int = 3):
+def _seek_to(container: Any, stream: Any, target: int, plan: _SeekPlan, tries: int = 3) -> tuple[_Frames, int]:
     """Seek for ``target``: (the frames from the keyframe landed on, that keyframe's pts). A demuxer whose
     index holds decode timestamps lands a little late in a clip with B-frames: each retry asks a spacing
     earlier."""
     for attempt in range(tries):
         _seek(container, stream, max(plan.targets[0], target - attempt * plan.spacing))
-        frames = _frames_with_pts(container, stream)
-        first = next(frames, None)
+        frames = _Frames(container, stream)
+        first = frames.peek()
         if first is None or first.pts is None:
             raise _SeekFailed(f"nothing to decode after seeking to pts {target}")
         if first.pts <= target + plan.tolerance:
-            return _prepend(first, frames), first.pts
+            return frames, first.pts
     raise _SeekFailed(f"seeking to pts {target} landed at {first.pts}, past it")
-
-
-def _prepend(first: Any, rest):
-    yield first
-    yield from rest
-
-
-def _first_frame_from(frames, pts: float) -> Any | None:
-    """The first of ``frames`` after ``pts`` (None where they end before it)."""
-    for frame in frames:
-        if frame.pts is None:
-            raise _SeekFailed("a frame has no presentation timestamp")
-        if frame.pts > pts:
-            return frame
-    return None
 
 
 # a display matrix's counter-clockwise rotation (VideoFrame.rotation: phones record portrait clips as

@@ -1,12 +1,12 @@
 """Reading an hours-long clip: every frame decoded (before) vs seeking to the kept ones (now), side by side.
 
 Writes a long clip of small frames into a temporary folder (PyAV; the frame index drawn into each frame as
-black/white stripes, one per bit, and a keyframe every ``--gop`` frames, x264's default), then times
+black/white stripes, one per bit, above a moving pattern; a keyframe every ``--gop`` frames, x264's default), then times
 ``load_video`` as it was (:func:`mmllm.data.media._decode_sequentially`: decode every frame, keep every
 stride-th) and as it is (``load_video``: seek to each kept frame), alternating, in one process:
 
     python scripts/bench/long_video.py [--minutes 30] [--fps 30] [--gop 250] [--format mp4] [--rounds 3] \
-        [--stripe 5] [--height 32]   # frames 18 * stripe x height pixels
+        [--stripe 5] [--height 48]   # frames 18 * stripe x height pixels
 
 Prints the median wall-clock and CPU seconds of each, their ratio, the frames each decoded, and which frames
 came back: their indices read from the stripes, against the evenly spread targets, first and last.
@@ -35,21 +35,26 @@ sys.path.insert(0, str(REPO))
 from mmllm.data import media  # noqa: E402
 
 BITS = 18  # the index as 18 stripes: up to 262,143 frames (2.4 h at 30 fps)
-STRIPE, HEIGHT = 5, 32  # --stripe, --height
+STRIPE, HEIGHT = 5, 48  # --stripe, --height; the stripes fill the top quarter, a moving pattern the rest
 CODECS = {"mp4": "libx264", "mkv": "libx264", "webm": "libvpx-vp9", "avi": "mpeg4"}
 FORMATS = {"mp4": "mp4", "mkv": "matroska", "webm": "webm", "avi": "avi"}
 
 
 def frame_with_index(i: int) -> np.ndarray:
-    arr = np.zeros((HEIGHT, (BITS * STRIPE + 7) // 2 * 2, 3), np.uint8)  # width even for yuv420p
+    """Frame ``i``: its index in stripes above a smoothly moving pattern, which x264 codes as camera footage
+    is, with B-frames (stripes alone, whose bits change at random, it codes with P-frames only)."""
+    width, band = (BITS * STRIPE + 7) // 2 * 2, max(4, HEIGHT // 4)  # width even for yuv420p
+    y, x = np.mgrid[band:HEIGHT, 0:width]
+    arr = np.zeros((HEIGHT, width, 3), np.uint8)
     for bit in range(BITS):
         if i >> bit & 1:
-            arr[:, bit * STRIPE:(bit + 1) * STRIPE] = 255
+            arr[:band, bit * STRIPE:(bit + 1) * STRIPE] = 255
+    arr[band:] = (127 + 100 * np.sin((x + 0.7 * i) / 7) * np.cos((y + 0.3 * i) / 9))[..., None].astype(np.uint8)
     return arr
 
 
 def index_of(img) -> int:
-    row = np.asarray(img)[HEIGHT // 2]
+    row = np.asarray(img)[max(4, HEIGHT // 4) // 2]
     return sum(1 << bit for bit in range(BITS) if row[bit * STRIPE + STRIPE // 2, 0] > 128)
 
 
@@ -113,7 +118,7 @@ def main() -> None:
     parser.add_argument("--format", choices=sorted(CODECS), default="mp4")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--stripe", type=int, default=5, help="pixels per bit: frames are 18 x this wide")
-    parser.add_argument("--height", type=int, default=32)
+    parser.add_argument("--height", type=int, default=48)
     args = parser.parse_args()
     global STRIPE, HEIGHT
     STRIPE, HEIGHT = args.stripe, args.height
