@@ -7,10 +7,11 @@ Decoded forms used throughout mmllm:
   frame of an animated file);
 * audio -> :class:`Audio` (float32 ``(samples, channels)`` in [-1, 1] and its sample rate; any
   channel count and rate -- encoders down-mix and resample to their own rate with :func:`resample`;
-  at most the first :data:`MAX_AUDIO_SECONDS`, and at most :data:`MAX_AUDIO_VALUES` samples over all channels);
+  at most the first :data:`MAX_AUDIO_SECONDS`, and at most :data:`MAX_AUDIO_VALUES` samples over all channels;
+  a file cut so is named in one warning per process);
 * video -> :class:`Video` (RGB PIL frames of at most :data:`MAX_VIDEO_FRAME_PIXELS`, larger ones scaled
-  down, and fps). A long clip is decoded with a stride so that
-  at most ``max_frames`` frames, evenly spread over the *whole* clip, are kept; a short one keeps
+  down, and fps). A long clip is sampled, never cut: at most ``max_frames`` frames, evenly spread over the
+  *whole* clip, are kept (a very long one is read by seeking to them, :func:`load_video`); a short one keeps
   every frame and :meth:`Video.sample_frames` repeats frames to fill what an encoder asks.
 
 :data:`MEDIA_DECODE_VERSION` names this behaviour; it is part of the feature cache's fingerprint,
@@ -195,14 +196,36 @@ def load_audio(path: str | Path) -> Audio:
     _check_file(path, "audio")
     try:
         with sf.SoundFile(str(path)) as fh:
-            rate = fh.samplerate
-            data = fh.read(frames=audio_frame_limit(rate, fh.channels), dtype="float32", always_2d=True)
+            rate, channels, total = fh.samplerate, fh.channels, fh.frames
+            limit = audio_frame_limit(rate, channels)
+            data = fh.read(frames=limit + 1, dtype="float32", always_2d=True)  # one more: is there more?
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         try:
             return _load_audio_av(path)
         except Exception:
             raise MediaError(f"cannot decode audio {path}: {exc}") from exc
+    if data.shape[0] > limit:
+        data = data[:limit]
+        _warn_audio_cut(path, limit, int(rate), channels, total / rate if total > limit else None)
     return _checked_audio(path, data, int(rate))
+
+
+_CUT_AUDIO_WARNED: set[str] = set()  # files whose cut was reported: once per process, not once per epoch
+
+
+def _warn_audio_cut(path: Path, kept: int, rate: int, channels: int, seconds: float | None) -> None:
+    """Log (once per file) that only the head of ``path`` was decoded, and why."""
+    if str(path) in _CUT_AUDIO_WARNED:
+        return
+    _CUT_AUDIO_WARNED.add(str(path))
+    if kept < int(MAX_AUDIO_SECONDS * rate):
+        why = (f"MAX_AUDIO_VALUES: at most {MAX_AUDIO_VALUES} samples over all channels, here {channels} channels "
+               f"at {rate} Hz")
+    else:
+        why = f"MAX_AUDIO_SECONDS: at most {MAX_AUDIO_SECONDS:g} s"
+    length = f"is {seconds:.1f} s long" if seconds else "is longer"
+    log.warning("audio %s %s; only its first %.1f s (%d frames) were kept (%s); cut it into shorter files to "
+                "use the rest", path, length, kept / rate, kept, why)
 
 
 def audio_frame_limit(rate: float, channels: int) -> int:
@@ -226,9 +249,10 @@ def _load_audio_av(path: Path) -> Audio:
 
     with av.open(str(path)) as container:
         stream = next(s for s in container.streams if s.type == "audio")
-        chunks, samples, limit = [], 0, audio_frame_limit(stream.rate or 1, 1)
+        chunks, samples, limit, cut = [], 0, audio_frame_limit(stream.rate or 1, 1), False
         for frame in container.decode(stream):
             if samples >= limit:
+                cut = True  # a frame beyond the limit
                 break
             arr = frame.to_ndarray()
             limit = audio_frame_limit(stream.rate or 1, len(frame.layout.channels))
@@ -240,42 +264,225 @@ def _load_audio_av(path: Path) -> Audio:
                 arr = arr.reshape(-1, len(frame.layout.channels))
             chunks.append(arr)
             samples += arr.shape[0]
-        rate = stream.rate
+        rate, channels = stream.rate, chunks[-1].shape[1] if chunks else 1
+        seconds = _announced_seconds(container, stream)
     if not chunks:
         raise MediaError(f"audio file has no samples: {path}")
-    return _checked_audio(path, np.concatenate(chunks, axis=0)[:limit], int(rate))
+    data = np.concatenate(chunks, axis=0)
+    if cut or data.shape[0] > limit:
+        data = data[:limit]
+        _warn_audio_cut(path, limit, int(rate), channels, seconds if seconds and seconds * rate > limit else None)
+    return _checked_audio(path, data, int(rate))
+
+
+def _announced_seconds(container: Any, stream: Any) -> float | None:
+    """How long a stream says it lasts (its own duration, else the container's), or None where it does not."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration:
+        return container.duration / 1_000_000  # av.time_base
+    return None
 
 
 def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
-    """Decode a clip, keeping at most ``max_frames`` frames evenly spread over its whole length."""
+    """Decode a clip, keeping at most ``max_frames`` frames evenly spread over its whole length.
+
+    A clip that announces its length and is long enough (a stride of at least :data:`SEEK_MIN_STRIDE` frames
+    between kept frames) is read by seeking to each kept frame (:func:`_decode_by_seeking`), decoding about a
+    keyframe interval per kept frame instead of every frame; any other clip, and a long one whose seeking fails,
+    is decoded frame by frame (:func:`_decode_sequentially`). Both keep the same frames of a constant-rate clip
+    whose length is announced truly."""
     import av
 
     path = Path(path)
     _check_file(path, "video")
     if max_frames < 1:
         raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-    kept: list[tuple[int, Image.Image]] = []
     try:
         with av.open(str(path)) as container:
             stream = next((s for s in container.streams if s.type == "video"), None)
             if stream is None:
                 raise MediaError(f"no video stream in {path}")
-            fps = float(stream.average_rate or stream.guessed_rate or 8.0)
-            stride = max(1, -(-int(stream.frames or 0) // max_frames))  # known length: ceil(frames / max)
-            for index, frame in enumerate(container.decode(stream)):
-                if index % stride:
-                    continue
-                kept.append((index, _frame_image(frame)))
-                if len(kept) > max_frames:  # longer than announced: keep every other frame, double the stride
-                    kept = kept[::2]
-                    stride *= 2
+            plan = _seek_plan(container, stream, max_frames)
+            if plan is not None:
+                try:
+                    return _decode_by_seeking(container, stream, plan)
+                except Exception as exc:  # any failure of the shortcut: decode every frame instead
+                    log.debug("seeking through %s failed (%s: %s); decoding it frame by frame", path,
+                              type(exc).__name__, exc)
+        with av.open(str(path)) as container:
+            stream = next(s for s in container.streams if s.type == "video")
+            video = _decode_sequentially(container, stream, max_frames)
     except MediaError:
         raise
     except Exception as exc:
         raise MediaError(f"cannot decode video {path}: {exc}") from exc
-    if not kept:
+    if not video.frames:
         raise MediaError(f"video has no frames: {path}")
+    return video
+
+
+def _decode_sequentially(container: Any, stream: Any, max_frames: int) -> Video:
+    """Every frame decoded, every ``stride``-th kept: ceil(frames / max_frames) where the stream announces
+    its frame count, else 1, doubled whenever more than ``max_frames`` would be kept."""
+    fps = float(stream.average_rate or stream.guessed_rate or 8.0)
+    stride = max(1, -(-int(stream.frames or 0) // max_frames))  # known length: ceil(frames / max)
+    kept: list[tuple[int, Image.Image]] = []
+    for index, frame in enumerate(container.decode(stream)):
+        if index % stride:
+            continue
+        kept.append((index, _frame_image(frame)))
+        if len(kept) > max_frames:  # longer than announced: keep every other frame, double the stride
+            kept = kept[::2]
+            stride *= 2
     return Video([img for _, img in kept[:max_frames]], fps / stride)  # fps of the frames kept
+
+
+# a clip is read by seeking when its kept frames are at least this many frames apart: seeking decodes from the
+# keyframe at or before each kept frame, about half a keyframe interval (x264's default interval is 250 frames,
+# phones' 30-60), so it wins where frames between kept ones outnumber that; shorter clips are decoded whole
+SEEK_MIN_STRIDE = 120
+
+
+@dataclass(frozen=True)
+class _SeekPlan:
+    """Where the frames kept from a long clip are, in its stream's time base."""
+
+    targets: list[int]  # pts of the frames to keep: one every `stride` frames from the first
+    tolerance: float  # half a frame: the first frame after target - tolerance is the one kept
+    end: int  # announced end of the clip
+    spacing: int  # between targets
+    fps: float  # of the frames kept
+
+
+class _SeekFailed(RuntimeError):
+    """Seeking gave frames that cannot be the ones asked for; the clip is decoded frame by frame instead."""
+
+
+def _announced_length(container: Any, stream: Any) -> tuple[int, float] | None:
+    """(frames, seconds) the clip says it lasts -- the stream's frame count and duration, else the container's
+    duration at the stream's average rate -- or None where it does not say."""
+    fps = float(stream.average_rate or stream.guessed_rate or 0)
+    seconds = _announced_seconds(container, stream)
+    frames = int(stream.frames or 0)
+    if frames <= 0 and seconds and fps > 0:
+        frames = round(seconds * fps)
+    if frames <= 0:
+        return None
+    if not seconds or seconds <= 0:
+        if fps <= 0:
+            return None
+        seconds = frames / fps
+    return frames, seconds
+
+
+def _seek_plan(container: Any, stream: Any, max_frames: int) -> _SeekPlan | None:
+    """The frames to seek to in a long clip of announced length (as :func:`_decode_sequentially` keeps them
+    from a constant-rate clip: every ``stride``-th from the first), or None where the clip is to be decoded
+    frame by frame: short, of unknown length or time base."""
+    length = _announced_length(container, stream)
+    if length is None or not stream.time_base:
+        return None
+    frames, seconds = length
+    stride = -(-frames // max_frames)
+    if stride < SEEK_MIN_STRIDE:
+        return None
+    per_frame = seconds / frames / float(stream.time_base)  # average frame duration in time-base units
+    start = int(stream.start_time or 0)
+    count = min(max_frames, -(-frames // stride))
+    fps = float(stream.average_rate or stream.guessed_rate or frames / seconds)
+    return _SeekPlan(targets=[start + round(k * stride * per_frame) for k in range(count)],
+                     tolerance=per_frame / 2, end=start + round(frames * per_frame),
+                     spacing=max(1, round(stride * per_frame)), fps=fps / stride)
+
+
+def _seek(container: Any, stream: Any, pts: int) -> None:
+    """Position the demuxer on the keyframe at or before ``pts`` (the stream's time base); flushes the decoder."""
+    container.seek(pts, stream=stream, backward=True)
+
+
+class _Frames:
+    """The decoded frames of a stream from where its demuxer is. Frames no one asks for -- before the time
+    :meth:`first_after` looks for -- are not decoded where nothing refers to them (B-frames mostly: the
+    decoder's ``skip_frame``). A packet without a pts fails: PyAV numbers such frames by decode order, which
+    means nothing after a seek."""
+
+    def __init__(self, container: Any, stream: Any) -> None:
+        self._wanted = float("-inf")
+        self._pending: Any | None = None
+        self._frames = self._decode(container, stream)
+
+    def _decode(self, container: Any, stream: Any):
+        context = stream.codec_context
+        for packet in container.demux(stream):
+            if packet.pts is None and packet.size:
+                raise _SeekFailed("a packet has no presentation timestamp")
+            context.skip_frame = "NONREF" if packet.pts is not None and packet.pts <= self._wanted else "DEFAULT"
+            yield from packet.decode()
+
+    def peek(self) -> Any | None:
+        """The next frame, left to come next; None at the end."""
+        if self._pending is None:
+            self._pending = next(self._frames, None)
+        return self._pending
+
+    def next(self) -> Any | None:
+        """The next frame, None at the end."""
+        if self._pending is not None:
+            frame, self._pending = self._pending, None
+            return frame
+        return next(self._frames, None)
+
+    def first_after(self, pts: float) -> Any | None:
+        """The first frame after ``pts`` (None where the stream ends before it)."""
+        self._wanted = pts
+        while (frame := self.next()) is not None:
+            if frame.pts is None:
+                raise _SeekFailed("a frame has no presentation timestamp")
+            if frame.pts > pts:
+                return frame
+        return None
+
+
+def _decode_by_seeking(container: Any, stream: Any, plan: _SeekPlan) -> Video:
+    """The frames of ``plan``: for each target, the first frame less than half a frame before it or later,
+    decoded from the keyframe at or before it. Where a seek lands at or before the last frame kept (keyframes are
+    further apart than the targets), decoding carries on from there without seeking again. Raises
+    :class:`_SeekFailed` on frames that are not what was asked for: a seek landing past its target, frames
+    out of order or repeated, the clip ending before a target or going on past its announced end."""
+    frames = _Frames(container, stream)  # from the start: the first target is the first frame
+    seeking = True
+    kept: list[tuple[int, Image.Image]] = []
+    for target in plan.targets:
+        if kept and seeking:
+            frames, landed = _seek_to(container, stream, target, plan)
+            seeking = landed > kept[-1][0]
+        frame = frames.first_after(target - plan.tolerance)
+        if frame is None:
+            raise _SeekFailed(f"the clip ended before pts {target} (it announced {plan.end})")
+        if kept and frame.pts <= kept[-1][0]:
+            raise _SeekFailed(f"frame at pts {frame.pts} came after one at {kept[-1][0]}")
+        kept.append((frame.pts, _frame_image(frame)))
+    if seeking:
+        frames, _ = _seek_to(container, stream, plan.end, plan)
+    if frames.first_after(plan.end + plan.spacing) is not None:
+        raise _SeekFailed(f"the clip goes on past its announced end (pts {plan.end})")
+    return Video([img for _, img in kept], plan.fps)
+
+
+def _seek_to(container: Any, stream: Any, target: int, plan: _SeekPlan, tries: int = 3) -> tuple[_Frames, int]:
+    """Seek for ``target``: (the frames from the keyframe landed on, that keyframe's pts). A demuxer whose
+    index holds decode timestamps lands a little late in a clip with B-frames: each retry asks a spacing
+    earlier."""
+    for attempt in range(tries):
+        _seek(container, stream, max(plan.targets[0], target - attempt * plan.spacing))
+        frames = _Frames(container, stream)
+        first = frames.peek()
+        if first is None or first.pts is None:
+            raise _SeekFailed(f"nothing to decode after seeking to pts {target}")
+        if first.pts <= target + plan.tolerance:
+            return frames, first.pts
+    raise _SeekFailed(f"seeking to pts {target} landed at {first.pts}, past it")
 
 
 # a display matrix's counter-clockwise rotation (VideoFrame.rotation: phones record portrait clips as
