@@ -131,6 +131,22 @@ def test_stale_cache_is_never_used_silently(model, data, tmp_path, caplog):
     assert pre.stats()["encoder/image/miss"] == 1 and pre.stats()["encoder/image/hit"] == 7
 
 
+def test_a_decoding_version_is_in_its_own_modalitys_encoder_fingerprints_only(model, monkeypatch):
+    """Video decoding changing (long clips sought) makes video encoders' cached features stale, not images'."""
+    import mmllm.data.media as media
+
+    encoders = {m: model.encoders[m] for m in ("image", "audio", "video") if m in model.encoders}
+    assert "video" in encoders and "image" in encoders
+    before = {m: encoder_fingerprint(e) for m, e in encoders.items()}
+    assert media.media_decode_version("video") == media.VIDEO_DECODE_VERSION
+    monkeypatch.setattr(media, "VIDEO_DECODE_VERSION", media.VIDEO_DECODE_VERSION + "-next")
+    after = {m: encoder_fingerprint(e) for m, e in encoders.items()}
+    assert after["video"] != before["video"]
+    assert all(after[m] == before[m] for m in encoders if m != "video")
+    monkeypatch.setattr(media, "MEDIA_DECODE_VERSION", media.MEDIA_DECODE_VERSION + "-next")
+    assert all(encoder_fingerprint(e) != before[m] for m, e in encoders.items() if m != "video")
+
+
 def test_decoder_fingerprint_follows_the_text_side_not_call_state(model):
     decoder = model.decoders["image"]
     before = decoder_fingerprint(decoder)

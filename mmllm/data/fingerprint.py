@@ -6,7 +6,7 @@ computed it) are unchanged. Content: :func:`file_hash` (the bytes of a media fil
 
 * :func:`encoder_fingerprint` (what :meth:`~mmllm.encoders.base.MediaEncoder.fingerprint` returns) --
   the encoder's ``describe()`` (family, options, preprocessing), **all** of its weights, their dtypes, and
-  :data:`~mmllm.data.media.MEDIA_DECODE_VERSION` (how files are decoded before ``preprocess``);
+  :func:`~mmllm.data.media.media_decode_version` of its modality (how files are decoded before ``preprocess``);
 * :func:`decoder_fingerprint` -- what ``decoder.condition(captions)`` depends on: ``describe()``,
   its options and scalar settings, the weights of the pipeline's text side (``text_encoder``/``text_encoder_2``/``text_projection``
   when present, else the whole decoder) and the tokenizer (vocabulary, merges, length, specials).
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmllm.data.media import MEDIA_DECODE_VERSION
+from mmllm.data.media import media_decode_version
 
 CACHE_FORMAT_VERSION = "1"
 TEXT_SIDE = ("text_encoder", "text_encoder_2", "text_projection")
@@ -90,7 +90,7 @@ def tokenizer_identity(tokenizer: Any) -> Any:
 
 def encoder_fingerprint(encoder: nn.Module) -> str:
     h = hashlib.blake2b(digest_size=12)
-    h.update(_json({"cache": CACHE_FORMAT_VERSION, "media": MEDIA_DECODE_VERSION,
+    h.update(_json({"cache": CACHE_FORMAT_VERSION, "media": media_decode_version(getattr(encoder, "modality", "")),
                     "class": f"{type(encoder).__module__}.{type(encoder).__qualname__}",
                     "describe": encoder.describe()}))
     _update_weights(h, encoder, "")

@@ -14,8 +14,9 @@ Decoded forms used throughout mmllm:
   *whole* clip, are kept (a very long one is read by seeking to them, :func:`load_video`); a short one keeps
   every frame and :meth:`Video.sample_frames` repeats frames to fill what an encoder asks.
 
-:data:`MEDIA_DECODE_VERSION` names this behaviour; it is part of the feature cache's fingerprint,
-so bump it whenever decoding changes what an encoder would see.
+:func:`media_decode_version` names this behaviour per modality (:data:`MEDIA_DECODE_VERSION`, and
+:data:`VIDEO_DECODE_VERSION` for video); it is part of the feature cache's fingerprint, so bump the one whose
+decoding changes what an encoder would see.
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ MAX_AUDIO_SECONDS = 600.0
 # 8 channels, 600 s asked for 11.7 GiB). Such a file keeps a shorter head, still longer than encoders read.
 MAX_AUDIO_VALUES = 64 * 2**20
 MEDIA_DECODE_VERSION = "3"  # bump when decoding changes (invalidates cached encoder features)
+# video's own: "4" since long clips are read by seeking, which keeps other frames than "3" kept from a long
+# variable-rate clip or one announcing no frame count (MKV, WebM); images' and audio's caches stay valid
+VIDEO_DECODE_VERSION = "4"
+
+
+def media_decode_version(modality: str) -> str:
+    """The version of how files of ``modality`` are decoded, part of its encoder's cache fingerprint."""
+    return VIDEO_DECODE_VERSION if modality == "video" else MEDIA_DECODE_VERSION
 
 
 class MediaError(ValueError):
