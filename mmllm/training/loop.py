@@ -779,6 +779,8 @@ def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, s
         ckpt.save_training_state(tmp, optim_state, scheduler, step, progress, rng_states)
 
     def write() -> None:
+        # finite gradients can still make weights NaN or inf (an update past float32's range, AdamW's 0/0 at eps=0)
+        ckpt.refuse_to_save_nonfinite(*gathered, out_dir / f"step-{step}")
         try:
             path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
         except Exception as exc:  # disk full, quota, permissions changed mid-run: say so in one line
