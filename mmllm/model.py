@@ -269,7 +269,10 @@ class AnyToAnyModel(nn.Module):
         return {n: _whole(p) for n, p in self._peft_model.named_parameters() if "lora_" in n}
 
     def load_learned_state_dict(self, state: dict[str, torch.Tensor], source: str) -> None:
-        """Strict: every key must be present with the same shape; extra keys are refused."""
+        """Strict: every key must be present with the same shape; extra keys are refused, and so are values that
+        are NaN or inf (:class:`~mmllm.training.checkpoint.CheckpointError`: a diverged run's weights)."""
+        from mmllm.training.checkpoint import refuse_nonfinite
+
         expected = {}
         for group in ("input_projections", "output_projections", "signal_embeddings"):
             expected.update(self.glue_parameters()[group])
@@ -280,6 +283,7 @@ class AnyToAnyModel(nn.Module):
                 f"{source}: learned weights do not match this assembly: "
                 f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
             )
+        refuse_nonfinite(state, source)
         with torch.no_grad():
             for name, p in expected.items():
                 if tuple(state[name].shape) != tuple(p.shape):

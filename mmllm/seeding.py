@@ -1,10 +1,13 @@
-"""Random initialisation under a fixed seed, inside a block only: the caller's generators are left as they were."""
+"""Random numbers under a fixed seed, inside a block only: the caller's generators are left as they were
+(:func:`seeded` for random initialisation, :func:`global_generators_kept` for a training run)."""
 
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 
@@ -37,3 +40,22 @@ def seeded(seed: int) -> Iterator[None]:
         with torch.accelerator.device_index(index):  # the module's manual_seed seeds its current device
             torch.get_device_module(accelerator.type).manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def global_generators_kept(cuda: bool = False) -> Iterator[None]:
+    """Give Python's, NumPy's and torch's global generators -- the CPU's, and every CUDA device's when CUDA is
+    initialised or ``cuda`` (the block will use it: their states are read first, which initialises CUDA) -- the
+    states they had before the block, whether it returns or raises. A training run seeds and draws from them;
+    the library caller's own draws after it are then those they would have been without it."""
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    with_cuda = torch.cuda.is_initialized() or (cuda and torch.cuda.is_available())
+    devices = torch.cuda.get_rng_state_all() if with_cuda else None
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.set_rng_state(cpu)
+        if devices is not None:
+            torch.cuda.set_rng_state_all(devices)

@@ -47,25 +47,26 @@ def _launch(nproc: int, launcher: str) -> list[str]:
             f"--main_process_port={_free_port()}", *_per_process_logs(), "-m", module]
 
 
+PER_RUN_LOG_DIR = "--log_dir=(a new folder per run)"  # what _run puts in its place
+
+
 def _per_process_logs() -> list[str]:
     """Launcher flags that keep each process's stdout and stderr in its own file as well as on the console
     (torchrun's --tee under --log_dir): when a launch fails, :func:`_run` names what each process said,
-    which the launcher's ChildFailedError summary at the end of the combined stderr would otherwise bury."""
-    return [f"--log_dir={tempfile.mkdtemp(prefix='mmllm-ranks-')}", "--tee=3"]
+    which the launcher's ChildFailedError summary at the end of the combined stderr would otherwise bury.
+    The folder is :func:`_run`'s, made for each run and removed after it: a command built and not run (or run
+    twice) makes none of its own."""
+    return [PER_RUN_LOG_DIR, "--tee=3"]
 
 
-def _what_each_process_said(cmd: list[str], chars: int = 3000) -> str:
+def _what_each_process_said(log_dir: Path, chars: int = 3000) -> str:
     """The end of each process's own stderr (and its exit-time crash, if any) from the files
-    :func:`_per_process_logs` asked for; removes the files."""
-    log_dir = next((Path(c.split("=", 1)[1]) for c in cmd if c.startswith("--log_dir=")), None)
-    if log_dir is None:
-        return ""
+    :func:`_per_process_logs` asked for, in ``log_dir``."""
     said = []
     for log in sorted(log_dir.glob("*/attempt_*/*/stderr.log")):
         text = log.read_text(errors="replace")
         said.append(f"\n--- process {log.parent.name} ({log.parent.parent.name}), the end of its stderr:\n"
                     f"{text[-chars:] or '(nothing)'}")
-    shutil.rmtree(log_dir, ignore_errors=True)
     return "".join(said)
 
 
@@ -91,11 +92,13 @@ def _stage_args(stage, sample_data, out, batch, *extra):
 
 def _run(cmd: list[str], expect: int = 0, **env: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **env)
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"still running after 600 s: {cmd}{_what_each_process_said(cmd)}")
-    each = _what_each_process_said(cmd)
+    with tempfile.TemporaryDirectory(prefix="mmllm-ranks-") as log_dir:  # this run's per-process logs
+        cmd = [f"--log_dir={log_dir}" if c == PER_RUN_LOG_DIR else c for c in cmd]
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running after 600 s: {cmd}{_what_each_process_said(Path(log_dir))}")
+        each = _what_each_process_said(Path(log_dir))
     assert proc.returncode == expect, \
         f"exit code {proc.returncode}, not {expect}; the end of its stderr:\n{proc.stderr[-3000:]}{each}"
     return proc
@@ -426,9 +429,19 @@ def test_a_launch_into_an_output_dir_another_run_holds_stops_every_process_with_
     assert not list(out.glob("step-*"))
 
 
-def test_a_failed_launch_names_what_each_process_said(tmp_path):
+def test_a_launch_built_and_not_run_makes_no_folder(tmp_path, monkeypatch):
+    """Its per-process log folder was made when the command was built: one never run left it behind."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    cmd = _launch(2, "ddp")
+    assert "--tee=3" in cmd and list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_launch_names_what_each_process_said(tmp_path, monkeypatch):
     """A child's own error used to be lost: the assertion kept the end of the combined stderr, where the
     launcher's ChildFailedError summary (exit code, no traceback) and the other process's output bury it."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where the run's log folder goes
     script = tmp_path / "fails_on_1.py"
     script.write_text("import os, sys\n"
                       "if os.environ['RANK'] == '1':\n"
@@ -441,4 +454,4 @@ def test_a_failed_launch_names_what_each_process_said(tmp_path):
     assert re.search(r"--- process 1 \(attempt_0\), the end of its stderr:\s+process 1 gave up: the reason it gave",
                      said), said
     assert "--- process 0 (attempt_0)" in said
-    assert not Path(next(c for c in cmd if c.startswith("--log_dir=")).split("=", 1)[1]).exists()  # removed
+    assert list(temp.iterdir()) == []  # the run's log folder is removed

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -530,3 +531,77 @@ def test_a_non_finite_gradient_in_any_parameter_fails_the_finite_check():
         params[2].grad = torch.tensor([1.0, bad, 1.0])
         assert not _all_finite(accelerator, 1.0, params)
     assert _all_finite(accelerator, 1.0, [])
+
+
+def _poison(path, name_part, value):
+    """Write ``value`` into one entry of the first tensor of the safetensors file ``path`` whose name holds
+    ``name_part``, as a diverged run would have saved it; returns that tensor's name and size."""
+    from safetensors.torch import save_file
+
+    state = load_file(str(path))
+    name = next(k for k in state if name_part in k and state[k].is_floating_point())
+    state[name].view(-1)[0] = value
+    state[name].view(-1)[-1] = value
+    save_file(state, str(path), metadata={"format": "pt"})
+    return name, state[name].numel()
+
+
+@pytest.mark.parametrize(("where", "value"), [("learned", float("nan")), ("adapter", float("inf"))])
+def test_learned_weights_holding_nan_or_inf_are_refused_at_load(tiny_model, tmp_path, where, value):
+    """They loaded without a word and every output of the model was garbage."""
+    from mmllm.config import LoraConfig
+
+    tiny_model.add_lora(LoraConfig(r=2, alpha=4, dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    good = tiny_model.save_pretrained(tmp_path / "good")
+    AnyToAnyModel.from_pretrained(good)  # the same checkpoint with finite weights loads
+    bad = shutil.copytree(good, tmp_path / "run" / "step-2")
+    path = bad / ("learned.safetensors" if where == "learned" else "adapter/adapter_model.safetensors")
+    name, total = _poison(path, "output_projections" if where == "learned" else "lora_A", value)
+    ckpt.write_manifest(bad)  # a checkpoint as written, not a corrupted file
+    says = rf"{path}: 1 tensor\(s\) hold NaN or inf: {re.escape(name)} \(2 of {total} values\).*diverged.*earlier checkpoint"
+    with pytest.raises(ckpt.CheckpointError, match=says):
+        AnyToAnyModel.from_pretrained(bad)
+    with pytest.raises(ckpt.CheckpointError, match=says):  # --resume's path: into the model training built
+        ckpt.load_learned_into(tiny_model, bad)
+    if where == "learned":  # the model's own loader, for a state dict from anywhere
+        state = load_file(str(path))
+        with pytest.raises(ckpt.CheckpointError, match=rf"somewhere: 1 tensor\(s\) hold NaN or inf: {re.escape(name)}"):
+            tiny_model.load_learned_state_dict(state, "somewhere")
+
+
+def test_weights_holding_nan_are_not_saved_and_leave_the_earlier_checkpoints(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "step-1")
+    param = next(iter(tiny_model.output_projections.parameters()))
+    with torch.no_grad():
+        param.view(-1)[3] = float("nan")
+    with pytest.raises(ckpt.CheckpointError, match=r"refusing to write the checkpoint .*step-2: the learned weights "
+                       r"have diverged, 1 tensor\(s\) hold NaN or inf: output_projections\..* \(1 of \d+ values\); "
+                       r"nothing of it was written and the checkpoints already there \(step-1\) are untouched"):
+        tiny_model.save_pretrained(tmp_path / "step-2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]
+
+
+def test_a_run_whose_weights_diverge_with_finite_gradients_writes_no_checkpoint_of_them(sample_data, tmp_path):
+    """The non-finite-step guard reads the loss and gradients; the optimizer can still make weights NaN from finite
+    ones (here AdamW with eps=0: a parameter whose gradient is 0 gets 0/0; an update past float32's range does
+    too), and they were saved as the step's checkpoint, which inference then loaded."""
+    cfg = stage_cfg("decode-align", sample_data, tmp_path / "run", max_steps=2, save_every=1, keep_last=0,
+                    **{"optim.eps": 0.0})
+    with pytest.raises(ckpt.CheckpointError, match=r"refusing to write the checkpoint .*step-1: the learned weights "
+                       r"have diverged, .* hold NaN or inf: .*Lower optim.lr"):
+        train(cfg)
+    assert ckpt.step_dirs(tmp_path / "run") == []
+
+
+def test_an_export_to_float16_refuses_values_past_its_range(tiny_model, tmp_path):
+    """float16 holds values up to 65504: the export cast larger ones to inf and wrote them."""
+    param = next(iter(tiny_model.input_projections.parameters()))
+    with torch.no_grad():
+        param.view(-1)[0] = 1e6
+    saved = tiny_model.save_pretrained(tmp_path / "step-1")
+    with pytest.raises(ckpt.CheckpointError, match=r"learned.safetensors: --dtype float16 cannot hold its values: "
+                       r"cast, 1 tensor\(s\) hold NaN or inf: input_projections\..* \(1 of \d+ values\); export with "
+                       r"--dtype bfloat16 or float32"):
+        ckpt.export_weights_only(saved, tmp_path / "ship", dtype="float16")
+    assert not (tmp_path / "ship").exists()
+    AnyToAnyModel.from_pretrained(ckpt.export_weights_only(saved, tmp_path / "ship", dtype="bfloat16"))

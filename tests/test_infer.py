@@ -904,9 +904,9 @@ def test_video_falls_back_to_gif_and_the_record_names_the_real_file(model, tmp_p
     assert run_requests(model, requests, tmp_path / "out", max_new_tokens=8)["done"] == 1
     rec = records_by_id(tmp_path / "out")["vid"]
     assert len(rec["files"]) == 1 and rec["files"][0].endswith(".gif")
-    gif = Image.open(tmp_path / "out" / rec["files"][0])
-    assert gif.format == "GIF" and gif.n_frames == 4
-    comment = gif.info["comment"].decode()
+    with Image.open(tmp_path / "out" / rec["files"][0]) as gif:  # a GIF's frames load lazily: its file stays open
+        assert gif.format == "GIF" and gif.n_frames == 4
+        comment = gif.info["comment"].decode()
     assert '"seed": "0"' in comment and f'"checkpoint": "{rec["checkpoint"]}"' in comment
     assert f'<img src="{rec["files"][0]}"' in (tmp_path / "out" / "index.html").read_text()
 
@@ -940,7 +940,8 @@ def test_media_metadata_keeps_a_long_prompt_whole_and_a_wav_comment_within_what_
 
     monkeypatch.setattr(media_module, "_save_mp4", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no H.264")))
     files = runner.write_outputs(tmp_path / "gif", "r1", result, prompt, 7, "abc")
-    comment = Image.open(tmp_path / "gif" / files[2]).info["comment"].decode()
+    with Image.open(tmp_path / "gif" / files[2]) as gif:
+        comment = gif.info["comment"].decode()
     assert json.loads(comment.removeprefix("comment="))["prompt"] == prompt
     with av.open(str(tmp_path / "gif" / files[2])) as c:  # a reader other than Pillow joins the sub-blocks too
         assert json.loads(c.metadata["comment"].removeprefix("comment="))["prompt"] == prompt

@@ -52,6 +52,7 @@ from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
 from mmllm.folder_lock import hold_folder, holder, missing_folders, remove_empty
 from mmllm.model import AnyToAnyModel, lora_layer_names, unit_counts
+from mmllm.seeding import global_generators_kept
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
 from mmllm.training.agreement import agreed_resume_point, check_same_run, on_every_process, warn_unless_shared
@@ -180,8 +181,9 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     refused. ``accelerator``: an ``accelerate.Accelerator`` of the caller's (default: one made here, after
     resetting Accelerate's process state when one process runs).
 
-    Seeds Python's, NumPy's and torch's global generators with ``cfg.seed``. On SIGINT or SIGTERM during
-    the steps (from the main thread), saves the step under way and raises
+    Seeds Python's, NumPy's and torch's global generators with ``cfg.seed`` for the run and gives the caller's
+    states back when it returns or raises (:func:`~mmllm.seeding.global_generators_kept`). On SIGINT or SIGTERM
+    during the steps (from the main thread), saves the step under way and raises
     :class:`~mmllm.training.interrupt.TrainingInterrupted` (see :mod:`.interrupt`); the handlers that were
     there before are put back when it returns.
 
@@ -189,8 +191,10 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     until it returns: a second run into the same ``output_dir`` is refused
     (:class:`~mmllm.folder_lock.FolderInUse`) before its model is built."""
     made = missing_folders(Path(cfg.output_dir))
+    # the run trains on CUDA when the caller's accelerator does, or (none given) when there is a device
+    on_cuda = torch.cuda.is_available() and (accelerator is None or accelerator.device.type == "cuda")
     try:
-        with StopRequests() as stop, contextlib.ExitStack() as held:
+        with global_generators_kept(cuda=on_cuda), StopRequests() as stop, contextlib.ExitStack() as held:
             return _train(cfg, resume, accelerator, stop, held)
     except BaseException:
         remove_empty(made)  # after `held` let go of the lock (and deleted its file)
@@ -779,6 +783,8 @@ def save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, s
         ckpt.save_training_state(tmp, optim_state, scheduler, step, progress, rng_states)
 
     def write() -> None:
+        # finite gradients can still make weights NaN or inf (an update past float32's range, AdamW's 0/0 at eps=0)
+        ckpt.refuse_to_save_nonfinite(*gathered, out_dir / f"step-{step}")
         try:
             path = ckpt.atomic_dir(out_dir / f"step-{step}", fill)
         except Exception as exc:  # disk full, quota, permissions changed mid-run: say so in one line
