@@ -43,14 +43,14 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def global_generators_kept(cuda: bool = False) -> Iterator[None]:
-    """Give Python's, NumPy's and torch's global generators -- the CPU's, and every CUDA device's when CUDA is
-    initialised or ``cuda`` (the block will use it: their states are read first, which initialises CUDA) -- the
-    states they had before the block, whether it returns or raises. A training run seeds and draws from them;
-    the library caller's own draws after it are then those they would have been without it."""
+def global_generators_kept() -> Iterator[None]:
+    """Give Python's, NumPy's and torch's global generators -- the CPU's, and every CUDA device's where the caller
+    has initialised CUDA -- the states they had before the block, whether it returns or raises. A training run
+    seeds and draws from them; the library caller's own draws after it are then those they would have been
+    without it. CUDA a caller has not started is left alone: reading its generators would start it here, and
+    under a launcher every process would make a context on every GPU before Accelerate picks its own."""
     python, numpy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    with_cuda = torch.cuda.is_initialized() or (cuda and torch.cuda.is_available())
-    devices = torch.cuda.get_rng_state_all() if with_cuda else None
+    devices = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
         yield
     finally:

@@ -191,10 +191,8 @@ def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResu
     until it returns: a second run into the same ``output_dir`` is refused
     (:class:`~mmllm.folder_lock.FolderInUse`) before its model is built."""
     made = missing_folders(Path(cfg.output_dir))
-    # the run trains on CUDA when the caller's accelerator does, or (none given) when there is a device
-    on_cuda = torch.cuda.is_available() and (accelerator is None or accelerator.device.type == "cuda")
     try:
-        with global_generators_kept(cuda=on_cuda), StopRequests() as stop, contextlib.ExitStack() as held:
+        with global_generators_kept(), StopRequests() as stop, contextlib.ExitStack() as held:
             return _train(cfg, resume, accelerator, stop, held)
     except BaseException:
         remove_empty(made)  # after `held` let go of the lock (and deleted its file)
