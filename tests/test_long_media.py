@@ -159,6 +159,18 @@ def test_keyframes_further_apart_than_the_kept_frames_decode_on_without_seeking_
     assert [_index(f) for f in video.frames] == list(range(0, 1200, 150))
 
 
+def test_a_long_mpeg_ts_clip_is_read_by_seeking_to_its_end_too(tmp_path, seeks, caplog):
+    """MPEG-TS has no index: asked for the clip's announced end, its seek landed past the last keyframe with
+    nothing to decode, and the clip, sought through already, was decoded again frame by frame (keeping every
+    256th frame, 0 .. 1024, as it announces no frame count)."""
+    path = _clip(tmp_path / "long.ts", range(1200), "mpegts")
+    with caplog.at_level(logging.DEBUG, logger="mmllm.data.media"):
+        video = load_video(path, max_frames=8)
+    assert seeks and "frame by frame" not in caplog.text
+    assert [_index(f) for f in video.frames] == list(range(0, 1200, 150))
+    assert video.fps == pytest.approx(10 / 150)
+
+
 def _seek_past(container, stream, pts):
     container.seek(pts + int(40 / stream.time_base), stream=stream)  # 40 s (400 frames) late
 

@@ -481,17 +481,20 @@ def _decode_by_seeking(container: Any, stream: Any, plan: _SeekPlan) -> Video:
 
 def _seek_to(container: Any, stream: Any, target: int, plan: _SeekPlan, tries: int = 3) -> tuple[_Frames, int]:
     """Seek for ``target``: (the frames from the keyframe landed on, that keyframe's pts). A demuxer whose
-    index holds decode timestamps lands a little late in a clip with B-frames: each retry asks a spacing
-    earlier."""
+    index holds decode timestamps lands a little late in a clip with B-frames, and one without an index (MPEG-TS)
+    may land past the last keyframe, with nothing to decode, when asked for the clip's end: each retry asks a
+    spacing earlier."""
+    landed = "nothing to decode"
     for attempt in range(tries):
         _seek(container, stream, max(plan.targets[0], target - attempt * plan.spacing))
         frames = _Frames(container, stream)
         first = frames.peek()
-        if first is None or first.pts is None:
-            raise _SeekFailed(f"nothing to decode after seeking to pts {target}")
-        if first.pts <= target + plan.tolerance:
+        if first is not None and first.pts is None:
+            raise _SeekFailed(f"a frame has no presentation timestamp after seeking to pts {target}")
+        if first is not None and first.pts <= target + plan.tolerance:
             return frames, first.pts
-    raise _SeekFailed(f"seeking to pts {target} landed at {first.pts}, past it")
+        landed = "nothing to decode" if first is None else f"landed at {first.pts}, past it"
+    raise _SeekFailed(f"seeking to pts {target}: {landed}")
 
 
 # a display matrix's counter-clockwise rotation (VideoFrame.rotation: phones record portrait clips as
