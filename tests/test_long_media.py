@@ -234,3 +234,22 @@ def test_audio_cut_at_its_sample_budget_says_so_in_both_decoders(tmp_path, monke
         message = record.getMessage()
         assert path.name in message and "1.0 s long" in message and "first 0.3 s" in message, message
         assert "MAX_AUDIO_VALUES" in message
+
+
+def test_audio_cut_warnings_stop_naming_files_after_a_few(tmp_path, monkeypatch, caplog):
+    """Each cut file was remembered (and named) for the whole process: over a corpus of long recordings the set
+    grew by every file. After CUT_AUDIO_NAMED_MAX files one warning says further ones go unnamed."""
+    monkeypatch.setattr(media, "MAX_AUDIO_SECONDS", 0.5, raising=False)
+    monkeypatch.setattr(media, "CUT_AUDIO_NAMED_MAX", 3, raising=False)
+    monkeypatch.setattr(media, "_CUT_AUDIO_WARNED", set())
+    paths = [tmp_path / f"long{k}.wav" for k in range(6)]
+    for path in paths:
+        sf.write(path, np.zeros((8_000, 1), np.float32), 8_000)
+    with caplog.at_level(logging.WARNING, logger="mmllm.data.media"):
+        for _ in range(2):
+            for path in paths:
+                assert load_audio(path).waveform.shape == (4_000, 1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 4 and len(media._CUT_AUDIO_WARNED) <= 4
+    assert [p.name for p in paths[:3]] == [m.split()[1].rsplit("/", 1)[-1] for m in messages[:3]]
+    assert "long3.wav is cut too" in messages[3] and "further cut audio files are not named" in messages[3]

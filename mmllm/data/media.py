@@ -8,7 +8,7 @@ Decoded forms used throughout mmllm:
 * audio -> :class:`Audio` (float32 ``(samples, channels)`` in [-1, 1] and its sample rate; any
   channel count and rate -- encoders down-mix and resample to their own rate with :func:`resample`;
   at most the first :data:`MAX_AUDIO_SECONDS`, and at most :data:`MAX_AUDIO_VALUES` samples over all channels;
-  a file cut so is named in one warning per process);
+  a file cut so is named in one warning per process, the first :data:`CUT_AUDIO_NAMED_MAX` such files);
 * video -> :class:`Video` (RGB PIL frames of at most :data:`MAX_VIDEO_FRAME_PIXELS`, larger ones scaled
   down, and fps). A long clip is sampled, never cut: at most ``max_frames`` frames, evenly spread over the
   *whole* clip, are kept (a very long one is read by seeking to them, :func:`load_video`); a short one keeps
@@ -220,11 +220,19 @@ def load_audio(path: str | Path) -> Audio:
 
 
 _CUT_AUDIO_WARNED: set[str] = set()  # files whose cut was reported: once per process, not once per epoch
+# files named so at most: a corpus of long recordings would otherwise grow the set (and the log) by every file
+CUT_AUDIO_NAMED_MAX = 100
 
 
 def _warn_audio_cut(path: Path, kept: int, rate: int, channels: int, seconds: float | None) -> None:
-    """Log (once per file) that only the head of ``path`` was decoded, and why."""
-    if str(path) in _CUT_AUDIO_WARNED:
+    """Log (once per file, for the first :data:`CUT_AUDIO_NAMED_MAX` files) that only the head of ``path`` was
+    decoded, and why; then once that further cut files go unnamed."""
+    if str(path) in _CUT_AUDIO_WARNED or len(_CUT_AUDIO_WARNED) > CUT_AUDIO_NAMED_MAX:
+        return
+    if len(_CUT_AUDIO_WARNED) == CUT_AUDIO_NAMED_MAX:
+        _CUT_AUDIO_WARNED.add("")  # the set's last entry: this is said once
+        log.warning("audio %s is cut too, as the %d files named above were; further cut audio files are not "
+                    "named (CUT_AUDIO_NAMED_MAX)", path, CUT_AUDIO_NAMED_MAX)
         return
     _CUT_AUDIO_WARNED.add(str(path))
     if kept < int(MAX_AUDIO_SECONDS * rate):
