@@ -31,12 +31,14 @@ def _index(img) -> int:
     return sum(1 << bit for bit in range(BITS) if row[bit * STRIPE + STRIPE // 2, 0] > 128)
 
 
-def _clip(path, pts, fmt="mp4", codec="libx264", time_base=Fraction(1, 10), gop=30):
+def _clip(path, pts, fmt="mp4", codec="libx264", time_base=Fraction(1, 10), gop=30, b_frames=None):
     """Frame i at ``pts[i]`` (in ``time_base``), showing i."""
     with av.open(str(path), mode="w", format=fmt) as out:
         stream = out.add_stream(codec, rate=10)
         stream.width, stream.height, stream.pix_fmt = BITS * STRIPE, H, "yuv420p"
         stream.codec_context.gop_size = gop
+        if b_frames is not None:
+            stream.codec_context.max_b_frames = b_frames
         stream.codec_context.time_base = time_base
         for i, t in enumerate(pts):
             frame = av.VideoFrame.from_ndarray(_indexed(i), format="rgb24")
@@ -86,6 +88,17 @@ def test_a_long_clip_is_read_by_seeking_to_the_frames_it_keeps(tmp_path, seeks, 
         before = _sequential(path, 8)
         assert [np.asarray(f).tolist() for f in video.frames] == [np.asarray(f).tolist() for f in before.frames]
         assert video.fps == before.fps
+
+
+def test_a_long_avi_with_b_frames_keeps_the_frames_decoding_every_frame_keeps(tmp_path, seeks):
+    """AVI stores no presentation times: with B-frames ffmpeg shows its first frame at pts 1, a frame after the
+    stream's start_time 0. Targets counted from start_time kept the frame before each one (149, 299, ...), and
+    no check noticed; they are counted from the first frame, as decoding every frame counts."""
+    path = _clip(tmp_path / "bframes.avi", range(1200), "avi", "mpeg4", b_frames=2)
+    video, before = load_video(path, max_frames=8), _sequential(path, 8)
+    assert [_index(f) for f in video.frames] == list(range(0, 1200, 150))
+    assert [np.asarray(f).tolist() for f in video.frames] == [np.asarray(f).tolist() for f in before.frames]
+    assert len(seeks) == 8  # each lands on its keyframe (it landed a frame late, then a stride early, and read on)
 
 
 def test_a_long_clip_decodes_about_a_keyframe_interval_per_kept_frame(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ decoding changes what an encoder would see.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -468,10 +468,14 @@ def _decode_by_seeking(container: Any, stream: Any, plan: _SeekPlan) -> Video:
     :class:`_SeekFailed` on frames that are not what was asked for: a seek landing past its target, frames
     out of order or repeated, the clip ending before a target or going on past its announced end."""
     frames = _Frames(container, stream)  # from the start: the first target is the first frame
+    first = frames.first_after(float("-inf"))
+    if first is None:
+        raise _SeekFailed("the clip has no frame")
+    plan = _counted_from(plan, first.pts)
     seeking = True
-    kept: list[tuple[int, Image.Image]] = []
-    for target in plan.targets:
-        if kept and seeking:
+    kept: list[tuple[int, Image.Image]] = [(first.pts, _frame_image(first))]
+    for target in plan.targets[1:]:
+        if seeking:
             frames, landed = _seek_to(container, stream, target, plan)
             seeking = landed > kept[-1][0]
         frame = frames.first_after(target - plan.tolerance)
@@ -485,6 +489,14 @@ def _decode_by_seeking(container: Any, stream: Any, plan: _SeekPlan) -> Video:
     if frames.first_after(plan.end + plan.spacing) is not None:
         raise _SeekFailed(f"the clip goes on past its announced end (pts {plan.end})")
     return Video([img for _, img in kept], plan.fps)
+
+
+def _counted_from(plan: _SeekPlan, first: int) -> _SeekPlan:
+    """``plan`` with its targets (and end) counted from the clip's first frame, at pts ``first``, as decoding
+    every frame counts them, rather than from the stream's ``start_time``: an AVI with B-frames (no presentation
+    times stored; ffmpeg makes them from decode times) shows its first frame at pts 1, a frame after its start."""
+    shift = first - plan.targets[0]
+    return replace(plan, targets=[t + shift for t in plan.targets], end=plan.end + shift)
 
 
 def _seek_to(container: Any, stream: Any, target: int, plan: _SeekPlan, tries: int = 3) -> tuple[_Frames, int]:
