@@ -202,6 +202,23 @@ def test_a_broken_seek_falls_back_to_decoding_every_frame(tmp_path, monkeypatch,
     assert [_index(f) for f in video.frames] == list(range(0, 1200, 150))
 
 
+def test_a_fault_of_the_seeking_code_itself_is_warned_of_not_hidden(tmp_path, monkeypatch, caplog):
+    """Any exception fell back to decoding every frame at DEBUG: a PyAV whose API moved (an attribute gone, a
+    setter's type) would have left every long clip decoded whole, unseen. Such a fault is a WARNING, once."""
+    path = _clip(tmp_path / "long.mp4", range(1200))
+
+    def moved_api(container, stream, pts):
+        raise AttributeError("'VideoStream' object has no attribute 'seek'")
+
+    monkeypatch.setattr(media, "_seek", moved_api)
+    monkeypatch.setattr(media, "_SEEK_FAULT_WARNED", set(), raising=False)
+    with caplog.at_level(logging.WARNING, logger="mmllm.data.media"):
+        for _ in range(2):
+            assert [_index(f) for f in load_video(path, max_frames=8).frames] == list(range(0, 1200, 150))
+    (record,) = caplog.records
+    assert "long.mp4" in record.getMessage() and "AttributeError" in record.getMessage()
+
+
 @pytest.mark.parametrize("factor", [0.5, 2.0])
 def test_a_clip_longer_or_shorter_than_announced_falls_back(tmp_path, monkeypatch, caplog, seeks, factor):
     """A clip announcing half its length had its second half left out; one announcing twice its length ran out

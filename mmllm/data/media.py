@@ -325,8 +325,7 @@ def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
                 try:
                     return _decode_by_seeking(container, stream, plan)
                 except Exception as exc:  # any failure of the shortcut: decode every frame instead
-                    log.debug("seeking through %s failed (%s: %s); decoding it frame by frame", path,
-                              type(exc).__name__, exc)
+                    _log_seek_failure(path, exc)
         with av.open(str(path)) as container:
             stream = next(s for s in container.streams if s.type == "video")
             video = _decode_sequentially(container, stream, max_frames)
@@ -337,6 +336,26 @@ def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
     if not video.frames:
         raise MediaError(f"video has no frames: {path}")
     return video
+
+
+_SEEK_FAULT_WARNED: set[str] = set()  # kinds of unexpected seeking failure already warned of, once per process
+
+
+def _log_seek_failure(path: Path, exc: Exception) -> None:
+    """A clip that cannot be sought (:class:`_SeekFailed`, an FFmpeg error) is said at DEBUG: decoding it frame by
+    frame is what every clip had. Any other exception is a fault of the shortcut itself (a PyAV whose API moved),
+    which would leave every long clip decoded whole, unseen: a WARNING, once per kind of exception."""
+    import av
+
+    message = f"seeking through {path} failed ({type(exc).__name__}: {exc}); decoding it frame by frame"
+    if isinstance(exc, (_SeekFailed, av.error.FFmpegError)):
+        log.debug("%s", message)
+    elif type(exc).__name__ not in _SEEK_FAULT_WARNED:
+        _SEEK_FAULT_WARNED.add(type(exc).__name__)
+        log.warning("%s, which for a long clip is many times slower; this is a fault of mmllm's seeking "
+                    "(PyAV %s): please report it", message, av.__version__)
+    else:
+        log.debug("%s", message)
 
 
 def _decode_sequentially(container: Any, stream: Any, max_frames: int) -> Video:
