@@ -266,8 +266,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise SystemExit(f"--{next(iter(flag_media))} goes with --prompt; in a requests file, put media in the request")
     for m, path in flag_media.items():  # a flag's typo refused at once, not an error record after the model loads
         if not Path(path).is_file():
-            raise SystemExit(f"--{m} {path}: {'a folder' if Path(path).is_dir() else 'file not found'}; "
-                             f"give the {m} file to answer about")
+            raise SystemExit(f"--{m} {path}: {not_a_file(Path(path))}; give the {m} file to answer about")
     require_at_least_1(args, "batch_size", "max_new_tokens", "steps", "decode_batch_size", "threads")
     if not 0 <= args.seed < 2**63:  # what a request's own seed may be (torch's generators take no more)
         raise SystemExit(f"--seed must be at least 0 and below 2**63, got {args.seed}")
@@ -637,6 +636,15 @@ def guidance_scale(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be at least 0 (a scale of at most 1 turns guidance off), got {text}")
     return value
+
+
+def not_a_file(path: Path) -> str:
+    """What ``path``, which is not a regular file, is: for an error refusing it where a file goes."""
+    if path.is_dir():
+        return "a folder"
+    if path.exists():  # a pipe (`--image <(...)`), a device: media are read from regular files only
+        return "not a regular file (media are read from files, not pipes or devices)"
+    return "file not found"
 
 
 def check_json_target(path: str | None) -> None:

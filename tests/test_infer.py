@@ -1033,3 +1033,15 @@ def test_a_folder_or_missing_file_given_to_infer_flags_is_refused_before_the_mod
     assert main(["infer", *out, "--prompt", "What is this?", "--audio", str(folder)]) == 2
     assert f"--audio {folder}: a folder" in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_media_flag_naming_a_pipe_is_refused_as_not_a_regular_file(ckpt, tmp_path, monkeypatch, capsys):
+    """`--image <(curl ...)` names a pipe that exists: it was refused as "file not found"."""
+    pipe = tmp_path / "image-pipe"
+    os.mkfifo(pipe)
+    _no_model_load(monkeypatch)
+    out = ["--checkpoint", str(ckpt), "--output", str(tmp_path / "out")]
+    assert main(["infer", *out, "--prompt", "What is this?", "--image", str(pipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"--image {pipe}: not a regular file" in err and "not found" not in err

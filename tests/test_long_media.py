@@ -31,12 +31,14 @@ def _index(img) -> int:
     return sum(1 << bit for bit in range(BITS) if row[bit * STRIPE + STRIPE // 2, 0] > 128)
 
 
-def _clip(path, pts, fmt="mp4", codec="libx264", time_base=Fraction(1, 10), gop=30):
+def _clip(path, pts, fmt="mp4", codec="libx264", time_base=Fraction(1, 10), gop=30, b_frames=None):
     """Frame i at ``pts[i]`` (in ``time_base``), showing i."""
     with av.open(str(path), mode="w", format=fmt) as out:
         stream = out.add_stream(codec, rate=10)
         stream.width, stream.height, stream.pix_fmt = BITS * STRIPE, H, "yuv420p"
         stream.codec_context.gop_size = gop
+        if b_frames is not None:
+            stream.codec_context.max_b_frames = b_frames
         stream.codec_context.time_base = time_base
         for i, t in enumerate(pts):
             frame = av.VideoFrame.from_ndarray(_indexed(i), format="rgb24")
@@ -88,24 +90,39 @@ def test_a_long_clip_is_read_by_seeking_to_the_frames_it_keeps(tmp_path, seeks, 
         assert video.fps == before.fps
 
 
+def test_a_long_avi_with_b_frames_keeps_the_frames_decoding_every_frame_keeps(tmp_path, seeks):
+    """AVI stores no presentation times: with B-frames ffmpeg shows its first frame at pts 1, a frame after the
+    stream's start_time 0. Targets counted from start_time kept the frame before each one (149, 299, ...), and
+    no check noticed; they are counted from the first frame, as decoding every frame counts."""
+    path = _clip(tmp_path / "bframes.avi", range(1200), "avi", "mpeg4", b_frames=2)
+    video, before = load_video(path, max_frames=8), _sequential(path, 8)
+    assert [_index(f) for f in video.frames] == list(range(0, 1200, 150))
+    assert [np.asarray(f).tolist() for f in video.frames] == [np.asarray(f).tolist() for f in before.frames]
+    assert len(seeks) == 8  # each lands on its keyframe (it landed a frame late, then a stride early, and read on)
+
+
 def test_a_long_clip_decodes_about_a_keyframe_interval_per_kept_frame(tmp_path, monkeypatch):
     """1200 frames, a keyframe every 40 (never on a kept one but 0 and 600): decoding every frame handed back
     1200; seeking decodes at most the 40 from a keyframe to each of the 8 kept frames and to the announced end
     (fewer: B-frames before a kept frame are not decoded)."""
     path = _clip(tmp_path / "long.mp4", range(1200), gop=40)
-    decoded, real = [], av.Packet.decode
-
-    def counting(packet):
-        frames = real(packet)
-        decoded.append(len(frames))
-        return frames
-
-    monkeypatch.setattr(av.Packet, "decode", counting)
     before = _sequential(path, 8)
-    assert sum(decoded) == 1200
-    decoded.clear()
+    # the frames the seeking reader's decoder hands back (av.Packet.decode cannot be patched: PyAV 14-17's
+    # Packet is an immutable type), and no falling back to decoding every frame
+    decoded, real = [], media._Frames._decode
+
+    def counting(self, container, stream):
+        for frame in real(self, container, stream):
+            decoded.append(frame.pts)
+            yield frame
+
+    def no_fallback(*args):
+        raise AssertionError("decoded frame by frame")
+
+    monkeypatch.setattr(media._Frames, "_decode", counting)
+    monkeypatch.setattr(media, "_decode_sequentially", no_fallback)
     video = load_video(path, max_frames=8)
-    assert sum(decoded) <= 9 * 40
+    assert 8 <= len(decoded) <= 9 * 40
     assert [np.asarray(f).tolist() for f in video.frames] == [np.asarray(f).tolist() for f in before.frames]
 
 
@@ -159,6 +176,18 @@ def test_keyframes_further_apart_than_the_kept_frames_decode_on_without_seeking_
     assert [_index(f) for f in video.frames] == list(range(0, 1200, 150))
 
 
+def test_a_long_mpeg_ts_clip_is_read_by_seeking_to_its_end_too(tmp_path, seeks, caplog):
+    """MPEG-TS has no index: asked for the clip's announced end, its seek landed past the last keyframe with
+    nothing to decode, and the clip, sought through already, was decoded again frame by frame (keeping every
+    256th frame, 0 .. 1024, as it announces no frame count)."""
+    path = _clip(tmp_path / "long.ts", range(1200), "mpegts")
+    with caplog.at_level(logging.DEBUG, logger="mmllm.data.media"):
+        video = load_video(path, max_frames=8)
+    assert seeks and "frame by frame" not in caplog.text
+    assert [_index(f) for f in video.frames] == list(range(0, 1200, 150))
+    assert video.fps == pytest.approx(10 / 150)
+
+
 def _seek_past(container, stream, pts):
     container.seek(pts + int(40 / stream.time_base), stream=stream)  # 40 s (400 frames) late
 
@@ -175,6 +204,23 @@ def test_a_broken_seek_falls_back_to_decoding_every_frame(tmp_path, monkeypatch,
         video = load_video(path, max_frames=8)
     assert "decoding it frame by frame" in caplog.text and "long.mp4" in caplog.text
     assert [_index(f) for f in video.frames] == list(range(0, 1200, 150))
+
+
+def test_a_fault_of_the_seeking_code_itself_is_warned_of_not_hidden(tmp_path, monkeypatch, caplog):
+    """Any exception fell back to decoding every frame at DEBUG: a PyAV whose API moved (an attribute gone, a
+    setter's type) would have left every long clip decoded whole, unseen. Such a fault is a WARNING, once."""
+    path = _clip(tmp_path / "long.mp4", range(1200))
+
+    def moved_api(container, stream, pts):
+        raise AttributeError("'VideoStream' object has no attribute 'seek'")
+
+    monkeypatch.setattr(media, "_seek", moved_api)
+    monkeypatch.setattr(media, "_SEEK_FAULT_WARNED", set(), raising=False)
+    with caplog.at_level(logging.WARNING, logger="mmllm.data.media"):
+        for _ in range(2):
+            assert [_index(f) for f in load_video(path, max_frames=8).frames] == list(range(0, 1200, 150))
+    (record,) = caplog.records
+    assert "long.mp4" in record.getMessage() and "AttributeError" in record.getMessage()
 
 
 @pytest.mark.parametrize("factor", [0.5, 2.0])
@@ -222,3 +268,22 @@ def test_audio_cut_at_its_sample_budget_says_so_in_both_decoders(tmp_path, monke
         message = record.getMessage()
         assert path.name in message and "1.0 s long" in message and "first 0.3 s" in message, message
         assert "MAX_AUDIO_VALUES" in message
+
+
+def test_audio_cut_warnings_stop_naming_files_after_a_few(tmp_path, monkeypatch, caplog):
+    """Each cut file was remembered (and named) for the whole process: over a corpus of long recordings the set
+    grew by every file. After CUT_AUDIO_NAMED_MAX files one warning says further ones go unnamed."""
+    monkeypatch.setattr(media, "MAX_AUDIO_SECONDS", 0.5, raising=False)
+    monkeypatch.setattr(media, "CUT_AUDIO_NAMED_MAX", 3, raising=False)
+    monkeypatch.setattr(media, "_CUT_AUDIO_WARNED", set())
+    paths = [tmp_path / f"long{k}.wav" for k in range(6)]
+    for path in paths:
+        sf.write(path, np.zeros((8_000, 1), np.float32), 8_000)
+    with caplog.at_level(logging.WARNING, logger="mmllm.data.media"):
+        for _ in range(2):
+            for path in paths:
+                assert load_audio(path).waveform.shape == (4_000, 1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 4 and len(media._CUT_AUDIO_WARNED) <= 4
+    assert [p.name for p in paths[:3]] == [m.split()[1].rsplit("/", 1)[-1] for m in messages[:3]]
+    assert "long3.wav is cut too" in messages[3] and "further cut audio files are not named" in messages[3]

@@ -8,7 +8,7 @@ Decoded forms used throughout mmllm:
 * audio -> :class:`Audio` (float32 ``(samples, channels)`` in [-1, 1] and its sample rate; any
   channel count and rate -- encoders down-mix and resample to their own rate with :func:`resample`;
   at most the first :data:`MAX_AUDIO_SECONDS`, and at most :data:`MAX_AUDIO_VALUES` samples over all channels;
-  a file cut so is named in one warning per process);
+  a file cut so is named in one warning per process, the first :data:`CUT_AUDIO_NAMED_MAX` such files);
 * video -> :class:`Video` (RGB PIL frames of at most :data:`MAX_VIDEO_FRAME_PIXELS`, larger ones scaled
   down, and fps). A long clip is sampled, never cut: at most ``max_frames`` frames, evenly spread over the
   *whole* clip, are kept (a very long one is read by seeking to them, :func:`load_video`); a short one keeps
@@ -22,7 +22,7 @@ decoding changes what an encoder would see.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -51,8 +51,10 @@ MAX_AUDIO_SECONDS = 600.0
 MAX_AUDIO_VALUES = 64 * 2**20
 MEDIA_DECODE_VERSION = "3"  # bump when decoding changes (invalidates cached encoder features)
 # video's own: "4" since long clips are read by seeking, which keeps other frames than "3" kept from a long
-# variable-rate clip or one announcing no frame count (MKV, WebM); images' and audio's caches stay valid
-VIDEO_DECODE_VERSION = "4"
+# variable-rate clip or one announcing no frame count (MKV, WebM); images' and audio's caches stay valid.
+# "5": a long AVI with B-frames kept the frame before each target under "4", and a long MPEG-TS clip fell back
+# to every 2^k-th frame
+VIDEO_DECODE_VERSION = "5"
 
 
 def media_decode_version(modality: str) -> str:
@@ -220,11 +222,19 @@ def load_audio(path: str | Path) -> Audio:
 
 
 _CUT_AUDIO_WARNED: set[str] = set()  # files whose cut was reported: once per process, not once per epoch
+# files named so at most: a corpus of long recordings would otherwise grow the set (and the log) by every file
+CUT_AUDIO_NAMED_MAX = 100
 
 
 def _warn_audio_cut(path: Path, kept: int, rate: int, channels: int, seconds: float | None) -> None:
-    """Log (once per file) that only the head of ``path`` was decoded, and why."""
-    if str(path) in _CUT_AUDIO_WARNED:
+    """Log (once per file, for the first :data:`CUT_AUDIO_NAMED_MAX` files) that only the head of ``path`` was
+    decoded, and why; then once that further cut files go unnamed."""
+    if str(path) in _CUT_AUDIO_WARNED or len(_CUT_AUDIO_WARNED) > CUT_AUDIO_NAMED_MAX:
+        return
+    if len(_CUT_AUDIO_WARNED) == CUT_AUDIO_NAMED_MAX:
+        _CUT_AUDIO_WARNED.add("")  # the set's last entry: this is said once
+        log.warning("audio %s is cut too, as the %d files named above were; further cut audio files are not "
+                    "named (CUT_AUDIO_NAMED_MAX)", path, CUT_AUDIO_NAMED_MAX)
         return
     _CUT_AUDIO_WARNED.add(str(path))
     if kept < int(MAX_AUDIO_SECONDS * rate):
@@ -317,8 +327,7 @@ def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
                 try:
                     return _decode_by_seeking(container, stream, plan)
                 except Exception as exc:  # any failure of the shortcut: decode every frame instead
-                    log.debug("seeking through %s failed (%s: %s); decoding it frame by frame", path,
-                              type(exc).__name__, exc)
+                    _log_seek_failure(path, exc)
         with av.open(str(path)) as container:
             stream = next(s for s in container.streams if s.type == "video")
             video = _decode_sequentially(container, stream, max_frames)
@@ -329,6 +338,26 @@ def load_video(path: str | Path, max_frames: int = MAX_VIDEO_FRAMES) -> Video:
     if not video.frames:
         raise MediaError(f"video has no frames: {path}")
     return video
+
+
+_SEEK_FAULT_WARNED: set[str] = set()  # kinds of unexpected seeking failure already warned of, once per process
+
+
+def _log_seek_failure(path: Path, exc: Exception) -> None:
+    """A clip that cannot be sought (:class:`_SeekFailed`, an FFmpeg error) is said at DEBUG: decoding it frame by
+    frame is what every clip had. Any other exception is a fault of the shortcut itself (a PyAV whose API moved),
+    which would leave every long clip decoded whole, unseen: a WARNING, once per kind of exception."""
+    import av
+
+    message = f"seeking through {path} failed ({type(exc).__name__}: {exc}); decoding it frame by frame"
+    if isinstance(exc, (_SeekFailed, av.error.FFmpegError)):
+        log.debug("%s", message)
+    elif type(exc).__name__ not in _SEEK_FAULT_WARNED:
+        _SEEK_FAULT_WARNED.add(type(exc).__name__)
+        log.warning("%s, which for a long clip is many times slower; this is a fault of mmllm's seeking "
+                    "(PyAV %s): please report it", message, av.__version__)
+    else:
+        log.debug("%s", message)
 
 
 def _decode_sequentially(container: Any, stream: Any, max_frames: int) -> Video:
@@ -460,10 +489,14 @@ def _decode_by_seeking(container: Any, stream: Any, plan: _SeekPlan) -> Video:
     :class:`_SeekFailed` on frames that are not what was asked for: a seek landing past its target, frames
     out of order or repeated, the clip ending before a target or going on past its announced end."""
     frames = _Frames(container, stream)  # from the start: the first target is the first frame
+    first = frames.first_after(float("-inf"))
+    if first is None:
+        raise _SeekFailed("the clip has no frame")
+    plan = _counted_from(plan, first.pts)
     seeking = True
-    kept: list[tuple[int, Image.Image]] = []
-    for target in plan.targets:
-        if kept and seeking:
+    kept: list[tuple[int, Image.Image]] = [(first.pts, _frame_image(first))]
+    for target in plan.targets[1:]:
+        if seeking:
             frames, landed = _seek_to(container, stream, target, plan)
             seeking = landed > kept[-1][0]
         frame = frames.first_after(target - plan.tolerance)
@@ -479,19 +512,30 @@ def _decode_by_seeking(container: Any, stream: Any, plan: _SeekPlan) -> Video:
     return Video([img for _, img in kept], plan.fps)
 
 
+def _counted_from(plan: _SeekPlan, first: int) -> _SeekPlan:
+    """``plan`` with its targets (and end) counted from the clip's first frame, at pts ``first``, as decoding
+    every frame counts them, rather than from the stream's ``start_time``: an AVI with B-frames (no presentation
+    times stored; ffmpeg makes them from decode times) shows its first frame at pts 1, a frame after its start."""
+    shift = first - plan.targets[0]
+    return replace(plan, targets=[t + shift for t in plan.targets], end=plan.end + shift)
+
+
 def _seek_to(container: Any, stream: Any, target: int, plan: _SeekPlan, tries: int = 3) -> tuple[_Frames, int]:
     """Seek for ``target``: (the frames from the keyframe landed on, that keyframe's pts). A demuxer whose
-    index holds decode timestamps lands a little late in a clip with B-frames: each retry asks a spacing
-    earlier."""
+    index holds decode timestamps lands a little late in a clip with B-frames, and one without an index (MPEG-TS)
+    may land past the last keyframe, with nothing to decode, when asked for the clip's end: each retry asks a
+    spacing earlier."""
+    landed = "nothing to decode"
     for attempt in range(tries):
         _seek(container, stream, max(plan.targets[0], target - attempt * plan.spacing))
         frames = _Frames(container, stream)
         first = frames.peek()
-        if first is None or first.pts is None:
-            raise _SeekFailed(f"nothing to decode after seeking to pts {target}")
-        if first.pts <= target + plan.tolerance:
+        if first is not None and first.pts is None:
+            raise _SeekFailed(f"a frame has no presentation timestamp after seeking to pts {target}")
+        if first is not None and first.pts <= target + plan.tolerance:
             return frames, first.pts
-    raise _SeekFailed(f"seeking to pts {target} landed at {first.pts}, past it")
+        landed = "nothing to decode" if first is None else f"landed at {first.pts}, past it"
+    raise _SeekFailed(f"seeking to pts {target}: {landed}")
 
 
 # a display matrix's counter-clockwise rotation (VideoFrame.rotation: phones record portrait clips as
