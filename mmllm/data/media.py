@@ -51,7 +51,7 @@ MAX_AUDIO_SECONDS = 600.0
 MAX_AUDIO_VALUES = 64 * 2**20
 MEDIA_DECODE_VERSION = "3"  # bump when decoding changes (invalidates cached encoder features)
 # video's own: "4" since long clips are read by seeking, which keeps other frames than "3" kept from a long
-# variable-rate clip or one announcing no frame count (MKV, WebM); images' and audio's caches stay valid
+# variable-rate clip or one announcing no frame count (MKV, WebM, MPEG-TS); images' and audio's caches stay valid
 VIDEO_DECODE_VERSION = "4"
 
 
