@@ -128,3 +128,24 @@ def test_media_paths_resolve_as_pathlib_resolves_them(tmp_path, value, allow):
             MediaRoot(root, allow).resolve(value, "here")
     else:
         assert MediaRoot(root, allow).resolve(value, "here") == want
+
+
+def test_data_check_tokenizes_a_sample_within_the_context_once(tmp_path, monkeypatch, tiny_model):
+    """A sample within max_length is the one its first encoding gave (nothing is cut): checking it again at
+    max_length doubled the check's time; an over-long sample is still encoded at max_length and judged."""
+    from mmllm.data import check
+    from mmllm.data.check import _MediaProbe, check_dataset
+    from mmllm.training.loop import token_spec
+
+    path = tmp_path / "pairs.jsonl"
+    recs = [{"id": f"p{i}", "modality": "image", "caption": "a red circle"} for i in range(3)]
+    recs.append({"id": "long", "modality": "image", "caption": " ".join(["word"] * 400)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    calls = []
+    real = check.encode_conversation
+    monkeypatch.setattr(check, "encode_conversation", lambda conv, *a: calls.append(conv.id) or real(conv, *a))
+    spec = token_spec(tiny_model)
+    out = check_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "decode-align", tiny_model.llm.tokenizer,
+                        spec, {}, _MediaProbe(decode=False))
+    assert calls == ["p0", "p1", "p2", "long", "long"]
+    assert out.conversations == 4 and len(out.too_long) == 1 and out.too_long[0].startswith("long at ")
