@@ -149,3 +149,20 @@ def test_data_check_tokenizes_a_sample_within_the_context_once(tmp_path, monkeyp
                         spec, {}, _MediaProbe(decode=False))
     assert calls == ["p0", "p1", "p2", "long", "long"]
     assert out.conversations == 4 and len(out.too_long) == 1 and out.too_long[0].startswith("long at ")
+
+
+def test_a_sample_drawn_from_a_file_changed_in_place_stops_training_rather_than_being_skipped(tmp_path, tiny_model):
+    from mmllm.data.dataset import StageDataset
+    from mmllm.training.loop import token_spec
+
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, b"\n")
+    per, _, _ = load_stage_records([DatasetConfig(path=str(path), format="mmllm-pairs")], "decode-align")
+    ds = StageDataset(per[0], tiny_model.llm.tokenizer, token_spec(tiny_model), {})
+    assert ds.length(0) > 0
+    path.write_bytes(path.read_bytes().replace(b"p0", b"q0"))  # same size: the modification time tells
+    os.utime(path, ns=(0, 10**9))
+    with pytest.raises(DataFileChanged):
+        ds[0]
+    with pytest.raises(DataFileChanged):
+        ds.length(1)

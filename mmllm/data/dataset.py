@@ -98,8 +98,9 @@ class StageDataset(Dataset):
     def length(self, index: int) -> int:
         """The tokens sample ``index`` puts in a batch (placeholders expanded, truncated to ``max_length``), from
         its text alone: no media is read or decoded. 0 for a sample that cannot be encoded (it is skipped)."""
+        conv = self.conversations[index]
         try:
-            return len(encode_conversation(self.conversations[index], self.tokenizer, self.spec).input_ids)
+            return len(encode_conversation(conv, self.tokenizer, self.spec).input_ids)
         except SAMPLE_ERRORS:
             return 0
 

@@ -37,8 +37,9 @@ from mmllm.data.template import pair_to_conversation
 EMPTY_REPLY_IDS = 5  # ids of conversations with empty replies kept for the warning that names them
 
 
-class DataFileChanged(RuntimeError):
-    """A data file changed in place while a run read samples from it."""
+class DataFileChanged(Exception):
+    """A data file changed in place while a run read samples from it. Not one of the errors a sample is
+    skipped for (:data:`~mmllm.data.media.SAMPLE_ERRORS`): every later sample would be another record."""
 
 
 @dataclass
