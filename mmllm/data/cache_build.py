@@ -57,27 +57,34 @@ def build_cache(cfg: Any, model: Any, batch_size: int = 16, device: str = "cpu",
     report = CacheBuildReport(cache.directory)
     if per_dataset is None:
         per_dataset = load_stage_records(cfg.all_data(), cfg.stage)[0]
-    convs = [c for d in per_dataset for c in d]
+    paths, captions = _what_to_cache(per_dataset)
     for part in (*model.encoders.values(), *model.decoders.values()):  # the LLM is not run (it may hold no weights)
         part.to(device)
     if cfg.cache.encoders:
         for m, encoder in model.encoders.items():
-            # each file once, with the first record that names it (for the report)
-            paths = {}
-            for c in convs:
-                for r in c.media_refs():
-                    if r.modality == m:
-                        paths.setdefault(r.path, c.source)
-            if paths and encoder.runnable:  # a released encoder: no sample of the stage gives m input
-                _encoder_section(cache, cfg, model, m, encoder, paths, batch_size, report)
+            if paths.get(m) and encoder.runnable:  # a released encoder: no sample of the stage gives m input
+                _encoder_section(cache, cfg, model, m, encoder, paths[m], batch_size, report)
     if cfg.cache.targets and cfg.losses.mse:
         for m, decoder in model.decoders.items():
-            captions = list(dict.fromkeys(o.caption for c in convs for o in c.output_refs() if o.modality == m))
-            if captions:
-                _condition_section(cache, cfg, model, m, decoder, captions, batch_size, report)
+            if captions.get(m):
+                _condition_section(cache, cfg, model, m, decoder, list(captions[m]), batch_size, report)
     elif cfg.cache.targets:
         log.info("stage %s has no MSE loss: no conditioning targets needed", cfg.stage)
     return report
+
+
+def _what_to_cache(per_dataset: list[Any]) -> tuple[dict[str, dict[Path, str]], dict[str, dict[str, None]]]:
+    """In one pass over the conversations (each read from its data file, none held): per modality, each
+    media input file with the first record that names it (for the report), and each output caption once."""
+    paths: dict[str, dict[Path, str]] = {}
+    captions: dict[str, dict[str, None]] = {}
+    for convs in per_dataset:
+        for c in convs:
+            for r in c.media_refs():
+                paths.setdefault(r.modality, {}).setdefault(r.path, c.source)
+            for o in c.output_refs():
+                captions.setdefault(o.modality, {})[o.caption] = None
+    return paths, captions
 
 
 def require_cache_dir(cfg: Any) -> None:

@@ -12,15 +12,17 @@ import dataclasses
 import json
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmllm.atomic import atomic_write_text
-from mmllm.data.formats import PAIR_FORMATS, CaptionPair, Conversation, read_dataset
+from mmllm.data.formats import PAIR_FORMATS, Conversation
+from mmllm.data.index import index_dataset
 from mmllm.data.media import SAMPLE_ERRORS, load_media
 from mmllm.data.precomputed import EmbeddingShapeError, load_embedding
-from mmllm.data.template import TokenSpec, encode_conversation, pair_to_conversation
+from mmllm.data.template import TokenSpec, encode_conversation
 
 SHOW = 10  # examples listed per kind of problem in the text report
 
@@ -157,38 +159,32 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
                              "conversations")
         return out
     try:
-        records, errors = read_dataset(ds)
+        convs, malformed, unusable = index_dataset(ds, stage)  # the conversations are read from the file, not held
     except (OSError, ValueError) as exc:
         out.dataset_problems.append(str(exc))
         return out
-    out.records = len(records) + len(errors)
-    out.malformed += errors
+    out.records = len(convs) + len(malformed) + len(unusable)
+    out.malformed += malformed + unusable
     if ds.embeddings and conditioning_shapes and not Path(ds.embeddings).is_dir():  # one problem, not one per file
         out.embedding_problems.append(f"embeddings folder {ds.embeddings} not found: every target of {ds.path} "
                                       "is computed with the decoders' own text encoders")
         conditioning_shapes = {}
     full = dataclasses.replace(spec, max_length=10**9)
     first_at: dict[str, str] = {}
-    convs = []
-    for rec in records:
-        try:
-            conv = pair_to_conversation(rec, stage) if isinstance(rec, CaptionPair) else rec
-        except ValueError as exc:
-            out.malformed.append(str(exc))
-            continue
+    for conv in convs:
         out.conversations += 1
-        convs.append(conv)
         if conv.id in first_at and conv.id != conv.source:  # an id of the record's own, not its position
             out.duplicate_ids.append(f"{conv.id} at {conv.source} (first at {first_at[conv.id]})")
         first_at.setdefault(conv.id, conv.source)
         _check_conversation(conv, out, tokenizer, spec, full, conditioning_shapes, probe, output_media)
-    out.missing_from_cwd = _found_from_cwd(convs, ds, probe, output_media)
+    if out.missing:  # then some may name files from the working directory: read the conversations again
+        out.missing_from_cwd = _found_from_cwd(convs, ds, probe, output_media)
     if not out.conversations:
         out.dataset_problems.append(f"{ds.path}: no usable records for stage {stage}; training refuses this dataset")
     return out
 
 
-def _found_from_cwd(convs: list[Conversation], ds: Any, probe: _MediaProbe, output_media: bool) -> list[str]:
+def _found_from_cwd(convs: Iterable[Conversation], ds: Any, probe: _MediaProbe, output_media: bool) -> list[str]:
     """The missing media files of ``convs`` whose path, taken from the working directory instead of the
     dataset's root (``root:``, default the data file's folder), names a file: paths written from where the
     command runs."""
@@ -229,9 +225,9 @@ def _check_conversation(conv: Conversation, out: DatasetCheck, tokenizer: Any, s
         bad_media = bad_media or problem is not None
     try:
         length = len(encode_conversation(conv, tokenizer, full).input_ids)
-        if length > spec.max_length:
+        if length > spec.max_length:  # within the context, the sample is what was encoded: nothing is cut
             out.too_long.append(f"{conv.id} at {conv.source}: {length} tokens > max_length {spec.max_length}")
-        encode_conversation(conv, tokenizer, spec)
+            encode_conversation(conv, tokenizer, spec)
     except ValueError as exc:
         reason = str(exc)
         out.unusable.append(f"{conv.id}: {reason}" if reason.startswith(conv.source) else

@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,10 +33,11 @@ import torch
 from torch.utils.data import Dataset
 
 from mmllm.config import ConfigError
-from mmllm.data.formats import PAIR_FORMATS, CaptionPair, Conversation, read_dataset
+from mmllm.data.formats import PAIR_FORMATS, Conversation
+from mmllm.data.index import ConversationIndex, data_summary, index_dataset
 from mmllm.data.media import SAMPLE_ERRORS, load_media
 from mmllm.data.precomputed import Precomputed
-from mmllm.data.template import IGNORE, TokenSpec, encode_conversation, pair_to_conversation
+from mmllm.data.template import IGNORE, TokenSpec, encode_conversation
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class SampleError:
 class StageDataset(Dataset):
     def __init__(
         self,
-        conversations: list[Conversation],
+        conversations: Sequence[Conversation],
         tokenizer: Any,
         spec: TokenSpec,
         preprocess: dict[str, Callable[[list[Any]], torch.Tensor]],
@@ -97,35 +98,29 @@ class StageDataset(Dataset):
     def length(self, index: int) -> int:
         """The tokens sample ``index`` puts in a batch (placeholders expanded, truncated to ``max_length``), from
         its text alone: no media is read or decoded. 0 for a sample that cannot be encoded (it is skipped)."""
+        conv = self.conversations[index]
         try:
-            return len(encode_conversation(self.conversations[index], self.tokenizer, self.spec).input_ids)
+            return len(encode_conversation(conv, self.tokenizer, self.spec).input_ids)
         except SAMPLE_ERRORS:
             return 0
 
 
 def load_stage_records(
     datasets: list[Any], stage: str
-) -> tuple[list[list[Conversation]], list[float], list[str]]:
-    """Read every configured dataset into conversations for ``stage``; returns (per-dataset, weights, errors)."""
+) -> tuple[list[ConversationIndex], list[float], list[str]]:
+    """Read every configured dataset into conversations for ``stage``; returns (per-dataset, weights, errors).
+    Each data set's conversations are a :class:`~mmllm.data.index.ConversationIndex`: read and checked once
+    here, then parsed from the file again when a sample is drawn."""
     per_dataset, weights, errors = [], [], []
     for ds in datasets:
         if stage == "instruct" and ds.format in PAIR_FORMATS:
             raise ConfigError(f"{ds.path}: format {ds.format} holds caption pairs, which are for the alignment "
                              "stages; the instruct stage reads conversations (mmllm-chat, nextgpt-t2x, "
                              "nextgpt-mosit, llava)")
-        records, errs = read_dataset(ds)
-        errors += errs
-        convs = []
-        for rec in records:
-            if isinstance(rec, CaptionPair):
-                try:
-                    convs.append(pair_to_conversation(rec, stage))
-                except ValueError as exc:
-                    errors.append(str(exc))
-            else:
-                convs.append(rec)
-        if not convs:
-            raise ConfigError(f"{ds.path}: no usable records ({len(errs)} malformed); `mmllm data check` lists "
+        convs, malformed, unusable = index_dataset(ds, stage)
+        errors += malformed + unusable
+        if not len(convs):
+            raise ConfigError(f"{ds.path}: no usable records ({len(malformed)} malformed); `mmllm data check` lists "
                              "what is wrong with them")
         per_dataset.append(convs)
         weights.append(ds.weight)
@@ -136,15 +131,15 @@ EMPTY_REPLY_NOTE = ("an assistant turn with an empty reply and no outputs teache
                     "at once; fix or drop those turns if that is not meant (`mmllm data check` lists them)")
 
 
-def warn_empty_replies(per_dataset: list[list[Conversation]], datasets: list[Any], show: int = 5) -> None:
+def warn_empty_replies(per_dataset: list[Sequence[Conversation]], datasets: list[Any], show: int = 5) -> None:
     """One warning per dataset whose conversations hold empty assistant replies, with counts and ids."""
     for convs, ds in zip(per_dataset, datasets):
-        found = [(c.id, n) for c in convs if (n := c.empty_replies())]
-        if found:
-            ids = ", ".join(i for i, _ in found[:show]) + (", ..." if len(found) > show else "")
+        summary = data_summary(convs)
+        if found := summary.empty_reply_conversations:
+            turns = summary.empty_reply_turns
+            ids = ", ".join(summary.empty_reply_ids[:show]) + (", ..." if found > show else "")
             log.warning("%s: %d empty assistant repl%s in %d conversation(s) (%s): %s", ds.path,
-                        sum(n for _, n in found), "y" if sum(n for _, n in found) == 1 else "ies", len(found), ids,
-                        EMPTY_REPLY_NOTE)
+                        turns, "y" if turns == 1 else "ies", found, ids, EMPTY_REPLY_NOTE)
 
 
 @dataclass

@@ -34,6 +34,7 @@ root (say ``images -> /mnt/storage/coco``) are followed as you intended.
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -122,19 +123,33 @@ class MediaRoot:
 
     def __post_init__(self) -> None:
         self.root = Path(os.path.abspath(Path(self.root).expanduser()))
+        root = str(self.root)
+        self._root = root
+        self._inside = root if root.endswith(os.sep) else root + os.sep  # what a path under the root starts with
 
     def resolve(self, value: Any, where: str) -> Path:
+        """The absolute, normalized path of ``value``, refused when it leaves the root."""
+        return Path(self.resolve_str(value, where))
+
+    def resolve_str(self, value: Any, where: str) -> str:
+        """:meth:`resolve` as a string. Worked out on strings (os.path): pathlib's parsing took 38 us a path,
+        most of the time it took to read a data file of 3 M caption pairs."""
         if not isinstance(value, str) or not value.strip():
             raise DataFormatError(f"{where}: expected a media path string, got {value!r}")
-        p = Path(value.strip()).expanduser()
-        full = Path(os.path.abspath(p if p.is_absolute() else self.root / p))
-        if not self.allow_outside and not full.is_relative_to(self.root):
+        p = os.path.expanduser(value.strip())
+        full = os.path.normpath(p if os.path.isabs(p) else os.path.join(self._root, p))
+        if not self.allow_outside and not self._under_root(full):
             raise DataFormatError(
                 f"{where}: media path {value!r} resolves to {full}, outside the data root {self.root}; "
                 "move the file under the root, point the dataset's `root:` at a folder that holds it, "
                 "or set `allow_outside_root: true` on the dataset if this is intended"
             )
         return full
+
+    def _under_root(self, full: str) -> bool:
+        if full.startswith("//"):  # POSIX keeps a leading "//" as a root of its own: pathlib says what it means
+            return Path(full).is_relative_to(self.root)
+        return full == self._root or full.startswith(self._inside)
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,48 +164,99 @@ def _not_utf8(path: Path, line: int, byte: int, column: int) -> DataFormatError:
     )
 
 
+Span = tuple[int, int]  # a record's bytes in its file: (offset, length)
+LONE_CR = re.compile(rb"\r(?!\n)")
+
+
+def _jsonl_lines(fh: Any) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, bytes) of each line of a binary file, split as Python's text files split
+    lines (at \\n, \\r\\n or a lone \\r), a UTF-8 byte order mark at its start left out."""
+    lineno, pos = 0, 0
+    for raw in fh:
+        start, pos = pos, pos + len(raw)
+        if start == 0 and raw.startswith(codecs.BOM_UTF8):
+            raw, start = raw[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
+        if b"\r" not in raw:
+            lineno += 1
+            yield lineno, start, raw
+            continue
+        cut = 0
+        for match in LONE_CR.finditer(raw):
+            lineno += 1
+            yield lineno, start + cut, raw[cut:match.end()]
+            cut = match.end()
+        if cut < len(raw):
+            lineno += 1
+            yield lineno, start + cut, raw[cut:]
+
+
+def _json_line(path: Path, lineno: int, line: str) -> dict[str, Any] | DataFormatError | None:
+    """One JSON Lines line -> its record, the error that names it, or None (a blank line)."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as exc:  # surrogateescape's stand-in for a byte that is not UTF-8
+        column = len(line[:exc.start].encode("utf-8", "surrogateescape"))
+        return _not_utf8(path, lineno, line[exc.start].encode("utf-8", "surrogateescape")[0], column + 1)
+    if not line.strip():
+        return None
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return DataFormatError(
+            f"{path}:{lineno}: not valid JSON ({exc.msg}); mmllm reads JSON Lines (one object "
+            "per line) or one JSON array of objects"
+        )
+    except RecursionError:  # "[[[[..." many thousand deep: a traceback that stopped reading the file
+        return DataFormatError(f"{path}:{lineno}: not valid JSON (nested too deeply to read)")
+    if not isinstance(rec, dict):
+        return DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+    return rec
+
+
+def _scan_jsonl(path: Path, fh: Any) -> Iterator[tuple[int, dict[str, Any] | DataFormatError, Span]]:
+    for lineno, start, raw in _jsonl_lines(fh):
+        rec = _json_line(path, lineno, raw.decode("utf-8", "surrogateescape"))
+        if rec is not None:
+            yield lineno, rec, (start, len(raw))
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
     """(line number, record or DataFormatError) for each non-blank line; a line that is not UTF-8 is
     an error of its own (an undecodable byte is kept as a lone surrogate, so one bad byte does not stop the
     whole file). Lines end as Python's text files end them: at \\n, \\r\\n or a lone \\r."""
-    with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:
-        for lineno, line in enumerate(fh, 1):
-            try:
-                line.encode("utf-8")
-            except UnicodeEncodeError as exc:  # surrogateescape's stand-in for a byte that is not UTF-8
-                column = len(line[:exc.start].encode("utf-8", "surrogateescape"))
-                yield lineno, _not_utf8(path, lineno, line[exc.start].encode("utf-8", "surrogateescape")[0],
-                                        column + 1)
-                continue
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, DataFormatError(
-                    f"{path}:{lineno}: not valid JSON ({exc.msg}); mmllm reads JSON Lines (one object "
-                    "per line) or one JSON array of objects"
-                )
-                continue
-            except RecursionError:  # "[[[[..." many thousand deep: a traceback that stopped reading the file
-                yield lineno, DataFormatError(f"{path}:{lineno}: not valid JSON (nested too deeply to read)")
-                continue
-            if not isinstance(rec, dict):
-                yield lineno, DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                continue
+    with open(path, "rb") as fh:
+        for lineno, rec, _ in _scan_jsonl(path, fh):
             yield lineno, rec
 
 
-def _iter_json_array(path: Path, text: str, start: int) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
+class _ByteOffsets:
+    """Character positions of a decoded text -> byte offsets in its file, asked for in increasing order."""
+
+    def __init__(self, text: str, skipped: int):
+        self.text, self.skipped = text, skipped  # skipped: bytes before the text (a byte order mark)
+        self.ascii = text.isascii()
+        self.char, self.byte = 0, skipped
+
+    def __call__(self, char: int) -> int:
+        if self.ascii:
+            return char + self.skipped
+        self.byte += len(self.text[self.char:char].encode("utf-8"))
+        self.char = char
+        return self.byte
+
+
+def _iter_json_array(path: Path, text: str, start: int,
+                     skipped: int = 0) -> Iterator[tuple[int, dict[str, Any] | DataFormatError, Span]]:
     decoder = json.JSONDecoder()
     ws = re.compile(r"[\s,]*")
+    to_byte = _ByteOffsets(text, skipped)
     pos, line, counted = start + 1, 1 + text.count("\n", 0, start), start
     while True:
         pos = ws.match(text, pos).end()
         line += text.count("\n", counted, pos)
         counted = pos
         if pos >= len(text):
-            yield line, DataFormatError(f"{path}:{line}: the JSON array is not closed with ']'")
+            yield line, DataFormatError(f"{path}:{line}: the JSON array is not closed with ']'"), (0, 0)
             return
         if text[pos] == "]":
             return
@@ -200,16 +266,17 @@ def _iter_json_array(path: Path, text: str, start: int) -> Iterator[tuple[int, d
             yield exc.lineno, DataFormatError(
                 f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); records after it "
                 "cannot be read until it is fixed"
-            )
+            ), (0, 0)
             return
         except RecursionError:
             yield line, DataFormatError(f"{path}:{line}: not valid JSON (nested too deeply to read); records after "
-                                        "it cannot be read until it is fixed")
+                                        "it cannot be read until it is fixed"), (0, 0)
             return
         if isinstance(rec, dict):
-            yield line, rec
+            first = to_byte(pos)
+            yield line, rec, (first, to_byte(end) - first)
         else:
-            yield line, DataFormatError(f"{path}:{line}: expected a JSON object, got {type(rec).__name__}")
+            yield line, DataFormatError(f"{path}:{line}: expected a JSON object, got {type(rec).__name__}"), (0, 0)
         pos = end
 
 
@@ -229,21 +296,37 @@ def _unpaired_surrogate(value: Any) -> str | None:
     return None
 
 
-def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
-    """Records of a JSON Lines file or of a JSON array file, with the line each starts on."""
-    with open(path, "rb") as fh:
-        head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
+def scan_records(path: Path, fh: Any) -> Iterator[tuple[int, dict[str, Any] | DataFormatError, Span]]:
+    """Records of a JSON Lines file or of a JSON array file (``fh``: it, open in binary), with the line each
+    starts on and its bytes in the file (:func:`read_span` reads one again)."""
+    head = fh.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
+    fh.seek(0)
     if head.startswith(b"["):
-        data = path.read_bytes()
+        data = fh.read()
+        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:  # one JSON array: nothing can be read until the file is fixed
             line = data.count(b"\n", 0, exc.start) + 1
-            yield line, _not_utf8(path, line, data[exc.start], exc.start - data.rfind(b"\n", 0, exc.start))
+            yield line, _not_utf8(path, line, data[exc.start], exc.start - data.rfind(b"\n", 0, exc.start)), (0, 0)
             return
-        yield from _iter_json_array(path, text, text.index("["))
+        del data
+        yield from _iter_json_array(path, text, text.index("["), bom)
     else:
-        yield from iter_jsonl(path)
+        yield from _scan_jsonl(path, fh)
+
+
+def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
+    """Records of a JSON Lines file or of a JSON array file, with the line each starts on."""
+    with open(path, "rb") as fh:
+        for line, rec, _ in scan_records(path, fh):
+            yield line, rec
+
+
+def read_span(fd: int, span: Span) -> dict[str, Any]:
+    """The record at ``span`` of the file open as ``fd`` (as :func:`scan_records` found it there)."""
+    offset, length = span
+    return json.loads(os.pread(fd, length, offset).decode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,15 +468,28 @@ def _parsers() -> dict[str, Parser]:
 PAIR_FORMATS = ("mmllm-pairs", "nextgpt-pairs")  # records are CaptionPairs (the alignment stages)
 
 
-def read_records(
+@dataclass
+class RecordParser:
+    """How the records of one data file become normal-form records: its format's parser, its paths."""
+
+    path: Path
+    parse: Parser
+    ctx: ReadContext
+
+    def __call__(self, rec: dict[str, Any], lineno: int) -> Any:
+        return self.parse(rec, self.ctx, f"{self.path}:{lineno}")
+
+
+def record_parser(
     path: str | Path,
     fmt: str,
     root: str | Path | None = None,
     *,
     allow_outside_root: bool = False,
     embeddings: str | Path | None = None,
-) -> tuple[list[Any], list[str]]:
-    """Read a data file in ``fmt``; returns (records, errors). Malformed records are reported, not fatal."""
+) -> RecordParser:
+    """The parser of data file ``path`` in ``fmt``; refused (an error saying how to fix it) when the file, the
+    format or the media root is not there."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"data file {path} is a folder; give a data file in it "
@@ -405,16 +501,21 @@ def read_records(
     parsers = _parsers()
     if fmt not in parsers:
         raise ConfigError(f"unknown data format {fmt!r}; valid formats: {', '.join(parsers)}")
-    parse = parsers[fmt]
     if root and not Path(root).expanduser().is_dir():  # every media path of the file would be missing
         raise FileNotFoundError(f"{path}: its media root {root} is not a folder; fix the dataset's `root:` "
                                 "(or remove it: media paths then resolve against the data file's folder)")
     ctx = ReadContext(path, MediaRoot(Path(root) if root else path.parent, allow_outside_root),
                       Path(os.path.abspath(Path(embeddings).expanduser())) if embeddings else None)
-    records, errors = [], []
-    for lineno, rec in iter_records(path):
+    return RecordParser(path, parsers[fmt], ctx)
+
+
+def parse_file(parser: RecordParser, fh: Any) -> Iterator[tuple[int, Span, Any]]:
+    """(line, bytes in the file, record or the error message naming it) of each record of the file open as
+    ``fh`` (binary). Malformed records are reported, not fatal."""
+    path = parser.path
+    for lineno, rec, span in scan_records(path, fh):
         if isinstance(rec, DataFormatError):
-            errors.append(str(rec))
+            yield lineno, span, str(rec)
             continue
         try:
             if (broken := _unpaired_surrogate(rec)) is not None:
@@ -423,16 +524,36 @@ def read_records(
                     "escape without its pair, e.g. an emoji cut in half), which no tokenizer can read; fix or "
                     "remove those characters"
                 )
-            records.append(parse(rec, ctx, f"{path}:{lineno}"))
+            yield lineno, span, parser(rec, lineno)
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:  # one bad record never stops
             # the file (OSError: a media path the file system refuses to look up, e.g. a name too long)
-            msg = str(exc) if isinstance(exc, DataFormatError) else f"{path}:{lineno}: malformed record ({exc!r})"
-            errors.append(msg)
+            yield lineno, span, str(exc) if isinstance(exc, DataFormatError) else \
+                f"{path}:{lineno}: malformed record ({exc!r})"
+
+
+def log_skipped(path: Path, errors: list[str]) -> None:
     for err in errors[:MAX_LOGGED_ERRORS]:
         log.warning("skipping record: %s", err)
     if len(errors) > MAX_LOGGED_ERRORS:
         log.warning("%s: %d more malformed record(s) skipped; `mmllm data check` lists them all",
                     path, len(errors) - MAX_LOGGED_ERRORS)
+
+
+def read_records(
+    path: str | Path,
+    fmt: str,
+    root: str | Path | None = None,
+    *,
+    allow_outside_root: bool = False,
+    embeddings: str | Path | None = None,
+) -> tuple[list[Any], list[str]]:
+    """Read a data file in ``fmt``; returns (records, errors). Malformed records are reported, not fatal."""
+    parser = record_parser(path, fmt, root, allow_outside_root=allow_outside_root, embeddings=embeddings)
+    records, errors = [], []
+    with open(parser.path, "rb") as fh:
+        for _, _, got in parse_file(parser, fh):
+            (errors if isinstance(got, str) else records).append(got)
+    log_skipped(parser.path, errors)
     return records, errors
 
 

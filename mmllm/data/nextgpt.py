@@ -66,6 +66,8 @@ decoder's ``conditioning_shape``; otherwise training says so and computes the ta
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -138,19 +140,33 @@ def caption_of(text: str) -> str:
     return " ".join(text.split())
 
 
+def _exists(path: str) -> bool:
+    """``Path(path).exists()``, without building the Path: an error other than "not there" (a name too long) is
+    raised, so the record is reported as malformed rather than its file as missing."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+            return False
+        raise
+    except ValueError:  # a NUL in the name
+        return False
+    return True
+
+
 def find_media(ctx: ReadContext, name: Any, modality: str, where: str) -> Path:
     """``root/name``, else ``root/<images|videos|audios>/name``, looked up per record. A file found in
     neither place is reported where the file's other records of that modality were found (else in root)."""
-    direct = ctx.media.resolve(name, where)
+    direct = ctx.media.resolve_str(name, where)
     key = f"nextgpt-subfolder-{modality}"
-    if direct.exists():
+    if _exists(direct):
         ctx.state.setdefault(key, "")
-        return direct
-    nested = ctx.media.resolve(f"{SUBFOLDERS[modality]}/{name}", where)
-    if nested.exists():
+        return Path(direct)
+    nested = ctx.media.resolve_str(f"{SUBFOLDERS[modality]}/{name}", where)
+    if _exists(nested):
         ctx.state.setdefault(key, SUBFOLDERS[modality])
-        return nested
-    return nested if ctx.state.get(key) == SUBFOLDERS[modality] else direct
+        return Path(nested)
+    return Path(nested if ctx.state.get(key) == SUBFOLDERS[modality] else direct)
 
 
 def modality_key(rec: dict[str, Any], pattern: str) -> tuple[str, Any] | None:

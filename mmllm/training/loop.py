@@ -48,6 +48,7 @@ from mmllm.data.dataset import (
     load_stage_records,
     warn_empty_replies,
 )
+from mmllm.data.index import Chained
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
 from mmllm.folder_lock import hold_folder, holder, missing_folders, remove_empty
@@ -285,7 +286,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     if cfg.cache.require:  # checked before training; frees the parts the cache replaces
         # a machine without the cache stops every process (the others would wait in the coverage exchange)
         on_every_process(accelerator, lambda: require_cache_folder(precomputed))
-        release_cached(model, precomputed, [c for convs in per_dataset + held_out for c in convs],
+        release_cached(model, precomputed, Chained(per_dataset + held_out),
                        accelerator.process_index, accelerator.num_processes)
     flags = cfg.resolved_trainable()
     apply_trainable(model, flags)

@@ -11,11 +11,13 @@ decode-align (caption -> signal tokens) no encoder weights.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from mmllm.config import ConfigError, LossConfig
 from mmllm.data.formats import Conversation
+from mmllm.data.index import data_summary
 from mmllm.data.precomputed import Coverage, Precomputed
 from mmllm.encoders.base import EncoderShape
 
@@ -59,10 +61,11 @@ def cache_parts(parts: StageParts) -> StageParts:
     return StageParts(decoders, parts.encoders)
 
 
-def stage_parts(losses: LossConfig, per_dataset: list[list[Conversation]]) -> StageParts:
+def stage_parts(losses: LossConfig, per_dataset: list[Sequence[Conversation]]) -> StageParts:
     """What the stage's conversations and losses run."""
-    inputs = {ref.modality for convs in per_dataset for conv in convs for ref in conv.media_refs()}
-    outputs = {out.modality for convs in per_dataset for conv in convs for out in conv.output_refs()}
+    summaries = [data_summary(convs) for convs in per_dataset]  # gathered as the data was read
+    inputs = {m for s in summaries for m in s.inputs}
+    outputs = {m for s in summaries for m in s.outputs}
     parts = decoder_parts_for(losses)
     return StageParts({m: parts for m in sorted(outputs) if parts != "config"}, frozenset(inputs))
 
@@ -75,7 +78,7 @@ def require_cache_folder(precomputed: Precomputed) -> None:
                           "every machine sees)")
 
 
-def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations: list[Conversation],
+def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations: Iterable[Conversation],
                    rank: int = 0, world: int = 1) -> list[str]:
     """``cache.require``: check that the precomputed sources hold every encoder output and conditioning
     target the conversations read (else an error naming what is missing and how to fill it, before

@@ -1,0 +1,168 @@
+"""The stage's conversations as an index into the data file (mmllm.data.index): the same conversations as
+reading the file whole, no conversation objects held, a file changed under a run refused."""
+
+from __future__ import annotations
+
+import codecs
+import gc
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from mmllm.config import DatasetConfig
+from mmllm.data.dataset import load_stage_records
+from mmllm.data.formats import CaptionPair, Conversation, MediaRoot, read_dataset
+from mmllm.data.index import DataFileChanged, index_dataset
+from mmllm.data.template import pair_to_conversation
+
+
+def eager(ds: DatasetConfig, stage: str) -> list[Conversation]:
+    """What training held before: every record read into objects."""
+    records, _ = read_dataset(ds)
+    out = []
+    for rec in records:
+        try:
+            out.append(pair_to_conversation(rec, stage) if isinstance(rec, CaptionPair) else rec)
+        except ValueError:
+            continue
+    return out
+
+
+def write_llava(path: Path, bom: bool) -> None:
+    recs = [{"id": f"r{i}", "image": f"img/{i}.png",
+             "conversations": [{"from": "human", "value": f"¿Qué es esto? ünïcödé {i} 😀"},
+                               {"from": "gpt", "value": f"Réponse {i}"}]} for i in range(5)]
+    recs.insert(2, {"id": "broken", "conversations": "nope"})
+    text = "[\n" + ",\n".join(json.dumps(r, ensure_ascii=i % 2 == 0) for i, r in enumerate(recs)) + "\n]\n"
+    path.write_bytes((codecs.BOM_UTF8 if bom else b"") + text.encode("utf-8"))
+
+
+def write_pairs(path: Path, newline: bytes) -> None:
+    lines = [json.dumps({"id": f"p{i}", "modality": "image", "media": f"img/{i}.png", "caption": f"ça {i} 😀"},
+                        ensure_ascii=False).encode() for i in range(6)]
+    lines[3] = b'{"id": "bad", "modality": "image"'  # malformed, skipped
+    lines.insert(1, b"")  # blank
+    lines.insert(4, b'{"id": "nomedia", "modality": "image", "caption": "no file"}')  # unusable for encode-align
+    path.write_bytes(codecs.BOM_UTF8 + newline.join(lines) + newline)
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_pairs_index_reads_what_the_whole_file_reads(tmp_path, newline):
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, newline)
+    ds = DatasetConfig(path=str(path), format="mmllm-pairs")
+    index, malformed, unusable = index_dataset(ds, "encode-align")
+    assert list(index) == eager(ds, "encode-align")
+    assert len(index) == 5 and len(malformed) == 1 and len(unusable) == 1
+    assert [c.source for c in index][:2] == [f"{path}:1", f"{path}:3"]  # the lines of the file, as before
+    assert index[-1] == index[4] and index[1:3] == [index[1], index[2]]
+
+
+@pytest.mark.parametrize("bom", [False, True])
+def test_json_array_index_reads_what_the_whole_file_reads(tmp_path, bom):
+    path = tmp_path / "llava.json"
+    write_llava(path, bom)
+    ds = DatasetConfig(path=str(path), format="llava")
+    index, malformed, _ = index_dataset(ds, "instruct")
+    assert len(index) == 5 and len(malformed) == 1
+    assert list(index) == eager(ds, "instruct")  # non-ASCII text before a record: its byte offset, not its character's
+
+
+def test_load_stage_records_holds_no_conversation_objects(tmp_path, sample_data):
+    gc.collect()
+    before = sum(isinstance(o, Conversation) for o in gc.get_objects())
+    per, _, _ = load_stage_records([DatasetConfig(path=str(sample_data["chat"]), format="mmllm-chat")], "instruct")
+    gc.collect()
+    assert len(per[0]) > 10
+    assert sum(isinstance(o, Conversation) for o in gc.get_objects()) == before
+    assert isinstance(per[0][3], Conversation)
+
+
+def test_a_data_file_changed_in_place_is_refused_a_renamed_over_one_read_as_it_was(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, b"\n")
+    ds = DatasetConfig(path=str(path), format="mmllm-pairs")
+    first, _, _ = index_dataset(ds, "encode-align")
+    second, _, _ = index_dataset(ds, "encode-align")
+    was = first[2]
+    replacement = tmp_path / "new.jsonl"
+    replacement.write_text(path.read_text().replace("ça", "la"))
+    os.replace(replacement, path)  # an editor's save: the run keeps the file it opened
+    assert first[2] == was
+    third, _, _ = index_dataset(ds, "encode-align")
+    with open(path, "a") as fh:  # appended to in place
+        fh.write('{"id": "late", "modality": "image", "media": "img/9.png", "caption": "late"}\n')
+    with pytest.raises(DataFileChanged, match=f"data file {path} changed while the run read samples"):
+        third[0]
+    assert second[2] == was
+
+
+def test_an_index_is_pickled_without_its_open_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, b"\n")
+    index, _, _ = index_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "encode-align")
+    copy = pickle.loads(pickle.dumps(index))
+    assert list(copy) == list(index)
+
+
+@pytest.mark.parametrize("value", ["a//b/./c.png", "a/../b.png", "../x.png", "/elsewhere/x.png", "a/b/", "./a",
+                                   " sub/x.png ", "sub/../../root2/x.png", "//double/x.png"])
+@pytest.mark.parametrize("allow", [False, True])
+def test_media_paths_resolve_as_pathlib_resolves_them(tmp_path, value, allow):
+    root = tmp_path / "root"
+
+    def by_pathlib(value: str) -> Path:  # the resolution before it was done on strings
+        p = Path(value.strip()).expanduser()
+        full = Path(os.path.abspath(p if p.is_absolute() else root / p))
+        if not allow and not full.is_relative_to(root):
+            raise ValueError(full)
+        return full
+
+    try:
+        want = by_pathlib(value)
+    except ValueError:
+        with pytest.raises(ValueError, match="outside the data root"):
+            MediaRoot(root, allow).resolve(value, "here")
+    else:
+        assert MediaRoot(root, allow).resolve(value, "here") == want
+
+
+def test_data_check_tokenizes_a_sample_within_the_context_once(tmp_path, monkeypatch, tiny_model):
+    """A sample within max_length is the one its first encoding gave (nothing is cut): checking it again at
+    max_length doubled the check's time; an over-long sample is still encoded at max_length and judged."""
+    from mmllm.data import check
+    from mmllm.data.check import _MediaProbe, check_dataset
+    from mmllm.training.loop import token_spec
+
+    path = tmp_path / "pairs.jsonl"
+    recs = [{"id": f"p{i}", "modality": "image", "caption": "a red circle"} for i in range(3)]
+    recs.append({"id": "long", "modality": "image", "caption": " ".join(["word"] * 400)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    calls = []
+    real = check.encode_conversation
+    monkeypatch.setattr(check, "encode_conversation", lambda conv, *a: calls.append(conv.id) or real(conv, *a))
+    spec = token_spec(tiny_model)
+    out = check_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "decode-align", tiny_model.llm.tokenizer,
+                        spec, {}, _MediaProbe(decode=False))
+    assert calls == ["p0", "p1", "p2", "long", "long"]
+    assert out.conversations == 4 and len(out.too_long) == 1 and out.too_long[0].startswith("long at ")
+
+
+def test_a_sample_drawn_from_a_file_changed_in_place_stops_training_rather_than_being_skipped(tmp_path, tiny_model):
+    from mmllm.data.dataset import StageDataset
+    from mmllm.training.loop import token_spec
+
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, b"\n")
+    per, _, _ = load_stage_records([DatasetConfig(path=str(path), format="mmllm-pairs")], "decode-align")
+    ds = StageDataset(per[0], tiny_model.llm.tokenizer, token_spec(tiny_model), {})
+    assert ds.length(0) > 0
+    path.write_bytes(path.read_bytes().replace(b"p0", b"q0"))  # same size: the modification time tells
+    os.utime(path, ns=(0, 10**9))
+    with pytest.raises(DataFileChanged):
+        ds[0]
+    with pytest.raises(DataFileChanged):
+        ds.length(1)
