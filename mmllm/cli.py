@@ -21,6 +21,7 @@ from mmllm import __version__
 from mmllm.atomic import atomic_write_text
 from mmllm.config import files_named_in, user_path
 from mmllm.log_filters import drop_diffusers_noise
+from mmllm.progress import no_progress_bars
 
 if TYPE_CHECKING:
     from mmllm.training.parts import StageParts
@@ -46,8 +47,10 @@ def _reaches_the_terminal(logger: logging.Logger, level: int) -> bool:
 
 
 @contextlib.contextmanager
-def cli_logging(verbose: bool) -> Iterator[None]:
+def cli_logging(verbose: bool, quiet: bool = False) -> Iterator[None]:
     """The command's log lines on stderr for the length of one ``main`` call, and the logging as it was after.
+
+    ``quiet`` (``-q``): mmllm's warnings and errors only, and no progress bars (``mmllm.progress``).
 
     A stderr handler of its own is added to the root logger beside whatever handlers are there (a caller's,
     pytest's caplog): ``logging.basicConfig(force=True)`` used to remove those for the rest of the process.
@@ -61,22 +64,23 @@ def cli_logging(verbose: bool) -> Iterator[None]:
     # Other libraries say INFO about their own workings (open_clip logs each model build on the root
     # logger): their warnings are shown, their INFO only with -v.
     level = logging.DEBUG if verbose else logging.INFO
-    if os.environ.get("RANK", "0") != "0":
+    if quiet or os.environ.get("RANK", "0") != "0":
         level = logging.WARNING
     root, own = logging.getLogger(), logging.getLogger("mmllm")
-    quiet = [logging.getLogger(name) for name in QUIET_LIBRARIES]
-    levels_before = [(logger, logger.level) for logger in (root, own, *quiet)]
+    others = [logging.getLogger(name) for name in QUIET_LIBRARIES]
+    levels_before = [(logger, logger.level) for logger in (root, own, *others)]
     handler = None if _reaches_the_terminal(own, level) else logging.StreamHandler()  # sys.stderr as it is now
     if handler is not None:  # (pytest's capsys replaces it per test)
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     own.setLevel(level)
-    for logger in quiet:
+    for logger in others:
         logger.setLevel(logging.WARNING)
     drop_diffusers_noise()
     try:
-        yield
+        with no_progress_bars(quiet):
+            yield
     finally:
         if handler is not None:
             root.removeHandler(handler)
@@ -726,7 +730,8 @@ exit codes:
   130/143  stopped by Ctrl-C (SIGINT) / SIGTERM (train saves the step under way first)
   141      the reader of stdout stopped reading (`mmllm inspect ... | head`), said nothing
 
-Logs and progress bars go to stderr; results to stdout and the files each command's --help names. \
+Logs and progress bars go to stderr (-q: warnings and errors only, no bars); results to stdout and the \
+files each command's --help names. \
 `mmllm COMMAND --help` gives a command's flags, their defaults, what it writes and an example."""
 
 EPILOGS = {
@@ -803,7 +808,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "model (README.md: the commands, configs, data formats and checkpoints).",
                                 epilog=EXIT_CODES, formatter_class=HelpFormatter)
     verbose_help = "tracebacks of errors and other libraries' INFO logging"
+    quiet_help = "warnings and errors only: no INFO lines, no progress bars (results on stdout are kept)"
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    p.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -974,10 +981,11 @@ def build_parser() -> argparse.ArgumentParser:
     wl.add_argument("--out", "--output", type=user_path, required=True, metavar="JSONL", help="the file to write")
     wl.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer, in tokens")
     wl.set_defaults(fn=cmd_world_distil)
-    # -v also after the command (`mmllm train ... -v`: where users add it when an error asks for it);
-    # SUPPRESS keeps a command's parser from resetting a -v given before the command
+    # -v and -q also after the command (`mmllm train ... -v`: where users add it when an error asks for it);
+    # SUPPRESS keeps a command's parser from resetting a -v or -q given before the command
     for command in (t, i, r, e, d, dc, c, rf, ev, wr, wd, wl):
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
     return p
 
 
@@ -1000,7 +1008,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             command = command_parser(parser, args)  # its usage, not the top level's, with the flag it most resembles
             command.error(unrecognized(extra, command))
-    with cli_logging(args.verbose):
+    if args.verbose and args.quiet:
+        command_parser(parser, args).error("-q/--quiet and -v/--verbose ask for less and more: give one of them")
+    with cli_logging(args.verbose, args.quiet):
         return run_command(args, offline_by_default)
 
 
