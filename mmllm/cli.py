@@ -1022,6 +1022,12 @@ def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
     return parser
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """The command ``args`` ran as a user writes it: ``eval``, ``world report``, ``data check``."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def unrecognized(extra: list[str], parser: argparse.ArgumentParser) -> str:
     """argparse's "unrecognized arguments", naming the flag of ``parser`` each unknown one most resembles."""
     flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
@@ -1054,6 +1060,32 @@ def stdout_reader_gone() -> bool:
     return True
 
 
+def after_a_stop(args: argparse.Namespace) -> str:
+    """What a command stopped at once by a signal leaves, and how to go on: the end of its one-line error."""
+    command = command_name(args)
+    if command == "train":
+        return ": the steps since output_dir's newest checkpoint are lost; the same command with --resume goes on from it"
+    if command == "infer":
+        return ": the same command goes on, skipping the requests already answered"
+    if command == "eval":  # eval.json is rewritten after each measurement, report.json after each modality
+        return kept_so_far(Path(args.output) / "eval.json", "measurements")
+    if command == "world report":
+        return kept_so_far(Path(args.output) / "report.json", "modalities")
+    return ""
+
+
+def kept_so_far(results: Path, what: str) -> str:
+    """What ``results`` (eval.json, report.json: rewritten after each measurement, ``"complete": false`` until
+    the last) keeps of a run stopped before its end: nothing said where it is an earlier run's complete one."""
+    try:
+        complete = json.loads(results.read_text()).get("complete")
+    except (OSError, ValueError, AttributeError):  # stopped before the run wrote it
+        return f": no {what} had finished ({results} was not written)"
+    if complete is False:
+        return f': {results} keeps the {what} finished so far ("complete": false); the one under way is lost'
+    return ""
+
+
 def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
     """The parsed command, its errors as one line and an exit code (2: what was given is wrong)."""
     from mmllm.config import ConfigError
@@ -1076,12 +1108,9 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
         return 2
     except KeyboardInterrupt as exc:  # a signal before training's first step, a second one, Ctrl-C elsewhere
         name = exc.args[0] if exc.args and exc.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
-        then = {"train": ": the steps since output_dir's newest checkpoint are lost; the same command with "
-                         "--resume goes on from it",
-                "infer": ": the same command goes on, skipping the requests already answered"}
         if args.verbose:
             log.exception("stopped by %s at once", name)
-        log.error("stopped by %s at once%s", name, then.get(args.command, ""))
+        log.error("stopped by %s at once%s", name, after_a_stop(args))
         return 128 + signal.Signals[name]
     except OSError as exc:  # a path given (or named by a config) that is missing, unreadable or unwritable
         if isinstance(exc, BrokenPipeError) and stdout_reader_gone():
