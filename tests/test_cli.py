@@ -642,3 +642,37 @@ def test_quiet_and_verbose_together_are_a_usage_error(capsys):
         main(["-q", "inspect", "--config", str(TINY), "-v"])
     assert stopped.value.code == 2
     assert "-q/--quiet and -v/--verbose" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "--dtype", "float16"],  # said "no manifest.json; this is not a complete mmllm checkpoint"
+    ["export", "--merge-lora"],
+    ["infer", "--prompt", "hi"],
+    ["refine", "--data", "DATA"],
+    ["eval", "--allow-other-parts"],
+])
+@pytest.mark.parametrize("given", ["missing", "file"])
+def test_a_checkpoint_that_is_not_there_or_a_file_is_said_so_alike_by_every_command(argv, given, tmp_path,
+                                                                                    sample_data, capsys):
+    checkpoint = tmp_path / "runs" / "step-30"
+    if given == "file":
+        checkpoint.parent.mkdir()
+        checkpoint.write_text("")
+    argv = [a.replace("DATA", str(sample_data["chat"])) for a in argv]
+    assert main([argv[0], "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    said = "not found" if given == "missing" else "a file, not a checkpoint directory"
+    assert f"--checkpoint {checkpoint}: {said}; give a checkpoint's folder" in err, err
+    assert "manifest" not in err and "Traceback" not in err and "malformed" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_library_says_a_missing_checkpoint_is_missing_not_incomplete(tmp_path):
+    from mmllm.training.checkpoint import CheckpointError, export_weights_only, read_meta
+
+    with pytest.raises(CheckpointError, match="checkpoint directory not found") as err:
+        export_weights_only(tmp_path / "nowhere", tmp_path / "out", "float16")
+    assert "manifest" not in str(err.value)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match="a file, not a checkpoint directory"):
+        read_meta(tmp_path / "file")
