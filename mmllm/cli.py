@@ -21,6 +21,7 @@ from mmllm import __version__
 from mmllm.atomic import atomic_write_text
 from mmllm.config import files_named_in, user_path
 from mmllm.log_filters import drop_diffusers_noise
+from mmllm.progress import no_progress_bars
 
 if TYPE_CHECKING:
     from mmllm.training.parts import StageParts
@@ -46,8 +47,10 @@ def _reaches_the_terminal(logger: logging.Logger, level: int) -> bool:
 
 
 @contextlib.contextmanager
-def cli_logging(verbose: bool) -> Iterator[None]:
+def cli_logging(verbose: bool, quiet: bool = False) -> Iterator[None]:
     """The command's log lines on stderr for the length of one ``main`` call, and the logging as it was after.
+
+    ``quiet`` (``-q``): mmllm's warnings and errors only, and no progress bars (``mmllm.progress``).
 
     A stderr handler of its own is added to the root logger beside whatever handlers are there (a caller's,
     pytest's caplog): ``logging.basicConfig(force=True)`` used to remove those for the rest of the process.
@@ -61,22 +64,23 @@ def cli_logging(verbose: bool) -> Iterator[None]:
     # Other libraries say INFO about their own workings (open_clip logs each model build on the root
     # logger): their warnings are shown, their INFO only with -v.
     level = logging.DEBUG if verbose else logging.INFO
-    if os.environ.get("RANK", "0") != "0":
+    if quiet or os.environ.get("RANK", "0") != "0":
         level = logging.WARNING
     root, own = logging.getLogger(), logging.getLogger("mmllm")
-    quiet = [logging.getLogger(name) for name in QUIET_LIBRARIES]
-    levels_before = [(logger, logger.level) for logger in (root, own, *quiet)]
+    others = [logging.getLogger(name) for name in QUIET_LIBRARIES]
+    levels_before = [(logger, logger.level) for logger in (root, own, *others)]
     handler = None if _reaches_the_terminal(own, level) else logging.StreamHandler()  # sys.stderr as it is now
     if handler is not None:  # (pytest's capsys replaces it per test)
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     own.setLevel(level)
-    for logger in quiet:
+    for logger in others:
         logger.setLevel(logging.WARNING)
     drop_diffusers_noise()
     try:
-        yield
+        with no_progress_bars(quiet):
+            yield
     finally:
         if handler is not None:
             root.removeHandler(handler)
@@ -254,8 +258,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         run_settings,
     )
 
-    if not Path(args.checkpoint).is_dir():
-        raise SystemExit(f"--checkpoint {args.checkpoint}: not a directory")
+    require_checkpoint_dir(args.checkpoint)
     from mmllm.training.checkpoint import read_meta
 
     read_meta(Path(args.checkpoint))  # no checkpoint (a run's folder, say) is named as such, not compared as one
@@ -340,6 +343,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.merge_lora and args.assembly:  # export_merged records the checkpoint's assembly, its LLM the merged one
         raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
                          "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
+    require_checkpoint_dir(args.checkpoint)
     # export_merged and export_weights_only take --output's lock themselves (a second export there is refused)
     if args.merge_lora:
         path = export_merged(Path(args.checkpoint), Path(args.output), trust_remote_code=args.trust_remote_code)
@@ -520,6 +524,7 @@ def cmd_refine(args: argparse.Namespace) -> int:
     from mmllm.folder_lock import hold_beside
     from mmllm.training.checkpoint import export_folder
 
+    require_checkpoint_dir(args.checkpoint)  # before the data is read
     require_at_least_1(args, "steps", "batch_size", "cache_batch_size", "threads")
     if args.limit < 0:
         raise SystemExit(f"--limit must be at least 0 (0: every conversation), got {args.limit}")
@@ -576,8 +581,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmllm.toyworld.parts import shipped_dir
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_default()
-    if not checkpoint.is_dir():
-        raise SystemExit(f"--checkpoint {checkpoint}: not a directory (train one with scripts/train_default.sh)")
+    require_checkpoint_dir(checkpoint, "" if args.checkpoint else " (the shipped default: train it with "
+                           "scripts/train_default.sh, or give --checkpoint)")
     parts = Path(args.parts) if args.parts else shipped_dir()
     if not parts.is_dir():
         raise SystemExit(f"--parts {parts}: not a directory (the folder holding judge-<modality>/, "
@@ -645,6 +650,16 @@ def not_a_file(path: Path) -> str:
     if path.exists():  # a pipe (`--image <(...)`), a device: media are read from regular files only
         return "not a regular file (media are read from files, not pipes or devices)"
     return "file not found"
+
+
+def require_checkpoint_dir(path: str | Path, hint: str = "") -> None:
+    """``--checkpoint`` refused before anything loads unless it is a folder, in the same words by every command
+    (export said "no manifest.json; this is not a complete mmllm checkpoint" of one that did not exist)."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    what = "a file, not a checkpoint directory" if path.exists() else "not found"
+    raise SystemExit(f"--checkpoint {path}: {what}{hint}; give a checkpoint's folder (a training run's step-N)")
 
 
 def check_json_target(path: str | None) -> None:
@@ -726,7 +741,8 @@ exit codes:
   130/143  stopped by Ctrl-C (SIGINT) / SIGTERM (train saves the step under way first)
   141      the reader of stdout stopped reading (`mmllm inspect ... | head`), said nothing
 
-Logs and progress bars go to stderr; results to stdout and the files each command's --help names. \
+Logs and progress bars go to stderr (-q: warnings and errors only, no bars); results to stdout and the \
+files each command's --help names. \
 `mmllm COMMAND --help` gives a command's flags, their defaults, what it writes and an example."""
 
 EPILOGS = {
@@ -803,7 +819,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "model (README.md: the commands, configs, data formats and checkpoints).",
                                 epilog=EXIT_CODES, formatter_class=HelpFormatter)
     verbose_help = "tracebacks of errors and other libraries' INFO logging"
+    quiet_help = "warnings and errors only: no INFO lines, no progress bars (results on stdout are kept)"
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
+    p.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -974,10 +992,11 @@ def build_parser() -> argparse.ArgumentParser:
     wl.add_argument("--out", "--output", type=user_path, required=True, metavar="JSONL", help="the file to write")
     wl.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="longest answer, in tokens")
     wl.set_defaults(fn=cmd_world_distil)
-    # -v also after the command (`mmllm train ... -v`: where users add it when an error asks for it);
-    # SUPPRESS keeps a command's parser from resetting a -v given before the command
+    # -v and -q also after the command (`mmllm train ... -v`: where users add it when an error asks for it);
+    # SUPPRESS keeps a command's parser from resetting a -v or -q given before the command
     for command in (t, i, r, e, d, dc, c, rf, ev, wr, wd, wl):
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
     return p
 
 
@@ -1000,7 +1019,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             command = command_parser(parser, args)  # its usage, not the top level's, with the flag it most resembles
             command.error(unrecognized(extra, command))
-    with cli_logging(args.verbose):
+    if args.verbose and args.quiet:
+        command_parser(parser, args).error("-q/--quiet and -v/--verbose ask for less and more: give one of them")
+    with cli_logging(args.verbose, args.quiet):
         return run_command(args, offline_by_default)
 
 
@@ -1010,6 +1031,12 @@ def command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
             return command_parser(action.choices[getattr(args, action.dest)], args)
     return parser
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """The command ``args`` ran as a user writes it: ``eval``, ``world report``, ``data check``."""
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {sub}" if sub else args.command
 
 
 def unrecognized(extra: list[str], parser: argparse.ArgumentParser) -> str:
@@ -1044,6 +1071,32 @@ def stdout_reader_gone() -> bool:
     return True
 
 
+def after_a_stop(args: argparse.Namespace) -> str:
+    """What a command stopped at once by a signal leaves, and how to go on: the end of its one-line error."""
+    command = command_name(args)
+    if command == "train":
+        return ": the steps since output_dir's newest checkpoint are lost; the same command with --resume goes on from it"
+    if command == "infer":
+        return ": the same command goes on, skipping the requests already answered"
+    if command == "eval":  # eval.json is rewritten after each measurement, report.json after each modality
+        return kept_so_far(Path(args.output) / "eval.json", "measurements")
+    if command == "world report":
+        return kept_so_far(Path(args.output) / "report.json", "modalities")
+    return ""
+
+
+def kept_so_far(results: Path, what: str) -> str:
+    """What ``results`` (eval.json, report.json: rewritten after each measurement, ``"complete": false`` until
+    the last) keeps of a run stopped before its end: nothing said where it is an earlier run's complete one."""
+    try:
+        complete = json.loads(results.read_text()).get("complete")
+    except (OSError, ValueError, AttributeError):  # stopped before the run wrote it
+        return f": no {what} had finished ({results} was not written)"
+    if complete is False:
+        return f': {results} keeps the {what} finished so far ("complete": false); the one under way is lost'
+    return ""
+
+
 def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
     """The parsed command, its errors as one line and an exit code (2: what was given is wrong)."""
     from mmllm.config import ConfigError
@@ -1066,12 +1119,9 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
         return 2
     except KeyboardInterrupt as exc:  # a signal before training's first step, a second one, Ctrl-C elsewhere
         name = exc.args[0] if exc.args and exc.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
-        then = {"train": ": the steps since output_dir's newest checkpoint are lost; the same command with "
-                         "--resume goes on from it",
-                "infer": ": the same command goes on, skipping the requests already answered"}
         if args.verbose:
             log.exception("stopped by %s at once", name)
-        log.error("stopped by %s at once%s", name, then.get(args.command, ""))
+        log.error("stopped by %s at once%s", name, after_a_stop(args))
         return 128 + signal.Signals[name]
     except OSError as exc:  # a path given (or named by a config) that is missing, unreadable or unwritable
         if isinstance(exc, BrokenPipeError) and stdout_reader_gone():

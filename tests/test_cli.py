@@ -608,3 +608,71 @@ def test_a_reader_that_stops_reading_stdout_ends_the_command_quietly_with_sigpip
     finally:
         stdout.close()  # what was left is flushed to /dev/null, not failing again
     assert "Broken pipe" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_shows_warnings_only_no_progress_bars_and_the_same_stdout(where, sample_data, tmp_path, capsys):
+    """CI logs and log files want warnings and errors only: -q (before or after the command) drops the INFO lines
+    and every progress bar (the training loop's sets disable= itself), and keeps what stdout shows."""
+    def quiet(argv):
+        return ["-q", *argv] if where == "before" else [*argv, "-q"]
+
+    train = ["train", "--config", str(REPO / "configs/stages/tiny/instruct.yaml"), f"output_dir={tmp_path / 'run'}",
+             f"data=[{{path: {sample_data['chat']}, format: mmllm-chat}}]", "init_from=null", "max_steps=2"]
+    assert main(quiet(train)) == 0
+    out, err = capsys.readouterr()
+    assert (tmp_path / "run" / "step-2").is_dir() and out == ""
+    assert "it/s" not in err and "\r" not in err and " INFO " not in err, err
+    infer = ["infer", "--checkpoint", str(tmp_path / "run" / "step-2"), "--prompt", "What is this?",
+             "--output", str(tmp_path / "answers"), "--max-new-tokens", "4", "--overwrite"]
+    assert main(infer) == 0
+    loud_out, loud_err = capsys.readouterr()
+    assert "infer: 100%" in loud_err and " INFO " in loud_err  # what -q leaves out is there without it
+    assert main(quiet(infer)) == 0
+    out, err = capsys.readouterr()
+    record, loud_record = json.loads(out), json.loads(loud_out)
+    assert record.pop("seconds").keys() == loud_record.pop("seconds").keys()  # timings: all else is the same
+    assert record["id"].startswith("prompt-") and record == loud_record
+    assert "req/s" not in err and "\r" not in err and " INFO " not in err, err
+    assert all(" WARNING " in line or " ERROR " in line for line in err.splitlines() if line.strip()), err
+
+
+def test_quiet_and_verbose_together_are_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["-q", "inspect", "--config", str(TINY), "-v"])
+    assert stopped.value.code == 2
+    assert "-q/--quiet and -v/--verbose" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "--dtype", "float16"],  # said "no manifest.json; this is not a complete mmllm checkpoint"
+    ["export", "--merge-lora"],
+    ["infer", "--prompt", "hi"],
+    ["refine", "--data", "DATA"],
+    ["eval", "--allow-other-parts"],
+])
+@pytest.mark.parametrize("given", ["missing", "file"])
+def test_a_checkpoint_that_is_not_there_or_a_file_is_said_so_alike_by_every_command(argv, given, tmp_path,
+                                                                                    sample_data, capsys):
+    checkpoint = tmp_path / "runs" / "step-30"
+    if given == "file":
+        checkpoint.parent.mkdir()
+        checkpoint.write_text("")
+    argv = [a.replace("DATA", str(sample_data["chat"])) for a in argv]
+    assert main([argv[0], "--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), *argv[1:]]) == 2
+    err = capsys.readouterr().err
+    said = "not found" if given == "missing" else "a file, not a checkpoint directory"
+    assert f"--checkpoint {checkpoint}: {said}; give a checkpoint's folder" in err, err
+    assert "manifest" not in err and "Traceback" not in err and "malformed" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_library_says_a_missing_checkpoint_is_missing_not_incomplete(tmp_path):
+    from mmllm.training.checkpoint import CheckpointError, export_weights_only, read_meta
+
+    with pytest.raises(CheckpointError, match="checkpoint directory not found") as err:
+        export_weights_only(tmp_path / "nowhere", tmp_path / "out", "float16")
+    assert "manifest" not in str(err.value)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match="a file, not a checkpoint directory"):
+        read_meta(tmp_path / "file")

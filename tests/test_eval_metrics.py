@@ -328,3 +328,56 @@ def test_a_toy_part_source_not_found_here_is_not_called_another_part(monkeypatch
     default = load_assembly(REPO / "configs/assemblies/default.yaml")
     every = [(t, m) for t in ("encoders", "decoders") for m in ("image", "audio", "video")]
     assert identity.other_parts(default, every, [shipped_dir()]) == []
+
+
+def test_ctrl_c_during_the_eval_command_says_eval_json_keeps_the_finished_measurements(tiny_model, tmp_path,
+                                                                                       monkeypatch, capsys):
+    """The stop said "stopped by SIGINT at once" and no more: eval.json, rewritten after each measurement, keeps
+    those finished; a stop before the first one has nothing to keep."""
+    from mmllm.cli import main
+
+    checkpoint = tiny_model.save_pretrained(tmp_path / "ckpt")
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt("SIGINT")
+
+    monkeypatch.setattr(model_eval, "perplexities", ctrl_c)  # text, the last measurement: after x2t is saved
+    out = tmp_path / "out"
+    argv = ["eval", "--checkpoint", str(checkpoint), "--output", str(out), "--tasks", "x2t,text", "--modalities",
+            "image", "--items", "1", "--allow-other-parts"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert f'{out / "eval.json"} keeps the measurements finished so far ("complete": false)' in err
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["complete"] is False and saved["x2t"]["image"]["seen"]["n"] == 1 and saved["text"] == {}
+
+    monkeypatch.setattr(AnyToAnyModel, "from_pretrained", ctrl_c)  # while the model loads: nothing written yet
+    assert main([*argv[:4], str(tmp_path / "other"), *argv[5:]]) == 130
+    assert f"no measurements had finished ({tmp_path / 'other' / 'eval.json'} was not written)" in \
+        capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (shipped_dir() / "judge-video").is_dir(), reason="shipped judges missing")
+def test_ctrl_c_during_world_report_says_report_json_keeps_the_finished_modalities(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from mmllm.cli import main
+    from mmllm.toyworld import report
+
+    parts = tmp_path / "parts"
+    for name in ("judge-audio", "judge-video"):
+        shutil.copytree(shipped_dir() / name, parts / name)
+    real = report.judge_accuracy
+
+    def ctrl_c_at_video(judge, items):
+        if items and items[0].modality == "video":
+            raise KeyboardInterrupt("SIGINT")
+        return real(judge, items)
+
+    monkeypatch.setattr(report, "judge_accuracy", ctrl_c_at_video)
+    out = tmp_path / "out"
+    assert main(["world", "report", "--parts", str(parts), "--output", str(out), "--modalities", "audio,video",
+                 "--per-combo", "1"]) == 130
+    assert f'{out / "report.json"} keeps the modalities finished so far' in capsys.readouterr().err
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["complete"] is False and list(saved["modalities"]) == ["audio"]

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mmllm.data.cache import FeatureCache, Section
 from mmllm.data.fingerprint import (
@@ -34,6 +33,7 @@ from mmllm.data.fingerprint import (
     text_hash,
 )
 from mmllm.data.media import SAMPLE_ERRORS, load_media
+from mmllm.progress import progress_bar
 
 if TYPE_CHECKING:
     from mmllm.data.formats import Conversation
@@ -138,7 +138,7 @@ class Precomputed:
         my_paths = {m: list(files)[rank::world] for m, files in paths.items()}
         my_targets = {m: list(captions)[rank::world] for m, captions in targets.items()}
         items = sum(map(len, my_paths.values())) + sum(map(len, my_targets.values()))
-        with tqdm(total=items, desc="checking precomputed inputs (cache.require)", disable=items < 1000) as bar:
+        with progress_bar(total=items, desc="checking precomputed inputs (cache.require)", disable=items < 1000) as bar:
             for m, files in my_paths.items():
                 fp = self.encoder_fingerprints.get(m)
                 section = self.cache.section("encoder", m, fp) if self.cache is not None and fp else None

@@ -55,8 +55,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from mmllm.atomic import fsync_dir, without_link
 from mmllm.config import MODALITIES, check_guidance
 from mmllm.data.formats import PLACEHOLDER_RE
@@ -87,6 +85,7 @@ from mmllm.inference.generate import (
     run_decoder,
     token_spec,
 )
+from mmllm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -615,7 +614,7 @@ class _Run:
         self.seconds = {"prepare": 0.0, "llm": 0.0, "decode": 0.0, "write": 0.0}
         self.queues: dict[tuple, list[DecodeJob]] = {}
         self.spec = token_spec(model)
-        self.bar = tqdm(total=total, desc="infer", unit="req", dynamic_ncols=True)
+        self.bar = progress_bar(total=total, desc="infer", unit="req", dynamic_ncols=True)
 
     def fail(self, rid: str, stage: str, error: str, **extra: Any) -> None:
         self.counts["failed"] += 1

@@ -33,11 +33,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mmllm.atomic import atomic_write_text
 from mmllm.config import ConfigError
 from mmllm.inference.generate import Request
+from mmllm.progress import progress_bar
 from mmllm.toyworld.evaluate import decoder_accuracy
 from mmllm.toyworld.judges import Judge, attribute_accuracy
 from mmllm.toyworld.world import MODALITIES, Item, World, balanced_items
@@ -89,7 +89,7 @@ def _chunks(seq: list[Any], size: int) -> list[list[Any]]:
 
 def _generate(model, requests: list[Request], options: EvalOptions, decode: bool, what: str) -> list[Any]:
     out = []
-    for chunk in tqdm(_chunks(requests, options.batch_size), desc=what, leave=False):
+    for chunk in progress_bar(_chunks(requests, options.batch_size), desc=what, leave=False):
         out += model.generate(chunk, max_new_tokens=options.max_new_tokens, decode_media=decode,
                               steps=options.steps, guidance=options.guidance)
     return out

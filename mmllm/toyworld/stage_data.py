@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from mmllm.atomic import atomic_write_text
 from mmllm.data.media import save_media
+from mmllm.progress import progress_bar
 from mmllm.toyworld.world import MODALITIES, Combo, Split, World
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class _Media:
             combos = world.combos(modality, split)
             folder = out / "media" / modality
             folder.mkdir(parents=True, exist_ok=True)
-            for c, combo in enumerate(tqdm(combos, desc=f"rendering {modality}", leave=False)):
+            for c, combo in enumerate(progress_bar(combos, desc=f"rendering {modality}", leave=False)):
                 for k in range(renderings[modality]):
                     item_seed = int(np.random.default_rng([seed, MODALITIES.index(modality), c, k, tag]).integers(2**62))
                     rel = f"media/{modality}/{'-'.join(combo)}-{k}{SUFFIX[modality]}"
@@ -398,7 +398,7 @@ def distil_plain_chat(model_core: Any, prompts: tuple[str, ...], out: Path, max_
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos_ids, stops = core_end_of_turn_ids(model_core), core_end_of_turn_texts(model_core)
     records = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="distilling plain chat"):
+    for start in progress_bar(range(0, len(prompts), batch_size), desc="distilling plain chat"):
         chunk = prompts[start : start + batch_size]
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                  for p in chunk]

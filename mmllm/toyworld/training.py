@@ -2,7 +2,7 @@
 
 A :class:`Recipe` says what learns (:meth:`~Recipe.trainable`), what one step's loss is (a pure
 function of the step index: data come from seeded samplers) and how the result is exported. The
-loop adds AdamW, linear warm-up then cosine decay to 10 %, gradient clipping, a tqdm bar, and a
+loop adds AdamW, linear warm-up then cosine decay to 10 %, gradient clipping, a progress bar, and a
 checkpoint (modules, optimizer, step, losses) every ``save_every`` steps: ``resume=True`` continues
 from it and reaches the same weights as an uninterrupted run (torch's global RNG is re-seeded from
 ``(seed, step)`` at every step, so dropout masks do not depend on where a run was interrupted).
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mmllm.atomic import atomic_write
+from mmllm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def train(
     end = recipe.optim.steps if max_steps is None else min(recipe.optim.steps, step + max_steps)
     step_seconds: list[float] = []
     step_cpu_seconds: list[float] = []
-    bar = tqdm(total=end, initial=step, desc=recipe.name, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=end, initial=step, desc=recipe.name, disable=not progress, dynamic_ncols=True)
     while step < end:
         started, cpu_started = time.perf_counter(), time.process_time()
         for group in optimizer.param_groups:

@@ -177,12 +177,25 @@ def _inside(rel: str) -> bool:
     return bool(rel) and ":" not in parts[0] and not any(p in ("", ".", "..") for p in parts)
 
 
+def require_checkpoint_folder(directory: Path) -> None:
+    """A checkpoint path that is no folder (a typo, a file) said as such: "no manifest.json; this is not a complete
+    mmllm checkpoint" told of a folder that does not exist, as if it were a broken checkpoint."""
+    directory = Path(directory)
+    if directory.is_dir():
+        return
+    if directory.exists():
+        raise CheckpointError(f"{directory}: a file, not a checkpoint directory; give the checkpoint's folder "
+                              "(a training run's step-N)")
+    raise CheckpointError(f"checkpoint directory not found: {directory}")
+
+
 def verify_manifest(root: Path) -> None:
     """Every file of the checkpoint ``root`` against its manifest, before any of them is used: each listed file
     must be there with its hash, and each file there must be listed (an unlisted one, e.g. weights or code
     added to a downloaded checkpoint, would be read unchecked) unless it is one mmllm never reads that hubs add
     (:data:`EXTRA_FILES`); entries leading outside ``root`` and linked folders are refused."""
     root = Path(root)
+    require_checkpoint_folder(root)
     manifest = root / MANIFEST
     if not manifest.is_file():
         raise CheckpointError(f"{root}: no {MANIFEST}; this is not a complete mmllm checkpoint."
@@ -296,6 +309,7 @@ def save_model_checkpoint(model, directory: Path, extra: dict[str, Any]) -> Path
 
 
 def read_meta(directory: Path) -> dict[str, Any]:
+    require_checkpoint_folder(directory)
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory}: no {CONFIG_FILE}; is this an mmllm checkpoint directory?"
@@ -410,8 +424,7 @@ def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify:
     from mmllm.model import AnyToAnyModel
 
     directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {directory}")
+    require_checkpoint_folder(directory)
     if verify:
         verify_manifest(directory)
     meta = read_meta(directory)

@@ -3,7 +3,7 @@
 A stage differs only in its data (caption pairs or conversations), which groups learn, and which
 losses count -- all declared in its YAML. The loop: build (or load ``init_from``), attach LoRA if
 asked, apply the trainable set, check the data before any step, then optimise with gradient
-accumulation, warmup + decay, clipping, a tqdm bar, a log line every ``log_every`` steps and TensorBoard
+accumulation, warmup + decay, clipping, a progress bar, a log line every ``log_every`` steps and TensorBoard
 (:mod:`.metrics`); checkpoints hold only what learned plus the resolved config and the training state
 needed for an exact ``--resume``.
 """
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from mmllm import registry
 from mmllm.atomic import atomic_write_text
@@ -53,6 +52,7 @@ from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
 from mmllm.folder_lock import hold_folder, holder, missing_folders, remove_empty
 from mmllm.model import AnyToAnyModel, lora_layer_names, unit_counts
+from mmllm.progress import progress_bar
 from mmllm.seeding import global_generators_kept
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import zero
@@ -353,8 +353,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     inner.sharded = accelerator.distributed_type == DistributedType.FSDP
     pad_id = inner.llm.tokenizer.pad_token_id
 
-    bar = tqdm(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
-               desc=cfg.stage, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    bar = progress_bar(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
+                       desc=cfg.stage, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
     parts_keys = _part_keys(inner)
     nonfinite_in_row, since_save = 0, []
     model.train()

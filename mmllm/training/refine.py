@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from mmllm.data.dataset import SampleError, StageDataset, collate
 from mmllm.data.formats import Conversation
+from mmllm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def collect_signal_states(model, conversations: list[Conversation], batch_size: 
     ds = StageDataset(conversations, tok, token_spec(model), preprocess)
     parts: dict[str, dict[str, list[torch.Tensor]]] = {}
     cache = SignalCache()
-    for start in tqdm(range(0, len(ds), batch_size), desc="caching signal states"):
+    for start in progress_bar(range(0, len(ds), batch_size), desc="caching signal states"):
         samples = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
         cache.skipped += sum(isinstance(s, SampleError) for s in samples)
         batch = collate(samples, tok.pad_token_id)
@@ -116,7 +116,7 @@ def refine_output_projections(
         gen = torch.Generator().manual_seed(seed)
         proj.train()
         last = float("nan")
-        bar = tqdm(range(steps), desc=f"refining output_projections.{m}", leave=False)
+        bar = progress_bar(range(steps), desc=f"refining output_projections.{m}", leave=False)
         for _ in bar:
             pick = train[torch.randint(len(train), (min(batch_size, len(train)),), generator=gen)]
             loss = relative_mse(proj(h[pick].to(dtype), e[pick].to(dtype)), t[pick])

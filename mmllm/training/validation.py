@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from mmllm.config import LossConfig
 from mmllm.data.dataset import SampleError, StageDataset, collate
 from mmllm.model import unit_counts
+from mmllm.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +197,8 @@ def evaluate(accelerator, model, inner, validation: Validation, losses: LossConf
             return with_frozen_outputs(accelerator, inner, batch, losses)
     try:
         with torch.no_grad():
-            for b, picks in enumerate(tqdm(batches, desc="validation", leave=False,
-                                           disable=not accelerator.is_local_main_process or len(batches) < 10)):
+            for b, picks in enumerate(progress_bar(batches, desc="validation", leave=False,
+                                                   disable=not accelerator.is_local_main_process or len(batches) < 10)):
                 batch = validation.batch(picks, inner.llm.tokenizer.pad_token_id, freeze)
                 skipped += len(batch["skipped"])
                 empty = "input_ids" not in batch
