@@ -48,7 +48,7 @@ demo: setup
 demo-tiny: setup
 	$(PYTHON) -m mmllm.cli demo --tiny --output outputs/tiny
 
-# The embedded default's quality numbers (README "The embedded default").
+# The embedded default's quality numbers (docs/embedded-default.md).
 eval: setup
 	$(PYTHON) -m mmllm.cli eval --output outputs/eval
 

@@ -1,6 +1,6 @@
 """mmllm: assemble, train and run any-to-any multimodal models from pretrained parts.
 
-The names a script or notebook uses (README.md, "Using mmllm from Python")::
+The names a script or notebook uses (docs/python.md, "Using mmllm from Python")::
 
     from mmllm import AnyToAnyModel, Request, load_assembly, load_stage, train
 

@@ -816,7 +816,7 @@ def add_command(sub, name: str, summary: str, epilog: str | None = None) -> argp
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmllm", description="Assemble, train and run an any-to-any multimodal "
-                                "model (README.md: the commands, configs, data formats and checkpoints).",
+                                "model (docs/ in the repository: the commands, configs, data formats and checkpoints).",
                                 epilog=EXIT_CODES, formatter_class=HelpFormatter)
     verbose_help = "tracebacks of errors and other libraries' INFO logging"
     quiet_help = "warnings and errors only: no INFO lines, no progress bars (results on stdout are kept)"
@@ -846,7 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "+ index.html out (exit 1 if any request failed)", EPILOGS["infer"])
     r.add_argument("--checkpoint", type=user_path, required=True, metavar="DIR", help="a checkpoint directory (step-N)")
     r.add_argument("--input", type=user_path, metavar="JSONL",
-                   help="requests, one JSON object per line (schema: README, mmllm/inference/runner.py)")
+                   help="requests, one JSON object per line (schema: docs/inference.md, mmllm/inference/runner.py)")
     r.add_argument("--output", type=user_path, required=True, metavar="DIR",
                    help="output folder; re-running on it skips requests already done (refused if they were "
                         "answered with another checkpoint, --seed, --max-new-tokens, ..., --dtype or --device type)")

@@ -3,7 +3,7 @@
 # and ship it into mmllm/toyworld/weights/default-glue. Resumable: re-run it after an interruption and
 # every finished stage is skipped, the interrupted one continues from its last checkpoint.
 #
-#   scripts/train_default.sh                  # everything (about 1.5 h on one core; see README)
+#   scripts/train_default.sh                  # everything (about 1.5 h on one core; see docs/embedded-default.md)
 #   STEPS_SCALE=0.1 scripts/train_default.sh  # a quick smoke run (10% of the steps), not shipped
 #   ACCELERATE="accelerate launch --config_file configs/accelerate/ddp.yaml" scripts/train_default.sh
 #   OVERRIDES="assembly.decoders.image.model=/elsewhere/decoder-image" scripts/train_default.sh

@@ -532,10 +532,12 @@ def _option_help(help_out: str, flag: str) -> str:
     return " ".join(" ".join(entry).split())
 
 
-def test_every_mmllm_command_in_the_readme_parses_with_flags_that_exist():
-    """Each `mmllm ...` line of the README's shell blocks, and each inline `mmllm ...` with flags, names flags
-    the command has (spelled out, not an abbreviation argparse would also take)."""
-    text = (REPO / "README.md").read_text()
+def test_every_mmllm_command_in_the_docs_parses_with_flags_that_exist():
+    """Each `mmllm ...` line of the shell blocks of README.md and docs/*.md, and each inline `mmllm ...` with
+    flags, names flags the command has (spelled out, not an abbreviation argparse would also take)."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    assert len(pages) > 5
+    text = "\n".join(page.read_text() for page in pages)
     lines, block = [], False
     for line in re.sub(r"\\\n\s*", " ", text).splitlines():
         if line.startswith("```"):
@@ -551,11 +553,11 @@ def test_every_mmllm_command_in_the_readme_parses_with_flags_that_exist():
     for n, line in enumerate(lines):
         words = line.split("#")[0].split()
         path = max((p for p in parsers if tuple(words[:len(p)]) == p), key=len, default=None)
-        assert path is not None, f"README: {line!r} names no command"
+        assert path is not None, f"docs: {line!r} names no command"
         flags = {o for a in parsers[path]._actions for o in a.option_strings}
         for word in words:
             flag = re.match(r"\[?(--?[a-z][a-z-]*)", word)
-            assert flag is None or flag.group(1) in flags, f"README: {line!r}: {path[-1]} has no {flag.group(1)}"
+            assert flag is None or flag.group(1) in flags, f"docs: {line!r}: {path[-1]} has no {flag.group(1)}"
         if n < runnable and path != ("mmllm",) and not re.search(r"[[|]|\.\.\.", line):  # a synopsis is not run as written
             _parse_example(line.split("#")[0])
 

@@ -152,7 +152,7 @@ def test_generate_types_and_seed_batch_invariance(decoders, modality):
         assert all(f.size == (32, 32) and f.mode == "RGB" for x in batch for f in x.frames)
     alone = decoder.generate(cond[1:], seeds=[12])
     a, b = as_array(alone[0]), as_array(batch[1])
-    # float noise between batch sizes can move a decoded 8-bit pixel by one quantisation step (README: use
+    # float noise between batch sizes can move a decoded 8-bit pixel by one quantisation step (docs/inference.md: use
     # --decode-batch-size 1 for bit-identical files); seen once in 3072 pixels
     if modality == "audio":  # float samples
         np.testing.assert_allclose(a, b, atol=1e-5)

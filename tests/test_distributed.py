@@ -347,7 +347,7 @@ def test_zero2_takes_the_stage_settings_and_refuses_what_it_cannot_run():
 
 
 def test_the_shipped_cpu_config_starts_two_processes(sample_data, tmp_path):
-    """README: `accelerate launch --config_file configs/accelerate/cpu_2proc.yaml ...` as written, no flags
+    """docs/distributed.md: `accelerate launch --config_file configs/accelerate/cpu_2proc.yaml ...` as written, no flags
     added (a MULTI_CPU config started one process)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(REPO / "configs/accelerate/cpu_2proc.yaml"), f"--main_process_port={_free_port()}", "-m", "mmllm.cli"]

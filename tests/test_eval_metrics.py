@@ -190,7 +190,7 @@ def test_held_out_text_reads_the_shipped_file_without_pydoc_data(tiny_model, mon
 @pytest.mark.skipif(platform.python_version() != "3.11.7", reason="the shipped passages are CPython 3.11.7's")
 def test_the_shipped_passages_are_the_paragraphs_python_3_11_7s_pydoc_data_gave(tiny_model):
     """On the Python they were taken from, the frozen passages (and the tokens eval measures on) are what
-    held_out_text read from pydoc_data before: the README's 3.11.7 figures hold."""
+    held_out_text read from pydoc_data before: docs/embedded-default.md's 3.11.7 figures hold."""
     from pydoc_data.topics import topics
 
     freeze = _freeze_passages()

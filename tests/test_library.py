@@ -1,5 +1,5 @@
 """mmllm used as a Python library (a notebook or a script of one's own), not through the CLI: what a call
-leaves behind in the caller's process, and the README's Python examples, run as written."""
+leaves behind in the caller's process, and docs/python.md's examples, run as written."""
 
 from __future__ import annotations
 
@@ -77,22 +77,19 @@ def test_building_a_model_leaves_the_root_logger_unconfigured(tiny_assembly, mon
     assert root.handlers == []
 
 
-def _readme_section_code(title: str) -> str:
-    """The ```python blocks of README.md's section ``title``, in order, as one script (they build on each
-    other, as a notebook's cells do)."""
-    text = (REPO / "README.md").read_text()
-    start = text.index(f"\n## {title}\n")
-    end = text.find("\n## ", start + 1)
-    blocks = re.findall(r"```python\n(.*?)```", text[start:end if end >= 0 else None], re.S)
-    assert blocks, f"README.md's section {title!r} holds no Python code"
+def _docs_page_code(page: str) -> str:
+    """The ```python blocks of the docs page ``page``, in order, as one script (they build on each other, as a
+    notebook's cells do)."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / page).read_text(), re.S)
+    assert blocks, f"docs/{page} holds no Python code"
     return "\n".join(blocks)
 
 
-def test_the_readme_python_section_runs_as_written(tmp_path):
-    """The README's library examples, run as a script from a folder that has the repository's configs/ and
+def test_the_python_docs_page_runs_as_written(tmp_path):
+    """docs/python.md's library examples, run as a script from a folder that has the repository's configs/ and
     data/ (as the repository root does), in a fresh process: what they print is what they claim."""
-    script = tmp_path / "readme_example.py"
-    script.write_text(_readme_section_code("Using mmllm from Python"))
+    script = tmp_path / "docs_example.py"
+    script.write_text(_docs_page_code("python.md"))
     for name in ("configs", "data"):
         (tmp_path / name).symlink_to(REPO / name)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

@@ -120,7 +120,7 @@ def test_a_stop_request_saves_without_waiting_for_the_validation(sample_data, tm
 
 def test_the_held_out_denoising_loss_does_not_depend_on_the_batch_size(sample_data, tmp_path):
     """Each held-out signal group draws its noise from its own seed: scoring the set in batches of 1 or of 3
-    (or on more processes) gives the same denoising loss, as README says of every part."""
+    (or on more processes) gives the same denoising loss, as docs/distributed.md says of every part."""
     from accelerate import Accelerator
 
     from mmllm.data.dataset import StageDataset, load_stage_records
