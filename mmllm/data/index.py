@@ -286,13 +286,13 @@ def index_dataset(ds: Any, stage: str) -> tuple[ConversationIndex, list[str], li
             offsets.append(offset)
             lengths.append(length)
             lines.append(lineno)
+        checksum: int | None = _checksum(fh.fileno(), identity[2])
+        if ConversationIndex._file_identity(os.fstat(fh.fileno())) != identity:
+            checksum = None  # changed while it was read: the first sample drawn says so
     except BaseException:
         fh.close()
         raise
     log_skipped(parser.path, malformed)
-    checksum = _checksum(fh.fileno(), identity[2])
-    if ConversationIndex._file_identity(os.fstat(fh.fileno())) != identity:
-        checksum = None  # changed while it was read: the first sample drawn says so
     index = ConversationIndex(parser, stage, fh, _compact(offsets), _compact(lengths), _compact(lines), summary,
                               identity, checksum)
     return index, malformed, unusable
