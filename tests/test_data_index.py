@@ -166,3 +166,61 @@ def test_a_sample_drawn_from_a_file_changed_in_place_stops_training_rather_than_
         ds[0]
     with pytest.raises(DataFileChanged):
         ds.length(1)
+
+
+def test_a_data_file_touched_but_unchanged_is_read_on(tmp_path):
+    """Only the modification time moved (``touch``, a copy of the same bytes written in place): the samples are
+    the ones read at the start, so the run goes on; a change of the bytes is still refused."""
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, b"\n")
+    index, _, _ = index_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "encode-align")
+    was = list(index)
+    os.utime(path, ns=(10**9, 10**9))
+    assert list(index) == was
+    path.write_bytes(path.read_bytes())  # the same bytes written again in place
+    assert list(index) == was
+    path.write_bytes(path.read_bytes().replace(b"p0", b"q0"))
+    os.utime(path, ns=(2 * 10**9, 2 * 10**9))
+    with pytest.raises(DataFileChanged):
+        index[0]
+
+
+def test_a_copy_opening_the_file_again_reads_a_renamed_over_identical_file_and_refuses_another(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, b"\n")
+    index, _, _ = index_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "encode-align")
+    copy = pickle.loads(pickle.dumps(index))  # a spawned data-loader worker's: it opens the file by its name
+    same = tmp_path / "same.jsonl"
+    same.write_bytes(path.read_bytes())
+    os.replace(same, path)  # e.g. a data folder synced again
+    assert list(copy) == list(index)
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(path.read_bytes().replace(b"p0", b"q0"))
+    os.replace(other, path)
+    copy = pickle.loads(pickle.dumps(index))
+    with pytest.raises(DataFileChanged, match=f"data file {path}"):
+        copy[0]
+    assert index[0].id == "p0"  # the original still reads the file it opened
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts this process's open files in /proc")
+def test_more_data_files_than_the_process_may_open_are_read(tmp_path):
+    """A run of many data files (shards) holds a bounded number of them open: one descriptor per data file ran
+    out of them (ulimit -n, often 1024) and stopped the run before step 1."""
+    import resource
+
+    paths = []
+    for k in range(150):
+        p = tmp_path / f"shard{k}.jsonl"
+        p.write_text(json.dumps({"id": f"s{k}", "modality": "image", "media": "x.png", "caption": f"c {k}"}) + "\n")
+        paths.append(p)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    gc.collect()
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 100, hard))
+    try:
+        per, _, _ = load_stage_records([DatasetConfig(path=str(p), format="mmllm-pairs") for p in paths],
+                                       "encode-align")
+        assert [convs[0].id for convs in per] == [f"s{k}" for k in range(150)]
+        assert [convs[0].id for convs in reversed(per)] == [f"s{k}" for k in reversed(range(150))]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -7,15 +7,24 @@ Held as Python objects (:class:`~mmllm.data.formats.Conversation`, its messages,
 CC3M-size file of 3 M caption pairs took 1.6 KB a sample, 4.7 GB in every training process (9.8 GB at the
 peak of reading it); the index takes 48 MB.
 
-The file stays open while the index lives: a file replaced (renamed over, as editors and ``cp`` to
-another name then ``mv`` do) is still read as it was; a file changed in place is refused at the next read
-(:class:`DataFileChanged`), naming it, rather than giving other samples than the ones read at the start.
+The file stays open while the index lives (a process holds at most :data:`OPEN_DATA_FILES` data files open,
+the least recently read closed first, so that thousands of data files do not run out of file descriptors): a
+file replaced (renamed over, as editors and ``cp`` to another name then ``mv`` do) is still read as it was; a
+file changed in place is refused at the next read (:class:`DataFileChanged`), naming it, rather than giving
+other samples than the ones read at the start. A file whose size or modification time moved while its bytes
+stayed the same (``touch``, the same bytes copied over it, a closed file opened again by its name after an
+identical copy replaced it) is read on: the index keeps a checksum of the bytes it read (CRC-32, some GB/s).
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
+import threading
+import zlib
 from array import array
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +44,10 @@ from mmllm.data.formats import (
 from mmllm.data.template import pair_to_conversation
 
 EMPTY_REPLY_IDS = 5  # ids of conversations with empty replies kept for the warning that names them
+OPEN_DATA_FILES = 64  # data files a process holds open at once (an index whose file was closed opens it again)
+CHECKSUM_CHUNK = 1 << 23
+
+log = logging.getLogger(__name__)
 
 
 class DataFileChanged(Exception):
@@ -98,16 +111,69 @@ def _compact(values: array) -> np.ndarray:
     return out.astype(np.int32) if not len(out) or out.max() <= np.iinfo(np.int32).max else out.copy()
 
 
+class _OpenFiles:
+    """The data files the indexes of this process hold open, at most ``limit``: the least recently read is
+    closed first (its index opens it again by its name when it is next read). ``lock`` is held while a
+    descriptor is in use, so that no other thread closes it (and the number is reused) under a read."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.files: OrderedDict[int, Any] = OrderedDict()
+        self.lock = threading.RLock()
+
+    def put(self, key: int, fh: Any) -> None:
+        self.files[key] = fh
+        self.files.move_to_end(key)
+        while len(self.files) > self.limit:
+            _, old = self.files.popitem(last=False)
+            old.close()
+
+    def get(self, key: int) -> Any | None:
+        fh = self.files.get(key)
+        if fh is not None:
+            self.files.move_to_end(key)
+        return fh
+
+    def close(self, key: int) -> None:
+        fh = self.files.pop(key, None)
+        if fh is not None:
+            fh.close()
+
+    def after_fork(self) -> None:  # a lock held by another thread at the fork would never be let go in the child
+        self.lock = threading.RLock()
+
+
+_OPEN = _OpenFiles(OPEN_DATA_FILES)
+_KEYS = itertools.count()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_OPEN.after_fork)
+
+
+def _checksum(fd: int, size: int) -> int:
+    """CRC-32 of the first ``size`` bytes of the file open as ``fd``."""
+    crc, offset = 0, 0
+    while offset < size:
+        chunk = os.pread(fd, min(CHECKSUM_CHUNK, size - offset), offset)
+        if not chunk:
+            break
+        crc, offset = zlib.crc32(chunk, crc), offset + len(chunk)
+    return crc
+
+
 class ConversationIndex(Sequence[Conversation]):
     """The usable conversations of one data file for one stage, read from the file when asked for."""
 
     def __init__(self, parser: RecordParser, stage: str, fh: Any, offsets: np.ndarray, lengths: np.ndarray,
-                 lines: np.ndarray, summary: DataSummary, identity: tuple[int, int, int, int]):
+                 lines: np.ndarray, summary: DataSummary, identity: tuple[int, int, int, int],
+                 checksum: int | None = None):
         self.parser, self.stage = parser, stage
         self.offsets, self.lengths, self.lines = offsets, lengths, lines
         self.summary = summary
-        self._fh: Any = fh
         self._identity = identity  # the file's, before it was read
+        self._checksum = checksum  # of the bytes read (None: the file changed while it was read)
+        self._key = next(_KEYS)
+        with _OPEN.lock:
+            _OPEN.put(self._key, fh)
 
     @staticmethod
     def _file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -133,15 +199,16 @@ class ConversationIndex(Sequence[Conversation]):
         if not -n <= index < n:
             raise IndexError(f"sample {index} of a data set of {n}")
         i = index % n
-        fd = self._open()
         line = int(self.lines[i])
-        try:
-            rec = read_span(fd, (int(self.offsets[i]), int(self.lengths[i])))
-            got = self.parser(rec, line)
-        except ValueError as exc:  # what read it at the start reads it again, unless the file changed
-            self._check_unchanged(fd)
-            raise DataFileChanged(f"{self.path}:{line}: the record read at the start of the run cannot be read "
-                                  f"again ({exc})") from exc
+        with _OPEN.lock:
+            fd = self._open()
+            try:
+                rec = read_span(fd, (int(self.offsets[i]), int(self.lengths[i])))
+                got = self.parser(rec, line)
+            except ValueError as exc:  # what read it at the start reads it again, unless the file changed
+                self._check_unchanged(fd)
+                raise DataFileChanged(f"{self.path}:{line}: the record read at the start of the run cannot be read "
+                                      f"again ({exc})") from exc
         return pair_to_conversation(got, self.stage) if isinstance(got, CaptionPair) else got
 
     def __iter__(self) -> Iterator[Conversation]:
@@ -149,33 +216,45 @@ class ConversationIndex(Sequence[Conversation]):
             yield self[i]
 
     def _open(self) -> int:
-        """The file's descriptor, checked to hold what it held when the index was built."""
-        if self._fh is None:  # unpickled: the file is opened again, by its path
-            self._fh = open(self.path, "rb")  # noqa: SIM115 -- held while the index lives
-        self._check_unchanged(self._fh.fileno())
-        return self._fh.fileno()
+        """The file's descriptor, checked to hold what it held when the index was built (``_OPEN.lock`` held)."""
+        fh = _OPEN.get(self._key)
+        if fh is None:  # closed for another data file, or unpickled: the file is opened again, by its path
+            fh = open(self.path, "rb")  # noqa: SIM115 -- held in _OPEN
+            _OPEN.put(self._key, fh)
+        self._check_unchanged(fh.fileno())
+        return fh.fileno()
 
     def _check_unchanged(self, fd: int) -> None:
         now = self._file_identity(os.fstat(fd))
-        if now != self._identity:
-            raise DataFileChanged(
-                f"data file {self.path} changed while the run read samples from it (its size or modification time "
-                "is not what it was when the run started); the samples a step draws are read from it as they are "
-                "needed. Restore the file, or write changes to a new file and rename it over the old one (the run "
-                "keeps reading the one it opened), then resume the run (--resume) to read the new one")
+        if now == self._identity:
+            return
+        if now[2] == self._identity[2] and self._checksum is not None and _checksum(fd, now[2]) == self._checksum:
+            log.info("data file %s: its modification time or inode changed, not its bytes: read on", self.path)
+            self._identity = now  # checked once per change
+            return
+        raise DataFileChanged(
+            f"data file {self.path} changed while the run read samples from it (it no longer holds the bytes "
+            "read when the run started); the samples a step draws are read from it as they are needed. Restore the "
+            "file, or write changes to a new file and rename it over the old one once the run has stopped, then "
+            "resume the run (--resume) to read the new one")
 
     def __getstate__(self) -> dict[str, Any]:  # a copy in another process opens the file again
-        return {k: v for k, v in vars(self).items() if k != "_fh"} | {"_fh": None}
+        return {k: v for k, v in vars(self).items() if k != "_key"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._key = next(_KEYS)
 
     def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        with _OPEN.lock:
+            _OPEN.close(self._key)
 
     def __del__(self) -> None:
-        fh = getattr(self, "_fh", None)
-        if fh is not None:
-            fh.close()
+        if "_key" in vars(self) and _OPEN is not None:  # _OPEN: None at interpreter exit
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 -- a finalizer raises into nothing
+                pass
 
 
 def index_dataset(ds: Any, stage: str) -> tuple[ConversationIndex, list[str], list[str]]:
@@ -207,9 +286,13 @@ def index_dataset(ds: Any, stage: str) -> tuple[ConversationIndex, list[str], li
             offsets.append(offset)
             lengths.append(length)
             lines.append(lineno)
+        checksum: int | None = _checksum(fh.fileno(), identity[2])
+        if ConversationIndex._file_identity(os.fstat(fh.fileno())) != identity:
+            checksum = None  # changed while it was read: the first sample drawn says so
     except BaseException:
         fh.close()
         raise
     log_skipped(parser.path, malformed)
-    index = ConversationIndex(parser, stage, fh, _compact(offsets), _compact(lengths), _compact(lines), summary, identity)
+    index = ConversationIndex(parser, stage, fh, _compact(offsets), _compact(lengths), _compact(lines), summary,
+                              identity, checksum)
     return index, malformed, unusable
