@@ -94,6 +94,13 @@ def data_summary(conversations: Sequence[Conversation]) -> DataSummary:
     return DataSummary.of(conversations)
 
 
+def embedded_output_modalities(conversations: Iterable[Conversation]) -> set[str]:
+    """The output modalities some conversation gives a precomputed embedding for: from the summaries gathered
+    as the data was read (a :class:`Chained` of indexes is not read again), else by reading them now."""
+    parts = conversations.parts if isinstance(conversations, Chained) else [conversations]
+    return set().union(*(data_summary(part).embedded_outputs for part in parts))
+
+
 class Chained(Iterable[Conversation]):
     """The conversations of several data sets, one after the other, read again at each pass (not held)."""
 

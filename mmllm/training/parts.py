@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from mmllm.config import ConfigError, LossConfig
 from mmllm.data.formats import Conversation
-from mmllm.data.index import data_summary
+from mmllm.data.index import data_summary, embedded_output_modalities
 from mmllm.data.precomputed import Coverage, Precomputed
 from mmllm.encoders.base import EncoderShape
 
@@ -91,7 +91,7 @@ def release_cached(model: AnyToAnyModel, precomputed: Precomputed, conversations
     no longer fall back (``precomputed.required``)."""
     require_cache_folder(precomputed)
     cache_dir = precomputed.cache_dir
-    embedded = {o.modality for c in conversations for o in c.output_refs() if o.embedding is not None}
+    embedded = embedded_output_modalities(conversations)  # gathered as the data was read, not a pass of its own
     parts = sorted({*(f"encoder/{m}" for m in precomputed.encoder_fingerprints),
                     *(f"condition/{m}" for m, d in model.decoders.items()
                       if precomputed.use_targets and getattr(d, "parts", None) in TEXT_SIDE_RELEASE
