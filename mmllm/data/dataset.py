@@ -281,7 +281,7 @@ class LengthGroupedSampler:
     without help each process tokenized the chunk's every draw (8 processes x batch 32: 12,800 encodes per
     chunk on each). :meth:`share_lengths`, called by every process before each step's micro-batches, has each
     process tokenize a ``1/processes`` share of the chunk's samples not yet known and exchange them: the same
-    exact lengths, so the same batches, for a ``1/processes`` of the tokenizing (docs/training.md, the figures).
+    exact lengths, so the same batches, for a ``1/processes`` of the tokenizing (the figures: docs/configs.md).
     """
 
     def __init__(self, base: MixtureSampler, length: Callable[[int, int], int], group_batches: int = GROUP_BATCHES):
