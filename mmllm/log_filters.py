@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
 
 DIFFUSERS_PIPELINES = "diffusers.pipelines.pipeline_utils"  # the logger of both messages
+# The pipeline classes mmllm's decoder kinds build (mmllm.decoders._diffusion.PIPELINE_KINDS, kept equal by a
+# test): a deprecation notice about one of them is about mmllm's choice, which no user setting changes.
+MMLLM_PIPELINES = frozenset({"StableDiffusionPipeline", "AudioLDMPipeline", "TextToVideoSDPipeline"})
+_DEPRECATED = re.compile(r"The (\w+) has been deprecated and will not receive bug fixes")
 
 
 class DiffusersNoise(logging.Filter):
     """The pipeline-argument type hints our own parts trip on purpose (a MiniLM text encoder where the
-    pipeline's annotation names CLIP), and the same deprecation notice of a pipeline class after its
-    first time in the process."""
+    pipeline's annotation names CLIP); diffusers' deprecation notices about the pipeline classes mmllm builds
+    (``The AudioLDMPipeline has been deprecated ...``, at the first build in a process: even under ``mmllm -q``);
+    and the same deprecation notice of any other pipeline class after its first time in the process."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -26,8 +32,8 @@ class DiffusersNoise(logging.Filter):
         message = record.getMessage()
         if message.startswith("Expected types for "):
             return False
-        if "has been deprecated and will not receive bug fixes" in message:
-            if message in self.seen:
+        if deprecated := _DEPRECATED.search(message):
+            if deprecated.group(1) in MMLLM_PIPELINES or message in self.seen:
                 return False
             self.seen.add(message)
         return True

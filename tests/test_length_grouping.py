@@ -5,6 +5,7 @@ on ``--resume``, recorded in the checkpoint and compared on resume."""
 import collections
 import json
 import logging
+import threading
 from dataclasses import replace as dataclasses_replace
 
 import numpy as np
@@ -100,6 +101,85 @@ def test_processes_share_what_one_process_with_their_batch_reads(world, accum):
     one = batches(s, 20, batch=2 * world, accum=accum)
     shares = [batches(grouped(), 20, batch=2, world=world, rank=r, accum=accum) for r in range(world)]
     assert [sum((share[k] for share in shares), []) for k in range(len(one))] == one
+
+
+class Processes:
+    """``world`` processes of one run, as threads, each with its own sampler and its own count of the lengths
+    it measured; ``exchange`` is an all-gather among them (each thread's part, in process order)."""
+
+    def __init__(self, world, **sampler_kwargs):
+        self.world, self.barrier = world, threading.Barrier(world)
+        self.parts = [None] * world
+        self.measured = [collections.Counter() for _ in range(world)]
+        self.samplers = [self._sampler(r, **sampler_kwargs) for r in range(world)]
+
+    def _sampler(self, rank, seed=0, group_batches=5, sizes=SIZES, weights=WEIGHTS):
+        def counted(d, i):
+            self.measured[rank][(d, i)] += 1
+            return synthetic_length(d, i)
+
+        return LengthGroupedSampler(MixtureSampler(sizes, weights, seed), counted, group_batches)
+
+    def exchange(self, rank):
+        def gather(work):
+            self.parts[rank] = work()
+            self.barrier.wait()
+            every = list(self.parts)
+            self.barrier.wait()  # every process has read them before the next exchange writes
+            return every
+
+        return gather
+
+    def batches(self, steps, batch, accum=1, first_step=0):
+        """Each process's micro-batches of ``steps`` steps, as the training loop asks for them."""
+        out = [None] * self.world
+
+        def run(rank):
+            sampler, mine = self.samplers[rank], []
+            for step in range(first_step, first_step + steps):
+                for micro in range(accum):
+                    sampler.share_lengths(step, micro, accum, rank, self.world, batch, self.exchange(rank))
+                    mine.append(sampler.micro_batch(step, micro, accum, rank, self.world, batch))
+            out[rank] = mine
+
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert all(b is not None for b in out), "a process did not finish (an exchange not reached by all)"
+        return out
+
+
+@pytest.mark.parametrize(("world", "accum"), [(2, 1), (4, 2), (3, 3)])
+def test_processes_share_the_tokenizing_of_a_chunk_and_still_read_the_same_batches(world, accum):
+    """Each process measured every length of each chunk (8 processes x batch 32: 12,800 encodes per chunk on
+    each); now each measures about 1/world of them, and the batches are exactly those it found alone."""
+    run = Processes(world)
+    shared = run.batches(40, batch=2, accum=accum)  # 40 x accum micro-batches of 2 x world: past one epoch
+    for rank in range(world):
+        assert shared[rank] == batches(grouped(), 40, batch=2, world=world, rank=rank, accum=accum)
+    every = sum(run.measured, collections.Counter())
+    assert set(every.values()) == {1}  # each sample measured once, by one process, across epochs
+    drawn = {p for b in shared[0] for p in b}
+    assert set(every) == {p for share in shared for b in share for p in b} and len(drawn) > 0
+    for counted in run.measured:
+        assert len(counted) <= -(-len(every) // world) + 5  # a share: ~1/world (rounding per chunk)
+
+
+def test_a_resumed_process_shares_from_its_first_step_and_reads_what_an_uninterrupted_one_does():
+    whole = Processes(2).batches(30, batch=3)
+    resumed = Processes(2).batches(18, batch=3, first_step=12)  # mid-chunk: group_batches=5
+    assert [share[12:] for share in whole] == resumed
+
+
+def test_later_epochs_measure_nothing_again():
+    run = Processes(2, sizes=[20], weights=[1.0])  # an epoch is 20 draws: 2 chunks of 5 batches x 1 x 2 processes
+    run.batches(10, batch=1)
+    first = [sum(c.values()) for c in run.measured]
+    assert sum(first) == 20 and first == [10, 10]
+    run.batches(50, batch=1, first_step=10)  # 5 more epochs
+    assert [sum(c.values()) for c in run.measured] == first
 
 
 def test_the_default_sampler_is_the_mixture_itself(tiny_model, sample_data, tmp_path):

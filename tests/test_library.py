@@ -3,6 +3,7 @@ leaves behind in the caller's process, and docs/python.md's examples, run as wri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -161,29 +162,75 @@ def test_the_command_line_adds_its_log_filter_once_however_often_it_runs():
     assert sum(isinstance(f, DiffusersNoise) for f in logger.filters) == 1
 
 
-def test_a_deprecated_pipelines_notice_is_shown_once_a_process_in_library_use(tiny_assembly):
-    """diffusers warns each time an AudioLDM (or text-to-video) pipeline is built: built for every model, it
-    repeated in a script's output; the command line showed it once. Now the library shows it once too."""
+@contextlib.contextmanager
+def diffusers_pipeline_messages(keep_cli_filter: bool):
+    """What diffusers' pipeline logger lets through to its handlers inside the block (its own handler writes to
+    the stderr it found at import, which capsys does not see); without the command line's filter when asked, as
+    in a script that never ran the command line."""
     from mmllm.log_filters import DIFFUSERS_PIPELINES, DiffusersNoise
-    from mmllm.model import AnyToAnyModel
 
     logger = logging.getLogger(DIFFUSERS_PIPELINES)
-    cli_filters = [f for f in logger.filters if isinstance(f, DiffusersNoise)]
-    for f in cli_filters:  # as in a script that never ran the command line
+    cli_filters = [] if keep_cli_filter else [f for f in logger.filters if isinstance(f, DiffusersNoise)]
+    for f in cli_filters:
         logger.removeFilter(f)
     shown: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: shown.append(record.getMessage())
     logger.addHandler(handler)
     try:
-        for _ in range(2):
-            assert AnyToAnyModel.assemble(tiny_assembly).decoders["audio"].pipeline is not None
+        yield shown
     finally:
         logger.removeHandler(handler)
         for f in cli_filters:
             logger.addFilter(f)
-    assert sum("AudioLDMPipeline has been deprecated" in m for m in shown) <= 1
-    assert not any(isinstance(f, DiffusersNoise) for f in logger.filters if f not in cli_filters)  # gone after
+
+
+def test_the_deprecation_notices_of_the_pipelines_mmllm_builds_are_not_shown_in_library_use(tiny_assembly):
+    """diffusers warns each time an AudioLDM (or text-to-video) pipeline is built: built for every model, it
+    repeated in a script's output. Shown once a process, it still said what no user could act on: the
+    pipeline class is the decoder kind's choice. Now it is not shown."""
+    from mmllm.log_filters import DIFFUSERS_PIPELINES, DiffusersNoise
+    from mmllm.model import AnyToAnyModel
+
+    logger = logging.getLogger(DIFFUSERS_PIPELINES)
+    before = list(logger.filters)
+    with diffusers_pipeline_messages(keep_cli_filter=False) as shown:
+        for _ in range(2):
+            model = AnyToAnyModel.assemble(tiny_assembly)
+            assert model.decoders["audio"].pipeline is not None and model.decoders["video"].pipeline is not None
+    assert not [m for m in shown if "has been deprecated" in m], shown
+    def ours(filters):
+        return [f for f in filters if isinstance(f, DiffusersNoise)]
+
+    assert ours(logger.filters) == ours(before)  # the library's filter is gone after
+
+
+def test_mmllm_quiet_shows_no_deprecation_notice_of_its_own_pipelines(capsys):
+    """``mmllm -q`` printed "The TextToVideoSDPipeline has been deprecated ..." and the AudioLDM one at the first
+    model a process built: warnings, but none a user can act on."""
+    from mmllm.cli import main
+
+    with diffusers_pipeline_messages(keep_cli_filter=True) as shown:
+        assert main(["-q", "inspect", "--config", str(REPO / "configs/assemblies/default.yaml")]) == 0
+    capsys.readouterr()
+    built = [m for m in shown if "Expected types" in m or "deprecated" in m]
+    assert not built, built
+
+
+def test_other_pipelines_deprecation_notices_are_shown_once_and_mmllm_s_list_is_its_decoders():
+    from mmllm.decoders._diffusion import PIPELINE_KINDS
+    from mmllm.log_filters import MMLLM_PIPELINES, DiffusersNoise
+
+    assert MMLLM_PIPELINES == set(PIPELINE_KINDS)
+
+    def shown(noise, class_name):
+        message = f"The {class_name} has been deprecated and will not receive bug fixes or feature updates after " \
+                  "Diffusers version 0.33.1. "
+        return noise.filter(logging.LogRecord("diffusers", logging.WARNING, __file__, 1, message, None, None))
+
+    noise = DiffusersNoise()
+    assert [shown(noise, "AudioLDMPipeline"), shown(noise, "TextToVideoSDPipeline")] == [False, False]
+    assert [shown(noise, "PaintByExamplePipeline"), shown(noise, "PaintByExamplePipeline")] == [True, False]
 
 
 def test_a_request_written_wrong_is_refused_saying_how_to_write_it():

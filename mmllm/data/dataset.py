@@ -275,7 +275,13 @@ class LengthGroupedSampler:
     an uninterrupted one does, and W processes with batch b read what one process with batch W*b reads.
 
     ``length(dataset, index)``: a sample's token count (:meth:`StageDataset.length`), asked for once per
-    sample, when a chunk first draws it.
+    sample, when a chunk first draws it, and kept (4 bytes a sample): later epochs tokenize nothing.
+
+    Several processes: each one needs every length of a chunk (the whole global micro-batches are sorted), so
+    without help each process tokenized the chunk's every draw (8 processes x batch 32: 12,800 encodes per
+    chunk on each). :meth:`share_lengths`, called by every process before each step's micro-batches, has each
+    process tokenize a ``1/processes`` share of the chunk's samples not yet known and exchange them: the same
+    exact lengths, so the same batches, for a ``1/processes`` of the tokenizing (the figures: docs/configs.md).
     """
 
     def __init__(self, base: MixtureSampler, length: Callable[[int, int], int], group_batches: int = GROUP_BATCHES):
@@ -288,6 +294,7 @@ class LengthGroupedSampler:
         # each sample's length once known (-1: not yet), 4 bytes a sample: a dict was ~100
         self._known = [np.full(n, -1, dtype=np.int32) for n in base.sizes]
         self._chunk_cache: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._shared: tuple[int, int] | None = None  # the (chunk, per_batch) whose lengths share_lengths filled
 
     @property
     def epoch_size(self) -> int:
@@ -299,12 +306,41 @@ class LengthGroupedSampler:
             known[index] = int(self._length(dataset, index))
         return int(known[index])
 
+    def _draws(self, k: int, per_batch: int) -> list[tuple[int, int]]:
+        """Chunk ``k``'s draws in the base sampler's order."""
+        size = self.group_batches * per_batch
+        return [self.base.at(k * size + j) for j in range(size)]
+
+    def share_lengths(self, step: int, micro: int, accum: int, rank: int, world: int, batch: int,
+                      exchange: Callable[[Callable[[], list[int]]], list[list[int]]]) -> None:
+        """Fill in the lengths :meth:`micro_batch` ``(step, micro, ...)`` sorts by, this process tokenizing a
+        ``1/world`` share of them. Every process must call it with the same arguments, for the same steps in the
+        same order (as the training loop asks for its micro-batches); it exchanges only when the micro-batch
+        starts a chunk it has not filled, so all of them exchange at the same calls. ``exchange(work)``: run
+        ``work`` on every process and return what each returned, in process order (an all-gather; one process
+        failing must stop all, :func:`mmllm.training.agreement.on_every_process`).
+
+        Process ``r`` measures the chunk's distinct draws ``r, r + world, ...`` (those already known cost
+        nothing); afterwards every process knows every length of the chunk, so :meth:`chunk` tokenizes nothing
+        and its order is exactly the one each process would have found alone."""
+        per_batch = world * batch
+        k = (step * accum + micro) // self.group_batches
+        if self._shared == (k, per_batch):
+            return
+        draws = list(dict.fromkeys(self._draws(k, per_batch)))  # distinct, in draw order: the same on every process
+        shares = exchange(lambda: [self.length(d, i) for d, i in draws[rank::world]])
+        if len(shares) != world:
+            raise RuntimeError(f"share_lengths: the exchange returned {len(shares)} shares for {world} processes")
+        for r, lengths in enumerate(shares):
+            for (d, i), n in zip(draws[r::world], lengths, strict=True):
+                self._known[d][i] = n
+        self._shared = (k, per_batch)
+
     def chunk(self, k: int, per_batch: int) -> list[tuple[int, int]]:
         """Chunk ``k``'s draws in their grouped order, for global micro-batches of ``per_batch`` samples."""
         key = (k, per_batch)
         if key not in self._chunk_cache:
-            size = self.group_batches * per_batch
-            draws = [self.base.at(k * size + j) for j in range(size)]
+            draws = self._draws(k, per_batch)
             lengths = np.array([self.length(d, i) for d, i in draws], dtype=np.int64)
             by_length = np.argsort(lengths, kind="stable").reshape(self.group_batches, per_batch)
             batches = np.random.default_rng([self.seed, 11, per_batch, k]).permutation(self.group_batches)

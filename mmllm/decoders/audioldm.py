@@ -12,8 +12,8 @@ masked mean of the last hidden state, L2-normalised, of width ``hidden_size``. A
 AudioLDM's call contract (log-mel ``(B, T, mel)`` -> waveform ``(B, samples)``) and config keys
 (``sampling_rate``, ``upsample_rates``, ``model_in_dim``) works, e.g. a Griffin-Lim module.
 
-diffusers 0.42 keeps ``AudioLDMPipeline`` under ``pipelines/deprecated`` (it logs a deprecation
-warning when this decoder first builds its pipeline); it still imports as ``diffusers.AudioLDMPipeline``.
+diffusers 0.42 keeps ``AudioLDMPipeline`` under ``pipelines/deprecated`` (the deprecation warning it logs when
+this decoder builds its pipeline is dropped: :mod:`mmllm.log_filters`); it still imports as ``diffusers.AudioLDMPipeline``.
 
 YAML::
 

@@ -4,8 +4,8 @@ Parts: ``UNet3DConditionModel`` + ``AutoencoderKL`` (applied frame by frame) + `
 tokenizer + scheduler. The conditioning is the text encoder's last hidden state,
 ``(tokenizer.model_max_length, hidden_size)``: ``(77, 1024)`` for damo-vilab/text-to-video-ms-1.7b.
 
-diffusers 0.42 keeps ``TextToVideoSDPipeline`` under ``pipelines/deprecated`` (it logs a deprecation
-warning once, when this decoder first builds its pipeline). Its denoising loop folds frames into the
+diffusers 0.42 keeps ``TextToVideoSDPipeline`` under ``pipelines/deprecated`` (the deprecation
+warning it logs when this decoder builds its pipeline is dropped: :mod:`mmllm.log_filters`). Its denoising loop folds frames into the
 batch for ``scheduler.step``, so only deterministic samplers (DDIM with eta 0, DPM-Solver, ...) work
 with per-row generators.
 

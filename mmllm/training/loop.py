@@ -345,6 +345,10 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers(f"{cfg.stage}", config=_tracker_config(cfg))
     world, rank = accelerator.num_processes, accelerator.process_index
+
+    def exchange(work: Callable[[], Any]) -> list[Any]:
+        return [seen.value for seen in on_every_process(accelerator, work)]
+
     held, total = _parameter_megabytes(model)
     log.info("%d process(es), %s, device %s, mixed precision %s; this process holds %.1f of the model's "
              "%.1f MB of parameters", world, accelerator.distributed_type.value, accelerator.device,
@@ -366,6 +370,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
         started = time.perf_counter()
         batches = []
         for micro in range(cfg.grad_accum):
+            if world > 1 and isinstance(sampler, LengthGroupedSampler):  # each process tokenizes 1/world of a chunk
+                sampler.share_lengths(step, micro, cfg.grad_accum, rank, world, cfg.batch_size, exchange)
             picks = sampler.micro_batch(step, micro, cfg.grad_accum, rank, world, cfg.batch_size)
             batches.append(collate([datasets[d][i] for d, i in picks], pad_id))
             skipped += len(batches[-1]["skipped"])
