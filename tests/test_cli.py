@@ -484,6 +484,8 @@ def _parse_example(line: str) -> None:
     from mmllm.cli import build_parser
 
     argv = shlex.split(line, comments=True)
+    redirected = [i for i, word in enumerate(argv) if re.match(r"\d?>|\|", word)]  # `2> train.log`: the shell's
+    argv = argv[:redirected[0]] if redirected else argv
     assert argv[0] == "mmllm", line
     args, extra = build_parser().parse_known_args(argv[1:])
     assert all("=" in e and hasattr(args, "overrides") for e in extra), f"{line}: unrecognized {extra}"
