@@ -484,6 +484,8 @@ def _parse_example(line: str) -> None:
     from mmllm.cli import build_parser
 
     argv = shlex.split(line, comments=True)
+    redirected = [i for i, word in enumerate(argv) if re.match(r"\d?>|\|", word)]  # `2> train.log`: the shell's
+    argv = argv[:redirected[0]] if redirected else argv
     assert argv[0] == "mmllm", line
     args, extra = build_parser().parse_known_args(argv[1:])
     assert all("=" in e and hasattr(args, "overrides") for e in extra), f"{line}: unrecognized {extra}"
@@ -637,6 +639,25 @@ def test_quiet_shows_warnings_only_no_progress_bars_and_the_same_stdout(where, s
     assert record["id"].startswith("prompt-") and record == loud_record
     assert "req/s" not in err and "\r" not in err and " INFO " not in err, err
     assert all(" WARNING " in line or " ERROR " in line for line in err.splitlines() if line.strip()), err
+
+
+def test_quiet_also_hides_the_bars_transformers_draws_when_exporting_and_loading_a_merged_export(sample_data, tmp_path,
+                                                                                                 capsys):
+    """-q promises no progress bar: `export --merge-lora` showed transformers' "Writing model shards" and loading the
+    merged export its "Loading weights"; the library's own switch is turned back on after the command."""
+    from transformers.utils import logging as transformers_logging
+
+    train = ["train", "--config", str(REPO / "configs/stages/tiny/instruct.yaml"), f"output_dir={tmp_path / 'run'}",
+             f"data=[{{path: {sample_data['chat']}, format: mmllm-chat}}]", "init_from=null", "max_steps=1", "-q"]
+    assert main(train) == 0
+    assert main(["-q", "export", "--checkpoint", str(tmp_path / "run" / "step-1"), "--output", str(tmp_path / "merged"),
+                 "--merge-lora"]) == 0
+    assert main(["-q", "infer", "--checkpoint", str(tmp_path / "merged"), "--prompt", "hi", "--output",
+                 str(tmp_path / "answers"), "--max-new-tokens", "2"]) == 0
+    err = capsys.readouterr().err
+    assert (tmp_path / "merged" / "llm").is_dir()
+    assert "\r" not in err and "it/s" not in err and "Writing model shards" not in err, err
+    assert transformers_logging.is_progress_bar_enabled()  # as the command found it
 
 
 def test_quiet_and_verbose_together_are_a_usage_error(capsys):
