@@ -213,6 +213,7 @@ def test_writing_an_output_another_export_or_refine_holds_is_refused_at_once(com
     """Two exports (or refines) into one --output each replaced it whole: the last won, the other still said
     "wrote", and in a narrow window one failed on a raw rename error. The second is now refused by name."""
     out = tmp_path / "exported"
+    (tmp_path / "ckpt").mkdir()  # a folder, not a checkpoint: a missing one is refused before the lock is tried
     argv = {"export": ["export", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(out)],
             "refine": ["refine", "--checkpoint", str(tmp_path / "ckpt"), "--data", str(tmp_path / "d.jsonl"),
                        "--output", str(out)]}[command]
@@ -230,7 +231,7 @@ def test_writing_an_output_another_export_or_refine_holds_is_refused_at_once(com
         proc.wait(timeout=60)
         proc.stdout.close()
     caplog.clear()
-    assert main(argv) == 2  # let in once it is free: on to the missing checkpoint (data), the lock let go after
+    assert main(argv) == 2  # let in once it is free: on to the incomplete checkpoint (data), the lock let go after
     assert "is in use" not in caplog.text and str(tmp_path) in caplog.text
     assert not (tmp_path / ".exported.mmllm.lock").exists()
 
