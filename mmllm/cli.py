@@ -13,6 +13,7 @@ import select
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -1071,27 +1072,35 @@ def stdout_reader_gone() -> bool:
     return True
 
 
-def after_a_stop(args: argparse.Namespace) -> str:
-    """What a command stopped at once by a signal leaves, and how to go on: the end of its one-line error."""
+def after_a_stop(args: argparse.Namespace, started: float) -> str:
+    """What a command stopped at once by a signal leaves, and how to go on: the end of its one-line error.
+    ``started``: when the command started (``time.time()``), to tell its results from an earlier run's."""
     command = command_name(args)
     if command == "train":
         return ": the steps since output_dir's newest checkpoint are lost; the same command with --resume goes on from it"
     if command == "infer":
         return ": the same command goes on, skipping the requests already answered"
     if command == "eval":  # eval.json is rewritten after each measurement, report.json after each modality
-        return kept_so_far(Path(args.output) / "eval.json", "measurements")
+        return kept_so_far(Path(args.output) / "eval.json", "measurements", started)
     if command == "world report":
-        return kept_so_far(Path(args.output) / "report.json", "modalities")
+        return kept_so_far(Path(args.output) / "report.json", "modalities", started)
     return ""
 
 
-def kept_so_far(results: Path, what: str) -> str:
+RESULTS_CLOCK_SLACK_S = 1.0  # a file's modification time can be a few ms behind time.time() (a coarser clock)
+
+
+def kept_so_far(results: Path, what: str, started: float) -> str:
     """What ``results`` (eval.json, report.json: rewritten after each measurement, ``"complete": false`` until
-    the last) keeps of a run stopped before its end: nothing said where it is an earlier run's complete one."""
+    the last) keeps of a run started at ``started`` and stopped before its end. One last written before
+    ``started`` is an earlier run's (this one was stopped before it wrote anything, e.g. while its model loaded)."""
     try:
+        written = results.stat().st_mtime
         complete = json.loads(results.read_text()).get("complete")
     except (OSError, ValueError, AttributeError):  # stopped before the run wrote it
         return f": no {what} had finished ({results} was not written)"
+    if written < started - RESULTS_CLOCK_SLACK_S:
+        return f": no {what} of this run had finished ({results} is an earlier run's, left as it was)"
     if complete is False:
         return f': {results} keeps the {what} finished so far ("complete": false); the one under way is lost'
     return ""
@@ -1101,6 +1110,7 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
     """The parsed command, its errors as one line and an exit code (2: what was given is wrong)."""
     from mmllm.config import ConfigError
 
+    started = time.time()
     try:
         code = args.fn(args)
         sys.stdout.flush()  # a reader gone (`| head`) is found here, not in Python's flush at exit
@@ -1121,7 +1131,7 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
         name = exc.args[0] if exc.args and exc.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
         if args.verbose:
             log.exception("stopped by %s at once", name)
-        log.error("stopped by %s at once%s", name, after_a_stop(args))
+        log.error("stopped by %s at once%s", name, after_a_stop(args, started))
         return 128 + signal.Signals[name]
     except OSError as exc:  # a path given (or named by a config) that is missing, unreadable or unwritable
         if isinstance(exc, BrokenPipeError) and stdout_reader_gone():

@@ -381,3 +381,32 @@ def test_ctrl_c_during_world_report_says_report_json_keeps_the_finished_modaliti
     assert f'{out / "report.json"} keeps the modalities finished so far' in capsys.readouterr().err
     saved = json.loads((out / "report.json").read_text())
     assert saved["complete"] is False and list(saved["modalities"]) == ["audio"]
+
+
+def test_ctrl_c_before_the_first_measurement_does_not_credit_an_earlier_runs_eval_json(tiny_model, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """A run stopped while its model loads has written nothing: the eval.json there is an earlier run's (here a
+    stopped one, "complete": false), which the stop message called this run's "measurements finished so far"."""
+    import os
+    import time
+
+    from mmllm.cli import main
+
+    checkpoint = tiny_model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = out / "eval.json"
+    earlier.write_text(json.dumps({"complete": False, "x2t": {"image": {}}}))
+    an_hour_ago = time.time() - 3600
+    os.utime(earlier, (an_hour_ago, an_hour_ago))
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt("SIGINT")
+
+    monkeypatch.setattr(AnyToAnyModel, "from_pretrained", ctrl_c)
+    argv = ["eval", "--checkpoint", str(checkpoint), "--output", str(out), "--tasks", "x2t", "--modalities", "image",
+            "--items", "1", "--allow-other-parts"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "finished so far" not in err, err
+    assert f"no measurements of this run had finished ({earlier} is an earlier run's, left as it was)" in err, err
