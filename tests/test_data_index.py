@@ -224,3 +224,23 @@ def test_more_data_files_than_the_process_may_open_are_read(tmp_path):
         assert [convs[0].id for convs in reversed(per)] == [f"s{k}" for k in reversed(range(150))]
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_closed_data_file_is_opened_again_where_it_was_found_after_a_change_of_working_directory(
+        tmp_path, monkeypatch):
+    """A data file closed for others (more than OPEN_DATA_FILES) is opened again by its name: a relative name
+    (a config's data path as given) was looked up in the working directory of the moment, so a notebook that
+    had changed directory since read another file, or none (FileNotFoundError)."""
+    from mmllm.data import index as index_module
+
+    monkeypatch.setattr(index_module._OPEN, "limit", 1)
+    (tmp_path / "data").mkdir()
+    write_pairs(tmp_path / "data" / "a.jsonl", b"\n")
+    write_pairs(tmp_path / "data" / "b.jsonl", b"\n")
+    monkeypatch.chdir(tmp_path)
+    first, _, _ = index_dataset(DatasetConfig(path="data/a.jsonl", format="mmllm-pairs"), "encode-align")
+    was = list(first)
+    second, _, _ = index_dataset(DatasetConfig(path="data/b.jsonl", format="mmllm-pairs"), "encode-align")
+    second[0]  # a.jsonl is closed
+    monkeypatch.chdir(tmp_path / "data")
+    assert list(first) == was

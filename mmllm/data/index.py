@@ -178,6 +178,7 @@ class ConversationIndex(Sequence[Conversation]):
         self.summary = summary
         self._identity = identity  # the file's, before it was read
         self._checksum = checksum  # of the bytes read (None: the file changed while it was read)
+        self._where = os.path.abspath(self.path)  # opened again here: not where a later working directory points
         self._key = next(_KEYS)
         with _OPEN.lock:
             _OPEN.put(self._key, fh)
@@ -226,7 +227,7 @@ class ConversationIndex(Sequence[Conversation]):
         """The file's descriptor, checked to hold what it held when the index was built (``_OPEN.lock`` held)."""
         fh = _OPEN.get(self._key)
         if fh is None:  # closed for another data file, or unpickled: the file is opened again, by its path
-            fh = open(self.path, "rb")  # noqa: SIM115 -- held in _OPEN
+            fh = open(self._where, "rb")  # noqa: SIM115 -- held in _OPEN
             _OPEN.put(self._key, fh)
         self._check_unchanged(fh.fileno())
         return fh.fileno()
