@@ -51,8 +51,8 @@ def broken_links(page: Path) -> list[str]:
 
 def test_github_anchor_follows_githubs_rules():
     assert github_anchor("Many processes, and surviving faults") == "many-processes-and-surviving-faults"
-    assert (github_anchor("The assembled default (`mmllm eval`, seen / held-out combinations)")
-            == "the-assembled-default-mmllm-eval-seen--held-out-combinations")
+    assert (github_anchor("The embedded default's assembled model (`mmllm eval`, seen / held-out combinations)")
+            == "the-embedded-defaults-assembled-model-mmllm-eval-seen--held-out-combinations")
 
 
 def test_every_relative_link_in_the_docs_leads_to_a_file_and_heading_that_exist():
