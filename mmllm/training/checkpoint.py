@@ -424,8 +424,7 @@ def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify:
     from mmllm.model import AnyToAnyModel
 
     directory = Path(directory)
-    require_checkpoint_folder(directory)
-    if verify:
+    if verify:  # verify_manifest and read_meta each say first when the folder is not there
         verify_manifest(directory)
     meta = read_meta(directory)
     check_remote_code(directory, meta, trust_remote_code)
@@ -436,7 +435,7 @@ def load_model_checkpoint(directory: Path, trainable_lora: bool = False, verify:
         raise CheckpointError(f"{directory}: token additions differ from the rebuilt tokenizer: {saved} vs {tokens}")
     if (directory / ADAPTER_DIR).is_dir():
         attach_adapter(model, directory / ADAPTER_DIR, from_dict(LoraConfig, meta["lora"]), trainable_lora)
-    model.load_learned_state_dict(read_weights(directory / LEARNED_FILE), str(directory / LEARNED_FILE))
+    load_learned_file(model, directory)
     # In eval mode, as transformers' from_pretrained: a freshly built module trains, and the adapter's
     # dropout (and the projections') would make `model(batch)` or `hidden_states` random. Training calls train().
     return model.eval()
@@ -449,17 +448,28 @@ def attach_adapter(model, adapter_dir: Path, lora_cfg, trainable: bool = False) 
         p.requires_grad_(trainable)
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's safetensors file of learned weights (projections and signal rows, or LoRA); one whose header
-    is not safetensors' own (offsets past its end, a header claiming exabytes) is a :class:`CheckpointError`
-    naming it, not a bare SafetensorError traceback, and so is one holding NaN or inf values
-    (:func:`refuse_nonfinite`)."""
+def load_learned_file(model, directory: Path) -> None:
+    """``directory``'s learned rows and projections into ``model`` (which refuses NaN or inf values itself:
+    :meth:`~mmllm.model.AnyToAnyModel.load_learned_state_dict`)."""
+    path = Path(directory) / LEARNED_FILE
+    model.load_learned_state_dict(_read_safetensors(path), str(path))
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file; one whose header is not safetensors' own (offsets past its end, a header
+    claiming exabytes) is a :class:`CheckpointError` naming it, not a bare SafetensorError traceback."""
     from safetensors import SafetensorError
 
     try:
-        state = load_file(str(path))
+        return load_file(str(path))
     except SafetensorError as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's safetensors file of learned weights (projections and signal rows, or LoRA), read as
+    :func:`_read_safetensors` reads it and refused when it holds NaN or inf values (:func:`refuse_nonfinite`)."""
+    state = _read_safetensors(path)
     refuse_nonfinite(state, str(path))
     return state
 
@@ -525,7 +535,7 @@ def load_learned_into(model, directory: Path) -> None:
     """Verified learned rows, projections and LoRA of ``directory`` into an already built ``model``."""
     directory = Path(directory)
     verify_manifest(directory)
-    model.load_learned_state_dict(read_weights(directory / LEARNED_FILE), str(directory / LEARNED_FILE))
+    load_learned_file(model, directory)
     adapter = directory / ADAPTER_DIR
     if adapter.is_dir() != (model._peft_model is not None):
         raise CheckpointError(f"{directory}: LoRA adapter present={adapter.is_dir()} but the model's LoRA is "
