@@ -500,7 +500,7 @@ def _decode_by_seeking(container: Any, stream: Any, plan: _SeekPlan) -> Video:
         frame = frames.first_after(target - plan.tolerance)
         if frame is None:
             raise _SeekFailed(f"the clip ended before pts {target} (it announced {plan.end})")
-        if kept and frame.pts <= kept[-1][0]:
+        if frame.pts <= kept[-1][0]:  # kept holds the first frame from the start
             raise _SeekFailed(f"frame at pts {frame.pts} came after one at {kept[-1][0]}")
         kept.append((frame.pts, _frame_image(frame)))
     if seeking:
