@@ -12,7 +12,6 @@ the projections and the training data are not looked at.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -98,8 +97,10 @@ def _expected_files(parts_dir: Path) -> dict[Path, dict[str, str]]:
 
 
 def _sha256(path: Path) -> str | None:
+    """The file's sha256 (:func:`~mmllm.data.fingerprint.file_hash`), None where it cannot be read."""
+    from mmllm.data.fingerprint import file_hash
+
     try:
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
+        return file_hash(path)
     except OSError:
         return None
