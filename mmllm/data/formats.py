@@ -214,19 +214,14 @@ def _json_line(path: Path, lineno: int, line: str) -> dict[str, Any] | DataForma
 
 
 def _scan_jsonl(path: Path, fh: Any) -> Iterator[tuple[int, dict[str, Any] | DataFormatError, Span]]:
+    """(line number, record or DataFormatError, its bytes) for each non-blank line of the binary file ``fh``; a
+    line that is not UTF-8 is an error of its own (an undecodable byte is kept as a lone surrogate, so one bad
+    byte does not stop the whole file). Lines end as Python's text files end them: at \\n, \\r\\n or a lone
+    \\r."""
     for lineno, start, raw in _jsonl_lines(fh):
         rec = _json_line(path, lineno, raw.decode("utf-8", "surrogateescape"))
         if rec is not None:
             yield lineno, rec, (start, len(raw))
-
-
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatError]]:
-    """(line number, record or DataFormatError) for each non-blank line; a line that is not UTF-8 is
-    an error of its own (an undecodable byte is kept as a lone surrogate, so one bad byte does not stop the
-    whole file). Lines end as Python's text files end them: at \\n, \\r\\n or a lone \\r."""
-    with open(path, "rb") as fh:
-        for lineno, rec, _ in _scan_jsonl(path, fh):
-            yield lineno, rec
 
 
 class _ByteOffsets:
