@@ -1,8 +1,6 @@
 """``python -m mmllm``: the ``mmllm`` command, for an environment whose scripts folder is not on ``PATH``."""
 
-import sys
-
-from mmllm.cli import main
+from mmllm.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1144,5 +1144,22 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``mmllm`` command as a process (the console script, ``python -m mmllm``): exits with :func:`main`'s
+    code. One process of a multi-process launch (``WORLD_SIZE`` > 1: ``accelerate launch``, ``torchrun``) ends
+    with ``os._exit`` once its logs and output are flushed: its work is done (checkpoints written and synced,
+    the process group destroyed), and the interpreter's teardown could still abort it -- gloo's C++ threads
+    destroyed at exit ("terminate called without an active exception", SIGABRT), which made the launcher report
+    a finished run as failed."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        logging.shutdown()  # what the interpreter's teardown would flush
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

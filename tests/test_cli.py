@@ -699,3 +699,28 @@ def test_the_library_says_a_missing_checkpoint_is_missing_not_incomplete(tmp_pat
     (tmp_path / "file").write_text("")
     with pytest.raises(CheckpointError, match="a file, not a checkpoint directory"):
         read_meta(tmp_path / "file")
+
+
+ENTRY_WITH_TEARDOWN_MARK = """
+import atexit, sys
+atexit.register(lambda: print("TEARDOWN RAN", flush=True))
+sys.argv = ["mmllm", "inspect", "--config", sys.argv[1]]
+from mmllm.cli import entry
+entry()
+"""
+
+
+@pytest.mark.parametrize("world_size", [None, "2"])
+def test_a_process_of_a_multi_process_launch_skips_the_interpreters_teardown_keeping_its_output(world_size):
+    """gloo's threads destroyed in the interpreter's teardown aborted a rank after a finished run ("terminate called
+    without an active exception"): under a launcher (WORLD_SIZE > 1) the command ends with os._exit once its output
+    is flushed (no atexit handler runs), with its exit code and all it printed; alone it exits as usual."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | ({"WORLD_SIZE": world_size} if world_size else {})
+    proc = subprocess.run([sys.executable, "-c", ENTRY_WITH_TEARDOWN_MARK, str(TINY)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("assembly: ") and re.search(r"\n  total +trainable", proc.stdout)  # all of it
+    assert ("TEARDOWN RAN" in proc.stdout) == (world_size is None)
