@@ -14,6 +14,7 @@ import signal
 import sys
 import textwrap
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -113,9 +114,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     val = result.validation
     held_out = (f", validation loss {val[0]['loss']:.4f} (step {val[0]['step']}) -> {val[-1]['loss']:.4f}"
                 if val else "")
-    log.info("done: %d steps, loss %.4f -> %.4f%s, %d samples skipped; checkpoint %s",
-             result.steps, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),
-             held_out, result.skipped, result.final_checkpoint)
+    if os.environ.get("RANK", "0") == "0":  # the result, on stdout as other commands' (kept by -q); once per run
+        print(f"done: {result.steps} steps, loss {losses[0] if losses else float('nan'):.4f} -> "
+              f"{losses[-1] if losses else float('nan'):.4f}{held_out}, {result.skipped} samples skipped; "
+              f"checkpoint {result.final_checkpoint}")
     return 0
 
 
@@ -736,9 +738,10 @@ EXIT_CODES = """\
 exit codes:
   0        done
   1        infer: a request failed (or --fail-fast stopped the run); data check: a problem
-           found in the data; any command: an unexpected error (with its traceback)
-  2        a usage error, or what was given refused (a bad flag, config or path, an output
-           folder in use): one line saying what to fix (-v adds the traceback)
+           found in the data
+  2        a usage error, or what was given refused (a bad flag, config, path or data file, an
+           output folder in use, a disk full): one line saying what to fix (-v adds the traceback)
+  70       an unexpected error, a fault of mmllm or of what it runs (EX_SOFTWARE): its traceback
   130/143  stopped by Ctrl-C (SIGINT) / SIGTERM (train saves the step under way first)
   141      the reader of stdout stopped reading (`mmllm inspect ... | head`), said nothing
 
@@ -749,7 +752,8 @@ files each command's --help names. \
 EPILOGS = {
     "train": """\
 writes: checkpoints OUTPUT_DIR/step-N and OUTPUT_DIR/final.json (naming the last), OUTPUT_DIR being the stage's \
-output_dir (relative to the working directory; output_dir=PATH overrides it)
+output_dir (relative to the working directory; output_dir=PATH overrides it); prints (stdout) one line at the end: \
+"done: N steps, loss A -> B, ...; checkpoint OUTPUT_DIR/step-N"
 examples:
   mmllm train --config configs/stages/tiny/encode_align.yaml max_steps=50
   mmllm train --config configs/stages/tiny/encode_align.yaml --resume   # on from the newest step-N""",
@@ -1107,15 +1111,16 @@ def kept_so_far(results: Path, what: str, started: float) -> str:
 
 
 def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
-    """The parsed command, its errors as one line and an exit code (2: what was given is wrong)."""
-    from mmllm.config import ConfigError
+    """The parsed command, its errors as one line and an exit code (2: what was given is wrong). An exception
+    of another kind is raised on: a fault of mmllm or of what it runs (:func:`entry` exits 70 with its traceback)."""
+    from mmllm.config import UserError
 
     started = time.time()
     try:
         code = args.fn(args)
         sys.stdout.flush()  # a reader gone (`| head`) is found here, not in Python's flush at exit
         return code
-    except ConfigError as exc:
+    except UserError as exc:  # ConfigError (CheckpointError, FolderInUse), DataFileChanged, CacheError
         if args.verbose:
             log.exception("%s", exc)
         else:
@@ -1144,14 +1149,36 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
         return 2
 
 
+EXIT_INTERNAL_ERROR = 70  # sysexits.h's EX_SOFTWARE: a fault of the program, not of what it was given
+
+
+def report_internal_error() -> int:
+    """An exception no command turned into its one-line error (a fault of mmllm, or of a library or part it runs)
+    on stderr, with its traceback and what to do, whatever -q; :data:`EXIT_INTERNAL_ERROR`, the exit code that
+    tells it apart from 1 (a request failed, a data problem found) and 2 (what was given refused)."""
+    traceback.print_exc()
+    sys.stderr.write(f"mmllm {__version__}: unexpected error (exit code {EXIT_INTERNAL_ERROR}), not one in what was "
+                     "given: a fault of mmllm or of a library or part it runs, the traceback above says where (out of "
+                     "memory: give the run less to hold, e.g. a smaller batch size). Please report a fault with the "
+                     "command you ran and this output.\n")
+    return EXIT_INTERNAL_ERROR
+
+
 def entry() -> None:
     """The ``mmllm`` command as a process (the console script, ``python -m mmllm``): exits with :func:`main`'s
-    code. One process of a multi-process launch (``WORLD_SIZE`` > 1: ``accelerate launch``, ``torchrun``) ends
+    code; 70 (:func:`report_internal_error`) where an unexpected exception escapes it, 130 and nothing said for a
+    Ctrl-C before or after the command ran (parsing its arguments; one while it runs is :func:`run_command`'s).
+    One process of a multi-process launch (``WORLD_SIZE`` > 1: ``accelerate launch``, ``torchrun``) ends
     with ``os._exit`` once its logs and output are flushed: its work is done (checkpoints written and synced,
     the process group destroyed), and the interpreter's teardown could still abort it -- gloo's C++ threads
     destroyed at exit ("terminate called without an active exception", SIGABRT), which made the launcher report
     a finished run as failed."""
-    code = main()
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        code = 128 + signal.SIGINT
+    except Exception:  # noqa: BLE001 -- every other kind is a fault: its traceback, and a code of its own
+        code = report_internal_error()
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         logging.shutdown()  # what the interpreter's teardown would flush
         for stream in (sys.stdout, sys.stderr):

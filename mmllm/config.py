@@ -36,7 +36,13 @@ MODALITIES: tuple[str, ...] = ("image", "audio", "video")
 STAGES: tuple[str, ...] = ("encode-align", "decode-align", "instruct")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem in what the user gave -- a config, a path, a data or cache file -- that they can fix, the message
+    saying what and where. The ``mmllm`` command reports it as one line, exit code 2 (an exception of another kind
+    is a fault of mmllm or of what it runs: its traceback, exit code 70)."""
+
+
+class ConfigError(ValueError, UserError):
     """A configuration problem the user can fix; the message names the key and the file."""
 
 

@@ -625,7 +625,8 @@ def test_quiet_shows_warnings_only_no_progress_bars_and_the_same_stdout(where, s
              f"data=[{{path: {sample_data['chat']}, format: mmllm-chat}}]", "init_from=null", "max_steps=2"]
     assert main(quiet(train)) == 0
     out, err = capsys.readouterr()
-    assert (tmp_path / "run" / "step-2").is_dir() and out == ""
+    assert (tmp_path / "run" / "step-2").is_dir() and out.startswith("done: 2 steps, ")  # its result: stdout, kept
+    assert out.endswith(f"checkpoint {tmp_path / 'run' / 'step-2'}\n") and out.count("\n") == 1
     assert "it/s" not in err and "\r" not in err and " INFO " not in err, err
     infer = ["infer", "--checkpoint", str(tmp_path / "run" / "step-2"), "--prompt", "What is this?",
              "--output", str(tmp_path / "answers"), "--max-new-tokens", "4", "--overwrite"]

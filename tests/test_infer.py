@@ -24,7 +24,7 @@ from mmllm.cli import main, torch_threads  # tiny models are overhead-bound: one
 from mmllm.data.media import Audio, save_audio, save_video
 from mmllm.data.samples import moving, tone
 from mmllm.inference import runner
-from mmllm.inference.gallery import render_gallery
+from mmllm.inference.gallery import latest_records, render_gallery
 from mmllm.inference.generate import Request, Settings, _trim, generate_answers, prepare_request
 from mmllm.inference.runner import checkpoint_fingerprint, run_requests
 from mmllm.inference.tiny import train_tiny_checkpoint
@@ -523,6 +523,14 @@ def test_rerun_skips_done_requests_and_redoes_failed_torn_or_lost_ones(model, me
     lines = (out / "results.jsonl").read_text().splitlines()
     assert all(json.loads(line) for line in lines) and len(lines) == 4 + 1 + 2
     assert set(runner.done_ids(out / "results.jsonl")) == {"img", "aud", "describe", "hi", "vid"}
+    # results.jsonl is a log (docs/inference.md): records in the order requests finished, the re-run's after the
+    # first run's; each names its request's line, which gives the requests file's order back
+    order = ["img", "aud", "describe", "hi", "vid"]
+    recs = [json.loads(line) for line in lines]
+    assert [r["id"] for r in recs[:5]] != order and {r["id"] for r in recs[5:]} == {"aud", "describe"}
+    assert all(r["line"] == order.index(r["id"]) + 1 for r in recs)
+    latest = sorted(latest_records(out / "results.jsonl"), key=lambda r: r["line"])
+    assert [r["id"] for r in latest] == order and not any(r.get("error") for r in latest)
     assert "5 done, 0 failed" in (out / "index.html").read_text()
 
 

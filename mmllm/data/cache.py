@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from mmllm.atomic import atomic_write
+from mmllm.config import UserError
 from mmllm.data.fingerprint import CACHE_FORMAT_VERSION
 from mmllm.folder_lock import waiting_lock
 
@@ -40,7 +41,7 @@ INDEX = "index.json"
 KINDS = ("encoder", "condition")
 
 
-class CacheError(RuntimeError):
+class CacheError(RuntimeError, UserError):
     """The cache folder cannot be used; the message names the file and how to fix it."""
 
 

@@ -32,6 +32,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from mmllm.config import UserError
 from mmllm.data.formats import (
     CaptionPair,
     Conversation,
@@ -50,9 +51,10 @@ CHECKSUM_CHUNK = 1 << 23
 log = logging.getLogger(__name__)
 
 
-class DataFileChanged(Exception):
+class DataFileChanged(UserError):
     """A data file changed in place while a run read samples from it. Not one of the errors a sample is
-    skipped for (:data:`~mmllm.data.media.SAMPLE_ERRORS`): every later sample would be another record."""
+    skipped for (:data:`~mmllm.data.media.SAMPLE_ERRORS`): every later sample would be another record.
+    A :class:`~mmllm.config.UserError` (not a ValueError): the command stops with its one line, exit code 2."""
 
 
 @dataclass

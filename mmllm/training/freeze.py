@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from mmllm.config import ConfigError
 from mmllm.model import AnyToAnyModel
 from mmllm.training.parts import StageParts
 
@@ -26,9 +27,9 @@ def apply_trainable(model: AnyToAnyModel, flags: dict[str, bool], log_table: boo
     groups = model.glue_parameters()
     unknown = sorted(set(flags) - set(groups))
     if unknown:
-        raise ValueError(f"unknown trainable group(s) {unknown}; valid: {sorted(groups)}")
+        raise ConfigError(f"unknown trainable group(s) {unknown}; valid: {sorted(groups)}")
     if flags.get("lora") and not groups["lora"]:
-        raise ValueError("trainable.lora is true but no LoRA adapter is attached (set the stage's `lora:` file)")
+        raise ConfigError("trainable.lora is true but no LoRA adapter is attached (set the stage's `lora:` file)")
     for group, params in groups.items():
         for p in params.values():
             p.requires_grad_(bool(flags.get(group, False)))

@@ -32,6 +32,7 @@ from mmllm.config import (
     ConfigError,
     LoraConfig,
     StageConfig,
+    UserError,
     flat_keys,
     load_assembly,
     load_lora,
@@ -71,6 +72,11 @@ from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir,
 from mmllm.training.validation import Validation, evaluate
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(FloatingPointError, UserError):
+    """``max_nonfinite_steps`` steps in a row had a non-finite loss or gradient: the run's settings or data are to
+    change (the message says which), not mmllm -- the ``mmllm`` command says so in one line, exit code 2."""
 
 
 @dataclass
@@ -124,9 +130,9 @@ def build_model(cfg: StageConfig, parts: StageParts | None = None, check_init: b
     elif cfg.lora:
         _continue_adapter(model, load_lora(cfg.lora), cfg)
     elif flags["lora"] and model.lora_config is None:
-        raise ValueError(f"stage {cfg.stage}: trainable.lora is on but no `lora:` file is set")
+        raise ConfigError(f"stage {cfg.stage}: trainable.lora is on but no `lora:` file is set")
     if cfg.losses.retain and model.lora_config is None:
-        raise ValueError(f"stage {cfg.stage}: losses.retain holds a LoRA adapter to the core without it, but "
+        raise ConfigError(f"stage {cfg.stage}: losses.retain holds a LoRA adapter to the core without it, but "
                          "the model has no adapter; set `lora:` or losses.retain=0")
     return model
 
@@ -315,7 +321,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"stage {cfg.stage}: nothing is trainable; check the stage's `trainable:` flags")
+        raise ConfigError(f"stage {cfg.stage}: nothing is trainable; check the stage's `trainable:` flags")
     if cfg.optim.name == "sgd":
         optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                     weight_decay=cfg.optim.weight_decay)
@@ -402,7 +408,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
             log.warning("step %d: non-finite loss or gradient (%s); step skipped; samples on this process: %s",
                         step + 1, step_loss, ids)
             if nonfinite_in_row >= cfg.max_nonfinite_steps:
-                raise FloatingPointError(
+                raise TrainingDiverged(
                     f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient (last at step {step + 1}, "
                     f"samples {ids}); lower optim.lr, check the data, or try mixed_precision=no (fp32)"
                 )
@@ -729,7 +735,7 @@ def _first_readable_batch(datasets: list[StageDataset], pad_id: int) -> dict[str
             batch = collate([ds[i]], pad_id)
             if "input_ids" in batch:
                 return batch
-    raise ValueError("no sample of any dataset can be read; see the warnings above")
+    raise ConfigError("no sample of any dataset can be read; see the warnings above")
 
 
 def _part_keys(model: AnyToAnyModel) -> list[str]:

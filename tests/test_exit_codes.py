@@ -1,0 +1,164 @@
+"""The ``mmllm`` process's exit codes (``mmllm --help``): 2 for what the user gave, found at any time (a config, a
+data file changed under a run, an unusable cache folder, a run diverging), one line; 70 and the traceback for an unexpected error
+(a fault of mmllm), never 1 (a failed request, a data problem found); 130 and nothing said for a Ctrl-C before the
+command runs, while its modules import included; train's result on stdout, kept by -q."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import mmllm.cli
+import mmllm.training.loop
+from mmllm.cli import EXIT_INTERNAL_ERROR, entry, main
+from mmllm.data.index import DataFileChanged
+from tests.conftest import REPO, TINY
+
+STAGE = str(REPO / "configs/stages/tiny/encode_align.yaml")
+
+
+def run_entry(monkeypatch, *argv: str) -> int:
+    """``mmllm ARGV`` as the console script runs it, in this process: its exit code."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)  # else entry ends the test process with os._exit
+    monkeypatch.setattr(sys, "argv", ["mmllm", *argv])
+    with pytest.raises(SystemExit) as done:
+        entry()
+    return done.value.code
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_an_unexpected_error_exits_70_with_its_traceback_whatever_q(quiet, monkeypatch, capsys):
+    """It exited 1, the code of a failed request or a data problem found: a scheduler could not tell a bad record
+    from a fault of mmllm. Its traceback and what to do are shown under -q too."""
+
+    def faulty(args):
+        raise RuntimeError("a fault inside mmllm")
+
+    monkeypatch.setattr(mmllm.cli, "cmd_inspect", faulty)
+    assert run_entry(monkeypatch, *(["-q"] if quiet else []), "inspect", "--config", str(TINY)) == 70
+    assert EXIT_INTERNAL_ERROR == 70  # sysexits.h's EX_SOFTWARE, as `mmllm --help` says
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError: a fault inside mmllm" in err
+    assert "unexpected error (exit code 70)" in err and "Please report a fault" in err
+
+
+def test_the_exit_code_table_names_70_and_1_no_longer_covers_crashes(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    table = capsys.readouterr().out.split("exit codes:", 1)[1]
+    assert re.search(r"^  70 +an unexpected error", table, re.M)
+    code_1 = re.search(r"^  1 +(.*?)^  2 ", table, re.M | re.S).group(1)
+    assert "unexpected" not in code_1
+
+
+def test_a_data_file_changed_under_a_run_is_one_line_exit_2(monkeypatch, tmp_path, capsys):
+    """DataFileChanged (not a ValueError, so no sample is skipped for it) escaped the command: a traceback and
+    exit 1, read as mmllm's fault. The user restores the file and resumes: it is a refusal, exit 2."""
+    message = (f"data file {tmp_path / 'pairs.jsonl'} changed while the run read samples from it; restore the "
+               "file ... then resume the run (--resume)")
+
+    def changed(*args, **kwargs):
+        raise DataFileChanged(message)
+
+    monkeypatch.setattr(mmllm.training.loop, "train", changed)
+    assert run_entry(monkeypatch, "train", "--config", STAGE, f"output_dir={tmp_path / 'out'}") == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "unexpected error" not in err
+
+
+def test_an_unusable_cache_folder_is_one_line_exit_2(monkeypatch, tmp_path, capsys):
+    """CacheError (its message says to delete the folder or point cache.dir elsewhere) was a traceback, exit 1."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "index.json").write_text(json.dumps({"format": "something else"}))
+    assert run_entry(monkeypatch, "cache", "--config", STAGE, f"cache.dir={cache}") == 2
+    err = capsys.readouterr().err
+    assert "not an mmllm feature cache index; point `cache.dir` at another folder" in err
+    assert "Traceback" not in err
+
+
+def test_a_stage_asking_for_lora_without_an_adapter_is_a_config_error_not_a_crash(tmp_path, capsys):
+    """A setting training checks once the model is built was a ValueError: with the crash code it would have read
+    as mmllm's fault. It is the config's, one line, exit 2."""
+    argv = ["train", "--config", STAGE, "trainable.lora=true", f"output_dir={tmp_path / 'out'}", "max_steps=1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "trainable.lora is on but no `lora:` file is set" in err and "Traceback" not in err
+
+
+def test_a_run_that_diverges_is_one_line_exit_2_saying_what_to_change(monkeypatch, tmp_path, capsys):
+    """max_nonfinite_steps non-finite steps in a row stop training with what to change (optim.lr, the data,
+    mixed precision): a FloatingPointError, which the crash code would have blamed on mmllm."""
+    from mmllm.model import AnyToAnyModel
+
+    real_forward = AnyToAnyModel.forward
+
+    def diverging(self, batch, losses=None, normalizers=None):
+        out = real_forward(self, batch, losses, normalizers)
+        out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(AnyToAnyModel, "forward", diverging)
+    argv = ["train", "--config", STAGE, "max_steps=4", "max_nonfinite_steps=2", f"output_dir={tmp_path / 'out'}"]
+    assert run_entry(monkeypatch, *argv) == 2
+    err = capsys.readouterr().err
+    assert "2 steps in a row had a non-finite loss or gradient" in err and "lower optim.lr" in err
+    assert "Traceback" not in err and "unexpected error" not in err
+
+
+def test_ctrl_c_before_the_command_runs_exits_130_saying_nothing(monkeypatch, capsys):
+    """A Ctrl-C while the arguments are parsed (outside the command's own handling) printed Python's traceback."""
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mmllm.cli, "build_parser", interrupted)
+    assert run_entry(monkeypatch, "inspect", "--config", str(TINY)) == 130
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+
+
+CTRL_C_WHILE_THE_CLI_IMPORTS = """
+import importlib, importlib.abc, os, runpy, signal, sys, tomllib
+
+class CtrlC(importlib.abc.MetaPathFinder):  # the user's Ctrl-C, while the command's modules import
+    def find_spec(self, name, path=None, target=None):
+        if name == "mmllm.cli":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["mmllm", "--version"]
+if {how!r} == "console script":  # what pip's script for [project.scripts] runs
+    with open("pyproject.toml", "rb") as fh:
+        module, _, function = tomllib.load(fh)["project"]["scripts"]["mmllm"].partition(":")
+    sys.exit(getattr(importlib.import_module(module), function)())
+runpy.run_module("mmllm", run_name="__main__", alter_sys=True)  # python -m mmllm
+"""
+
+
+@pytest.mark.parametrize("how", ["console script", "python -m mmllm"])
+def test_ctrl_c_while_the_command_line_imports_exits_130_without_a_traceback(how):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_THE_CLI_IMPORTS.format(how=how)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr, proc.stdout) == (130, "", "")
+
+
+def test_train_prints_its_result_on_stdout_kept_by_quiet(tmp_path, capsys):
+    """`mmllm train -q` said nothing at all on success: its `done:` line, where the checkpoint is, was an INFO
+    log line. It is the command's result, on stdout as other commands' results (refine's, eval's)."""
+    out = tmp_path / "out"
+    assert main(["-q", "train", "--config", STAGE, "max_steps=2", "save_every=0", f"output_dir={out}"]) == 0
+    captured = capsys.readouterr()
+    assert re.fullmatch(r"done: 2 steps, loss \d+\.\d{4} -> \d+\.\d{4}, 0 samples skipped; checkpoint (\S+)\n",
+                        captured.out), captured.out
+    checkpoint = captured.out.rsplit("checkpoint ", 1)[1].strip()
+    assert checkpoint == str(out / "step-2") and (out / "step-2").is_dir()
+    assert " INFO " not in captured.err and "done:" not in captured.err
