@@ -250,13 +250,12 @@ def _complete_utf8(data: bytes) -> int:
 
 class _Utf8Reader:
     """The text of a binary file from byte ``start`` on, read and decoded a bounded number of bytes at a time
-    (never cutting a character); bytes that are not UTF-8 raise the :class:`DataFormatError` naming their line
+    (never cutting a character); bytes that are not UTF-8 raise the :class:`NotUtf8Error` naming their line
     and column (in bytes, from the line's start; after the byte order mark on line 1)."""
 
     def __init__(self, path: Path, fh: Any, start: int):
-        self.path, self.fh = path, fh
+        self.path, self.fh, self.start = path, fh, start
         self.offset = start  # of the next byte to decode
-        self.line, self.line_start = 1, start  # line of the next byte; byte offset its line starts at
         self.carry = b""  # the bytes of a character a read cut, decoded with the next read's
         fh.seek(start)
 
@@ -269,23 +268,32 @@ class _Utf8Reader:
             try:
                 text = codecs.utf_8_decode(data[:cut] if cut < len(data) else data, "strict", True)[0]
             except UnicodeDecodeError as exc:
-                raise self._not_utf8(data, exc.start) from None
-            self._advance(data, cut)
+                raise self._not_utf8(data[exc.start], self.offset + exc.start) from None
+            self.offset, self.carry = self.offset + cut, data[cut:]
             if text or not raw:
                 return text
 
-    def _advance(self, data: bytes, cut: int) -> None:
-        self.line += data.count(b"\n", 0, cut)
-        if (newline := data.rfind(b"\n", 0, cut)) >= 0:
-            self.line_start = self.offset + newline + 1
-        self.offset += cut
-        self.carry = data[cut:]
+    def check(self, size: int) -> None:
+        """Read the rest of the file ``size`` bytes at a time, only to raise if some are not UTF-8."""
+        while raw := self.fh.read(size):
+            if not self.carry and raw.isascii():  # most data files: nothing to decode
+                self.offset += len(raw)
+            else:
+                self.fh.seek(-len(raw), os.SEEK_CUR)
+                self.read(size)
+        self.read(size)  # the bytes of a character the file's end cut
 
-    def _not_utf8(self, data: bytes, at: int) -> NotUtf8Error:
-        line = self.line + data.count(b"\n", 0, at)
-        newline = data.rfind(b"\n", 0, at)
-        column = at - newline if newline >= 0 else self.offset + at - self.line_start + 1
-        return _not_utf8(self.path, line, data[at], column)
+    def _not_utf8(self, byte: int, at: int) -> NotUtf8Error:
+        """The error of the byte at ``at``: its line and column counted in the file read again up to it (a
+        rare error; counting lines as the file is read would cost every file that is UTF-8)."""
+        self.fh.seek(self.start)
+        line, line_start, offset = 1, self.start, self.start
+        while offset < at and (data := self.fh.read(min(JSON_ARRAY_CHUNK, at - offset))):
+            line += data.count(b"\n")
+            if (newline := data.rfind(b"\n")) >= 0:
+                line_start = offset + newline + 1
+            offset += len(data)
+        return _not_utf8(self.path, line, byte, at - line_start + 1)
 
 
 JSON_ARRAY_CHUNK = 1 << 22  # bytes of a JSON array file read at a time (4 MiB); a longer element is read whole
@@ -416,9 +424,7 @@ def scan_records(path: Path, fh: Any) -> Iterator[tuple[int, dict[str, Any] | Da
     if head.startswith(b"["):
         bom = len(codecs.BOM_UTF8) if fh.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
         try:  # one JSON array: nothing can be read until the whole file is UTF-8, so that is checked first
-            check = _Utf8Reader(path, fh, bom)
-            while check.read(JSON_ARRAY_CHUNK):
-                pass
+            _Utf8Reader(path, fh, bom).check(JSON_ARRAY_CHUNK)
             yield from _iter_json_array(path, _Utf8Reader(path, fh, bom))
         except NotUtf8Error as exc:
             yield exc.line, exc, (0, 0)
