@@ -138,3 +138,10 @@ def test_an_element_larger_than_many_chunks_is_parsed_a_few_times_not_once_per_c
     got = [rec for _, rec, _ in scan_records(Path("big.json"), fh)]
     assert got == [{"a": 1}, big, {"b": 2}]
     assert len(calls) < 20  # the text read grows by as much again each time, not by a chunk
+
+
+def test_an_integer_too_long_to_convert_is_an_error_at_any_chunk_size(tmp_path, monkeypatch):
+    path = tmp_path / "long.json"
+    path.write_text('[{"a": 1},\n{"n": ' + "1" * 5000 + "}, {}]")
+    whole = assert_every_chunk_size_reads_the_same(path, monkeypatch, [100, 1000, 4400, 4500, 5100])
+    assert [line for line, _, _ in whole] == [1, 2] and "an integer of more than 4300 digits" in whole[1][1]

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -201,6 +202,10 @@ def _jsonl_lines(fh: Any) -> Iterator[tuple[int, int, bytes]]:
             yield lineno, start + cut, raw[cut:]
 
 
+_TOO_LONG_INT = (f"not valid JSON (an integer of more than {sys.get_int_max_str_digits()} digits, more than Python "
+                 "reads: write it as a string)")
+
+
 def _json_line(path: Path, lineno: int, line: str) -> dict[str, Any] | DataFormatError | None:
     """One JSON Lines line -> its record, the error that names it, or None (a blank line)."""
     try:
@@ -219,6 +224,8 @@ def _json_line(path: Path, lineno: int, line: str) -> dict[str, Any] | DataForma
         )
     except RecursionError:  # "[[[[..." many thousand deep: a traceback that stopped reading the file
         return DataFormatError(f"{path}:{lineno}: not valid JSON (nested too deeply to read)")
+    except ValueError:  # an integer of more digits than Python converts (4300): a traceback, as above
+        return DataFormatError(f"{path}:{lineno}: {_TOO_LONG_INT}")
     if not isinstance(rec, dict):
         return DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
     return rec
@@ -388,6 +395,10 @@ def _iter_json_array(path: Path, reader: _Utf8Reader) -> Iterator[tuple[int, dic
         except RecursionError:
             yield line, DataFormatError(f"{path}:{line}: not valid JSON (nested too deeply to read); records after "
                                         "it cannot be read until it is fixed"), (0, 0)
+            return
+        except ValueError:
+            yield line, DataFormatError(f"{path}:{line}: {_TOO_LONG_INT}; records after it cannot be read until it is "
+                                        "fixed"), (0, 0)
             return
         if end == len(text) and not buf.eof and buf.extend(pos):  # a number may go on in the next read
             pos = counted = 0
