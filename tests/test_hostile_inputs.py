@@ -167,6 +167,20 @@ def test_a_dataset_record_nested_too_deeply_is_a_data_error_naming_its_line(tmp_
     assert str(error).startswith(f"{path}:2: ")
 
 
+@pytest.mark.parametrize("layout", ["lines", "array"])
+def test_a_dataset_record_with_an_integer_too_long_to_convert_is_a_data_error_naming_its_line(tmp_path, layout):
+    """An integer of more than 4300 digits raised ValueError out of the reader: a traceback naming no file."""
+    from mmllm.data.formats import read_records
+
+    path = tmp_path / "data.json"
+    ok = '{"caption": "a", "image_name": "a.jpg"}'
+    huge = '{"caption": "b", "image_name": "b.jpg", "n": ' + "1" * 5000 + "}"
+    path.write_text(f"{ok}\n{huge}\n{ok}\n" if layout == "lines" else f"[{ok},\n{huge},\n{ok}]\n")
+    records, errors = read_records(path, "nextgpt-pairs")
+    assert len(records) == (2 if layout == "lines" else 1) and len(errors) == 1
+    assert errors[0].startswith(f"{path}:2: not valid JSON (an integer of more than 4300 digits")
+
+
 @pytest.fixture(scope="module")
 def saved_checkpoint(tmp_path_factory, tiny_assembly) -> Path:
     from mmllm.model import AnyToAnyModel

@@ -39,6 +39,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,10 +158,21 @@ class MediaRoot:
 # --------------------------------------------------------------------------------------------
 
 
-def _not_utf8(path: Path, line: int, byte: int, column: int) -> DataFormatError:
-    return DataFormatError(
+class NotUtf8Error(DataFormatError):
+    """Bytes that are not UTF-8, at ``line``."""
+
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.line = line
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (str(self), self.line)
+
+
+def _not_utf8(path: Path, line: int, byte: int, column: int) -> NotUtf8Error:
+    return NotUtf8Error(
         f"{path}:{line}: not valid UTF-8 (byte 0x{byte:02x} at column {column}); mmllm reads UTF-8 "
-        "text: re-encode the file (e.g. `iconv -f latin1 -t utf-8`)"
+        "text: re-encode the file (e.g. `iconv -f latin1 -t utf-8`)", line
     )
 
 
@@ -190,6 +202,10 @@ def _jsonl_lines(fh: Any) -> Iterator[tuple[int, int, bytes]]:
             yield lineno, start + cut, raw[cut:]
 
 
+_TOO_LONG_INT = (f"not valid JSON (an integer of more than {sys.get_int_max_str_digits()} digits, more than Python "
+                 "reads: write it as a string)")
+
+
 def _json_line(path: Path, lineno: int, line: str) -> dict[str, Any] | DataFormatError | None:
     """One JSON Lines line -> its record, the error that names it, or None (a blank line)."""
     try:
@@ -208,6 +224,8 @@ def _json_line(path: Path, lineno: int, line: str) -> dict[str, Any] | DataForma
         )
     except RecursionError:  # "[[[[..." many thousand deep: a traceback that stopped reading the file
         return DataFormatError(f"{path}:{lineno}: not valid JSON (nested too deeply to read)")
+    except ValueError:  # an integer of more digits than Python converts (4300): a traceback, as above
+        return DataFormatError(f"{path}:{lineno}: {_TOO_LONG_INT}")
     if not isinstance(rec, dict):
         return DataFormatError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
     return rec
@@ -224,33 +242,140 @@ def _scan_jsonl(path: Path, fh: Any) -> Iterator[tuple[int, dict[str, Any] | Dat
             yield lineno, rec, (start, len(raw))
 
 
-class _ByteOffsets:
-    """Character positions of a decoded text -> byte offsets in its file, asked for in increasing order."""
+def _complete_utf8(data: bytes) -> int:
+    """The length of ``data`` without the UTF-8 character its last bytes begin but do not finish (a read cut
+    it): those bytes are decoded with the next read's. Bytes that are not UTF-8 are left to the decoder."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:  # ASCII: nothing is cut
+            return len(data)
+        if byte >= 0xC0:  # a lead byte: of a character of 2, 3 or 4 bytes
+            size = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= size else len(data) - back
+    return len(data)
 
-    def __init__(self, text: str, skipped: int):
-        self.text, self.skipped = text, skipped  # skipped: bytes before the text (a byte order mark)
-        self.ascii = text.isascii()
-        self.char, self.byte = 0, skipped
 
-    def __call__(self, char: int) -> int:
+class _Utf8Reader:
+    """The text of a binary file from byte ``start`` on, read and decoded a bounded number of bytes at a time
+    (never cutting a character); bytes that are not UTF-8 raise the :class:`NotUtf8Error` naming their line
+    and column (in bytes, from the line's start; after the byte order mark on line 1)."""
+
+    def __init__(self, path: Path, fh: Any, start: int):
+        self.path, self.fh, self.start = path, fh, start
+        self.offset = start  # of the next byte to decode
+        self.carry = b""  # the bytes of a character a read cut, decoded with the next read's
+        fh.seek(start)
+
+    def read(self, size: int) -> str:
+        """About ``size`` more bytes (at least one character) of the file as text; "" at its end."""
+        while True:
+            raw = self.fh.read(size)
+            data = self.carry + raw
+            cut = _complete_utf8(data) if raw else len(data)
+            try:
+                text = codecs.utf_8_decode(data[:cut] if cut < len(data) else data, "strict", True)[0]
+            except UnicodeDecodeError as exc:
+                raise self._not_utf8(data[exc.start], self.offset + exc.start) from None
+            self.offset, self.carry = self.offset + cut, data[cut:]
+            if text or not raw:
+                return text
+
+    def check(self, size: int) -> None:
+        """Read the rest of the file ``size`` bytes at a time, only to raise if some are not UTF-8."""
+        while raw := self.fh.read(size):
+            if not self.carry and raw.isascii():  # most data files: nothing to decode
+                self.offset += len(raw)
+            else:
+                self.fh.seek(-len(raw), os.SEEK_CUR)
+                self.read(size)
+        self.read(size)  # the bytes of a character the file's end cut
+
+    def _not_utf8(self, byte: int, at: int) -> NotUtf8Error:
+        """The error of the byte at ``at``: its line and column counted in the file read again up to it (a
+        rare error; counting lines as the file is read would cost every file that is UTF-8)."""
+        self.fh.seek(self.start)
+        line, line_start, offset = 1, self.start, self.start
+        while offset < at and (data := self.fh.read(min(JSON_ARRAY_CHUNK, at - offset))):
+            line += data.count(b"\n")
+            if (newline := data.rfind(b"\n")) >= 0:
+                line_start = offset + newline + 1
+            offset += len(data)
+        return _not_utf8(self.path, line, byte, at - line_start + 1)
+
+
+JSON_ARRAY_CHUNK = 1 << 22  # bytes of a JSON array file read at a time (4 MiB); a longer element is read whole
+JSON_CUT_MARGIN = 64  # characters: a JSON error this near the end of the text read so far may be the read's cut
+ARRAY_GAP = re.compile(r"[\s,]*")  # between the elements of an array
+
+
+class _ArrayText:
+    """The part of a JSON array file read and not yet consumed: its text, where that starts in the file (byte,
+    line, column) and the byte offsets of its characters, asked for in increasing order."""
+
+    def __init__(self, reader: _Utf8Reader):
+        self.reader = reader
+        self.text, self.eof = "", False
+        self.byte, self.line, self.column = reader.offset, 1, 0  # of text[0]; column: characters before it
+        self._char, self._byte, self.ascii = 0, self.byte, True  # the last byte offset asked for
+
+    def extend(self, keep: int) -> bool:
+        """Drop the text before ``keep`` and read more (at least as much again as is kept, so that an element
+        read in many pieces is parsed a bounded number of times); False at the end of the file."""
+        text = self.reader.read(max(JSON_ARRAY_CHUNK, len(self.text) - keep))
+        if not text:
+            self.eof = True
+            return False
+        byte = self.to_byte(keep)
+        self.line += self.text.count("\n", 0, keep)
+        newline = self.text.rfind("\n", 0, keep)
+        self.column = keep - newline - 1 if newline >= 0 else self.column + keep
+        self.text = self.text[keep:] + text
+        self.byte = self._byte = byte
+        self._char, self.ascii = 0, self.text.isascii()
+        return True
+
+    def to_byte(self, char: int) -> int:
         if self.ascii:
-            return char + self.skipped
-        self.byte += len(self.text[self.char:char].encode("utf-8"))
-        self.char = char
-        return self.byte
+            return self.byte + char
+        self._byte += len(self.text[self._char:char].encode("utf-8"))
+        self._char = char
+        return self._byte
+
+    def line_and_column(self, char: int) -> tuple[int, int]:
+        """The line and column (1-based, in characters) of ``text[char]`` in the file, as json counts them."""
+        newline = self.text.rfind("\n", 0, char)
+        column = char - newline if newline >= 0 else self.column + char + 1
+        return self.line + self.text.count("\n", 0, char), column
+
+    def may_be_cut(self, exc: json.JSONDecodeError) -> bool:
+        """Whether a JSON error may come from the text read so far ending where it does: a string not closed
+        by then, or an error found within a few characters of its end (a number, a literal or an escape cut)."""
+        return not self.eof and (exc.pos >= len(self.text) - JSON_CUT_MARGIN
+                                 or exc.msg.startswith("Unterminated string"))
 
 
-def _iter_json_array(path: Path, text: str, start: int,
-                     skipped: int = 0) -> Iterator[tuple[int, dict[str, Any] | DataFormatError, Span]]:
+def _iter_json_array(path: Path, reader: _Utf8Reader) -> Iterator[tuple[int, dict[str, Any] | DataFormatError, Span]]:
+    """The elements of the JSON array whose text ``reader`` reads, as :func:`scan_records` yields them. The
+    file is read :data:`JSON_ARRAY_CHUNK` bytes at a time; only the unconsumed part of the text is held (an
+    element is kept whole until it is parsed)."""
     decoder = json.JSONDecoder()
-    ws = re.compile(r"[\s,]*")
-    to_byte = _ByteOffsets(text, skipped)
-    pos, line, counted = start + 1, 1 + text.count("\n", 0, start), start
+    buf = _ArrayText(reader)
+    while "[" not in buf.text:  # only whitespace before it (scan_records looked)
+        if not buf.extend(len(buf.text)):
+            yield 1, DataFormatError(f"{path}:1: no JSON array (the file changed while it was read?)"), (0, 0)
+            return
+    pos = buf.text.index("[")
+    line, counted = 1 + buf.text.count("\n", 0, pos), pos
+    pos += 1
     while True:
-        pos = ws.match(text, pos).end()
+        text = buf.text
+        pos = ARRAY_GAP.match(text, pos).end()
         line += text.count("\n", counted, pos)
         counted = pos
         if pos >= len(text):
+            if buf.extend(pos):
+                pos = counted = 0
+                continue
             yield line, DataFormatError(f"{path}:{line}: the JSON array is not closed with ']'"), (0, 0)
             return
         if text[pos] == "]":
@@ -258,8 +383,12 @@ def _iter_json_array(path: Path, text: str, start: int,
         try:
             rec, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
-            yield exc.lineno, DataFormatError(
-                f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); records after it "
+            if buf.may_be_cut(exc) and buf.extend(pos):
+                pos = counted = 0
+                continue
+            lineno, colno = buf.line_and_column(exc.pos)
+            yield lineno, DataFormatError(
+                f"{path}:{lineno}: not valid JSON ({exc.msg}, column {colno}); records after it "
                 "cannot be read until it is fixed"
             ), (0, 0)
             return
@@ -267,9 +396,16 @@ def _iter_json_array(path: Path, text: str, start: int,
             yield line, DataFormatError(f"{path}:{line}: not valid JSON (nested too deeply to read); records after "
                                         "it cannot be read until it is fixed"), (0, 0)
             return
+        except ValueError:
+            yield line, DataFormatError(f"{path}:{line}: {_TOO_LONG_INT}; records after it cannot be read until it is "
+                                        "fixed"), (0, 0)
+            return
+        if end == len(text) and not buf.eof and buf.extend(pos):  # a number may go on in the next read
+            pos = counted = 0
+            continue
         if isinstance(rec, dict):
-            first = to_byte(pos)
-            yield line, rec, (first, to_byte(end) - first)
+            first = buf.to_byte(pos)
+            yield line, rec, (first, buf.to_byte(end) - first)
         else:
             yield line, DataFormatError(f"{path}:{line}: expected a JSON object, got {type(rec).__name__}"), (0, 0)
         pos = end
@@ -297,16 +433,12 @@ def scan_records(path: Path, fh: Any) -> Iterator[tuple[int, dict[str, Any] | Da
     head = fh.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
     fh.seek(0)
     if head.startswith(b"["):
-        data = fh.read()
-        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:  # one JSON array: nothing can be read until the file is fixed
-            line = data.count(b"\n", 0, exc.start) + 1
-            yield line, _not_utf8(path, line, data[exc.start], exc.start - data.rfind(b"\n", 0, exc.start)), (0, 0)
-            return
-        del data
-        yield from _iter_json_array(path, text, text.index("["), bom)
+        bom = len(codecs.BOM_UTF8) if fh.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8 else 0
+        try:  # one JSON array: nothing can be read until the whole file is UTF-8, so that is checked first
+            _Utf8Reader(path, fh, bom).check(JSON_ARRAY_CHUNK)
+            yield from _iter_json_array(path, _Utf8Reader(path, fh, bom))
+        except NotUtf8Error as exc:
+            yield exc.line, exc, (0, 0)
     else:
         yield from _scan_jsonl(path, fh)
 

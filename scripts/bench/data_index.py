@@ -6,15 +6,19 @@ so the disk stays small) is written to a temporary folder. Each row runs in a fr
 
 * old: every record read into objects and held (``read_records`` + ``pair_to_conversation`` into lists,
   as ``load_stage_records`` did), media paths resolved with pathlib (as ``MediaRoot.resolve`` did);
-* new: ``load_stage_records`` as it is (a ``ConversationIndex`` per file).
+* new: ``load_stage_records`` as it is (a ``ConversationIndex`` per file);
+* whole (JSON array files only): ``load_stage_records`` as it is, but the array read as it was before it was
+  read in chunks (``JSON_ARRAY_CHUNK``): the whole file's bytes, then the whole text decoded, then parsed.
 
 Printed per row: seconds to read, MB the conversations hold once read (resident memory after minus
-before), the process's peak resident MB, microseconds to get one random sample's conversation; with
+before), the process's peak resident MB (and how far above what it held before reading: the imports), microseconds
+to get one random sample's conversation; with
 ``--train``, for the first format, ``train()`` (tiny assembly, 1 step, group_by_length) wall seconds and peak MB.
 Then the ratios old / new.
 
     python scripts/bench/data_index.py                       # 200k lines, mmllm-pairs and llava, train too
     python scripts/bench/data_index.py --lines 1000000 --formats mmllm-pairs --no-train
+    python scripts/bench/data_index.py --formats llava --no-train  # a JSON array: read whole vs in chunks too
 """
 
 from __future__ import annotations
@@ -119,11 +123,76 @@ def use_old_reading() -> None:
     dataset.load_stage_records = loop.load_stage_records = load_stage_records
 
 
+def use_whole_array_reading() -> None:
+    """A JSON array file read as it was before it was read in chunks: its bytes, then its text, whole."""
+    import codecs
+    import re
+
+    from mmllm.data import formats
+
+    class ByteOffsets:
+        def __init__(self, text: str, skipped: int):
+            self.text, self.skipped = text, skipped
+            self.ascii = text.isascii()
+            self.char, self.byte = 0, skipped
+
+        def __call__(self, char: int) -> int:
+            if self.ascii:
+                return char + self.skipped
+            self.byte += len(self.text[self.char:char].encode("utf-8"))
+            self.char = char
+            return self.byte
+
+    def iter_json_array(path: Path, text: str, start: int, skipped: int) -> Any:
+        decoder = json.JSONDecoder()
+        ws = re.compile(r"[\s,]*")
+        to_byte = ByteOffsets(text, skipped)
+        pos, line, counted = start + 1, 1 + text.count("\n", 0, start), start
+        while True:
+            pos = ws.match(text, pos).end()
+            line += text.count("\n", counted, pos)
+            counted = pos
+            if pos >= len(text):
+                yield line, formats.DataFormatError(f"{path}:{line}: the JSON array is not closed"), (0, 0)
+                return
+            if text[pos] == "]":
+                return
+            try:
+                rec, end = decoder.raw_decode(text, pos)
+            except (json.JSONDecodeError, RecursionError) as exc:
+                yield line, formats.DataFormatError(f"{path}:{line}: not valid JSON ({exc})"), (0, 0)
+                return
+            if isinstance(rec, dict):
+                first = to_byte(pos)
+                yield line, rec, (first, to_byte(end) - first)
+            else:
+                yield line, formats.DataFormatError(f"{path}:{line}: expected a JSON object"), (0, 0)
+            pos = end
+
+    streamed = formats.scan_records
+
+    def scan_records(path: Path, fh: Any) -> Any:
+        head = fh.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
+        fh.seek(0)
+        if not head.startswith(b"["):
+            yield from streamed(path, fh)
+            return
+        data = fh.read()
+        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+        text = data.decode("utf-8-sig")
+        del data
+        yield from iter_json_array(path, text, text.index("["), bom)
+
+    formats.scan_records = scan_records
+
+
 def child(mode: str, path: str, fmt: str, train: bool) -> dict[str, Any]:
     from mmllm.config import DatasetConfig
 
     if mode == "old":
         use_old_reading()
+    elif mode == "whole":
+        use_whole_array_reading()
     from mmllm.data import dataset
 
     stage = FILES[fmt][1]
@@ -145,6 +214,7 @@ def child(mode: str, path: str, fmt: str, train: bool) -> dict[str, Any]:
                    train_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return row
     before = rss_mb()
+    row["before_mb"] = before
     start = time.perf_counter()
     per, _, _ = dataset.load_stage_records([DatasetConfig(path=path, format=fmt)], stage)
     row["read_s"] = time.perf_counter() - start
@@ -165,6 +235,7 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=200_000)
     ap.add_argument("--formats", default="mmllm-pairs,llava")
     ap.add_argument("--no-train", action="store_true", help="skip the train() rows")
+    ap.add_argument("--skip-old", action="store_true", help="skip the old rows (objects held): slow at scale")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -174,16 +245,25 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-data-index-") as tmp:
         for k, fmt in enumerate(args.formats.split(",")):
             path = write_data(Path(tmp), args.lines, fmt)
-            rows = {mode: _child.run_child(__file__, mode, str(path), fmt, "read") for mode in ("old", "new")}
+            modes = [m for m in ("old", "whole", "new")
+                     if (m != "whole" or path.suffix == ".json") and (m != "old" or not args.skip_old)]
+            rows = {mode: _child.run_child(__file__, mode, str(path), fmt, "read") for mode in modes}
             print(f"{fmt}, {rows['new']['samples']} samples ({path.stat().st_size / 2**20:.0f} MB file):")
             for mode, r in rows.items():
-                print(f"  {mode}: read {r['read_s']:.1f} s, conversations hold {r['held_mb']:.0f} MB "
-                      f"({r['held_mb'] * 2**20 / r['samples']:.0f} B/sample), peak {r['peak_mb']:.0f} MB, "
+                print(f"  {mode}: read {r['read_s']:.2f} s, conversations hold {r['held_mb']:.0f} MB "
+                      f"({r['held_mb'] * 2**20 / r['samples']:.0f} B/sample), peak {r['peak_mb']:.0f} MB "
+                      f"(+{r['peak_mb'] - r['before_mb']:.0f} MB over the {r['before_mb']:.0f} MB before reading), "
                       f"a random sample {r['sample_us']:.1f} us")
-            old, new = rows["old"], rows["new"]
-            print(f"  old/new: read time x{old['read_s'] / new['read_s']:.2f}, held memory "
-                  f"x{old['held_mb'] / max(new['held_mb'], 1):.0f}, peak x{old['peak_mb'] / new['peak_mb']:.2f}, "
-                  f"sample access x{old['sample_us'] / new['sample_us']:.3f}")
+            old, new = rows.get("old"), rows["new"]
+            if old:
+                print(f"  old/new: read time x{old['read_s'] / new['read_s']:.2f}, held memory "
+                      f"x{old['held_mb'] / max(new['held_mb'], 1):.0f}, peak x{old['peak_mb'] / new['peak_mb']:.2f}, "
+                      f"sample access x{old['sample_us'] / new['sample_us']:.3f}")
+            if "whole" in rows:
+                whole = rows["whole"]
+                print(f"  whole/new (the array read whole / in chunks): read time "
+                      f"x{whole['read_s'] / new['read_s']:.2f}, peak x{whole['peak_mb'] / new['peak_mb']:.2f}, "
+                      f"peak over before reading x{(whole['peak_mb'] - whole['before_mb']) / max(new['peak_mb'] - new['before_mb'], 1):.2f}")
             if k == 0 and not args.no_train and FILES[fmt][1] == "encode-align":
                 rows = {mode: _child.run_child(__file__, mode, str(path), fmt, "train") for mode in ("old", "new")}
                 for mode, r in rows.items():
