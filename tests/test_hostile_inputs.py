@@ -153,6 +153,19 @@ def test_a_request_line_nested_too_deeply_is_that_lines_error_and_the_rest_is_an
     assert errors["r1"] is None
 
 
+def test_a_request_line_with_an_integer_too_long_to_convert_is_that_lines_error(tiny_model, tmp_path):
+    """json.loads raises ValueError (not JSONDecodeError) for an integer of over 4300 digits: it stopped the run
+    with a traceback, no request answered."""
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(f'{{"id": "big", "prompt": "hi", "seed": {"9" * 5000}}}\n{{"id": "r1", "prompt": "Hello"}}\n')
+    counts = run_requests(tiny_model, requests, tmp_path / "out", max_new_tokens=2)
+    assert (counts["done"], counts["failed"]) == (1, 1)
+    records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    errors = {rec["id"]: rec["error"] for rec in records}
+    assert errors["line-1"].startswith("requests.jsonl:1: malformed request (not valid JSON: Exceeds the limit")
+    assert errors["r1"] is None
+
+
 @pytest.mark.parametrize("layout", ["lines", "array"])
 def test_a_dataset_record_nested_too_deeply_is_a_data_error_naming_its_line(tmp_path, layout):
     from mmllm.data.formats import DataFormatError, iter_records

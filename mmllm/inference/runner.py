@@ -560,7 +560,7 @@ def read_lines(requests_file: Path) -> list[_Line]:
         where = f"{requests_file.name}:{lineno}"
         try:
             rec = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except ValueError as exc:  # not UTF-8, not JSON, or an integer of more digits than Python converts (4300)
             out.append(_Line(lineno, f"line-{lineno}", error=f"{where}: malformed request (not valid JSON: {exc})"))
             continue
         except RecursionError:  # "[[[[..." many thousand deep stopped the whole run with a traceback
