@@ -203,6 +203,7 @@ def saved_checkpoint(tmp_path_factory, tiny_assembly) -> Path:
 
 @pytest.mark.parametrize(("change", "says"), [
     (lambda meta: DEEP, "unreadable (RecursionError"),
+    (lambda meta: '{"n": ' + "1" * 5000 + "}", "unreadable (ValueError: Exceeds the limit"),
     (lambda meta: [meta], "holds a JSON list, not an mmllm checkpoint's object"),
     (lambda meta: {**meta, "assembly": 5}, "'assembly' is int '5', not the mapping mmllm writes"),
     (lambda meta: {**meta, "tokens": "abc"}, "'tokens' is str 'abc', not the mapping"),
@@ -440,3 +441,22 @@ def test_a_cut_long_conversation_keeps_a_long_user_turn_its_context_reaches(tiny
     whole = template._encode_conversation(_chat_with_a_long_user_turn(63, with_image), tiny_model.llm.tokenizer, spec)
     assert whole.truncated and len(whole.input_ids) == spec.max_length and len(whole.media) == int(with_image)
     assert cut == whole
+
+
+def test_a_manifest_or_cache_index_with_an_integer_too_long_to_convert_is_refused_by_name(saved_checkpoint, tmp_path):
+    """json.loads raises ValueError, not JSONDecodeError, for an integer of over 4300 digits: both files were let
+    through as a bare ValueError (a traceback, exit 70) instead of the error naming the file."""
+    from mmllm.data.cache import INDEX, CacheError, FeatureCache
+    from mmllm.model import AnyToAnyModel
+    from mmllm.training import checkpoint as ckpt
+
+    huge = '{"files": ' + "1" * 5000 + "}"
+    copy = Path(shutil.copytree(saved_checkpoint, tmp_path / "step-1"))
+    (copy / ckpt.MANIFEST).write_text(huge)
+    with pytest.raises(ckpt.CheckpointError, match=re.escape(f"{copy / ckpt.MANIFEST}: unreadable manifest")):
+        AnyToAnyModel.from_pretrained(copy)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / INDEX).write_text(huge)
+    with pytest.raises(CacheError, match=re.escape(f"{cache / INDEX}: unreadable cache index")):
+        FeatureCache(cache)

@@ -131,7 +131,7 @@ class FeatureCache:
             return {"format": "mmllm-feature-cache", "version": CACHE_FORMAT_VERSION, "sections": {}}
         try:
             index = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, an int of >4300 digits
             raise CacheError(f"{path}: unreadable cache index ({exc}); delete the folder and run `mmllm cache` "
                              "again") from exc
         if index.get("format") != "mmllm-feature-cache" or not isinstance(index.get("sections"), dict):

@@ -194,7 +194,7 @@ def verify_manifest(root: Path) -> None:
                               + _run_folder_hint(Path(root)))
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, RecursionError) as exc:
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # ValueError: not JSON, an int of >4300 digits
         raise CheckpointError(f"{manifest}: unreadable manifest ({exc})") from exc
     if not isinstance(files, dict) or not all(isinstance(d, str) for d in files.values()):
         raise CheckpointError(f"{manifest}: unreadable manifest (\"files\" is no mapping of file to sha256)")
@@ -308,7 +308,7 @@ def read_meta(directory: Path) -> dict[str, Any]:
                               + _run_folder_hint(Path(directory)))
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, an integer of over 4300 digits, too deep
         raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc}); is this an mmllm checkpoint "
                               "directory?") from exc
     if not isinstance(meta, dict):
