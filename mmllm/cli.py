@@ -1118,7 +1118,7 @@ LESS_MEMORY = {
     "cache": ("; the features computed before it are in cache.dir, and the same command with a smaller --batch-size "
               "computes only the rest"),
     "refine": "; give a smaller --cache-batch-size (the LLM forwards) or --batch-size (the fitting steps)",
-    "eval": "; give a smaller --batch-size",
+    "eval": "; give a smaller --batch-size (the requests of x2t, t2x and routing answered together)",
 }
 
 
