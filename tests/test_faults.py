@@ -695,3 +695,17 @@ def test_out_of_memory_in_a_validation_or_a_save_names_it_and_keeps_the_earlier_
     assert isinstance(stopped.value.__cause__, torch.OutOfMemoryError)
     assert [p.name for p in ckpt.step_dirs(out)] == ["step-1", "step-2"]
     assert not [p for p in out.iterdir() if p.name.startswith(".step-")]  # no half-written folder left
+
+
+def test_out_of_memory_advice_leaves_out_what_the_run_already_does(sample_data, tmp_path):
+    from mmllm.training.out_of_memory import STEP, RunShape, ways_to_need_less
+
+    plain = stage_cfg("instruct", sample_data, tmp_path / "a", batch_size=6, grad_accum=2)
+    ways = ways_to_need_less(plain, RunShape(2, "no", False, torch.float32), STEP)
+    assert ways[0] == "batch_size=3 grad_accum=4 (the same 24 samples per optimizer step)"
+    assert len(ways) == 6
+    lean = stage_cfg("instruct", sample_data, tmp_path / "b", batch_size=1, grad_checkpointing="true",
+                     **{"cache.dir": str(tmp_path / "c"), "cache.require": "true"})
+    assert ways_to_need_less(lean, RunShape(4, "bf16", True, torch.bfloat16), STEP) == [
+        "none left in this config: a GPU with more memory, or shorter samples (the assembly's max_length, in a new "
+        "output_dir)"]

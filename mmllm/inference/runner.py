@@ -670,8 +670,8 @@ class _Run:
         except Exception as exc:  # any failure of one request must not stop the others
             if len(batch) == 1:
                 log.debug("request failed", exc_info=True)
-                return [failure_text(exc, ALONE_HINT)]  # the text: the exception's frames hold the attempt's tensors
-            retry = retry_note(exc, len(batch), "the LLM's batch", "--batch-size")
+                return [failure_text(exc, LLM_ALONE_HINT)]  # the text: the exception's frames hold the attempt's tensors
+            retry = retry_note(exc, len(batch), "the LLM's batch", "requests", "--batch-size")
         else:
             elapsed = time.perf_counter() - t0
             self.seconds["llm"] += elapsed
@@ -712,9 +712,10 @@ class _Run:
             items = run_decoder(self.model, chunk)
         except Exception as exc:  # isolate the culprit: retry one group at a time
             if len(chunk) == 1:
-                error = failure_text(exc, ALONE_HINT)  # the text: the exception's frames hold the attempt's tensors
+                error = failure_text(exc, DECODER_ALONE_HINT)  # the text: the exception's frames hold the attempt's tensors
             else:
-                retry = retry_note(exc, len(chunk), f"the {chunk[0].modality} decoder's batch", "--decode-batch-size")
+                retry = retry_note(exc, len(chunk), f"the {chunk[0].modality} decoder's batch", "signal groups",
+                                   "--decode-batch-size")
         else:
             return self.decoded(chunk, items, time.perf_counter() - t0)
         # here, out of the except block, the failed attempt's tensors (held by its traceback) are gone
@@ -764,8 +765,10 @@ class _Run:
         self.bar.update(1)
 
 
-ALONE_HINT = ("it ran out of memory answered alone too: --dtype bfloat16 (or float16) holds the model in less, "
-              "a smaller max_new_tokens needs less for the answer")
+# what an out-of-memory error record says to change, the request having run out of memory alone too
+LLM_ALONE_HINT = ("it ran out of memory answered alone too: --dtype bfloat16 (or float16) holds the model in less, "
+                  "a smaller max_new_tokens needs less for the answer")
+DECODER_ALONE_HINT = "it ran out of memory decoded alone too: --dtype bfloat16 (or float16) holds the model in less"
 
 
 def failure_text(exc: Exception, out_of_memory_hint: str) -> str:
@@ -776,11 +779,12 @@ def failure_text(exc: Exception, out_of_memory_hint: str) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def retry_note(exc: Exception, size: int, what: str, flag: str) -> tuple[bool, str]:
-    """(out of memory?, the warning) for a batch of ``size`` that failed with ``exc`` and is retried one by one."""
+def retry_note(exc: Exception, size: int, what: str, items: str, flag: str) -> tuple[bool, str]:
+    """(out of memory?, the warning) for a batch of ``size`` ``items`` that failed with ``exc`` and is retried one
+    by one."""
     if isinstance(exc, torch.OutOfMemoryError):
-        return True, (f"{what} of {size} ran out of memory ({first_line(exc)}); emptied the CUDA cache and "
-                      f"retrying its requests one at a time (a smaller {flag} avoids these retries)")
+        return True, (f"{what} of {size} ran out of memory ({first_line(exc)}); freed the memory it held and "
+                      f"retrying its {items} one at a time (a smaller {flag} avoids these retries)")
     return False, f"{what} of {size} failed ({type(exc).__name__}: {exc}); retrying one by one"
 
 

@@ -81,7 +81,8 @@ def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str) -> list[str
     if shape.core_dtype == torch.float32:
         where = "the first stage's assembly (init_from carries it)" if cfg.init_from else "the assembly"
         ways.append(f"llm.dtype: bfloat16 in {where}, in a new output_dir (--resume refuses another assembly)")
-    return ways or ["none left in this config: a GPU with more memory"]
+    return ways or ["none left in this config: a GPU with more memory, or shorter samples (the assembly's "
+                          "max_length, in a new output_dir)"]
 
 
 def _smallest_factor(n: int) -> int:
