@@ -772,10 +772,9 @@ example:
     "config": """\
 prints (stdout): the config as YAML with every key's default filled in, the overrides applied and, for a stage, \
 its assembly: and lora: files written in and its paths absolute, as train resolves them; given back as --config \
-it is the same config. Writes nothing; builds no model and reads no weights.
-examples:
-  mmllm config --config configs/stages/tiny/instruct.yaml optim.lr=1e-3 > resolved.yaml
-  mmllm train --config resolved.yaml""",
+(train --config resolved.yaml) it is the same config. Writes nothing; builds no model and reads no weights.
+example:
+  mmllm config --config configs/stages/tiny/instruct.yaml optim.lr=1e-3 > resolved.yaml""",
     "infer": """\
 writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html; with \
 --prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed.
