@@ -1,4 +1,4 @@
-"""``mmllm`` command line: train, inspect, infer, export, refine, data check, cache, demo, eval, world."""
+"""``mmllm`` command line: train, inspect, config, infer, export, refine, data check, cache, demo, eval, world."""
 
 from __future__ import annotations
 
@@ -178,6 +178,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
               f"frozen {sum(r.frozen for r in rows):>12,}")
     if args.json:
         atomic_write_text(args.json, json.dumps({"checks": model.checks, "stages": table}, indent=2))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """``mmllm config``: the resolved config on stdout, as YAML that ``--config`` takes back; nothing built."""
+    from mmllm.resolved_config import config_yaml
+
+    sys.stdout.write(config_yaml(args.config, args.overrides))
     return 0
 
 
@@ -377,7 +385,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _stage_assembly(cfg):
     """The assembly a stage trains: ``init_from``'s recorded one when that checkpoint exists (checked against
     the stage's as training checks it), else the stage's own (file + ``assembly.*`` overrides)."""
-    from mmllm.config import load_assembly
+    from mmllm.config import config_source, load_assembly
     from mmllm.registry import check_part_options
     from mmllm.training.checkpoint import checkpoint_assembly
     from mmllm.training.init_from import check_init_from, checkpoint_missing, stage_trusts_remote_code
@@ -387,7 +395,7 @@ def _stage_assembly(cfg):
         stage_trusts_remote_code(cfg)  # refused as training refuses it: the recorded assembly is built next
         return checkpoint_assembly(Path(cfg.init_from))
     assembly = load_assembly(cfg.assembly, cfg.assembly_overrides)
-    check_part_options(assembly, cfg.assembly, cfg.assembly_overrides, "assembly.")
+    check_part_options(assembly, config_source(cfg.assembly), cfg.assembly_overrides, "assembly.")
     return assembly
 
 
@@ -403,7 +411,7 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None
     both read: the tokens and shapes come from the assembly the previous stage trains, and the cache
     files each frozen part's outputs under that part's fingerprint, so training finds them only if it
     runs the same part. ``check(cfg)`` runs on the config before anything loads."""
-    from mmllm.config import load_stage, naming_overrides
+    from mmllm.config import config_source, load_stage, naming_overrides
     from mmllm.data.dataset import load_stage_records
     from mmllm.model import AnyToAnyModel
     from mmllm.training.init_from import checkpoint_missing
@@ -419,7 +427,7 @@ def _stage_model(args: argparse.Namespace, shapes_only: bool = False, check=None
                                        "cache.require=true, a mismatch is reported before training).")
         log.info("init_from %s is not there yet (the previous stage is not trained): %s come from the stage's own "
                  "assembly %s, which the previous stage trains if its config names the same one.%s",
-                 cfg.init_from, use, cfg.assembly, note)
+                 cfg.init_from, use, config_source(cfg.assembly), note)
     assembly = _stage_assembly(cfg)
     per_dataset = None if shapes_only else load_stage_records(cfg.all_data(), cfg.stage)[0]
     parts = StageParts() if shapes_only else cache_parts(stage_parts(cfg.losses, per_dataset))
@@ -763,6 +771,12 @@ examples:
 prints (stdout): the parts, dimension checks and per-stage parameter counts; --json FILE also writes the counts
 example:
   mmllm inspect --config configs/assemblies/tiny.yaml --lora configs/lora/tiny.yaml""",
+    "config": """\
+prints (stdout): the config as YAML with every key's default filled in, the overrides applied and, for a stage, \
+its assembly: and lora: files written in and its paths absolute, as train resolves them; given back as --config \
+(train --config resolved.yaml) it is the same config. Writes nothing; builds no model and reads no weights.
+example:
+  mmllm config --config configs/stages/tiny/instruct.yaml optim.lr=1e-3 > resolved.yaml""",
     "infer": """\
 writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html; with \
 --prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed.
@@ -848,6 +862,15 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", type=user_path, metavar="FILE", help="also write the counts here")
     i.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the config, e.g. llm.options.layers=4")
     i.set_defaults(fn=cmd_inspect)
+
+    cf = add_command(sub, "config", "print the resolved config a stage (or assembly) YAML and overrides give, as "
+                                    "YAML: every default, overrides applied, files it names written in",
+                     EPILOGS["config"])
+    cf.add_argument("--config", type=user_path, required=True, metavar="YAML", help="a stage or assembly YAML")
+    cf.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="overrides, as train (or inspect, for an assembly) takes them, e.g. optim.lr=1e-3 "
+                         "assembly.max_length=64")
+    cf.set_defaults(fn=cmd_config)
 
     r = add_command(sub, "infer", "batch inference from a checkpoint: requests JSONL in, media + results.jsonl "
                                   "+ index.html out (exit 1 if any request failed)", EPILOGS["infer"])
@@ -1001,7 +1024,7 @@ def build_parser() -> argparse.ArgumentParser:
     wl.set_defaults(fn=cmd_world_distil)
     # -v and -q also after the command (`mmllm train ... -v`: where users add it when an error asks for it);
     # SUPPRESS keeps a command's parser from resetting a -v or -q given before the command
-    for command in (t, i, r, e, d, dc, c, rf, ev, wr, wd, wl):
+    for command in (t, i, cf, r, e, d, dc, c, rf, ev, wr, wd, wl):
         command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose_help)
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
     return p

@@ -447,11 +447,12 @@ class ScheduleConfig:
 @dataclass
 class StageConfig:
     stage: typing.Literal["encode-align", "decode-align", "instruct"]
-    assembly: str
+    # an assembly YAML's path, or the assembly itself as a mapping (what `mmllm config` prints)
+    assembly: str | dict[str, Any]
     data: list[DatasetConfig]
     output_dir: str
     init_from: str | None = None  # the previous stage's checkpoint directory
-    lora: str | None = None  # a configs/lora/*.yaml (instruct stage)
+    lora: str | dict[str, Any] | None = None  # a configs/lora/*.yaml (instruct stage), or its keys as a mapping
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     losses: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -696,16 +697,23 @@ def naming_overrides(overrides: list[str], prefix: str = "") -> Iterator[None]:
         raise named from exc
 
 
-def load_assembly(path: str | Path, overrides: list[str] | None = None,
+def config_source(value: str | Path | dict[str, Any], key: str = "assembly") -> str:
+    """How a message names a stage's ``assembly:`` or ``lora:``: its file, or the mapping written in the stage."""
+    return f"the {key}: written in the stage" if isinstance(value, dict) else str(value)
+
+
+def load_assembly(path: str | Path | dict[str, Any], overrides: list[str] | None = None,
                   override_prefix: str = "assembly.") -> AssemblyConfig:
     """Load an assembly YAML, with ``key.sub=value`` ``overrides`` (``"encoders.image.tokens=pooled"``);
     ``override_prefix``: how the command line wrote them, for an error that names one (a stage's
-    ``assembly.``; nothing where the assembly file is the command's own ``--config``)."""
-    data = apply_overrides(read_yaml(path), overrides or [])
+    ``assembly.``; nothing where the assembly file is the command's own ``--config``). ``path`` may be the
+    assembly itself, as a mapping (a stage's ``assembly:`` written out, as ``mmllm config`` prints it)."""
+    where = "assembly" if isinstance(path, dict) else str(path)
+    data = apply_overrides(path if isinstance(path, dict) else read_yaml(path), overrides or [])
     try:
-        return parse_assembly(data, where=str(path))
+        return parse_assembly(data, where=where)
     except ConfigError as exc:
-        raise naming_the_override(exc, overrides or [], override_prefix, source=str(path)) from exc
+        raise naming_the_override(exc, overrides or [], override_prefix, source=where) from exc
 
 
 def save_assembly(config: AssemblyConfig, path: str | Path) -> Path:
@@ -717,7 +725,10 @@ def save_assembly(config: AssemblyConfig, path: str | Path) -> Path:
     return path
 
 
-def load_lora(path: str | Path) -> LoraConfig:
+def load_lora(path: str | Path | dict[str, Any]) -> LoraConfig:
+    """A LoRA YAML, or its keys as a mapping (a stage's ``lora:`` written out, as ``mmllm config`` prints it)."""
+    if isinstance(path, dict):
+        return from_dict(LoraConfig, path, "lora")
     try:
         return from_dict(LoraConfig, read_yaml(path))
     except ConfigError as exc:
@@ -745,18 +756,24 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     cfg.output_dir = user_path(cfg.output_dir)
     cfg.init_from = user_path(cfg.init_from)
     cfg.cache.dir = user_path(cfg.cache.dir)
-    cfg.assembly = resolve_path(base, cfg.assembly)
-    cfg.lora = resolve_path(base, cfg.lora)
+    for key in ("assembly", "lora"):  # a file's path; a mapping is the file's content, written in the stage
+        if isinstance(value := getattr(cfg, key), str):
+            setattr(cfg, key, resolve_path(base, value))
     for key in ("assembly", "lora"):
         value = getattr(cfg, key)
-        if value is not None and not Path(value).is_file():
+        if isinstance(value, str) and not Path(value).is_file():
             raise ConfigError(f"{path}: {key}: {value} not found (a relative path is looked up from the working "
                               f"directory {Path.cwd()}, then from the stage config's folder {base})")
     if cfg.lora is not None:  # its keys checked now, not after the model is built (minutes with a large core)
         try:
             load_lora(cfg.lora)
         except ConfigError as exc:
-            raise ConfigError(f"{path}: lora: {exc}") from exc
+            raise ConfigError(f"{path}: {'' if isinstance(cfg.lora, dict) else 'lora: '}{exc}") from exc
+    if isinstance(cfg.assembly, dict):  # a file's keys are checked where it is loaded, naming the file
+        try:
+            load_assembly(cfg.assembly, cfg.assembly_overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
     for ds in cfg.all_data():
         ds.path = resolve_path(base, ds.path)
         ds.root = resolve_path(base, ds.root)

