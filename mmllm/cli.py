@@ -183,9 +183,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     """``mmllm config``: the resolved config on stdout, as YAML that ``--config`` takes back; nothing built."""
-    from mmllm.resolved_config import config_yaml
+    from mmllm.resolved_config import checkpoint_config_yaml, config_yaml
 
-    sys.stdout.write(config_yaml(args.config, args.overrides))
+    if args.checkpoint is not None:
+        sys.stdout.write(checkpoint_config_yaml(args.checkpoint, args.overrides))
+    else:
+        sys.stdout.write(config_yaml(args.config, args.overrides))
     return 0
 
 
@@ -775,8 +778,10 @@ example:
 prints (stdout): the config as YAML with every key's default filled in, the overrides applied and, for a stage, \
 its assembly: and lora: files written in and its paths absolute, as train resolves them; given back as --config \
 (train --config resolved.yaml) it is the same config. Writes nothing; builds no model and reads no weights.
-example:
-  mmllm config --config configs/stages/tiny/instruct.yaml optim.lr=1e-3 > resolved.yaml""",
+--checkpoint DIR prints the stage config that trained that checkpoint (its mmllm.json's record, the assembly it built and its LoRA written in, relative paths made absolute from the folder training ran in), after verifying its manifest; train --config on it re-runs that training (give another output_dir: the checkpoint's own holds it). An export, a merged export or a checkpoint that records no stage is refused (exit 2).
+examples:
+  mmllm config --config configs/stages/tiny/instruct.yaml optim.lr=1e-3 > resolved.yaml
+  mmllm config --checkpoint runs/tiny/instruct/step-30 output_dir=runs/again > again.yaml""",
     "infer": """\
 writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html; with \
 --prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed.
@@ -863,10 +868,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the config, e.g. llm.options.layers=4")
     i.set_defaults(fn=cmd_inspect)
 
-    cf = add_command(sub, "config", "print the resolved config a stage (or assembly) YAML and overrides give, as "
-                                    "YAML: every default, overrides applied, files it names written in",
+    cf = add_command(sub, "config", "print the resolved config a stage (or assembly) YAML and overrides give, or "
+                                    "that trained a checkpoint, as YAML: every default, overrides applied, files "
+                                    "it names written in",
                      EPILOGS["config"])
-    cf.add_argument("--config", type=user_path, required=True, metavar="YAML", help="a stage or assembly YAML")
+    source = cf.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=user_path, metavar="YAML", help="a stage or assembly YAML")
+    source.add_argument("--checkpoint", type=user_path, metavar="DIR",
+                        help="a training checkpoint (step-N): the stage config that trained it")
     cf.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="overrides, as train (or inspect, for an assembly) takes them, e.g. optim.lr=1e-3 "
                          "assembly.max_length=64")

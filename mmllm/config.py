@@ -739,13 +739,19 @@ def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageCon
     """Load a stage YAML, with ``overrides`` as the command line gives them (``"max_steps=5"``,
     ``"assembly.max_length=64"``, ``"assembly=other.yaml"``). Relative paths inside it resolve against the
     CWD, then the YAML's folder."""
-    overrides = overrides or []
     path = Path(path).expanduser()
-    to_assembly = [o[len("assembly."):] for o in overrides if o.startswith("assembly.")]
     raw = read_yaml(path)
     if "stage" not in raw and "llm" in raw:
         raise ConfigError(f"{path} is an assembly YAML; this command takes a stage YAML (configs/stages/), which "
                           "names its assembly as `assembly: FILE`")
+    return stage_from_mapping(raw, overrides, path)
+
+
+def stage_from_mapping(raw: dict[str, Any], overrides: list[str] | None, path: Path) -> StageConfig:
+    """:func:`load_stage` of a stage YAML's content ``raw``, read from ``path`` (which messages name and whose
+    folder relative paths are looked up from after the working directory)."""
+    overrides = overrides or []
+    to_assembly = [o[len("assembly."):] for o in overrides if o.startswith("assembly.")]
     data = apply_overrides(raw, [o for o in overrides if not o.startswith("assembly.")])
     data["assembly_overrides"] = list(data.get("assembly_overrides", [])) + to_assembly
     try:

@@ -7,7 +7,8 @@ options too, from its kind's ``Options``), the overrides applied, the assembly a
 (``assembly:`` and ``lora:`` take a mapping as well as a path) and every path absolute, as training resolves
 it. Written as YAML and given back as ``--config``, it loads to the same stage, assembly and LoRA settings; and
 it is its own resolved form (a fixed point). Nothing is built and no weights are read: the parts' modules are
-imported, to check their options as ``train`` does before it builds them.
+imported, to check their options as ``train`` does before it builds them. :func:`recorded_stage` gives the
+stage config a training checkpoint records (``mmllm config --checkpoint``), which resolves the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import yaml
 from mmllm import __version__
 from mmllm.config import (
     AssemblyConfig,
+    ConfigError,
     StageConfig,
     config_source,
     load_assembly,
@@ -114,11 +116,74 @@ def config_yaml(config: str | Path, overrides: list[str] | None = None) -> str:
         assembly = load_assembly(config, overrides, "")
         check_part_options(assembly, str(config), overrides)
         data, kind = resolved_assembly(assembly), "assembly"
-    given = " ".join([f"--config {config}", *overrides])
-    header = [f"mmllm {__version__}, the {kind} config of: {given}",
+    return with_header(data, kind, f"the {kind} config of: {' '.join([f'--config {config}', *overrides])}")
+
+
+def checkpoint_config_yaml(checkpoint: str | Path, overrides: list[str] | None = None) -> str:
+    """The stage config that trained ``checkpoint`` (:func:`recorded_stage`) with ``overrides``, resolved as
+    :func:`config_yaml` resolves a stage YAML, as YAML text with a header saying what it is."""
+    overrides = list(overrides or [])
+    cfg = recorded_stage(Path(checkpoint), overrides)
+    data = resolved_stage(cfg, stage_assembly_checked(cfg))
+    return with_header(data, "stage", "the stage config that trained the checkpoint: "
+                       + " ".join([f"--checkpoint {checkpoint}", *overrides]),
+                       ["assembly: and lora: are those it records as built (init_from's, where it names one)."])
+
+
+def recorded_stage(checkpoint: Path, overrides: list[str]) -> StageConfig:
+    """The stage config a training checkpoint's ``mmllm.json`` records, with the assembly it built and the LoRA
+    it added written in, its relative paths made absolute from the folder training ran in, and ``overrides``
+    applied. The checkpoint's manifest is verified first; a folder that records no training of its own (an
+    export, a merged export, a checkpoint written before mmllm recorded its stage and working folder) is
+    refused (:class:`~mmllm.training.checkpoint.CheckpointError`), saying why."""
+    from mmllm.config import from_dict, stage_from_mapping
+    from mmllm.training import checkpoint as ckpt
+
+    ckpt.verify_manifest(checkpoint)
+    meta = ckpt.read_meta(checkpoint)
+    where = checkpoint / ckpt.CONFIG_FILE
+    for key, what in (("exported_from", "an export (mmllm export)"), ("merged_from", "a merged export")):
+        if key in meta:
+            source = meta[key].get("checkpoint") if isinstance(meta[key], dict) else meta[key]
+            raise ckpt.CheckpointError(f"{checkpoint} is {what} of {source}, not a training checkpoint: no stage "
+                                       "trained it. Give the step-N checkpoint it was exported from")
+    stage, working_dir = meta.get("stage"), meta.get("working_dir")
+    if not isinstance(stage, dict) or not isinstance(working_dir, str):
+        missing = "the stage that trained it" if not isinstance(stage, dict) else "the folder training ran in"
+        raise ckpt.CheckpointError(f"{where}: does not record {missing} (a checkpoint written by an older mmllm, or "
+                                   "not by training); give a step-N checkpoint of a training run, or print the "
+                                   "stage YAML it was trained with: mmllm config --config STAGE.yaml")
+    if stage.get("lora") is not None and not isinstance(meta.get("lora"), dict):
+        raise ckpt.CheckpointError(f"{where}: its stage names a lora: but it records no LoRA adapter; the file is "
+                                   "damaged or was not written by mmllm")
+    recorded = {**stage, "assembly": to_dict(ckpt.checkpoint_assembly(checkpoint, meta)),
+                "lora": meta["lora"] if stage.get("lora") is not None else None}
+    try:
+        cfg = from_dict(StageConfig, recorded)
+    except (ConfigError, ValueError, TypeError) as exc:
+        raise ckpt.CheckpointError(f"{where}: its stage record does not parse ({exc}); the file is damaged or "
+                                   "was not written by mmllm") from exc
+    return stage_from_mapping(to_dict(absolute_from(cfg, Path(working_dir))), overrides, where)
+
+
+def absolute_from(cfg: StageConfig, folder: Path) -> StageConfig:
+    """``cfg`` with its relative paths (as loaded in ``folder``) joined to ``folder``."""
+    def join(value: str | None) -> str | None:
+        return None if value is None else str(folder / value)  # an absolute value stays as it is
+
+    cfg.output_dir, cfg.init_from, cfg.cache.dir = join(cfg.output_dir), join(cfg.init_from), join(cfg.cache.dir)
+    for ds in cfg.all_data():
+        ds.path, ds.root, ds.embeddings = join(ds.path), join(ds.root), join(ds.embeddings)
+    return cfg
+
+
+def with_header(data: dict[str, Any], kind: str, what: str, notes: list[str] | None = None) -> str:
+    """``data`` (a resolved ``kind`` config) as YAML below comment lines saying ``what`` it is."""
+    header = [f"mmllm {__version__}, {what}",
               "every key with its default filled in, the overrides applied" + (
                   ", the assembly: and lora: files written in, paths absolute" if kind == "stage" else ""),
-              f"(as training resolves them). Given back as --config, this file is the same {kind} config."]
+              f"(as training resolves them). Given back as --config, this file is the same {kind} config.",
+              *(notes or [])]
     if kind == "stage" and data["assembly_overrides"]:
         header.append("assembly_overrides are applied in assembly: already (again, they change nothing); they are "
                       "kept for init_from,")

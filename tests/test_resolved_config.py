@@ -176,3 +176,100 @@ def test_a_printed_stage_trains_as_its_original_does(tmp_path, monkeypatch, caps
     metas = [json.loads((r.final_checkpoint / "mmllm.json").read_text()) for r in results]
     assert normalized_assembly(metas[0]["assembly"]) == normalized_assembly(metas[1]["assembly"])
     assert metas[0]["lora"] == metas[1]["lora"]
+
+
+def _weights(checkpoint: Path) -> dict:
+    """What a checkpoint learned: its projections and signal rows, and its LoRA adapter where it has one."""
+    from mmllm.training.checkpoint import read_weights
+
+    files = [checkpoint / "learned.safetensors", *sorted((checkpoint / "adapter").glob("*.safetensors"))]
+    return {f"{f.name}:{k}": v for f in files for k, v in read_weights(f).items()}
+
+
+def test_a_checkpoints_printed_config_trains_it_again(tmp_path, monkeypatch, capsys):
+    """The instruct stage (init_from, LoRA, an assembly override, relative paths) trained from the shipped file;
+    its checkpoint's config printed from another folder and trained from a third: the same losses and the same
+    learned weights. The print is the one `config --config` gives of the same stage and overrides."""
+    import torch
+
+    from mmllm.training.loop import train
+
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    quick = ["max_steps=2", "batch_size=2", "report_to=none", "assembly.max_length=64"]
+    first = train(load_stage(STAGES / "tiny" / "encode_align.yaml", [*quick, "max_steps=1", "output_dir=first"]))
+    first = first.final_checkpoint
+    overrides = [*quick, f"init_from={first}", "seed=3", "optim.lr=5e-3"]
+    trained = train(load_stage(STAGES / "tiny" / "instruct.yaml", [*overrides, "output_dir=one"]))
+    from_stage = _config(capsys, "--config", str(STAGES / "tiny" / "instruct.yaml"), *overrides,
+                         f"output_dir={tmp_path / 'two'}")
+
+    monkeypatch.chdir(tmp_path / "b")  # the checkpoint records the folder its relative paths lead from
+    printed = _config(capsys, "--checkpoint", str(tmp_path / "a" / trained.final_checkpoint), "output_dir=../two")
+    assert _body(printed) == _body(from_stage)
+    data = yaml.safe_load(printed)
+    assert data["init_from"] == str(tmp_path / "a" / first) and data["seed"] == 3 and data["optim"]["lr"] == 5e-3
+    assert data["lora"]["r"] == 4 and data["assembly"]["max_length"] == 64
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+
+    monkeypatch.chdir(tmp_path / "c")
+    again = train(load_stage(saved))
+    assert again.final_checkpoint == tmp_path / "two" / "step-2"
+    assert again.losses == trained.losses
+    ours, theirs = _weights(again.final_checkpoint), _weights(tmp_path / "a" / trained.final_checkpoint)
+    assert ours.keys() == theirs.keys() and any(k.startswith("adapter") for k in ours)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # and what it prints of its own checkpoint is what it was trained from
+    assert _body(_config(capsys, "--checkpoint", str(again.final_checkpoint))) == _body(printed)
+
+
+def _refused(capsys, checkpoint: Path) -> str:
+    assert main(["config", "--checkpoint", str(checkpoint)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    errors = [line for line in err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.mark.parametrize("case, said", [
+    ("export", "is an export (mmllm export) of"),
+    ("merged", "is a merged export of"),
+    ("no stage", "does not record the stage that trained it"),
+    ("no working_dir", "does not record the folder training ran in"),
+    ("edited", "mmllm.json: contents do not match the manifest"),
+    ("bad stage", "its stage record does not parse"),
+])
+def test_a_checkpoint_without_a_stage_record_is_refused_saying_why(case, said, tiny_model, tmp_path, capsys):
+    from mmllm.training import checkpoint as ckpt
+
+    cfg = load_stage(STAGES / "tiny" / "encode_align.yaml")
+    step = ckpt.save_model_checkpoint(tiny_model, tmp_path / "run" / "step-1", ckpt.stage_meta(cfg))
+    assert yaml.safe_load(_config(capsys, "--checkpoint", str(step)))["stage"] == "encode-align"  # as saved
+    if case == "export":
+        step = ckpt.export_weights_only(step, tmp_path / "export")
+    elif case == "merged":
+        step = ckpt.export_merged(step, tmp_path / "merged")
+    else:
+        meta = json.loads((step / "mmllm.json").read_text())
+        if case == "no stage":
+            del meta["stage"]
+        elif case == "no working_dir":
+            del meta["working_dir"]
+        else:
+            meta["stage"]["max_steps"] = "ten"
+        (step / "mmllm.json").write_text(json.dumps(meta))
+        if case != "edited":
+            ckpt.write_manifest(step)
+    assert said in _refused(capsys, step)
+
+
+def test_config_takes_a_config_or_a_checkpoint(tmp_path, capsys):
+    for argv in ([], ["--config", str(TINY), "--checkpoint", str(tmp_path)]):
+        with pytest.raises(SystemExit) as done:
+            main(["config", *argv])
+        assert done.value.code == 2
+    assert "one of the arguments --config --checkpoint is required" in capsys.readouterr().err
+    assert "not found" in _refused(capsys, tmp_path / "nowhere")

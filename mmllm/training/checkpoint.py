@@ -4,6 +4,7 @@
 
     CKPT/
       mmllm.json                 format version, resolved assembly (+ LoRA, stage) config, token additions
+                                 (and, from training, the folder it ran in: working_dir)
       learned.safetensors        input/output projections and signal-token rows (all of them, always)
       adapter/                   the LoRA adapter in PEFT's own format (when LoRA is on)
       training_state/            optimizer, scheduler, RNG and data position (for --resume)
@@ -890,4 +891,7 @@ def _base_tokenizer(llm):
 
 
 def stage_meta(stage_cfg) -> dict[str, Any]:
-    return {"stage": to_dict(stage_cfg)}
+    """What a training checkpoint records of its stage: its settings as loaded, and the folder training ran in
+    (``working_dir``), which their relative paths (``output_dir``, a data path found from there) lead from:
+    ``mmllm config --checkpoint`` writes them out absolute."""
+    return {"stage": to_dict(stage_cfg), "working_dir": str(Path.cwd())}
