@@ -16,6 +16,7 @@ import pytest
 import mmllm.cli
 import mmllm.training.loop
 from mmllm.cli import EXIT_INTERNAL_ERROR, entry, main
+from mmllm.config import load_assembly
 from mmllm.data.index import DataFileChanged
 from tests.conftest import REPO, TINY
 
@@ -162,3 +163,24 @@ def test_train_prints_its_result_on_stdout_kept_by_quiet(tmp_path, capsys):
     checkpoint = captured.out.rsplit("checkpoint ", 1)[1].strip()
     assert checkpoint == str(out / "step-2") and (out / "step-2").is_dir()
     assert " INFO " not in captured.err and "done:" not in captured.err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("llm.num_heads=3", "llm: hidden_size=64 must be num_heads=3 times an even head width"),
+    ("llm.hidden_size=0", "llm: hidden_size must be >= 1, got 0"),
+])
+def test_a_tiny_llm_of_sizes_transformers_refuses_is_a_config_error_not_a_crash(override, message, monkeypatch, capsys):
+    """transformers' own check (hidden size not a multiple of the heads, an odd rotary width) or a division by
+    zero escaped as a traceback, exit 70: "a fault of mmllm" for a number the user set."""
+    assert run_entry(monkeypatch, "inspect", "--config", str(TINY), override) == 2
+    err = capsys.readouterr().err
+    assert message in err and override in err and "Traceback" not in err and "unexpected error" not in err
+
+
+def test_a_tiny_llm_whose_heads_do_not_share_kv_heads_is_refused_before_it_is_built():
+    """num_kv_heads not dividing num_heads built a model (inspect said nothing) whose first forward failed."""
+    from mmllm.config import ConfigError
+    from mmllm.registry import check_part_options
+
+    with pytest.raises(ConfigError, match="num_kv_heads=3 does not divide num_heads=4"):
+        check_part_options(load_assembly(TINY, ["llm.num_kv_heads=3"]), str(TINY))
