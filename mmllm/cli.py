@@ -23,6 +23,7 @@ from mmllm import __version__
 from mmllm.atomic import atomic_write_text
 from mmllm.config import files_named_in, user_path
 from mmllm.log_filters import drop_diffusers_noise
+from mmllm.memory import OutOfMemory, first_line
 from mmllm.progress import no_progress_bars
 
 if TYPE_CHECKING:
@@ -740,7 +741,8 @@ exit codes:
   1        infer: a request failed (or --fail-fast stopped the run); data check: a problem
            found in the data
   2        a usage error, or what was given refused (a bad flag, config, path or data file, an
-           output folder in use, a disk full): one line saying what to fix (-v adds the traceback)
+           output folder in use), or memory or disk ran out: one line saying what to fix (-v
+           adds the traceback)
   70       an unexpected error, a fault of mmllm or of what it runs (EX_SOFTWARE): its traceback
   130/143  stopped by Ctrl-C (SIGINT) / SIGTERM (train saves the step under way first)
   141      the reader of stdout stopped reading (`mmllm inspect ... | head`), said nothing
@@ -1110,6 +1112,40 @@ def kept_so_far(results: Path, what: str, started: float) -> str:
     return ""
 
 
+# what needs less memory, per command, after an out-of-memory error outside training's steps and infer's batches
+LESS_MEMORY = {
+    "train": ("; before the first step (the model built, loaded or placed) what needs less is a bfloat16 core "
+              "(llm.dtype: bfloat16 in the assembly), a feature cache with cache.require=true (the parts it replaces "
+              "are not held), or sharding (accelerate launch --config_file configs/accelerate/fsdp.yaml -m mmllm.cli "
+              "train ...)"),
+    "infer": "; to load the model in less memory: --dtype bfloat16 (or float16), or --device cpu",
+    "cache": ("; the features computed before it are in cache.dir, and the same command with a smaller --batch-size "
+              "computes only the rest"),
+    "refine": "; give a smaller --cache-batch-size (the LLM forwards) or --batch-size (the fitting steps)",
+    "eval": "; give a smaller --batch-size (the requests of x2t, t2x and routing answered together)",
+}
+
+
+def torch_out_of_memory() -> type[BaseException]:
+    """``torch.OutOfMemoryError`` once torch is imported (a command that ran out of memory imported it), else an
+    exception nothing raises: the CLI does not import torch for a command that does not."""
+    torch = sys.modules.get("torch")
+    return getattr(torch, "OutOfMemoryError", _NeverRaised)
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+def report_out_of_memory(args: argparse.Namespace, line: str, exc: BaseException) -> None:
+    """One line saying where memory ran out, what is kept and what needs less (-v: with torch's traceback and
+    its full message)."""
+    if args.verbose:
+        log.error("%s", line, exc_info=exc)
+    else:
+        log.error("%s (run with -v for the traceback)", line)
+
+
 def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
     """The parsed command, its errors as one line and an exit code (2: what was given is wrong). An exception
     of another kind is raised on: a fault of mmllm or of what it runs (:func:`entry` exits 70 with its traceback)."""
@@ -1131,6 +1167,13 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
         if not isinstance(exc.code, str):
             raise
         log.error("%s", exc.code)  # a command refusing what it was given, saying why
+        return 2
+    except OutOfMemory as exc:  # training's, naming the step, the checkpoint kept and the settings to change
+        report_out_of_memory(args, str(exc), exc)
+        return 2
+    except torch_out_of_memory() as exc:  # anywhere else: loading a model, a cache batch, an eval batch
+        report_out_of_memory(args, f"{command_name(args)} ran out of memory ({first_line(exc)})"
+                                   f"{after_a_stop(args, started)}{LESS_MEMORY.get(command_name(args), '')}", exc)
         return 2
     except KeyboardInterrupt as exc:  # a signal before training's first step, a second one, Ctrl-C elsewhere
         name = exc.args[0] if exc.args and exc.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"

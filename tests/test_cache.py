@@ -189,6 +189,34 @@ def test_cache_command(data, tmp_path, capsys):
     assert "cache.dir" in capsys.readouterr().err
 
 
+def test_out_of_memory_while_caching_is_one_line_and_keeps_what_was_computed(data, tmp_path, monkeypatch, capsys):
+    """A torch.OutOfMemoryError in `mmllm cache` ended it with torch's traceback (exit code 1); now one line (exit
+    code 2) says what ran out and to give a smaller --batch-size. The features computed before it were already
+    written (the writer flushes on the way out), and the same command computes only the rest."""
+    from mmllm.data.cache import CacheWriter
+
+    real_add, added = CacheWriter.add, []
+
+    def add(self, key, tensor):
+        added.append(key)
+        if len(added) == 5:  # the third batch of 2, after two batches of image targets
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nSee PYTORCH_CUDA_ALLOC_CONF")
+        return real_add(self, key, tensor)
+
+    monkeypatch.setattr(CacheWriter, "add", add)
+    args = ["cache", "--config", str(REPO / "configs/stages/tiny/decode_align.yaml"), "init_from=null", "--batch-size",
+            "2", f"data=[{{path: {data / 'pairs.jsonl'}, format: mmllm-pairs}}]", f"cache.dir={tmp_path / 'c'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "cache ran out of memory (CUDA out of memory. Tried to allocate 2.00 GiB.); the features computed before " \
+           "it are in cache.dir, and the same command with a smaller --batch-size computes only the rest" in errors[0]
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert "condition/image: 4 computed, 4 already cached" in capsys.readouterr().out
+
+
 def _lookups(tmp_path, sections: dict[str, dict[str, torch.Tensor]]):
     """A Precomputed over a cache holding ``sections`` (fingerprint -> content hash -> image features)."""
     from mmllm.data.precomputed import Precomputed

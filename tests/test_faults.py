@@ -17,10 +17,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmllm.config import ConfigError
+from mmllm.cli import main
+from mmllm.config import ConfigError, load_stage
+from mmllm.memory import OutOfMemory
 from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
-from mmllm.training import interrupt
+from mmllm.training import interrupt, loop
 from mmllm.training.interrupt import TrainingInterrupted
 from mmllm.training.loop import train
 from mmllm.training.resume import check_fresh_output_dir
@@ -605,3 +607,105 @@ def test_an_export_to_float16_refuses_values_past_its_range(tiny_model, tmp_path
         ckpt.export_weights_only(saved, tmp_path / "ship", dtype="float16")
     assert not (tmp_path / "ship").exists()
     AnyToAnyModel.from_pretrained(ckpt.export_weights_only(saved, tmp_path / "ship", dtype="bfloat16"))
+
+
+def _out_of_memory_in_step(monkeypatch, step: int) -> None:
+    """Training step ``step``'s forward (0-based, as the loop counts) raises torch's out-of-memory error."""
+    real_forward = AnyToAnyModel.forward
+
+    def forward(self, batch, losses=None, normalizers=None):
+        if self.training and batch.get("step") == step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.11 GiB\nIf reserved but unallocated memory is large ...")
+        return real_forward(self, batch, losses, normalizers)
+
+    monkeypatch.setattr(AnyToAnyModel, "forward", forward)
+
+
+def test_out_of_memory_in_a_step_is_one_line_naming_the_step_the_checkpoint_kept_and_what_needs_less(
+        sample_data, tmp_path, monkeypatch, capsys):
+    """torch.OutOfMemoryError in a step used to end `mmllm train` with torch's traceback (exit code 1), saying
+    neither which step nor what to change; now one line (exit code 2) names the stage, the step, the intact
+    checkpoint, --resume, and this config's settings that need less memory; the resumed run, once memory fits,
+    ends where an uninterrupted one does."""
+    overrides = ["report_to=none", "init_from=null", "max_steps=5", "save_every=1", "keep_last=0",
+                 f"data=[{{path: {sample_data['chat']}, format: mmllm-chat}}]"]
+    config = str(REPO / "configs/stages/tiny/instruct.yaml")
+    _out_of_memory_in_step(monkeypatch, 2)
+    cut = tmp_path / "cut"
+    assert main(["train", "--config", config, f"output_dir={cut}", *overrides]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    line = errors[0]
+    assert f"stage instruct ran out of memory at step 3 of 5, in the forward and backward (CUDA out of memory. " \
+           f"Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB); the newest checkpoint, " \
+           f"{cut}/step-2, is intact: the same command with --resume goes on from it" in line
+    for setting in ("batch_size=2 grad_accum=2 (the same 4 samples per optimizer step)", "grad_checkpointing=true",
+                    "mixed_precision=bf16", "cache.require=true", "configs/accelerate/fsdp.yaml",
+                    "llm.dtype: bfloat16 in the assembly"):
+        assert setting in line
+    assert "If reserved but unallocated" not in line  # torch's allocator advice stays in the traceback (-v)
+    assert [p.name for p in ckpt.step_dirs(cut)] == ["step-1", "step-2"]
+    for step_dir in ckpt.step_dirs(cut):
+        ckpt.verify_manifest(step_dir)
+    monkeypatch.undo()
+    resumed = train(load_stage(config, [f"output_dir={cut}", *overrides]), resume=True)
+    full = train(load_stage(config, [f"output_dir={tmp_path / 'full'}", *overrides]))
+    assert resumed.losses == full.losses
+
+
+@pytest.mark.parametrize("where", ["validation", "save"])
+def test_out_of_memory_in_a_validation_or_a_save_names_it_and_keeps_the_earlier_checkpoints(
+        where, sample_data, tmp_path, monkeypatch):
+    if where == "validation":
+        real_evaluate = loop.evaluate
+        calls = []
+
+        def evaluate(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB.")
+            return real_evaluate(*args, **kwargs)
+
+        monkeypatch.setattr(loop, "evaluate", evaluate)
+        doing = "in the validation ("
+    else:
+        real_write = ckpt._write_model_files
+        calls = []
+
+        def write(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 512.00 MiB.")
+            return real_write(*args, **kwargs)
+
+        monkeypatch.setattr(ckpt, "_write_model_files", write)
+        doing = "in saving its checkpoint ("
+    out = tmp_path / "run"
+    cfg = stage_cfg("decode-align", sample_data, out, max_steps=5, save_every=1, keep_last=0, batch_size=3,
+                    grad_checkpointing="true", eval_data=f"[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]")
+    with pytest.raises(OutOfMemory) as stopped:
+        train(cfg)
+    text = str(stopped.value)
+    assert f"ran out of memory at step 3 of 5, {doing}CUDA out of memory. Tried to allocate 512.00 MiB.)" in text
+    assert f"the newest checkpoint, {out}/step-2, is intact (the 1 step(s) after it are lost)" in text
+    assert "batch_size=1 grad_accum=3 (the same 3 samples per optimizer step)" in text
+    assert "grad_checkpointing" not in text  # already on
+    assert isinstance(stopped.value.__cause__, torch.OutOfMemoryError)
+    assert [p.name for p in ckpt.step_dirs(out)] == ["step-1", "step-2"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".step-")]  # no half-written folder left
+
+
+def test_out_of_memory_advice_leaves_out_what_the_run_already_does(sample_data, tmp_path):
+    from mmllm.training.out_of_memory import STEP, RunShape, ways_to_need_less
+
+    plain = stage_cfg("instruct", sample_data, tmp_path / "a", batch_size=6, grad_accum=2)
+    ways = ways_to_need_less(plain, RunShape(2, "no", False, torch.float32), STEP)
+    assert ways[0] == "batch_size=3 grad_accum=4 (the same 24 samples per optimizer step)"
+    assert len(ways) == 6
+    lean = stage_cfg("instruct", sample_data, tmp_path / "b", batch_size=1, grad_checkpointing="true",
+                     **{"cache.dir": str(tmp_path / "c"), "cache.require": "true"})
+    assert ways_to_need_less(lean, RunShape(4, "bf16", True, torch.bfloat16), STEP) == [
+        "none left in this config: a GPU with more memory, or shorter samples (the assembly's max_length, in a new "
+        "output_dir)"]

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import struct
+import weakref
 import zlib
 from pathlib import Path
 
@@ -1053,3 +1054,56 @@ def test_a_media_flag_naming_a_pipe_is_refused_as_not_a_regular_file(ckpt, tmp_p
     assert main(["infer", *out, "--prompt", "What is this?", "--image", str(pipe)]) == 2
     err = capsys.readouterr().err
     assert f"--image {pipe}: not a regular file" in err and "not found" not in err
+
+
+def test_a_batch_that_runs_out_of_memory_is_retried_one_at_a_time_with_its_memory_freed_first(
+        model, tmp_path, monkeypatch, caplog):
+    """An OOM on a batch of requests (LLM or decoder) retries them one at a time, and only a request that runs out
+    of memory alone gets an error record. The retry used to run inside the ``except`` block, while the failed
+    attempt's traceback still held its tensors (a GPU retry then ran out of memory again); a request that failed
+    alone was kept as its exception, holding its tensors through the retries of the rest of the batch."""
+    requests = write_requests(tmp_path / "r.jsonl", [
+        {"id": "a", "prompt": GENERATE["image"], "seed": 1},
+        {"id": "huge", "prompt": "huge"},
+        {"id": "b", "prompt": GENERATE["image"], "seed": 13},
+        {"id": "c", "prompt": GENERATE["image"], "seed": 2},
+    ])
+    real_answers, real_decoder = runner.generate_answers, runner.run_decoder
+    attempts, llm_batches, decoder_batches, freed = [], [], [], []
+
+    def no_earlier_attempt_holds_memory():
+        assert all(held() is None for held in attempts), "a failed attempt's tensors are still held"
+
+    def answers(model, batch, settings):
+        no_earlier_attempt_holds_memory()
+        llm_batches.append(len(batch))
+        activations = torch.zeros(1024)  # what a forward holds when the allocator gives up
+        attempts.append(weakref.ref(activations))
+        if len(batch) > 1 or batch[0].request.messages[-1]["content"] == "huge":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nSee PYTORCH_CUDA_ALLOC_CONF")
+        return real_answers(model, batch, settings)
+
+    def decoder(model, jobs):
+        no_earlier_attempt_holds_memory()
+        decoder_batches.append(len(jobs))
+        latents = torch.zeros(1024)
+        attempts.append(weakref.ref(latents))
+        if len(jobs) > 1 or jobs[0].seed == 13:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
+        return real_decoder(model, jobs)
+
+    monkeypatch.setattr(runner, "generate_answers", answers)
+    monkeypatch.setattr(runner, "run_decoder", decoder)
+    monkeypatch.setattr(runner, "release_memory", lambda: freed.append(True))
+    counts = run_requests(model, requests, tmp_path / "out", batch_size=4, max_new_tokens=8)
+    recs = records_by_id(tmp_path / "out")
+    assert (counts["done"], counts["failed"]) == (2, 2)
+    assert recs["a"]["files"] and recs["c"]["files"]
+    assert recs["huge"]["error_stage"] == "generate" and recs["b"]["error_stage"] == "decode"
+    for rid in ("huge", "b"):
+        assert recs[rid]["error"].startswith("OutOfMemoryError: CUDA out of memory. Tried to allocate")
+        assert "--dtype bfloat16" in recs[rid]["error"] and "PYTORCH_CUDA_ALLOC_CONF" not in recs[rid]["error"]
+    assert llm_batches == [4, 1, 1, 1, 1] and decoder_batches == [3, 1, 1, 1]
+    assert len(freed) == 2  # before the LLM's retries and before the decoder's
+    assert "the LLM's batch of 4 ran out of memory" in caplog.text and "a smaller --batch-size" in caplog.text
+    assert "the image decoder's batch of 3 ran out of memory" in caplog.text

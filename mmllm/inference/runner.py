@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mmllm.atomic import fsync_dir, without_link
 from mmllm.config import MODALITIES, check_guidance
 from mmllm.data.formats import PLACEHOLDER_RE
@@ -85,6 +87,7 @@ from mmllm.inference.generate import (
     run_decoder,
     token_spec,
 )
+from mmllm.memory import first_line, release_memory
 from mmllm.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -647,9 +650,8 @@ class _Run:
             line_of[parsed.id] = line.lineno
             self.seconds["prepare"] += ready[-1][2]
         for (parsed, prepared, prep_s), outcome in zip(ready, self.answer([p for _, p, _ in ready])):
-            if isinstance(outcome, Exception):
-                self.fail(parsed.id, "generate", f"{type(outcome).__name__}: {outcome}", line=line_of[parsed.id],
-                          prompt=parsed.prompt_text)
+            if isinstance(outcome, str):
+                self.fail(parsed.id, "generate", outcome, line=line_of[parsed.id], prompt=parsed.prompt_text)
                 continue
             result, llm_s = outcome
             item = _InFlight(parsed, line_of[parsed.id], result, {"prepare": prep_s, "llm": llm_s, "decode": 0.0},
@@ -658,7 +660,8 @@ class _Run:
         self.drain(force=False)
 
     def answer(self, batch: list[PreparedRequest]) -> list[Any]:
-        """(result, seconds) per request, or the exception; a failed batch is retried one by one."""
+        """(result, seconds) per request, or the error text of one that failed; a failed batch is retried one
+        request at a time, after the memory it held is freed."""
         if not batch:
             return []
         t0 = time.perf_counter()
@@ -667,13 +670,23 @@ class _Run:
         except Exception as exc:  # any failure of one request must not stop the others
             if len(batch) == 1:
                 log.debug("request failed", exc_info=True)
-                return [exc]
-            log.warning("a batch of %d failed (%s: %s); retrying its requests one by one",
-                        len(batch), type(exc).__name__, exc)
-            return [self.answer([p])[0] for p in batch]
-        elapsed = time.perf_counter() - t0
-        self.seconds["llm"] += elapsed
-        return [(r, elapsed) for r in results]
+                return [failure_text(exc, LLM_ALONE_HINT)]  # the text: the exception's frames hold the attempt's tensors
+            retry = retry_note(exc, len(batch), "the LLM's batch", "requests", "--batch-size")
+        else:
+            elapsed = time.perf_counter() - t0
+            self.seconds["llm"] += elapsed
+            return [(r, elapsed) for r in results]
+        # here, out of the except block, the failed attempt's tensors (held by its traceback) are gone
+        return self.retry_one_by_one(retry, lambda p: self.answer([p])[0], batch)
+
+    def retry_one_by_one(self, note: tuple[bool, str], attempt: Any, items: list[Any]) -> list[Any]:
+        """``attempt`` on each of ``items`` in turn, after a batch of them failed as ``note`` says (from
+        :func:`retry_note`): out of memory, the CUDA cache is emptied first."""
+        out_of_memory, text = note
+        if out_of_memory:
+            release_memory()
+        log.warning("%s", text)
+        return [attempt(item) for item in items]
 
     # -------------------------------------------------------------- the decoders
     def enqueue(self, item: _InFlight, prepared: PreparedRequest) -> None:
@@ -698,19 +711,27 @@ class _Run:
         try:
             items = run_decoder(self.model, chunk)
         except Exception as exc:  # isolate the culprit: retry one group at a time
-            if len(chunk) > 1:
-                log.warning("a %s decoder batch of %d failed (%s: %s); retrying one by one",
-                            chunk[0].modality, len(chunk), type(exc).__name__, exc)
-                for job in chunk:
-                    if not job.owner.failed:
-                        self.decode([job])
-                return
-            chunk[0].owner.failed = True
-            owner = chunk[0].owner
-            self.fail(owner.parsed.id, "decode", f"{type(exc).__name__}: {exc}", line=owner.line,
-                      prompt=owner.parsed.prompt_text)
+            if len(chunk) == 1:
+                error = failure_text(exc, DECODER_ALONE_HINT)  # the text: the exception's frames hold the attempt's tensors
+            else:
+                retry = retry_note(exc, len(chunk), f"the {chunk[0].modality} decoder's batch", "signal groups",
+                                   "--decode-batch-size")
+        else:
+            return self.decoded(chunk, items, time.perf_counter() - t0)
+        # here, out of the except block, the failed attempt's tensors (held by its traceback) are gone
+        if len(chunk) > 1:
+            self.retry_one_by_one(retry, self.decode_alone, chunk)
             return
-        elapsed = time.perf_counter() - t0
+        owner = chunk[0].owner
+        owner.failed = True
+        self.fail(owner.parsed.id, "decode", error, line=owner.line, prompt=owner.parsed.prompt_text)
+
+    def decode_alone(self, job: DecodeJob) -> None:
+        if not job.owner.failed:  # another group of its request failed: no use decoding this one
+            self.decode([job])
+
+    def decoded(self, chunk: list[DecodeJob], items: list[Any], elapsed: float) -> None:
+        """The media of a decoder call into their requests' results; a request whose last group this was is done."""
         self.seconds["decode"] += elapsed
         for job, media in zip(chunk, items):
             owner: _InFlight = job.owner
@@ -742,6 +763,29 @@ class _Run:
         })
         self.counts["done"] += 1
         self.bar.update(1)
+
+
+# what an out-of-memory error record says to change, the request having run out of memory alone too
+LLM_ALONE_HINT = ("it ran out of memory answered alone too: --dtype bfloat16 (or float16) holds the model in less, "
+                  "a smaller max_new_tokens needs less for the answer")
+DECODER_ALONE_HINT = "it ran out of memory decoded alone too: --dtype bfloat16 (or float16) holds the model in less"
+
+
+def failure_text(exc: Exception, out_of_memory_hint: str) -> str:
+    """A failed request's error, as its record keeps it: an out-of-memory error's first line (torch's advice
+    about its allocator follows it) and ``out_of_memory_hint``."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return f"{type(exc).__name__}: {first_line(exc)}; {out_of_memory_hint}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def retry_note(exc: Exception, size: int, what: str, items: str, flag: str) -> tuple[bool, str]:
+    """(out of memory?, the warning) for a batch of ``size`` ``items`` that failed with ``exc`` and is retried one
+    by one."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True, (f"{what} of {size} ran out of memory ({first_line(exc)}); freed the memory it held and "
+                      f"retrying its {items} one at a time (a smaller {flag} avoids these retries)")
+    return False, f"{what} of {size} failed ({type(exc).__name__}: {exc}); retrying one by one"
 
 
 def run_requests(

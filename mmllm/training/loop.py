@@ -56,6 +56,7 @@ from mmllm.model import AnyToAnyModel, lora_layer_names, unit_counts
 from mmllm.progress import progress_bar
 from mmllm.seeding import global_generators_kept
 from mmllm.training import checkpoint as ckpt
+from mmllm.training import out_of_memory as oom
 from mmllm.training import zero
 from mmllm.training.agreement import agreed_resume_point, check_same_run, on_every_process, warn_unless_shared
 from mmllm.training.freeze import apply_trainable
@@ -67,6 +68,7 @@ from mmllm.training.init_from import (
 )
 from mmllm.training.interrupt import StopRequests, TrainingInterrupted
 from mmllm.training.metrics import Interval, batch_size_counts, clip_to, report_line, total_grad_norm
+from mmllm.training.out_of_memory import RunShape, stops_on_out_of_memory
 from mmllm.training.parts import StageParts, release_cached, require_cache_folder, stage_parts
 from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
 from mmllm.training.validation import Validation, evaluate
@@ -355,16 +357,18 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     def exchange(work: Callable[[], Any]) -> list[Any]:
         return [seen.value for seen in on_every_process(accelerator, work)]
 
-    held, total = _parameter_megabytes(model)
+    held_mb, total_mb = _parameter_megabytes(model)
     log.info("%d process(es), %s, device %s, mixed precision %s; this process holds %.1f of the model's "
              "%.1f MB of parameters", world, accelerator.distributed_type.value, accelerator.device,
-             precision, held, total)
+             precision, held_mb, total_mb)
     inner = _unwrap(accelerator, model)  # the AnyToAnyModel under any DDP/FSDP wrapper
     inner.sharded = accelerator.distributed_type == DistributedType.FSDP
     pad_id = inner.llm.tokenizer.pad_token_id
+    shape = RunShape(world, precision, inner.sharded or deepspeed, _core_dtype(inner))
 
     bar = progress_bar(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                        desc=cfg.stage, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    held.callback(bar.close)  # an error's message on a line of its own, not after the bar
     parts_keys = _part_keys(inner)
     nonfinite_in_row, since_save = 0, []
     model.train()
@@ -387,15 +391,16 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
             step_loss, parts, outcome = float("nan"), {}, "empty"
         else:
             optimizer.zero_grad(set_to_none=True)
-            step_loss, parts, fallback = _forward_backward(
-                accelerator, model, batches, cfg, normalizers, step, deepspeed, fallback,
-                lambda: _first_readable_batch(datasets, pad_id))
-            if deepspeed:
-                outcome = "stepped" if zero.step(model) and math.isfinite(step_loss) else "nonfinite"
-                grad_norm = model.get_global_grad_norm()  # the engine's, before its clipping; None: not computed
-            else:
-                outcome, grad_norm = _clip_and_step(accelerator, optimizer, params, cfg.optim.max_grad_norm,
-                                                    step_loss)
+            with stops_on_out_of_memory(cfg, shape, oom.STEP, step + 1):
+                step_loss, parts, fallback = _forward_backward(
+                    accelerator, model, batches, cfg, normalizers, step, deepspeed, fallback,
+                    lambda: _first_readable_batch(datasets, pad_id))
+                if deepspeed:
+                    outcome = "stepped" if zero.step(model) and math.isfinite(step_loss) else "nonfinite"
+                    grad_norm = model.get_global_grad_norm()  # the engine's, before its clipping; None: not computed
+                else:
+                    outcome, grad_norm = _clip_and_step(accelerator, optimizer, params, cfg.optim.max_grad_norm,
+                                                        step_loss)
         if outcome == "empty":
             log.warning("step %d: every sample of this step was unreadable (on every process); no update, the "
                         "step counts as done", step + 1)
@@ -432,8 +437,9 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
         saving = bool(done or signalled or (cfg.save_every and (step + 1) % cfg.save_every == 0))
         evaluating = saving or bool(cfg.eval_every and (step + 1) % cfg.eval_every == 0)
         if validation is not None and evaluating and not signalled:  # a stop request saves without waiting
-            scores = evaluate(accelerator, model, inner, validation, cfg.losses, parts_keys,
-                              fallback or _first_readable_batch(datasets, pad_id))
+            with stops_on_out_of_memory(cfg, shape, oom.VALIDATION, step + 1):
+                scores = evaluate(accelerator, model, inner, validation, cfg.losses, parts_keys,
+                                  fallback or _first_readable_batch(datasets, pad_id))
             validations.append({"step": step + 1, **scores})
             accelerator.log({f"val/{k}": v for k, v in scores.items()}, step=step + 1)
             log.info("step %d: validation loss %.4f (%s)", step + 1, scores["loss"],
@@ -443,8 +449,9 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
                 saving = saving or bool(signalled)
         if saving:
             metric, what = _checkpoint_metric(cfg, validation, validations, since_save, step + 1)
-            save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped, metric,
-                 run_info, what, validations)
+            with stops_on_out_of_memory(cfg, shape, oom.SAVE, step + 1):
+                save(accelerator, model, cfg, out_dir, step + 1, optimizer, scheduler, losses, skipped, metric,
+                     run_info, what, validations)
             since_save = []
             if not done and not signalled:  # a request during the save (it can outlast a step): stop on it
                 signalled = stop.requested(accelerator)
@@ -642,6 +649,14 @@ def _peak_memory() -> str:
     import resource
 
     return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB resident"  # Linux: KB
+
+
+def _core_dtype(model: AnyToAnyModel) -> torch.dtype:
+    """The dtype most of the LLM core's parameters have (its signal rows are fp32 whatever the core's)."""
+    held: dict[torch.dtype, int] = {}
+    for param in model.llm.model.parameters():
+        held[param.dtype] = held.get(param.dtype, 0) + param.numel()
+    return max(held, key=held.__getitem__)
 
 
 def _parameter_megabytes(model: torch.nn.Module) -> tuple[float, float]:

@@ -1,0 +1,90 @@
+"""A training run that runs out of memory stops with one message: where (the stage, the step and what it was
+doing: the step's forward and backward, the validation, the checkpoint save), the checkpoint ``--resume`` goes
+on from, and the settings of this stage that need less memory, each named as the override that sets it.
+
+The step under way is not saved: its optimizer step did not run (or ran half, under FSDP or ZeRO), and its
+random state has moved, so a checkpoint of it would not resume exactly. The steps since the newest
+checkpoint are lost, as after a kill; ``save_every`` bounds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from mmllm.config import StageConfig
+from mmllm.memory import OutOfMemory, first_line
+from mmllm.training import checkpoint as ckpt
+
+
+@dataclass
+class RunShape:
+    """What the advice depends on beyond the stage config: how the run was launched and holds its core."""
+
+    processes: int
+    precision: str  # Accelerate's mixed precision: "no", "bf16", "fp16"
+    sharded: bool  # FSDP or DeepSpeed ZeRO
+    core_dtype: torch.dtype
+
+
+STEP, VALIDATION, SAVE = "the forward and backward", "the validation", "saving its checkpoint"
+
+
+@contextlib.contextmanager
+def stops_on_out_of_memory(cfg: StageConfig, shape: RunShape, doing: str, step: int) -> Iterator[None]:
+    """Turn a ``torch.OutOfMemoryError`` raised while ``doing`` (at ``step``, 1-based) into
+    :class:`~mmllm.memory.OutOfMemory` with the message :func:`message` writes; anything else passes as it is."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        raise OutOfMemory(message(cfg, shape, doing, step, first_line(exc))) from exc
+
+
+def message(cfg: StageConfig, shape: RunShape, doing: str, step: int, what: str) -> str:
+    out_dir = Path(cfg.output_dir)
+    newest = ckpt.latest_checkpoint(out_dir)
+    if newest is not None:
+        finished = step if doing != STEP else step - 1  # a validation or save: its step had finished
+        lost = max(0, finished - int(newest.name.removeprefix("step-")))
+        kept = (f"the newest checkpoint, {newest}, is intact"
+                + (f" (the {lost} step(s) after it are lost)" if lost else "")
+                + ": the same command with --resume goes on from it")
+    else:
+        kept = f"no checkpoint was written yet in {out_dir}: the same command starts the run again"
+    return (f"stage {cfg.stage} ran out of memory at step {step} of {cfg.max_steps}, in {doing} ({what}); {kept}, "
+            f"with settings that need less memory: {'; '.join(ways_to_need_less(cfg, shape, doing))} "
+            "(docs/distributed.md, Out of memory)")
+
+
+def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str) -> list[str]:
+    """The settings of this run that would need less memory, most effective first, as the overrides to give."""
+    ways = []
+    if cfg.batch_size > 1:
+        factor = _smallest_factor(cfg.batch_size)
+        effective = cfg.batch_size * cfg.grad_accum * shape.processes
+        ways.append(f"batch_size={cfg.batch_size // factor} grad_accum={cfg.grad_accum * factor} (the same "
+                    f"{effective} samples per optimizer step)")
+    if not cfg.grad_checkpointing and doing != VALIDATION:  # validation keeps no activations for a backward
+        ways.append("grad_checkpointing=true")
+    if shape.precision == "no":
+        ways.append("mixed_precision=bf16")
+    if not cfg.cache.require:
+        ways.append("cache.dir=DIR cache.require=true after `mmllm cache --config CONFIG cache.dir=DIR` (the frozen "
+                    "encoders are not held)")
+    if not shape.sharded:
+        ways.append("FSDP or ZeRO over several GPUs (accelerate launch --config_file configs/accelerate/fsdp.yaml "
+                    "or deepspeed_zero2.yaml)")
+    if shape.core_dtype == torch.float32:
+        where = "the first stage's assembly (init_from carries it)" if cfg.init_from else "the assembly"
+        ways.append(f"llm.dtype: bfloat16 in {where}, in a new output_dir (--resume refuses another assembly)")
+    return ways or ["none left in this config: a GPU with more memory, or shorter samples (the assembly's "
+                          "max_length, in a new output_dir)"]
+
+
+def _smallest_factor(n: int) -> int:
+    """The smallest factor of ``n`` above 1 (``n`` itself for a prime): splits a batch into equal micro-batches."""
+    return next(f for f in range(2, n + 1) if n % f == 0)
