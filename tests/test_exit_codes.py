@@ -184,3 +184,21 @@ def test_a_tiny_llm_whose_heads_do_not_share_kv_heads_is_refused_before_it_is_bu
 
     with pytest.raises(ConfigError, match="num_kv_heads=3 does not divide num_heads=4"):
         check_part_options(load_assembly(TINY, ["llm.num_kv_heads=3"]), str(TINY))
+
+
+def test_a_config_that_is_not_utf8_is_one_line_exit_2_naming_the_file(tmp_path, monkeypatch, capsys):
+    """A YAML file saved as Latin-1 was read as text: a UnicodeDecodeError traceback, exit 70, blaming mmllm."""
+    config = tmp_path / "tiny.yaml"
+    config.write_bytes(TINY.read_bytes().replace(b"name: tiny", b"name: caf\xe9"))
+    assert run_entry(monkeypatch, "inspect", "--config", str(config)) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: not valid YAML" in err and "re-encode the file" in err and "Traceback" not in err
+
+
+def test_a_config_saved_as_utf16_is_read(tmp_path):
+    """YAML names UTF-16 after a byte order mark (Windows' "Unicode"); read as text it was refused."""
+    from mmllm.config import read_yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_bytes(TINY.read_text(encoding="utf-8").replace("\n", "\r\n").encode("utf-16"))
+    assert read_yaml(path) == read_yaml(TINY)
