@@ -413,7 +413,7 @@ def _iter_json_array(path: Path, reader: _Utf8Reader) -> Iterator[tuple[int, dic
             yield line, DataFormatError(f"{path}:{line}: {_TOO_LONG_INT}; records after it cannot be read until it is "
                                         "fixed"), (0, 0)
             return
-        if _may_go_on(rec, end, text) and not buf.eof and buf.extend(pos):
+        if end > len(text) - JSON_CUT_MARGIN and _may_go_on(rec, end, text) and not buf.eof and buf.extend(pos):
             pos = counted = 0
             continue
         if isinstance(rec, dict):
