@@ -445,7 +445,11 @@ def _read_template(value: str, where: str) -> str:
     path = resolve_location(value)
     if not path.is_file():
         raise ConfigError(f"{where}.chat_template: {value!r} is neither a Jinja template (no '{{') nor a file")
-    return path.read_text()
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # a traceback blaming mmllm (exit 70), and the locale's encoding was used
+        raise ConfigError(f"{where}.chat_template: {path} is not UTF-8 text ({exc}); re-encode the file (e.g. "
+                          "`iconv -f latin1 -t utf-8`)") from exc
 
 
 def _check_tokenizer(tokenizer: Any, location: str | Path, where: str) -> None:

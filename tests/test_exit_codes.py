@@ -202,3 +202,17 @@ def test_a_config_saved_as_utf16_is_read(tmp_path):
     path = tmp_path / "tiny.yaml"
     path.write_bytes(TINY.read_text(encoding="utf-8").replace("\n", "\r\n").encode("utf-16"))
     assert read_yaml(path) == read_yaml(TINY)
+
+
+def test_a_chat_template_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    """llm.chat_template naming a Latin-1 file raised UnicodeDecodeError while the model loaded: exit 70."""
+    from mmllm.config import ConfigError, UserError
+    from mmllm.llm import _read_template
+
+    path = tmp_path / "chat.jinja"
+    path.write_bytes(b"{% for m in messages %}\xab{{ m['content'] }}\xbb{% endfor %}")
+    with pytest.raises(ConfigError, match=f"llm.chat_template: {path} is not UTF-8 text") as raised:
+        _read_template(str(path), "llm")
+    assert isinstance(raised.value, UserError)
+    path.write_text("{{ messages }} é", encoding="utf-8")
+    assert _read_template(str(path), "llm") == "{{ messages }} é"
