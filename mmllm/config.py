@@ -543,8 +543,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
                           f"({files_named_in(path, '*.yaml', '*.yml')})")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (check the path; relative paths resolve from {Path.cwd()})")
-    try:
-        data = yaml.safe_load(path.read_text())
+    try:  # bytes: YAML reads UTF-8, or UTF-16 after its byte order mark, and names a byte that is neither (read as
+        data = yaml.safe_load(path.read_bytes())  # text, that was a UnicodeDecodeError traceback, exit 70)
+    except yaml.reader.ReaderError as exc:  # a byte that is not UTF-8, or a control character
+        raise ConfigError(f"{path}: not valid YAML: {exc}; mmllm reads YAML as UTF-8 text: re-encode the file "
+                          "(e.g. `iconv -f latin1 -t utf-8`)") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):

@@ -445,7 +445,11 @@ def _read_template(value: str, where: str) -> str:
     path = resolve_location(value)
     if not path.is_file():
         raise ConfigError(f"{where}.chat_template: {value!r} is neither a Jinja template (no '{{') nor a file")
-    return path.read_text()
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # a traceback blaming mmllm (exit 70), and the locale's encoding was used
+        raise ConfigError(f"{where}.chat_template: {path} is not UTF-8 text ({exc}); re-encode the file (e.g. "
+                          "`iconv -f latin1 -t utf-8`)") from exc
 
 
 def _check_tokenizer(tokenizer: Any, location: str | Path, where: str) -> None:
@@ -479,6 +483,19 @@ class TinyLlama:
         tie_word_embeddings: bool = True
         init_std: float = 0.02  # weight init; larger gives a random core sharper, more steerable logits
         seed: int = 0
+
+        def __post_init__(self) -> None:
+            """Sizes transformers would refuse (a traceback, read as mmllm's fault) or build a model of that fails
+            on its first forward (num_heads not a multiple of num_kv_heads): refused here, naming the option."""
+            sizes = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size", "vocab_size")
+            for name in sizes:
+                if getattr(self, name) < 1:
+                    raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if self.hidden_size % self.num_heads or self.hidden_size // self.num_heads % 2:
+                raise ValueError(f"hidden_size={self.hidden_size} must be num_heads={self.num_heads} times an even "
+                                 "head width (rotary positions turn pairs of dimensions)")
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}")
 
     @classmethod
     def from_options(cls, o: Options, where: str = "llm", weights: bool = True) -> LLMCore:

@@ -244,3 +244,30 @@ def test_a_closed_data_file_is_opened_again_where_it_was_found_after_a_change_of
     second[0]  # a.jsonl is closed
     monkeypatch.chdir(tmp_path / "data")
     assert list(first) == was
+
+
+def test_a_record_that_cannot_be_read_again_from_an_unchanged_file_is_a_fault_not_a_changed_file(tmp_path):
+    """A wrong span in the index (mmllm's fault: the file holds the bytes it held) was reported as DataFileChanged,
+    a user error: one line, exit 2, no traceback, and the user told to restore a file nobody had touched."""
+    from mmllm.config import UserError
+
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, b"\n")
+    index, _, _ = index_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "encode-align")
+    index.offsets = index.offsets.copy()
+    index.offsets[1] += 3  # as a span computed wrongly would be
+    with pytest.raises(RuntimeError, match=f"{path}:3: the record read at the start of the run cannot be read again "
+                                           "from bytes") as raised:
+        index[1]
+    assert not isinstance(raised.value, UserError)
+
+
+def test_a_file_changed_in_place_keeping_its_size_and_time_is_still_a_changed_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, b"\n")
+    index, _, _ = index_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "encode-align")
+    st = path.stat()
+    path.write_bytes(path.read_bytes().replace(b'{"id": "p2"', b'["id": "p2"'))  # same size, not JSON
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # a file system of coarse times: no change seen
+    with pytest.raises(DataFileChanged, match="cannot be read again"):
+        index[2]

@@ -72,3 +72,13 @@ def test_a_broken_link_or_anchor_is_found(tmp_path):
 def test_the_readme_links_every_docs_page():
     linked = {(REPO / target.partition("#")[0]).resolve() for target in LINK.findall(prose(PAGES[0].read_text()))}
     assert set(PAGES[1:]) <= linked
+
+
+def test_every_exit_code_the_docs_give_with_a_traceback_is_70():
+    """An unexpected error exits 70 with its traceback (`mmllm --help`); distributed.md still said 1 for torch's
+    CPU out-of-memory RuntimeError, the code of a failed request or a data problem."""
+    import re
+
+    said = [(page.name, code) for page in PAGES
+            for code in re.findall(r"exit code (\d+),? with (?:the|its) traceback", page.read_text())]
+    assert said and all(code == "70" for _, code in said), said

@@ -16,6 +16,7 @@ import pytest
 import mmllm.cli
 import mmllm.training.loop
 from mmllm.cli import EXIT_INTERNAL_ERROR, entry, main
+from mmllm.config import load_assembly
 from mmllm.data.index import DataFileChanged
 from tests.conftest import REPO, TINY
 
@@ -162,3 +163,56 @@ def test_train_prints_its_result_on_stdout_kept_by_quiet(tmp_path, capsys):
     checkpoint = captured.out.rsplit("checkpoint ", 1)[1].strip()
     assert checkpoint == str(out / "step-2") and (out / "step-2").is_dir()
     assert " INFO " not in captured.err and "done:" not in captured.err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("llm.num_heads=3", "llm: hidden_size=64 must be num_heads=3 times an even head width"),
+    ("llm.hidden_size=0", "llm: hidden_size must be >= 1, got 0"),
+])
+def test_a_tiny_llm_of_sizes_transformers_refuses_is_a_config_error_not_a_crash(override, message, monkeypatch, capsys):
+    """transformers' own check (hidden size not a multiple of the heads, an odd rotary width) or a division by
+    zero escaped as a traceback, exit 70: "a fault of mmllm" for a number the user set."""
+    assert run_entry(monkeypatch, "inspect", "--config", str(TINY), override) == 2
+    err = capsys.readouterr().err
+    assert message in err and override in err and "Traceback" not in err and "unexpected error" not in err
+
+
+def test_a_tiny_llm_whose_heads_do_not_share_kv_heads_is_refused_before_it_is_built():
+    """num_kv_heads not dividing num_heads built a model (inspect said nothing) whose first forward failed."""
+    from mmllm.config import ConfigError
+    from mmllm.registry import check_part_options
+
+    with pytest.raises(ConfigError, match="num_kv_heads=3 does not divide num_heads=4"):
+        check_part_options(load_assembly(TINY, ["llm.num_kv_heads=3"]), str(TINY))
+
+
+def test_a_config_that_is_not_utf8_is_one_line_exit_2_naming_the_file(tmp_path, monkeypatch, capsys):
+    """A YAML file saved as Latin-1 was read as text: a UnicodeDecodeError traceback, exit 70, blaming mmllm."""
+    config = tmp_path / "tiny.yaml"
+    config.write_bytes(TINY.read_bytes().replace(b"name: tiny", b"name: caf\xe9"))
+    assert run_entry(monkeypatch, "inspect", "--config", str(config)) == 2
+    err = capsys.readouterr().err
+    assert f"{config}: not valid YAML" in err and "re-encode the file" in err and "Traceback" not in err
+
+
+def test_a_config_saved_as_utf16_is_read(tmp_path):
+    """YAML names UTF-16 after a byte order mark (Windows' "Unicode"); read as text it was refused."""
+    from mmllm.config import read_yaml
+
+    path = tmp_path / "tiny.yaml"
+    path.write_bytes(TINY.read_text(encoding="utf-8").replace("\n", "\r\n").encode("utf-16"))
+    assert read_yaml(path) == read_yaml(TINY)
+
+
+def test_a_chat_template_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    """llm.chat_template naming a Latin-1 file raised UnicodeDecodeError while the model loaded: exit 70."""
+    from mmllm.config import ConfigError, UserError
+    from mmllm.llm import _read_template
+
+    path = tmp_path / "chat.jinja"
+    path.write_bytes(b"{% for m in messages %}\xab{{ m['content'] }}\xbb{% endfor %}")
+    with pytest.raises(ConfigError, match=f"llm.chat_template: {path} is not UTF-8 text") as raised:
+        _read_template(str(path), "llm")
+    assert isinstance(raised.value, UserError)
+    path.write_text("{{ messages }} é", encoding="utf-8")
+    assert _read_template(str(path), "llm") == "{{ messages }} é"

@@ -217,8 +217,14 @@ class ConversationIndex(Sequence[Conversation]):
                 got = self.parser(rec, line)
             except ValueError as exc:  # what read it at the start reads it again, unless the file changed
                 self._check_unchanged(fd)
-                raise DataFileChanged(f"{self.path}:{line}: the record read at the start of the run cannot be read "
-                                      f"again ({exc})") from exc
+                if self._checksum is None or _checksum(fd, self._identity[2]) != self._checksum:
+                    raise DataFileChanged(f"{self.path}:{line}: the record read at the start of the run cannot be "
+                                          f"read again ({exc})") from exc
+                # the same bytes as at the start (a change keeping size and modification time is told by them):
+                # the index is wrong, not the file -- mmllm's fault, its traceback (exit 70), not "restore the file"
+                raise RuntimeError(f"{self.path}:{line}: the record read at the start of the run cannot be read "
+                                   f"again from bytes {int(self.offsets[i])}..{int(self.offsets[i] + self.lengths[i])} "
+                                   f"of the unchanged file ({exc})") from exc
         return pair_to_conversation(got, self.stage) if isinstance(got, CaptionPair) else got
 
     def __iter__(self) -> Iterator[Conversation]:
