@@ -1147,9 +1147,9 @@ def kept_so_far(results: Path, what: str, started: float) -> str:
 # what needs less memory, per command, after an out-of-memory error outside training's steps and infer's batches
 LESS_MEMORY = {
     "train": ("; before the first step (the model built, loaded or placed) what needs less is a bfloat16 core "
-              "(llm.dtype: bfloat16 in the assembly), a feature cache with cache.require=true (the parts it replaces "
-              "are not held), or sharding (accelerate launch --config_file configs/accelerate/fsdp.yaml -m mmllm.cli "
-              "train ...)"),
+              "(llm.dtype: bfloat16 in the assembly, for an hf-causal-lm core), a feature cache with "
+              "cache.require=true (the parts it replaces are not held), or FSDP, which shards the frozen core "
+              "(accelerate launch --config_file configs/accelerate/fsdp.yaml -m mmllm.cli train ...)"),
     "infer": "; to load the model in less memory: --dtype bfloat16 (or float16), or --device cpu",
     "cache": ("; the features computed before it are in cache.dir, and the same command with a smaller --batch-size "
               "computes only the rest"),
