@@ -266,6 +266,24 @@ def test_a_checkpoint_without_a_stage_record_is_refused_saying_why(case, said, t
     assert said in _refused(capsys, step)
 
 
+def test_a_refined_checkpoint_and_its_export_name_what_they_were_refined_from(tiny_model, tmp_path, capsys):
+    """`mmllm refine`'s output records no stage: it was refused as "written by an older mmllm, or not by
+    training", and its export (the shipped default's glue) sent one to the refined folder, which records none
+    either; both now name the checkpoint refine started from."""
+    from mmllm.training import checkpoint as ckpt
+
+    refined = ckpt.save_model_checkpoint(tiny_model, tmp_path / "refined", {"refined_from": "runs/x/step-450"})
+    said = _refused(capsys, refined)
+    assert "was made by mmllm refine from runs/x/step-450" in said and "older mmllm" not in said
+    assert "mmllm config --checkpoint runs/x/step-450" in said
+    exported = ckpt.export_weights_only(refined, tmp_path / "export")
+    said = _refused(capsys, exported)
+    assert f"is an export (mmllm export) of {refined}, which mmllm refine made from runs/x/step-450" in said
+    assert "mmllm config --checkpoint runs/x/step-450" in said
+    shipped = REPO / "mmllm" / "toyworld" / "weights" / "default-glue"
+    assert "which mmllm refine made from runs/cand/c/step-450" in _refused(capsys, shipped)
+
+
 def test_config_takes_a_config_or_a_checkpoint(tmp_path, capsys):
     for argv in ([], ["--config", str(TINY), "--checkpoint", str(tmp_path)]):
         with pytest.raises(SystemExit) as done:
