@@ -1158,6 +1158,15 @@ LESS_MEMORY = {
 }
 
 
+def less_memory(args: argparse.Namespace) -> str:
+    """The end of the one line an out-of-memory error ends ``args``'s command with: what needs less (:data:`LESS_MEMORY`),
+    leaving out what the run already does (an infer given --dtype bfloat16 is not told to give it)."""
+    command = command_name(args)
+    if command == "infer" and getattr(args, "dtype", "float32") != "float32":
+        return f"; the model is loaded in {args.dtype} already: --device cpu holds it in host memory"
+    return LESS_MEMORY.get(command, "")
+
+
 def torch_out_of_memory() -> type[BaseException]:
     """``torch.OutOfMemoryError`` once torch is imported (a command that ran out of memory imported it), else an
     exception nothing raises: the CLI does not import torch for a command that does not."""
@@ -1205,7 +1214,7 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
         return 2
     except torch_out_of_memory() as exc:  # anywhere else: loading a model, a cache batch, an eval batch
         report_out_of_memory(args, f"{command_name(args)} ran out of memory ({first_line(exc)})"
-                                   f"{after_a_stop(args, started)}{LESS_MEMORY.get(command_name(args), '')}", exc)
+                                   f"{after_a_stop(args, started)}{less_memory(args)}", exc)
         return 2
     except KeyboardInterrupt as exc:  # a signal before training's first step, a second one, Ctrl-C elsewhere
         name = exc.args[0] if exc.args and exc.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
