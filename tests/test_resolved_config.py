@@ -225,6 +225,33 @@ def test_a_checkpoints_printed_config_trains_it_again(tmp_path, monkeypatch, cap
     assert _body(_config(capsys, "--checkpoint", str(again.final_checkpoint))) == _body(printed)
 
 
+def test_a_run_resumed_from_another_folder_with_its_printed_config_reads_the_same_data(tmp_path, monkeypatch, capsys,
+                                                                                      caplog):
+    """Trained with data paths relative to the working folder, resumed from another with what `config
+    --checkpoint` printed (the same files, absolute): --resume compared the recorded relative paths from the new
+    folder and warned that the data sets changed, that the run would not end where an uninterrupted one does."""
+    import shutil
+
+    from mmllm.training.loop import train
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    shutil.copytree(REPO / "data" / "samples", tmp_path / "a" / "samples")
+    monkeypatch.chdir(tmp_path / "a")
+    pairs = "[{path: samples/pairs.jsonl, format: mmllm-pairs}]"
+    quick = ["batch_size=2", "report_to=none", f"data={pairs}", f"eval_data={pairs}", f"output_dir={tmp_path / 'run'}"]
+    first = train(load_stage(STAGES / "tiny" / "encode_align.yaml", [*quick, "max_steps=1"])).final_checkpoint
+    assert json.loads((first / "mmllm.json").read_text())["stage"]["data"][0]["path"] == "samples/pairs.jsonl"
+    monkeypatch.chdir(tmp_path / "b")
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(_config(capsys, "--checkpoint", str(first), "max_steps=2"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmllm.training.resume"):
+        train(load_stage(printed), resume=True)
+    assert "max_steps: 1 -> 2" in caplog.text
+    assert "the data sets" not in caplog.text and "eval_data differs" not in caplog.text
+
+
 def _refused(capsys, checkpoint: Path) -> str:
     assert main(["config", "--checkpoint", str(checkpoint)]) == 2
     out, err = capsys.readouterr()
