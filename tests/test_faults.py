@@ -667,6 +667,28 @@ def test_out_of_memory_in_a_step_is_one_line_naming_the_step_the_checkpoint_kept
     assert resumed.losses == full.losses
 
 
+@pytest.mark.parametrize("assembly, dtype_said", [(None, False), ("configs/assemblies/default.yaml", True)])
+def test_out_of_memory_before_the_first_step_advises_what_this_stage_can_set(assembly, dtype_said, sample_data,
+                                                                               tmp_path, monkeypatch, capsys):
+    """Running out of memory while the model was built advised `llm.dtype: bfloat16` whatever the core, an option
+    the tiny core (tiny-llama) does not have, and `cache.require=true` to a stage that had it on already."""
+    def built(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
+
+    monkeypatch.setattr(loop, "build_model", built)
+    config = str(REPO / "configs/stages/tiny/encode_align.yaml")
+    argv = ["train", "--config", config, f"output_dir={tmp_path / 'run'}", "report_to=none",
+            f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"]
+    argv += [f"assembly={REPO / assembly}"] if assembly else []
+    for require in ("false", "true"):
+        assert main([*argv, f"cache.require={require}", f"cache.dir={tmp_path / 'c'}"]) == 2
+        line = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln][0]
+        assert "train ran out of memory (CUDA out of memory. Tried to allocate 4.00 GiB.)" in line
+        assert ("llm.dtype: bfloat16" in line) == dtype_said
+        assert ("cache.require=true" in line) == (require == "false")
+        assert "FSDP, which shards the frozen core" in line
+
+
 @pytest.mark.parametrize("where", ["validation", "save"])
 def test_out_of_memory_in_a_validation_or_a_save_names_it_and_keeps_the_earlier_checkpoints(
         where, sample_data, tmp_path, monkeypatch):
