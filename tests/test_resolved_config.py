@@ -159,6 +159,27 @@ def test_written_in_assembly_and_lora_are_checked_naming_the_stage_file(tmp_path
     assert yaml.safe_load(_config(capsys, "--config", str(stage), "lora.r=2"))["lora"]["r"] == 2
 
 
+@pytest.mark.parametrize("value, said", [
+    (None, None),
+    ("max_length=64", "assembly_overrides: expected a list of key.sub=value strings"),
+])
+def test_a_printed_configs_assembly_overrides_edited_to_null_or_a_string(value, said, tmp_path, monkeypatch, capsys):
+    """`assembly_overrides:` left empty (null) in a printed config stopped `config` and `train` with a TypeError
+    traceback (exit code 70), and one string was taken as a list of its letters (`override 'm': expected
+    key.sub=value`); null is none, and a string is refused naming the key."""
+    monkeypatch.chdir(tmp_path)
+    printed = yaml.safe_load(_config(capsys, "--config", str(STAGES / "tiny" / "encode_align.yaml")))
+    stage = tmp_path / "edited.yaml"
+    stage.write_text(yaml.safe_dump({**printed, "assembly_overrides": value}))
+    if said is None:
+        assert yaml.safe_load(_config(capsys, "--config", str(stage)))["assembly_overrides"] == []
+        assert load_stage(stage, ["assembly.max_length=32"]).assembly_overrides == ["max_length=32"]
+        return
+    assert main(["config", "--config", str(stage)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"{stage}: {said}" in errors[0]
+
+
 @pytest.mark.slow
 def test_a_printed_stage_trains_as_its_original_does(tmp_path, monkeypatch, capsys):
     """One step of encode-align from the shipped file and from its printed config: the same loss and the same
