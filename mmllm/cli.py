@@ -287,7 +287,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                  f"({files_named_in(requests, '*.jsonl')})")
             if not requests.is_file():
                 raise SystemExit(f"--input {requests}: file not found")
-            if not read_lines(requests):  # not worth loading a model for: most likely the wrong file
+            lines = read_lines(requests)
+            if not lines:  # not worth loading a model for: most likely the wrong file
                 raise SystemExit(f"--input {requests}: holds no requests (no line that is not blank); give one JSON "
                                  'object per line, e.g. {"id": "r1", "prompt": "Draw a red circle."}')
         else:
@@ -300,6 +301,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
             requests = Path(tmp) / "request.jsonl"
             requests.write_text(json.dumps({"id": f"prompt-{digest}", **rec}) + "\n")
+            lines = read_lines(requests)
         try:  # refused before the model loads: OUT unwritable, or holding answers of another checkpoint/settings
             prepare_output(Path(args.output))
             # one run at a time in OUT (a second refused here, FolderInUse): both would answer every request
@@ -309,11 +311,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
             else:
                 check_resume(Path(args.output), requests, run_settings(
                     Path(args.checkpoint), args.dtype, args.seed, args.max_new_tokens, args.temperature, args.top_p,
-                    args.steps, args.guidance, args.device))
+                    args.steps, args.guidance, args.device), lines)
         except OutputError as exc:
             raise SystemExit(str(exc)) from exc
         held.enter_context(torch_threads(args.threads))
-        lines = read_lines(requests)
         if lines and not args.overwrite and not pending_lines(lines, Path(args.output)):  # finished: nothing to load
             log.info("all %d request(s) are already done in %s (same checkpoint and settings); the model is not "
                      "loaded", len(lines), args.output)
@@ -327,7 +328,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                   top_p=args.top_p, steps=args.steps, guidance=args.guidance,
                                   decode_batch_size=args.decode_batch_size, fail_fast=args.fail_fast,
                                   checkpoint=Path(args.checkpoint), overwrite=args.overwrite,
-                                  gallery="requests" if args.input else "all")
+                                  gallery="requests" if args.input else "all", resume_checked=True)
     if args.prompt:  # quick use: show the answer's record
         from mmllm.inference.gallery import latest_records
 
