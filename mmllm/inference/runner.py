@@ -274,12 +274,50 @@ NO_FOLLOW = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 def _append_record(path: Path, record: dict[str, Any]) -> None:
-    # never through a link (refused up front by prepare_output; one made since fails here, ELOOP)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
-    with open(fd, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record, default=str) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Append one record to ``path`` and fsync it (one record; a run writes through :class:`_ResultsLog`)."""
+    with _ResultsLog(path) as results:
+        results.append(record)
+
+
+SYNC_EVERY_S = 1.0  # fsync results.jsonl at most this often during a run (and at its end)
+
+
+class _ResultsLog:
+    """``results.jsonl``, open for appending for one run. Each record is written at once (a killed run loses
+    none: it is in the kernel's hands) and fsynced with the records before it at most every SYNC_EVERY_S
+    seconds and when the log closes: an fsync per record took 3.5 ms on a local disk, 60% of a run of text
+    requests on the tiny model. A power loss loses at most that last second of records, whose requests a re-run
+    answers again (their media files are written atomically, and replaced)."""
+
+    def __init__(self, path: Path):
+        self.path, self.fh, self.synced = path, None, time.monotonic()  # opened at the first record
+
+    def append(self, record: dict[str, Any]) -> None:
+        if self.fh is None:  # never through a link (refused up front by prepare_output; one made since: ELOOP)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
+            self.fh = open(fd, "a", encoding="utf-8")
+        self.fh.write(json.dumps(record, default=str) + "\n")
+        self.fh.flush()
+        if time.monotonic() - self.synced >= SYNC_EVERY_S:
+            self.sync()
+
+    def sync(self) -> None:
+        if self.fh is not None:
+            os.fsync(self.fh.fileno())
+        self.synced = time.monotonic()
+
+    def close(self) -> None:
+        if self.fh is not None and not self.fh.closed:
+            try:
+                self.sync()
+            finally:
+                self.fh.close()
+
+    def __enter__(self) -> _ResultsLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _repair_tail(results: Path) -> None:
@@ -658,7 +696,7 @@ class _Run:
         self.model, self.out, self.settings = model, out, settings
         self.batch_size, self.decode_batch_size = batch_size, settings.decode_batch_size or batch_size
         self.fail_fast, self.fingerprint, self.made = fail_fast, fingerprint, made
-        self.results = out / "results.jsonl"
+        self.log = _ResultsLog(out / "results.jsonl")  # closed by _answer_all
         self.counts = {"done": 0, "failed": 0, "skipped": 0}
         self.seconds = {"prepare": 0.0, "llm": 0.0, "decode": 0.0, "write": 0.0}
         self.queues: dict[tuple, list[DecodeJob]] = {}
@@ -667,7 +705,7 @@ class _Run:
 
     def fail(self, rid: str, stage: str, error: str, **extra: Any) -> None:
         self.counts["failed"] += 1
-        _append_record(self.results, {"id": rid, **extra, "error": error, "error_stage": stage})
+        self.log.append({"id": rid, **extra, "error": error, "error_stage": stage})
         log.warning("request %s failed (%s): %s", rid, stage, error)
         self.bar.update(1)
         self.bar.set_postfix(failed=self.counts["failed"])
@@ -784,7 +822,7 @@ class _Run:
             return
         seconds = {**item.seconds, "write": time.perf_counter() - t0}
         self.seconds["write"] += seconds["write"]
-        _append_record(self.results, {
+        self.log.append({
             "id": parsed.id, "line": item.line, "prompt": parsed.prompt_text, "inputs": parsed.inputs, "text": result.text,
             "files": files, "seed": parsed.request.seed, "checkpoint": self.fingerprint,
             "settings": {**item.settings, "media": media_digest(parsed.inputs)},
@@ -898,5 +936,6 @@ def _answer_all(run: _Run, todo: list[_Line], requests_file: Path, seed: int, ba
         stopped = 1
     finally:
         run.bar.close()
+        run.log.close()
         write_gallery(out, current)
     return stopped
