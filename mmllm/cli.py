@@ -763,7 +763,8 @@ prints (stdout): the parts, dimension checks and per-stage parameter counts; --j
 example:
   mmllm inspect --config configs/assemblies/tiny.yaml --lora configs/lora/tiny.yaml""",
     "infer": """\
-writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html; with \
+writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html (pages/ \
+beyond 1000 requests); with \
 --prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed.
 examples:
   mmllm infer --checkpoint runs/tiny/instruct/step-30 --input data/samples/requests.jsonl \\
@@ -857,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder; re-running on it skips requests already done (refused if they were "
                         "answered with another checkpoint, --seed, --max-new-tokens, ..., --dtype or --device type)")
     r.add_argument("--overwrite", action="store_true",
-                   help="start --output afresh: remove its results.jsonl, media/ and index.html first")
+                   help="start --output afresh: remove its results.jsonl, media/, index.html and pages/ first")
     r.add_argument("--prompt", metavar="TEXT", help="one request from the command line instead of --input")
     r.add_argument("--image", type=user_path, metavar="FILE", help="with --prompt: an input image")
     r.add_argument("--audio", type=user_path, metavar="FILE", help="with --prompt: an input audio file")

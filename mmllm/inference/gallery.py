@@ -6,6 +6,11 @@ players and videos -- or the error. Written atomically next to ``results.jsonl``
 Given the requests a run answered (:func:`write_gallery`'s ``current``), the page shows those, in the
 requests file's order, and counts only them; records of requests no longer in the file (removed,
 renamed, or a malformed line since fixed) are kept in ``results.jsonl`` and shown apart, folded, at the end.
+
+Pages hold :data:`PAGE_SIZE` requests each (one page of 100,000 was 31 MB of HTML, which a browser showed only
+after minutes): the first is ``index.html``, the others ``pages/index-N.html``; each counts the whole run and links
+the first, last and nearby pages. ``results.jsonl`` is read as an index of where each request's latest record is
+(:func:`latest_entries`), the records themselves a page at a time.
 """
 
 from __future__ import annotations

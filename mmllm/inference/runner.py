@@ -23,7 +23,8 @@ batch that fails as a whole is retried one request at a time, so only the culpri
 Outputs under ``OUT``: ``media/`` (PNG, 16-bit WAV, MP4 -- GIF where no H.264 encoder is available
 -- each carrying the request id, seed, prompt and checkpoint fingerprint in its metadata),
 ``results.jsonl`` (one record per request, appended as each batch finishes) and ``index.html`` (the
-requests file's requests; records of requests no longer in it apart, see :mod:`mmllm.inference.gallery`).
+requests file's requests, 1000 a page, the pages after the first in ``pages/``; records of requests no longer in it
+apart, see :mod:`mmllm.inference.gallery`).
 Media files are written atomically and a record is appended only after all of its files exist,
 so a crash never leaves something that looks done; a re-run on the same ``OUT`` skips the requests
 already done and retries the failed ones. Each done record carries the checkpoint fingerprint and the
@@ -504,7 +505,7 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any], lines: li
         what = ", ".join(named.get(k) or f"{k} {was!r} (now {value!r})" for k, (was, value) in differ.items())
         raise OutputError(f"--output {out}: {stale} request(s) of {requests_file} were answered there with "
                           f"{what}; resuming would skip them and keep those answers. Give a new --output, or "
-                          f"pass --overwrite to start {out} afresh (its results.jsonl, media/ and index.html "
+                          f"pass --overwrite to start {out} afresh (its results.jsonl, media/, index.html and pages/ "
                           f"are replaced)")
 
 
@@ -520,8 +521,8 @@ def check_overwrite(out: Path, requests_file: Path) -> None:
     def doomed(path: Path) -> bool:
         return any(path.resolve().is_relative_to(r) for r in removed)
 
-    how = (f"it removes {out}'s results.jsonl, media/ and index.html. Move the file out of there, or give another "
-           "--output")
+    how = (f"it removes {out}'s results.jsonl, media/, index.html and pages/. Move the file out of there, or give "
+           "another --output")
     if doomed(requests_file):
         raise OutputError(f"starting {out} afresh (--overwrite) would delete the requests file {requests_file}: "
                           f"{how}")
@@ -535,7 +536,7 @@ def check_overwrite(out: Path, requests_file: Path) -> None:
 
 
 def _run_outputs(out: Path) -> list[Path]:
-    """What a run wrote to ``out`` and :func:`start_afresh` removes: its results.jsonl, media/ and index.html
+    """What a run wrote to ``out`` and :func:`start_afresh` removes: its results.jsonl, media/, index.html, pages/
     (``results.jsonl`` first); nothing where there is no ``results.jsonl`` (no run's outputs)."""
     if not (out / "results.jsonl").is_file():
         return []
@@ -543,7 +544,7 @@ def _run_outputs(out: Path) -> list[Path]:
 
 
 def start_afresh(out: Path) -> None:
-    """Remove what a run wrote to ``out`` (results.jsonl, media/, index.html), nothing else; a folder
+    """Remove what a run wrote to ``out`` (results.jsonl, media/, index.html, pages/), nothing else; a folder
     without a ``results.jsonl`` holds no run's outputs and is left as it is.
 
     ``results.jsonl`` goes first, in one rename: a crash part-way leaves at worst unlisted media files
