@@ -330,9 +330,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                   checkpoint=Path(args.checkpoint), overwrite=args.overwrite,
                                   gallery="requests" if args.input else "all", resume_checked=True)
     if args.prompt:  # quick use: show the answer's record
-        from mmllm.inference.gallery import latest_records
+        from mmllm.inference.gallery import iter_latest
 
-        for rec in latest_records(Path(args.output) / "results.jsonl"):
+        for rec in iter_latest(Path(args.output) / "results.jsonl"):  # one at a time: OUT may gather many
             if rec["id"] == f"prompt-{digest}":
                 print(json.dumps(rec, indent=2))
     log.info("requests: %(done)d done, %(failed)d failed, %(skipped)d already done", counts)
