@@ -330,7 +330,8 @@ class ConversationIndex(Sequence[Conversation]):
                 raise DataFileGone(
                     f"data file {self.path} is gone: deleted or moved while the run read samples from it (this "
                     f"process had closed it -- it holds at most {_OPEN.limit} data files open, the least recently "
-                    f"read closed first -- and found no file at {self._where} when it opened it again). Put the "
+                    "read closed first, and closes one to read it again after a read error -- and found no file at "
+                    f"{self._where} when it opened it again). Put the "
                     "file back there, the same bytes, and resume the run (--resume); a data file must stay where "
                     "it is until the run has stopped") from exc
             _OPEN.put(self._key, fh)
