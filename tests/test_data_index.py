@@ -145,8 +145,10 @@ def test_data_check_tokenizes_a_sample_within_the_context_once(tmp_path, monkeyp
     recs.append({"id": "long", "modality": "image", "caption": " ".join(["word"] * 400)})
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     calls = []
-    real = check.encode_conversation
+    real, batch = check.encode_conversation, check.encode_conversations
     monkeypatch.setattr(check, "encode_conversation", lambda conv, *a: calls.append(conv.id) or real(conv, *a))
+    monkeypatch.setattr(check, "encode_conversations",
+                        lambda convs, *a: calls.extend(c.id for c in convs) or batch(convs, *a))
     spec = token_spec(tiny_model)
     out = check_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "decode-align", tiny_model.llm.tokenizer,
                         spec, {}, _MediaProbe(decode=False))
