@@ -317,7 +317,7 @@ def _labelled_tokens_batch(tokenizer: Any, items: list[tuple[str, list[tuple[int
 def _encode_batch(tokenizer: Any, texts: list[str], offsets: bool) -> Iterator[tuple[list[int], list[Any]]]:
     """Each text's token ids (as :func:`_tokens` gives them) and, with ``offsets``, their character spans, read
     from the tokenizer's own encodings as each is asked for: the spans of a whole batch, converted at once (a
-    tuple a token), made the garbage collector's full passes over the process several times more frequent."""
+    tuple a token), had the garbage collector run 4x as often."""
     if not texts:
         return
     kwargs = {"add_special_tokens": False, "return_attention_mask": False, "return_token_type_ids": False,
