@@ -299,7 +299,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                  f"({files_named_in(requests, '*.jsonl')})")
             if not requests.is_file():
                 raise SystemExit(f"--input {requests}: file not found")
-            if not read_lines(requests):  # not worth loading a model for: most likely the wrong file
+            lines = read_lines(requests)
+            if not lines:  # not worth loading a model for: most likely the wrong file
                 raise SystemExit(f"--input {requests}: holds no requests (no line that is not blank); give one JSON "
                                  'object per line, e.g. {"id": "r1", "prompt": "Draw a red circle."}')
         else:
@@ -312,6 +313,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
             requests = Path(tmp) / "request.jsonl"
             requests.write_text(json.dumps({"id": f"prompt-{digest}", **rec}) + "\n")
+            lines = read_lines(requests)
         try:  # refused before the model loads: OUT unwritable, or holding answers of another checkpoint/settings
             prepare_output(Path(args.output))
             # one run at a time in OUT (a second refused here, FolderInUse): both would answer every request
@@ -321,11 +323,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
             else:
                 check_resume(Path(args.output), requests, run_settings(
                     Path(args.checkpoint), args.dtype, args.seed, args.max_new_tokens, args.temperature, args.top_p,
-                    args.steps, args.guidance, args.device))
+                    args.steps, args.guidance, args.device), lines)
         except OutputError as exc:
             raise SystemExit(str(exc)) from exc
         held.enter_context(torch_threads(args.threads))
-        lines = read_lines(requests)
         if lines and not args.overwrite and not pending_lines(lines, Path(args.output)):  # finished: nothing to load
             log.info("all %d request(s) are already done in %s (same checkpoint and settings); the model is not "
                      "loaded", len(lines), args.output)
@@ -339,11 +340,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                   top_p=args.top_p, steps=args.steps, guidance=args.guidance,
                                   decode_batch_size=args.decode_batch_size, fail_fast=args.fail_fast,
                                   checkpoint=Path(args.checkpoint), overwrite=args.overwrite,
-                                  gallery="requests" if args.input else "all")
+                                  gallery="requests" if args.input else "all", resume_checked=True)
     if args.prompt:  # quick use: show the answer's record
-        from mmllm.inference.gallery import latest_records
+        from mmllm.inference.gallery import iter_latest
 
-        for rec in latest_records(Path(args.output) / "results.jsonl"):
+        for rec in iter_latest(Path(args.output) / "results.jsonl"):  # one at a time: OUT may gather many
             if rec["id"] == f"prompt-{digest}":
                 print(json.dumps(rec, indent=2))
     log.info("requests: %(done)d done, %(failed)d failed, %(skipped)d already done", counts)
@@ -783,7 +784,8 @@ examples:
   mmllm config --config configs/stages/tiny/instruct.yaml optim.lr=1e-3 > resolved.yaml
   mmllm config --checkpoint runs/tiny/instruct/step-30 output_dir=runs/again > again.yaml""",
     "infer": """\
-writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html; with \
+writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html (pages/ \
+beyond 1000 requests); with \
 --prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed.
 examples:
   mmllm infer --checkpoint runs/tiny/instruct/step-30 --input data/samples/requests.jsonl \\
@@ -890,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder; re-running on it skips requests already done (refused if they were "
                         "answered with another checkpoint, --seed, --max-new-tokens, ..., --dtype or --device type)")
     r.add_argument("--overwrite", action="store_true",
-                   help="start --output afresh: remove its results.jsonl, media/ and index.html first")
+                   help="start --output afresh: remove its results.jsonl, media/, index.html and pages/ first")
     r.add_argument("--prompt", metavar="TEXT", help="one request from the command line instead of --input")
     r.add_argument("--image", type=user_path, metavar="FILE", help="with --prompt: an input image")
     r.add_argument("--audio", type=user_path, metavar="FILE", help="with --prompt: an input audio file")

@@ -4,8 +4,10 @@ reading the file whole, no conversation objects held, a file changed under a run
 from __future__ import annotations
 
 import codecs
+import errno
 import gc
 import json
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -13,9 +15,10 @@ from pathlib import Path
 import pytest
 
 from mmllm.config import DatasetConfig
+from mmllm.data import index as index_module
 from mmllm.data.dataset import load_stage_records
 from mmllm.data.formats import CaptionPair, Conversation, MediaRoot, read_dataset
-from mmllm.data.index import DataFileChanged, index_dataset
+from mmllm.data.index import DataFileChanged, DataFileGone, DataFileUnreadable, index_dataset
 from mmllm.data.template import pair_to_conversation
 
 
@@ -93,8 +96,8 @@ def test_a_data_file_changed_in_place_is_refused_a_renamed_over_one_read_as_it_w
     os.replace(replacement, path)  # an editor's save: the run keeps the file it opened
     assert first[2] == was
     third, _, _ = index_dataset(ds, "encode-align")
-    with open(path, "a") as fh:  # appended to in place
-        fh.write('{"id": "late", "modality": "image", "media": "img/9.png", "caption": "late"}\n')
+    with open(path, "r+b") as fh:  # changed in place
+        fh.write(b"[")
     with pytest.raises(DataFileChanged, match=f"data file {path} changed while the run read samples"):
         third[0]
     assert second[2] == was
@@ -142,8 +145,10 @@ def test_data_check_tokenizes_a_sample_within_the_context_once(tmp_path, monkeyp
     recs.append({"id": "long", "modality": "image", "caption": " ".join(["word"] * 400)})
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     calls = []
-    real = check.encode_conversation
+    real, batch = check.encode_conversation, check.encode_conversations
     monkeypatch.setattr(check, "encode_conversation", lambda conv, *a: calls.append(conv.id) or real(conv, *a))
+    monkeypatch.setattr(check, "encode_conversations",
+                        lambda convs, *a: calls.extend(c.id for c in convs) or batch(convs, *a))
     spec = token_spec(tiny_model)
     out = check_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "decode-align", tiny_model.llm.tokenizer,
                         spec, {}, _MediaProbe(decode=False))
@@ -271,3 +276,134 @@ def test_a_file_changed_in_place_keeping_its_size_and_time_is_still_a_changed_fi
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # a file system of coarse times: no change seen
     with pytest.raises(DataFileChanged, match="cannot be read again"):
         index[2]
+def test_records_appended_to_a_data_file_are_read_on_and_said_once(tmp_path, caplog):
+    """Appending to a JSONL file while a run reads it (new lines after the last, the indexed records' bytes
+    unchanged) stopped the run; now the run reads on, warning once that the appended records are not trained
+    on. A change of the indexed bytes after the append is still refused, and a copy that opens the file
+    again by its name (a closed file, a worker) reads on too."""
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, b"\n")
+    index, _, _ = index_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "encode-align")
+    was = list(index)
+    late = b'{"id": "late", "modality": "image", "media": "img/9.png", "caption": "late"}\n'
+    with caplog.at_level(logging.WARNING, logger="mmllm.data.index"):
+        for _ in range(2):
+            with open(path, "ab") as fh:
+                fh.write(late)
+            assert list(index) == was and len(index) == 5
+    grown = [r.getMessage() for r in caplog.records if "grew by" in r.getMessage()]
+    assert len(grown) == 1 and "not trained on in this run" in grown[0], grown
+    assert list(pickle.loads(pickle.dumps(index))) == was  # opened again by its path
+    data = path.read_bytes()
+    path.write_bytes(data.replace(b"p0", b"q0") + late)  # an indexed record rewritten, the file grown
+    with pytest.raises(DataFileChanged, match=f"data file {path} changed while the run read samples"):
+        index[0]
+
+
+def test_a_data_file_deleted_after_it_was_closed_says_so(tmp_path, monkeypatch):
+    """A data file closed for another one (more than OPEN_DATA_FILES) and deleted: opening it again by its name
+    raised a bare FileNotFoundError out of the training loop."""
+    monkeypatch.setattr(index_module._OPEN, "limit", 1)
+    write_pairs(tmp_path / "a.jsonl", b"\n")
+    write_pairs(tmp_path / "b.jsonl", b"\n")
+    first, _, _ = index_dataset(DatasetConfig(path=str(tmp_path / "a.jsonl"), format="mmllm-pairs"), "encode-align")
+    second, _, _ = index_dataset(DatasetConfig(path=str(tmp_path / "b.jsonl"), format="mmllm-pairs"), "encode-align")
+    second[0]  # a.jsonl is closed
+    (tmp_path / "a.jsonl").unlink()
+    with pytest.raises(DataFileGone, match="is gone: deleted or moved while the run read samples from it.*resume"):
+        first[0]
+
+
+def failing_pread(monkeypatch, fails) -> list[int]:
+    """``os.pread`` raising EIO while ``fails(offset, calls so far at that offset)``; returns the offsets read."""
+    real, calls = os.pread, []
+
+    def pread(fd, length, offset):
+        calls.append(offset)
+        if fails(offset, calls.count(offset)):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    monkeypatch.setattr(index_module, "READ_RETRY_DELAYS", (0, 0))
+    monkeypatch.setattr(index_module, "FILE_RETRY_DELAYS", (0, 0))
+    return calls
+
+
+def pairs_dataset(tmp_path, tiny_model, n: int = 6):
+    from mmllm.data.dataset import StageDataset
+    from mmllm.training.loop import token_spec
+
+    path = tmp_path / f"pairs{n}.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "modality": "image", "caption": f"a red circle {i}"}) + "\n"
+                            for i in range(n)))
+    per, _, _ = load_stage_records([DatasetConfig(path=str(path), format="mmllm-pairs")], "decode-align")
+    return path, per[0], StageDataset(per[0], tiny_model.llm.tokenizer, token_spec(tiny_model), {})
+
+
+def test_a_record_the_data_file_fails_to_give_is_skipped_and_counted_not_the_run_stopped(tmp_path, tiny_model):
+    """An I/O error reading one sample's record (EIO: a bad block, a network file system) stopped a multi-day
+    run: it came before the sample's error handling. It is tried again (the file opened again), then the sample
+    is skipped, named in the log and counted, as one with an unreadable image is; a read that fails once and
+    then works gives the sample."""
+    from mmllm.data.dataset import SampleError, collate
+
+    path, convs, ds = pairs_dataset(tmp_path, tiny_model)
+    bad = int(convs.offsets[2])
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as mp:
+        calls = failing_pread(mp, lambda offset, k: offset == bad)
+        got = ds[2]
+        assert isinstance(got, SampleError) and got.id == f"{path}:3"
+        assert "Input/output error" in got.error and "tried 3 times" in got.error
+        assert calls.count(bad) == 3 and len(calls) > 3  # three tries, and another record read (the file reads)
+        batch = collate([ds[i] for i in range(4)], tiny_model.llm.tokenizer.pad_token_id)
+        assert batch["ids"] == ["p0", "p1", "p3"] and [i for i, _ in batch["skipped"]] == [f"{path}:3"]
+        assert ds.length(2) == 0 and ds.length(1) > 0
+    with monkeypatch.context() as mp:
+        failing_pread(mp, lambda offset, k: offset == bad and k == 1)  # once
+        assert ds[2]["id"] == "p2"
+
+
+def test_a_data_file_that_cannot_be_read_stops_the_run_rather_than_skipping_every_sample(tmp_path, tiny_model):
+    _, convs, ds = pairs_dataset(tmp_path, tiny_model)
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as mp:
+        failing_pread(mp, lambda offset, k: True)
+        with pytest.raises(DataFileUnreadable, match=r"pairs6.jsonl cannot be read: not the record at line 3 .*nor "
+                                                     r"the record at line 6.*resume the run"):
+            ds[2]
+        with pytest.raises(DataFileUnreadable):
+            ds.length(0)
+    _, _, one = pairs_dataset(tmp_path, tiny_model, n=1)
+    with monkeypatch.context() as mp:
+        failing_pread(mp, lambda offset, k: True)
+        with pytest.raises(DataFileUnreadable, match="its only record"):
+            one[0]
+    assert ds[2]["id"] == "p2"  # readable again: read on
+
+
+def test_a_media_lookup_the_file_system_refuses_skips_the_sample(tmp_path, tiny_model, monkeypatch):
+    """nextgpt's media lookup (a stat) refused with EACCES when a sample is drawn (its folder's permissions
+    changed mid-run) stopped the run; the sample is now skipped under its id, as an unreadable image is."""
+    from mmllm.data import nextgpt
+    from mmllm.data.dataset import SampleError, StageDataset
+    from mmllm.training.loop import token_spec
+
+    path = tmp_path / "cc3m.json"
+    path.write_text(json.dumps([{"id": f"n{i}", "caption": f"a red circle {i}", "image_name": f"{i}.png"}
+                                for i in range(3)]))
+    per, _, _ = load_stage_records([DatasetConfig(path=str(path), format="nextgpt-pairs")], "decode-align")
+    ds = StageDataset(per[0], tiny_model.llm.tokenizer, token_spec(tiny_model), {})
+    real = os.stat
+
+    def stat(p, *a, **k):
+        if str(p).endswith("1.png"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(nextgpt.os, "stat", stat)
+    got = ds[1]
+    assert isinstance(got, SampleError) and got.id == "n1" and "Permission denied" in got.error
+    assert f"{path}:" in got.error
+    assert ds[0]["id"] == "n0"

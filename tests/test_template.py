@@ -384,3 +384,94 @@ def test_templates_that_print_today_render_the_assemblys_date_whatever_the_day(t
     assert "Today Date: 05 Jan 2030; Saturday 5 January 2030, 00:00 (%)" in reloaded.llm.tokenizer.decode(ids)
     with pytest.raises(Exception, match=r"template_date: '5 Jan 2030' is not a date written YYYY-MM-DD"):
         parse_assembly({**to_dict(tiny_assembly), "template_date": "5 Jan 2030"})
+
+
+def _each_and_at_once(convs, tok, spec):
+    from mmllm.data.template import encode_conversations
+
+    def each(conv):
+        try:
+            return encode_conversation(conv, tok, spec)
+        except ValueError as exc:
+            return exc
+
+    want, got = [each(c) for c in convs], encode_conversations(convs, tok, spec)
+    assert len(got) == len(want)
+    for w, g in zip(want, got):
+        if isinstance(w, ValueError):
+            assert type(g) is type(w) and str(g) == str(w)
+        else:
+            assert g == w
+    return got
+
+
+def test_encoding_conversations_at_once_gives_what_encoding_each_gives(tiny_model, spec, tmp_path):
+    """`mmllm data check` encodes its conversations a batch at a time (the tokenizer called once for all their
+    texts): the samples, and the errors with their messages, are those of encoding each on its own."""
+    import dataclasses
+
+    pair = CaptionPair("p", "image", "a red circle", tmp_path / "a.png", "pairs.jsonl:1")
+    convs = [
+        _conv(tmp_path),
+        pair_to_conversation(pair, "encode-align"),
+        pair_to_conversation(pair, "decode-align"),
+        Conversation("empty", [Message("user", "hi"), Message("assistant", "")], "c.jsonl:2"),
+        Conversation("first", [Message("assistant", "hello")], "c.jsonl:3"),  # refused: opens with the assistant
+        Conversation("media", [Message("user", "<image> what?"), Message("assistant", "a circle")],
+                     "c.jsonl:4"),  # a placeholder without its media item
+        Conversation("long", [Message("user", "<image> " + "word " * 300, [MediaRef("image", tmp_path / "a.png")]),
+                              Message("assistant", "a circle")], "c.jsonl:5"),
+        Conversation("none", [Message("user", "x")], "c.jsonl:6"),  # no reply: nothing to place
+    ]
+    got = _each_and_at_once(convs, tiny_model.llm.tokenizer, spec)
+    assert [type(g).__name__ for g in got] == ["EncodedSample"] * 4 + ["ValueError"] * 2 + [
+        "ContextLengthError", "EncodedSample"]
+    _each_and_at_once(convs, tiny_model.llm.tokenizer, dataclasses.replace(spec, max_length=10**9))
+    _each_and_at_once([], tiny_model.llm.tokenizer, spec)
+    tok = tiny_model.llm.tokenizer
+
+    class Refusing:  # a tokenizer refusing one text: that conversation's error, the others encoded
+        is_fast = True
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, text, *args, **kwargs):
+            if "poison" in (text if isinstance(text, str) else "".join(text)):
+                raise ValueError("cannot tokenize this")
+            return tok(text, *args, **kwargs)
+
+    poisoned = Conversation("x", [Message("user", "hi"), Message("assistant", "poison")], "c.jsonl:9")
+    got = _each_and_at_once(convs[:3] + [poisoned], Refusing(), spec)
+    assert str(got[-1]) == "c.jsonl:9: cannot tokenize this" and got[0] == encode_conversation(convs[0], tok, spec)
+
+
+@pytest.mark.parametrize("chat_template,split_newlines", [(VICUNA, True), (CHATML, True), (CHATML, False)])
+def test_encoding_at_once_places_each_reply_as_encoding_each_does(chat_template, split_newlines, monkeypatch):
+    """On a SentencePiece-style tokenizer, with a token across a reply's start too (the whole text's tokens do
+    not give each turn inference's context there: the turns are placed one by one, as alone)."""
+    from mmllm.data import template
+    from mmllm.data.template import TokenSpec
+
+    one_by_one = []
+    real = template._turn_by_turn_labels
+    monkeypatch.setattr(template, "_turn_by_turn_labels", lambda *a: one_by_one.append(1) or real(*a))
+
+    tok = _sentencepiece_style_tokenizer(chat_template, split_newlines)
+    spec = TokenSpec({}, {}, {}, {}, max_length=512)
+    turns = [("what is this?", "a red circle."), ("draw it.", "it is a blue square."), ("and?", "done.")]
+    convs = [Conversation(f"c{n}", [Message(role, text) for q, a in turns[:n] for role, text in
+                                    (("user", q), ("assistant", a))]) for n in (1, 2, 3)]
+    _each_and_at_once(convs + convs[:1], tok, spec)
+    assert bool(one_by_one) != split_newlines
+
+    class Slow:  # a slow tokenizer (no offsets): one call per text, as before
+        is_fast = False
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def __call__(self, *args, **kwargs):
+            return tok(*args, **kwargs)
+
+    _each_and_at_once(convs, Slow(), spec)

@@ -1,8 +1,9 @@
 """Stage datasets, a deterministic mixture sampler, and the collator.
 
 * :class:`StageDataset` turns records into model-ready samples; a sample that cannot be read
-  (missing/corrupt media, too long, malformed) comes back as an error record and is skipped and
-  counted by the collator -- it never crashes an epoch. With a
+  (missing/corrupt media, too long, malformed, its record unreadable in the data file: an I/O error that
+  trying again did not clear, :class:`~mmllm.data.index.RecordUnreadable`) comes back as an error record and is
+  skipped and counted by the collator -- it never crashes an epoch. With a
   :class:`~mmllm.data.precomputed.Precomputed` it returns cached encoder features instead of
   encoder inputs, and precomputed conditioning targets, where they are found.
 * :class:`MixtureSampler` is stateless: the samples of (step, micro-batch, rank) are a pure
@@ -34,7 +35,7 @@ from torch.utils.data import Dataset
 
 from mmllm.config import ConfigError
 from mmllm.data.formats import PAIR_FORMATS, Conversation
-from mmllm.data.index import ConversationIndex, data_summary, index_dataset
+from mmllm.data.index import ConversationIndex, RecordUnreadable, data_summary, index_dataset
 from mmllm.data.media import SAMPLE_ERRORS, load_media
 from mmllm.data.precomputed import Precomputed
 from mmllm.data.template import IGNORE, TokenSpec, encode_conversation
@@ -69,7 +70,11 @@ class StageDataset(Dataset):
         return len(self.conversations)
 
     def __getitem__(self, index: int) -> dict[str, Any] | SampleError:
-        conv = self.conversations[index]
+        try:
+            conv = self.conversations[index]
+        except RecordUnreadable as exc:  # its record, re-read from the data file, or its media lookup
+            log.warning("skipping sample %s: %s", exc.sample_id, exc)  # the message says where
+            return SampleError(exc.sample_id, str(exc))
         pre = self.precomputed
         try:
             enc = encode_conversation(conv, self.tokenizer, self.spec)
@@ -98,9 +103,8 @@ class StageDataset(Dataset):
     def length(self, index: int) -> int:
         """The tokens sample ``index`` puts in a batch (placeholders expanded, truncated to ``max_length``), from
         its text alone: no media is read or decoded. 0 for a sample that cannot be encoded (it is skipped)."""
-        conv = self.conversations[index]
         try:
-            return len(encode_conversation(conv, self.tokenizer, self.spec).input_ids)
+            return len(encode_conversation(self.conversations[index], self.tokenizer, self.spec).input_ids)
         except SAMPLE_ERRORS:
             return 0
 

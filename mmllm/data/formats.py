@@ -442,7 +442,7 @@ def _unpaired_surrogate(value: Any) -> str | None:
 
 def scan_records(path: Path, fh: Any) -> Iterator[tuple[int, dict[str, Any] | DataFormatError, Span]]:
     """Records of a JSON Lines file or of a JSON array file (``fh``: it, open in binary), with the line each
-    starts on and its bytes in the file (:func:`read_span` reads one again)."""
+    starts on and its bytes in the file (:class:`~mmllm.data.index.ConversationIndex` reads one again)."""
     head = fh.read(4096).removeprefix(codecs.BOM_UTF8).lstrip()
     fh.seek(0)
     if head.startswith(b"["):
@@ -461,12 +461,6 @@ def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataFormatE
     with open(path, "rb") as fh:
         for line, rec, _ in scan_records(path, fh):
             yield line, rec
-
-
-def read_span(fd: int, span: Span) -> dict[str, Any]:
-    """The record at ``span`` of the file open as ``fd`` (as :func:`scan_records` found it there)."""
-    offset, length = span
-    return json.loads(os.pread(fd, length, offset).decode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------

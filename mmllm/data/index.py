@@ -14,18 +14,32 @@ file changed in place is refused at the next read (:class:`DataFileChanged`), na
 other samples than the ones read at the start. A file whose size or modification time moved while its bytes
 stayed the same (``touch``, the same bytes copied over it, a closed file opened again by its name after an
 identical copy replaced it) is read on: the index keeps a checksum of the bytes it read (CRC-32, some GB/s).
+A file appended to (new records after the last, the bytes read at the start the same) is read on too: the
+records appended are not trained on in this run (said once, in a warning). Each change is checked once, by
+the checksum of the bytes read at the start (a pass over them, at the next read after the change).
+
+A read of the file that fails (an I/O error: a bad block, a network file system's hiccup, a stale handle) is
+tried again (:data:`READ_RETRY_DELAYS`, the file opened again by its path); a record still unreadable after
+that is skipped as a sample with unreadable media is (:class:`RecordUnreadable`, counted in the run's skipped
+samples), unless another record of the file cannot be read either (tried for :data:`FILE_RETRY_DELAYS`):
+then the file, or the disk it is on, is what is unreadable, and the run stops (:class:`DataFileUnreadable`)
+rather than skip every sample. A media path whose lookup the file system refuses (a folder the process may
+not enter) skips the sample too. A file deleted (or moved) once a process had closed it stops the run
+(:class:`DataFileGone`), saying so.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
+import time
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -39,7 +53,6 @@ from mmllm.data.formats import (
     RecordParser,
     log_skipped,
     parse_file,
-    read_span,
     record_parser,
 )
 from mmllm.data.template import pair_to_conversation
@@ -47,6 +60,10 @@ from mmllm.data.template import pair_to_conversation
 EMPTY_REPLY_IDS = 5  # ids of conversations with empty replies kept for the warning that names them
 OPEN_DATA_FILES = 64  # data files a process holds open at once (an index whose file was closed opens it again)
 CHECKSUM_CHUNK = 1 << 23
+# seconds waited before each new try of a read of the data file that failed: of the record drawn, then (when it
+# still fails) of another record of the file, to tell one unreadable record from an unreadable file
+READ_RETRY_DELAYS = (0.1, 1.0)
+FILE_RETRY_DELAYS = (5.0, 30.0)
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +72,34 @@ class DataFileChanged(UserError):
     """A data file changed in place while a run read samples from it. Not one of the errors a sample is
     skipped for (:data:`~mmllm.data.media.SAMPLE_ERRORS`): every later sample would be another record.
     A :class:`~mmllm.config.UserError` (not a ValueError): the command stops with its one line, exit code 2."""
+
+
+class DataFileGone(DataFileChanged):
+    """A data file closed by this process (it holds at most :data:`OPEN_DATA_FILES` open) was not there when it
+    was opened again by its path: deleted or moved while the run read samples from it."""
+
+
+class DataFileUnreadable(UserError):
+    """Reads of a data file fail for more than one record, tried again: the file (or its disk, its mount) cannot
+    be read. Not a :data:`~mmllm.data.media.SAMPLE_ERRORS`: skipping would skip every sample. A
+    :class:`~mmllm.config.UserError`: the command stops with its one line (what to check), exit code 2."""
+
+
+class RecordUnreadable(OSError):
+    """One sample cannot be read: its record's bytes (an I/O error that trying again did not clear, while other
+    records of the file read) or a media path the file system refuses to look up. An ``OSError``, so one of the
+    :data:`~mmllm.data.media.SAMPLE_ERRORS`: the sample is skipped and counted. ``sample_id``: the record's id
+    when its bytes were read, else where it is (``file:line``)."""
+
+    def __init__(self, message: str, sample_id: str, source: str):
+        super().__init__(message)
+        self.sample_id, self.source = sample_id, source
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled (a data-loader worker's) with its fields
+        return type(self), (self.args[0], self.sample_id, self.source)
 
 
 @dataclass
@@ -180,6 +225,8 @@ class ConversationIndex(Sequence[Conversation]):
         self.summary = summary
         self._identity = identity  # the file's, before it was read
         self._checksum = checksum  # of the bytes read (None: the file changed while it was read)
+        self._size = identity[2]  # the bytes the checksum is of: a file grown past them is read on if they are kept
+        self._grown = False  # the warning that records were appended was given
         self._where = os.path.abspath(self.path)  # opened again here: not where a later working directory points
         self._key = next(_KEYS)
         with _OPEN.lock:
@@ -209,23 +256,75 @@ class ConversationIndex(Sequence[Conversation]):
         if not -n <= index < n:
             raise IndexError(f"sample {index} of a data set of {n}")
         i = index % n
-        line = int(self.lines[i])
-        with _OPEN.lock:
-            fd = self._open()
-            try:
-                rec = read_span(fd, (int(self.offsets[i]), int(self.lengths[i])))
-                got = self.parser(rec, line)
-            except ValueError as exc:  # what read it at the start reads it again, unless the file changed
-                self._check_unchanged(fd)
-                if self._checksum is None or _checksum(fd, self._identity[2]) != self._checksum:
-                    raise DataFileChanged(f"{self.path}:{line}: the record read at the start of the run cannot be "
-                                          f"read again ({exc})") from exc
-                # the same bytes as at the start (a change keeping size and modification time is told by them):
-                # the index is wrong, not the file -- mmllm's fault, its traceback (exit 70), not "restore the file"
-                raise RuntimeError(f"{self.path}:{line}: the record read at the start of the run cannot be read "
-                                   f"again from bytes {int(self.offsets[i])}..{int(self.offsets[i] + self.lengths[i])} "
-                                   f"of the unchanged file ({exc})") from exc
+        got = self._record(i)
         return pair_to_conversation(got, self.stage) if isinstance(got, CaptionPair) else got
+
+    def _record(self, i: int) -> Any:
+        """Record ``i`` parsed: its bytes read again (tried again when the read fails), then its format's parser."""
+        line = int(self.lines[i])
+        where = f"{self.path}:{line}"
+        try:
+            raw = self._retrying(lambda: self._read(i), READ_RETRY_DELAYS, where)
+        except OSError as exc:
+            self._check_readable(i, exc)
+            raise RecordUnreadable(f"{where}: the record cannot be read from the data file ({exc}; tried "
+                                   f"{len(READ_RETRY_DELAYS) + 1} times, while other records of the file read)",
+                                   where, where) from exc
+        rec = None
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            return self.parser(rec, line)
+        except ValueError as exc:  # what read it at the start reads it again, unless the file changed
+            with _OPEN.lock:
+                fd = self._open()  # checks the file
+                unchanged = self._checksum is not None and _checksum(fd, self._size) == self._checksum
+            if not unchanged:
+                raise DataFileChanged(f"{where}: the record read at the start of the run cannot be read "
+                                      f"again ({exc})") from exc
+            # the same bytes as at the start (a change keeping size and modification time is told by them):
+            # the index is wrong, not the file -- mmllm's fault, its traceback (exit 70), not "restore the file"
+            raise RuntimeError(f"{where}: the record read at the start of the run cannot be read again from bytes "
+                               f"{int(self.offsets[i])}..{int(self.offsets[i] + self.lengths[i])} of the unchanged "
+                               f"file ({exc})") from exc
+        except OSError as exc:  # a media path the file system refuses to look up (a folder it may not enter)
+            sample_id = str(rec.get("id", where)) if isinstance(rec, dict) else where
+            raise RecordUnreadable(f"{where}: {exc}", sample_id, where) from exc
+
+    def _read(self, i: int) -> bytes:
+        """The bytes of record ``i``, from the file checked to be the one read at the start."""
+        with _OPEN.lock:
+            return os.pread(self._open(), int(self.lengths[i]), int(self.offsets[i]))
+
+    def _retrying(self, read: Callable[[], bytes], delays: Sequence[float], where: str) -> bytes:
+        """``read()``, tried again after each of ``delays`` while it raises an ``OSError`` (the file opened again
+        by its path before each new try: a stale handle is not read again); the last try's error is raised."""
+        for delay in delays:
+            try:
+                return read()
+            except OSError as exc:
+                log.warning("%s: reading the data file failed (%s); trying again in %g s", where, exc, delay)
+            time.sleep(delay)
+            self.close()
+        return read()
+
+    def _check_readable(self, i: int, error: OSError) -> None:
+        """Record ``i`` could not be read (``error``): read another record, far from it in the file (not in the
+        same bad block); when that fails too, the file is what cannot be read: :class:`DataFileUnreadable`."""
+        n = len(self)
+        j = (i + n // 2) % n
+        if j != i:
+            try:
+                self._retrying(lambda: self._read(j), FILE_RETRY_DELAYS, f"{self.path}:{int(self.lines[j])}")
+                return
+            except OSError as exc:
+                also = f", nor the record at line {int(self.lines[j])} ({exc})"
+        else:
+            also = " (its only record)"
+        raise DataFileUnreadable(
+            f"data file {self.path} cannot be read: not the record at line {int(self.lines[i])} ({error}){also}, "
+            "each tried again. The file, or the disk or network mount it is on, is unreadable (a sample whose "
+            "record alone cannot be read is skipped; this would skip them all). Check the storage (the system "
+            "log: dmesg; the mount), restore the file at that path, then resume the run (--resume)") from error
 
     def __iter__(self) -> Iterator[Conversation]:
         for i in range(len(self)):
@@ -235,7 +334,16 @@ class ConversationIndex(Sequence[Conversation]):
         """The file's descriptor, checked to hold what it held when the index was built (``_OPEN.lock`` held)."""
         fh = _OPEN.get(self._key)
         if fh is None:  # closed for another data file, or unpickled: the file is opened again, by its path
-            fh = open(self._where, "rb")  # noqa: SIM115 -- held in _OPEN
+            try:
+                fh = open(self._where, "rb")  # noqa: SIM115 -- held in _OPEN
+            except FileNotFoundError as exc:
+                raise DataFileGone(
+                    f"data file {self.path} is gone: deleted or moved while the run read samples from it (this "
+                    f"process had closed it -- it holds at most {_OPEN.limit} data files open, the least recently "
+                    "read closed first, and closes one to read it again after a read error -- and found no file at "
+                    f"{self._where} when it opened it again). Put the "
+                    "file back there, the same bytes, and resume the run (--resume); a data file must stay where "
+                    "it is until the run has stopped") from exc
             _OPEN.put(self._key, fh)
         self._check_unchanged(fh.fileno())
         return fh.fileno()
@@ -244,13 +352,22 @@ class ConversationIndex(Sequence[Conversation]):
         now = self._file_identity(os.fstat(fd))
         if now == self._identity:
             return
-        if now[2] == self._identity[2] and self._checksum is not None and _checksum(fd, now[2]) == self._checksum:
-            log.info("data file %s: its modification time or inode changed, not its bytes: read on", self.path)
+        read = self._size  # the bytes read at the start: those the checksum is of
+        if now[2] >= read and self._checksum is not None and _checksum(fd, read) == self._checksum:
+            if now[2] > read and not self._grown:
+                log.warning("data file %s grew by %d bytes since the run read it, its first %d bytes (the %d records "
+                            "indexed) unchanged: records appended. The run reads on; the records appended are not "
+                            "trained on in this run (a run started now reads them)", self.path, now[2] - read,
+                            read, len(self))
+                self._grown = True
+            elif now[2] == read:
+                log.info("data file %s: its modification time or inode changed, not its bytes: read on", self.path)
             self._identity = now  # checked once per change
             return
         raise DataFileChanged(
             f"data file {self.path} changed while the run read samples from it (it no longer holds the bytes "
-            "read when the run started); the samples a step draws are read from it as they are needed. Restore the "
+            "read when the run started; records appended at its end would be read on); the samples a step draws "
+            "are read from it as they are needed. Restore the "
             "file, or write changes to a new file and rename it over the old one once the run has stopped, then "
             "resume the run (--resume) to read the new one")
 

@@ -14,6 +14,7 @@ import bisect
 import datetime
 import json
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
@@ -207,6 +208,12 @@ def _labelled_tokens(tokenizer: Any, text: str, replies: list[tuple[int, int]]) 
         found = _whole_text_labels(tokenizer, text, replies)
         if found is not None:
             return found
+    return _turn_by_turn_labels(tokenizer, text, replies)
+
+
+def _turn_by_turn_labels(tokenizer: Any, text: str, replies: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """:func:`_labelled_tokens` where the whole text's tokens cannot be shown to give each turn inference's
+    context: each prefix of the text tokenized whole, turn by turn."""
     ids: list[int] = []
     labels: list[int] = []
     placed = 0  # characters of text behind ids
@@ -236,18 +243,92 @@ def _whole_text_labels(tokenizer: Any, text: str,
         return [], []
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids, starts = list(enc.input_ids), [first for first, _ in enc.offset_mapping]
-    added = set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for piece, want in _context_checks(_added_ids(tokenizer), text, replies, ids, starts):
+        if _tokens(tokenizer, piece) != want:
+            return None
+    return ids, _reply_labels(ids, starts, replies)
+
+
+def _added_ids(tokenizer: Any) -> set[int]:
+    """The ids of the tokenizer's added tokens (special tokens, placeholders)."""
+    return set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+
+
+def _context_checks(added: set[int], text: str, replies: list[tuple[int, int]], ids: list[int],
+                    starts: list[int]) -> list[tuple[str, list[int]]]:
+    """What shows the whole text's tokens (``ids``, starting at characters ``starts``) give each reply
+    inference's context: per reply, the text from the last added token (``added``: their ids) before it up to
+    it, and the tokens that text must be tokenized to."""
+    checks = []
     for begin, _ in replies:
         k = bisect.bisect_left(starts, begin)  # tokens before the reply
         j = next((i for i in range(k - 1, -1, -1) if ids[i] in added), None)
         cut = 0 if j is None else starts[j]
-        if _tokens(tokenizer, text[cut:begin]) != ids[0 if j is None else j:k]:
-            return None
+        checks.append((text[cut:begin], ids[0 if j is None else j:k]))
+    return checks
+
+
+def _reply_labels(ids: list[int], starts: list[int], replies: list[tuple[int, int]]) -> list[int]:
+    """``ids`` where a token starts inside a reply, else IGNORE."""
     labels = [IGNORE] * len(ids)
     for begin, end in replies:
         first, stop = bisect.bisect_left(starts, begin), bisect.bisect_left(starts, end)
         labels[first:stop] = ids[first:stop]
-    return ids, labels
+    return labels
+
+
+def _labelled_tokens_batch(tokenizer: Any, items: list[tuple[str, list[tuple[int, int]]]]
+                           ) -> list[tuple[list[int], list[int]]]:
+    """:func:`_labelled_tokens` of each ``(text, replies)``, a fast tokenizer called once for all of the texts
+    (its library's threads, where it may use them, share the work) and once for all of their distinct context
+    checks (most often one: the template's text before a reply)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return [_labelled_tokens(tokenizer, text, replies) for text, replies in items]
+    texts = [text for text, _ in items if text]
+    encs = _encode_batch(tokenizer, texts, offsets=True)
+    added = _added_ids(tokenizer)  # a dict built at each ask
+    whole: list[tuple[list[int], list[int]] | None] = []  # ids, starts
+    checks: list[list[tuple[str, list[int]]]] = []
+    for text, replies in items:
+        if not text:
+            whole.append(None)
+            checks.append([])
+            continue
+        ids, offsets = next(encs)
+        starts = [first for first, _ in offsets]  # each text's character spans made and let go in turn
+        whole.append((ids, starts))
+        checks.append(_context_checks(added, text, replies, ids, starts))
+    # the text before a reply from the last added token: most often the same in every conversation (a template's
+    # "<|im_start|>assistant\n"), tokenized once
+    pieces = list(dict.fromkeys(piece for found in checks for piece, _ in found if piece))
+    tokens = {piece: ids for piece, (ids, _) in zip(pieces, _encode_batch(tokenizer, pieces, offsets=False))}
+    out = []
+    for (text, replies), got, found in zip(items, whole, checks):
+        if got is None:
+            out.append(([], []))
+            continue
+        ids, starts = got
+        fits = [tokens.get(piece, []) == want for piece, want in found]
+        out.append((ids, _reply_labels(ids, starts, replies)) if all(fits)
+                   else _turn_by_turn_labels(tokenizer, text, replies))
+    return out
+
+
+def _encode_batch(tokenizer: Any, texts: list[str], offsets: bool) -> Iterator[tuple[list[int], list[Any]]]:
+    """Each text's token ids (as :func:`_tokens` gives them) and, with ``offsets``, their character spans, read
+    from the tokenizer's own encodings as each is asked for: the spans of a whole batch, converted at once (a
+    tuple a token), had the garbage collector run 4x as often."""
+    if not texts:
+        return
+    kwargs = {"add_special_tokens": False, "return_attention_mask": False, "return_token_type_ids": False,
+              "verbose": False}
+    enc = tokenizer(texts, **kwargs)
+    encodings = getattr(enc, "encodings", None) if offsets else None
+    if offsets and encodings is None:  # no encodings of the tokenizers library: the spans converted
+        enc = tokenizer(texts, return_offsets_mapping=True, **kwargs)
+    for k, ids in enumerate(enc.input_ids):
+        spans = [] if not offsets else encodings[k].offsets if encodings is not None else enc.offset_mapping[k]
+        yield list(ids), spans
 
 
 def expand_placeholders(
@@ -255,19 +336,24 @@ def expand_placeholders(
 ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
     """Each placeholder id -> ``media_tokens[m]`` copies; returns ids, labels and the media spans."""
     by_id = {v: k for k, v in spec.placeholder_ids.items()}
-    out_ids, out_labels, spans = [], [], []
-    for tid, lab in zip(ids, labels):
-        m = by_id.get(tid)
-        if m is None:
-            out_ids.append(tid)
-            out_labels.append(lab)
-            continue
+    size = min(len(ids), len(labels))
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    spans = []
+    done = 0  # the text between placeholders copied a run at a time, not token by token
+    for at in [i for i in range(size) if ids[i] in by_id]:
+        m = by_id[ids[at]]
         if m not in spec.media_tokens:
             raise ValueError(f"the text holds a <{m}> placeholder but the assembly has no encoders.{m}")
+        out_ids += ids[done:at]
+        out_labels += labels[done:at]
         n = spec.media_tokens[m]
         spans.append((len(out_ids), len(out_ids) + n))
-        out_ids += [tid] * n
+        out_ids += [ids[at]] * n
         out_labels += [IGNORE] * n
+        done = at + 1
+    out_ids += ids[done:size]
+    out_labels += labels[done:size]
     return out_ids, out_labels, spans
 
 
@@ -277,15 +363,64 @@ def signal_spans(ids: list[int], spec: TokenSpec) -> list[tuple[int, int]]:
 
 
 def encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> EncodedSample:
-    first_turn = next((m.role for m in conv.messages if m.role != "system"), None)
-    if first_turn != "user":
-        raise ValueError(f"{conv.source}: a conversation must open with a user turn (after any system turn)")
+    _check_first_turn(conv)
     try:
         return _encode_conversation(conv, tokenizer, spec)
     except ValueError as exc:  # the template's own complaints do not know where the conversation is from
         if str(exc).startswith(conv.source):
             raise
         raise ValueError(f"{conv.source}: {exc}") from exc
+
+
+def encode_conversations(convs: list[Conversation], tokenizer: Any,
+                         spec: TokenSpec) -> list[EncodedSample | ValueError]:
+    """What :func:`encode_conversation` gives each of ``convs``: its sample, or the ``ValueError`` it raises
+    (the same message), with a fast tokenizer called for all of them at once rather than for each (``mmllm
+    data check``; the figures: docs/data.md, Measurements)."""
+    placed: list[tuple[Conversation, str, list[tuple[int, int]]] | ValueError] = []
+    for conv in convs:
+        try:
+            _check_first_turn(conv)
+            placed.append(_placed_replies(conv, tokenizer, spec))
+        except ValueError as exc:
+            placed.append(_sourced(conv, exc))
+    try:
+        labelled = iter(_labelled_tokens_batch(tokenizer, [(p[1], p[2]) for p in placed
+                                                           if not isinstance(p, ValueError)]))
+    except ValueError:  # a text the tokenizer refuses: it is that conversation's error, found one by one
+        return [_encoded_or_error(conv, tokenizer, spec) for conv in convs]
+    out: list[EncodedSample | ValueError] = []
+    for conv, got in zip(convs, placed):
+        if isinstance(got, ValueError):
+            out.append(got)
+            continue
+        try:
+            out.append(_encoded(got[0], *next(labelled), spec))
+        except ValueError as exc:
+            out.append(_sourced(conv, exc))
+    return out
+
+
+def _encoded_or_error(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> EncodedSample | ValueError:
+    try:
+        return encode_conversation(conv, tokenizer, spec)
+    except ValueError as exc:
+        return exc
+
+
+def _check_first_turn(conv: Conversation) -> None:
+    first_turn = next((m.role for m in conv.messages if m.role != "system"), None)
+    if first_turn != "user":
+        raise ValueError(f"{conv.source}: a conversation must open with a user turn (after any system turn)")
+
+
+def _sourced(conv: Conversation, exc: ValueError) -> ValueError:
+    """``exc``, its message led by where the conversation is from (the template's own complaints do not say)."""
+    if str(exc).startswith(conv.source):
+        return exc
+    out = ValueError(f"{conv.source}: {exc}")
+    out.__cause__ = exc
+    return out
 
 
 # Messages past which a conversation is first cut to those its first max_length tokens reach (plus a margin of
@@ -320,6 +455,14 @@ def within_context(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> Conve
 
 
 def _encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) -> EncodedSample:
+    conv, text, replies = _placed_replies(conv, tokenizer, spec)
+    return _encoded(conv, *_labelled_tokens(tokenizer, text, replies), spec)
+
+
+def _placed_replies(conv: Conversation, tokenizer: Any,
+                    spec: TokenSpec) -> tuple[Conversation, str, list[tuple[int, int]]]:
+    """The conversation (cut to its context, :func:`within_context`), its text rendered by the chat template,
+    and the character spans of what the assistant says in it."""
     conv = within_context(conv, tokenizer, spec)
     messages = _template_messages(conv, spec)
     replies: list[tuple[int, int]] = []  # character spans of what the assistant says in the rendered text
@@ -334,7 +477,12 @@ def _encode_conversation(conv: Conversation, tokenizer: Any, spec: TokenSpec) ->
                              f"conversation's turn {i + 1} cannot be placed: {PREFIX_STABLE_HINT}")
         replies.append((len(prompt), len(full)))
         done = full
-    ids, labels = _labelled_tokens(tokenizer, done, replies)
+    return conv, done, replies
+
+
+def _encoded(conv: Conversation, ids: list[int], labels: list[int], spec: TokenSpec) -> EncodedSample:
+    """The sample of the conversation's labelled tokens: placeholders expanded, checked against its media and
+    outputs, truncated to ``max_length``."""
     # Placeholders must never be learned as outputs.
     placeholder = set(spec.placeholder_ids.values())
     labels = [IGNORE if t in placeholder else lab for t, lab in zip(ids, labels)]
