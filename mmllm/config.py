@@ -756,7 +756,11 @@ def stage_from_mapping(raw: dict[str, Any], overrides: list[str] | None, path: P
     overrides = overrides or []
     to_assembly = [o[len("assembly."):] for o in overrides if o.startswith("assembly.")]
     data = apply_overrides(raw, [o for o in overrides if not o.startswith("assembly.")])
-    data["assembly_overrides"] = list(data.get("assembly_overrides", [])) + to_assembly
+    given = data.get("assembly_overrides") or []  # null (an emptied list): none
+    if not isinstance(given, list):  # list("a=1") would be its letters (the items' type: checked as any key's)
+        raise ConfigError(f"{path}: assembly_overrides: expected a list of key.sub=value strings (the assembly's "
+                          f"own keys, as `mmllm config` prints them, e.g. [max_length=64]), got {given!r}")
+    data["assembly_overrides"] = list(given) + to_assembly
     try:
         cfg = from_dict(StageConfig, data)
     except ConfigError as exc:

@@ -142,11 +142,20 @@ def recorded_stage(checkpoint: Path, overrides: list[str]) -> StageConfig:
     ckpt.verify_manifest(checkpoint)
     meta = ckpt.read_meta(checkpoint)
     where = checkpoint / ckpt.CONFIG_FILE
+    refined = meta.get("refined_from") if "stage" not in meta else None  # refine records no stage of its own
     for key, what in (("exported_from", "an export (mmllm export)"), ("merged_from", "a merged export")):
         if key in meta:
             source = meta[key].get("checkpoint") if isinstance(meta[key], dict) else meta[key]
+            if refined is not None:  # an export of refine's output (the shipped default's glue)
+                raise ckpt.CheckpointError(
+                    f"{checkpoint} is {what} of {source}, which mmllm refine made from {refined}: no stage trained "
+                    f"either. Give the checkpoint it was refined from (mmllm config --checkpoint {refined})")
             raise ckpt.CheckpointError(f"{checkpoint} is {what} of {source}, not a training checkpoint: no stage "
                                        "trained it. Give the step-N checkpoint it was exported from")
+    if refined is not None:
+        raise ckpt.CheckpointError(f"{checkpoint} was made by mmllm refine from {refined} (its output projections "
+                                   "refitted), not by a training stage: give the checkpoint it was refined from "
+                                   f"(mmllm config --checkpoint {refined})")
     stage, working_dir = meta.get("stage"), meta.get("working_dir")
     if not isinstance(stage, dict) or not isinstance(working_dir, str):
         missing = "the stage that trained it" if not isinstance(stage, dict) else "the folder training ran in"

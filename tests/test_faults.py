@@ -622,6 +622,13 @@ def _out_of_memory_in_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(AnyToAnyModel, "forward", forward)
 
 
+def _suggested_overrides(advice: str) -> list[str]:
+    """The stage overrides an out-of-memory message suggests (``key=value``), ``llm.dtype: X`` as the assembly's."""
+    found = re.findall(r"(?<![\w.-])([a-z_]+(?:\.[a-z_]+)*=[\w/]+)", advice)
+    found += [f"assembly.llm.dtype={dtype}" for dtype in re.findall(r"llm\.dtype: (\w+)", advice)]
+    return list(dict.fromkeys(found))
+
+
 def test_out_of_memory_in_a_step_is_one_line_naming_the_step_the_checkpoint_kept_and_what_needs_less(
         sample_data, tmp_path, monkeypatch, capsys):
     """torch.OutOfMemoryError in a step used to end `mmllm train` with torch's traceback (exit code 1), saying
@@ -642,9 +649,14 @@ def test_out_of_memory_in_a_step_is_one_line_naming_the_step_the_checkpoint_kept
            f"Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB); the newest checkpoint, " \
            f"{cut}/step-2, is intact: the same command with --resume goes on from it" in line
     for setting in ("batch_size=2 grad_accum=2 (the same 4 samples per optimizer step)", "grad_checkpointing=true",
-                    "mixed_precision=bf16", "cache.require=true", "configs/accelerate/fsdp.yaml",
-                    "llm.dtype: bfloat16 in the assembly"):
+                    "mixed_precision=bf16", "cache.require=true", "FSDP over several GPUs, which shards the frozen "
+                    "core (accelerate launch --config_file configs/accelerate/fsdp.yaml)"):
         assert setting in line
+    # the tiny core (tiny-llama) has no dtype option: `llm.dtype: bfloat16` was advised, and refused when given
+    assert "llm.dtype" not in line
+    suggested = _suggested_overrides(line)
+    assert "batch_size=2" in suggested and "cache.require=true" in suggested
+    assert main(["config", "--config", config, f"output_dir={cut}", *overrides, *suggested]) == 0  # each one taken
     assert "If reserved but unallocated" not in line  # torch's allocator advice stays in the traceback (-v)
     assert [p.name for p in ckpt.step_dirs(cut)] == ["step-1", "step-2"]
     for step_dir in ckpt.step_dirs(cut):
@@ -653,6 +665,28 @@ def test_out_of_memory_in_a_step_is_one_line_naming_the_step_the_checkpoint_kept
     resumed = train(load_stage(config, [f"output_dir={cut}", *overrides]), resume=True)
     full = train(load_stage(config, [f"output_dir={tmp_path / 'full'}", *overrides]))
     assert resumed.losses == full.losses
+
+
+@pytest.mark.parametrize("assembly, dtype_said", [(None, False), ("configs/assemblies/default.yaml", True)])
+def test_out_of_memory_before_the_first_step_advises_what_this_stage_can_set(assembly, dtype_said, sample_data,
+                                                                               tmp_path, monkeypatch, capsys):
+    """Running out of memory while the model was built advised `llm.dtype: bfloat16` whatever the core, an option
+    the tiny core (tiny-llama) does not have, and `cache.require=true` to a stage that had it on already."""
+    def built(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
+
+    monkeypatch.setattr(loop, "build_model", built)
+    config = str(REPO / "configs/stages/tiny/encode_align.yaml")
+    argv = ["train", "--config", config, f"output_dir={tmp_path / 'run'}", "report_to=none",
+            f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"]
+    argv += [f"assembly={REPO / assembly}"] if assembly else []
+    for require in ("false", "true"):
+        assert main([*argv, f"cache.require={require}", f"cache.dir={tmp_path / 'c'}"]) == 2
+        line = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln][0]
+        assert "train ran out of memory (CUDA out of memory. Tried to allocate 4.00 GiB.)" in line
+        assert ("llm.dtype: bfloat16" in line) == dtype_said
+        assert ("cache.require=true" in line) == (require == "false")
+        assert "FSDP, which shards the frozen core" in line
 
 
 @pytest.mark.parametrize("where", ["validation", "save"])
@@ -701,11 +735,31 @@ def test_out_of_memory_advice_leaves_out_what_the_run_already_does(sample_data, 
     from mmllm.training.out_of_memory import STEP, RunShape, ways_to_need_less
 
     plain = stage_cfg("instruct", sample_data, tmp_path / "a", batch_size=6, grad_accum=2)
-    ways = ways_to_need_less(plain, RunShape(2, "no", False, torch.float32), STEP)
+    ways = ways_to_need_less(plain, RunShape(2, "no", "none", torch.float32), STEP)
     assert ways[0] == "batch_size=3 grad_accum=4 (the same 24 samples per optimizer step)"
     assert len(ways) == 6
     lean = stage_cfg("instruct", sample_data, tmp_path / "b", batch_size=1, grad_checkpointing="true",
                      **{"cache.dir": str(tmp_path / "c"), "cache.require": "true"})
-    assert ways_to_need_less(lean, RunShape(4, "bf16", True, torch.bfloat16), STEP) == [
+    assert ways_to_need_less(lean, RunShape(4, "bf16", "fsdp", torch.bfloat16), STEP) == [
         "none left in this config: a GPU with more memory, or shorter samples (the assembly's max_length, in a new "
         "output_dir)"]
+
+
+def test_out_of_memory_advice_under_zero_is_fsdp_and_llm_dtype_only_for_a_core_that_takes_it(sample_data, tmp_path):
+    """Under DeepSpeed ZeRO-1/2 the advice left sharding out (ZeRO counted as sharded), though ZeRO partitions only
+    the glue's gradients and optimizer state and FSDP is what shards the frozen core; and it advised
+    `llm.dtype: bfloat16` for any float32 core, an option tiny-llama (and a kind of one's own) need not have."""
+    from mmllm.config import ComponentSpec
+    from mmllm.training.out_of_memory import STEP, RunShape, takes_dtype, ways_to_need_less
+
+    cfg = stage_cfg("instruct", sample_data, tmp_path / "a", batch_size=1, grad_checkpointing="true",
+                    **{"cache.dir": str(tmp_path / "c"), "cache.require": "true"})
+    ways = ways_to_need_less(cfg, RunShape(8, "bf16", "zero", torch.float32, dtype_option=False), STEP)
+    assert ways == ["FSDP instead of ZeRO (accelerate launch --config_file configs/accelerate/fsdp.yaml): ZeRO-1/2 "
+                    "partitions only the learned glue's gradients and optimizer state, FSDP shards the frozen core "
+                    "too"]
+    assert takes_dtype(ComponentSpec("hf-causal-lm", {"name_or_path": "x"}))
+    assert not takes_dtype(ComponentSpec("tiny-llama"))
+    assert not takes_dtype(ComponentSpec("no.such.module:Core"))
+    hf = ways_to_need_less(cfg, RunShape(1, "bf16", "none", torch.float32, dtype_option=True), STEP)
+    assert hf[-1].startswith("llm.dtype: bfloat16 in the assembly") and "FSDP over several GPUs" in hf[0]

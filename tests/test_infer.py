@@ -1107,3 +1107,38 @@ def test_a_batch_that_runs_out_of_memory_is_retried_one_at_a_time_with_its_memor
     assert len(freed) == 2  # before the LLM's retries and before the decoder's
     assert "the LLM's batch of 4 ran out of memory" in caplog.text and "a smaller --batch-size" in caplog.text
     assert "the image decoder's batch of 3 ran out of memory" in caplog.text
+
+
+def test_out_of_memory_advice_of_infer_leaves_out_the_dtype_it_was_given(ckpt, tmp_path, monkeypatch, capsys):
+    """A request that ran out of memory alone, and a model that ran out while it was placed, were told to give
+    `--dtype bfloat16` whatever --dtype the run had: under --dtype bfloat16 itself, advice that changes nothing.
+    Now a model held in float32 is told so, and one held in bfloat16 what else there is."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "huge", "prompt": "huge"}])
+
+    def answers(model, batch, settings):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    monkeypatch.setattr(runner, "generate_answers", answers)
+    errors = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert main(["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out),
+                     "--dtype", dtype]) == 1
+        errors[dtype] = records_by_id(out)["huge"]["error"]
+    assert "--dtype bfloat16 (or float16) holds the model in less" in errors["float32"]
+    assert "--dtype" not in errors["bfloat16"] and "a smaller max_new_tokens" in errors["bfloat16"]
+    assert runner.alone_hints(torch.bfloat16)[1] == ("it ran out of memory decoded alone too: the model is held in "
+                                                     "bfloat16 already: a GPU with more memory, or --device cpu")
+    capsys.readouterr()
+
+    def placed(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB.")
+
+    monkeypatch.setattr(AnyToAnyModel, "to", placed)
+    for dtype, said in (("float32", "--dtype bfloat16 (or float16), or --device cpu"),
+                        ("bfloat16", "the model is loaded in bfloat16 already: --device cpu holds it in host memory")):
+        assert main(["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output",
+                     str(tmp_path / f"load-{dtype}"), "--dtype", dtype]) == 2
+        line = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln][0]
+        assert "infer ran out of memory (CUDA out of memory. Tried to allocate 8.00 GiB.)" in line and said in line
+        assert dtype == "float32" or "--dtype" not in line

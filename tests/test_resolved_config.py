@@ -159,6 +159,27 @@ def test_written_in_assembly_and_lora_are_checked_naming_the_stage_file(tmp_path
     assert yaml.safe_load(_config(capsys, "--config", str(stage), "lora.r=2"))["lora"]["r"] == 2
 
 
+@pytest.mark.parametrize("value, said", [
+    (None, None),
+    ("max_length=64", "assembly_overrides: expected a list of key.sub=value strings"),
+])
+def test_a_printed_configs_assembly_overrides_edited_to_null_or_a_string(value, said, tmp_path, monkeypatch, capsys):
+    """`assembly_overrides:` left empty (null) in a printed config stopped `config` and `train` with a TypeError
+    traceback (exit code 70), and one string was taken as a list of its letters (`override 'm': expected
+    key.sub=value`); null is none, and a string is refused naming the key."""
+    monkeypatch.chdir(tmp_path)
+    printed = yaml.safe_load(_config(capsys, "--config", str(STAGES / "tiny" / "encode_align.yaml")))
+    stage = tmp_path / "edited.yaml"
+    stage.write_text(yaml.safe_dump({**printed, "assembly_overrides": value}))
+    if said is None:
+        assert yaml.safe_load(_config(capsys, "--config", str(stage)))["assembly_overrides"] == []
+        assert load_stage(stage, ["assembly.max_length=32"]).assembly_overrides == ["max_length=32"]
+        return
+    assert main(["config", "--config", str(stage)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and f"{stage}: {said}" in errors[0]
+
+
 @pytest.mark.slow
 def test_a_printed_stage_trains_as_its_original_does(tmp_path, monkeypatch, capsys):
     """One step of encode-align from the shipped file and from its printed config: the same loss and the same
@@ -225,6 +246,33 @@ def test_a_checkpoints_printed_config_trains_it_again(tmp_path, monkeypatch, cap
     assert _body(_config(capsys, "--checkpoint", str(again.final_checkpoint))) == _body(printed)
 
 
+def test_a_run_resumed_from_another_folder_with_its_printed_config_reads_the_same_data(tmp_path, monkeypatch, capsys,
+                                                                                      caplog):
+    """Trained with data paths relative to the working folder, resumed from another with what `config
+    --checkpoint` printed (the same files, absolute): --resume compared the recorded relative paths from the new
+    folder and warned that the data sets changed, that the run would not end where an uninterrupted one does."""
+    import shutil
+
+    from mmllm.training.loop import train
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    shutil.copytree(REPO / "data" / "samples", tmp_path / "a" / "samples")
+    monkeypatch.chdir(tmp_path / "a")
+    pairs = "[{path: samples/pairs.jsonl, format: mmllm-pairs}]"
+    quick = ["batch_size=2", "report_to=none", f"data={pairs}", f"eval_data={pairs}", f"output_dir={tmp_path / 'run'}"]
+    first = train(load_stage(STAGES / "tiny" / "encode_align.yaml", [*quick, "max_steps=1"])).final_checkpoint
+    assert json.loads((first / "mmllm.json").read_text())["stage"]["data"][0]["path"] == "samples/pairs.jsonl"
+    monkeypatch.chdir(tmp_path / "b")
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(_config(capsys, "--checkpoint", str(first), "max_steps=2"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmllm.training.resume"):
+        train(load_stage(printed), resume=True)
+    assert "max_steps: 1 -> 2" in caplog.text
+    assert "the data sets" not in caplog.text and "eval_data differs" not in caplog.text
+
+
 def _refused(capsys, checkpoint: Path) -> str:
     assert main(["config", "--checkpoint", str(checkpoint)]) == 2
     out, err = capsys.readouterr()
@@ -264,6 +312,24 @@ def test_a_checkpoint_without_a_stage_record_is_refused_saying_why(case, said, t
         if case != "edited":
             ckpt.write_manifest(step)
     assert said in _refused(capsys, step)
+
+
+def test_a_refined_checkpoint_and_its_export_name_what_they_were_refined_from(tiny_model, tmp_path, capsys):
+    """`mmllm refine`'s output records no stage: it was refused as "written by an older mmllm, or not by
+    training", and its export (the shipped default's glue) sent one to the refined folder, which records none
+    either; both now name the checkpoint refine started from."""
+    from mmllm.training import checkpoint as ckpt
+
+    refined = ckpt.save_model_checkpoint(tiny_model, tmp_path / "refined", {"refined_from": "runs/x/step-450"})
+    said = _refused(capsys, refined)
+    assert "was made by mmllm refine from runs/x/step-450" in said and "older mmllm" not in said
+    assert "mmllm config --checkpoint runs/x/step-450" in said
+    exported = ckpt.export_weights_only(refined, tmp_path / "export")
+    said = _refused(capsys, exported)
+    assert f"is an export (mmllm export) of {refined}, which mmllm refine made from runs/x/step-450" in said
+    assert "mmllm config --checkpoint runs/x/step-450" in said
+    shipped = REPO / "mmllm" / "toyworld" / "weights" / "default-glue"
+    assert "which mmllm refine made from runs/cand/c/step-450" in _refused(capsys, shipped)
 
 
 def test_config_takes_a_config_or_a_checkpoint(tmp_path, capsys):

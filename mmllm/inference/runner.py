@@ -706,6 +706,7 @@ class _Run:
         self.queues: dict[tuple, list[DecodeJob]] = {}
         self.spec = token_spec(model)
         self.bar = progress_bar(total=total, desc="infer", unit="req", dynamic_ncols=True)
+        self.llm_alone_hint, self.decoder_alone_hint = alone_hints(next(model.parameters()).dtype)
 
     def fail(self, rid: str, stage: str, error: str, **extra: Any) -> None:
         self.counts["failed"] += 1
@@ -761,7 +762,7 @@ class _Run:
         except Exception as exc:  # any failure of one request must not stop the others
             if len(batch) == 1:
                 log.debug("request failed", exc_info=True)
-                return [failure_text(exc, LLM_ALONE_HINT)]  # the text: the exception's frames hold the attempt's tensors
+                return [failure_text(exc, self.llm_alone_hint)]  # the text: the exception's frames hold the attempt's tensors
             retry = retry_note(exc, len(batch), "the LLM's batch", "requests", "--batch-size")
         else:
             elapsed = time.perf_counter() - t0
@@ -803,7 +804,7 @@ class _Run:
             items = run_decoder(self.model, chunk)
         except Exception as exc:  # isolate the culprit: retry one group at a time
             if len(chunk) == 1:
-                error = failure_text(exc, DECODER_ALONE_HINT)  # the text: the exception's frames hold the attempt's tensors
+                error = failure_text(exc, self.decoder_alone_hint)  # the text: the exception's frames hold the attempt's tensors
             else:
                 retry = retry_note(exc, len(chunk), f"the {chunk[0].modality} decoder's batch", "signal groups",
                                    "--decode-batch-size")
@@ -856,10 +857,16 @@ class _Run:
         self.bar.update(1)
 
 
-# what an out-of-memory error record says to change, the request having run out of memory alone too
-LLM_ALONE_HINT = ("it ran out of memory answered alone too: --dtype bfloat16 (or float16) holds the model in less, "
-                  "a smaller max_new_tokens needs less for the answer")
-DECODER_ALONE_HINT = "it ran out of memory decoded alone too: --dtype bfloat16 (or float16) holds the model in less"
+def alone_hints(dtype: torch.dtype) -> tuple[str, str]:
+    """What the error record of a request that ran out of memory alone too says to change: (the LLM's, a
+    decoder's). ``--dtype bfloat16`` only where the model is held in float32: a run given it already is told
+    what else there is."""
+    smaller = "--dtype bfloat16 (or float16) holds the model in less" if dtype == torch.float32 else None
+    llm = ", ".join(x for x in (smaller, "a smaller max_new_tokens needs less for the answer") if x)
+    decoder = smaller or (f"the model is held in {str(dtype).removeprefix('torch.')} already: a GPU with more "
+                          "memory, or --device cpu")
+    return (f"it ran out of memory answered alone too: {llm}", f"it ran out of memory decoded alone too: {decoder}")
+
 
 
 def failure_text(exc: Exception, out_of_memory_hint: str) -> str:

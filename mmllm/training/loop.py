@@ -69,7 +69,7 @@ from mmllm.training.init_from import (
 )
 from mmllm.training.interrupt import StopRequests, TrainingInterrupted
 from mmllm.training.metrics import Interval, batch_size_counts, clip_to, report_line, total_grad_norm
-from mmllm.training.out_of_memory import RunShape, stops_on_out_of_memory
+from mmllm.training.out_of_memory import RunShape, stops_on_out_of_memory, takes_dtype
 from mmllm.training.parts import StageParts, release_cached, require_cache_folder, stage_parts
 from mmllm.training.resume import apply_hyperparameters, check_fresh_output_dir, check_resume, resume_point
 from mmllm.training.validation import Validation, evaluate
@@ -366,7 +366,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     inner = _unwrap(accelerator, model)  # the AnyToAnyModel under any DDP/FSDP wrapper
     inner.sharded = accelerator.distributed_type == DistributedType.FSDP
     pad_id = inner.llm.tokenizer.pad_token_id
-    shape = RunShape(world, precision, inner.sharded or deepspeed, _core_dtype(inner))
+    sharding = "fsdp" if inner.sharded else "zero" if deepspeed else "none"
+    shape = RunShape(world, precision, sharding, _core_dtype(inner), takes_dtype(inner.config.llm))
 
     bar = progress_bar(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,
                        desc=cfg.stage, disable=not accelerator.is_local_main_process, dynamic_ncols=True)

@@ -10,13 +10,15 @@ checkpoint are lost, as after a kill; ``save_every`` bounds them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from mmllm.config import StageConfig
+from mmllm.config import ComponentSpec, ConfigError, StageConfig
 from mmllm.memory import OutOfMemory, first_line
 from mmllm.training import checkpoint as ckpt
 
@@ -27,8 +29,13 @@ class RunShape:
 
     processes: int
     precision: str  # Accelerate's mixed precision: "no", "bf16", "fp16"
-    sharded: bool  # FSDP or DeepSpeed ZeRO
+    # how the processes hold the model: FSDP shards every parameter, the frozen core's too; DeepSpeed ZeRO-1/2
+    # partitions only the learned glue's gradients and optimizer state (tens of MB), the core replicated
+    sharding: typing.Literal["none", "fsdp", "zero"]
     core_dtype: torch.dtype
+    # whether the core's kind has a ``dtype`` option (hf-causal-lm does; tiny-llama, built in float32, does not):
+    # else ``llm.dtype`` is no setting of this assembly, and an override of it is refused
+    dtype_option: bool = True
 
 
 STEP, VALIDATION, SAVE = "the forward and backward", "the validation", "saving its checkpoint"
@@ -75,10 +82,13 @@ def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str) -> list[str
     if not cfg.cache.require:
         ways.append("cache.dir=DIR cache.require=true after `mmllm cache --config CONFIG cache.dir=DIR` (the frozen "
                     "encoders are not held)")
-    if not shape.sharded:
-        ways.append("FSDP or ZeRO over several GPUs (accelerate launch --config_file configs/accelerate/fsdp.yaml "
-                    "or deepspeed_zero2.yaml)")
-    if shape.core_dtype == torch.float32:
+    if shape.sharding == "zero":
+        ways.append("FSDP instead of ZeRO (accelerate launch --config_file configs/accelerate/fsdp.yaml): ZeRO-1/2 "
+                    "partitions only the learned glue's gradients and optimizer state, FSDP shards the frozen core too")
+    elif shape.sharding == "none":
+        ways.append("FSDP over several GPUs, which shards the frozen core (accelerate launch --config_file "
+                    "configs/accelerate/fsdp.yaml)")
+    if shape.core_dtype == torch.float32 and shape.dtype_option:
         where = "the first stage's assembly (init_from carries it)" if cfg.init_from else "the assembly"
         ways.append(f"llm.dtype: bfloat16 in {where}, in a new output_dir (--resume refuses another assembly)")
     return ways or ["none left in this config: a GPU with more memory, or shorter samples (the assembly's "
@@ -88,3 +98,15 @@ def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str) -> list[str
 def _smallest_factor(n: int) -> int:
     """The smallest factor of ``n`` above 1 (``n`` itself for a prime): splits a batch into equal micro-batches."""
     return next(f for f in range(2, n + 1) if n % f == 0)
+
+
+def takes_dtype(llm: ComponentSpec) -> bool:
+    """Whether the LLM core's kind has a ``dtype`` option (``llm.dtype: bfloat16`` is then a setting of its
+    assembly); a kind that cannot be resolved here: no."""
+    from mmllm import registry
+
+    try:
+        options = registry.resolve("llm", llm.kind, "llm").Options
+    except ConfigError:
+        return False
+    return dataclasses.is_dataclass(options) and "dtype" in {f.name for f in dataclasses.fields(options)}

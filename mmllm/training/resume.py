@@ -108,6 +108,27 @@ def _changed(saved: dict[str, Any], now: dict[str, Any], sections: tuple[str, ..
     return [f"{k}: {a.get(k)} -> {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
+def _recorded_data(meta: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """The data sets (``data`` or ``eval_data``) the checkpoint's stage record names, their relative paths joined
+    to the folder training ran in where the checkpoint records it (``working_dir``): a run resumed from another
+    folder (``mmllm config --checkpoint``'s absolute paths) reads the same files."""
+    sets = (meta.get("stage") or {}).get(key) or []
+    folder = meta.get("working_dir")
+    if not isinstance(folder, str):
+        return sets
+    return [{**ds, **{k: str(Path(folder) / v) for k, v in ds.items() if k in DATA_PATHS and _relative(v)}}
+            if isinstance(ds, dict) else ds for ds in sets]
+
+
+DATA_PATHS = ("path", "root", "embeddings")
+
+
+def _relative(value: Any) -> bool:
+    from mmllm.locations import is_package_path
+
+    return isinstance(value, str) and not is_package_path(value) and not Path(value).expanduser().is_absolute()
+
+
 def _same_data(saved: list[dict[str, Any]], now: list[dict[str, Any]]) -> bool:
     if len(saved) != len(now):
         return False
@@ -180,7 +201,7 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
         if was != LENGTH_ORDER_VERSION:
             order.append(f"group_by_length's batch order: {f'version {was}' if was else 'none recorded (an older mmllm)'}"
                          f" -> version {LENGTH_ORDER_VERSION} (the first chunk's longest micro-batch first)")
-    if not _same_data(saved.get("data") or [], now["data"]):
+    if not _same_data(_recorded_data(meta, "data"), now["data"]):
         order.append("data: the data sets or their weights")
     elif progress.get("samples") not in (None, samples):
         order.append(f"samples per data set: {progress['samples']} -> {samples} (a data file was edited)")
@@ -188,7 +209,7 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
         log.warning("%s: %s. Training goes on, but from step %d it reads other samples than the interrupted run "
                     "would have: it will not end on the weights an uninterrupted run gives", where,
                     "; ".join(order), progress["step"] + 1)
-    if not _same_data(saved.get("eval_data") or [], now.get("eval_data") or []):
+    if not _same_data(_recorded_data(meta, "eval_data"), now.get("eval_data") or []):
         log.warning("%s: eval_data differs from the interrupted run's: validation scores from step %d on are of "
                     "another held-out set than those before them (progress.json keeps both, and keep_best compares "
                     "only checkpoints scored on the same set)", where, progress["step"] + 1)
