@@ -267,6 +267,26 @@ def test_a_record_that_cannot_be_read_again_from_an_unchanged_file_is_a_fault_no
     assert not isinstance(raised.value, UserError)
 
 
+def test_a_length_asked_of_a_record_unreadable_from_an_unchanged_file_raises_the_fault(tmp_path, tiny_model):
+    """group_by_length asks StageDataset.length() of each sample before drawing it: a record that cannot be read
+    again from the unchanged file (a wrong span, mmllm's fault, exit 70) was taken there for a sample that cannot
+    be encoded (length 0, nothing said), while drawing the same sample raised it."""
+    from mmllm.data.dataset import StageDataset
+    from mmllm.training.loop import token_spec
+
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, b"\n")
+    per, _, _ = load_stage_records([DatasetConfig(path=str(path), format="mmllm-pairs")], "decode-align")
+    ds = StageDataset(per[0], tiny_model.llm.tokenizer, token_spec(tiny_model), {})
+    assert ds.length(1) > 0
+    per[0].offsets = per[0].offsets.copy()
+    per[0].offsets[1] += 3  # as a span computed wrongly would be
+    for read in (ds.__getitem__, ds.length):
+        with pytest.raises(RuntimeError, match="cannot be read again from bytes"):
+            read(1)
+    assert ds.length(0) > 0
+
+
 def test_a_file_changed_in_place_keeping_its_size_and_time_is_still_a_changed_file(tmp_path):
     path = tmp_path / "pairs.jsonl"
     write_pairs(path, b"\n")
