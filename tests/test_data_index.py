@@ -427,3 +427,31 @@ def test_a_media_lookup_the_file_system_refuses_skips_the_sample(tmp_path, tiny_
     assert isinstance(got, SampleError) and got.id == "n1" and "Permission denied" in got.error
     assert f"{path}:" in got.error
     assert ds[0]["id"] == "n0"
+
+
+def test_data_check_lists_a_record_the_data_file_fails_to_give_and_checks_the_rest(tmp_path, tiny_model):
+    """Training skips a sample whose record the file fails to give (tried again); `mmllm data check` stopped at
+    it (an OSError out of the command: one line, exit 2, no report). It lists it among the samples training
+    skips and checks the others; a file that gives no record at all is a problem of that data set."""
+    from mmllm.data.check import _MediaProbe, check_dataset
+    from mmllm.training.loop import token_spec
+
+    path, convs, _ = pairs_dataset(tmp_path, tiny_model)
+    bad = int(convs.offsets[2])
+
+    def check():
+        return check_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "decode-align",
+                             tiny_model.llm.tokenizer, token_spec(tiny_model), {}, _MediaProbe(decode=False))
+
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as mp:
+        failing_pread(mp, lambda offset, k: offset == bad)
+        out = check()
+    assert out.conversations == 6 and out.problems == 1 and not out.dataset_problems
+    assert len(out.unusable) == 1 and out.unusable[0].startswith(f"{path}:3: the record cannot be read")
+    assert "Input/output error" in out.unusable[0]
+    with monkeypatch.context() as mp:
+        failing_pread(mp, lambda offset, k: offset >= bad)
+        out = check()
+    assert len(out.dataset_problems) == 1 and f"data file {path} cannot be read" in out.dataset_problems[0]
+    assert check().problems == 0
