@@ -455,3 +455,30 @@ def test_data_check_lists_a_record_the_data_file_fails_to_give_and_checks_the_re
         out = check()
     assert len(out.dataset_problems) == 1 and f"data file {path} cannot be read" in out.dataset_problems[0]
     assert check().problems == 0
+
+
+def test_passes_over_the_whole_data_leave_out_a_record_the_file_fails_to_give(tmp_path, caplog):
+    """`mmllm cache` (what to cache) and cache.require's check before step 1 read every record: one the data file
+    fails to give, after its retries, stopped them (an OSError: one line, exit 2; a run that skips that sample
+    could not start). They leave it out, as training skips it, saying so."""
+    from mmllm.data.cache_build import _what_to_cache
+    from mmllm.data.index import Chained, readable
+    from mmllm.data.precomputed import Precomputed
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "modality": "image", "media": f"img/{i}.png",
+                                        "caption": f"c {i}"}) + "\n" for i in range(6)))
+    index, _, _ = index_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "encode-align")
+    bad = int(index.offsets[2])
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as mp, caplog.at_level(logging.WARNING, logger="mmllm.data.index"):
+        failing_pread(mp, lambda offset, k: offset == bad)
+        assert [c.id for c in readable(Chained([index, index]))] == ["p0", "p1", "p3", "p4", "p5"] * 2
+        paths, _ = _what_to_cache([index])
+        pre = Precomputed(None, tmp_path, {"image": "fp"}, {}, {"image": (4, 8)}, {})
+        cov = pre.coverage(Chained([index]), ["encoder/image"])
+    assert sorted(p.name for p in paths["image"]) == ["0.png", "1.png", "3.png", "4.png", "5.png"]
+    assert len(cov.unreadable) == 5 and not any("2.png" in u for u in cov.unreadable)  # no file: unreadable
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert left_out and left_out[0].startswith(f"{path}:3: the record cannot be read"), left_out
+    assert [c.id for c in readable([*index])] == [f"p{i}" for i in range(6)]
