@@ -267,6 +267,26 @@ def test_a_record_that_cannot_be_read_again_from_an_unchanged_file_is_a_fault_no
     assert not isinstance(raised.value, UserError)
 
 
+def test_a_length_asked_of_a_record_unreadable_from_an_unchanged_file_raises_the_fault(tmp_path, tiny_model):
+    """group_by_length asks StageDataset.length() of each sample before drawing it: a record that cannot be read
+    again from the unchanged file (a wrong span, mmllm's fault, exit 70) was taken there for a sample that cannot
+    be encoded (length 0, nothing said), while drawing the same sample raised it."""
+    from mmllm.data.dataset import StageDataset
+    from mmllm.training.loop import token_spec
+
+    path = tmp_path / "pairs.jsonl"
+    write_pairs(path, b"\n")
+    per, _, _ = load_stage_records([DatasetConfig(path=str(path), format="mmllm-pairs")], "decode-align")
+    ds = StageDataset(per[0], tiny_model.llm.tokenizer, token_spec(tiny_model), {})
+    assert ds.length(1) > 0
+    per[0].offsets = per[0].offsets.copy()
+    per[0].offsets[1] += 3  # as a span computed wrongly would be
+    for read in (ds.__getitem__, ds.length):
+        with pytest.raises(RuntimeError, match="cannot be read again from bytes"):
+            read(1)
+    assert ds.length(0) > 0
+
+
 def test_a_file_changed_in_place_keeping_its_size_and_time_is_still_a_changed_file(tmp_path):
     path = tmp_path / "pairs.jsonl"
     write_pairs(path, b"\n")
@@ -407,3 +427,58 @@ def test_a_media_lookup_the_file_system_refuses_skips_the_sample(tmp_path, tiny_
     assert isinstance(got, SampleError) and got.id == "n1" and "Permission denied" in got.error
     assert f"{path}:" in got.error
     assert ds[0]["id"] == "n0"
+
+
+def test_data_check_lists_a_record_the_data_file_fails_to_give_and_checks_the_rest(tmp_path, tiny_model):
+    """Training skips a sample whose record the file fails to give (tried again); `mmllm data check` stopped at
+    it (an OSError out of the command: one line, exit 2, no report). It lists it among the samples training
+    skips and checks the others; a file that gives no record at all is a problem of that data set."""
+    from mmllm.data.check import _MediaProbe, check_dataset
+    from mmllm.training.loop import token_spec
+
+    path, convs, _ = pairs_dataset(tmp_path, tiny_model)
+    bad = int(convs.offsets[2])
+
+    def check():
+        return check_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "decode-align",
+                             tiny_model.llm.tokenizer, token_spec(tiny_model), {}, _MediaProbe(decode=False))
+
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as mp:
+        failing_pread(mp, lambda offset, k: offset == bad)
+        out = check()
+    assert out.conversations == 6 and out.problems == 1 and not out.dataset_problems
+    assert len(out.unusable) == 1 and out.unusable[0].startswith(f"{path}:3: the record cannot be read")
+    assert "Input/output error" in out.unusable[0]
+    with monkeypatch.context() as mp:
+        failing_pread(mp, lambda offset, k: offset >= bad)
+        out = check()
+    assert len(out.dataset_problems) == 1 and f"data file {path} cannot be read" in out.dataset_problems[0]
+    assert check().problems == 0
+
+
+def test_passes_over_the_whole_data_leave_out_a_record_the_file_fails_to_give(tmp_path, caplog):
+    """`mmllm cache` (what to cache) and cache.require's check before step 1 read every record: one the data file
+    fails to give, after its retries, stopped them (an OSError: one line, exit 2; a run that skips that sample
+    could not start). They leave it out, as training skips it, saying so."""
+    from mmllm.data.cache_build import _what_to_cache
+    from mmllm.data.index import Chained, readable
+    from mmllm.data.precomputed import Precomputed
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"id": f"p{i}", "modality": "image", "media": f"img/{i}.png",
+                                        "caption": f"c {i}"}) + "\n" for i in range(6)))
+    index, _, _ = index_dataset(DatasetConfig(path=str(path), format="mmllm-pairs"), "encode-align")
+    bad = int(index.offsets[2])
+    monkeypatch = pytest.MonkeyPatch()
+    with monkeypatch.context() as mp, caplog.at_level(logging.WARNING, logger="mmllm.data.index"):
+        failing_pread(mp, lambda offset, k: offset == bad)
+        assert [c.id for c in readable(Chained([index, index]))] == ["p0", "p1", "p3", "p4", "p5"] * 2
+        paths, _ = _what_to_cache([index])
+        pre = Precomputed(None, tmp_path, {"image": "fp"}, {}, {"image": (4, 8)}, {})
+        cov = pre.coverage(Chained([index]), ["encoder/image"])
+    assert sorted(p.name for p in paths["image"]) == ["0.png", "1.png", "3.png", "4.png", "5.png"]
+    assert len(cov.unreadable) == 5 and not any("2.png" in u for u in cov.unreadable)  # no file: unreadable
+    left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert left_out and left_out[0].startswith(f"{path}:3: the record cannot be read"), left_out
+    assert [c.id for c in readable([*index])] == [f"p{i}" for i in range(6)]

@@ -22,6 +22,7 @@ from mmllm.config import ConfigError, to_dict
 from mmllm.data.cache import FeatureCache
 from mmllm.data.dataset import load_stage_records
 from mmllm.data.fingerprint import decoder_fingerprint, encoder_fingerprint, file_hash, text_hash
+from mmllm.data.index import readable
 from mmllm.data.media import SAMPLE_ERRORS, load_media
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def _what_to_cache(per_dataset: list[Any]) -> tuple[dict[str, dict[Path, str]], 
     paths: dict[str, dict[Path, str]] = {}
     captions: dict[str, dict[str, None]] = {}
     for convs in per_dataset:
-        for c in convs:
+        for c in readable(convs):  # a record the file fails to give: its sample is skipped in training
             for r in c.media_refs():
                 paths.setdefault(r.modality, {}).setdefault(r.path, c.source)
             for o in c.output_refs():

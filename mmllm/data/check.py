@@ -12,14 +12,14 @@ import dataclasses
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmllm.atomic import atomic_write_text
 from mmllm.data.formats import PAIR_FORMATS, Conversation
-from mmllm.data.index import index_dataset
+from mmllm.data.index import DataFileUnreadable, RecordUnreadable, index_dataset
 from mmllm.data.media import SAMPLE_ERRORS, load_media
 from mmllm.data.precomputed import EmbeddingShapeError, load_embedding
 from mmllm.data.template import EncodedSample, TokenSpec, encode_conversation, encode_conversations
@@ -173,18 +173,38 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
         conditioning_shapes = {}
     full = dataclasses.replace(spec, max_length=10**9)
     first_at: dict[str, str] = {}
-    for batch in _batches(convs, ENCODE_BATCH):
-        for conv, encoded in zip(batch, encode_conversations(batch, tokenizer, full)):
-            out.conversations += 1
-            if conv.id in first_at and conv.id != conv.source:  # an id of the record's own, not its position
-                out.duplicate_ids.append(f"{conv.id} at {conv.source} (first at {first_at[conv.id]})")
-            first_at.setdefault(conv.id, conv.source)
-            _check_conversation(conv, encoded, out, tokenizer, spec, conditioning_shapes, probe, output_media)
-    if out.missing:  # then some may name files from the working directory: read the conversations again
-        out.missing_from_cwd = _found_from_cwd(convs, ds, probe, output_media)
+    try:
+        for batch in _batches(_readable(convs, out), ENCODE_BATCH):
+            for conv, encoded in zip(batch, encode_conversations(batch, tokenizer, full)):
+                out.conversations += 1
+                if conv.id in first_at and conv.id != conv.source:  # an id of the record's own, not its position
+                    out.duplicate_ids.append(f"{conv.id} at {conv.source} (first at {first_at[conv.id]})")
+                first_at.setdefault(conv.id, conv.source)
+                _check_conversation(conv, encoded, out, tokenizer, spec, conditioning_shapes, probe, output_media)
+        if out.missing:  # then some may name files from the working directory: read the conversations again
+            out.missing_from_cwd = _found_from_cwd(_readable(convs), ds, probe, output_media)
+    except DataFileUnreadable as exc:  # the file (its disk) stopped giving records: the next data set is checked
+        out.dataset_problems.append(str(exc))
+        return out
     if not out.conversations:
         out.dataset_problems.append(f"{ds.path}: no usable records for stage {stage}; training refuses this dataset")
     return out
+
+
+def _readable(convs: Sequence[Conversation], out: DatasetCheck | None = None) -> Iterator[Conversation]:
+    """The conversations of ``convs`` whose records can be read from the data file; one that cannot (an I/O
+    error that trying again did not clear: training skips that sample) is counted and listed as unusable in
+    ``out`` rather than stopping the check."""
+    for i in range(len(convs)):
+        try:
+            conv = convs[i]
+        except RecordUnreadable as exc:
+            if out is not None:
+                out.conversations += 1
+                reason = str(exc)
+                out.unusable.append(reason if exc.sample_id == exc.source else f"{exc.sample_id}: {reason}")
+            continue
+        yield conv
 
 
 def _batches(convs: Iterable[Conversation], size: int) -> Iterator[list[Conversation]]:

@@ -102,9 +102,15 @@ class StageDataset(Dataset):
 
     def length(self, index: int) -> int:
         """The tokens sample ``index`` puts in a batch (placeholders expanded, truncated to ``max_length``), from
-        its text alone: no media is read or decoded. 0 for a sample that cannot be encoded (it is skipped)."""
+        its text alone: no media is read or decoded. 0 for a sample that cannot be encoded (it is skipped), its
+        record unreadable included; what :meth:`__getitem__` raises (a changed data file, a fault of mmllm's
+        index) is raised here too, not taken for a skipped sample."""
         try:
-            return len(encode_conversation(self.conversations[index], self.tokenizer, self.spec).input_ids)
+            conv = self.conversations[index]
+        except RecordUnreadable:  # skipped when drawn, which says so
+            return 0
+        try:
+            return len(encode_conversation(conv, self.tokenizer, self.spec).input_ids)
         except SAMPLE_ERRORS:
             return 0
 

@@ -159,6 +159,25 @@ class Chained(Iterable[Conversation]):
             yield from part
 
 
+def readable(conversations: Iterable[Conversation]) -> Iterator[Conversation]:
+    """``conversations`` (a :class:`ConversationIndex`, a :class:`Chained` of them, or held ones) in one pass,
+    leaving out each whose record the data file fails to give (:class:`RecordUnreadable`, after its retries:
+    training skips that sample), each said in a warning: a pass over the whole data (``mmllm cache``,
+    ``cache.require``) reads what training reads rather than stopping at one unreadable record."""
+    parts = conversations.parts if isinstance(conversations, Chained) else [conversations]
+    for part in parts:
+        if not isinstance(part, ConversationIndex):
+            yield from part
+            continue
+        for i in range(len(part)):
+            try:
+                conv = part[i]
+            except RecordUnreadable as exc:
+                log.warning("%s: left out, as training skips that sample", exc)
+                continue
+            yield conv
+
+
 def _compact(values: array) -> np.ndarray:
     """``values`` as int32 where they fit, else int64."""
     out = np.frombuffer(values, dtype=np.int64) if len(values) else np.zeros(0, dtype=np.int64)

@@ -32,6 +32,7 @@ from mmllm.data.fingerprint import (
     file_hash_unless_unchanged,
     text_hash,
 )
+from mmllm.data.index import readable
 from mmllm.data.media import SAMPLE_ERRORS, load_media
 from mmllm.progress import progress_bar
 
@@ -127,7 +128,7 @@ class Precomputed:
         paths: dict[str, dict[Path, str]] = {p.split("/")[1]: {} for p in parts if p.startswith("encoder/")}
         targets: dict[str, dict[tuple[str, Path | None], None]] = {
             p.split("/")[1]: {} for p in parts if p.startswith("condition/")}
-        for conv in conversations:
+        for conv in readable(conversations):  # a record the file fails to give: its sample is skipped
             for ref in conv.media_refs():
                 if ref.modality in paths:
                     paths[ref.modality].setdefault(Path(ref.path), conv.source)
