@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -200,3 +202,17 @@ def test_the_gallery_is_rewritten_during_a_run_at_most_a_small_share_of_its_time
     assert len(writes) >= 2 and all(gap >= 0.2 / runner.GALLERY_SHARE for gap in gaps), gaps
     assert len(writes) <= 4  # was 13: after each of the 12 batches, and at the end
     assert runner.gallery_wait(0.0) == runner.GALLERY_EVERY_S and runner.gallery_wait(10.0) == 10.0 / runner.GALLERY_SHARE
+
+
+# ------------------------------------------------------------------------------------------ the bench
+
+
+def test_the_bench_reports_a_row_s_own_peak_memory_not_its_parent_s():
+    """scripts/bench/infer_scale.py took each row's peak from ru_maxrss, which Linux carries over from the process
+    that started it: every row reported the bench's own 600+ MB (a trained checkpoint, the requests) instead."""
+    held = b"x" * (256 * 2**20)  # this process holds 256 MB more, resident
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "infer_scale.py"
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('bench', sys.argv[1]); "
+            "bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench); print(bench.peak_mb())")
+    child = subprocess.run([sys.executable, "-c", code, str(script)], capture_output=True, text=True, check=True)
+    assert len(held) and float(child.stdout) < 128, f"a bare Python reported {child.stdout.strip()} MB"
