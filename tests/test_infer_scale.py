@@ -99,6 +99,45 @@ def test_records_are_flushed_at_once_and_fsynced_once_a_second_not_one_by_one(mo
     assert len(records_by_id(out)) == 10
 
 
+def test_a_record_interrupted_before_its_flush_is_fsynced_when_the_log_closes(model, tmp_path, monkeypatch):  # noqa: F811
+    """Ctrl-C between a record's write and its flush left it in the log's buffer: the log's close fsynced the file
+    without it, and only then wrote it (on disk after a power loss: not)."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": f"r{i}", "prompt": f"Hello number {i}."}
+                                                     for i in range(6)])
+    out = tmp_path / "out"
+    real_open, real_fsync, synced = open, os.fsync, []
+
+    class CtrlCBeforeTheThirdFlush:
+        def __init__(self, fh):
+            self.fh, self.flushes = fh, 0
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def flush(self):
+            self.flushes += 1
+            if self.flushes == 3:
+                raise KeyboardInterrupt
+            self.fh.flush()
+
+    def results_log_open(file, *args, **kwargs):  # the log opens its file descriptor; other opens pass
+        fh = real_open(file, *args, **kwargs)
+        return CtrlCBeforeTheThirdFlush(fh) if isinstance(file, int) else fh
+
+    def fsync(fd):
+        synced.append((os.fstat(fd).st_ino, os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(runner, "open", results_log_open, raising=False)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(KeyboardInterrupt):
+        run_requests(model, requests, out, batch_size=1, max_new_tokens=2)
+    results = out / "results.jsonl"
+    assert len(results.read_text().splitlines()) == 3  # the third written, not flushed when Ctrl-C came
+    last_sync = [size for ino, size in synced if ino == results.stat().st_ino][-1]
+    assert last_sync == results.stat().st_size
+
+
 def test_a_resume_checks_earlier_answers_once(ckpt, tmp_path, monkeypatch):  # noqa: F811
     """mmllm infer checked them before loading the model, and run_requests again: two passes over
     results.jsonl and the requests file, seconds each at 100,000 requests."""
