@@ -4,6 +4,7 @@ often it is rewritten -- stays bounded, and results.jsonl and resuming behave as
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mmllm import folder_lock
 from mmllm.cli import main
 from mmllm.inference import gallery, runner
 from mmllm.inference.gallery import latest_records, write_gallery
@@ -172,6 +174,32 @@ def test_a_resume_parses_again_only_the_requests_that_name_input_files(model, tm
     Image.new("RGB", (8, 8), (0, 0, 255)).save(red)  # replaced under the same name: still refused
     with pytest.raises(runner.OutputError, match="other contents in its input media files"):
         runner.check_resume(out, requests, made)
+
+
+def test_infer_prompt_reads_its_answer_s_record_while_it_holds_the_output_folder(ckpt, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """The record `mmllm infer --prompt` prints was read after the output folder's lock was let go, in two passes
+    (where the records are, then the records): another run taking the folder in between (--overwrite) left the
+    second pass nothing, or another file, to read."""
+    out = tmp_path / "out"
+    real, locked = gallery.iter_latest, []
+
+    def held_elsewhere() -> bool:  # another open file description cannot take the lock while a run holds it
+        with open(folder_lock.lock_path(out)) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
+
+    def reading(results):
+        locked.append(folder_lock.lock_path(out).exists() and held_elsewhere())
+        return real(results)
+
+    monkeypatch.setattr(gallery, "iter_latest", reading)
+    assert main(["infer", "--checkpoint", str(ckpt), "--prompt", "Hello.", "--output", str(out),
+                 "--max-new-tokens", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"].startswith("prompt-") and locked == [True]
 
 
 def test_latest_records_keep_the_last_record_of_each_request_in_first_seen_order(tmp_path):
