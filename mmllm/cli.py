@@ -340,7 +340,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                   top_p=args.top_p, steps=args.steps, guidance=args.guidance,
                                   decode_batch_size=args.decode_batch_size, fail_fast=args.fail_fast,
                                   checkpoint=Path(args.checkpoint), overwrite=args.overwrite,
-                                  gallery="requests" if args.input else "all", resume_checked=True)
+                                  gallery="requests" if args.input else "all", resume_checked=True,
+                                  lines=lines)
         if args.prompt:  # quick use: show the answer's record, OUT still locked (read in two passes: see iter_latest)
             from mmllm.inference.gallery import iter_latest
 

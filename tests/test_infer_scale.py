@@ -155,6 +155,20 @@ def test_a_resume_checks_earlier_answers_once(ckpt, tmp_path, monkeypatch):  # n
     assert sorted(records_by_id(out)) == ["a", "b", "c"]
 
 
+def test_infer_reads_the_requests_file_once(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """mmllm infer read it to check the earlier answers, and run_requests again after the model loaded, the first
+    copy still held: two at once (0.28 GB each at a million requests), and a run of other requests than checked."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}])
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out), "--max-new-tokens", "3"]
+    real, reads = runner.read_lines, []
+    monkeypatch.setattr(runner, "read_lines", lambda path: reads.append(path) or real(path))
+    assert main(args) == 0 and len(reads) == 1
+    write_requests(requests, [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}, {"id": "c", "prompt": "Hey."}])
+    assert main(args) == 0 and len(reads) == 2  # a resume: the model loads for c
+    assert sorted(records_by_id(out)) == ["a", "b", "c"]
+
+
 def test_a_resume_parses_again_only_the_requests_that_name_input_files(model, tmp_path, monkeypatch):  # noqa: F811
     """Each done request was parsed again to find its input files, a quarter of a resume's check at 100,000
     text requests; one unchanged that named none names none now."""
