@@ -340,13 +340,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                   top_p=args.top_p, steps=args.steps, guidance=args.guidance,
                                   decode_batch_size=args.decode_batch_size, fail_fast=args.fail_fast,
                                   checkpoint=Path(args.checkpoint), overwrite=args.overwrite,
-                                  gallery="requests" if args.input else "all", resume_checked=True)
-    if args.prompt:  # quick use: show the answer's record
-        from mmllm.inference.gallery import iter_latest
+                                  gallery="requests" if args.input else "all", resume_checked=True,
+                                  lines=lines)
+        if args.prompt:  # quick use: show the answer's record, OUT still locked (read in two passes: see iter_latest)
+            from mmllm.inference.gallery import iter_latest
 
-        for rec in iter_latest(Path(args.output) / "results.jsonl"):  # one at a time: OUT may gather many
-            if rec["id"] == f"prompt-{digest}":
-                print(json.dumps(rec, indent=2))
+            for rec in iter_latest(Path(args.output) / "results.jsonl"):  # one at a time: OUT may gather many
+                if rec["id"] == f"prompt-{digest}":
+                    print(json.dumps(rec, indent=2))
     log.info("requests: %(done)d done, %(failed)d failed, %(skipped)d already done", counts)
     return 1 if counts["failed"] or counts["stopped"] else 0
 

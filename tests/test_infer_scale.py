@@ -4,15 +4,19 @@ often it is rewritten -- stays bounded, and results.jsonl and resuming behave as
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 import tracemalloc
 from pathlib import Path
 
 import pytest
 
+from mmllm import folder_lock
 from mmllm.cli import main
 from mmllm.inference import gallery, runner
 from mmllm.inference.gallery import latest_records, write_gallery
@@ -97,6 +101,45 @@ def test_records_are_flushed_at_once_and_fsynced_once_a_second_not_one_by_one(mo
     assert len(records_by_id(out)) == 10
 
 
+def test_a_record_interrupted_before_its_flush_is_fsynced_when_the_log_closes(model, tmp_path, monkeypatch):  # noqa: F811
+    """Ctrl-C between a record's write and its flush left it in the log's buffer: the log's close fsynced the file
+    without it, and only then wrote it (on disk after a power loss: not)."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": f"r{i}", "prompt": f"Hello number {i}."}
+                                                     for i in range(6)])
+    out = tmp_path / "out"
+    real_open, real_fsync, synced = open, os.fsync, []
+
+    class CtrlCBeforeTheThirdFlush:
+        def __init__(self, fh):
+            self.fh, self.flushes = fh, 0
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def flush(self):
+            self.flushes += 1
+            if self.flushes == 3:
+                raise KeyboardInterrupt
+            self.fh.flush()
+
+    def results_log_open(file, *args, **kwargs):  # the log opens its file descriptor; other opens pass
+        fh = real_open(file, *args, **kwargs)
+        return CtrlCBeforeTheThirdFlush(fh) if isinstance(file, int) else fh
+
+    def fsync(fd):
+        synced.append((os.fstat(fd).st_ino, os.fstat(fd).st_size))
+        real_fsync(fd)
+
+    monkeypatch.setattr(runner, "open", results_log_open, raising=False)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(KeyboardInterrupt):
+        run_requests(model, requests, out, batch_size=1, max_new_tokens=2)
+    results = out / "results.jsonl"
+    assert len(results.read_text().splitlines()) == 3  # the third written, not flushed when Ctrl-C came
+    last_sync = [size for ino, size in synced if ino == results.stat().st_ino][-1]
+    assert last_sync == results.stat().st_size
+
+
 def test_a_resume_checks_earlier_answers_once(ckpt, tmp_path, monkeypatch):  # noqa: F811
     """mmllm infer checked them before loading the model, and run_requests again: two passes over
     results.jsonl and the requests file, seconds each at 100,000 requests."""
@@ -109,6 +152,20 @@ def test_a_resume_checks_earlier_answers_once(ckpt, tmp_path, monkeypatch):  # n
     write_requests(requests, [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}, {"id": "c", "prompt": "Hey."}])
     assert main(args) == 0
     assert len(calls) == 2  # once per run
+    assert sorted(records_by_id(out)) == ["a", "b", "c"]
+
+
+def test_infer_reads_the_requests_file_once(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """mmllm infer read it to check the earlier answers, and run_requests again after the model loaded, the first
+    copy still held: two at once (0.28 GB each at a million requests), and a run of other requests than checked."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}])
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out), "--max-new-tokens", "3"]
+    real, reads = runner.read_lines, []
+    monkeypatch.setattr(runner, "read_lines", lambda path: reads.append(path) or real(path))
+    assert main(args) == 0 and len(reads) == 1
+    write_requests(requests, [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}, {"id": "c", "prompt": "Hey."}])
+    assert main(args) == 0 and len(reads) == 2  # a resume: the model loads for c
     assert sorted(records_by_id(out)) == ["a", "b", "c"]
 
 
@@ -131,6 +188,32 @@ def test_a_resume_parses_again_only_the_requests_that_name_input_files(model, tm
     Image.new("RGB", (8, 8), (0, 0, 255)).save(red)  # replaced under the same name: still refused
     with pytest.raises(runner.OutputError, match="other contents in its input media files"):
         runner.check_resume(out, requests, made)
+
+
+def test_infer_prompt_reads_its_answer_s_record_while_it_holds_the_output_folder(ckpt, tmp_path, monkeypatch, capsys):  # noqa: F811
+    """The record `mmllm infer --prompt` prints was read after the output folder's lock was let go, in two passes
+    (where the records are, then the records): another run taking the folder in between (--overwrite) left the
+    second pass nothing, or another file, to read."""
+    out = tmp_path / "out"
+    real, locked = gallery.iter_latest, []
+
+    def held_elsewhere() -> bool:  # another open file description cannot take the lock while a run holds it
+        with open(folder_lock.lock_path(out)) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            return False
+
+    def reading(results):
+        locked.append(folder_lock.lock_path(out).exists() and held_elsewhere())
+        return real(results)
+
+    monkeypatch.setattr(gallery, "iter_latest", reading)
+    assert main(["infer", "--checkpoint", str(ckpt), "--prompt", "Hello.", "--output", str(out),
+                 "--max-new-tokens", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["id"].startswith("prompt-") and locked == [True]
 
 
 def test_latest_records_keep_the_last_record_of_each_request_in_first_seen_order(tmp_path):
@@ -200,3 +283,17 @@ def test_the_gallery_is_rewritten_during_a_run_at_most_a_small_share_of_its_time
     assert len(writes) >= 2 and all(gap >= 0.2 / runner.GALLERY_SHARE for gap in gaps), gaps
     assert len(writes) <= 4  # was 13: after each of the 12 batches, and at the end
     assert runner.gallery_wait(0.0) == runner.GALLERY_EVERY_S and runner.gallery_wait(10.0) == 10.0 / runner.GALLERY_SHARE
+
+
+# ------------------------------------------------------------------------------------------ the bench
+
+
+def test_the_bench_reports_a_row_s_own_peak_memory_not_its_parent_s():
+    """scripts/bench/infer_scale.py took each row's peak from ru_maxrss, which Linux carries over from the process
+    that started it: every row reported the bench's own 600+ MB (a trained checkpoint, the requests) instead."""
+    held = b"x" * (256 * 2**20)  # this process holds 256 MB more, resident
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench" / "infer_scale.py"
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('bench', sys.argv[1]); "
+            "bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench); print(bench.peak_mb())")
+    child = subprocess.run([sys.executable, "-c", code, str(script)], capture_output=True, text=True, check=True)
+    assert len(held) and float(child.stdout) < 128, f"a bare Python reported {child.stdout.strip()} MB"

@@ -112,7 +112,9 @@ def read_records(results: Path, entries: Iterable[Entry]) -> Iterator[dict[str, 
 
 
 def iter_latest(results: Path) -> Iterator[dict[str, Any]]:
-    """:func:`latest_records`, one record at a time (results.jsonl read twice, never held whole)."""
+    """:func:`latest_records`, one record at a time (results.jsonl read twice, never held whole). The file is
+    opened for each pass: read it holding its folder's lock (:func:`mmllm.folder_lock.hold_folder`), or a run
+    starting that folder afresh between the passes leaves the second nothing, or another file, to read."""
     entries = latest_entries(results)
     if entries:
         yield from read_records(results, entries.values())
