@@ -1147,12 +1147,9 @@ def kept_so_far(results: Path, what: str, started: float) -> str:
     return ""
 
 
-# what needs less memory, per command, after an out-of-memory error outside training's steps and infer's batches
+# what needs less memory, per command, after an out-of-memory error outside infer's batches (train raises OutOfMemory
+# with its own advice, mmllm.training.out_of_memory, from building its model to its last step)
 LESS_MEMORY = {
-    "train": ("; before the first step (the model built, loaded or placed) what needs less is a bfloat16 core "
-              "(llm.dtype: bfloat16 in the assembly, for an hf-causal-lm core), a feature cache with "
-              "cache.require=true (the parts it replaces are not held), or FSDP, which shards the frozen core "
-              "(accelerate launch --config_file configs/accelerate/fsdp.yaml -m mmllm.cli train ...)"),
     "infer": "; to load the model in less memory: --dtype bfloat16 (or float16), or --device cpu",
     "cache": ("; the features computed before it are in cache.dir, and the same command with a smaller --batch-size "
               "computes only the rest"),
@@ -1167,49 +1164,7 @@ def less_memory(args: argparse.Namespace) -> str:
     command = command_name(args)
     if command == "infer" and getattr(args, "dtype", "float32") != "float32":
         return f"; the model is loaded in {args.dtype} already: --device cpu holds it in host memory"
-    if command == "train":
-        return _train_less_memory(args)
     return LESS_MEMORY.get(command, "")
-
-
-def _train_less_memory(args: argparse.Namespace) -> str:
-    """:data:`LESS_MEMORY`'s ``train`` line for the stage ``args`` gives, leaving out a bfloat16 core where its
-    core's kind has no ``dtype`` option (tiny-llama) or is not float32, and ``cache.require`` where it is on; the
-    whole line where the config cannot be read again."""
-    from mmllm.training.out_of_memory import takes_dtype
-
-    try:
-        cfg = _loaded_stage(args)
-        core = _built_core(cfg)
-    except Exception:  # noqa: BLE001 -- the config was read once already; this is advice, never a second error
-        return LESS_MEMORY["train"]
-    ways = []
-    if takes_dtype(core) and core.options.get("dtype", "float32") == "float32":
-        ways.append("a bfloat16 core (llm.dtype: bfloat16 in the assembly)")
-    if not cfg.cache.require:
-        ways.append("a feature cache with cache.require=true (the parts it replaces are not held)")
-    ways.append("FSDP, which shards the frozen core (accelerate launch --config_file configs/accelerate/fsdp.yaml -m "
-                "mmllm.cli train ...)")
-    listed = ", ".join(ways[:-1]) + ", or " + ways[-1] if len(ways) > 1 else ways[0]
-    return f"; before the first step (the model built, loaded or placed) what needs less is {listed}"
-
-
-def _loaded_stage(args: argparse.Namespace):
-    from mmllm.config import load_stage
-
-    return load_stage(args.config, args.overrides)
-
-
-def _built_core(cfg):
-    """The LLM core a stage builds: ``init_from``'s recorded one where that checkpoint exists, else the stage's own
-    (checked and compared by training already: read here without its warnings)."""
-    from mmllm.config import load_assembly
-    from mmllm.training.checkpoint import checkpoint_assembly
-    from mmllm.training.init_from import checkpoint_missing
-
-    if cfg.init_from and not checkpoint_missing(cfg):
-        return checkpoint_assembly(Path(cfg.init_from)).llm
-    return load_assembly(cfg.assembly, cfg.assembly_overrides).llm
 
 
 def torch_out_of_memory() -> type[BaseException]:
@@ -1254,7 +1209,7 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
             raise
         log.error("%s", exc.code)  # a command refusing what it was given, saying why
         return 2
-    except OutOfMemory as exc:  # training's, naming the step, the checkpoint kept and the settings to change
+    except OutOfMemory as exc:  # training's (all of train's), naming the step, the checkpoint kept and what needs less
         report_out_of_memory(args, str(exc), exc)
         return 2
     except torch_out_of_memory() as exc:  # anywhere else: loading a model, a cache batch, an eval batch

@@ -671,7 +671,8 @@ def test_out_of_memory_in_a_step_is_one_line_naming_the_step_the_checkpoint_kept
 def test_out_of_memory_before_the_first_step_advises_what_this_stage_can_set(assembly, dtype_said, sample_data,
                                                                                tmp_path, monkeypatch, capsys):
     """Running out of memory while the model was built advised `llm.dtype: bfloat16` whatever the core, an option
-    the tiny core (tiny-llama) does not have, and `cache.require=true` to a stage that had it on already."""
+    the tiny core (tiny-llama) does not have, and `cache.require=true` to a stage that had it on already. Now
+    training's own advice (not the CLI's second reading of the config): settings that hold less of the model only."""
     def built(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB.")
 
@@ -683,10 +684,46 @@ def test_out_of_memory_before_the_first_step_advises_what_this_stage_can_set(ass
     for require in ("false", "true"):
         assert main([*argv, f"cache.require={require}", f"cache.dir={tmp_path / 'c'}"]) == 2
         line = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln][0]
-        assert "train ran out of memory (CUDA out of memory. Tried to allocate 4.00 GiB.)" in line
+        assert ("stage encode-align ran out of memory before the first step, in building and placing the model (CUDA "
+                "out of memory. Tried to allocate 4.00 GiB.); no checkpoint was written yet in "
+                f"{tmp_path / 'run'}: the same command starts the run again") in line
         assert ("llm.dtype: bfloat16" in line) == dtype_said
         assert ("cache.require=true" in line) == (require == "false")
-        assert "FSDP, which shards the frozen core" in line
+        assert "FSDP over several GPUs, which shards the frozen core" in line
+        for not_yet_held in ("batch_size=", "grad_checkpointing=", "mixed_precision="):  # no batch before the first step
+            assert not_yet_held not in line
+
+
+def test_out_of_memory_while_a_resumed_run_places_its_model_names_the_checkpoint_it_goes_on_from(
+        sample_data, tmp_path, monkeypatch):
+    """Before the first step `train` let torch.OutOfMemoryError through, and the CLI loaded the stage again to
+    guess its advice; now `train` raises OutOfMemory there too, from what it was building: the checkpoint a
+    --resume continues (and the core it records) named, nothing lost."""
+    from accelerate import Accelerator
+
+    from mmllm.training import out_of_memory as oom
+
+    out = tmp_path / "run"
+    train(stage_cfg("encode-align", sample_data, out, max_steps=2, save_every=1))
+
+    def prepare(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
+
+    monkeypatch.setattr(Accelerator, "prepare", prepare)
+    with pytest.raises(OutOfMemory) as stopped:
+        train(stage_cfg("encode-align", sample_data, out, max_steps=4, save_every=1), resume=True)
+    text = str(stopped.value)
+    assert ("stage encode-align ran out of memory before the first step, in building and placing the model (CUDA out "
+            f"of memory. Tried to allocate 1.00 GiB.); the newest checkpoint, {out}/step-2, is intact: the same "
+            "command with --resume goes on from it, with settings that need less memory: cache.dir=DIR "
+            "cache.require=true") in text
+    assert "lost" not in text and "batch_size=" not in text and "llm.dtype" not in text  # tiny-llama: no dtype
+    assert isinstance(stopped.value.__cause__, torch.OutOfMemoryError)
+    assert [p.name for p in ckpt.step_dirs(out)] == ["step-1", "step-2"]
+    # the core advised about is the one init_from's checkpoint records, not the stage's own assembly's
+    other = stage_cfg("encode-align", sample_data, tmp_path / "b", assembly=REPO / "configs/assemblies/default.yaml")
+    assert oom.planned_core(other).kind == "hf-causal-lm"
+    assert oom.planned_core(dataclasses.replace(other, init_from=str(out / "step-2"))).kind == "tiny-llama"
 
 
 @pytest.mark.parametrize("where", ["validation", "save"])

@@ -291,67 +291,71 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     if last is not None:
         check_resume(cfg, last, run_info["processes"], run_info["samples"])
     set_seed(cfg.seed)
-    model = build_model(build_cfg, stage_parts(cfg.losses, per_dataset + held_out), check_init=False)
-    precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
-    if cfg.cache.require:  # checked before training; frees the parts the cache replaces
-        # a machine without the cache stops every process (the others would wait in the coverage exchange)
-        on_every_process(accelerator, lambda: require_cache_folder(precomputed))
-        release_cached(model, precomputed, Chained(per_dataset + held_out),
-                       accelerator.process_index, accelerator.num_processes)
-    flags = cfg.resolved_trainable()
-    apply_trainable(model, flags)
-    if cfg.grad_checkpointing:
-        core = model.llm.model
-        if hasattr(core, "activation_checkpointing_enable"):  # newer transformers 5 releases; the old name warns
-            core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    sharding = "fsdp" if accelerator.distributed_type == DistributedType.FSDP else "zero" if deepspeed else "none"
+    # the model built or loaded, moved to the device and prepared: running out of memory here says what holds less
+    before = oom.shape_before_build(build_cfg, accelerator.num_processes, precision, sharding)
+    with stops_on_out_of_memory(cfg, before, oom.BUILD, 0):
+        model = build_model(build_cfg, stage_parts(cfg.losses, per_dataset + held_out), check_init=False)
+        precomputed = open_precomputed(cfg, model)  # cfg.cache + the data's own caption embeddings
+        if cfg.cache.require:  # checked before training; frees the parts the cache replaces
+            # a machine without the cache stops every process (the others would wait in the coverage exchange)
+            on_every_process(accelerator, lambda: require_cache_folder(precomputed))
+            release_cached(model, precomputed, Chained(per_dataset + held_out),
+                           accelerator.process_index, accelerator.num_processes)
+        flags = cfg.resolved_trainable()
+        apply_trainable(model, flags)
+        if cfg.grad_checkpointing:
+            core = model.llm.model
+            if hasattr(core, "activation_checkpointing_enable"):  # newer transformers 5 releases; the old name warns
+                core.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.llm.model.enable_input_require_grads()
+
+        spec = token_spec(model)
+        preprocess = {m: enc.preprocess for m, enc in model.encoders.items()}
+        datasets, eval_datasets = [
+            [StageDataset(convs, model.llm.tokenizer, spec, preprocess, load_output_media=cfg.losses.denoise > 0,
+                          precomputed=precomputed) for convs in records]
+            for records in (per_dataset, held_out)
+        ]
+        sampler = stage_sampler(datasets, weights, cfg)
+        validation = Validation(eval_datasets, cfg.batch_size, cfg.eval_cache_mb << 20) if eval_datasets else None
+        log.info("stage %s: %d samples in %d dataset(s)%s, %d malformed record(s) skipped%s",
+                 cfg.stage, sampler.epoch_size, len(datasets),
+                 ", batched by length (group_by_length)" if cfg.group_by_length else "", len(errors),
+                 f"; {validation.size} held-out samples ({len(eval_errors)} malformed skipped) scored at every save"
+                 + (f" and every {cfg.eval_every} steps" if cfg.eval_every else "") if validation else "")
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ConfigError(f"stage {cfg.stage}: nothing is trainable; check the stage's `trainable:` flags")
+        if cfg.optim.name == "sgd":
+            optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                        weight_decay=cfg.optim.weight_decay)
         else:
-            core.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.llm.model.enable_input_require_grads()
+            optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+                                          betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
-    spec = token_spec(model)
-    preprocess = {m: enc.preprocess for m, enc in model.encoders.items()}
-    datasets, eval_datasets = [
-        [StageDataset(convs, model.llm.tokenizer, spec, preprocess, load_output_media=cfg.losses.denoise > 0,
-                      precomputed=precomputed) for convs in records]
-        for records in (per_dataset, held_out)
-    ]
-    sampler = stage_sampler(datasets, weights, cfg)
-    validation = Validation(eval_datasets, cfg.batch_size, cfg.eval_cache_mb << 20) if eval_datasets else None
-    log.info("stage %s: %d samples in %d dataset(s)%s, %d malformed record(s) skipped%s",
-             cfg.stage, sampler.epoch_size, len(datasets),
-             ", batched by length (group_by_length)" if cfg.group_by_length else "", len(errors),
-             f"; {validation.size} held-out samples ({len(eval_errors)} malformed skipped) scored at every save"
-             + (f" and every {cfg.eval_every} steps" if cfg.eval_every else "") if validation else "")
+        start_step, losses, skipped, validations = 0, [], 0, []
+        if last is not None:
+            ckpt.load_learned_into(model, last)  # the files only: no second copy of the model
+            progress = ckpt.load_training_state(last, scheduler, accelerator.process_index, accelerator.num_processes)
+            start_step, losses, skipped = progress["step"], progress.get("losses", []), progress.get("skipped", 0)
+            validations = progress.get("validation", [])
+            log.info("resumed from %s at step %d%s", last, start_step,
+                     "; it is the last step (max_steps): nothing left to train" if start_step == cfg.max_steps else "")
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError(f"stage {cfg.stage}: nothing is trainable; check the stage's `trainable:` flags")
-    if cfg.optim.name == "sgd":
-        optimizer = torch.optim.SGD(params, lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                    weight_decay=cfg.optim.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
-                                      betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-
-    start_step, losses, skipped, validations = 0, [], 0, []
-    if last is not None:
-        ckpt.load_learned_into(model, last)  # the files only: no second copy of the model
-        progress = ckpt.load_training_state(last, scheduler, accelerator.process_index, accelerator.num_processes)
-        start_step, losses, skipped = progress["step"], progress.get("losses", []), progress.get("skipped", 0)
-        validations = progress.get("validation", [])
-        log.info("resumed from %s at step %d%s", last, start_step,
-                 "; it is the last step (max_steps): nothing left to train" if start_step == cfg.max_steps else "")
-
-    model, optimizer = accelerator.prepare(model, optimizer)
-    # FSDP replaces parameters with sharded ones: look them up again after prepare.
-    params = [p for p in model.parameters() if p.requires_grad]
-    if deepspeed:
-        zero.after_prepare(model)  # `model` is now the DeepSpeed engine
-    if start_step:
-        ckpt.restore_optimizer_state(model, optimizer, last)  # sharded as the parameters now are
-        apply_hyperparameters(optimizer, scheduler, cfg)  # the restored groups hold the checkpoint's
-        _restore_loss_scale(accelerator, progress, last)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        # FSDP replaces parameters with sharded ones: look them up again after prepare.
+        params = [p for p in model.parameters() if p.requires_grad]
+        if deepspeed:
+            zero.after_prepare(model)  # `model` is now the DeepSpeed engine
+        if start_step:
+            ckpt.restore_optimizer_state(model, optimizer, last)  # sharded as the parameters now are
+            apply_hyperparameters(optimizer, scheduler, cfg)  # the restored groups hold the checkpoint's
+            _restore_loss_scale(accelerator, progress, last)
     if accelerator.is_main_process and cfg.report_to != "none":
         accelerator.init_trackers(f"{cfg.stage}", config=_tracker_config(cfg))
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -366,7 +370,6 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     inner = _unwrap(accelerator, model)  # the AnyToAnyModel under any DDP/FSDP wrapper
     inner.sharded = accelerator.distributed_type == DistributedType.FSDP
     pad_id = inner.llm.tokenizer.pad_token_id
-    sharding = "fsdp" if inner.sharded else "zero" if deepspeed else "none"
     shape = RunShape(world, precision, sharding, _core_dtype(inner), takes_dtype(inner.config.llm))
 
     bar = progress_bar(range(start_step, cfg.max_steps), initial=start_step, total=cfg.max_steps,

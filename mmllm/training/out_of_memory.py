@@ -1,6 +1,7 @@
 """A training run that runs out of memory stops with one message: where (the stage, the step and what it was
-doing: the step's forward and backward, the validation, the checkpoint save), the checkpoint ``--resume`` goes
-on from, and the settings of this stage that need less memory, each named as the override that sets it.
+doing: building and placing the model before the first step, the step's forward and backward, the validation,
+the checkpoint save), the checkpoint ``--resume`` goes on from, and the settings of this stage that need less
+memory, each named as the override that sets it.
 
 The step under way is not saved: its optimizer step did not run (or ran half, under FSDP or ZeRO), and its
 random state has moved, so a checkpoint of it would not resume exactly. The steps since the newest
@@ -38,7 +39,32 @@ class RunShape:
     dtype_option: bool = True
 
 
+BUILD = "building and placing the model"  # before the first step: built or loaded, moved to the device, prepared
 STEP, VALIDATION, SAVE = "the forward and backward", "the validation", "saving its checkpoint"
+
+
+def shape_before_build(cfg: StageConfig, processes: int, precision: str,
+                       sharding: typing.Literal["none", "fsdp", "zero"]) -> RunShape:
+    """The :class:`RunShape` of a run whose model is not built yet: its core's dtype and whether its kind takes
+    one, read from the assembly :func:`planned_core` names (``cfg``: the stage as it is built, ``init_from``
+    the checkpoint a ``--resume`` continues where it has one)."""
+    from mmllm.llm import DTYPES
+
+    core = planned_core(cfg)
+    dtype_option = takes_dtype(core)
+    dtype = DTYPES.get(core.options.get("dtype", "float32"), torch.float32) if dtype_option else torch.float32
+    return RunShape(processes, precision, sharding, dtype, dtype_option)
+
+
+def planned_core(cfg: StageConfig) -> ComponentSpec:
+    """The LLM core a stage builds: ``init_from``'s recorded one where that checkpoint exists, else the stage's own
+    (checked and compared by training already: read here without its warnings)."""
+    from mmllm.config import load_assembly
+    from mmllm.training.init_from import checkpoint_missing
+
+    if cfg.init_from and not checkpoint_missing(cfg):
+        return ckpt.checkpoint_assembly(Path(cfg.init_from)).llm
+    return load_assembly(cfg.assembly, cfg.assembly_overrides).llm
 
 
 @contextlib.contextmanager
@@ -62,22 +88,26 @@ def message(cfg: StageConfig, shape: RunShape, doing: str, step: int, what: str)
                 + ": the same command with --resume goes on from it")
     else:
         kept = f"no checkpoint was written yet in {out_dir}: the same command starts the run again"
-    return (f"stage {cfg.stage} ran out of memory at step {step} of {cfg.max_steps}, in {doing} ({what}); {kept}, "
+    at = f"at step {step} of {cfg.max_steps}" if step else "before the first step"
+    return (f"stage {cfg.stage} ran out of memory {at}, in {doing} ({what}); {kept}, "
             f"with settings that need less memory: {'; '.join(ways_to_need_less(cfg, shape, doing))} "
             "(docs/distributed.md, Out of memory)")
 
 
 def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str) -> list[str]:
-    """The settings of this run that would need less memory, most effective first, as the overrides to give."""
+    """The settings of this run that would need less memory, most effective first, as the overrides to give.
+    While the model is built and placed (:data:`BUILD`) only those that hold less of it: the batch, activations
+    and autocast are not there yet."""
     ways = []
-    if cfg.batch_size > 1:
+    building = doing == BUILD
+    if cfg.batch_size > 1 and not building:
         factor = _smallest_factor(cfg.batch_size)
         effective = cfg.batch_size * cfg.grad_accum * shape.processes
         ways.append(f"batch_size={cfg.batch_size // factor} grad_accum={cfg.grad_accum * factor} (the same "
                     f"{effective} samples per optimizer step)")
-    if not cfg.grad_checkpointing and doing != VALIDATION:  # validation keeps no activations for a backward
+    if not cfg.grad_checkpointing and doing not in (VALIDATION, BUILD):  # validation keeps no activations for a backward
         ways.append("grad_checkpointing=true")
-    if shape.precision == "no":
+    if shape.precision == "no" and not building:  # autocast: the weights stay float32
         ways.append("mixed_precision=bf16")
     if not cfg.cache.require:
         ways.append("cache.dir=DIR cache.require=true after `mmllm cache --config CONFIG cache.dir=DIR` (the frozen "
@@ -91,6 +121,8 @@ def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str) -> list[str
     if shape.core_dtype == torch.float32 and shape.dtype_option:
         where = "the first stage's assembly (init_from carries it)" if cfg.init_from else "the assembly"
         ways.append(f"llm.dtype: bfloat16 in {where}, in a new output_dir (--resume refuses another assembly)")
+    if building:
+        return ways or ["none left in this config: a GPU with more memory"]
     return ways or ["none left in this config: a GPU with more memory, or shorter samples (the assembly's "
                           "max_length, in a new output_dir)"]
 
