@@ -4,14 +4,42 @@ stops with, and freeing what a failed attempt held before another one.
 Only ``torch.OutOfMemoryError`` is treated as running out of memory. On CPU, torch 2.14's allocator raises a
 plain ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory"), and Linux more often kills the process
 (SIGKILL) than fails an allocation: neither is told apart from other errors here.
+
+Also here: :func:`peak_resident_mb`, the peak resident memory of this process alone, which training logs and the
+benches report.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import sys
 
 log = logging.getLogger(__name__)
+
+
+def peak_resident_mb() -> float | None:
+    """This process's own peak resident memory in MB: on Linux its high-water mark (``VmHWM`` in
+    ``/proc/self/status``), which starts afresh when the process is exec'd; None where neither it nor
+    ``resource`` is available (Windows).
+
+    Not ``getrusage(RUSAGE_SELF).ru_maxrss``: on exec Linux folds the resident size the process had just before
+    (a fork's copy of its parent) into ``ru_maxrss``, so a process started by a large one (``subprocess`` from a
+    bench holding a model, each rank from ``accelerate launch``'s launcher) reports at least its parent's
+    resident memory. Elsewhere (macOS, BSD) ``ru_maxrss`` is the fallback, in bytes on macOS, KB on the others.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # "VmHWM:   123456 kB"
+    except OSError:
+        pass
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
 
 
 class OutOfMemory(Exception):

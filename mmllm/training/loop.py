@@ -53,6 +53,7 @@ from mmllm.data.index import Chained
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
 from mmllm.folder_lock import hold_folder, holder, missing_folders, remove_empty
+from mmllm.memory import peak_resident_mb
 from mmllm.model import AnyToAnyModel, lora_layer_names, unit_counts
 from mmllm.progress import progress_bar
 from mmllm.seeding import global_generators_kept
@@ -650,11 +651,12 @@ def _autocast_under_fsdp(plugin) -> None:
 
 
 def _peak_memory() -> str:
+    """This process's own peak: not its launcher's (``accelerate launch`` execs each rank from a process holding
+    torch, whose resident size ``ru_maxrss`` would count)."""
     if torch.cuda.is_available():
         return f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MB allocated on the GPU"
-    import resource
-
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB resident"  # Linux: KB
+    peak = peak_resident_mb()
+    return "unknown (resident)" if peak is None else f"{peak:.0f} MB resident"
 
 
 def _core_dtype(model: AnyToAnyModel) -> torch.dtype:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -46,6 +45,7 @@ def child(stage: Path, args: list[str]) -> dict[str, object]:
 
     import mmllm.training.loop as loop
     from mmllm.config import load_stage
+    from mmllm.memory import peak_resident_mb
     from mmllm.training.freeze import count_parameters
 
     held: dict[str, float] = {}
@@ -71,7 +71,7 @@ def child(stage: Path, args: list[str]) -> dict[str, object]:
     per_step = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"losses": result.losses, "params_m": held["params_m"], "skipped": result.skipped,
             "step_s": sorted(per_step)[len(per_step) // 2] if per_step else float("nan"),
-            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_mb": peak_resident_mb()}  # not ru_maxrss: that counts this bench's process too (its model)
 
 
 def build(stage: Path, cache: Path) -> float:

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -188,6 +187,7 @@ def use_whole_array_reading() -> None:
 
 def child(mode: str, path: str, fmt: str, train: bool) -> dict[str, Any]:
     from mmllm.config import DatasetConfig
+    from mmllm.memory import peak_resident_mb
 
     if mode == "old":
         use_old_reading()
@@ -211,7 +211,7 @@ def child(mode: str, path: str, fmt: str, train: bool) -> dict[str, Any]:
         start = time.perf_counter()
         run_train(cfg)
         row.update(train_s=time.perf_counter() - start,
-                   train_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+                   train_peak_mb=peak_resident_mb())
         return row
     before = rss_mb()
     row["before_mb"] = before
@@ -219,7 +219,7 @@ def child(mode: str, path: str, fmt: str, train: bool) -> dict[str, Any]:
     per, _, _ = dataset.load_stage_records([DatasetConfig(path=path, format=fmt)], stage)
     row["read_s"] = time.perf_counter() - start
     row["held_mb"] = rss_mb() - before
-    row["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["peak_mb"] = peak_resident_mb()
     convs = per[0]
     picks = random.Random(1).choices(range(len(convs)), k=20000)
     start = time.perf_counter()

@@ -23,9 +23,9 @@ in a fresh process with that tree first on ``sys.path``, on its own copy of ``OU
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -45,15 +45,12 @@ def rss_mb() -> float:
 
 
 def peak_mb() -> float:
-    """This process's peak resident MB: its memory's high-water mark (VmHWM), which starts afresh at exec.
-    ``ru_maxrss`` does not: Linux keeps the larger of it and the forking process's, so each row, started by this
-    script's process holding the trained checkpoint and the requests (600+ MB at 100,000), reported that process's
-    memory rather than its own."""
-    try:
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):  # not Linux: ru_maxrss, in bytes on macOS
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+    """This process's own peak resident MB: :func:`mmllm.memory.peak_resident_mb` of this tree (a row runs with the
+    "before" tree first on ``sys.path``, which may not have it), loaded from its file."""
+    spec = importlib.util.spec_from_file_location("_mmllm_memory", REPO / "mmllm" / "memory.py")
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    return memory.peak_resident_mb()
 
 
 # ------------------------------------------------------------------------------------------ the data

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import gc
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ def child(stage: Path, parts: str, share: bool, overrides: list[str]) -> dict[st
     part; "stage" builds what training builds (with the stage config ``overrides``)."""
     import mmllm.model
     from mmllm.config import load_assembly, load_stage
+    from mmllm.memory import peak_resident_mb
     from mmllm.model import AnyToAnyModel
     from mmllm.training.freeze import count_parameters
     from mmllm.training.loop import build_model
@@ -67,7 +67,7 @@ def child(stage: Path, parts: str, share: bool, overrides: list[str]) -> dict[st
         "decoder_params": millions("decoders."),
         "model_params": millions(),
         "rss_mb": _resident_mb(),
-        "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_mb": peak_resident_mb(),
     }
 
 
