@@ -123,14 +123,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from mmllm.config import STAGE_DEFAULT_TRAINABLE, load_assembly, load_lora, naming_overrides, read_yaml
+    from mmllm.config import (
+        STAGE_DEFAULT_TRAINABLE,
+        is_stage_yaml,
+        load_assembly,
+        load_lora,
+        naming_overrides,
+        read_yaml,
+    )
     from mmllm.model import AnyToAnyModel
     from mmllm.registry import check_part_options
     from mmllm.training.freeze import apply_trainable, count_parameters
 
     check_json_target(args.json)
     data = read_yaml(args.config)
-    if "stage" in data:  # a stage config: inspect its assembly
+    if is_stage_yaml(data):  # a stage config: inspect its assembly
         from mmllm.config import load_stage
 
         if args.lora:

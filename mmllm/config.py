@@ -738,6 +738,13 @@ def load_lora(path: str | Path | dict[str, Any]) -> LoraConfig:
         raise ConfigError(f"{path}: {exc}") from exc
 
 
+def is_stage_yaml(raw: dict[str, Any]) -> bool:
+    """Whether a config file's content is a stage's (else an assembly's), for the commands that take either: one
+    with ``stage:``, or without ``llm:`` but naming an ``assembly:`` (a stage file missing its ``stage:`` key is
+    told so, as ``train`` tells it, not that every stage key is unknown to an assembly)."""
+    return "stage" in raw or ("llm" not in raw and "assembly" in raw)
+
+
 def load_stage(path: str | Path, overrides: list[str] | None = None) -> StageConfig:
     """Load a stage YAML, with ``overrides`` as the command line gives them (``"max_steps=5"``,
     ``"assembly.max_length=64"``, ``"assembly=other.yaml"``). Relative paths inside it resolve against the

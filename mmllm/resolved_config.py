@@ -104,11 +104,11 @@ def stage_assembly_checked(cfg: StageConfig) -> AssemblyConfig:
 def config_yaml(config: str | Path, overrides: list[str] | None = None) -> str:
     """The resolved config of the stage or assembly YAML ``config`` with ``overrides``, as YAML text with a
     header saying what it is (:func:`resolved_stage`; an assembly YAML: :func:`resolved_assembly`)."""
-    from mmllm.config import read_yaml
+    from mmllm.config import is_stage_yaml, read_yaml
     from mmllm.registry import check_part_options
 
     overrides = list(overrides or [])
-    if "stage" in read_yaml(config):
+    if is_stage_yaml(read_yaml(config)):
         cfg = load_stage(config, overrides)
         base = Path(config).expanduser().resolve().parent
         data, kind = resolved_stage(cfg, stage_assembly_checked(cfg), base), "stage"

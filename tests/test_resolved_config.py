@@ -143,6 +143,21 @@ def test_a_bad_override_is_refused_as_train_refuses_it(override, said, tmp_path,
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_stage_file_missing_its_stage_key_is_told_so_by_config_and_inspect_as_by_train(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """config and inspect took a file without ``stage:`` for an assembly and called every stage key unknown."""
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((STAGES / "tiny" / "encode_align.yaml").read_text())
+    del raw["stage"]
+    stage = tmp_path / "no-stage.yaml"
+    stage.write_text(yaml.safe_dump(raw))
+    for command in ("config", "inspect", "train"):
+        assert main([command, "--config", str(stage)]) == 2
+        out, err = capsys.readouterr()
+        errors = [line for line in err.splitlines() if " ERROR " in line]
+        assert out == "" and len(errors) == 1 and errors[0].endswith(f"{stage}: missing required key(s): stage"), err
+
+
 def test_written_in_assembly_and_lora_are_checked_naming_the_stage_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     printed = yaml.safe_load(_config(capsys, "--config", str(STAGES / "tiny" / "instruct.yaml")))
