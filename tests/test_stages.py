@@ -131,6 +131,38 @@ def test_resume_equals_an_uninterrupted_run(sample_data, tmp_path):
         torch.testing.assert_close(b.lora_parameters()[k], v, rtol=0, atol=1e-6)
 
 
+def test_micro_batches_of_a_step_make_the_step_one_batch_of_them_makes(sample_data, tmp_path, monkeypatch):
+    """The same samples per optimizer step (batch 4, or 2 x grad_accum 2, or 1 x grad_accum 4) give the same
+    step losses and the same update: each loss part is divided by its unit count over the whole step (label
+    tokens, signal groups, text tokens), not averaged per micro-batch; the schedule and the clipping count
+    optimizer steps, once each. Padding differs between the ways (each micro-batch pads to its own longest)."""
+    from mmllm.training import loop
+
+    applied, clipped = [], []
+    real_step, real_clip = torch.optim.AdamW.step, loop.clip_to
+
+    def step(self, *args, **kwargs):
+        applied[-1].append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(loop, "clip_to", lambda *args: clipped[-1].append(float(args[2])) or real_clip(*args))
+    settings = {"schedule.warmup_steps": 2, "optim.max_grad_norm": 0.5, "losses.retain": 0.5}
+    runs = []
+    for batch_size, grad_accum in ((4, 1), (2, 2), (1, 4)):
+        applied.append([])
+        clipped.append([])
+        cfg = stage_cfg("instruct", sample_data, tmp_path / f"b{batch_size}", max_steps=4, batch_size=batch_size,
+                        grad_accum=grad_accum, **settings)
+        runs.append(train(cfg))
+        lr = loop.lr_lambda(cfg)
+        assert applied[-1] == pytest.approx([cfg.optim.lr * lr(s) for s in range(4)], rel=1e-9)
+    for run, norms in zip(runs[1:], clipped[1:]):
+        assert run.losses == pytest.approx(runs[0].losses, rel=1e-5)
+        assert norms == pytest.approx(clipped[0], rel=1e-4)  # the total norm, clipped once per step
+    assert all(n > 0.5 for n in clipped[0])  # every step was clipped: the norms above are what clipping read
+
+
 def test_tampered_checkpoint_is_refused_naming_the_file(chain, tmp_path):
     import shutil
 
