@@ -567,3 +567,20 @@ def test_malformed_outputs_of_an_earlier_answer_are_the_requests_error(message, 
         parse_request({"id": "r", "messages": messages}, Path("."), 0, load=False)
     with pytest.raises(ValueError, match=rf"Request.messages\[{at}\]: .*{error}"):
         Request(messages)
+
+
+def test_an_earlier_output_the_assembly_cannot_make_is_refused_in_training_and_inference_alike(tiny_model, spec):
+    import dataclasses
+
+    from mmllm.data.template import encode_prompt
+
+    tok = tiny_model.llm.tokenizer
+    no_audio = dataclasses.replace(spec, signal_tokens={m: v for m, v in spec.signal_tokens.items() if m != "audio"})
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "outputs": [{"modality": "audio"}]},
+                {"role": "user", "content": "c"}]
+    with pytest.raises(ValueError, match=r"messages\[1\]: .*output of modality audio.*no decoders\.audio"):
+        encode_prompt(messages, tok, no_audio)
+    conv = Conversation("c", [Message("user", "a"), Message("assistant", "b", outputs=[OutputRef("audio", "x")]),
+                              Message("user", "c"), Message("assistant", "d")], "chat.jsonl:1")
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: .*output of modality audio.*no decoders\.audio"):
+        encode_conversation(conv, tok, no_audio)

@@ -92,8 +92,9 @@ def with_signal_tokens(content: str, outputs: list[str], spec: TokenSpec, where:
         return content
     for modality in outputs:
         if modality not in spec.signal_tokens:
-            raise ValueError(f"{where}: the conversation has a {modality} output but the assembly has no "
-                             f"decoders.{modality} (so no {modality} signal tokens)")
+            raise ValueError(f"{where}: an answer with an output of modality {modality}, but the assembly has no "
+                             f"decoders.{modality}, so no {modality} signal tokens to render it with: leave that "
+                             f"output out, or use an assembly that has decoders.{modality}")
     signals = "".join("".join(spec.signal_tokens[m]) for m in outputs)
     return f"{content} {signals}" if content.strip() else signals
 
