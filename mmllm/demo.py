@@ -51,7 +51,10 @@ REQUESTS = [
      "prompt": "Draw a large red circle in the middle. Also, make a sound: a medium pure tone held steadily"},
     {"id": "dialogue", "messages": [
         {"role": "user", "content": "Draw a small yellow cross in the top right corner."},
-        {"role": "assistant", "content": "Here is a picture of a small yellow cross in the top right corner."},
+        # an earlier answer that drew the picture: its outputs render its signal tokens, as the world's training
+        # dialogues have them (its text alone is a context the model never saw)
+        {"role": "assistant", "content": "Here is a picture of a small yellow cross in the top right corner.",
+         "outputs": [{"modality": "image"}]},
         {"role": "user", "content": "Now make a sound: a high pure tone held steadily"}]},
     {"id": "plain-chat", "prompt": "What is the capital of Spain?"},
 ]

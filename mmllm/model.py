@@ -61,13 +61,24 @@ class GenerationResult:
     """One request's answer: its text (special tokens dropped), the answer's token ids, and per output
     modality one entry per signal-token group it emitted -- the decoder conditioning the output projection
     made, and the media the decoder made from it (a ``PIL.Image.Image``, an :class:`mmllm.data.media.Audio`
-    or an :class:`mmllm.data.media.Video`; none when generated with ``decode_media=False``)."""
+    or an :class:`mmllm.data.media.Video`; none when generated with ``decode_media=False``). ``outputs``: the
+    modality of each signal-token group, in the order the answer emitted them; :attr:`reply` is the answer as the
+    assistant message to give back in a later request's ``messages``."""
 
     text: str
     token_ids: list[int]
     # per output modality, one entry per emitted signal-token group
     conditioning: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     media: dict[str, list[Any]] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+
+    @property
+    def reply(self) -> dict[str, Any]:
+        """The answer as an assistant message (``{"role": "assistant", "content": text, "outputs": [{"modality":
+        ...}, ...]}``, as training data writes a turn that produced media): a conversation that goes on gives it
+        back in its ``messages``, and the prompt then renders it with its signal tokens, as training renders
+        such a turn (the text alone would lack them)."""
+        return {"role": "assistant", "content": self.text, "outputs": [{"modality": m} for m in self.outputs]}
 
 
 class AnyToAnyModel(nn.Module):

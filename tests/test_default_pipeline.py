@@ -229,6 +229,34 @@ def test_demo_requests_cover_every_direction_and_parse(tmp_path):
     assert not any(world.is_held_out(m, attrs) for m, (_, attrs) in INPUTS.items())
 
 
+def test_the_demos_dialogue_gives_its_earlier_answer_as_the_worlds_training_dialogues_render_it(tiny_model, tmp_path):
+    """The dialogue's earlier answer is the world's "make" turn (stage_data's make_turn), which training renders
+    with the picture's signal tokens; the demo gave it as text alone, so the model answered the second turn in a
+    context it never saw."""
+    from mmllm.data.formats import Conversation, Message, OutputRef
+    from mmllm.data.template import IGNORE, encode_conversation, encode_prompt
+    from mmllm.demo import REQUESTS
+    from mmllm.inference.runner import parse_request
+    from mmllm.toyworld.stage_data import _Writer
+    from mmllm.training.loop import token_spec
+
+    world = World()
+    drawn = {"colour": "yellow", "shape": "cross", "size": "small", "position": "top-right"}
+    made = _Writer(world, None, 0).make_turn("image", tuple(drawn[n] for n in world.specs["image"].names))
+    record = next(r for r in REQUESTS if r["id"] == "dialogue")
+    first, answer, then = record["messages"]
+    assert answer["content"] == made["content"]
+    spec, tok = token_spec(tiny_model), tiny_model.llm.tokenizer
+    conv = Conversation("dialogue", [
+        Message("user", first["content"]),
+        Message("assistant", made["content"], outputs=[OutputRef(o["modality"], o["caption"]) for o in made["outputs"]]),
+        Message("user", then["content"]), Message("assistant", "ok")])
+    train = encode_conversation(conv, tok, spec)
+    last = max(i for i in range(1, len(train.labels)) if train.labels[i] != IGNORE and train.labels[i - 1] == IGNORE)
+    prompt, _ = encode_prompt(parse_request(record, tmp_path, 0).request.messages, tok, spec)
+    assert prompt == train.input_ids[:last]
+
+
 def test_weights_only_export_can_record_another_assembly(tmp_path_factory, tmp_path):
     import yaml
 

@@ -487,6 +487,35 @@ def test_a_media_field_beside_messages_is_refused_naming_an_empty_path(tmp_path,
     assert runner.parse_request({"id": "r", "messages": rec["messages"], "image": None, "media": []}, tmp_path, 0)
 
 
+def test_an_answers_reply_in_results_replays_it_as_training_renders_that_turn(model, media, tmp_path):
+    """results.jsonl's text drops an answer's signal tokens (an image-making answer's text is often empty), so a
+    client replaying it gave the model a turn that said nothing where training shows the signal tokens; its
+    "reply" is the turn to give back, with the answer's outputs."""
+    from mmllm.data.formats import Conversation, Message, OutputRef
+    from mmllm.data.template import IGNORE, encode_conversation
+
+    first = write_requests(tmp_path / "first.jsonl", [{"id": "draw", "prompt": GENERATE["image"]}])
+    assert run_requests(model, first, tmp_path / "out1", max_new_tokens=8)["done"] == 1
+    rec = records_by_id(tmp_path / "out1")["draw"]
+    assert len(rec["files"]) == 1
+    assert rec["reply"] == {"role": "assistant", "content": rec["text"], "outputs": [{"modality": "image"}]}
+    then = [{"role": "user", "content": GENERATE["image"]}, rec["reply"], {"role": "user", "content": GENERATE["audio"]}]
+    second = write_requests(tmp_path / "second.jsonl", [{"id": "sound", "messages": then}])
+    parsed = runner.parse_request(json.loads(second.read_text()), tmp_path, 0)
+    ids = prepare_request(model, parsed.request).ids
+    spec = runner.token_spec(model)
+    train = encode_conversation(Conversation("c", [
+        Message("user", GENERATE["image"]), Message("assistant", rec["text"], outputs=[OutputRef("image", "a red circle")]),
+        Message("user", GENERATE["audio"]), Message("assistant", "", outputs=[OutputRef("audio", "a high beep")])]),
+        model.llm.tokenizer, spec)
+    last = max(i for i in range(1, len(train.labels)) if train.labels[i] != IGNORE and train.labels[i - 1] == IGNORE)
+    assert ids == train.input_ids[:last]
+    assert run_requests(model, second, tmp_path / "out2", max_new_tokens=8)["done"] == 1
+    answer = records_by_id(tmp_path / "out2")["sound"]  # the tiny model learnt single turns: any output will do
+    assert sorted(o["modality"] for o in answer["reply"]["outputs"]) == sorted(Path(f).stem.split("_")[-1][:-1]
+                                                                           for f in answer["files"])
+
+
 def test_fail_fast_stops_at_the_first_failure(model, tmp_path):
     requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hi"},
                                                      {"id": "bad", "prompt": "x", "image": "missing.png"},

@@ -1,5 +1,9 @@
 """Conversations -> ids/labels: labels only on what the assistant says, media spans expanded and
-never cut, signal groups appended, counts checked."""
+never cut, signal groups appended, counts checked; a conversation replayed to inference is the context
+training gave each answer."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -475,3 +479,108 @@ def test_encoding_at_once_places_each_reply_as_encoding_each_does(chat_template,
             return tok(*args, **kwargs)
 
     _each_and_at_once(convs, Slow(), spec)
+
+
+# ------------------------------------------------------------------------------------------ multi-turn inference
+
+REPO_MEDIA = Path(__file__).resolve().parent.parent / "data" / "samples" / "media"
+
+# an mmllm-chat record: media into the first turn, an image and then a sound out of the later answers
+CHAT = {"id": "c1", "messages": [
+    {"role": "user", "content": "<image>\nWhat is this?", "media": ["red_circle.png"]},
+    {"role": "assistant", "content": "A red circle."},
+    {"role": "user", "content": "Now draw it blue."},
+    {"role": "assistant", "content": "Here it is.", "outputs": [{"modality": "image", "caption": "a blue circle"}]},
+    {"role": "user", "content": "And a <audio> like this one?", "media": ["low.wav"]},
+    {"role": "assistant", "content": "", "outputs": [{"modality": "audio", "caption": "a low beep"}]},
+    {"role": "user", "content": "Both again, please."},
+    {"role": "assistant", "content": "Done.", "outputs": [{"modality": "image", "caption": "a blue circle"},
+                                                         {"modality": "audio", "caption": "a low beep"}]}]}
+
+
+def _reply_starts(labels):
+    return [i for i in range(1, len(labels)) if labels[i] != IGNORE and labels[i - 1] == IGNORE]
+
+
+def test_a_conversation_replayed_to_inference_is_the_context_training_gave_each_answer(tiny_model, spec):
+    """Training renders an earlier answer that produced media with its signal tokens; inference read only an
+    assistant message's text (its 'outputs' ignored, and the answer text it returns drops signal tokens), so a
+    replayed conversation prompted the model with a context it never saw. An earlier answer's 'outputs', as
+    training data writes them, now render so at inference (figures: docs/inference.md, Measurements)."""
+    from mmllm.data.formats import MediaRoot, ReadContext, parse_chat
+    from mmllm.inference.generate import prepare_request
+    from mmllm.inference.runner import parse_request
+
+    tok = tiny_model.llm.tokenizer
+    spec.max_length = 512  # the whole conversation: the tiny assembly's 128 would cut its later turns
+    conv = parse_chat(json.loads(json.dumps(CHAT)), ReadContext(REPO_MEDIA / "chat.jsonl", MediaRoot(REPO_MEDIA)),
+                      "chat.jsonl:1")
+    train = encode_conversation(conv, tok, spec)
+    assert not train.truncated
+    answers = [i for i, m in enumerate(CHAT["messages"]) if m["role"] == "assistant"]
+    starts = _reply_starts(train.labels)
+    assert len(starts) == len(answers)
+    signals = {t for ids in spec.signal_ids.values() for t in ids}
+    for k, start in zip(answers, starts):
+        request = {"id": f"upto-{k}", "messages": CHAT["messages"][:k]}  # the record's own messages, as written
+        prepared = prepare_request(tiny_model, parse_request(request, REPO_MEDIA, 0).request, spec)
+        assert prepared.ids == train.input_ids[:start], f"the prompt of answer {k}"
+    # the last prompt holds both earlier answers' signal groups, as training's context does
+    last = train.input_ids[:starts[-1]]
+    assert sum(t in signals for t in last) == len(spec.signal_ids["image"]) + len(spec.signal_ids["audio"])
+
+
+def test_an_answers_reply_is_what_training_renders_for_that_turn(tiny_model, spec):
+    """:attr:`GenerationResult.reply` (results.jsonl's "reply") given back renders as the training record's
+    assistant turn does, whatever the caption training would have had."""
+    from mmllm.inference.generate import Request, prepare_request
+    from mmllm.model import GenerationResult
+
+    answer = GenerationResult("Here it is.", [], outputs=["image"])
+    messages = [{"role": "user", "content": "Draw it blue."}, answer.reply, {"role": "user", "content": "Again."}]
+    prepared = prepare_request(tiny_model, Request(messages), spec)
+    conv = Conversation("c", [Message("user", "Draw it blue."),
+                              Message("assistant", "Here it is.", outputs=[OutputRef("image", "a blue circle")]),
+                              Message("user", "Again."), Message("assistant", "ok")])
+    train = encode_conversation(conv, tiny_model.llm.tokenizer, spec)
+    assert prepared.ids == train.input_ids[:_reply_starts(train.labels)[-1]]
+    text_only = prepare_request(tiny_model, Request([{**m, "outputs": []} for m in messages]), spec)
+    image = spec.signal_ids["image"]
+    assert [t for t in prepared.ids if t in image] == image and not set(text_only.ids) & set(image)
+
+
+@pytest.mark.parametrize("message,error", [
+    ({"role": "user", "content": "hi", "outputs": [{"modality": "image"}]}, "belongs to assistant messages"),
+    ({"role": "assistant", "content": "hi", "outputs": {"modality": "image"}}, "must be a list"),
+    ({"role": "assistant", "content": "hi", "outputs": [{"modality": "picture"}]}, r"outputs\[0\] must be a dict"),
+    ({"role": "assistant", "content": "hi", "outputs": ["image"]}, r"outputs\[0\] must be a dict"),
+])
+def test_malformed_outputs_of_an_earlier_answer_are_the_requests_error(message, error):
+    from mmllm.inference.generate import Request
+    from mmllm.inference.runner import RequestError, parse_request
+
+    messages = [{"role": "user", "content": "a"}, message, {"role": "user", "content": "b"}]
+    if message["role"] == "user":
+        messages = [message, {"role": "assistant", "content": "x"}, {"role": "user", "content": "b"}]
+    at = messages.index(message)
+    with pytest.raises(RequestError, match=rf"messages\[{at}\]: .*{error}"):
+        parse_request({"id": "r", "messages": messages}, Path("."), 0, load=False)
+    with pytest.raises(ValueError, match=rf"Request.messages\[{at}\]: .*{error}"):
+        Request(messages)
+
+
+def test_an_earlier_output_the_assembly_cannot_make_is_refused_in_training_and_inference_alike(tiny_model, spec):
+    import dataclasses
+
+    from mmllm.data.template import encode_prompt
+
+    tok = tiny_model.llm.tokenizer
+    no_audio = dataclasses.replace(spec, signal_tokens={m: v for m, v in spec.signal_tokens.items() if m != "audio"})
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "outputs": [{"modality": "audio"}]},
+                {"role": "user", "content": "c"}]
+    with pytest.raises(ValueError, match=r"messages\[1\]: .*output of modality audio.*no decoders\.audio"):
+        encode_prompt(messages, tok, no_audio)
+    conv = Conversation("c", [Message("user", "a"), Message("assistant", "b", outputs=[OutputRef("audio", "x")]),
+                              Message("user", "c"), Message("assistant", "d")], "chat.jsonl:1")
+    with pytest.raises(ValueError, match=r"chat.jsonl:1: .*output of modality audio.*no decoders\.audio"):
+        encode_conversation(conv, tok, no_audio)

@@ -83,19 +83,26 @@ def pair_to_conversation(pair: CaptionPair, stage: str) -> Conversation:
     return Conversation(pair.id, msgs, pair.source)
 
 
+def with_signal_tokens(content: str, outputs: list[str], spec: TokenSpec, where: str) -> str:
+    """An assistant turn's content as the chat template is given it: its text, then the signal tokens of each of
+    its ``outputs`` (modalities, in order) after a space (the signal tokens alone where the text is empty).
+    Training renders every assistant turn's outputs so, and inference renders an earlier turn's outputs the same
+    way (:func:`encode_prompt`), so that a conversation replayed to the model is the context training gave it."""
+    if not outputs:
+        return content
+    for modality in outputs:
+        if modality not in spec.signal_tokens:
+            raise ValueError(f"{where}: an answer with an output of modality {modality}, but the assembly has no "
+                             f"decoders.{modality}, so no {modality} signal tokens to render it with: leave that "
+                             f"output out, or use an assembly that has decoders.{modality}")
+    signals = "".join("".join(spec.signal_tokens[m]) for m in outputs)
+    return f"{content} {signals}" if content.strip() else signals
+
+
 def _template_messages(conv: Conversation, spec: TokenSpec) -> list[dict[str, str]]:
-    out = []
-    for msg in conv.messages:
-        content = msg.content
-        if msg.outputs:
-            for o in msg.outputs:
-                if o.modality not in spec.signal_tokens:
-                    raise ValueError(f"{conv.source}: the conversation asks for a {o.modality} output but the "
-                                     f"assembly has no decoders.{o.modality}")
-            signals = "".join("".join(spec.signal_tokens[o.modality]) for o in msg.outputs)
-            content = f"{content} {signals}" if content.strip() else signals
-        out.append({"role": msg.role, "content": content})
-    return out
+    return [{"role": msg.role,
+             "content": with_signal_tokens(msg.content, [o.modality for o in msg.outputs], spec, conv.source)}
+            for msg in conv.messages]
 
 
 # strftime's codes that a template may ask ``strftime_now`` for (glibc's ``%-d`` style too)
@@ -511,11 +518,25 @@ def _encoded(conv: Conversation, ids: list[int], labels: list[int], spec: TokenS
     return EncodedSample(conv.id, ids, labels, media, outputs, truncated)
 
 
+def prompt_messages(messages: list[dict[str, Any]], spec: TokenSpec) -> list[dict[str, str]]:
+    """Inference's messages as the chat template is given them: an earlier assistant turn's ``outputs`` (a list of
+    ``{"modality": ...}``, as training data writes them) become its signal tokens, as training renders them
+    (:func:`with_signal_tokens`)."""
+    out = []
+    for i, msg in enumerate(messages):
+        outputs = [o["modality"] for o in msg.get("outputs") or []]
+        out.append({"role": msg["role"], "content": with_signal_tokens(msg["content"], outputs, spec,
+                                                                        f"messages[{i}]")})
+    return out
+
+
 def encode_prompt(
-    messages: list[dict[str, str]], tokenizer: Any, spec: TokenSpec
+    messages: list[dict[str, Any]], tokenizer: Any, spec: TokenSpec
 ) -> tuple[list[int], list[tuple[int, int]]]:
-    """Inference: a conversation up to the next assistant turn -> expanded ids and media spans."""
-    text = _render(tokenizer, messages, add_generation_prompt=True, date=spec.template_date)
+    """Inference: a conversation up to the next assistant turn -> expanded ids and media spans. A message is
+    ``{"role": ..., "content": ...}``; an assistant's may list the media it produced under ``outputs``
+    (:func:`prompt_messages`)."""
+    text = _render(tokenizer, prompt_messages(messages, spec), add_generation_prompt=True, date=spec.template_date)
     ids = _tokens(tokenizer, text)
     ids, _, spans = expand_placeholders(ids, [IGNORE] * len(ids), spec)
     if len(ids) > spec.max_length:

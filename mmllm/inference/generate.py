@@ -53,9 +53,12 @@ log = logging.getLogger(__name__)
 class Request:
     """One prompt: chat messages whose contents hold ``<image>``-style placeholders, the media items
     (``(modality, path or decoded item)``) for those placeholders in order, and its own settings
-    (``None`` takes the call's default)."""
+    (``None`` takes the call's default). An earlier assistant message that produced media says so under
+    ``outputs`` (``[{"modality": "image"}]``, as training data writes it): it is rendered with its signal tokens,
+    as training renders that turn (:func:`mmllm.data.template.prompt_messages`); ``GenerationResult.reply`` is an
+    answer written so."""
 
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     media: list[tuple[str, Any]] = field(default_factory=list)
     seed: int = 0
     max_new_tokens: int | None = None
@@ -76,11 +79,33 @@ class Request:
                     or not isinstance(message.get("content"), str)):
                 raise ValueError(f"Request.messages[{i}]: a dict with 'role' (system, user or assistant) and "
                                  f"'content' (a string), got {message!r}")
+            problem = outputs_problem(message)
+            if problem:
+                raise ValueError(f"Request.messages[{i}]: {problem}")
         for i, entry in enumerate(self.media):
             if not isinstance(entry, (tuple, list)) or len(entry) != 2 or entry[0] not in MODALITIES:
                 raise ValueError(f"Request.media[{i}]: a (modality, item) pair, the modality one of "
                                  f"{', '.join(MODALITIES)} and the item a path or a decoded item, e.g. "
                                  f"('image', 'cat.png'); got {entry!r}")
+
+
+def outputs_problem(message: dict[str, Any]) -> str | None:
+    """What is wrong with a message's ``outputs`` (the media an earlier assistant turn produced: a list of
+    ``{"modality": ...}`` dicts, other keys such as training data's ``caption`` allowed and not read), or None."""
+    outputs = message.get("outputs")
+    if outputs in (None, []):
+        return None
+    example = '[{"modality": "image"}]'
+    if message.get("role") != "assistant":
+        return (f"'outputs' belongs to assistant messages (the media an earlier answer produced); a "
+                f"{message.get('role')} message gives its media as inputs, under 'media' with placeholders")
+    if not isinstance(outputs, list):
+        return f"'outputs' must be a list such as {example}, got {outputs!r}"
+    for j, out in enumerate(outputs):
+        if not isinstance(out, dict) or out.get("modality") not in MODALITIES:
+            return (f"outputs[{j}] must be a dict whose 'modality' is one of {', '.join(MODALITIES)}, such as "
+                    f"{example}; got {out!r}")
+    return None
 
 
 @dataclass
@@ -334,7 +359,8 @@ def _generate_answers(model, batch: list[PreparedRequest], settings: Settings) -
         text = tok.decode(answer, skip_special_tokens=True)
         if stops:
             answer, text = cut_at_stop(tok, answer, text, stops)
-        results.append(GenerationResult(text=text.strip(), token_ids=answer))
+        outputs = [m for m, _ in _signal_groups(answer, model.llm.signal_ids)]
+        results.append(GenerationResult(text=text.strip(), token_ids=answer, outputs=outputs))
     _attach_conditioning(model, batch, results)
     return results
 

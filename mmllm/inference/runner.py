@@ -10,6 +10,13 @@ Request schema (one JSON object per line; media paths resolve relative to the re
                              {"role": "assistant", "content": "A bell."},
                              {"role": "user", "content": "Now show it as a picture."}],
      "seed": 3, "max_new_tokens": 32, "steps": 10, "guidance": 3.0}
+    {"id": "r6", "messages": [{"role": "user", "content": "Draw a red circle."},
+                             {"role": "assistant", "content": "Here it is.", "outputs": [{"modality": "image"}]},
+                             {"role": "user", "content": "Now make a sound of it."}]}
+
+An earlier assistant message that produced media lists them under ``outputs`` (as training data does; other keys,
+such as a ``caption``, are allowed and not read): it is rendered with its signal tokens, as training renders that
+turn. Each answer's record holds it as ``reply``, the message to give back in a later request.
 
 Optional per-request overrides: ``seed`` (default ``--seed``), ``max_new_tokens``, ``temperature``
 (0 = greedy, the default), ``top_p``, decoder ``steps`` and ``guidance`` (>= 0; <= 1 turns it off), finite
@@ -85,6 +92,7 @@ from mmllm.inference.generate import (
     decode_jobs,
     eval_mode,
     generate_answers,
+    outputs_problem,
     prepare_request,
     run_decoder,
     token_spec,
@@ -236,7 +244,11 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
                 _check_not_cwd_relative(modality, given, path, base)
             media.append((modality, _load(modality, path) if load else path))
             inputs.append(str(path))
-        messages.append({"role": msg["role"], "content": content})
+        problem = outputs_problem(msg)
+        if problem:
+            raise RequestError(f"messages[{i}]: {problem}")
+        outputs = [{"modality": o["modality"]} for o in msg.get("outputs") or []]
+        messages.append({"role": msg["role"], "content": content, **({"outputs": outputs} if outputs else {})})
     if messages[-1]["role"] != "user":
         raise RequestError("the last message must be the user's")
     if not messages[-1]["content"].strip():
@@ -850,7 +862,7 @@ class _Run:
         self.seconds["write"] += seconds["write"]
         self.log.append({
             "id": parsed.id, "line": item.line, "prompt": parsed.prompt_text, "inputs": parsed.inputs, "text": result.text,
-            "files": files, "seed": parsed.request.seed, "checkpoint": self.fingerprint,
+            "reply": result.reply, "files": files, "seed": parsed.request.seed, "checkpoint": self.fingerprint,
             "settings": {**item.settings, "media": media_digest(parsed.inputs)},
             "inputs_stat": media_stats(parsed.inputs),
             "seconds": {k: round(v, 4) for k, v in seconds.items()}, "batch_size": item.batch_size,
