@@ -613,10 +613,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "default: the shipped mmllm/toyworld/weights)")
     if args.items < 1:
         raise SystemExit(f"--items {args.items}: give at least 1 item per modality and split")
-    require_at_least_1(args, "batch_size", "steps", "threads")
+    require_at_least_1(args, "batch_size", "text_batch_size", "steps", "threads")
     modalities = comma_list(args.modalities, "--modalities", MODALITIES)
     tasks = comma_list(args.tasks, "--tasks", TASKS)
-    options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size, steps=args.steps,
+    options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size,
+                          text_batch_size=args.text_batch_size, steps=args.steps,
                           guidance=args.guidance, modalities=modalities, seed=args.seed, tasks=tasks,
                           parts=parts if args.parts else None, allow_other_parts=args.allow_other_parts)
     _refuse_other_parts(checkpoint, options)  # before anything loads or is written; run_eval checks it again
@@ -991,7 +992,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder holding the judges (default: the shipped mmllm/toyworld/weights)")
     ev.add_argument("--output", type=user_path, default="outputs/eval", metavar="DIR", help="where eval.json goes")
     ev.add_argument("--items", type=int, default=48, metavar="N", help="items per modality and split")
-    ev.add_argument("--batch-size", type=int, default=16, metavar="N", help="requests answered together")
+    ev.add_argument("--batch-size", type=int, default=16, metavar="N",
+                    help="requests answered together (x2t, t2x, routing)")
+    ev.add_argument("--text-batch-size", type=int, default=8, metavar="N",
+                    help="held-out text passages per forward of the perplexity (text)")
     ev.add_argument("--modalities", default="image,audio,video", metavar="LIST", help="comma-separated")
     ev.add_argument("--tasks", default="x2t,t2x,routing,text", metavar="LIST",
                     help="which measurements (comma-separated)")
@@ -1161,7 +1165,8 @@ LESS_MEMORY = {
     "cache": ("; the features computed before it are in cache.dir, and the same command with a smaller --batch-size "
               "computes only the rest"),
     "refine": "; give a smaller --cache-batch-size (the LLM forwards) or --batch-size (the fitting steps)",
-    "eval": "; give a smaller --batch-size (the requests of x2t, t2x and routing answered together)",
+    "eval": ("; give a smaller --batch-size (the requests of x2t, t2x and routing answered together), or "
+             "--text-batch-size (the passages of the text perplexity)"),
 }
 
 
