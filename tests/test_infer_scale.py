@@ -21,7 +21,9 @@ from mmllm.cli import main
 from mmllm.inference import gallery, runner
 from mmllm.inference.gallery import latest_records, write_gallery
 from mmllm.inference.runner import run_requests
-from tests.test_infer import ckpt, model, records_by_id, write_requests  # noqa: F401  (fixtures)
+from tests.test_infer import GENERATE, ckpt, model, records_by_id, write_requests  # noqa: F401  (fixtures)
+
+GENERATE_IMAGE = GENERATE["image"]
 
 
 def _record(rid: str, line: int, error: str | None = None, files: list[str] | None = None) -> dict:
@@ -297,3 +299,79 @@ def test_the_bench_reports_a_row_s_own_peak_memory_not_its_parent_s():
             "bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench); print(bench.peak_mb())")
     child = subprocess.run([sys.executable, "-c", code, str(script)], capture_output=True, text=True, check=True)
     assert len(held) and float(child.stdout) < 128, f"a bare Python reported {child.stdout.strip()} MB"
+
+
+# ------------------------------------------------------------------------------------------ durability and passes
+
+
+def _fsynced_paths(monkeypatch) -> list[tuple[str, int]]:
+    """Each fsync from now on, as (the path fsynced, its size then)."""
+    real, synced = os.fsync, []
+
+    def fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fsynced file from /proc")
+def test_a_record_waits_at_most_a_second_for_its_fsync_even_when_no_record_follows(tmp_path, monkeypatch):
+    """A record was fsynced only with the next one written a second or more after the last fsync: one written before
+    a long decoder batch waited the whole batch. A timer now fsyncs it; records coming together still share one."""
+    monkeypatch.setattr(runner, "SYNC_EVERY_S", 0.2)
+    synced = _fsynced_paths(monkeypatch)
+    path = tmp_path / "results.jsonl"
+    log = runner._ResultsLog(path)
+    try:
+        log.append(_record("a", 1))
+        log.append(_record("b", 2))
+        assert synced == []  # not one fsync per record
+        deadline = time.monotonic() + 5
+        while not synced and time.monotonic() < deadline:  # the run is in a long step: nothing else is written
+            time.sleep(0.02)
+        assert synced == [(str(path), path.stat().st_size)]
+        time.sleep(0.3)
+        log.append(_record("c", 3))  # a second or more (here 0.2 s) after the last fsync: fsynced as it is written
+        assert len(synced) == 2 and synced[-1][1] == path.stat().st_size
+    finally:
+        log.close()
+    assert len(synced) == 3  # at the end
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fsynced file from /proc")
+def test_records_written_before_a_long_decoder_batch_are_fsynced_while_it_runs(model, tmp_path, monkeypatch):  # noqa: F811
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "t0", "prompt": "Hello."}, {"id": "t1", "prompt": "Hi."},
+                                                     {"id": "img", "prompt": GENERATE_IMAGE}])
+    out, real, seen = tmp_path / "out", runner.run_decoder, []
+    monkeypatch.setattr(runner, "SYNC_EVERY_S", 0.3)
+    synced = _fsynced_paths(monkeypatch)
+
+    def long_decoder(model, jobs):
+        if jobs[0].owner.parsed.id == "img":  # the last request's: t0's and t1's records are written
+            time.sleep(1.0)  # minutes, for a real decoder batch
+            results = out / "results.jsonl"
+            seen.append(([size for path, size in synced if path == str(results)], results.stat().st_size))
+        return real(model, jobs)
+
+    monkeypatch.setattr(runner, "run_decoder", long_decoder)
+    assert run_requests(model, requests, out, batch_size=1, max_new_tokens=8)["done"] == 3
+    (log_syncs, size), = seen
+    assert size > 0 and log_syncs and log_syncs[-1] == size  # t0's and t1's records on disk before the batch ends
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fsynced file from /proc")
+def test_a_media_file_costs_one_fsync_and_its_folder_is_fsynced_before_the_log(model, tmp_path, monkeypatch):  # noqa: F811
+    """Each media file fsynced itself and then media/ (its rename): two fsyncs a file. media/ is now fsynced once
+    before each fsync of results.jsonl, so a record on disk still has its files on disk."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": f"i{k}", "prompt": GENERATE_IMAGE, "seed": k}
+                                                     for k in range(4)])
+    out = tmp_path / "out"
+    synced = _fsynced_paths(monkeypatch)
+    assert run_requests(model, requests, out, batch_size=4, max_new_tokens=8)["done"] == 4
+    files = [p for p, _ in synced if p.endswith(".tmp") and "/media/" in p]
+    folder = [k for k, (p, _) in enumerate(synced) if p == str(out / "media")]
+    log = [k for k, (p, _) in enumerate(synced) if p == str(out / "results.jsonl")]
+    assert len(files) == 4 and 1 <= len(folder) <= len(log)
+    assert folder[-1] < log[-1] and folder[-1] > max(k for k, (p, _) in enumerate(synced) if p in files)

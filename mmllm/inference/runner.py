@@ -52,6 +52,7 @@ import math
 import os
 import shutil
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,37 +289,79 @@ SYNC_EVERY_S = 1.0  # fsync results.jsonl at most this often during a run (and a
 
 class _ResultsLog:
     """``results.jsonl``, open for appending for one run. Each record is written at once (a killed run loses
-    none: it is in the kernel's hands) and fsynced with the records before it when it comes SYNC_EVERY_S seconds
-    or more after the last fsync, and when the log closes: an fsync per record took 3.5 ms on a local disk, 60% of
-    a run of text requests on the tiny model. A power loss loses the records since the last fsync -- the last
-    second's, or those written before a pause (a long batch) that the kernel had not written out yet (it does
-    within about 30 s) -- whose requests a re-run answers again (their media files are written atomically, and
-    replaced)."""
+    none: it is in the kernel's hands) and fsynced at most SYNC_EVERY_S seconds after it is written: with the
+    record that comes that long after the last fsync, or else by a timer (a thread) armed by the first record not
+    synced yet, so records written before a long step (a decoder batch of minutes) do not wait for the next record;
+    and when the log closes. An fsync per record took 3.5 ms on a local disk, 60% of a run of text requests on the
+    tiny model. A power loss loses at most the last second's records, whose requests a re-run answers again (their
+    media files are written atomically, and replaced).
 
-    def __init__(self, path: Path):
+    ``folders``: folders whose renames (the media files written beside the records, atomically but without
+    fsyncing their folder) are fsynced before each fsync of the log, so a record that survives a power loss
+    has its files too (a media file cost two fsyncs, its own and its folder's)."""
+
+    def __init__(self, path: Path, folders: tuple[Path, ...] = ()):
         self.path, self.fh, self.synced = path, None, time.monotonic()  # opened at the first record
+        self.folders, self.renamed = folders, False  # renamed: a file was renamed into a folder since the last fsync
+        self.lock = threading.Lock()  # the timer's fsync against the run's appends and close
+        self.timer: threading.Timer | None = None  # armed while a record waits for its fsync
 
     def append(self, record: dict[str, Any]) -> None:
-        if self.fh is None:  # never through a link (refused up front by prepare_output; one made since: ELOOP)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
-            self.fh = open(fd, "a", encoding="utf-8")
-        self.fh.write(json.dumps(record, default=str) + "\n")
-        self.fh.flush()
-        if time.monotonic() - self.synced >= SYNC_EVERY_S:
-            self.sync()
+        with self.lock:
+            if self.fh is None:  # never through a link (refused up front by prepare_output; one made since: ELOOP)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
+                self.fh = open(fd, "a", encoding="utf-8")
+            self.fh.write(json.dumps(record, default=str) + "\n")
+            self.fh.flush()
+            if time.monotonic() - self.synced >= SYNC_EVERY_S:
+                self._sync()
+            elif self.timer is None:
+                self.timer = threading.Timer(SYNC_EVERY_S, self._sync_waiting)
+                self.timer.daemon = True
+                self.timer.start()
+
+    def files_renamed(self) -> None:
+        """Media files were renamed into :attr:`folders` (without an fsync of the folder): fsync it before the log."""
+        self.renamed = True
+
+    def _sync_waiting(self) -> None:
+        """The timer's: fsync the records waiting for it (the run is in a long step, writing none)."""
+        with self.lock:
+            self.timer = None
+            if self.fh is not None and not self.fh.closed:
+                try:
+                    self._sync()
+                except (OSError, ValueError) as exc:  # the run's next fsync (at the latest its close) raises it
+                    log.warning("fsync of %s failed: %s", self.path, exc)
 
     def sync(self) -> None:
+        with self.lock:
+            self._sync()
+
+    def _sync(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.renamed:
+            for folder in self.folders:
+                if folder.is_dir():
+                    fsync_dir(folder)
+            self.renamed = False
         if self.fh is not None:
             self.fh.flush()  # a record an interrupted append left in the buffer (a Ctrl-C before its flush) too
             os.fsync(self.fh.fileno())
         self.synced = time.monotonic()
 
     def close(self) -> None:
-        if self.fh is not None and not self.fh.closed:
-            try:
-                self.sync()
-            finally:
-                self.fh.close()
+        with self.lock:
+            if self.fh is not None and not self.fh.closed:
+                try:
+                    self._sync()
+                finally:
+                    self.fh.close()
+            elif self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
 
     def __enter__(self) -> _ResultsLog:
         return self
@@ -589,8 +632,11 @@ def _safe(rid: str) -> str:
     return f"{readable}-{hashlib.sha1(rid.encode()).hexdigest()[:8]}"
 
 
-def write_outputs(out: Path, rid: str, result, prompt: str, seed: int, fingerprint: str) -> list[str]:
-    """Save a result's media under ``out/media``; the paths (relative to ``out``) actually written."""
+def write_outputs(out: Path, rid: str, result, prompt: str, seed: int, fingerprint: str,
+                  sync_folder: bool = True) -> list[str]:
+    """Save a result's media under ``out/media``; the paths (relative to ``out``) actually written.
+    ``sync_folder=False``: ``out/media`` is not fsynced after each file (the run's results log does it once before
+    its own fsync, see :class:`_ResultsLog`)."""
     files = []
     # prompt last: a WAV comment is length-limited (see save_audio), and a cut should only shorten the prompt
     meta = {"mmllm_id": rid, "seed": str(seed), "checkpoint": fingerprint, "prompt": prompt}
@@ -599,11 +645,11 @@ def write_outputs(out: Path, rid: str, result, prompt: str, seed: int, fingerpri
             name = without_link(out / "media" / f"{_safe(rid)}_{modality}{j}{MEDIA_SUFFIX[modality]}")
             without_link(name.with_suffix(".gif"))  # where a video goes without an H.264 encoder
             if isinstance(item, Audio):
-                path = save_audio(item, name, meta)
+                path = save_audio(item, name, meta, sync_folder)
             elif isinstance(item, Video):  # MP4 keeps only standard tags such as "comment"
-                path = save_video(item, name, {"comment": json.dumps(meta)})
+                path = save_video(item, name, {"comment": json.dumps(meta)}, sync_folder)
             else:
-                path = save_image(item, name, meta)
+                path = save_image(item, name, meta, sync_folder)
             files.append(path.relative_to(out).as_posix())
     return files
 
@@ -703,7 +749,7 @@ class _Run:
         self.model, self.out, self.settings = model, out, settings
         self.batch_size, self.decode_batch_size = batch_size, settings.decode_batch_size or batch_size
         self.fail_fast, self.fingerprint, self.made = fail_fast, fingerprint, made
-        self.log = _ResultsLog(out / "results.jsonl")  # closed by _answer_all
+        self.log = _ResultsLog(out / "results.jsonl", (out / "media",))  # closed by _answer_all
         self.counts = {"done": 0, "failed": 0, "skipped": 0}
         self.seconds = {"prepare": 0.0, "llm": 0.0, "decode": 0.0, "write": 0.0}
         self.queues: dict[tuple, list[DecodeJob]] = {}
@@ -842,10 +888,12 @@ class _Run:
         t0 = time.perf_counter()
         try:
             files = write_outputs(self.out, parsed.id, result, parsed.prompt_text, parsed.request.seed,
-                                  self.fingerprint)
+                                  self.fingerprint, sync_folder=False)
         except Exception as exc:  # e.g. a full disk: this request fails, the run goes on
             self.fail(parsed.id, "write", f"{type(exc).__name__}: {exc}", line=item.line, prompt=parsed.prompt_text)
             return
+        finally:
+            self.log.files_renamed()  # media/ fsynced before the log's next fsync
         seconds = {**item.seconds, "write": time.perf_counter() - t0}
         self.seconds["write"] += seconds["write"]
         self.log.append({
