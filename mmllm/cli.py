@@ -325,16 +325,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
             prepare_output(Path(args.output))
             # one run at a time in OUT (a second refused here, FolderInUse): both would answer every request
             held.enter_context(hold_folder(Path(args.output), "mmllm infer", "give this run another --output"))
+            done = None
             if args.overwrite:
                 check_overwrite(Path(args.output), requests)
             else:
-                check_resume(Path(args.output), requests, run_settings(
+                done = check_resume(Path(args.output), requests, run_settings(
                     Path(args.checkpoint), args.dtype, args.seed, args.max_new_tokens, args.temperature, args.top_p,
                     args.steps, args.guidance, args.device), lines)
         except OutputError as exc:
             raise SystemExit(str(exc)) from exc
         held.enter_context(torch_threads(args.threads))
-        if lines and not args.overwrite and not pending_lines(lines, Path(args.output)):  # finished: nothing to load
+        if lines and not args.overwrite and not pending_lines(lines, Path(args.output), done):  # nothing to load
             log.info("all %d request(s) are already done in %s (same checkpoint and settings); the model is not "
                      "loaded", len(lines), args.output)
             counts = {"done": 0, "failed": 0, "skipped": len(lines), "stopped": 0}
@@ -348,7 +349,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                   decode_batch_size=args.decode_batch_size, fail_fast=args.fail_fast,
                                   checkpoint=Path(args.checkpoint), overwrite=args.overwrite,
                                   gallery="requests" if args.input else "all", resume_checked=True,
-                                  lines=lines)
+                                  lines=lines, done=done)
         if args.prompt:  # quick use: show the answer's record, OUT still locked (read in two passes: see iter_latest)
             from mmllm.inference.gallery import iter_latest
 
