@@ -821,12 +821,25 @@ class _Run:
                 log.debug("request failed", exc_info=True)
                 return [failure_text(exc, self.llm_alone_hint)]  # the text: the exception's frames hold the attempt's tensors
             retry = retry_note(exc, len(batch), "the LLM's batch", "requests", "--batch-size")
+            if retry[0]:
+                self.batch_size = self.halved(self.batch_size, len(batch), "requests through the LLM", "--batch-size")
         else:
             elapsed = time.perf_counter() - t0
             self.seconds["llm"] += elapsed
             return [(r, elapsed) for r in results]
         # here, out of the except block, the failed attempt's tensors (held by its traceback) are gone
         return self.retry_one_by_one(retry, lambda p: self.answer([p])[0], batch)
+
+    @staticmethod
+    def halved(size: int, failed: int, what: str, flag: str) -> int:
+        """The batch size for the rest of the run after a batch of ``failed`` ran out of memory: half of it (the
+        next batch of the same size would most likely run out too, and be retried one by one again), said once
+        each time it changes."""
+        smaller = min(size, max(1, failed // 2))
+        if smaller < size:
+            log.warning("ran out of memory at a batch of %d: the rest of this run takes %d %s at a time (give %s %d "
+                        "to start there)", failed, smaller, what, flag, smaller)
+        return smaller
 
     def retry_one_by_one(self, note: tuple[bool, str], attempt: Any, items: list[Any]) -> list[Any]:
         """``attempt`` on each of ``items`` in turn, after a batch of them failed as ``note`` says (from
@@ -865,6 +878,9 @@ class _Run:
             else:
                 retry = retry_note(exc, len(chunk), f"the {chunk[0].modality} decoder's batch", "signal groups",
                                    "--decode-batch-size")
+                if retry[0]:
+                    self.decode_batch_size = self.halved(self.decode_batch_size, len(chunk),
+                                                         "signal groups per decoder call", "--decode-batch-size")
         else:
             return self.decoded(chunk, items, time.perf_counter() - t0)
         # here, out of the except block, the failed attempt's tensors (held by its traceback) are gone
@@ -1016,7 +1032,7 @@ def run_requests(
             log.info("%d request(s) already done in %s: skipped", run.counts["skipped"], results)
         start = time.perf_counter()
         with eval_mode(model):  # a model that was training gets its modes back after the run
-            stopped = _answer_all(run, todo, requests_file, seed, batch_size, out, current)
+            stopped = _answer_all(run, todo, requests_file, seed, out, current)
         elapsed = time.perf_counter() - start
         n = run.counts["done"] + run.counts["failed"]
         log.info("%d request(s) in %.1f s (%.2f req/s): %d done, %d failed, %d skipped; gallery %s", n, elapsed,
@@ -1032,18 +1048,21 @@ def gallery_wait(cost: float) -> float:
     return max(GALLERY_EVERY_S, cost / GALLERY_SHARE)
 
 
-def _answer_all(run: _Run, todo: list[_Line], requests_file: Path, seed: int, batch_size: int, out: Path,
+def _answer_all(run: _Run, todo: list[_Line], requests_file: Path, seed: int, out: Path,
                 current: dict[tuple[str, str], int] | None) -> int:
-    """Answer ``todo`` in batches, refreshing the gallery now and then and at the end; 1 if ``fail_fast``
-    stopped the run, else 0."""
+    """Answer ``todo`` in batches of ``run.batch_size`` (halved where one ran out of memory), refreshing the
+    gallery now and then and at the end; 1 if ``fail_fast`` stopped the run, else 0."""
     stopped = 0
     try:
         for line in [ln for ln in todo if ln.error]:
             run.fail(line.id, "parse", line.error or "", line=line.lineno)
         good = [ln for ln in todo if not ln.error]
         shown, cost = time.perf_counter(), 0.0
-        for i in range(0, len(good), batch_size):
-            run.run_batch(good[i: i + batch_size], requests_file, seed)
+        start = 0
+        while start < len(good):
+            size = run.batch_size
+            run.run_batch(good[start: start + size], requests_file, seed)
+            start += size
             if time.perf_counter() - shown > gallery_wait(cost):  # a crash still leaves a recent gallery
                 started = time.perf_counter()
                 write_gallery(out, current)
