@@ -278,6 +278,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         read_lines,
         run_requests,
         run_settings,
+        where_failed,
     )
 
     require_checkpoint_dir(args.checkpoint)
@@ -357,6 +358,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 if rec["id"] == f"prompt-{digest}":
                     print(json.dumps(rec, indent=2))
     log.info("requests: %(done)d done, %(failed)d failed, %(skipped)d already done", counts)
+    if counts["failed"]:
+        log.info("%s", where_failed(Path(args.output)))
     return 1 if counts["failed"] or counts["stopped"] else 0
 
 

@@ -539,7 +539,7 @@ def _gallery_ids(out: Path) -> tuple[list[str], list[str], str]:
     """The ids of index.html's sections shown as current, those listed apart as earlier, and its summary."""
     page = (out / "index.html").read_text()
     current, _, earlier = page.partition("<details")
-    summary = re.search(r"<p class='meta'>([^<]*)</p>", page).group(1)
+    summary = re.search(r"<p class='meta'>(\d+ done, \d+ failed)", page).group(1)  # a link to the failed ones after
     return re.findall(r"<h2>([^<]*)</h2>", current), re.findall(r"<h2>([^<]*)</h2>", earlier), summary
 
 
@@ -1195,3 +1195,21 @@ def test_a_decoder_batch_that_runs_out_of_memory_halves_the_decoder_batches_afte
     counts = run_requests(model, requests, tmp_path / "out", batch_size=2, decode_batch_size=4, max_new_tokens=8)
     assert counts["done"] == 8
     assert decoder_batches == [4, 1, 1, 1, 1, 2, 2]  # was [4, 1, 1, 1, 1, 4, 1, 1, 1, 1]
+
+
+def test_the_final_line_says_where_the_failed_requests_are_and_the_same_command_retries_only_them(
+        ckpt, tmp_path, caplog):
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "ok", "prompt": "Hello."},
+                                                     {"id": "lost", "prompt": "What is this?", "image": "cat.png"}])
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out), "--max-new-tokens", "3"]
+    assert main(args) == 1
+    last = caplog.records[-1].getMessage()
+    assert f"failed requests: {out / 'pages' / 'failed.html'} lists them" in last
+    assert f"jq -c 'select(.error)' {out / 'results.jsonl'}" in last and "the same command retries only them" in last
+    assert "lost" in (out / "pages" / "failed.html").read_text()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "cat.png")  # the missing file, found
+    caplog.clear()
+    assert main(args) == 0
+    assert "requests: 1 done, 0 failed, 1 already done" in caplog.text and "failed requests:" not in caplog.text
+    assert not (out / "pages").exists()

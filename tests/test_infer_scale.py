@@ -241,7 +241,7 @@ def test_a_large_gallery_is_paged_and_each_page_links_the_others(tmp_path, monke
     write_gallery(out, current)
     first = (out / "index.html").read_text()
     pages = [(out / "pages" / f"index-{k}.html").read_text() for k in (2, 3)]
-    assert sorted(p.name for p in (out / "pages").iterdir()) == ["index-2.html", "index-3.html"]
+    assert sorted(p.name for p in (out / "pages").iterdir()) == ["failed.html", "index-2.html", "index-3.html"]
     assert _ids(first) == ["a", "b"] and _ids(pages[0]) == ["c", "d"] and _ids(pages[1]) == ["e", "gone"]
     assert all("4 done, 1 failed" in p for p in [first, *pages])  # every page counts the whole run
     assert "page 1 of 3" in first and "href='pages/index-2.html'" in first and "href='pages/index-3.html'" in first
@@ -390,3 +390,31 @@ def test_a_rerun_reads_results_jsonl_once_to_check_it_and_find_what_is_left(ckpt
     write_requests(requests, [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}, {"id": "c", "prompt": "Hey."}])
     assert main(args) == 0 and len(passes) == 2  # one left: the model loads and answers it
     assert sorted(records_by_id(out)) == ["a", "b", "c"]
+
+
+# ------------------------------------------------------------------------------------------ failed requests
+
+
+def test_the_failed_requests_have_a_page_of_their_own_linking_where_each_is_shown(tmp_path, monkeypatch):
+    """At 100,000 requests the gallery is 100 pages, and a failure could be on any: index.html now links a page
+    listing only the failed requests, each with its error and a link to its section on the page that shows it."""
+    monkeypatch.setattr(gallery, "PAGE_SIZE", 2)
+    monkeypatch.setattr(gallery, "FAILED_SHOWN", 2)
+    out = tmp_path / "out"
+    records = [_record("a", 1), _record("b", 2, error="b's <error>"), _record("c", 3), _record("d", 4),
+               _record("e", 5, error="e's error"), _record("f", 6, error="f's error"), _record("gone", 9, error="old")]
+    _write_results(out, records)
+    current = {("id", r["id"]): r["line"] for r in records[:-1]}
+    write_gallery(out, current)
+    failed = (out / "pages" / "failed.html").read_text()
+    assert "3 done, 3 failed (<a href='pages/failed.html'>" in (out / "index.html").read_text()
+    assert "3 done, 3 failed (<a href='failed.html'>" in (out / "pages" / "index-3.html").read_text()
+    assert re.findall(r"<h2><a href='([^']*)'>([^<]*)</a>", failed) == [("../index.html#e2", "b"),
+                                                                        ("index-3.html#e5", "e")]
+    assert "b&#x27;s &lt;error&gt;" in failed and "f's error" not in failed and "old" not in failed  # 2 of 3 shown
+    assert "the first 2 of 3" in failed and "jq -c &#x27;select(.error)&#x27; results.jsonl" in failed
+    assert "id='e2'><h2>b</h2>" in (out / "index.html").read_text()
+    assert "id='e5'><h2>e</h2>" in (out / "pages" / "index-3.html").read_text()
+    _write_results(out, [_record("a", 1)])  # none failed: no page of failures, no link to one
+    write_gallery(out, {("id", "a"): 1})
+    assert not (out / "pages").exists() and "failed.html" not in (out / "index.html").read_text()

@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import stat
 import threading
@@ -77,7 +78,7 @@ from mmllm.data.media import (
 )
 from mmllm.data.template import ContextLengthError
 from mmllm.folder_lock import hold_folder
-from mmllm.inference.gallery import PAGES, iter_latest, write_gallery
+from mmllm.inference.gallery import FAILED_PAGE, FIND_FAILED, PAGES, iter_latest, write_gallery
 from mmllm.inference.generate import (
     DecodeJob,
     PreparedRequest,
@@ -1039,6 +1040,14 @@ def run_requests(
                  n / elapsed if elapsed > 0 else 0.0, run.counts["done"], run.counts["failed"], run.counts["skipped"],
                  out / "index.html")
         return {**run.counts, "stopped": stopped, "seconds": {**run.seconds, "total": elapsed}}
+
+
+def where_failed(out: Path) -> str:
+    """Where a run's user finds its failed requests, and how to retry them (the line ``mmllm infer`` ends with)."""
+    return (f"failed requests: {out / PAGES / FAILED_PAGE} lists them with their errors (linked from "
+            f"{out / 'index.html'}); every failure is a record with an error in {out / 'results.jsonl'} ("
+            f"{FIND_FAILED.replace('results.jsonl', shlex.quote(str(out / 'results.jsonl')))}); the same command "
+            "retries only them")
 
 
 def gallery_wait(cost: float) -> float:
