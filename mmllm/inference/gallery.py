@@ -102,6 +102,19 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) and "id" in rec else None
 
 
+def every_record(results: Path) -> Iterator[dict[str, Any]]:
+    """Every record of ``results`` in order, earlier ones of a request too, each parsed once (a caller keeping
+    what it needs of each request's latest, by :func:`record_key`, reads the file once: :func:`iter_latest` parses
+    the latest records twice)."""
+    if not results.is_file():
+        return
+    with open(results, "rb") as fh:
+        for raw in fh:
+            rec = _parse(raw)
+            if rec is not None:
+                yield rec
+
+
 def read_records(results: Path, entries: Iterable[Entry]) -> Iterator[dict[str, Any]]:
     """The records at ``entries`` (from :func:`latest_entries` of ``results``), one at a time."""
     with open(results, "rb") as fh:

@@ -78,7 +78,15 @@ from mmllm.data.media import (
 )
 from mmllm.data.template import ContextLengthError
 from mmllm.folder_lock import hold_folder
-from mmllm.inference.gallery import FAILED_PAGE, FIND_FAILED, PAGES, iter_latest, write_gallery
+from mmllm.inference.gallery import (
+    FAILED_PAGE,
+    FIND_FAILED,
+    PAGES,
+    every_record,
+    iter_latest,
+    record_key,
+    write_gallery,
+)
 from mmllm.inference.generate import (
     DecodeJob,
     PreparedRequest,
@@ -527,29 +535,26 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any], lines: li
     other settings than ``made`` (from :func:`run_settings`): skipping it would keep a stale answer. ``lines``:
     the requests file's, where the caller has read them (:func:`read_lines`). Returns the ids of the requests done
     in ``out`` (for :func:`pending_lines`: results.jsonl read once, not once more to find them: 1.6 of 6.5 CPU-s
-    of a re-run of 100,000 requests)."""
+    of a re-run of 100,000 requests). Each record is parsed once, and what it says of its request kept until a later
+    record of the request replaces it (:func:`~mmllm.inference.gallery.iter_latest` parses the latest twice)."""
     results = Path(out) / "results.jsonl"
-    done: set[str] = set()
     if not results.is_file():
-        return done
+        return set()
     if lines is None:
         lines = read_lines(Path(requests_file))
     by_id = {ln.id: ln for ln in lines if not ln.error}
+    verdicts: dict[tuple[str, str], Any] = {}  # each request's latest record's verdict (see _resume_verdict)
+    for rec in every_record(results):
+        verdicts[record_key(rec)] = _resume_verdict(rec, by_id, made, Path(requests_file).parent, results.parent)
+    done: set[str] = set()
     stale, unrecorded = 0, 0
     differ: dict[str, tuple[Any, Any]] = {}  # setting -> (the first recorded value that differs, this run's)
-    for rec in iter_latest(results):
-        line = by_id.get(str(rec["id"]))
-        if line is None or not _is_done(results.parent, rec):
+    for verdict in verdicts.values():
+        if verdict is None:
             continue
-        done.add(line.id)  # the requests file's string: held once
-        unrecorded += "settings" not in rec
-        old = {"checkpoint": rec.get("checkpoint"), **rec.get("settings", {})}
-        record = line.record or {}
-        now = {"checkpoint": made["checkpoint"], **request_settings(made, record)}
-        if old.get("media") is not None:  # the request's input files as they are now
-            same = now["request"] == old.get("request")
-            now["media"] = _current_media(record, Path(requests_file).parent, rec, same) or old["media"]
-        changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k]}
+        rid, changed, recorded = (verdict, {}, True) if isinstance(verdict, str) else verdict
+        done.add(rid)
+        unrecorded += not recorded
         stale += bool(changed)
         for key, values in changed.items():
             differ.setdefault(key, values)
@@ -565,6 +570,25 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any], lines: li
                           f"pass --overwrite to start {out} afresh (its results.jsonl, media/, index.html and pages/ "
                           f"are replaced)")
     return done
+
+
+def _resume_verdict(rec: dict[str, Any], by_id: dict[str, _Line], made: dict[str, Any], base: Path,
+                    out: Path) -> str | tuple[str, dict[str, tuple[Any, Any]], bool] | None:
+    """What :func:`check_resume` keeps of a record: None unless it is a done answer of a request of the requests
+    file (``by_id``); else the request's id (the requests file's string: held once), alone where the answer was
+    made as this run's would be (``made``), else with the settings in which it differs -- recorded value, this
+    run's -- and whether it recorded its settings."""
+    line = by_id.get(str(rec["id"]))
+    if line is None or rec.get("error_stage") == "parse" or not _is_done(out, rec):
+        return None
+    old = {"checkpoint": rec.get("checkpoint"), **rec.get("settings", {})}
+    record = line.record or {}
+    now = {"checkpoint": made["checkpoint"], **request_settings(made, record)}
+    if old.get("media") is not None:  # the request's input files as they are now
+        same = now["request"] == old.get("request")
+        now["media"] = _current_media(record, base, rec, same) or old["media"]
+    changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k]}
+    return (line.id, changed, "settings" in rec) if changed or "settings" not in rec else line.id
 
 
 def check_overwrite(out: Path, requests_file: Path) -> None:
