@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], Any], sync_folder: bool = True) -> Path:
     """Call ``write(tmp)`` to fill a temporary file, then move it onto ``path``; returns ``path``.
 
     ``write`` must name the file format itself (the temporary's suffix is ``.tmp``). A target that
-    exists and is not a regular file (``/dev/stdout``, a pipe) is written directly.
+    exists and is not a regular file (``/dev/stdout``, a pipe) is written directly. ``sync_folder=False`` leaves
+    the fsync of the folder (the rename's) to the caller, who writes many files there and fsyncs it once for them
+    (``mmllm infer``'s media: one fsync a file rather than two).
     """
     path = Path(path)
     if path.exists() and not path.is_file():
@@ -36,7 +38,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    if sync_folder:
+        fsync_dir(path.parent)
     return path
 
 

@@ -278,6 +278,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         read_lines,
         run_requests,
         run_settings,
+        where_failed,
     )
 
     require_checkpoint_dir(args.checkpoint)
@@ -325,16 +326,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
             prepare_output(Path(args.output))
             # one run at a time in OUT (a second refused here, FolderInUse): both would answer every request
             held.enter_context(hold_folder(Path(args.output), "mmllm infer", "give this run another --output"))
+            done = None
             if args.overwrite:
                 check_overwrite(Path(args.output), requests)
             else:
-                check_resume(Path(args.output), requests, run_settings(
+                done = check_resume(Path(args.output), requests, run_settings(
                     Path(args.checkpoint), args.dtype, args.seed, args.max_new_tokens, args.temperature, args.top_p,
                     args.steps, args.guidance, args.device), lines)
         except OutputError as exc:
             raise SystemExit(str(exc)) from exc
         held.enter_context(torch_threads(args.threads))
-        if lines and not args.overwrite and not pending_lines(lines, Path(args.output)):  # finished: nothing to load
+        if lines and not args.overwrite and not pending_lines(lines, Path(args.output), done):  # nothing to load
             log.info("all %d request(s) are already done in %s (same checkpoint and settings); the model is not "
                      "loaded", len(lines), args.output)
             counts = {"done": 0, "failed": 0, "skipped": len(lines), "stopped": 0}
@@ -348,7 +350,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                   decode_batch_size=args.decode_batch_size, fail_fast=args.fail_fast,
                                   checkpoint=Path(args.checkpoint), overwrite=args.overwrite,
                                   gallery="requests" if args.input else "all", resume_checked=True,
-                                  lines=lines)
+                                  lines=lines, done=done)
         if args.prompt:  # quick use: show the answer's record, OUT still locked (read in two passes: see iter_latest)
             from mmllm.inference.gallery import iter_latest
 
@@ -356,6 +358,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 if rec["id"] == f"prompt-{digest}":
                     print(json.dumps(rec, indent=2))
     log.info("requests: %(done)d done, %(failed)d failed, %(skipped)d already done", counts)
+    if counts["failed"]:
+        log.info("%s", where_failed(Path(args.output)))
     return 1 if counts["failed"] or counts["stopped"] else 0
 
 
@@ -613,10 +617,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          "default: the shipped mmllm/toyworld/weights)")
     if args.items < 1:
         raise SystemExit(f"--items {args.items}: give at least 1 item per modality and split")
-    require_at_least_1(args, "batch_size", "steps", "threads")
+    require_at_least_1(args, "batch_size", "text_batch_size", "steps", "threads")
     modalities = comma_list(args.modalities, "--modalities", MODALITIES)
     tasks = comma_list(args.tasks, "--tasks", TASKS)
-    options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size, steps=args.steps,
+    options = EvalOptions(output=Path(args.output), items=args.items, batch_size=args.batch_size,
+                          text_batch_size=args.text_batch_size, steps=args.steps,
                           guidance=args.guidance, modalities=modalities, seed=args.seed, tasks=tasks,
                           parts=parts if args.parts else None, allow_other_parts=args.allow_other_parts)
     _refuse_other_parts(checkpoint, options)  # before anything loads or is written; run_eval checks it again
@@ -991,7 +996,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder holding the judges (default: the shipped mmllm/toyworld/weights)")
     ev.add_argument("--output", type=user_path, default="outputs/eval", metavar="DIR", help="where eval.json goes")
     ev.add_argument("--items", type=int, default=48, metavar="N", help="items per modality and split")
-    ev.add_argument("--batch-size", type=int, default=16, metavar="N", help="requests answered together")
+    ev.add_argument("--batch-size", type=int, default=16, metavar="N",
+                    help="requests answered together (x2t, t2x, routing)")
+    ev.add_argument("--text-batch-size", type=int, default=8, metavar="N",
+                    help="held-out text passages per forward of the perplexity (text)")
     ev.add_argument("--modalities", default="image,audio,video", metavar="LIST", help="comma-separated")
     ev.add_argument("--tasks", default="x2t,t2x,routing,text", metavar="LIST",
                     help="which measurements (comma-separated)")
@@ -1161,7 +1169,8 @@ LESS_MEMORY = {
     "cache": ("; the features computed before it are in cache.dir, and the same command with a smaller --batch-size "
               "computes only the rest"),
     "refine": "; give a smaller --cache-batch-size (the LLM forwards) or --batch-size (the fitting steps)",
-    "eval": "; give a smaller --batch-size (the requests of x2t, t2x and routing answered together)",
+    "eval": ("; give a smaller --batch-size (the requests of x2t, t2x and routing answered together), or "
+             "--text-batch-size (the passages of the text perplexity)"),
 }
 
 

@@ -410,6 +410,19 @@ def test_threads_is_restored_when_the_command_returns(command, tmp_path, request
     assert torch.get_num_threads() == before
 
 
+def test_eval_text_batch_size_reaches_the_perplexity(tmp_path, monkeypatch, capsys):
+    from mmllm.toyworld import model_eval
+
+    checkpoint, seen = tmp_path / "checkpoint", []
+    checkpoint.mkdir()
+    monkeypatch.setattr(AnyToAnyModel, "from_pretrained", lambda *args, **kwargs: "a model")
+    monkeypatch.setattr(model_eval, "run_eval", lambda model, judges, options: seen.append(options) or {})
+    monkeypatch.setattr(model_eval, "format_eval", lambda report: "report")
+    argv = ["eval", "--checkpoint", str(checkpoint), "--parts", str(tmp_path), "--output", str(tmp_path / "out")]
+    assert main([*argv, "--text-batch-size", "3"]) == 0 and main(argv) == 0
+    assert [o.text_batch_size for o in seen] == [3, 8] and seen[0].batch_size == 16
+
+
 @pytest.mark.parametrize("argv,message", [
     (["refine", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),  # was: trained nothing, "wrote"
     (["refine", "--steps", "0"], "--steps must be at least 1, got 0"),
@@ -418,6 +431,7 @@ def test_threads_is_restored_when_the_command_returns(command, tmp_path, request
     (["refine", "--format", "chat"], "unknown data format 'chat'; valid formats: mmllm-pairs, mmllm-chat"),  # was a traceback
     (["eval", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["eval", "--steps", "0"], "--steps must be at least 1, got 0"),
+    (["eval", "--text-batch-size", "0"], "--text-batch-size must be at least 1, got 0"),
     (["cache", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["world", "report", "--per-combo", "0"], "--per-combo must be at least 1, got 0"),  # was torch.cat's traceback
     (["world", "report", "--decoder-items", "0"], "--decoder-items must be at least 1, got 0"),

@@ -149,6 +149,23 @@ def test_perplexity_without_a_passage_long_enough_says_what_to_change(tiny_model
         run_eval(tiny_model, {}, options)
 
 
+def test_the_text_perplexity_takes_text_batch_size_passages_a_forward(tiny_model, tmp_path):
+    """The perplexity's batch was fixed at 8 (``--batch-size`` is the requests'): a core that ran out of memory
+    there had no knob. The figure does not depend on it beyond float rounding."""
+    sizes = []
+    hook = tiny_model.llm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        report = {size: run_eval(tiny_model, {}, EvalOptions(output=tmp_path, modalities=[], tasks=["text"],
+                                                             text_chunks=5, text_tokens=8, text_batch_size=size))
+                  for size in (2, 8)}
+    finally:
+        hook.remove()
+    assert sizes == [2, 2, 2, 2, 1, 1] + [5, 5]  # the model's and the base core's forward of each batch
+    assert report[2]["text"]["model"] == pytest.approx(report[8]["text"]["model"], rel=1e-5)
+    assert report[2]["text"]["tokens"] == report[8]["text"]["tokens"] == 5 * 7
+
+
 def test_text_perplexity_names_the_shipped_passages_by_their_sha256_not_the_python(tiny_model, tmp_path):
     """The passages are a file shipped in the package, the same bytes on every Python: the report names that
     file and its sha256 (it named the Python whose pydoc_data topics it read, which differ per version)."""

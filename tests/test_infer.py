@@ -568,7 +568,7 @@ def _gallery_ids(out: Path) -> tuple[list[str], list[str], str]:
     """The ids of index.html's sections shown as current, those listed apart as earlier, and its summary."""
     page = (out / "index.html").read_text()
     current, _, earlier = page.partition("<details")
-    summary = re.search(r"<p class='meta'>([^<]*)</p>", page).group(1)
+    summary = re.search(r"<p class='meta'>(\d+ done, \d+ failed)", page).group(1)  # a link to the failed ones after
     return re.findall(r"<h2>([^<]*)</h2>", current), re.findall(r"<h2>([^<]*)</h2>", earlier), summary
 
 
@@ -1171,3 +1171,74 @@ def test_out_of_memory_advice_of_infer_leaves_out_the_dtype_it_was_given(ckpt, t
         line = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln][0]
         assert "infer ran out of memory (CUDA out of memory. Tried to allocate 8.00 GiB.)" in line and said in line
         assert dtype == "float32" or "--dtype" not in line
+
+
+def test_after_a_batch_runs_out_of_memory_the_rest_of_the_run_takes_half_as_many(model, tmp_path, monkeypatch,
+                                                                                  caplog):
+    """The run went back to the full --batch-size after a batch that ran out of memory was retried one by one: the
+    next batch of that size ran out again, and was retried one by one again, to the end of the run. Halved (and said
+    once), for the LLM's batches and a decoder's alike."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": f"r{k}", "prompt": GENERATE["image"], "seed": k}
+                                                     for k in range(8)])
+    real_answers, real_decoder = runner.generate_answers, runner.run_decoder
+    llm_batches, decoder_batches = [], []
+
+    def answers(model, batch, settings):  # memory for 2 requests at a time
+        llm_batches.append(len(batch))
+        if len(batch) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return real_answers(model, batch, settings)
+
+    def decoder(model, jobs):  # memory for 2 signal groups at a time
+        decoder_batches.append(len(jobs))
+        if len(jobs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
+        return real_decoder(model, jobs)
+
+    monkeypatch.setattr(runner, "generate_answers", answers)
+    monkeypatch.setattr(runner, "run_decoder", decoder)
+    monkeypatch.setattr(runner, "release_memory", lambda: None)
+    counts = run_requests(model, requests, tmp_path / "out", batch_size=4, decode_batch_size=8, max_new_tokens=8)
+    assert (counts["done"], counts["failed"]) == (8, 0)
+    assert llm_batches == [4, 1, 1, 1, 1, 2, 2]  # was [4, 1, 1, 1, 1, 4, 1, 1, 1, 1]
+    groups = sum(len(r["files"]) for r in records_by_id(tmp_path / "out").values())
+    assert groups == 8 and decoder_batches == [8, *[1] * 8]  # one decoder batch: halved for nothing after it
+    assert caplog.text.count("the rest of this run takes 2 requests through the LLM at a time") == 1
+    assert "give --batch-size 2 to start there" in caplog.text
+    assert "the rest of this run takes 4 signal groups per decoder call" in caplog.text
+
+
+def test_a_decoder_batch_that_runs_out_of_memory_halves_the_decoder_batches_after_it(model, tmp_path, monkeypatch):
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": f"r{k}", "prompt": GENERATE["image"], "seed": k}
+                                                     for k in range(8)])
+    real_decoder, decoder_batches = runner.run_decoder, []
+
+    def decoder(model, jobs):
+        decoder_batches.append(len(jobs))
+        if len(jobs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
+        return real_decoder(model, jobs)
+
+    monkeypatch.setattr(runner, "run_decoder", decoder)
+    monkeypatch.setattr(runner, "release_memory", lambda: None)
+    counts = run_requests(model, requests, tmp_path / "out", batch_size=2, decode_batch_size=4, max_new_tokens=8)
+    assert counts["done"] == 8
+    assert decoder_batches == [4, 1, 1, 1, 1, 2, 2]  # was [4, 1, 1, 1, 1, 4, 1, 1, 1, 1]
+
+
+def test_the_final_line_says_where_the_failed_requests_are_and_the_same_command_retries_only_them(
+        ckpt, tmp_path, caplog):
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "ok", "prompt": "Hello."},
+                                                     {"id": "lost", "prompt": "What is this?", "image": "cat.png"}])
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out), "--max-new-tokens", "3"]
+    assert main(args) == 1
+    last = caplog.records[-1].getMessage()
+    assert f"failed requests: {out / 'pages' / 'failed.html'} lists them" in last
+    assert f"jq -c 'select(.error)' {out / 'results.jsonl'}" in last and "the same command retries only them" in last
+    assert "lost" in (out / "pages" / "failed.html").read_text()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "cat.png")  # the missing file, found
+    caplog.clear()
+    assert main(args) == 0
+    assert "requests: 1 done, 0 failed, 1 already done" in caplog.text and "failed requests:" not in caplog.text
+    assert not (out / "pages").exists()

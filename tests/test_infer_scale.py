@@ -21,7 +21,9 @@ from mmllm.cli import main
 from mmllm.inference import gallery, runner
 from mmllm.inference.gallery import latest_records, write_gallery
 from mmllm.inference.runner import run_requests
-from tests.test_infer import ckpt, model, records_by_id, write_requests  # noqa: F401  (fixtures)
+from tests.test_infer import GENERATE, ckpt, model, records_by_id, write_requests  # noqa: F401  (fixtures)
+
+GENERATE_IMAGE = GENERATE["image"]
 
 
 def _record(rid: str, line: int, error: str | None = None, files: list[str] | None = None) -> dict:
@@ -239,7 +241,7 @@ def test_a_large_gallery_is_paged_and_each_page_links_the_others(tmp_path, monke
     write_gallery(out, current)
     first = (out / "index.html").read_text()
     pages = [(out / "pages" / f"index-{k}.html").read_text() for k in (2, 3)]
-    assert sorted(p.name for p in (out / "pages").iterdir()) == ["index-2.html", "index-3.html"]
+    assert sorted(p.name for p in (out / "pages").iterdir()) == ["failed.html", "index-2.html", "index-3.html"]
     assert _ids(first) == ["a", "b"] and _ids(pages[0]) == ["c", "d"] and _ids(pages[1]) == ["e", "gone"]
     assert all("4 done, 1 failed" in p for p in [first, *pages])  # every page counts the whole run
     assert "page 1 of 3" in first and "href='pages/index-2.html'" in first and "href='pages/index-3.html'" in first
@@ -297,3 +299,139 @@ def test_the_bench_reports_a_row_s_own_peak_memory_not_its_parent_s():
             "bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench); print(bench.peak_mb())")
     child = subprocess.run([sys.executable, "-c", code, str(script)], capture_output=True, text=True, check=True)
     assert len(held) and float(child.stdout) < 128, f"a bare Python reported {child.stdout.strip()} MB"
+
+
+# ------------------------------------------------------------------------------------------ durability and passes
+
+
+def _fsynced_paths(monkeypatch) -> list[tuple[str, int]]:
+    """Each fsync from now on, as (the path fsynced, its size then)."""
+    real, synced = os.fsync, []
+
+    def fsync(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), os.fstat(fd).st_size))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fsynced file from /proc")
+def test_a_record_waits_at_most_a_second_for_its_fsync_even_when_no_record_follows(tmp_path, monkeypatch):
+    """A record was fsynced only with the next one written a second or more after the last fsync: one written before
+    a long decoder batch waited the whole batch. A timer now fsyncs it; records coming together still share one."""
+    monkeypatch.setattr(runner, "SYNC_EVERY_S", 0.2)
+    synced = _fsynced_paths(monkeypatch)
+    path = tmp_path / "results.jsonl"
+    log = runner._ResultsLog(path)
+    try:
+        log.append(_record("a", 1))
+        log.append(_record("b", 2))
+        assert synced == []  # not one fsync per record
+        deadline = time.monotonic() + 5
+        while not synced and time.monotonic() < deadline:  # the run is in a long step: nothing else is written
+            time.sleep(0.02)
+        assert synced == [(str(path), path.stat().st_size)]
+        time.sleep(0.3)
+        log.append(_record("c", 3))  # a second or more (here 0.2 s) after the last fsync: fsynced as it is written
+        assert len(synced) == 2 and synced[-1][1] == path.stat().st_size
+    finally:
+        log.close()
+    assert len(synced) == 3  # at the end
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fsynced file from /proc")
+def test_records_written_before_a_long_decoder_batch_are_fsynced_while_it_runs(model, tmp_path, monkeypatch):  # noqa: F811
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "t0", "prompt": "Hello."}, {"id": "t1", "prompt": "Hi."},
+                                                     {"id": "img", "prompt": GENERATE_IMAGE}])
+    out, real, seen = tmp_path / "out", runner.run_decoder, []
+    monkeypatch.setattr(runner, "SYNC_EVERY_S", 0.3)
+    synced = _fsynced_paths(monkeypatch)
+
+    def long_decoder(model, jobs):
+        if jobs[0].owner.parsed.id == "img":  # the last request's: t0's and t1's records are written
+            time.sleep(1.0)  # minutes, for a real decoder batch
+            results = out / "results.jsonl"
+            seen.append(([size for path, size in synced if path == str(results)], results.stat().st_size))
+        return real(model, jobs)
+
+    monkeypatch.setattr(runner, "run_decoder", long_decoder)
+    assert run_requests(model, requests, out, batch_size=1, max_new_tokens=8)["done"] == 3
+    (log_syncs, size), = seen
+    assert size > 0 and log_syncs and log_syncs[-1] == size  # t0's and t1's records on disk before the batch ends
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an fsynced file from /proc")
+def test_a_media_file_costs_one_fsync_and_its_folder_is_fsynced_before_the_log(model, tmp_path, monkeypatch):  # noqa: F811
+    """Each media file fsynced itself and then media/ (its rename): two fsyncs a file. media/ is now fsynced once
+    before each fsync of results.jsonl, so a record on disk still has its files on disk."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": f"i{k}", "prompt": GENERATE_IMAGE, "seed": k}
+                                                     for k in range(4)])
+    out = tmp_path / "out"
+    synced = _fsynced_paths(monkeypatch)
+    assert run_requests(model, requests, out, batch_size=4, max_new_tokens=8)["done"] == 4
+    files = [p for p, _ in synced if p.endswith(".tmp") and "/media/" in p]
+    folder = [k for k, (p, _) in enumerate(synced) if p == str(out / "media")]
+    log = [k for k, (p, _) in enumerate(synced) if p == str(out / "results.jsonl")]
+    assert len(files) == 4 and 1 <= len(folder) <= len(log)
+    assert folder[-1] < log[-1] and folder[-1] > max(k for k, (p, _) in enumerate(synced) if p in files)
+
+
+def test_a_rerun_parses_each_record_once_to_check_it_and_find_what_is_left(ckpt, tmp_path, monkeypatch):  # noqa: F811
+    """The check of earlier answers found the requests done, and then mmllm infer and run_requests each read
+    results.jsonl again to find them, each pass parsing every record and the latest again: 1.6 of 6.5 CPU-s of a
+    re-run of 100,000 went to the two passes that found them, 0.45 to the second parse of the check's."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}])
+    out = tmp_path / "out"
+    args = ["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out), "--max-new-tokens", "3"]
+    assert main(args) == 0
+    real, parsed = gallery._parse, []
+    monkeypatch.setattr(gallery, "_parse", lambda raw: parsed.append(raw) or real(raw))
+    for module in (runner, gallery):  # the gallery's own two passes (the second a page at a time) left out
+        monkeypatch.setattr(module, "write_gallery", lambda *args, **kwargs: None)
+    assert main(args) == 0 and len(parsed) == 2  # all done: the model is not loaded
+    write_requests(requests, [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}, {"id": "c", "prompt": "Hey."}])
+    assert main(args) == 0 and len(parsed) == 4  # one left: the model loads and answers it
+    assert sorted(records_by_id(out)) == ["a", "b", "c"]
+
+
+# ------------------------------------------------------------------------------------------ failed requests
+
+
+def test_the_failed_requests_have_a_page_of_their_own_linking_where_each_is_shown(tmp_path, monkeypatch):
+    """At 100,000 requests the gallery is 100 pages, and a failure could be on any: index.html now links a page
+    listing only the failed requests, each with its error and a link to its section on the page that shows it."""
+    monkeypatch.setattr(gallery, "PAGE_SIZE", 2)
+    monkeypatch.setattr(gallery, "FAILED_SHOWN", 2)
+    out = tmp_path / "out"
+    records = [_record("a", 1), _record("b", 2, error="b's <error>"), _record("c", 3), _record("d", 4),
+               _record("e", 5, error="e's error"), _record("f", 6, error="f's error"), _record("gone", 9, error="old")]
+    _write_results(out, records)
+    current = {("id", r["id"]): r["line"] for r in records[:-1]}
+    write_gallery(out, current)
+    failed = (out / "pages" / "failed.html").read_text()
+    assert "3 done, 3 failed (<a href='pages/failed.html'>" in (out / "index.html").read_text()
+    assert "3 done, 3 failed (<a href='failed.html'>" in (out / "pages" / "index-3.html").read_text()
+    assert re.findall(r"<h2><a href='([^']*)'>([^<]*)</a>", failed) == [("../index.html#e2", "b"),
+                                                                        ("index-3.html#e5", "e")]
+    assert "b&#x27;s &lt;error&gt;" in failed and "f's error" not in failed and "old" not in failed  # 2 of 3 shown
+    assert "the first 2 of 3" in failed and "jq -c &#x27;select(.error)&#x27; results.jsonl" in failed
+    assert "id='e2'><h2>b</h2>" in (out / "index.html").read_text()
+    assert "id='e5'><h2>e</h2>" in (out / "pages" / "index-3.html").read_text()
+    _write_results(out, [_record("a", 1)])  # none failed: no page of failures, no link to one
+    write_gallery(out, {("id", "a"): 1})
+    assert not (out / "pages").exists() and "failed.html" not in (out / "index.html").read_text()
+
+
+def test_the_check_of_earlier_answers_judges_each_request_by_its_latest_record(tmp_path):
+    """Read in one pass (each record parsed once), an earlier record of a request never counts over a later one."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "a", "prompt": "Hello."}, {"id": "b", "prompt": "Hi."}])
+    made = runner.run_settings(None, "float32")
+    mine, other = {"checkpoint": made["checkpoint"]}, {"checkpoint": "another"}
+    out = tmp_path / "out"
+    _write_results(out, [{**_record("a", 1), **other}, _record("b", 2, error="bad"), _record("a", 1, error="bad"),
+                         {**_record("b", 2), **mine}])
+    assert runner.check_resume(out, requests, made) == {"b"}  # a's answer of another checkpoint: failed since
+    _write_results(out, [{**_record("a", 1), **mine}, {**_record("a", 1), **other}])
+    with pytest.raises(runner.OutputError, match="1 request"):
+        runner.check_resume(out, requests, made)

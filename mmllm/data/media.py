@@ -568,13 +568,14 @@ def load_media(modality: str, path: str | Path):
 # --------------------------------------------------------------------------------------------
 
 
-def save_image(image: Image.Image, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def save_image(image: Image.Image, path: str | Path, metadata: dict[str, str] | None = None,
+               sync_folder: bool = True) -> Path:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     for k, v in (metadata or {}).items():
         info.add_text(k, str(v))
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info), sync_folder)
 
 
 # libsndfile drops a RIFF INFO string longer than about 2045 UTF-8 bytes, silently and whole (libsndfile 1.2)
@@ -586,7 +587,8 @@ def cut_utf8(text: str, limit: int) -> str:
     return text.encode()[:limit].decode(errors="ignore")
 
 
-def save_audio(audio: Audio, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def save_audio(audio: Audio, path: str | Path, metadata: dict[str, str] | None = None,
+               sync_folder: bool = True) -> Path:
     """16-bit PCM WAV; metadata goes into the RIFF INFO comment, cut to :data:`WAV_COMMENT_BYTES` (the
     metadata's last entry is the one a cut shortens)."""
     import soundfile as sf
@@ -598,24 +600,25 @@ def save_audio(audio: Audio, path: str | Path, metadata: dict[str, str] | None =
                 fh.comment = cut_utf8("; ".join(f"{k}={v}" for k, v in metadata.items()), WAV_COMMENT_BYTES)
             fh.write(np.clip(audio.waveform, -1.0, 1.0))
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, sync_folder)
 
 
-def save_video(video: Video, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def save_video(video: Video, path: str | Path, metadata: dict[str, str] | None = None,
+               sync_folder: bool = True) -> Path:
     """MP4 (H.264) when the suffix is .mp4 and an encoder is available, else an animated GIF. A GIF's
     metadata goes whole into its comment extension (a chain of 255-byte sub-blocks, which Pillow writes and
     reads back joined)."""
     path = Path(path)
     if path.suffix.lower() == ".mp4":
         try:
-            return _save_mp4(video, path, metadata)
+            return _save_mp4(video, path, metadata, sync_folder)
         except Exception as exc:  # no H.264 encoder in this build of PyAV
             log.warning("MP4 encoding failed (%s); writing GIF instead", exc)
             path = path.with_suffix(".gif")
     frames = video.frames
     return atomic_write(path, lambda tmp: frames[0].save(
         tmp, format="GIF", save_all=True, append_images=frames[1:], duration=int(1000 / max(video.fps, 1)),
-        loop=0, comment=("; ".join(f"{k}={v}" for k, v in (metadata or {}).items())).encode()))
+        loop=0, comment=("; ".join(f"{k}={v}" for k, v in (metadata or {}).items())).encode()), sync_folder)
 
 
 def save_media(modality: str, item: Any, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
@@ -626,7 +629,7 @@ def save_media(modality: str, item: Any, path: str | Path, metadata: dict[str, s
     return savers[modality](item, path, metadata)
 
 
-def _save_mp4(video: Video, path: Path, metadata: dict[str, str] | None) -> Path:
+def _save_mp4(video: Video, path: Path, metadata: dict[str, str] | None, sync_folder: bool = True) -> Path:
     import av
 
     w, h = video.frames[0].size
@@ -647,4 +650,4 @@ def _save_mp4(video: Video, path: Path, metadata: dict[str, str] | None) -> Path
             for packet in stream.encode():
                 container.mux(packet)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, sync_folder)

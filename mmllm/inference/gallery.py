@@ -9,7 +9,7 @@ renamed, or a malformed line since fixed) are kept in ``results.jsonl`` and show
 
 Pages hold :data:`PAGE_SIZE` requests each (one page of 100,000 was 31 MB of HTML, which a browser showed only
 after minutes): the first is ``index.html``, the others ``pages/index-N.html``; each counts the whole run and links
-the first, last and nearby pages. ``results.jsonl`` is read as an index of where each request's latest record is
+the first, last and nearby pages, and ``pages/failed.html``, the failed requests alone, each linking its section. ``results.jsonl`` is read as an index of where each request's latest record is
 (:func:`latest_entries`), the records themselves a page at a time.
 """
 
@@ -19,6 +19,7 @@ import html
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -101,6 +102,19 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
     return rec if isinstance(rec, dict) and "id" in rec else None
 
 
+def every_record(results: Path) -> Iterator[dict[str, Any]]:
+    """Every record of ``results`` in order, earlier ones of a request too, each parsed once (a caller keeping
+    what it needs of each request's latest, by :func:`record_key`, reads the file once: :func:`iter_latest` parses
+    the latest records twice)."""
+    if not results.is_file():
+        return
+    with open(results, "rb") as fh:
+        for raw in fh:
+            rec = _parse(raw)
+            if rec is not None:
+                yield rec
+
+
 def read_records(results: Path, entries: Iterable[Entry]) -> Iterator[dict[str, Any]]:
     """The records at ``entries`` (from :func:`latest_entries` of ``results``), one at a time."""
     with open(results, "rb") as fh:
@@ -125,8 +139,9 @@ def latest_records(results: Path) -> list[dict[str, Any]]:
     return list(iter_latest(results))
 
 
-def _section(rec: dict[str, Any], prefix: str = "") -> str:
-    """One request's section; ``prefix`` leads from the page to ``OUT`` (``../`` from ``pages/``)."""
+def _section(rec: dict[str, Any], prefix: str = "", anchor: str = "") -> str:
+    """One request's section; ``prefix`` leads from the page to ``OUT`` (``../`` from ``pages/``); ``anchor``: its
+    HTML id, which the page of failed requests links to."""
     parts = [f"<h2>{html.escape(str(rec['id']))}</h2>"]
     if rec.get("prompt"):
         parts.append(f'<p class="prompt">{html.escape(str(rec["prompt"]))}</p>')
@@ -140,7 +155,7 @@ def _section(rec: dict[str, Any], prefix: str = "") -> str:
         timing = ", ".join(f"{k} {v:.3f}s" for k, v in seconds.items() if isinstance(v, (int, float)))
         parts.append(f'<p class="meta">seed {html.escape(str(rec.get("seed", "")))}; batch of '
                      f'{html.escape(str(rec.get("batch_size", "")))}; {html.escape(timing)}</p>')
-    return "<section>" + "".join(parts) + "</section>"
+    return (f"<section id='{anchor}'>" if anchor else "<section>") + "".join(parts) + "</section>"
 
 
 def _line_of(line: Any) -> float:
@@ -156,10 +171,10 @@ def _earlier(sections: str, count: int) -> str:
             "(kept in results.jsonl)</summary>" + sections + "</details>")
 
 
-def _page(summary: str, body: str, nav: str = "") -> str:
+def _page(summary: str, body: str, nav: str = "", title: str = "mmllm results") -> str:
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>mmllm results</title>"
-        f"<style>{STYLE}</style></head><body><h1>mmllm results</h1><p class='meta'>{summary}</p>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{title}</h1><p class='meta'>{summary}</p>"
         + nav + body + nav
         + "</body></html>"
     )
@@ -176,6 +191,9 @@ def render_gallery(records: list[dict[str, Any]], earlier: list[dict[str, Any]] 
 
 PAGE_SIZE = 1000  # requests per gallery page: a browser shows a page of 100,000 (31 MB of HTML) only after minutes
 PAGES = "pages"  # OUT's folder of the gallery's pages after the first (index.html)
+FAILED_PAGE = "failed.html"  # in PAGES: the failed requests alone, each linking the page that shows it
+FAILED_SHOWN = PAGE_SIZE  # failed requests listed there (the rest: results.jsonl, see docs/inference.md)
+FIND_FAILED = "jq -c 'select(.error)' results.jsonl"  # every failure it holds (of requests answered since, too)
 
 
 def page_name(page: int, from_pages: bool) -> str:
@@ -221,7 +239,6 @@ def write_gallery(out: Path, current: dict[tuple[str, str], int] | None = None) 
     shown.sort(key=lambda item: _line_of(item[1]))
     apart.sort(key=lambda e: _line_of(e.line))
     failed = sum(e.failed for e, _ in shown)
-    summary = f"{len(shown) - failed} done, {failed} failed"
     items = [(e, line, False) for e, line in shown] + [(e, e.line, True) for e in apart]
     pages = max(1, -(-len(items) // PAGE_SIZE))
     for page in range(1, pages + 1):
@@ -229,14 +246,55 @@ def write_gallery(out: Path, current: dict[tuple[str, str], int] | None = None) 
         prefix = "../" if page > 1 else ""
         records = read_records(results, [e for e, _, _ in chunk]) if chunk else iter(())
         now, before = [], []
-        for (_, line, is_apart), rec in zip(chunk, records):
-            (before if is_apart else now).append(_section({**rec, "line": line}, prefix))
+        for n, ((_, line, is_apart), rec) in enumerate(zip(chunk, records), (page - 1) * PAGE_SIZE + 1):
+            (before if is_apart else now).append(_section({**rec, "line": line}, prefix, _anchor(n)))
         body = "".join(now) + (_earlier("".join(before), len(apart)) if before else "")
         nav = _nav(page, pages, (page - 1) * PAGE_SIZE + 1, (page - 1) * PAGE_SIZE + len(chunk), len(items))
         target = out / "index.html" if page == 1 else without_link(out / PAGES) / f"index-{page}.html"
-        atomic_write_text(without_link(target), _page(summary, body, nav))
+        atomic_write_text(without_link(target), _page(_summary(len(shown), failed, page > 1), body, nav))
+    first_failed = islice(((n, e) for n, (e, _, is_apart) in enumerate(items, 1) if e.failed and not is_apart),
+                          FAILED_SHOWN)
+    _write_failed_page(out, results, list(first_failed), failed, len(shown))
     _remove_pages_after(out / PAGES, pages)
     return out / "index.html"
+
+
+def _anchor(n: int) -> str:
+    """The HTML id of the gallery's ``n``-th entry (1-based), on whichever page shows it."""
+    return f"e{n}"
+
+
+def _summary(shown: int, failed: int, from_pages: bool) -> str:
+    """The count a gallery page opens with; the failed ones link their own page."""
+    if not failed:
+        return f"{shown} done, 0 failed"
+    link = FAILED_PAGE if from_pages else f"{PAGES}/{FAILED_PAGE}"
+    return f"{shown - failed} done, {failed} failed (<a href='{link}'>list the failed</a>)"
+
+
+def _write_failed_page(out: Path, results: Path, listed: list[tuple[int, Entry]], failed: int, shown: int) -> None:
+    """``out/pages/failed.html``: the failed requests the gallery shows (``listed``: the first
+    :data:`FAILED_SHOWN` of the ``failed``, by entry number), each with its error and a link to its section on the
+    page that shows it; removed when none failed."""
+    target = out / PAGES / FAILED_PAGE
+    if not failed:
+        if target.is_file() and not (out / PAGES).is_symlink():
+            target.unlink()
+        return
+    rows = []
+    for (n, _), rec in zip(listed, read_records(results, [e for _, e in listed])):
+        page = (n - 1) // PAGE_SIZE + 1
+        stage = f" ({html.escape(str(rec['error_stage']))})" if rec.get("error_stage") else ""
+        rows.append(f"<section><h2><a href='{page_name(page, True)}#{_anchor(n)}'>{html.escape(str(rec['id']))}</a>"
+                    f"</h2><p class='meta'>entry {n}, page {page}</p>"
+                    f"<p class='error'>error{stage}: {html.escape(str(rec.get('error')))}</p></section>")
+    more = (f"<p class='meta'>the first {len(listed)} of {failed} are listed here; every failure is a record "
+            f"with an error in results.jsonl: <code>{html.escape(FIND_FAILED)}</code></p>"
+            if failed > len(listed) else "")
+    summary = (f"{failed} of {shown} requests failed (their latest answer); running the same mmllm infer "
+               f"command again retries them. <a href='{page_name(1, True)}'>all requests</a>")
+    atomic_write_text(without_link(without_link(out / PAGES) / FAILED_PAGE),
+                      _page(summary, more + "".join(rows) + more, title="mmllm results: the failed requests"))
 
 
 def _remove_pages_after(folder: Path, pages: int) -> None:
@@ -244,7 +302,7 @@ def _remove_pages_after(folder: Path, pages: int) -> None:
     once empty."""
     if not folder.is_dir() or folder.is_symlink():
         return
-    for page in folder.glob("index-*.html"):
+    for page in folder.glob("index-*.html"):  # (failed.html is written or removed with the gallery)
         number = page.stem.removeprefix("index-")
         if number.isdigit() and int(number) > pages:
             page.unlink()

@@ -57,8 +57,10 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import stat
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,7 +85,15 @@ from mmllm.data.media import (
 )
 from mmllm.data.template import ContextLengthError
 from mmllm.folder_lock import hold_folder
-from mmllm.inference.gallery import PAGES, iter_latest, write_gallery
+from mmllm.inference.gallery import (
+    FAILED_PAGE,
+    FIND_FAILED,
+    PAGES,
+    every_record,
+    iter_latest,
+    record_key,
+    write_gallery,
+)
 from mmllm.inference.generate import (
     DecodeJob,
     PreparedRequest,
@@ -300,37 +310,79 @@ SYNC_EVERY_S = 1.0  # fsync results.jsonl at most this often during a run (and a
 
 class _ResultsLog:
     """``results.jsonl``, open for appending for one run. Each record is written at once (a killed run loses
-    none: it is in the kernel's hands) and fsynced with the records before it when it comes SYNC_EVERY_S seconds
-    or more after the last fsync, and when the log closes: an fsync per record took 3.5 ms on a local disk, 60% of
-    a run of text requests on the tiny model. A power loss loses the records since the last fsync -- the last
-    second's, or those written before a pause (a long batch) that the kernel had not written out yet (it does
-    within about 30 s) -- whose requests a re-run answers again (their media files are written atomically, and
-    replaced)."""
+    none: it is in the kernel's hands) and fsynced at most SYNC_EVERY_S seconds after it is written: with the
+    record that comes that long after the last fsync, or else by a timer (a thread) armed by the first record not
+    synced yet, so records written before a long step (a decoder batch of minutes) do not wait for the next record;
+    and when the log closes. An fsync per record took 3.5 ms on a local disk, 60% of a run of text requests on the
+    tiny model. A power loss loses at most the last second's records, whose requests a re-run answers again (their
+    media files are written atomically, and replaced).
 
-    def __init__(self, path: Path):
+    ``folders``: folders whose renames (the media files written beside the records, atomically but without
+    fsyncing their folder) are fsynced before each fsync of the log, so a record that survives a power loss
+    has its files too (a media file cost two fsyncs, its own and its folder's)."""
+
+    def __init__(self, path: Path, folders: tuple[Path, ...] = ()):
         self.path, self.fh, self.synced = path, None, time.monotonic()  # opened at the first record
+        self.folders, self.renamed = folders, False  # renamed: a file was renamed into a folder since the last fsync
+        self.lock = threading.Lock()  # the timer's fsync against the run's appends and close
+        self.timer: threading.Timer | None = None  # armed while a record waits for its fsync
 
     def append(self, record: dict[str, Any]) -> None:
-        if self.fh is None:  # never through a link (refused up front by prepare_output; one made since: ELOOP)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
-            self.fh = open(fd, "a", encoding="utf-8")
-        self.fh.write(json.dumps(record, default=str) + "\n")
-        self.fh.flush()
-        if time.monotonic() - self.synced >= SYNC_EVERY_S:
-            self.sync()
+        with self.lock:
+            if self.fh is None:  # never through a link (refused up front by prepare_output; one made since: ELOOP)
+                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | NO_FOLLOW, 0o666)
+                self.fh = open(fd, "a", encoding="utf-8")
+            self.fh.write(json.dumps(record, default=str) + "\n")
+            self.fh.flush()
+            if time.monotonic() - self.synced >= SYNC_EVERY_S:
+                self._sync()
+            elif self.timer is None:
+                self.timer = threading.Timer(SYNC_EVERY_S, self._sync_waiting)
+                self.timer.daemon = True
+                self.timer.start()
+
+    def files_renamed(self) -> None:
+        """Media files were renamed into :attr:`folders` (without an fsync of the folder): fsync it before the log."""
+        self.renamed = True
+
+    def _sync_waiting(self) -> None:
+        """The timer's: fsync the records waiting for it (the run is in a long step, writing none)."""
+        with self.lock:
+            self.timer = None
+            if self.fh is not None and not self.fh.closed:
+                try:
+                    self._sync()
+                except (OSError, ValueError) as exc:  # the run's next fsync (at the latest its close) raises it
+                    log.warning("fsync of %s failed: %s", self.path, exc)
 
     def sync(self) -> None:
+        with self.lock:
+            self._sync()
+
+    def _sync(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.renamed:
+            for folder in self.folders:
+                if folder.is_dir():
+                    fsync_dir(folder)
+            self.renamed = False
         if self.fh is not None:
             self.fh.flush()  # a record an interrupted append left in the buffer (a Ctrl-C before its flush) too
             os.fsync(self.fh.fileno())
         self.synced = time.monotonic()
 
     def close(self) -> None:
-        if self.fh is not None and not self.fh.closed:
-            try:
-                self.sync()
-            finally:
-                self.fh.close()
+        with self.lock:
+            if self.fh is not None and not self.fh.closed:
+                try:
+                    self._sync()
+                finally:
+                    self.fh.close()
+            elif self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
 
     def __enter__(self) -> _ResultsLog:
         return self
@@ -387,9 +439,11 @@ def done_ids(results: Path) -> set[str]:
     return {str(rec["id"]) for rec in iter_latest(results) if _is_done(results.parent, rec)}
 
 
-def pending_lines(lines: list[_Line], out: Path) -> list[_Line]:
-    """The requests a run into ``out`` still has to handle: not done there, or malformed (reported again)."""
-    done = done_ids(Path(out) / "results.jsonl")
+def pending_lines(lines: list[_Line], out: Path, done: set[str] | None = None) -> list[_Line]:
+    """The requests a run into ``out`` still has to handle: not done there, or malformed (reported again).
+    ``done``: the ids :func:`check_resume` found done there (holding ``out``'s lock since), else read again."""
+    if done is None:
+        done = done_ids(Path(out) / "results.jsonl")
     return [ln for ln in lines if ln.id not in done or ln.error]
 
 
@@ -488,29 +542,31 @@ def prepare_output(out: Path) -> Path:
     return out
 
 
-def check_resume(out: Path, requests_file: Path, made: dict[str, Any], lines: list[_Line] | None = None) -> None:
+def check_resume(out: Path, requests_file: Path, made: dict[str, Any], lines: list[_Line] | None = None) -> set[str]:
     """Refuse (:class:`OutputError`) when a request ``out`` would skip was answered with another checkpoint or
     other settings than ``made`` (from :func:`run_settings`): skipping it would keep a stale answer. ``lines``:
-    the requests file's, where the caller has read them (:func:`read_lines`)."""
+    the requests file's, where the caller has read them (:func:`read_lines`). Returns the ids of the requests done
+    in ``out`` (for :func:`pending_lines`: results.jsonl read once, not once more to find them: 1.6 of 6.5 CPU-s
+    of a re-run of 100,000 requests). Each record is parsed once, and what it says of its request kept until a later
+    record of the request replaces it (:func:`~mmllm.inference.gallery.iter_latest` parses the latest twice)."""
     results = Path(out) / "results.jsonl"
     if not results.is_file():
-        return
+        return set()
     if lines is None:
         lines = read_lines(Path(requests_file))
     by_id = {ln.id: ln for ln in lines if not ln.error}
+    verdicts: dict[tuple[str, str], Any] = {}  # each request's latest record's verdict (see _resume_verdict)
+    for rec in every_record(results):
+        verdicts[record_key(rec)] = _resume_verdict(rec, by_id, made, Path(requests_file).parent, results.parent)
+    done: set[str] = set()
     stale, unrecorded = 0, 0
     differ: dict[str, tuple[Any, Any]] = {}  # setting -> (the first recorded value that differs, this run's)
-    for rec in iter_latest(results):
-        if str(rec["id"]) not in by_id or not _is_done(results.parent, rec):
+    for verdict in verdicts.values():
+        if verdict is None:
             continue
-        unrecorded += "settings" not in rec
-        old = {"checkpoint": rec.get("checkpoint"), **rec.get("settings", {})}
-        record = by_id[str(rec["id"])].record or {}
-        now = {"checkpoint": made["checkpoint"], **request_settings(made, record)}
-        if old.get("media") is not None:  # the request's input files as they are now
-            same = now["request"] == old.get("request")
-            now["media"] = _current_media(record, Path(requests_file).parent, rec, same) or old["media"]
-        changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k]}
+        rid, changed, recorded = (verdict, {}, True) if isinstance(verdict, str) else verdict
+        done.add(rid)
+        unrecorded += not recorded
         stale += bool(changed)
         for key, values in changed.items():
             differ.setdefault(key, values)
@@ -525,6 +581,26 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any], lines: li
                           f"{what}; resuming would skip them and keep those answers. Give a new --output, or "
                           f"pass --overwrite to start {out} afresh (its results.jsonl, media/, index.html and pages/ "
                           f"are replaced)")
+    return done
+
+
+def _resume_verdict(rec: dict[str, Any], by_id: dict[str, _Line], made: dict[str, Any], base: Path,
+                    out: Path) -> str | tuple[str, dict[str, tuple[Any, Any]], bool] | None:
+    """What :func:`check_resume` keeps of a record: None unless it is a done answer of a request of the requests
+    file (``by_id``); else the request's id (the requests file's string: held once), alone where the answer was
+    made as this run's would be (``made``), else with the settings in which it differs -- recorded value, this
+    run's -- and whether it recorded its settings."""
+    line = by_id.get(str(rec["id"]))
+    if line is None or rec.get("error_stage") == "parse" or not _is_done(out, rec):
+        return None
+    old = {"checkpoint": rec.get("checkpoint"), **rec.get("settings", {})}
+    record = line.record or {}
+    now = {"checkpoint": made["checkpoint"], **request_settings(made, record)}
+    if old.get("media") is not None:  # the request's input files as they are now
+        same = now["request"] == old.get("request")
+        now["media"] = _current_media(record, base, rec, same) or old["media"]
+    changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k]}
+    return (line.id, changed, "settings" in rec) if changed or "settings" not in rec else line.id
 
 
 def check_overwrite(out: Path, requests_file: Path) -> None:
@@ -601,8 +677,11 @@ def _safe(rid: str) -> str:
     return f"{readable}-{hashlib.sha1(rid.encode()).hexdigest()[:8]}"
 
 
-def write_outputs(out: Path, rid: str, result, prompt: str, seed: int, fingerprint: str) -> list[str]:
-    """Save a result's media under ``out/media``; the paths (relative to ``out``) actually written."""
+def write_outputs(out: Path, rid: str, result, prompt: str, seed: int, fingerprint: str,
+                  sync_folder: bool = True) -> list[str]:
+    """Save a result's media under ``out/media``; the paths (relative to ``out``) actually written.
+    ``sync_folder=False``: ``out/media`` is not fsynced after each file (the run's results log does it once before
+    its own fsync, see :class:`_ResultsLog`)."""
     files = []
     # prompt last: a WAV comment is length-limited (see save_audio), and a cut should only shorten the prompt
     meta = {"mmllm_id": rid, "seed": str(seed), "checkpoint": fingerprint, "prompt": prompt}
@@ -611,11 +690,11 @@ def write_outputs(out: Path, rid: str, result, prompt: str, seed: int, fingerpri
             name = without_link(out / "media" / f"{_safe(rid)}_{modality}{j}{MEDIA_SUFFIX[modality]}")
             without_link(name.with_suffix(".gif"))  # where a video goes without an H.264 encoder
             if isinstance(item, Audio):
-                path = save_audio(item, name, meta)
+                path = save_audio(item, name, meta, sync_folder)
             elif isinstance(item, Video):  # MP4 keeps only standard tags such as "comment"
-                path = save_video(item, name, {"comment": json.dumps(meta)})
+                path = save_video(item, name, {"comment": json.dumps(meta)}, sync_folder)
             else:
-                path = save_image(item, name, meta)
+                path = save_image(item, name, meta, sync_folder)
             files.append(path.relative_to(out).as_posix())
     return files
 
@@ -715,7 +794,7 @@ class _Run:
         self.model, self.out, self.settings = model, out, settings
         self.batch_size, self.decode_batch_size = batch_size, settings.decode_batch_size or batch_size
         self.fail_fast, self.fingerprint, self.made = fail_fast, fingerprint, made
-        self.log = _ResultsLog(out / "results.jsonl")  # closed by _answer_all
+        self.log = _ResultsLog(out / "results.jsonl", (out / "media",))  # closed by _answer_all
         self.counts = {"done": 0, "failed": 0, "skipped": 0}
         self.seconds = {"prepare": 0.0, "llm": 0.0, "decode": 0.0, "write": 0.0}
         self.queues: dict[tuple, list[DecodeJob]] = {}
@@ -779,12 +858,25 @@ class _Run:
                 log.debug("request failed", exc_info=True)
                 return [failure_text(exc, self.llm_alone_hint)]  # the text: the exception's frames hold the attempt's tensors
             retry = retry_note(exc, len(batch), "the LLM's batch", "requests", "--batch-size")
+            if retry[0]:
+                self.batch_size = self.halved(self.batch_size, len(batch), "requests through the LLM", "--batch-size")
         else:
             elapsed = time.perf_counter() - t0
             self.seconds["llm"] += elapsed
             return [(r, elapsed) for r in results]
         # here, out of the except block, the failed attempt's tensors (held by its traceback) are gone
         return self.retry_one_by_one(retry, lambda p: self.answer([p])[0], batch)
+
+    @staticmethod
+    def halved(size: int, failed: int, what: str, flag: str) -> int:
+        """The batch size for the rest of the run after a batch of ``failed`` ran out of memory: half of it (the
+        next batch of the same size would most likely run out too, and be retried one by one again), said once
+        each time it changes."""
+        smaller = min(size, max(1, failed // 2))
+        if smaller < size:
+            log.warning("ran out of memory at a batch of %d: the rest of this run takes %d %s at a time (give %s %d "
+                        "to start there)", failed, smaller, what, flag, smaller)
+        return smaller
 
     def retry_one_by_one(self, note: tuple[bool, str], attempt: Any, items: list[Any]) -> list[Any]:
         """``attempt`` on each of ``items`` in turn, after a batch of them failed as ``note`` says (from
@@ -823,6 +915,9 @@ class _Run:
             else:
                 retry = retry_note(exc, len(chunk), f"the {chunk[0].modality} decoder's batch", "signal groups",
                                    "--decode-batch-size")
+                if retry[0]:
+                    self.decode_batch_size = self.halved(self.decode_batch_size, len(chunk),
+                                                         "signal groups per decoder call", "--decode-batch-size")
         else:
             return self.decoded(chunk, items, time.perf_counter() - t0)
         # here, out of the except block, the failed attempt's tensors (held by its traceback) are gone
@@ -854,10 +949,12 @@ class _Run:
         t0 = time.perf_counter()
         try:
             files = write_outputs(self.out, parsed.id, result, parsed.prompt_text, parsed.request.seed,
-                                  self.fingerprint)
+                                  self.fingerprint, sync_folder=False)
         except Exception as exc:  # e.g. a full disk: this request fails, the run goes on
             self.fail(parsed.id, "write", f"{type(exc).__name__}: {exc}", line=item.line, prompt=parsed.prompt_text)
             return
+        finally:
+            self.log.files_renamed()  # media/ fsynced before the log's next fsync
         seconds = {**item.seconds, "write": time.perf_counter() - t0}
         self.seconds["write"] += seconds["write"]
         self.log.append({
@@ -920,6 +1017,7 @@ def run_requests(
     gallery: str = "requests",
     resume_checked: bool = False,
     lines: list[_Line] | None = None,
+    done: set[str] | None = None,
 ) -> dict[str, Any]:
     """Answer every request of ``requests_file`` into ``out``.
 
@@ -938,7 +1036,8 @@ def run_requests(
     (``mmllm infer`` does, before it loads the model): it is not run again (seconds per 100,000 records).
     ``lines``: the requests file as the caller read it (:func:`read_lines`), given to :func:`check_resume` there:
     the run answers those, and does not read the file again (a second copy held beside the caller's: 0.28 GB at a
-    million requests).
+    million requests). ``done``: what that :func:`check_resume` returned (the requests done in ``out``), so that
+    results.jsonl is not read again to find them.
     """
     if gallery not in ("requests", "all"):
         raise ValueError(f"gallery must be 'requests' or 'all', got {gallery!r}")
@@ -956,12 +1055,13 @@ def run_requests(
         if overwrite:
             check_overwrite(out, requests_file)
             start_afresh(out)
+            done = set()
         elif not resume_checked:
-            check_resume(out, requests_file, made, lines)
+            done = check_resume(out, requests_file, made, lines)
         results = out / "results.jsonl"
         _repair_tail(results)
         current = gallery_keys(lines) if gallery == "requests" else None
-        todo = pending_lines(lines, out)
+        todo = pending_lines(lines, out, done)
         settings = Settings(max_new_tokens, temperature, top_p, steps, guidance, decode_batch_size)
         run = _Run(model, out, settings, batch_size, fail_fast, made["checkpoint"], made, len(todo))
         run.counts["skipped"] = len(lines) - len(todo)
@@ -969,13 +1069,21 @@ def run_requests(
             log.info("%d request(s) already done in %s: skipped", run.counts["skipped"], results)
         start = time.perf_counter()
         with eval_mode(model):  # a model that was training gets its modes back after the run
-            stopped = _answer_all(run, todo, requests_file, seed, batch_size, out, current)
+            stopped = _answer_all(run, todo, requests_file, seed, out, current)
         elapsed = time.perf_counter() - start
         n = run.counts["done"] + run.counts["failed"]
         log.info("%d request(s) in %.1f s (%.2f req/s): %d done, %d failed, %d skipped; gallery %s", n, elapsed,
                  n / elapsed if elapsed > 0 else 0.0, run.counts["done"], run.counts["failed"], run.counts["skipped"],
                  out / "index.html")
         return {**run.counts, "stopped": stopped, "seconds": {**run.seconds, "total": elapsed}}
+
+
+def where_failed(out: Path) -> str:
+    """Where a run's user finds its failed requests, and how to retry them (the line ``mmllm infer`` ends with)."""
+    return (f"failed requests: {out / PAGES / FAILED_PAGE} lists them with their errors (linked from "
+            f"{out / 'index.html'}); every failure is a record with an error in {out / 'results.jsonl'} ("
+            f"{FIND_FAILED.replace('results.jsonl', shlex.quote(str(out / 'results.jsonl')))}); the same command "
+            "retries only them")
 
 
 def gallery_wait(cost: float) -> float:
@@ -985,18 +1093,21 @@ def gallery_wait(cost: float) -> float:
     return max(GALLERY_EVERY_S, cost / GALLERY_SHARE)
 
 
-def _answer_all(run: _Run, todo: list[_Line], requests_file: Path, seed: int, batch_size: int, out: Path,
+def _answer_all(run: _Run, todo: list[_Line], requests_file: Path, seed: int, out: Path,
                 current: dict[tuple[str, str], int] | None) -> int:
-    """Answer ``todo`` in batches, refreshing the gallery now and then and at the end; 1 if ``fail_fast``
-    stopped the run, else 0."""
+    """Answer ``todo`` in batches of ``run.batch_size`` (halved where one ran out of memory), refreshing the
+    gallery now and then and at the end; 1 if ``fail_fast`` stopped the run, else 0."""
     stopped = 0
     try:
         for line in [ln for ln in todo if ln.error]:
             run.fail(line.id, "parse", line.error or "", line=line.lineno)
         good = [ln for ln in todo if not ln.error]
         shown, cost = time.perf_counter(), 0.0
-        for i in range(0, len(good), batch_size):
-            run.run_batch(good[i: i + batch_size], requests_file, seed)
+        start = 0
+        while start < len(good):
+            size = run.batch_size
+            run.run_batch(good[start: start + size], requests_file, seed)
+            start += size
             if time.perf_counter() - shown > gallery_wait(cost):  # a crash still leaves a recent gallery
                 started = time.perf_counter()
                 write_gallery(out, current)

@@ -65,6 +65,7 @@ class EvalOptions:
     two_output_requests: int = 24  # routing: requests that ask for two media at once
     text_chunks: int = 48  # held-out plain-text passages for perplexity
     text_tokens: int = 128  # tokens per passage
+    text_batch_size: int = 8  # passages per forward of the perplexity (mmllm eval --text-batch-size)
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     seed: int = 0
@@ -277,7 +278,8 @@ def _run_eval(model, judges: dict[str, Judge], options: EvalOptions, other_parts
         _save(report, options)
     if "text" in options.tasks:
         passages = held_out_text(model.llm.tokenizer, options.text_chunks, options.text_tokens, paragraphs)
-        report["text"] = {**perplexities(model, passages), "passages": held_out_text_source()}
+        report["text"] = {**perplexities(model, passages, options.text_batch_size),
+                          "passages": held_out_text_source()}
     report["complete"] = True
     _save(report, options)
     return report
