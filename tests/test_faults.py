@@ -800,3 +800,24 @@ def test_out_of_memory_advice_under_zero_is_fsdp_and_llm_dtype_only_for_a_core_t
     assert not takes_dtype(ComponentSpec("no.such.module:Core"))
     hf = ways_to_need_less(cfg, RunShape(1, "bf16", "none", torch.float32, dtype_option=True), STEP)
     assert hf[-1].startswith("llm.dtype: bfloat16 in the assembly") and "FSDP over several GPUs" in hf[0]
+
+
+def test_out_of_memory_advice_asks_for_a_new_output_dir_only_when_one_holds_a_checkpoint(sample_data, tmp_path):
+    """Another assembly (a bfloat16 core, a shorter max_length) was always advised "in a new output_dir (--resume
+    refuses another assembly)", also when the run had written no checkpoint: the same command then starts again,
+    in the same output_dir, with any assembly."""
+    from mmllm.training.out_of_memory import STEP, RunShape, message, ways_to_need_less
+
+    cfg = stage_cfg("instruct", sample_data, tmp_path / "fresh", batch_size=1, grad_checkpointing="true",
+                    **{"cache.dir": str(tmp_path / "c"), "cache.require": "true"})
+    hf = RunShape(1, "bf16", "fsdp", torch.float32, dtype_option=True)
+    text = message(cfg, hf, STEP, 1, "CUDA out of memory")  # output_dir holds no checkpoint
+    assert "no checkpoint was written yet" in text
+    assert "new output_dir" not in text
+    assert ("llm.dtype: bfloat16 in the assembly (no checkpoint yet: the same command starts the run again with "
+            "it)" in text)
+    assert ways_to_need_less(cfg, hf, STEP, checkpointed=True)[-1] == (
+        "llm.dtype: bfloat16 in the assembly, in a new output_dir (--resume refuses another assembly)")
+    lean = RunShape(1, "bf16", "fsdp", torch.bfloat16)
+    assert ("(the assembly's max_length; no checkpoint yet: the same command starts the run again with it)"
+            in message(cfg, lean, STEP, 1, "CUDA out of memory"))
