@@ -3,6 +3,7 @@ retention, and an unwritable output directory reported before training."""
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -25,7 +26,7 @@ from mmllm.training import checkpoint as ckpt
 from mmllm.training import interrupt, loop
 from mmllm.training.interrupt import TrainingInterrupted
 from mmllm.training.loop import train
-from mmllm.training.resume import check_fresh_output_dir
+from mmllm.training.resume import check_fresh_output_dir, check_resume
 from tests.conftest import REPO, sigint_during_step, signal_on_call
 from tests.test_stages import stage_cfg
 
@@ -199,12 +200,47 @@ def test_resume_refuses_what_the_saved_state_cannot_continue(override, named, sa
     assert not built  # refused before anything loads
 
 
+def _step_samples(sampler, step: int, batch: int, accum: int, world: int) -> list[tuple[int, int]]:
+    """Every sample step ``step`` reads, on every process, sorted: what decides the step's update."""
+    return sorted(s for micro in range(accum) for rank in range(world)
+                  for s in sampler.micro_batch(step, micro, accum, rank, world, batch))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_resume_warns_of_other_samples_exactly_when_the_sampler_draws_other_ones(grouped, sample_data, tmp_path,
+                                                                                caplog):
+    """batch_size 4 -> 2 with grad_accum 1 -> 2 was warned about as reading other samples, though an ungrouped
+    step reads the same 4 draws of the seeded order however they are split into micro-batches. The warning now
+    follows the sampler: each case is checked against the samples the stage's sampler gives the next step."""
+    from mmllm.data.dataset import LengthGroupedSampler, MixtureSampler
+
+    flag = {"group_by_length": "true"} if grouped else {}
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1, **flag))
+    sizes = ckpt.read_progress(tmp_path / "step-1")["samples"]
+    base = MixtureSampler(sizes, [1.0], 0)
+    sampler = LengthGroupedSampler(base, lambda d, i: (i * 7) % 5) if grouped else base
+    saved = _step_samples(sampler, 1, 4, 1, 1)
+    for batch, accum, world in [(2, 2, 1), (4, 2, 1), (2, 1, 1), (2, 1, 2), (1, 2, 2), (1, 4, 1)]:
+        caplog.clear()
+        caplog.set_level(logging.INFO)
+        cfg = stage_cfg("decode-align", sample_data, tmp_path, max_steps=2, batch_size=batch, grad_accum=accum,
+                        **flag)
+        check_resume(cfg, tmp_path / "step-1", world, sizes)
+        other = _step_samples(sampler, 1, batch, accum, world) != saved
+        assert ("reads other samples" in caplog.text) == other, (batch, accum, world, caplog.text)
+        assert ("each step reads the same samples" in caplog.text) == (not other)
+    # ungrouped, only the samples per step decide; grouped, the sorted chunks' micro-batch size and the
+    # micro-batches per step both do (checked here so that the loop above is not vacuous)
+    assert (_step_samples(sampler, 1, 2, 2, 1) == saved) is not grouped
+    assert _step_samples(sampler, 1, 2, 1, 2) == saved
+
+
 def test_resume_warns_when_it_reads_other_samples_than_the_interrupted_run(sample_data, tmp_path, caplog):
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=2), resume=True)
     assert "reads other samples" not in caplog.text and "learning rate of step" not in caplog.text
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3, seed=4, batch_size=2), resume=True)
-    assert "seed: 0 -> 4" in caplog.text and "4 x 1 -> 2 x 1" in caplog.text
+    assert "seed: 0 -> 4" in caplog.text and "4 x 1 x 1 -> 2 x 1 x 1" in caplog.text
     assert "from step 3 it reads other samples" in caplog.text
     assert "eval_data differs" not in caplog.text
     held_out = f"[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"
