@@ -49,7 +49,7 @@ from mmllm.data.dataset import (
     load_stage_records,
     warn_empty_replies,
 )
-from mmllm.data.index import Chained
+from mmllm.data.index import Chained, ReadStopped, waits_end_when
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
 from mmllm.folder_lock import hold_folder, holder, missing_folders, remove_empty
@@ -386,12 +386,28 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     for step in bar:
         started = time.perf_counter()
         batches = []
-        for micro in range(cfg.grad_accum):
-            if world > 1 and isinstance(sampler, LengthGroupedSampler):  # each process tokenizes 1/world of a chunk
-                sampler.share_lengths(step, micro, cfg.grad_accum, rank, world, cfg.batch_size, exchange)
-            picks = sampler.micro_batch(step, micro, cfg.grad_accum, rank, world, cfg.batch_size)
-            batches.append(collate([datasets[d][i] for d, i in picks], pad_id))
-            skipped += len(batches[-1]["skipped"])
+        try:  # a signal during a failed read's wait for its retry ends the wait (a wait ran up to 36 s)
+            with waits_end_when(lambda: stop.name is not None):
+                for micro in range(cfg.grad_accum):
+                    if world > 1 and isinstance(sampler, LengthGroupedSampler):  # each process tokenizes 1/world
+                        sampler.share_lengths(step, micro, cfg.grad_accum, rank, world, cfg.batch_size, exchange)
+                    picks = sampler.micro_batch(step, micro, cfg.grad_accum, rank, world, cfg.batch_size)
+                    batches.append(collate([datasets[d][i] for d, i in picks], pad_id))
+        except ReadStopped as exc:  # a length group_by_length orders by, on every process: nothing of the step ran
+            bar.close()
+            name = stop.requested(accelerator) or "SIGINT"
+            if step == 0:
+                raise KeyboardInterrupt(name) from exc  # nothing trained: stopped at once, as before the first step
+            if since_save:  # else step-{step} is there: saved at it, or the checkpoint this run resumed
+                metric, what = _checkpoint_metric(cfg, validation, validations, since_save, step)
+                with stops_on_out_of_memory(cfg, shape, oom.SAVE, step):
+                    save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped, metric,
+                         run_info, what, validations)
+            log.warning("%s: stopped before step %d, whose samples were being read (%s)", name, step + 1, exc)
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            raise TrainingInterrupted(name, step, cfg.max_steps, out_dir / f"step-{step}") from exc
+        skipped += sum(len(batch["skipped"]) for batch in batches)
         normalizers, samples, tokens = _global_counts(accelerator, batches, parts_keys, inner)
         grad_norm: float | torch.Tensor | None = None
         if not normalizers:  # every sample of the step was unreadable, on every process: nothing to learn
