@@ -24,7 +24,9 @@ that is skipped as a sample with unreadable media is (:class:`RecordUnreadable`,
 samples), unless another record of the file cannot be read either (tried for :data:`FILE_RETRY_DELAYS`):
 then the file, or the disk it is on, is what is unreadable, and the run stops (:class:`DataFileUnreadable`)
 rather than skip every sample. A media path whose lookup the file system refuses (a folder the process may
-not enter) skips the sample too. A file deleted (or moved) once a process had closed it stops the run
+not enter) skips the sample too; a lookup failing otherwise (an I/O error, a stale handle: :data:`LASTING_ERRNOS`
+are not tried again) is tried again first, as a read is. Training ends the waits before a retry when it is asked to
+stop (:func:`waits_end_when`). A file deleted (or moved) once a process had closed it stops the run
 (:class:`DataFileGone`), saying so.
 """
 
