@@ -346,3 +346,40 @@ def test_a_signal_while_a_length_read_waits_to_be_tried_again_stops_before_that_
     assert [p.name for p in ckpt.step_dirs(part)] == ["step-2"]
     resumed = train(stage_cfg("decode-align", sample_data, part, max_steps=5, **grouped_cfg), resume=True)
     assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
+
+
+def test_a_stop_while_one_process_measures_a_chunk_is_raised_on_every_process_at_the_same_step():
+    """A stop asked for while one process's length read waited for its retry (ReadStopped) must stop every process
+    at the same call: the one process leaving alone would leave the others waiting in their next collective."""
+    from mmllm.data.index import ReadStopped
+
+    world, steps = 2, 10
+    run = Processes(world)
+
+    def stopping(d, i):  # process 1 is stopped measuring a sample of the chunk of step 5 (chunks of 5 steps)
+        if asked[0]:
+            raise ReadStopped("stopped", f"data:{i}")
+        return synthetic_length(d, i)
+
+    asked = [False]
+    run.samplers[1]._length = stopping
+    stopped_at = [None] * world
+
+    def process(rank):
+        sampler = run.samplers[rank]
+        for step in range(steps):
+            if step == 5 and rank == 1:
+                asked[0] = True
+            try:
+                sampler.share_lengths(step, 0, 1, rank, world, 2, run.exchange(rank))
+            except ReadStopped as exc:
+                stopped_at[rank] = (step, exc.where)
+                return
+            sampler.micro_batch(step, 0, 1, rank, world, 2)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert stopped_at[0] == stopped_at[1] and stopped_at[0][0] == 5
