@@ -70,14 +70,14 @@ class StageDataset(Dataset):
         return len(self.conversations)
 
     def __getitem__(self, index: int) -> dict[str, Any] | SampleError:
+        """Sample ``index`` encoded, its media read; a :class:`SampleError` (skipped) when it cannot be. A stop asked
+        for while its read waited to be tried again (:class:`~mmllm.data.index.ReadStopped`) is raised: the sample
+        is not unreadable, and a step without it is not the step an uninterrupted run trains."""
         try:
             conv = self.conversations[index]
         except RecordUnreadable as exc:  # its record, re-read from the data file, or its media lookup
             log.warning("skipping sample %s: %s", exc.sample_id, exc)  # the message says where
             return SampleError(exc.sample_id, str(exc))
-        except ReadStopped as exc:  # the step under way finishes without it, then training stops and saves
-            log.warning("skipping sample %s: %s", exc.where, exc)
-            return SampleError(exc.where, str(exc))
         pre = self.precomputed
         try:
             enc = encode_conversation(conv, self.tokenizer, self.spec)
