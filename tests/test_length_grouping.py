@@ -383,3 +383,48 @@ def test_a_stop_while_one_process_measures_a_chunk_is_raised_on_every_process_at
     for t in threads:
         t.join(timeout=60)
     assert stopped_at[0] == stopped_at[1] and stopped_at[0][0] == 5
+
+
+def test_a_process_that_gave_up_a_drawn_read_still_shares_the_steps_next_chunk_lengths():
+    """A read given up on a stop while a sample was drawn (ReadStopped from the data set) is this process's alone:
+    the others go on through the step, and a later micro-batch of it can start a chunk whose lengths every process
+    exchanges. The process that gave up must take part in that exchange (leaving the step's reads at once left
+    the others waiting in it for ever), then say it gave up; the others read their micro-batches as usual."""
+    from types import SimpleNamespace
+
+    from mmllm.data.dataset import SampleError
+    from mmllm.data.index import ReadStopped
+    from mmllm.training.loop import _read_step
+
+    world, accum, batch, step = 2, 3, 2, 1  # chunks of 5 micro-batches: step 1's third starts chunk 1
+    run = Processes(world)
+    run.barrier = threading.Barrier(world, timeout=30)
+    cfg = SimpleNamespace(grad_accum=accum, batch_size=batch)
+
+    class Drawn:  # every sample unreadable (no model needed); process 1's first draw is given up on a stop
+        def __init__(self, rank):
+            self.rank, self.reads = rank, 0
+
+        def __getitem__(self, i):
+            self.reads += 1
+            if self.rank == 1 and self.reads == 1:
+                raise ReadStopped("data:1: a stop was asked for", "data:1")
+            return SampleError(f"s{i}", "unreadable")
+
+    got = [None] * world
+
+    def process(rank):
+        datasets = [Drawn(rank) for _ in SIZES]
+        got[rank] = _read_step(cfg, run.samplers[rank], datasets, step, rank, world, run.exchange(rank), 0,
+                               SimpleNamespace(name="SIGTERM"))
+
+    threads = [threading.Thread(target=process, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads) and all(got), "a process was left waiting in an exchange"
+    (mine, given_up), (theirs, none) = got[1], got[0]
+    assert isinstance(given_up, ReadStopped) and given_up.where == "data:1" and none is None
+    assert len(theirs) == accum and not mine  # process 1 read nothing more of the step once it gave up
+    assert all(run.samplers[r]._shared == (1, world * batch) for r in range(world))  # chunk 1 shared by both
