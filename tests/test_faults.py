@@ -859,8 +859,9 @@ def test_out_of_memory_advice_asks_for_a_new_output_dir_only_when_one_holds_a_ch
             in message(cfg, lean, STEP, 1, "CUDA out of memory"))
 
 
+@pytest.mark.parametrize("before", [2, 0, 3])  # 0: the first step (nothing to save), 3: the last of 4
 def test_a_signal_while_a_drawn_sample_waits_for_its_read_again_stops_before_that_step_and_resumes_exactly(
-        sample_data, tmp_path, monkeypatch):
+        before, sample_data, tmp_path, monkeypatch):
     """A SIGTERM while a sample drawn for a step waited for its failed read to be tried again skipped that sample
     (counted as unreadable) and trained the step on the rest, then saved it: the checkpoint held an update no
     uninterrupted run makes (the read would have worked when tried again), and --resume did not end on its losses.
@@ -869,16 +870,15 @@ def test_a_signal_while_a_drawn_sample_waits_for_its_read_again_stops_before_tha
     import time
 
     from mmllm.data import index as index_module
-    from mmllm.model import AnyToAnyModel
 
     cfg = {"save_every": 0}
     full = train(stage_cfg("decode-align", sample_data, tmp_path / "full", max_steps=4, **cfg))
-    real_pread, real_forward, failing = os.pread, AnyToAnyModel.forward, []
+    real_pread, real_read_step, failing = os.pread, loop._read_step, []
 
-    def forward(self, batch, losses=None, normalizers=None):  # the first read of step 3's samples fails, once
-        if batch.get("step") == 1 and not failing:
+    def read_step(cfg, sampler, datasets, step, *args):  # the first read of step before+1's samples fails, once
+        if step == before and not failing:
             failing.append(time.monotonic())
-        return real_forward(self, batch, losses, normalizers)
+        return real_read_step(cfg, sampler, datasets, step, *args)
 
     def pread(fd, length, offset):
         if len(failing) == 1:  # the signal comes 0.3 s into its wait; tried again, the read would work
@@ -889,19 +889,25 @@ def test_a_signal_while_a_drawn_sample_waits_for_its_read_again_stops_before_tha
 
     part = tmp_path / "part"
     with monkeypatch.context() as mp:
-        mp.setattr(AnyToAnyModel, "forward", forward)
+        mp.setattr(loop, "_read_step", read_step)
         mp.setattr(os, "pread", pread)
         mp.setattr(index_module, "READ_RETRY_DELAYS", (30.0, 30.0))
         previous = signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
         try:
-            with pytest.raises(TrainingInterrupted) as stopped:
+            with pytest.raises(KeyboardInterrupt if before == 0 else TrainingInterrupted) as stopped:
                 train(stage_cfg("decode-align", sample_data, part, max_steps=4, **cfg))
         finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # a timer left running would SIGTERM the test session
             signal.signal(signal.SIGALRM, previous)
     assert len(failing) == 2, "no read failed"
     assert time.monotonic() - failing[1] < 10  # not the 30 s wait
-    assert stopped.value.name == "SIGTERM" and stopped.value.step == 2
-    assert [p.name for p in ckpt.step_dirs(part)] == ["step-2"]
-    assert ckpt.read_progress(part / "step-2")["skipped"] == 0  # the sample was not taken for unreadable
+    if before == 0:  # nothing trained: stopped at once, as a signal before the first step does; nothing saved
+        assert stopped.value.args == ("SIGTERM",) and not ckpt.step_dirs(part)
+        again = train(stage_cfg("decode-align", sample_data, part, max_steps=4, **cfg))  # the same command
+        assert again.losses == full.losses
+        return
+    assert stopped.value.name == "SIGTERM" and stopped.value.step == before
+    assert [p.name for p in ckpt.step_dirs(part)] == [f"step-{before}"]
+    assert ckpt.read_progress(part / f"step-{before}")["skipped"] == 0  # the sample was not taken for unreadable
     resumed = train(stage_cfg("decode-align", sample_data, part, max_steps=4, **cfg), resume=True)
     assert resumed.losses == full.losses and resumed.skipped == full.skipped == 0
