@@ -590,3 +590,21 @@ def test_a_signal_ends_the_wait_before_a_read_is_tried_again(tmp_path, tiny_mode
             with pytest.raises(ReadStopped):  # asked for already: no wait at all
                 ds.length(3)
             assert time.monotonic() - started < 0.5
+
+
+def test_missing_media_files_are_not_waited_on(tmp_path, monkeypatch):
+    """A media lookup that fails with an error that may pass is tried again after waits (READ_RETRY_DELAYS, 1.1 s
+    a sample); a media file that is not there (the common case: a download that missed some) is no such error
+    (nextgpt's lookup takes ENOENT for "not there"): drawing 200 such samples waits for nothing."""
+    import time
+
+    path = tmp_path / "cc3m.json"
+    path.write_text(json.dumps([{"id": f"n{i}", "caption": f"a red circle {i}", "image_name": f"{i}.png"}
+                                for i in range(200)]))
+    per, _, _ = load_stage_records([DatasetConfig(path=str(path), format="nextgpt-pairs")], "decode-align")
+    monkeypatch.setattr(index_module, "READ_RETRY_DELAYS", (5.0, 5.0))
+    started = time.monotonic()
+    got = [per[0][i] for i in range(len(per[0]))]
+    assert time.monotonic() - started < 2.0
+    assert [c.id for c in got] == [f"n{i}" for i in range(200)]
+    assert not any(p.exists() for c in got for p in (r.path for r in c.media_refs()))
