@@ -79,6 +79,33 @@ def _signal_on(rank: int, step: int, signum: int) -> None:
     AnyToAnyModel.forward = signalled
 
 
+def _read_stopped_on(rank: int, step: int) -> None:
+    """Test fault: on this process alone, the first read of the data file after training step ``step``'s
+    (0-based) forward fails, and a SIGTERM comes during its wait to be tried again (a read that would then work)."""
+    import signal
+
+    from mmllm.data import index
+    from mmllm.model import AnyToAnyModel
+
+    forward, pread, armed = AnyToAnyModel.forward, os.pread, []
+
+    def arming(self, batch, *args, **kwargs):
+        if int(os.environ.get("RANK", "0")) == rank and batch.get("step") == step and not armed:
+            armed.append(step)
+        return forward(self, batch, *args, **kwargs)
+
+    def failing(fd, length, offset):
+        if len(armed) == 1:
+            armed.append("failed")
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded by training's handler: the wait below sees it
+            raise OSError(5, "Input/output error")
+        return pread(fd, length, offset)
+
+    AnyToAnyModel.forward = arming
+    os.pread = failing
+    index.READ_RETRY_DELAYS = (30.0, 30.0)
+
+
 def _recovery_fails() -> None:
     """Test fault: tidying the output folder before --resume fails (on the main process, which does it)."""
     from mmllm.training import checkpoint
@@ -127,6 +154,10 @@ if os.environ.get("MMLLM_TEST_SIGNAL"):  # "RANK:STEP:SIGNAME"
 
     _rank, _step, _name = os.environ["MMLLM_TEST_SIGNAL"].split(":")
     _signal_on(int(_rank), int(_step), signal.Signals[_name])
+
+if os.environ.get("MMLLM_TEST_READ_STOPPED"):  # "RANK:STEP"
+    _rank, _step = os.environ["MMLLM_TEST_READ_STOPPED"].split(":")
+    _read_stopped_on(int(_rank), int(_step))
 
 if os.environ.get("MMLLM_TEST_NAN_LOSS"):  # "RANK:STEP,STEP,..."
     _rank, _steps = os.environ["MMLLM_TEST_NAN_LOSS"].split(":")

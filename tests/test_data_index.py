@@ -482,3 +482,129 @@ def test_passes_over_the_whole_data_leave_out_a_record_the_file_fails_to_give(tm
     left_out = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert left_out and left_out[0].startswith(f"{path}:3: the record cannot be read"), left_out
     assert [c.id for c in readable([*index])] == [f"p{i}" for i in range(6)]
+
+
+def nextgpt_pairs(tmp_path, tiny_model, n: int = 16):
+    """nextgpt pairs, whose parser looks each image up (a stat) when a sample is read: captions of 1 to 5 times a
+    phrase, so that their token lengths differ (sample 2 among the longest)."""
+    from mmllm.data.dataset import StageDataset
+    from mmllm.training.loop import token_spec
+
+    path = tmp_path / "cc3m.json"
+    path.write_text(json.dumps([{"id": f"n{i}", "caption": " ".join(["a red circle"] * (1 + i * 7 % 5)),
+                                 "image_name": f"{i}.png"} for i in range(n)]))
+    per, _, _ = load_stage_records([DatasetConfig(path=str(path), format="nextgpt-pairs")], "decode-align")
+    return StageDataset(per[0], tiny_model.llm.tokenizer, token_spec(tiny_model), {})
+
+
+def flaky_stat(monkeypatch, name: str, failures: int | None) -> list[int]:
+    """nextgpt's media lookup (``os.stat``) of the image ``name`` failing with EIO its first ``failures`` times
+    (None: always); returns one entry per failure."""
+    from mmllm.data import nextgpt
+
+    real, failed = os.stat, []
+
+    def stat(p, *a, **k):
+        if str(p).endswith(os.sep + name) and (failures is None or len(failed) < failures):
+            failed.append(1)
+            raise OSError(errno.EIO, "Input/output error", str(p))
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(nextgpt.os, "stat", stat)
+    monkeypatch.setattr(index_module, "READ_RETRY_DELAYS", (0, 0))
+    return failed
+
+
+def grouped_order(ds) -> list[list[tuple[int, int]]]:
+    """The micro-batches (of 2) of 2 epochs of ``ds`` grouped by length in chunks of 4 micro-batches, as training
+    orders them."""
+    from mmllm.data.dataset import LengthGroupedSampler, MixtureSampler
+
+    sampler = LengthGroupedSampler(MixtureSampler([len(ds)], [1.0], 0), lambda d, i: ds.length(i), group_batches=4)
+    return [sampler.micro_batch(step, 0, 1, 0, 1, 2) for step in range(len(ds))]
+
+
+def test_a_media_lookup_that_fails_once_gives_the_batch_order_of_a_clean_read(tmp_path, tiny_model, monkeypatch,
+                                                                             caplog):
+    """An I/O error looking up a sample's image (a stat: a network file system's hiccup) while group_by_length
+    measured the sample made its length 0 (it was not tried again, as a read of the record's bytes is), so its
+    chunk's batches came in another order than in a run without the hiccup -- a resumed run, or another process
+    measuring that sample, read other batches. It is now tried again: one failure gives the clean order."""
+    ds = nextgpt_pairs(tmp_path, tiny_model)
+    clean = grouped_order(ds)
+    assert ds.length(2) > min(ds.length(i) for i in range(len(ds)))  # a length 0 would move it
+    with monkeypatch.context() as mp:
+        failed = flaky_stat(mp, "2.png", 1)
+        assert grouped_order(ds) == clean
+    assert failed == [1]  # it did fail, once
+    assert "looking up the record's media failed" in caplog.text
+
+
+def test_a_sample_that_stays_unreadable_is_ordered_alike_in_every_run_and_named(tmp_path, tiny_model, monkeypatch,
+                                                                              caplog):
+    """A sample whose image lookup keeps failing is measured as length 0 in every run (the order is the same in
+    a resumed run that finds it unreadable too), said with its id as the read that skips it says it, and still
+    drawn (the other samples keep their places among the draws), then skipped."""
+    from mmllm.data.dataset import SampleError
+
+    ds = nextgpt_pairs(tmp_path, tiny_model)
+    clean = grouped_order(ds)
+    with monkeypatch.context() as mp:
+        flaky_stat(mp, "2.png", None)
+        once = grouped_order(ds)
+        assert grouped_order(ds) == once
+        got = ds[2]
+    assert isinstance(got, SampleError) and got.id == "n2"
+    assert "sample n2 cannot be read" in caplog.text and "ordered as length 0" in caplog.text
+    assert sorted(p for b in once for p in b) == sorted(p for b in clean for p in b)
+
+
+def test_a_signal_ends_the_wait_before_a_read_is_tried_again(tmp_path, tiny_model, monkeypatch):
+    """A failed read waits before it is tried again (0.1 s and 1 s, then 5 s and 30 s for another record of the
+    file); training's SIGTERM handler only records the request, which wakes no sleep, so a `kill` during them
+    took up to 36 s to be acted on. Within waits_end_when a signal ends the wait at once, raising ReadStopped: for
+    the sample drawn (not skipped as unreadable: training stops before that step) and for a length asked for."""
+    import signal
+    import threading
+    import time
+
+    from mmllm.data.index import ReadStopped, waits_end_when
+    from mmllm.training.interrupt import StopRequests
+
+    _, convs, ds = pairs_dataset(tmp_path, tiny_model)
+    failing_pread(monkeypatch, lambda offset, k: True)
+    monkeypatch.setattr(index_module, "READ_RETRY_DELAYS", (20.0, 20.0))
+    with StopRequests() as stop:
+        stop.armed = True  # as while steps run: the handler records the signal and returns
+        with waits_end_when(lambda: stop.name is not None):
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            started = time.monotonic()
+            with pytest.raises(ReadStopped, match="a stop was asked for while a failed read of the data file "
+                                                  "waited") as given_up:
+                ds[2]
+            took = time.monotonic() - started
+            assert stop.name == "SIGTERM"
+            assert given_up.value.where == f"{convs.path}:3"
+            assert took < 2.0, took
+            started = time.monotonic()
+            with pytest.raises(ReadStopped):  # asked for already: no wait at all
+                ds.length(3)
+            assert time.monotonic() - started < 0.5
+
+
+def test_missing_media_files_are_not_waited_on(tmp_path, monkeypatch):
+    """A media lookup that fails with an error that may pass is tried again after waits (READ_RETRY_DELAYS, 1.1 s
+    a sample); a media file that is not there (the common case: a download that missed some) is no such error
+    (nextgpt's lookup takes ENOENT for "not there"): drawing 200 such samples waits for nothing."""
+    import time
+
+    path = tmp_path / "cc3m.json"
+    path.write_text(json.dumps([{"id": f"n{i}", "caption": f"a red circle {i}", "image_name": f"{i}.png"}
+                                for i in range(200)]))
+    per, _, _ = load_stage_records([DatasetConfig(path=str(path), format="nextgpt-pairs")], "decode-align")
+    monkeypatch.setattr(index_module, "READ_RETRY_DELAYS", (5.0, 5.0))
+    started = time.monotonic()
+    got = [per[0][i] for i in range(len(per[0]))]
+    assert time.monotonic() - started < 2.0
+    assert [c.id for c in got] == [f"n{i}" for i in range(200)]
+    assert not any(p.exists() for c in got for p in (r.path for r in c.media_refs()))

@@ -326,6 +326,29 @@ def test_a_signal_on_one_process_stops_all_after_the_same_step_with_its_exit_cod
     assert "130" in codes and set(codes) <= {"130", "-15"}, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_read_given_up_on_a_stop_on_one_process_stops_all_before_that_step_and_resumes_exactly(
+        grouped, sample_data, tmp_path):
+    """A SIGTERM on process 1 while a sample it drew for step 3 waited for its failed read to be tried again: that
+    sample was skipped and step 3 trained without it (the other process knew nothing of it until the step's end),
+    then saved, so --resume did not end on the uninterrupted run's losses. Now both processes stop before step 3
+    (told in the step's count reduction; grouped, the chunk's lengths are still exchanged: no process waits
+    alone in a collective), save step 2, and the resumed run ends where the uninterrupted one does."""
+    launch = _launch(2, "fsdp")
+    extra = ("eval_data=[]", "eval_every=0", "save_every=0", *(["group_by_length=true"] if grouped else []))
+    full = tmp_path / "full"
+    _run(launch + _stage_args("decode-align", sample_data, full, 2, *extra))
+    part = tmp_path / "part"
+    proc = _run(launch + _stage_args("decode-align", sample_data, part, 2, *extra), expect=1,
+                MMLLM_TEST_READ_STOPPED="1:1")
+    assert sorted(p.name for p in part.glob("step-*")) == ["step-2"], proc.stderr[-3000:]
+    assert proc.stderr.count("stopped by SIGTERM after step 2 of 4") == 1
+    assert "stopped before step 3, whose samples were being read" in proc.stderr
+    _run(launch + _stage_args("decode-align", sample_data, part, 2, *extra, "--resume"))
+    assert _losses(part / "step-4") == pytest.approx(_losses(full / "step-4"), rel=TOLERANCE)
+
+
 def test_zero2_takes_the_stage_settings_and_refuses_what_it_cannot_run():
     from types import SimpleNamespace
 

@@ -3,6 +3,7 @@ retention, and an unwritable output directory reported before training."""
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
@@ -25,7 +26,7 @@ from mmllm.training import checkpoint as ckpt
 from mmllm.training import interrupt, loop
 from mmllm.training.interrupt import TrainingInterrupted
 from mmllm.training.loop import train
-from mmllm.training.resume import check_fresh_output_dir
+from mmllm.training.resume import check_fresh_output_dir, check_resume
 from tests.conftest import REPO, sigint_during_step, signal_on_call
 from tests.test_stages import stage_cfg
 
@@ -199,12 +200,47 @@ def test_resume_refuses_what_the_saved_state_cannot_continue(override, named, sa
     assert not built  # refused before anything loads
 
 
+def _step_samples(sampler, step: int, batch: int, accum: int, world: int) -> list[tuple[int, int]]:
+    """Every sample step ``step`` reads, on every process, sorted: what decides the step's update."""
+    return sorted(s for micro in range(accum) for rank in range(world)
+                  for s in sampler.micro_batch(step, micro, accum, rank, world, batch))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_resume_warns_of_other_samples_exactly_when_the_sampler_draws_other_ones(grouped, sample_data, tmp_path,
+                                                                                caplog):
+    """batch_size 4 -> 2 with grad_accum 1 -> 2 was warned about as reading other samples, though an ungrouped
+    step reads the same 4 draws of the seeded order however they are split into micro-batches. The warning now
+    follows the sampler: each case is checked against the samples the stage's sampler gives the next step."""
+    from mmllm.data.dataset import LengthGroupedSampler, MixtureSampler
+
+    flag = {"group_by_length": "true"} if grouped else {}
+    train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1, **flag))
+    sizes = ckpt.read_progress(tmp_path / "step-1")["samples"]
+    base = MixtureSampler(sizes, [1.0], 0)
+    sampler = LengthGroupedSampler(base, lambda d, i: (i * 7) % 5) if grouped else base
+    saved = _step_samples(sampler, 1, 4, 1, 1)
+    for batch, accum, world in [(2, 2, 1), (4, 2, 1), (2, 1, 1), (2, 1, 2), (1, 2, 2), (1, 4, 1)]:
+        caplog.clear()
+        caplog.set_level(logging.INFO)
+        cfg = stage_cfg("decode-align", sample_data, tmp_path, max_steps=2, batch_size=batch, grad_accum=accum,
+                        **flag)
+        check_resume(cfg, tmp_path / "step-1", world, sizes)
+        other = _step_samples(sampler, 1, batch, accum, world) != saved
+        assert ("reads other samples" in caplog.text) == other, (batch, accum, world, caplog.text)
+        assert ("each step reads the same samples" in caplog.text) == (not other)
+    # ungrouped, only the samples per step decide; grouped, the sorted chunks' micro-batch size and the
+    # micro-batches per step both do (checked here so that the loop above is not vacuous)
+    assert (_step_samples(sampler, 1, 2, 2, 1) == saved) is not grouped
+    assert _step_samples(sampler, 1, 2, 1, 2) == saved
+
+
 def test_resume_warns_when_it_reads_other_samples_than_the_interrupted_run(sample_data, tmp_path, caplog):
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=1))
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=2), resume=True)
     assert "reads other samples" not in caplog.text and "learning rate of step" not in caplog.text
     train(stage_cfg("decode-align", sample_data, tmp_path, max_steps=3, seed=4, batch_size=2), resume=True)
-    assert "seed: 0 -> 4" in caplog.text and "4 x 1 -> 2 x 1" in caplog.text
+    assert "seed: 0 -> 4" in caplog.text and "4 x 1 x 1 -> 2 x 1 x 1" in caplog.text
     assert "from step 3 it reads other samples" in caplog.text
     assert "eval_data differs" not in caplog.text
     held_out = f"[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"
@@ -800,3 +836,78 @@ def test_out_of_memory_advice_under_zero_is_fsdp_and_llm_dtype_only_for_a_core_t
     assert not takes_dtype(ComponentSpec("no.such.module:Core"))
     hf = ways_to_need_less(cfg, RunShape(1, "bf16", "none", torch.float32, dtype_option=True), STEP)
     assert hf[-1].startswith("llm.dtype: bfloat16 in the assembly") and "FSDP over several GPUs" in hf[0]
+
+
+def test_out_of_memory_advice_asks_for_a_new_output_dir_only_when_one_holds_a_checkpoint(sample_data, tmp_path):
+    """Another assembly (a bfloat16 core, a shorter max_length) was always advised "in a new output_dir (--resume
+    refuses another assembly)", also when the run had written no checkpoint: the same command then starts again,
+    in the same output_dir, with any assembly."""
+    from mmllm.training.out_of_memory import STEP, RunShape, message, ways_to_need_less
+
+    cfg = stage_cfg("instruct", sample_data, tmp_path / "fresh", batch_size=1, grad_checkpointing="true",
+                    **{"cache.dir": str(tmp_path / "c"), "cache.require": "true"})
+    hf = RunShape(1, "bf16", "fsdp", torch.float32, dtype_option=True)
+    text = message(cfg, hf, STEP, 1, "CUDA out of memory")  # output_dir holds no checkpoint
+    assert "no checkpoint was written yet" in text
+    assert "new output_dir" not in text
+    assert ("llm.dtype: bfloat16 in the assembly (no checkpoint yet: the same command starts the run again with "
+            "it)" in text)
+    assert ways_to_need_less(cfg, hf, STEP, checkpointed=True)[-1] == (
+        "llm.dtype: bfloat16 in the assembly, in a new output_dir (--resume refuses another assembly)")
+    lean = RunShape(1, "bf16", "fsdp", torch.bfloat16)
+    assert ("(the assembly's max_length; no checkpoint yet: the same command starts the run again with it)"
+            in message(cfg, lean, STEP, 1, "CUDA out of memory"))
+
+
+@pytest.mark.parametrize("before", [2, 0, 3])  # 0: the first step (nothing to save), 3: the last of 4
+def test_a_signal_while_a_drawn_sample_waits_for_its_read_again_stops_before_that_step_and_resumes_exactly(
+        before, sample_data, tmp_path, monkeypatch):
+    """A SIGTERM while a sample drawn for a step waited for its failed read to be tried again skipped that sample
+    (counted as unreadable) and trained the step on the rest, then saved it: the checkpoint held an update no
+    uninterrupted run makes (the read would have worked when tried again), and --resume did not end on its losses.
+    Now the step stops before it runs, on every process, saving the steps before it, as a length's read does."""
+    import signal
+    import time
+
+    from mmllm.data import index as index_module
+
+    cfg = {"save_every": 0}
+    full = train(stage_cfg("decode-align", sample_data, tmp_path / "full", max_steps=4, **cfg))
+    real_pread, real_read_step, failing = os.pread, loop._read_step, []
+
+    def read_step(cfg, sampler, datasets, step, *args):  # the first read of step before+1's samples fails, once
+        if step == before and not failing:
+            failing.append(time.monotonic())
+        return real_read_step(cfg, sampler, datasets, step, *args)
+
+    def pread(fd, length, offset):
+        if len(failing) == 1:  # the signal comes 0.3 s into its wait; tried again, the read would work
+            failing.append(time.monotonic())
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            raise OSError(5, "Input/output error")
+        return real_pread(fd, length, offset)
+
+    part = tmp_path / "part"
+    with monkeypatch.context() as mp:
+        mp.setattr(loop, "_read_step", read_step)
+        mp.setattr(os, "pread", pread)
+        mp.setattr(index_module, "READ_RETRY_DELAYS", (30.0, 30.0))
+        previous = signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        try:
+            with pytest.raises(KeyboardInterrupt if before == 0 else TrainingInterrupted) as stopped:
+                train(stage_cfg("decode-align", sample_data, part, max_steps=4, **cfg))
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # a timer left running would SIGTERM the test session
+            signal.signal(signal.SIGALRM, previous)
+    assert len(failing) == 2, "no read failed"
+    assert time.monotonic() - failing[1] < 10  # not the 30 s wait
+    if before == 0:  # nothing trained: stopped at once, as a signal before the first step does; nothing saved
+        assert stopped.value.args == ("SIGTERM",) and not ckpt.step_dirs(part)
+        again = train(stage_cfg("decode-align", sample_data, part, max_steps=4, **cfg))  # the same command
+        assert again.losses == full.losses
+        return
+    assert stopped.value.name == "SIGTERM" and stopped.value.step == before
+    assert [p.name for p in ckpt.step_dirs(part)] == [f"step-{before}"]
+    assert ckpt.read_progress(part / f"step-{before}")["skipped"] == 0  # the sample was not taken for unreadable
+    resumed = train(stage_cfg("decode-align", sample_data, part, max_steps=4, **cfg), resume=True)
+    assert resumed.losses == full.losses and resumed.skipped == full.skipped == 0

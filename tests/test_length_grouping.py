@@ -295,3 +295,136 @@ def test_a_grouped_checkpoint_of_an_older_batch_order_is_warned_about_on_resume(
     caplog.clear()
     check_resume(stage_cfg("instruct", sample_data, tmp_path, max_steps=2), tmp_path / "step-1", 1, [23])
     assert "batch order" not in caplog.text  # not grouped now: the group_by_length change is what is said
+
+
+def test_a_signal_while_a_length_read_waits_to_be_tried_again_stops_before_that_step_and_resumes_exactly(
+        sample_data, tmp_path, monkeypatch):
+    """group_by_length measures a chunk's samples when its first step draws it. A SIGTERM while one of those reads
+    failed and waited to be tried again (up to 36 s) was acted on only after the wait; now the wait ends at once
+    and the run stops before that step (nothing of it ran), saving the steps before it: the resumed run ends on
+    the uninterrupted run's losses (the length was not taken for 0)."""
+    import os
+    import signal
+    import time
+
+    from mmllm.data import index as index_module
+    from mmllm.model import AnyToAnyModel
+    from mmllm.training.interrupt import TrainingInterrupted
+
+    monkeypatch.setattr(LengthGroupedSampler.__init__, "__defaults__", (2,))  # chunks of 2 steps: step 2 starts one
+    grouped_cfg = {"group_by_length": "true", "save_every": 0}
+    full = train(stage_cfg("decode-align", sample_data, tmp_path / "full", max_steps=5, **grouped_cfg))
+    real_pread, real_forward, failing = os.pread, AnyToAnyModel.forward, []
+
+    def forward(self, batch, losses=None, normalizers=None):  # reads fail from step 2 (0-based) on
+        if batch.get("step") == 1 and not failing:
+            failing.append(time.monotonic())
+        return real_forward(self, batch, losses, normalizers)
+
+    def pread(fd, length, offset):
+        if failing:
+            if len(failing) == 1:  # the first failure: the signal comes 0.3 s into the wait
+                failing.append(time.monotonic())
+                signal.setitimer(signal.ITIMER_REAL, 0.3)
+            raise OSError(5, "Input/output error")
+        return real_pread(fd, length, offset)
+
+    part = tmp_path / "part"
+    with monkeypatch.context() as mp:
+        mp.setattr(AnyToAnyModel, "forward", forward)
+        mp.setattr(os, "pread", pread)
+        mp.setattr(index_module, "READ_RETRY_DELAYS", (30.0, 30.0))
+        previous = signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        try:
+            with pytest.raises(TrainingInterrupted) as stopped:
+                train(stage_cfg("decode-align", sample_data, part, max_steps=5, **grouped_cfg))
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+    assert len(failing) == 2, "no read failed"
+    assert time.monotonic() - failing[1] < 10  # not the 30 s wait
+    assert stopped.value.name == "SIGTERM" and stopped.value.step == 2
+    assert [p.name for p in ckpt.step_dirs(part)] == ["step-2"]
+    resumed = train(stage_cfg("decode-align", sample_data, part, max_steps=5, **grouped_cfg), resume=True)
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
+
+
+def test_a_stop_while_one_process_measures_a_chunk_is_raised_on_every_process_at_the_same_step():
+    """A stop asked for while one process's length read waited for its retry (ReadStopped) must stop every process
+    at the same call: the one process leaving alone would leave the others waiting in their next collective."""
+    from mmllm.data.index import ReadStopped
+
+    world, steps = 2, 10
+    run = Processes(world)
+
+    def stopping(d, i):  # process 1 is stopped measuring a sample of the chunk of step 5 (chunks of 5 steps)
+        if asked[0]:
+            raise ReadStopped("stopped", f"data:{i}")
+        return synthetic_length(d, i)
+
+    asked = [False]
+    run.samplers[1]._length = stopping
+    stopped_at = [None] * world
+
+    def process(rank):
+        sampler = run.samplers[rank]
+        for step in range(steps):
+            if step == 5 and rank == 1:
+                asked[0] = True
+            try:
+                sampler.share_lengths(step, 0, 1, rank, world, 2, run.exchange(rank))
+            except ReadStopped as exc:
+                stopped_at[rank] = (step, exc.where)
+                return
+            sampler.micro_batch(step, 0, 1, rank, world, 2)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert stopped_at[0] == stopped_at[1] and stopped_at[0][0] == 5
+
+
+def test_a_process_that_gave_up_a_drawn_read_still_shares_the_steps_next_chunk_lengths():
+    """A read given up on a stop while a sample was drawn (ReadStopped from the data set) is this process's alone:
+    the others go on through the step, and a later micro-batch of it can start a chunk whose lengths every process
+    exchanges. The process that gave up must take part in that exchange (leaving the step's reads at once left
+    the others waiting in it for ever), then say it gave up; the others read their micro-batches as usual."""
+    from types import SimpleNamespace
+
+    from mmllm.data.dataset import SampleError
+    from mmllm.data.index import ReadStopped
+    from mmllm.training.loop import _read_step
+
+    world, accum, batch, step = 2, 3, 2, 1  # chunks of 5 micro-batches: step 1's third starts chunk 1
+    run = Processes(world)
+    run.barrier = threading.Barrier(world, timeout=30)
+    cfg = SimpleNamespace(grad_accum=accum, batch_size=batch)
+
+    class Drawn:  # every sample unreadable (no model needed); process 1's first draw is given up on a stop
+        def __init__(self, rank):
+            self.rank, self.reads = rank, 0
+
+        def __getitem__(self, i):
+            self.reads += 1
+            if self.rank == 1 and self.reads == 1:
+                raise ReadStopped("data:1: a stop was asked for", "data:1")
+            return SampleError(f"s{i}", "unreadable")
+
+    got = [None] * world
+
+    def process(rank):
+        datasets = [Drawn(rank) for _ in SIZES]
+        got[rank] = _read_step(cfg, run.samplers[rank], datasets, step, rank, world, run.exchange(rank), 0,
+                               SimpleNamespace(name="SIGTERM"))
+
+    threads = [threading.Thread(target=process, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads) and all(got), "a process was left waiting in an exchange"
+    (mine, given_up), (theirs, none) = got[1], got[0]
+    assert isinstance(given_up, ReadStopped) and given_up.where == "data:1" and none is None
+    assert len(theirs) == accum and not mine  # process 1 read nothing more of the step once it gave up
+    assert all(run.samplers[r]._shared == (1, world * batch) for r in range(world))  # chunk 1 shared by both

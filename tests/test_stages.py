@@ -250,8 +250,8 @@ def test_a_group_without_target_media_leaves_the_denoising_loss_of_the_others_as
         def reduce(self, tensor, op):
             return tensor
 
-    counts, samples, tokens = _global_counts(OneProcess(), [mixed], _part_keys(model), model)
-    assert counts["mse_image"] == 2 and counts["denoise_image"] == 1
+    counts, samples, tokens, stopped = _global_counts(OneProcess(), [mixed], _part_keys(model), model)
+    assert counts["mse_image"] == 2 and counts["denoise_image"] == 1 and not stopped
     assert (samples, tokens) == (2, len(with_media["input_ids"]) + len(caption_only["input_ids"]))  # no padding
 
 

@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 
 from mmllm.config import ConfigError
 from mmllm.data.formats import PAIR_FORMATS, Conversation
-from mmllm.data.index import ConversationIndex, RecordUnreadable, data_summary, index_dataset
+from mmllm.data.index import ConversationIndex, ReadStopped, RecordUnreadable, data_summary, index_dataset
 from mmllm.data.media import SAMPLE_ERRORS, load_media
 from mmllm.data.precomputed import Precomputed
 from mmllm.data.template import IGNORE, TokenSpec, encode_conversation
@@ -70,6 +70,9 @@ class StageDataset(Dataset):
         return len(self.conversations)
 
     def __getitem__(self, index: int) -> dict[str, Any] | SampleError:
+        """Sample ``index`` encoded, its media read; a :class:`SampleError` (skipped) when it cannot be. A stop asked
+        for while its read waited to be tried again (:class:`~mmllm.data.index.ReadStopped`) is raised: the sample
+        is not unreadable, and a step without it is not the step an uninterrupted run trains."""
         try:
             conv = self.conversations[index]
         except RecordUnreadable as exc:  # its record, re-read from the data file, or its media lookup
@@ -103,11 +106,16 @@ class StageDataset(Dataset):
     def length(self, index: int) -> int:
         """The tokens sample ``index`` puts in a batch (placeholders expanded, truncated to ``max_length``), from
         its text alone: no media is read or decoded. 0 for a sample that cannot be encoded (it is skipped), its
-        record unreadable included; what :meth:`__getitem__` raises (a changed data file, a fault of mmllm's
-        index) is raised here too, not taken for a skipped sample."""
+        record unreadable included (after the retries the index gives a read and a media lookup that fail: a failure
+        that passes gives the length an uninterrupted read gives, so that the batch order does not depend on it),
+        said with its id as :meth:`__getitem__` says it; what :meth:`__getitem__` raises (a changed data file, a
+        fault of mmllm's index) is raised here too, not taken for a skipped sample, and so is
+        :class:`~mmllm.data.index.ReadStopped` (a stop asked for during the retries: the length is not known)."""
         try:
             conv = self.conversations[index]
-        except RecordUnreadable:  # skipped when drawn, which says so
+        except RecordUnreadable as exc:  # skipped when drawn, which says so again
+            log.warning("sample %s cannot be read (%s): ordered as length 0 by group_by_length, skipped when drawn",
+                        exc.sample_id, exc)
             return 0
         try:
             return len(encode_conversation(conv, self.tokenizer, self.spec).input_ids)
@@ -328,7 +336,8 @@ class LengthGroupedSampler:
         same order (as the training loop asks for its micro-batches); it exchanges only when the micro-batch
         starts a chunk it has not filled, so all of them exchange at the same calls. ``exchange(work)``: run
         ``work`` on every process and return what each returned, in process order (an all-gather; one process
-        failing must stop all, :func:`mmllm.training.agreement.on_every_process`).
+        failing must stop all, :func:`mmllm.training.agreement.on_every_process`). A stop asked for while a read
+        waited to be tried again on any process (:class:`~mmllm.data.index.ReadStopped`) is raised on every one.
 
         Process ``r`` measures the chunk's distinct draws ``r, r + world, ...`` (those already known cost
         nothing); afterwards every process knows every length of the chunk, so :meth:`chunk` tokenizes nothing
@@ -338,7 +347,16 @@ class LengthGroupedSampler:
         if self._shared == (k, per_batch):
             return
         draws = list(dict.fromkeys(self._draws(k, per_batch)))  # distinct, in draw order: the same on every process
-        shares = exchange(lambda: [self.length(d, i) for d, i in draws[rank::world]])
+        def measure() -> list[int] | tuple[str, str]:
+            try:
+                return [self.length(d, i) for d, i in draws[rank::world]]
+            except ReadStopped as exc:  # every process raises it below, at the same call: they stop together
+                return exc.where, str(exc)
+
+        shares = exchange(measure)
+        stopped = next((got for got in shares if isinstance(got, tuple)), None)
+        if stopped is not None:
+            raise ReadStopped(stopped[1], stopped[0])
         if len(shares) != world:
             raise RuntimeError(f"share_lengths: the exchange returned {len(shares)} shares for {world} processes")
         for r, lengths in enumerate(shares):

@@ -24,12 +24,16 @@ that is skipped as a sample with unreadable media is (:class:`RecordUnreadable`,
 samples), unless another record of the file cannot be read either (tried for :data:`FILE_RETRY_DELAYS`):
 then the file, or the disk it is on, is what is unreadable, and the run stops (:class:`DataFileUnreadable`)
 rather than skip every sample. A media path whose lookup the file system refuses (a folder the process may
-not enter) skips the sample too. A file deleted (or moved) once a process had closed it stops the run
+not enter) skips the sample too; a lookup failing otherwise (an I/O error, a stale handle: :data:`LASTING_ERRNOS`
+are not tried again) is tried again first, as a read is. Training ends the waits before a retry when it is asked to
+stop (:func:`waits_end_when`). A file deleted (or moved) once a process had closed it stops the run
 (:class:`DataFileGone`), saying so.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -64,6 +68,11 @@ CHECKSUM_CHUNK = 1 << 23
 # still fails) of another record of the file, to tell one unreadable record from an unreadable file
 READ_RETRY_DELAYS = (0.1, 1.0)
 FILE_RETRY_DELAYS = (5.0, 30.0)
+WAIT_SLICE = 0.05  # seconds between looks at whether a stop was asked for, while a retry waits
+# what a media lookup that fails with these says holds until someone changes it (a folder the process may not
+# enter, a name too long): not tried again (each sample of such a folder would wait its retries, every draw)
+LASTING_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR,
+                            errno.EINVAL})
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +92,20 @@ class DataFileUnreadable(UserError):
     """Reads of a data file fail for more than one record, tried again: the file (or its disk, its mount) cannot
     be read. Not a :data:`~mmllm.data.media.SAMPLE_ERRORS`: skipping would skip every sample. A
     :class:`~mmllm.config.UserError`: the command stops with its one line (what to check), exit code 2."""
+
+
+class ReadStopped(Exception):
+    """A stop was asked for (training's SIGINT or SIGTERM, :func:`waits_end_when`) while a failed read of a data
+    file waited to be tried again: the wait ends at once and the read is given up. Neither an ``OSError`` nor any
+    of :data:`~mmllm.data.media.SAMPLE_ERRORS`: the sample is not taken for unreadable (its length for
+    ``group_by_length`` is not taken for 0); the training loop stops on it. ``where``: the record (``file:line``)."""
+
+    def __init__(self, message: str, where: str):
+        super().__init__(message)
+        self.where = where
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.args[0], self.where)
 
 
 class RecordUnreadable(OSError):
@@ -182,6 +205,37 @@ def _compact(values: array) -> np.ndarray:
     """``values`` as int32 where they fit, else int64."""
     out = np.frombuffer(values, dtype=np.int64) if len(values) else np.zeros(0, dtype=np.int64)
     return out.astype(np.int32) if not len(out) or out.max() <= np.iinfo(np.int32).max else out.copy()
+
+
+_stop_asked: Callable[[], bool] | None = None  # set by waits_end_when: whether a retry's wait is to end
+
+
+@contextlib.contextmanager
+def waits_end_when(asked: Callable[[], bool]) -> Iterator[None]:
+    """Within the ``with``, a wait before a failed read of a data file is tried again (:data:`READ_RETRY_DELAYS`,
+    :data:`FILE_RETRY_DELAYS`: up to 36 s) ends as soon as ``asked()`` is true (looked at every
+    :data:`WAIT_SLICE` s, and before it starts), raising :class:`ReadStopped`. Training's steps hold it with "a
+    signal asked to stop": a signal handler that only records the request (it lets the step finish) wakes no
+    ``time.sleep``, so a SIGTERM during the waits took up to 36 s to be acted on."""
+    global _stop_asked
+    before, _stop_asked = _stop_asked, asked
+    try:
+        yield
+    finally:
+        _stop_asked = before
+
+
+def _wait(delay: float, where: str) -> None:
+    """``time.sleep(delay)``, ended by :class:`ReadStopped` when a stop is asked for (:func:`waits_end_when`)."""
+    end = time.monotonic() + delay
+    while True:
+        if _stop_asked is not None and _stop_asked():
+            raise ReadStopped(f"{where}: a stop was asked for while a failed read of the data file waited to be "
+                              "tried again; the read is given up", where)
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        time.sleep(min(left, WAIT_SLICE))
 
 
 class _OpenFiles:
@@ -292,7 +346,7 @@ class ConversationIndex(Sequence[Conversation]):
         rec = None
         try:
             rec = json.loads(raw.decode("utf-8"))
-            return self.parser(rec, line)
+            return self._parsed(rec, line, where)
         except ValueError as exc:  # what read it at the start reads it again, unless the file changed
             with _OPEN.lock:
                 fd = self._open()  # checks the file
@@ -309,6 +363,21 @@ class ConversationIndex(Sequence[Conversation]):
             sample_id = str(rec.get("id", where)) if isinstance(rec, dict) else where
             raise RecordUnreadable(f"{where}: {exc}", sample_id, where) from exc
 
+    def _parsed(self, rec: Any, line: int, where: str) -> Any:
+        """The format's parser on record ``rec``, tried again after each of :data:`READ_RETRY_DELAYS` while it
+        raises an ``OSError`` that may pass (a media lookup's I/O error, a stale handle, a timeout: not one of
+        :data:`LASTING_ERRNOS`), as a read of the record's bytes is: a sample whose lookup failed once was skipped,
+        and its length for ``group_by_length`` taken as 0, reordering its chunk's batches in this run only."""
+        for delay in READ_RETRY_DELAYS:
+            try:
+                return self.parser(rec, line)
+            except OSError as exc:
+                if exc.errno in LASTING_ERRNOS:
+                    raise
+                log.warning("%s: looking up the record's media failed (%s); trying again in %g s", where, exc, delay)
+            _wait(delay, where)
+        return self.parser(rec, line)
+
     def _read(self, i: int) -> bytes:
         """The bytes of record ``i``, from the file checked to be the one read at the start."""
         with _OPEN.lock:
@@ -322,7 +391,7 @@ class ConversationIndex(Sequence[Conversation]):
                 return read()
             except OSError as exc:
                 log.warning("%s: reading the data file failed (%s); trying again in %g s", where, exc, delay)
-            time.sleep(delay)
+            _wait(delay, where)
             self.close()
         return read()
 

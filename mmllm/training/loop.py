@@ -49,7 +49,7 @@ from mmllm.data.dataset import (
     load_stage_records,
     warn_empty_replies,
 )
-from mmllm.data.index import Chained
+from mmllm.data.index import Chained, ReadStopped, waits_end_when
 from mmllm.data.precomputed import open_precomputed
 from mmllm.data.template import TokenSpec
 from mmllm.folder_lock import hold_folder, holder, missing_folders, remove_empty
@@ -385,14 +385,26 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     stop.armed = True
     for step in bar:
         started = time.perf_counter()
-        batches = []
-        for micro in range(cfg.grad_accum):
-            if world > 1 and isinstance(sampler, LengthGroupedSampler):  # each process tokenizes 1/world of a chunk
-                sampler.share_lengths(step, micro, cfg.grad_accum, rank, world, cfg.batch_size, exchange)
-            picks = sampler.micro_batch(step, micro, cfg.grad_accum, rank, world, cfg.batch_size)
-            batches.append(collate([datasets[d][i] for d, i in picks], pad_id))
-            skipped += len(batches[-1]["skipped"])
-        normalizers, samples, tokens = _global_counts(accelerator, batches, parts_keys, inner)
+        batches, given_up = _read_step(cfg, sampler, datasets, step, rank, world, exchange, pad_id, stop)
+        # a read given up on a stop, on any process (told in the step's one reduction): nothing of the step runs
+        normalizers, samples, tokens, stopped = _global_counts(accelerator, batches, parts_keys, inner,
+                                                               given_up is not None)
+        if stopped:
+            bar.close()
+            name = stop.requested(accelerator) or "SIGINT"
+            if step == 0:
+                raise KeyboardInterrupt(name)  # nothing trained: stopped at once, as before the first step
+            if since_save:  # else step-{step} is there: saved at it, or the checkpoint this run resumed
+                metric, what = _checkpoint_metric(cfg, validation, validations, since_save, step)
+                with stops_on_out_of_memory(cfg, shape, oom.SAVE, step):
+                    save(accelerator, model, cfg, out_dir, step, optimizer, scheduler, losses, skipped, metric,
+                         run_info, what, validations)
+            log.warning("%s: stopped before step %d, whose samples were being read (%s)", name, step + 1,
+                        given_up or "on another process")
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            raise TrainingInterrupted(name, step, cfg.max_steps, out_dir / f"step-{step}") from given_up
+        skipped += sum(len(batch["skipped"]) for batch in batches)
         grad_norm: float | torch.Tensor | None = None
         if not normalizers:  # every sample of the step was unreadable, on every process: nothing to learn
             step_loss, parts, outcome = float("nan"), {}, "empty"
@@ -765,22 +777,51 @@ def _part_keys(model: AnyToAnyModel) -> list[str]:
     return ["ce", "retain"] + [f"{kind}_{m}" for m in sorted(model.decoders) for kind in ("mse", "denoise")]
 
 
+def _read_step(cfg: StageConfig, sampler, datasets: list[StageDataset], step: int, rank: int, world: int,
+               exchange: Callable[[Callable[[], Any]], list[Any]], pad_id: int,
+               stop: StopRequests) -> tuple[list[dict[str, Any]], ReadStopped | None]:
+    """The micro-batches of ``step`` on this process, and the read given up on a stop, if one was: a signal ends
+    a failed read's wait for its retry (a wait ran up to 36 s), and a step without that sample (or with its
+    ``group_by_length`` length taken for 0) is not the step an uninterrupted run trains. A length that
+    :meth:`~mmllm.data.dataset.LengthGroupedSampler.share_lengths` gives up is given up on every process at the
+    same call; a sample's read on this process only, so the rest of the step's lengths are still shared (the
+    others exchange them) and the caller tells every process (:func:`_global_counts`)."""
+    batches: list[dict[str, Any]] = []
+    given_up: ReadStopped | None = None
+    with waits_end_when(lambda: stop.name is not None):
+        for micro in range(cfg.grad_accum):
+            if world > 1 and isinstance(sampler, LengthGroupedSampler):  # each process tokenizes 1/world
+                try:
+                    sampler.share_lengths(step, micro, cfg.grad_accum, rank, world, cfg.batch_size, exchange)
+                except ReadStopped as exc:  # on every process, at this call
+                    return batches, exc
+            if given_up is not None:
+                continue
+            try:
+                picks = sampler.micro_batch(step, micro, cfg.grad_accum, rank, world, cfg.batch_size)
+                batches.append(collate([datasets[d][i] for d, i in picks], pad_id))
+            except ReadStopped as exc:
+                given_up = exc
+    return batches, given_up
+
+
 def _global_counts(
-    accelerator, batches: list[dict[str, Any]], keys: list[str], model: AnyToAnyModel
-) -> tuple[dict[str, float], float, float]:
+    accelerator, batches: list[dict[str, Any]], keys: list[str], model: AnyToAnyModel, given_up: bool = False
+) -> tuple[dict[str, float], float, float, bool]:
     """Units (label tokens, text-only tokens, signal groups; for ``denoise_*`` the groups with target media)
     per loss part over the whole step, and the step's readable samples and real tokens
-    (:func:`~mmllm.training.metrics.batch_size_counts`), all summed over processes in one reduction."""
+    (:func:`~mmllm.training.metrics.batch_size_counts`), all summed over processes in one reduction, which also
+    tells whether any process ``given_up`` a read of the step on a stop (:func:`_read_step`)."""
     local = dict.fromkeys(keys, 0.0)
     for b in batches:
         if "labels" not in b:
             continue
         for k, n in unit_counts(b, model).items():
             local[k] += n
-    vec = torch.tensor([local[k] for k in keys] + list(batch_size_counts(batches)), dtype=torch.float64,
-                       device=accelerator.device)
-    *units, samples, tokens = accelerator.reduce(vec, "sum").tolist()
-    return {k: float(v) for k, v in zip(keys, units) if v > 0}, samples, tokens
+    vec = torch.tensor([local[k] for k in keys] + list(batch_size_counts(batches)) + [float(given_up)],
+                       dtype=torch.float64, device=accelerator.device)
+    *units, samples, tokens, stopped = accelerator.reduce(vec, "sum").tolist()
+    return {k: float(v) for k, v in zip(keys, units) if v > 0}, samples, tokens, stopped > 0
 
 
 def _all_finite(accelerator, loss: float, params: list[torch.nn.Parameter]) -> bool:

@@ -41,6 +41,8 @@ class RunShape:
 
 BUILD = "building and placing the model"  # before the first step: built or loaded, moved to the device, prepared
 STEP, VALIDATION, SAVE = "the forward and backward", "the validation", "saving its checkpoint"
+# another assembly where output_dir holds no checkpoint: nothing to --resume, so no new output_dir needed
+NO_CHECKPOINT_YET = "no checkpoint yet: the same command starts the run again with it"
 
 
 def shape_before_build(cfg: StageConfig, processes: int, precision: str,
@@ -89,15 +91,18 @@ def message(cfg: StageConfig, shape: RunShape, doing: str, step: int, what: str)
     else:
         kept = f"no checkpoint was written yet in {out_dir}: the same command starts the run again"
     at = f"at step {step} of {cfg.max_steps}" if step else "before the first step"
+    ways = ways_to_need_less(cfg, shape, doing, checkpointed=newest is not None)
     return (f"stage {cfg.stage} ran out of memory {at}, in {doing} ({what}); {kept}, "
-            f"with settings that need less memory: {'; '.join(ways_to_need_less(cfg, shape, doing))} "
+            f"with settings that need less memory: {'; '.join(ways)} "
             "(docs/distributed.md, Out of memory)")
 
 
-def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str) -> list[str]:
+def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str, checkpointed: bool = True) -> list[str]:
     """The settings of this run that would need less memory, most effective first, as the overrides to give.
     While the model is built and placed (:data:`BUILD`) only those that hold less of it: the batch, activations
-    and autocast are not there yet."""
+    and autocast are not there yet. ``checkpointed``: ``output_dir`` holds a checkpoint of this run, which
+    ``--resume`` would go on from (it refuses another assembly: a change of the assembly then needs a new
+    ``output_dir``); without one the same command, the same ``output_dir``, starts again with any assembly."""
     ways = []
     building = doing == BUILD
     if cfg.batch_size > 1 and not building:
@@ -120,11 +125,14 @@ def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str) -> list[str
                     "configs/accelerate/fsdp.yaml)")
     if shape.core_dtype == torch.float32 and shape.dtype_option:
         where = "the first stage's assembly (init_from carries it)" if cfg.init_from else "the assembly"
-        ways.append(f"llm.dtype: bfloat16 in {where}, in a new output_dir (--resume refuses another assembly)")
+        again = (", in a new output_dir (--resume refuses another assembly)" if checkpointed
+                 else f" ({NO_CHECKPOINT_YET})")
+        ways.append(f"llm.dtype: bfloat16 in {where}{again}")
     if building:
         return ways or ["none left in this config: a GPU with more memory"]
-    return ways or ["none left in this config: a GPU with more memory, or shorter samples (the assembly's "
-                          "max_length, in a new output_dir)"]
+    again = ", in a new output_dir" if checkpointed else f"; {NO_CHECKPOINT_YET}"
+    return ways or [f"none left in this config: a GPU with more memory, or shorter samples (the assembly's "
+                    f"max_length{again})"]
 
 
 def _smallest_factor(n: int) -> int:

@@ -10,7 +10,8 @@ the resumed run's config is sorted three ways before any weight loads (:func:`ch
   weights. The optimizer state restores the old hyperparameters, so :func:`apply_hyperparameters` sets
   the config's again and recomputes the next step's learning rate; the warning gives the jump;
 * allowed, with a warning that the resumed run no longer draws the samples the uninterrupted run would
-  have: ``seed``, ``group_by_length``, the samples per step (``batch_size`` x processes, ``grad_accum``), the data sets and
+  have: ``seed``, ``group_by_length``, the split of the samples into steps where it changes what a step reads
+  (:func:`_split_changes`: ungrouped the samples per step, grouped the micro-batch size and ``grad_accum``), the data sets and
   their sizes, and a grouped run's batch order (``length_order`` in its progress; a checkpoint within the first
   chunk written by an mmllm with another order).
 """
@@ -189,13 +190,11 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
         log.warning("%s: LoRA dropout %s (checkpoint) -> %s (%s): training goes on, but from step %d it draws other "
                     "dropout masks than the interrupted run: it will not end on the weights an uninterrupted run "
                     "gives", where, was_dropout, wanted_lora.dropout, config_source(cfg.lora, "lora"), progress["step"] + 1)
-    order = _changed({"group_by_length": False} | saved, now, ("seed", "grad_accum", "group_by_length"))
+    order = _changed({"group_by_length": False} | saved, now, ("seed", "group_by_length"))
+    grouped = bool(cfg.group_by_length and saved.get("group_by_length"))
     old_world = progress.get("processes")
-    if old_world is not None and old_world * saved.get("batch_size", 0) != processes * cfg.batch_size:
-        order.append(f"samples per micro-batch (batch_size x processes): {saved.get('batch_size')} x "
-                     f"{old_world} -> {cfg.batch_size} x {processes}")
-    elif old_world is None and saved.get("batch_size") != cfg.batch_size:
-        order.append(f"batch_size: {saved.get('batch_size')} -> {cfg.batch_size}")
+    order += _split_changes(saved.get("batch_size"), saved.get("grad_accum"), old_world, cfg.batch_size,
+                            cfg.grad_accum, processes, grouped)
     if cfg.group_by_length and saved.get("group_by_length") and progress["step"] * cfg.grad_accum < GROUP_BATCHES:
         was = progress.get("length_order")  # later chunks are ordered alike: only the first's can differ
         if was != LENGTH_ORDER_VERSION:
@@ -213,9 +212,37 @@ def check_resume(cfg: StageConfig, last: Path, processes: int, samples: list[int
         log.warning("%s: eval_data differs from the interrupted run's: validation scores from step %d on are of "
                     "another held-out set than those before them (progress.json keeps both, and keep_best compares "
                     "only checkpoints scored on the same set)", where, progress["step"] + 1)
-    if old_world is not None and old_world != processes and not any("processes" in o for o in order):
-        log.info("%s: saved by %d process(es), resumed on %d with the same samples per step", where, old_world,
+    split = (saved.get("batch_size"), saved.get("grad_accum"), old_world or processes)
+    if not order and split != (cfg.batch_size, cfg.grad_accum, processes):
+        log.info("%s: batch_size x grad_accum x processes %s x %s x %s (checkpoint) -> %d x %d x %d: each step reads "
+                 "the same samples, split into other micro-batches", where, *split, cfg.batch_size, cfg.grad_accum,
                  processes)
+
+
+def _split_changes(batch: int | None, accum: int | None, world: int | None, new_batch: int, new_accum: int,
+                   new_world: int, grouped: bool) -> list[str]:
+    """What of the samples' split into steps changed so that a step reads other samples (the sampler's
+    ``micro_batch(step, micro, accum, rank, world, batch)``): without ``group_by_length`` the samples of step ``s``
+    are draws ``s*N .. (s+1)*N`` of the seeded order, ``N = batch_size x processes x grad_accum``, however they are
+    split into micro-batches (batch 4 x 1 step and batch 2 x 2 micro-batches read the same 4); grouped, the draws are
+    sorted in chunks of :data:`GROUP_BATCHES` global micro-batches of ``batch_size x processes`` samples, and a step
+    takes ``grad_accum`` of them: both count. ``world`` None: not recorded (an older mmllm), any change said."""
+    if world is None:
+        return [f"{key}: {was} -> {now}" for key, was, now in (("batch_size", batch, new_batch),
+                                                              ("grad_accum", accum, new_accum)) if was != now]
+    accum = accum or 1
+    if not grouped:
+        if batch is None or batch * world * accum != new_batch * new_world * new_accum:
+            return [f"samples per optimizer step (batch_size x processes x grad_accum): {batch} x {world} x {accum} "
+                    f"-> {new_batch} x {new_world} x {new_accum}"]
+        return []
+    out = []
+    if batch is None or batch * world != new_batch * new_world:
+        out.append(f"samples per micro-batch (batch_size x processes, what group_by_length sorts in chunks of "
+                   f"{GROUP_BATCHES}): {batch} x {world} -> {new_batch} x {new_world}")
+    if accum != new_accum:
+        out.append(f"grad_accum (grouped micro-batches per step): {accum} -> {new_accum}")
+    return out
 
 
 def apply_hyperparameters(optimizer, scheduler, cfg: StageConfig) -> None:
