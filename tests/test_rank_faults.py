@@ -1,0 +1,101 @@
+"""One process of a multi-process run fails -- runs out of memory, hits a fault of mmllm -- and every process stops
+promptly with its message and an exit code of its kind (mmllm/training/faults.py), instead of the others failing
+on gloo's "Connection closed by peer" (exit code 70 whatever the first one's was) or, under NCCL, waiting in their
+next collective until its timeout.
+
+The two processes are started here without a launcher, as on two machines: a launcher on one machine kills the
+others when one exits, one on another machine does not. tests/faulty_rank.py puts the fault in."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+STAGE = REPO / "configs/stages/tiny/encode_align.yaml"
+PROMPTLY_S = 90  # well below any launcher's or NCCL's timeout (10 minutes and more); a run here takes ~15 s
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(tmp_path: Path, fault: str, *args: str) -> list[tuple[int, str, float]]:
+    """`mmllm train` on the tiny stage in two processes (gloo) with ``MMLLM_TEST_FAULT=fault``: each process's
+    (exit code, output, seconds from the start to its exit). A process still running after :data:`PROMPTLY_S`
+    is killed and reported with exit code None."""
+    port = _free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MMLLM_TEST_FAULT=fault)
+    cmd = [sys.executable, "-m", "tests.faulty_rank", "train", "--config", str(STAGE), "report_to=none",
+           f"output_dir={tmp_path / 'out'}", "batch_size=2", "max_steps=3", "log_every=1", *args]
+    started, procs = time.monotonic(), []
+    for rank in range(2):
+        log = open(tmp_path / f"rank{rank}.log", "w+")  # noqa: SIM115 -- closed below
+        procs.append((subprocess.Popen(cmd, cwd=REPO, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                                       stdout=log, stderr=subprocess.STDOUT), log))
+    out = []
+    try:
+        for proc, log in procs:
+            try:
+                rc = proc.wait(timeout=max(1.0, started + PROMPTLY_S - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                rc = None
+            took = time.monotonic() - started
+            log.seek(0)
+            out.append((rc, log.read(), took))
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    return out
+
+
+def _said(out: list[tuple[int, str, float]]) -> str:
+    return "".join(f"\n--- process {r}, exit code {rc} after {took:.0f} s:\n{log[-3000:]}"
+                   for r, (rc, log, took) in enumerate(out))
+
+
+def test_out_of_memory_on_one_process_stops_both_with_its_message_and_exit_code_2(tmp_path):
+    out = _two_processes(tmp_path, "1:1:oom")
+    assert [rc for rc, _, _ in out] == [2, 2], _said(out)
+    ran_out = "stage encode-align ran out of memory at step 2 of 3, in the forward and backward"
+    assert ran_out in out[1][1], _said(out)
+    assert f"on process 1 (host {socket.gethostname()}): {ran_out}" in out[0][1], _said(out)
+    assert "Connection closed by peer" not in out[0][1] and "Traceback" not in out[0][1], _said(out)
+
+
+def test_a_fault_of_mmllm_on_one_process_is_a_fault_on_both_exit_code_70(tmp_path):
+    out = _two_processes(tmp_path, "0:1:fault")
+    assert [rc for rc, _, _ in out] == [70, 70], _said(out)
+    assert "RuntimeError: a fault of mmllm (a test's)" in out[0][1], _said(out)  # its own traceback
+    assert (f"on process 0 (host {socket.gethostname()}): unexpected error RuntimeError: a fault of mmllm (a test's)"
+            in out[1][1]), _said(out)
+
+
+@pytest.mark.slow  # 20 s: it waits faults.GRACE_S for process 0's training to stop on its own
+def test_a_process_waiting_in_a_collective_that_never_returns_stops_on_the_others_failure(tmp_path):
+    """Process 0 waits at step 2 as under NCCL for a peer that failed (gloo would fail it when the peer exits):
+    the old code left it there (until NCCL's timeout, 10 minutes or more)."""
+    out = _two_processes(tmp_path, "0:1:stuck;1:1:oom")
+    assert [rc for rc, _, _ in out] == [2, 2], _said(out)
+    assert "this process was still waiting for it in a collective, and stops" in out[0][1], _said(out)
+    assert "on process 1 (host " in out[0][1] and "ran out of memory at step 2 of 3" in out[0][1], _said(out)
+    assert out[0][2] < 60, _said(out)
+
+
+def test_a_fault_on_the_main_process_in_its_own_work_is_a_fault_on_every_process(tmp_path):
+    """final.json is the main process's to write, the others waiting for its word: a fault there reached them as
+    a configuration error (exit code 2) without saying where it happened."""
+    out = _two_processes(tmp_path, "0:final:fault")
+    assert [rc for rc, _, _ in out] == [70, 70], _said(out)
+    assert f"on process 0 (host {socket.gethostname()}): unexpected error RuntimeError" in out[1][1], _said(out)
