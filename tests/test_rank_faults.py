@@ -99,3 +99,34 @@ def test_a_fault_on_the_main_process_in_its_own_work_is_a_fault_on_every_process
     out = _two_processes(tmp_path, "0:final:fault")
     assert [rc for rc, _, _ in out] == [70, 70], _said(out)
     assert f"on process 0 (host {socket.gethostname()}): unexpected error RuntimeError" in out[1][1], _said(out)
+
+
+def test_the_first_failure_is_what_the_others_raise_and_an_error_of_their_own_is_kept():
+    """In one process, two processes' sides on one store: process 1 runs out of memory first; process 0's training
+    then fails at the collective process 1 left (gloo's error, a fault in itself) and raises process 1's failure
+    instead, of its kind; an error process 0 can tell the user about itself is raised as it is."""
+    import torch.distributed as dist
+
+    from mmllm.memory import OutOfMemory
+    from mmllm.training import faults
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, True)
+    first, second = faults._Watch(store, "t/run-1", 1, 2), faults._Watch(store, "t/run-1", 0, 2)
+    for watch in (first, second):
+        watch.start()
+    try:
+        ran_out = OutOfMemory("stage x ran out of memory at step 2")
+        assert first.stopping(ran_out) is ran_out  # posted, and read by process 0's watching thread
+        broken = RuntimeError("[gloo] Connection closed by peer")
+        raised = second.stopping(broken)
+        assert isinstance(raised, faults.UserErrorElsewhere) and faults.kind_of(raised) == "user"
+        assert str(raised) == f"on process 1 (host {socket.gethostname()}): stage x ran out of memory at step 2"
+        own = OSError(28, "No space left on device")
+        assert second.stopping(own) is own
+        assert isinstance(second.stopping(KeyboardInterrupt("SIGTERM")), faults.UserErrorElsewhere)  # the launcher's
+    finally:
+        for watch in (first, second):
+            watch.stop()
+    bug = faults.Failure.of(KeyError("k"), 0, "h").error()
+    assert isinstance(bug, faults.FaultElsewhere) and faults.kind_of(bug) == "fault"
+    assert str(bug) == "on process 0 (host h): unexpected error KeyError: 'k' (its traceback is in that process's output)"
