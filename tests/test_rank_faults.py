@@ -27,16 +27,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(tmp_path: Path, fault: str, *args: str) -> list[tuple[int, str, float]]:
+def _two_processes(tmp_path: Path, fault: str, *args: str, port: int | None = None,
+                   **env_vars: str) -> list[tuple[int, str, float]]:
     """`mmllm train` on the tiny stage in two processes (gloo) with ``MMLLM_TEST_FAULT=fault``: each process's
     (exit code, output, seconds from the start to its exit). A process still running after :data:`PROMPTLY_S`
-    is killed and reported with exit code None."""
-    port = _free_port()
+    is killed and reported with exit code None. ``port``: the store's (default: a free one, rank 0 hosts it)."""
+    port = port or _free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MMLLM_TEST_FAULT=fault)
+               MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MMLLM_TEST_FAULT=fault, **env_vars)
     cmd = [sys.executable, "-m", "tests.faulty_rank", "train", "--config", str(STAGE), "report_to=none",
            f"output_dir={tmp_path / 'out'}", "batch_size=2", "max_steps=3", "log_every=1", *args]
     started, procs = time.monotonic(), []
+    tmp_path.mkdir(parents=True, exist_ok=True)
     for rank in range(2):
         log = open(tmp_path / f"rank{rank}.log", "w+")  # noqa: SIM115 -- closed below
         procs.append((subprocess.Popen(cmd, cwd=REPO, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
@@ -99,6 +101,32 @@ def test_a_fault_on_the_main_process_in_its_own_work_is_a_fault_on_every_process
     out = _two_processes(tmp_path, "0:final:fault")
     assert [rc for rc, _, _ in out] == [70, 70], _said(out)
     assert f"on process 0 (host {socket.gethostname()}): unexpected error RuntimeError" in out[1][1], _said(out)
+
+
+@pytest.mark.slow  # two runs: 30-70 s on a loaded 2-core machine
+def test_a_restarted_run_on_the_store_of_a_failed_one_reports_its_own_failure_not_the_old_one(tmp_path):
+    """A launcher that restarts a failed run (``torchrun --max-restarts``) keeps its store for the next attempt
+    (TORCHELASTIC_USE_AGENT_STORE: the processes are its clients): the old code posted every run of a process
+    under the same keys, so the second attempt found the first one's failure there. Its own first failure was then
+    not posted (the count said another came first); process 1, whose own the old one was, ended on gloo's
+    "Connection closed by peer" (exit code 70), and process 0 on process 1's old failure once GRACE_S had passed.
+    torch's own keys of the first attempt (gloo's addresses) are removed before the second, as a launcher that
+    gave each attempt a sound rendezvous would (torch 2.14 reads them again: pytorch/pytorch#135712)."""
+    import torch.distributed as dist
+
+    agent = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)  # the launcher's, for both attempts
+    elastic = {"TORCHELASTIC_USE_AGENT_STORE": "True"}
+    first = _two_processes(tmp_path / "1", "1:1:oom", port=agent.port, **elastic)
+    assert [rc for rc, _, _ in first] == [2, 2], _said(first)
+    left = [key for key in agent.list_keys() if "mmllm" in key]
+    assert left, agent.list_keys()  # the first attempt's failure, as it posted it
+    for key in set(agent.list_keys()) - set(left):
+        agent.delete_key(key)
+    again = _two_processes(tmp_path / "2", "0:1:oom", port=agent.port, **elastic)
+    assert [rc for rc, _, _ in again] == [2, 2], _said(again)
+    ran_out = "stage encode-align ran out of memory at step 2 of 3"
+    assert f"on process 0 (host {socket.gethostname()}): {ran_out}" in again[1][1], _said(again)
+    assert "on process 1" not in again[0][1], _said(again)
 
 
 def test_the_first_failure_is_what_the_others_raise_and_an_error_of_their_own_is_kept():

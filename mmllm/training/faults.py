@@ -32,6 +32,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -43,7 +44,6 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5  # how often a process looks for another's failure (one small request to the store)
 GRACE_S = 10.0  # how long a process that saw another's failure waits for its own training to stop on it
 EXIT_USER, EXIT_FAULT = 2, 70  # the mmllm command's codes (mmllm.cli): what was given refused / a fault of mmllm
-_runs = 0  # runs this process started: each run posts under its own keys (the store outlives a run)
 
 
 class FromAnotherProcess(Exception):
@@ -125,17 +125,28 @@ def default_store():
         return None
 
 
+def new_run(accelerator) -> str:
+    """A name for this run that every process of it agrees on (the main process's, broadcast), unlike any other
+    run's: the keys of :func:`stops_together`. The store can outlive a run: a launcher that restarts a failed run
+    (``torchrun --max-restarts``, ``accelerate launch --max_restarts``) keeps its store, holding the failed
+    attempt's keys, for the next."""
+    if accelerator.num_processes == 1:
+        return "single"
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([uuid.uuid4().hex if accelerator.is_main_process else None])[0]
+
+
 @contextlib.contextmanager
-def stops_together(rank: int, world: int, store=None) -> Iterator[None]:
+def stops_together(rank: int, world: int, run: str, store=None) -> Iterator[None]:
     """Run the ``with`` body (a whole training run) so that a failure of one process stops every process
-    (this module's docstring); one process, or no store: the body as it is."""
-    global _runs
+    (this module's docstring); one process, or no store: the body as it is. ``run``: the run's name, the same on
+    every process of it and unlike any other run's on that store (:func:`new_run`)."""
     store = store if store is not None or world == 1 else default_store()
     if world == 1 or store is None:
         yield
         return
-    _runs += 1
-    watch = _Watch(store, f"mmllm/run-{_runs}", rank, world)
+    watch = _Watch(store, f"mmllm/faults/{run}", rank, world)
     watch.start()
     try:
         yield

@@ -61,7 +61,7 @@ from mmllm.training import checkpoint as ckpt
 from mmllm.training import out_of_memory as oom
 from mmllm.training import zero
 from mmllm.training.agreement import agreed_resume_point, check_same_run, on_every_process, warn_unless_shared
-from mmllm.training.faults import Failure, stops_together
+from mmllm.training.faults import Failure, new_run, stops_together
 from mmllm.training.freeze import apply_trainable
 from mmllm.training.init_from import (
     check_init_from,
@@ -253,7 +253,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
     # one process failing stops them all, with its message (each would wait for it at its next collective)
-    held.enter_context(stops_together(accelerator.process_index, accelerator.num_processes))
+    held.enter_context(stops_together(accelerator.process_index, accelerator.num_processes, new_run(accelerator)))
     # several processes (machines): the same settings and data files on each, before anything is written
     check_same_run(accelerator, cfg)
     last = None
