@@ -158,3 +158,41 @@ def test_the_first_failure_is_what_the_others_raise_and_an_error_of_their_own_is
     bug = faults.Failure.of(KeyError("k"), 0, "h").error()
     assert isinstance(bug, faults.FaultElsewhere) and faults.kind_of(bug) == "fault"
     assert str(bug) == "on process 0 (host h): unexpected error KeyError: 'k' (its traceback is in that process's output)"
+
+
+def test_a_failure_is_read_while_torch_waits_on_the_store_for_a_key_that_does_not_come():
+    """torch waits on the run's store for keys (the NCCL id of a process group's first collective, which a failed
+    process never posts) until its timeout, and a store client serves one request at a time: the old code's
+    watching thread, on that same client, read nothing until then (10 minutes and more; here 5 s)."""
+    import datetime
+    import threading
+
+    import torch.distributed as dist
+
+    from mmllm.memory import OutOfMemory
+    from mmllm.training import faults
+
+    server = dist.TCPStore("127.0.0.1", 0, 2, True, wait_for_workers=False)
+    clients = [dist.PrefixStore("default_pg/0/", dist.TCPStore("127.0.0.1", server.port, 2, False,
+                                                               timeout=datetime.timedelta(seconds=5)))
+               for _ in range(2)]  # each process's own, as torch.distributed made it
+    waiting = threading.Thread(target=lambda: pytest.raises(dist.DistStoreError, clients[0].get, "nccl-id"),
+                               daemon=True)
+    waiting.start()  # process 0's torch, waiting for the id process 1 never posts
+    watches = [faults._Watch(clients[rank], "t/run", rank, 2) for rank in range(2)]
+    for watch in watches:
+        watch.start()
+    try:
+        time.sleep(0.2)
+        started = time.monotonic()
+        watches[1].stopping(OutOfMemory("stage x ran out of memory at step 2"))  # waits until process 0 read it
+        deadline = started + 3
+        while watches[0].seen is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watches[0].seen is not None and watches[0].seen.rank == 1
+        assert time.monotonic() - started < 3
+    finally:
+        watches[0].stopping(RuntimeError("[gloo] Connection closed by peer"))  # its training stops on it
+        for watch in watches:
+            watch.stop()
+        waiting.join()

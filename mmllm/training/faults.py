@@ -163,7 +163,7 @@ class _Watch:
     """This process's side of :func:`stops_together`: posting its failure, watching for another's."""
 
     def __init__(self, store, prefix: str, rank: int, world: int):
-        self.store, self.prefix, self.rank, self.world = store, prefix, rank, world
+        self.store, self.prefix, self.rank, self.world = _own_client(store), prefix, rank, world
         self.host = socket.gethostname()
         self.seen: Failure | None = None  # the first failure, another process's, once read
         self._stopping, self._done = threading.Event(), threading.Event()
@@ -250,6 +250,18 @@ class _Watch:
             log.error("%s; this process was still waiting for it in a collective, and stops", failure.error())
             logging.shutdown()
             os._exit(exit_code(failure.kind))
+
+
+def _own_client(store):
+    """A connection of this module's own to ``store``'s server, where it can make one: a store client serves one
+    request at a time, and torch waits on the run's own for keys that may never come (the NCCL id of a process
+    group's first collective, from a process that failed), holding up every other request until its timeout
+    (10 minutes and more)."""
+    try:
+        return store.clone()
+    except Exception as exc:  # noqa: BLE001 -- a store that cannot clone itself (torch < 2.6, a FileStore): share it
+        log.debug("watching for failures on the run's own store client: %s", exc)
+        return store
 
 
 def _coordinated(exc: BaseException) -> bool:
