@@ -107,10 +107,11 @@ class Section:
         return self._read(key, lambda handle: tuple(handle.get_slice(key).get_shape()))
 
     def _read(self, key: str, what: Callable[[Any], Any]) -> Any:
-        """``what(handle)`` of ``key``'s shard, or None when absent. A shard that can no longer be read (truncated,
-        removed or its permissions changed since its keys were listed) is as one whose keys could not be listed:
-        its entries are absent from then on, with a warning -- not an error raised in one process of a run
-        (the others would wait for it at their next collective)."""
+        """``what(handle)`` of ``key``'s shard, or None when absent. A shard that can no longer be opened
+        (truncated, removed or its permissions changed since its keys were listed) is as one whose keys could not
+        be listed: its entries are absent from then on, with a warning -- not an error raised in one process of a
+        run (the others would wait for it at their next collective). One cut short once open (memory-mapped)
+        raises SIGBUS on reading, which no exception handler sees."""
         from safetensors import SafetensorError
 
         try:
