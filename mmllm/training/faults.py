@@ -10,8 +10,8 @@ One mechanism covers every such place, at no cost to a step: :func:`stops_togeth
 process to fail posts its error (its process, host, kind and message) in the key-value store that
 ``torch.distributed`` started with (the rendezvous store, which every machine reaches), under the run's name
 (:func:`new_run`: a store can outlive a run), and waits, a few seconds at most, for every other process to have
-read it. Each process watches that key from a thread, polling every :data:`POLL_S` on a connection of its own. A process whose own training then fails -- at a collective the failed process left, a gloo error
-once it exits -- raises the first failure instead, saying where it happened (:class:`FromAnotherProcess`); one
+read it. Each process watches that key from a thread, polling every :data:`POLL_S` on a connection of its own. A
+process whose own training then fails -- at a collective the failed process left, a gloo error once it exits -- raises the first failure instead, saying where it happened (:class:`FromAnotherProcess`); one
 that does not get there within :data:`GRACE_S` (stuck in an NCCL collective that only a timeout would end) logs it
 and exits with its exit code from the watching thread. Exit codes are of the first failure's kind: 2 for what
 the user can fix (:class:`~mmllm.config.UserError`, ``OSError``, running out of memory), 70 for a fault of mmllm.
