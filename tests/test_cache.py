@@ -173,6 +173,24 @@ def test_damaged_cache_is_recomputed_or_refused_with_the_file_named(model, data,
         FeatureCache(tmp_path / "cache")
 
 
+def test_a_shard_damaged_after_its_keys_were_read_is_recomputed_not_raised(model, data, tmp_path, caplog):
+    """The keys are read at the start (cache.require's coverage check); a shard truncated later (another `mmllm
+    cache` rewriting it, a disk fault) made the lookup of whichever process read it first raise safetensors' error,
+    stopping that process alone while the others waited for it at the step's collectives."""
+    cfg = cfg_for("encode-align", data, tmp_path / "cache")
+    build_cache(cfg, model)
+    pre = open_precomputed(cfg, model)
+    section = next(iter(pre.cache.sections.values()))
+    assert section.keys()  # listed while the shard was whole
+    shard = next((tmp_path / "cache").glob("encoder-image-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with caplog.at_level(logging.WARNING):
+        batch = batch_of(cfg, model, pre)
+    assert f"cannot read shard {shard} any more" in caplog.text
+    assert pre.stats()["encoder/image/miss"] == 8 and batch["media"]["image"].shape[0] == 8
+    assert caplog.text.count("cannot read shard") == 1  # once: its entries are absent from then on
+
+
 def test_cache_command(data, tmp_path, capsys):
     args = ["cache", "--config", str(REPO / "configs/stages/tiny/decode_align.yaml"), "init_from=null",
             f"data=[{{path: {data / 'pairs.jsonl'}, format: mmllm-pairs}}]"]

@@ -24,6 +24,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,13 +100,30 @@ class Section:
         return self._handles[shard]
 
     def get(self, key: str) -> torch.Tensor | None:
-        handle = self._handle(key)
-        return None if handle is None else handle.get_tensor(key)
+        return self._read(key, lambda handle: handle.get_tensor(key))
 
     def shape(self, key: str) -> tuple[int, ...] | None:
         """The entry's shape from its shard's header (no tensor read), or None when absent."""
-        handle = self._handle(key)
-        return None if handle is None else tuple(handle.get_slice(key).get_shape())
+        return self._read(key, lambda handle: tuple(handle.get_slice(key).get_shape()))
+
+    def _read(self, key: str, what: Callable[[Any], Any]) -> Any:
+        """``what(handle)`` of ``key``'s shard, or None when absent. A shard that can no longer be opened
+        (truncated, removed or its permissions changed since its keys were listed) is as one whose keys could not
+        be listed: its entries are absent from then on, with a warning -- not an error raised in one process of a
+        run (the others would wait for it at their next collective). One cut short once open (memory-mapped)
+        raises SIGBUS on reading, which no exception handler sees."""
+        from safetensors import SafetensorError
+
+        try:
+            handle = self._handle(key)
+            return None if handle is None else what(handle)
+        except (SafetensorError, OSError) as exc:
+            shard = self.keys()[key]
+            self._keys = {k: s for k, s in self.keys().items() if s != shard}
+            self._handles.pop(shard, None)
+            log.warning("feature cache: cannot read shard %s any more (%s); its entries will be recomputed; run "
+                        "`mmllm cache` again to rewrite it", self.directory / shard, exc)
+            return None
 
     def __getstate__(self) -> dict[str, Any]:  # data-loader workers reopen shards lazily
         state = self.__dict__.copy()

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from mmllm.config import ConfigError, StageConfig, flat_keys, load_assembly, load_lora, to_dict
+from mmllm.training.faults import Failure
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class Seen:
     rank: int
     host: str
     value: Any = None
-    error: tuple[str, str] | None = None  # ("os" | "config", message)
+    error: Failure | None = None
 
     @property
     def where(self) -> str:
@@ -57,14 +58,16 @@ def on_every_process(accelerator, work: Callable[[], Any]) -> list[Seen]:
     """Run ``work`` on every process and gather what each got, in process order. When any process raised,
     every process raises: the main process's own error where it failed (its exception itself on the main
     process), else the first failing process's message, naming that process and host -- instead of one
-    process stopping alone while the others wait for it at their next collective."""
+    process stopping alone while the others wait for it at their next collective. The others' error says
+    where it happened and keeps its kind (:func:`~mmllm.training.faults.kind_of`: a fault of mmllm on one
+    process is one on every process, exit code 70; what the user can fix, exit code 2)."""
     rank, host = accelerator.process_index, socket.gethostname()
     failure: Exception | None = None
     try:
         mine = Seen(rank, host, value=work())
     except Exception as exc:  # noqa: BLE001 -- every kind reaches the other processes, then is raised
         failure = exc
-        mine = Seen(rank, host, error=("os" if isinstance(exc, OSError) else "config", str(exc) or type(exc).__name__))
+        mine = Seen(rank, host, error=Failure.of(exc, rank, host))
     if accelerator.num_processes == 1:
         seen = [mine]
     else:
@@ -76,9 +79,7 @@ def on_every_process(accelerator, work: Callable[[], Any]) -> list[Seen]:
         first = failed[0]
         if first.rank == rank and failure is not None:
             raise failure
-        kind, message = first.error
-        text = message if first.rank == 0 else f"on {first.where}: {message}"
-        raise (OSError if kind == "os" else ConfigError)(text)
+        raise first.error.error()
     return seen
 
 

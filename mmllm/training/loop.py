@@ -61,6 +61,7 @@ from mmllm.training import checkpoint as ckpt
 from mmllm.training import out_of_memory as oom
 from mmllm.training import zero
 from mmllm.training.agreement import agreed_resume_point, check_same_run, on_every_process, warn_unless_shared
+from mmllm.training.faults import Failure, new_run, stops_together
 from mmllm.training.freeze import apply_trainable
 from mmllm.training.init_from import (
     check_init_from,
@@ -251,6 +252,8 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
             # projections and signal rows; LoRA runs in every forward): DDP need not search for unused ones
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
         )
+    # one process failing stops them all, with its message (each would wait for it at its next collective)
+    held.enter_context(stops_together(accelerator.process_index, accelerator.num_processes, new_run(accelerator)))
     # several processes (machines): the same settings and data files on each, before anything is written
     check_same_run(accelerator, cfg)
     last = None
@@ -615,23 +618,23 @@ def _restore_loss_scale(accelerator, progress: dict[str, Any], last: Path) -> No
 
 def _on_main_process_for_all(accelerator, work: Callable[[], None]) -> None:
     """Run ``work`` on the main process while the others wait; when it raises, every process raises its
-    message (the main process its own exception), so that all of them stop with the one error instead of
-    the others waiting at a barrier until the launcher kills them."""
+    message (the main process its own exception; the others one of its kind, naming the main process:
+    :class:`~mmllm.training.faults.Failure`), so that all of them stop with the one error and exit code instead
+    of the others waiting at a barrier until the launcher kills them."""
     from accelerate.utils import broadcast_object_list
 
     failure: Exception | None = None
-    report: list[tuple[bool, str] | None] = [None]  # (an OSError?, its message)
+    report: list[Failure | None] = [None]
     if accelerator.is_main_process:
         try:
             work()
         except Exception as exc:  # noqa: BLE001 -- every kind reaches the other processes, then is raised
-            failure, report = exc, [(isinstance(exc, OSError), str(exc) or type(exc).__name__)]
+            failure, report = exc, [Failure.of(exc, accelerator.process_index)]
     report = broadcast_object_list(report)  # a barrier too
     if failure is not None:
         raise failure
     if report[0] is not None:
-        os_error, message = report[0]
-        raise (OSError if os_error else ConfigError)(message)
+        raise report[0].error()
 
 
 def _recover_partial_writes(out_dir: Path) -> None:
