@@ -846,14 +846,19 @@ example:
 
 
 def add_command(sub, name: str, summary: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    """A subcommand whose --help says what it does, each option's default, what it writes and an example."""
-    return sub.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=HelpFormatter)
+    """A subcommand whose --help says what it does, each option's default, what it writes and an example; its
+    flags taken only as written in full (:func:`build_parser`)."""
+    return sub.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=HelpFormatter,
+                          allow_abbrev=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False on every parser (add_command): a flag is taken only as written in full. An abbreviation
+    # (`--out` for `--output`) that worked would change meaning, or become ambiguous, the day a flag starting the
+    # same way is added, under the scripts that use it; refused, it says which flag it resembles (unrecognized)
     p = argparse.ArgumentParser(prog="mmllm", description="Assemble, train and run an any-to-any multimodal "
                                 "model (docs/ in the repository: the commands, configs, data formats and checkpoints).",
-                                epilog=EXIT_CODES, formatter_class=HelpFormatter)
+                                epilog=EXIT_CODES, formatter_class=HelpFormatter, allow_abbrev=False)
     verbose_help = "tracebacks of errors and other libraries' INFO logging"
     quiet_help = "warnings and errors only: no INFO lines, no progress bars (results on stdout are kept)"
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)

@@ -1,5 +1,6 @@
 """The CLI on the tiny assembly: inspect, train (with overrides), export --merge-lora."""
 
+import argparse
 import json
 import logging
 import os
@@ -578,6 +579,34 @@ def test_an_unknown_flag_is_shown_with_its_commands_usage_and_the_flag_it_resemb
     err = capsys.readouterr().err
     assert "mmllm world report: error:" in err and "--per-combos: did you mean --per-combo?" in err
     assert not (tmp_path / "out").exists()
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every command's parser under it."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [parser, *(p for sub in subs for child in sub.choices.values() for p in _parsers(child))]
+
+
+def test_a_flag_is_taken_only_as_written_in_full_by_every_command(tmp_path, capsys):
+    """argparse took any unambiguous abbreviation (`inspect --conf`, `config --check DIR`), and `--o` was ambiguous
+    in some commands (--output, --overwrite) but not others: an abbreviation a script used would change meaning or
+    stop working when a flag starting alike was added. Refused, with the flag it resembles."""
+    from mmllm.cli import build_parser
+
+    parsers = _parsers(build_parser())
+    assert len(parsers) >= 15 and all(not p.allow_abbrev for p in parsers), [p.prog for p in parsers if p.allow_abbrev]
+    lora = str(REPO / "configs" / "lora" / "tiny.yaml")
+    for argv, flag, meant in [(["inspect", "--config", str(TINY), "--lor", lora], "--lor", "--lora"),
+                              (["infer", "--checkpoint", str(tmp_path), "--prompt", "Hi", "--output",
+                                str(tmp_path / "w"), "--over"], "--over", "--overwrite"),
+                              (["world", "data", "--out", str(tmp_path / "w"), "--pla", lora], "--pla", "--plain")]:
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and f"unrecognized arguments: {flag}" in err, err
+        assert f"{flag}: did you mean {meant}?" in err, err
+    assert not (tmp_path / "w").exists()
+    assert main(["inspect", f"--config={TINY}"]) == 0  # written in full, with = too
 
 
 def test_world_data_and_distil_take_output_as_every_other_command_does(tmp_path, capsys):
