@@ -279,9 +279,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         run_requests,
         run_settings,
     )
+    from mmllm.training.checkpoint import read_meta, require_checkpoint_folder
 
-    require_checkpoint_dir(args.checkpoint)
-    from mmllm.training.checkpoint import read_meta
+    require_checkpoint_folder(args.checkpoint, "--checkpoint")
 
     read_meta(Path(args.checkpoint))  # no checkpoint (a run's folder, say) is named as such, not compared as one
     if bool(args.input) == bool(args.prompt):
@@ -360,14 +360,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmllm.training.checkpoint import export_merged, export_weights_only
+    from mmllm.training.checkpoint import export_merged, export_weights_only, require_checkpoint_folder
 
     if args.merge_lora and args.dtype is not None:
         raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
     if args.merge_lora and args.assembly:  # export_merged records the checkpoint's assembly, its LLM the merged one
         raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
                          "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
-    require_checkpoint_dir(args.checkpoint)
+    require_checkpoint_folder(args.checkpoint, "--checkpoint")
     # export_merged and export_weights_only take --output's lock themselves (a second export there is refused)
     if args.merge_lora:
         path = export_merged(Path(args.checkpoint), Path(args.output), trust_remote_code=args.trust_remote_code)
@@ -546,9 +546,9 @@ def cmd_world_distil(args: argparse.Namespace) -> int:
 def cmd_refine(args: argparse.Namespace) -> int:
     """``mmllm refine``: fit the output projections on cached signal-token states (see mmllm/training/refine.py)."""
     from mmllm.folder_lock import hold_beside
-    from mmllm.training.checkpoint import export_folder
+    from mmllm.training.checkpoint import export_folder, require_checkpoint_folder
 
-    require_checkpoint_dir(args.checkpoint)  # before the data is read
+    require_checkpoint_folder(args.checkpoint, "--checkpoint")  # before the data is read
     require_at_least_1(args, "steps", "batch_size", "cache_batch_size", "threads")
     if args.limit < 0:
         raise SystemExit(f"--limit must be at least 0 (0: every conversation), got {args.limit}")
@@ -603,10 +603,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmllm.toyworld.judges import Judge
     from mmllm.toyworld.model_eval import TASKS, EvalOptions, format_eval, run_eval
     from mmllm.toyworld.parts import shipped_dir
+    from mmllm.training.checkpoint import require_checkpoint_folder
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_default()
-    require_checkpoint_dir(checkpoint, "" if args.checkpoint else " (the shipped default: train it with "
-                           "scripts/train_default.sh, or give --checkpoint)")
+    if args.checkpoint:
+        require_checkpoint_folder(checkpoint, "--checkpoint")
+    else:
+        require_checkpoint_folder(checkpoint, "the shipped default glue", " (train it with scripts/train_default.sh, "
+                                  "or give --checkpoint)")
     parts = Path(args.parts) if args.parts else shipped_dir()
     if not parts.is_dir():
         raise SystemExit(f"--parts {parts}: not a directory (the folder holding judge-<modality>/, "
@@ -674,16 +678,6 @@ def not_a_file(path: Path) -> str:
     if path.exists():  # a pipe (`--image <(...)`), a device: media are read from regular files only
         return "not a regular file (media are read from files, not pipes or devices)"
     return "file not found"
-
-
-def require_checkpoint_dir(path: str | Path, hint: str = "") -> None:
-    """``--checkpoint`` refused before anything loads unless it is a folder, in the same words by every command
-    (export said "no manifest.json; this is not a complete mmllm checkpoint" of one that did not exist)."""
-    path = Path(path)
-    if path.is_dir():
-        return
-    what = "a file, not a checkpoint directory" if path.exists() else "not found"
-    raise SystemExit(f"--checkpoint {path}: {what}{hint}; give a checkpoint's folder (a training run's step-N)")
 
 
 def check_json_target(path: str | None) -> None:

@@ -723,12 +723,23 @@ def test_a_checkpoint_that_is_not_there_or_a_file_is_said_so_alike_by_every_comm
 def test_the_library_says_a_missing_checkpoint_is_missing_not_incomplete(tmp_path):
     from mmllm.training.checkpoint import CheckpointError, export_weights_only, read_meta
 
-    with pytest.raises(CheckpointError, match="checkpoint directory not found") as err:
+    with pytest.raises(CheckpointError) as err:
         export_weights_only(tmp_path / "nowhere", tmp_path / "out", "float16")
-    assert "manifest" not in str(err.value)
+    assert str(err.value) == f"checkpoint {tmp_path / 'nowhere'}: not found; give a checkpoint's folder (a training " \
+                             "run's step-N)"
     (tmp_path / "file").write_text("")
-    with pytest.raises(CheckpointError, match="a file, not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="a file, not a checkpoint directory; give a checkpoint's folder"):
         read_meta(tmp_path / "file")
+
+
+def test_a_relative_checkpoint_not_found_says_where_it_was_looked_for(tmp_path, monkeypatch, capsys):
+    """The library's twin of the command's check said "checkpoint directory not found: runs/x" without where a
+    relative path leads nor what to give; the command's said no more of where. One check, one message."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--checkpoint", "runs/x/step-3", "--output", "out"]) == 2
+    err = capsys.readouterr().err
+    assert (f"--checkpoint runs/x/step-3: not found (a relative path resolves from {tmp_path}); give a checkpoint's "
+            "folder (a training run's step-N)") in err, err
 
 
 ENTRY_WITH_TEARDOWN_MARK = """
