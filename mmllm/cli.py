@@ -23,7 +23,7 @@ from mmllm import __version__
 from mmllm.atomic import atomic_write_text
 from mmllm.config import files_named_in, user_path
 from mmllm.log_filters import drop_diffusers_noise
-from mmllm.memory import OutOfMemory, first_line
+from mmllm.memory import OutOfMemory, first_line, is_out_of_memory, ran_out_on_the_host
 from mmllm.progress import no_progress_bars
 
 if TYPE_CHECKING:
@@ -1164,24 +1164,19 @@ LESS_MEMORY = {
 }
 
 
-def less_memory(args: argparse.Namespace) -> str:
+def less_memory(args: argparse.Namespace, host: bool = False) -> str:
     """The end of the one line an out-of-memory error ends ``args``'s command with: what needs less (:data:`LESS_MEMORY`),
-    leaving out what the run already does (an infer given --dtype bfloat16 is not told to give it)."""
+    leaving out what the run already does (an infer given --dtype bfloat16 is not told to give it). ``host``: the
+    machine's memory ran out (torch's CPU allocator), where --device cpu is no way out."""
     command = command_name(args)
-    if command == "infer" and getattr(args, "dtype", "float32") != "float32":
-        return f"; the model is loaded in {args.dtype} already: --device cpu holds it in host memory"
+    if command == "infer":
+        lower = getattr(args, "dtype", "float32") != "float32"
+        if host:
+            return (f"; the model is loaded in {args.dtype} already: a machine with more memory" if lower else
+                    "; to load the model in less memory: --dtype bfloat16 (or float16)")
+        if lower:
+            return f"; the model is loaded in {args.dtype} already: --device cpu holds it in host memory"
     return LESS_MEMORY.get(command, "")
-
-
-def torch_out_of_memory() -> type[BaseException]:
-    """``torch.OutOfMemoryError`` once torch is imported (a command that ran out of memory imported it), else an
-    exception nothing raises: the CLI does not import torch for a command that does not."""
-    torch = sys.modules.get("torch")
-    return getattr(torch, "OutOfMemoryError", _NeverRaised)
-
-
-class _NeverRaised(Exception):
-    pass
 
 
 def report_out_of_memory(args: argparse.Namespace, line: str, exc: BaseException) -> None:
@@ -1218,9 +1213,11 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
     except OutOfMemory as exc:  # training's (all of train's), naming the step, the checkpoint kept and what needs less
         report_out_of_memory(args, str(exc), exc)
         return 2
-    except torch_out_of_memory() as exc:  # anywhere else: loading a model, a cache batch, an eval batch
+    except RuntimeError as exc:  # out of memory anywhere else (a GPU's, or on CPU torch's allocator's RuntimeError):
+        if not is_out_of_memory(exc):  # loading a model, a cache batch, an eval batch; any other: a fault
+            raise
         report_out_of_memory(args, f"{command_name(args)} ran out of memory ({first_line(exc)})"
-                                   f"{after_a_stop(args, started)}{less_memory(args)}", exc)
+                                   f"{after_a_stop(args, started)}{less_memory(args, ran_out_on_the_host(exc))}", exc)
         return 2
     except KeyboardInterrupt as exc:  # a signal before training's first step, a second one, Ctrl-C elsewhere
         name = exc.args[0] if exc.args and exc.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"

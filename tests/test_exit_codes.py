@@ -48,6 +48,43 @@ def test_an_unexpected_error_exits_70_with_its_traceback_whatever_q(quiet, monke
     assert "unexpected error (exit code 70)" in err and "Please report a fault" in err
 
 
+def test_the_cpu_allocator_running_out_is_one_line_exit_2_with_what_needs_less(monkeypatch, capsys):
+    """torch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"), not
+    torch.OutOfMemoryError: it exited 70 with the traceback, a fault of mmllm, where a GPU's gives exit 2 and
+    the advice. Another RuntimeError is still a fault."""
+    import torch
+
+    from mmllm.model import AnyToAnyModel
+
+    def assemble(*args, **kwargs):
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: torch's own error, refused at once
+
+    monkeypatch.setattr(AnyToAnyModel, "assemble", assemble)
+    assert run_entry(monkeypatch, "inspect", "--config", str(TINY)) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"ERROR mmllm: inspect ran out of memory \(.*DefaultCPUAllocator: can't allocate memory: you "
+                     r"tried to allocate \d+ bytes.*\) \(run with -v for the traceback\)", err), err
+    assert "Traceback" not in err and "unexpected error" not in err
+
+    def faulty(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator is not this")  # the allocator named, not its out-of-memory error
+
+    monkeypatch.setattr(AnyToAnyModel, "assemble", faulty)
+    assert run_entry(monkeypatch, "inspect", "--config", str(TINY)) == 70
+
+
+def test_infer_out_of_the_machines_memory_is_not_told_to_use_the_cpu():
+    from argparse import Namespace
+
+    from mmllm.cli import less_memory
+
+    args = Namespace(command="infer", dtype="float32", device="cpu")
+    assert less_memory(args, host=True) == "; to load the model in less memory: --dtype bfloat16 (or float16)"
+    assert "--device cpu" in less_memory(args, host=False)  # a GPU's memory ran out
+    args.dtype = "bfloat16"
+    assert less_memory(args, host=True) == "; the model is loaded in bfloat16 already: a machine with more memory"
+
+
 def test_the_exit_code_table_names_70_and_1_no_longer_covers_crashes(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])

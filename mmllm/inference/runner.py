@@ -89,7 +89,7 @@ from mmllm.inference.generate import (
     run_decoder,
     token_spec,
 )
-from mmllm.memory import first_line, release_memory
+from mmllm.memory import first_line, is_out_of_memory, release_memory
 from mmllm.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -875,7 +875,7 @@ def alone_hints(dtype: torch.dtype) -> tuple[str, str]:
 def failure_text(exc: Exception, out_of_memory_hint: str) -> str:
     """A failed request's error, as its record keeps it: an out-of-memory error's first line (torch's advice
     about its allocator follows it) and ``out_of_memory_hint``."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if is_out_of_memory(exc):
         return f"{type(exc).__name__}: {first_line(exc)}; {out_of_memory_hint}"
     return f"{type(exc).__name__}: {exc}"
 
@@ -883,7 +883,7 @@ def failure_text(exc: Exception, out_of_memory_hint: str) -> str:
 def retry_note(exc: Exception, size: int, what: str, items: str, flag: str) -> tuple[bool, str]:
     """(out of memory?, the warning) for a batch of ``size`` ``items`` that failed with ``exc`` and is retried one
     by one."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if is_out_of_memory(exc):
         return True, (f"{what} of {size} ran out of memory ({first_line(exc)}); freed the memory it held and "
                       f"retrying its {items} one at a time (a smaller {flag} avoids these retries)")
     return False, f"{what} of {size} failed ({type(exc).__name__}: {exc}); retrying one by one"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from mmllm.config import ComponentSpec, ConfigError, StageConfig
-from mmllm.memory import OutOfMemory, first_line
+from mmllm.memory import OutOfMemory, first_line, is_out_of_memory
 from mmllm.training import checkpoint as ckpt
 
 
@@ -69,11 +69,14 @@ def planned_core(cfg: StageConfig) -> ComponentSpec:
 
 @contextlib.contextmanager
 def stops_on_out_of_memory(cfg: StageConfig, shape: RunShape, doing: str, step: int) -> Iterator[None]:
-    """Turn a ``torch.OutOfMemoryError`` raised while ``doing`` (at ``step``, 1-based) into
+    """Turn torch running out of memory (:func:`~mmllm.memory.is_out_of_memory`: a GPU's ``torch.OutOfMemoryError``,
+    the CPU allocator's ``RuntimeError``) while ``doing`` (at ``step``, 1-based) into
     :class:`~mmllm.memory.OutOfMemory` with the message :func:`message` writes; anything else passes as it is."""
     try:
         yield
-    except torch.OutOfMemoryError as exc:
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
         raise OutOfMemory(message(cfg, shape, doing, step, first_line(exc))) from exc
 
 
