@@ -73,6 +73,21 @@ def test_the_cpu_allocator_running_out_is_one_line_exit_2_with_what_needs_less(m
     assert run_entry(monkeypatch, "inspect", "--config", str(TINY)) == 70
 
 
+def test_a_fault_of_a_library_loading_a_part_exits_70_not_as_the_users_config(monkeypatch, capsys):
+    """open_clip failing in any way was "encoders.image.model_name: open_clip could not build ...", exit 2: the
+    user told to fix a config that was right; a bug (here an AttributeError) is a fault, with its traceback."""
+    import open_clip
+
+    def create_model(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'visual'")
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    assert run_entry(monkeypatch, "inspect", "--config", str(TINY)) == 70
+    err = capsys.readouterr().err
+    assert "AttributeError: 'NoneType' object has no attribute 'visual'" in err and "unexpected error" in err
+    assert "could not build" not in err
+
+
 def test_infer_out_of_the_machines_memory_is_not_told_to_use_the_cpu():
     from argparse import Namespace
 

@@ -51,6 +51,7 @@ from mmllm.config import ConfigError
 from mmllm.data.media import Audio, resample
 from mmllm.encoders.base import EncoderShape, MediaEncoder
 from mmllm.locations import resolve_source
+from mmllm.part_errors import names_something_wrong
 
 log = logging.getLogger(__name__)
 
@@ -555,6 +556,8 @@ def _make_config(family: type[_Tower], kwargs: dict[str, Any], where: str) -> An
     try:
         return family.make_config(kwargs)
     except Exception as exc:  # strict-dataclass validation errors, TypeError, ValueError
+        if not names_something_wrong(exc, TypeError):
+            raise
         raise ConfigError(f"{where}: invalid {cls.__name__}: {exc}") from exc
 
 
@@ -605,6 +608,8 @@ def _load(family: type[_Tower], options: HFAudioEncoder.Options, prefix: str,
             name, trust_remote_code=options.trust_remote_code
         )
     except Exception as exc:  # OSError (not found / offline), ValueError (wrong model type), ...
+        if not names_something_wrong(exc):  # a fault of transformers or of mmllm, or memory running out
+            raise
         raise ConfigError(f"{prefix}model: cannot load {options.family} model {name!r}: {exc}") from exc
     if options.sampling_rate is not None and options.sampling_rate != extractor.sampling_rate:
         raise ConfigError(
