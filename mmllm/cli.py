@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+# ruff: noqa: E402 -- the imports below come after the module entry's hand-over, which must run before any of them
+
+if __name__ == "__main__":  # `python -m mmllm.cli` (how `accelerate launch -m mmllm.cli` runs each process): the
+    # command as the console script runs it, mmllm.console's entry, which imports this module afresh under a Ctrl-C
+    # handler: run from here, a Ctrl-C while the imports below ran printed Python's traceback of them
+    from mmllm.console import entry as _console_entry
+
+    _console_entry()  # exits
+
 import argparse
 import contextlib
 import difflib
@@ -1274,6 +1283,3 @@ def entry() -> None:
         os._exit(code)
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    entry()

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+import mmllm
 import mmllm.cli
 import mmllm.training.loop
 from mmllm.cli import EXIT_INTERNAL_ERROR, entry, main
@@ -181,7 +182,7 @@ import importlib, importlib.abc, os, runpy, signal, sys, tomllib
 
 class CtrlC(importlib.abc.MetaPathFinder):  # the user's Ctrl-C, while the command's modules import
     def find_spec(self, name, path=None, target=None):
-        if name == "mmllm.cli":
+        if name == "mmllm.config":  # one the command line imports first thing (mmllm.cli's own imports)
             os.kill(os.getpid(), signal.SIGINT)
         return None
 
@@ -191,17 +192,31 @@ if {how!r} == "console script":  # what pip's script for [project.scripts] runs
     with open("pyproject.toml", "rb") as fh:
         module, _, function = tomllib.load(fh)["project"]["scripts"]["mmllm"].partition(":")
     sys.exit(getattr(importlib.import_module(module), function)())
-runpy.run_module("mmllm", run_name="__main__", alter_sys=True)  # python -m mmllm
+runpy.run_module({module!r}, run_name="__main__", alter_sys=True)  # python -m mmllm[.cli]
 """
 
 
-@pytest.mark.parametrize("how", ["console script", "python -m mmllm"])
+@pytest.mark.parametrize("how", ["console script", "python -m mmllm", "python -m mmllm.cli"])
 def test_ctrl_c_while_the_command_line_imports_exits_130_without_a_traceback(how):
+    """`python -m mmllm.cli` (as `accelerate launch -m mmllm.cli` runs each process) ran the module's own imports
+    outside the console's Ctrl-C handler: Python's traceback of the import, exit code -2."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_THE_CLI_IMPORTS.format(how=how)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_THE_CLI_IMPORTS.format(how=how, module=how.split()[-1])], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stderr, proc.stdout) == (130, "", "")
+
+
+@pytest.mark.parametrize("module", ["mmllm", "mmllm.cli"])
+def test_the_module_entries_run_the_command(module, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run([sys.executable, "-m", module, "--version"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"mmllm {mmllm.__version__}\n", "")
+    refused = subprocess.run([sys.executable, "-m", module, "inspect", "--config", str(tmp_path / "none.yaml")],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "config file not found" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_train_prints_its_result_on_stdout_kept_by_quiet(tmp_path, capsys):
