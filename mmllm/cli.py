@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from mmllm import __version__
 from mmllm.atomic import atomic_write_text
 from mmllm.config import files_named_in, user_path
+from mmllm.locations import doc_page, docs_folder
 from mmllm.log_filters import drop_diffusers_noise
 from mmllm.memory import OutOfMemory, first_line, is_out_of_memory, ran_out_on_the_host
 from mmllm.progress import no_progress_bars
@@ -859,8 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False on every parser (add_command): a flag is taken only as written in full. An abbreviation
     # (`--out` for `--output`) that worked would change meaning, or become ambiguous, the day a flag starting the
     # same way is added, under the scripts that use it; refused, it says which flag it resembles (unrecognized)
-    p = argparse.ArgumentParser(prog="mmllm", description="Assemble, train and run an any-to-any multimodal "
-                                "model (docs/ in the repository: the commands, configs, data formats and checkpoints).",
+    p = argparse.ArgumentParser(prog="mmllm", description="Assemble, train and run an any-to-any multimodal model. "
+                                f"The commands, configs, data formats and checkpoints are documented in {docs_folder()}.",
                                 epilog=EXIT_CODES, formatter_class=HelpFormatter, allow_abbrev=False)
     verbose_help = "tracebacks of errors and other libraries' INFO logging"
     quiet_help = "warnings and errors only: no INFO lines, no progress bars (results on stdout are kept)"
@@ -903,7 +904,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "+ index.html out (exit 1 if any request failed)", EPILOGS["infer"])
     r.add_argument("--checkpoint", type=user_path, required=True, metavar="DIR", help="a checkpoint directory (step-N)")
     r.add_argument("--input", type=user_path, metavar="JSONL",
-                   help="requests, one JSON object per line (schema: docs/inference.md, mmllm/inference/runner.py)")
+                   help=f"requests, one JSON object per line (the schema: {doc_page('inference.md')})")
     r.add_argument("--output", type=user_path, required=True, metavar="DIR",
                    help="output folder; re-running on it skips requests already done (refused if they were "
                         "answered with another checkpoint, --seed, --max-new-tokens, ..., --dtype or --device type)")

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mmllm.config import ComponentSpec, ConfigError, StageConfig
+from mmllm.locations import doc_page
 from mmllm.memory import OutOfMemory, first_line, is_out_of_memory
 from mmllm.training import checkpoint as ckpt
 
@@ -94,7 +95,7 @@ def message(cfg: StageConfig, shape: RunShape, doing: str, step: int, what: str)
     at = f"at step {step} of {cfg.max_steps}" if step else "before the first step"
     return (f"stage {cfg.stage} ran out of memory {at}, in {doing} ({what}); {kept}, "
             f"with settings that need less memory: {'; '.join(ways_to_need_less(cfg, shape, doing))} "
-            "(docs/distributed.md, Out of memory)")
+            f"({doc_page('distributed.md', 'Out of memory')})")
 
 
 def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str) -> list[str]:
