@@ -24,6 +24,13 @@ INPUT_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, KeyError, 
                                                  pickle.UnpicklingError, EOFError, zipfile.BadZipFile)
 
 
+# what a library raises building a part from the architecture the config spells out itself (open_clip's
+# model_config, hf-audio's config) where its sizes do not fit together: a key its classes lack or a value of
+# another type (TypeError), a size of 0 (ZeroDivisionError), per-layer lists of different lengths (IndexError), a
+# library's own check of its sizes (AssertionError). Only there: loading a named model, they are faults.
+ARCHITECTURE_ERRORS: tuple[type[BaseException], ...] = (TypeError, ArithmeticError, IndexError, AssertionError)
+
+
 def _hub_input_errors() -> tuple[type[BaseException], ...]:
     """huggingface_hub's errors that derive from none of :data:`INPUT_ERRORS`: a config value its strict
     dataclasses refuse (transformers' configs validate with them), a file missing from a repository. Read from the
@@ -41,3 +48,10 @@ def names_something_wrong(exc: BaseException, *also: type[BaseException]) -> boo
     if is_out_of_memory(exc):
         return False
     return isinstance(exc, (*INPUT_ERRORS, *_hub_input_errors(), *also))
+
+
+def said(exc: BaseException) -> str:
+    """``exc`` as the end of a part's config error: its text, with its kind where the text alone says nothing
+    (``EOFError`` has none, a ``KeyError`` only the key: "101")."""
+    text = str(exc)
+    return text if len(text.split()) > 1 else f"{type(exc).__name__}{': ' if text else ''}{text}"

@@ -464,3 +464,33 @@ def test_out_of_memory_while_a_part_loads_is_not_called_a_config_error() -> None
     assert names_something_wrong(SafetensorError("Error while deserializing header: header too large"))
     assert names_something_wrong(TypeError("unexpected keyword"), TypeError) and not names_something_wrong(
         TypeError("unexpected keyword"))
+
+
+def test_sizes_of_a_parts_own_architecture_that_do_not_fit_are_the_configs_error(tmp_path) -> None:
+    """A part built from the architecture its config spells out (open_clip's model_config, hf-audio's config):
+    a size of 0 (ZeroDivisionError in open_clip) or per-layer lists of different lengths (IndexError in
+    transformers) exited 70 with a traceback blaming mmllm, for a config the user has to fix."""
+    image = OpenClipImageEncoder.tiny_options()
+    image["model_config"] = {**image["model_config"], "vision_cfg": {**image["model_config"]["vision_cfg"],
+                                                                     "patch_size": 0}}
+    with pytest.raises(ConfigError, match=r"model_config: open_clip could not build it: .*division .*none of them 0"):
+        build("open-clip", image)
+    audio = HFAudioEncoder.tiny_options(family="clap")
+    audio["config"] = {**audio["config"], "depths": [1, 1, 1], "num_attention_heads": [2, 2]}
+    with pytest.raises(ConfigError, match=r"config: transformers cannot build ClapAudioConfig's model from it: "
+                                          r"list index out of range \(check that its sizes fit together\)"):
+        build("hf-audio", audio)
+
+
+def test_an_empty_or_foreign_open_clip_checkpoint_is_named_with_what_went_wrong(tmp_path) -> None:
+    """An empty checkpoint file ended the message with nothing ("... into model_config: "), a text file with "101"
+    (torch.load's EOFError, KeyError): the error's kind says what those are."""
+    empty, text = tmp_path / "empty.pt", tmp_path / "notes.pt"
+    empty.write_bytes(b"")
+    text.write_text("hello\n")
+    for path, kind in ((empty, "EOFError"), (text, "KeyError: ")):
+        options = {**OpenClipImageEncoder.tiny_options(), "pretrained": str(path)}
+        with pytest.raises(ConfigError) as err:
+            build("open-clip", options)
+        assert f"cannot load {str(path)!r} into model_config: {kind}" in str(err.value), err.value
+        assert "damaged, truncated or of another kind" in str(err.value)

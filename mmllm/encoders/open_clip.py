@@ -48,7 +48,7 @@ from torch import nn
 from mmllm.config import ConfigError
 from mmllm.encoders.base import EncoderShape, MediaEncoder
 from mmllm.locations import is_package_path, resolve_source
-from mmllm.part_errors import names_something_wrong
+from mmllm.part_errors import ARCHITECTURE_ERRORS, names_something_wrong, said
 
 log = logging.getLogger(__name__)
 
@@ -268,9 +268,10 @@ def _create_clip(options: OpenClipImageEncoder.Options, prefix: str, load_weight
                 json.dump({"model_cfg": options.model_config}, fh)
             model = open_clip.create_model(f"local-dir:{folder}", **kwargs)
     except Exception as exc:
-        if not names_something_wrong(exc, TypeError):  # TypeError: a key of model_config its dataclasses lack
+        if not names_something_wrong(exc, *ARCHITECTURE_ERRORS):  # a key its dataclasses lack, a size of 0, ...
             raise
-        raise ConfigError(f"{prefix}model_config: open_clip could not build it: {exc}") from exc
+        raise ConfigError(f"{prefix}model_config: open_clip could not build it: {said(exc)} (check its keys, and that "
+                          "its sizes fit together, none of them 0)") from exc
     if options.pretrained is None:
         log.info("open_clip model_config %s: random weights (no pretrained checkpoint)", options.model_name)
     elif load_weights:
@@ -280,7 +281,9 @@ def _create_clip(options: OpenClipImageEncoder.Options, prefix: str, load_weight
             if not names_something_wrong(exc):
                 raise
             raise ConfigError(
-                f"{prefix}pretrained: cannot load {options.pretrained!r} into model_config: {exc}"
+                f"{prefix}pretrained: cannot load {options.pretrained!r} into model_config: {said(exc)} (give a "
+                "checkpoint of this architecture that open_clip reads: *.safetensors, *.pt, *.bin; this one is "
+                "damaged, truncated or of another kind or shape)"
             ) from exc
     return model
 
