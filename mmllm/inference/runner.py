@@ -89,7 +89,7 @@ from mmllm.inference.generate import (
     run_decoder,
     token_spec,
 )
-from mmllm.memory import first_line, is_out_of_memory, release_memory
+from mmllm.memory import first_line, is_out_of_memory, ran_out_on_the_host, release_memory
 from mmllm.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -709,7 +709,7 @@ class _Run:
         self.queues: dict[tuple, list[DecodeJob]] = {}
         self.spec = token_spec(model)
         self.bar = progress_bar(total=total, desc="infer", unit="req", dynamic_ncols=True)
-        self.llm_alone_hint, self.decoder_alone_hint = alone_hints(next(model.parameters()).dtype)
+        self.dtype = next(model.parameters()).dtype  # what a request that runs out of memory alone is told
 
     def fail(self, rid: str, stage: str, error: str, **extra: Any) -> None:
         self.counts["failed"] += 1
@@ -765,7 +765,7 @@ class _Run:
         except Exception as exc:  # any failure of one request must not stop the others
             if len(batch) == 1:
                 log.debug("request failed", exc_info=True)
-                return [failure_text(exc, self.llm_alone_hint)]  # the text: the exception's frames hold the attempt's tensors
+                return [failure_text(exc, alone_hints(self.dtype, ran_out_on_the_host(exc))[0])]  # the text: the exception's frames hold the attempt's tensors
             retry = retry_note(exc, len(batch), "the LLM's batch", "requests", "--batch-size")
         else:
             elapsed = time.perf_counter() - t0
@@ -807,7 +807,7 @@ class _Run:
             items = run_decoder(self.model, chunk)
         except Exception as exc:  # isolate the culprit: retry one group at a time
             if len(chunk) == 1:
-                error = failure_text(exc, self.decoder_alone_hint)  # the text: the exception's frames hold the attempt's tensors
+                error = failure_text(exc, alone_hints(self.dtype, ran_out_on_the_host(exc))[1])  # the text: the exception's frames hold the attempt's tensors
             else:
                 retry = retry_note(exc, len(chunk), f"the {chunk[0].modality} decoder's batch", "signal groups",
                                    "--decode-batch-size")
@@ -860,14 +860,15 @@ class _Run:
         self.bar.update(1)
 
 
-def alone_hints(dtype: torch.dtype) -> tuple[str, str]:
+def alone_hints(dtype: torch.dtype, host: bool = False) -> tuple[str, str]:
     """What the error record of a request that ran out of memory alone too says to change: (the LLM's, a
     decoder's). ``--dtype bfloat16`` only where the model is held in float32: a run given it already is told
-    what else there is."""
+    what else there is. ``host``: the machine's memory ran out (torch's CPU allocator), where --device cpu and a
+    GPU are no way out."""
     smaller = "--dtype bfloat16 (or float16) holds the model in less" if dtype == torch.float32 else None
     llm = ", ".join(x for x in (smaller, "a smaller max_new_tokens needs less for the answer") if x)
-    decoder = smaller or (f"the model is held in {str(dtype).removeprefix('torch.')} already: a GPU with more "
-                          "memory, or --device cpu")
+    more = "a machine with more memory" if host else "a GPU with more memory, or --device cpu"
+    decoder = smaller or f"the model is held in {str(dtype).removeprefix('torch.')} already: {more}"
     return (f"it ran out of memory answered alone too: {llm}", f"it ran out of memory decoded alone too: {decoder}")
 
 
