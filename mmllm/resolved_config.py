@@ -174,15 +174,18 @@ def recorded_stage(checkpoint: Path, overrides: list[str]) -> StageConfig:
         raise ckpt.CheckpointError(f"{where}: its stage record does not parse ({exc}); the file is damaged or "
                                    "was not written by mmllm") from exc
     if not isinstance(working_dir, str):  # written before mmllm recorded the folder training ran in
-        working_dir = str(assumed_working_dir(cfg, where))
+        working_dir = str(assumed_working_dir(cfg, where, overrides))
     return stage_from_mapping(to_dict(absolute_from(cfg, Path(working_dir))), overrides, where)
 
 
-def assumed_working_dir(cfg: StageConfig, where: Path) -> Path:
+def assumed_working_dir(cfg: StageConfig, where: Path, overrides: list[str] = ()) -> Path:
     """The folder the relative paths of a stage record are taken from when its checkpoint (``where``, its
     ``mmllm.json``) does not record the folder training ran in (an older mmllm's): the working directory, which
-    training took them from where it ran here. Said in a warning where the stage has relative paths (it matters then)."""
-    relative = relative_paths(cfg)
+    training took them from where it ran here. Said in a warning where the stage has relative paths that
+    ``overrides`` (``KEY=VALUE``) do not replace (it matters then: the warning's advice is to give them)."""
+    given = [o.split("=", 1)[0].strip() for o in overrides if "=" in o]
+    relative = [path for path in relative_paths(cfg)
+                if not any(path.split(" ", 1)[0] == key or path.startswith((f"{key}.", f"{key}[")) for key in given)]
     if relative:
         log.warning("%s does not record the folder training ran in (a checkpoint written by an older mmllm): its "
                     "relative paths (%s) are taken from the working directory %s, as training took them if it ran "

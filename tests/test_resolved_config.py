@@ -357,6 +357,9 @@ def test_a_checkpoint_that_does_not_record_where_training_ran_is_read_from_the_w
     assert f"{step / 'mmllm.json'} does not record the folder training ran in" in caplog.text
     assert f"(output_dir runs/old) are taken from the working directory {tmp_path / 'elsewhere'}" in caplog.text
     caplog.clear()
+    with caplog.at_level("WARNING", logger="mmllm"):  # the warning's advice taken: nothing left to warn of
+        printed = yaml.safe_load(_config(capsys, "--checkpoint", str(step), f"output_dir={tmp_path / 'runs' / 'old'}"))
+    assert printed["output_dir"] == str(tmp_path / "runs" / "old") and "does not record the folder" not in caplog.text
     absolute = ckpt.save_model_checkpoint(tiny_model, tmp_path / "abs" / "step-1",
                                           ckpt.stage_meta(load_stage(STAGES / "tiny" / "encode_align.yaml",
                                                                      [f"output_dir={tmp_path / 'abs'}"])))
