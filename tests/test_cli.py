@@ -765,3 +765,16 @@ def test_a_process_of_a_multi_process_launch_skips_the_interpreters_teardown_kee
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("assembly: ") and re.search(r"\n  total +trainable", proc.stdout)  # all of it
     assert ("TEARDOWN RAN" in proc.stdout) == (world_size is None)
+
+
+def test_eval_without_the_shipped_default_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    """`mmllm eval` without --checkpoint reads the shipped default glue; where it is not there, the check every
+    command shares says so naming it as the shipped default, with where to get it (a branch no test ran)."""
+    import mmllm.demo
+
+    missing = tmp_path / "shipped" / "default-glue"
+    monkeypatch.setattr(mmllm.demo, "shipped_default", lambda: missing)
+    assert main(["eval"]) == 2
+    err = capsys.readouterr().err
+    assert (f"the shipped default glue {missing}: not found (train it with scripts/train_default.sh, or give "
+            "--checkpoint); give a checkpoint's folder (a training run's step-N)") in err, err
