@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+# ruff: noqa: E402 -- the imports below come after the module entry's hand-over, which must run before any of them
+
+if __name__ == "__main__":  # `python -m mmllm.cli` (how `accelerate launch -m mmllm.cli` runs each process): the
+    # command as the console script runs it, mmllm.console's entry, which imports this module afresh under a Ctrl-C
+    # handler: run from here, a Ctrl-C while the imports below ran printed Python's traceback of them
+    from mmllm.console import entry as _console_entry
+
+    _console_entry()  # exits
+
 import argparse
 import contextlib
 import difflib
@@ -22,8 +31,9 @@ from typing import TYPE_CHECKING
 from mmllm import __version__
 from mmllm.atomic import atomic_write_text
 from mmllm.config import files_named_in, user_path
+from mmllm.locations import doc_page, docs_folder
 from mmllm.log_filters import drop_diffusers_noise
-from mmllm.memory import OutOfMemory, first_line
+from mmllm.memory import OutOfMemory, first_line, is_out_of_memory, ran_out_on_the_host
 from mmllm.progress import no_progress_bars
 
 if TYPE_CHECKING:
@@ -280,9 +290,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         run_settings,
         where_failed,
     )
+    from mmllm.training.checkpoint import read_meta, require_checkpoint_folder
 
-    require_checkpoint_dir(args.checkpoint)
-    from mmllm.training.checkpoint import read_meta
+    require_checkpoint_folder(args.checkpoint, "--checkpoint")
 
     read_meta(Path(args.checkpoint))  # no checkpoint (a run's folder, say) is named as such, not compared as one
     if bool(args.input) == bool(args.prompt):
@@ -364,14 +374,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmllm.training.checkpoint import export_merged, export_weights_only
+    from mmllm.training.checkpoint import export_merged, export_weights_only, require_checkpoint_folder
 
     if args.merge_lora and args.dtype is not None:
         raise SystemExit("--merge-lora writes the LLM in its own dtype; leave --dtype unset")
     if args.merge_lora and args.assembly:  # export_merged records the checkpoint's assembly, its LLM the merged one
         raise SystemExit("--assembly goes with a weights-only export (without --merge-lora); --merge-lora "
                          "records the checkpoint's own assembly, with the merged LLM; leave --assembly out")
-    require_checkpoint_dir(args.checkpoint)
+    require_checkpoint_folder(args.checkpoint, "--checkpoint")
     # export_merged and export_weights_only take --output's lock themselves (a second export there is refused)
     if args.merge_lora:
         path = export_merged(Path(args.checkpoint), Path(args.output), trust_remote_code=args.trust_remote_code)
@@ -550,9 +560,9 @@ def cmd_world_distil(args: argparse.Namespace) -> int:
 def cmd_refine(args: argparse.Namespace) -> int:
     """``mmllm refine``: fit the output projections on cached signal-token states (see mmllm/training/refine.py)."""
     from mmllm.folder_lock import hold_beside
-    from mmllm.training.checkpoint import export_folder
+    from mmllm.training.checkpoint import export_folder, require_checkpoint_folder
 
-    require_checkpoint_dir(args.checkpoint)  # before the data is read
+    require_checkpoint_folder(args.checkpoint, "--checkpoint")  # before the data is read
     require_at_least_1(args, "steps", "batch_size", "cache_batch_size", "threads")
     if args.limit < 0:
         raise SystemExit(f"--limit must be at least 0 (0: every conversation), got {args.limit}")
@@ -607,10 +617,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from mmllm.toyworld.judges import Judge
     from mmllm.toyworld.model_eval import TASKS, EvalOptions, format_eval, run_eval
     from mmllm.toyworld.parts import shipped_dir
+    from mmllm.training.checkpoint import require_checkpoint_folder
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else shipped_default()
-    require_checkpoint_dir(checkpoint, "" if args.checkpoint else " (the shipped default: train it with "
-                           "scripts/train_default.sh, or give --checkpoint)")
+    if args.checkpoint:
+        require_checkpoint_folder(checkpoint, "--checkpoint")
+    else:
+        require_checkpoint_folder(checkpoint, "the shipped default glue", " (train it with scripts/train_default.sh, "
+                                  "or give --checkpoint)")
     parts = Path(args.parts) if args.parts else shipped_dir()
     if not parts.is_dir():
         raise SystemExit(f"--parts {parts}: not a directory (the folder holding judge-<modality>/, "
@@ -679,16 +693,6 @@ def not_a_file(path: Path) -> str:
     if path.exists():  # a pipe (`--image <(...)`), a device: media are read from regular files only
         return "not a regular file (media are read from files, not pipes or devices)"
     return "file not found"
-
-
-def require_checkpoint_dir(path: str | Path, hint: str = "") -> None:
-    """``--checkpoint`` refused before anything loads unless it is a folder, in the same words by every command
-    (export said "no manifest.json; this is not a complete mmllm checkpoint" of one that did not exist)."""
-    path = Path(path)
-    if path.is_dir():
-        return
-    what = "a file, not a checkpoint directory" if path.exists() else "not found"
-    raise SystemExit(f"--checkpoint {path}: {what}{hint}; give a checkpoint's folder (a training run's step-N)")
 
 
 def check_json_target(path: str | None) -> None:
@@ -851,14 +855,19 @@ example:
 
 
 def add_command(sub, name: str, summary: str, epilog: str | None = None) -> argparse.ArgumentParser:
-    """A subcommand whose --help says what it does, each option's default, what it writes and an example."""
-    return sub.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=HelpFormatter)
+    """A subcommand whose --help says what it does, each option's default, what it writes and an example; its
+    flags taken only as written in full (:func:`build_parser`)."""
+    return sub.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=HelpFormatter,
+                          allow_abbrev=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmllm", description="Assemble, train and run an any-to-any multimodal "
-                                "model (docs/ in the repository: the commands, configs, data formats and checkpoints).",
-                                epilog=EXIT_CODES, formatter_class=HelpFormatter)
+    # allow_abbrev=False on every parser (add_command): a flag is taken only as written in full. An abbreviation
+    # (`--out` for `--output`) that worked would change meaning, or become ambiguous, the day a flag starting the
+    # same way is added, under the scripts that use it; refused, it says which flag it resembles (unrecognized)
+    p = argparse.ArgumentParser(prog="mmllm", description="Assemble, train and run an any-to-any multimodal model. "
+                                f"The commands, configs, data formats and checkpoints are documented in {docs_folder()}.",
+                                epilog=EXIT_CODES, formatter_class=HelpFormatter, allow_abbrev=False)
     verbose_help = "tracebacks of errors and other libraries' INFO logging"
     quiet_help = "warnings and errors only: no INFO lines, no progress bars (results on stdout are kept)"
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
@@ -900,7 +909,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "+ index.html out (exit 1 if any request failed)", EPILOGS["infer"])
     r.add_argument("--checkpoint", type=user_path, required=True, metavar="DIR", help="a checkpoint directory (step-N)")
     r.add_argument("--input", type=user_path, metavar="JSONL",
-                   help="requests, one JSON object per line (schema: docs/inference.md, mmllm/inference/runner.py)")
+                   help=f"requests, one JSON object per line (the schema: {doc_page('inference.md')})")
     r.add_argument("--output", type=user_path, required=True, metavar="DIR",
                    help="output folder; re-running on it skips requests already done (refused if they were "
                         "answered with another checkpoint, --seed, --max-new-tokens, ..., --dtype or --device type)")
@@ -1174,24 +1183,19 @@ LESS_MEMORY = {
 }
 
 
-def less_memory(args: argparse.Namespace) -> str:
+def less_memory(args: argparse.Namespace, host: bool = False) -> str:
     """The end of the one line an out-of-memory error ends ``args``'s command with: what needs less (:data:`LESS_MEMORY`),
-    leaving out what the run already does (an infer given --dtype bfloat16 is not told to give it)."""
+    leaving out what the run already does (an infer given --dtype bfloat16 is not told to give it). ``host``: the
+    machine's memory ran out (torch's CPU allocator), where --device cpu is no way out."""
     command = command_name(args)
-    if command == "infer" and getattr(args, "dtype", "float32") != "float32":
-        return f"; the model is loaded in {args.dtype} already: --device cpu holds it in host memory"
+    if command == "infer":
+        lower = getattr(args, "dtype", "float32") != "float32"
+        if host:
+            return (f"; the model is loaded in {args.dtype} already: a machine with more memory" if lower else
+                    "; to load the model in less memory: --dtype bfloat16 (or float16)")
+        if lower:
+            return f"; the model is loaded in {args.dtype} already: --device cpu holds it in host memory"
     return LESS_MEMORY.get(command, "")
-
-
-def torch_out_of_memory() -> type[BaseException]:
-    """``torch.OutOfMemoryError`` once torch is imported (a command that ran out of memory imported it), else an
-    exception nothing raises: the CLI does not import torch for a command that does not."""
-    torch = sys.modules.get("torch")
-    return getattr(torch, "OutOfMemoryError", _NeverRaised)
-
-
-class _NeverRaised(Exception):
-    pass
 
 
 def report_out_of_memory(args: argparse.Namespace, line: str, exc: BaseException) -> None:
@@ -1228,9 +1232,11 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
     except OutOfMemory as exc:  # training's (all of train's), naming the step, the checkpoint kept and what needs less
         report_out_of_memory(args, str(exc), exc)
         return 2
-    except torch_out_of_memory() as exc:  # anywhere else: loading a model, a cache batch, an eval batch
+    except RuntimeError as exc:  # out of memory anywhere else (a GPU's, or on CPU torch's allocator's RuntimeError):
+        if not is_out_of_memory(exc):  # loading a model, a cache batch, an eval batch; any other: a fault
+            raise
         report_out_of_memory(args, f"{command_name(args)} ran out of memory ({first_line(exc)})"
-                                   f"{after_a_stop(args, started)}{less_memory(args)}", exc)
+                                   f"{after_a_stop(args, started)}{less_memory(args, ran_out_on_the_host(exc))}", exc)
         return 2
     except KeyboardInterrupt as exc:  # a signal before training's first step, a second one, Ctrl-C elsewhere
         name = exc.args[0] if exc.args and exc.args[0] in ("SIGINT", "SIGTERM") else "SIGINT"
@@ -1287,6 +1293,3 @@ def entry() -> None:
         os._exit(code)
     sys.exit(code)
 
-
-if __name__ == "__main__":
-    entry()

@@ -541,6 +541,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if path.is_dir():
         raise ConfigError(f"config {path} is a folder; give a YAML file in it "
                           f"({files_named_in(path, '*.yaml', '*.yml')})")
+    if str(path) == "-" or (path.exists() and not path.is_file()):
+        raise ConfigError(_not_a_config_file(path))
     if not path.is_file():
         raise ConfigError(f"config file not found: {path} (check the path; relative paths resolve from {Path.cwd()})")
     try:  # bytes: YAML reads UTF-8, or UTF-16 after its byte order mark, and names a byte that is neither (read as
@@ -553,6 +555,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def _not_a_config_file(path: Path) -> str:
+    """Why a config is not read from standard input (``-``, ``/dev/stdin``) or another pipe or device, and what to
+    do: a config is read more than once (``mmllm config`` and ``inspect`` read it twice, each process of a launch
+    once), which a pipe does not allow, and its relative paths are looked up from its folder, which a pipe has not."""
+    what = "standard input" if str(path) in ("-", "/dev/stdin") else "not a regular file (a pipe or a device)"
+    return (f"config {path}: {what}; mmllm reads a config from a file (it reads it more than once, and looks up its "
+            "relative paths from its folder): save it first, e.g. `mmllm config --checkpoint DIR > stage.yaml`, "
+            "then give --config stage.yaml")
 
 
 # assembly keys whose parts are registry kinds, each with its own options (a projection's kind is one field)

@@ -1,4 +1,5 @@
-"""The ``mmllm`` command's first module (the console script's ``mmllm.console:entry``, ``python -m mmllm``).
+"""The ``mmllm`` command's first module (the console script's ``mmllm.console:entry``, ``python -m mmllm``, and
+``python -m mmllm.cli``, which hands over to it before its own imports).
 
 It imports the standard library only, so that a Ctrl-C while the command's own modules import (``mmllm.cli``
 and what it reads at import, about 80 ms) exits 130 without a word, as one while the command runs does, not with

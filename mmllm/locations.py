@@ -24,6 +24,44 @@ def repository_root() -> Path | None:
     return SOURCE_TREE if (SOURCE_TREE / "pyproject.toml").is_file() else None
 
 
+# each docs/ page's title (its first line), by which a user of a wheel, which installs no docs/, finds it in the
+# source repository (tests/test_docs.py holds them to the pages)
+DOC_TITLES = {
+    "checkpoints.md": "Checkpoints",
+    "commands.md": "Commands",
+    "concepts.md": "The pieces",
+    "configs.md": "Configs",
+    "data.md": "Data formats",
+    "development.md": "Development",
+    "distributed.md": "Many processes, and surviving faults",
+    "embedded-default.md": "The embedded default",
+    "inference.md": "Batch inference",
+    "install.md": "Install",
+    "python.md": "Using mmllm from Python",
+}
+NO_DOCS = "a wheel does not install the docs"
+
+
+def docs_folder() -> str:
+    """Where the documentation is, for a message or a ``--help`` text: the ``docs/`` folder of the repository this
+    mmllm runs from, else that folder of mmllm's source repository, said to be there (:func:`repository_root`)."""
+    repo = repository_root()
+    if repo is not None and (repo / "docs").is_dir():
+        return str(repo / "docs")
+    return f"the docs/ folder of mmllm's source repository ({NO_DOCS})"
+
+
+def doc_page(page: str, section: str | None = None) -> str:
+    """Where the docs/ page ``page`` (``inference.md``) is, for a message or a ``--help`` text: its path in the
+    repository this mmllm runs from; from a wheel, its title and file in the source repository, said to be there.
+    ``section``: a heading of it to name too."""
+    repo = repository_root()
+    at = f", section {section!r}" if section else ""
+    if repo is not None and (repo / "docs" / page).is_file():
+        return f"{repo / 'docs' / page}{at}"
+    return f"{DOC_TITLES[page]!r}{at}, docs/{page} in mmllm's source repository ({NO_DOCS})"
+
+
 def is_package_path(value: str) -> bool:
     return value.startswith(PREFIXES)
 

@@ -1,9 +1,10 @@
-"""Running out of memory (``torch.OutOfMemoryError``: a GPU's, or an accelerator's): the one-line error a command
-stops with, and freeing what a failed attempt held before another one.
+"""Running out of memory (:func:`is_out_of_memory`: ``torch.OutOfMemoryError``, a GPU's or an accelerator's, and
+the ``RuntimeError`` torch's CPU allocator raises): the one-line error a command stops with, and freeing what a
+failed attempt held before another one.
 
-Only ``torch.OutOfMemoryError`` is treated as running out of memory. On CPU, torch 2.14's allocator raises a
-plain ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory"), and Linux more often kills the process
-(SIGKILL) than fails an allocation: neither is told apart from other errors here.
+On CPU, torch 2.14's allocator raises a plain ``RuntimeError`` ("DefaultCPUAllocator: can't allocate memory
+(you tried to allocate N bytes)"), told apart from other runtime errors by that text; Linux more often kills the
+process (SIGKILL) than fails an allocation, which no code of the process sees.
 
 Also here: :func:`peak_resident_mb`, the peak resident memory of this process alone, which training logs and the
 benches report.
@@ -44,7 +45,28 @@ def peak_resident_mb() -> float | None:
 
 class OutOfMemory(Exception):
     """Memory ran out where the message says; the message names what is kept and the settings that need less.
-    Raised from the ``torch.OutOfMemoryError`` (its ``__cause__``); ``mmllm`` reports it as one line, exit code 2."""
+    Raised from torch's error (its ``__cause__``, :func:`is_out_of_memory`); ``mmllm`` reports it as one line,
+    exit code 2."""
+
+
+# the start of the message of the RuntimeError torch's CPU allocator raises (c10/core/impl/alloc_cpu.cpp), which
+# has no class of its own as the CUDA allocator's torch.OutOfMemoryError has
+CPU_ALLOCATOR_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch running out of memory: ``torch.OutOfMemoryError`` (a GPU's, an accelerator's), or
+    the plain ``RuntimeError`` of its CPU allocator. torch is not imported for it: an error raised where torch was
+    never imported is none of its."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return ran_out_on_the_host(exc)
+
+
+def ran_out_on_the_host(exc: BaseException) -> bool:
+    """Whether ``exc`` is the CPU allocator's out-of-memory error (the machine's memory, not a GPU's)."""
+    return isinstance(exc, RuntimeError) and CPU_ALLOCATOR_OUT_OF_MEMORY in str(exc)
 
 
 def first_line(exc: BaseException) -> str:

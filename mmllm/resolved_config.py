@@ -134,8 +134,10 @@ def recorded_stage(checkpoint: Path, overrides: list[str]) -> StageConfig:
     """The stage config a training checkpoint's ``mmllm.json`` records, with the assembly it built and the LoRA
     it added written in, its relative paths made absolute from the folder training ran in, and ``overrides``
     applied. The checkpoint's manifest is verified first; a folder that records no training of its own (an
-    export, a merged export, a checkpoint written before mmllm recorded its stage and working folder) is
-    refused (:class:`~mmllm.training.checkpoint.CheckpointError`), saying why."""
+    export, a merged export, a checkpoint written before mmllm recorded its stage) is refused
+    (:class:`~mmllm.training.checkpoint.CheckpointError`), saying why. One that records its stage but not the
+    folder training ran in (an older mmllm's) is read with its relative paths taken from the working directory,
+    with a warning naming them (:func:`assumed_working_dir`)."""
     from mmllm.config import from_dict, stage_from_mapping
     from mmllm.training import checkpoint as ckpt
 
@@ -157,11 +159,10 @@ def recorded_stage(checkpoint: Path, overrides: list[str]) -> StageConfig:
                                    "refitted), not by a training stage: give the checkpoint it was refined from "
                                    f"(mmllm config --checkpoint {refined})")
     stage, working_dir = meta.get("stage"), meta.get("working_dir")
-    if not isinstance(stage, dict) or not isinstance(working_dir, str):
-        missing = "the stage that trained it" if not isinstance(stage, dict) else "the folder training ran in"
-        raise ckpt.CheckpointError(f"{where}: does not record {missing} (a checkpoint written by an older mmllm, or "
-                                   "not by training); give a step-N checkpoint of a training run, or print the "
-                                   "stage YAML it was trained with: mmllm config --config STAGE.yaml")
+    if not isinstance(stage, dict):
+        raise ckpt.CheckpointError(f"{where}: does not record the stage that trained it (a checkpoint written by an "
+                                   "older mmllm, or not by training); give a step-N checkpoint of a training run, or "
+                                   "print the stage YAML it was trained with: mmllm config --config STAGE.yaml")
     if stage.get("lora") is not None and not isinstance(meta.get("lora"), dict):
         raise ckpt.CheckpointError(f"{where}: its stage names a lora: but it records no LoRA adapter; the file is "
                                    "damaged or was not written by mmllm")
@@ -172,7 +173,34 @@ def recorded_stage(checkpoint: Path, overrides: list[str]) -> StageConfig:
     except (ConfigError, ValueError, TypeError) as exc:
         raise ckpt.CheckpointError(f"{where}: its stage record does not parse ({exc}); the file is damaged or "
                                    "was not written by mmllm") from exc
+    if not isinstance(working_dir, str):  # written before mmllm recorded the folder training ran in
+        working_dir = str(assumed_working_dir(cfg, where, overrides))
     return stage_from_mapping(to_dict(absolute_from(cfg, Path(working_dir))), overrides, where)
+
+
+def assumed_working_dir(cfg: StageConfig, where: Path, overrides: list[str] = ()) -> Path:
+    """The folder the relative paths of a stage record are taken from when its checkpoint (``where``, its
+    ``mmllm.json``) does not record the folder training ran in (an older mmllm's): the working directory, which
+    training took them from where it ran here. Said in a warning where the stage has relative paths that
+    ``overrides`` (``KEY=VALUE``) do not replace (it matters then: the warning's advice is to give them)."""
+    given = [o.split("=", 1)[0].strip() for o in overrides if "=" in o]
+    relative = [path for path in relative_paths(cfg)
+                if not any(path.split(" ", 1)[0] == key or path.startswith((f"{key}.", f"{key}[")) for key in given)]
+    if relative:
+        log.warning("%s does not record the folder training ran in (a checkpoint written by an older mmllm): its "
+                    "relative paths (%s) are taken from the working directory %s, as training took them if it ran "
+                    "there. Run this from the folder training ran in, or give those paths as overrides (e.g. "
+                    "output_dir=PATH)", where, "; ".join(relative), Path.cwd())
+    return Path.cwd()
+
+
+def relative_paths(cfg: StageConfig) -> list[str]:
+    """``key value`` of each path of ``cfg`` that is relative (output_dir, init_from, cache.dir, data paths)."""
+    named = [("output_dir", cfg.output_dir), ("init_from", cfg.init_from), ("cache.dir", cfg.cache.dir)]
+    for section in ("data", "eval_data"):
+        for i, ds in enumerate(getattr(cfg, section)):
+            named += [(f"{section}[{i}].{key}", getattr(ds, key)) for key in ("path", "root", "embeddings")]
+    return [f"{key} {value}" for key, value in named if value is not None and not Path(value).is_absolute()]
 
 
 def absolute_from(cfg: StageConfig, folder: Path) -> StageConfig:

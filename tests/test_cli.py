@@ -1,5 +1,6 @@
 """The CLI on the tiny assembly: inspect, train (with overrides), export --merge-lora."""
 
+import argparse
 import json
 import logging
 import os
@@ -594,6 +595,34 @@ def test_an_unknown_flag_is_shown_with_its_commands_usage_and_the_flag_it_resemb
     assert not (tmp_path / "out").exists()
 
 
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every command's parser under it."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [parser, *(p for sub in subs for child in sub.choices.values() for p in _parsers(child))]
+
+
+def test_a_flag_is_taken_only_as_written_in_full_by_every_command(tmp_path, capsys):
+    """argparse took any unambiguous abbreviation (`inspect --conf`, `config --check DIR`), and `--o` was ambiguous
+    in some commands (--output, --overwrite) but not others: an abbreviation a script used would change meaning or
+    stop working when a flag starting alike was added. Refused, with the flag it resembles."""
+    from mmllm.cli import build_parser
+
+    parsers = _parsers(build_parser())
+    assert len(parsers) >= 15 and all(not p.allow_abbrev for p in parsers), [p.prog for p in parsers if p.allow_abbrev]
+    lora = str(REPO / "configs" / "lora" / "tiny.yaml")
+    for argv, flag, meant in [(["inspect", "--config", str(TINY), "--lor", lora], "--lor", "--lora"),
+                              (["infer", "--checkpoint", str(tmp_path), "--prompt", "Hi", "--output",
+                                str(tmp_path / "w"), "--over"], "--over", "--overwrite"),
+                              (["world", "data", "--out", str(tmp_path / "w"), "--pla", lora], "--pla", "--plain")]:
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and f"unrecognized arguments: {flag}" in err, err
+        assert f"{flag}: did you mean {meant}?" in err, err
+    assert not (tmp_path / "w").exists()
+    assert main(["inspect", f"--config={TINY}"]) == 0  # written in full, with = too
+
+
 def test_world_data_and_distil_take_output_as_every_other_command_does(tmp_path, capsys):
     """Every other command writes to --output; `world data --output DIR` was refused (--out required)."""
     from mmllm.cli import build_parser
@@ -708,12 +737,23 @@ def test_a_checkpoint_that_is_not_there_or_a_file_is_said_so_alike_by_every_comm
 def test_the_library_says_a_missing_checkpoint_is_missing_not_incomplete(tmp_path):
     from mmllm.training.checkpoint import CheckpointError, export_weights_only, read_meta
 
-    with pytest.raises(CheckpointError, match="checkpoint directory not found") as err:
+    with pytest.raises(CheckpointError) as err:
         export_weights_only(tmp_path / "nowhere", tmp_path / "out", "float16")
-    assert "manifest" not in str(err.value)
+    assert str(err.value) == f"checkpoint {tmp_path / 'nowhere'}: not found; give a checkpoint's folder (a training " \
+                             "run's step-N)"
     (tmp_path / "file").write_text("")
-    with pytest.raises(CheckpointError, match="a file, not a checkpoint directory"):
+    with pytest.raises(CheckpointError, match="a file, not a checkpoint directory; give a checkpoint's folder"):
         read_meta(tmp_path / "file")
+
+
+def test_a_relative_checkpoint_not_found_says_where_it_was_looked_for(tmp_path, monkeypatch, capsys):
+    """The library's twin of the command's check said "checkpoint directory not found: runs/x" without where a
+    relative path leads nor what to give; the command's said no more of where. One check, one message."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--checkpoint", "runs/x/step-3", "--output", "out"]) == 2
+    err = capsys.readouterr().err
+    assert (f"--checkpoint runs/x/step-3: not found (a relative path resolves from {tmp_path}); give a checkpoint's "
+            "folder (a training run's step-N)") in err, err
 
 
 ENTRY_WITH_TEARDOWN_MARK = """
@@ -739,3 +779,16 @@ def test_a_process_of_a_multi_process_launch_skips_the_interpreters_teardown_kee
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("assembly: ") and re.search(r"\n  total +trainable", proc.stdout)  # all of it
     assert ("TEARDOWN RAN" in proc.stdout) == (world_size is None)
+
+
+def test_eval_without_the_shipped_default_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    """`mmllm eval` without --checkpoint reads the shipped default glue; where it is not there, the check every
+    command shares says so naming it as the shipped default, with where to get it (a branch no test ran)."""
+    import mmllm.demo
+
+    missing = tmp_path / "shipped" / "default-glue"
+    monkeypatch.setattr(mmllm.demo, "shipped_default", lambda: missing)
+    assert main(["eval"]) == 2
+    err = capsys.readouterr().err
+    assert (f"the shipped default glue {missing}: not found (train it with scripts/train_default.sh, or give "
+            "--checkpoint); give a checkpoint's folder (a training run's step-N)") in err, err

@@ -82,3 +82,12 @@ def test_every_exit_code_the_docs_give_with_a_traceback_is_70():
     said = [(page.name, code) for page in PAGES
             for code in re.findall(r"exit code (\d+),? with (?:the|its) traceback", page.read_text())]
     assert said and all(code == "70" for _, code in said), said
+
+
+def test_the_titles_the_command_names_pages_by_are_the_pages_titles():
+    """A wheel installs no docs/: `--help` and messages name a page by its title and file in the source repository
+    (mmllm.locations.doc_page), which must be the page's own."""
+    from mmllm.locations import DOC_TITLES
+
+    titles = {page.name: page.read_text().splitlines()[0].removeprefix("# ") for page in PAGES[1:]}
+    assert DOC_TITLES == titles

@@ -401,3 +401,96 @@ def test_an_open_clip_encoder_without_weights_reads_no_checkpoint(tmp_path: Path
     assert (shape.num_tokens, shape.output_dim) == (random.num_tokens, random.output_dim)
     with pytest.raises(ConfigError, match="pretrained"):
         build("open-clip", options)
+
+
+@pytest.mark.parametrize("raised, refused", [
+    (AttributeError("'NoneType' object has no attribute 'visual'"), False),  # a bug of open_clip or mmllm
+    (FileNotFoundError("tiny.pt"), True),  # what the config names is missing
+    (RuntimeError("Model config for tiny-vitt not found."), True),  # an unknown name
+])
+def test_open_clip_failing_is_a_config_error_only_where_the_config_is_wrong(raised, refused, monkeypatch) -> None:
+    """Any exception open_clip raised became "open_clip could not build ...": exit 2, one line, the user told to
+    fix a config that was right, for a fault of open_clip or mmllm (exit 70 and its traceback)."""
+    import open_clip
+
+    def create_model(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    for options in (OpenClipImageEncoder.tiny_options(), {"model_name": "ViT-B-32", "pretrained": "tiny.pt"}):
+        if refused:
+            with pytest.raises(ConfigError, match="open_clip could not build") as err:
+                build("open-clip", options)
+            assert err.value.__cause__ is raised
+        else:
+            with pytest.raises(type(raised)) as err:
+                build("open-clip", options)
+            assert err.value is raised
+
+
+def test_hf_audio_failing_to_load_is_a_config_error_only_where_the_input_is_wrong(tmp_path, monkeypatch) -> None:
+    from mmllm.encoders import hf_audio
+
+    _save_tiny_checkpoint("whisper", tmp_path)
+    spec = {"family": "whisper", "model": str(tmp_path)}
+    bug = TypeError("load() got an unexpected keyword argument 'dtype'")  # a library's API changed under mmllm
+
+    def load(cls, name, trust_remote_code):
+        raise bug
+
+    monkeypatch.setattr(hf_audio._WhisperTower, "load", classmethod(load))
+    with pytest.raises(TypeError) as err:
+        build("hf-audio", spec)
+    assert err.value is bug
+    monkeypatch.undo()
+    # a config value of the wrong type: huggingface_hub's strict-dataclass error (no ValueError), still the config's
+    tiny = HFAudioEncoder.tiny_options(family="whisper")
+    with pytest.raises(ConfigError, match=r"config: invalid WhisperConfig: .*d_model"):
+        build("hf-audio", {**tiny, "config": {**tiny["config"], "d_model": "wide"}})
+
+
+def test_out_of_memory_while_a_part_loads_is_not_called_a_config_error() -> None:
+    from mmllm.part_errors import names_something_wrong
+
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # torch's CPU allocator: a RuntimeError, as a bad checkpoint's
+    except RuntimeError as exc:
+        assert not names_something_wrong(exc)
+    assert not names_something_wrong(torch.OutOfMemoryError("CUDA out of memory."))
+    assert names_something_wrong(RuntimeError("Error(s) in loading state_dict: size mismatch"))
+    assert names_something_wrong(OSError("not found")) and not names_something_wrong(NameError("x"))
+    from safetensors import SafetensorError
+
+    assert names_something_wrong(SafetensorError("Error while deserializing header: header too large"))
+    assert names_something_wrong(TypeError("unexpected keyword"), TypeError) and not names_something_wrong(
+        TypeError("unexpected keyword"))
+
+
+def test_sizes_of_a_parts_own_architecture_that_do_not_fit_are_the_configs_error(tmp_path) -> None:
+    """A part built from the architecture its config spells out (open_clip's model_config, hf-audio's config):
+    a size of 0 (ZeroDivisionError in open_clip) or per-layer lists of different lengths (IndexError in
+    transformers) exited 70 with a traceback blaming mmllm, for a config the user has to fix."""
+    image = OpenClipImageEncoder.tiny_options()
+    image["model_config"] = {**image["model_config"], "vision_cfg": {**image["model_config"]["vision_cfg"],
+                                                                     "patch_size": 0}}
+    with pytest.raises(ConfigError, match=r"model_config: open_clip could not build it: .*division .*none of them 0"):
+        build("open-clip", image)
+    audio = HFAudioEncoder.tiny_options(family="clap")
+    audio["config"] = {**audio["config"], "depths": [1, 1, 1], "num_attention_heads": [2, 2]}
+    with pytest.raises(ConfigError, match=r"config: transformers cannot build ClapAudioConfig's model from it: "
+                                          r"list index out of range \(check that its sizes fit together\)"):
+        build("hf-audio", audio)
+
+
+def test_an_empty_or_foreign_open_clip_checkpoint_is_named_with_what_went_wrong(tmp_path) -> None:
+    """An empty checkpoint file ended the message with nothing ("... into model_config: "), a text file with "101"
+    (torch.load's EOFError, KeyError): the error's kind says what those are."""
+    empty, text = tmp_path / "empty.pt", tmp_path / "notes.pt"
+    empty.write_bytes(b"")
+    text.write_text("hello\n")
+    for path, kind in ((empty, "EOFError"), (text, "KeyError: ")):
+        options = {**OpenClipImageEncoder.tiny_options(), "pretrained": str(path)}
+        with pytest.raises(ConfigError) as err:
+            build("open-clip", options)
+        assert f"cannot load {str(path)!r} into model_config: {kind}" in str(err.value), err.value
+        assert "damaged, truncated or of another kind" in str(err.value)

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+import mmllm
 import mmllm.cli
 import mmllm.training.loop
 from mmllm.cli import EXIT_INTERNAL_ERROR, entry, main
@@ -46,6 +47,58 @@ def test_an_unexpected_error_exits_70_with_its_traceback_whatever_q(quiet, monke
     err = capsys.readouterr().err
     assert "Traceback" in err and "RuntimeError: a fault inside mmllm" in err
     assert "unexpected error (exit code 70)" in err and "Please report a fault" in err
+
+
+def test_the_cpu_allocator_running_out_is_one_line_exit_2_with_what_needs_less(monkeypatch, capsys):
+    """torch's CPU allocator raises a plain RuntimeError ("DefaultCPUAllocator: can't allocate memory"), not
+    torch.OutOfMemoryError: it exited 70 with the traceback, a fault of mmllm, where a GPU's gives exit 2 and
+    the advice. Another RuntimeError is still a fault."""
+    import torch
+
+    from mmllm.model import AnyToAnyModel
+
+    def assemble(*args, **kwargs):
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: torch's own error, refused at once
+
+    monkeypatch.setattr(AnyToAnyModel, "assemble", assemble)
+    assert run_entry(monkeypatch, "inspect", "--config", str(TINY)) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"ERROR mmllm: inspect ran out of memory \(.*DefaultCPUAllocator: can't allocate memory: you "
+                     r"tried to allocate \d+ bytes.*\) \(run with -v for the traceback\)", err), err
+    assert "Traceback" not in err and "unexpected error" not in err
+
+    def faulty(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator is not this")  # the allocator named, not its out-of-memory error
+
+    monkeypatch.setattr(AnyToAnyModel, "assemble", faulty)
+    assert run_entry(monkeypatch, "inspect", "--config", str(TINY)) == 70
+
+
+def test_a_fault_of_a_library_loading_a_part_exits_70_not_as_the_users_config(monkeypatch, capsys):
+    """open_clip failing in any way was "encoders.image.model_name: open_clip could not build ...", exit 2: the
+    user told to fix a config that was right; a bug (here an AttributeError) is a fault, with its traceback."""
+    import open_clip
+
+    def create_model(*args, **kwargs):
+        raise AttributeError("'NoneType' object has no attribute 'visual'")
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    assert run_entry(monkeypatch, "inspect", "--config", str(TINY)) == 70
+    err = capsys.readouterr().err
+    assert "AttributeError: 'NoneType' object has no attribute 'visual'" in err and "unexpected error" in err
+    assert "could not build" not in err
+
+
+def test_infer_out_of_the_machines_memory_is_not_told_to_use_the_cpu():
+    from argparse import Namespace
+
+    from mmllm.cli import less_memory
+
+    args = Namespace(command="infer", dtype="float32", device="cpu")
+    assert less_memory(args, host=True) == "; to load the model in less memory: --dtype bfloat16 (or float16)"
+    assert "--device cpu" in less_memory(args, host=False)  # a GPU's memory ran out
+    args.dtype = "bfloat16"
+    assert less_memory(args, host=True) == "; the model is loaded in bfloat16 already: a machine with more memory"
 
 
 def test_the_exit_code_table_names_70_and_1_no_longer_covers_crashes(capsys):
@@ -129,7 +182,7 @@ import importlib, importlib.abc, os, runpy, signal, sys, tomllib
 
 class CtrlC(importlib.abc.MetaPathFinder):  # the user's Ctrl-C, while the command's modules import
     def find_spec(self, name, path=None, target=None):
-        if name == "mmllm.cli":
+        if name == "mmllm.config":  # one the command line imports first thing (mmllm.cli's own imports)
             os.kill(os.getpid(), signal.SIGINT)
         return None
 
@@ -139,17 +192,31 @@ if {how!r} == "console script":  # what pip's script for [project.scripts] runs
     with open("pyproject.toml", "rb") as fh:
         module, _, function = tomllib.load(fh)["project"]["scripts"]["mmllm"].partition(":")
     sys.exit(getattr(importlib.import_module(module), function)())
-runpy.run_module("mmllm", run_name="__main__", alter_sys=True)  # python -m mmllm
+runpy.run_module({module!r}, run_name="__main__", alter_sys=True)  # python -m mmllm[.cli]
 """
 
 
-@pytest.mark.parametrize("how", ["console script", "python -m mmllm"])
+@pytest.mark.parametrize("how", ["console script", "python -m mmllm", "python -m mmllm.cli"])
 def test_ctrl_c_while_the_command_line_imports_exits_130_without_a_traceback(how):
+    """`python -m mmllm.cli` (as `accelerate launch -m mmllm.cli` runs each process) ran the module's own imports
+    outside the console's Ctrl-C handler: Python's traceback of the import, exit code -2."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_THE_CLI_IMPORTS.format(how=how)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_WHILE_THE_CLI_IMPORTS.format(how=how, module=how.split()[-1])], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stderr, proc.stdout) == (130, "", "")
+
+
+@pytest.mark.parametrize("module", ["mmllm", "mmllm.cli"])
+def test_the_module_entries_run_the_command(module, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run([sys.executable, "-m", module, "--version"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"mmllm {mmllm.__version__}\n", "")
+    refused = subprocess.run([sys.executable, "-m", module, "inspect", "--config", str(tmp_path / "none.yaml")],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "config file not found" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_train_prints_its_result_on_stdout_kept_by_quiet(tmp_path, capsys):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmllm.cli import main
+from mmllm.cli import entry, main
 from mmllm.config import ConfigError, load_stage
 from mmllm.memory import OutOfMemory
 from mmllm.model import AnyToAnyModel
@@ -656,6 +656,42 @@ def _out_of_memory_in_step(monkeypatch, step: int) -> None:
         return real_forward(self, batch, losses, normalizers)
 
     monkeypatch.setattr(AnyToAnyModel, "forward", forward)
+
+
+def _allocate_more_than_the_machine_has() -> None:
+    """torch's CPU allocator failing: a plain RuntimeError ("[enforce fail at alloc_cpu.cpp:...] ...
+    DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes. Error code 12"), raised by torch."""
+    torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: beyond any machine's address space, refused at once
+
+
+def test_the_cpu_allocator_running_out_in_a_step_is_out_of_memory_not_a_fault(sample_data, tmp_path, monkeypatch,
+                                                                              capsys):
+    """On CPU, torch's allocator raises a plain RuntimeError, not torch.OutOfMemoryError: `mmllm train` ended with
+    exit code 70 and the traceback, blaming mmllm, where a GPU's out-of-memory error gives one line, exit code 2,
+    the step, the checkpoint kept and the settings that need less."""
+    real_forward = AnyToAnyModel.forward
+
+    def forward(self, batch, losses=None, normalizers=None):
+        if self.training and batch.get("step") == 1:
+            _allocate_more_than_the_machine_has()
+        return real_forward(self, batch, losses, normalizers)
+
+    monkeypatch.setattr(AnyToAnyModel, "forward", forward)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["mmllm", "train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"),
+                                      "report_to=none", "max_steps=3", "save_every=1", "keep_last=0",
+                                      f"output_dir={out}"])
+    with pytest.raises(SystemExit) as done:
+        entry()
+    err = capsys.readouterr().err
+    assert done.value.code == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in err and "unexpected error" not in err, err[-3000:]
+    assert re.search(r"stage encode-align ran out of memory at step 2 of 3, in the forward and backward \(.*"
+                     r"DefaultCPUAllocator: can't allocate memory: you tried to allocate \d+ bytes.*\); the newest "
+                     rf"checkpoint, {re.escape(str(out))}/step-1, is intact: the same command with --resume", errors[0])
+    assert "grad_checkpointing=true" in errors[0]
 
 
 def _suggested_overrides(advice: str) -> list[str]:

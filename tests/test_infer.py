@@ -1138,6 +1138,24 @@ def test_a_batch_that_runs_out_of_memory_is_retried_one_at_a_time_with_its_memor
     assert "the image decoder's batch of 3 ran out of memory" in caplog.text
 
 
+def test_a_request_out_of_the_machines_memory_alone_is_not_told_to_use_the_cpu(ckpt, tmp_path, monkeypatch):
+    """torch's CPU allocator running out is out of memory now, but the record of a request decoded alone under
+    --dtype bfloat16 --device cpu said "a GPU with more memory, or --device cpu": the device it ran on."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "img", "prompt": GENERATE["image"], "seed": 1}])
+
+    def decoder(model, jobs):
+        torch.empty(2**50, dtype=torch.uint8)  # 1 PiB: torch's CPU allocator's own error, at once
+
+    monkeypatch.setattr(runner, "run_decoder", decoder)
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(tmp_path / "out"),
+                 "--dtype", "bfloat16", "--device", "cpu"]) == 1
+    record = records_by_id(tmp_path / "out")["img"]
+    assert record["error_stage"] == "decode", record
+    assert record["error"].startswith("RuntimeError: ") and "DefaultCPUAllocator: can't allocate memory" in record["error"]
+    assert record["error"].endswith("it ran out of memory decoded alone too: the model is held in bfloat16 already: "
+                                    "a machine with more memory"), record["error"]
+
+
 def test_out_of_memory_advice_of_infer_leaves_out_the_dtype_it_was_given(ckpt, tmp_path, monkeypatch, capsys):
     """A request that ran out of memory alone, and a model that ran out while it was placed, were told to give
     `--dtype bfloat16` whatever --dtype the run had: under --dtype bfloat16 itself, advice that changes nothing.

@@ -167,6 +167,20 @@ def _run_installed(site: Path, cwd: Path, *argv: str) -> subprocess.CompletedPro
     return subprocess.run([sys.executable, "-m", "mmllm", *argv], capture_output=True, text=True, env=env, cwd=cwd)
 
 
+def test_help_names_the_docs_as_a_wheel_install_has_them(wheel_layout, tmp_path):
+    """`--help` sent a wheel's user to docs/ and docs/inference.md, which a wheel does not install: it names the
+    pages by title and file in the source repository, saying so; run from a clone, their paths there."""
+    said = " ".join(_run_installed(wheel_layout, tmp_path, "--help").stdout.split())
+    assert "documented in the docs/ folder of mmllm's source repository (a wheel does not install the docs)" in said
+    said = " ".join(_run_installed(wheel_layout, tmp_path, "infer", "--help").stdout.split())
+    assert ("the schema: 'Batch inference', docs/inference.md in mmllm's source repository (a wheel does not "
+            "install the docs)") in said, said
+    from_clone = subprocess.run([sys.executable, "-m", "mmllm", "infer", "--help"], capture_output=True, text=True,
+                                env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=tmp_path, check=True).stdout
+    page = re.search(r"the schema: (\S+)\)", " ".join(from_clone.split())).group(1)
+    assert page == str(REPO / "docs" / "inference.md") and Path(page).is_file()
+
+
 def test_repository_only_commands_say_so_from_a_wheel_install(wheel_layout, tmp_path):
     run = _run_installed(wheel_layout, tmp_path, "demo", "--tiny", "--quick", "--output", str(tmp_path / "out"))
     assert run.returncode == 2, run.stderr

@@ -301,7 +301,6 @@ def _refused(capsys, checkpoint: Path) -> str:
     ("export", "is an export (mmllm export) of"),
     ("merged", "is a merged export of"),
     ("no stage", "does not record the stage that trained it"),
-    ("no working_dir", "does not record the folder training ran in"),
     ("edited", "mmllm.json: contents do not match the manifest"),
     ("bad stage", "its stage record does not parse"),
 ])
@@ -319,14 +318,73 @@ def test_a_checkpoint_without_a_stage_record_is_refused_saying_why(case, said, t
         meta = json.loads((step / "mmllm.json").read_text())
         if case == "no stage":
             del meta["stage"]
-        elif case == "no working_dir":
-            del meta["working_dir"]
         else:
             meta["stage"]["max_steps"] = "ten"
         (step / "mmllm.json").write_text(json.dumps(meta))
         if case != "edited":
             ckpt.write_manifest(step)
     assert said in _refused(capsys, step)
+
+
+def _without_working_dir(step: Path) -> None:
+    """``step`` as an older mmllm wrote it: its stage recorded, not the folder training ran in."""
+    from mmllm.training import checkpoint as ckpt
+
+    meta = json.loads((step / "mmllm.json").read_text())
+    del meta["working_dir"]
+    (step / "mmllm.json").write_text(json.dumps(meta))
+    ckpt.write_manifest(step)
+
+
+def test_a_checkpoint_that_does_not_record_where_training_ran_is_read_from_the_working_directory(
+        tiny_model, sample_data, tmp_path, monkeypatch, capsys, caplog):
+    """A checkpoint written before mmllm recorded working_dir was refused outright, though its stage is there.
+    Its relative paths are now taken from the working directory, as training took them, with a warning naming them
+    (nothing said where it has none)."""
+    from mmllm.training import checkpoint as ckpt
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_stage(STAGES / "tiny" / "encode_align.yaml", ["output_dir=runs/old",
+                                                             f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]"])
+    step = ckpt.save_model_checkpoint(tiny_model, tmp_path / "runs" / "old" / "step-1", ckpt.stage_meta(cfg))
+    _without_working_dir(step)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with caplog.at_level("WARNING", logger="mmllm"):
+        printed = yaml.safe_load(_config(capsys, "--checkpoint", str(step)))
+    assert printed["stage"] == "encode-align" and printed["output_dir"] == str(tmp_path / "elsewhere" / "runs" / "old")
+    assert printed["data"][0]["path"] == str(sample_data["pairs"])  # absolute: as recorded
+    assert f"{step / 'mmllm.json'} does not record the folder training ran in" in caplog.text
+    assert f"(output_dir runs/old) are taken from the working directory {tmp_path / 'elsewhere'}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmllm"):  # the warning's advice taken: nothing left to warn of
+        printed = yaml.safe_load(_config(capsys, "--checkpoint", str(step), f"output_dir={tmp_path / 'runs' / 'old'}"))
+    assert printed["output_dir"] == str(tmp_path / "runs" / "old") and "does not record the folder" not in caplog.text
+    absolute = ckpt.save_model_checkpoint(tiny_model, tmp_path / "abs" / "step-1",
+                                          ckpt.stage_meta(load_stage(STAGES / "tiny" / "encode_align.yaml",
+                                                                     [f"output_dir={tmp_path / 'abs'}"])))
+    _without_working_dir(absolute)
+    with caplog.at_level("WARNING", logger="mmllm"):
+        assert yaml.safe_load(_config(capsys, "--checkpoint", str(absolute)))["output_dir"] == str(tmp_path / "abs")
+    assert "does not record the folder" not in caplog.text
+
+
+@pytest.mark.parametrize("given", ["-", "/dev/stdin", "fifo"])
+def test_a_config_from_standard_input_or_a_pipe_is_refused_saying_to_save_it_first(given, tmp_path, capsys):
+    """`--config /dev/stdin` said "config file not found: /dev/stdin", and `--config -` "not found: -"."""
+    import os
+
+    if given == "fifo":
+        given = str(tmp_path / "fifo")
+        os.mkfifo(given)  # never opened: reading it would wait for a writer
+    elif not Path(given).exists() and given != "-":
+        pytest.skip(f"no {given} here")
+    for command in ("config", "inspect", "train"):
+        assert main([command, "--config", given]) == 2
+        err = capsys.readouterr().err
+        what = "not a regular file (a pipe or a device)" if given.endswith("fifo") else "standard input"
+        assert f"config {given}: {what}; mmllm reads a config from a file" in err, err
+        assert "mmllm config --checkpoint DIR > stage.yaml" in err and "not found" not in err
 
 
 def test_a_refined_checkpoint_and_its_export_name_what_they_were_refined_from(tiny_model, tmp_path, capsys):

@@ -36,6 +36,7 @@ from mmllm.config import ConfigError, check_guidance, from_dict
 from mmllm.decoders.base import DECODER_PARTS, MediaDecoder
 from mmllm.locations import resolve_source
 from mmllm.log_filters import diffusers_noise_dropped
+from mmllm.part_errors import names_something_wrong
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,8 @@ def load_text_encoder(pipeline_cls: type, source: str, weights: str, dtype: torc
     try:
         model, info = cls.from_pretrained(weights, config=config, dtype=dtype, output_loading_info=True)
     except Exception as exc:  # OSError (not found / offline), ValueError, ...
+        if not names_something_wrong(exc):  # a fault of transformers or of mmllm, or memory running out
+            raise
         raise ConfigError(f"text_encoder: cannot load {class_name} weights from {weights!r}: {exc}") from exc
     if info.get("missing_keys"):
         raise ConfigError(

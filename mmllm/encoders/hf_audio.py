@@ -51,6 +51,7 @@ from mmllm.config import ConfigError
 from mmllm.data.media import Audio, resample
 from mmllm.encoders.base import EncoderShape, MediaEncoder
 from mmllm.locations import resolve_source
+from mmllm.part_errors import ARCHITECTURE_ERRORS, names_something_wrong, said
 
 log = logging.getLogger(__name__)
 
@@ -481,7 +482,7 @@ class HFAudioEncoder(MediaEncoder):
             tower, extractor = _load(family, options, prefix, weights)
         else:
             config = _make_config(family, options.config or {}, f"{prefix}config")
-            tower = family.build(config)
+            tower = _build_tower(family, config, f"{prefix}config")
             rate = options.sampling_rate or family.default_rate
             _check_extractor_keys(
                 family.extractor_class(), options.feature_extractor or {}, f"{prefix}feature_extractor"
@@ -555,7 +556,21 @@ def _make_config(family: type[_Tower], kwargs: dict[str, Any], where: str) -> An
     try:
         return family.make_config(kwargs)
     except Exception as exc:  # strict-dataclass validation errors, TypeError, ValueError
+        if not names_something_wrong(exc, TypeError):
+            raise
         raise ConfigError(f"{where}: invalid {cls.__name__}: {exc}") from exc
+
+
+def _build_tower(family: type[_Tower], config: Any, where: str) -> _Tower:
+    """The tower of the architecture ``config`` (from the config's ``where``) spells out; sizes that do not fit
+    together (``depths`` and ``num_attention_heads`` of different lengths: an IndexError) are the config's error."""
+    try:
+        return family.build(config)
+    except Exception as exc:
+        if not names_something_wrong(exc, *ARCHITECTURE_ERRORS):  # a fault of transformers or mmllm, out of memory
+            raise
+        raise ConfigError(f"{where}: transformers cannot build {type(config).__name__}'s model from it: "
+                          f"{said(exc)} (check that its sizes fit together)") from exc
 
 
 def _check_extractor_keys(cls: type, kwargs: dict[str, Any], where: str) -> None:
@@ -605,6 +620,8 @@ def _load(family: type[_Tower], options: HFAudioEncoder.Options, prefix: str,
             name, trust_remote_code=options.trust_remote_code
         )
     except Exception as exc:  # OSError (not found / offline), ValueError (wrong model type), ...
+        if not names_something_wrong(exc):  # a fault of transformers or of mmllm, or memory running out
+            raise
         raise ConfigError(f"{prefix}model: cannot load {options.family} model {name!r}: {exc}") from exc
     if options.sampling_rate is not None and options.sampling_rate != extractor.sampling_rate:
         raise ConfigError(

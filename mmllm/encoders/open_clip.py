@@ -48,6 +48,7 @@ from torch import nn
 from mmllm.config import ConfigError
 from mmllm.encoders.base import EncoderShape, MediaEncoder
 from mmllm.locations import is_package_path, resolve_source
+from mmllm.part_errors import ARCHITECTURE_ERRORS, names_something_wrong, said
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,8 @@ def _create_clip(options: OpenClipImageEncoder.Options, prefix: str, load_weight
         try:
             return open_clip.create_model(name, pretrained=pretrained, **kwargs)
         except Exception as exc:  # open_clip raises RuntimeError / ValueError / FileNotFoundError / HF errors
+            if not names_something_wrong(exc):  # a fault of open_clip or of mmllm, or memory running out
+                raise
             known_arch = options.model_name.replace("/", "-") in open_clip.list_models()
             what = "pretrained" if options.pretrained and known_arch else "model_name"
             raise ConfigError(
@@ -265,15 +268,22 @@ def _create_clip(options: OpenClipImageEncoder.Options, prefix: str, load_weight
                 json.dump({"model_cfg": options.model_config}, fh)
             model = open_clip.create_model(f"local-dir:{folder}", **kwargs)
     except Exception as exc:
-        raise ConfigError(f"{prefix}model_config: open_clip could not build it: {exc}") from exc
+        if not names_something_wrong(exc, *ARCHITECTURE_ERRORS):  # a key its dataclasses lack, a size of 0, ...
+            raise
+        raise ConfigError(f"{prefix}model_config: open_clip could not build it: {said(exc)} (check its keys, and that "
+                          "its sizes fit together, none of them 0)") from exc
     if options.pretrained is None:
         log.info("open_clip model_config %s: random weights (no pretrained checkpoint)", options.model_name)
     elif load_weights:
         try:
             open_clip.load_checkpoint(model, options.pretrained, strict=True)
-        except Exception as exc:
+        except Exception as exc:  # missing, not a checkpoint, tensors of other shapes (RuntimeError)
+            if not names_something_wrong(exc):
+                raise
             raise ConfigError(
-                f"{prefix}pretrained: cannot load {options.pretrained!r} into model_config: {exc}"
+                f"{prefix}pretrained: cannot load {options.pretrained!r} into model_config: {said(exc)} (give a "
+                "checkpoint of this architecture that open_clip reads: *.safetensors, *.pt, *.bin; this one is "
+                "damaged, truncated or of another kind or shape)"
             ) from exc
     return model
 

@@ -107,7 +107,7 @@ from mmllm.inference.generate import (
     run_decoder,
     token_spec,
 )
-from mmllm.memory import first_line, release_memory
+from mmllm.memory import first_line, is_out_of_memory, ran_out_on_the_host, release_memory
 from mmllm.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -800,7 +800,7 @@ class _Run:
         self.queues: dict[tuple, list[DecodeJob]] = {}
         self.spec = token_spec(model)
         self.bar = progress_bar(total=total, desc="infer", unit="req", dynamic_ncols=True)
-        self.llm_alone_hint, self.decoder_alone_hint = alone_hints(next(model.parameters()).dtype)
+        self.dtype = next(model.parameters()).dtype  # what a request that runs out of memory alone is told
 
     def fail(self, rid: str, stage: str, error: str, **extra: Any) -> None:
         self.counts["failed"] += 1
@@ -856,7 +856,7 @@ class _Run:
         except Exception as exc:  # any failure of one request must not stop the others
             if len(batch) == 1:
                 log.debug("request failed", exc_info=True)
-                return [failure_text(exc, self.llm_alone_hint)]  # the text: the exception's frames hold the attempt's tensors
+                return [failure_text(exc, alone_hints(self.dtype, ran_out_on_the_host(exc))[0])]  # the text: the exception's frames hold the attempt's tensors
             retry = retry_note(exc, len(batch), "the LLM's batch", "requests", "--batch-size")
             if retry[0]:
                 self.batch_size = self.halved(self.batch_size, len(batch), "requests through the LLM", "--batch-size")
@@ -911,7 +911,7 @@ class _Run:
             items = run_decoder(self.model, chunk)
         except Exception as exc:  # isolate the culprit: retry one group at a time
             if len(chunk) == 1:
-                error = failure_text(exc, self.decoder_alone_hint)  # the text: the exception's frames hold the attempt's tensors
+                error = failure_text(exc, alone_hints(self.dtype, ran_out_on_the_host(exc))[1])  # the text: the exception's frames hold the attempt's tensors
             else:
                 retry = retry_note(exc, len(chunk), f"the {chunk[0].modality} decoder's batch", "signal groups",
                                    "--decode-batch-size")
@@ -969,14 +969,15 @@ class _Run:
         self.bar.update(1)
 
 
-def alone_hints(dtype: torch.dtype) -> tuple[str, str]:
+def alone_hints(dtype: torch.dtype, host: bool = False) -> tuple[str, str]:
     """What the error record of a request that ran out of memory alone too says to change: (the LLM's, a
     decoder's). ``--dtype bfloat16`` only where the model is held in float32: a run given it already is told
-    what else there is."""
+    what else there is. ``host``: the machine's memory ran out (torch's CPU allocator), where --device cpu and a
+    GPU are no way out."""
     smaller = "--dtype bfloat16 (or float16) holds the model in less" if dtype == torch.float32 else None
     llm = ", ".join(x for x in (smaller, "a smaller max_new_tokens needs less for the answer") if x)
-    decoder = smaller or (f"the model is held in {str(dtype).removeprefix('torch.')} already: a GPU with more "
-                          "memory, or --device cpu")
+    more = "a machine with more memory" if host else "a GPU with more memory, or --device cpu"
+    decoder = smaller or f"the model is held in {str(dtype).removeprefix('torch.')} already: {more}"
     return (f"it ran out of memory answered alone too: {llm}", f"it ran out of memory decoded alone too: {decoder}")
 
 
@@ -984,7 +985,7 @@ def alone_hints(dtype: torch.dtype) -> tuple[str, str]:
 def failure_text(exc: Exception, out_of_memory_hint: str) -> str:
     """A failed request's error, as its record keeps it: an out-of-memory error's first line (torch's advice
     about its allocator follows it) and ``out_of_memory_hint``."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if is_out_of_memory(exc):
         return f"{type(exc).__name__}: {first_line(exc)}; {out_of_memory_hint}"
     return f"{type(exc).__name__}: {exc}"
 
@@ -992,7 +993,7 @@ def failure_text(exc: Exception, out_of_memory_hint: str) -> str:
 def retry_note(exc: Exception, size: int, what: str, items: str, flag: str) -> tuple[bool, str]:
     """(out of memory?, the warning) for a batch of ``size`` ``items`` that failed with ``exc`` and is retried one
     by one."""
-    if isinstance(exc, torch.OutOfMemoryError):
+    if is_out_of_memory(exc):
         return True, (f"{what} of {size} ran out of memory ({first_line(exc)}); freed the memory it held and "
                       f"retrying its {items} one at a time (a smaller {flag} avoids these retries)")
     return False, f"{what} of {size} failed ({type(exc).__name__}: {exc}); retrying one by one"

@@ -170,16 +170,21 @@ def _inside(rel: str) -> bool:
     return bool(rel) and ":" not in parts[0] and not any(p in ("", ".", "..") for p in parts)
 
 
-def require_checkpoint_folder(directory: Path) -> None:
-    """A checkpoint path that is no folder (a typo, a file) said as such: "no manifest.json; this is not a complete
-    mmllm checkpoint" told of a folder that does not exist, as if it were a broken checkpoint."""
+def require_checkpoint_folder(directory: str | Path, given_as: str = "checkpoint", hint: str = "") -> None:
+    """A checkpoint path that is no folder (a typo, a file) refused as such, in the same words by the library and
+    every command, before anything loads: "no manifest.json; this is not a complete mmllm checkpoint" told of a
+    folder that does not exist, as if it were a broken checkpoint. ``given_as``: how the user gave it (a command's
+    ``--checkpoint``); ``hint``: what else to say of it (the shipped default's, where to get it)."""
     directory = Path(directory)
     if directory.is_dir():
         return
     if directory.exists():
-        raise CheckpointError(f"{directory}: a file, not a checkpoint directory; give the checkpoint's folder "
-                              "(a training run's step-N)")
-    raise CheckpointError(f"checkpoint directory not found: {directory}")
+        what = "a file, not a checkpoint directory"
+    else:
+        relative = "" if directory.is_absolute() else f" (a relative path resolves from {Path.cwd()})"
+        what = f"not found{relative}"
+    raise CheckpointError(f"{given_as} {directory}: {what}{hint}; give a checkpoint's folder (a training run's "
+                          "step-N)")
 
 
 def verify_manifest(root: Path) -> None:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from mmllm.config import ComponentSpec, ConfigError, StageConfig
-from mmllm.memory import OutOfMemory, first_line
+from mmllm.locations import doc_page
+from mmllm.memory import OutOfMemory, first_line, is_out_of_memory
 from mmllm.training import checkpoint as ckpt
 
 
@@ -71,11 +72,14 @@ def planned_core(cfg: StageConfig) -> ComponentSpec:
 
 @contextlib.contextmanager
 def stops_on_out_of_memory(cfg: StageConfig, shape: RunShape, doing: str, step: int) -> Iterator[None]:
-    """Turn a ``torch.OutOfMemoryError`` raised while ``doing`` (at ``step``, 1-based) into
+    """Turn torch running out of memory (:func:`~mmllm.memory.is_out_of_memory`: a GPU's ``torch.OutOfMemoryError``,
+    the CPU allocator's ``RuntimeError``) while ``doing`` (at ``step``, 1-based) into
     :class:`~mmllm.memory.OutOfMemory` with the message :func:`message` writes; anything else passes as it is."""
     try:
         yield
-    except torch.OutOfMemoryError as exc:
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
         raise OutOfMemory(message(cfg, shape, doing, step, first_line(exc))) from exc
 
 
@@ -94,7 +98,7 @@ def message(cfg: StageConfig, shape: RunShape, doing: str, step: int, what: str)
     ways = ways_to_need_less(cfg, shape, doing, checkpointed=newest is not None)
     return (f"stage {cfg.stage} ran out of memory {at}, in {doing} ({what}); {kept}, "
             f"with settings that need less memory: {'; '.join(ways)} "
-            "(docs/distributed.md, Out of memory)")
+            f"({doc_page('distributed.md', 'Out of memory')})")
 
 
 def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str, checkpointed: bool = True) -> list[str]:
