@@ -326,6 +326,7 @@ class _ResultsLog:
         self.folders, self.renamed = folders, False  # renamed: a file was renamed into a folder since the last fsync
         self.lock = threading.Lock()  # the timer's fsync against the run's appends and close
         self.timer: threading.Timer | None = None  # armed while a record waits for its fsync
+        self.timer_error: OSError | None = None  # the timer's failed fsync, raised by the run's next call here
 
     def append(self, record: dict[str, Any]) -> None:
         with self.lock:
@@ -334,6 +335,7 @@ class _ResultsLog:
                 self.fh = open(fd, "a", encoding="utf-8")
             self.fh.write(json.dumps(record, default=str) + "\n")
             self.fh.flush()
+            self._raise_timer_error()
             if time.monotonic() - self.synced >= SYNC_EVERY_S:
                 self._sync()
             elif self.timer is None:
@@ -352,22 +354,38 @@ class _ResultsLog:
             if self.fh is not None and not self.fh.closed:
                 try:
                     self._sync()
-                except (OSError, ValueError) as exc:  # the run's next fsync (at the latest its close) raises it
-                    log.warning("fsync of %s failed: %s", self.path, exc)
+                except OSError as exc:  # kept for the run to raise: the kernel reports a failed write-back once,
+                    self.timer_error = exc  # to this fsync -- the run's next fsync of the same file succeeds
+
+    def _raise_timer_error(self) -> None:
+        """Raise (in the run's thread) the error of an fsync the timer made, if one failed: the records written
+        before it may not be on disk, and the run must not go on (or end) as if they were."""
+        error, self.timer_error = self.timer_error, None
+        if error is not None:
+            raise OSError(error.errno, f"{self.path}: an fsync failed ({error.strerror or error}); the records "
+                          "written before it may not be on disk. Free or fix the disk and run the same command "
+                          "again: it answers the requests not recorded") from error
 
     def sync(self) -> None:
         with self.lock:
             self._sync()
+            self._raise_timer_error()
 
     def _sync(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if self.renamed:
-            for folder in self.folders:
-                if folder.is_dir():
-                    fsync_dir(folder)
+            # cleared first: a file renamed while the folders are fsynced (the run writes media while the timer
+            # fsyncs) sets it again, so the fsync before the log's next one covers that file's rename too
             self.renamed = False
+            try:
+                for folder in self.folders:
+                    if folder.is_dir():
+                        fsync_dir(folder)
+            except BaseException:
+                self.renamed = True
+                raise
         if self.fh is not None:
             self.fh.flush()  # a record an interrupted append left in the buffer (a Ctrl-C before its flush) too
             os.fsync(self.fh.fileno())
@@ -383,6 +401,7 @@ class _ResultsLog:
             elif self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
+            self._raise_timer_error()
 
     def __enter__(self) -> _ResultsLog:
         return self
