@@ -812,6 +812,7 @@ class _Run:
                  made: dict[str, Any], total: int):
         self.model, self.out, self.settings = model, out, settings
         self.batch_size, self.decode_batch_size = batch_size, settings.decode_batch_size or batch_size
+        self.decode_sizes: dict[str, int] = {}  # a decoder's batch size after one of its batches ran out of memory
         self.fail_fast, self.fingerprint, self.made = fail_fast, fingerprint, made
         self.log = _ResultsLog(out / "results.jsonl", (out / "media",))  # closed by _answer_all
         self.counts = {"done": 0, "failed": 0, "skipped": 0}
@@ -917,12 +918,17 @@ class _Run:
 
     def drain(self, force: bool) -> None:
         """Decode full batches of waiting groups (and, when ``force``, the rest)."""
-        for queue in self.queues.values():
-            while len(queue) >= self.decode_batch_size or (force and queue):
-                chunk = [j for j in queue[: self.decode_batch_size] if not j.owner.failed]
-                del queue[: self.decode_batch_size]
+        for (modality, _, _), queue in self.queues.items():
+            while len(queue) >= (size := self.decode_size(modality)) or (force and queue):
+                chunk = [j for j in queue[:size] if not j.owner.failed]
+                del queue[:size]
                 if chunk:
                     self.decode(chunk)
+
+    def decode_size(self, modality: str) -> int:
+        """Signal groups per call of ``modality``'s decoder: ``--decode-batch-size``, halved after one of its
+        batches ran out of memory (:meth:`halved`)."""
+        return self.decode_sizes.get(modality, self.decode_batch_size)
 
     def decode(self, chunk: list[DecodeJob]) -> None:
         t0 = time.perf_counter()
@@ -935,8 +941,10 @@ class _Run:
                 retry = retry_note(exc, len(chunk), f"the {chunk[0].modality} decoder's batch", "signal groups",
                                    "--decode-batch-size")
                 if retry[0]:
-                    self.decode_batch_size = self.halved(self.decode_batch_size, len(chunk),
-                                                         "signal groups per decoder call", "--decode-batch-size")
+                    modality = chunk[0].modality  # the others' decoders hold other amounts: theirs is kept
+                    self.decode_sizes[modality] = self.halved(self.decode_size(modality), len(chunk),
+                                                              f"signal groups per {modality} decoder call",
+                                                              "--decode-batch-size")
         else:
             return self.decoded(chunk, items, time.perf_counter() - t0)
         # here, out of the except block, the failed attempt's tensors (held by its traceback) are gone
