@@ -1263,3 +1263,7 @@ def test_the_final_line_says_where_the_failed_requests_are_and_the_same_command_
     assert main(args) == 0
     assert "requests: 1 done, 0 failed, 1 already done" in caplog.text and "failed requests:" not in caplog.text
     assert not (out / "pages").exists()
+    (tmp_path / "cat.png").unlink()
+    caplog.clear()
+    assert main([*args, "--overwrite"]) == 1  # every request answered again: the retry must leave --overwrite out
+    assert "the same command without --overwrite retries only them" in caplog.records[-1].getMessage()

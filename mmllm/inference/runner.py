@@ -1105,11 +1105,14 @@ def run_requests(
         return {**run.counts, "stopped": stopped, "seconds": {**run.seconds, "total": elapsed}}
 
 
-def where_failed(out: Path) -> str:
-    """Where a run's user finds its failed requests, and how to retry them (the line ``mmllm infer`` ends with)."""
+def where_failed(out: Path, overwrite: bool = False) -> str:
+    """Where a run's user finds its failed requests, and how to retry them (the line ``mmllm infer`` ends with);
+    ``overwrite``: the run was given ``--overwrite``, which the retry must leave out (with it, every request is
+    answered again)."""
+    retry = "the same command without --overwrite" if overwrite else "the same command"
     return (f"failed requests: {out / PAGES / FAILED_PAGE} lists them with their errors (linked from "
             f"{out / 'index.html'}); every failure is a record with an error in {out / 'results.jsonl'} ("
-            f"{FIND_FAILED.replace('results.jsonl', shlex.quote(str(out / 'results.jsonl')))}); the same command "
+            f"{FIND_FAILED.replace('results.jsonl', shlex.quote(str(out / 'results.jsonl')))}); {retry} "
             "retries only them")
 
 
