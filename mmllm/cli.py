@@ -369,7 +369,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                     print(json.dumps(rec, indent=2))
     log.info("requests: %(done)d done, %(failed)d failed, %(skipped)d already done", counts)
     if counts["failed"]:
-        log.info("%s", where_failed(Path(args.output)))
+        log.info("%s", where_failed(Path(args.output), args.overwrite))
     return 1 if counts["failed"] or counts["stopped"] else 0
 
 

@@ -1223,7 +1223,7 @@ def test_after_a_batch_runs_out_of_memory_the_rest_of_the_run_takes_half_as_many
     assert groups == 8 and decoder_batches == [8, *[1] * 8]  # one decoder batch: halved for nothing after it
     assert caplog.text.count("the rest of this run takes 2 requests through the LLM at a time") == 1
     assert "give --batch-size 2 to start there" in caplog.text
-    assert "the rest of this run takes 4 signal groups per decoder call" in caplog.text
+    assert "the rest of this run takes 4 signal groups per image decoder call" in caplog.text
 
 
 def test_a_decoder_batch_that_runs_out_of_memory_halves_the_decoder_batches_after_it(model, tmp_path, monkeypatch):
@@ -1244,6 +1244,27 @@ def test_a_decoder_batch_that_runs_out_of_memory_halves_the_decoder_batches_afte
     assert decoder_batches == [4, 1, 1, 1, 1, 2, 2]  # was [4, 1, 1, 1, 1, 4, 1, 1, 1, 1]
 
 
+def test_a_decoder_that_runs_out_of_memory_halves_its_own_batches_not_the_other_decoders(model, tmp_path,
+                                                                                          monkeypatch):
+    """One batch size was halved for every decoder: the image decoder running out of memory made the audio decoder,
+    which holds another amount, decode its groups one at a time too."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": f"r{k}", "prompt": GENERATE[m], "seed": k}
+                                                     for k, m in enumerate(["image", "audio"] * 4)])
+    real_decoder, batches = runner.run_decoder, {"image": [], "audio": []}
+
+    def decoder(model, jobs):  # the image decoder has memory for 1 group at a time, the audio decoder for more
+        batches[jobs[0].modality].append(len(jobs))
+        if jobs[0].modality == "image" and len(jobs) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
+        return real_decoder(model, jobs)
+
+    monkeypatch.setattr(runner, "run_decoder", decoder)
+    monkeypatch.setattr(runner, "release_memory", lambda: None)
+    counts = run_requests(model, requests, tmp_path / "out", batch_size=4, decode_batch_size=2, max_new_tokens=8)
+    assert (counts["done"], counts["failed"]) == (8, 0)
+    assert batches == {"image": [2, 1, 1, 1, 1], "audio": [2, 2]}  # audio was [1, 1, 1, 1]
+
+
 def test_the_final_line_says_where_the_failed_requests_are_and_the_same_command_retries_only_them(
         ckpt, tmp_path, caplog):
     requests = write_requests(tmp_path / "r.jsonl", [{"id": "ok", "prompt": "Hello."},
@@ -1260,3 +1281,7 @@ def test_the_final_line_says_where_the_failed_requests_are_and_the_same_command_
     assert main(args) == 0
     assert "requests: 1 done, 0 failed, 1 already done" in caplog.text and "failed requests:" not in caplog.text
     assert not (out / "pages").exists()
+    (tmp_path / "cat.png").unlink()
+    caplog.clear()
+    assert main([*args, "--overwrite"]) == 1  # every request answered again: the retry must leave --overwrite out
+    assert "the same command without --overwrite retries only them" in caplog.records[-1].getMessage()

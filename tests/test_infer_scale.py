@@ -4,6 +4,7 @@ often it is rewritten -- stays bounded, and results.jsonl and resuming behave as
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -375,6 +376,60 @@ def test_a_media_file_costs_one_fsync_and_its_folder_is_fsynced_before_the_log(m
     log = [k for k, (p, _) in enumerate(synced) if p == str(out / "results.jsonl")]
     assert len(files) == 4 and 1 <= len(folder) <= len(log)
     assert folder[-1] < log[-1] and folder[-1] > max(k for k, (p, _) in enumerate(synced) if p in files)
+
+
+def test_a_media_file_renamed_while_the_timer_fsyncs_its_folder_is_fsynced_before_its_record(tmp_path, monkeypatch):
+    """The timer fsyncs media/ in its thread while the run goes on writing media: a file renamed into media/ during
+    that fsync (after the folder was read) set the flag saying so, and the timer then cleared it, so the log's next
+    fsync put on disk a record naming a file whose rename might not be (a power loss: a record, no file)."""
+    media, folder_syncs = tmp_path / "media", []
+    media.mkdir()
+    log = runner._ResultsLog(tmp_path / "results.jsonl", (media,))
+
+    def fsync_dir(folder):
+        folder_syncs.append(folder)
+        if len(folder_syncs) == 1:  # the run, meanwhile: a media file renamed into media/, then its record
+            (media / "x.png").write_bytes(b"png")
+            log.files_renamed()
+
+    monkeypatch.setattr(runner, "fsync_dir", fsync_dir)
+    try:
+        log.files_renamed()
+        log.append(_record("a", 1))
+        log._sync_waiting()  # the timer's fsync
+        log.append(_record("x", 2, files=["media/x.png"]))
+    finally:
+        log.close()
+    assert folder_syncs == [media, media]  # was [media]: x's record fsynced, media/ not since x's rename
+
+
+def test_an_fsync_the_timer_made_that_failed_is_raised_in_the_run(tmp_path, monkeypatch):
+    """The timer's failed fsync was only logged, "the run's next fsync raises it": Linux reports a failed write-back
+    once, to the first fsync after it (the timer's), and the run's next one succeeded -- the run went on and ended
+    as if the records before it were on disk."""
+    monkeypatch.setattr(runner, "SYNC_EVERY_S", 0.1)
+    real, failed = os.fsync, []
+
+    def fsync(fd):
+        if not failed:  # once, as the kernel reports it
+            failed.append(fd)
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    log = runner._ResultsLog(tmp_path / "results.jsonl")
+    try:
+        log.append(_record("a", 1))  # arms the timer
+        monkeypatch.setattr(os, "fsync", fsync)
+        deadline = time.monotonic() + 5
+        while not failed and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with log.lock:  # the timer's fsync over
+            assert failed
+        with pytest.raises(OSError, match="an fsync failed .*Input/output error.*may not be on disk"):
+            log.append(_record("b", 2))
+    finally:
+        log.close()
+    assert [r["id"] for r in map(json.loads, (tmp_path / "results.jsonl").read_text().splitlines())] == ["a", "b"]
 
 
 def test_a_rerun_parses_each_record_once_to_check_it_and_find_what_is_left(ckpt, tmp_path, monkeypatch):  # noqa: F811

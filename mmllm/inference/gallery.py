@@ -292,7 +292,8 @@ def _write_failed_page(out: Path, results: Path, listed: list[tuple[int, Entry]]
             f"with an error in results.jsonl: <code>{html.escape(FIND_FAILED)}</code></p>"
             if failed > len(listed) else "")
     summary = (f"{failed} of {shown} requests failed (their latest answer); running the same mmllm infer "
-               f"command again retries them. <a href='{page_name(1, True)}'>all requests</a>")
+               f"command again (without --overwrite, which answers every request again) retries them. "
+               f"<a href='{page_name(1, True)}'>all requests</a>")
     atomic_write_text(without_link(without_link(out / PAGES) / FAILED_PAGE),
                       _page(summary, more + "".join(rows) + more, title="mmllm results: the failed requests"))
 

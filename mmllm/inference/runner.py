@@ -326,6 +326,7 @@ class _ResultsLog:
         self.folders, self.renamed = folders, False  # renamed: a file was renamed into a folder since the last fsync
         self.lock = threading.Lock()  # the timer's fsync against the run's appends and close
         self.timer: threading.Timer | None = None  # armed while a record waits for its fsync
+        self.timer_error: OSError | None = None  # the timer's failed fsync, raised by the run's next call here
 
     def append(self, record: dict[str, Any]) -> None:
         with self.lock:
@@ -334,6 +335,7 @@ class _ResultsLog:
                 self.fh = open(fd, "a", encoding="utf-8")
             self.fh.write(json.dumps(record, default=str) + "\n")
             self.fh.flush()
+            self._raise_timer_error()
             if time.monotonic() - self.synced >= SYNC_EVERY_S:
                 self._sync()
             elif self.timer is None:
@@ -352,22 +354,38 @@ class _ResultsLog:
             if self.fh is not None and not self.fh.closed:
                 try:
                     self._sync()
-                except (OSError, ValueError) as exc:  # the run's next fsync (at the latest its close) raises it
-                    log.warning("fsync of %s failed: %s", self.path, exc)
+                except OSError as exc:  # kept for the run to raise: the kernel reports a failed write-back once,
+                    self.timer_error = exc  # to this fsync -- the run's next fsync of the same file succeeds
+
+    def _raise_timer_error(self) -> None:
+        """Raise (in the run's thread) the error of an fsync the timer made, if one failed: the records written
+        before it may not be on disk, and the run must not go on (or end) as if they were."""
+        error, self.timer_error = self.timer_error, None
+        if error is not None:
+            raise OSError(error.errno, f"{self.path}: an fsync failed ({error.strerror or error}); the records "
+                          "written before it may not be on disk. Free or fix the disk and run the same command "
+                          "again: it answers the requests not recorded") from error
 
     def sync(self) -> None:
         with self.lock:
             self._sync()
+            self._raise_timer_error()
 
     def _sync(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         if self.renamed:
-            for folder in self.folders:
-                if folder.is_dir():
-                    fsync_dir(folder)
+            # cleared first: a file renamed while the folders are fsynced (the run writes media while the timer
+            # fsyncs) sets it again, so the fsync before the log's next one covers that file's rename too
             self.renamed = False
+            try:
+                for folder in self.folders:
+                    if folder.is_dir():
+                        fsync_dir(folder)
+            except BaseException:
+                self.renamed = True
+                raise
         if self.fh is not None:
             self.fh.flush()  # a record an interrupted append left in the buffer (a Ctrl-C before its flush) too
             os.fsync(self.fh.fileno())
@@ -383,6 +401,7 @@ class _ResultsLog:
             elif self.timer is not None:
                 self.timer.cancel()
                 self.timer = None
+            self._raise_timer_error()
 
     def __enter__(self) -> _ResultsLog:
         return self
@@ -793,6 +812,7 @@ class _Run:
                  made: dict[str, Any], total: int):
         self.model, self.out, self.settings = model, out, settings
         self.batch_size, self.decode_batch_size = batch_size, settings.decode_batch_size or batch_size
+        self.decode_sizes: dict[str, int] = {}  # a decoder's batch size after one of its batches ran out of memory
         self.fail_fast, self.fingerprint, self.made = fail_fast, fingerprint, made
         self.log = _ResultsLog(out / "results.jsonl", (out / "media",))  # closed by _answer_all
         self.counts = {"done": 0, "failed": 0, "skipped": 0}
@@ -898,12 +918,17 @@ class _Run:
 
     def drain(self, force: bool) -> None:
         """Decode full batches of waiting groups (and, when ``force``, the rest)."""
-        for queue in self.queues.values():
-            while len(queue) >= self.decode_batch_size or (force and queue):
-                chunk = [j for j in queue[: self.decode_batch_size] if not j.owner.failed]
-                del queue[: self.decode_batch_size]
+        for (modality, _, _), queue in self.queues.items():
+            while len(queue) >= (size := self.decode_size(modality)) or (force and queue):
+                chunk = [j for j in queue[:size] if not j.owner.failed]
+                del queue[:size]
                 if chunk:
                     self.decode(chunk)
+
+    def decode_size(self, modality: str) -> int:
+        """Signal groups per call of ``modality``'s decoder: ``--decode-batch-size``, halved after one of its
+        batches ran out of memory (:meth:`halved`)."""
+        return self.decode_sizes.get(modality, self.decode_batch_size)
 
     def decode(self, chunk: list[DecodeJob]) -> None:
         t0 = time.perf_counter()
@@ -916,8 +941,10 @@ class _Run:
                 retry = retry_note(exc, len(chunk), f"the {chunk[0].modality} decoder's batch", "signal groups",
                                    "--decode-batch-size")
                 if retry[0]:
-                    self.decode_batch_size = self.halved(self.decode_batch_size, len(chunk),
-                                                         "signal groups per decoder call", "--decode-batch-size")
+                    modality = chunk[0].modality  # the others' decoders hold other amounts: theirs is kept
+                    self.decode_sizes[modality] = self.halved(self.decode_size(modality), len(chunk),
+                                                              f"signal groups per {modality} decoder call",
+                                                              "--decode-batch-size")
         else:
             return self.decoded(chunk, items, time.perf_counter() - t0)
         # here, out of the except block, the failed attempt's tensors (held by its traceback) are gone
@@ -1079,11 +1106,14 @@ def run_requests(
         return {**run.counts, "stopped": stopped, "seconds": {**run.seconds, "total": elapsed}}
 
 
-def where_failed(out: Path) -> str:
-    """Where a run's user finds its failed requests, and how to retry them (the line ``mmllm infer`` ends with)."""
+def where_failed(out: Path, overwrite: bool = False) -> str:
+    """Where a run's user finds its failed requests, and how to retry them (the line ``mmllm infer`` ends with);
+    ``overwrite``: the run was given ``--overwrite``, which the retry must leave out (with it, every request is
+    answered again)."""
+    retry = "the same command without --overwrite" if overwrite else "the same command"
     return (f"failed requests: {out / PAGES / FAILED_PAGE} lists them with their errors (linked from "
             f"{out / 'index.html'}); every failure is a record with an error in {out / 'results.jsonl'} ("
-            f"{FIND_FAILED.replace('results.jsonl', shlex.quote(str(out / 'results.jsonl')))}); the same command "
+            f"{FIND_FAILED.replace('results.jsonl', shlex.quote(str(out / 'results.jsonl')))}); {retry} "
             "retries only them")
 
 
