@@ -13,13 +13,15 @@ from __future__ import annotations
 import bisect
 import datetime
 import json
+import re
 import string
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
-from mmllm.config import DEFAULT_TEMPLATE_DATE
+from mmllm.config import DEFAULT_TEMPLATE_DATE, MODALITIES
 from mmllm.data.formats import CaptionPair, Conversation, MediaRef, Message, OutputRef
 
 IGNORE = -100
@@ -55,6 +57,71 @@ class EncodedSample:
 
 class ContextLengthError(ValueError):
     pass
+
+
+class SpecialTextError(ValueError):
+    """A message's text holds a special token's string (a signal token, the chat template's control tokens): the
+    tokenizer would read it as that token, not as text."""
+
+
+# tokenizer -> (its size then, the pattern of the special-token strings a message's text may not hold)
+_SPECIAL_TEXT: dict[int, tuple[weakref.ref, int, re.Pattern[str] | None]] = {}
+
+
+def special_text_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """A pattern matching the strings of the tokenizer's special added tokens (its own control tokens -- a chat
+    template's turn markers, BOS/EOS -- and mmllm's signal tokens), which the tokenizer reads as those tokens
+    wherever they stand in the text; None where it has none. The media placeholders (``<image>``...) are left out:
+    in a message's text they are the markers of its media. Added tokens that are not special (Qwen's ``<think>``)
+    are meant to be written in text, and are left out too."""
+    try:
+        size = len(tokenizer)  # tokens added since: another pattern
+    except TypeError:  # a stand-in without a length
+        size = -1
+    key = id(tokenizer)
+    cached = _SPECIAL_TEXT.get(key)
+    if cached is not None and cached[0]() is tokenizer and cached[1] == size:
+        return cached[2]
+    placeholders = {f"<{m}>" for m in MODALITIES}
+    strings = sorted({str(t.content) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()
+                      if getattr(t, "special", False) and str(t.content) and str(t.content) not in placeholders},
+                     key=lambda s: (-len(s), s))
+    pattern = re.compile("|".join(map(re.escape, strings))) if strings else None
+    try:
+        _SPECIAL_TEXT[key] = (weakref.ref(tokenizer), size, pattern)
+    except TypeError:  # an object no weak reference can name: not cached
+        pass
+    return pattern
+
+
+def check_message_texts(messages: list[tuple[str, str]], tokenizer: Any, where: str) -> None:
+    """Refuse (:class:`SpecialTextError`) a message whose text holds a special token's string (``messages``: each
+    message's role and text, as written). The tokenizer reads such a string as the token itself, not as text:
+    ``<img_0>..`` in a user's text was a signal group the model never produced, and a chat template's end-of-turn
+    marker closed the turn and opened another the template never rendered. Training and inference refuse alike,
+    so the two render the same tokens; ``where`` leads the message (a sample's file and line, a request's field)."""
+    pattern = special_text_pattern(tokenizer)
+    if pattern is None:
+        return
+    for i, (role, text) in enumerate(messages):
+        found = pattern.search(text)
+        if found is not None:
+            raise SpecialTextError(
+                f"{where}[{i}]: the {role} text holds {found.group()!r} (at character {found.start()}), a special "
+                f"token of the assembly's tokenizer ({_special_kind(found.group())}): the tokenizer would read it as "
+                "that token, not as text. Remove it or write it otherwise (e.g. with a space after its '<'); an "
+                "answer that produced media lists them under 'outputs', and media inputs are marked with <image>, "
+                "<audio> or <video>")
+
+
+_SIGNAL_KIND = {"img": "an image", "aud": "audio", "vid": "a video"}  # mmllm.llm.SIGNAL_PREFIX's
+
+
+def _special_kind(token: str) -> str:
+    found = re.fullmatch(r"<(img|aud|vid)_\d+>", token)
+    if found:
+        return f"a signal token, which an answer emits to make {_SIGNAL_KIND[found.group(1)]}"
+    return "a control token, such as the chat template's turn markers"
 
 
 def pair_to_conversation(pair: CaptionPair, stage: str) -> Conversation:
@@ -471,6 +538,7 @@ def _placed_replies(conv: Conversation, tokenizer: Any,
     """The conversation (cut to its context, :func:`within_context`), its text rendered by the chat template,
     and the character spans of what the assistant says in it."""
     conv = within_context(conv, tokenizer, spec)
+    check_message_texts([(m.role, m.content) for m in conv.messages], tokenizer, f"{conv.source}: messages")
     messages = _template_messages(conv, spec)
     replies: list[tuple[int, int]] = []  # character spans of what the assistant says in the rendered text
     done = ""  # the conversation rendered up to the last answer placed
@@ -535,7 +603,9 @@ def encode_prompt(
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Inference: a conversation up to the next assistant turn -> expanded ids and media spans. A message is
     ``{"role": ..., "content": ...}``; an assistant's may list the media it produced under ``outputs``
-    (:func:`prompt_messages`)."""
+    (:func:`prompt_messages`). A message's text holding a special token's string is refused
+    (:func:`check_message_texts`), as training refuses it."""
+    check_message_texts([(m["role"], m["content"]) for m in messages], tokenizer, "messages")
     text = _render(tokenizer, prompt_messages(messages, spec), add_generation_prompt=True, date=spec.template_date)
     ids = _tokens(tokenizer, text)
     ids, _, spans = expand_placeholders(ids, [IGNORE] * len(ids), spec)
