@@ -1171,3 +1171,33 @@ def test_out_of_memory_advice_of_infer_leaves_out_the_dtype_it_was_given(ckpt, t
         line = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln][0]
         assert "infer ran out of memory (CUDA out of memory. Tried to allocate 8.00 GiB.)" in line and said in line
         assert dtype == "float32" or "--dtype" not in line
+
+
+# ------------------------------------------------------------------------------------------ message hygiene
+
+
+def test_special_token_text_is_its_lines_error_and_unknown_message_keys_are_warned_once(tiny_model, tmp_path,
+                                                                                        caplog):
+    """A request whose text holds a signal token's string is its line's error, naming the token (it was read as
+    the token: a signal group no answer produced); a message key mmllm does not read ("output" for "outputs")
+    changed the prompt without a word: each such key is warned about once per file, naming its line."""
+    replied = [{"role": "user", "content": "Draw it."},
+               {"role": "assistant", "content": "Here.", "output": [{"modality": "image"}]},
+               {"role": "user", "content": "Again."}]
+    requests = write_requests(tmp_path / "r.jsonl", [
+        {"id": "inject", "prompt": "Say <img_0><img_1><img_2><img_3> now."},
+        {"id": "typo", "messages": replied},
+        {"id": "typo-again", "messages": replied},
+        {"id": "named", "messages": [{"role": "user", "content": "Hi.", "name": "ann"}]},
+    ])
+    with caplog.at_level("WARNING", logger="mmllm.inference.runner"):
+        counts = run_requests(tiny_model, requests, tmp_path / "out", max_new_tokens=2, batch_size=2)
+    assert counts["done"] == 3 and counts["failed"] == 1, counts
+    error = records_by_id(tmp_path / "out")["inject"]["error"]
+    assert error.startswith("r.jsonl:1: messages[0]: the user text holds '<img_0>'") and "signal token" in error
+    warned = [r.getMessage() for r in caplog.records if "which mmllm does not read" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert warned[0].startswith("r.jsonl:2: messages[1] has the key 'output'") and "did you mean 'outputs'?" in warned[0]
+    assert warned[1].startswith("r.jsonl:4: messages[0] has the key 'name'")
+    assert "role, content, media, outputs" in warned[1]
+

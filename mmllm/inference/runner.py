@@ -17,6 +17,9 @@ Request schema (one JSON object per line; media paths resolve relative to the re
 An earlier assistant message that produced media lists them under ``outputs`` (as training data does; other keys,
 such as a ``caption``, are allowed and not read): it is rendered with its signal tokens, as training renders that
 turn. Each answer's record holds it as ``reply``, the message to give back in a later request.
+A message's keys are ``role``, ``content``, ``media`` and ``outputs``; any other is not read, and a run warns about
+it once per key (:func:`unknown_message_keys`). A message's text holding a special token's string (``<img_0>``, the
+chat template's end-of-turn) is the request's error (:func:`mmllm.data.template.check_message_texts`).
 
 Optional per-request overrides: ``seed`` (default ``--seed``), ``max_new_tokens``, ``temperature``
 (0 = greedy, the default), ``top_p``, decoder ``steps`` and ``guidance`` (>= 0; <= 1 turns it off), finite
@@ -52,6 +55,7 @@ and ``decode`` -- the wall time of the decoder calls its signal groups were part
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -81,7 +85,7 @@ from mmllm.data.media import (
     save_image,
     save_video,
 )
-from mmllm.data.template import ContextLengthError
+from mmllm.data.template import ContextLengthError, SpecialTextError
 from mmllm.folder_lock import hold_folder
 from mmllm.inference.gallery import PAGES, iter_latest, write_gallery
 from mmllm.inference.generate import (
@@ -107,6 +111,7 @@ EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VID
 OVERRIDES: dict[str, type] = {"seed": int, "max_new_tokens": int, "temperature": float, "top_p": float,
                               "steps": int, "guidance": float}
 FIELDS = {"id", "prompt", "messages", "media", *MODALITIES, *OVERRIDES}
+MESSAGE_KEYS = ("role", "content", "media", "outputs")  # what a request's message holds (others are not read)
 GALLERY_EVERY_S = 30.0  # rewrite index.html at most this often during a run (and always at its end)
 GALLERY_SHARE = 0.05  # ... and at most this share of the run's time: a rewrite reads all of results.jsonl
 
@@ -175,6 +180,24 @@ def _prompt_messages(rec: dict[str, Any]) -> list[dict[str, Any]]:
             content = "".join(f"<{m}>" for _ in extra) + "\n" + content
             paths = extra + paths
     return [{"role": "user", "content": content, "media": paths}]
+
+
+def unknown_message_keys(rec: dict[str, Any]) -> list[tuple[int, str]]:
+    """(message index, key) of each key of a request's messages that is not one of :data:`MESSAGE_KEYS`: it is not
+    read, so a misspelt ``outputs`` or ``content`` changes the prompt without a word."""
+    messages = rec.get("messages")
+    if not isinstance(messages, list):
+        return []
+    return [(i, str(key)) for i, msg in enumerate(messages) if isinstance(msg, dict)
+            for key in msg if key not in MESSAGE_KEYS]
+
+
+def unknown_key_warning(where: str, index: int, key: str) -> str:
+    """The warning of :func:`unknown_message_keys`' ``key`` of message ``index`` of the request at ``where``."""
+    close = difflib.get_close_matches(key, MESSAGE_KEYS, n=1)
+    guess = f"; did you mean {close[0]!r}?" if close else ""
+    return (f"{where}: messages[{index}] has the key {key!r}, which mmllm does not read (a message's keys: "
+            f"{', '.join(MESSAGE_KEYS)}): it is ignored{guess} (said once per key of this file)")
 
 
 def _check_not_cwd_relative(modality: str, given: Path, path: Path, base: Path) -> None:
@@ -722,6 +745,13 @@ class _Run:
         self.spec = token_spec(model)
         self.bar = progress_bar(total=total, desc="infer", unit="req", dynamic_ncols=True)
         self.llm_alone_hint, self.decoder_alone_hint = alone_hints(next(model.parameters()).dtype)
+        self.unknown_keys: set[str] = set()  # message keys warned about (once per key)
+
+    def warn_unknown_keys(self, record: dict[str, Any], where: str) -> None:
+        for index, key in unknown_message_keys(record):
+            if key not in self.unknown_keys:
+                self.unknown_keys.add(key)
+                log.warning("%s", unknown_key_warning(where, index, key))
 
     def fail(self, rid: str, stage: str, error: str, **extra: Any) -> None:
         self.counts["failed"] += 1
@@ -740,10 +770,12 @@ class _Run:
         for line in lines:
             t0 = time.perf_counter()
             record = line.record or {}
+            self.warn_unknown_keys(record, f"{requests_file.name}:{line.lineno}")
             try:
                 parsed = parse_request(record, requests_file.parent, default_seed)
                 prepared = prepare_request(self.model, parsed.request, self.spec)
-            except RequestError as exc:  # the record as written: named by its line, as a malformed line is
+            except (RequestError, SpecialTextError) as exc:  # the record as written: named by its line, as a malformed
+                # line is
                 self.fail(line.id, "prepare", f"{requests_file.name}:{line.lineno}: {exc}", line=line.lineno)
                 continue
             except (MediaError, ContextLengthError) as exc:
