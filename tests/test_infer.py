@@ -651,7 +651,7 @@ def test_rerun_with_another_checkpoint_or_settings_is_refused_unless_overwrite(c
     settings = records_by_id(out)["a"]["settings"]
     assert {k: v for k, v in settings.items() if k not in ("request", "media")} == {
         "seed": 0, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "steps": None, "guidance": None,
-        "dtype": "float32", "device": "cpu"}
+        "dtype": "float32", "device": "cpu", "render": runner.RENDERING}
     before = (out / "results.jsonl").read_text()
     from mmllm.training.checkpoint import export_weights_only
 
@@ -1201,3 +1201,33 @@ def test_special_token_text_is_its_lines_error_and_unknown_message_keys_are_warn
     assert warned[1].startswith("r.jsonl:4: messages[0] has the key 'name'")
     assert "role, content, media, outputs" in warned[1]
 
+
+def test_an_answer_an_older_mmllm_rendered_without_an_earlier_outputs_signal_tokens_is_refused_on_resume(tmp_path):
+    """A request giving an earlier answer's outputs was answered by an mmllm that left them out of the prompt; its
+    record (so its digest) is unchanged, so a re-run skipped it and kept an answer to another prompt. Such an
+    answer is stale now; one made since (it holds the "reply" that came with the change, or its "render") and any
+    request without earlier outputs are resumed."""
+    given = {"id": "a", "messages": [{"role": "user", "content": "Draw it."},
+                                     {"role": "assistant", "content": "Here.", "outputs": [{"modality": "image"}]},
+                                     {"role": "user", "content": "Again."}]}
+    plain = {"id": "b", "prompt": "Hello."}
+    requests = write_requests(tmp_path / "r.jsonl", [given, plain])
+    made = runner.run_settings(None, "float32")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def record(request, **extra):
+        settings = {k: v for k, v in runner.request_settings(made, request).items() if k != "render"}
+        return json.dumps({"id": request["id"], "text": "hi", "files": [], "checkpoint": "none", "error": None,
+                           "settings": settings, "inputs": [], **extra})
+
+    (out / "results.jsonl").write_text(record(given) + "\n" + record(plain) + "\n")  # as an older mmllm wrote them
+    with pytest.raises(runner.OutputError, match=r"1 request\(s\) .* an older mmllm, whose prompt left out an earlier "
+                                                 r"answer's outputs"):
+        runner.check_resume(out, requests, made)
+    (out / "results.jsonl").write_text(record(given, reply={"role": "assistant", "content": "hi"}) + "\n")
+    runner.check_resume(out, requests, made)
+    (out / "results.jsonl").write_text(json.dumps({"id": "a", "text": "hi", "files": [], "checkpoint": "none",
+                                                   "error": None, "inputs": [],
+                                                   "settings": runner.request_settings(made, given)}) + "\n")
+    runner.check_resume(out, requests, made)

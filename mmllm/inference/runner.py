@@ -40,7 +40,7 @@ so a crash never leaves something that looks done; a re-run on the same ``OUT`` 
 already done and retries the failed ones. Each done record carries the checkpoint fingerprint and the
 ``settings`` it was answered with (seed, max_new_tokens, temperature, top_p, steps, guidance: the
 request's own or the run's; the dtype and the device type; a digest of the request record and one of its input media
-files' bytes): a re-run whose checkpoint or settings differ from those of a request it would skip, or
+files' bytes; the :data:`RENDERING` of its prompt): a re-run whose checkpoint or settings differ from those of a request it would skip, or
 whose input files were replaced, is refused (:class:`OutputError`) unless ``overwrite`` starts ``OUT``
 afresh.
 
@@ -437,12 +437,42 @@ def device_type(device: Any) -> str:
     return torch.device(device).type
 
 
+# How a request's messages become its prompt, as a done record keeps it (settings' "render"): 1, before it was
+# recorded: an earlier answer's outputs were not rendered; 2: they render with their signal tokens, as training
+# renders that turn. A change that renders some requests otherwise takes the next number, and
+# :func:`rendered_alike` says which requests it changes.
+RENDERING = 2
+
+
 def request_settings(made: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
     """What one request is answered with: the run's settings (``made``, from :func:`run_settings`) with the
-    request's own overrides, and a digest of the request record (an edited prompt is another request)."""
+    request's own overrides, a digest of the request record (an edited prompt is another request) and the
+    :data:`RENDERING` of its prompt."""
     own = {k: rec[k] for k in OVERRIDES if k in rec}
     digest = hashlib.sha1(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {**made["settings"], **own, "request": digest}
+    return {**made["settings"], **own, "request": digest, "render": RENDERING}
+
+
+def recorded_rendering(rec: dict[str, Any]) -> int:
+    """The :data:`RENDERING` done record ``rec`` was answered with: its settings' "render"; before that was
+    recorded, 2 where the record holds the answer's "reply" (written since an earlier answer's outputs render with
+    their signal tokens), else 1."""
+    render = rec.get("settings", {}).get("render")
+    if isinstance(render, int):
+        return render
+    return 2 if "reply" in rec else 1
+
+
+def rendered_alike(record: dict[str, Any], rendering: int) -> bool:
+    """Whether request ``record`` renders to the prompt it had under ``rendering``: before 2, an earlier answer's
+    outputs were left out, so a request whose messages give an assistant turn's outputs was another prompt (its
+    record, and so its digest, the same). The prompt's ids are not digested instead: that needs the tokenizer
+    before the model loads, and tokenizing every request of a resume."""
+    if rendering >= RENDERING:
+        return True
+    messages = record.get("messages")
+    return not (isinstance(messages, list) and any(isinstance(m, dict) and m.get("role") == "assistant"
+                                                   and m.get("outputs") for m in messages))
 
 
 def media_digest(paths: list[str]) -> str | None:
@@ -533,7 +563,9 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any], lines: li
         if old.get("media") is not None:  # the request's input files as they are now
             same = now["request"] == old.get("request")
             now["media"] = _current_media(record, Path(requests_file).parent, rec, same) or old["media"]
-        changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k]}
+        changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k] and k != "render"}
+        if not rendered_alike(record, recorded_rendering(rec)):
+            changed["render"] = (recorded_rendering(rec), now["render"])
         stale += bool(changed)
         for key, values in changed.items():
             differ.setdefault(key, values)
@@ -542,7 +574,9 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any], lines: li
                     "compared with this run's", results, unrecorded)
     if differ:
         named = {"request": "another version of the request record",
-                 "media": "other contents in its input media files (same names)"}
+                 "media": "other contents in its input media files (same names)",
+                 "render": "an older mmllm, whose prompt left out an earlier answer's outputs (now rendered with their "
+                           "signal tokens, as training renders that turn)"}
         what = ", ".join(named.get(k) or f"{k} {was!r} (now {value!r})" for k, (was, value) in differ.items())
         raise OutputError(f"--output {out}: {stale} request(s) of {requests_file} were answered there with "
                           f"{what}; resuming would skip them and keep those answers. Give a new --output, or "
