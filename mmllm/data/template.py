@@ -88,7 +88,7 @@ def special_text_pattern(tokenizer: Any) -> re.Pattern[str] | None:
                      key=lambda s: (-len(s), s))
     pattern = re.compile("|".join(map(re.escape, strings))) if strings else None
     try:
-        _SPECIAL_TEXT[key] = (weakref.ref(tokenizer), size, pattern)
+        _SPECIAL_TEXT[key] = (weakref.ref(tokenizer, lambda _: _SPECIAL_TEXT.pop(key, None)), size, pattern)
     except TypeError:  # an object no weak reference can name: not cached
         pass
     return pattern
