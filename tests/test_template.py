@@ -626,8 +626,42 @@ def test_media_placeholders_and_non_special_added_tokens_stay_usable_in_text(tin
 
     tok = tiny_model.llm.tokenizer
     tok.add_tokens(["<think>"])  # not special
-    pattern = special_text_pattern(tok)
+    pattern = special_text_pattern(tok, spec)
     assert pattern.search("<|eos|>") and pattern.search("<img_3>") and pattern.search("<vid_0>")
     assert not pattern.search("<image> <audio> <video> <think> <img> <|eos>")
     ids, spans = encode_prompt([{"role": "user", "content": "<image> <think>what is it?"}], tok, spec)
     assert len(spans) == 1 and tok.convert_tokens_to_ids("<think>") in ids
+
+
+def test_other_special_tokens_such_as_code_markers_are_read_as_tokens_while_structure_tokens_are_refused(
+        tiny_model, spec):
+    """Every special token was refused, so an ordinary coding prompt typing SmolLM2's code-corpus marker
+    <filename> (a special token there) was refused. Only tokens that change the structure mmllm relies on are:
+    the signal tokens, the special tokens the chat template writes itself (here <|im_start|>/<|im_end|>, found
+    by rendering it) and BOS/EOS/PAD; <filename> is read as the token, by training and inference alike."""
+    from tokenizers import AddedToken
+
+    from mmllm.data.template import SpecialTextError, encode_conversation, encode_prompt, refused_tokens
+
+    tok = tiny_model.llm.tokenizer
+    tok.add_tokens([AddedToken(s, special=True) for s in ("<|im_start|>", "<|im_end|>", "<filename>")],
+                   special_tokens=True)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert "<filename>" in {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    assert refused_tokens(tok, spec) == {"<|im_start|>", "<|im_end|>", "<|bos|>", "<|eos|>", "<|pad|>",
+                                         *(s for group in spec.signal_tokens.values() for s in group)}
+    text = "Fix <filename>main.py: it fails."
+    messages = [{"role": "user", "content": text}]
+    ids, _ = encode_prompt(messages, tok, spec)
+    filename = tok.convert_tokens_to_ids("<filename>")
+    assert filename in ids  # read as the token, as apply_chat_template reads it
+    sample = encode_conversation(Conversation("c", [Message("user", text), Message("assistant", "ok")],
+                                              "chat.jsonl:1"), tok, spec)
+    assert sample.input_ids[:len(ids)] == ids  # training renders the prompt inference does
+    for token in ("<|im_end|>", "<|im_start|>", "<|eos|>", "<|pad|>", "<img_0>"):
+        with pytest.raises(SpecialTextError, match=re.escape(repr(token))):
+            encode_prompt([{"role": "user", "content": f"Fix {token} now"}], tok, spec)
+        with pytest.raises(SpecialTextError, match=re.escape(repr(token))):
+            encode_conversation(Conversation("c", [Message("user", f"Fix {token} now"), Message("assistant", "ok")],
+                                             "chat.jsonl:1"), tok, spec)
