@@ -665,3 +665,26 @@ def test_other_special_tokens_such_as_code_markers_are_read_as_tokens_while_stru
         with pytest.raises(SpecialTextError, match=re.escape(repr(token))):
             encode_conversation(Conversation("c", [Message("user", f"Fix {token} now"), Message("assistant", "ok")],
                                              "chat.jsonl:1"), tok, spec)
+
+
+def test_the_refused_tokens_are_derived_once_per_tokenizer_not_per_sample(tiny_model, spec, monkeypatch):
+    """Deriving them renders the chat template; training and `mmllm data check` check every sample, so that is
+    done once per tokenizer (again only once its tokens or chat template change)."""
+    import dataclasses
+
+    from mmllm.data import template
+
+    tok = tiny_model.llm.tokenizer
+    calls = []
+    derive = template.template_tokens
+    monkeypatch.setattr(template, "template_tokens", lambda *a: calls.append(1) or derive(*a))
+    convs = [Conversation(f"c{i}", [Message("user", f"hi {i}"), Message("assistant", "ok")], f"chat.jsonl:{i}")
+             for i in range(50)]
+    full = dataclasses.replace(spec, max_length=10**9)  # data check's spec: another object, the same tokens
+    assert not any(isinstance(e, ValueError) for e in template.encode_conversations(convs, tok, full))
+    for conv in convs:
+        template.encode_conversation(conv, tok, spec)
+    assert len(calls) == 1
+    tok.chat_template = tok.chat_template.replace("<|eos|>\n", "<|pad|>\n")
+    template.encode_conversation(convs[0], tok, spec)
+    assert len(calls) == 2
