@@ -1231,3 +1231,26 @@ def test_an_answer_an_older_mmllm_rendered_without_an_earlier_outputs_signal_tok
                                                    "error": None, "inputs": [],
                                                    "settings": runner.request_settings(made, given)}) + "\n")
     runner.check_resume(out, requests, made)
+
+
+def test_an_answer_a_newer_mmllm_rendered_is_refused_on_resume(tmp_path):
+    """A record whose "render" is above this mmllm's RENDERING was answered from a prompt this mmllm may render
+    otherwise, for any request (it cannot tell which): resuming it was silent, keeping that answer; now refused,
+    naming the newer rendering. The same rendering resumes."""
+    plain = {"id": "b", "prompt": "Hello."}
+    requests = write_requests(tmp_path / "r.jsonl", [plain])
+    made = runner.run_settings(None, "float32")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def record(render):
+        settings = {**runner.request_settings(made, plain), "render": render}
+        return json.dumps({"id": "b", "text": "hi", "files": [], "checkpoint": "none", "error": None,
+                           "settings": settings, "inputs": [], "reply": {"role": "assistant", "content": "hi"}})
+
+    (out / "results.jsonl").write_text(record(runner.RENDERING) + "\n")
+    runner.check_resume(out, requests, made)
+    (out / "results.jsonl").write_text(record(runner.RENDERING + 1) + "\n")
+    with pytest.raises(runner.OutputError, match=rf"1 request\(s\) .* a newer mmllm \(its prompt rendering "
+                                                 rf"{runner.RENDERING + 1}; this one's is {runner.RENDERING}"):
+        runner.check_resume(out, requests, made)

@@ -466,13 +466,29 @@ def recorded_rendering(rec: dict[str, Any]) -> int:
 def rendered_alike(record: dict[str, Any], rendering: int) -> bool:
     """Whether request ``record`` renders to the prompt it had under ``rendering``: before 2, an earlier answer's
     outputs were left out, so a request whose messages give an assistant turn's outputs was another prompt (its
-    record, and so its digest, the same). The prompt's ids are not digested instead: that needs the tokenizer
-    before the model loads, and tokenizing every request of a resume."""
-    if rendering >= RENDERING:
-        return True
+    record, and so its digest, the same). A newer mmllm's rendering (above :data:`RENDERING`) may differ for any
+    request, which this one cannot tell: never alike. The prompt's ids are not digested instead: that needs the
+    tokenizer before the model loads, and tokenizing every request of a resume."""
+    if rendering != RENDERING:
+        return rendering < RENDERING and _renders_alike_before_outputs(record)
+    return True
+
+
+def _renders_alike_before_outputs(record: dict[str, Any]) -> bool:
+    """Whether request ``record`` rendered alike before an earlier answer's outputs were (rendering 1)."""
     messages = record.get("messages")
     return not (isinstance(messages, list) and any(isinstance(m, dict) and m.get("role") == "assistant"
                                                    and m.get("outputs") for m in messages))
+
+
+def _render_difference(was: int, now: int) -> str:
+    """How an answer's recorded rendering ``was`` differs from this mmllm's (``now``), in :func:`check_resume`'s
+    refusal."""
+    if was > now:
+        return (f"a newer mmllm (its prompt rendering {was}; this one's is {now}, which may render the request "
+                "otherwise)")
+    return ("an older mmllm, whose prompt left out an earlier answer's outputs (now rendered with their signal "
+            "tokens, as training renders that turn)")
 
 
 def media_digest(paths: list[str]) -> str | None:
@@ -564,8 +580,9 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any], lines: li
             same = now["request"] == old.get("request")
             now["media"] = _current_media(record, Path(requests_file).parent, rec, same) or old["media"]
         changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k] and k != "render"}
-        if not rendered_alike(record, recorded_rendering(rec)):
-            changed["render"] = (recorded_rendering(rec), now["render"])
+        rendering = recorded_rendering(rec)
+        if not rendered_alike(record, rendering):
+            changed["render"] = (rendering, now["render"])
         stale += bool(changed)
         for key, values in changed.items():
             differ.setdefault(key, values)
@@ -575,8 +592,7 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any], lines: li
     if differ:
         named = {"request": "another version of the request record",
                  "media": "other contents in its input media files (same names)",
-                 "render": "an older mmllm, whose prompt left out an earlier answer's outputs (now rendered with their "
-                           "signal tokens, as training renders that turn)"}
+                 "render": _render_difference(*differ.get("render", (RENDERING, RENDERING)))}
         what = ", ".join(named.get(k) or f"{k} {was!r} (now {value!r})" for k, (was, value) in differ.items())
         raise OutputError(f"--output {out}: {stale} request(s) of {requests_file} were answered there with "
                           f"{what}; resuming would skip them and keep those answers. Give a new --output, or "
@@ -808,8 +824,8 @@ class _Run:
             try:
                 parsed = parse_request(record, requests_file.parent, default_seed)
                 prepared = prepare_request(self.model, parsed.request, self.spec)
-            except (RequestError, SpecialTextError) as exc:  # the record as written: named by its line, as a malformed
-                # line is
+            except (RequestError, SpecialTextError) as exc:  # the record as written: named by its line, as a
+                # malformed line is
                 self.fail(line.id, "prepare", f"{requests_file.name}:{line.lineno}: {exc}", line=line.lineno)
                 continue
             except (MediaError, ContextLengthError) as exc:
