@@ -688,3 +688,18 @@ def test_the_refused_tokens_are_derived_once_per_tokenizer_not_per_sample(tiny_m
     tok.chat_template = tok.chat_template.replace("<|eos|>\n", "<|pad|>\n")
     template.encode_conversation(convs[0], tok, spec)
     assert len(calls) == 2
+
+
+def test_the_turn_markers_of_a_template_refusing_a_system_turn_are_still_found(tiny_model, spec):
+    """Gemma 2's template raises on a system turn: the sample conversation is rendered again without one, so its
+    turn markers are still refused (not only BOS/EOS/PAD and the signal tokens)."""
+    from tokenizers import AddedToken
+
+    from mmllm.data.template import refused_tokens
+
+    tok = tiny_model.llm.tokenizer
+    tok.add_tokens([AddedToken(s, special=True) for s in ("<start_of_turn>", "<end_of_turn>")], special_tokens=True)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}{% for m in messages %}<start_of_turn>{{ m['role'] }}\\n{{ m['content'] }}"
+                         "<end_of_turn>\\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\\n{% endif %}")
+    assert {"<start_of_turn>", "<end_of_turn>"} <= refused_tokens(tok, spec)
