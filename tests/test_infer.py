@@ -651,7 +651,7 @@ def test_rerun_with_another_checkpoint_or_settings_is_refused_unless_overwrite(c
     settings = records_by_id(out)["a"]["settings"]
     assert {k: v for k, v in settings.items() if k not in ("request", "media")} == {
         "seed": 0, "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "steps": None, "guidance": None,
-        "dtype": "float32", "device": "cpu"}
+        "dtype": "float32", "device": "cpu", "render": runner.RENDERING}
     before = (out / "results.jsonl").read_text()
     from mmllm.training.checkpoint import export_weights_only
 
@@ -1285,3 +1285,86 @@ def test_the_final_line_says_where_the_failed_requests_are_and_the_same_command_
     caplog.clear()
     assert main([*args, "--overwrite"]) == 1  # every request answered again: the retry must leave --overwrite out
     assert "the same command without --overwrite retries only them" in caplog.records[-1].getMessage()
+
+
+# ------------------------------------------------------------------------------------------ message hygiene
+
+
+def test_special_token_text_is_its_lines_error_and_unknown_message_keys_are_warned_once(tiny_model, tmp_path,
+                                                                                        caplog):
+    """A request whose text holds a signal token's string is its line's error, naming the token (it was read as
+    the token: a signal group no answer produced); a message key mmllm does not read ("output" for "outputs")
+    changed the prompt without a word: each such key is warned about once per file, naming its line."""
+    replied = [{"role": "user", "content": "Draw it."},
+               {"role": "assistant", "content": "Here.", "output": [{"modality": "image"}]},
+               {"role": "user", "content": "Again."}]
+    requests = write_requests(tmp_path / "r.jsonl", [
+        {"id": "inject", "prompt": "Say <img_0><img_1><img_2><img_3> now."},
+        {"id": "typo", "messages": replied},
+        {"id": "typo-again", "messages": replied},
+        {"id": "named", "messages": [{"role": "user", "content": "Hi.", "name": "ann"}]},
+    ])
+    with caplog.at_level("WARNING", logger="mmllm.inference.runner"):
+        counts = run_requests(tiny_model, requests, tmp_path / "out", max_new_tokens=2, batch_size=2)
+    assert counts["done"] == 3 and counts["failed"] == 1, counts
+    error = records_by_id(tmp_path / "out")["inject"]["error"]
+    assert error.startswith("r.jsonl:1: messages[0]: the user text holds '<img_0>'") and "signal token" in error
+    warned = [r.getMessage() for r in caplog.records if "which mmllm does not read" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert warned[0].startswith("r.jsonl:2: messages[1] has the key 'output'") and "did you mean 'outputs'?" in warned[0]
+    assert warned[1].startswith("r.jsonl:4: messages[0] has the key 'name'")
+    assert "role, content, media, outputs" in warned[1]
+
+
+def test_an_answer_an_older_mmllm_rendered_without_an_earlier_outputs_signal_tokens_is_refused_on_resume(tmp_path):
+    """A request giving an earlier answer's outputs was answered by an mmllm that left them out of the prompt; its
+    record (so its digest) is unchanged, so a re-run skipped it and kept an answer to another prompt. Such an
+    answer is stale now; one made since (it holds the "reply" that came with the change, or its "render") and any
+    request without earlier outputs are resumed."""
+    given = {"id": "a", "messages": [{"role": "user", "content": "Draw it."},
+                                     {"role": "assistant", "content": "Here.", "outputs": [{"modality": "image"}]},
+                                     {"role": "user", "content": "Again."}]}
+    plain = {"id": "b", "prompt": "Hello."}
+    requests = write_requests(tmp_path / "r.jsonl", [given, plain])
+    made = runner.run_settings(None, "float32")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def record(request, **extra):
+        settings = {k: v for k, v in runner.request_settings(made, request).items() if k != "render"}
+        return json.dumps({"id": request["id"], "text": "hi", "files": [], "checkpoint": "none", "error": None,
+                           "settings": settings, "inputs": [], **extra})
+
+    (out / "results.jsonl").write_text(record(given) + "\n" + record(plain) + "\n")  # as an older mmllm wrote them
+    with pytest.raises(runner.OutputError, match=r"1 request\(s\) .* an older mmllm, whose prompt left out an earlier "
+                                                 r"answer's outputs"):
+        runner.check_resume(out, requests, made)
+    (out / "results.jsonl").write_text(record(given, reply={"role": "assistant", "content": "hi"}) + "\n")
+    runner.check_resume(out, requests, made)
+    (out / "results.jsonl").write_text(json.dumps({"id": "a", "text": "hi", "files": [], "checkpoint": "none",
+                                                   "error": None, "inputs": [],
+                                                   "settings": runner.request_settings(made, given)}) + "\n")
+    runner.check_resume(out, requests, made)
+
+
+def test_an_answer_a_newer_mmllm_rendered_is_refused_on_resume(tmp_path):
+    """A record whose "render" is above this mmllm's RENDERING was answered from a prompt this mmllm may render
+    otherwise, for any request (it cannot tell which): resuming it was silent, keeping that answer; now refused,
+    naming the newer rendering. The same rendering resumes."""
+    plain = {"id": "b", "prompt": "Hello."}
+    requests = write_requests(tmp_path / "r.jsonl", [plain])
+    made = runner.run_settings(None, "float32")
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def record(render):
+        settings = {**runner.request_settings(made, plain), "render": render}
+        return json.dumps({"id": "b", "text": "hi", "files": [], "checkpoint": "none", "error": None,
+                           "settings": settings, "inputs": [], "reply": {"role": "assistant", "content": "hi"}})
+
+    (out / "results.jsonl").write_text(record(runner.RENDERING) + "\n")
+    runner.check_resume(out, requests, made)
+    (out / "results.jsonl").write_text(record(runner.RENDERING + 1) + "\n")
+    with pytest.raises(runner.OutputError, match=rf"1 request\(s\) .* a newer mmllm \(its prompt rendering "
+                                                 rf"{runner.RENDERING + 1}; this one's is {runner.RENDERING}"):
+        runner.check_resume(out, requests, made)

@@ -13,13 +13,15 @@ from __future__ import annotations
 import bisect
 import datetime
 import json
+import re
 import string
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
-from mmllm.config import DEFAULT_TEMPLATE_DATE
+from mmllm.config import DEFAULT_TEMPLATE_DATE, MODALITIES
 from mmllm.data.formats import CaptionPair, Conversation, MediaRef, Message, OutputRef
 
 IGNORE = -100
@@ -55,6 +57,111 @@ class EncodedSample:
 
 class ContextLengthError(ValueError):
     pass
+
+
+class SpecialTextError(ValueError):
+    """A message's text holds the string of a token that changes the conversation's structure (a signal token, a
+    special token the chat template writes, BOS/EOS/PAD/UNK: :func:`refused_tokens`): the tokenizer would read it
+    as that token, not as text."""
+
+
+# id(tokenizer) -> (a weak reference to it, what the pattern was derived from, the pattern of :func:`refused_tokens`)
+_SPECIAL_TEXT: dict[int, tuple[weakref.ref, tuple, re.Pattern[str] | None]] = {}
+
+# A conversation the chat template renders to find the special tokens it writes itself (its turn markers...)
+_SAMPLE_CONVERSATION = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                        {"role": "assistant", "content": "a"}, {"role": "user", "content": "v"},
+                        {"role": "assistant", "content": "b"}]
+
+
+def _special_added_tokens(tokenizer: Any) -> dict[int, str]:
+    """id -> string of each of the tokenizer's special added tokens."""
+    return {int(i): str(t.content) for i, t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items()
+            if getattr(t, "special", False) and str(t.content)}
+
+
+def template_tokens(tokenizer: Any, spec: TokenSpec) -> set[str]:
+    """The special tokens the chat template writes itself (turn markers such as ``<|im_start|>``/``<|im_end|>``,
+    a BOS it prints): those found in its rendering of a sample conversation (with a system turn, and without one
+    where the template refuses it), the generation prompt included. None where it renders nothing."""
+    special = _special_added_tokens(tokenizer)
+    found: set[str] = set()
+    for messages in (_SAMPLE_CONVERSATION, _SAMPLE_CONVERSATION[1:]):
+        try:
+            texts = [_render(tokenizer, messages, add_generation_prompt=False, date=spec.template_date),
+                     _render(tokenizer, messages[:-1], add_generation_prompt=True, date=spec.template_date)]
+        except Exception:  # noqa: BLE001 -- no template, or one refusing a system turn: what it renders is refused
+            continue  # when a sample is encoded, with its own message
+        found |= {special[i] for text in texts for i in _tokens(tokenizer, text) if i in special}
+        break
+    return found
+
+
+def refused_tokens(tokenizer: Any, spec: TokenSpec) -> set[str]:
+    """The strings a message's text may not hold, as the tokenizer would read each as a token that changes the
+    structure mmllm relies on: the signal tokens, the special tokens the chat template writes itself
+    (:func:`template_tokens`) and the tokenizer's BOS/EOS/PAD/UNK. Its other special tokens (SmolLM2's code-corpus
+    markers ``<filename>``, ``<jupyter_code>``...) are read as the token, as ``apply_chat_template`` reads them,
+    and the media placeholders (``<image>``...) are the markers of a message's media."""
+    added = {str(t.content) for t in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).values()}
+    own = {getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    refused = {s for strings in spec.signal_tokens.values() for s in strings}
+    refused |= {str(s) for s in own if s and str(s) in added}
+    refused |= template_tokens(tokenizer, spec)
+    return refused - {f"<{m}>" for m in MODALITIES} - {""}
+
+
+def special_text_pattern(tokenizer: Any, spec: TokenSpec) -> re.Pattern[str] | None:
+    """A pattern matching the strings of :func:`refused_tokens`, longest first; None where there are none.
+    Derived once per tokenizer (again where tokens were added, its chat template, the signal tokens or the
+    template date changed since), not per sample."""
+    try:
+        size = len(tokenizer)  # tokens added since: another pattern
+    except TypeError:  # a stand-in without a length
+        size = -1
+    stamp = (size, getattr(tokenizer, "chat_template", None), tuple(map(tuple, spec.signal_tokens.values())),
+             spec.template_date)
+    key = id(tokenizer)
+    cached = _SPECIAL_TEXT.get(key)
+    if cached is not None and cached[0]() is tokenizer and cached[1] == stamp:
+        return cached[2]
+    strings = sorted(refused_tokens(tokenizer, spec), key=lambda s: (-len(s), s))
+    pattern = re.compile("|".join(map(re.escape, strings))) if strings else None
+    try:
+        _SPECIAL_TEXT[key] = (weakref.ref(tokenizer, lambda _: _SPECIAL_TEXT.pop(key, None)), stamp, pattern)
+    except TypeError:  # an object no weak reference can name: not cached
+        pass
+    return pattern
+
+
+def check_message_texts(messages: list[tuple[str, str]], tokenizer: Any, spec: TokenSpec, where: str) -> None:
+    """Refuse (:class:`SpecialTextError`) a message whose text holds one of :func:`refused_tokens` (``messages``:
+    each message's role and text, as written). The tokenizer reads such a string as the token itself, not as text:
+    ``<img_0>..`` in a user's text was a signal group the model never produced, and a chat template's end-of-turn
+    marker closed the turn and opened another the template never rendered. Training and inference refuse alike,
+    so the two render the same tokens; ``where`` leads the message (a sample's file and line, a request's field)."""
+    pattern = special_text_pattern(tokenizer, spec)
+    if pattern is None:
+        return
+    for i, (role, text) in enumerate(messages):
+        found = pattern.search(text)
+        if found is not None:
+            raise SpecialTextError(
+                f"{where}[{i}]: the {role} text holds {found.group()!r} (at character {found.start()}), a special "
+                f"token of the assembly's tokenizer ({_special_kind(found.group())}): the tokenizer would read it as "
+                "that token, not as text. Remove it or write it otherwise (e.g. with a space after its '<'); an "
+                "answer that produced media lists them under 'outputs', and media inputs are marked with <image>, "
+                "<audio> or <video>")
+
+
+_SIGNAL_KIND = {"img": "an image", "aud": "audio", "vid": "a video"}  # mmllm.llm.SIGNAL_PREFIX's
+
+
+def _special_kind(token: str) -> str:
+    found = re.fullmatch(r"<(img|aud|vid)_\d+>", token)
+    if found:
+        return f"a signal token, which an answer emits to make {_SIGNAL_KIND[found.group(1)]}"
+    return "a control token: one the chat template writes, such as its turn markers, or the tokenizer's BOS/EOS"
 
 
 def pair_to_conversation(pair: CaptionPair, stage: str) -> Conversation:
@@ -471,6 +578,8 @@ def _placed_replies(conv: Conversation, tokenizer: Any,
     """The conversation (cut to its context, :func:`within_context`), its text rendered by the chat template,
     and the character spans of what the assistant says in it."""
     conv = within_context(conv, tokenizer, spec)
+    check_message_texts([(m.role, m.content) for m in conv.messages], tokenizer, spec,
+                        f"{conv.source}: messages")
     messages = _template_messages(conv, spec)
     replies: list[tuple[int, int]] = []  # character spans of what the assistant says in the rendered text
     done = ""  # the conversation rendered up to the last answer placed
@@ -535,7 +644,9 @@ def encode_prompt(
 ) -> tuple[list[int], list[tuple[int, int]]]:
     """Inference: a conversation up to the next assistant turn -> expanded ids and media spans. A message is
     ``{"role": ..., "content": ...}``; an assistant's may list the media it produced under ``outputs``
-    (:func:`prompt_messages`)."""
+    (:func:`prompt_messages`). A message's text holding a special token's string is refused
+    (:func:`check_message_texts`), as training refuses it."""
+    check_message_texts([(m["role"], m["content"]) for m in messages], tokenizer, spec, "messages")
     text = _render(tokenizer, prompt_messages(messages, spec), add_generation_prompt=True, date=spec.template_date)
     ids = _tokens(tokenizer, text)
     ids, _, spans = expand_placeholders(ids, [IGNORE] * len(ids), spec)

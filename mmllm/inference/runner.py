@@ -17,6 +17,9 @@ Request schema (one JSON object per line; media paths resolve relative to the re
 An earlier assistant message that produced media lists them under ``outputs`` (as training data does; other keys,
 such as a ``caption``, are allowed and not read): it is rendered with its signal tokens, as training renders that
 turn. Each answer's record holds it as ``reply``, the message to give back in a later request.
+A message's keys are ``role``, ``content``, ``media`` and ``outputs``; any other is not read, and a run warns about
+it once per key (:func:`unknown_message_keys`). A message's text holding a special token's string (``<img_0>``, the
+chat template's end-of-turn) is the request's error (:func:`mmllm.data.template.check_message_texts`).
 
 Optional per-request overrides: ``seed`` (default ``--seed``), ``max_new_tokens``, ``temperature``
 (0 = greedy, the default), ``top_p``, decoder ``steps`` and ``guidance`` (>= 0; <= 1 turns it off), finite
@@ -37,7 +40,7 @@ so a crash never leaves something that looks done; a re-run on the same ``OUT`` 
 already done and retries the failed ones. Each done record carries the checkpoint fingerprint and the
 ``settings`` it was answered with (seed, max_new_tokens, temperature, top_p, steps, guidance: the
 request's own or the run's; the dtype and the device type; a digest of the request record and one of its input media
-files' bytes): a re-run whose checkpoint or settings differ from those of a request it would skip, or
+files' bytes; the :data:`RENDERING` of its prompt): a re-run whose checkpoint or settings differ from those of a request it would skip, or
 whose input files were replaced, is refused (:class:`OutputError`) unless ``overwrite`` starts ``OUT``
 afresh.
 
@@ -52,6 +55,7 @@ and ``decode`` -- the wall time of the decoder calls its signal groups were part
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
@@ -83,7 +87,7 @@ from mmllm.data.media import (
     save_image,
     save_video,
 )
-from mmllm.data.template import ContextLengthError
+from mmllm.data.template import ContextLengthError, SpecialTextError
 from mmllm.folder_lock import hold_folder
 from mmllm.inference.gallery import (
     FAILED_PAGE,
@@ -117,6 +121,7 @@ EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VID
 OVERRIDES: dict[str, type] = {"seed": int, "max_new_tokens": int, "temperature": float, "top_p": float,
                               "steps": int, "guidance": float}
 FIELDS = {"id", "prompt", "messages", "media", *MODALITIES, *OVERRIDES}
+MESSAGE_KEYS = ("role", "content", "media", "outputs")  # what a request's message holds (others are not read)
 GALLERY_EVERY_S = 30.0  # rewrite index.html at most this often during a run (and always at its end)
 GALLERY_SHARE = 0.05  # ... and at most this share of the run's time: a rewrite reads all of results.jsonl
 
@@ -185,6 +190,24 @@ def _prompt_messages(rec: dict[str, Any]) -> list[dict[str, Any]]:
             content = "".join(f"<{m}>" for _ in extra) + "\n" + content
             paths = extra + paths
     return [{"role": "user", "content": content, "media": paths}]
+
+
+def unknown_message_keys(rec: dict[str, Any]) -> list[tuple[int, str]]:
+    """(message index, key) of each key of a request's messages that is not one of :data:`MESSAGE_KEYS`: it is not
+    read, so a misspelt ``outputs`` or ``content`` changes the prompt without a word."""
+    messages = rec.get("messages")
+    if not isinstance(messages, list):
+        return []
+    return [(i, str(key)) for i, msg in enumerate(messages) if isinstance(msg, dict)
+            for key in msg if key not in MESSAGE_KEYS]
+
+
+def unknown_key_warning(where: str, index: int, key: str) -> str:
+    """The warning of :func:`unknown_message_keys`' ``key`` of message ``index`` of the request at ``where``."""
+    close = difflib.get_close_matches(key, MESSAGE_KEYS, n=1)
+    guess = f"; did you mean {close[0]!r}?" if close else ""
+    return (f"{where}: messages[{index}] has the key {key!r}, which mmllm does not read (a message's keys: "
+            f"{', '.join(MESSAGE_KEYS)}): it is ignored{guess} (said once per key of this file)")
 
 
 def _check_not_cwd_relative(modality: str, given: Path, path: Path, base: Path) -> None:
@@ -487,12 +510,58 @@ def device_type(device: Any) -> str:
     return torch.device(device).type
 
 
+# How a request's messages become its prompt, as a done record keeps it (settings' "render"): 1, before it was
+# recorded: an earlier answer's outputs were not rendered; 2: they render with their signal tokens, as training
+# renders that turn. A change that renders some requests otherwise takes the next number, and
+# :func:`rendered_alike` says which requests it changes.
+RENDERING = 2
+
+
 def request_settings(made: dict[str, Any], rec: dict[str, Any]) -> dict[str, Any]:
     """What one request is answered with: the run's settings (``made``, from :func:`run_settings`) with the
-    request's own overrides, and a digest of the request record (an edited prompt is another request)."""
+    request's own overrides, a digest of the request record (an edited prompt is another request) and the
+    :data:`RENDERING` of its prompt."""
     own = {k: rec[k] for k in OVERRIDES if k in rec}
     digest = hashlib.sha1(json.dumps(rec, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return {**made["settings"], **own, "request": digest}
+    return {**made["settings"], **own, "request": digest, "render": RENDERING}
+
+
+def recorded_rendering(rec: dict[str, Any]) -> int:
+    """The :data:`RENDERING` done record ``rec`` was answered with: its settings' "render"; before that was
+    recorded, 2 where the record holds the answer's "reply" (written since an earlier answer's outputs render with
+    their signal tokens), else 1."""
+    render = rec.get("settings", {}).get("render")
+    if isinstance(render, int):
+        return render
+    return 2 if "reply" in rec else 1
+
+
+def rendered_alike(record: dict[str, Any], rendering: int) -> bool:
+    """Whether request ``record`` renders to the prompt it had under ``rendering``: before 2, an earlier answer's
+    outputs were left out, so a request whose messages give an assistant turn's outputs was another prompt (its
+    record, and so its digest, the same). A newer mmllm's rendering (above :data:`RENDERING`) may differ for any
+    request, which this one cannot tell: never alike. The prompt's ids are not digested instead: that needs the
+    tokenizer before the model loads, and tokenizing every request of a resume."""
+    if rendering != RENDERING:
+        return rendering < RENDERING and _renders_alike_before_outputs(record)
+    return True
+
+
+def _renders_alike_before_outputs(record: dict[str, Any]) -> bool:
+    """Whether request ``record`` rendered alike before an earlier answer's outputs were (rendering 1)."""
+    messages = record.get("messages")
+    return not (isinstance(messages, list) and any(isinstance(m, dict) and m.get("role") == "assistant"
+                                                   and m.get("outputs") for m in messages))
+
+
+def _render_difference(was: int, now: int) -> str:
+    """How an answer's recorded rendering ``was`` differs from this mmllm's (``now``), in :func:`check_resume`'s
+    refusal."""
+    if was > now:
+        return (f"a newer mmllm (its prompt rendering {was}; this one's is {now}, which may render the request "
+                "otherwise)")
+    return ("an older mmllm, whose prompt left out an earlier answer's outputs (now rendered with their signal "
+            "tokens, as training renders that turn)")
 
 
 def media_digest(paths: list[str]) -> str | None:
@@ -594,7 +663,8 @@ def check_resume(out: Path, requests_file: Path, made: dict[str, Any], lines: li
                     "compared with this run's", results, unrecorded)
     if differ:
         named = {"request": "another version of the request record",
-                 "media": "other contents in its input media files (same names)"}
+                 "media": "other contents in its input media files (same names)",
+                 "render": _render_difference(*differ.get("render", (RENDERING, RENDERING)))}
         what = ", ".join(named.get(k) or f"{k} {was!r} (now {value!r})" for k, (was, value) in differ.items())
         raise OutputError(f"--output {out}: {stale} request(s) of {requests_file} were answered there with "
                           f"{what}; resuming would skip them and keep those answers. Give a new --output, or "
@@ -618,7 +688,10 @@ def _resume_verdict(rec: dict[str, Any], by_id: dict[str, _Line], made: dict[str
     if old.get("media") is not None:  # the request's input files as they are now
         same = now["request"] == old.get("request")
         now["media"] = _current_media(record, base, rec, same) or old["media"]
-    changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k]}
+    changed = {k: (old[k], now[k]) for k in now if k in old and old[k] != now[k] and k != "render"}
+    rendering = recorded_rendering(rec)
+    if not rendered_alike(record, rendering):
+        changed["render"] = (rendering, now["render"])
     return (line.id, changed, "settings" in rec) if changed or "settings" not in rec else line.id
 
 
@@ -821,6 +894,13 @@ class _Run:
         self.spec = token_spec(model)
         self.bar = progress_bar(total=total, desc="infer", unit="req", dynamic_ncols=True)
         self.dtype = next(model.parameters()).dtype  # what a request that runs out of memory alone is told
+        self.unknown_keys: set[str] = set()  # message keys warned about (once per key)
+
+    def warn_unknown_keys(self, record: dict[str, Any], where: str) -> None:
+        for index, key in unknown_message_keys(record):
+            if key not in self.unknown_keys:
+                self.unknown_keys.add(key)
+                log.warning("%s", unknown_key_warning(where, index, key))
 
     def fail(self, rid: str, stage: str, error: str, **extra: Any) -> None:
         self.counts["failed"] += 1
@@ -839,10 +919,12 @@ class _Run:
         for line in lines:
             t0 = time.perf_counter()
             record = line.record or {}
+            self.warn_unknown_keys(record, f"{requests_file.name}:{line.lineno}")
             try:
                 parsed = parse_request(record, requests_file.parent, default_seed)
                 prepared = prepare_request(self.model, parsed.request, self.spec)
-            except RequestError as exc:  # the record as written: named by its line, as a malformed line is
+            except (RequestError, SpecialTextError) as exc:  # the record as written: named by its line, as a
+                # malformed line is
                 self.fail(line.id, "prepare", f"{requests_file.name}:{line.lineno}: {exc}", line=line.lineno)
                 continue
             except (MediaError, ContextLengthError) as exc:
