@@ -1,7 +1,8 @@
 """Which errors of a library loading a part (open_clip, transformers, diffusers) mean that what the config names is
 wrong: a file or folder missing or unreadable, a name no hub or registry knows, a config or checkpoint that does not
-fit. Those become the part's :class:`~mmllm.config.ConfigError` (one line naming the option, exit code 2). Any other
-kind (``AttributeError``, ``TypeError``, ``NameError``, ``ImportError``, an assertion inside a library) is a fault of
+fit, a package the library needs for it missing or of another version (an ``ImportError`` naming a module outside
+mmllm). Those become the part's :class:`~mmllm.config.ConfigError` (one line naming the option, exit code 2). Any other
+kind (``AttributeError``, ``TypeError``, ``NameError``, an ``ImportError`` of mmllm's own modules, an assertion inside a library) is a fault of
 mmllm or of the library, raised as it is: exit code 70 and its traceback, which says where; so is running out of
 memory (:func:`mmllm.memory.is_out_of_memory`), which the command reports as such.
 """
@@ -47,7 +48,17 @@ def names_something_wrong(exc: BaseException, *also: type[BaseException]) -> boo
     arguments, so that an unknown key is one)."""
     if is_out_of_memory(exc):
         return False
-    return isinstance(exc, (*INPUT_ERRORS, *_hub_input_errors(), *also))
+    return isinstance(exc, (*INPUT_ERRORS, *_hub_input_errors(), *also)) or _package_missing(exc)
+
+
+def _package_missing(exc: BaseException) -> bool:
+    """An ``ImportError`` of a package other than mmllm: what this environment lacks (transformers' "requires the
+    following packages ... pip install X", a model's optional dependency) or has in another version ("cannot
+    import name"), which installing the package fixes; one of mmllm's own modules is mmllm's fault."""
+    if not isinstance(exc, ImportError):
+        return False
+    module = exc.name or ""
+    return not (module == "mmllm" or module.startswith("mmllm."))
 
 
 def said(exc: BaseException) -> str:

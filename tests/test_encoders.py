@@ -407,6 +407,9 @@ def test_an_open_clip_encoder_without_weights_reads_no_checkpoint(tmp_path: Path
     (AttributeError("'NoneType' object has no attribute 'visual'"), False),  # a bug of open_clip or mmllm
     (FileNotFoundError("tiny.pt"), True),  # what the config names is missing
     (RuntimeError("Model config for tiny-vitt not found."), True),  # an unknown name
+    # a package this environment lacks for the model: installing it fixes it (was exit 70, a traceback)
+    (ModuleNotFoundError("No module named 'timm'", name="timm"), True),
+    (ImportError("cannot import name 'x' from 'mmllm.encoders'", name="mmllm.encoders"), False),  # mmllm's own
 ])
 def test_open_clip_failing_is_a_config_error_only_where_the_config_is_wrong(raised, refused, monkeypatch) -> None:
     """Any exception open_clip raised became "open_clip could not build ...": exit 2, one line, the user told to
