@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -249,6 +250,9 @@ class _Watch:
                 return
             log.error("%s; this process was still waiting for it in a collective, and stops", failure.error())
             logging.shutdown()
+            for stream in (sys.stdout, sys.stderr):  # os._exit skips Python's own flush of what is buffered
+                with contextlib.suppress(Exception):
+                    stream.flush()
             os._exit(exit_code(failure.kind))
 
 
