@@ -608,3 +608,79 @@ def test_missing_media_files_are_not_waited_on(tmp_path, monkeypatch):
     assert time.monotonic() - started < 2.0
     assert [c.id for c in got] == [f"n{i}" for i in range(200)]
     assert not any(p.exists() for c in got for p in (r.path for r in c.media_refs()))
+
+
+def test_a_media_lookup_that_fails_once_while_the_file_is_first_read_keeps_the_record(tmp_path, tiny_model,
+                                                                                      monkeypatch, caplog):
+    """An I/O error looking up a sample's image while training first read the data file (nextgpt's stat: a
+    network file system's hiccup) made the record malformed for the whole run: one sample fewer, so every batch
+    after it held other samples, and a resumed run (reading cleanly) warned of "fewer records". The lookup is
+    tried again as a drawn sample's is: the run has the samples, and the batch order, of a clean read."""
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "flaky").mkdir()
+    clean = grouped_order(nextgpt_pairs(tmp_path / "clean", tiny_model))
+    with monkeypatch.context() as mp:
+        failed = flaky_stat(mp, "2.png", 1)
+        ds = nextgpt_pairs(tmp_path / "flaky", tiny_model)
+    assert failed == [1]  # it did fail, once, while the file was read
+    assert len(ds) == 16 and grouped_order(ds) == clean
+    assert "looking up the record's media failed" in caplog.text and "malformed" not in caplog.text
+
+
+def test_media_lookups_that_keep_failing_while_the_file_is_first_read_stop_the_run_at_once(tmp_path, monkeypatch):
+    """Every media lookup failing (a dead mount) would cost each record its retries (1.1 s: 13 days for a
+    million records) and skip them all as malformed: two records in a row whose lookups still fail stop the
+    run (DataFileUnreadable, naming both), having tried only those two."""
+    import time
+
+    from mmllm.data import nextgpt
+
+    (tmp_path / "d").mkdir()
+    path = tmp_path / "d" / "cc3m.json"
+    path.write_text(json.dumps([{"id": f"n{i}", "caption": f"a red circle {i}", "image_name": f"{i}.png"}
+                                for i in range(1000)]))
+    real, calls = os.stat, []
+
+    def dead(p, *a, **k):  # os.stat itself (nextgpt's is the os module's): the media's, not the data file's
+        if not str(p).endswith(".png"):
+            return real(p, *a, **k)
+        calls.append(str(p))
+        raise OSError(errno.EIO, "Input/output error", str(p))
+
+    monkeypatch.setattr(nextgpt.os, "stat", dead)
+    monkeypatch.setattr(index_module, "READ_RETRY_DELAYS", (0.05, 0.1))
+    started = time.monotonic()
+    with pytest.raises(DataFileUnreadable, match=r"the media of 2 records in a row cannot be looked up \(line 1: "
+                                                 r".*0\.png.*; line 1: .*1\.png.*Check the storage"):
+        index_dataset(DatasetConfig(path=str(path), format="nextgpt-pairs"), "decode-align")
+    assert time.monotonic() - started < 1.0
+    assert len(calls) == 6  # two records, three tries each
+
+
+def test_a_media_file_whose_lookup_keeps_failing_is_malformed_and_waited_on_once(tmp_path, monkeypatch, caplog):
+    """One image whose lookup keeps failing (a bad block), named by several records: the first record is tried
+    again, then skipped as malformed; the others naming it are not waited on again, and a few other such files,
+    each between records that read, do not stop the run. Past LOOKUP_RETRIED_RECORDS of them a failed lookup is
+    not tried again: the waits of a file are bounded."""
+    from mmllm.data import nextgpt
+
+    path = tmp_path / "cc3m.json"
+    names = ["bad.png" if i % 10 == 3 else f"b{i}.png" if i % 10 == 7 else f"{i}.png" for i in range(100)]
+    path.write_text(json.dumps([{"id": f"n{i}", "caption": f"a red circle {i}", "image_name": name}
+                                for i, name in enumerate(names)]))
+    real, failed = os.stat, []
+
+    def stat(p, *a, **k):
+        if os.path.basename(str(p)) == "bad.png" or os.path.basename(str(p)).startswith("b"):
+            failed.append(os.path.basename(str(p)))
+            raise OSError(errno.EIO, "Input/output error", str(p))
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(nextgpt.os, "stat", stat)
+    monkeypatch.setattr(index_module, "READ_RETRY_DELAYS", (0, 0))
+    index, malformed, _ = index_dataset(DatasetConfig(path=str(path), format="nextgpt-pairs"), "decode-align")
+    assert len(index) == 80 and len(malformed) == 20
+    assert failed.count("bad.png") == 3 + 9  # tried three times for its first record, once for each other
+    retried = index_module.LOOKUP_RETRIED_RECORDS
+    assert len(failed) == 12 + 3 * (retried - 1) + (10 - (retried - 1))  # b7, b17, ...: retried up to the bound
+    assert "no longer tried again" in caplog.text

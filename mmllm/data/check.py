@@ -20,6 +20,7 @@ from typing import Any
 from mmllm.atomic import atomic_write_text
 from mmllm.data.formats import PAIR_FORMATS, Conversation
 from mmllm.data.index import DataFileUnreadable, RecordUnreadable, index_dataset
+from mmllm.data.keys import did_you_mean
 from mmllm.data.media import SAMPLE_ERRORS, load_media
 from mmllm.data.precomputed import EmbeddingShapeError, load_embedding
 from mmllm.data.template import EncodedSample, TokenSpec, encode_conversation, encode_conversations
@@ -54,6 +55,9 @@ class DatasetCheck:
     # conversations with assistant turns that say nothing and ask for no output (learned as end-of-turn only)
     empty_replies: list[str] = field(default_factory=list)
     empty_reply_turns: int = 0
+    # keys of its records that the format does not read (not an error: ignored; a typo drops what it holds):
+    # {"key", "first_line", "count", "did_you_mean"} each
+    unknown_keys: list[dict[str, Any]] = field(default_factory=list)
     held_out: bool = False  # one of the stage's eval_data
 
     @property
@@ -94,6 +98,12 @@ class CheckReport:
             lines.append(f"  media out: {_counts(d.outputs)}")
             if d.embeddings:
                 lines.append(f"  precomputed caption embeddings: {_counts(d.embeddings)}")
+            if d.unknown_keys:
+                lines.append(f"  keys the {d.format} format does not read (ignored, not an error; a misspelt key "
+                             f"drops what it holds from training): {len(d.unknown_keys)}")
+                lines += [f"    - {_unknown_key(k)}" for k in d.unknown_keys[:SHOW]]
+                if len(d.unknown_keys) > SHOW:
+                    lines.append(f"    ... and {len(d.unknown_keys) - SHOW} more (--json lists all)")
             if d.missing_from_cwd:
                 lines.append(f"  note: {len(d.missing_from_cwd)} missing media path(s) name files from the working "
                              f"directory (e.g. {d.missing_from_cwd[0]}): media paths resolve against the dataset's "
@@ -117,6 +127,10 @@ class CheckReport:
 
     def write_json(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1, default=str))
+
+
+def _unknown_key(k: dict[str, Any]) -> str:
+    return f"{k['key']}: {k['count']} record(s), first at line {k['first_line']}{did_you_mean(k['did_you_mean'])}"
 
 
 def _counts(c: Counter) -> str:
@@ -162,10 +176,11 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
         return out
     try:
         convs, malformed, unusable = index_dataset(ds, stage)  # the conversations are read from the file, not held
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, DataFileUnreadable) as exc:
         out.dataset_problems.append(str(exc))
         return out
     out.records = len(convs) + len(malformed) + len(unusable)
+    out.unknown_keys = [k.to_dict() for k in convs.unknown_keys]
     out.malformed += malformed + unusable
     if ds.embeddings and conditioning_shapes and not Path(ds.embeddings).is_dir():  # one problem, not one per file
         out.embedding_problems.append(f"embeddings folder {ds.embeddings} not found: every target of {ds.path} "

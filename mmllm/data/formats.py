@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from mmllm.config import MODALITIES, ConfigError, files_named_in
+from mmllm.data.keys import Keys, KeyTally, keys
 
 log = logging.getLogger(__name__)
 
@@ -487,6 +488,12 @@ class ReadContext:
 
 
 PAIR_FIELDS = '{"id", "modality", "media", "caption"}'  # an mmllm-pairs record, as errors spell it
+# the keys mmllm's formats read (others are ignored, and said: mmllm.data.keys)
+PAIR_KEYS = keys({"id", "modality", "media", "caption", "embedding"})
+CHAT_OUTPUT_KEYS = keys({"modality", "caption", "media", "embedding"}, what="an output")
+CHAT_MESSAGE_KEYS = keys({"role", "content", "media", "outputs"}, {"outputs": CHAT_OUTPUT_KEYS},
+                         refused=MODALITIES, what="a message")  # "image": PATH is refused, said as such
+CHAT_KEYS = keys({"id", "messages"}, {"messages": CHAT_MESSAGE_KEYS})
 
 
 def parse_pair(rec: dict[str, Any], ctx: ReadContext, where: str) -> CaptionPair:
@@ -599,6 +606,14 @@ def _parsers() -> dict[str, Parser]:
     }
 
 
+def _schemas() -> dict[str, Keys]:
+    """Each format's keys, by format name (as :func:`_parsers`)."""
+    from mmllm.data import llava, nextgpt
+
+    return {"mmllm-pairs": PAIR_KEYS, "mmllm-chat": CHAT_KEYS, "nextgpt-pairs": nextgpt.PAIR_KEYS,
+            "nextgpt-t2x": nextgpt.T2X_KEYS, "nextgpt-mosit": nextgpt.MOSIT_KEYS, "llava": llava.LLAVA_KEYS}
+
+
 PAIR_FORMATS = ("mmllm-pairs", "nextgpt-pairs")  # records are CaptionPairs (the alignment stages)
 
 
@@ -609,6 +624,8 @@ class RecordParser:
     path: Path
     parse: Parser
     ctx: ReadContext
+    format: str = ""
+    keys: Keys | None = None  # the keys the format reads (None: not checked)
 
     def __call__(self, rec: dict[str, Any], lineno: int) -> Any:
         return self.parse(rec, self.ctx, f"{self.path}:{lineno}")
@@ -640,17 +657,23 @@ def record_parser(
                                 "(or remove it: media paths then resolve against the data file's folder)")
     ctx = ReadContext(path, MediaRoot(Path(root) if root else path.parent, allow_outside_root),
                       Path(os.path.abspath(Path(embeddings).expanduser())) if embeddings else None)
-    return RecordParser(path, parsers[fmt], ctx)
+    return RecordParser(path, parsers[fmt], ctx, fmt, _schemas()[fmt])
 
 
-def parse_file(parser: RecordParser, fh: Any) -> Iterator[tuple[int, Span, Any]]:
+def parse_file(parser: RecordParser, fh: Any, tally: KeyTally | None = None,
+               parse: Callable[[dict[str, Any], int], Any] | None = None) -> Iterator[tuple[int, Span, Any]]:
     """(line, bytes in the file, record or the error message naming it) of each record of the file open as
-    ``fh`` (binary). Malformed records are reported, not fatal."""
+    ``fh`` (binary). Malformed records are reported, not fatal. ``tally``: counts the keys of each record
+    (malformed ones too: a typo may be why) that the format does not read. ``parse``: parses a record in place of
+    ``parser`` (one that tries a failed media lookup again)."""
     path = parser.path
+    parse = parse or parser
     for lineno, rec, span in scan_records(path, fh):
         if isinstance(rec, DataFormatError):
             yield lineno, span, str(rec)
             continue
+        if tally is not None:
+            tally.see(rec, lineno)
         try:
             if (broken := _unpaired_surrogate(rec)) is not None:
                 raise DataFormatError(
@@ -658,11 +681,19 @@ def parse_file(parser: RecordParser, fh: Any) -> Iterator[tuple[int, Span, Any]]
                     "escape without its pair, e.g. an emoji cut in half), which no tokenizer can read; fix or "
                     "remove those characters"
                 )
-            yield lineno, span, parser(rec, lineno)
+            yield lineno, span, parse(rec, lineno)
         except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:  # one bad record never stops
             # the file (OSError: a media path the file system refuses to look up, e.g. a name too long)
             yield lineno, span, str(exc) if isinstance(exc, DataFormatError) else \
                 f"{path}:{lineno}: malformed record ({exc!r})"
+
+
+def log_unknown_keys(parser: RecordParser, tally: KeyTally) -> None:
+    """One warning per key of the file that its format does not read."""
+    for key in tally.unknown():
+        log.warning("%s", key.warning(parser.path, parser.format))
+    if (more := tally.more_warning(parser.path, parser.format)) is not None:
+        log.warning("%s", more)
 
 
 def log_skipped(path: Path, errors: list[str]) -> None:
@@ -684,9 +715,11 @@ def read_records(
     """Read a data file in ``fmt``; returns (records, errors). Malformed records are reported, not fatal."""
     parser = record_parser(path, fmt, root, allow_outside_root=allow_outside_root, embeddings=embeddings)
     records, errors = [], []
+    tally = KeyTally(parser.keys)
     with open(parser.path, "rb") as fh:
-        for _, _, got in parse_file(parser, fh):
+        for _, _, got in parse_file(parser, fh, tally):
             (errors if isinstance(got, str) else records).append(got)
+    log_unknown_keys(parser, tally)
     log_skipped(parser.path, errors)
     return records, errors
 

@@ -56,9 +56,11 @@ from mmllm.data.formats import (
     Conversation,
     RecordParser,
     log_skipped,
+    log_unknown_keys,
     parse_file,
     record_parser,
 )
+from mmllm.data.keys import KeyTally, UnknownKey
 from mmllm.data.template import pair_to_conversation
 
 EMPTY_REPLY_IDS = 5  # ids of conversations with empty replies kept for the warning that names them
@@ -68,6 +70,11 @@ CHECKSUM_CHUNK = 1 << 23
 # still fails) of another record of the file, to tell one unreadable record from an unreadable file
 READ_RETRY_DELAYS = (0.1, 1.0)
 FILE_RETRY_DELAYS = (5.0, 30.0)
+# the first read of a data file: records in a row whose media lookups still fail when tried again (the run stops:
+# the media's storage is unreadable), and records whose lookups failed for good after which a failed lookup is no
+# longer tried again (each costs READ_RETRY_DELAYS, 1.1 s)
+LOOKUP_FAILURES_IN_A_ROW = 2
+LOOKUP_RETRIED_RECORDS = 5
 WAIT_SLICE = 0.05  # seconds between looks at whether a stop was asked for, while a retry waits
 # what a media lookup that fails with these says holds until someone changes it (a folder the process may not
 # enter, a name too long): not tried again (each sample of such a folder would wait its retries, every draw)
@@ -238,6 +245,78 @@ def _wait(delay: float, where: str) -> None:
         time.sleep(min(left, WAIT_SLICE))
 
 
+def parse_retrying(parser: RecordParser, rec: Any, line: int, where: str,
+                   lasting: Callable[[OSError], bool] | None = None) -> Any:
+    """``parser`` on record ``rec``, tried again after each of :data:`READ_RETRY_DELAYS` while it raises an
+    ``OSError`` that may pass (a media lookup's I/O error, a stale handle, a timeout: not one of
+    :data:`LASTING_ERRNOS`, nor one ``lasting`` says holds), as a read of the record's bytes is; the last try's
+    error is raised."""
+    for delay in READ_RETRY_DELAYS:
+        try:
+            return parser(rec, line)
+        except OSError as exc:
+            if exc.errno in LASTING_ERRNOS or (lasting is not None and lasting(exc)):
+                raise
+            log.warning("%s: looking up the record's media failed (%s); trying again in %g s", where, exc, delay)
+        _wait(delay, where)
+    return parser(rec, line)
+
+
+class _ScanLookups:
+    """The parser of the first read of a data file (:func:`index_dataset`), a failed media lookup tried again
+    (:func:`parse_retrying`) so that a passing error does not make the record malformed for the whole run (the
+    sample count, and with it every batch's samples, would differ from a run without it). Bounded as record reads
+    are: a lookup still failing for two records in a row is an unreadable disk or mount, and the run stops
+    (:class:`DataFileUnreadable`) rather than wait 1.1 s for each of millions of records; after
+    :data:`LOOKUP_RETRIED_RECORDS` records whose lookups failed for good, or for a path already seen failing for
+    good, a failed lookup is not tried again (the record is malformed, said as one)."""
+
+    def __init__(self, parser: RecordParser):
+        self.parser, self.path = parser, str(parser.path)
+        # path (or the error) -> (line, error) of the lookups that failed for good: at most LOOKUP_RETRIED_RECORDS
+        self.failed: dict[str, tuple[int, OSError]] = {}
+        self.row: list[tuple[int, OSError]] = []  # records whose lookups failed for good since one parsed
+
+    def __call__(self, rec: dict[str, Any], line: int) -> Any:
+        where = f"{self.path}:{line}"
+        try:
+            got = parse_retrying(self.parser, rec, line, where, self._not_retried)
+        except OSError as exc:
+            if exc.errno not in LASTING_ERRNOS:
+                self._failed_for_good(exc, line)
+            raise
+        self.row.clear()  # (a record malformed otherwise says nothing of the storage)
+        return got
+
+    @staticmethod
+    def _what(exc: OSError) -> str:
+        return str(exc.filename) if exc.filename is not None else str(exc)
+
+    def _not_retried(self, exc: OSError) -> bool:
+        """A path already seen failing for good (no news of the storage: not waited for again), or any, once
+        :data:`LOOKUP_RETRIED_RECORDS` records failed for good."""
+        return self._what(exc) in self.failed or len(self.failed) >= LOOKUP_RETRIED_RECORDS
+
+    def _failed_for_good(self, exc: OSError, line: int) -> None:
+        what = self._what(exc)
+        if what in self.failed:
+            return
+        self.row.append((line, exc))
+        if len(self.failed) < LOOKUP_RETRIED_RECORDS:
+            self.failed[what] = (line, exc)
+            if len(self.failed) == LOOKUP_RETRIED_RECORDS:
+                log.warning("%s: the media lookups of %d records failed even when tried again; a failed lookup of "
+                            "this file is no longer tried again (its record is skipped as malformed)",
+                            self.parser.path, len(self.failed))
+        if len(self.row) >= LOOKUP_FAILURES_IN_A_ROW:
+            lines = "; ".join(f"line {n}: {e}" for n, e in self.row)
+            raise DataFileUnreadable(
+                f"data file {self.parser.path}: the media of {len(self.row)} records in a row cannot be looked up "
+                f"({lines}), each tried again. The disk or network mount the media are on is unreadable (a record "
+                "whose media alone cannot be looked up is skipped as malformed; this would skip them all). Check the "
+                "storage (the system log: dmesg; the mount), then start the run again") from exc
+
+
 class _OpenFiles:
     """The data files the indexes of this process hold open, at most ``limit``: the least recently read is
     closed first (its index opens it again by its name when it is next read). ``lock`` is held while a
@@ -292,8 +371,9 @@ class ConversationIndex(Sequence[Conversation]):
 
     def __init__(self, parser: RecordParser, stage: str, fh: Any, offsets: np.ndarray, lengths: np.ndarray,
                  lines: np.ndarray, summary: DataSummary, identity: tuple[int, int, int, int],
-                 checksum: int | None = None):
+                 checksum: int | None = None, unknown_keys: Sequence[UnknownKey] = ()):
         self.parser, self.stage = parser, stage
+        self.unknown_keys = list(unknown_keys)  # keys of the file's records that its format does not read
         self.offsets, self.lengths, self.lines = offsets, lengths, lines
         self.summary = summary
         self._identity = identity  # the file's, before it was read
@@ -364,19 +444,10 @@ class ConversationIndex(Sequence[Conversation]):
             raise RecordUnreadable(f"{where}: {exc}", sample_id, where) from exc
 
     def _parsed(self, rec: Any, line: int, where: str) -> Any:
-        """The format's parser on record ``rec``, tried again after each of :data:`READ_RETRY_DELAYS` while it
-        raises an ``OSError`` that may pass (a media lookup's I/O error, a stale handle, a timeout: not one of
-        :data:`LASTING_ERRNOS`), as a read of the record's bytes is: a sample whose lookup failed once was skipped,
-        and its length for ``group_by_length`` taken as 0, reordering its chunk's batches in this run only."""
-        for delay in READ_RETRY_DELAYS:
-            try:
-                return self.parser(rec, line)
-            except OSError as exc:
-                if exc.errno in LASTING_ERRNOS:
-                    raise
-                log.warning("%s: looking up the record's media failed (%s); trying again in %g s", where, exc, delay)
-            _wait(delay, where)
-        return self.parser(rec, line)
+        """The format's parser on record ``rec``, a failed media lookup tried again (:func:`parse_retrying`): a
+        sample whose lookup failed once was skipped, and its length for ``group_by_length`` taken as 0, reordering
+        its chunk's batches in this run only."""
+        return parse_retrying(self.parser, rec, line, where)
 
     def _read(self, i: int) -> bytes:
         """The bytes of record ``i``, from the file checked to be the one read at the start."""
@@ -488,10 +559,11 @@ def index_dataset(ds: Any, stage: str) -> tuple[ConversationIndex, list[str], li
     offsets, lengths, lines = array("q"), array("q"), array("q")
     malformed, unusable = [], []
     summary = DataSummary()
+    tally = KeyTally(parser.keys)
     fh = open(parser.path, "rb")  # noqa: SIM115 -- the index holds it open, to read samples from
     identity = ConversationIndex._file_identity(os.fstat(fh.fileno()))
     try:
-        for lineno, (offset, length), got in parse_file(parser, fh):
+        for lineno, (offset, length), got in parse_file(parser, fh, tally, _ScanLookups(parser)):
             if isinstance(got, str):
                 malformed.append(got)
                 continue
@@ -513,7 +585,8 @@ def index_dataset(ds: Any, stage: str) -> tuple[ConversationIndex, list[str], li
     except BaseException:
         fh.close()
         raise
+    log_unknown_keys(parser, tally)
     log_skipped(parser.path, malformed)
     index = ConversationIndex(parser, stage, fh, _compact(offsets), _compact(lengths), _compact(lines), summary,
-                              identity, checksum)
+                              identity, checksum, tally.unknown())
     return index, malformed, unusable

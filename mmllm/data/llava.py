@@ -1,6 +1,7 @@
 """LLaVA's conversation JSON (LLaVA-Instruct-150K, llava_v1_5_mix665k, LLaVA-Pretrain) -> a Conversation.
 
-A JSON array (or JSON Lines) of records; fields not listed here are ignored::
+A JSON array (or JSON Lines) of records; fields not listed here are ignored (each said
+once per file in training's log; ``mmllm data check`` lists them)::
 
     {"id": "000000033471",
      "image": "coco/train2017/000000033471.jpg"   (optional; a string or a list of strings),
@@ -32,7 +33,12 @@ from mmllm.data.formats import (
     ReadContext,
     checked_conversation,
 )
-from mmllm.data.nextgpt import as_list, role_of, text_of, turns_of
+from mmllm.data.keys import keys
+from mmllm.data.nextgpt import TURN_KEYS, as_list, role_of, text_of, turns_of
+
+# the keys the layout reads (others are ignored, and said: mmllm.data.keys)
+LLAVA_KEYS = keys({"id", "conversations", "conversation", *MODALITIES},
+                  dict.fromkeys(("conversations", "conversation"), keys(TURN_KEYS, what="a turn")))
 
 
 def parse_llava(rec: dict[str, Any], ctx: ReadContext, where: str) -> Conversation:

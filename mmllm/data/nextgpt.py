@@ -1,6 +1,7 @@
 """NExT-GPT's released data layouts -> mmllm's normal form.
 
-Files are JSON arrays (as NExT-GPT ships them) or JSON Lines. Fields not listed here are ignored.
+Files are JSON arrays (as NExT-GPT ships them) or JSON Lines. Fields not listed here are ignored (each
+said once per file in training's log; ``mmllm data check`` lists them).
 Roles: ``"from"`` is ``human`` / ``gpt`` (``user`` / ``assistant`` / ``system`` are accepted too).
 
 ``nextgpt-pairs`` -- ``data/T_X_pair_data/{cc3m,webvid,audiocap}/``; each record is one of:
@@ -83,6 +84,7 @@ from mmllm.data.formats import (
     ReadContext,
     checked_conversation,
 )
+from mmllm.data.keys import keys
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 SUBFOLDERS = {"image": "images", "video": "videos", "audio": "audios"}
@@ -91,6 +93,24 @@ MARKER_RE = re.compile(r"<(image|audio|video)>", re.IGNORECASE)
 SPAN_RE = re.compile(r"<(image|audio|video)>(?:((?:(?!<(?:image|audio|video)>).)*?)</\1>)?",
                      re.IGNORECASE | re.DOTALL)
 
+# the keys each layout reads (others are ignored, and said: mmllm.data.keys); a turn's role and text are read
+# from "from" / "value", else "role" / "content"
+TURN_KEYS = {"from", "value", "role", "content"}
+
+
+def _per_modality(*patterns: str) -> set[str]:
+    return {p.format(m) for p in patterns for m in MODALITIES}
+
+
+_TURNS = ("conversations", "conversation")
+PAIR_KEYS = keys({"id", "caption", *_TURNS} | _per_modality("{}_name", "input_{}", "output_{}", "{}_captions",
+                                                           "{}_caption_embeddings"),
+                 dict.fromkeys(_TURNS, keys(TURN_KEYS, what="a turn")))
+T2X_KEYS = keys({"id", "output_modality", "mm_name", "image_name", *_TURNS}
+                | _per_modality("{}_captions", "{}_caption_embeddings"),
+                dict.fromkeys(_TURNS, keys(TURN_KEYS | {"caption", "output_modality"}, what="a turn")))
+MOSIT_KEYS = keys({"id", *_TURNS} | _per_modality("{}_list"),
+                  dict.fromkeys(_TURNS, keys(TURN_KEYS | {"caption"} | _per_modality("{}_list"), what="a turn")))
 
 # --------------------------------------------------------------------------------------------
 # shared helpers

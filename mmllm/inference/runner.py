@@ -55,7 +55,6 @@ and ``decode`` -- the wall time of the decoder calls its signal groups were part
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import logging
@@ -75,6 +74,7 @@ import torch
 from mmllm.atomic import fsync_dir, without_link
 from mmllm.config import MODALITIES, check_guidance
 from mmllm.data.formats import PLACEHOLDER_RE
+from mmllm.data.keys import closest, did_you_mean
 from mmllm.data.media import (
     AUDIO_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -204,8 +204,7 @@ def unknown_message_keys(rec: dict[str, Any]) -> list[tuple[int, str]]:
 
 def unknown_key_warning(where: str, index: int, key: str) -> str:
     """The warning of :func:`unknown_message_keys`' ``key`` of message ``index`` of the request at ``where``."""
-    close = difflib.get_close_matches(key, MESSAGE_KEYS, n=1)
-    guess = f"; did you mean {close[0]!r}?" if close else ""
+    guess = did_you_mean(closest(key, MESSAGE_KEYS))
     return (f"{where}: messages[{index}] has the key {key!r}, which mmllm does not read (a message's keys: "
             f"{', '.join(MESSAGE_KEYS)}): it is ignored{guess} (said once per key of this file)")
 
