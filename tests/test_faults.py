@@ -692,6 +692,57 @@ def test_the_cpu_allocator_running_out_in_a_step_is_out_of_memory_not_a_fault(sa
                      r"DefaultCPUAllocator: can't allocate memory: you tried to allocate \d+ bytes.*\); the newest "
                      rf"checkpoint, {re.escape(str(out))}/step-1, is intact: the same command with --resume", errors[0])
     assert "grad_checkpointing=true" in errors[0]
+    assert_no_gpu_remedy(errors[0])
+
+
+# what an out-of-memory message may name only where a GPU's memory ran out: sharding among GPUs, another GPU, and
+# CPU autocast (it holds bfloat16 copies of the weights beside them: docs/distributed.md, Measurements)
+GPU_ONLY_REMEDIES = ("FSDP", "ZeRO", "GPU", "mixed_precision=bf16")
+
+
+def assert_no_gpu_remedy(advice: str) -> None:
+    found = [remedy for remedy in GPU_ONLY_REMEDIES if remedy in advice]
+    assert not found, f"the machine's memory ran out, yet the advice names {found}: {advice}"
+
+
+def test_the_cpu_allocator_running_out_while_the_model_is_built_advises_no_gpu(sample_data, tmp_path, monkeypatch,
+                                                                               capsys):
+    """Out of the machine's memory (torch's CPU allocator), training advised the remedies of a GPU's: FSDP over
+    several GPUs, and, with nothing else left, a GPU with more memory."""
+    def built(*args, **kwargs):
+        _allocate_more_than_the_machine_has()
+
+    monkeypatch.setattr(loop, "build_model", built)
+    argv = ["train", "--config", str(REPO / "configs/stages/tiny/encode_align.yaml"), f"output_dir={tmp_path / 'run'}",
+            "report_to=none", f"data=[{{path: {sample_data['pairs']}, format: mmllm-pairs}}]",
+            f"cache.dir={tmp_path / 'c'}"]
+    for require, advice in (("false", "cache.require=true"), ("true", "none left in this config: a machine with "
+                                                                      "more memory")):
+        assert main([*argv, f"cache.require={require}"]) == 2
+        line = [ln for ln in capsys.readouterr().err.splitlines() if " ERROR " in ln][0]
+        assert "ran out of memory before the first step, in building and placing the model (" in line
+        assert "DefaultCPUAllocator: can't allocate memory" in line and advice in line
+        assert_no_gpu_remedy(line)
+
+
+def test_out_of_memory_advice_for_the_machines_memory_keeps_what_needs_less_of_it(sample_data, tmp_path):
+    """Each setting advised for a GPU's memory that needs less of the machine's too is kept for it: a smaller
+    batch, gradient checkpointing, the feature cache, a bfloat16 core; the GPU's wording is unchanged."""
+    from mmllm.training.out_of_memory import STEP, RunShape, ways_to_need_less
+
+    plain = stage_cfg("instruct", sample_data, tmp_path / "a", batch_size=6, grad_accum=2)
+    for sharding in ("none", "zero", "fsdp"):
+        shape = RunShape(2, "no", sharding, torch.float32)
+        host = ways_to_need_less(plain, shape, STEP, host=True)
+        assert host == [w for w in ways_to_need_less(plain, shape, STEP)
+                        if not w.startswith(("mixed_precision=", "FSDP"))]
+        assert len(host) == 4 and host[-1].startswith("llm.dtype: bfloat16 in the assembly")
+        assert_no_gpu_remedy("; ".join(host))
+    lean = stage_cfg("instruct", sample_data, tmp_path / "b", batch_size=1, grad_checkpointing="true",
+                     **{"cache.dir": str(tmp_path / "c"), "cache.require": "true"})
+    assert ways_to_need_less(lean, RunShape(1, "no", "none", torch.bfloat16), STEP, host=True) == [
+        "none left in this config: a machine with more memory, or shorter samples (the assembly's max_length, in a "
+        "new output_dir)"]
 
 
 def _suggested_overrides(advice: str) -> list[str]:

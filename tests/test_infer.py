@@ -1224,6 +1224,11 @@ def test_after_a_batch_runs_out_of_memory_the_rest_of_the_run_takes_half_as_many
     assert caplog.text.count("the rest of this run takes 2 requests through the LLM at a time") == 1
     assert "give --batch-size 2 to start there" in caplog.text
     assert "the rest of this run takes 4 signal groups per image decoder call" in caplog.text
+    # --decode-batch-size is every decoder's: the hint said to give it as if it were the image decoder's alone
+    assert ("(give --decode-batch-size 4 to start there; it sets every decoder's batch size, not this one's "
+            "alone)") in caplog.text
+    assert ("retrying its signal groups one at a time (a smaller --decode-batch-size avoids these retries; it sets "
+            "every decoder's batch size, not this one's alone)") in caplog.text
 
 
 def test_a_decoder_batch_that_runs_out_of_memory_halves_the_decoder_batches_after_it(model, tmp_path, monkeypatch):

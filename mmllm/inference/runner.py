@@ -969,14 +969,15 @@ class _Run:
         return self.retry_one_by_one(retry, lambda p: self.answer([p])[0], batch)
 
     @staticmethod
-    def halved(size: int, failed: int, what: str, flag: str) -> int:
+    def halved(size: int, failed: int, what: str, flag: str, scope: str = "") -> int:
         """The batch size for the rest of the run after a batch of ``failed`` ran out of memory: half of it (the
         next batch of the same size would most likely run out too, and be retried one by one again), said once
-        each time it changes."""
+        each time it changes. ``scope``: what else ``flag`` sets, where it sets more than this batch (appended
+        to the hint, e.g. :data:`EVERY_DECODER`)."""
         smaller = min(size, max(1, failed // 2))
         if smaller < size:
             log.warning("ran out of memory at a batch of %d: the rest of this run takes %d %s at a time (give %s %d "
-                        "to start there)", failed, smaller, what, flag, smaller)
+                        "to start there%s)", failed, smaller, what, flag, smaller, scope)
         return smaller
 
     def retry_one_by_one(self, note: tuple[bool, str], attempt: Any, items: list[Any]) -> list[Any]:
@@ -1020,12 +1021,12 @@ class _Run:
                 error = failure_text(exc, alone_hints(self.dtype, ran_out_on_the_host(exc))[1])  # the text: the exception's frames hold the attempt's tensors
             else:
                 retry = retry_note(exc, len(chunk), f"the {chunk[0].modality} decoder's batch", "signal groups",
-                                   "--decode-batch-size")
+                                   "--decode-batch-size", EVERY_DECODER)
                 if retry[0]:
                     modality = chunk[0].modality  # the others' decoders hold other amounts: theirs is kept
                     self.decode_sizes[modality] = self.halved(self.decode_size(modality), len(chunk),
                                                               f"signal groups per {modality} decoder call",
-                                                              "--decode-batch-size")
+                                                              "--decode-batch-size", EVERY_DECODER)
         else:
             return self.decoded(chunk, items, time.perf_counter() - t0)
         # here, out of the except block, the failed attempt's tensors (held by its traceback) are gone
@@ -1098,12 +1099,17 @@ def failure_text(exc: Exception, out_of_memory_hint: str) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def retry_note(exc: Exception, size: int, what: str, items: str, flag: str) -> tuple[bool, str]:
+# what --decode-batch-size sets besides the batches of the decoder that ran out of memory: the run halves that
+# decoder's alone (the others hold other amounts), a smaller --decode-batch-size makes every decoder's smaller
+EVERY_DECODER = "; it sets every decoder's batch size, not this one's alone"
+
+
+def retry_note(exc: Exception, size: int, what: str, items: str, flag: str, scope: str = "") -> tuple[bool, str]:
     """(out of memory?, the warning) for a batch of ``size`` ``items`` that failed with ``exc`` and is retried one
-    by one."""
+    by one; ``scope``: what else ``flag`` sets (as :meth:`_Run.halved` takes it)."""
     if is_out_of_memory(exc):
         return True, (f"{what} of {size} ran out of memory ({first_line(exc)}); freed the memory it held and "
-                      f"retrying its {items} one at a time (a smaller {flag} avoids these retries)")
+                      f"retrying its {items} one at a time (a smaller {flag} avoids these retries{scope})")
     return False, f"{what} of {size} failed ({type(exc).__name__}: {exc}); retrying one by one"
 
 

@@ -21,7 +21,7 @@ import torch
 
 from mmllm.config import ComponentSpec, ConfigError, StageConfig
 from mmllm.locations import doc_page
-from mmllm.memory import OutOfMemory, first_line, is_out_of_memory
+from mmllm.memory import OutOfMemory, first_line, is_out_of_memory, ran_out_on_the_host
 from mmllm.training import checkpoint as ckpt
 
 
@@ -80,10 +80,12 @@ def stops_on_out_of_memory(cfg: StageConfig, shape: RunShape, doing: str, step: 
     except RuntimeError as exc:
         if not is_out_of_memory(exc):
             raise
-        raise OutOfMemory(message(cfg, shape, doing, step, first_line(exc))) from exc
+        raise OutOfMemory(message(cfg, shape, doing, step, first_line(exc), host=ran_out_on_the_host(exc))) from exc
 
 
-def message(cfg: StageConfig, shape: RunShape, doing: str, step: int, what: str) -> str:
+def message(cfg: StageConfig, shape: RunShape, doing: str, step: int, what: str, host: bool = False) -> str:
+    """The one line of a run that ran out of memory (``what``: torch's first line) while ``doing`` at ``step``;
+    ``host``: the machine's memory ran out (torch's CPU allocator), not a GPU's."""
     out_dir = Path(cfg.output_dir)
     newest = ckpt.latest_checkpoint(out_dir)
     if newest is not None:
@@ -95,18 +97,25 @@ def message(cfg: StageConfig, shape: RunShape, doing: str, step: int, what: str)
     else:
         kept = f"no checkpoint was written yet in {out_dir}: the same command starts the run again"
     at = f"at step {step} of {cfg.max_steps}" if step else "before the first step"
-    ways = ways_to_need_less(cfg, shape, doing, checkpointed=newest is not None)
+    ways = ways_to_need_less(cfg, shape, doing, checkpointed=newest is not None, host=host)
     return (f"stage {cfg.stage} ran out of memory {at}, in {doing} ({what}); {kept}, "
             f"with settings that need less memory: {'; '.join(ways)} "
             f"({doc_page('distributed.md', 'Out of memory')})")
 
 
-def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str, checkpointed: bool = True) -> list[str]:
+def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str, checkpointed: bool = True,
+                      host: bool = False) -> list[str]:
     """The settings of this run that would need less memory, most effective first, as the overrides to give.
     While the model is built and placed (:data:`BUILD`) only those that hold less of it: the batch, activations
     and autocast are not there yet. ``checkpointed``: ``output_dir`` holds a checkpoint of this run, which
     ``--resume`` would go on from (it refuses another assembly: a change of the assembly then needs a new
-    ``output_dir``); without one the same command, the same ``output_dir``, starts again with any assembly."""
+    ``output_dir``); without one the same command, the same ``output_dir``, starts again with any assembly.
+
+    ``host``: the machine's memory ran out (torch's CPU allocator), not a GPU's. Then neither FSDP nor ZeRO
+    (they share the model among GPUs; the processes of one machine share its memory) nor a GPU is a way out,
+    nor is ``mixed_precision=bf16``: CPU autocast keeps bfloat16 copies of the weights beside the float32
+    ones, and a few steps of a tiny stage peaked higher with it (docs/distributed.md, Measurements). A
+    bfloat16 core holds its weights in half and is still listed."""
     ways = []
     building = doing == BUILD
     if cfg.batch_size > 1 and not building:
@@ -116,27 +125,34 @@ def ways_to_need_less(cfg: StageConfig, shape: RunShape, doing: str, checkpointe
                     f"{effective} samples per optimizer step)")
     if not cfg.grad_checkpointing and doing not in (VALIDATION, BUILD):  # validation keeps no activations for a backward
         ways.append("grad_checkpointing=true")
-    if shape.precision == "no" and not building:  # autocast: the weights stay float32
+    if shape.precision == "no" and not building and not host:  # autocast: the weights stay float32
         ways.append("mixed_precision=bf16")
     if not cfg.cache.require:
         ways.append("cache.dir=DIR cache.require=true after `mmllm cache --config CONFIG cache.dir=DIR` (the frozen "
                     "encoders are not held)")
-    if shape.sharding == "zero":
-        ways.append("FSDP instead of ZeRO (accelerate launch --config_file configs/accelerate/fsdp.yaml): ZeRO-1/2 "
-                    "partitions only the learned glue's gradients and optimizer state, FSDP shards the frozen core too")
-    elif shape.sharding == "none":
-        ways.append("FSDP over several GPUs, which shards the frozen core (accelerate launch --config_file "
-                    "configs/accelerate/fsdp.yaml)")
+    if not host:  # sharding divides the model among GPUs: the machine's memory holds every process's share
+        ways += _sharding_ways(shape)
     if shape.core_dtype == torch.float32 and shape.dtype_option:
         where = "the first stage's assembly (init_from carries it)" if cfg.init_from else "the assembly"
         again = (", in a new output_dir (--resume refuses another assembly)" if checkpointed
                  else f" ({NO_CHECKPOINT_YET})")
         ways.append(f"llm.dtype: bfloat16 in {where}{again}")
+    more = "a machine with more memory" if host else "a GPU with more memory"
     if building:
-        return ways or ["none left in this config: a GPU with more memory"]
+        return ways or [f"none left in this config: {more}"]
     again = ", in a new output_dir" if checkpointed else f"; {NO_CHECKPOINT_YET}"
-    return ways or [f"none left in this config: a GPU with more memory, or shorter samples (the assembly's "
-                    f"max_length{again})"]
+    return ways or [f"none left in this config: {more}, or shorter samples (the assembly's max_length{again})"]
+
+
+def _sharding_ways(shape: RunShape) -> list[str]:
+    """FSDP, where the run does not shard the frozen core yet: it divides the model among the GPUs."""
+    if shape.sharding == "zero":
+        return ["FSDP instead of ZeRO (accelerate launch --config_file configs/accelerate/fsdp.yaml): ZeRO-1/2 "
+                "partitions only the learned glue's gradients and optimizer state, FSDP shards the frozen core too"]
+    if shape.sharding == "none":
+        return ["FSDP over several GPUs, which shards the frozen core (accelerate launch --config_file "
+                "configs/accelerate/fsdp.yaml)"]
+    return []
 
 
 def _smallest_factor(n: int) -> int:
