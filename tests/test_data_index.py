@@ -684,3 +684,53 @@ def test_a_media_file_whose_lookup_keeps_failing_is_malformed_and_waited_on_once
     retried = index_module.LOOKUP_RETRIED_RECORDS
     assert len(failed) == 12 + 3 * (retried - 1) + (10 - (retried - 1))  # b7, b17, ...: retried up to the bound
     assert "no longer tried again" in caplog.text
+
+
+def _pairs_file(tmp_path, names: list[str]):
+    path = tmp_path / "cc3m.json"
+    path.write_text(json.dumps([{"id": f"n{i}", "caption": f"a red circle {i}", "image_name": name}
+                                for i, name in enumerate(names)]))
+    return DatasetConfig(path=str(path), format="nextgpt-pairs")
+
+
+def _stat_failing(monkeypatch, fails) -> list[str]:
+    """nextgpt's media lookup failing with EIO where ``fails(name, tries so far of it)``; the names tried."""
+    from mmllm.data import nextgpt
+
+    real, tried = os.stat, []
+
+    def stat(p, *a, **k):
+        name = os.path.basename(str(p))
+        if name.endswith(".png"):
+            tried.append(name)
+            if fails(name, tried.count(name)):
+                raise OSError(errno.EIO, "Input/output error", str(p))
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(nextgpt.os, "stat", stat)
+    monkeypatch.setattr(index_module, "READ_RETRY_DELAYS", (0, 0))
+    return tried
+
+
+def test_past_the_retry_bound_two_records_in_a_row_failing_once_do_not_stop_the_run(tmp_path, monkeypatch):
+    """Past LOOKUP_RETRIED_RECORDS bad files (each between records that read), a failed lookup is not tried again:
+    two records in a row whose lookups each failed once (a flaky mount: tried again they read) stopped the run as
+    an unreadable mount, though neither had been tried again. The second is tried again: it reads, and the run
+    goes on (the first, untried, is malformed as the bound says)."""
+    bound = index_module.LOOKUP_RETRIED_RECORDS
+    names = [n for i in range(bound) for n in (f"bad{i}.png", f"{i}.png")] + ["once0.png", "once1.png", "z.png"]
+    _stat_failing(monkeypatch, lambda name, tries: name.startswith("bad") or (name.startswith("once") and tries == 1))
+    index, malformed, _ = index_dataset(_pairs_file(tmp_path, names), "decode-align")
+    assert len(malformed) == bound + 1  # the bad files, and once0.png (failed untried)
+    assert [c.id for c in index] == [f"n{2 * i + 1}" for i in range(bound)] + [f"n{2 * bound + 1}", f"n{2 * bound + 2}"]
+
+
+def test_past_the_retry_bound_a_mount_gone_dead_still_stops_the_run(tmp_path, monkeypatch):
+    """Past the bound, every lookup failing from some record on (the mount gone): the record after the first
+    untried failure is tried again, and two records in a row failing for good still stop the run."""
+    bound = index_module.LOOKUP_RETRIED_RECORDS
+    names = [n for i in range(bound) for n in (f"bad{i}.png", f"{i}.png")] + [f"dead{i}.png" for i in range(50)]
+    tried = _stat_failing(monkeypatch, lambda name, tries: not name[0].isdigit())
+    with pytest.raises(DataFileUnreadable, match=r"2 records in a row .*dead1\.png.*dead2\.png"):
+        index_dataset(_pairs_file(tmp_path, names), "decode-align")
+    assert sum(n.startswith("dead") for n in tried) == 1 + 3 + 3  # dead0 untried, then dead1 and dead2 three times

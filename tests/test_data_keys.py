@@ -11,7 +11,7 @@ import pytest
 
 from mmllm.cli import main
 from mmllm.config import DatasetConfig
-from mmllm.data.formats import CHAT_KEYS, read_records
+from mmllm.data.formats import CHAT_KEYS, read_records, scan_records
 from mmllm.data.index import index_dataset
 from mmllm.data.keys import MAX_UNKNOWN_KEYS, KeyTally
 from tests.conftest import REPO
@@ -156,3 +156,51 @@ def test_data_check_lists_the_unknown_keys_of_each_file_without_failing(tmp_path
     assert [k["key"] for k in checked["unknown_keys"]] == ["messages[].output", "messages[].contnet", "source",
                                                           "messages[].outputs[].medai"]
     assert code == 0, text  # not an error: an extra key may be meant (a "source" kept beside the data)
+
+
+# (file, format) of every data file shipped with mmllm: examples of each layout, as the real files are written
+SHIPPED_DATA = [
+    ("data/samples/pairs.jsonl", "mmllm-pairs"), ("data/samples/chat.jsonl", "mmllm-chat"),
+    ("data/examples/mmllm-pairs.jsonl", "mmllm-pairs"), ("data/examples/mmllm-chat.jsonl", "mmllm-chat"),
+    ("data/examples/llava/llava_instruct.json", "llava"),
+    ("data/examples/nextgpt/cc3m.json", "nextgpt-pairs"),
+    ("data/examples/nextgpt/audiocap_comprehension.json", "nextgpt-pairs"),
+    ("data/examples/nextgpt/webvid_generation.json", "nextgpt-pairs"),
+    ("data/examples/nextgpt/image_t2x.json", "nextgpt-t2x"), ("data/examples/nextgpt/mosit.json", "nextgpt-mosit"),
+]
+
+
+@pytest.mark.parametrize(("path", "fmt"), SHIPPED_DATA)
+def test_the_shipped_data_files_have_no_unknown_keys(path, fmt):
+    """data/examples/nextgpt/image_t2x.json (NExT-GPT's t2x layout: "input_modality": "text" on each human turn)
+    was warned of in every record, with "did you mean 'output_modality'?"."""
+    records, _ = read_records(REPO / path, fmt)
+    tally = KeyTally(_parser_keys(REPO / path, fmt))
+    with open(REPO / path, "rb") as fh:
+        for line, rec, _ in scan_records(REPO / path, fh):
+            if isinstance(rec, dict):
+                tally.see(rec, line)
+    assert records and tally.unknown() == []
+
+
+# records as NExT-GPT's data/prepare_data.py writes them (keys no format needs: the clip's AudioCaps id, the pair
+# a t2x conversation was written from, a human turn's input modality)
+NEXTGPT_RELEASED = {
+    "nextgpt-pairs": {"audio_id": 91139, "audio_name": "91139.wav", "caption": "a dog barks"},
+    "nextgpt-t2x": {"audio_captions": ["an engine"], "audio_caption_embeddings": ["34706.wav.npy"],
+                    "source_data": {"audiocap_id": 34706}, "conversations": [
+                        {"from": "human", "value": "I need an engine sound.", "input_modality": "text"},
+                        {"from": "gpt", "value": "Here. <audio>", "caption": "an engine", "output_modality": "audio"}]},
+}
+
+
+@pytest.mark.parametrize("fmt", list(NEXTGPT_RELEASED))
+def test_nextgpt_released_records_have_no_unknown_keys(tmp_path, fmt):
+    rec = NEXTGPT_RELEASED[fmt]
+    path = tmp_path / "data.jsonl"
+    write_jsonl(path, [rec])
+    records, errors = read_records(path, fmt)
+    assert len(records) == 1, errors
+    tally = KeyTally(_parser_keys(path, fmt))
+    tally.see(rec, 1)
+    assert tally.unknown() == []

@@ -269,3 +269,36 @@ def test_an_init_from_no_machine_holds_is_the_same_on_machines_with_other_home_f
         monkeypatch.setenv("HOME", str(tmp_path / user))
         seen.append(_describe(config, "init_from=~/runs/encode-align/step-10")["init_from"])
     assert seen[0] == seen[1]
+
+
+class _TwoProcesses(_Launch):
+    process_index, num_processes, is_main_process = 0, 2, True
+
+
+def test_processes_that_read_other_numbers_of_usable_records_stop_together(tmp_path, monkeypatch):
+    """Each process reads the data files itself before step 1; a record whose media lookup failed for good on
+    one process (a flaky mount) is malformed there alone, and that process's sampler drew from another list of
+    samples than the others' (nothing compared the counts). Now every process stops, naming the file and the
+    counts. (The other process is simulated: what it gathers is this one's view, one record fewer.)"""
+    import accelerate.utils
+
+    from mmllm.config import ConfigError, load_stage
+    from mmllm.training.agreement import Seen
+    from mmllm.training.loop import read_stage_data
+
+    cfg = load_stage(STAGE, [f"output_dir={tmp_path / 'out'}"])
+    other = {"fewer": 0}
+
+    def gather_object(mine):
+        theirs = Seen(1, "node-b", [n - other["fewer"] for n in mine[0].value])
+        return [*mine, theirs]
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather_object)
+    per_dataset, weights, errors, held_out, _ = read_stage_data(_TwoProcesses(), cfg)  # the same counts: read on
+    n = len(per_dataset[0])
+    assert n > 0 and weights == [1.0] and not held_out
+    other["fewer"] = 1
+    with pytest.raises(ConfigError, match=rf"the 2 processes of this run read other numbers of usable records .*"
+                                          rf"pairs\.jsonl: {n} on process 0 \(host .*\) vs {n - 1} on process 1 "
+                                          r"\(host node-b\).*check the storage"):
+        read_stage_data(_TwoProcesses(), cfg)

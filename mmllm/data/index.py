@@ -269,16 +269,21 @@ class _ScanLookups:
     are: a lookup still failing for two records in a row is an unreadable disk or mount, and the run stops
     (:class:`DataFileUnreadable`) rather than wait 1.1 s for each of millions of records; after
     :data:`LOOKUP_RETRIED_RECORDS` records whose lookups failed for good, or for a path already seen failing for
-    good, a failed lookup is not tried again (the record is malformed, said as one)."""
+    good, a failed lookup is not tried again (the record is malformed, said as one) -- but for the record after
+    one that so failed untried: it is tried again, so that only failures that outlast their retries stop the run
+    (two records in a row each failing once on a flaky mount are not a dead one)."""
 
     def __init__(self, parser: RecordParser):
         self.parser, self.path = parser, str(parser.path)
         # path (or the error) -> (line, error) of the lookups that failed for good: at most LOOKUP_RETRIED_RECORDS
         self.failed: dict[str, tuple[int, OSError]] = {}
         self.row: list[tuple[int, OSError]] = []  # records whose lookups failed for good since one parsed
+        self.untried = False  # the last record's lookup failed and was not tried again (past the bound)
+        self.retried = False  # whether the current record's failed lookup was tried again
 
     def __call__(self, rec: dict[str, Any], line: int) -> Any:
         where = f"{self.path}:{line}"
+        self.retried = False
         try:
             got = parse_retrying(self.parser, rec, line, where, self._not_retried)
         except OSError as exc:
@@ -286,6 +291,7 @@ class _ScanLookups:
                 self._failed_for_good(exc, line)
             raise
         self.row.clear()  # (a record malformed otherwise says nothing of the storage)
+        self.untried = False
         return got
 
     @staticmethod
@@ -294,13 +300,21 @@ class _ScanLookups:
 
     def _not_retried(self, exc: OSError) -> bool:
         """A path already seen failing for good (no news of the storage: not waited for again), or any, once
-        :data:`LOOKUP_RETRIED_RECORDS` records failed for good."""
-        return self._what(exc) in self.failed or len(self.failed) >= LOOKUP_RETRIED_RECORDS
+        :data:`LOOKUP_RETRIED_RECORDS` records failed for good -- unless the record before failed too (untried,
+        or for good): whether the storage is gone is then told by trying this one again."""
+        if self._what(exc) in self.failed:
+            return True
+        self.retried = len(self.failed) < LOOKUP_RETRIED_RECORDS or self.untried or bool(self.row)
+        return not self.retried
 
     def _failed_for_good(self, exc: OSError, line: int) -> None:
         what = self._what(exc)
         if what in self.failed:
             return
+        if not self.retried:  # failed once, not tried again: not known to outlast a retry, so not in the row
+            self.untried = True
+            return
+        self.untried = False
         self.row.append((line, exc))
         if len(self.failed) < LOOKUP_RETRIED_RECORDS:
             self.failed[what] = (line, exc)

@@ -103,12 +103,19 @@ def _per_modality(*patterns: str) -> set[str]:
 
 
 _TURNS = ("conversations", "conversation")
-PAIR_KEYS = keys({"id", "caption", *_TURNS} | _per_modality("{}_name", "input_{}", "output_{}", "{}_captions",
-                                                           "{}_caption_embeddings"),
+# keys of NExT-GPT's released files that no format needs, taken as read: warned on, they would be said for every
+# record of every real file (data/prepare_data.py writes them), a turn's "input_modality" with "did you mean
+# 'output_modality'?" -- a hint to rename a key that is right as it is
+PAIR_PROVENANCE = {"audio_id"}  # audiocap.json: AudioCaps' id of the clip ("id" is read)
+T2X_PROVENANCE = {"source_data"}  # {image,audio,video}_t2x.json: the pair the conversation was written from
+T2X_TURN_PROVENANCE = {"input_modality"}  # "text" on each human turn: t2x inputs are text
+PAIR_KEYS = keys({"id", "caption", *_TURNS} | PAIR_PROVENANCE
+                 | _per_modality("{}_name", "input_{}", "output_{}", "{}_captions", "{}_caption_embeddings"),
                  dict.fromkeys(_TURNS, keys(TURN_KEYS, what="a turn")))
-T2X_KEYS = keys({"id", "output_modality", "mm_name", "image_name", *_TURNS}
+T2X_KEYS = keys({"id", "output_modality", "mm_name", "image_name", *_TURNS} | T2X_PROVENANCE
                 | _per_modality("{}_captions", "{}_caption_embeddings"),
-                dict.fromkeys(_TURNS, keys(TURN_KEYS | {"caption", "output_modality"}, what="a turn")))
+                dict.fromkeys(_TURNS, keys(TURN_KEYS | {"caption", "output_modality"} | T2X_TURN_PROVENANCE,
+                                           what="a turn")))
 MOSIT_KEYS = keys({"id", *_TURNS} | _per_modality("{}_list"),
                   dict.fromkeys(_TURNS, keys(TURN_KEYS | {"caption"} | _per_modality("{}_list"), what="a turn")))
 

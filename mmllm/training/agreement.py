@@ -136,6 +136,23 @@ def differences(seen: list[Seen]) -> list[str]:
     return lines
 
 
+def check_same_samples(seen: list[Seen], paths: list[str]) -> None:
+    """Every process read as many usable records from each data file (``seen``: each process's counts, in the
+    order of ``paths``). Each process reads the files itself before step 1, and a record whose media lookup
+    failed there for good (a flaky mount: the first read tries a lookup again, within bounds) is malformed on
+    that process alone: its sampler would then draw from another list of samples than the others' (DDP
+    averaging gradients of samples drawn twice and of others never), and a resumed run could not continue it."""
+    differing = differences([Seen(s.rank, s.host, dict(zip(paths, map(str, s.value)))) for s in seen])
+    if differing:
+        more = f"; and {len(differing) - SHOWN} more" if len(differing) > SHOWN else ""
+        raise ConfigError(
+            f"the {len(seen)} processes of this run read other numbers of usable records from the same data files "
+            f"(usable records of {'; '.join(differing[:SHOWN])}{more}): each would draw other samples. A record "
+            "whose media could not be looked up on a process is malformed there alone (that process's warnings "
+            "name it): check the storage the media are on (the system log: dmesg; the mount) from every machine, "
+            "then start the run again")
+
+
 def agreed_resume_point(accelerator, out_dir: Path, find: Callable[[], Path | None]) -> Path | None:
     """The checkpoint ``--resume`` continues (``find``, run on every process), which every process must see
     alike: the same newest ``step-N`` with the same manifest. Else every process stops: on several machines

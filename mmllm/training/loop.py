@@ -60,7 +60,13 @@ from mmllm.seeding import global_generators_kept
 from mmllm.training import checkpoint as ckpt
 from mmllm.training import out_of_memory as oom
 from mmllm.training import zero
-from mmllm.training.agreement import agreed_resume_point, check_same_run, on_every_process, warn_unless_shared
+from mmllm.training.agreement import (
+    agreed_resume_point,
+    check_same_run,
+    check_same_samples,
+    on_every_process,
+    warn_unless_shared,
+)
 from mmllm.training.faults import Failure, new_run, stops_together
 from mmllm.training.freeze import apply_trainable
 from mmllm.training.init_from import (
@@ -186,6 +192,24 @@ def stage_sampler(datasets: list[StageDataset], weights: list[float],
     return LengthGroupedSampler(sampler, lambda d, i: datasets[d].length(i))
 
 
+def read_stage_data(accelerator, cfg: StageConfig) -> tuple[list[Any], list[float], list[str], list[Any], list[str]]:
+    """The stage's data and held-out data read on every process (bad data: refused before any writing; a process
+    that cannot read them stops every process), each data file giving every process as many usable records
+    (:func:`~mmllm.training.agreement.check_same_samples`): (per data set, weights, errors, held out, their
+    errors)."""
+    got: dict[str, Any] = {}
+
+    def read() -> list[int]:
+        got["data"] = load_stage_records(cfg.data, cfg.stage)
+        got["eval"] = load_stage_records(cfg.eval_data, cfg.stage)
+        return [len(convs) for convs in got["data"][0] + got["eval"][0]]
+
+    seen = on_every_process(accelerator, read)
+    check_same_samples(seen, [ds.path for ds in cfg.all_data()])
+    (per_dataset, weights, errors), (held_out, _, eval_errors) = got["data"], got["eval"]
+    return per_dataset, weights, errors, held_out, eval_errors
+
+
 def train(cfg: StageConfig, resume: bool = False, accelerator=None) -> TrainResult:
     """Train the stage ``cfg`` (:func:`mmllm.config.load_stage`) and return what it did: the loss of every
     step, the validation scores and the final checkpoint's folder (load it with
@@ -273,8 +297,7 @@ def _train(cfg: StageConfig, resume: bool, accelerator, stop: StopRequests, held
     if build_cfg is cfg:
         warn_if_middle_step(cfg)
         warn_if_adapter_frozen(cfg)
-    per_dataset, weights, errors = load_stage_records(cfg.data, cfg.stage)  # bad data: refused before any writing
-    held_out, _, eval_errors = load_stage_records(cfg.eval_data, cfg.stage)
+    per_dataset, weights, errors, held_out, eval_errors = read_stage_data(accelerator, cfg)  # before any writing
     if accelerator.is_main_process:
         warn_empty_replies(per_dataset + held_out, cfg.all_data())
     on_every_process(accelerator, lambda: check_output_dir(out_dir))  # one process refused: all stop with its word
