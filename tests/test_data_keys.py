@@ -183,7 +183,7 @@ def test_the_shipped_data_files_have_no_unknown_keys(path, fmt):
     assert records and tally.unknown() == []
 
 
-# records as NExT-GPT's data/prepare_data.py writes them (keys no format needs: the clip's AudioCaps id, the pair
+# records as NExT-GPT's data/prepare_data.py (and LLaVA's release) write them (keys no format needs: the clip's AudioCaps id, the pair
 # a t2x conversation was written from, a human turn's input modality)
 NEXTGPT_RELEASED = {
     "nextgpt-pairs": {"audio_id": 91139, "audio_name": "91139.wav", "caption": "a dog barks"},
@@ -191,6 +191,9 @@ NEXTGPT_RELEASED = {
                     "source_data": {"audiocap_id": 34706}, "conversations": [
                         {"from": "human", "value": "I need an engine sound.", "input_modality": "text"},
                         {"from": "gpt", "value": "Here. <audio>", "caption": "an engine", "output_modality": "audio"}]},
+    # LLaVA-1.5's mix665k: a text-only ShareGPT record carries an empty "model"
+    "llava": {"id": "sharegpt-1", "model": "", "conversations": [{"from": "human", "value": "Hi."},
+                                                                 {"from": "gpt", "value": "Hello."}]},
 }
 
 

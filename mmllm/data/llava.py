@@ -36,8 +36,9 @@ from mmllm.data.formats import (
 from mmllm.data.keys import keys
 from mmllm.data.nextgpt import TURN_KEYS, as_list, role_of, text_of, turns_of
 
-# the keys the layout reads (others are ignored, and said: mmllm.data.keys)
-LLAVA_KEYS = keys({"id", "conversations", "conversation", *MODALITIES},
+# the keys the layout reads (others are ignored, and said: mmllm.data.keys), and "model", which LLaVA-1.5's
+# released mix665k puts (empty) on its text-only ShareGPT records: known, not read, so not warned about on each
+LLAVA_KEYS = keys({"id", "conversations", "conversation", "model", *MODALITIES},
                   dict.fromkeys(("conversations", "conversation"), keys(TURN_KEYS, what="a turn")))
 
 
