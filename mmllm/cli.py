@@ -368,8 +368,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 if rec["id"] == f"prompt-{digest}":
                     print(json.dumps(rec, indent=2))
     log.info("requests: %(done)d done, %(failed)d failed, %(skipped)d already done", counts)
-    if counts["failed"]:
-        log.info("%s", where_failed(Path(args.output), args.overwrite))
+    if counts["failed"]:  # a warning: under -q too (in CI, a log file), the exit code 1 says where to look
+        log.warning("%s", where_failed(Path(args.output), args.overwrite))
     return 1 if counts["failed"] or counts["stopped"] else 0
 
 

@@ -1292,6 +1292,17 @@ def test_the_final_line_says_where_the_failed_requests_are_and_the_same_command_
     assert "the same command without --overwrite retries only them" in caplog.records[-1].getMessage()
 
 
+def test_the_line_saying_where_the_failed_requests_are_is_shown_under_quiet(ckpt, tmp_path, capsys):
+    """`mmllm infer -q` (warnings and errors only, for CI) exited 1 without the line naming failed.html and how to
+    retry: it was INFO, so the run ended on the last request's own warning."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "lost", "prompt": "What is this?", "image": "cat.png"}])
+    out = tmp_path / "out"
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"failed requests: {out / 'pages' / 'failed.html'} lists them" in err[-1], err
+    assert not any(" INFO " in line for line in err), err
+
+
 # ------------------------------------------------------------------------------------------ message hygiene
 
 
