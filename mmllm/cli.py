@@ -801,9 +801,10 @@ examples:
   mmllm config --config configs/stages/tiny/instruct.yaml optim.lr=1e-3 > resolved.yaml
   mmllm config --checkpoint runs/tiny/instruct/step-30 output_dir=runs/again > again.yaml""",
     "infer": """\
-writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html (pages/ \
-beyond 1000 requests); with \
---prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed.
+writes into --output: results.jsonl (one record per request: text, reply, files, error), media/ and index.html \
+(pages/: failed.html listing the failed requests, and the pages beyond 1000 requests); with \
+--prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed: the same \
+command retries only the failed ones.
 examples:
   mmllm infer --checkpoint runs/tiny/instruct/step-30 --input data/samples/requests.jsonl \\
       --output out/
