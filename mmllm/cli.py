@@ -360,7 +360,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                   decode_batch_size=args.decode_batch_size, fail_fast=args.fail_fast,
                                   checkpoint=Path(args.checkpoint), overwrite=args.overwrite,
                                   gallery="requests" if args.input else "all", resume_checked=True,
-                                  lines=lines, done=done)
+                                  lines=lines, done=done, source=None if args.input else "--prompt")
         if args.prompt:  # quick use: show the answer's record, OUT still locked (read in two passes: see iter_latest)
             from mmllm.inference.gallery import iter_latest
 
