@@ -26,7 +26,7 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from mmllm import __version__
 from mmllm.atomic import atomic_write_text
@@ -360,7 +360,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                   decode_batch_size=args.decode_batch_size, fail_fast=args.fail_fast,
                                   checkpoint=Path(args.checkpoint), overwrite=args.overwrite,
                                   gallery="requests" if args.input else "all", resume_checked=True,
-                                  lines=lines, done=done)
+                                  lines=lines, done=done, source=None if args.input else "--prompt")
         if args.prompt:  # quick use: show the answer's record, OUT still locked (read in two passes: see iter_latest)
             from mmllm.inference.gallery import iter_latest
 
@@ -368,8 +368,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 if rec["id"] == f"prompt-{digest}":
                     print(json.dumps(rec, indent=2))
     log.info("requests: %(done)d done, %(failed)d failed, %(skipped)d already done", counts)
-    if counts["failed"]:
-        log.info("%s", where_failed(Path(args.output), args.overwrite))
+    if counts["failed"]:  # a warning: under -q too (in CI, a log file), the exit code 1 says where to look
+        log.warning("%s", where_failed(Path(args.output), args.overwrite))
     return 1 if counts["failed"] or counts["stopped"] else 0
 
 
@@ -801,9 +801,10 @@ examples:
   mmllm config --config configs/stages/tiny/instruct.yaml optim.lr=1e-3 > resolved.yaml
   mmllm config --checkpoint runs/tiny/instruct/step-30 output_dir=runs/again > again.yaml""",
     "infer": """\
-writes into --output: results.jsonl (one record per request: text, files, error), media/ and index.html (pages/ \
-beyond 1000 requests); with \
---prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed.
+writes into --output: results.jsonl (one record per request: text, reply, files, error), media/ and index.html \
+(pages/: failed.html listing the failed requests, and the pages beyond 1000 requests); with \
+--prompt the answer's record is also printed on stdout as JSON. Exit code 1 if any request failed: the same \
+command retries only the failed ones.
 examples:
   mmllm infer --checkpoint runs/tiny/instruct/step-30 --input data/samples/requests.jsonl \\
       --output out/
@@ -854,6 +855,32 @@ example:
 }
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A parser whose "the following arguments are required" error names, as :func:`unrecognized` does, the flag
+    each unknown one on the command line resembles: `export --out DIR` (for --output) was refused for the
+    --output it lacked, before the unknown --out was reported, without a word of it. ``command_line``: the
+    words parsed, set by :func:`main` on every parser (:func:`remember_command_line`)."""
+
+    command_line: list[str] = []
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("the following arguments are required"):
+            flags = {flag for action in self._actions for flag in action.option_strings}
+            unknown = [w for w in self.command_line if w.startswith("--") and w.split("=", 1)[0] not in flags]
+            hints = unrecognized(unknown, self).split("; ")[1:] if unknown else []
+            message = "; ".join([message, *hints])
+        super().error(message)
+
+
+def remember_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Give ``parser`` and every command's parser under it the command line ``argv`` (:class:`CommandParser`)."""
+    parser.command_line = argv
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                remember_command_line(child, argv)
+
+
 def add_command(sub, name: str, summary: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """A subcommand whose --help says what it does, each option's default, what it writes and an example; its
     flags taken only as written in full (:func:`build_parser`)."""
@@ -865,7 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     # allow_abbrev=False on every parser (add_command): a flag is taken only as written in full. An abbreviation
     # (`--out` for `--output`) that worked would change meaning, or become ambiguous, the day a flag starting the
     # same way is added, under the scripts that use it; refused, it says which flag it resembles (unrecognized)
-    p = argparse.ArgumentParser(prog="mmllm", description="Assemble, train and run an any-to-any multimodal model. "
+    p = CommandParser(prog="mmllm", description="Assemble, train and run an any-to-any multimodal model. "
                                 f"The commands, configs, data formats and checkpoints are documented in {docs_folder()}.",
                                 epilog=EXIT_CODES, formatter_class=HelpFormatter, allow_abbrev=False)
     verbose_help = "tracebacks of errors and other libraries' INFO logging"
@@ -1078,6 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
     offline_by_default = "HF_HUB_OFFLINE" not in os.environ
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = build_parser()
+    remember_command_line(parser, sys.argv[1:] if argv is None else list(argv))
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after an option (`train --config C --resume max_steps=50`) are overrides too
         if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):

@@ -623,6 +623,22 @@ def test_a_flag_is_taken_only_as_written_in_full_by_every_command(tmp_path, caps
     assert main(["inspect", f"--config={TINY}"]) == 0  # written in full, with = too
 
 
+def test_an_abbreviation_of_a_required_flag_is_named_with_the_flag_it_resembles(tmp_path, capsys):
+    """`export --checkpoint C --out DIR` (the docs' own example of a refused abbreviation) said only "the following
+    arguments are required: --output": argparse reports the missing required flag before the unknown --out."""
+    for argv in (["export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "w"), "--merge-lora"],
+                 ["infer", "--checkpoint", str(tmp_path), "--prompt", "Hi", f"--out={tmp_path / 'w'}"]):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and f"usage: mmllm {argv[0]}" in err, err
+        assert "the following arguments are required: --output; --out: did you mean --output?" in err, err
+    with pytest.raises(SystemExit):  # nothing unknown given: argparse's message alone
+        main(["export", "--checkpoint", str(tmp_path)])
+    assert capsys.readouterr().err.rstrip().endswith("error: the following arguments are required: --output")
+    assert not (tmp_path / "w").exists()
+
+
 def test_world_data_and_distil_take_output_as_every_other_command_does(tmp_path, capsys):
     """Every other command writes to --output; `world data --output DIR` was refused (--out required)."""
     from mmllm.cli import build_parser

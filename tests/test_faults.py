@@ -138,6 +138,20 @@ def test_unwritable_output_dir_is_reported_before_training(sample_data, tmp_path
         train(stage_cfg("decode-align", sample_data, blocker / "run"))
 
 
+def test_an_output_dir_blocked_by_a_file_is_not_told_to_fix_permissions_or_free_space(tmp_path):
+    """output_dir under a file (or a file itself) said "[Errno 20] Not a directory ...; fix permissions or free
+    space", advice that fits neither."""
+    from mmllm.training.loop import check_output_dir
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for out_dir in (blocker / "run", blocker):
+        with pytest.raises(OSError, match="cannot write to output_dir") as raised:
+            check_output_dir(out_dir)
+        assert "a file stands where a folder of that path goes" in str(raised.value), raised.value
+        assert "free space" not in str(raised.value)
+
+
 def test_stray_folders_and_bare_manifests_do_not_pass_for_checkpoints(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path / "step-3")
     (tmp_path / "step-final-backup").mkdir()

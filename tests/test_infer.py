@@ -1292,6 +1292,27 @@ def test_the_final_line_says_where_the_failed_requests_are_and_the_same_command_
     assert "the same command without --overwrite retries only them" in caplog.records[-1].getMessage()
 
 
+def test_the_line_saying_where_the_failed_requests_are_is_shown_under_quiet(ckpt, tmp_path, capsys):
+    """`mmllm infer -q` (warnings and errors only, for CI) exited 1 without the line naming failed.html and how to
+    retry: it was INFO, so the run ended on the last request's own warning."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "lost", "prompt": "What is this?", "image": "cat.png"}])
+    out = tmp_path / "out"
+    assert main(["infer", "--checkpoint", str(ckpt), "--input", str(requests), "--output", str(out), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"failed requests: {out / 'pages' / 'failed.html'} lists them" in err[-1], err
+    assert not any(" INFO " in line for line in err), err
+
+
+def test_a_prompt_from_flags_is_named_by_its_flag_in_its_error_not_by_a_temporary_file(ckpt, tmp_path, capsys):
+    """`mmllm infer --prompt "Say <img_0>"` failed with "request.jsonl:1: messages[0]: ...", naming the temporary
+    requests file the flags are written to, which the user never wrote and which is gone once the run ends."""
+    out = tmp_path / "out"
+    assert main(["infer", "--checkpoint", str(ckpt), "--prompt", "Say <img_0> now", "--output", str(out), "-q"]) == 1
+    record = json.loads(capsys.readouterr().out)
+    assert record["error"].startswith("--prompt: messages[0]: the user text holds '<img_0>' (at character 4)"), record
+    assert "request.jsonl" not in (out / "results.jsonl").read_text() + (out / "pages" / "failed.html").read_text()
+
+
 # ------------------------------------------------------------------------------------------ message hygiene
 
 

@@ -894,6 +894,7 @@ class _Run:
         self.bar = progress_bar(total=total, desc="infer", unit="req", dynamic_ncols=True)
         self.dtype = next(model.parameters()).dtype  # what a request that runs out of memory alone is told
         self.unknown_keys: set[str] = set()  # message keys warned about (once per key)
+        self.source: str | None = None  # what errors name a request by, if not its file and line (run_requests)
 
     def warn_unknown_keys(self, record: dict[str, Any], where: str) -> None:
         for index, key in unknown_message_keys(record):
@@ -918,13 +919,14 @@ class _Run:
         for line in lines:
             t0 = time.perf_counter()
             record = line.record or {}
-            self.warn_unknown_keys(record, f"{requests_file.name}:{line.lineno}")
+            where = self.source or f"{requests_file.name}:{line.lineno}"
+            self.warn_unknown_keys(record, where)
             try:
                 parsed = parse_request(record, requests_file.parent, default_seed)
                 prepared = prepare_request(self.model, parsed.request, self.spec)
             except (RequestError, SpecialTextError) as exc:  # the record as written: named by its line, as a
                 # malformed line is
-                self.fail(line.id, "prepare", f"{requests_file.name}:{line.lineno}: {exc}", line=line.lineno)
+                self.fail(line.id, "prepare", f"{where}: {exc}", line=line.lineno)
                 continue
             except (MediaError, ContextLengthError) as exc:
                 self.fail(line.id, "prepare", str(exc), line=line.lineno)
@@ -1133,6 +1135,7 @@ def run_requests(
     resume_checked: bool = False,
     lines: list[_Line] | None = None,
     done: set[str] | None = None,
+    source: str | None = None,
 ) -> dict[str, Any]:
     """Answer every request of ``requests_file`` into ``out``.
 
@@ -1152,7 +1155,9 @@ def run_requests(
     ``lines``: the requests file as the caller read it (:func:`read_lines`), given to :func:`check_resume` there:
     the run answers those, and does not read the file again (a second copy held beside the caller's: 0.28 GB at a
     million requests). ``done``: what that :func:`check_resume` returned (the requests done in ``out``), so that
-    results.jsonl is not read again to find them.
+    results.jsonl is not read again to find them. ``source``: what a request's error names it by, in place of
+    ``FILE:LINE`` (``mmllm infer --prompt`` gives ``--prompt``: its requests file is a temporary one the user never
+    wrote, gone once the run ends).
     """
     if gallery not in ("requests", "all"):
         raise ValueError(f"gallery must be 'requests' or 'all', got {gallery!r}")
@@ -1179,6 +1184,7 @@ def run_requests(
         todo = pending_lines(lines, out, done)
         settings = Settings(max_new_tokens, temperature, top_p, steps, guidance, decode_batch_size)
         run = _Run(model, out, settings, batch_size, fail_fast, made["checkpoint"], made, len(todo))
+        run.source = source
         run.counts["skipped"] = len(lines) - len(todo)
         if run.counts["skipped"]:
             log.info("%d request(s) already done in %s: skipped", run.counts["skipped"], results)

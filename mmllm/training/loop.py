@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
@@ -929,4 +930,16 @@ def check_output_dir(out_dir: Path) -> None:
         probe.write_bytes(b"0" * 4096)
         probe.unlink()
     except OSError as exc:
-        raise OSError(f"cannot write to output_dir {out_dir}: {exc}; fix permissions or free space") from exc
+        raise OSError(f"cannot write to output_dir {out_dir}: {exc}; {output_dir_advice(exc)}") from exc
+
+
+def output_dir_advice(exc: OSError) -> str:
+    """What to do about ``exc``, raised making or writing into output_dir: a file where a folder of the path goes
+    was told to "fix permissions or free space"."""
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):  # a file on the path, or output_dir itself a file
+        return "a file stands where a folder of that path goes: give another output_dir, or move the file"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on its disk, or give an output_dir on another"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "give an output_dir you can write, or fix its permissions"
+    return "fix permissions or free space"
