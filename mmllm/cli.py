@@ -403,9 +403,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from mmllm.inference.runner import OutputError
 
     try:
-        return run_demo(Path(args.output), quick=args.quick, tiny=args.tiny)
+        code = run_demo(Path(args.output), quick=args.quick, tiny=args.tiny)
     except OutputError as exc:  # e.g. an --output whose media/ holds the requests' inputs
         raise SystemExit(str(exc)) from exc
+    print(f"demo: open {Path(args.output) / 'index.html'}")  # the result, on stdout as other commands' (kept by -q)
+    return code
 
 
 def _stage_assembly(cfg):

@@ -150,5 +150,4 @@ def _finish(out: Path, counts: dict) -> int:
         media = ", ".join(Path(f).name for f in rec.get("files", []))
         log.info("  %-24s %s%s", rec["id"], (rec.get("text") or rec.get("error") or "")[:90],
                  f"  [{media}]" if media else "")
-    log.info("demo: open %s", out / "index.html")
     return 0 if counts["failed"] == 0 else 1

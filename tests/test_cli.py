@@ -808,3 +808,12 @@ def test_eval_without_the_shipped_default_says_how_to_get_it(tmp_path, monkeypat
     err = capsys.readouterr().err
     assert (f"the shipped default glue {missing}: not found (train it with scripts/train_default.sh, or give "
             "--checkpoint); give a checkpoint's folder (a training run's step-N)") in err, err
+
+
+def test_the_demo_says_where_its_gallery_is_on_stdout_under_quiet_too(tmp_path, capsys, monkeypatch):
+    """Under -q the demo said nothing at all: its answers and the gallery's path were INFO lines."""
+    import mmllm.demo
+
+    monkeypatch.setattr(mmllm.demo, "run_demo", lambda out, quick, tiny: 0)
+    assert main(["demo", "-q", "--output", str(tmp_path / "demo")]) == 0
+    assert capsys.readouterr().out == f"demo: open {tmp_path / 'demo' / 'index.html'}\n"
