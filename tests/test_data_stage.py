@@ -356,7 +356,7 @@ def test_a_training_run_skips_and_counts_a_sample_whose_text_holds_a_structure_t
     (checked,) = json.loads(report.read_text())["datasets"]
     assert [u for u in checked["unusable"] if "<|eos|>" in u] == [
         f"chat-plain: {path}:{plain + 1}: messages[0]: the user text holds '<|eos|>' (at character "
-        f"{len(chats[plain]['messages'][0]['content']) - len('<|eos|>')}), a special token of the assembly's "
+        f"{len(chats[plain]['messages'][0]['content']) - len('<|eos|>') + 1}), a special token of the assembly's "
         "tokenizer (a control token: one the chat template writes, such as its turn markers, or the tokenizer's "
         "BOS/EOS): the tokenizer would read it as that token, not as text. Remove it or write it otherwise (e.g. "
         "with a space after its '<'); an answer that produced media lists them under 'outputs', and media inputs "

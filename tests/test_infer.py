@@ -1309,7 +1309,7 @@ def test_a_prompt_from_flags_is_named_by_its_flag_in_its_error_not_by_a_temporar
     out = tmp_path / "out"
     assert main(["infer", "--checkpoint", str(ckpt), "--prompt", "Say <img_0> now", "--output", str(out), "-q"]) == 1
     record = json.loads(capsys.readouterr().out)
-    assert record["error"].startswith("--prompt: messages[0]: the user text holds '<img_0>' (at character 4)"), record
+    assert record["error"].startswith("--prompt: messages[0]: the user text holds '<img_0>' (at character 5)"), record
     assert "request.jsonl" not in (out / "results.jsonl").read_text() + (out / "pages" / "failed.html").read_text()
 
 

@@ -147,7 +147,7 @@ def check_message_texts(messages: list[tuple[str, str]], tokenizer: Any, spec: T
         found = pattern.search(text)
         if found is not None:
             raise SpecialTextError(
-                f"{where}[{i}]: the {role} text holds {found.group()!r} (at character {found.start()}), a special "
+                f"{where}[{i}]: the {role} text holds {found.group()!r} (at character {found.start() + 1}), a special "
                 f"token of the assembly's tokenizer ({_special_kind(found.group())}): the tokenizer would read it as "
                 "that token, not as text. Remove it or write it otherwise (e.g. with a space after its '<'); an "
                 "answer that produced media lists them under 'outputs', and media inputs are marked with <image>, "
