@@ -57,20 +57,11 @@ def child(stage: Path, args: list[str]) -> dict[str, object]:
         return measure(model)
 
     loop._parameter_megabytes = recorded
-    stamps: list[float] = []
-    clip = loop._clip_and_step
-
-    def timed(*a, **kw):  # the end of each optimiser step
-        outcome = clip(*a, **kw)
-        stamps.append(time.perf_counter())
-        return outcome
-
-    loop._clip_and_step = timed
+    step_s = _child.median_step_seconds(loop)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     result = loop.train(load_stage(stage, args))
-    per_step = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"losses": result.losses, "params_m": held["params_m"], "skipped": result.skipped,
-            "step_s": sorted(per_step)[len(per_step) // 2] if per_step else float("nan"),
+            "step_s": step_s(),
             "peak_mb": peak_resident_mb()}  # not ru_maxrss: that counts this bench's process too (its model)
 
 

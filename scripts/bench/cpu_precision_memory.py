@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def save_core(folder: Path, hidden: int, layers: int) -> Path:
 
     tokenizer = build_tiny_tokenizer(512, 256)
     config = transformers.LlamaConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=4,
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=math.gcd(4, hidden // 64),
         intermediate_size=hidden * 11 // 4, max_position_embeddings=512, vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
@@ -67,20 +67,11 @@ def child(args: list[str]) -> dict[str, object]:
     from mmllm.config import load_stage
     from mmllm.memory import peak_resident_mb
 
-    stamps: list[float] = []
-    clip = loop._clip_and_step
-
-    def timed(*a, **kw):  # the end of each optimiser step
-        outcome = clip(*a, **kw)
-        stamps.append(time.perf_counter())
-        return outcome
-
-    loop._clip_and_step = timed
+    step_s = _child.median_step_seconds(loop)
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     result = loop.train(load_stage(STAGE, args))
-    per_step = [b - a for a, b in zip(stamps, stamps[1:])]
     return {"losses": result.losses, "peak_mb": peak_resident_mb(),
-            "step_s": sorted(per_step)[len(per_step) // 2] if per_step else float("nan")}
+            "step_s": step_s()}
 
 
 def main() -> int:
@@ -90,7 +81,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=1024, help="the core's width, a multiple of 64")
     ap.add_argument("--layers", type=int, default=8)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
