@@ -71,6 +71,9 @@ class GenerationResult:
     conditioning: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     media: dict[str, list[Any]] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
+    # the modality of a signal group the token limit (max_new_tokens, or the context's end) cut off: dropped, so
+    # in neither ``outputs`` nor ``media``, nor in ``reply``; None where no group was cut
+    cut_off: str | None = None
 
     @property
     def reply(self) -> dict[str, Any]:

@@ -7,6 +7,7 @@ the GIF fallback; the gallery's markup."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import struct
@@ -514,6 +515,30 @@ def test_an_answers_reply_in_results_replays_it_as_training_renders_that_turn(mo
     answer = records_by_id(tmp_path / "out2")["sound"]  # the tiny model learnt single turns: any output will do
     assert sorted(o["modality"] for o in answer["reply"]["outputs"]) == sorted(Path(f).stem.split("_")[-1][:-1]
                                                                            for f in answer["files"])
+
+
+def test_an_answer_whose_signal_group_the_token_limit_cut_off_says_so_in_its_record(model, tmp_path, caplog):
+    """The tiny model answers an image prompt with its 4 image signal tokens alone: at max_new_tokens=2 the group
+    was dropped with a warning that named no request, and the record (done, text "", no files) and its reply (an
+    empty assistant turn, as an answer that chose to say nothing) did not tell the cut from that answer. The
+    record's "cut_off" names the dropped group's modality, the warning the request; the reply still leaves the
+    group out (no media was made from it)."""
+    requests = write_requests(tmp_path / "r.jsonl", [{"id": "cut", "prompt": GENERATE["image"], "max_new_tokens": 2},
+                                                     {"id": "whole", "prompt": GENERATE["image"]}])
+    with caplog.at_level(logging.WARNING, logger="mmllm"):
+        assert run_requests(model, requests, tmp_path / "out", max_new_tokens=8)["done"] == 2
+    cut, whole = records_by_id(tmp_path / "out")["cut"], records_by_id(tmp_path / "out")["whole"]
+    assert cut["cut_off"] == "image" and cut["files"] == [] and cut["reply"]["outputs"] == []
+    assert whole["cut_off"] is None and whole["reply"]["outputs"] == [{"modality": "image"}]
+    assert "request cut: the answer's image signal group was cut off by the token limit" in caplog.text
+    assert "request whole" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mmllm"):
+        short, long = model.generate([Request([{"role": "user", "content": GENERATE["image"]}], max_new_tokens=3),
+                                      Request([{"role": "user", "content": GENERATE["image"]}])],
+                                     max_new_tokens=8, decode_media=False)
+    assert (short.cut_off, short.outputs, long.cut_off, long.outputs) == ("image", [], None, ["image"])
+    assert "requests[0]: the answer's image signal group was cut off" in caplog.text and "requests[1]" not in caplog.text
 
 
 def test_fail_fast_stops_at_the_first_failure(model, tmp_path):

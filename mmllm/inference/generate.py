@@ -18,7 +18,8 @@ Media are the same up to float rounding in the decoders' batched kernels (at mos
 8/16-bit quantisation, rarely); ``Settings.decode_batch_size=1`` makes them bit-identical.
 
 Signal groups are completed by construction: once ``<img_0>`` is emitted, the logits processor
-forces ``<img_1> .. <img_{k-1}>``; a group cut off by the token limit is dropped (and logged).
+forces ``<img_1> .. <img_{k-1}>``; a group cut off by the token limit is dropped (logged, and named by
+``GenerationResult.cut_off``).
 
 An answer ends at the core's EOS, at the chat template's end-of-turn token (:func:`end_of_turn_ids`), or --
 where the template closes turns with plain text several tokens long -- once its text holds that text
@@ -354,13 +355,15 @@ def _generate_answers(model, batch: list[PreparedRequest], settings: Settings) -
         stop_strings=None,  # the core's configured ones are among `stops` (transformers' own needs a tokenizer)
     )
     results = []
-    for row, limit in zip(new.tolist(), limits):
-        answer = _trim(row[:limit], eos_ids, model.llm.signal_ids)
+    for index, (row, limit) in enumerate(zip(new.tolist(), limits)):
+        answer, cut_off = _without_cut_group(before_end(row[:limit], eos_ids), model.llm.signal_ids)
+        if cut_off is not None:  # the callers say which request (generate, the runner): the batch's index is theirs
+            log.debug("row %d: a %s signal group cut off at %d new tokens; dropped", index, cut_off, limit)
         text = tok.decode(answer, skip_special_tokens=True)
         if stops:
             answer, text = cut_at_stop(tok, answer, text, stops)
         outputs = [m for m, _ in _signal_groups(answer, model.llm.signal_ids)]
-        results.append(GenerationResult(text=text.strip(), token_ids=answer, outputs=outputs))
+        results.append(GenerationResult(text=text.strip(), token_ids=answer, outputs=outputs, cut_off=cut_off))
     _attach_conditioning(model, batch, results)
     return results
 
@@ -458,14 +461,25 @@ def before_end(row: list[int], eos: list[int]) -> list[int]:
 
 def _trim(row: list[int], eos: list[int], signal_ids: dict[str, list[int]]) -> list[int]:
     """Cut at the first end-of-sequence token, then drop a signal group the token limit cut short."""
-    row = before_end(row, eos)
-    firsts = {ids[0]: ids for ids in signal_ids.values()}
-    for start in range(max(0, len(row) - max((len(v) for v in firsts.values()), default=0)), len(row)):
-        ids = firsts.get(row[start])
+    return _without_cut_group(before_end(row, eos), signal_ids)[0]
+
+
+def cut_off_note(modality: str) -> str:
+    """What the warning of an answer whose ``modality`` signal group the token limit cut off says."""
+    return (f"the answer's {modality} signal group was cut off by the token limit (max_new_tokens, or the context's "
+            f"end): dropped, so no {modality} was made and the answer's reply leaves it out (a larger "
+            "max_new_tokens leaves it room)")
+
+
+def _without_cut_group(row: list[int], signal_ids: dict[str, list[int]]) -> tuple[list[int], str | None]:
+    """``row`` without a signal group the token limit cut short at its end, and that group's modality (None
+    where none was cut). Only the last group can be: once begun, a group is forced to completion."""
+    firsts = {ids[0]: (m, ids) for m, ids in signal_ids.items()}
+    for start in range(max(0, len(row) - max((len(v) for v in signal_ids.values()), default=0)), len(row)):
+        modality, ids = firsts.get(row[start], (None, None))
         if ids is not None and row[start: start + len(ids)] != ids:
-            log.warning("a %d-token signal group was cut off by max_new_tokens; dropped", len(ids))
-            return row[:start]
-    return row
+            return row[:start], modality
+    return row, None
 
 
 def _signal_groups(answer: list[int], signal_ids: dict[str, list[int]]) -> list[tuple[str, int]]:
@@ -574,6 +588,9 @@ def generate(
     batch = [prepare_request(model, r, spec) for r in requests]
     with eval_mode(model):  # one walk over the modules for both steps
         results = generate_answers(model, batch, settings)
+        for i, result in enumerate(results):
+            if result.cut_off is not None:
+                log.warning("requests[%d]: %s", i, cut_off_note(result.cut_off))
         if decode_media:
             decode_outputs(model, batch, results, settings)
     return results

@@ -103,6 +103,7 @@ from mmllm.inference.generate import (
     PreparedRequest,
     Request,
     Settings,
+    cut_off_note,
     decode_jobs,
     eval_mode,
     generate_answers,
@@ -943,6 +944,8 @@ class _Run:
                 self.fail(parsed.id, "generate", outcome, line=line_of[parsed.id], prompt=parsed.prompt_text)
                 continue
             result, llm_s = outcome
+            if result.cut_off is not None:
+                log.warning("request %s: %s", parsed.id, cut_off_note(result.cut_off))
             item = _InFlight(parsed, line_of[parsed.id], result, {"prepare": prep_s, "llm": llm_s, "decode": 0.0},
                              len(ready), settings_of[parsed.id])
             self.enqueue(item, prepared)
@@ -1070,7 +1073,7 @@ class _Run:
         self.seconds["write"] += seconds["write"]
         self.log.append({
             "id": parsed.id, "line": item.line, "prompt": parsed.prompt_text, "inputs": parsed.inputs, "text": result.text,
-            "reply": result.reply, "files": files, "seed": parsed.request.seed, "checkpoint": self.fingerprint,
+            "reply": result.reply, "cut_off": result.cut_off, "files": files, "seed": parsed.request.seed, "checkpoint": self.fingerprint,
             "settings": {**item.settings, "media": media_digest(parsed.inputs)},
             "inputs_stat": media_stats(parsed.inputs),
             "seconds": {k: round(v, 4) for k, v in seconds.items()}, "batch_size": item.batch_size,
