@@ -52,14 +52,21 @@ class OutOfMemory(Exception):
 # the start of the message of the RuntimeError torch's CPU allocator raises (c10/core/impl/alloc_cpu.cpp), which
 # has no class of its own as the CUDA allocator's torch.OutOfMemoryError has
 CPU_ALLOCATOR_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"
+# a GPU's memory running out outside torch's caching allocator, which torch raises as a plain RuntimeError: the CUDA
+# runtime's cudaErrorMemoryAllocation (an allocation by a library, NCCL's buffers) and cuBLAS failing to allocate its
+# workspace
+GPU_OUT_OF_MEMORY_TEXTS = ("CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is torch running out of memory: ``torch.OutOfMemoryError`` (a GPU's, an accelerator's), or
-    the plain ``RuntimeError`` of its CPU allocator. torch is not imported for it: an error raised where torch was
+    """Whether ``exc`` is torch running out of memory: ``torch.OutOfMemoryError`` (a GPU's, an accelerator's), a
+    GPU's running out outside the caching allocator (:data:`GPU_OUT_OF_MEMORY_TEXTS`), or the plain
+    ``RuntimeError`` of its CPU allocator. torch is not imported for it: an error raised where torch was
     never imported is none of its."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if isinstance(exc, RuntimeError) and any(text in str(exc) for text in GPU_OUT_OF_MEMORY_TEXTS):
         return True
     return ran_out_on_the_host(exc)
 

@@ -1012,3 +1012,18 @@ def test_a_signal_while_a_drawn_sample_waits_for_its_read_again_stops_before_tha
     assert ckpt.read_progress(part / f"step-{before}")["skipped"] == 0  # the sample was not taken for unreadable
     resumed = train(stage_cfg("decode-align", sample_data, part, max_steps=4, **cfg), resume=True)
     assert resumed.losses == full.losses and resumed.skipped == full.skipped == 0
+
+
+@pytest.mark.parametrize("text, ran_out", [
+    ("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported", True),  # a library's allocation
+    ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),  # cuBLAS's workspace
+    ("CUDA error: an illegal memory access was encountered", False),  # a fault, not memory running out
+    ("mat1 and mat2 shapes cannot be multiplied (4x256 and 64x64)", False),
+])
+def test_a_gpu_running_out_outside_torchs_allocator_is_out_of_memory(text, ran_out):
+    """cuBLAS or a library allocating on the GPU raises a plain RuntimeError, not torch.OutOfMemoryError: it was
+    taken for a fault of mmllm (exit 70, a traceback) instead of memory running out (exit 2 and what needs less)."""
+    from mmllm.memory import is_out_of_memory, ran_out_on_the_host
+
+    assert is_out_of_memory(RuntimeError(text)) is ran_out
+    assert not ran_out_on_the_host(RuntimeError(text))  # a GPU's memory: the GPU advice
