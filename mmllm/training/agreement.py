@@ -80,7 +80,11 @@ def on_every_process_warning_once(accelerator, work: Callable[[], Any]) -> list[
     with HeldWarnings() as held:
         mine, failure = _attempt(accelerator, work)
     mine.said = held.messages()
-    seen = _gathered(accelerator, mine)
+    try:
+        seen = _gathered(accelerator, mine)
+    except BaseException:  # the processes could not compare: this one's warnings are said, not lost
+        held.log_held()
+        raise
     main = next(s for s in seen if s.rank == 0) if not accelerator.is_main_process else None
     held.log_held(None if main is None else set(main.said), mine.where)
     _raise_any_failure(seen, failure, accelerator.process_index)
