@@ -302,3 +302,60 @@ def test_processes_that_read_other_numbers_of_usable_records_stop_together(tmp_p
                                           rf"pairs\.jsonl: {n} on process 0 \(host .*\) vs {n - 1} on process 1 "
                                           r"\(host node-b\).*check the storage"):
         read_stage_data(_TwoProcesses(), cfg)
+
+
+def _read_as(rank: int, cfg, monkeypatch, main_saw=lambda said: said) -> None:
+    """``read_stage_data`` as process ``rank`` of 2, the other process simulated: what it gathers is this
+    process's own view, as seen on the other process (its warnings through ``main_saw`` when that is the main
+    process's)."""
+    import dataclasses
+
+    import accelerate.utils
+
+    from mmllm.training.loop import read_stage_data
+
+    def gather_object(mine):
+        other = dataclasses.replace(mine[0], rank=1 - rank, host="node-b")
+        if rank == 1 and hasattr(other, "said"):
+            other.said = main_saw(list(other.said))
+        return [*mine, other]
+
+    class Launch(_Launch):
+        process_index, num_processes, is_main_process = rank, 2, rank == 0
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather_object)
+    read_stage_data(Launch(), cfg)
+
+
+def _data_with_a_bad_record_and_an_unknown_key(tmp_path: Path):
+    from mmllm.config import load_stage
+
+    lines = (REPO / "data/samples/pairs.jsonl").read_text().splitlines()
+    lines[1] = lines[1].replace('"caption"', '"captoin"')  # a typo: the key is not read, the record malformed
+    lines[2] = lines[2][:-1] + ', "note": "x"}'  # a key the format does not read
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    return load_stage(_stage_reading(tmp_path, "stage", data), [f"output_dir={tmp_path / 'out'}"])
+
+
+def test_the_first_reads_data_warnings_are_said_once_across_processes(tmp_path, monkeypatch, caplog):
+    """Every process reads the data files itself: a malformed record or a key the format does not read was
+    warned about once per process (8 copies on an 8-GPU node). Now the main process says them, and another
+    process says only what the main process did not see."""
+    cfg = _data_with_a_bad_record_and_an_unknown_key(tmp_path)
+    caplog.set_level("INFO", logger="mmllm")
+    for rank in (0, 1):  # both processes' logs, one after the other
+        _read_as(rank, cfg, monkeypatch)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [w.startswith("skipping record:") and "pairs.jsonl:2" in w for w in warned].count(True) == 1, warned
+    assert ["pairs.jsonl:3: note is a key" in w for w in warned].count(True) == 1, warned
+    assert len(warned) == len(set(warned)) == 3, warned  # the third: captoin, a key not read either
+
+
+def test_a_warning_the_main_process_did_not_see_is_said_by_the_process_that_saw_it(tmp_path, monkeypatch, caplog):
+    cfg = _data_with_a_bad_record_and_an_unknown_key(tmp_path)
+    caplog.set_level("INFO", logger="mmllm")
+    _read_as(1, cfg, monkeypatch, main_saw=lambda said: [m for m in said if not m.startswith("skipping record:")])
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith("process 1 (host "), warned
+    assert "not on the main process: skipping record:" in warned[0]

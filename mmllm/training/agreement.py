@@ -25,7 +25,7 @@ import hashlib
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ class Seen:
     host: str
     value: Any = None
     error: Failure | None = None
+    said: list[str] = field(default_factory=list)  # the warnings it logged (on_every_process_warning_once)
 
     @property
     def where(self) -> str:
@@ -61,26 +62,112 @@ def on_every_process(accelerator, work: Callable[[], Any]) -> list[Seen]:
     process stopping alone while the others wait for it at their next collective. The others' error says
     where it happened and keeps its kind (:func:`~mmllm.training.faults.kind_of`: a fault of mmllm on one
     process is one on every process, exit code 70; what the user can fix, exit code 2)."""
-    rank, host = accelerator.process_index, socket.gethostname()
-    failure: Exception | None = None
-    try:
-        mine = Seen(rank, host, value=work())
-    except Exception as exc:  # noqa: BLE001 -- every kind reaches the other processes, then is raised
-        failure = exc
-        mine = Seen(rank, host, error=Failure.of(exc, rank, host))
-    if accelerator.num_processes == 1:
-        seen = [mine]
-    else:
-        from accelerate.utils import gather_object
+    mine, failure = _attempt(accelerator, work)
+    seen = _gathered(accelerator, mine)
+    _raise_any_failure(seen, failure, accelerator.process_index)
+    return seen
 
-        seen = sorted(gather_object([mine]), key=lambda s: s.rank)
+
+def on_every_process_warning_once(accelerator, work: Callable[[], Any]) -> list[Seen]:
+    """:func:`on_every_process`, the warnings ``work`` logs (``mmllm``'s, WARNING and above) said once per run
+    rather than once per process: each process holds its own until every process has done ``work``; then the
+    main process logs all of its own, and any other process logs only those the main process did not log,
+    prefixed with where it saw them -- what a process saw alone (a media lookup that failed there) is never
+    lost. (Every process reads the same data files: their warnings would otherwise repeat once per process.)
+    One process: logged as they come."""
+    if accelerator.num_processes == 1:
+        return on_every_process(accelerator, work)
+    with HeldWarnings() as held:
+        mine, failure = _attempt(accelerator, work)
+    mine.said = held.messages()
+    try:
+        seen = _gathered(accelerator, mine)
+    except BaseException:  # the processes could not compare: this one's warnings are said, not lost
+        held.log_held()
+        raise
+    main = next(s for s in seen if s.rank == 0) if not accelerator.is_main_process else None
+    held.log_held(None if main is None else set(main.said), mine.where)
+    _raise_any_failure(seen, failure, accelerator.process_index)
+    return seen
+
+
+class HeldWarnings(logging.Handler):
+    """While entered, the WARNING and above records of the ``mmllm`` loggers are held here instead of being
+    shown; lower levels pass on as they come. :meth:`log_held` logs the held ones after (once left)."""
+
+    def __init__(self, name: str = "mmllm"):
+        super().__init__(logging.NOTSET)
+        self.logger = logging.getLogger(name)
+        self.records: list[logging.LogRecord] = []
+        self._kept: tuple[list[logging.Handler], bool] = ([], True)
+
+    def __enter__(self) -> HeldWarnings:
+        self._kept = (self.logger.handlers, self.logger.propagate)
+        self.logger.handlers, self.logger.propagate = [self], False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.handlers, self.logger.propagate = self._kept
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.records.append(record)
+        else:
+            _pass_on(record, self.logger, *self._kept)
+
+    def messages(self) -> list[str]:
+        return [r.getMessage() for r in self.records]
+
+    def log_held(self, shown_elsewhere: set[str] | None = None, where: str = "") -> None:
+        """Log the held records (once the handler is left): all of them with ``shown_elsewhere`` None (the main
+        process), else those whose message is not in it, each prefixed with ``where`` they were seen."""
+        for record in self.records:
+            if shown_elsewhere is not None:
+                message = record.getMessage()
+                if message in shown_elsewhere:
+                    continue
+                record.msg, record.args = f"{where}, not on the main process: {message}", None
+            logging.getLogger(record.name).handle(record)
+        self.records = []
+
+
+def _pass_on(record: logging.LogRecord, logger: logging.Logger, handlers: list[logging.Handler],
+             propagate: bool) -> None:
+    """What ``logger`` would have done with ``record`` had its handlers been ``handlers`` (logging's own walk)."""
+    for handler in handlers:
+        if record.levelno >= handler.level:
+            handler.handle(record)
+    parent = logger.parent if propagate else None
+    while parent is not None:
+        for handler in parent.handlers:
+            if record.levelno >= handler.level:
+                handler.handle(record)
+        parent = parent.parent if parent.propagate else None
+
+
+def _attempt(accelerator, work: Callable[[], Any]) -> tuple[Seen, Exception | None]:
+    rank, host = accelerator.process_index, socket.gethostname()
+    try:
+        return Seen(rank, host, value=work()), None
+    except Exception as exc:  # noqa: BLE001 -- every kind reaches the other processes, then is raised
+        return Seen(rank, host, error=Failure.of(exc, rank, host)), exc
+
+
+def _gathered(accelerator, mine: Seen) -> list[Seen]:
+    if accelerator.num_processes == 1:
+        return [mine]
+    from accelerate.utils import gather_object
+
+    return sorted(gather_object([mine]), key=lambda s: s.rank)
+
+
+def _raise_any_failure(seen: list[Seen], failure: Exception | None, rank: int) -> None:
     failed = [s for s in seen if s.error is not None]
     if failed:
         first = failed[0]
         if first.rank == rank and failure is not None:
             raise failure
         raise first.error.error()
-    return seen
 
 
 def run_description(cfg: StageConfig, accelerator) -> dict[str, str]:
@@ -149,7 +236,7 @@ def check_same_samples(seen: list[Seen], paths: list[str]) -> None:
             f"the {len(seen)} processes of this run read other numbers of usable records from the same data files "
             f"(usable records of {'; '.join(differing[:SHOWN])}{more}): each would draw other samples. A record "
             "whose media could not be looked up on a process is malformed there alone (that process's warnings "
-            "name it): check the storage the media are on (the system log: dmesg; the mount) from every machine, "
+            "name it: 'process N (host H), not on the main process: ...'): check the storage the media are on (the system log: dmesg; the mount) from every machine, "
             "then start the run again")
 
 

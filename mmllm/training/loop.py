@@ -66,6 +66,7 @@ from mmllm.training.agreement import (
     check_same_run,
     check_same_samples,
     on_every_process,
+    on_every_process_warning_once,
     warn_unless_shared,
 )
 from mmllm.training.faults import Failure, new_run, stops_together
@@ -197,7 +198,8 @@ def read_stage_data(accelerator, cfg: StageConfig) -> tuple[list[Any], list[floa
     """The stage's data and held-out data read on every process (bad data: refused before any writing; a process
     that cannot read them stops every process), each data file giving every process as many usable records
     (:func:`~mmllm.training.agreement.check_same_samples`): (per data set, weights, errors, held out, their
-    errors)."""
+    errors). Their warnings (malformed records, unknown keys, failed media lookups) are said once per run: by
+    the main process, and by another process only where it saw what the main process did not."""
     got: dict[str, Any] = {}
 
     def read() -> list[int]:
@@ -205,7 +207,7 @@ def read_stage_data(accelerator, cfg: StageConfig) -> tuple[list[Any], list[floa
         got["eval"] = load_stage_records(cfg.eval_data, cfg.stage)
         return [len(convs) for convs in got["data"][0] + got["eval"][0]]
 
-    seen = on_every_process(accelerator, read)
+    seen = on_every_process_warning_once(accelerator, read)  # the same files: their warnings once, not per process
     check_same_samples(seen, [ds.path for ds in cfg.all_data()])
     (per_dataset, weights, errors), (held_out, _, eval_errors) = got["data"], got["eval"]
     return per_dataset, weights, errors, held_out, eval_errors
