@@ -74,7 +74,7 @@ import torch
 from mmllm.atomic import fsync_dir, without_link
 from mmllm.config import MODALITIES, check_guidance
 from mmllm.data.formats import PLACEHOLDER_RE
-from mmllm.data.keys import closest, did_you_mean
+from mmllm.data.keys import closest, did_you_mean, in_reading_order
 from mmllm.data.media import (
     AUDIO_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -121,7 +121,8 @@ EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VID
 OVERRIDES: dict[str, type] = {"seed": int, "max_new_tokens": int, "temperature": float, "top_p": float,
                               "steps": int, "guidance": float}
 FIELDS = {"id", "prompt", "messages", "media", *MODALITIES, *OVERRIDES}
-MESSAGE_KEYS = ("role", "content", "media", "outputs")  # what a request's message holds (others are not read)
+MESSAGE_KEYS = in_reading_order(("role", "content", "media", "outputs"))  # what a request's message holds (others are not
+# read), listed as data's warnings list a message's keys
 GALLERY_EVERY_S = 30.0  # rewrite index.html at most this often during a run (and always at its end)
 GALLERY_SHARE = 0.05  # ... and at most this share of the run's time: a rewrite reads all of results.jsonl
 
