@@ -605,7 +605,7 @@ def _refine(args: argparse.Namespace) -> tuple[Path, list]:
         raise SystemExit("the data holds no assistant outputs (signal groups) to refine on")
     results = refine_output_projections(model, cache, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                         seed=args.seed)
-    path = model.save_pretrained(args.output, extra={"refined_from": str(args.checkpoint),
+    path = model.save_pretrained(args.output, extra={"refined_from": str(Path(args.checkpoint).absolute()),
                                                      "refine": describe(results)})
     return path, results
 

@@ -130,6 +130,15 @@ def checkpoint_config_yaml(checkpoint: str | Path, overrides: list[str] | None =
                        ["assembly: and lora: are those it records as built (init_from's, where it names one)."])
 
 
+def _relative_note(recorded: list[tuple[Any, str]]) -> str:
+    """What a refusal adds where an export or refine's output records a relative path to what it was made from
+    (``recorded``: (path, the command that recorded it)). An older mmllm recorded the path as given, relative to
+    the folder that command ran in, which from any other folder leads elsewhere; this one records it absolute."""
+    relative = [f"{path}: relative to the folder `{command}` ran in" for path, command in recorded
+                if path is not None and not Path(str(path)).is_absolute()]
+    return f" ({'; '.join(relative)})" if relative else ""
+
+
 def recorded_stage(checkpoint: Path, overrides: list[str]) -> StageConfig:
     """The stage config a training checkpoint's ``mmllm.json`` records, with the assembly it built and the LoRA
     it added written in, its relative paths made absolute from the folder training ran in, and ``overrides``
@@ -149,13 +158,16 @@ def recorded_stage(checkpoint: Path, overrides: list[str]) -> StageConfig:
         if key in meta:
             source = meta[key].get("checkpoint") if isinstance(meta[key], dict) else meta[key]
             if refined is not None:  # an export of refine's output (the shipped default's glue)
+                note = _relative_note([(source, "mmllm export"), (refined, "mmllm refine")])
                 raise ckpt.CheckpointError(
-                    f"{checkpoint} is {what} of {source}, which mmllm refine made from {refined}: no stage trained "
-                    f"either. Give the checkpoint it was refined from (mmllm config --checkpoint {refined})")
-            raise ckpt.CheckpointError(f"{checkpoint} is {what} of {source}, not a training checkpoint: no stage "
-                                       "trained it. Give the step-N checkpoint it was exported from")
+                    f"{checkpoint} is {what} of {source}, which mmllm refine made from {refined}{note}: no stage "
+                    f"trained either. Give the checkpoint it was refined from (mmllm config --checkpoint {refined})")
+            note = _relative_note([(source, "mmllm export")])
+            raise ckpt.CheckpointError(f"{checkpoint} is {what} of {source}{note}, not a training checkpoint: no "
+                                       "stage trained it. Give the step-N checkpoint it was exported from")
     if refined is not None:
-        raise ckpt.CheckpointError(f"{checkpoint} was made by mmllm refine from {refined} (its output projections "
+        raise ckpt.CheckpointError(f"{checkpoint} was made by mmllm refine from {refined}"
+                                   f"{_relative_note([(refined, 'mmllm refine')])} (its output projections "
                                    "refitted), not by a training stage: give the checkpoint it was refined from "
                                    f"(mmllm config --checkpoint {refined})")
     stage, working_dir = meta.get("stage"), meta.get("working_dir")

@@ -51,6 +51,9 @@ def test_training_warns_once_per_unknown_key_of_a_file_naming_its_first_line_cou
     (output,) = [w for w in warned if "messages[].output is" in w]
     assert output.startswith(f"{path}:2: messages[].output is a key the mmllm-chat format does not read")
     assert "did you mean 'outputs'?" in output and "3 record(s) of the file hold it" in output
+    # a message's keys listed as `mmllm infer` lists them (role first), not alphabetically
+    assert "(a message's keys: role, content, media, outputs)" in output
+    assert "(a record's keys: id, messages)" in [w for w in warned if ": source is a key" in w][0]
     assert any(w.startswith(f"{path}:3: messages[].contnet ") and "did you mean 'content'?" in w for w in warned)
     assert any(w.startswith(f"{path}:5: messages[].outputs[].medai ") and "did you mean 'media'?" in w
                for w in warned)

@@ -1367,6 +1367,40 @@ def test_special_token_text_is_its_lines_error_and_unknown_message_keys_are_warn
     assert "role, content, media, outputs" in warned[1]
 
 
+def test_media_errors_name_the_request_line_or_prompt_flag_as_other_request_errors_do(tiny_model, tmp_path):
+    """A missing or undecodable media file said only "image file not found: req/nothere.png", where every other
+    request error starts with its FILE:LINE (or --prompt)."""
+    (tmp_path / "empty.png").write_bytes(b"")
+    requests = write_requests(tmp_path / "r.jsonl", [
+        {"id": "ok", "prompt": "Hi."},
+        {"id": "missing", "prompt": "What is this?", "image": "nothere.png"},
+        {"id": "empty", "messages": [{"role": "user", "content": "<image> this?", "media": ["empty.png"]}]},
+    ])
+    counts = run_requests(tiny_model, requests, tmp_path / "out", max_new_tokens=2)
+    assert counts["done"] == 1 and counts["failed"] == 2, counts
+    recs = records_by_id(tmp_path / "out")
+    assert recs["missing"]["error"].startswith("r.jsonl:2: image file not found: "), recs["missing"]
+    assert recs["empty"]["error"].startswith("r.jsonl:3: ") and "empty" in recs["empty"]["error"], recs["empty"]
+    one = write_requests(tmp_path / "one" / "request.jsonl", [{"id": "p", "prompt": "What?", "image": "nothere.png"}])
+    run_requests(tiny_model, one, tmp_path / "out-prompt", max_new_tokens=2, source="--prompt")
+    assert records_by_id(tmp_path / "out-prompt")["p"]["error"].startswith("--prompt: image file not found: ")
+
+
+def test_an_empty_prompt_beside_a_misspelt_content_names_the_key_and_what_it_likely_meant(tiny_model, tmp_path):
+    """``"contnet": "..."`` on the last user turn failed as "the prompt is empty", which does not point at the
+    typo (its warning is a log line among others)."""
+    requests = write_requests(tmp_path / "r.jsonl", [
+        {"id": "typo", "messages": [{"role": "user", "contnet": "Draw a red circle."}]},
+        {"id": "blank", "messages": [{"role": "user", "content": " "}]},
+    ])
+    run_requests(tiny_model, requests, tmp_path / "out", max_new_tokens=2)
+    recs = records_by_id(tmp_path / "out")
+    assert recs["typo"]["error"] == (
+        "r.jsonl:1: messages[0]: the prompt is empty; the message has the key(s) 'contnet', which mmllm does not "
+        "read (a message's keys: role, content, media, outputs); did you mean 'content'?"), recs["typo"]
+    assert recs["blank"]["error"] == "r.jsonl:2: the prompt is empty"  # no unknown key: as before
+
+
 def test_an_answer_an_older_mmllm_rendered_without_an_earlier_outputs_signal_tokens_is_refused_on_resume(tmp_path):
     """A request giving an earlier answer's outputs was answered by an mmllm that left them out of the prompt; its
     record (so its digest) is unchanged, so a re-run skipped it and kept an answer to another prompt. Such an

@@ -406,6 +406,34 @@ def test_a_refined_checkpoint_and_its_export_name_what_they_were_refined_from(ti
     assert "which mmllm refine made from runs/cand/c/step-450" in _refused(capsys, shipped)
 
 
+def test_an_export_names_its_source_checkpoint_rightly_from_any_folder(tiny_model, tmp_path, monkeypatch, capsys):
+    """An export recorded the checkpoint as given, relative to the folder export ran in: its refusal ("X is an
+    export of runs/tiny/step-1") led elsewhere from any other folder. It is recorded absolute; an older export's
+    relative path is said to be relative to the folder `mmllm export` ran in."""
+    from mmllm.training import checkpoint as ckpt
+
+    cfg = load_stage(STAGES / "tiny" / "encode_align.yaml")
+    ckpt.save_model_checkpoint(tiny_model, tmp_path / "runs" / "tiny" / "step-1", ckpt.stage_meta(cfg))
+    monkeypatch.chdir(tmp_path)
+    exported = ckpt.export_weights_only(Path("runs/tiny/step-1"), Path("export"))
+    merged = ckpt.export_merged(Path("runs/tiny/step-1"), Path("merged"))
+    source = tmp_path / "runs" / "tiny" / "step-1"
+    assert json.loads((exported / "mmllm.json").read_text())["exported_from"]["checkpoint"] == str(source)
+    assert json.loads((merged / "mmllm.json").read_text())["merged_from"] == str(source)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    said = _refused(capsys, tmp_path / "export")
+    assert f"is an export (mmllm export) of {source}, not a training checkpoint" in said and "relative" not in said
+    assert f"is a merged export of {source}, not" in _refused(capsys, tmp_path / "merged")
+    shipped = REPO / "mmllm" / "toyworld" / "weights" / "default-glue"  # an older export: recorded relative
+    said = _refused(capsys, shipped)
+    assert ("of runs/cand/c-refined, which mmllm refine made from runs/cand/c/step-450 (runs/cand/c-refined: "
+            "relative to the folder `mmllm export` ran in; runs/cand/c/step-450: relative to the folder `mmllm "
+            "refine` ran in): no stage trained either") in said, said
+
+
 def test_config_takes_a_config_or_a_checkpoint(tmp_path, capsys):
     for argv in ([], ["--config", str(TINY), "--checkpoint", str(tmp_path)]):
         with pytest.raises(SystemExit) as done:

@@ -103,9 +103,10 @@ def test_an_export_into_a_link_to_a_folder_on_another_disk_writes_there_and_keep
 
 
 def test_refine_into_a_link_to_a_folder_on_another_disk_writes_there_and_keeps_the_link(tiny_model, sample_data,
-                                                                                     tmp_path):
+                                                                                     tmp_path, monkeypatch):
     """`mmllm refine` saves its checkpoint beside --output and renames it into place, as an export does: a link
-    there (the user's folder on another disk) was renamed away and the checkpoint left on this disk."""
+    there (the user's folder on another disk) was renamed away and the checkpoint left on this disk. The checkpoint
+    it was refined from is recorded absolute (it was recorded as given: relative to the folder refine ran in)."""
     import os
 
     from mmllm.training.checkpoint import verify_manifest
@@ -115,7 +116,8 @@ def test_refine_into_a_link_to_a_folder_on_another_disk_writes_there_and_keeps_t
     other_disk.mkdir(parents=True)
     link = tmp_path / "refined"
     os.symlink(other_disk, link)
-    assert main(["refine", "--checkpoint", str(checkpoint), "--data", str(sample_data["chat"]), "--steps", "2",
+    monkeypatch.chdir(tmp_path)
+    assert main(["refine", "--checkpoint", "checkpoint", "--data", str(sample_data["chat"]), "--steps", "2",
                  "--batch-size", "4", "--output", str(link)]) == 0
     assert link.is_symlink() and os.readlink(link) == str(other_disk)
     verify_manifest(other_disk)

@@ -25,6 +25,16 @@ def closest(key: str, known: Iterable[str]) -> str | None:
     return close[0] if close else None
 
 
+LEADING_KEYS = ("id", "role", "content")  # listed first, in this order, where a level reads them: what a record is
+
+
+def in_reading_order(known: Iterable[str]) -> tuple[str, ...]:
+    """The keys ``known`` as messages list them: :data:`LEADING_KEYS` first, the others alphabetically (a chat
+    message's ``role, content, media, outputs``, as ``mmllm infer``'s warning of a request's message lists them)."""
+    known = set(known)
+    return tuple(k for k in LEADING_KEYS if k in known) + tuple(sorted(known - set(LEADING_KEYS)))
+
+
 def did_you_mean(key: str | None) -> str:
     """"; did you mean 'x'?" for a likely key ``key`` (from :func:`closest`), "" for None. (``mmllm infer``'s
     warning of a request's unknown message keys words its guess the same way.)"""
@@ -105,7 +115,7 @@ class KeyTally:
                 past = True
                 continue
             self.found[place] = UnknownKey(place, line, 1, closest(key, level.known), level.what,
-                                           tuple(sorted(level.known)))
+                                           in_reading_order(level.known))
 
         if past:
             self.more += 1

@@ -74,7 +74,7 @@ import torch
 from mmllm.atomic import fsync_dir, without_link
 from mmllm.config import MODALITIES, check_guidance
 from mmllm.data.formats import PLACEHOLDER_RE
-from mmllm.data.keys import closest, did_you_mean
+from mmllm.data.keys import closest, did_you_mean, in_reading_order
 from mmllm.data.media import (
     AUDIO_EXTENSIONS,
     IMAGE_EXTENSIONS,
@@ -122,7 +122,8 @@ EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VID
 OVERRIDES: dict[str, type] = {"seed": int, "max_new_tokens": int, "temperature": float, "top_p": float,
                               "steps": int, "guidance": float}
 FIELDS = {"id", "prompt", "messages", "media", *MODALITIES, *OVERRIDES}
-MESSAGE_KEYS = ("role", "content", "media", "outputs")  # what a request's message holds (others are not read)
+MESSAGE_KEYS = in_reading_order(("role", "content", "media", "outputs"))  # what a request's message holds (others are not
+# read), listed as data's warnings list a message's keys
 GALLERY_EVERY_S = 30.0  # rewrite index.html at most this often during a run (and always at its end)
 GALLERY_SHARE = 0.05  # ... and at most this share of the run's time: a rewrite reads all of results.jsonl
 
@@ -285,7 +286,7 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
     if messages[-1]["role"] != "user":
         raise RequestError("the last message must be the user's")
     if not messages[-1]["content"].strip():
-        raise RequestError("the prompt is empty")
+        raise RequestError(_empty_prompt_error(msgs[-1], len(msgs) - 1))
     options = {}
     for key, kind in OVERRIDES.items():
         if key in rec:
@@ -300,6 +301,17 @@ def parse_request(rec: dict[str, Any], base: Path, default_seed: int, load: bool
     _check_ranges(options)
     seed = options.pop("seed", default_seed)
     return ParsedRequest(rid, Request(messages, media, seed, **options), messages[-1]["content"], inputs)
+
+
+def _empty_prompt_error(msg: dict[str, Any], index: int) -> str:
+    """Why the last message's text is empty: a misspelt ``content`` ("contnet") is named, with the key it likely
+    meant, rather than only "the prompt is empty" (its warning, logged just before, is easily missed)."""
+    unknown = [str(key) for key in msg if key not in MESSAGE_KEYS]
+    if not unknown:
+        return "the prompt is empty"
+    guess = next((g for key in unknown if (g := closest(key, MESSAGE_KEYS))), None)
+    return (f"messages[{index}]: the prompt is empty; the message has the key(s) {', '.join(map(repr, unknown))}, "
+            f"which mmllm does not read (a message's keys: {', '.join(MESSAGE_KEYS)}){did_you_mean(guess)}")
 
 
 def _check_ranges(options: dict[str, Any]) -> None:
@@ -925,15 +937,12 @@ class _Run:
             try:
                 parsed = parse_request(record, requests_file.parent, default_seed)
                 prepared = prepare_request(self.model, parsed.request, self.spec)
-            except (RequestError, SpecialTextError) as exc:  # the record as written: named by its line, as a
-                # malformed line is
+            except (RequestError, SpecialTextError, MediaError, ContextLengthError) as exc:  # each named by its
+                # line (or --prompt), as a malformed line is: "r.jsonl:4: image file not found: ..."
                 self.fail(line.id, "prepare", f"{where}: {exc}", line=line.lineno)
                 continue
-            except (MediaError, ContextLengthError) as exc:
-                self.fail(line.id, "prepare", str(exc), line=line.lineno)
-                continue
             except Exception as exc:  # an input nobody foresaw: this request fails, the batch goes on
-                self.fail(line.id, "prepare", f"{type(exc).__name__}: {exc}", line=line.lineno)
+                self.fail(line.id, "prepare", f"{where}: {type(exc).__name__}: {exc}", line=line.lineno)
                 continue
             ready.append((parsed, prepared, time.perf_counter() - t0))
             line_of[parsed.id] = line.lineno

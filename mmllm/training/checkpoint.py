@@ -814,7 +814,7 @@ def _export_merged(checkpoint: Path, out: Path, trust_remote_code: bool) -> Path
         if llm_options.get("trust_remote_code"):  # its classes are in its folder, saved with it into llm/
             meta_out["assembly"]["llm"]["trust_remote_code"] = True
         meta_out["lora"] = None
-        meta_out["merged_from"] = str(checkpoint)
+        meta_out["merged_from"] = str(Path(checkpoint).absolute())  # named right from any folder
         (tmp / CONFIG_FILE).write_text(json.dumps(meta_out, indent=2, default=str))
 
     return atomic_dir(out, fill)
@@ -852,9 +852,9 @@ def _export_weights_only(checkpoint: Path, out: Path, dtype: str, assembly: Path
 
     def fill(tmp: Path) -> None:
         meta = read_meta(checkpoint)
-        meta["exported_from"] = {"checkpoint": str(checkpoint), "dtype": dtype}
+        meta["exported_from"] = {"checkpoint": str(Path(checkpoint).absolute()), "dtype": dtype}  # right from any folder
         if new_assembly is not None:
-            meta["exported_from"]["assembly"] = str(assembly)
+            meta["exported_from"]["assembly"] = str(Path(assembly).absolute())
             meta["assembly"] = new_assembly
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, default=str))
         cast(checkpoint / LEARNED_FILE, tmp / LEARNED_FILE)
