@@ -359,3 +359,58 @@ def test_a_warning_the_main_process_did_not_see_is_said_by_the_process_that_saw_
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and warned[0].startswith("process 1 (host "), warned
     assert "not on the main process: skipping record:" in warned[0]
+
+
+def _gathering_as_the_other_too(monkeypatch) -> None:
+    import dataclasses
+
+    import accelerate.utils
+
+    monkeypatch.setattr(accelerate.utils, "gather_object",
+                        lambda mine: [*mine, dataclasses.replace(mine[0], rank=1, host="node-b")])
+
+
+def test_another_threads_error_during_the_held_read_is_said_as_it_comes(monkeypatch, caplog):
+    """The faults watch thread logs another process's failure and then ends this process (os._exit) -- possibly
+    while this process's read holds its warnings: held, that error was never said. Only the reading thread's
+    warnings are held."""
+    import logging
+    import threading
+
+    from mmllm.training.agreement import on_every_process_warning_once
+
+    _gathering_as_the_other_too(monkeypatch)
+    caplog.set_level("INFO", logger="mmllm")
+    said_during: list[list[str]] = []
+
+    def read() -> int:
+        logging.getLogger("mmllm.data.formats").warning("a data warning")
+        watch = threading.Thread(target=lambda: logging.getLogger("mmllm.training.faults").error("process 1 failed"))
+        watch.start()
+        watch.join()
+        said_during.append([r.getMessage() for r in caplog.records])
+        return 1
+
+    on_every_process_warning_once(_TwoProcesses(), read)
+    assert said_during == [["process 1 failed"]]  # the data warning held, the other thread's error not
+    assert [r.getMessage() for r in caplog.records] == ["process 1 failed", "a data warning"]
+
+
+def test_warnings_held_when_the_read_is_interrupted_are_said(monkeypatch, caplog):
+    """Ctrl-C (KeyboardInterrupt) during the first read: the warnings held so far went with it."""
+    import logging
+
+    from mmllm.training.agreement import on_every_process_warning_once
+
+    _gathering_as_the_other_too(monkeypatch)
+    caplog.set_level("INFO", logger="mmllm")
+
+    def read() -> int:
+        logging.getLogger("mmllm.data.formats").warning("skipping record: pairs.jsonl:2: malformed")
+        raise KeyboardInterrupt
+
+    before = list(logging.getLogger("mmllm").handlers), logging.getLogger("mmllm").propagate
+    with pytest.raises(KeyboardInterrupt):
+        on_every_process_warning_once(_TwoProcesses(), read)
+    assert [r.getMessage() for r in caplog.records] == ["skipping record: pairs.jsonl:2: malformed"]
+    assert (logging.getLogger("mmllm").handlers, logging.getLogger("mmllm").propagate) == before  # restored

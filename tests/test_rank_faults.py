@@ -207,3 +207,20 @@ def test_a_failure_is_read_while_torch_waits_on_the_store_for_a_key_that_does_no
         for watch in watches:
             watch.stop()
         waiting.join()
+
+
+@pytest.mark.parametrize("kind, text", [
+    ("OutOfMemoryError", "CUDA out of memory. Tried to allocate 2.00 GiB"),  # the caching allocator's
+    ("RuntimeError", "CUDA error: out of memory"),  # a library's allocation
+    ("RuntimeError", "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1024 bytes"),
+])
+def test_torchs_out_of_memory_outside_a_step_is_told_to_the_others_as_out_of_memory(kind, text):
+    """Memory running out where no step wraps it (a model loading onto the GPU): the process that ran out exits 2
+    (the command's out-of-memory report), but the others were told an "unexpected error" of mmllm, and a process
+    its watching thread stopped exited 70, as for a fault."""
+    import torch
+
+    failure = faults.Failure.of({"OutOfMemoryError": torch.OutOfMemoryError, "RuntimeError": RuntimeError}[kind](text),
+                                1, "h")
+    assert failure.kind == "user" and faults.exit_code(failure.kind) == 2
+    assert str(failure.error()) == f"on process 1 (host h): {text}"

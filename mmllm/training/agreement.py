@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,8 +78,13 @@ def on_every_process_warning_once(accelerator, work: Callable[[], Any]) -> list[
     One process: logged as they come."""
     if accelerator.num_processes == 1:
         return on_every_process(accelerator, work)
-    with HeldWarnings() as held:
-        mine, failure = _attempt(accelerator, work)
+    held = HeldWarnings()
+    try:
+        with held:
+            mine, failure = _attempt(accelerator, work)
+    except BaseException:  # not an Exception (Ctrl-C, SystemExit): what was held is said before it goes on
+        held.log_held()
+        raise
     mine.said = held.messages()
     try:
         seen = _gathered(accelerator, mine)
@@ -92,16 +98,20 @@ def on_every_process_warning_once(accelerator, work: Callable[[], Any]) -> list[
 
 
 class HeldWarnings(logging.Handler):
-    """While entered, the WARNING and above records of the ``mmllm`` loggers are held here instead of being
-    shown; lower levels pass on as they come. :meth:`log_held` logs the held ones after (once left)."""
+    """While entered, the WARNING and above records of the ``mmllm`` loggers logged by the thread that entered it
+    are held here instead of being shown; lower levels, and every record of another thread (the faults watch's
+    error, logged just before it ends the process), pass on as they come. :meth:`log_held` logs the held ones
+    after (once left)."""
 
     def __init__(self, name: str = "mmllm"):
         super().__init__(logging.NOTSET)
         self.logger = logging.getLogger(name)
         self.records: list[logging.LogRecord] = []
         self._kept: tuple[list[logging.Handler], bool] = ([], True)
+        self._thread: int | None = None  # the thread whose records are held
 
     def __enter__(self) -> HeldWarnings:
+        self._thread = threading.get_ident()
         self._kept = (self.logger.handlers, self.logger.propagate)
         self.logger.handlers, self.logger.propagate = [self], False
         return self
@@ -110,7 +120,7 @@ class HeldWarnings(logging.Handler):
         self.logger.handlers, self.logger.propagate = self._kept
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.WARNING:
+        if record.levelno >= logging.WARNING and record.thread == self._thread:
             self.records.append(record)
         else:
             _pass_on(record, self.logger, *self._kept)

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from mmllm.config import ConfigError, UserError
-from mmllm.memory import OutOfMemory
+from mmllm.memory import OutOfMemory, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def kind_of(exc: BaseException) -> str:
         return exc.kind
     if isinstance(exc, OSError):
         return "os"
-    if isinstance(exc, (UserError, OutOfMemory)):
+    if isinstance(exc, (UserError, OutOfMemory)) or is_out_of_memory(exc):  # also torch's own, not yet OutOfMemory
         return "user"
     return "fault"
 
