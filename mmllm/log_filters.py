@@ -60,3 +60,14 @@ def diffusers_noise_dropped() -> Iterator[None]:
     finally:
         if added:
             logger.removeFilter(DIFFUSERS_NOISE)
+
+
+# ``extra`` of a warning that reports a wait while it happens ("... failed; trying again in 30 s"): where a command
+# holds the warnings of a stretch of work to say each once across processes (mmllm.training.agreement.HeldWarnings),
+# such a line still goes out at once, or the user would see nothing until the wait is over
+AS_IT_HAPPENS = {"mmllm_as_it_happens": True}
+
+
+def said_as_it_happens(record: logging.LogRecord) -> bool:
+    """Whether ``record`` was logged with :data:`AS_IT_HAPPENS`."""
+    return bool(getattr(record, "mmllm_as_it_happens", False))

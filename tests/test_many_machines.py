@@ -396,6 +396,39 @@ def test_another_threads_error_during_the_held_read_is_said_as_it_comes(monkeypa
     assert [r.getMessage() for r in caplog.records] == ["process 1 failed", "a data warning"]
 
 
+def test_a_failed_lookup_waiting_to_be_tried_again_is_said_while_the_read_holds_its_warnings(monkeypatch, caplog):
+    """"looking up the record's media failed (...); trying again in 30 s" reports a wait while it happens: held with
+    the first read's warnings, it was said only once the wait (and the whole read) was over."""
+    import logging
+
+    from mmllm.data import index as index_module
+    from mmllm.training.agreement import on_every_process_warning_once
+
+    _gathering_as_the_other_too(monkeypatch)
+    monkeypatch.setattr(index_module, "READ_RETRY_DELAYS", (0.01,))
+    caplog.set_level("INFO", logger="mmllm")
+    said_during: list[list[str]] = []
+    tries = []
+
+    def parser(rec, line):  # a media lookup's passing I/O error, then the record
+        tries.append(line)
+        if len(tries) == 1:
+            said_during.append([r.getMessage() for r in caplog.records])
+            raise OSError(5, "Input/output error")
+        said_during.append([r.getMessage() for r in caplog.records])
+        return rec
+
+    def read() -> int:
+        logging.getLogger("mmllm.data.formats").warning("a data warning")
+        assert index_module.parse_retrying(parser, {"id": "a"}, 1, "d.jsonl:1") == {"id": "a"}
+        return 1
+
+    on_every_process_warning_once(_TwoProcesses(), read)
+    waited = "d.jsonl:1: looking up the record's media failed ([Errno 5] Input/output error); trying again in 0.01 s"
+    assert said_during == [[], [waited]]  # said while the read went on; the data warning still held
+    assert [r.getMessage() for r in caplog.records] == [waited, "a data warning"]
+
+
 def test_warnings_held_when_the_read_is_interrupted_are_said(monkeypatch, caplog):
     """Ctrl-C (KeyboardInterrupt) during the first read: the warnings held so far went with it."""
     import logging

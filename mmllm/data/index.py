@@ -62,6 +62,7 @@ from mmllm.data.formats import (
 )
 from mmllm.data.keys import KeyTally, UnknownKey
 from mmllm.data.template import pair_to_conversation
+from mmllm.log_filters import AS_IT_HAPPENS
 
 EMPTY_REPLY_IDS = 5  # ids of conversations with empty replies kept for the warning that names them
 OPEN_DATA_FILES = 64  # data files a process holds open at once (an index whose file was closed opens it again)
@@ -257,7 +258,8 @@ def parse_retrying(parser: RecordParser, rec: Any, line: int, where: str,
         except OSError as exc:
             if exc.errno in LASTING_ERRNOS or (lasting is not None and lasting(exc)):
                 raise
-            log.warning("%s: looking up the record's media failed (%s); trying again in %g s", where, exc, delay)
+            log.warning("%s: looking up the record's media failed (%s); trying again in %g s", where, exc, delay,
+                        extra=AS_IT_HAPPENS)
         _wait(delay, where)
     return parser(rec, line)
 
@@ -475,7 +477,7 @@ class ConversationIndex(Sequence[Conversation]):
             try:
                 return read()
             except OSError as exc:
-                log.warning("%s: reading the data file failed (%s); trying again in %g s", where, exc, delay)
+                log.warning("%s: reading the data file failed (%s); trying again in %g s", where, exc, delay, extra=AS_IT_HAPPENS)
             _wait(delay, where)
             self.close()
         return read()

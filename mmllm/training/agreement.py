@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from mmllm.config import ConfigError, StageConfig, flat_keys, load_assembly, load_lora, to_dict
+from mmllm.log_filters import said_as_it_happens
 from mmllm.training.faults import Failure
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,9 @@ def on_every_process_warning_once(accelerator, work: Callable[[], Any]) -> list[
 
 class HeldWarnings(logging.Handler):
     """While entered, the WARNING and above records of the ``mmllm`` loggers logged by the thread that entered it
-    are held here instead of being shown; lower levels, and every record of another thread (the faults watch's
-    error, logged just before it ends the process), pass on as they come. :meth:`log_held` logs the held ones
+    are held here instead of being shown; lower levels, a wait reported while it happens
+    (:data:`mmllm.log_filters.AS_IT_HAPPENS`: "... trying again in 30 s"), and every record of another thread (the
+    faults watch's error, logged just before it ends the process), pass on as they come. :meth:`log_held` logs the held ones
     after (once left)."""
 
     def __init__(self, name: str = "mmllm"):
@@ -120,7 +122,7 @@ class HeldWarnings(logging.Handler):
         self.logger.handlers, self.logger.propagate = self._kept
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.WARNING and record.thread == self._thread:
+        if record.levelno >= logging.WARNING and record.thread == self._thread and not said_as_it_happens(record):
             self.records.append(record)
         else:
             _pass_on(record, self.logger, *self._kept)
