@@ -10,7 +10,7 @@ STEPS=${DEVICE_STEPS:-8}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/checks.log") 2>&1
 cd "$(dirname "$0")/../.."
-D=.device
+D=${DEVICE_PARTS:-.device}  # where the parts are: the device tool removes .device/ between calls, so the calls copy them to /tmp
 
 need() { [ -e "$1" ] || { echo "missing $1: the machine was given back between the carrying calls (or pack.py was not run); make the calls again, back to back"; exit 3; }; }
 first=$(ls $D/part-1/*.whl.0 2>/dev/null | head -1)
@@ -25,8 +25,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 mkdir -p /tmp/mmllm-wheels
 cat "$first" "$D/part-2/$wheel.1" > "/tmp/mmllm-wheels/$wheel"
 PY=${DEVICE_PY:-python3}
-$PY -m venv --system-site-packages /tmp/mmllm-venv
+$PY -m venv --system-site-packages --clear /tmp/mmllm-venv
 V=/tmp/mmllm-venv/bin/python
+# A venv made from a venv's python (the image's torch lives in /opt/torch/.venv) sees the base interpreter's
+# packages, not that venv's: a .pth file adds them.
+base_site=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+new_site=$($V -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+[ "$base_site" != "$new_site" ] && echo "$base_site" > "$new_site/device-base.pth"
 $V -m pip install -q --no-deps --no-index /tmp/mmllm-wheels/*.whl $D/part-2/wheels/*.whl $D/part-3/wheels/*.whl
 if [ ! -e mmllm/toyworld/weights/manifest.json ]; then
   mkdir -p mmllm/toyworld/weights && tar -xf $D/part-2/weights.tar -C mmllm/toyworld/weights

