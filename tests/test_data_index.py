@@ -410,10 +410,9 @@ def test_a_media_lookup_the_file_system_refuses_skips_the_sample(tmp_path, tiny_
     from mmllm.data.dataset import SampleError, StageDataset
     from mmllm.training.loop import token_spec
 
-    path = tmp_path / "cc3m.json"
-    path.write_text(json.dumps([{"id": f"n{i}", "caption": f"a red circle {i}", "image_name": f"{i}.png"}
-                                for i in range(3)]))
-    per, _, _ = load_stage_records([DatasetConfig(path=str(path), format="nextgpt-pairs")], "decode-align")
+    data = _pairs_file(tmp_path, [f"{i}.png" for i in range(3)])
+    path = data.path
+    per, _, _ = load_stage_records([data], "decode-align")
     ds = StageDataset(per[0], tiny_model.llm.tokenizer, token_spec(tiny_model), {})
     real = os.stat
 
@@ -598,10 +597,7 @@ def test_missing_media_files_are_not_waited_on(tmp_path, monkeypatch):
     (nextgpt's lookup takes ENOENT for "not there"): drawing 200 such samples waits for nothing."""
     import time
 
-    path = tmp_path / "cc3m.json"
-    path.write_text(json.dumps([{"id": f"n{i}", "caption": f"a red circle {i}", "image_name": f"{i}.png"}
-                                for i in range(200)]))
-    per, _, _ = load_stage_records([DatasetConfig(path=str(path), format="nextgpt-pairs")], "decode-align")
+    per, _, _ = load_stage_records([_pairs_file(tmp_path, [f"{i}.png" for i in range(200)])], "decode-align")
     monkeypatch.setattr(index_module, "READ_RETRY_DELAYS", (5.0, 5.0))
     started = time.monotonic()
     got = [per[0][i] for i in range(len(per[0]))]
@@ -633,26 +629,13 @@ def test_media_lookups_that_keep_failing_while_the_file_is_first_read_stop_the_r
     run (DataFileUnreadable, naming both), having tried only those two."""
     import time
 
-    from mmllm.data import nextgpt
-
-    (tmp_path / "d").mkdir()
-    path = tmp_path / "d" / "cc3m.json"
-    path.write_text(json.dumps([{"id": f"n{i}", "caption": f"a red circle {i}", "image_name": f"{i}.png"}
-                                for i in range(1000)]))
-    real, calls = os.stat, []
-
-    def dead(p, *a, **k):  # os.stat itself (nextgpt's is the os module's): the media's, not the data file's
-        if not str(p).endswith(".png"):
-            return real(p, *a, **k)
-        calls.append(str(p))
-        raise OSError(errno.EIO, "Input/output error", str(p))
-
-    monkeypatch.setattr(nextgpt.os, "stat", dead)
+    data = _pairs_file(tmp_path, [f"{i}.png" for i in range(1000)])
+    calls = _stat_failing(monkeypatch, lambda name, tries: True)  # every image's, not the data file's
     monkeypatch.setattr(index_module, "READ_RETRY_DELAYS", (0.05, 0.1))
     started = time.monotonic()
     with pytest.raises(DataFileUnreadable, match=r"the media of 2 records in a row cannot be looked up \(line 1: "
                                                  r".*0\.png.*; line 1: .*1\.png.*Check the storage"):
-        index_dataset(DatasetConfig(path=str(path), format="nextgpt-pairs"), "decode-align")
+        index_dataset(data, "decode-align")
     assert time.monotonic() - started < 1.0
     assert len(calls) == 6  # two records, three tries each
 
@@ -664,10 +647,7 @@ def test_a_media_file_whose_lookup_keeps_failing_is_malformed_and_waited_on_once
     not tried again: the waits of a file are bounded."""
     from mmllm.data import nextgpt
 
-    path = tmp_path / "cc3m.json"
     names = ["bad.png" if i % 10 == 3 else f"b{i}.png" if i % 10 == 7 else f"{i}.png" for i in range(100)]
-    path.write_text(json.dumps([{"id": f"n{i}", "caption": f"a red circle {i}", "image_name": name}
-                                for i, name in enumerate(names)]))
     real, failed = os.stat, []
 
     def stat(p, *a, **k):
@@ -678,7 +658,7 @@ def test_a_media_file_whose_lookup_keeps_failing_is_malformed_and_waited_on_once
 
     monkeypatch.setattr(nextgpt.os, "stat", stat)
     monkeypatch.setattr(index_module, "READ_RETRY_DELAYS", (0, 0))
-    index, malformed, _ = index_dataset(DatasetConfig(path=str(path), format="nextgpt-pairs"), "decode-align")
+    index, malformed, _ = index_dataset(_pairs_file(tmp_path, names), "decode-align")
     assert len(index) == 80 and len(malformed) == 20
     assert failed.count("bad.png") == 3 + 9  # tried three times for its first record, once for each other
     retried = index_module.LOOKUP_RETRIED_RECORDS

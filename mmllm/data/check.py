@@ -9,17 +9,18 @@ precomputed caption embeddings that are missing or do not fit the decoder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mmllm.atomic import atomic_write_text
 from mmllm.data.formats import PAIR_FORMATS, Conversation
-from mmllm.data.index import DataFileUnreadable, RecordUnreadable, index_dataset
+from mmllm.data.index import DataFileUnreadable, RecordUnreadable, index_dataset, readable
 from mmllm.data.keys import did_you_mean
 from mmllm.data.media import SAMPLE_ERRORS, load_media
 from mmllm.data.precomputed import EmbeddingShapeError, load_embedding
@@ -189,7 +190,7 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
     full = dataclasses.replace(spec, max_length=10**9)
     first_at: dict[str, str] = {}
     try:
-        for batch in _batches(_readable(convs, out), ENCODE_BATCH):
+        for batch in _batches(readable(convs, functools.partial(_unusable_record, out)), ENCODE_BATCH):
             for conv, encoded in zip(batch, encode_conversations(batch, tokenizer, full)):
                 out.conversations += 1
                 if conv.id in first_at and conv.id != conv.source:  # an id of the record's own, not its position
@@ -197,7 +198,7 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
                 first_at.setdefault(conv.id, conv.source)
                 _check_conversation(conv, encoded, out, tokenizer, spec, conditioning_shapes, probe, output_media)
         if out.missing:  # then some may name files from the working directory: read the conversations again
-            out.missing_from_cwd = _found_from_cwd(_readable(convs), ds, probe, output_media)
+            out.missing_from_cwd = _found_from_cwd(readable(convs, _already_counted), ds, probe, output_media)
     except DataFileUnreadable as exc:  # the file (its disk) stopped giving records: the next data set is checked
         out.dataset_problems.append(str(exc))
         return out
@@ -206,20 +207,17 @@ def check_dataset(ds: Any, stage: str, tokenizer: Any, spec: TokenSpec, conditio
     return out
 
 
-def _readable(convs: Sequence[Conversation], out: DatasetCheck | None = None) -> Iterator[Conversation]:
-    """The conversations of ``convs`` whose records can be read from the data file; one that cannot (an I/O
-    error that trying again did not clear: training skips that sample) is counted and listed as unusable in
-    ``out`` rather than stopping the check."""
-    for i in range(len(convs)):
-        try:
-            conv = convs[i]
-        except RecordUnreadable as exc:
-            if out is not None:
-                out.conversations += 1
-                reason = str(exc)
-                out.unusable.append(reason if exc.sample_id == exc.source else f"{exc.sample_id}: {reason}")
-            continue
-        yield conv
+def _unusable_record(out: DatasetCheck, exc: RecordUnreadable) -> None:
+    """A conversation whose record cannot be read from the data file (an I/O error that trying again did not
+    clear: training skips that sample), counted and listed as unusable in ``out`` rather than stopping the check."""
+    out.conversations += 1
+    reason = str(exc)
+    out.unusable.append(reason if exc.sample_id == exc.source else f"{exc.sample_id}: {reason}")
+
+
+def _already_counted(exc: RecordUnreadable) -> None:
+    """A record the check's first pass counted as unusable (:func:`_unusable_record`): left out of a later pass,
+    not listed again."""
 
 
 def _batches(convs: Iterable[Conversation], size: int) -> Iterator[list[Conversation]]:

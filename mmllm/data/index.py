@@ -190,11 +190,13 @@ class Chained(Iterable[Conversation]):
             yield from part
 
 
-def readable(conversations: Iterable[Conversation]) -> Iterator[Conversation]:
+def readable(conversations: Iterable[Conversation],
+             unreadable: Callable[[RecordUnreadable], None] | None = None) -> Iterator[Conversation]:
     """``conversations`` (a :class:`ConversationIndex`, a :class:`Chained` of them, or held ones) in one pass,
     leaving out each whose record the data file fails to give (:class:`RecordUnreadable`, after its retries:
-    training skips that sample), each said in a warning: a pass over the whole data (``mmllm cache``,
-    ``cache.require``) reads what training reads rather than stopping at one unreadable record."""
+    training skips that sample), each said in a warning or given to ``unreadable``: a pass over the whole data
+    (``mmllm cache``, ``cache.require``, ``mmllm data check``) reads what training reads rather than stopping at
+    one unreadable record."""
     parts = conversations.parts if isinstance(conversations, Chained) else [conversations]
     for part in parts:
         if not isinstance(part, ConversationIndex):
@@ -204,7 +206,10 @@ def readable(conversations: Iterable[Conversation]) -> Iterator[Conversation]:
             try:
                 conv = part[i]
             except RecordUnreadable as exc:
-                log.warning("%s: left out, as training skips that sample", exc)
+                if unreadable is None:
+                    log.warning("%s: left out, as training skips that sample", exc)
+                else:
+                    unreadable(exc)
                 continue
             yield conv
 

@@ -75,7 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lines", type=int, default=100_000)
     ap.add_argument("--assemblies", default="tiny,default")
-    ap.add_argument("--repeat", type=int, default=2, help="rounds of the three modes; each row its fastest")
+    ap.add_argument("--repeat", type=int, default=2, help="rounds of the two modes; each row its fastest")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
