@@ -401,11 +401,6 @@ class _ResultsLog:
                           "written before it may not be on disk. Free or fix the disk and run the same command "
                           "again: it answers the requests not recorded") from error
 
-    def sync(self) -> None:
-        with self.lock:
-            self._sync()
-            self._raise_timer_error()
-
     def _sync(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
