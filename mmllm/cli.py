@@ -338,7 +338,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             held.enter_context(hold_folder(Path(args.output), "mmllm infer", "give this run another --output"))
             done = None
             if args.overwrite:
-                check_overwrite(Path(args.output), requests)
+                check_overwrite(Path(args.output), requests, lines)
             else:
                 done = check_resume(Path(args.output), requests, run_settings(
                     Path(args.checkpoint), args.dtype, args.seed, args.max_new_tokens, args.temperature, args.top_p,

@@ -232,9 +232,9 @@ def test_per_request_token_limit_and_cut_signal_groups(model):
     a, b = generate_answers(model, [prepare_request(model, r) for r in (short, long)], Settings())
     assert len(a.token_ids) <= 3 and b.token_ids[: len(a.token_ids)] == a.token_ids
     img = model.llm.signal_ids["image"]
-    assert _trim([5, *img, 6, *img[:2]], [], model.llm.signal_ids) == [5, *img, 6]
-    assert _trim([5, *img, 7, 8], [7], model.llm.signal_ids) == [5, *img]
-    assert _trim([5, 9, *img, 7, 8], [7, 9], model.llm.signal_ids) == [5]  # any end-of-turn id ends it
+    assert _trim([5, *img, 6, *img[:2]], [], model.llm.signal_ids) == ([5, *img, 6], "image")
+    assert _trim([5, *img, 7, 8], [7], model.llm.signal_ids) == ([5, *img], None)
+    assert _trim([5, 9, *img, 7, 8], [7, 9], model.llm.signal_ids) == ([5], None)  # any end-of-turn id ends it
 
 
 def test_generation_stops_at_the_token_the_chat_template_closes_answers_with(tiny_assembly):

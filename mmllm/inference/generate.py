@@ -356,7 +356,7 @@ def _generate_answers(model, batch: list[PreparedRequest], settings: Settings) -
     )
     results = []
     for index, (row, limit) in enumerate(zip(new.tolist(), limits)):
-        answer, cut_off = _without_cut_group(before_end(row[:limit], eos_ids), model.llm.signal_ids)
+        answer, cut_off = _trim(row[:limit], eos_ids, model.llm.signal_ids)
         if cut_off is not None:  # the callers say which request (generate, the runner): the batch's index is theirs
             log.debug("row %d: a %s signal group cut off at %d new tokens; dropped", index, cut_off, limit)
         text = tok.decode(answer, skip_special_tokens=True)
@@ -459,10 +459,6 @@ def before_end(row: list[int], eos: list[int]) -> list[int]:
     return row[: ends[0]] if ends else row
 
 
-def _trim(row: list[int], eos: list[int], signal_ids: dict[str, list[int]]) -> list[int]:
-    """Cut at the first end-of-sequence token, then drop a signal group the token limit cut short."""
-    return _without_cut_group(before_end(row, eos), signal_ids)[0]
-
 
 def cut_off_note(modality: str) -> str:
     """What the warning of an answer whose ``modality`` signal group the token limit cut off says."""
@@ -471,9 +467,11 @@ def cut_off_note(modality: str) -> str:
             "max_new_tokens leaves it room)")
 
 
-def _without_cut_group(row: list[int], signal_ids: dict[str, list[int]]) -> tuple[list[int], str | None]:
-    """``row`` without a signal group the token limit cut short at its end, and that group's modality (None
-    where none was cut). Only the last group can be: once begun, a group is forced to completion."""
+def _trim(row: list[int], eos: list[int], signal_ids: dict[str, list[int]]) -> tuple[list[int], str | None]:
+    """Cut at the first end-of-sequence token, then drop a signal group the token limit cut short at the end; the
+    answer, and the cut group's modality (None where none was cut). Only the last group can be: once begun, a
+    group is forced to completion."""
+    row = before_end(row, eos)
     firsts = {ids[0]: (m, ids) for m, ids in signal_ids.items()}
     for start in range(max(0, len(row) - max((len(v) for v in signal_ids.values()), default=0)), len(row)):
         modality, ids = firsts.get(row[start], (None, None))

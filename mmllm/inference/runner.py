@@ -401,11 +401,6 @@ class _ResultsLog:
                           "written before it may not be on disk. Free or fix the disk and run the same command "
                           "again: it answers the requests not recorded") from error
 
-    def sync(self) -> None:
-        with self.lock:
-            self._sync()
-            self._raise_timer_error()
-
     def _sync(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
@@ -707,10 +702,11 @@ def _resume_verdict(rec: dict[str, Any], by_id: dict[str, _Line], made: dict[str
     return (line.id, changed, "settings" in rec) if changed or "settings" not in rec else line.id
 
 
-def check_overwrite(out: Path, requests_file: Path) -> None:
+def check_overwrite(out: Path, requests_file: Path, lines: list[_Line] | None = None) -> None:
     """Refuse (:class:`OutputError`) an ``overwrite`` that would delete the requests file or an input file of
     a request: what :func:`start_afresh` removes, ``out``'s results.jsonl, index.html and its ``media/``
-    whole (results written next to their requests; the earlier results given as requests)."""
+    whole (results written next to their requests; the earlier results given as requests). ``lines``: the
+    requests file's, where the caller has read them (:func:`read_lines`), as :func:`check_resume` takes them."""
     out, requests_file = Path(out), Path(requests_file)
     removed = [path.resolve() for path in _run_outputs(out)]
     if not removed:
@@ -724,10 +720,11 @@ def check_overwrite(out: Path, requests_file: Path) -> None:
     if doomed(requests_file):
         raise OutputError(f"starting {out} afresh (--overwrite) would delete the requests file {requests_file}: "
                           f"{how}")
-    for line in read_lines(requests_file):
-        if line.record is None:
+    for line in read_lines(requests_file) if lines is None else lines:
+        record = line.record  # parsed from the line's text on each access: once here
+        if record is None:
             continue
-        for name in _input_paths(line.record or {}, requests_file.parent) or []:
+        for name in _input_paths(record, requests_file.parent) or []:
             if doomed(Path(name)):
                 raise OutputError(f"starting {out} afresh (--overwrite) would delete {name}, an input of request "
                                   f"{line.id!r} ({requests_file}:{line.lineno}): {how}")
@@ -1185,7 +1182,7 @@ def run_requests(
         if lines is None:
             lines = read_lines(requests_file)
         if overwrite:
-            check_overwrite(out, requests_file)
+            check_overwrite(out, requests_file, lines)
             start_afresh(out)
             done = set()
         elif not resume_checked:
