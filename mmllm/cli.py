@@ -416,11 +416,9 @@ def _stage_assembly(cfg):
     from mmllm.config import config_source, load_assembly
     from mmllm.registry import check_part_options
     from mmllm.training.checkpoint import checkpoint_assembly
-    from mmllm.training.init_from import check_init_from, checkpoint_missing, stage_trusts_remote_code
+    from mmllm.training.init_from import continues_checkpoint
 
-    if cfg.init_from and not checkpoint_missing(cfg):
-        check_init_from(cfg)
-        stage_trusts_remote_code(cfg)  # refused as training refuses it: the recorded assembly is built next
+    if continues_checkpoint(cfg):  # refused as training refuses it: the recorded assembly is built next
         return checkpoint_assembly(Path(cfg.init_from))
     assembly = load_assembly(cfg.assembly, cfg.assembly_overrides)
     check_part_options(assembly, config_source(cfg.assembly), cfg.assembly_overrides, "assembly.")

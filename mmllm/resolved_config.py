@@ -88,12 +88,10 @@ def stage_assembly_checked(cfg: StageConfig) -> AssemblyConfig:
     it before anything is built: against ``init_from``'s recorded one when that checkpoint exists (the one that
     trains then), else each part's options."""
     from mmllm.registry import check_part_options
-    from mmllm.training.init_from import check_init_from, checkpoint_missing, stage_trusts_remote_code
+    from mmllm.training.init_from import continues_checkpoint
 
     assembly = load_assembly(cfg.assembly, cfg.assembly_overrides)
-    if cfg.init_from and not checkpoint_missing(cfg):
-        check_init_from(cfg)  # warns where the checkpoint's assembly differs, refuses an override it contradicts
-        stage_trusts_remote_code(cfg)
+    if continues_checkpoint(cfg):
         log.info("init_from %s exists: training continues the assembly its mmllm.json records (compared with "
                  "this one above); the assembly printed is the stage's own", cfg.init_from)
     else:
