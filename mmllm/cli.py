@@ -867,8 +867,7 @@ class CommandParser(argparse.ArgumentParser):
         if message.startswith("the following arguments are required"):
             flags = {flag for action in self._actions for flag in action.option_strings}
             unknown = [w for w in self.command_line if w.startswith("--") and w.split("=", 1)[0] not in flags]
-            hints = unrecognized(unknown, self).split("; ")[1:] if unknown else []
-            message = "; ".join([message, *hints])
+            message = "; ".join([message, *resembling(unknown, self)])
         super().error(message)
 
 
@@ -1135,14 +1134,20 @@ def command_name(args: argparse.Namespace) -> str:
 
 def unrecognized(extra: list[str], parser: argparse.ArgumentParser) -> str:
     """argparse's "unrecognized arguments", naming the flag of ``parser`` each unknown one most resembles."""
+    return "; ".join([f"unrecognized arguments: {' '.join(extra)}", *resembling(extra, parser)])
+
+
+def resembling(words: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """"--given: did you mean --flag?" for each ``--`` word of ``words`` (``--given=value`` too) that resembles a
+    flag of ``parser``."""
     flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
     hints = []
-    for word in extra:
+    for word in words:
         given = word.split("=", 1)[0]
         close = difflib.get_close_matches(given, flags, n=1) if given.startswith("--") else []
         if close:
             hints.append(f"{given}: did you mean {close[0]}?")
-    return "; ".join([f"unrecognized arguments: {' '.join(extra)}", *hints])
+    return hints
 
 
 def stdout_reader_gone() -> bool:
