@@ -416,11 +416,9 @@ def _stage_assembly(cfg):
     from mmllm.config import config_source, load_assembly
     from mmllm.registry import check_part_options
     from mmllm.training.checkpoint import checkpoint_assembly
-    from mmllm.training.init_from import check_init_from, checkpoint_missing, stage_trusts_remote_code
+    from mmllm.training.init_from import continues_checkpoint
 
-    if cfg.init_from and not checkpoint_missing(cfg):
-        check_init_from(cfg)
-        stage_trusts_remote_code(cfg)  # refused as training refuses it: the recorded assembly is built next
+    if continues_checkpoint(cfg):  # refused as training refuses it: the recorded assembly is built next
         return checkpoint_assembly(Path(cfg.init_from))
     assembly = load_assembly(cfg.assembly, cfg.assembly_overrides)
     check_part_options(assembly, config_source(cfg.assembly), cfg.assembly_overrides, "assembly.")
@@ -869,8 +867,7 @@ class CommandParser(argparse.ArgumentParser):
         if message.startswith("the following arguments are required"):
             flags = {flag for action in self._actions for flag in action.option_strings}
             unknown = [w for w in self.command_line if w.startswith("--") and w.split("=", 1)[0] not in flags]
-            hints = unrecognized(unknown, self).split("; ")[1:] if unknown else []
-            message = "; ".join([message, *hints])
+            message = "; ".join([message, *resembling(unknown, self)])
         super().error(message)
 
 
@@ -1137,14 +1134,20 @@ def command_name(args: argparse.Namespace) -> str:
 
 def unrecognized(extra: list[str], parser: argparse.ArgumentParser) -> str:
     """argparse's "unrecognized arguments", naming the flag of ``parser`` each unknown one most resembles."""
+    return "; ".join([f"unrecognized arguments: {' '.join(extra)}", *resembling(extra, parser)])
+
+
+def resembling(words: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """"--given: did you mean --flag?" for each ``--`` word of ``words`` (``--given=value`` too) that resembles a
+    flag of ``parser``."""
     flags = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
     hints = []
-    for word in extra:
+    for word in words:
         given = word.split("=", 1)[0]
         close = difflib.get_close_matches(given, flags, n=1) if given.startswith("--") else []
         if close:
             hints.append(f"{given}: did you mean {close[0]}?")
-    return "; ".join([f"unrecognized arguments: {' '.join(extra)}", *hints])
+    return hints
 
 
 def stdout_reader_gone() -> bool:

@@ -364,6 +364,10 @@ def lora_targets_key(targets: list[str] | str) -> str | tuple[str, ...]:
 DataFormat = typing.Literal["mmllm-pairs", "mmllm-chat", "nextgpt-pairs", "nextgpt-t2x", "nextgpt-mosit", "llava"]
 
 
+# the fields of a DatasetConfig that are paths (relative ones are looked up as load_stage says)
+DATA_PATHS: tuple[str, ...] = ("path", "root", "embeddings")
+
+
 @dataclass
 class DatasetConfig:
     path: str
@@ -807,7 +811,6 @@ def stage_from_mapping(raw: dict[str, Any], overrides: list[str] | None, path: P
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
     for ds in cfg.all_data():
-        ds.path = resolve_path(base, ds.path)
-        ds.root = resolve_path(base, ds.root)
-        ds.embeddings = resolve_path(base, ds.embeddings)
+        for key in DATA_PATHS:
+            setattr(ds, key, resolve_path(base, getattr(ds, key)))
     return cfg

@@ -22,6 +22,7 @@ import yaml
 
 from mmllm import __version__
 from mmllm.config import (
+    DATA_PATHS,
     AssemblyConfig,
     ConfigError,
     StageConfig,
@@ -70,7 +71,7 @@ def resolved_stage(cfg: StageConfig, assembly: AssemblyConfig, base: Path | None
     missing = []
     for section in ("data", "eval_data"):
         for i, ds in enumerate(data[section]):
-            for key in ("path", "root", "embeddings"):
+            for key in DATA_PATHS:
                 value = ds[key]
                 if value is not None and base is not None and not Path(value).is_absolute() and not Path(value).exists():
                     missing.append(f"{section}[{i}].{key} {value}")
@@ -88,12 +89,10 @@ def stage_assembly_checked(cfg: StageConfig) -> AssemblyConfig:
     it before anything is built: against ``init_from``'s recorded one when that checkpoint exists (the one that
     trains then), else each part's options."""
     from mmllm.registry import check_part_options
-    from mmllm.training.init_from import check_init_from, checkpoint_missing, stage_trusts_remote_code
+    from mmllm.training.init_from import continues_checkpoint
 
     assembly = load_assembly(cfg.assembly, cfg.assembly_overrides)
-    if cfg.init_from and not checkpoint_missing(cfg):
-        check_init_from(cfg)  # warns where the checkpoint's assembly differs, refuses an override it contradicts
-        stage_trusts_remote_code(cfg)
+    if continues_checkpoint(cfg):
         log.info("init_from %s exists: training continues the assembly its mmllm.json records (compared with "
                  "this one above); the assembly printed is the stage's own", cfg.init_from)
     else:
@@ -211,7 +210,7 @@ def relative_paths(cfg: StageConfig) -> list[str]:
     named = [("output_dir", cfg.output_dir), ("init_from", cfg.init_from), ("cache.dir", cfg.cache.dir)]
     for section in ("data", "eval_data"):
         for i, ds in enumerate(getattr(cfg, section)):
-            named += [(f"{section}[{i}].{key}", getattr(ds, key)) for key in ("path", "root", "embeddings")]
+            named += [(f"{section}[{i}].{key}", getattr(ds, key)) for key in DATA_PATHS]
     return [f"{key} {value}" for key, value in named if value is not None and not Path(value).is_absolute()]
 
 
@@ -222,7 +221,8 @@ def absolute_from(cfg: StageConfig, folder: Path) -> StageConfig:
 
     cfg.output_dir, cfg.init_from, cfg.cache.dir = join(cfg.output_dir), join(cfg.init_from), join(cfg.cache.dir)
     for ds in cfg.all_data():
-        ds.path, ds.root, ds.embeddings = join(ds.path), join(ds.root), join(ds.embeddings)
+        for key in DATA_PATHS:
+            setattr(ds, key, join(getattr(ds, key)))
     return cfg
 
 

@@ -639,6 +639,15 @@ def test_an_abbreviation_of_a_required_flag_is_named_with_the_flag_it_resembles(
     assert not (tmp_path / "w").exists()
 
 
+def test_a_required_flags_error_adds_only_the_hints_not_pieces_of_the_unknown_words(tmp_path, capsys):
+    """The hints were cut from :func:`unrecognized`'s message at each "; ", so a word holding one (a quoted value,
+    `--out=a; b`) put its tail ("b") among them."""
+    with pytest.raises(SystemExit):
+        main(["export", "--checkpoint", str(tmp_path), "--out=a; b"])
+    err = capsys.readouterr().err.rstrip()
+    assert err.endswith("error: the following arguments are required: --output; --out: did you mean --output?"), err
+
+
 def test_world_data_and_distil_take_output_as_every_other_command_does(tmp_path, capsys):
     """Every other command writes to --output; `world data --output DIR` was refused (--out required)."""
     from mmllm.cli import build_parser

@@ -286,3 +286,14 @@ def stage_trusts_remote_code(cfg: StageConfig) -> bool:
             f"`trust_remote_code: true` for them there (or assembly.{missing[0]}.trust_remote_code=true) if you "
             "trust that code")
     return True
+
+
+def continues_checkpoint(cfg: StageConfig) -> bool:
+    """Whether the stage continues ``cfg.init_from``'s checkpoint (named, and there), which then trains the assembly
+    it records; if so, that is checked as ``train`` checks it before anything is built: the stage's assembly against
+    the recorded one (:func:`check_init_from`), and the code the checkpoint asks to run (:func:`stage_trusts_remote_code`)."""
+    if not cfg.init_from or checkpoint_missing(cfg):
+        return False
+    check_init_from(cfg)  # warns where the checkpoint's assembly differs, refuses an override it contradicts
+    stage_trusts_remote_code(cfg)
+    return True

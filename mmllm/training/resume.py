@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from mmllm.config import (
+    DATA_PATHS,
     STAGE_DEFAULT_TRAINABLE,
     ConfigError,
     StageConfig,
@@ -119,9 +120,6 @@ def _recorded_data(meta: dict[str, Any], key: str) -> list[dict[str, Any]]:
         return sets
     return [{**ds, **{k: str(Path(folder) / v) for k, v in ds.items() if k in DATA_PATHS and _relative(v)}}
             if isinstance(ds, dict) else ds for ds in sets]
-
-
-DATA_PATHS = ("path", "root", "embeddings")
 
 
 def _relative(value: Any) -> bool:
