@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import tempfile
@@ -17,6 +18,7 @@ _MADE_HF_MODULES = "MMLLM_TESTS_HF_MODULES" not in os.environ
 HF_MODULES = os.environ.get("MMLLM_TESTS_HF_MODULES") or tempfile.mkdtemp(prefix="mmllm-tests-hf-modules-")
 os.environ["MMLLM_TESTS_HF_MODULES"] = os.environ["HF_MODULES_CACHE"] = HF_MODULES
 
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -97,3 +99,37 @@ def signal_on_call(monkeypatch, owner, name: str, call: int, signum: int) -> lis
     monkeypatch.setattr(owner, name, wrapped)
     return calls
 
+
+
+@contextlib.contextmanager
+def sigterm_during_a_read_retry(armed: list[float], keep_failing: bool = False) -> Iterator[None]:
+    """While entered: once ``armed`` holds one entry (the test's own trigger appends the time it armed the fault),
+    the next ``os.pread`` fails (EIO) and sets this process a SIGTERM 0.3 s later (SIGALRM), during that read's
+    wait to be tried again (``READ_RETRY_DELAYS`` made 30 s); ``armed`` then gets the failure's time too.
+    ``keep_failing``: every later read fails as well, else that one alone (tried again, the read would work).
+    The timer and the SIGALRM handler are put back on leaving: a timer left running would SIGTERM the session."""
+    import signal
+    import time
+
+    from mmllm.data import index as index_module
+
+    real_pread = os.pread
+
+    def pread(fd, length, offset):
+        if len(armed) == 1:  # the first failure: the signal comes 0.3 s into its wait
+            armed.append(time.monotonic())
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            raise OSError(5, "Input/output error")
+        if keep_failing and armed:
+            raise OSError(5, "Input/output error")
+        return real_pread(fd, length, offset)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "pread", pread)
+        mp.setattr(index_module, "READ_RETRY_DELAYS", (30.0, 30.0))
+        previous = signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)

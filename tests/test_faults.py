@@ -27,7 +27,7 @@ from mmllm.training import interrupt, loop
 from mmllm.training.interrupt import TrainingInterrupted
 from mmllm.training.loop import train
 from mmllm.training.resume import check_fresh_output_dir, check_resume
-from tests.conftest import REPO, sigint_during_step, signal_on_call
+from tests.conftest import REPO, sigint_during_step, signal_on_call, sigterm_during_a_read_retry
 from tests.test_stages import stage_cfg
 
 
@@ -967,39 +967,20 @@ def test_a_signal_while_a_drawn_sample_waits_for_its_read_again_stops_before_tha
     (counted as unreadable) and trained the step on the rest, then saved it: the checkpoint held an update no
     uninterrupted run makes (the read would have worked when tried again), and --resume did not end on its losses.
     Now the step stops before it runs, on every process, saving the steps before it, as a length's read does."""
-    import signal
-    import time
-
-    from mmllm.data import index as index_module
-
     cfg = {"save_every": 0}
     full = train(stage_cfg("decode-align", sample_data, tmp_path / "full", max_steps=4, **cfg))
-    real_pread, real_read_step, failing = os.pread, loop._read_step, []
+    real_read_step, failing = loop._read_step, []
 
     def read_step(cfg, sampler, datasets, step, *args):  # the first read of step before+1's samples fails, once
         if step == before and not failing:
             failing.append(time.monotonic())
         return real_read_step(cfg, sampler, datasets, step, *args)
 
-    def pread(fd, length, offset):
-        if len(failing) == 1:  # the signal comes 0.3 s into its wait; tried again, the read would work
-            failing.append(time.monotonic())
-            signal.setitimer(signal.ITIMER_REAL, 0.3)
-            raise OSError(5, "Input/output error")
-        return real_pread(fd, length, offset)
-
     part = tmp_path / "part"
-    with monkeypatch.context() as mp:
+    with monkeypatch.context() as mp, sigterm_during_a_read_retry(failing):  # tried again, the read would work
         mp.setattr(loop, "_read_step", read_step)
-        mp.setattr(os, "pread", pread)
-        mp.setattr(index_module, "READ_RETRY_DELAYS", (30.0, 30.0))
-        previous = signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-        try:
-            with pytest.raises(KeyboardInterrupt if before == 0 else TrainingInterrupted) as stopped:
-                train(stage_cfg("decode-align", sample_data, part, max_steps=4, **cfg))
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)  # a timer left running would SIGTERM the test session
-            signal.signal(signal.SIGALRM, previous)
+        with pytest.raises(KeyboardInterrupt if before == 0 else TrainingInterrupted) as stopped:
+            train(stage_cfg("decode-align", sample_data, part, max_steps=4, **cfg))
     assert len(failing) == 2, "no read failed"
     assert time.monotonic() - failing[1] < 10  # not the 30 s wait
     if before == 0:  # nothing trained: stopped at once, as a signal before the first step does; nothing saved

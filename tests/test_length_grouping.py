@@ -18,6 +18,7 @@ from mmllm.model import AnyToAnyModel
 from mmllm.training import checkpoint as ckpt
 from mmllm.training.loop import stage_sampler, token_spec, train
 from mmllm.training.resume import check_resume
+from tests.conftest import sigterm_during_a_read_retry
 from tests.test_stages import stage_cfg
 
 SIZES, WEIGHTS = [60, 30, 10], [1.0, 2.0, 1.5]  # 60 + 60 + 15 = 135 draws an epoch
@@ -303,43 +304,25 @@ def test_a_signal_while_a_length_read_waits_to_be_tried_again_stops_before_that_
     failed and waited to be tried again (up to 36 s) was acted on only after the wait; now the wait ends at once
     and the run stops before that step (nothing of it ran), saving the steps before it: the resumed run ends on
     the uninterrupted run's losses (the length was not taken for 0)."""
-    import os
-    import signal
     import time
 
-    from mmllm.data import index as index_module
-    from mmllm.model import AnyToAnyModel
     from mmllm.training.interrupt import TrainingInterrupted
 
     monkeypatch.setattr(LengthGroupedSampler.__init__, "__defaults__", (2,))  # chunks of 2 steps: step 2 starts one
     grouped_cfg = {"group_by_length": "true", "save_every": 0}
     full = train(stage_cfg("decode-align", sample_data, tmp_path / "full", max_steps=5, **grouped_cfg))
-    real_pread, real_forward, failing = os.pread, AnyToAnyModel.forward, []
+    real_forward, failing = AnyToAnyModel.forward, []
 
     def forward(self, batch, losses=None, normalizers=None):  # reads fail from step 2 (0-based) on
         if batch.get("step") == 1 and not failing:
             failing.append(time.monotonic())
         return real_forward(self, batch, losses, normalizers)
 
-    def pread(fd, length, offset):
-        if failing:
-            if len(failing) == 1:  # the first failure: the signal comes 0.3 s into the wait
-                failing.append(time.monotonic())
-                signal.setitimer(signal.ITIMER_REAL, 0.3)
-            raise OSError(5, "Input/output error")
-        return real_pread(fd, length, offset)
-
     part = tmp_path / "part"
-    with monkeypatch.context() as mp:
+    with monkeypatch.context() as mp, sigterm_during_a_read_retry(failing, keep_failing=True):
         mp.setattr(AnyToAnyModel, "forward", forward)
-        mp.setattr(os, "pread", pread)
-        mp.setattr(index_module, "READ_RETRY_DELAYS", (30.0, 30.0))
-        previous = signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-        try:
-            with pytest.raises(TrainingInterrupted) as stopped:
-                train(stage_cfg("decode-align", sample_data, part, max_steps=5, **grouped_cfg))
-        finally:
-            signal.signal(signal.SIGALRM, previous)
+        with pytest.raises(TrainingInterrupted) as stopped:
+            train(stage_cfg("decode-align", sample_data, part, max_steps=5, **grouped_cfg))
     assert len(failing) == 2, "no read failed"
     assert time.monotonic() - failing[1] < 10  # not the 30 s wait
     assert stopped.value.name == "SIGTERM" and stopped.value.step == 2

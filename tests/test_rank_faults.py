@@ -18,15 +18,10 @@ import pytest
 
 from mmllm.training import faults
 from tests.conftest import REPO
+from tests.test_distributed import _free_port
 
 STAGE = REPO / "configs/stages/tiny/encode_align.yaml"
 PROMPTLY_S = 180  # well below any launcher's or NCCL's timeout (10 minutes and more); a run here takes 5-40 s
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _two_processes(tmp_path: Path, fault: str, *args: str, port: int | None = None,

@@ -83,14 +83,10 @@ def on_every_process_warning_once(accelerator, work: Callable[[], Any]) -> list[
     try:
         with held:
             mine, failure = _attempt(accelerator, work)
-    except BaseException:  # not an Exception (Ctrl-C, SystemExit): what was held is said before it goes on
-        held.log_held()
-        raise
-    mine.said = held.messages()
-    try:
+        mine.said = held.messages()
         seen = _gathered(accelerator, mine)
-    except BaseException:  # the processes could not compare: this one's warnings are said, not lost
-        held.log_held()
+    except BaseException:  # not an Exception (Ctrl-C, SystemExit) in work, or the processes could not compare:
+        held.log_held()  # what was held is said before it goes on, not lost
         raise
     main = next(s for s in seen if s.rank == 0) if not accelerator.is_main_process else None
     held.log_held(None if main is None else set(main.said), mine.where)

@@ -170,6 +170,11 @@ def _inside(rel: str) -> bool:
     return bool(rel) and ":" not in parts[0] and not any(p in ("", ".", "..") for p in parts)
 
 
+def relative_path_note(path: str | Path) -> str:
+    """What a "not found" refusal of ``path`` adds where it is relative: the folder it resolved from."""
+    return "" if Path(path).is_absolute() else f" (a relative path resolves from {Path.cwd()})"
+
+
 def require_checkpoint_folder(directory: str | Path, given_as: str = "checkpoint", hint: str = "") -> None:
     """A checkpoint path that is no folder (a typo, a file) refused as such, in the same words by the library and
     every command, before anything loads: "no manifest.json; this is not a complete mmllm checkpoint" told of a
@@ -181,8 +186,7 @@ def require_checkpoint_folder(directory: str | Path, given_as: str = "checkpoint
     if directory.exists():
         what = "a file, not a checkpoint directory"
     else:
-        relative = "" if directory.is_absolute() else f" (a relative path resolves from {Path.cwd()})"
-        what = f"not found{relative}"
+        what = f"not found{relative_path_note(directory)}"
     raise CheckpointError(f"{given_as} {directory}: {what}{hint}; give a checkpoint's folder (a training run's "
                           "step-N)")
 

@@ -60,9 +60,10 @@ def checkpoint_missing(cfg: StageConfig) -> bool:
 
 
 def missing_checkpoint_error(cfg: StageConfig) -> ConfigError:
-    relative = "" if Path(cfg.init_from).is_absolute() else f" (a relative path resolves from {Path.cwd()})"
+    from mmllm.training.checkpoint import relative_path_note
+
     return ConfigError(
-        f"init_from {cfg.init_from}: checkpoint directory not found{relative}. "
+        f"init_from {cfg.init_from}: checkpoint directory not found{relative_path_note(cfg.init_from)}. "
         f"{_checkpoints_beside(Path(cfg.init_from))}"
         f"The stage {cfg.stage} continues the previous stage's checkpoint: train that stage first, point "
         f"init_from at its step-N folder, or set init_from=null to start from the stage's assembly ({config_source(cfg.assembly)})"
