@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from mmllm import __version__
 from mmllm.atomic import atomic_write_text
-from mmllm.config import files_named_in, user_path
+from mmllm.config import EXIT_INTERNAL_ERROR, files_named_in, user_path
 from mmllm.locations import doc_page, docs_folder
 from mmllm.log_filters import drop_diffusers_noise
 from mmllm.memory import OutOfMemory, first_line, is_out_of_memory, ran_out_on_the_host
@@ -1288,7 +1288,6 @@ def run_command(args: argparse.Namespace, offline_by_default: bool) -> int:
         return 2
 
 
-EXIT_INTERNAL_ERROR = 70  # sysexits.h's EX_SOFTWARE: a fault of the program, not of what it was given
 
 
 def report_internal_error() -> int:

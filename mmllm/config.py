@@ -36,6 +36,9 @@ MODALITIES: tuple[str, ...] = ("image", "audio", "video")
 STAGES: tuple[str, ...] = ("encode-align", "decode-align", "instruct")
 
 
+EXIT_INTERNAL_ERROR = 70  # sysexits.h's EX_SOFTWARE: a fault of the program, not of what it was given
+
+
 class UserError(Exception):
     """A problem in what the user gave -- a config, a path, a data or cache file -- that they can fix, the message
     saying what and where. The ``mmllm`` command reports it as one line, exit code 2 (an exception of another kind

@@ -37,14 +37,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from mmllm.config import ConfigError, UserError
+from mmllm.config import EXIT_INTERNAL_ERROR, ConfigError, UserError
 from mmllm.memory import OutOfMemory, is_out_of_memory
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5  # how often a process looks for another's failure (one small request to the store)
 GRACE_S = 10.0  # how long a process that saw another's failure waits for its own training to stop on it
-EXIT_USER, EXIT_FAULT = 2, 70  # the mmllm command's codes (mmllm.cli): what was given refused / a fault of mmllm
+EXIT_USER, EXIT_FAULT = 2, EXIT_INTERNAL_ERROR  # the mmllm command's: what was given refused / a fault of mmllm
 
 
 class FromAnotherProcess(Exception):
